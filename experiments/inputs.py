@@ -1,0 +1,88 @@
+"""Resolve the inputs of a run: trace file (importing a raw source once, cached by content),
+model card and hardware profile."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+import hw_profiles
+from traces import TraceError, import_trace, load_trace
+from traces.model_card import ModelCard, card_from_mapping, load_card
+from traces.trace import Trace
+
+
+def cache_dir() -> Path:
+    """Where imported traces are cached: $MOESIM_CACHE or ~/.cache/moesim."""
+    root = os.environ.get("MOESIM_CACHE") or Path.home() / ".cache" / "moesim"
+    return Path(root)
+
+
+def _digest(src: Path) -> str:
+    """Content hash of a file or of every file below a folder (names and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
+    for f in files:
+        h.update(str(f.relative_to(src) if f != src else f.name).encode())
+        with f.open("rb") as fh:
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def trace_file(path: str, fmt: str) -> Path:
+    """A parquet trace for ``path``: itself if it already is one, else a cached import."""
+    src = Path(path).expanduser()
+    if not src.is_absolute():
+        src = Path.cwd() / src
+    if not src.exists():
+        raise TraceError(f"trace.path: {src} does not exist")
+    if src.is_file() and src.suffix == ".parquet":
+        return src
+    if fmt in (None, "parquet"):
+        raise TraceError(f"trace.path: {src} is not a .parquet trace; set trace.format")
+    out = cache_dir() / "traces" / f"{fmt}-{_digest(src)}.parquet"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"importing {src} ({fmt}) into {out} (once)")
+        import_trace(fmt, src, out)
+    return out
+
+
+def load_run_trace(cfg: DictConfig) -> Trace:
+    trace = load_trace(trace_file(cfg.trace.path, cfg.trace.get("format")))
+    if cfg.get("max_requests") is not None or cfg.get("max_tokens") is not None:
+        trace = trace.subset(cfg.get("max_requests"), cfg.get("max_tokens"))
+    return trace
+
+
+def model_card(cfg: DictConfig, trace: Trace) -> ModelCard:
+    node: Any = cfg.get("model")
+    if node is None:
+        card = load_card(trace.meta.model)
+    elif isinstance(node, str):
+        card = load_card(node)
+    else:
+        card = card_from_mapping(OmegaConf.to_container(node, resolve=True), where="model")
+    meta = trace.meta
+    if (card.num_experts, card.top_k) != (meta.num_experts, meta.top_k):
+        raise TraceError(
+            f"model card {card.name!r} has {card.num_experts} experts / top-{card.top_k} but the "
+            f"trace has {meta.num_experts} / top-{meta.top_k}"
+        )
+    return card
+
+
+def with_card_bytes(trace: Trace, card: ModelCard) -> Trace:
+    """Expert bytes always come from the card's shapes."""
+    return Trace(replace(trace.meta, expert_bytes=card.expert_bytes), trace.requests)
+
+
+def hw_profile(cfg: DictConfig) -> hw_profiles.HwProfile:
+    node = OmegaConf.to_container(cfg.hw, resolve=True)
+    return hw_profiles.profile_from_mapping(node, name=str(node.get("name", "hw")))

@@ -1,0 +1,173 @@
+"""``moesim-sim``: one simulation run (or a sweep with ``-m``) as a Hydra app.
+
+The Hydra entry point is thin: :func:`run` takes a plain config and returns the result, and
+:func:`write_outputs` writes ``summary.parquet`` (one row: every config choice flattened plus
+every metric) and ``per_layer.parquet`` into the run directory, atomically.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.configs import CONF_DIR, register_configs
+from experiments.inputs import hw_profile, load_run_trace, model_card, with_card_bytes
+from hw_profiles import ProfileError
+from policies.base import PolicyError
+from sim import SimulationError, capacity_slots, dense_layers_before, simulate
+from sim.metrics import RunResult
+from sim.workload import WorkloadError
+from traces import TraceError
+from traces.model_card import ModelCardError
+
+USER_ERRORS = (
+    SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
+)
+
+
+def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
+    """Simulate the configured run; returns the result and the flat config row."""
+    trace = load_run_trace(cfg)
+    card = model_card(cfg, trace)
+    trace = with_card_bytes(trace, card)
+    meta = trace.meta
+    total = meta.num_moe_layers * meta.num_experts
+    c = cfg.cache
+    capacity = capacity_slots(
+        total, card.expert_bytes, fraction=c.get("fraction"), experts=c.get("experts"),
+        nbytes=c.get("bytes"),
+    )
+    timed = cfg.mode == "timed"
+    link = compute = None
+    if timed:
+        profile = hw_profile(cfg)
+        link = profile.expert_link()
+        compute = profile.compute_model(card)
+    result = simulate(
+        trace,
+        OmegaConf.to_container(cfg.policy, resolve=True),
+        capacity=capacity,
+        mode=cfg.mode,
+        link=link,
+        compute=compute,
+        partition=c.partition,
+        pin_layer=c.pin_layer,
+        prefill=c.prefill,
+        reset_per_request=c.reset_per_request,
+        replay=cfg.replay,
+        batch=cfg.batch,
+        prefill_chunk=cfg.prefill_chunk,
+        warmup_tokens=cfg.warmup_tokens,
+        seed=cfg.seed,
+        record_transfers=bool(cfg.output.transfers) and timed,
+        timeline_steps=int(cfg.output.timeline_steps) if timed else 0,
+        progress=bool(cfg.progress),
+        dense_before=dense_layers_before(meta.moe_layers, card.num_layers),
+    )
+    row = flat_config(cfg)
+    row.update({
+        "model.name": card.name,
+        "cache.slots": capacity,
+        "cache.capacity_fraction": capacity / total,
+        "cache.capacity_bytes": capacity * card.expert_bytes,
+        "expert_bytes": card.expert_bytes,
+        "trace.requests": len(trace),
+        "trace.tokens": trace.num_tokens,
+    })
+    if timed:
+        row["link.expert_transfer_s"] = link.transfer_time(card.expert_bytes)
+    return result, row
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """Scalar config choices as ``group.key`` columns (hw and model reduced to their names)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    hw = data.pop("hw", None) or {}
+    data.pop("model", None)
+    out: dict[str, Any] = {"hw.name": hw.get("name") if isinstance(hw, dict) else hw}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        elif isinstance(node, (list, tuple)):
+            out[prefix[:-1]] = str(list(node))
+        else:
+            out[prefix[:-1]] = node
+
+    walk("", data)
+    return out
+
+
+def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:
+    outdir.mkdir(parents=True, exist_ok=True)
+    _atomic_parquet(pd.DataFrame([{**row, **result.summary}]), outdir / "summary.parquet")
+    per_layer = result.per_layer.copy()
+    for key in ("policy.name", "cache.slots", "mode", "hw.name", "trace.name"):
+        per_layer[key] = row.get(key)
+    _atomic_parquet(per_layer, outdir / "per_layer.parquet")
+    if result.transfers is not None:
+        _atomic_parquet(result.transfers, outdir / "transfers.parquet")
+    if result.timeline is not None:
+        result.write_chrome_trace(outdir / "timeline.json")
+
+
+def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
+    def ms(x: float) -> str:
+        return "n/a" if x != x else f"{x * 1e3:.3f} ms"
+
+    lines = [
+        f"policy {row.get('policy.name')}  mode {row.get('mode')}  hw {row.get('hw.name')}  "
+        f"cache {row['cache.slots']} experts ({row['cache.capacity_fraction']:.1%})",
+        f"  accesses {s['accesses']:,}  hits {s['hits']:,}  late {s['late_hits']:,}  "
+        f"misses {s['misses']:,}",
+        f"  hit_rate {s['hit_rate']:.4f}  (incl. late {s['hit_rate_incl_late']:.4f})",
+        f"  stall_time {ms(s['stall_time_s'])}  time/token {ms(s['time_per_output_token_s'])}  "
+        f"stall/token {ms(s['stall_per_output_token_s'])}",
+        f"  bytes demand {s['demand_bytes'] / 1e9:.2f} GB  prefetch "
+        f"{s['prefetch_bytes'] / 1e9:.2f} GB  wasted {s['wasted_prefetch_bytes'] / 1e9:.2f} GB",
+    ]
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        result, row = run(cfg)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    outdir = Path(HydraConfig.get().runtime.output_dir)
+    write_outputs(result, row, outdir)
+    print(format_summary(row, result.summary))
+    print(f"  results: {outdir}")
+    return result.summary["hit_rate"]
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

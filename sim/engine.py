@@ -1,0 +1,557 @@
+"""The simulation loop: the GPU walks steps and MoE layers while the link moves experts.
+
+One MoE layer ``l`` of a step, as every policy sees it::
+
+    pre-attention point -> attention + router -> routing known -> demand fetches issued
+          ^ on_pre_attention     ^ on_routed (prefetches       ^ on_demand_issued
+                                   land before accesses)          (prefetch behind demand)
+    -> experts compute as they arrive (resident first, then in arrival order) -> layer end
+
+Timed mode runs the GPU as a SimPy process (durations from the hardware profile; policies may
+schedule their own SimPy callbacks with ``ctx.after``). Zero-latency mode runs the same code with
+no time: every load completes at once, which is MoE-Beyond's evaluation protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import simpy
+
+from policies.base import EvictionPolicy, ModelShape, PolicySetup, PrefetchPolicy
+from policies.registry import PolicySpec
+from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache, SimulationError
+from sim.hardware import ComputeTimes, TransferModel
+from sim.link import DEMAND, HostLink
+from sim.metrics import Counters, RunResult, build_result
+from sim.workload import Workload, WorkloadFuture
+
+Mode = Literal["timed", "zero_latency"]
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """How the expert cache is laid out and started."""
+
+    capacity: int  # slots over all partitions
+    partition: Literal["global", "per_layer"] = "global"
+    pin_layer: bool = True  # experts of the layer being computed cannot be evicted
+    prefill: Literal["empty", "random"] = "empty"
+    reset_per_request: bool = False  # a fresh cache for every request (MoE-Beyond protocol)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    mode: Mode = "timed"
+    seed: int = 0
+    record_transfers: bool = False
+    timeline_steps: int = 0  # steps of compute/copy spans kept for the Chrome trace
+    progress: bool = False
+
+
+class Clock:
+    """Where the GPU is; read by policies through ``SimClock``."""
+
+    __slots__ = ("layer", "now", "position", "step")
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.step = 0
+        self.layer = 0
+        self.position = 0
+
+
+class _Context:
+    """The ``PrefetchContext`` handed to prefetch policies."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self._sim = sim
+        self.clock = sim.clock
+        self.shape = sim.shape
+
+    def prefetch(self, keys: Iterable[int], priority: float | None = None) -> int:
+        return self._sim.prefetch(keys, priority)
+
+    def cancel_prefetches(self, keys: Iterable[int] | None = None) -> int:
+        link = self._sim.link
+        return 0 if link is None else link.cancel(keys)
+
+    def is_resident(self, key: int) -> bool:
+        return self._sim.cache.state[key] == RESIDENT
+
+    def is_loading(self, key: int) -> bool:
+        link = self._sim.link
+        return self._sim.cache.state[key] == LOADING or (link is not None and link.is_queued(key))
+
+    def install(self, keys: Iterable[int]) -> int:
+        if self._sim.started:
+            raise SimulationError("ctx.install is only allowed before the first step")
+        return sum(self._sim.cache.install(k) for k in keys)
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        self._sim.after(delay, fn)
+
+    @property
+    def request_ids(self) -> Sequence[int]:
+        return self._sim.workload.requests_of(self.clock.step)
+
+
+def _overrides(obj: object, base: type, name: str) -> bool:
+    return getattr(type(obj), name) is not getattr(base, name)
+
+
+class Simulation:
+    """One run of one policy over one workload. Build, then call :meth:`run` once."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        spec: PolicySpec,
+        cache_opts: CacheOptions,
+        run_opts: RunOptions,
+        link_model: TransferModel | None = None,
+        compute: ComputeTimes | None = None,
+        labels: dict[str, Any] | None = None,
+        dense_before: Sequence[int] | None = None,
+    ) -> None:
+        self.workload = workload
+        self.shape: ModelShape = workload.shape
+        self.spec = spec
+        self.copts = cache_opts
+        self.ropts = run_opts
+        self.timed = run_opts.mode == "timed"
+        if run_opts.mode not in ("timed", "zero_latency"):
+            raise SimulationError(f"mode must be 'timed' or 'zero_latency', got {run_opts.mode!r}")
+        if self.timed and (link_model is None or compute is None):
+            raise SimulationError("timed mode needs a transfer model and compute times")
+        if self.timed and not cache_opts.pin_layer:
+            raise SimulationError("timed mode pins the computing layer; pin_layer must be true")
+        if cache_opts.reset_per_request and int(workload.req_offsets[1]) > 1:
+            raise SimulationError("cache.reset_per_request needs batch size 1")
+        self.link_model = link_model
+        self.compute = compute
+        self.labels = labels or {}
+        self.dense_before = list(dense_before or [0] * self.shape.num_layers)
+        self.clock = Clock()
+        self.rng = np.random.default_rng(run_opts.seed)
+        self.future = WorkloadFuture(workload) if spec.knows.value == "oracle" else None
+        self.started = False
+        self.env: simpy.Environment | None = None
+        self.c = Counters(self.shape.num_layers)
+        self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
+        self._check_capacity()
+        self.cache = self._new_cache()
+        self.prefetcher: PrefetchPolicy = spec.prefetch(self._setup(spec.prefetch_params, None))
+        self.link: HostLink | None = None
+        self.ctx = _Context(self)
+        self.timeline: list[tuple[str, str, float, float]] = []
+
+    # -- construction ---------------------------------------------------------------------
+    def _partitions(self) -> tuple[list[list[int]], list[int], list[int]]:
+        num_l, cap = self.shape.num_layers, self.copts.capacity
+        if self.copts.partition == "global":
+            return [list(range(num_l))], [0] * num_l, [cap]
+        if self.copts.partition != "per_layer":
+            raise SimulationError(
+                f"cache.partition must be 'global' or 'per_layer', got {self.copts.partition!r}"
+            )
+        base, extra = divmod(cap, num_l)
+        caps = [base + (1 if j < extra else 0) for j in range(num_l)]
+        return [[j] for j in range(num_l)], list(range(num_l)), caps
+
+    def _reserve_for(self, layers: Sequence[int]) -> int:
+        width = self.workload.max_width()
+        need = max(int(width[j]) for j in layers) if self.copts.pin_layer else 1
+        # Zero-latency runs keep one slot of headroom so both modes size caches alike.
+        engines = self.link_model.copy_engines if self.timed else 1
+        return need + engines
+
+    def _check_capacity(self) -> None:
+        for layers, cap in zip(self._layers_of_part, self._caps, strict=True):
+            # A partition that holds all of its layers' experts never needs to evict.
+            need = min(self._reserve_for(layers), len(layers) * self.shape.num_experts)
+            if cap < need:
+                where = "the cache" if len(self._caps) == 1 else f"layer {layers[0]}'s partition"
+                raise SimulationError(
+                    f"cache too small: {where} has {cap} slots but a step needs {need} "
+                    "(widest layer's unique experts, pinned while computing, plus one per copy "
+                    "engine); raise cache.fraction or cache.experts"
+                )
+        total = self.shape.num_keys
+        if self.copts.capacity > total:
+            raise SimulationError(
+                f"cache capacity {self.copts.capacity} exceeds the {total} routed experts"
+            )
+
+    def _setup(self, params: dict[str, Any], part: int | None) -> PolicySetup:
+        layers = None if part is None else self._layers_of_part[part]
+        return PolicySetup(
+            shape=self.shape,
+            capacity=self.copts.capacity if part is None else self._caps[part],
+            clock=self.clock,
+            rng=np.random.default_rng(self.rng.integers(1 << 62)),
+            future=self.future,
+            partition_layers=layers,
+            reserve=0 if part is None else self._reserve_for(layers),
+            params=params,
+        )
+
+    def _new_cache(self) -> ExpertCache:
+        evictors: list[EvictionPolicy] = [
+            self.spec.eviction(self._setup(self.spec.eviction_params, p))
+            for p in range(len(self._caps))
+        ]
+        cache = ExpertCache(self.shape.num_experts, self._part_of_layer, self._caps, evictors)
+        for ev in evictors:
+            for key in ev.initial_contents():
+                cache.install(key)
+        if self.copts.prefill == "random":
+            self._random_fill(cache)
+        elif self.copts.prefill != "empty":
+            raise SimulationError(f"cache.prefill must be 'empty' or 'random', got "
+                                  f"{self.copts.prefill!r}")
+        return cache
+
+    def _random_fill(self, cache: ExpertCache) -> None:
+        num_e = self.shape.num_experts
+        for p, layers in enumerate(self._layers_of_part):
+            keys = np.concatenate([np.arange(j * num_e, (j + 1) * num_e) for j in layers])
+            for key in self.rng.permutation(keys).tolist():
+                if cache.used[p] >= cache.capacities[p]:
+                    break
+                cache.install(key)
+
+    # -- actions policies take ------------------------------------------------------------
+    def prefetch(self, keys: Iterable[int], priority: float | None) -> int:
+        cache, c = self.cache, self.c
+        state = cache.state
+        n = 0
+        if self.link is None:  # zero latency: the load is complete at once
+            # Residency is judged for the whole request first, as the timed link does when
+            # the keys are queued, so both modes evict alike.
+            todo = []
+            for key in keys:
+                if state[key] != ABSENT:
+                    cache.evictors[cache.partition(key)].on_prefetch_resident(key)
+                elif key not in todo:
+                    todo.append(key)
+            for key in todo:
+                if cache.reserve(key, prefetch=True):
+                    cache.complete(key)
+                    n += 1
+                    if self.counting:
+                        c.prefetch_started += 1
+                elif self.counting:
+                    c.prefetch_dropped += 1
+            if self.counting:
+                c.prefetch_issued += n
+            return n
+        link = self.link
+        prio = float(link._seq) if priority is None else float(priority)
+        for key in keys:
+            if state[key] != ABSENT:
+                cache.evictors[cache.partition(key)].on_prefetch_resident(key)
+            elif link.submit_prefetch(key, prio):
+                n += 1
+        if self.counting:
+            c.prefetch_issued += n
+        return n
+
+    def after(self, delay: float, fn: Callable[[], None]) -> None:
+        if self.env is None:
+            fn()
+            return
+        env = self.env
+
+        def proc() -> Generator[simpy.Event, None, None]:
+            yield env.timeout(delay)
+            self.clock.now = env.now
+            self.link.advance(env.now)
+            fn()
+            self.link.advance(env.now)
+
+        env.process(proc())
+
+    # -- the GPU ----------------------------------------------------------------------------
+    @property
+    def counting(self) -> bool:
+        return self._counting
+
+    def _layer_times(self) -> tuple[list[float], list[float]]:
+        """Per-step attention+router time and shared-expert time (zeros in zero-latency mode)."""
+        w, comp = self.workload, self.compute
+        steps = w.num_steps
+        if not self.timed:
+            return [0.0] * steps, [0.0] * steps
+        uniq: dict[tuple[int, int], tuple[float, float]] = {}
+        attn, shared = [], []
+        for b, ctx in zip(w.tokens.tolist(), w.context.tolist(), strict=True):
+            if (b, ctx) not in uniq:
+                uniq[(b, ctx)] = (comp.attention_time(b, ctx) + comp.router_time(b),
+                                  comp.shared_time(b))
+            a, sh = uniq[(b, ctx)]
+            attn.append(a)
+            shared.append(sh)
+        return attn, shared
+
+    def _gpu(self) -> Generator[float, None, None]:
+        w, clock, c, cache = self.workload, self.clock, self.c, self.cache
+        num_l = self.shape.num_layers
+        pf, ctx = self.prefetcher, self.ctx
+        hook_pre = _overrides(pf, PrefetchPolicy, "on_pre_attention")
+        hook_routed = _overrides(pf, PrefetchPolicy, "on_routed")
+        hook_issued = _overrides(pf, PrefetchPolicy, "on_demand_issued")
+        hook_end = _overrides(pf, PrefetchPolicy, "on_layer_end")
+        attn_t, shared_t = self._layer_times()
+        dense_n = self.dense_before
+        comp = self.compute
+        dense_cost = {}
+        exp_cost: dict[int, float] = {}
+        pin = self.copts.pin_layer
+        link = self.link
+        timed = self.timed
+        tl_steps = self.ropts.timeline_steps
+        width = w.keys.shape[2]
+        pf.on_start(ctx)
+        self.started = True
+        progress = _progress(w.num_steps, self.ropts.progress)
+        for s in range(w.num_steps):
+            clock.step = s
+            if w.joins[s]:
+                if self.copts.reset_per_request:
+                    self.cache = cache = self._new_cache()
+                    if link is not None:
+                        link.cache = cache
+                for rid in w.joins[s]:
+                    pf.on_request_start(ctx, rid)
+            self._counting = counting = bool(w.counted[s])
+            if link is not None:
+                link.counting = counting
+            rows = w.keys[s].tolist()
+            counts = None if w.counts is None else w.counts[s].tolist()
+            step_start = clock.now
+            for j in range(num_l):
+                clock.layer = j
+                clock.position = base = (s * num_l + j) * width
+                if hook_pre:
+                    pf.on_pre_attention(ctx, j)
+                    if link is not None:
+                        link.advance(clock.now)
+                if timed:
+                    d = attn_t[s]
+                    if dense_n[j]:
+                        key = (int(w.tokens[s]), int(w.context[s]))
+                        if key not in dense_cost:
+                            dense_cost[key] = comp.dense_layer_time(*key)
+                        d += dense_n[j] * dense_cost[key]
+                    t0 = clock.now
+                    if d > 0:
+                        yield d
+                    link.advance(clock.now)
+                    if s < tl_steps:
+                        self.timeline.append(("compute", f"attention L{j}", t0, clock.now))
+                keys = [k for k in rows[j] if k >= 0]
+                if pin:
+                    cache.pinned.update(keys)
+                if hook_routed:
+                    pf.on_routed(ctx, j, keys)
+                    if link is not None:
+                        link.advance(clock.now)
+                kinds = self._access(keys, j, counting)
+                clock.position = base + width - 1
+                if hook_issued:
+                    pf.on_demand_issued(ctx, j, keys)
+                if timed:
+                    link.advance(clock.now)
+                    t = clock.now
+                    cnt = counts[j] if counts is not None else None
+                    tokens = int(w.tokens[s])
+                    end, st_miss, st_late, spans = _schedule(
+                        t, keys, kinds, cnt, link, comp, exp_cost, shared_t[s], tokens,
+                        s < tl_steps,
+                    )
+                    if spans:
+                        self.timeline.extend(("compute", f"L{j} {n}", a, b) for n, a, b in spans)
+                    if counting:
+                        c.stall_miss += st_miss
+                        c.stall_late += st_late
+                        c.layer_stall[j] += st_miss + st_late
+                    if end > t:
+                        yield end - t
+                    link.advance(clock.now)
+                if pin:
+                    cache.pinned.clear()
+                if hook_end:
+                    pf.on_layer_end(ctx, j)
+            pf.on_step_end(ctx)
+            for ev in cache.evictors:
+                ev.on_step_end()
+            if counting:
+                c.steps += 1
+                c.out_tokens += int(w.out_tokens[s])
+                c.tokens += int(w.tokens[s])
+                c.pairs += int(w.pairs[s].sum())
+                c.time += clock.now - step_start
+            progress.update(1)
+        progress.close()
+
+    def _access(self, keys: list[int], layer: int, counting: bool) -> list[int] | None:
+        """Classify and serve the layer's demand: 0 hit, 1 late (wait on a load), 2 miss."""
+        cache, c, link = self.cache, self.c, self.link
+        state, unused = cache.state, cache.prefetched_unused
+        evictors, part = cache.evictors, cache.partition
+        single = len(evictors) == 1
+        ev0 = evictors[0]
+        queued = link._queued if link is not None else {}
+        lc = c.layer_counts
+        kinds = [] if link is not None else None
+        clock = self.clock
+        pos = clock.position
+        for key in keys:
+            clock.position = pos
+            pos += 1
+            st = state[key]
+            if st == RESIDENT:
+                kind = 0
+                (ev0 if single else evictors[part(key)]).on_access(key)
+                if unused[key]:
+                    unused[key] = 0
+                    if counting:
+                        c.prefetch_served += 1
+            elif st == LOADING:  # a prefetch still in flight
+                kind = 1
+                (ev0 if single else evictors[part(key)]).on_access(key)
+                unused[key] = 0
+                if counting:
+                    c.prefetch_served += 1
+            else:
+                promoted = key in queued and link.withdraw(key)
+                kind = 1 if promoted else 2
+                if not cache.reserve(key, False):
+                    raise SimulationError(
+                        f"no evictable slot for a demand fetch of layer {layer}: every slot is "
+                        "pinned or in flight"
+                    )
+                if link is None:
+                    state[key] = RESIDENT
+                else:
+                    link._demand.append(key)
+                if counting:
+                    c.demand_started += 1
+                    if promoted:
+                        c.prefetch_promoted += 1
+                        c.prefetch_served += 1
+            if counting:
+                lc[kind][layer] += 1
+            if kinds is not None:
+                kinds.append(kind)
+        return kinds
+
+    # -- running ----------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        self._counting = True
+        if not self.timed:
+            for _ in self._gpu():
+                pass
+        else:
+            duration = self.link_model.transfer_time(self.shape.expert_bytes)
+            self.link = HostLink(
+                duration,
+                self.link_model.copy_engines,
+                self.cache,
+                on_done=self._on_done_hook(),
+                record=self.ropts.record_transfers or self.ropts.timeline_steps > 0,
+            )
+            self.env = env = simpy.Environment()
+            clock = self.clock
+
+            def gpu_process() -> Generator[simpy.Event, None, None]:
+                for d in self._gpu():
+                    yield env.timeout(d)
+                    clock.now = env.now
+
+            env.process(gpu_process())
+            env.run()
+        self.c.unused_prefetches = self.cache.unused_prefetches()
+        self.c.wasted_prefetches = self.cache.wasted_prefetches
+        self.c.evictions = self.cache.evictions
+        return build_result(self)
+
+    def _on_done_hook(self) -> Callable[[int, bool], None] | None:
+        pf = self.prefetcher
+        if not _overrides(pf, PrefetchPolicy, "on_transfer_done"):
+            return None
+        return lambda key, was_prefetch: pf.on_transfer_done(self.ctx, key, was_prefetch)
+
+
+def _schedule(
+    t: float,
+    keys: list[int],
+    kinds: list[int],
+    counts: list[int] | None,
+    link: HostLink,
+    comp: ComputeTimes,
+    cost: dict[int, float],
+    shared: float,
+    tokens: int,
+    keep_spans: bool,
+) -> tuple[float, float, float, list[tuple[str, float, float]]]:
+    """Experts run one after another on the GPU: resident ones first, then as they arrive.
+
+    Returns the layer's end time and the idle time spent waiting on demand misses and on late
+    prefetches.
+    """
+    waiting = [i for i, k in enumerate(kinds) if k]
+    ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
+
+    def dur(i: int) -> float:
+        n = 1 if counts is None else counts[i]
+        if n not in cost:
+            cost[n] = comp.expert_time(n)
+        return cost[n]
+
+    now = t + shared
+    spans: list[tuple[str, float, float]] = []
+    if keep_spans and shared > 0:
+        spans.append(("shared", t, now))
+    for i, k in enumerate(kinds):
+        if not k:
+            d = dur(i)
+            if keep_spans:
+                spans.append((f"e{keys[i]}", now, now + d))
+            now += d
+    st_miss = st_late = 0.0
+    for r, i in sorted(zip(ready, waiting, strict=True)):
+        if r > now:
+            if kinds[i] == 2:
+                st_miss += r - now
+            else:
+                st_late += r - now
+            now = r
+        d = dur(i)
+        if keep_spans:
+            spans.append((f"e{keys[i]}", now, now + d))
+        now += d
+    return now, st_miss, st_late, spans
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", desc="simulating", mininterval=0.5, leave=False)
+
+
+__all__ = ["DEMAND", "CacheOptions", "RunOptions", "Simulation"]

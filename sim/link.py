@@ -1,0 +1,174 @@
+"""The host->GPU link: copy engines serving a demand queue before a prefetch queue.
+
+Each copy engine serves one transfer at a time and never preempts it. Demand fetches (FIFO) go
+before queued prefetches (by priority, then submission order); a queued prefetch may be
+cancelled by its policy or promoted to demand when the GPU needs it. A prefetch takes its
+cache slot when its transfer starts and is dropped if no slot can be freed then.
+
+The link is an exact event-driven queue that the SimPy processes advance to the current time
+(``advance``) before they act: transfers become discrete events without one SimPy event each,
+which keeps replays of millions of accesses fast. ``tests/sim/test_link_reference.py`` checks it
+against a plain SimPy ``PriorityResource`` model.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
+
+DEMAND, PREFETCH = 0, 1
+
+
+class HostLink:
+    """Copy engines plus the two queues; times in seconds."""
+
+    def __init__(
+        self,
+        duration: float,
+        engines: int,
+        cache: ExpertCache,
+        on_done: Callable[[int, bool], None] | None = None,
+        record: bool = False,
+    ) -> None:
+        if engines < 1:
+            raise SimulationError(f"copy_engines must be >= 1, got {engines}")
+        if duration < 0:
+            raise SimulationError(f"transfer time must be >= 0, got {duration}")
+        self.duration = duration
+        self.engines = engines
+        self.cache = cache
+        self.on_done = on_done
+        self.t = 0.0
+        self._demand: deque[int] = deque()
+        self._prefetch: list[tuple[float, int, int]] = []  # (priority, seq, key)
+        self._queued: dict[int, int] = {}  # key -> seq of its live prefetch entry
+        # (finish, seq, key, kind, start) of transfers on the engines
+        self._running: list[tuple[float, int, int, int, float]] = []
+        self._finish: dict[int, float] = {}
+        self._seq = 0
+        self.counting = True
+        self.started = [0, 0]  # per kind, counted steps only
+        self.dropped = 0
+        self.cancelled = 0
+        self.busy = 0.0
+        self.records: list[tuple[int, int, float, float]] | None = [] if record else None
+
+    # -- queries -------------------------------------------------------------------------
+    def is_queued(self, key: int) -> bool:
+        return key in self._queued
+
+    def is_running(self, key: int) -> bool:
+        return key in self._finish
+
+    @property
+    def queued_prefetches(self) -> int:
+        return len(self._queued)
+
+    # -- submissions (the caller has advanced the link to the current time) --------------
+    def submit_demand(self, key: int) -> None:
+        """Queue a demand fetch; its slot is already reserved."""
+        self._demand.append(key)
+
+    def submit_prefetch(self, key: int, priority: float) -> bool:
+        if key in self._queued or key in self._finish or self.cache.state[key] != ABSENT:
+            return False
+        self._seq += 1
+        self._queued[key] = self._seq
+        heapq.heappush(self._prefetch, (priority, self._seq, key))
+        return True
+
+    def withdraw(self, key: int) -> bool:
+        """Remove a queued prefetch (cancel, or before promoting it to demand)."""
+        return self._queued.pop(key, None) is not None
+
+    def cancel(self, keys: Iterable[int] | None = None) -> int:
+        if keys is None:
+            n = len(self._queued)
+            self._queued.clear()
+            self._prefetch.clear()
+        else:
+            n = sum(self.withdraw(k) for k in keys)
+        self.cancelled += n
+        return n
+
+    # -- time -----------------------------------------------------------------------------
+    def advance(self, until: float) -> None:
+        """Process every start and completion up to ``until`` in time order."""
+        running, engines = self._running, self.engines
+        if not running and not self._demand and not self._queued:
+            if until > self.t:
+                self.t = until
+            return
+        while True:
+            while len(running) < engines and (self._demand or self._queued):
+                self._start_next()
+            if running and running[0][0] <= until:
+                finish, _, key, kind, start = heapq.heappop(running)
+                self.t = finish
+                del self._finish[key]
+                self.cache.complete(key)
+                if self.records is not None:
+                    self.records.append((key, kind, start, finish))
+                if self.on_done is not None:
+                    self.on_done(key, kind == PREFETCH)
+                continue
+            break
+        if until > self.t:
+            self.t = until
+
+    def _start_next(self) -> None:
+        if self._demand:
+            key, kind = self._demand.popleft(), DEMAND
+        else:
+            while True:
+                _, seq, key = heapq.heappop(self._prefetch)
+                if self._queued.get(key) == seq:
+                    del self._queued[key]
+                    break
+                if not self._queued:
+                    return
+            if not self.cache.reserve(key, prefetch=True):
+                self.dropped += 1
+                return
+            kind = PREFETCH
+        self._seq += 1
+        finish = self.t + self.duration
+        heapq.heappush(self._running, (finish, self._seq, key, kind, self.t))
+        self._finish[key] = finish
+        self.busy += self.duration
+        if self.counting:
+            self.started[kind] += 1
+
+    def ready_times(self, keys: Iterable[int]) -> list[float]:
+        """Arrival times of keys in flight or in the demand queue (the GPU waits on these).
+
+        Demand jobs are at the head of the queue and nothing preempts them, so their start
+        times follow from the engines' current finish times.
+        """
+        etas: dict[int, float] = {}
+        if self._demand:
+            free = sorted(f for f, *_ in self._running)
+            free += [self.t] * (self.engines - len(free))
+            heapq.heapify(free)
+            for key in self._demand:
+                start = max(heapq.heappop(free), self.t)
+                etas[key] = start + self.duration
+                heapq.heappush(free, etas[key])
+        out = []
+        for key in keys:
+            if key in self._finish:
+                out.append(self._finish[key])
+            elif key in etas:
+                out.append(etas[key])
+            elif self.cache.state[key] == RESIDENT:  # arrived already (zero-time copies)
+                out.append(self.t)
+            else:
+                raise SimulationError(f"expert key {key} is neither in flight nor queued")
+        return out
+
+    def busy_until(self, end: float) -> float:
+        """Busy time up to ``end`` (transfers still running past ``end`` are clipped)."""
+        return self.busy - sum(max(f - max(s, end), 0.0) for f, _, _, _, s in self._running)

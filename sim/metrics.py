@@ -1,0 +1,165 @@
+"""Run metrics: counters filled during the run, then one summary row and a per-layer table.
+
+Definitions (every access is one unique expert of one layer-step; warm-up steps excluded):
+- hit: resident when the routing became known; late hit: a prefetch of it was in flight or
+  queued (the GPU may wait for it); miss: absent, fetched on demand.
+- stall: GPU time idle waiting for expert weights (split into waiting on misses and on late
+  prefetches); experts compute in arrival order, resident ones first.
+- prefetch precision: prefetch transfers whose expert was used before eviction / prefetch
+  transfers; recall: accesses served by a prefetch (hit or late) / (those + misses).
+- wasted prefetch bytes: prefetched experts evicted before any use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+
+HIT, LATE, MISS = 0, 1, 2
+
+
+class Counters:
+    """Plain counters; kept as attributes and lists because they sit on the hot path."""
+
+    def __init__(self, num_layers: int) -> None:
+        self.layer_counts = [[0] * num_layers for _ in range(3)]
+        self.layer_stall = [0.0] * num_layers
+        self.stall_miss = 0.0
+        self.stall_late = 0.0
+        self.steps = 0
+        self.tokens = 0
+        self.out_tokens = 0
+        self.pairs = 0
+        self.time = 0.0
+        self.demand_started = 0
+        self.prefetch_issued = 0
+        self.prefetch_started = 0
+        self.prefetch_dropped = 0
+        self.prefetch_promoted = 0
+        self.prefetch_served = 0
+        self.unused_prefetches = 0
+        self.wasted_prefetches = 0
+        self.evictions = 0
+
+
+@dataclass
+class RunResult:
+    """Everything one run produced."""
+
+    summary: dict[str, Any]
+    per_layer: pd.DataFrame
+    transfers: pd.DataFrame | None = None
+    timeline: list[dict[str, Any]] | None = None
+
+    def write_chrome_trace(self, path: str | Path) -> None:
+        """Compute and copy spans as Chrome-trace JSON (open in Perfetto or chrome://tracing)."""
+        Path(path).write_text(json.dumps({"traceEvents": self.timeline or []}))
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def build_result(sim: Simulation) -> RunResult:
+    c, shape = sim.c, sim.shape
+    hits, late, misses = (sum(x) for x in c.layer_counts)
+    accesses = hits + late + misses
+    link = sim.link
+    nbytes = shape.expert_bytes
+    timed = link is not None
+    if timed:
+        prefetch_started = link.started[1]
+        end = sim.clock.now
+        busy = _ratio(link.busy_until(end), end * link.engines)
+        dropped, cancelled = link.dropped, link.cancelled
+    else:
+        prefetch_started, busy, dropped, cancelled = c.prefetch_started, math.nan, 0, 0
+        dropped = c.prefetch_dropped
+    useful = c.prefetch_served - c.prefetch_promoted
+    stall = c.stall_miss + c.stall_late
+    nan = math.nan
+    summary: dict[str, Any] = {
+        "accesses": accesses,
+        "hits": hits,
+        "late_hits": late,
+        "misses": misses,
+        "hit_rate": _ratio(hits, accesses),
+        "hit_rate_incl_late": _ratio(hits + late, accesses),
+        "miss_rate": _ratio(misses, accesses),
+        "steps": c.steps,
+        "tokens": c.tokens,
+        "output_tokens": c.out_tokens,
+        "token_expert_pairs": c.pairs,
+        "unique_experts_per_pair": _ratio(accesses, c.pairs),
+        "stall_time_s": stall if timed else nan,
+        "stall_miss_s": c.stall_miss if timed else nan,
+        "stall_late_s": c.stall_late if timed else nan,
+        "total_time_s": c.time if timed else nan,
+        "time_per_output_token_s": _ratio(c.time, c.out_tokens) if timed else nan,
+        "stall_per_output_token_s": _ratio(stall, c.out_tokens) if timed else nan,
+        "stall_fraction": _ratio(stall, c.time) if timed else nan,
+        "pcie_busy_fraction": busy,
+        "demand_fetches": c.demand_started,
+        "demand_bytes": c.demand_started * nbytes,
+        "prefetch_issued": c.prefetch_issued,
+        "prefetch_transfers": prefetch_started,
+        "prefetch_bytes": prefetch_started * nbytes,
+        "prefetch_dropped": dropped,
+        "prefetch_cancelled": cancelled,
+        "prefetch_promoted": c.prefetch_promoted,
+        "prefetch_served": c.prefetch_served,
+        "prefetch_precision": _ratio(useful, prefetch_started),
+        "prefetch_recall": _ratio(c.prefetch_served, c.prefetch_served + misses),
+        "wasted_prefetch_bytes": c.wasted_prefetches * nbytes,
+        "unused_prefetch_bytes_at_end": c.unused_prefetches * nbytes,
+        "evictions": c.evictions,
+    }
+    layer_ids = sim.labels.get("layer_ids") or list(range(shape.num_layers))
+    h, lt, m = c.layer_counts
+    per_layer = pd.DataFrame(
+        {
+            "layer": range(shape.num_layers),
+            "layer_id": layer_ids,
+            "accesses": [a + b + d for a, b, d in zip(h, lt, m, strict=True)],
+            "hits": h,
+            "late_hits": lt,
+            "misses": m,
+            "stall_time_s": c.layer_stall if timed else [nan] * shape.num_layers,
+        }
+    )
+    per_layer["hit_rate"] = per_layer["hits"] / per_layer["accesses"].where(
+        per_layer["accesses"] > 0
+    )
+    transfers = None
+    if timed and link.records is not None and sim.ropts.record_transfers:
+        transfers = pd.DataFrame(link.records, columns=["key", "kind", "start_s", "end_s"])
+        transfers["layer"] = transfers["key"] // shape.num_experts
+        transfers["expert"] = transfers["key"] % shape.num_experts
+        transfers["kind"] = transfers["kind"].map({0: "demand", 1: "prefetch"})
+    timeline = _chrome_events(sim) if sim.ropts.timeline_steps > 0 and timed else None
+    return RunResult(summary, per_layer, transfers, timeline)
+
+
+def _chrome_events(sim: Simulation) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    horizon = max((b for _, _, _, b in sim.timeline), default=0.0)
+    for _, name, a, b in sim.timeline:
+        events.append({"name": name, "ph": "X", "pid": "GPU", "tid": "compute",
+                       "ts": a * 1e6, "dur": (b - a) * 1e6})
+    num_e = sim.shape.num_experts
+    for key, kind, a, b in sim.link.records or []:
+        if a > horizon:
+            continue
+        events.append({
+            "name": f"{'demand' if kind == 0 else 'prefetch'} L{key // num_e} e{key % num_e}",
+            "ph": "X", "pid": "GPU", "tid": "host link", "ts": a * 1e6, "dur": (b - a) * 1e6,
+        })
+    return events

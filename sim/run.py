@@ -1,0 +1,98 @@
+"""One call from a trace and a policy to a result: the API under the Hydra app and the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from policies.registry import PolicySpec, resolve
+from sim.cache import SimulationError
+from sim.engine import CacheOptions, Mode, RunOptions, Simulation
+from sim.hardware import ComputeTimes, TransferModel
+from sim.metrics import RunResult
+from sim.workload import Replay, build_workload
+from traces.trace import Trace
+
+
+def capacity_slots(
+    total_experts: int,
+    expert_bytes: int,
+    *,
+    fraction: float | None = None,
+    experts: int | None = None,
+    nbytes: int | None = None,
+) -> int:
+    """Cache size in expert slots from exactly one of: a fraction of all routed experts, a
+    number of experts, or a byte budget."""
+    given = [x is not None for x in (fraction, experts, nbytes)]
+    if sum(given) != 1:
+        raise SimulationError("give exactly one of cache.fraction, cache.experts, cache.bytes")
+    if fraction is not None:
+        if not 0 < fraction <= 1:
+            raise SimulationError(f"cache.fraction must be in (0, 1], got {fraction}")
+        return max(1, round(fraction * total_experts))
+    if experts is not None:
+        if experts < 1:
+            raise SimulationError(f"cache.experts must be >= 1, got {experts}")
+        return int(experts)
+    if nbytes < expert_bytes:
+        raise SimulationError(f"cache.bytes {nbytes} is below one expert ({expert_bytes} B)")
+    return int(nbytes // expert_bytes)
+
+
+def simulate(
+    trace: Trace,
+    policy: str | Mapping[str, Any] | PolicySpec,
+    *,
+    capacity: int,
+    mode: Mode = "timed",
+    link: TransferModel | None = None,
+    compute: ComputeTimes | None = None,
+    partition: str = "global",
+    pin_layer: bool = True,
+    prefill: str = "empty",
+    reset_per_request: bool = False,
+    replay: Replay = "decode",
+    batch: int = 1,
+    prefill_chunk: int = 0,
+    warmup_tokens: int = 0,
+    seed: int = 0,
+    record_transfers: bool = False,
+    timeline_steps: int = 0,
+    progress: bool = False,
+    dense_before: Sequence[int] | None = None,
+) -> RunResult:
+    """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots."""
+    if isinstance(policy, PolicySpec):
+        spec = policy
+    else:
+        spec = resolve({"name": policy} if isinstance(policy, str) else policy)
+    workload = build_workload(
+        trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
+        warmup_tokens=warmup_tokens,
+    )
+    sim = Simulation(
+        workload,
+        spec,
+        CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request),
+        RunOptions(mode, seed, record_transfers, timeline_steps, progress),
+        link_model=link,
+        compute=compute,
+        labels={"layer_ids": list(trace.meta.moe_layers)},
+        dense_before=dense_before,
+    )
+    return sim.run()
+
+
+def dense_layers_before(moe_layers: Sequence[int], num_layers: int | None = None) -> list[int]:
+    """Dense (non-MoE) decoder layers run before each MoE layer, counting from layer 0.
+
+    Dense layers after the last MoE layer are charged to the next step's first MoE layer.
+    """
+    out, prev = [], -1
+    for i, layer in enumerate(moe_layers):
+        out.append(layer - prev - 1)
+        prev = layer
+    if num_layers is not None and out:
+        out[0] += num_layers - 1 - prev
+    return out

@@ -1,0 +1,246 @@
+"""Turn a routing trace into the steps the GPU executes.
+
+A *step* is one forward pass: a decode step (one token of every running request) or a prefill
+chunk. For each step and MoE layer the workload holds the unique experts demanded, in first-use
+order, and how many tokens each serves. Batching is continuous: when a request finishes, the
+next one joins at the following step. Everything is precomputed with numpy so the simulation
+loop only reads arrays.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from policies.base import ModelShape
+from traces.trace import DECODE, Trace
+
+Replay = Literal["decode", "prefill"]
+NO_USE = 1 << 62
+
+
+class WorkloadError(ValueError):
+    """Workload options that cannot be applied to this trace."""
+
+
+@dataclass
+class Workload:
+    """Per-step, per-layer demand of a whole run."""
+
+    shape: ModelShape
+    keys: np.ndarray  # int32 [S, L, W]: unique expert keys, -1 padded
+    counts: np.ndarray | None  # int32 [S, L, W]: tokens per key; None when all are 1
+    pairs: np.ndarray  # int32 [S, L]: token-expert pairs (tokens x k as recorded)
+    tokens: np.ndarray  # int32 [S]: tokens processed in the step
+    out_tokens: np.ndarray  # int32 [S]: output (decode) tokens produced by the step
+    context: np.ndarray  # int32 [S]: longest context in the step (attention cost)
+    counted: np.ndarray  # bool [S]: False for warm-up steps (excluded from metrics)
+    req_offsets: np.ndarray  # int64 [S+1] into req_ids
+    req_ids: np.ndarray  # int32: requests taking part in each step
+    joins: list[list[int]]  # requests starting at each step
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.keys.shape[0])
+
+    def requests_of(self, step: int) -> list[int]:
+        return self.req_ids[self.req_offsets[step]:self.req_offsets[step + 1]].tolist()
+
+    def max_width(self) -> np.ndarray:
+        """Most unique experts any single step demands, per layer."""
+        return (self.keys >= 0).sum(axis=2).max(axis=0)
+
+
+def _units(phase: np.ndarray, replay: Replay, chunk: int) -> list[tuple[int, int, bool]]:
+    """(first token, end token, is_output) units of one request."""
+    n = len(phase)
+    if replay == "decode":
+        return [(t, t + 1, True) for t in range(n)]
+    units: list[tuple[int, int, bool]] = []
+    n_prefill = int(np.argmax(phase == DECODE)) if (phase == DECODE).any() else n
+    step = chunk if chunk > 0 else max(n_prefill, 1)
+    for t0 in range(0, n_prefill, step):
+        units.append((t0, min(t0 + step, n_prefill), False))
+    units += [(t, t + 1, True) for t in range(n_prefill, n)]
+    return units
+
+
+def build_workload(
+    trace: Trace,
+    *,
+    replay: Replay = "decode",
+    batch: int = 1,
+    prefill_chunk: int = 0,
+    warmup_tokens: int = 0,
+) -> Workload:
+    """Steps of ``trace`` under continuous batching of ``batch`` requests.
+
+    ``replay="decode"`` treats every recorded token as a decode step (teacher forcing: a
+    prefill-only trace such as MoE-Beyond's is replayed token by token). ``replay="prefill"``
+    processes the recorded prefill tokens in chunks of ``prefill_chunk`` (0 = whole prompt).
+    The first ``warmup_tokens`` tokens of each request only warm the cache.
+    """
+    if batch < 1:
+        raise WorkloadError(f"batch must be >= 1, got {batch}")
+    if replay not in ("decode", "prefill"):
+        raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
+    meta = trace.meta
+    shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
+    if not trace.requests:
+        raise WorkloadError("the trace has no requests")
+    if batch == 1 and replay == "decode":
+        return _single_token_steps(trace, shape, warmup_tokens)
+    return _batched_steps(trace, shape, replay, batch, prefill_chunk, warmup_tokens)
+
+
+def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workload:
+    """Fast path: one token per step, so keys are the routed ids shifted per layer."""
+    num_e = shape.num_experts
+    offsets = (np.arange(shape.num_layers, dtype=np.int32) * num_e)[None, :, None]
+    blocks, counted, context, joins = [], [], [], []
+    for req in trace.requests:
+        ex = req.experts.astype(np.int32)
+        blocks.append(np.where(ex >= 0, ex + offsets, -1))
+        n = req.num_tokens
+        idx = np.arange(n, dtype=np.int32)
+        counted.append(idx >= warmup)
+        context.append(idx + 1)
+        joins.append([req.request_id])
+        joins.extend([] for _ in range(n - 1))
+    keys = np.concatenate(blocks)
+    steps = keys.shape[0]
+    req_ids = np.concatenate(
+        [np.full(r.num_tokens, r.request_id, dtype=np.int32) for r in trace.requests]
+    )
+    return Workload(
+        shape=shape,
+        keys=keys,
+        counts=None,
+        pairs=(keys >= 0).sum(axis=2).astype(np.int32),
+        tokens=np.ones(steps, dtype=np.int32),
+        out_tokens=np.ones(steps, dtype=np.int32),
+        context=np.concatenate(context),
+        counted=np.concatenate(counted),
+        req_offsets=np.arange(steps + 1, dtype=np.int64),
+        req_ids=req_ids,
+        joins=joins,
+    )
+
+
+def _batched_steps(
+    trace: Trace, shape: ModelShape, replay: Replay, batch: int, chunk: int, warmup: int
+) -> Workload:
+    num_l, num_e = shape.num_layers, shape.num_experts
+    pending = list(trace.requests)[::-1]
+    running: list[tuple[object, list[tuple[int, int, bool]], int]] = []
+    step_keys: list[list[np.ndarray]] = []
+    step_counts: list[list[np.ndarray]] = []
+    pairs, tokens, out_tokens, context, counted, req_ids, req_off, joins = (
+        [], [], [], [], [], [], [0], []
+    )
+    while pending or running:
+        joined = []
+        while pending and len(running) < batch:
+            req = pending.pop()
+            running.append((req, _units(req.phase, replay, chunk), 0))
+            joined.append(req.request_id)
+        joins.append(joined)
+        rows, n_tok, n_out, ctx, past_warmup, ids = [], 0, 0, 0, False, []
+        nxt = []
+        for req, units, i in running:
+            t0, t1, is_out = units[i]
+            rows.append(req.experts[t0:t1])
+            n_tok += t1 - t0
+            n_out += int(is_out)
+            ctx = max(ctx, t1)
+            past_warmup |= t0 >= warmup
+            ids.append(req.request_id)
+            if i + 1 < len(units):
+                nxt.append((req, units, i + 1))
+        running = nxt
+        block = np.concatenate(rows).astype(np.int32)  # [tokens, L, k]
+        layer_keys, layer_counts, layer_pairs = [], [], []
+        for j in range(num_l):
+            ids_j = block[:, j, :].ravel()
+            ids_j = ids_j[ids_j >= 0]
+            uniq, first, cnt = np.unique(ids_j, return_index=True, return_counts=True)
+            order = np.argsort(first, kind="stable")
+            layer_keys.append(uniq[order] + j * num_e)
+            layer_counts.append(cnt[order])
+            layer_pairs.append(len(ids_j))
+        step_keys.append(layer_keys)
+        step_counts.append(layer_counts)
+        pairs.append(layer_pairs)
+        tokens.append(n_tok)
+        out_tokens.append(n_out)
+        context.append(ctx)
+        counted.append(past_warmup)
+        req_ids += ids
+        req_off.append(len(req_ids))
+    width = max(max(len(k) for k in layer) for layer in step_keys)
+    num_s = len(step_keys)
+    keys = np.full((num_s, num_l, max(width, 1)), -1, dtype=np.int32)
+    counts = np.zeros_like(keys)
+    for s, (layer_keys, layer_counts) in enumerate(zip(step_keys, step_counts, strict=True)):
+        for j in range(num_l):
+            keys[s, j, : len(layer_keys[j])] = layer_keys[j]
+            counts[s, j, : len(layer_counts[j])] = layer_counts[j]
+    return Workload(
+        shape=shape,
+        keys=keys,
+        counts=counts,
+        pairs=np.asarray(pairs, dtype=np.int32),
+        tokens=np.asarray(tokens, dtype=np.int32),
+        out_tokens=np.asarray(out_tokens, dtype=np.int32),
+        context=np.asarray(context, dtype=np.int32),
+        counted=np.asarray(counted, dtype=bool),
+        req_offsets=np.asarray(req_off, dtype=np.int64),
+        req_ids=np.asarray(req_ids, dtype=np.int32),
+        joins=joins,
+    )
+
+
+class WorkloadFuture:
+    """Future routing of a workload, for oracle policies (see ``policies.base.FutureView``)."""
+
+    def __init__(self, workload: Workload) -> None:
+        self._w = workload
+        self.num_steps = workload.num_steps
+        num_l = workload.shape.num_layers
+        keys = workload.keys
+        self.width = width = keys.shape[2]
+        s_idx, j_idx, r_idx = np.nonzero(keys >= 0)
+        flat_keys = keys[keys >= 0].astype(np.int64)
+        positions = (s_idx.astype(np.int64) * num_l + j_idx) * width + r_idx
+        order = np.argsort(flat_keys, kind="stable")  # positions stay ascending per key
+        self._pos = array("q")
+        self._pos.frombytes(positions[order].tobytes())
+        counts = np.bincount(flat_keys, minlength=workload.shape.num_keys)
+        self._freq = counts
+        off = np.concatenate([[0], np.cumsum(counts)])
+        self._start = off[:-1].tolist()
+        self._end = off[1:].tolist()
+        self._ptr = list(self._start)
+
+    def keys_at(self, step: int, layer: int) -> list[int]:
+        if step >= self.num_steps:
+            return []
+        row = self._w.keys[step, layer]
+        return row[row >= 0].tolist()
+
+    def next_use(self, key: int, position: int, inclusive: bool = False) -> int:
+        """Positions are queried in non-decreasing order, so a per-key cursor is enough."""
+        pos, end = self._pos, self._end[key]
+        i = self._ptr[key]
+        while i < end and pos[i] < position:
+            i += 1
+        self._ptr[key] = i
+        if not inclusive and i < end and pos[i] == position:
+            i += 1
+        return pos[i] if i < end else NO_USE
+
+    def key_frequencies(self) -> np.ndarray:
+        return self._freq.copy()

@@ -1,0 +1,54 @@
+"""Small in-memory traces the tests build themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
+
+
+def random_trace(
+    num_requests: int = 3,
+    tokens: int = 20,
+    layers: int = 4,
+    experts: int = 8,
+    top_k: int = 2,
+    seed: int = 0,
+    skew: float = 1.0,
+    expert_bytes: int = 1000,
+    prefill_tokens: int = 0,
+) -> Trace:
+    """Zipf-skewed routing: every token picks ``top_k`` distinct experts per layer."""
+    rng = np.random.default_rng(seed)
+    weights = 1.0 / np.arange(1, experts + 1) ** skew
+    reqs = []
+    for r in range(num_requests):
+        ex = np.empty((tokens, layers, top_k), dtype=np.int16)
+        for j in range(layers):
+            perm = rng.permutation(experts)  # layer-specific popularity
+            p = weights[perm] / weights.sum()
+            for t in range(tokens):
+                ex[t, j] = rng.choice(experts, size=top_k, replace=False, p=p)
+        phase = np.full(tokens, DECODE, dtype=np.uint8)
+        phase[:prefill_tokens] = PREFILL
+        reqs.append(RequestRouting(r, ex, phase))
+    meta = TraceMeta(
+        model="synthetic",
+        moe_layers=tuple(range(layers)),
+        num_experts=experts,
+        top_k=top_k,
+        expert_bytes=expert_bytes,
+    )
+    return Trace(meta, reqs)
+
+
+def trace_from_lists(routing: list[list[list[list[int]]]], experts: int, expert_bytes: int = 1000
+                     ) -> Trace:
+    """``routing[request][token][layer]`` = list of expert ids."""
+    reqs = []
+    for r, toks in enumerate(routing):
+        arr = np.array(toks, dtype=np.int16)
+        reqs.append(RequestRouting(r, arr, np.full(arr.shape[0], DECODE, dtype=np.uint8)))
+    layers, k = reqs[0].experts.shape[1:]
+    meta = TraceMeta("tiny", tuple(range(layers)), experts, k, expert_bytes=expert_bytes)
+    return Trace(meta, reqs)

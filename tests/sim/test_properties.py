@@ -1,0 +1,149 @@
+"""Invariants that must hold for every policy, trace and cache size (hypothesis)."""
+
+import math
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies.base import EvictionPolicy
+from policies.lru import LRU
+from policies.registry import EVICTION, PREFETCH, discover, resolve
+from sim import FixedCompute, FixedLink, simulate
+from sim.cache import ExpertCache
+from tests.helpers import random_trace
+
+discover()
+EVICTIONS = sorted(EVICTION)
+PREFETCHES = sorted(PREFETCH)
+
+traces = st.builds(
+    random_trace,
+    num_requests=st.integers(1, 3),
+    tokens=st.integers(1, 12),
+    layers=st.integers(1, 4),
+    experts=st.integers(4, 10),
+    top_k=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+    skew=st.floats(0.0, 2.0),
+)
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _timed(trace, policy, capacity, engines=1, bw=1e6, lat=1e-5, **kw):
+    return simulate(
+        trace, policy, capacity=capacity, mode="timed",
+        link=FixedLink(lat, bw, engines),
+        compute=FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4, shared_s=1e-4),
+        **kw,
+    )
+
+
+def _min_capacity(trace, engines=1):
+    return trace.meta.top_k + engines
+
+
+@SETTINGS
+@given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES),
+       extra=st.integers(0, 20), engines=st.integers(1, 3),
+       partition=st.sampled_from(["global", "per_layer"]))
+def test_counts_add_up_and_stall_nonnegative(trace, ev, pf, extra, engines, partition):
+    layers = trace.meta.num_moe_layers
+    per = _min_capacity(trace, engines)
+    cap = min(per * (layers if partition == "per_layer" else 1) + extra,
+              layers * trace.meta.num_experts)
+    name = pf if pf != "none" else ev
+    res = _timed(trace, {"name": name, "eviction": ev, "prefetch": pf}, cap, engines,
+                 partition=partition)
+    s = res.summary
+    assert s["hits"] + s["late_hits"] + s["misses"] == s["accesses"]
+    assert s["accesses"] == trace.num_rows * trace.meta.top_k
+    assert s["stall_time_s"] >= 0
+    assert s["stall_miss_s"] >= 0 and s["stall_late_s"] >= 0
+    assert s["total_time_s"] >= s["stall_time_s"]
+    assert 0 <= s["pcie_busy_fraction"] <= 1 + 1e-9
+    assert s["prefetch_bytes"] >= s["wasted_prefetch_bytes"]
+    assert res.per_layer["accesses"].sum() == s["accesses"]
+    assert math.isclose(res.per_layer["stall_time_s"].sum(), s["stall_time_s"], abs_tol=1e-12)
+
+
+class _Checked(LRU):
+    """LRU that asserts the cache never holds more than its capacity."""
+
+    name = "checked_lru"
+    cache: ExpertCache | None = None
+
+    def on_insert(self, key, prefetch):
+        super().on_insert(key, prefetch)
+        assert len(self._order) <= self.setup.capacity
+
+
+@SETTINGS
+@given(trace=traces, extra=st.integers(0, 10), pf=st.sampled_from(PREFETCHES))
+def test_occupancy_never_exceeds_capacity(trace, extra, pf):
+    base = resolve({"name": "lru", "prefetch": pf})
+    spec = type(base)("checked", _Checked, base.prefetch, {}, base.prefetch_params)
+    cap = min(_min_capacity(trace) + extra, trace.meta.num_moe_layers * trace.meta.num_experts)
+    _timed(trace, spec, cap)
+
+
+@SETTINGS
+@given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES))
+def test_free_transfers_never_stall(trace, ev, pf):
+    cap = _min_capacity(trace) + 2
+    cap = min(cap, trace.meta.num_moe_layers * trace.meta.num_experts)
+    name = pf if pf != "none" else ev
+    res = _timed(trace, {"name": name, "eviction": ev, "prefetch": pf}, cap,
+                 bw=float("inf"), lat=0.0)
+    assert res.summary["stall_time_s"] == 0.0
+
+
+@SETTINGS
+@given(trace=traces, ev=st.sampled_from(EVICTIONS))
+def test_full_capacity_only_compulsory_misses(trace, ev):
+    total = trace.meta.num_moe_layers * trace.meta.num_experts
+    res = _timed(trace, ev, total)
+    distinct = {
+        (j, int(e)) for r in trace.requests for j in range(trace.meta.num_moe_layers)
+        for e in r.experts[:, j, :].ravel() if e >= 0
+    }
+    if ev == "static":  # pre-installs its hot set, so may miss less than compulsory
+        assert res.summary["misses"] <= len(distinct)
+    else:
+        assert res.summary["misses"] == len(distinct)
+
+
+@SETTINGS
+@given(trace=traces, extra=st.integers(0, 12), partition=st.sampled_from(["global", "per_layer"]))
+def test_belady_is_a_lower_bound_on_misses(trace, extra, partition):
+    layers = trace.meta.num_moe_layers
+    per = trace.meta.top_k + 1
+    cap = min(per * (layers if partition == "per_layer" else 1) + extra,
+              layers * trace.meta.num_experts)
+    misses = {
+        ev: simulate(trace, ev, capacity=cap, mode="zero_latency",
+                     partition=partition).summary["misses"]
+        for ev in EVICTIONS
+        if ev != "static"  # pre-fills the cache: not a demand-only stream
+    }
+    assert misses["belady"] == min(misses.values()), misses
+
+
+@SETTINGS
+@given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES),
+       extra=st.integers(0, 8))
+def test_zero_latency_equals_timed_with_free_transfers(trace, ev, pf, extra):
+    cap = min(_min_capacity(trace) + extra,
+              trace.meta.num_moe_layers * trace.meta.num_experts)
+    name = pf if pf != "none" else ev
+    policy = {"name": name, "eviction": ev, "prefetch": pf}
+    zl = simulate(trace, policy, capacity=cap, mode="zero_latency").summary
+    timed = simulate(trace, policy, capacity=cap, mode="timed", link=FixedLink(0.0),
+                     compute=FixedCompute()).summary
+    for key in ("hits", "late_hits", "misses", "evictions", "prefetch_transfers"):
+        assert zl[key] == timed[key], key
+
+
+def test_every_registered_policy_is_covered():
+    assert {"lru", "lfu", "fifo", "least_stale", "static", "belady"} <= set(EVICTIONS)
+    assert {"none", "next_layer_all", "oracle_prefetch"} <= set(PREFETCHES)
+    assert all(issubclass(EVICTION[n], EvictionPolicy) for n in EVICTIONS)
