@@ -90,7 +90,7 @@ def dense_layers_before(moe_layers: Sequence[int], num_layers: int | None = None
     Dense layers after the last MoE layer are charged to the next step's first MoE layer.
     """
     out, prev = [], -1
-    for i, layer in enumerate(moe_layers):
+    for layer in moe_layers:
         out.append(layer - prev - 1)
         prev = layer
     if num_layers is not None and out:
