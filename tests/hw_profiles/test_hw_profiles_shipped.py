@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -87,15 +85,15 @@ def test_v100_curve_reproduces_the_bandwidthtest_points() -> None:
     assert link.transfer_time(1000) == pytest.approx(2.5e-6)
 
 
-def test_profiles_compose_as_the_hydra_group_hw(tmp_path: Path) -> None:
+def test_profiles_compose_as_the_hydra_group_hw() -> None:
+    """Through the real app's config: ``hw=<name>`` plus overrides of nested fields."""
     from hydra import compose, initialize_config_dir
 
-    conf = tmp_path / "conf"
-    shutil.copytree(Path(load_profile("v100_pcie").path or "").parent, conf / "hw",
-                    ignore=shutil.ignore_patterns("*.py", "*.md", "*.png", "__pycache__"))
-    (conf / "config.yaml").write_text("defaults:\n  - hw: v100_pcie\n  - _self_\n")
+    from experiments.configs import CONF_DIR, register_configs
+
+    register_configs()
     overrides = ["hw.host_link.copy_engines=2", "hw.host_link.host_memory=pageable"]
-    with initialize_config_dir(config_dir=str(conf), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
         for name in sorted(SHIPPED):
             assert profile_from_mapping(compose("config", [f"hw={name}"]).hw, name).name == name

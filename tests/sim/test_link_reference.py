@@ -37,7 +37,8 @@ def _ours(js, engines, dur):
     cache = _Cache(len(js))
     link = HostLink(dur, engines, cache, record=True)
     cancels = []
-    for key, (tick, demand, cancel) in sorted(enumerate(js), key=lambda x: (x[1][0], x[0])):
+    order = sorted(enumerate(js), key=lambda x: (x[1][0], x[0]))
+    for n, (key, (tick, demand, cancel)) in enumerate(order):
         t = tick * 0.25
         for ck, ct in list(cancels):  # cancellations half a tick after submission (no ties)
             if ct <= t:
@@ -49,7 +50,7 @@ def _ours(js, engines, dur):
             cache.reserve(key, False)
             link.submit_demand(key)
         else:
-            link.submit_prefetch(key, float(key))
+            link.submit_prefetch(key, float(n))  # FIFO among prefetches, as SimPy
             if cancel:
                 cancels.append((key, t + 0.125))
     for ck, ct in sorted(cancels, key=lambda x: x[1]):
@@ -87,7 +88,7 @@ def _reference(js, engines, dur):
     return out
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=300, deadline=None)
 # Irrational durations keep completions off the submission grid: simultaneous events have no
 # defined order in either model.
 @given(js=jobs, engines=st.integers(1, 3),

@@ -1,0 +1,119 @@
+"""``moesim-plot DIR``: gather every run's ``summary.parquet`` below DIR into one table and plot
+hit rate and stall per token against cache capacity, one line per policy (PNG and PDF).
+
+Runs that have not finished have no summary yet and are simply not included, so this can be
+pointed at a sweep that is still running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+STYLE = {
+    "figure.dpi": 120,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "font.size": 9,
+    "legend.fontsize": 8,
+}
+
+
+def collect(root: Path) -> pd.DataFrame:
+    """Concatenate all summaries below ``root`` (the aggregate itself excluded)."""
+    files = sorted(p for p in root.rglob("summary.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no summary.parquet below {root}")
+    frames = []
+    for f in files:
+        df = pd.read_parquet(f)
+        df["run_dir"] = str(f.parent.relative_to(root))
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _series_label(df: pd.DataFrame) -> pd.Series:
+    label = df["policy.name"].astype(str)
+    for extra in ("hw.name", "trace.name"):
+        if extra in df and df[extra].nunique() > 1:
+            label = label + " · " + df[extra].astype(str)
+    return label
+
+
+def plot_vs_capacity(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Hit rate (and, for timed runs, stall per output token) against capacity."""
+    df = df.copy()
+    df["series"] = _series_label(df)
+    modes = sorted(df["mode"].dropna().unique())
+    timed = df[df["mode"] == "timed"]
+    panels = [(m, "hit_rate", "hit rate") for m in modes]
+    if not timed.empty:
+        panels.append(("timed", "stall_per_output_token_s", "stall per output token (ms)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    with plt.rc_context(STYLE):
+        for ax, (mode, metric, ylabel) in zip(axes[0], panels, strict=True):
+            sub = df[df["mode"] == mode]
+            for name, g in sub.groupby("series"):
+                g = g.groupby("cache.capacity_fraction", as_index=False)[metric].agg(
+                    ["mean", "min", "max"]
+                )
+                scale = 1e3 if metric.endswith("_s") else 1.0
+                x = g["cache.capacity_fraction"] * 100
+                ax.plot(x, g["mean"] * scale, marker="o", ms=3, label=name)
+                if (g["max"] > g["min"]).any():  # several seeds: show their range
+                    ax.fill_between(x, g["min"] * scale, g["max"] * scale, alpha=0.2)
+            ax.set_xlabel("cache capacity (% of routed experts)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{ylabel} ({mode.replace('_', '-')})")
+            if metric == "hit_rate":
+                ax.set_ylim(0, 1)
+            ax.grid(True, alpha=0.3)
+        axes[0][0].legend(loc="best")
+        fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        path = out / f"capacity.{ext}"
+        fig.savefig(path)
+        paths.append(path)
+    plt.close(fig)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="moesim-plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: DIR)")
+    args = parser.parse_args(argv)
+    try:
+        df = collect(args.dir)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or args.dir
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out / "aggregate.parquet", index=False)
+    paths = plot_vs_capacity(df, out)
+    cols = [c for c in ("policy.name", "mode", "hw.name", "cache.capacity_fraction", "hit_rate",
+                        "stall_per_output_token_s") if c in df]
+    table = df[cols].sort_values(cols[:4]).to_string(index=False, float_format=_fmt)
+    print(table)
+    print(f"{len(df)} runs -> {out / 'aggregate.parquet'}, " + ", ".join(map(str, paths)))
+    return 0
+
+
+def _fmt(x: float) -> str:
+    return "nan" if isinstance(x, float) and math.isnan(x) else f"{x:.4g}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

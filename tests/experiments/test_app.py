@@ -1,0 +1,108 @@
+"""The Hydra app: every config composes, every policy runs, outputs are written, and bad input
+gives one clear line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+import hw_profiles
+from experiments.configs import CONF_DIR, register_configs
+from experiments.plot import main as plot_main
+from experiments.sim_app import run, write_outputs
+from policies.registry import policy_names
+from tests.helpers import random_trace
+from traces import write_trace
+from traces.model_card import list_cards
+
+register_configs()
+TRACE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "trace").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny_trace(tmp_path_factory) -> Path:
+    """Synthetic routing with DeepSeek-V2-Lite's shape (26 MoE layers, 64 experts, top-6)."""
+    tr = random_trace(num_requests=3, tokens=6, layers=26, experts=64, top_k=6, seed=3)
+    meta = tr.meta.__class__(
+        model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)), num_experts=64, top_k=6,
+        expert_bytes=17301504, source="synthetic test fixture",
+    )
+    path = tmp_path_factory.mktemp("trace") / "tiny.parquet"
+    write_trace(path, meta, tr.requests)
+    return path
+
+
+def _cfg(overrides):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.mark.parametrize("trace", TRACE_CONFIGS)
+@pytest.mark.parametrize("hw", hw_profiles.list_profiles())
+def test_every_trace_and_hw_config_composes(trace, hw):
+    overrides = [f"trace={trace}", f"hw={hw}"]
+    if trace == "file":
+        overrides.append("trace.path=x.parquet")
+    cfg = _cfg(overrides)
+    assert cfg.trace.path and cfg.hw.name == hw
+    hw_profiles.profile_from_mapping(dict(cfg.hw), name=hw)
+
+
+@pytest.mark.parametrize("model", list_cards())
+def test_every_model_card_composes(model):
+    assert _cfg([f"model={model}"]).model.name == model
+
+
+@pytest.mark.parametrize("mode", ["timed", "zero_latency"])
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_policy_runs(policy, mode, tiny_trace, tmp_path):
+    cfg = _cfg(["trace=file", f"trace.path={tiny_trace}", f"policy={policy}", f"mode={mode}",
+                "progress=false", "cache.fraction=0.25"])
+    result, row = run(cfg)
+    s = result.summary
+    assert s["accesses"] == 3 * 6 * 26 * 6
+    assert row["policy.name"] == policy and row["cache.slots"] == 416
+    write_outputs(result, row, tmp_path)
+    summary = pd.read_parquet(tmp_path / "summary.parquet")
+    assert len(summary) == 1 and summary.loc[0, "hit_rate"] == s["hit_rate"]
+    assert len(pd.read_parquet(tmp_path / "per_layer.parquet")) == 26
+
+
+def test_timeline_and_transfers_written(tiny_trace, tmp_path):
+    cfg = _cfg(["trace=file", f"trace.path={tiny_trace}", "policy=next_layer_all",
+                "progress=false", "output.transfers=true", "output.timeline_steps=2"])
+    result, row = run(cfg)
+    write_outputs(result, row, tmp_path)
+    tr = pd.read_parquet(tmp_path / "transfers.parquet")
+    assert set(tr["kind"]) == {"demand", "prefetch"}
+    assert (tmp_path / "timeline.json").stat().st_size > 100
+
+
+def _cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "experiments.sim_app", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_input_is_one_clear_line(tmp_path):
+    proc = _cli("trace=file", f"trace.path={tmp_path}/missing.parquet", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "error: trace.path" in proc.stderr and "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("summary.parquet"))
+
+
+def test_joblib_sweep_and_plot(tiny_trace, tmp_path):
+    proc = _cli("-m", "trace=file", f"trace.path={tiny_trace}", "policy=lru,belady",
+                "cache.fraction=0.1,0.5", "progress=false", "hydra/launcher=joblib",
+                "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "sweep").rglob("summary.parquet"))) == 4
+    assert plot_main([str(tmp_path / "sweep")]) == 0
+    agg = pd.read_parquet(tmp_path / "sweep" / "aggregate.parquet")
+    assert len(agg) == 4
+    assert (tmp_path / "sweep" / "capacity.png").exists()
+    best = agg.groupby("cache.capacity_fraction")["hit_rate"].max()
+    assert (agg[agg["policy.name"] == "belady"].set_index("cache.capacity_fraction")["hit_rate"]
+            == best).all()
