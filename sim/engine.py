@@ -438,7 +438,7 @@ class Simulation:
                 if link is None:
                     state[key] = RESIDENT
                 else:
-                    link._demand.append(key)
+                    link.submit_demand(key)
                 if counting:
                     c.demand_started += 1
                     if promoted:

@@ -6,7 +6,7 @@ cancelled by its policy or promoted to demand when the GPU needs it. A prefetch 
 cache slot when its transfer starts and is dropped if no slot can be freed then.
 
 The link is an exact event-driven queue that the SimPy processes advance to the current time
-(``advance``) before they act: transfers become discrete events without one SimPy event each,
+(``advance``) before they act: transfers are discrete events without one SimPy event each,
 which keeps replays of millions of accesses fast. ``tests/sim/test_link_reference.py`` checks it
 against a plain SimPy ``PriorityResource`` model.
 """
@@ -14,16 +14,22 @@ against a plain SimPy ``PriorityResource`` model.
 from __future__ import annotations
 
 import heapq
-from collections import deque
 from collections.abc import Callable, Iterable
 
 from sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
 
 DEMAND, PREFETCH = 0, 1
+INF = float("inf")
 
 
 class HostLink:
-    """Copy engines plus the two queues; times in seconds."""
+    """Copy engines plus the two queues; times in seconds.
+
+    Demand fetches are scheduled onto the engines as soon as they are issued: nothing can
+    overtake them (they have top priority, FIFO, and the GPU issues no new demand before they
+    arrive), so their start is the earliest time an engine is free. Prefetches start lazily,
+    in time order with completions, whenever an engine is free and no demand is waiting.
+    """
 
     def __init__(
         self,
@@ -42,10 +48,10 @@ class HostLink:
         self.cache = cache
         self.on_done = on_done
         self.t = 0.0
-        self._demand: deque[int] = deque()
+        self._free = [0.0] * engines  # when each engine finishes its last scheduled copy
         self._prefetch: list[tuple[float, int, int]] = []  # (priority, seq, key)
         self._queued: dict[int, int] = {}  # key -> seq of its live prefetch entry
-        # (finish, seq, key, kind, start) of transfers on the engines
+        # (finish, seq, key, kind, start) of every scheduled copy not yet completed
         self._running: list[tuple[float, int, int, int, float]] = []
         self._finish: dict[int, float] = {}
         self._seq = 0
@@ -68,9 +74,20 @@ class HostLink:
         return len(self._queued)
 
     # -- submissions (the caller has advanced the link to the current time) --------------
-    def submit_demand(self, key: int) -> None:
-        """Queue a demand fetch; its slot is already reserved."""
-        self._demand.append(key)
+    def submit_demand(self, key: int) -> float:
+        """Schedule a demand fetch (its slot is already reserved); returns its arrival."""
+        free = self._free
+        e = free.index(min(free)) if self.engines > 1 else 0
+        start = free[e] if free[e] > self.t else self.t
+        finish = start + self.duration
+        free[e] = finish
+        self._seq += 1
+        heapq.heappush(self._running, (finish, self._seq, key, DEMAND, start))
+        self._finish[key] = finish
+        self.busy += self.duration
+        if self.counting:
+            self.started[DEMAND] += 1
+        return finish
 
     def submit_prefetch(self, key: int, priority: float) -> bool:
         if key in self._queued or key in self._finish or self.cache.state[key] != ABSENT:
@@ -96,77 +113,65 @@ class HostLink:
 
     # -- time -----------------------------------------------------------------------------
     def advance(self, until: float) -> None:
-        """Process every start and completion up to ``until`` in time order."""
-        running, engines = self._running, self.engines
-        if not running and not self._demand and not self._queued:
-            if until > self.t:
-                self.t = until
-            return
+        """Process completions and prefetch starts up to ``until`` in time order."""
+        running = self._running
         while True:
-            while len(running) < engines and (self._demand or self._queued):
-                self._start_next()
-            if running and running[0][0] <= until:
-                finish, _, key, kind, start = heapq.heappop(running)
-                self.t = finish
+            done = running[0][0] if running else INF
+            start = INF
+            if self._queued:
+                start = min(self._free)
+                if start < self.t:
+                    start = self.t
+            if done <= start:  # a completion frees its engine before a start can use it
+                if done > until:
+                    break
+                _, _, key, kind, began = heapq.heappop(running)
+                self.t = done
                 del self._finish[key]
                 self.cache.complete(key)
                 if self.records is not None:
-                    self.records.append((key, kind, start, finish))
+                    self.records.append((key, kind, began, done))
                 if self.on_done is not None:
                     self.on_done(key, kind == PREFETCH)
-                continue
-            break
+            else:
+                if start > until:
+                    break
+                self.t = start
+                self._start_prefetch()
         if until > self.t:
             self.t = until
 
-    def _start_next(self) -> None:
-        if self._demand:
-            key, kind = self._demand.popleft(), DEMAND
-        else:
-            while True:
-                _, seq, key = heapq.heappop(self._prefetch)
-                if self._queued.get(key) == seq:
-                    del self._queued[key]
-                    break
-                if not self._queued:
-                    return
-            if not self.cache.reserve(key, prefetch=True):
-                self.dropped += 1
-                return
-            kind = PREFETCH
-        self._seq += 1
+    def _start_prefetch(self) -> None:
+        while True:
+            _, seq, key = heapq.heappop(self._prefetch)
+            if self._queued.get(key) == seq:
+                del self._queued[key]
+                break
+        if not self.cache.reserve(key, prefetch=True):
+            self.dropped += 1
+            return
+        free = self._free
+        e = free.index(min(free))
         finish = self.t + self.duration
-        heapq.heappush(self._running, (finish, self._seq, key, kind, self.t))
+        free[e] = finish
+        self._seq += 1
+        heapq.heappush(self._running, (finish, self._seq, key, PREFETCH, self.t))
         self._finish[key] = finish
         self.busy += self.duration
         if self.counting:
-            self.started[kind] += 1
+            self.started[PREFETCH] += 1
 
     def ready_times(self, keys: Iterable[int]) -> list[float]:
-        """Arrival times of keys in flight or in the demand queue (the GPU waits on these).
-
-        Demand jobs are at the head of the queue and nothing preempts them, so their start
-        times follow from the engines' current finish times.
-        """
-        etas: dict[int, float] = {}
-        if self._demand:
-            free = sorted(f for f, *_ in self._running)
-            free += [self.t] * (self.engines - len(free))
-            heapq.heapify(free)
-            for key in self._demand:
-                start = max(heapq.heappop(free), self.t)
-                etas[key] = start + self.duration
-                heapq.heappush(free, etas[key])
+        """Arrival times of keys in flight (the GPU waits on these)."""
         out = []
+        finish = self._finish
         for key in keys:
-            if key in self._finish:
-                out.append(self._finish[key])
-            elif key in etas:
-                out.append(etas[key])
+            if key in finish:
+                out.append(finish[key])
             elif self.cache.state[key] == RESIDENT:  # arrived already (zero-time copies)
                 out.append(self.t)
             else:
-                raise SimulationError(f"expert key {key} is neither in flight nor queued")
+                raise SimulationError(f"expert key {key} is neither in flight nor resident")
         return out
 
     def busy_until(self, end: float) -> float:

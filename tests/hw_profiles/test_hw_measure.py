@@ -128,7 +128,7 @@ def test_curve_and_fit_helpers() -> None:
 
 def test_without_cuda_exits_2_with_one_message(tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    import torch
+    torch = pytest.importorskip("torch")
 
     if torch.cuda.is_available():  # pragma: no cover - only on GPU machines
         pytest.skip("a CUDA device is present")
@@ -178,7 +178,7 @@ def test_torch_op_timers_run_on_cpu() -> None:
     """The op code of CudaBench (MLP, router, attention with GQA, copies) runs on CPU."""
     import time
 
-    import torch
+    torch = pytest.importorskip("torch")
 
     from hw_profiles.measure import CudaBench
 
