@@ -315,6 +315,7 @@ class Simulation:
         timed = self.timed
         tl_steps = self.ropts.timeline_steps
         width = w.keys.shape[2]
+        one_expert = comp.expert_time(1) if timed else 0.0
         pf.on_start(ctx)
         self.started = True
         progress = _progress(w.num_steps, self.ropts.progress)
@@ -337,6 +338,8 @@ class Simulation:
                 clock.layer = j
                 clock.position = base = (s * num_l + j) * width
                 if hook_pre:
+                    if link is not None:
+                        link.advance(clock.now)
                     pf.on_pre_attention(ctx, j)
                     if link is not None:
                         link.advance(clock.now)
@@ -365,23 +368,30 @@ class Simulation:
                 if hook_issued:
                     pf.on_demand_issued(ctx, j, keys)
                 if timed:
-                    link.advance(clock.now)
+                    if link._queued:  # let queued prefetches take idle engines now
+                        link.advance(clock.now)
                     t = clock.now
-                    cnt = counts[j] if counts is not None else None
-                    tokens = int(w.tokens[s])
-                    end, st_miss, st_late, spans = _schedule(
-                        t, keys, kinds, cnt, link, comp, exp_cost, shared_t[s], tokens,
-                        s < tl_steps,
-                    )
-                    if spans:
-                        self.timeline.extend(("compute", f"L{j} {n}", a, b) for n, a, b in spans)
-                    if counting:
-                        c.stall_miss += st_miss
-                        c.stall_late += st_late
-                        c.layer_stall[j] += st_miss + st_late
+                    if counts is None and s >= tl_steps and not any(kinds):
+                        end = t + shared_t[s] + len(keys) * one_expert  # all resident
+                    else:
+                        end, st_miss, st_late, spans = _schedule(
+                            t, keys, kinds, None if counts is None else counts[j], link, comp,
+                            exp_cost, shared_t[s], s < tl_steps,
+                        )
+                        if spans:
+                            self.timeline.extend(
+                                ("compute", f"L{j} {n}", a, b) for n, a, b in spans
+                            )
+                        if counting:
+                            c.stall_miss += st_miss
+                            c.stall_late += st_late
+                            c.layer_stall[j] += st_miss + st_late
                     if end > t:
                         yield end - t
-                    link.advance(clock.now)
+                    # Completions are applied lazily at the next advance: until then only
+                    # this layer's (pinned) experts can be in flight, unless prefetches are.
+                    if hook_end or link._queued:
+                        link.advance(clock.now)
                 if pin:
                     cache.pinned.clear()
                 if hook_end:
@@ -496,7 +506,6 @@ def _schedule(
     comp: ComputeTimes,
     cost: dict[int, float],
     shared: float,
-    tokens: int,
     keep_spans: bool,
 ) -> tuple[float, float, float, list[tuple[str, float, float]]]:
     """Experts run one after another on the GPU: resident ones first, then as they arrive.
