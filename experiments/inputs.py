@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 import hw_profiles
-from traces import TraceError, import_trace, load_trace
+from traces import TraceError, import_trace, load_predictions, load_trace
 from traces.model_card import ModelCard, card_from_mapping, load_card
 from traces.trace import Trace
 
@@ -52,6 +52,23 @@ def trace_file(path: str, fmt: str) -> Path:
         print(f"importing {src} ({fmt}) into {out} (once)")
         import_trace(fmt, src, out)
     return out
+
+
+def prediction_file(cfg: DictConfig, trace_path: Path) -> Path | None:
+    """``predictions.path`` if set, else the table an importer wrote beside the trace."""
+    given = (cfg.get("predictions") or {}).get("path")
+    if given:
+        path = Path(given).expanduser()
+        if not path.is_file():
+            raise TraceError(f"predictions.path: {path} does not exist")
+        return path
+    side = trace_path.with_suffix(".predictions.parquet")
+    return side if side.is_file() else None
+
+
+def load_run_predictions(cfg: DictConfig, trace: Trace) -> dict | None:
+    path = prediction_file(cfg, trace_file(cfg.trace.path, cfg.trace.get("format")))
+    return None if path is None else load_predictions(path, trace.meta.moe_layers)
 
 
 def load_run_trace(cfg: DictConfig) -> Trace:

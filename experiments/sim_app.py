@@ -19,9 +19,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.configs import CONF_DIR, register_configs
-from experiments.inputs import hw_profile, load_run_trace, model_card, with_card_bytes
+from experiments.inputs import (
+    hw_profile,
+    load_run_predictions,
+    load_run_trace,
+    model_card,
+    with_card_bytes,
+)
 from hw_profiles import ProfileError
-from policies.base import PolicyError
+from policies.base import Knowledge, PolicyError
+from policies.registry import resolve
 from sim import SimulationError, capacity_slots, dense_layers_before, simulate
 from sim.metrics import RunResult
 from sim.workload import WorkloadError
@@ -46,6 +53,13 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         nbytes=c.get("bytes"),
     )
     timed = cfg.mode == "timed"
+    policy = OmegaConf.to_container(cfg.policy, resolve=True)
+    predictions = None
+    if resolve(policy).knows == Knowledge.PREDICTIONS:
+        predictions = load_run_predictions(cfg, trace)
+    # Zero-latency runs may drop layer pinning (MoE-Beyond's protocol has none); a timed GPU
+    # always keeps the computing layer's experts.
+    pin_layer = bool(c.pin_layer) or timed
     link = compute = None
     if timed:
         profile = hw_profile(cfg)
@@ -53,13 +67,13 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         compute = profile.compute_model(card)
     result = simulate(
         trace,
-        OmegaConf.to_container(cfg.policy, resolve=True),
+        policy,
         capacity=capacity,
         mode=cfg.mode,
         link=link,
         compute=compute,
         partition=c.partition,
-        pin_layer=c.pin_layer,
+        pin_layer=pin_layer,
         prefill=c.prefill,
         reset_per_request=c.reset_per_request,
         replay=cfg.replay,
@@ -71,11 +85,13 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         timeline_steps=int(cfg.output.timeline_steps) if timed else 0,
         progress=bool(cfg.progress),
         dense_before=dense_layers_before(meta.moe_layers, card.num_layers),
+        predictions=predictions,
     )
     row = flat_config(cfg)
     row.update({
         "model.name": card.name,
         "cache.slots": capacity,
+        "cache.pin_layer_effective": pin_layer,
         "cache.capacity_fraction": capacity / total,
         "cache.capacity_bytes": capacity * card.expert_bytes,
         "expert_bytes": card.expert_bytes,

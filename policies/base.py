@@ -76,6 +76,14 @@ class FutureView(Protocol):
         ...
 
 
+class PredictionSource(Protocol):
+    """Predicted experts of a prediction table, aligned with the run's steps."""
+
+    def keys_at(self, step: int, layer: int) -> list[int]:
+        """Predicted expert keys for (step, layer); [] when there is no prediction."""
+        ...
+
+
 class SimClock(Protocol):
     """Read-only view of where the simulation is; policies must not write to it."""
 
@@ -83,6 +91,7 @@ class SimClock(Protocol):
     step: int  # index of the current step (a decode step or a prefill chunk)
     layer: int  # current MoE layer index
     position: int  # (step * L + layer) * width + rank of the access being served
+    counting: bool  # False during warm-up steps (not counted in metrics)
 
 
 @dataclass
@@ -94,7 +103,7 @@ class PolicySetup:
     clock: SimClock
     rng: np.random.Generator
     future: FutureView | None = None
-    predictions: Any = None  # a prediction table (predictors issue); None when not given
+    predictions: PredictionSource | None = None  # for policies that know predictions
     partition_layers: Sequence[int] | None = None  # layers this eviction instance manages
     reserve: int = 0  # slots that must stay evictable for demand (layer width + copy engines)
     params: dict[str, Any] = field(default_factory=dict)

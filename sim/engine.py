@@ -14,7 +14,7 @@ no time: every load completes at once, which is MoE-Beyond's evaluation protocol
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache, SimulationError
 from sim.hardware import ComputeTimes, TransferModel
 from sim.link import DEMAND, HostLink
 from sim.metrics import Counters, RunResult, build_result
+from sim.predictions import PredictionView
 from sim.workload import Workload, WorkloadFuture
 
 Mode = Literal["timed", "zero_latency"]
@@ -55,13 +56,14 @@ class RunOptions:
 class Clock:
     """Where the GPU is; read by policies through ``SimClock``."""
 
-    __slots__ = ("layer", "now", "position", "step")
+    __slots__ = ("counting", "layer", "now", "position", "step")
 
     def __init__(self) -> None:
         self.now = 0.0
         self.step = 0
         self.layer = 0
         self.position = 0
+        self.counting = True  # False during warm-up steps
 
 
 class _Context:
@@ -116,6 +118,7 @@ class Simulation:
         compute: ComputeTimes | None = None,
         labels: dict[str, Any] | None = None,
         dense_before: Sequence[int] | None = None,
+        predictions: Mapping[int, np.ndarray] | None = None,
     ) -> None:
         self.workload = workload
         self.shape: ModelShape = workload.shape
@@ -138,6 +141,14 @@ class Simulation:
         self.clock = Clock()
         self.rng = np.random.default_rng(run_opts.seed)
         self.future = WorkloadFuture(workload) if spec.knows.value == "oracle" else None
+        self.predictions = None
+        if spec.knows.value == "predictions":
+            if predictions is None:
+                raise SimulationError(
+                    f"policy {spec.name!r} replays predictions, but no prediction table was "
+                    "given (set predictions.path, or import a source that has one)"
+                )
+            self.predictions = PredictionView(workload, predictions)
         self.started = False
         self.env: simpy.Environment | None = None
         self.c = Counters(self.shape.num_layers)
@@ -194,6 +205,7 @@ class Simulation:
             clock=self.clock,
             rng=np.random.default_rng(self.rng.integers(1 << 62)),
             future=self.future,
+            predictions=self.predictions,
             partition_layers=layers,
             reserve=0 if part is None else self._reserve_for(layers),
             params=params,
@@ -325,10 +337,11 @@ class Simulation:
                 if self.copts.reset_per_request:
                     self.cache = cache = self._new_cache()
                     if link is not None:
-                        link.cache = cache
+                        link.advance(clock.now)
+                        link.reset(cache)
                 for rid in w.joins[s]:
                     pf.on_request_start(ctx, rid)
-            self._counting = counting = bool(w.counted[s])
+            self._counting = clock.counting = counting = bool(w.counted[s])
             if link is not None:
                 link.counting = counting
             rows = w.keys[s].tolist()

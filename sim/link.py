@@ -111,6 +111,15 @@ class HostLink:
         self.cancelled += n
         return n
 
+    def reset(self, cache: ExpertCache) -> None:
+        """Serve a fresh cache: queued prefetches are dropped, and copies still on the engines
+        keep them busy but no longer land anywhere."""
+        self.cache = cache
+        self._queued.clear()
+        self._prefetch.clear()
+        self._running.clear()
+        self._finish.clear()
+
     # -- time -----------------------------------------------------------------------------
     def advance(self, until: float) -> None:
         """Process completions and prefetch starts up to ``until`` in time order."""

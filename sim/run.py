@@ -61,6 +61,7 @@ def simulate(
     timeline_steps: int = 0,
     progress: bool = False,
     dense_before: Sequence[int] | None = None,
+    predictions: Mapping[int, Any] | None = None,
 ) -> RunResult:
     """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots."""
     if isinstance(policy, PolicySpec):
@@ -80,6 +81,7 @@ def simulate(
         compute=compute,
         labels={"layer_ids": list(trace.meta.moe_layers)},
         dense_before=dense_before,
+        predictions=predictions,
     )
     return sim.run()
 

@@ -38,9 +38,11 @@ class Workload:
     out_tokens: np.ndarray  # int32 [S]: output (decode) tokens produced by the step
     context: np.ndarray  # int32 [S]: longest context in the step (attention cost)
     counted: np.ndarray  # bool [S]: False for warm-up steps (excluded from metrics)
-    req_offsets: np.ndarray  # int64 [S+1] into req_ids
+    req_offsets: np.ndarray  # int64 [S+1] into req_ids / token_start / token_end
     req_ids: np.ndarray  # int32: requests taking part in each step
     joins: list[list[int]]  # requests starting at each step
+    token_start: np.ndarray  # int32, aligned with req_ids: first token of the request's unit
+    token_end: np.ndarray  # int32: one past its last token
 
     @property
     def num_steps(self) -> int:
@@ -127,6 +129,8 @@ def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workloa
         req_offsets=np.arange(steps + 1, dtype=np.int64),
         req_ids=req_ids,
         joins=joins,
+        token_start=np.concatenate(context) - 1,
+        token_end=np.concatenate(context),
     )
 
 
@@ -141,6 +145,8 @@ def _batched_steps(
     pairs, tokens, out_tokens, context, counted, req_ids, req_off, joins = (
         [], [], [], [], [], [], [0], []
     )
+    t_start: list[int] = []
+    t_end: list[int] = []
     while pending or running:
         joined = []
         while pending and len(running) < batch:
@@ -158,6 +164,8 @@ def _batched_steps(
             ctx = max(ctx, t1)
             past_warmup |= t0 >= warmup
             ids.append(req.request_id)
+            t_start.append(t0)
+            t_end.append(t1)
             if i + 1 < len(units):
                 nxt.append((req, units, i + 1))
         running = nxt
@@ -200,6 +208,8 @@ def _batched_steps(
         req_offsets=np.asarray(req_off, dtype=np.int64),
         req_ids=np.asarray(req_ids, dtype=np.int32),
         joins=joins,
+        token_start=np.asarray(t_start, dtype=np.int32),
+        token_end=np.asarray(t_end, dtype=np.int32),
     )
 
 

@@ -28,10 +28,11 @@ expert_bytes, source, license, partial, notes{str: str}, phase_codes, has_scores
 counts{requests, tokens, rows}, features{}``. It is written when the file is closed, so an
 importer can record what it found while streaming (dropped rows, counts).
 
-Feature columns (reserved for the later "collection" feature; not written yet). A per-row
-feature such as the hidden state entering the layer is an extra column named ``feat.<name>``
-of type ``fixed_size_list<float16, D>`` (nullable), declared in ``features`` as
-``{"<name>": {"dtype": "float16", "shape": [D], "where": "column"}}``. Large features may go
+Feature columns (written by ``traces.collect``; read with ``traces.store.load_features``). A
+per-row feature such as the hidden state entering the layer is an extra column named
+``feat.<name>`` of type ``fixed_size_list<float16, D>`` (nullable), declared in ``features`` as
+``{"<name>": {"dtype": "float16", "shape": [D], "where": "column"}}`` (``float32`` and ``int32``
+are accepted too, e.g. ``feat.token_id`` with shape ``[1]``). Large features may go
 to a side file ``<trace>.features.parquet`` instead (``"where": "side"``) with the key columns
 ``request_id, token_idx, layer`` in the same order and the same row count, so it can be zipped
 row group by row group with the trace without a join. Version-1 readers ignore both.
@@ -52,6 +53,12 @@ FORMAT_VERSION = 1
 META_KEY = b"moesim.trace"
 
 KEY_COLUMNS = ("request_id", "token_idx", "layer")
+FEATURE_PREFIX = "feat."
+FEATURE_DTYPES: dict[str, pa.DataType] = {
+    "float16": pa.float16(),
+    "float32": pa.float32(),
+    "int32": pa.int32(),
+}
 
 SCHEMA = pa.schema(
     [
@@ -75,6 +82,7 @@ def meta_to_dict(
     has_scores: bool,
     has_tokens: bool,
     counts: Mapping[str, int] | None = None,
+    features: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The JSON object stored under ``META_KEY``."""
     return {
@@ -94,8 +102,22 @@ def meta_to_dict(
         "has_scores": bool(has_scores),
         "has_tokens": bool(has_tokens),
         "counts": dict(counts or {}),
-        "features": {},
+        "features": {str(k): dict(v) for k, v in (features or {}).items()},
     }
+
+
+def feature_field(name: str, dtype: str, dim: int) -> pa.Field:
+    """Arrow field of the ``feat.<name>`` column (one clear error for a bad declaration)."""
+    if dtype not in FEATURE_DTYPES:
+        raise TraceError(
+            f"feature {name!r}: dtype {dtype!r} not one of {sorted(FEATURE_DTYPES)}",
+            field=FEATURE_PREFIX + name,
+        )
+    if not name or int(dim) <= 0:
+        raise TraceError(f"feature {name!r}: needs a name and dim > 0", field=FEATURE_PREFIX + name)
+    return pa.field(
+        FEATURE_PREFIX + name, pa.list_(FEATURE_DTYPES[dtype], int(dim)), nullable=True
+    )
 
 
 def meta_from_dict(data: Mapping[str, Any], where: str = "<metadata>") -> TraceMeta:

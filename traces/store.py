@@ -26,12 +26,14 @@ import pyarrow.parquet as pq
 
 from traces.errors import TraceError
 from traces.schema import (
+    FEATURE_PREFIX,
     META_KEY,
     OPTIONAL_COLUMNS,
     REQUIRED_COLUMNS,
     SCHEMA,
     check_meta,
     dumps,
+    feature_field,
     meta_from_dict,
     meta_to_dict,
 )
@@ -39,6 +41,21 @@ from traces.trace import RequestRouting, Trace, TraceMeta
 
 DEFAULT_ROW_GROUP_ROWS = 1 << 18
 DEFAULT_BATCH_ROWS = 1 << 18
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """A per-row feature column ``feat.<name>``: ``dim`` values of ``dtype`` per (token, layer)."""
+
+    dim: int
+    dtype: str = "float16"
+    description: str = ""
+
+    def declaration(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": [int(self.dim)], "where": "column"}
+        if self.description:
+            out["description"] = self.description
+        return out
 
 
 @dataclass(frozen=True)
@@ -91,13 +108,17 @@ class TraceWriter:
         *,
         row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
         display_path: str | Path | None = None,
+        features: Mapping[str, FeatureSpec] | None = None,
     ) -> None:
         self._where = str(display_path or path)
         check_meta(meta, self._where)
         self.meta = meta
         self._layer_ids = np.asarray(meta.moe_layers, dtype=np.int16)
         self._row_group_rows = max(1, int(row_group_rows))
-        self._writer = pq.ParquetWriter(str(path), SCHEMA, compression="zstd")
+        self.features = dict(features or {})
+        fields = [feature_field(n, f.dtype, f.dim) for n, f in self.features.items()]
+        self._schema = pa.schema([*SCHEMA, *fields]) if fields else SCHEMA
+        self._writer = pq.ParquetWriter(str(path), self._schema, compression="zstd")
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._last_rid: int | None = None
@@ -110,8 +131,12 @@ class TraceWriter:
     def _err(self, msg: str, field: str) -> TraceError:
         return TraceError(msg, file=self._where, field=field)
 
-    def add(self, req: RequestRouting) -> None:
-        """Validate one request and buffer its rows."""
+    def add(self, req: RequestRouting, features: Mapping[str, np.ndarray] | None = None) -> None:
+        """Validate one request and buffer its rows.
+
+        ``features[name]`` is ``[T, L, dim]`` (values of unrecorded rows are ignored); every
+        feature declared to the constructor must be given, no other.
+        """
         meta = self.meta
         rid = int(req.request_id)
         tag = f"request {rid}"
@@ -207,6 +232,7 @@ class TraceWriter:
             labels = pa.array([str(req.label)], pa.string()).take(pa.array(np.zeros(n, np.int32)))
         else:
             labels = pa.nulls(n, pa.string())
+        feat_cols = self._feature_columns(tag, features or {}, ex.shape[:2], t_idx, j_idx)
         batch = pa.RecordBatch.from_arrays(
             [
                 pa.array(np.full(n, rid, dtype=np.int32)),
@@ -217,8 +243,9 @@ class TraceWriter:
                 scores,
                 tok_arr,
                 labels,
+                *feat_cols,
             ],
-            schema=SCHEMA,
+            schema=self._schema,
         )
         self._pending.append(batch)
         self._pending_rows += n
@@ -229,9 +256,34 @@ class TraceWriter:
         if self._pending_rows >= self._row_group_rows:
             self._flush()
 
+    def _feature_columns(
+        self,
+        tag: str,
+        features: Mapping[str, np.ndarray],
+        tl: tuple[int, ...],
+        t_idx: np.ndarray,
+        j_idx: np.ndarray,
+    ) -> list[pa.Array]:
+        extra = sorted(set(features) - set(self.features))
+        if extra:
+            raise self._err(f"{tag}: undeclared feature {extra[0]!r}", FEATURE_PREFIX + extra[0])
+        cols = []
+        for name, spec in self.features.items():
+            if name not in features:
+                raise self._err(f"{tag}: feature {name!r} missing", FEATURE_PREFIX + name)
+            arr = np.asarray(features[name])
+            if arr.shape != (*tl, spec.dim):
+                raise self._err(
+                    f"{tag}: feature {name!r} has shape {arr.shape}, expected {(*tl, spec.dim)}",
+                    FEATURE_PREFIX + name,
+                )
+            rows = np.ascontiguousarray(arr[t_idx, j_idx].astype(spec.dtype)).reshape(-1)
+            cols.append(pa.FixedSizeListArray.from_arrays(pa.array(rows), int(spec.dim)))
+        return cols
+
     def _flush(self) -> None:
         if self._pending:
-            table = pa.Table.from_batches(self._pending, schema=SCHEMA)
+            table = pa.Table.from_batches(self._pending, schema=self._schema)
             self._writer.write_table(table, row_group_size=max(table.num_rows, 1))
             self._pending = []
             self._pending_rows = 0
@@ -248,6 +300,7 @@ class TraceWriter:
             has_scores=self.has_scores,
             has_tokens=self.has_tokens,
             counts={"requests": summary.requests, "tokens": summary.tokens, "rows": summary.rows},
+            features={n: f.declaration() for n, f in self.features.items()},
         )
         self._writer.add_key_value_metadata({META_KEY: dumps(payload)})
         self._writer.close()
@@ -575,6 +628,59 @@ def load_trace(path: str | Path, max_requests: int | None = None) -> Trace:
         reqs = islice(reqs, max(0, int(max_requests)))
     requests = list(reqs)
     return Trace(read_meta(path), requests)
+
+
+def feature_specs(path: str | Path) -> dict[str, FeatureSpec]:
+    """Feature columns declared in a trace's metadata (empty for plain traces)."""
+    out = {}
+    for name, decl in dict(read_header(path).get("features") or {}).items():
+        try:
+            out[str(name)] = FeatureSpec(
+                dim=int(decl["shape"][0]),
+                dtype=str(decl.get("dtype", "float16")),
+                description=str(decl.get("description", "")),
+            )
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise TraceError("malformed feature declaration", file=path, field=name) from None
+    return out
+
+
+def iter_features(
+    path: str | Path, name: str, *, batch_rows: int = DEFAULT_BATCH_ROWS
+) -> Iterator[np.ndarray]:
+    """Stream ``feat.<name>`` as ``[rows, dim]`` blocks in file row order."""
+    specs = feature_specs(path)
+    if name not in specs:
+        raise TraceError(
+            f"no feature {name!r} (declared: {sorted(specs) or 'none'})", file=path, field=name
+        )
+    pf = _open(path)
+    col = FEATURE_PREFIX + name
+    if col not in pf.schema_arrow.names:
+        raise TraceError("declared feature column missing", file=path, field=col)
+    dim = specs[name].dim
+    try:
+        for batch in pf.iter_batches(batch_size=max(1, int(batch_rows)), columns=[col]):
+            arr = batch.column(0)
+            if arr.null_count:
+                raise TraceError("feature value is null", file=path, field=col)
+            values = arr.flatten().to_numpy(zero_copy_only=False)
+            yield values.reshape(len(arr), dim)
+    except pa.ArrowException as exc:
+        raise TraceError(f"cannot read rows ({exc})", file=path, field=col) from None
+
+
+def load_features(path: str | Path, name: str) -> np.ndarray:
+    """Whole ``feat.<name>`` column as ``[rows, dim]``, aligned with the file's row order.
+
+    Row ``i`` belongs to the i-th (request, token, layer) row, i.e. the order in which
+    :func:`iter_requests` visits recorded ``(token, layer)`` pairs (token-major, then layer).
+    """
+    blocks = list(iter_features(path, name))
+    if not blocks:
+        dim = feature_specs(path)[name].dim
+        return np.zeros((0, dim), dtype=np.float16)
+    return np.concatenate(blocks, axis=0)
 
 
 def scan_counts(path: str | Path) -> tuple[TraceSummary, dict[str, int]]:

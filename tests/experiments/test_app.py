@@ -16,6 +16,7 @@ from experiments.sim_app import run, write_outputs
 from policies.registry import policy_names
 from tests.helpers import random_trace
 from traces import write_trace
+from traces.predictions import PredictionWriter
 from traces.model_card import list_cards
 
 register_configs()
@@ -32,6 +33,11 @@ def tiny_trace(tmp_path_factory) -> Path:
     )
     path = tmp_path_factory.mktemp("trace") / "tiny.parquet"
     write_trace(path, meta, tr.requests)
+    # A prediction table beside it, as the MoE-Beyond importer writes: here the true experts.
+    writer = PredictionWriter(path.with_suffix(".predictions.parquet"), meta.moe_layers)
+    for req in tr.requests:
+        writer.add(req.request_id, req.experts)
+    writer.close({"model": meta.model, "source": "test: perfect predictions"})
     return path
 
 
@@ -69,6 +75,28 @@ def test_every_policy_runs(policy, mode, tiny_trace, tmp_path):
     summary = pd.read_parquet(tmp_path / "summary.parquet")
     assert len(summary) == 1 and summary.loc[0, "hit_rate"] == s["hit_rate"]
     assert len(pd.read_parquet(tmp_path / "per_layer.parquet")) == 26
+
+
+def test_perfect_predictions_hit_everything_in_zero_latency(tiny_trace):
+    cfg = _cfg(["trace=file", f"trace.path={tiny_trace}", "policy=moe_beyond_replay",
+                "mode=zero_latency", "progress=false", "cache.fraction=0.1"])
+    result, _ = run(cfg)
+    assert result.summary["hit_rate"] == 1.0
+    timed, _ = run(_cfg(["trace=file", f"trace.path={tiny_trace}", "policy=moe_beyond_replay",
+                         "progress=false", "cache.fraction=0.1"]))
+    s = timed.summary  # same-layer predictions leave no time: every load arrives late
+    assert s["misses"] == 0 and s["late_hits"] > 0 and s["stall_late_s"] > 0
+
+
+def test_missing_prediction_table_is_a_clear_error(tmp_path):
+    tr = random_trace(num_requests=1, tokens=3, layers=26, experts=64, top_k=6, seed=1)
+    meta = tr.meta.__class__(model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
+                             num_experts=64, top_k=6, expert_bytes=17301504)
+    write_trace(tmp_path / "t.parquet", meta, tr.requests)
+    cfg = _cfg(["trace=file", f"trace.path={tmp_path / 't.parquet'}",
+                "policy=moe_beyond_replay", "progress=false"])
+    with pytest.raises(Exception, match="no prediction table"):
+        run(cfg)
 
 
 def test_timeline_and_transfers_written(tiny_trace, tmp_path):
