@@ -55,7 +55,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     timed = cfg.mode == "timed"
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     predictions = None
-    if resolve(policy).knows == Knowledge.PREDICTIONS:
+    if resolve(policy).needs(Knowledge.PREDICTIONS):
         predictions = load_run_predictions(cfg, trace)
     # Zero-latency runs may drop layer pinning (MoE-Beyond's protocol has none); a timed GPU
     # always keeps the computing layer's experts.

@@ -67,6 +67,10 @@ class PolicySpec:
     eviction_params: dict[str, Any] = field(default_factory=dict)
     prefetch_params: dict[str, Any] = field(default_factory=dict)
 
+    def needs(self, what: Knowledge) -> bool:
+        """Whether the eviction or the prefetch class declares this knowledge."""
+        return what in (self.eviction.knows, self.prefetch.knows)
+
     @property
     def knows(self) -> Knowledge:
         order = [Knowledge.PAST, Knowledge.PREDICTIONS, Knowledge.ORACLE]

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import simpy
 
-from policies.base import EvictionPolicy, ModelShape, PolicySetup, PrefetchPolicy
+from policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
 from policies.registry import PolicySpec
 from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache, SimulationError
 from sim.hardware import ComputeTimes, TransferModel
@@ -140,9 +140,9 @@ class Simulation:
         self.dense_before = list(dense_before or [0] * self.shape.num_layers)
         self.clock = Clock()
         self.rng = np.random.default_rng(run_opts.seed)
-        self.future = WorkloadFuture(workload) if spec.knows.value == "oracle" else None
+        self.future = WorkloadFuture(workload) if spec.needs(Knowledge.ORACLE) else None
         self.predictions = None
-        if spec.knows.value == "predictions":
+        if spec.needs(Knowledge.PREDICTIONS):
             if predictions is None:
                 raise SimulationError(
                     f"policy {spec.name!r} replays predictions, but no prediction table was "

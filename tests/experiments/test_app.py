@@ -16,8 +16,8 @@ from experiments.sim_app import run, write_outputs
 from policies.registry import policy_names
 from tests.helpers import random_trace
 from traces import write_trace
-from traces.predictions import PredictionWriter
 from traces.model_card import list_cards
+from traces.predictions import PredictionWriter
 
 register_configs()
 TRACE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "trace").glob("*.yaml"))
