@@ -106,6 +106,8 @@ class PolicySetup:
     predictions: PredictionSource | None = None  # for policies that know predictions
     partition_layers: Sequence[int] | None = None  # layers this eviction instance manages
     reserve: int = 0  # slots that must stay evictable for demand (layer width + copy engines)
+    # The policy's parameters, plus "_peers": one dict shared by every policy instance of the
+    # run, so a prefetcher and its eviction partner can coordinate (e.g. protected candidates).
     params: dict[str, Any] = field(default_factory=dict)
 
 

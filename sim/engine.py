@@ -152,6 +152,7 @@ class Simulation:
         self.started = False
         self.env: simpy.Environment | None = None
         self.c = Counters(self.shape.num_layers)
+        self._peers: dict[str, Any] = {}  # shared by all policy instances of this run
         self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
         self._check_capacity()
         self.cache = self._new_cache()
@@ -199,6 +200,7 @@ class Simulation:
 
     def _setup(self, params: dict[str, Any], part: int | None) -> PolicySetup:
         layers = None if part is None else self._layers_of_part[part]
+        params = {**params, "_peers": self._peers}
         return PolicySetup(
             shape=self.shape,
             capacity=self.copts.capacity if part is None else self._caps[part],
