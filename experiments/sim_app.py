@@ -7,9 +7,7 @@ every metric) and ``per_layer.parquet`` into the run directory, atomically.
 
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from sim.metrics import RunResult
 from sim.workload import WorkloadError
 from traces import TraceError
 from traces.model_card import ModelCardError
+from traces.store import atomic_path
 
 USER_ERRORS = (
     SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
@@ -125,14 +124,8 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:

@@ -233,3 +233,31 @@ class NoPrefetch(PrefetchPolicy):
     """Demand fetching only."""
 
     name = "none"
+
+
+class PointPrefetch(PrefetchPolicy):
+    """A prefetcher that acts at one configurable point of every layer (param ``point``)."""
+
+    points: ClassVar[tuple[str, ...]] = ("pre_attention", "routed", "demand_issued")
+
+    def __init__(self, setup: PolicySetup) -> None:
+        super().__init__(setup)
+        self.point = setup.params.get("point", self.points[0])
+        if self.point not in self.points:
+            raise PolicyError(f"{self.name}: point {self.point!r} not one of {self.points}")
+
+    def issue(self, ctx: PrefetchContext, layer: int) -> None:
+        """Prefetch at the chosen point of ``layer``."""
+        raise NotImplementedError
+
+    def on_pre_attention(self, ctx: PrefetchContext, layer: int) -> None:
+        if self.point == "pre_attention":
+            self.issue(ctx, layer)
+
+    def on_routed(self, ctx: PrefetchContext, layer: int, keys: Sequence[int]) -> None:
+        if self.point == "routed":
+            self.issue(ctx, layer)
+
+    def on_demand_issued(self, ctx: PrefetchContext, layer: int, keys: Sequence[int]) -> None:
+        if self.point == "demand_issued":
+            self.issue(ctx, layer)

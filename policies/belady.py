@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
+from policies._heap import pop_victim
 from policies.base import EvictionPolicy, Knowledge, PolicyError
 from policies.registry import register_eviction
 
@@ -47,18 +48,5 @@ class Belady(EvictionPolicy):
         del self._next[key]
 
     def victim(self, can_evict: Callable[[int], bool]) -> int | None:
-        heap, nxt = self._heap, self._next
-        skipped = []
-        found = None
-        while heap:
-            neg, key = heap[0]
-            if nxt.get(key) != -neg:
-                heapq.heappop(heap)
-                continue
-            if can_evict(key):
-                found = key
-                break
-            skipped.append(heapq.heappop(heap))
-        for item in skipped:
-            heapq.heappush(heap, item)
-        return found
+        nxt = self._next
+        return pop_victim(self._heap, lambda e: nxt.get(e[1]) == -e[0], can_evict)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
+from policies._heap import pop_victim
 from policies.base import EvictionPolicy
 from policies.registry import register_eviction
 
@@ -43,18 +44,5 @@ class LFU(EvictionPolicy):
         return self._entry[key][0]
 
     def victim(self, can_evict: Callable[[int], bool]) -> int | None:
-        heap, entry = self._heap, self._entry
-        skipped = []
-        found = None
-        while heap:
-            freq, seq, key = heap[0]
-            if entry.get(key) != (freq, seq):
-                heapq.heappop(heap)  # stale
-                continue
-            if can_evict(key):
-                found = key
-                break
-            skipped.append(heapq.heappop(heap))
-        for item in skipped:
-            heapq.heappush(heap, item)
-        return found
+        entry = self._entry
+        return pop_victim(self._heap, lambda e: entry.get(e[2]) == (e[0], e[1]), can_evict)

@@ -15,41 +15,29 @@ during which no predictions are inserted (``during_warmup=false``), as in their 
 
 from __future__ import annotations
 
-from policies.base import Knowledge, PolicyError, PrefetchPolicy
+from policies.base import Knowledge, PointPrefetch, PolicyError
 from policies.registry import register_prefetch
-
-POINTS = ("pre_attention", "routed")
 
 
 @register_prefetch
-class MoEBeyondReplay(PrefetchPolicy):
+class MoEBeyondReplay(PointPrefetch):
     """Insert the predicted experts of the current layer before its accesses."""
 
     name = "moe_beyond_replay"
     knows = Knowledge.PREDICTIONS
     default_eviction = "lru"
     params = {"point": "routed", "during_warmup": False}
+    points = ("routed", "pre_attention")
 
     def __init__(self, setup):
         super().__init__(setup)
         if setup.predictions is None:
             raise PolicyError("moe_beyond_replay needs a prediction table")
-        self._point = setup.params.get("point", "routed")
-        if self._point not in POINTS:
-            raise PolicyError(f"moe_beyond_replay: point {self._point!r} not one of {POINTS}")
         self._warm = bool(setup.params.get("during_warmup", False))
 
-    def _issue(self, ctx, layer: int) -> None:
+    def issue(self, ctx, layer: int) -> None:
         if not self._warm and not ctx.clock.counting:
             return
         keys = self.setup.predictions.keys_at(ctx.clock.step, layer)
         if keys:
             ctx.prefetch(keys)
-
-    def on_pre_attention(self, ctx, layer):
-        if self._point == "pre_attention":
-            self._issue(ctx, layer)
-
-    def on_routed(self, ctx, layer, keys):
-        if self._point == "routed":
-            self._issue(ctx, layer)
