@@ -89,11 +89,62 @@ def plot_vs_capacity(df: pd.DataFrame, out: Path) -> list[Path]:
     return paths
 
 
+def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Path]:
+    """Gantt chart of a run's ``timeline.json``: GPU compute above, host-link copies below."""
+    import json
+
+    events = json.loads(path.read_text())["traceEvents"]
+    if not events:
+        raise FileNotFoundError(f"{path} has no events (run with output.timeline_steps=N)")
+    rows = {"compute": 1, "host link": 0}
+    colors = {"attention": "#9e9e9e", "shared": "#6d8fb3", "demand": "#d62728",
+              "prefetch": "#2ca02c"}
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(9, 2.4))
+        for ev in events:
+            start, dur = ev["ts"] / 1e3, ev["dur"] / 1e3
+            if max_ms is not None and start > max_ms:
+                continue
+            kind = ev["name"].split()[0]
+            color = colors.get(kind, "#1f77b4")  # routed experts
+            if kind.startswith("L"):
+                color = colors["shared"] if ev["name"].endswith("shared") else "#1f77b4"
+            ax.broken_barh([(start, dur)], (rows[ev["tid"]] - 0.35, 0.7), facecolors=color,
+                           edgecolor="white", linewidth=0.3)
+        ax.set_yticks(list(rows.values()), list(rows.keys()))
+        ax.set_xlabel("simulated time (ms)")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in
+                   ("#9e9e9e", "#6d8fb3", "#1f77b4", "#d62728", "#2ca02c")]
+        ax.legend(handles, ["attention + router", "shared experts", "routed expert",
+                            "demand copy", "prefetch copy"], ncol=5, loc="upper center",
+                  bbox_to_anchor=(0.5, 1.25), frameon=False)
+        ax.grid(True, axis="x", alpha=0.3)
+        fig.tight_layout()
+    paths = []
+    for ext in ("png", "pdf"):
+        target = out / f"timeline.{ext}"
+        fig.savefig(target)
+        paths.append(target)
+    plt.close(fig)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moesim-plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: DIR)")
+    parser.add_argument("--timeline-ms", type=float, default=None,
+                        help="with a run that wrote timeline.json: plot its first N ms")
     args = parser.parse_args(argv)
+    if (args.dir / "timeline.json").is_file():
+        out = args.out or args.dir
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            paths = plot_timeline(args.dir / "timeline.json", out, args.timeline_ms)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print("timeline: " + ", ".join(map(str, paths)))
     try:
         df = collect(args.dir)
     except FileNotFoundError as exc:
