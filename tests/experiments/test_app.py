@@ -107,6 +107,8 @@ def test_timeline_and_transfers_written(tiny_trace, tmp_path):
     tr = pd.read_parquet(tmp_path / "transfers.parquet")
     assert set(tr["kind"]) == {"demand", "prefetch"}
     assert (tmp_path / "timeline.json").stat().st_size > 100
+    assert plot_main([str(tmp_path)]) == 0
+    assert (tmp_path / "timeline.png").stat().st_size > 1000
 
 
 def _cli(*args, cwd):
