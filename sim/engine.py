@@ -23,6 +23,7 @@ import simpy
 
 from policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
 from policies.registry import PolicySpec
+from sim import fastpath
 from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache, SimulationError
 from sim.hardware import ComputeTimes, TransferModel
 from sim.link import DEMAND, HostLink
@@ -51,6 +52,9 @@ class RunOptions:
     record_transfers: bool = False
     timeline_steps: int = 0  # steps of compute/copy spans kept for the Chrome trace
     progress: bool = False
+    # "auto": demand-only LRU/FIFO runs use the compiled replay (sim.fastpath), which gives the
+    # same metrics; "python": always the general engine.
+    engine: Literal["auto", "python"] = "auto"
 
 
 class Clock:
@@ -335,13 +339,14 @@ class Simulation:
         progress = _progress(w.num_steps, self.ropts.progress)
         for s in range(w.num_steps):
             clock.step = s
-            if w.joins[s]:
+            joined = w.joins.get(s)
+            if joined:
                 if self.copts.reset_per_request:
                     self.cache = cache = self._new_cache()
                     if link is not None:
                         link.advance(clock.now)
                         link.reset(cache)
-                for rid in w.joins[s]:
+                for rid in joined:
                     pf.on_request_start(ctx, rid)
             self._counting = clock.counting = counting = bool(w.counted[s])
             if link is not None:
@@ -478,6 +483,13 @@ class Simulation:
     # -- running ----------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._counting = True
+        if self.ropts.engine not in ("auto", "python"):
+            raise SimulationError(f"engine must be 'auto' or 'python', got {self.ropts.engine!r}")
+        if fastpath.applicable(self):
+            fastpath.run(self)
+            self.engine_used = "compiled"
+            return build_result(self)
+        self.engine_used = "python"
         if not self.timed:
             for _ in self._gpu():
                 pass

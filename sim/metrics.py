@@ -121,6 +121,7 @@ def build_result(sim: Simulation) -> RunResult:
         "wasted_prefetch_bytes": c.wasted_prefetches * nbytes,
         "unused_prefetch_bytes_at_end": c.unused_prefetches * nbytes,
         "evictions": c.evictions,
+        "sim_engine": getattr(sim, "engine_used", "python"),
     }
     layer_ids = sim.labels.get("layer_ids") or list(range(shape.num_layers))
     h, lt, m = c.layer_counts

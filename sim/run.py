@@ -62,6 +62,7 @@ def simulate(
     progress: bool = False,
     dense_before: Sequence[int] | None = None,
     predictions: Mapping[int, Any] | None = None,
+    engine: str = "auto",
 ) -> RunResult:
     """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots."""
     if isinstance(policy, PolicySpec):
@@ -76,7 +77,7 @@ def simulate(
         workload,
         spec,
         CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request),
-        RunOptions(mode, seed, record_transfers, timeline_steps, progress),
+        RunOptions(mode, seed, record_transfers, timeline_steps, progress, engine),
         link_model=link,
         compute=compute,
         labels={"layer_ids": list(trace.meta.moe_layers)},

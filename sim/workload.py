@@ -40,9 +40,10 @@ class Workload:
     counted: np.ndarray  # bool [S]: False for warm-up steps (excluded from metrics)
     req_offsets: np.ndarray  # int64 [S+1] into req_ids / token_start / token_end
     req_ids: np.ndarray  # int32: requests taking part in each step
-    joins: list[list[int]]  # requests starting at each step
+    joins: dict[int, list[int]]  # step -> requests starting at that step
     token_start: np.ndarray  # int32, aligned with req_ids: first token of the request's unit
     token_end: np.ndarray  # int32: one past its last token
+    _max_width: np.ndarray | None = None
 
     @property
     def num_steps(self) -> int:
@@ -53,7 +54,9 @@ class Workload:
 
     def max_width(self) -> np.ndarray:
         """Most unique experts any single step demands, per layer."""
-        return (self.keys >= 0).sum(axis=2).max(axis=0)
+        if self._max_width is None:
+            self._max_width = (self.keys >= 0).sum(axis=2).max(axis=0)
+        return self._max_width
 
 
 def _units(phase: np.ndarray, replay: Replay, chunk: int) -> list[tuple[int, int, bool]]:
@@ -102,7 +105,9 @@ def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workloa
     """Fast path: one token per step, so keys are the routed ids shifted per layer."""
     num_e = shape.num_experts
     offsets = (np.arange(shape.num_layers, dtype=np.int32) * num_e)[None, :, None]
-    blocks, counted, context, joins = [], [], [], []
+    blocks, counted, context = [], [], []
+    joins: dict[int, list[int]] = {}
+    step = 0
     for req in trace.requests:
         ex = req.experts.astype(np.int32)
         blocks.append(np.where(ex >= 0, ex + offsets, -1))
@@ -110,9 +115,10 @@ def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workloa
         idx = np.arange(n, dtype=np.int32)
         counted.append(idx >= warmup)
         context.append(idx + 1)
-        joins.append([req.request_id])
-        joins.extend([] for _ in range(n - 1))
+        joins[step] = [req.request_id]
+        step += n
     keys = np.concatenate(blocks)
+    pairs = np.count_nonzero(keys >= 0, axis=2).astype(np.int32)
     steps = keys.shape[0]
     req_ids = np.concatenate(
         [np.full(r.num_tokens, r.request_id, dtype=np.int32) for r in trace.requests]
@@ -121,7 +127,7 @@ def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workloa
         shape=shape,
         keys=keys,
         counts=None,
-        pairs=(keys >= 0).sum(axis=2).astype(np.int32),
+        pairs=pairs,
         tokens=np.ones(steps, dtype=np.int32),
         out_tokens=np.ones(steps, dtype=np.int32),
         context=np.concatenate(context),
@@ -131,6 +137,7 @@ def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workloa
         joins=joins,
         token_start=np.concatenate(context) - 1,
         token_end=np.concatenate(context),
+        _max_width=pairs.max(axis=0),  # one token per step: the width is its row count
     )
 
 
@@ -139,11 +146,12 @@ def _batched_steps(
 ) -> Workload:
     num_l, num_e = shape.num_layers, shape.num_experts
     pending = list(trace.requests)[::-1]
+    join_map: dict[int, list[int]] = {}
     running: list[tuple[object, list[tuple[int, int, bool]], int]] = []
     step_keys: list[list[np.ndarray]] = []
     step_counts: list[list[np.ndarray]] = []
-    pairs, tokens, out_tokens, context, counted, req_ids, req_off, joins = (
-        [], [], [], [], [], [], [0], []
+    pairs, tokens, out_tokens, context, counted, req_ids, req_off = (
+        [], [], [], [], [], [], [0]
     )
     t_start: list[int] = []
     t_end: list[int] = []
@@ -153,7 +161,8 @@ def _batched_steps(
             req = pending.pop()
             running.append((req, _units(req.phase, replay, chunk), 0))
             joined.append(req.request_id)
-        joins.append(joined)
+        if joined:
+            join_map[len(step_keys)] = joined
         rows, n_tok, n_out, ctx, past_warmup, ids = [], 0, 0, 0, False, []
         nxt = []
         for req, units, i in running:
@@ -207,7 +216,7 @@ def _batched_steps(
         counted=np.asarray(counted, dtype=bool),
         req_offsets=np.asarray(req_off, dtype=np.int64),
         req_ids=np.asarray(req_ids, dtype=np.int32),
-        joins=joins,
+        joins=join_map,
         token_start=np.asarray(t_start, dtype=np.int32),
         token_end=np.asarray(t_end, dtype=np.int32),
     )
