@@ -115,6 +115,16 @@ def resolve(cfg: Mapping[str, Any]) -> PolicySpec:
     ev_cls, pf_cls = EVICTION[ev_name], PREFETCH[pf_name]
     given = {k: v for k, v in cfg.items() if k not in _RESERVED}
     ev_defaults, pf_defaults = params_of(ev_cls), params_of(pf_cls)
+    # The config node of policy=<name> lists its default partner's parameters; when
+    # policy.eviction/prefetch swaps that partner, its untouched defaults no longer apply.
+    default_ev = EVICTION.get(name) or EVICTION[PREFETCH[name].default_eviction]
+    default_pf = PREFETCH["none"] if name in EVICTION else PREFETCH[name]
+    for cls in {default_ev, default_pf} - {ev_cls, pf_cls}:
+        for key, default in params_of(cls).items():
+            if key in given and key not in ev_defaults and key not in pf_defaults and (
+                given[key] == default
+            ):
+                del given[key]
     unknown = sorted(set(given) - set(ev_defaults) - set(pf_defaults))
     if unknown:
         raise PolicyError(

@@ -1,0 +1,29 @@
+"""Resolving ``policy=<name>`` configs into classes and checked parameters."""
+
+import pytest
+
+from policies.base import PolicyError
+from policies.registry import default_config, policy_names, resolve
+
+
+@pytest.mark.parametrize("name", policy_names())
+def test_every_default_config_resolves(name):
+    spec = resolve(default_config(name))
+    assert spec.name == name
+
+
+def test_unknown_name_and_parameter_are_errors():
+    with pytest.raises(PolicyError, match="not registered"):
+        resolve({"name": "nope"})
+    with pytest.raises(PolicyError, match="unknown parameter"):
+        resolve({"name": "lru", "bogus": 1})
+    with pytest.raises(PolicyError, match="should be like"):
+        resolve({"name": "lru", "prefetch_touch": "yes"})
+
+
+def test_swapping_the_partner_drops_its_untouched_defaults():
+    cfg = default_config("moe_infinity")  # lists moe_infinity_lfu's `order`
+    spec = resolve({**cfg, "eviction": "lru"})
+    assert spec.eviction.name == "lru" and "order" not in spec.eviction_params
+    with pytest.raises(PolicyError, match="unknown parameter"):
+        resolve({**cfg, "eviction": "lru", "order": "max"})  # set on purpose: it no longer applies
