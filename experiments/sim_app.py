@@ -85,6 +85,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         progress=bool(cfg.progress),
         dense_before=dense_layers_before(meta.moe_layers, card.num_layers),
         predictions=predictions,
+        engine=cfg.get("engine", "auto"),
     )
     row = flat_config(cfg)
     row.update({
