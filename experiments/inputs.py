@@ -37,6 +37,10 @@ def _digest(src: Path) -> str:
 
 def trace_file(path: str, fmt: str) -> Path:
     """A parquet trace for ``path``: itself if it already is one, else a cached import."""
+    if fmt == "embedded":  # the committed small model's trace, regenerated once into the cache
+        from traces.collect.embedded import ensure_embedded_trace
+
+        return ensure_embedded_trace(cache_dir() / "traces")
     src = Path(path).expanduser()
     if not src.is_absolute():
         src = Path.cwd() / src

@@ -7,6 +7,8 @@ every metric) and ``per_layer.parquet`` into the run directory, atomically.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -160,14 +162,43 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of every choice that can change a result (not progress bars or output paths)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in ("hydra", "progress"):
+        data.pop(key, None)
+    text = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def finished(outdir: Path, digest: str) -> pd.DataFrame | None:
+    """The summary of an earlier run of this very config in ``outdir``, if it finished."""
+    path = outdir / "summary.parquet"
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError):
+        return None
+    if "config_hash" in df and df["config_hash"].iloc[0] == digest:
+        return df
+    return None
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    outdir = Path(HydraConfig.get().runtime.output_dir)
+    digest = config_hash(cfg)
+    done = finished(outdir, digest)
+    if done is not None:  # a rerun of a sweep skips what already finished
+        print(f"already done ({digest}): {outdir}")
+        return float(done["hit_rate"].iloc[0])
     try:
         result, row = run(cfg)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    outdir = Path(HydraConfig.get().runtime.output_dir)
+    row["config_hash"] = digest
     write_outputs(result, row, outdir)
     print(format_summary(row, result.summary))
     print(f"  results: {outdir}")

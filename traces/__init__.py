@@ -13,6 +13,7 @@ from traces.schema import FORMAT_VERSION, META_KEY
 from traces.store import (
     TraceSummary,
     iter_requests,
+    load_features,
     load_trace,
     read_header,
     read_meta,
@@ -41,6 +42,7 @@ __all__ = [
     "iter_requests",
     "list_cards",
     "load_card",
+    "load_features",
     "load_predictions",
     "load_trace",
     "read_header",

@@ -115,9 +115,7 @@ def feature_field(name: str, dtype: str, dim: int) -> pa.Field:
         )
     if not name or int(dim) <= 0:
         raise TraceError(f"feature {name!r}: needs a name and dim > 0", field=FEATURE_PREFIX + name)
-    return pa.field(
-        FEATURE_PREFIX + name, pa.list_(FEATURE_DTYPES[dtype], int(dim)), nullable=True
-    )
+    return pa.field(FEATURE_PREFIX + name, pa.list_(FEATURE_DTYPES[dtype], int(dim)), nullable=True)
 
 
 def meta_from_dict(data: Mapping[str, Any], where: str = "<metadata>") -> TraceMeta:

@@ -25,8 +25,11 @@ def _reference_logits(arch: Arch, model, req) -> list[torch.Tensor]:
     with torch.inference_mode():
         if arch.enc_dec:
             n_enc = int((req.phase == 0).sum())
-            out = model(input_ids=ids[:, :n_enc], decoder_input_ids=ids[:, n_enc:],
-                        output_router_logits=True)
+            out = model(
+                input_ids=ids[:, :n_enc],
+                decoder_input_ids=ids[:, n_enc:],
+                output_router_logits=True,
+            )
             enc = [t for t in out.encoder_router_logits if t is not None]
             dec = [t for t in out.decoder_router_logits if t is not None]
             return [t.reshape(-1, t.shape[-1]) for t in (*enc, *dec)]
@@ -48,9 +51,16 @@ def test_recorded_ids_match_model_router(arch: Arch, tmp_path: Path) -> None:
     prompts.write_text(PROMPTS)
     out = tmp_path / "t.parquet"
     res = collect(
-        CollectSettings(model_path=arch.name, prompts=str(prompts), out=str(out),
-                        max_new_tokens=NEW, progress=False, router_probs=True),
-        model=model, tokenizer=ByteTokenizer(),
+        CollectSettings(
+            model_path=arch.name,
+            prompts=str(prompts),
+            out=str(out),
+            max_new_tokens=NEW,
+            progress=False,
+            router_probs=True,
+        ),
+        model=model,
+        tokenizer=ByteTokenizer(),
     )
     validate_trace(out)
     trace = load_trace(out)
@@ -58,6 +68,10 @@ def test_recorded_ids_match_model_router(arch: Arch, tmp_path: Path) -> None:
     assert meta.moe_layers == arch.moe_layers
     assert meta.top_k == arch.top_k
     assert meta.partial == arch.enc_dec
+    assert meta.num_shared_experts == arch.shared and meta.expert_bytes > 0
+    assert meta.dense_layers == tuple(
+        i for i in range(max(arch.moe_layers) + 1) if i not in arch.moe_layers
+    )
     assert len(trace) == 2
     tok_feat = load_features(out, "token_id")[:, 0]
     row = 0
@@ -102,10 +116,53 @@ def test_recorded_ids_match_model_router(arch: Arch, tmp_path: Path) -> None:
     layer_col = np.concatenate([np.nonzero(r.experts[:, :, 0] >= 0)[1] for r in trace])
     lw = np.stack([routers[arch.moe_layers[j]] for j in layer_col])
     with np.load(res.routers) as z:
-        bias = {j: z[f"layer_{lid}.bias"] for j, lid in enumerate(arch.moe_layers)
-                if f"layer_{lid}.bias" in z.files}
+        bias = {
+            j: z[f"layer_{lid}.bias"]
+            for j, lid in enumerate(arch.moe_layers)
+            if f"layer_{lid}.bias" in z.files
+        }
     lb = np.stack([bias.get(j, np.zeros(lw.shape[1], np.float32)) for j in layer_col])
     top1 = np.argmax(np.einsum("nd,ned->ne", r_in, lw) + lb, axis=1)
     rec_top1 = np.concatenate([r.experts[r.experts[:, :, 0] >= 0][:, 0] for r in trace])
     if arch.rule in ("softmax_topk", "logits_topk", "top1"):
         assert (top1 == rec_top1).mean() >= 0.95, arch.name
+
+
+def test_hidden_states_are_the_norm_outputs(tmp_path: Path) -> None:
+    """feat.pre_attn == input_layernorm output, feat.router_in == post_attention_layernorm
+    output, checked with independent hooks on one full forward pass (OLMoE)."""
+    arch = next(a for a in ARCHS if a.name == "olmoe")
+    torch.manual_seed(0)
+    model = arch.build().eval()
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("for i in range(10):\n")
+    out = tmp_path / "t.parquet"
+    collect(
+        CollectSettings(
+            model_path="olmoe", prompts=str(prompts), out=str(out), max_new_tokens=3, progress=False
+        ),
+        model=model,
+        tokenizer=ByteTokenizer(),
+    )
+    (req,) = load_trace(out).requests
+    ids = torch.from_numpy(load_features(out, "token_id")[::2, 0].astype(np.int64))[None]
+    seen: dict[str, list[torch.Tensor]] = {"pre": [], "post": []}
+    hooks = []
+    for layer in model.model.layers:
+        hooks.append(
+            layer.input_layernorm.register_forward_hook(lambda _m, _a, o: seen["pre"].append(o[0]))
+        )
+        hooks.append(
+            layer.post_attention_layernorm.register_forward_hook(
+                lambda _m, _a, o: seen["post"].append(o[0])
+            )
+        )
+    with torch.inference_mode():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    n_layers = len(model.model.layers)
+    for name, key in (("pre_attn", "pre"), ("router_in", "post")):
+        got = load_features(out, name).astype(np.float32).reshape(req.num_tokens, n_layers, -1)
+        want = torch.stack(seen[key], dim=1).numpy()  # [T, L, d]
+        np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2)

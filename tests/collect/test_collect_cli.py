@@ -1,4 +1,4 @@
-"""moesim-collect: resume after interruption, prompt formats, one-line errors, nothing half-written."""
+"""moesim-collect: resume after interruption, prompt formats, one-line errors, no partial files."""
 
 from __future__ import annotations
 
@@ -45,8 +45,9 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
     prompts.write_text("".join(json.dumps({"prompt": f"x = {i} * y\n"}) + "\n" for i in range(4)))
     model = _olmoe()
     out = tmp_path / "t.parquet"
-    s = CollectSettings(model_path="olmoe", prompts=str(prompts), out=str(out),
-                        max_new_tokens=3, progress=False)
+    s = CollectSettings(
+        model_path="olmoe", prompts=str(prompts), out=str(out), max_new_tokens=3, progress=False
+    )
     with pytest.raises(KeyboardInterrupt):
         collect(s, model=model, tokenizer=_Interrupting(3))
     assert not out.exists()  # nothing half-written
@@ -56,24 +57,37 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
     assert res.resumed_requests == 2 and res.summary.requests == 4
     assert not (tmp_path / ".t.parquet.parts").exists()
     fresh = collect(
-        CollectSettings(model_path="olmoe", prompts=str(prompts), out=str(tmp_path / "f.parquet"),
-                        max_new_tokens=3, progress=False),
-        model=model, tokenizer=ByteTokenizer(),
+        CollectSettings(
+            model_path="olmoe",
+            prompts=str(prompts),
+            out=str(tmp_path / "f.parquet"),
+            max_new_tokens=3,
+            progress=False,
+        ),
+        model=model,
+        tokenizer=ByteTokenizer(),
     )
     a, b = load_trace(res.trace), load_trace(fresh.trace)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         np.testing.assert_array_equal(ra.experts, rb.experts)
         assert ra.tokens == rb.tokens and ra.label == rb.label
-    np.testing.assert_array_equal(load_features(res.trace, "router_in"),
-                                  load_features(fresh.trace, "router_in"))
+    np.testing.assert_array_equal(
+        load_features(res.trace, "router_in"), load_features(fresh.trace, "router_in")
+    )
 
 
 def test_work_dir_of_other_run_is_refused(tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("a = 1\nb = 2\n")
     model = _olmoe()
-    s = CollectSettings(model_path="olmoe", prompts=str(prompts), out=str(tmp_path / "t.parquet"),
-                        max_new_tokens=2, progress=False, keep_parts=True)
+    s = CollectSettings(
+        model_path="olmoe",
+        prompts=str(prompts),
+        out=str(tmp_path / "t.parquet"),
+        max_new_tokens=2,
+        progress=False,
+        keep_parts=True,
+    )
     collect(s, model=model, tokenizer=ByteTokenizer())
     s.max_new_tokens = 3
     with pytest.raises(CollectError, match="different run"):
@@ -103,9 +117,16 @@ def test_prompt_formats(tmp_path: Path) -> None:
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "traces.collect.app", *args],
-        cwd=cwd, capture_output=True, text=True, timeout=120,
-        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-             "HOME": str(cwd)},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            "PYTHONPATH": str(REPO),
+            "OMP_NUM_THREADS": "1",
+            "PATH": "/usr/bin:/bin",
+            "HOME": str(cwd),
+        },
     )
 
 
@@ -115,21 +136,32 @@ def test_cli_end_to_end_and_errors(tmp_path: Path) -> None:
     prompts = tmp_path / "p.txt"
     prompts.write_text("import os\nprint(1)\n")
     out = tmp_path / "o" / "t.parquet"
-    ok = _cli(f"model.path={model_dir}", "model.tokenizer=bytes", f"prompts.path={prompts}",
-              f"out={out}", "max_new_tokens=2", "progress=false", cwd=tmp_path)
+    ok = _cli(
+        f"model.path={model_dir}",
+        "model.tokenizer=bytes",
+        f"prompts.path={prompts}",
+        f"out={out}",
+        "max_new_tokens=2",
+        "progress=false",
+        cwd=tmp_path,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "2 requests" in ok.stdout
     trace = load_trace(out)
     assert trace.meta.model == "tiny_olmoe" and trace.meta.expert_bytes > 0
     assert (tmp_path / "o" / "t.routers.npz").is_file()
 
-    missing = _cli(f"model.path={tmp_path / 'nope'}", f"prompts.path={prompts}",
-                   f"out={tmp_path / 'x.parquet'}", cwd=tmp_path)
+    missing = _cli(
+        f"model.path={tmp_path / 'nope'}",
+        f"prompts.path={prompts}",
+        f"out={tmp_path / 'x.parquet'}",
+        cwd=tmp_path,
+    )
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: cannot load a model config")
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
     with pytest.raises(CollectError, match="no usable tokenizer"):
         load_tokenizer("auto", str(model_dir))
     unset = _cli(f"prompts.path={prompts}", cwd=tmp_path)
-    assert unset.returncode == 2 and unset.stderr.startswith("error: Missing mandatory value")
+    assert unset.returncode == 2 and unset.stderr.startswith("error: missing value for model.path")
     assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*.parts"))

@@ -35,8 +35,12 @@ def _write(path: Path) -> tuple[list[RequestRouting], list[np.ndarray]]:
     rng = np.random.default_rng(0)
     reqs, feats = [], []
     with atomic_path(path) as tmp:
-        w = TraceWriter(tmp, META, features={"h": FeatureSpec(3), "tid": FeatureSpec(1, "int32")},
-                        row_group_rows=4)
+        w = TraceWriter(
+            tmp,
+            META,
+            features={"h": FeatureSpec(3), "tid": FeatureSpec(1, "int32")},
+            row_group_rows=4,
+        )
         for rid, n in ((0, 3), (2, 5)):
             req = _req(rid, n, rng)
             h = rng.standard_normal((n, 2, 3)).astype(np.float32)
@@ -54,7 +58,7 @@ def test_features_round_trip_in_row_order(tmp_path: Path) -> None:
     assert feature_specs(path)["h"] == FeatureSpec(3, "float16")
     assert read_header(path)["features"]["tid"]["dtype"] == "int32"
     h = load_features(path, "h")
-    want = np.concatenate([f[r.experts[:, :, 0] >= 0] for r, f in zip(reqs, feats)])
+    want = np.concatenate([f[r.experts[:, :, 0] >= 0] for r, f in zip(reqs, feats, strict=True)])
     assert h.dtype == np.float16 and h.shape == want.shape
     np.testing.assert_allclose(h.astype(np.float32), want, rtol=1e-3, atol=1e-3)
     tid = load_features(path, "tid")

@@ -57,6 +57,15 @@ def test_every_trace_and_hw_config_composes(trace, hw):
     hw_profiles.profile_from_mapping(dict(cfg.hw), name=hw)
 
 
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes(experiment):
+    cfg = _cfg([f"experiment={experiment}"])
+    assert cfg.trace.path and cfg.policy.name
+
+
 @pytest.mark.parametrize("model", list_cards())
 def test_every_model_card_composes(model):
     assert _cfg([f"model={model}"]).model.name == model
@@ -133,6 +142,13 @@ def test_joblib_sweep_and_plot(tiny_trace, tmp_path):
     agg = pd.read_parquet(tmp_path / "sweep" / "aggregate.parquet")
     assert len(agg) == 4
     assert (tmp_path / "sweep" / "capacity.png").exists()
+    # Rerunning the same sweep skips every finished run and rewrites nothing.
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.parquet")}
+    again = _cli("-m", "trace=file", f"trace.path={tiny_trace}", "policy=lru,belady",
+                 "cache.fraction=0.1,0.5", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep",
+                 cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout.count("already done") == 4
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
     best = agg.groupby("cache.capacity_fraction")["hit_rate"].max()
     assert (agg[agg["policy.name"] == "belady"].set_index("cache.capacity_fraction")["hit_rate"]
             == best).all()

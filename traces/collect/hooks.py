@@ -218,15 +218,19 @@ def parse_router_output(
     tensors = list(out) if isinstance(out, (tuple, list)) else [out]
     if logits_index is None:
         logits_index = next(
-            (i for i, t in enumerate(tensors) if torch.is_tensor(t) and t.is_floating_point()
-             and t.shape[-1] == num_experts),
+            (
+                i
+                for i, t in enumerate(tensors)
+                if torch.is_tensor(t) and t.is_floating_point() and t.shape[-1] == num_experts
+            ),
             0,
         )
     logits = tensors[logits_index].reshape(-1, num_experts).float()
     n = logits.shape[0]
     ints = [t for t in tensors if torch.is_tensor(t) and not t.is_floating_point()]
     floats = [
-        t for i, t in enumerate(tensors)
+        t
+        for i, t in enumerate(tensors)
         if i != logits_index and torch.is_tensor(t) and t.is_floating_point()
     ]
     weights: torch.Tensor | None = None
@@ -282,8 +286,12 @@ class HookSet:
             )
             x = self._inputs.pop(m.layer_id)
             self._calls.setdefault(m.layer_id, []).append(
-                RouterCall(ids.detach(), None if w is None else w.detach(), logits.detach(),
-                           x.reshape(-1, x.shape[-1]))
+                RouterCall(
+                    ids.detach(),
+                    None if w is None else w.detach(),
+                    logits.detach(),
+                    x.reshape(-1, x.shape[-1]),
+                )
             )
 
         return hook

@@ -159,5 +159,10 @@ def load_tokenizer(spec: str, model_path: str, trust_remote_code: bool = False) 
         raise CollectError(
             f"cannot load a tokenizer from {src} ({first}); set model.tokenizer=bytes or a path"
         ) from None
+    if not tok.encode("def f(x): return x", add_special_tokens=False):
+        # transformers 5 builds an empty tokenizer from the model type when no files exist
+        raise CollectError(
+            f"{src} has no usable tokenizer (no tokenizer files?); set model.tokenizer=bytes "
+            "or a tokenizer path"
+        )
     return HFTokenizer(tok)
-

@@ -178,8 +178,11 @@ def main(argv: list[str] | None = None) -> int:
         step += 1
         if step % 50 == 0 or step == total:
             el = (time.time() - t0) / 60
-            print(f"step {step}/{total} lm {np.mean(losses[-50:]):.3f} "
-                  f"aux {float(out.aux_loss):.3f} lr {lr:.2e} {el:.1f} min", flush=True)
+            print(
+                f"step {step}/{total} lm {np.mean(losses[-50:]):.3f} "
+                f"aux {float(out.aux_loss):.3f} lr {lr:.2e} {el:.1f} min",
+                flush=True,
+            )
     train_min = (time.time() - t0) / 60
 
     model.eval()
@@ -215,12 +218,20 @@ def main(argv: list[str] | None = None) -> int:
         "corpus_heldout_bytes": len(held),
         "python": sys.version.split()[0],
         "torch": torch.__version__,
-        "reproduce": f"python -m traces.collect.train_embedded --steps {step} --seed {args.seed}",
+        "threads": args.threads,
+        "reproduce": (
+            f"python -m traces.collect.train_embedded --steps {step} --seed {args.seed} "
+            f"--threads {args.threads} --batch {args.batch} --seq {args.seq} --lr {args.lr}"
+        ),
         "shape": asdict(shape),
     }
     (args.out / "train_info.json").write_text(json.dumps(info, indent=2) + "\n")
     prompts = pick_prompts(held_texts, args.prompts, args.seed)
-    with PROMPTS_FILE.open("w") as fh:
+    # the committed prompt set only belongs beside the committed model
+    prompts_file = (
+        PROMPTS_FILE if args.out.resolve() == MODEL_DIR.resolve() else args.out / PROMPTS_FILE.name
+    )
+    with prompts_file.open("w") as fh:
         for p in prompts:
             fh.write(json.dumps(p) + "\n")
     print(json.dumps(info, indent=2))
