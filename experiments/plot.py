@@ -29,6 +29,15 @@ STYLE = {
 }
 
 
+def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` into ``out`` and close the figure."""
+    paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        fig.savefig(path)
+    plt.close(fig)
+    return paths
+
+
 def collect(root: Path) -> pd.DataFrame:
     """Concatenate all summaries below ``root`` (the aggregate itself excluded)."""
     files = sorted(p for p in root.rglob("summary.parquet"))
@@ -80,13 +89,7 @@ def plot_vs_capacity(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         axes[0][0].legend(loc="best")
         fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        path = out / f"capacity.{ext}"
-        fig.savefig(path)
-        paths.append(path)
-    plt.close(fig)
-    return paths
+    return _save(fig, out, "capacity")
 
 
 def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Path]:
@@ -120,13 +123,7 @@ def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Pa
                   bbox_to_anchor=(0.5, 1.25), frameon=False)
         ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
-    paths = []
-    for ext in ("png", "pdf"):
-        target = out / f"timeline.{ext}"
-        fig.savefig(target)
-        paths.append(target)
-    plt.close(fig)
-    return paths
+    return _save(fig, out, "timeline")
 
 
 def main(argv: list[str] | None = None) -> int:
