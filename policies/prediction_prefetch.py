@@ -1,0 +1,51 @@
+"""Prefetch from a prediction table: at ``point`` of layer l, load the experts predicted for
+layer l + ``ahead`` of the same step.
+
+This is how learned and analytic predictors reach the simulator (predictors/ writes the
+tables; the simulator never imports torch). The point and distance encode *when* a predictor's
+output exists, which is what separates the seeds:
+
+- pre-attention prediction (arXiv 2511.10676): ``point=pre_attention ahead=0`` (the same
+  layer's normalised input, before attention);
+- Fate (arXiv 2502.12224): ``point=demand_issued ahead=1`` (layer l+1's gate on layer l's
+  router input, known once layer l routes; issued behind l's demand);
+- MoE-Beyond's predictor: ``point=routed ahead=0`` (see also ``moe_beyond_replay``).
+
+``top`` keeps the first n predicted experts of each row (0 = all the table gives, e.g. a
+predictor's top-k' for over-provisioning). Predictions never cross into the next step: a
+token's routing cannot be predicted before the token exists. Knows: predictions.
+"""
+
+from __future__ import annotations
+
+from policies.base import Knowledge, PointPrefetch, PolicyError
+from policies.registry import register_prefetch
+
+
+@register_prefetch
+class PredictionPrefetch(PointPrefetch):
+    """Prefetch predicted experts at a configurable point and distance."""
+
+    name = "prediction_prefetch"
+    knows = Knowledge.PREDICTIONS
+    default_eviction = "lru"
+    params = {"point": "pre_attention", "ahead": 0, "top": 0}
+
+    def __init__(self, setup):
+        super().__init__(setup)
+        if setup.predictions is None:
+            raise PolicyError("prediction_prefetch needs a prediction table (predictions.path)")
+        self._ahead = int(setup.params.get("ahead", 0))
+        self._top = int(setup.params.get("top", 0))
+        if self._ahead < 0 or self._top < 0:
+            raise PolicyError("prediction_prefetch: ahead and top must be >= 0")
+
+    def issue(self, ctx, layer: int) -> None:
+        target = layer + self._ahead
+        if target >= ctx.shape.num_layers:
+            return
+        keys = self.setup.predictions.keys_at(ctx.clock.step, target)
+        if self._top:
+            keys = keys[: self._top]
+        if keys:
+            ctx.prefetch(keys)
