@@ -92,6 +92,78 @@ def plot_vs_capacity(df: pd.DataFrame, out: Path) -> list[Path]:
     return _save(fig, out, "capacity")
 
 
+METRIC_LABELS = {
+    "hit_rate": ("hit rate", 1.0),
+    "hit_rate_incl_late": ("hit rate incl. late", 1.0),
+    "stall_per_output_token_s": ("stall per output token (ms)", 1e3),
+    "time_per_output_token_s": ("time per output token (ms)", 1e3),
+    "unique_experts_per_pair": ("unique experts / (tokens x k)", 1.0),
+    "demand_bytes": ("demand bytes (GB)", 1e-9),
+}
+
+
+def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: Path,
+               stem: str) -> list[Path]:
+    """One panel per metric against a swept factor ``x``, one line per policy (and mode)."""
+    df = df.copy()
+    df["series"] = df["policy.name"].astype(str)
+    if df["mode"].nunique() > 1:
+        df["series"] += " · " + df["mode"].astype(str)
+    categorical = not pd.api.types.is_numeric_dtype(df[x])
+    order = list(dict.fromkeys(df[x])) if categorical else sorted(df[x].unique())
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4),
+                                 squeeze=False)
+        for ax, metric in zip(axes[0], metrics, strict=True):
+            label, scale = METRIC_LABELS[metric]
+            for name, g in df.groupby("series"):
+                g = g.groupby(x)[metric].agg(["mean", "min", "max"]).reindex(order).dropna()
+                xs = [order.index(v) for v in g.index] if categorical else g.index
+                ax.plot(xs, g["mean"] * scale, marker="o", ms=3, label=name)
+                if (g["max"] > g["min"]).any():  # several seeds: show their range
+                    ax.fill_between(xs, g["min"] * scale, g["max"] * scale, alpha=0.2)
+            if categorical:
+                ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=20)
+            elif x == "batch":
+                ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(label)
+            if metric.startswith("hit_rate"):
+                ax.set_ylim(0, 1)
+        axes[0][0].legend(loc="best")
+        fig.tight_layout()
+    return _save(fig, out, stem)
+
+
+def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
+    """The plots that fit what the sweep varied."""
+    def varies(col: str) -> bool:
+        return col in df and df[col].nunique(dropna=True) > 1
+
+    timed = (df["mode"] == "timed").any()
+    stall = ["stall_per_output_token_s", "time_per_output_token_s"] if timed else []
+    paths: list[Path] = []
+    if varies("cache.capacity_fraction") or not any(
+        varies(c) for c in ("hw.name", "batch", "policy.point", "policy.lookahead")
+    ):
+        paths += plot_vs_capacity(df, out)
+    if varies("hw.name"):
+        paths += plot_sweep(df, "hw.name", "hardware profile (expert link)",
+                            ["hit_rate_incl_late", *stall], out, "link")
+    if varies("batch"):
+        extra = ["unique_experts_per_pair", "demand_bytes"]
+        paths += plot_sweep(df, "batch", "batch size (requests)", ["hit_rate", *extra, *stall],
+                            out, "batch")
+    if varies("policy.point") or varies("policy.lookahead"):
+        df = df.copy()
+        df["when"] = (df["policy.point"].astype(str) + ", +"
+                      + df["policy.lookahead"].astype("Int64").astype(str) + " layer")
+        df["policy.name"] = "perfect prediction"
+        paths += plot_sweep(df, "when", "when the prediction is issued",
+                            ["hit_rate", *stall], out, "prediction_point")
+    return paths
+
+
 def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Path]:
     """Gantt chart of a run's ``timeline.json``: GPU compute above, host-link copies below."""
     import json
@@ -150,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.dir
     out.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out / "aggregate.parquet", index=False)
-    paths = plot_vs_capacity(df, out)
-    cols = [c for c in ("policy.name", "mode", "hw.name", "cache.capacity_fraction", "hit_rate",
-                        "stall_per_output_token_s") if c in df]
-    table = df[cols].sort_values(cols[:4]).to_string(index=False, float_format=_fmt)
+    paths = plot_auto(df, out)
+    cols = [c for c in ("policy.name", "mode", "hw.name", "batch", "cache.capacity_fraction",
+                        "hit_rate", "stall_per_output_token_s") if c in df]
+    table = df[cols].sort_values(cols[:5]).to_string(index=False, float_format=_fmt)
     print(table)
     print(f"{len(df)} runs -> {out / 'aggregate.parquet'}, " + ", ".join(map(str, paths)))
     return 0
