@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 import hw_profiles
 from traces import TraceError, import_trace, load_predictions, load_trace
 from traces.model_card import ModelCard, card_from_mapping, load_card
+from traces.predictions import read_predictions_meta
 from traces.trace import Trace
 
 
@@ -70,9 +71,19 @@ def prediction_file(cfg: DictConfig, trace_path: Path) -> Path | None:
     return side if side.is_file() else None
 
 
-def load_run_predictions(cfg: DictConfig, trace: Trace) -> dict | None:
+class Predictions(dict):
+    """Per-request prediction arrays plus the table's ``available_at`` tag."""
+
+    available_at: str | None = None
+
+
+def load_run_predictions(cfg: DictConfig, trace: Trace) -> Predictions | None:
     path = prediction_file(cfg, trace_file(cfg.trace.path, cfg.trace.get("format")))
-    return None if path is None else load_predictions(path, trace.meta.moe_layers)
+    if path is None:
+        return None
+    out = Predictions(load_predictions(path, trace.meta.moe_layers))
+    out.available_at = read_predictions_meta(path).get("available_at")
+    return out
 
 
 def load_run_trace(cfg: DictConfig) -> Trace:

@@ -130,6 +130,11 @@ def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: P
             ax.set_ylabel(label)
             if metric.startswith("hit_rate"):
                 ax.set_ylim(0, 1)
+            else:
+                vals = df[metric].dropna()
+                vals = vals[vals > 0]
+                if len(vals) and vals.max() > 20 * vals.min():  # e.g. NVMe vs PCIe 5
+                    ax.set_yscale("log")
         axes[0][0].legend(loc="best")
         fig.tight_layout()
     return _save(fig, out, stem)
@@ -145,7 +150,7 @@ def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
     paths: list[Path] = []
     if varies("cache.capacity_fraction") or not any(
         varies(c) for c in ("hw.name", "batch", "policy.point", "policy.lookahead")
-    ):
+    ) or (varies("policy.name") and not varies("hw.name") and not varies("batch")):
         paths += plot_vs_capacity(df, out)
     if varies("hw.name"):
         paths += plot_sweep(df, "hw.name", "hardware profile (expert link)",
@@ -154,7 +159,7 @@ def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
         extra = ["unique_experts_per_pair", "demand_bytes"]
         paths += plot_sweep(df, "batch", "batch size (requests)", ["hit_rate", *extra, *stall],
                             out, "batch")
-    if varies("policy.point") or varies("policy.lookahead"):
+    if (varies("policy.point") or varies("policy.lookahead")) and not varies("policy.name"):
         df = df.copy()
         df["when"] = (df["policy.point"].astype(str) + ", +"
                       + df["policy.lookahead"].astype("Int64").astype(str) + " layer")

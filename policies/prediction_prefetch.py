@@ -22,6 +22,22 @@ from policies.base import Knowledge, PointPrefetch, PolicyError
 from policies.registry import register_prefetch
 
 
+def available(tag: str, point: str, ahead: int) -> bool:
+    """Whether a table tagged ``tag`` can be used at ``point`` of layer l for layer l+ahead.
+
+    Tags: ``pre_attention:same_layer`` (known at layer l's pre-attention point),
+    ``routed:same_layer`` (once layer l routes), ``routed:prev_layer`` (once layer l-1 routes,
+    i.e. before layer l starts). Unknown tags are not checked.
+    """
+    if tag == "pre_attention:same_layer":
+        return ahead == 0
+    if tag == "routed:same_layer":
+        return ahead == 0 and point != "pre_attention"
+    if tag == "routed:prev_layer":
+        return ahead == 0 or (ahead == 1 and point != "pre_attention")
+    return True
+
+
 @register_prefetch
 class PredictionPrefetch(PointPrefetch):
     """Prefetch predicted experts at a configurable point and distance."""
@@ -29,7 +45,7 @@ class PredictionPrefetch(PointPrefetch):
     name = "prediction_prefetch"
     knows = Knowledge.PREDICTIONS
     default_eviction = "lru"
-    params = {"point": "pre_attention", "ahead": 0, "top": 0}
+    params = {"point": "pre_attention", "ahead": 0, "top": 0, "check_availability": True}
 
     def __init__(self, setup):
         super().__init__(setup)
@@ -39,6 +55,15 @@ class PredictionPrefetch(PointPrefetch):
         self._top = int(setup.params.get("top", 0))
         if self._ahead < 0 or self._top < 0:
             raise PolicyError("prediction_prefetch: ahead and top must be >= 0")
+        tag = getattr(setup.predictions, "available_at", None)
+        if setup.params.get("check_availability", True) and tag is not None and not available(
+            tag, self.point, self._ahead
+        ):
+            raise PolicyError(
+                f"prediction_prefetch: the table's predictions exist at {tag!r}, which is later "
+                f"than point={self.point} ahead={self._ahead} (set "
+                "policy.check_availability=false for a what-if run)"
+            )
 
     def issue(self, ctx, layer: int) -> None:
         target = layer + self._ahead

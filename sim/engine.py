@@ -152,7 +152,9 @@ class Simulation:
                     f"policy {spec.name!r} replays predictions, but no prediction table was "
                     "given (set predictions.path, or import a source that has one)"
                 )
-            self.predictions = PredictionView(workload, predictions)
+            self.predictions = PredictionView(
+                workload, predictions, getattr(predictions, "available_at", None)
+            )
         self.started = False
         self.env: simpy.Environment | None = None
         self.c = Counters(self.shape.num_layers)

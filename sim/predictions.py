@@ -17,7 +17,13 @@ from sim.workload import Workload
 class PredictionView:
     """``keys_at(step, layer)``: predicted expert keys, first-predicted first, no duplicates."""
 
-    def __init__(self, workload: Workload, per_request: Mapping[int, np.ndarray]) -> None:
+    def __init__(
+        self,
+        workload: Workload,
+        per_request: Mapping[int, np.ndarray],
+        available_at: str | None = None,
+    ) -> None:
+        self.available_at = available_at  # e.g. "pre_attention:same_layer" (table metadata)
         shape = workload.shape
         self.num_steps = workload.num_steps
         self._rows: list[list[list[int]]] = []

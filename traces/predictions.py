@@ -60,6 +60,7 @@ class PredictionWriter:
     ) -> None:
         self._writer = pq.ParquetWriter(str(path), PRED_SCHEMA, compression="zstd")
         self._layer_ids = np.asarray(layer_ids, dtype=np.int16)
+        self.available_at = available_at
         self._available = pa.DictionaryArray.from_arrays(
             pa.array([0], pa.int8()), pa.array([available_at])
         )
@@ -106,7 +107,7 @@ class PredictionWriter:
         payload = {
             "format_version": FORMAT_VERSION,
             "width": self.width,
-            "available_at": SAME_LAYER,
+            "available_at": self.available_at,
             **meta,
             "counts": {"rows": self.rows},
         }

@@ -34,7 +34,8 @@ def tiny_trace(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("trace") / "tiny.parquet"
     write_trace(path, meta, tr.requests)
     # A prediction table beside it, as the MoE-Beyond importer writes: here the true experts.
-    writer = PredictionWriter(path.with_suffix(".predictions.parquet"), meta.moe_layers)
+    writer = PredictionWriter(path.with_suffix(".predictions.parquet"), meta.moe_layers,
+                              available_at="pre_attention:same_layer")
     for req in tr.requests:
         writer.add(req.request_id, req.experts)
     writer.close({"model": meta.model, "source": "test: perfect predictions"})

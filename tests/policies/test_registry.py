@@ -27,3 +27,15 @@ def test_swapping_the_partner_drops_its_untouched_defaults():
     assert spec.eviction.name == "lru" and "order" not in spec.eviction_params
     with pytest.raises(PolicyError, match="unknown parameter"):
         resolve({**cfg, "eviction": "lru", "order": "max"})  # set on purpose: it no longer applies
+
+
+def test_prediction_availability_rules():
+    from policies.prediction_prefetch import available
+
+    assert available("pre_attention:same_layer", "pre_attention", 0)
+    assert not available("pre_attention:same_layer", "pre_attention", 1)
+    assert not available("routed:same_layer", "pre_attention", 0)
+    assert available("routed:same_layer", "routed", 0)
+    assert available("routed:prev_layer", "demand_issued", 1)  # Fate
+    assert not available("routed:prev_layer", "pre_attention", 1)
+    assert not available("routed:prev_layer", "demand_issued", 2)
