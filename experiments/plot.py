@@ -123,7 +123,8 @@ def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: P
                 if (g["max"] > g["min"]).any():  # several seeds: show their range
                     ax.fill_between(xs, g["min"] * scale, g["max"] * scale, alpha=0.2)
             if categorical:
-                ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=20)
+                ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=35,
+                              ha="right")
             elif x == "batch":
                 ax.set_xscale("log", base=2)
             ax.set_xlabel(xlabel)
@@ -135,6 +136,8 @@ def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: P
                 vals = vals[vals > 0]
                 if len(vals) and vals.max() > 20 * vals.min():  # e.g. NVMe vs PCIe 5
                     ax.set_yscale("log")
+                else:
+                    ax.set_ylim(bottom=0)
         axes[0][0].legend(loc="best")
         fig.tight_layout()
     return _save(fig, out, stem)
@@ -161,11 +164,11 @@ def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
                             out, "batch")
     if (varies("policy.point") or varies("policy.lookahead")) and not varies("policy.name"):
         df = df.copy()
-        df["when"] = (df["policy.point"].astype(str) + ", +"
-                      + df["policy.lookahead"].astype("Int64").astype(str) + " layer")
-        df["policy.name"] = "perfect prediction"
-        paths += plot_sweep(df, "when", "when the prediction is issued",
-                            ["hit_rate", *stall], out, "prediction_point")
+        short = {"pre_attention": "pre-attn", "routed": "routed", "demand_issued": "after demand"}
+        df["when"] = (df["policy.point"].map(short).fillna(df["policy.point"].astype(str))
+                      + " +" + df["policy.lookahead"].astype("Int64").astype(str))
+        paths += plot_sweep(df, "when", "issued at (point of layer l, + layers ahead)",
+                            ["hit_rate_incl_late", *stall], out, "prediction_point")
     return paths
 
 
