@@ -26,7 +26,7 @@ from policies.registry import PolicySpec
 from sim import fastpath
 from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache, SimulationError
 from sim.hardware import ComputeTimes, TransferModel
-from sim.link import DEMAND, HostLink
+from sim.link import HostLink
 from sim.metrics import Counters, RunResult, build_result
 from sim.predictions import PredictionView
 from sim.workload import Workload, WorkloadFuture
@@ -298,6 +298,7 @@ class Simulation:
     # -- the GPU ----------------------------------------------------------------------------
     @property
     def counting(self) -> bool:
+        """Whether the current step counts in the metrics (False during warm-up)."""
         return self._counting
 
     def _layer_times(self) -> tuple[list[float], list[float]]:
@@ -592,4 +593,4 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="step", desc="simulating", mininterval=0.5, leave=False)
 
 
-__all__ = ["DEMAND", "CacheOptions", "RunOptions", "Simulation"]
+__all__ = ["CacheOptions", "RunOptions", "Simulation"]

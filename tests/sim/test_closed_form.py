@@ -107,3 +107,30 @@ def test_zero_latency_reports_no_time() -> None:
     res = simulate(_all_miss_trace(3, 2), "lru", capacity=4, mode="zero_latency")
     assert math.isnan(res.summary["stall_time_s"])
     assert res.summary["misses"] == 6
+
+
+def test_policy_callback_runs_at_its_simulated_time() -> None:
+    """``ctx.after`` models a predictor with latency: the prefetch starts `delay` later."""
+    from policies.base import PrefetchPolicy
+    from policies.registry import resolve
+
+    delay = 3e-4
+
+    class Delayed(PrefetchPolicy):
+        name = "delayed_test"
+
+        def on_pre_attention(self, ctx, layer):
+            if layer == 0:
+                ctx.after(delay, lambda: ctx.prefetch([ctx.shape.key(1, 0)]))
+
+    base = resolve({"name": "lru"})
+    spec = type(base)("delayed", base.eviction, Delayed, {}, {})
+    routing = [[[[1], [0]]]]  # one token: layer 0 uses expert 1, layer 1 expert 0
+    res = simulate(
+        trace_from_lists(routing, experts=4), spec, capacity=4, mode="timed",
+        link=FixedLink(0.0, 1000 / D, 2), compute=FixedCompute(attention_s=A, expert_s=C),
+        record_transfers=True,
+    )
+    tr = res.transfers.set_index("kind")
+    assert tr.loc["prefetch", "start_s"] == pytest.approx(delay)
+    assert res.summary["late_hits"] + res.summary["hits"] == 1  # layer 1's expert came by prefetch
