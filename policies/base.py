@@ -124,6 +124,8 @@ class EvictionPolicy:
     name: ClassVar[str] = ""
     knows: ClassVar[Knowledge] = Knowledge.PAST
     params: ClassVar[dict[str, Any]] = {}
+    prefills: ClassVar[bool] = False  # places experts before the run (initial_contents)
+    partition_required: ClassVar[str | None] = None  # e.g. "per_layer"
 
     def __init__(self, setup: PolicySetup) -> None:
         self.setup = setup

@@ -23,6 +23,7 @@ class Static(LRU):
 
     name = "static"
     knows = Knowledge.ORACLE
+    prefills = True
     params = {"prefetch_touch": True, "dynamic_slots": 0}
 
     def __init__(self, setup):

@@ -170,14 +170,30 @@ class Simulation:
     # -- construction ---------------------------------------------------------------------
     def _partitions(self) -> tuple[list[list[int]], list[int], list[int]]:
         num_l, cap = self.shape.num_layers, self.copts.capacity
+        required = self.spec.eviction.partition_required
+        if required is not None and self.copts.partition != required:
+            raise SimulationError(
+                f"eviction {self.spec.eviction.name!r} needs cache.partition={required}"
+            )
         if self.copts.partition == "global":
             return [list(range(num_l))], [0] * num_l, [cap]
         if self.copts.partition != "per_layer":
             raise SimulationError(
                 f"cache.partition must be 'global' or 'per_layer', got {self.copts.partition!r}"
             )
-        base, extra = divmod(cap, num_l)
-        caps = [base + (1 if j < extra else 0) for j in range(num_l)]
+        split = getattr(self.spec.eviction, "layer_capacities", None)
+        if split is not None:  # the eviction policy allocates the slots over layers itself
+            need = [self._reserve_for([j]) for j in range(num_l)]
+            caps = [int(c) for c in split(cap, need, self.shape.num_experts,
+                                          self.spec.eviction_params)]
+            if len(caps) != num_l or sum(caps) != cap or min(caps) < 0:
+                raise SimulationError(
+                    f"{self.spec.eviction.name}: layer capacities {caps} do not split {cap} "
+                    f"slots over {num_l} layers"
+                )
+        else:
+            base, extra = divmod(cap, num_l)
+            caps = [base + (1 if j < extra else 0) for j in range(num_l)]
         return [[j] for j in range(num_l)], list(range(num_l)), caps
 
     def _reserve_for(self, layers: Sequence[int]) -> int:

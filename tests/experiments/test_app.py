@@ -86,8 +86,11 @@ def test_every_model_card_composes(model):
 @pytest.mark.parametrize("mode", ["timed", "zero_latency"])
 @pytest.mark.parametrize("policy", policy_names())
 def test_every_policy_runs(policy, mode, tiny_trace, tmp_path):
+    from policies.registry import resolve
+
+    layout = resolve({"name": policy}).eviction.partition_required or "global"
     cfg = _cfg(["trace=file", f"trace.path={tiny_trace}", f"policy={policy}", f"mode={mode}",
-                "progress=false", "cache.fraction=0.25"])
+                "progress=false", "cache.fraction=0.25", f"cache.partition={layout}"])
     result, row = run(cfg)
     s = result.summary
     assert s["accesses"] == 3 * 6 * 26 * 6

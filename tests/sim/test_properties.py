@@ -47,15 +47,21 @@ def _min_capacity(trace, engines=1):
     return trace.meta.top_k + engines
 
 
+def _layout(ev, trace, engines=1, extra=0, partition="global"):
+    """(partition, capacity) that the eviction policy accepts, capped at every expert."""
+    partition = EVICTION[ev].partition_required or partition
+    layers = trace.meta.num_moe_layers
+    per = _min_capacity(trace, engines)
+    cap = per * (layers if partition == "per_layer" else 1) + extra
+    return partition, min(cap, layers * trace.meta.num_experts)
+
+
 @SETTINGS
 @given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES),
        extra=st.integers(0, 20), engines=st.integers(1, 3),
        partition=st.sampled_from(["global", "per_layer"]))
 def test_counts_add_up_and_stall_nonnegative(trace, ev, pf, extra, engines, partition):
-    layers = trace.meta.num_moe_layers
-    per = _min_capacity(trace, engines)
-    cap = min(per * (layers if partition == "per_layer" else 1) + extra,
-              layers * trace.meta.num_experts)
+    partition, cap = _layout(ev, trace, engines, extra, partition)
     name = pf if pf != "none" else ev
     res = _timed(trace, {"name": name, "eviction": ev, "prefetch": pf}, cap, engines,
                  partition=partition)
@@ -94,11 +100,10 @@ def test_occupancy_never_exceeds_capacity(trace, extra, pf):
 @SETTINGS
 @given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES))
 def test_free_transfers_never_stall(trace, ev, pf):
-    cap = _min_capacity(trace) + 2
-    cap = min(cap, trace.meta.num_moe_layers * trace.meta.num_experts)
+    partition, cap = _layout(ev, trace, extra=2)
     name = pf if pf != "none" else ev
     res = _timed(trace, {"name": name, "eviction": ev, "prefetch": pf}, cap,
-                 bw=float("inf"), lat=0.0)
+                 bw=float("inf"), lat=0.0, partition=partition)
     assert res.summary["stall_time_s"] == 0.0
 
 
@@ -106,12 +111,12 @@ def test_free_transfers_never_stall(trace, ev, pf):
 @given(trace=traces, ev=st.sampled_from(EVICTIONS))
 def test_full_capacity_only_compulsory_misses(trace, ev):
     total = trace.meta.num_moe_layers * trace.meta.num_experts
-    res = _timed(trace, ev, total)
+    res = _timed(trace, ev, total, partition=EVICTION[ev].partition_required or "global")
     distinct = {
         (j, int(e)) for r in trace.requests for j in range(trace.meta.num_moe_layers)
         for e in r.experts[:, j, :].ravel() if e >= 0
     }
-    if ev == "static":  # pre-installs its hot set, so may miss less than compulsory
+    if EVICTION[ev].prefills:  # pre-installs experts, so may miss less than compulsory
         assert res.summary["misses"] <= len(distinct)
     else:
         assert res.summary["misses"] == len(distinct)
@@ -128,7 +133,7 @@ def test_belady_is_a_lower_bound_on_misses(trace, extra, partition):
         ev: simulate(trace, ev, capacity=cap, mode="zero_latency",
                      partition=partition).summary["misses"]
         for ev in EVICTIONS
-        if ev != "static"  # pre-fills the cache: not a demand-only stream
+        if not EVICTION[ev].prefills  # pre-filled: not a demand-only stream
     }
     assert misses["belady"] == min(misses.values()), misses
 
@@ -137,14 +142,14 @@ def test_belady_is_a_lower_bound_on_misses(trace, extra, partition):
 @given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES),
        extra=st.integers(0, 8))
 def test_zero_latency_equals_timed_with_free_transfers(trace, ev, pf, extra):
-    cap = min(_min_capacity(trace) + extra,
-              trace.meta.num_moe_layers * trace.meta.num_experts)
+    partition, cap = _layout(ev, trace, extra=extra)
     name = pf if pf != "none" else ev
     policy = {"name": name, "eviction": ev, "prefetch": pf}
-    zl = simulate(trace, policy, capacity=cap, mode="zero_latency",
+    zl = simulate(trace, policy, capacity=cap, mode="zero_latency", partition=partition,
                   predictions=_perfect(trace)).summary
     timed = simulate(trace, policy, capacity=cap, mode="timed", link=FixedLink(0.0),
-                     compute=FixedCompute(), predictions=_perfect(trace)).summary
+                     compute=FixedCompute(), partition=partition,
+                     predictions=_perfect(trace)).summary
     for key in ("hits", "late_hits", "misses", "evictions", "prefetch_transfers"):
         assert zl[key] == timed[key], key
 
