@@ -1,0 +1,234 @@
+"""One predictor run: load a trace, split by request, fit, evaluate, write a prediction table.
+
+Used by ``moesim-train`` (``predictors/train_app.py``) and by the tests; it knows nothing
+about Hydra. The learned predictor imports torch lazily, so the baselines run without it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from predictors.baselines import fit_frequency, rank_frequency, rank_recency
+from predictors.data import PredictorError, TraceData, load_data, split_requests
+from predictors.metrics import MetricSpec, evaluate
+from traces.predictions import PredictionWriter
+from traces.store import atomic_path
+
+METHODS = ("pre_attention", "frequency", "recency")
+FEATURE_AVAILABLE_AT = {
+    "pre_attn": "pre_attention:same_layer",  # layer l's input norm, before attention
+    "router_in": "routed:same_layer",  # the router's own input: no lead time
+}
+BASELINE_AVAILABLE_AT = {
+    "frequency": "static:any_layer",
+    "recency": "previous_token:same_layer",
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one predictor run depends on (model settings as plain dicts)."""
+
+    trace: Path
+    method: str = "pre_attention"
+    feature: str = "pre_attn"
+    model: dict = field(default_factory=dict)  # PreAttentionConfig fields
+    train: dict = field(default_factory=dict)  # TrainConfig fields
+    split: tuple[float, float, float] = (0.75, 0.125, 0.125)
+    split_seed: int = 0
+    eval_parts: tuple[str, ...] = ("val", "test")
+    overprov: tuple[int, ...] = ()
+    predictions: Path | None = None
+    predict_requests: str = "all"  # all | test
+    width: int | None = None  # ids per prediction row; None = top_k
+    cache_dir: Path | None = None
+    retrain: bool = False
+    progress: bool = True
+    threads: int = 1  # torch threads while training (not part of the cache key)
+
+
+@dataclass
+class RunOutput:
+    metrics: pd.DataFrame
+    predictions: Path | None
+    available_at: str
+    train_seconds: float
+    cached: bool
+    split: dict[str, tuple[int, ...]]
+    model_path: Path | None = None
+
+
+def _dataclass_from(cls: type, values: dict, what: str):
+    known = {f for f in cls.__dataclass_fields__}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise PredictorError(f"unknown {what} parameter(s) {unknown}; known: {sorted(known)}")
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        return cls(**fixed)
+    except (TypeError, ValueError) as exc:
+        raise PredictorError(f"{what}: {exc}") from None
+
+
+def _rank_pre_attention(
+    cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]
+) -> tuple[np.ndarray, float, bool, Path]:
+    """Full ranking ``[N, E]`` of every row from a (cached or fresh) pre-attention model."""
+    from predictors.pre_attention import PreAttentionConfig  # torch only here
+    from predictors.train import (
+        TrainConfig,
+        cache_dir,
+        cache_key,
+        predict_logits,
+        ranks_from,
+        train_pre_attention,
+    )
+
+    mcfg = _dataclass_from(PreAttentionConfig, cfg.model, "predictor.model")
+    tcfg = _dataclass_from(TrainConfig, cfg.train, "predictor.train")
+    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
+        try:
+            c.check()
+        except ValueError as exc:
+            raise PredictorError(f"{what}: {exc}") from None
+    meta = data.trace.meta
+    full = None
+    if mcfg.ranking == "routers":
+        full = _router_logits(data)
+    ranks = ranks_from(data.rows.experts, meta.num_experts, full)
+    key = cache_key({
+        "method": "pre_attention", "model": asdict(mcfg), "train": asdict(tcfg),
+        "data": data.fingerprint, "feature": cfg.feature,
+        "train_ids": np.unique(data.rows.request[train]).tolist(),
+        "val_ids": np.unique(data.rows.request[val]).tolist(),
+    })
+    res = train_pre_attention(
+        data.features, data.rows.layer, data.rows.experts, ranks,
+        np.flatnonzero(train), np.flatnonzero(val),
+        num_layers=meta.num_moe_layers, num_experts=meta.num_experts, model_cfg=mcfg,
+        train_cfg=tcfg, key=key, directory=cache_dir(cfg.cache_dir), retrain=cfg.retrain,
+        progress=cfg.progress, threads=cfg.threads, log=log,
+    )
+    logits = predict_logits(res.model, data.features, data.rows.layer)
+    ranked = np.argsort(-logits, axis=1, kind="stable").astype(np.int16)
+    return ranked, res.train_seconds, res.cached, res.path
+
+
+def _router_logits(data: TraceData) -> np.ndarray:
+    """Full router logits from ``feat.router_in`` and the ``.routers.npz`` side file."""
+    from predictors.data import full_ranking_from_routers
+    from traces.collect.collector import load_routers, routers_path
+    from traces.store import load_features
+
+    side = routers_path(data.path)
+    if not side.is_file():
+        raise PredictorError(f"ranking=routers needs the router weights file {side}")
+    try:
+        router_in = load_features(data.path, "router_in")
+    except Exception as exc:
+        raise PredictorError(f"ranking=routers needs feat.router_in: {exc}") from None
+    meta = data.trace.meta
+    return full_ranking_from_routers(
+        router_in, data.rows.layer, load_routers(side), meta.moe_layers
+    )
+
+
+def write_predictions(
+    path: Path, data: TraceData, ranked: np.ndarray, requests: tuple[int, ...], width: int,
+    method: str, available_at: str, notes: dict[str, str],
+) -> None:
+    """Prediction table (``traces.predictions`` schema) of ``requests``, first ``width`` ids."""
+    rows = data.rows
+    meta = data.trace.meta
+    wanted = set(requests)
+    starts = np.flatnonzero(np.r_[True, rows.request[1:] != rows.request[:-1]])
+    ends = np.r_[starts[1:], len(rows)]
+    with atomic_path(path) as tmp:
+        pw = PredictionWriter(tmp, meta.moe_layers, available_at=available_at)
+        try:
+            for req, a, b in zip(rows.request[starts], starts, ends, strict=True):
+                if int(req) not in wanted:
+                    continue
+                t = int(rows.token[a:b].max()) + 1
+                dense = np.full((t, meta.num_moe_layers, width), -1, dtype=np.int16)
+                dense[rows.token[a:b], rows.layer[a:b]] = ranked[a:b, :width]
+                pw.add(int(req), dense)
+            pw.close({
+                "model": meta.model, "source": str(data.path), "predictor": method,
+                "available_at": available_at, "notes": notes,
+            })
+        except BaseException:
+            pw.abort()
+            raise
+
+
+def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
+    """Fit ``cfg.method`` on the train split and evaluate it on ``cfg.eval_parts``."""
+    if cfg.method not in METHODS:
+        raise PredictorError(f"unknown predictor {cfg.method!r} (known: {', '.join(METHODS)})")
+    if cfg.predict_requests not in ("all", "test"):
+        raise PredictorError("predictions.requests must be 'all' or 'test'")
+    learned = cfg.method == "pre_attention"
+    if learned and cfg.feature not in FEATURE_AVAILABLE_AT:
+        raise PredictorError(
+            f"feature {cfg.feature!r}: pre_attention supports {sorted(FEATURE_AVAILABLE_AT)}"
+        )
+    if not learned and (cfg.model or cfg.train):
+        raise PredictorError(f"{cfg.method} takes no model or train parameters")
+    data = load_data(cfg.trace, cfg.feature if learned else None)
+    meta = data.trace.meta
+    rows = data.rows
+    if len(rows) == 0:
+        raise PredictorError(f"{cfg.trace}: trace has no rows")
+    split = split_requests([r.request_id for r in data.trace.requests], cfg.split, cfg.split_seed)
+    train, val = rows.mask(split.train), rows.mask(split.val)
+    model_path = None
+    t0 = time.perf_counter()
+    if learned:
+        ranked, seconds, cached, model_path = _rank_pre_attention(cfg, data, train, val, log)
+        available_at = FEATURE_AVAILABLE_AT[cfg.feature]
+    else:
+        table = fit_frequency(rows, train, meta.num_moe_layers, meta.num_experts)
+        everything = np.ones(len(rows), dtype=bool)
+        rank = rank_frequency if cfg.method == "frequency" else rank_recency
+        ranked = rank(table, rows, everything)
+        seconds, cached = time.perf_counter() - t0, False
+        available_at = BASELINE_AVAILABLE_AT[cfg.method]
+    spec = MetricSpec(meta.num_experts, meta.top_k, tuple(cfg.overprov))
+    records = []
+    for part in cfg.eval_parts:
+        m = rows.mask(split.part(part))
+        for rec in evaluate(ranked[m], rows.experts[m], rows.layer[m], spec, meta.moe_layers):
+            records.append({"method": cfg.method, "split": part, **rec})
+    metrics = pd.DataFrame(records)
+    metrics["train_seconds"] = seconds
+    metrics["cached_model"] = cached
+    metrics["available_at"] = available_at
+    out_path = None
+    if cfg.predictions is not None:
+        width = meta.top_k if cfg.width is None else int(cfg.width)
+        if not 1 <= width <= meta.num_experts:
+            raise PredictorError(f"predictions.width must be in 1..{meta.num_experts}: {width}")
+        reqs = split.test if cfg.predict_requests == "test" else tuple(
+            r.request_id for r in data.trace.requests
+        )
+        notes = {
+            "split": f"train {len(split.train)} / val {len(split.val)} / test "
+                     f"{len(split.test)} requests, seed {cfg.split_seed}",
+            "test_requests": ",".join(map(str, split.test)),
+            "requests": cfg.predict_requests,
+            "model": str(model_path) if model_path else "",
+        }
+        write_predictions(cfg.predictions, data, ranked, reqs, width, cfg.method, available_at,
+                          notes)
+        out_path = cfg.predictions
+    return RunOutput(
+        metrics, out_path, available_at, seconds, cached,
+        {"train": split.train, "val": split.val, "test": split.test}, model_path,
+    )
