@@ -18,6 +18,8 @@ token's routing cannot be predicted before the token exists. Knows: predictions.
 
 from __future__ import annotations
 
+import re
+
 from policies.base import Knowledge, PointPrefetch, PolicyError
 from policies.registry import register_prefetch
 
@@ -27,7 +29,8 @@ def available(tag: str, point: str, ahead: int) -> bool:
 
     Tags: ``pre_attention:same_layer`` (known at layer l's pre-attention point),
     ``routed:same_layer`` (once layer l routes), ``routed:prev_layer`` (once layer l-1 routes,
-    i.e. before layer l starts). Unknown tags are not checked.
+    i.e. before layer l starts), ``routed:minus{h}_layer`` (once layer l-h routes). Other tags
+    (baselines that are known early, e.g. ``static:any_layer``) are not checked.
     """
     if tag == "pre_attention:same_layer":
         return ahead == 0
@@ -35,6 +38,9 @@ def available(tag: str, point: str, ahead: int) -> bool:
         return ahead == 0 and point != "pre_attention"
     if tag == "routed:prev_layer":
         return ahead == 0 or (ahead == 1 and point != "pre_attention")
+    if m := re.fullmatch(r"routed:minus(\d+)_layer", tag):  # known once layer l-h routes
+        h = int(m[1])
+        return ahead <= h - 1 or (ahead == h and point != "pre_attention")
     return True
 
 

@@ -20,7 +20,7 @@ from predictors.metrics import MetricSpec, evaluate
 from traces.predictions import PredictionWriter
 from traces.store import atomic_path
 
-METHODS = ("pre_attention", "frequency", "recency")
+METHODS = ("pre_attention", "speculation", "frequency", "recency")
 FEATURE_AVAILABLE_AT = {
     "pre_attn": "pre_attention:same_layer",  # layer l's input norm, before attention
     "router_in": "routed:same_layer",  # the router's own input: no lead time
@@ -120,6 +120,60 @@ def _rank_pre_attention(
     return ranked, res.train_seconds, res.cached, res.path
 
 
+def _rank_speculation(
+    cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]
+) -> tuple[np.ndarray, np.ndarray, float, bool, Path, str]:
+    """Ranking ``[N, E]`` from the inter-layer speculation model (``predictors/speculation.py``):
+    rows of the first ``horizon`` layers (nothing routed ``horizon`` layers before) are ``-1``.
+    Also returns the mask of predicted rows and the table's ``available_at`` tag."""
+    from predictors.speculation import (  # torch only here
+        SpecTrainConfig,
+        SpeculationConfig,
+        available_at,
+        build_inputs,
+        context_rows,
+        predict_logits,
+        train_speculation,
+    )
+    from predictors.train import cache_dir, cache_key
+
+    mcfg = _dataclass_from(SpeculationConfig, cfg.model, "predictor.model")
+    tcfg = _dataclass_from(SpecTrainConfig, cfg.train, "predictor.train")
+    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
+        try:
+            c.check()
+        except ValueError as exc:
+            raise PredictorError(f"{what}: {exc}") from None
+    rows, meta = data.rows, data.trace.meta
+    e = meta.num_experts
+    ctx, has = context_rows(rows.request, rows.token, rows.layer, meta.num_moe_layers,
+                            mcfg.context, mcfg.horizon)
+    if not has[train].any():
+        raise PredictorError(
+            f"speculation: no train rows at layer >= horizon {mcfg.horizon} "
+            f"({meta.num_moe_layers} MoE layers)"
+        )
+    tr, va = np.flatnonzero(train & has), np.flatnonzero(val & has)
+    key = cache_key({
+        "method": "speculation", "model": asdict(mcfg), "train": asdict(tcfg),
+        "data": data.fingerprint,
+        "train_ids": np.unique(rows.request[train]).tolist(),
+        "val_ids": np.unique(rows.request[val]).tolist(),
+    })
+    res = train_speculation(
+        build_inputs(rows.experts, rows.layer, ctx, tr, e), rows.experts[tr],
+        build_inputs(rows.experts, rows.layer, ctx, va, e), rows.experts[va],
+        num_layers=meta.num_moe_layers, num_experts=e, model_cfg=mcfg, train_cfg=tcfg, key=key,
+        directory=cache_dir(cfg.cache_dir), retrain=cfg.retrain, progress=cfg.progress,
+        threads=cfg.threads, log=log,
+    )
+    idx = np.flatnonzero(has)
+    ranked = np.full((len(rows), e), -1, dtype=np.int16)
+    logits = predict_logits(res.model, build_inputs(rows.experts, rows.layer, ctx, idx, e))
+    ranked[idx] = np.argsort(-logits, axis=1, kind="stable").astype(np.int16)
+    return ranked, has, res.train_seconds, res.cached, res.path, available_at(mcfg.horizon)
+
+
 def _router_logits(data: TraceData) -> np.ndarray:
     """Full router logits from ``feat.router_in`` and the ``.routers.npz`` side file."""
     from predictors.data import full_ranking_from_routers
@@ -175,11 +229,12 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
     if cfg.predict_requests not in ("all", "test"):
         raise PredictorError("predictions.requests must be 'all' or 'test'")
     learned = cfg.method == "pre_attention"
+    torch_method = learned or cfg.method == "speculation"
     if learned and cfg.feature not in FEATURE_AVAILABLE_AT:
         raise PredictorError(
             f"feature {cfg.feature!r}: pre_attention supports {sorted(FEATURE_AVAILABLE_AT)}"
         )
-    if not learned and (cfg.model or cfg.train):
+    if not torch_method and (cfg.model or cfg.train):
         raise PredictorError(f"{cfg.method} takes no model or train parameters")
     data = load_data(cfg.trace, cfg.feature if learned else None)
     meta = data.trace.meta
@@ -189,8 +244,13 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
     split = split_requests([r.request_id for r in data.trace.requests], cfg.split, cfg.split_seed)
     train, val = rows.mask(split.train), rows.mask(split.val)
     model_path = None
+    scored = np.ones(len(rows), dtype=bool)  # rows with a prediction (speculation: layer >= h)
     t0 = time.perf_counter()
-    if learned:
+    if cfg.method == "speculation":
+        ranked, scored, seconds, cached, model_path, available_at = _rank_speculation(
+            cfg, data, train, val, log
+        )
+    elif learned:
         ranked, seconds, cached, model_path = _rank_pre_attention(cfg, data, train, val, log)
         available_at = FEATURE_AVAILABLE_AT[cfg.feature]
     else:
@@ -203,7 +263,7 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
     spec = MetricSpec(meta.num_experts, meta.top_k, tuple(cfg.overprov))
     records = []
     for part in cfg.eval_parts:
-        m = rows.mask(split.part(part))
+        m = rows.mask(split.part(part)) & scored
         for rec in evaluate(ranked[m], rows.experts[m], rows.layer[m], spec, meta.moe_layers):
             records.append({"method": cfg.method, "split": part, **rec})
     metrics = pd.DataFrame(records)

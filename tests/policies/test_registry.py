@@ -39,3 +39,6 @@ def test_prediction_availability_rules():
     assert available("routed:prev_layer", "demand_issued", 1)  # Fate
     assert not available("routed:prev_layer", "pre_attention", 1)
     assert not available("routed:prev_layer", "demand_issued", 2)
+    assert available("routed:minus2_layer", "demand_issued", 2)  # speculation, 2 ahead
+    assert not available("routed:minus2_layer", "pre_attention", 2)
+    assert not available("routed:minus2_layer", "routed", 3)

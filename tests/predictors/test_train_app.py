@@ -28,7 +28,7 @@ def test_every_predictor_config_composes(name, tmp_path):
     trace.write_bytes(b"")
     cfg = _cfg([f"predictor={name}", f"trace.path={trace}"])
     rc = run_config(cfg, tmp_path)
-    assert rc.method in ("pre_attention", "frequency", "recency")
+    assert rc.method in ("pre_attention", "speculation", "frequency", "recency")
     assert rc.predictions == tmp_path / "predictions.parquet"
     if name == "pre_attention_silu":
         assert rc.model["arch"] == "silu" and rc.model["hidden"] == 2048
