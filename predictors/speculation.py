@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from predictors.train import TrainConfig
 from traces.store import atomic_path
 
 
@@ -51,14 +52,12 @@ class SpeculationConfig:
 
 
 @dataclass(frozen=True)
-class SpecTrainConfig:
-    """Optimisation settings (``predictor.train.*``); the best epoch by val exact-match is kept."""
+class SpecTrainConfig(TrainConfig):
+    """The shared optimisation settings with this model's defaults (no BatchNorm, so any batch
+    size works); the best epoch by val exact-match is kept."""
 
-    epochs: int = 30
     batch_size: int = 512
     lr: float = 4e-3
-    weight_decay: float = 0.01
-    seed: int = 0
 
     def check(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.weight_decay < 0:
