@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from predictors.train import TrainConfig
+from predictors.train import BestEpoch, TrainConfig, exact_rate
 from traces.store import atomic_path
 
 
@@ -164,12 +164,6 @@ def predict_logits(model: SpeculationNet, inp: Inputs, batch: int = 4096) -> np.
     return out
 
 
-def _exact(logits: np.ndarray, true: np.ndarray) -> float:
-    k = true.shape[1]
-    top = np.sort(np.argsort(-logits, axis=1, kind="stable")[:, :k], axis=1)
-    return float(np.mean((top == np.sort(true, axis=1)).all(axis=1))) if len(true) else 0.0
-
-
 def _targets(true: np.ndarray, num_experts: int) -> np.ndarray:
     y = np.zeros((len(true), num_experts + 1), dtype=np.float32)
     y[np.arange(len(true))[:, None], np.where(true >= 0, true, num_experts)] = 1.0
@@ -214,9 +208,7 @@ def train_speculation(
             model = SpeculationNet(num_layers, num_experts, model_cfg)
             opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
                                     weight_decay=train_cfg.weight_decay)
-            best: tuple[float, float] | None = None
-            best_state: dict[str, torch.Tensor] = {}
-            best_epoch = 0
+            best = BestEpoch(history)
             bar = tqdm(range(train_cfg.epochs), desc="speculation", disable=not progress,
                        unit="epoch", leave=False)
             for epoch in bar:
@@ -236,25 +228,18 @@ def train_speculation(
                     lg = predict_logits(model, val)
                     vl = float(nn.functional.binary_cross_entropy_with_logits(
                         torch.from_numpy(lg), torch.from_numpy(_targets(val_true, num_experts))))
-                    rec["val_loss"], rec["val_exact"] = vl, _exact(lg, val_true)
-                    score = (rec["val_exact"], -vl)
-                else:
-                    score = (float(epoch), 0.0)
-                history.append(rec)
-                bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
-                if best is None or score > best:
-                    best, best_epoch = score, epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(best_state)
+                    rec["val_loss"], rec["val_exact"] = vl, exact_rate(lg, val_true)
+                best.update(model, epoch, rec, bar)
+            model.load_state_dict(best.state)
             model.eval()
     finally:
         torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
     directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"state": best_state, "train_seconds": seconds, "best_epoch": best_epoch,
+        torch.save({"state": best.state, "train_seconds": seconds, "best_epoch": best.epoch,
                     "history": history, "config": asdict(model_cfg),
                     "train": asdict(train_cfg)}, tmp)
-    log(f"trained in {seconds:.1f} s (best epoch {best_epoch + 1}/{train_cfg.epochs}); "
+    log(f"trained in {seconds:.1f} s (best epoch {best.epoch + 1}/{train_cfg.epochs}); "
         f"saved {path}")
-    return SpecResult(model, path, False, seconds, best_epoch, history)
+    return SpecResult(model, path, False, seconds, best.epoch, history)

@@ -108,10 +108,33 @@ def predict_logits(
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
-def _exact(logits: np.ndarray, true: np.ndarray) -> float:
+def exact_rate(logits: np.ndarray, true: np.ndarray) -> float:
+    """Share of rows whose top-k logits are exactly the true top-k set."""
     k = true.shape[1]
     top = np.sort(np.argsort(-logits, axis=1, kind="stable")[:, :k], axis=1)
     return float(np.mean((top == np.sort(true, axis=1)).all(axis=1))) if len(true) else 0.0
+
+
+class BestEpoch:
+    """Epoch bookkeeping shared by the training loops: history, progress bar, and the weights
+    of the best epoch by (validation exact-match, -validation loss), or the last epoch when
+    there is no validation split."""
+
+    def __init__(self, history: list[dict[str, float]]) -> None:
+        self.history = history
+        self.score: tuple[float, float] | None = None
+        self.epoch = 0
+        self.state: dict[str, torch.Tensor] = {}
+
+    def update(self, model: torch.nn.Module, epoch: int, rec: dict[str, float],
+               bar: tqdm) -> None:
+        val = "val_exact" in rec
+        score = (rec["val_exact"], -rec["val_loss"]) if val else (float(epoch), 0.0)
+        self.history.append(rec)
+        bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
+        if self.score is None or score > self.score:
+            self.score, self.epoch = score, epoch
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 def train_pre_attention(
@@ -197,9 +220,7 @@ def _fit(
         opt = torch.optim.AdamW(
             model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay
         )
-        best: tuple[float, float] | None = None
-        best_state: dict[str, torch.Tensor] = {}
-        best_epoch = 0
+        best = BestEpoch(history)
         bar = tqdm(range(train_cfg.epochs), desc="pre_attention", disable=not progress,
                    unit="epoch", leave=False)
         for epoch in bar:
@@ -222,18 +243,11 @@ def _fit(
                 with torch.no_grad():
                     vl = float(_val_loss(logits, ranks[val_idx], layer[val_idx], top_k, model_cfg))
                 rec["val_loss"] = vl
-                rec["val_exact"] = _exact(logits, true[val_idx])
-                score = (rec["val_exact"], -vl)
-            else:
-                score = (float(epoch), 0.0)
-            history.append(rec)
-            bar.set_postfix({k: round(v, 4) for k, v in rec.items() if k != "epoch"})
-            if best is None or score > best:
-                best, best_epoch = score, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        model.load_state_dict(best_state)
+                rec["val_exact"] = exact_rate(logits, true[val_idx])
+            best.update(model, epoch, rec, bar)
+        model.load_state_dict(best.state)
         model.eval()
-    return model, best_epoch, best_state
+    return model, best.epoch, best.state
 
 
 def _val_loss(
