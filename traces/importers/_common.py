@@ -146,3 +146,19 @@ def to_matrix(rows: list[list[int]], k: int, path: Path, lines: np.ndarray, fiel
     widths = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
     check_widths(widths, k, file=path, lines=lines, field=field)
     return np.asarray(rows, dtype=np.int64).reshape(len(rows), k)
+
+
+def get_ids_and_weights(
+    obj: dict[str, Any], ids_key: str, weights_key: str, path: Path, line: int,
+    nouns: tuple[str, str] = ("weights", "experts"),
+) -> tuple[list[int], list[float]]:
+    """A row's expert ids and their router weights, which must pair up one to one.
+    ``nouns`` name the two lists in the error message, in the source's own words."""
+    ids = get_int_list(obj, ids_key, path, line)
+    weights = get_float_list(obj, weights_key, path, line)
+    if len(weights) != len(ids):
+        raise TraceError(
+            f"{len(weights)} {nouns[0]} for {len(ids)} {nouns[1]}", file=path, line=line,
+            field=weights_key,
+        )
+    return ids, weights

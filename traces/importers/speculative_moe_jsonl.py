@@ -34,9 +34,8 @@ from traces.importers import ImportResult, register
 from traces.importers._common import (
     card_or_error,
     check_id_rows,
-    get_float_list,
+    get_ids_and_weights,
     get_int,
-    get_int_list,
     iter_jsonl,
     meta_from_card,
     to_matrix,
@@ -103,15 +102,9 @@ def read_rows(path: Path, layer_ids: tuple[int, ...], k: int) -> _Rows:
         keys.append((dataset, get_int(obj, "problem_id", path, no)))
         pos.append(get_int(obj, "token_pos" if is_raw else "token_idx", path, no))
         layer.append(get_int(obj, "layer", path, no))
-        row_ids = get_int_list(obj, "experts", path, no)
-        row_p = get_float_list(obj, "gating_probs", path, no)
-        if len(row_p) != len(row_ids):
-            raise TraceError(
-                f"{len(row_p)} probabilities for {len(row_ids)} experts",
-                file=path,
-                line=no,
-                field="gating_probs",
-            )
+        row_ids, row_p = get_ids_and_weights(
+            obj, "experts", "gating_probs", path, no, nouns=("probabilities", "experts")
+        )
         ids.append(row_ids)
         probs.append(row_p)
         lines.append(no)

@@ -44,9 +44,8 @@ from traces.importers import ImportResult, register
 from traces.importers._common import (
     card_or_error,
     check_id_rows,
-    get_float_list,
+    get_ids_and_weights,
     get_int,
-    get_int_list,
     iter_jsonl,
     meta_from_card,
     to_matrix,
@@ -159,15 +158,9 @@ def read_log(path: Path, model: ModelCard) -> _Log:
             )
         tok.append(get_int(obj, "token_idx", path, no))
         layers.append(get_int(obj, "layer", path, no))
-        row_ids = get_int_list(obj, "topk_ids", path, no)
-        row_w = get_float_list(obj, "topk_weights", path, no)
-        if len(row_w) != len(row_ids):
-            raise TraceError(
-                f"{len(row_w)} weights for {len(row_ids)} ids",
-                file=path,
-                line=no,
-                field="topk_weights",
-            )
+        row_ids, row_w = get_ids_and_weights(
+            obj, "topk_ids", "topk_weights", path, no, nouns=("weights", "ids")
+        )
         ids.append(row_ids)
         weights.append(row_w)
         lines.append(no)
