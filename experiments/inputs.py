@@ -59,9 +59,22 @@ def trace_file(path: str, fmt: str) -> Path:
     return out
 
 
+def _predictor_spec(cfg: DictConfig) -> str | None:
+    """The predictor named by ``predictions.path=predictor:<name>``, if any."""
+    from predictors.tables import parse_spec  # numpy + omegaconf only (no torch)
+
+    return parse_spec((cfg.get("predictions") or {}).get("path"))
+
+
 def prediction_file(cfg: DictConfig, trace_path: Path) -> Path | None:
-    """``predictions.path`` if set, else the table an importer wrote beside the trace."""
+    """``predictions.path`` if set (a file, or ``predictor:<name>``: that predictor's table for
+    this trace, built and cached on first use), else the table an importer wrote beside the
+    trace."""
     given = (cfg.get("predictions") or {}).get("path")
+    if name := _predictor_spec(cfg):
+        from predictors.tables import table_for
+
+        return table_for(trace_path, name, progress=bool(cfg.get("progress", True)))
     if given:
         path = Path(given).expanduser()
         if not path.is_file():
@@ -87,7 +100,19 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> Predictions | None:
 
 
 def load_run_trace(cfg: DictConfig) -> Trace:
+    """The trace of a run. ``requests=held_out`` (and ``auto`` with
+    ``predictions.path=predictor:<name>``) replays only the predictors' held-out test requests,
+    whatever the policy, so a learned prediction is never replayed on a request it was trained
+    on and every run of a sweep sees the same requests."""
     trace = load_trace(trace_file(cfg.trace.path, cfg.trace.get("format")))
+    which = str(cfg.get("requests") or "auto")
+    if which not in ("auto", "held_out", "all"):
+        raise TraceError(f"requests must be auto, held_out or all: {which!r}")
+    if which == "held_out" or (which == "auto" and _predictor_spec(cfg)):
+        from predictors.tables import held_out_requests
+
+        keep = set(held_out_requests([r.request_id for r in trace.requests]))
+        trace = Trace(trace.meta, [r for r in trace.requests if r.request_id in keep])
     if cfg.get("max_requests") is not None or cfg.get("max_tokens") is not None:
         trace = trace.subset(cfg.get("max_requests"), cfg.get("max_tokens"))
     return trace

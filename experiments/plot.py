@@ -143,10 +143,63 @@ def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: P
     return _save(fig, out, stem)
 
 
+def _bars(ax: plt.Axes, table: pd.DataFrame, scale: float) -> None:
+    """Grouped bars: one group per row label of ``table``, one bar per column."""
+    n = max(len(table.columns), 1)
+    width = 0.8 / n
+    for i, col in enumerate(table.columns):
+        xs = [j + (i - (n - 1) / 2) * width for j in range(len(table))]
+        ax.bar(xs, table[col] * scale, width, label=str(col))
+    ax.set_xticks(range(len(table)), [str(v) for v in table.index], rotation=35, ha="right")
+
+
+def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
+    """Runs labelled by predictor (``experiment=prediction_point``): zero-latency hit rate,
+    timed stall per token per hardware profile, and stall saved against the ``none`` run."""
+    df = df[df["label"].notna()].copy()
+    order = list(dict.fromkeys(df["label"]))
+    if "none" in order:
+        order = ["none", *[o for o in order if o != "none"]]
+    zl = df[df["mode"] == "zero_latency"]
+    timed = df[df["mode"] == "timed"]
+    panels = []
+    if not zl.empty:
+        panels.append("zl")
+    if not timed.empty:
+        panels += ["stall", "saved"] if "none" in set(timed["label"]) else ["stall"]
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8),
+                                 squeeze=False)
+        for ax, panel in zip(axes[0], panels, strict=True):
+            if panel == "zl":
+                t = zl.groupby("label")[["hit_rate"]].mean().reindex(order).dropna()
+                _bars(ax, t.rename(columns={"hit_rate": "zero-latency"}), 1.0)
+                ax.set_ylabel("hit rate (zero-latency)")
+                ax.set_ylim(0, 1)
+                continue
+            t = timed.pivot_table(index="label", columns="hw.name",
+                                  values="stall_per_output_token_s", aggfunc="mean")
+            t = t.reindex([o for o in order if o in t.index])
+            if panel == "stall":
+                _bars(ax, t, 1e3)
+                ax.set_ylabel("stall per output token (ms), timed")
+            else:
+                saved = 1.0 - t.div(t.loc["none"], axis=1)
+                _bars(ax, saved.drop(index="none"), 100.0)
+                ax.axhline(0, color="black", lw=0.6)
+                ax.set_ylabel("stall saved vs no prediction (%)")
+            ax.legend(loc="best", title="hw")
+        fig.tight_layout()
+    return _save(fig, out, "predictors")
+
+
 def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
     """The plots that fit what the sweep varied."""
     def varies(col: str) -> bool:
         return col in df and df[col].nunique(dropna=True) > 1
+
+    if varies("label"):
+        return plot_predictors(df, out)
 
     timed = (df["mode"] == "timed").any()
     stall = ["stall_per_output_token_s", "time_per_output_token_s"] if timed else []

@@ -8,6 +8,7 @@ every metric) and ``per_layer.parquet`` into the run directory, atomically.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import sys
 from pathlib import Path
@@ -24,11 +25,13 @@ from experiments.inputs import (
     load_run_predictions,
     load_run_trace,
     model_card,
+    trace_file,
     with_card_bytes,
 )
 from hw_profiles import ProfileError
 from policies.base import Knowledge, PolicyError
 from policies.registry import resolve
+from predictors.data import PredictorError
 from sim import SimulationError, capacity_slots, dense_layers_before, simulate
 from sim.metrics import RunResult
 from sim.workload import WorkloadError
@@ -38,6 +41,7 @@ from traces.store import atomic_path
 
 USER_ERRORS = (
     SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
+    PredictorError,
 )
 
 
@@ -132,8 +136,9 @@ def _atomic_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:
+    """Every output of a run, each atomically; ``summary.parquet`` last, because its presence
+    is what marks the run finished (a run killed half-way is rerun, never half-skipped)."""
     outdir.mkdir(parents=True, exist_ok=True)
-    _atomic_parquet(pd.DataFrame([{**row, **result.summary}]), outdir / "summary.parquet")
     per_layer = result.per_layer.copy()
     for key in ("policy.name", "cache.slots", "mode", "hw.name", "trace.name"):
         per_layer[key] = row.get(key)
@@ -142,6 +147,15 @@ def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:
         _atomic_parquet(result.transfers, outdir / "transfers.parquet")
     if result.timeline is not None:
         result.write_chrome_trace(outdir / "timeline.json")
+    _atomic_parquet(pd.DataFrame([{**row, **result.summary}]), outdir / "summary.parquet")
+
+
+def remove_stale_temporaries(outdir: Path) -> None:
+    """Temporary files of a write that was killed (SIGKILL runs no cleanup); a run directory
+    belongs to one job, so any temporary in it is stale when the job starts."""
+    if outdir.is_dir():
+        for tmp in outdir.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
@@ -162,13 +176,36 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of every choice that can change a result (not progress bars or output paths)."""
+def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
+    """Hash of every choice that can change a result (not progress bars or output paths), of
+    the input data's content (``data_digest``) and of the package version."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in ("hydra", "progress"):
         data.pop(key, None)
+    data["_data"] = data_digest
+    data["_version"] = package_version()
     text = json.dumps(data, sort_keys=True, default=str)
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("moesim")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def input_digest(cfg: DictConfig) -> str:
+    """Content hash of the run's trace file and of a prediction table given as a file, so a
+    trace rewritten at the same path is never mistaken for a finished run (a
+    ``predictor:<name>`` table is keyed by the trace and the predictor config already)."""
+    from predictors.data import file_digest
+
+    parts = [file_digest(trace_file(cfg.trace.path, cfg.trace.get("format")))]
+    given = (cfg.get("predictions") or {}).get("path")
+    if given and not str(given).startswith("predictor:") and Path(given).expanduser().is_file():
+        parts.append(file_digest(Path(given).expanduser()))
+    return "-".join(parts)
 
 
 def finished(outdir: Path, digest: str) -> pd.DataFrame | None:
@@ -188,7 +225,12 @@ def finished(outdir: Path, digest: str) -> pd.DataFrame | None:
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
     outdir = Path(HydraConfig.get().runtime.output_dir)
-    digest = config_hash(cfg)
+    remove_stale_temporaries(outdir)
+    try:
+        digest = config_hash(cfg, input_digest(cfg))
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     done = finished(outdir, digest)
     if done is not None:  # a rerun of a sweep skips what already finished
         print(f"already done ({digest}): {outdir}")

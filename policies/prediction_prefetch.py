@@ -29,9 +29,14 @@ def available(tag: str, point: str, ahead: int) -> bool:
 
     Tags: ``pre_attention:same_layer`` (known at layer l's pre-attention point),
     ``routed:same_layer`` (once layer l routes), ``routed:prev_layer`` (once layer l-1 routes,
-    i.e. before layer l starts), ``routed:minus{h}_layer`` (once layer l-h routes). Other tags
-    (baselines that are known early, e.g. ``static:any_layer``) are not checked.
+    i.e. before layer l starts), ``routed:minus{h}_layer`` (once layer l-h routes),
+    ``token_start:any_layer`` (known when the token starts, e.g. from its text: any point of
+    the step), ``prompt:complete`` (needs the whole prompt, e.g. MoE-Beyond's unmasked
+    transformer: never, in a replay that runs token by token). Other tags (baselines that are
+    known early, e.g. ``static:any_layer``) are not checked.
     """
+    if tag == "prompt:complete":
+        return False
     if tag == "pre_attention:same_layer":
         return ahead == 0
     if tag == "routed:same_layer":

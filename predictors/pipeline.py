@@ -20,7 +20,7 @@ from predictors.metrics import MetricSpec, evaluate
 from traces.predictions import PredictionWriter
 from traces.store import atomic_path
 
-METHODS = ("pre_attention", "speculation", "frequency", "recency")
+METHODS = ("pre_attention", "speculation", "moe_beyond", "frequency", "recency")
 FEATURE_AVAILABLE_AT = {
     "pre_attn": "pre_attention:same_layer",  # layer l's input norm, before attention
     "router_in": "routed:same_layer",  # the router's own input: no lead time
@@ -174,6 +174,85 @@ def _rank_speculation(
     return ranked, has, res.train_seconds, res.cached, res.path, available_at(mcfg.horizon)
 
 
+def moe_beyond_vector(cfg: RunConfig) -> str:
+    """The token vector a ``moe_beyond`` run uses (``auto`` resolved against the trace)."""
+    from traces.store import feature_specs
+
+    choice = str(cfg.model.get("token_vector", "auto"))
+    if choice == "auto":
+        return "router_in" if "router_in" in feature_specs(cfg.trace) else "text"
+    return choice
+
+
+def _rank_moe_beyond(
+    cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]
+) -> tuple[np.ndarray, float, bool, Path, str]:
+    """Ranking ``[N, E]`` from MoE-Beyond's transformer (``predictors/moe_beyond.py``) and the
+    table's ``available_at`` tag."""
+    from predictors.moe_beyond import (  # torch only here
+        OOV,
+        MoEBeyondConfig,
+        MoEBeyondTrainConfig,
+        available_at,
+        predict_logits,
+        sequences,
+        text_vocab,
+        train_moe_beyond,
+        windows,
+    )
+    from predictors.train import cache_dir, cache_key
+
+    mcfg = _dataclass_from(MoEBeyondConfig, cfg.model, "predictor.model")
+    tcfg = _dataclass_from(MoEBeyondTrainConfig, cfg.train, "predictor.train")
+    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
+        try:
+            c.check()
+        except ValueError as exc:
+            raise PredictorError(f"{what}: {exc}") from None
+    rows, meta = data.rows, data.trace.meta
+    vec_name = data.feature or "text"
+    vocab = 0
+    if data.features is not None:
+        vectors = np.asarray(data.features, dtype=np.float32)
+    else:
+        texts = _row_texts(data)
+        table = text_vocab([texts[i] for i in np.flatnonzero(train)])
+        vectors = np.array([table.get(t, OOV) for t in texts], dtype=np.int64)
+        vocab = len(table) + 1
+    key = cache_key({
+        "method": "moe_beyond", "model": asdict(mcfg), "train": asdict(tcfg),
+        "data": data.fingerprint, "vector": vec_name,
+        "train_ids": np.unique(rows.request[train]).tolist(),
+        "val_ids": np.unique(rows.request[val]).tolist(),
+    })
+    causal = mcfg.context == "causal"
+    res = train_moe_beyond(
+        vectors, rows.layer, rows.token, rows.experts,
+        sequences(rows.request, rows.token, np.flatnonzero(train), mcfg.max_length),
+        windows(rows.request, rows.token, np.flatnonzero(val), mcfg.max_length),
+        vocab=vocab, num_layers=meta.num_moe_layers, num_experts=meta.num_experts,
+        model_cfg=mcfg, train_cfg=tcfg, key=key, directory=cache_dir(cfg.cache_dir),
+        retrain=cfg.retrain, progress=cfg.progress, threads=cfg.threads, log=log,
+    )
+    everything = windows(rows.request, rows.token, np.arange(len(rows)), mcfg.max_length)
+    logits = predict_logits(res.model, everything, vectors, rows.layer, rows.token, len(rows),
+                            causal)
+    ranked = np.argsort(-logits, axis=1, kind="stable").astype(np.int16)
+    return ranked, res.train_seconds, res.cached, res.path, available_at(mcfg.context, vec_name)
+
+
+def _row_texts(data: TraceData) -> list[str | None]:
+    """Token text of every row (``token_vector=text``); a clear error when the trace has none."""
+    by_req = {r.request_id: r.tokens for r in data.trace.requests}
+    if any(t is None for t in by_req.values()):
+        raise PredictorError(
+            f"{data.path}: moe_beyond with token_vector=text needs token texts (the trace's "
+            "'token' column); this trace has none"
+        )
+    return [by_req[int(q)][int(t)] for q, t in zip(data.rows.request, data.rows.token,
+                                                     strict=True)]
+
+
 def _router_logits(data: TraceData) -> np.ndarray:
     """Full router logits from ``feat.router_in`` and the ``.routers.npz`` side file."""
     from predictors.data import full_ranking_from_routers
@@ -229,14 +308,20 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
     if cfg.predict_requests not in ("all", "test"):
         raise PredictorError("predictions.requests must be 'all' or 'test'")
     learned = cfg.method == "pre_attention"
-    torch_method = learned or cfg.method == "speculation"
+    torch_method = learned or cfg.method in ("speculation", "moe_beyond")
     if learned and cfg.feature not in FEATURE_AVAILABLE_AT:
         raise PredictorError(
             f"feature {cfg.feature!r}: pre_attention supports {sorted(FEATURE_AVAILABLE_AT)}"
         )
     if not torch_method and (cfg.model or cfg.train):
         raise PredictorError(f"{cfg.method} takes no model or train parameters")
-    data = load_data(cfg.trace, cfg.feature if learned else None)
+    feature = cfg.feature if learned else None
+    if cfg.method == "moe_beyond":
+        if not Path(cfg.trace).is_file():
+            raise PredictorError(f"trace file not found: {cfg.trace}")
+        vec = moe_beyond_vector(cfg)
+        feature = None if vec == "text" else vec
+    data = load_data(cfg.trace, feature)
     meta = data.trace.meta
     rows = data.rows
     if len(rows) == 0:
@@ -248,6 +333,10 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
     t0 = time.perf_counter()
     if cfg.method == "speculation":
         ranked, scored, seconds, cached, model_path, available_at = _rank_speculation(
+            cfg, data, train, val, log
+        )
+    elif cfg.method == "moe_beyond":
+        ranked, seconds, cached, model_path, available_at = _rank_moe_beyond(
             cfg, data, train, val, log
         )
     elif learned:

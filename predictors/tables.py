@@ -1,0 +1,134 @@
+"""Prediction tables on demand, so that a simulation sweep can name a predictor instead of a file:
+``moesim-sim predictions.path=predictor:<name>`` (``<name>`` = a ``predictors/conf/predictor``
+config, or ``fate``).
+
+The table is built once per (trace content, predictor config, split) and cached under
+``$MOESIM_CACHE/predictions`` (default ``~/.cache/moesim/predictions``); the model behind it is
+cached by ``predictors.pipeline`` as usual, so a sweep trains each predictor once. A file lock
+makes parallel sweep workers wait for the one that builds a table instead of building it twice.
+Only the predictor that needs torch imports it (lazily, in ``predictors.pipeline``).
+
+Learned predictors train on the train split of the trace (``predictors/conf/config.yaml``:
+75/12.5/12.5 % of the requests, seed 0) and predict every request; :func:`held_out_requests`
+gives the test requests, which ``moesim-sim`` replays by default (``predictions.requests=test``)
+so that a simulated prediction is never one the model was trained on.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from predictors.data import PredictorError, file_digest, split_requests
+
+SPEC_PREFIX = "predictor:"
+CONF_DIR = Path(__file__).parent / "conf"
+NO_TRAINING = ("fate",)  # tables computed from the trace alone (numpy)
+TABLE_VERSION = 1  # bump when the table a config produces changes
+
+
+def parse_spec(text: str | None) -> str | None:
+    """``predictor:<name>`` -> ``<name>``; anything else -> None."""
+    if text is None or not str(text).startswith(SPEC_PREFIX):
+        return None
+    name = str(text)[len(SPEC_PREFIX):].strip()
+    if not name:
+        raise PredictorError("predictions.path: 'predictor:' needs a predictor name")
+    return name
+
+
+def predictor_names() -> list[str]:
+    """Every name ``predictor:<name>`` accepts."""
+    return sorted([p.stem for p in (CONF_DIR / "predictor").glob("*.yaml")] + list(NO_TRAINING))
+
+
+def predictor_config(name: str) -> DictConfig:
+    """A predictor config with its ``defaults`` chain merged (the files use ``- base`` then
+    ``- _self_``, as Hydra would compose them)."""
+    path = CONF_DIR / "predictor" / f"{name}.yaml"
+    if not path.is_file():
+        raise PredictorError(
+            f"unknown predictor {name!r} (known: {', '.join(predictor_names())})"
+        )
+    own = OmegaConf.load(path)
+    defaults = list(own.pop("defaults", []) or [])
+    merged = OmegaConf.create()
+    for item in defaults or ["_self_"]:
+        merged = OmegaConf.merge(merged, own if item == "_self_" else predictor_config(str(item)))
+    if "_self_" not in defaults:
+        merged = OmegaConf.merge(merged, own)
+    return merged
+
+
+def split_settings() -> tuple[tuple[float, float, float], int]:
+    """The default request split of ``moesim-train`` (fractions, seed)."""
+    cfg = OmegaConf.load(CONF_DIR / "config.yaml")
+    fr = tuple(float(x) for x in cfg.split.fractions)
+    return (fr[0], fr[1], fr[2]), int(cfg.split.seed)
+
+
+def held_out_requests(request_ids: list[int]) -> tuple[int, ...]:
+    """The test requests of the default split (never seen by a predictor in training)."""
+    fractions, seed = split_settings()
+    return split_requests(request_ids, fractions, seed).test
+
+
+def table_root() -> Path:
+    env = os.environ.get("MOESIM_CACHE")
+    return (Path(env) if env else Path.home() / ".cache" / "moesim") / "predictions"
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
+              progress: bool = True) -> Path:
+    """Path of ``name``'s prediction table for ``trace``, built (and cached) on first use."""
+    trace = Path(trace)
+    if not trace.is_file():
+        raise PredictorError(f"trace file not found: {trace}")
+    fractions, seed = split_settings()
+    if name in NO_TRAINING:
+        plain: dict = {"method": name}
+    else:
+        plain = OmegaConf.to_container(predictor_config(name), resolve=True)  # type: ignore[assignment]
+    text = json.dumps({"trace": file_digest(trace), "predictor": plain, "split": fractions,
+                       "seed": seed, "version": TABLE_VERSION}, sort_keys=True, default=str)
+    key = hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+    out = table_root() / f"{name}-{key}.parquet"
+    with _locked(out):
+        if out.is_file():
+            return out
+        log(f"building the {name} prediction table for {trace.name} (once) -> {out}")
+        if name == "fate":
+            from predictors.fate import fate_predictions
+
+            try:
+                fate_predictions(trace, out)
+            except ValueError as exc:
+                raise PredictorError(f"fate: {exc}") from None
+            return out
+        from predictors.pipeline import RunConfig, run
+
+        run(RunConfig(
+            trace=trace, method=str(plain["method"]), feature=str(plain.get("feature") or ""),
+            model=dict(plain.get("model") or {}), train=dict(plain.get("train") or {}),
+            split=fractions, split_seed=seed, eval_parts=("test",), predictions=out,
+            progress=progress,
+        ), log=log)
+    return out

@@ -1,0 +1,65 @@
+"""The sim app's ``predictor=`` group: each entry composes into a policy that accepts its table's
+timing, and the predictor plot draws a labelled sweep."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from experiments.configs import CONF_DIR, register_configs
+from experiments.plot import plot_auto
+from policies.prediction_prefetch import available
+from predictors.tables import parse_spec, predictor_config
+
+register_configs()
+ENTRIES = sorted(p.stem for p in (CONF_DIR / "predictor").glob("*.yaml"))
+
+# the tag each predictor's table carries on the embedded trace (router_in present)
+TAGS = {
+    "pre_attention": "pre_attention:same_layer",
+    "fate": "routed:prev_layer",
+    "moe_beyond_causal": "routed:same_layer",
+    "speculation": "routed:minus2_layer",
+}
+
+
+def _cfg(overrides, hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_entry_composes_with_a_usable_point(entry):
+    cfg = _cfg([f"predictor={entry}"])
+    assert cfg.label == entry and cfg.requests == "held_out"
+    name = parse_spec(cfg.predictions.path)
+    if entry.startswith("oracle_"):
+        assert cfg.policy.name == "oracle_prefetch" and name is None
+    elif entry == "none":
+        assert cfg.policy.name == "lru" and name is None
+    else:
+        assert cfg.policy.name == "prediction_prefetch"
+        if name != "fate":
+            predictor_config(name)  # the named predictor exists
+        assert available(TAGS[name], cfg.policy.point, cfg.policy.ahead)
+
+
+def test_experiment_sweeps_every_entry():
+    cfg = _cfg(["experiment=prediction_point"], hydra=True)
+    swept = cfg.hydra.sweeper.params.predictor.split(",")
+    assert sorted(swept) == ENTRIES
+
+
+def test_predictor_plot(tmp_path):
+    rows = []
+    for label, zl, stall in [("none", 0.6, 0.06), ("fate", 0.8, 0.05), ("oracle_routed", 1, 0.059)]:
+        rows.append({"label": label, "mode": "zero_latency", "hw.name": "v100_pcie",
+                     "hit_rate": zl, "stall_per_output_token_s": float("nan"),
+                     "policy.name": "x"})
+        for hw, f in (("v100_pcie", 1.0), ("h100_pcie", 0.5)):
+            rows.append({"label": label, "mode": "timed", "hw.name": hw, "hit_rate": zl,
+                         "stall_per_output_token_s": stall * f, "policy.name": "x"})
+    paths = plot_auto(pd.DataFrame(rows), tmp_path)
+    assert [p.name for p in paths] == ["predictors.png", "predictors.pdf"]
+    assert all(p.stat().st_size > 0 for p in paths)
