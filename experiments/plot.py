@@ -184,7 +184,8 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
                 _bars(ax, t, 1e3)
                 ax.set_ylabel("stall per output token (ms), timed")
             else:
-                saved = 1.0 - t.div(t.loc["none"], axis=1)
+                base = t.loc["none"].where(t.loc["none"] > 0)  # no stall: nothing to save
+                saved = 1.0 - t.div(base, axis=1)
                 _bars(ax, saved.drop(index="none"), 100.0)
                 ax.axhline(0, color="black", lw=0.6)
                 ax.set_ylabel("stall saved vs no prediction (%)")

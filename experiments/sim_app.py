@@ -198,13 +198,20 @@ def package_version() -> str:
 def input_digest(cfg: DictConfig) -> str:
     """Content hash of the run's trace file and of a prediction table given as a file, so a
     trace rewritten at the same path is never mistaken for a finished run (a
-    ``predictor:<name>`` table is keyed by the trace and the predictor config already)."""
+    ``predictor:<name>`` table contributes its own key: predictor config, split, router
+    weights), and of the split when only held-out requests are replayed."""
     from predictors.data import file_digest
+    from predictors.tables import parse_spec, split_settings, table_key
 
-    parts = [file_digest(trace_file(cfg.trace.path, cfg.trace.get("format")))]
+    trace = trace_file(cfg.trace.path, cfg.trace.get("format"))
+    parts = [file_digest(trace)]
     given = (cfg.get("predictions") or {}).get("path")
-    if given and not str(given).startswith("predictor:") and Path(given).expanduser().is_file():
+    if name := parse_spec(given):  # the table's key covers the predictor config and split
+        parts.append(table_key(trace, name))
+    elif given and Path(given).expanduser().is_file():
         parts.append(file_digest(Path(given).expanduser()))
+    if str(cfg.get("requests") or "auto") == "held_out":  # which requests are replayed
+        parts.append(str(split_settings()))
     return "-".join(parts)
 
 
@@ -235,6 +242,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if done is not None:  # a rerun of a sweep skips what already finished
         print(f"already done ({digest}): {outdir}")
         return float(done["hit_rate"].iloc[0])
+    (outdir / "summary.parquet").unlink(missing_ok=True)  # another config's: never mix outputs
     try:
         result, row = run(cfg)
     except USER_ERRORS as exc:

@@ -25,13 +25,22 @@ rows of earlier tokens (any layer) and of its own token at layers <= l; its tabl
 what its own row needs: ``routed:same_layer`` (router input), ``pre_attention:same_layer``
 (pre-attention input) or ``token_start:any_layer`` (token text: known when the token starts).
 
+The ``causal`` tags assume a decode replay (token t-1 has passed every layer before token t
+starts); in a ``replay=prefill`` chunk the rows (t-1, l' > l) do not exist yet when (t, l) is
+needed, so a causal table is optimistic there.
+
 Deviations: their layer embedding is created inside the dataset and never trained (a fixed
 random vector per layer); ``train_layer_embed=false`` (default) keeps it fixed, seeded. They
 train in fp16 with AMP on a GPU; here fp32 on the CPU. They keep the epoch with the lowest
 validation loss with early stopping (patience 5); here the best epoch by validation exact-match
 (then loss), with the same patience. Their budget (50 epochs of 4-prompt batches at lr 1e-4)
 is a GPU's; the default here is 10 epochs of 1-prompt batches at lr 3e-4 (see
-``MoEBeyondTrainConfig``).
+``MoEBeyondTrainConfig``). They train on an 80/20 random split of prompts with no test
+set; here the shared 75/12.5/12.5 request split. They truncate each prompt to ``max_length``
+tokens per layer; here training does too, and prediction cuts a longer request into windows of
+``max_length`` tokens so that every row gets a prediction. The text embedding (absent in theirs)
+trains at the input projection's learning rate. Their gradient clipping acts on fp16-scaled
+gradients (no ``unscale_``); here on the true fp32 gradients.
 """
 
 from __future__ import annotations
@@ -123,9 +132,16 @@ def available_at(context: str, token_vector: str) -> str:
     }[token_vector]
 
 
-def text_vocab(tokens: list[str | None]) -> dict[str, int]:
-    """Ids 1.. for the distinct texts (sorted, so the vocabulary is deterministic)."""
-    return {t: i + 1 for i, t in enumerate(sorted({t for t in tokens if t is not None}))}
+def text_vocab(tokens: list[str | None], min_count: int = 2) -> dict[str, int]:
+    """Ids 1.. for the texts seen at least ``min_count`` times (sorted: deterministic); rarer
+    texts map to :data:`OOV`, so the unseen-text vector is trained on the train split's rare
+    texts instead of staying at its random initial value."""
+    counts: dict[str, int] = {}
+    for t in tokens:
+        if t is not None:
+            counts[t] = counts.get(t, 0) + 1
+    kept = sorted(t for t, c in counts.items() if c >= min_count)
+    return {t: i + 1 for i, t in enumerate(kept)}
 
 
 class MoEBeyondNet(nn.Module):
@@ -244,17 +260,29 @@ def _targets(true: np.ndarray, num_experts: int) -> np.ndarray:
     return y[:, :num_experts]
 
 
+def _budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
+    """Sequence indices grouped (shortest first, less padding) so that batch x longest^2 stays
+    within ``budget`` attention cells per head (a longer sequence goes alone)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[i] ** 2 <= budget:
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
 @torch.no_grad()
 def predict_logits(model: MoEBeyondNet, seqs: Sequences, vectors: np.ndarray,
                    layer: np.ndarray, token: np.ndarray, n_rows: int, causal: bool,
-                   batch: int = 8) -> np.ndarray:
-    """Logits ``[n_rows, E]`` of every row of ``seqs`` (other rows stay 0)."""
+                   budget: int = 1 << 22) -> np.ndarray:
+    """Logits ``[n_rows, E]`` of every row of ``seqs`` (other rows stay 0). Attention memory
+    is quadratic in a sequence's rows (tokens x layers), so batches are cut by ``budget``."""
     model.eval()
     out = np.zeros((n_rows, model.head[-1].out_features), dtype=np.float32)
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs.rows[i]))  # less padding
-    for a in range(0, len(order), batch):
-        bt = make_batch([seqs.rows[i] for i in order[a : a + batch]], vectors, layer, token,
-                        causal)
+    for group in _budget_batches([len(r) for r in seqs.rows], budget):
+        bt = make_batch([seqs.rows[i] for i in group], vectors, layer, token, causal)
         lg = model(bt.vec, bt.layer, bt.pad, bt.block).numpy()
         real = bt.index >= 0
         out[bt.index[real]] = lg[real]

@@ -96,21 +96,42 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _plain_config(name: str) -> dict:
+    if name in NO_TRAINING:
+        return {"method": name}
+    return OmegaConf.to_container(predictor_config(name), resolve=True)  # type: ignore[return-value]
+
+
+def table_key(trace: Path, name: str) -> str:
+    """Hash of everything the table depends on: the trace's content and its router-weights side
+    file (Fate and ``ranking=routers`` read it), the predictor config, the split, the table code
+    version."""
+    from traces.collect.collector import routers_path
+
+    trace = Path(trace)
+    if not trace.is_file():
+        raise PredictorError(f"trace file not found: {trace}")
+    side = routers_path(trace)
+    fractions, seed = split_settings()
+    text = json.dumps({
+        "trace": file_digest(trace), "routers": file_digest(side) if side.is_file() else None,
+        "predictor": _plain_config(name), "split": fractions, "seed": seed,
+        "version": TABLE_VERSION,
+    }, sort_keys=True, default=str)
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+
+
 def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
               progress: bool = True) -> Path:
     """Path of ``name``'s prediction table for ``trace``, built (and cached) on first use."""
     trace = Path(trace)
-    if not trace.is_file():
-        raise PredictorError(f"trace file not found: {trace}")
+    key = table_key(trace, name)
     fractions, seed = split_settings()
-    if name in NO_TRAINING:
-        plain: dict = {"method": name}
-    else:
-        plain = OmegaConf.to_container(predictor_config(name), resolve=True)  # type: ignore[assignment]
-    text = json.dumps({"trace": file_digest(trace), "predictor": plain, "split": fractions,
-                       "seed": seed, "version": TABLE_VERSION}, sort_keys=True, default=str)
-    key = hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+    plain = _plain_config(name)
     out = table_root() / f"{name}-{key}.parquet"
+    log_wait = out.with_name(out.name + ".lock").exists() and not out.is_file()
+    if log_wait:
+        log(f"waiting for another process building {out.name} ...")
     with _locked(out):
         if out.is_file():
             return out

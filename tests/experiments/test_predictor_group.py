@@ -20,6 +20,7 @@ TAGS = {
     "pre_attention": "pre_attention:same_layer",
     "fate": "routed:prev_layer",
     "moe_beyond_causal": "routed:same_layer",
+    "moe_beyond_text": "token_start:any_layer",
     "speculation": "routed:minus2_layer",
 }
 

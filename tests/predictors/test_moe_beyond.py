@@ -97,7 +97,19 @@ def test_tags_and_what_prediction_prefetch_accepts():
     assert available_at("causal", "text") == "token_start:any_layer"
     assert not available("prompt:complete", "routed", 0)
     assert available("token_start:any_layer", "pre_attention", 2)
-    assert text_vocab(["b", "a", None, "b"]) == {"a": 1, "b": 2}
+    assert text_vocab(["b", "a", None, "b", "a", "c"]) == {"a": 1, "b": 2}  # c: once -> OOV
+    assert text_vocab(["b", "a", "c"], min_count=1) == {"a": 1, "b": 2, "c": 3}
+
+
+def test_prediction_batches_respect_the_attention_budget():
+    from predictors.moe_beyond import _budget_batches
+
+    groups = _budget_batches([10, 3, 30, 4, 10], budget=250)
+    assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
+    lengths = [10, 3, 30, 4, 10]
+    for g in groups:
+        longest = max(lengths[i] for i in g)
+        assert len(g) == 1 or len(g) * longest**2 <= 250
 
 
 def test_config_errors():
