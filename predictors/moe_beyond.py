@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +55,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from predictors.train import BestEpoch, TrainConfig, exact_rate
-from traces.store import atomic_path
+from predictors.train import (
+    BestEpoch,
+    TrainConfig,
+    exact_rate,
+    load_cached,
+    multi_hot,
+    save_checkpoint,
+)
 
 TOKEN_VECTORS = ("auto", "router_in", "pre_attn", "text")
 CONTEXTS = ("prompt", "causal")
@@ -254,12 +260,6 @@ def make_batch(seqs: list[np.ndarray], vectors: np.ndarray, layer: np.ndarray,
     return Batch(vt, torch.from_numpy(lay), torch.from_numpy(~real), block, index)
 
 
-def _targets(true: np.ndarray, num_experts: int) -> np.ndarray:
-    y = np.zeros((len(true), num_experts + 1), dtype=np.float32)
-    y[np.arange(len(true))[:, None], np.where(true >= 0, true, num_experts)] = 1.0
-    return y[:, :num_experts]
-
-
 def _budget_batches(lengths: list[int], budget: int) -> list[list[int]]:
     """Sequence indices grouped (shortest first, less padding) so that batch x longest^2 stays
     within ``budget`` attention cells per head (a longer sequence goes alone)."""
@@ -317,16 +317,13 @@ def train_moe_beyond(
     def build() -> MoEBeyondNet:
         return MoEBeyondNet(in_dim, vocab, num_layers, num_experts, model_cfg)
 
-    if path.is_file() and not retrain:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = build()
-        model.load_state_dict(ckpt["state"])
-        model.eval()
-        log(f"loaded cached model {path} (trained in {ckpt['train_seconds']:.1f} s)")
+    cached = None if retrain else load_cached(path, build, log)
+    if cached is not None:
+        model, ckpt = cached
         return MoEBeyondResult(model, path, True, float(ckpt["train_seconds"]),
                                int(ckpt["best_epoch"]), list(ckpt["history"]))
     causal = model_cfg.context == "causal"
-    y = torch.from_numpy(_targets(true, num_experts))
+    y = torch.from_numpy(multi_hot(true, num_experts))
     val_rows = np.concatenate(val.rows) if len(val) else np.zeros(0, dtype=np.int64)
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
@@ -384,11 +381,5 @@ def train_moe_beyond(
     finally:
         torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"state": best.state, "train_seconds": seconds, "best_epoch": best.epoch,
-                    "history": history, "config": asdict(model_cfg),
-                    "train": asdict(train_cfg)}, tmp)
-    log(f"trained in {seconds:.1f} s (best epoch {best.epoch + 1}, ran {len(history)} of "
-        f"{train_cfg.epochs}); saved {path}")
+    save_checkpoint(path, best, seconds, model_cfg, train_cfg, log)
     return MoEBeyondResult(model, path, False, seconds, best.epoch, history)

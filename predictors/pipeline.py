@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -76,6 +77,18 @@ def _dataclass_from(cls: type, values: dict, what: str):
         raise PredictorError(f"{what}: {exc}") from None
 
 
+def _configs(model_cls: type, train_cls: type, cfg: RunConfig) -> tuple[Any, Any]:
+    """``predictor.model`` / ``predictor.train`` as checked dataclasses (one clear error)."""
+    mcfg = _dataclass_from(model_cls, cfg.model, "predictor.model")
+    tcfg = _dataclass_from(train_cls, cfg.train, "predictor.train")
+    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
+        try:
+            c.check()
+        except ValueError as exc:
+            raise PredictorError(f"{what}: {exc}") from None
+    return mcfg, tcfg
+
+
 def _rank_pre_attention(
     cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]
 ) -> tuple[np.ndarray, float, bool, Path]:
@@ -90,13 +103,7 @@ def _rank_pre_attention(
         train_pre_attention,
     )
 
-    mcfg = _dataclass_from(PreAttentionConfig, cfg.model, "predictor.model")
-    tcfg = _dataclass_from(TrainConfig, cfg.train, "predictor.train")
-    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
-        try:
-            c.check()
-        except ValueError as exc:
-            raise PredictorError(f"{what}: {exc}") from None
+    mcfg, tcfg = _configs(PreAttentionConfig, TrainConfig, cfg)
     meta = data.trace.meta
     full = None
     if mcfg.ranking == "routers":
@@ -137,13 +144,7 @@ def _rank_speculation(
     )
     from predictors.train import cache_dir, cache_key
 
-    mcfg = _dataclass_from(SpeculationConfig, cfg.model, "predictor.model")
-    tcfg = _dataclass_from(SpecTrainConfig, cfg.train, "predictor.train")
-    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
-        try:
-            c.check()
-        except ValueError as exc:
-            raise PredictorError(f"{what}: {exc}") from None
+    mcfg, tcfg = _configs(SpeculationConfig, SpecTrainConfig, cfg)
     rows, meta = data.rows, data.trace.meta
     e = meta.num_experts
     ctx, has = context_rows(rows.request, rows.token, rows.layer, meta.num_moe_layers,
@@ -202,13 +203,7 @@ def _rank_moe_beyond(
     )
     from predictors.train import cache_dir, cache_key
 
-    mcfg = _dataclass_from(MoEBeyondConfig, cfg.model, "predictor.model")
-    tcfg = _dataclass_from(MoEBeyondTrainConfig, cfg.train, "predictor.train")
-    for what, c in (("predictor.model", mcfg), ("predictor.train", tcfg)):
-        try:
-            c.check()
-        except ValueError as exc:
-            raise PredictorError(f"{what}: {exc}") from None
+    mcfg, tcfg = _configs(MoEBeyondConfig, MoEBeyondTrainConfig, cfg)
     rows, meta = data.rows, data.trace.meta
     vec_name = data.feature or "text"
     vocab = 0

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +26,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from predictors.train import BestEpoch, TrainConfig, exact_rate
-from traces.store import atomic_path
+from predictors.train import (
+    BestEpoch,
+    TrainConfig,
+    exact_rate,
+    load_cached,
+    multi_hot,
+    save_checkpoint,
+)
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,6 @@ def predict_logits(model: SpeculationNet, inp: Inputs, batch: int = 4096) -> np.
     return out
 
 
-def _targets(true: np.ndarray, num_experts: int) -> np.ndarray:
-    y = np.zeros((len(true), num_experts + 1), dtype=np.float32)
-    y[np.arange(len(true))[:, None], np.where(true >= 0, true, num_experts)] = 1.0
-    return y[:, :num_experts]
-
-
 @dataclass
 class SpecResult:
     model: SpeculationNet
@@ -188,15 +188,14 @@ def train_speculation(
 ) -> SpecResult:
     """Train (or load from the cache under ``key``) a speculation model; seeded, CPU-exact."""
     path = directory / f"speculation-{key}.pt"
-    if path.is_file() and not retrain:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = SpeculationNet(num_layers, num_experts, model_cfg)
-        model.load_state_dict(ckpt["state"])
-        model.eval()
-        log(f"loaded cached model {path} (trained in {ckpt['train_seconds']:.1f} s)")
+    cached = None if retrain else load_cached(
+        path, lambda: SpeculationNet(num_layers, num_experts, model_cfg), log
+    )
+    if cached is not None:
+        model, ckpt = cached
         return SpecResult(model, path, True, float(ckpt["train_seconds"]),
                           int(ckpt["best_epoch"]), list(ckpt["history"]))
-    y = torch.from_numpy(_targets(train_true, num_experts))
+    y = torch.from_numpy(multi_hot(train_true, num_experts))
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
     old_threads = torch.get_num_threads()
@@ -227,7 +226,7 @@ def train_speculation(
                 if len(val_true):
                     lg = predict_logits(model, val)
                     vl = float(nn.functional.binary_cross_entropy_with_logits(
-                        torch.from_numpy(lg), torch.from_numpy(_targets(val_true, num_experts))))
+                        torch.from_numpy(lg), torch.from_numpy(multi_hot(val_true, num_experts))))
                     rec["val_loss"], rec["val_exact"] = vl, exact_rate(lg, val_true)
                 best.update(model, epoch, rec, bar)
             model.load_state_dict(best.state)
@@ -235,11 +234,5 @@ def train_speculation(
     finally:
         torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save({"state": best.state, "train_seconds": seconds, "best_epoch": best.epoch,
-                    "history": history, "config": asdict(model_cfg),
-                    "train": asdict(train_cfg)}, tmp)
-    log(f"trained in {seconds:.1f} s (best epoch {best.epoch + 1}/{train_cfg.epochs}); "
-        f"saved {path}")
+    save_checkpoint(path, best, seconds, model_cfg, train_cfg, log)
     return SpecResult(model, path, False, seconds, best.epoch, history)

@@ -108,6 +108,41 @@ def predict_logits(
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
 
+def multi_hot(true: np.ndarray, num_experts: int) -> np.ndarray:
+    """``[N, E]`` float32 targets with a 1 for each expert id in ``true`` (-1 entries ignored)."""
+    y = np.zeros((len(true), num_experts + 1), dtype=np.float32)
+    y[np.arange(len(true))[:, None], np.where(true >= 0, true, num_experts)] = 1.0
+    return y[:, :num_experts]
+
+
+def load_cached(
+    path: Path, build: Callable[[], torch.nn.Module], log: Callable[[str], None]
+) -> tuple[Any, dict] | None:
+    """The model ``build()`` makes with the checkpoint at ``path`` loaded (eval mode) and the
+    checkpoint, or None when there is none. The caller's RNG state is left untouched."""
+    if not path.is_file():
+        return None
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    with torch.random.fork_rng(devices=[]):
+        model = build()
+    model.load_state_dict(ckpt["state"])
+    model.eval()
+    log(f"loaded cached model {path} (trained in {ckpt['train_seconds']:.1f} s)")
+    return model, ckpt
+
+
+def save_checkpoint(path: Path, best: BestEpoch, seconds: float, model_cfg: Any,
+                    train_cfg: Any, log: Callable[[str], None]) -> None:
+    """Write the best epoch's weights and provenance atomically and say so."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save({"state": best.state, "train_seconds": seconds, "best_epoch": best.epoch,
+                    "history": best.history, "config": asdict(model_cfg),
+                    "train": asdict(train_cfg)}, tmp)
+    log(f"trained in {seconds:.1f} s (best epoch {best.epoch + 1}, ran {len(best.history)} of "
+        f"{train_cfg.epochs}); saved {path}")
+
+
 def exact_rate(logits: np.ndarray, true: np.ndarray) -> float:
     """Share of rows whose top-k logits are exactly the true top-k set."""
     k = true.shape[1]
@@ -167,12 +202,11 @@ def train_pre_attention(
     train_cfg.check()
     d = x.shape[1]
     path = directory / f"pre_attention-{key}.pt"
-    if path.is_file() and not retrain:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        model = PreAttentionNet(d, num_layers, num_experts, model_cfg)
-        model.load_state_dict(ckpt["state"])
-        model.eval()
-        log(f"loaded cached model {path} (trained in {ckpt['train_seconds']:.1f} s)")
+    cached = None if retrain else load_cached(
+        path, lambda: PreAttentionNet(d, num_layers, num_experts, model_cfg), log
+    )
+    if cached is not None:
+        model, ckpt = cached
         return TrainResult(
             model, key, path, True, float(ckpt["train_seconds"]), int(ckpt["best_epoch"]),
             list(ckpt["history"]),
@@ -184,23 +218,15 @@ def train_pre_attention(
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(threads)))
     try:
-        model, best_epoch, best_state = _fit(
+        model, best = _fit(
             xt, rt, x, layer, true, ranks, train_idx, val_idx, d, num_layers, num_experts,
             model_cfg, train_cfg, history, progress,
         )
     finally:
         torch.set_num_threads(old_threads)
     seconds = time.perf_counter() - t0
-    directory.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        torch.save(
-            {"state": best_state, "train_seconds": seconds, "best_epoch": best_epoch,
-             "history": history, "config": asdict(model_cfg), "train": asdict(train_cfg)},
-            tmp,
-        )
-    log(f"trained in {seconds:.1f} s (best epoch {best_epoch + 1}/{train_cfg.epochs}); "
-        f"saved {path}")
-    return TrainResult(model, key, path, False, seconds, best_epoch, history)
+    save_checkpoint(path, best, seconds, model_cfg, train_cfg, log)
+    return TrainResult(model, key, path, False, seconds, best.epoch, history)
 
 
 def _fit(
@@ -208,8 +234,8 @@ def _fit(
     ranks: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray, d: int, num_layers: int,
     num_experts: int, model_cfg: PreAttentionConfig, train_cfg: TrainConfig,
     history: list[dict[str, float]], progress: bool,
-) -> tuple[PreAttentionNet, int, dict[str, torch.Tensor]]:
-    """The seeded epoch loop; returns the best model, its epoch and its state."""
+) -> tuple[PreAttentionNet, BestEpoch]:
+    """The seeded epoch loop; returns the best model and its epoch bookkeeping."""
     top_k = true.shape[1]
     lt = torch.from_numpy(np.asarray(layer, dtype=np.int64))
     gen = np.random.default_rng(train_cfg.seed)
@@ -247,7 +273,7 @@ def _fit(
             best.update(model, epoch, rec, bar)
         model.load_state_dict(best.state)
         model.eval()
-    return model, best.epoch, best.state
+    return model, best
 
 
 def _val_loss(
