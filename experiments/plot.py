@@ -153,13 +153,19 @@ def _bars(ax: plt.Axes, table: pd.DataFrame, scale: float) -> None:
     ax.set_xticks(range(len(table)), [str(v) for v in table.index], rotation=35, ha="right")
 
 
+# experiments/conf/predictor entries, by how early their prediction exists, oracles last
+PREDICTOR_ORDER = (
+    "none", "pre_attention", "moe_beyond_causal", "moe_beyond_text", "fate", "speculation",
+    "oracle_pre_attention", "oracle_routed", "oracle_next_layer", "oracle_two_layers",
+)
+
+
 def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
     """Runs labelled by predictor (``experiment=prediction_point``): zero-latency hit rate,
     timed stall per token per hardware profile, and stall saved against the ``none`` run."""
     df = df[df["label"].notna()].copy()
-    order = list(dict.fromkeys(df["label"]))
-    if "none" in order:
-        order = ["none", *[o for o in order if o != "none"]]
+    known = {name: i for i, name in enumerate(PREDICTOR_ORDER)}
+    order = sorted(dict.fromkeys(df["label"]), key=lambda v: (known.get(v, len(known)), v))
     zl = df[df["mode"] == "zero_latency"]
     timed = df[df["mode"] == "timed"]
     panels = []
