@@ -160,6 +160,12 @@ PREDICTOR_ORDER = (
 )
 
 
+def _factor_text(factor: str, value: object) -> str:
+    if factor == "compute_scale":
+        return f"x{float(value):g}"  # type: ignore[arg-type]
+    return str(value)
+
+
 def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
     """Runs labelled by predictor (``experiment=prediction_point``): zero-latency hit rate,
     timed stall per token per hardware profile, and stall saved against the ``none`` run."""
@@ -167,7 +173,13 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
     known = {name: i for i, name in enumerate(PREDICTOR_ORDER)}
     order = sorted(dict.fromkeys(df["label"]), key=lambda v: (known.get(v, len(known)), v))
     zl = df[df["mode"] == "zero_latency"]
-    timed = df[df["mode"] == "timed"]
+    timed = df[df["mode"] == "timed"].copy()
+    factors = [c for c in ("hw.name", "compute_scale") if c in timed and timed[c].nunique() > 1]
+    factors = factors or ["hw.name"]
+    title = " · ".join("compute x" if f == "compute_scale" else "hw" for f in factors)
+    timed["group"] = [" · ".join(_factor_text(f, v) for f, v in zip(factors, vals, strict=True))
+                      for vals in timed[factors].itertuples(index=False)]
+    timed["order"] = timed[factors[-1]].rank(method="dense")
     panels = []
     if not zl.empty:
         panels.append("zl")
@@ -183,9 +195,10 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
                 ax.set_ylabel("hit rate (zero-latency)")
                 ax.set_ylim(0, 1)
                 continue
-            t = timed.pivot_table(index="label", columns="hw.name",
+            t = timed.pivot_table(index="label", columns="group",
                                   values="stall_per_output_token_s", aggfunc="mean")
             t = t.reindex([o for o in order if o in t.index])
+            t = t[sorted(t.columns, key=lambda g: timed.loc[timed["group"] == g, "order"].iloc[0])]
             if panel == "stall":
                 _bars(ax, t, 1e3)
                 ax.set_ylabel("stall per output token (ms), timed")
@@ -195,7 +208,7 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
                 _bars(ax, saved.drop(index="none"), 100.0)
                 ax.axhline(0, color="black", lw=0.6)
                 ax.set_ylabel("stall saved vs no prediction (%)")
-            ax.legend(loc="best", title="hw")
+            ax.legend(loc="best", title=title)
         fig.tight_layout()
     return _save(fig, out, "predictors")
 

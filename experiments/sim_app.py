@@ -70,6 +70,14 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         profile = hw_profile(cfg)
         link = profile.expert_link()
         compute = profile.compute_model(card)
+        scale = float(cfg.get("compute_scale", 1.0))
+        if scale != 1.0:  # what-if: slower compute than the profile's (framework overhead)
+            from hw_profiles.compute import ScaledCompute
+
+            try:
+                compute = ScaledCompute(compute, scale)
+            except ValueError as exc:
+                raise ProfileError(f"compute_scale: {exc}") from None
     result = simulate(
         trace,
         policy,

@@ -272,3 +272,37 @@ class ComputeModel:
                     out[op] = f"{q.kind} ({name}: {q.source})"
                     break
         return out
+
+
+@dataclass(frozen=True)
+class ScaledCompute:
+    """What-if: every compute time of ``base`` multiplied by ``factor``.
+
+    Roofline compute is the fastest a kernel can be; real runtimes add fixed per-module cost
+    (the pre-attention paper measured DeepSeek-V2-Lite's experts at ~100x their roofline on an
+    A100, see ``a100_pcie.yaml``). ``moesim-sim compute_scale=...`` sweeps that factor to find
+    where a setting turns from link-bound (prefetch timing cannot matter) to compute-bound
+    (demand copies already hide behind compute). It changes no copy time.
+    """
+
+    base: Any  # a ComputeModel or anything with the same five *_time methods
+    factor: float
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise ValueError(f"compute scale must be > 0, got {self.factor}")
+
+    def attention_time(self, batch: int, context: int) -> float:
+        return self.factor * self.base.attention_time(batch, context)
+
+    def router_time(self, batch: int) -> float:
+        return self.factor * self.base.router_time(batch)
+
+    def expert_time(self, tokens: int) -> float:
+        return self.factor * self.base.expert_time(tokens)
+
+    def shared_time(self, tokens: int) -> float:
+        return self.factor * self.base.shared_time(tokens)
+
+    def dense_layer_time(self, batch: int, context: int) -> float:
+        return self.factor * self.base.dense_layer_time(batch, context)

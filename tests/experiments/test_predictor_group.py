@@ -52,14 +52,29 @@ def test_experiment_sweeps_every_entry():
     assert sorted(swept) == ENTRIES
 
 
+def test_compute_scale_multiplies_every_compute_time():
+    from hw_profiles import load_profile
+    from hw_profiles.compute import ScaledCompute
+    from traces.model_card import load_card
+
+    base = load_profile("v100_pcie").compute_model(load_card("deepseek_v2_lite"))
+    scaled = ScaledCompute(base, 10.0)
+    assert scaled.attention_time(1, 100) == pytest.approx(10 * base.attention_time(1, 100))
+    assert scaled.expert_time(3) == pytest.approx(10 * base.expert_time(3))
+    assert scaled.dense_layer_time(2, 5) == pytest.approx(10 * base.dense_layer_time(2, 5))
+    with pytest.raises(ValueError):
+        ScaledCompute(base, 0.0)
+
+
 def test_predictor_plot(tmp_path):
     rows = []
     for label, zl, stall in [("none", 0.6, 0.06), ("fate", 0.8, 0.05), ("oracle_routed", 1, 0.059)]:
         rows.append({"label": label, "mode": "zero_latency", "hw.name": "v100_pcie",
                      "hit_rate": zl, "stall_per_output_token_s": float("nan"),
                      "policy.name": "x"})
-        for hw, f in (("v100_pcie", 1.0), ("h100_pcie", 0.5)):
-            rows.append({"label": label, "mode": "timed", "hw.name": hw, "hit_rate": zl,
+        for scale, f in ((1.0, 1.0), (10.0, 0.5)):
+            rows.append({"label": label, "mode": "timed", "hw.name": "v100_pcie",
+                         "compute_scale": scale, "hit_rate": zl,
                          "stall_per_output_token_s": stall * f, "policy.name": "x"})
     paths = plot_auto(pd.DataFrame(rows), tmp_path)
     assert [p.name for p in paths] == ["predictors.png", "predictors.pdf"]
