@@ -99,19 +99,34 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> Predictions | None:
     return out
 
 
+def _table_test_requests(cfg: DictConfig) -> set[int] | None:
+    """The held-out requests a ``moesim-train`` table names in its notes (None: not one)."""
+    given = (cfg.get("predictions") or {}).get("path")
+    if not given or not Path(given).expanduser().is_file():
+        return None
+    notes = read_predictions_meta(Path(given).expanduser()).get("notes") or {}
+    ids = str(notes.get("test_requests") or "") if isinstance(notes, dict) else ""
+    return {int(x) for x in ids.split(",") if x.strip()} or None
+
+
 def load_run_trace(cfg: DictConfig) -> Trace:
     """The trace of a run. ``requests=held_out`` (and ``auto`` with
     ``predictions.path=predictor:<name>``) replays only the predictors' held-out test requests,
     whatever the policy, so a learned prediction is never replayed on a request it was trained
-    on and every run of a sweep sees the same requests."""
+    on and every run of a sweep sees the same requests; ``auto`` with a ``moesim-train`` table
+    file replays the test requests its notes name."""
     trace = load_trace(trace_file(cfg.trace.path, cfg.trace.get("format")))
     which = str(cfg.get("requests") or "auto")
     if which not in ("auto", "held_out", "all"):
         raise TraceError(f"requests must be auto, held_out or all: {which!r}")
+    keep: set[int] | None = None
     if which == "held_out" or (which == "auto" and _predictor_spec(cfg)):
         from predictors.tables import held_out_requests
 
         keep = set(held_out_requests([r.request_id for r in trace.requests]))
+    elif which == "auto":
+        keep = _table_test_requests(cfg)
+    if keep is not None:
         trace = Trace(trace.meta, [r for r in trace.requests if r.request_id in keep])
     if cfg.get("max_requests") is not None or cfg.get("max_tokens") is not None:
         trace = trace.subset(cfg.get("max_requests"), cfg.get("max_tokens"))

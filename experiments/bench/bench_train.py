@@ -24,7 +24,9 @@ from omegaconf import OmegaConf  # noqa: E402
 from predictors.pipeline import RunConfig, run  # noqa: E402
 from predictors.tables import predictor_config, split_settings  # noqa: E402
 
-DEFAULT = "pre_attention,pre_attention_silu,speculation,moe_beyond,moe_beyond_causal"
+DEFAULT = (
+    "pre_attention,pre_attention_silu,speculation,moe_beyond,moe_beyond_causal,moe_beyond_text"
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -90,3 +90,18 @@ def test_unknown_predictor_is_a_user_error(small_trace, cache):
                 "predictions.path=predictor:nope", "policy=prediction_prefetch"])
     with pytest.raises(PredictorError, match="unknown predictor"):
         run(cfg)
+
+
+def test_auto_replays_the_test_requests_a_table_file_names(small_trace, tmp_path, cache):
+    from predictors.pipeline import RunConfig
+    from predictors.pipeline import run as train_run
+
+    table = tmp_path / "recency.parquet"
+    out = train_run(RunConfig(trace=small_trace, method="recency", feature="", predictions=table,
+                              progress=False), log=lambda _m: None)
+    base = [f"trace.path={small_trace}", "trace.format=parquet", "mode=zero_latency",
+            "progress=false", f"predictions.path={table}", "policy=prediction_prefetch"]
+    _, row = run(_cfg(base))
+    assert row["trace.requests"] == len(out.split["test"])
+    _, row_all = run(_cfg([*base, "requests=all"]))
+    assert row_all["trace.requests"] == len(load_trace(small_trace).requests)
