@@ -178,8 +178,8 @@ class MoEBeyondNet(nn.Module):
         tok = self.text(vec) if self.text is not None else vec
         x = self.input_proj(torch.cat([tok, self.layer_embed(layer)], dim=-1))
         mask = None
-        if block is not None:
-            mask = block.repeat_interleave(self.heads, dim=0)
+        if block is not None:  # one [S, S] mask serves every head (and a batch of one)
+            mask = block[0] if block.shape[0] == 1 else block.repeat_interleave(self.heads, 0)
         x = self.encoder(x, mask=mask, src_key_padding_mask=pad)
         return self.head(x)
 
