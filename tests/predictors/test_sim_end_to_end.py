@@ -27,9 +27,12 @@ def test_recency_table_replays(tmp_path):
     run(RunConfig(trace, method="recency", predictions=table, progress=False), log=lambda _: None)
     pred = _sim(trace, ["policy=prediction_prefetch", "policy.point=pre_attention",
                         "policy.ahead=0", f"predictions.path={table}"])
+    # the same held-out requests: the oracle run names the table too (requests=auto)
     oracle = _sim(trace, ["policy=oracle_prefetch", "policy.point=pre_attention",
-                          "policy.lookahead=0"])
+                          "policy.lookahead=0", f"predictions.path={table}"])
     assert pred["accesses"] == oracle["accesses"] > 0
+    every = _sim(trace, ["policy=lru", f"predictions.path={table}", "requests=all"])
+    assert every["accesses"] > pred["accesses"]  # the training requests are left out
     assert pred["hits"] + pred["late_hits"] + pred["misses"] == pred["accesses"]
     assert oracle["hit_rate"] == pytest.approx(1.0)
     assert pred["hit_rate"] <= oracle["hit_rate"]
