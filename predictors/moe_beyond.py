@@ -62,6 +62,7 @@ from predictors.train import (
     load_cached,
     multi_hot,
     save_checkpoint,
+    seeded_training,
 )
 
 TOKEN_VECTORS = ("auto", "router_in", "pre_attn", "text")
@@ -327,59 +328,53 @@ def train_moe_beyond(
     val_rows = np.concatenate(val.rows) if len(val) else np.zeros(0, dtype=np.int64)
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
     gen = np.random.default_rng(train_cfg.seed)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train_cfg.seed)
-            model = build()
-            lr = train_cfg.lr
-            groups = [
-                {"params": [p for p in (*(model.text.parameters() if model.text else ()),
-                                        *model.input_proj.parameters(),
-                                        *model.layer_embed.parameters()) if p.requires_grad],
-                 "lr": lr},
-                {"params": list(model.encoder.parameters()), "lr": 0.9 * lr},
-                {"params": list(model.head.parameters()), "lr": 0.8 * lr},
-            ]
-            opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
-            best = BestEpoch(history)
-            bar = tqdm(range(train_cfg.epochs), desc="moe_beyond", disable=not progress,
-                       unit="epoch", leave=False)
-            for epoch in bar:
-                model.train()
-                total, count = 0.0, 0
-                perm = gen.permutation(len(train))
-                for a in range(0, len(perm), train_cfg.batch_size):
-                    bt = make_batch([train.rows[i] for i in perm[a : a + train_cfg.batch_size]],
-                                    vectors, layer, token, causal)
-                    real = torch.from_numpy(bt.index >= 0)
-                    logits = model(bt.vec, bt.layer, bt.pad, bt.block)
-                    target = y[torch.from_numpy(np.where(bt.index >= 0, bt.index, 0))]
-                    loss = nn.functional.binary_cross_entropy_with_logits(
-                        logits[real], target[real])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                    opt.step()
-                    total += loss.item() * int(real.sum())
-                    count += int(real.sum())
-                rec = {"epoch": float(epoch), "train_loss": total / max(count, 1)}
-                if len(val_rows):
-                    lg = predict_logits(model, val, vectors, layer, token, len(layer), causal)
-                    lg = lg[val_rows]
-                    rec["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(
-                        torch.from_numpy(lg), y[torch.from_numpy(val_rows)]))
-                    rec["val_exact"] = exact_rate(lg, true[val_rows])
-                best.update(model, epoch, rec, bar)
-                if epoch - best.epoch >= train_cfg.patience:
-                    log(f"early stop after epoch {epoch + 1} (best {best.epoch + 1})")
-                    break
-            model.load_state_dict(best.state)
-            model.eval()
-    finally:
-        torch.set_num_threads(old_threads)
+    with seeded_training(train_cfg.seed, threads):
+        model = build()
+        lr = train_cfg.lr
+        groups = [
+            {"params": [p for p in (*(model.text.parameters() if model.text else ()),
+                                    *model.input_proj.parameters(),
+                                    *model.layer_embed.parameters()) if p.requires_grad],
+             "lr": lr},
+            {"params": list(model.encoder.parameters()), "lr": 0.9 * lr},
+            {"params": list(model.head.parameters()), "lr": 0.8 * lr},
+        ]
+        opt = torch.optim.AdamW(groups, weight_decay=train_cfg.weight_decay)
+        best = BestEpoch(history)
+        bar = tqdm(range(train_cfg.epochs), desc="moe_beyond", disable=not progress,
+                   unit="epoch", leave=False)
+        for epoch in bar:
+            model.train()
+            total, count = 0.0, 0
+            perm = gen.permutation(len(train))
+            for a in range(0, len(perm), train_cfg.batch_size):
+                bt = make_batch([train.rows[i] for i in perm[a : a + train_cfg.batch_size]],
+                                vectors, layer, token, causal)
+                real = torch.from_numpy(bt.index >= 0)
+                logits = model(bt.vec, bt.layer, bt.pad, bt.block)
+                target = y[torch.from_numpy(np.where(bt.index >= 0, bt.index, 0))]
+                loss = nn.functional.binary_cross_entropy_with_logits(
+                    logits[real], target[real])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                total += loss.item() * int(real.sum())
+                count += int(real.sum())
+            rec = {"epoch": float(epoch), "train_loss": total / max(count, 1)}
+            if len(val_rows):
+                lg = predict_logits(model, val, vectors, layer, token, len(layer), causal)
+                lg = lg[val_rows]
+                rec["val_loss"] = float(nn.functional.binary_cross_entropy_with_logits(
+                    torch.from_numpy(lg), y[torch.from_numpy(val_rows)]))
+                rec["val_exact"] = exact_rate(lg, true[val_rows])
+            best.update(model, epoch, rec, bar)
+            if epoch - best.epoch >= train_cfg.patience:
+                log(f"early stop after epoch {epoch + 1} (best {best.epoch + 1})")
+                break
+        model.load_state_dict(best.state)
+        model.eval()
     seconds = time.perf_counter() - t0
     save_checkpoint(path, best, seconds, model_cfg, train_cfg, log)
     return MoEBeyondResult(model, path, False, seconds, best.epoch, history)

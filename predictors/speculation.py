@@ -33,6 +33,7 @@ from predictors.train import (
     load_cached,
     multi_hot,
     save_checkpoint,
+    seeded_training,
 )
 
 
@@ -198,41 +199,35 @@ def train_speculation(
     y = torch.from_numpy(multi_hot(train_true, num_experts))
     history: list[dict[str, float]] = []
     t0 = time.perf_counter()
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(threads)))
     gen = np.random.default_rng(train_cfg.seed)
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(train_cfg.seed)
-            model = SpeculationNet(num_layers, num_experts, model_cfg)
-            opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
-                                    weight_decay=train_cfg.weight_decay)
-            best = BestEpoch(history)
-            bar = tqdm(range(train_cfg.epochs), desc="speculation", disable=not progress,
-                       unit="epoch", leave=False)
-            for epoch in bar:
-                model.train()
-                perm = gen.permutation(len(y))
-                total = 0.0
-                for a in range(0, len(perm), train_cfg.batch_size):
-                    r = perm[a : a + train_cfg.batch_size]
-                    logits = model(*_tensors(train, r))
-                    loss = nn.functional.binary_cross_entropy_with_logits(logits, y[r])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += loss.item() * len(r)
-                rec = {"epoch": float(epoch), "train_loss": total / max(len(perm), 1)}
-                if len(val_true):
-                    lg = predict_logits(model, val)
-                    vl = float(nn.functional.binary_cross_entropy_with_logits(
-                        torch.from_numpy(lg), torch.from_numpy(multi_hot(val_true, num_experts))))
-                    rec["val_loss"], rec["val_exact"] = vl, exact_rate(lg, val_true)
-                best.update(model, epoch, rec, bar)
-            model.load_state_dict(best.state)
-            model.eval()
-    finally:
-        torch.set_num_threads(old_threads)
+    with seeded_training(train_cfg.seed, threads):
+        model = SpeculationNet(num_layers, num_experts, model_cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr,
+                                weight_decay=train_cfg.weight_decay)
+        best = BestEpoch(history)
+        bar = tqdm(range(train_cfg.epochs), desc="speculation", disable=not progress,
+                   unit="epoch", leave=False)
+        for epoch in bar:
+            model.train()
+            perm = gen.permutation(len(y))
+            total = 0.0
+            for a in range(0, len(perm), train_cfg.batch_size):
+                r = perm[a : a + train_cfg.batch_size]
+                logits = model(*_tensors(train, r))
+                loss = nn.functional.binary_cross_entropy_with_logits(logits, y[r])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(r)
+            rec = {"epoch": float(epoch), "train_loss": total / max(len(perm), 1)}
+            if len(val_true):
+                lg = predict_logits(model, val)
+                vl = float(nn.functional.binary_cross_entropy_with_logits(
+                    torch.from_numpy(lg), torch.from_numpy(multi_hot(val_true, num_experts))))
+                rec["val_loss"], rec["val_exact"] = vl, exact_rate(lg, val_true)
+            best.update(model, epoch, rec, bar)
+        model.load_state_dict(best.state)
+        model.eval()
     seconds = time.perf_counter() - t0
     save_checkpoint(path, best, seconds, model_cfg, train_cfg, log)
     return SpecResult(model, path, False, seconds, best.epoch, history)

@@ -14,7 +14,8 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,20 @@ def predict_logits(
                 out = np.zeros((len(x), y.shape[1]), dtype=np.float32)
             out[r] = y
     return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
+
+@contextmanager
+def seeded_training(seed: int, threads: int) -> Iterator[None]:
+    """Run a training loop with ``threads`` torch threads and torch seeded with ``seed``; the
+    caller's thread count and RNG state are restored afterwards."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+    finally:
+        torch.set_num_threads(old_threads)
 
 
 def multi_hot(true: np.ndarray, num_experts: int) -> np.ndarray:
