@@ -179,7 +179,7 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
     title = " · ".join("compute x" if f == "compute_scale" else "hw" for f in factors)
     timed["group"] = [" · ".join(_factor_text(f, v) for f, v in zip(factors, vals, strict=True))
                       for vals in timed[factors].itertuples(index=False)]
-    timed["order"] = timed[factors[-1]].rank(method="dense")
+    group_keys = timed.groupby("group")[factors].first()  # group label -> factor values
     panels = []
     if not zl.empty:
         panels.append("zl")
@@ -198,7 +198,7 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
             t = timed.pivot_table(index="label", columns="group",
                                   values="stall_per_output_token_s", aggfunc="mean")
             t = t.reindex([o for o in order if o in t.index])
-            t = t[sorted(t.columns, key=lambda g: timed.loc[timed["group"] == g, "order"].iloc[0])]
+            t = t[sorted(t.columns, key=lambda g: tuple(group_keys.loc[g]))]
             if panel == "stall":
                 _bars(ax, t, 1e3)
                 ax.set_ylabel("stall per output token (ms), timed")

@@ -8,6 +8,7 @@ Feature rows come from :func:`traces.store.load_features`, which is aligned with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,10 +125,19 @@ class TraceData:
     fingerprint: str
 
 
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a file (the model cache key must change when the trace does)."""
+def file_digest(path: Path) -> str:
+    """Content hash of a file (the model cache key must change when the trace does). A run
+    asks for its trace's hash several times (run hash, table key, model key); the hash is
+    remembered per (path, size, modification time), so the file is read once."""
+    st = Path(path).stat()
+    return _digest_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_of(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
+    del size, mtime_ns  # part of the cache key only
     h = hashlib.blake2b(digest_size=12)
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -126,8 +127,6 @@ def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
     """Path of ``name``'s prediction table for ``trace``, built (and cached) on first use."""
     trace = Path(trace)
     key = table_key(trace, name)
-    fractions, seed = split_settings()
-    plain = _plain_config(name)
     out = table_root() / f"{name}-{key}.parquet"
     log_wait = out.with_name(out.name + ".lock").exists() and not out.is_file()
     if log_wait:
@@ -144,12 +143,24 @@ def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
             except ValueError as exc:
                 raise PredictorError(f"fate: {exc}") from None
             return out
-        from predictors.pipeline import RunConfig, run
+        from predictors.pipeline import run
 
-        run(RunConfig(
-            trace=trace, method=str(plain["method"]), feature=str(plain.get("feature") or ""),
-            model=dict(plain.get("model") or {}), train=dict(plain.get("train") or {}),
-            split=fractions, split_seed=seed, eval_parts=("test",), predictions=out,
-            progress=progress,
-        ), log=log)
+        run(run_config(name, trace, eval_parts=("test",), predictions=out, progress=progress),
+            log=log)
     return out
+
+
+def run_config(name: str, trace: Path, **settings: Any):
+    """The ``predictors.pipeline.RunConfig`` of predictor ``name`` on ``trace`` with the default
+    split, as ``moesim-train predictor=<name>`` would build it; ``settings`` set other fields."""
+    from predictors.pipeline import RunConfig
+
+    if name in NO_TRAINING:
+        raise PredictorError(f"{name} has no training run (its table comes from the trace)")
+    plain = _plain_config(name)
+    fractions, seed = split_settings()
+    return RunConfig(
+        trace=Path(trace), method=str(plain["method"]), feature=str(plain.get("feature") or ""),
+        model=dict(plain.get("model") or {}), train=dict(plain.get("train") or {}),
+        split=fractions, split_seed=seed, **settings,
+    )

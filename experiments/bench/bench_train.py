@@ -19,10 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # allow running as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from predictors.pipeline import RunConfig, run  # noqa: E402
-from predictors.tables import predictor_config, split_settings  # noqa: E402
+from predictors.pipeline import run  # noqa: E402
+from predictors.tables import run_config  # noqa: E402
 
 DEFAULT = (
     "pre_attention,pre_attention_silu,speculation,moe_beyond,moe_beyond_causal,moe_beyond_text"
@@ -40,18 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         from traces.collect.embedded import ensure_embedded_trace
 
         trace = ensure_embedded_trace()
-    fractions, seed = split_settings()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.predictors.split(","):
-            cfg = OmegaConf.to_container(predictor_config(name), resolve=True)
             t0 = time.perf_counter()
-            out = run(RunConfig(
-                trace=trace, method=cfg["method"], feature=str(cfg.get("feature") or ""),
-                model=dict(cfg.get("model") or {}), train=dict(cfg.get("train") or {}),
-                split=fractions, split_seed=seed, eval_parts=("test",),
-                cache_dir=Path(tmp), progress=True, threads=args.threads,
-            ), log=lambda _m: None)
+            out = run(run_config(name, trace, eval_parts=("test",), cache_dir=Path(tmp),
+                                 progress=True, threads=args.threads), log=lambda _m: None)
             wall = time.perf_counter() - t0
             m = out.metrics.query("layer == 'all'").iloc[0]
             k = next(c for c in out.metrics.columns if c.startswith("recall@"))

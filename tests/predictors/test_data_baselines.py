@@ -84,3 +84,14 @@ def test_load_data_errors(tmp_path):
 
     with pytest.raises(TraceError, match="no feature"):
         load_data(path, "pre_attn")
+
+
+def test_file_digest_is_remembered_but_follows_the_content(tmp_path):
+    from predictors.data import file_digest
+
+    f = tmp_path / "t.bin"
+    f.write_bytes(b"abc")
+    first = file_digest(f)
+    assert file_digest(f) == first
+    f.write_bytes(b"abcd")  # new size and mtime: hashed again
+    assert file_digest(f) != first
