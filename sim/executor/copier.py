@@ -1,0 +1,230 @@
+"""Copy workers: ``copy_engines`` threads moving experts into their slots.
+
+The rules are the simulator's host link (``sim.link.HostLink``): demand copies go first, in
+issue order; queued prefetches follow by priority, then submission order; a prefetch takes its
+cache slot when its copy starts and is dropped if no slot can be freed then; a queued prefetch
+can be cancelled or withdrawn (promoted to demand); a copy that started is never preempted.
+
+Threads only move bytes. Everything that touches the cache or a policy (reserving a prefetch's
+slot, marking a copy complete, ``on_transfer_done``) runs on the main thread in :meth:`drain`
+and :meth:`dispatch`, so policies stay single-threaded as under SimPy. Workers take jobs from
+one FIFO that the main thread fills with demand copies at once and with prefetches only while
+an engine is idle and no demand waits, which is "demand before prefetch, no preemption". The
+price: an engine that frees while the main thread computes starts its next prefetch only when
+the main thread next drains (between two experts), which the run reports as dispatch delay.
+"""
+
+from __future__ import annotations
+
+import heapq
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sim.cache import ABSENT, ExpertCache, SimulationError
+
+DEMAND, PREFETCH = 0, 1
+LoadFn = Callable[[int, int, int], None]  # (key, slot, engine index) -> bytes are in the slot
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished copy, as a worker reports it (times in seconds of the run clock)."""
+
+    key: int
+    kind: int
+    slot: int
+    start: float
+    end: float
+    error: BaseException | None = None
+
+
+class Copier:
+    """Queues and workers. All public methods are for the main thread only."""
+
+    def __init__(
+        self,
+        load: LoadFn,
+        engines: int,
+        cache: ExpertCache,
+        slot_of: Callable[[int], int],
+        now: Callable[[], float],
+        on_done: Callable[[int, bool], None] | None = None,
+        record: bool = False,
+    ) -> None:
+        if engines < 1:
+            raise SimulationError(f"copy_engines must be >= 1, got {engines}")
+        self.engines = engines
+        self.cache = cache
+        self._load = load
+        self._slot_of = slot_of
+        self._now = now
+        self.on_done = on_done
+        self._jobs: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[Completion] = queue.SimpleQueue()
+        self._prefetch: list[tuple[float, int, int]] = []  # (priority, seq, key)
+        self._queued: dict[int, int] = {}  # key -> seq of its live prefetch entry
+        self._inflight: dict[int, int] = {}  # key -> kind, from dispatch until drained
+        self._seq = 0
+        self._arrivals = 0
+        self.arrival: dict[int, int] = {}  # key -> order in which its copy was drained
+        self.counting = True
+        self.started = [0, 0]  # per kind, counted steps only
+        self.dropped = 0
+        self.cancelled = 0
+        self.busy = 0.0
+        self.records: list[tuple[int, int, float, float]] | None = [] if record else None
+        self._threads = [
+            threading.Thread(target=self._worker, args=(e,), name=f"moesim-copy-{e}",
+                             daemon=True)
+            for e in range(engines)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- the workers ------------------------------------------------------------------------
+    def _worker(self, engine: int) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            key, slot, kind = job
+            t0 = self._now()
+            try:
+                self._load(key, slot, engine)
+            except BaseException as exc:  # reported on the main thread, which raises it
+                self._done.put(Completion(key, kind, slot, t0, self._now(), exc))
+                continue
+            self._done.put(Completion(key, kind, slot, t0, self._now()))
+
+    def close(self) -> None:
+        """Stop the workers (after the copies they already took)."""
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+
+    # -- queries ----------------------------------------------------------------------------
+    def is_queued(self, key: int) -> bool:
+        return key in self._queued
+
+    def is_running(self, key: int) -> bool:
+        """Dispatched to the workers and not yet drained."""
+        return key in self._inflight
+
+    @property
+    def queued_prefetches(self) -> int:
+        return len(self._queued)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    # -- submissions --------------------------------------------------------------------------
+    def submit_demand(self, key: int) -> None:
+        """Start a demand copy now; its slot is already reserved in the cache."""
+        if key in self._inflight:
+            raise SimulationError(f"expert key {key} is already being copied")
+        self._inflight[key] = DEMAND
+        self._seq += 1  # the simulator's link numbers every copy, so default priorities match
+        self._jobs.put((key, self._slot_of(key), DEMAND))
+        if self.counting:
+            self.started[DEMAND] += 1
+
+    def submit_prefetch(self, key: int, priority: float | None = None) -> bool:
+        """Queue a prefetch of an absent key (default priority: submission order)."""
+        if key in self._queued or key in self._inflight or self.cache.state[key] != ABSENT:
+            return False
+        prio = float(self._seq) if priority is None else float(priority)
+        self._seq += 1
+        self._queued[key] = self._seq
+        heapq.heappush(self._prefetch, (prio, self._seq, key))
+        return True
+
+    def default_priority(self) -> float:
+        """The priority a prefetch request without one gets: the submission counter, as the
+        simulator's link gives it, so explicit and default priorities interleave alike."""
+        return float(self._seq)
+
+    def withdraw(self, key: int) -> bool:
+        """Remove a queued prefetch (before promoting it to demand)."""
+        return self._queued.pop(key, None) is not None
+
+    def cancel(self, keys: Iterable[int] | None = None) -> int:
+        if keys is None:
+            n = len(self._queued)
+            self._queued.clear()
+            self._prefetch.clear()
+        else:
+            n = sum(self.withdraw(k) for k in keys)
+        self.cancelled += n
+        return n
+
+    def dispatch(self) -> int:
+        """Start queued prefetches while an engine is idle and no demand waits."""
+        n = 0
+        while self._queued and len(self._inflight) < self.engines:
+            _, seq, key = heapq.heappop(self._prefetch)
+            if self._queued.get(key) != seq:
+                continue  # withdrawn or cancelled
+            del self._queued[key]
+            if not self.cache.reserve(key, prefetch=True):
+                self.dropped += 1
+                continue
+            self._inflight[key] = PREFETCH
+            self._seq += 1
+            self._jobs.put((key, self._slot_of(key), PREFETCH))
+            if self.counting:
+                self.started[PREFETCH] += 1
+            n += 1
+        return n
+
+    # -- completions --------------------------------------------------------------------------
+    def drain(self, timeout: float | None = 0.0) -> int:
+        """Apply finished copies (waiting up to ``timeout`` s for the first one; None: until
+        one arrives), then start prefetches on idle engines. Returns copies applied."""
+        done = self._done
+        n = 0
+        try:
+            if timeout is None:
+                item = done.get()
+            elif timeout > 0:
+                item = done.get(timeout=timeout)
+            else:
+                item = done.get_nowait()
+            while True:
+                self._apply(item)
+                n += 1
+                item = done.get_nowait()
+        except queue.Empty:
+            pass
+        self.dispatch()
+        return n
+
+    def _apply(self, c: Completion) -> None:
+        if c.error is not None:
+            raise SimulationError(f"copy of expert key {c.key} failed: {c.error}") from c.error
+        kind = self._inflight.pop(c.key)
+        self.cache.complete(c.key)
+        self._arrivals += 1
+        self.arrival[c.key] = self._arrivals
+        self.busy += c.end - c.start
+        if self.records is not None:
+            self.records.append((c.key, kind, c.start, c.end))
+        if self.on_done is not None:
+            self.on_done(c.key, kind == PREFETCH)
+
+    def wait_idle(self, limit_s: float = 60.0) -> None:
+        """Drain until no copy is in flight (queued prefetches stay queued)."""
+        deadline = time.perf_counter() + limit_s
+        while self._inflight:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                raise SimulationError("copies did not finish in time")
+            self.drain(timeout=min(left, 1.0))
+
+    def busy_until(self, end: float) -> float:
+        """Busy time of all finished copies (the metrics' link interface)."""
+        return self.busy

@@ -1,0 +1,167 @@
+"""Backend ``storage``: experts in one file, read with O_DIRECT into a DRAM slot pool; compute
+on the CPU with torch.
+
+This is an edge board that stages experts from NVMe into unified memory (the ``jetson_*``
+profiles). The weights are real random numbers (seeded, N(0, 0.02)), written once per
+(card, scale, dtype, seed) into a work folder and reused. Each read moves one expert's page-
+rounded record straight into its slot's page-aligned buffer (an anonymous mmap, so no bounce
+copy); the slot tensors are views of that buffer. Where O_DIRECT is unsupported (tmpfs, some
+network file systems) reads fall back to buffered ``preadv`` plus
+``posix_fadvise(DONTNEED)`` after each read, with one logged message; ``direct_io`` in the
+results says which ran.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.executor.model import PAGE, ExpertLayout
+
+LOG = logging.getLogger("moesim.executor")
+WEIGHT_STD = 0.02
+
+
+def default_work_dir() -> Path:
+    root = os.environ.get("MOESIM_CACHE") or Path.home() / ".cache" / "moesim"
+    return Path(root) / "executor"
+
+
+def weights_path(work_dir: Path, card_name: str, layout: ExpertLayout, seed: int) -> Path:
+    return work_dir / (f"{card_name}-h{layout.hidden}-i{layout.intermediate}-{layout.dtype}"
+                       f"-seed{seed}.experts")
+
+
+def _expert_bytes(layout: ExpertLayout, key: int, seed: int) -> bytes:
+    rng = np.random.default_rng([seed, key])
+    w = rng.standard_normal(3 * layout.matrix_elems, dtype=np.float32) * WEIGHT_STD
+    if layout.dtype == "bfloat16":  # round-to-nearest-even to the upper 16 bits
+        bits = w.view(np.uint32)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.astype(np.uint16).tobytes()
+    return w.tobytes()
+
+
+def ensure_weights(work_dir: Path, card_name: str, layout: ExpertLayout, seed: int) -> Path:
+    """The weights file for this layout and seed, written (atomically, fsynced) if absent."""
+    from filelock import FileLock
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    path = weights_path(work_dir, card_name, layout, seed)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file() and path.stat().st_size == layout.file_bytes:
+            return path
+        tmp = path.with_name(f".{path.name}.tmp")
+        pad = b"\0" * (layout.stride - layout.expert_bytes)
+        with tmp.open("wb") as fh:
+            for key in range(layout.num_keys):
+                fh.write(_expert_bytes(layout, key, seed))
+                fh.write(pad)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    return path
+
+
+def expert_array(layout: ExpertLayout, key: int, seed: int) -> np.ndarray:
+    """Expected contents of one expert (for checks): flat, float32 or raw bfloat16 bits."""
+    raw = _expert_bytes(layout, key, seed)
+    return np.frombuffer(raw, dtype=np.float32 if layout.dtype == "float32" else np.uint16)
+
+
+class StorageBackend:
+    """Reads experts from the weights file into ``capacity`` page-aligned DRAM slots."""
+
+    name = "storage"
+    device = "cpu"
+
+    def __init__(self, path: Path, layout: ExpertLayout, capacity: int,
+                 direct_io: bool | None = None) -> None:
+        import torch
+
+        self.layout = layout
+        self.path = Path(path)
+        self.capacity = capacity
+        stride = layout.stride
+        self._mm = mmap.mmap(-1, capacity * stride)  # anonymous: page-aligned, zeroed
+        view = memoryview(self._mm)
+        self._slots = [view[s * stride:(s + 1) * stride] for s in range(capacity)]
+        self.fallback_reason = ""
+        self._fd = -1
+        self.direct_io = False
+        if direct_io is not False:
+            self._open_direct()
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            if direct_io is False:
+                self.fallback_reason = "O_DIRECT disabled by option"
+            LOG.warning("executor: reading %s without O_DIRECT (%s); buffered reads with "
+                        "posix_fadvise(DONTNEED) after each one, so the page cache may still "
+                        "serve some", self.path, self.fallback_reason)
+        dt = torch.float32 if layout.dtype == "float32" else torch.bfloat16
+        base = torch.frombuffer(self._mm, dtype=torch.uint8)
+        n, h, i = layout.matrix_elems, layout.hidden, layout.intermediate
+        self._weights = []
+        for s in range(capacity):
+            flat = base[s * stride:s * stride + layout.expert_bytes].view(dt)
+            self._weights.append((flat[:n].view(i, h), flat[n:2 * n].view(i, h),
+                                  flat[2 * n:].view(h, i)))
+
+    def _open_direct(self) -> None:
+        flag = getattr(os, "O_DIRECT", None)
+        if flag is None:
+            self.fallback_reason = "this OS has no O_DIRECT"
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | flag)
+        except OSError as exc:
+            self.fallback_reason = f"open with O_DIRECT failed: {exc.strerror}"
+            return
+        try:  # some file systems accept the flag at open and refuse the read
+            os.preadv(fd, [self._slots[0][:PAGE]], 0)
+        except OSError as exc:
+            os.close(fd)
+            self.fallback_reason = f"O_DIRECT read failed: {exc.strerror}"
+            return
+        self._fd, self.direct_io = fd, True
+
+    def load(self, key: int, slot: int, engine: int = 0) -> None:
+        """Read expert ``key`` into ``slot`` (runs on a copy worker; releases the GIL)."""
+        buf = self._slots[slot]
+        off = self.layout.offset(key)
+        got = 0
+        while got < len(buf):
+            n = os.preadv(self._fd, [buf[got:]], off + got)
+            if n <= 0:
+                raise OSError(f"short read of expert {key} at offset {off + got}")
+            got += n
+        if not self.direct_io:
+            os.posix_fadvise(self._fd, off, len(buf), os.POSIX_FADV_DONTNEED)
+
+    def weights(self, slot: int) -> tuple[Any, Any, Any]:
+        """(gate [I, H], up [I, H], down [H, I]) tensors viewing the slot."""
+        return self._weights[slot]
+
+    def slot_bytes(self, slot: int) -> memoryview:
+        return self._slots[slot]
+
+    def sync(self) -> None:
+        """Nothing runs asynchronously on the CPU."""
+
+    def info(self) -> dict[str, Any]:
+        return {"backend": self.name, "direct_io": self.direct_io,
+                "io_fallback_reason": self.fallback_reason,
+                "read_bytes_per_expert": self.layout.stride, "weights_file": str(self.path)}
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._weights = []
+        self._slots = []
