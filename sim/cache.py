@@ -3,6 +3,12 @@
 The cache owns *where* experts are; eviction policies only order candidates. A slot is taken
 when a transfer starts (prefetch) or when a demand miss is issued, and stays taken while the
 copy is in flight. Experts of the layer being computed are pinned until the layer ends.
+
+Each slot filled by a prefetch remembers, until its first use, that it came by prefetch and
+whether that transfer started in a counted step (``COUNTED_PREFETCH``) or during warm-up
+(``WARMUP_PREFETCH``): a counted prefetch transfer ends exactly one way (it serves an access,
+it is evicted or discarded unused, or it is still unused at the end), so the wasted part of
+``prefetch_bytes`` can never exceed it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from collections.abc import Sequence
 from policies.base import EvictionPolicy
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
+NOT_PREFETCHED, COUNTED_PREFETCH, WARMUP_PREFETCH = 0, 1, 2
 
 
 class SimulationError(RuntimeError):
@@ -39,7 +46,8 @@ class ExpertCache:
         self.pinned: set[int] = set()
         self._single = len(self.capacities) == 1
         self.evictions = 0
-        self.wasted_prefetches = 0
+        self.wasted_prefetches = 0  # counted prefetch transfers evicted before any use
+        self.counting = True  # set by the engine: False during warm-up steps
 
     def partition(self, key: int) -> int:
         return self._part[key // self._num_e]
@@ -64,7 +72,10 @@ class ExpertCache:
             self.evict(victim)
         self.used[p] += 1
         self.state[key] = LOADING
-        self.prefetched_unused[key] = 1 if prefetch else 0
+        if prefetch:
+            self.prefetched_unused[key] = COUNTED_PREFETCH if self.counting else WARMUP_PREFETCH
+        else:
+            self.prefetched_unused[key] = NOT_PREFETCHED
         evictor.on_insert(key, prefetch)
         return True
 
@@ -77,8 +88,9 @@ class ExpertCache:
         self.used[p] -= 1
         self.evictions += 1
         if self.prefetched_unused[key]:
-            self.prefetched_unused[key] = 0
-            self.wasted_prefetches += 1
+            if self.prefetched_unused[key] == COUNTED_PREFETCH:
+                self.wasted_prefetches += 1
+            self.prefetched_unused[key] = NOT_PREFETCHED
         self.evictors[p].on_evict(key)
 
     def install(self, key: int) -> bool:
@@ -97,4 +109,5 @@ class ExpertCache:
         return sum(1 for s in self.state if s == RESIDENT)
 
     def unused_prefetches(self) -> int:
-        return sum(self.prefetched_unused)
+        """Counted prefetch transfers not used yet (resident or still in flight)."""
+        return self.prefetched_unused.count(COUNTED_PREFETCH)

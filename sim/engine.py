@@ -24,10 +24,17 @@ import simpy
 from policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
 from policies.registry import PolicySpec
 from sim import fastpath
-from sim.cache import ABSENT, LOADING, RESIDENT, ExpertCache, SimulationError
+from sim.cache import (
+    ABSENT,
+    COUNTED_PREFETCH,
+    LOADING,
+    RESIDENT,
+    ExpertCache,
+    SimulationError,
+)
 from sim.hardware import ComputeTimes, TransferModel
 from sim.link import HostLink
-from sim.metrics import Counters, RunResult, build_result
+from sim.metrics import HIT, LATE, MISS, PROMOTED, Counters, RunResult, build_result
 from sim.predictions import PredictionView
 from sim.workload import Workload, WorkloadFuture
 
@@ -359,17 +366,20 @@ class Simulation:
         for s in range(w.num_steps):
             clock.step = s
             joined = w.joins.get(s)
+            if joined and self.copts.reset_per_request:
+                if link is not None:
+                    link.advance(clock.now)
+                self._discard(cache)
+                self.cache = cache = self._new_cache()
+                if link is not None:
+                    link.reset(cache)
+            # Set before the join hooks, so prefetches a policy issues for the new request
+            # count with the step they serve; the link reads the same flag from the cache.
+            self._counting = clock.counting = counting = bool(w.counted[s])
+            cache.counting = counting
             if joined:
-                if self.copts.reset_per_request:
-                    self.cache = cache = self._new_cache()
-                    if link is not None:
-                        link.advance(clock.now)
-                        link.reset(cache)
                 for rid in joined:
                     pf.on_request_start(ctx, rid)
-            self._counting = clock.counting = counting = bool(w.counted[s])
-            if link is not None:
-                link.counting = counting
             rows = w.keys[s].tolist()
             counts = None if w.counts is None else w.counts[s].tolist()
             step_start = clock.now
@@ -448,7 +458,9 @@ class Simulation:
         progress.close()
 
     def _access(self, keys: list[int], layer: int, counting: bool) -> list[int] | None:
-        """Classify and serve the layer's demand: 0 hit, 1 late (wait on a load), 2 miss."""
+        """Classify and serve the layer's demand (``sim.metrics`` kinds): HIT resident, LATE a
+        transfer of it already started (the GPU may wait), PROMOTED a queued prefetch that had
+        not started, turned into a demand copy, MISS absent and fetched on demand."""
         cache, c, link = self.cache, self.c, self.link
         state, unused = cache.state, cache.prefetched_unused
         evictors, part = cache.evictors, cache.partition
@@ -463,22 +475,19 @@ class Simulation:
             clock.position = pos
             pos += 1
             st = state[key]
-            if st == RESIDENT:
-                kind = 0
+            if st != ABSENT:  # resident, or a transfer already on an engine
+                kind = HIT if st == RESIDENT else LATE
                 (ev0 if single else evictors[part(key)]).on_access(key)
-                if unused[key]:
+                came = unused[key]
+                if came:  # the first use of a prefetched copy
                     unused[key] = 0
+                    if came == COUNTED_PREFETCH:
+                        c.prefetch_useful += 1
                     if counting:
                         c.prefetch_served += 1
-            elif st == LOADING:  # a prefetch still in flight
-                kind = 1
-                (ev0 if single else evictors[part(key)]).on_access(key)
-                unused[key] = 0
-                if counting:
-                    c.prefetch_served += 1
             else:
                 promoted = key in queued and link.withdraw(key)
-                kind = 1 if promoted else 2
+                kind = PROMOTED if promoted else MISS
                 if not cache.reserve(key, False):
                     raise SimulationError(
                         f"no evictable slot for a demand fetch of layer {layer}: every slot is "
@@ -490,9 +499,6 @@ class Simulation:
                     link.submit_demand(key)
                 if counting:
                     c.demand_started += 1
-                    if promoted:
-                        c.prefetch_promoted += 1
-                        c.prefetch_served += 1
             if counting:
                 lc[kind][layer] += 1
             if kinds is not None:
@@ -532,9 +538,15 @@ class Simulation:
             env.process(gpu_process())
             env.run()
         self.c.unused_prefetches = self.cache.unused_prefetches()
-        self.c.wasted_prefetches = self.cache.wasted_prefetches
-        self.c.evictions = self.cache.evictions
+        self.c.wasted_prefetches += self.cache.wasted_prefetches
+        self.c.evictions += self.cache.evictions
         return build_result(self)
+
+    def _discard(self, cache: ExpertCache) -> None:
+        """A cache replaced by a fresh one (``reset_per_request``): its counts carry over, and
+        its unused prefetched copies (landed or still in flight) are wasted."""
+        self.c.wasted_prefetches += cache.wasted_prefetches + cache.unused_prefetches()
+        self.c.evictions += cache.evictions
 
     def _on_done_hook(self) -> Callable[[int, bool], None] | None:
         pf = self.prefetcher
@@ -556,8 +568,8 @@ def _schedule(
 ) -> tuple[float, float, float, list[tuple[str, float, float]]]:
     """Experts run one after another on the GPU: resident ones first, then as they arrive.
 
-    Returns the layer's end time and the idle time spent waiting on demand misses and on late
-    prefetches.
+    Returns the layer's end time and the idle time spent waiting on demand copies (misses and
+    promoted prefetches) and on prefetch transfers that had started before the demand.
     """
     waiting = [i for i, k in enumerate(kinds) if k]
     ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
@@ -581,10 +593,10 @@ def _schedule(
     st_miss = st_late = 0.0
     for r, i in sorted(zip(ready, waiting, strict=True)):
         if r > now:
-            if kinds[i] == 2:
-                st_miss += r - now
-            else:
+            if kinds[i] == LATE:
                 st_late += r - now
+            else:  # a demand copy: a miss, or a queued prefetch promoted to demand
+                st_miss += r - now
             now = r
         d = dur(i)
         if keep_spans:

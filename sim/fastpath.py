@@ -50,7 +50,7 @@ def _replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n
     head = np.full(num_p, -1, np.int64)
     tail = np.full(num_p, -1, np.int64)
     used = np.zeros(num_p, np.int64)
-    layer_counts = np.zeros((3, num_l), np.int64)
+    layer_counts = np.zeros((4, num_l), np.int64)  # sim.metrics kinds: hit, late, promoted, miss
     layer_stall = np.zeros(num_l)
     miss_dur = np.zeros(width)
     is_hit = np.zeros(width, np.bool_)
@@ -133,7 +133,7 @@ def _replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n
                 m += 1
                 misses_all += 1
                 if cnt:
-                    layer_counts[2, j] += 1
+                    layer_counts[3, j] += 1  # MISS
                     demand += 1
             if timed:
                 if m == 0 and not use_counts:

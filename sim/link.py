@@ -55,12 +55,21 @@ class HostLink:
         self._running: list[tuple[float, int, int, int, float]] = []
         self._finish: dict[int, float] = {}
         self._seq = 0
-        self.counting = True
         self.started = [0, 0]  # per kind, counted steps only
         self.dropped = 0
         self.cancelled = 0
         self.busy = 0.0
         self.records: list[tuple[int, int, float, float]] | None = [] if record else None
+
+    @property
+    def counting(self) -> bool:
+        """Whether transfers starting now count (the cache's flag, so a prefetch's cache slot
+        and its transfer are always attributed alike)."""
+        return self.cache.counting
+
+    @counting.setter
+    def counting(self, value: bool) -> None:
+        self.cache.counting = value
 
     # -- queries -------------------------------------------------------------------------
     def is_queued(self, key: int) -> bool:
@@ -113,7 +122,8 @@ class HostLink:
 
     def reset(self, cache: ExpertCache) -> None:
         """Serve a fresh cache: queued prefetches are dropped, and copies still on the engines
-        keep them busy but no longer land anywhere."""
+        keep them busy but no longer land anywhere (the new cache inherits the counting flag)."""
+        cache.counting = self.cache.counting
         self.cache = cache
         self._queued.clear()
         self._prefetch.clear()

@@ -1,13 +1,17 @@
 """Run metrics: counters filled during the run, then one summary row and a per-layer table.
 
-Definitions (every access is one unique expert of one layer-step; warm-up steps excluded):
-- hit: resident when the routing became known; late hit: a prefetch of it was in flight or
-  queued (the GPU may wait for it); miss: absent, fetched on demand.
-- stall: GPU time idle waiting for expert weights (split into waiting on misses and on late
-  prefetches); experts compute in arrival order, resident ones first.
-- prefetch precision: prefetch transfers whose expert was used before eviction / prefetch
-  transfers; recall: accesses served by a prefetch (hit or late) / (those + misses).
-- wasted prefetch bytes: prefetched experts evicted before any use.
+Every access is one unique expert of one layer-step (warm-up steps excluded) and is exactly one
+of (README "Metrics" has the table with every formula):
+- hit: resident when the layer's routing became known;
+- late hit: not resident, but a prefetch transfer of it had already *started* (the GPU may
+  wait for the rest of it);
+- promoted: a prefetch of it was queued but had not started; it became a demand copy;
+- miss: absent and not queued, fetched on demand.
+Stall is GPU time idle waiting for expert weights: ``stall_late_s`` on started prefetches,
+``stall_miss_s`` on demand copies (misses and promoted). A prefetch *transfer* (one that
+started in a counted step) ends exactly one way: it serves an access (useful), it is evicted
+or discarded before any use (wasted), or it is still unused at the end. Precision and recall
+count only transfers that actually served an access; a promoted prefetch is a demand copy.
 """
 
 from __future__ import annotations
@@ -23,14 +27,14 @@ import pandas as pd
 if TYPE_CHECKING:
     from sim.engine import Simulation
 
-HIT, LATE, MISS = 0, 1, 2
+HIT, LATE, PROMOTED, MISS = 0, 1, 2, 3  # rows of Counters.layer_counts
 
 
 class Counters:
     """Plain counters; kept as attributes and lists because they sit on the hot path."""
 
     def __init__(self, num_layers: int) -> None:
-        self.layer_counts = [[0] * num_layers for _ in range(3)]
+        self.layer_counts = [[0] * num_layers for _ in range(4)]
         self.layer_stall = [0.0] * num_layers
         self.stall_miss = 0.0
         self.stall_late = 0.0
@@ -43,8 +47,8 @@ class Counters:
         self.prefetch_issued = 0
         self.prefetch_started = 0
         self.prefetch_dropped = 0
-        self.prefetch_promoted = 0
-        self.prefetch_served = 0
+        self.prefetch_served = 0  # counted accesses whose copy came by a prefetch transfer
+        self.prefetch_useful = 0  # counted prefetch transfers that served an access
         self.unused_prefetches = 0
         self.wasted_prefetches = 0
         self.evictions = 0
@@ -70,8 +74,8 @@ def _ratio(a: float, b: float) -> float:
 
 def build_result(sim: Simulation) -> RunResult:
     c, shape = sim.c, sim.shape
-    hits, late, misses = (sum(x) for x in c.layer_counts)
-    accesses = hits + late + misses
+    hits, late, promoted, misses = (sum(x) for x in c.layer_counts)
+    accesses = hits + late + promoted + misses
     link = sim.link
     nbytes = shape.expert_bytes
     timed = link is not None
@@ -81,19 +85,19 @@ def build_result(sim: Simulation) -> RunResult:
         busy = _ratio(link.busy_until(end), end * link.engines)
         dropped, cancelled = link.dropped, link.cancelled
     else:
-        prefetch_started, busy, dropped, cancelled = c.prefetch_started, math.nan, 0, 0
+        prefetch_started, busy, cancelled = c.prefetch_started, math.nan, 0
         dropped = c.prefetch_dropped
-    useful = c.prefetch_served - c.prefetch_promoted
     stall = c.stall_miss + c.stall_late
     nan = math.nan
     summary: dict[str, Any] = {
         "accesses": accesses,
         "hits": hits,
         "late_hits": late,
+        "promoted": promoted,
         "misses": misses,
         "hit_rate": _ratio(hits, accesses),
         "hit_rate_incl_late": _ratio(hits + late, accesses),
-        "miss_rate": _ratio(misses, accesses),
+        "miss_rate": _ratio(misses + promoted, accesses),
         "steps": c.steps,
         "tokens": c.tokens,
         "output_tokens": c.out_tokens,
@@ -114,31 +118,36 @@ def build_result(sim: Simulation) -> RunResult:
         "prefetch_bytes": prefetch_started * nbytes,
         "prefetch_dropped": dropped,
         "prefetch_cancelled": cancelled,
-        "prefetch_promoted": c.prefetch_promoted,
+        "prefetch_useful": c.prefetch_useful,
+        "prefetch_wasted": c.wasted_prefetches,
+        "prefetch_unused_at_end": c.unused_prefetches,
         "prefetch_served": c.prefetch_served,
-        "prefetch_precision": _ratio(useful, prefetch_started),
-        "prefetch_recall": _ratio(c.prefetch_served, c.prefetch_served + misses),
+        "prefetch_precision": _ratio(c.prefetch_useful, prefetch_started),
+        "prefetch_recall": _ratio(c.prefetch_served, c.prefetch_served + misses + promoted),
         "wasted_prefetch_bytes": c.wasted_prefetches * nbytes,
         "unused_prefetch_bytes_at_end": c.unused_prefetches * nbytes,
         "evictions": c.evictions,
         "sim_engine": getattr(sim, "engine_used", "python"),
     }
+    view = getattr(sim, "predictions", None)
+    summary["prediction_coverage"] = view.coverage if view is not None else nan
     layer_ids = sim.labels.get("layer_ids") or list(range(shape.num_layers))
-    h, lt, m = c.layer_counts
+    h, lt, pr, m = c.layer_counts
     per_layer = pd.DataFrame(
         {
             "layer": range(shape.num_layers),
             "layer_id": layer_ids,
-            "accesses": [a + b + d for a, b, d in zip(h, lt, m, strict=True)],
+            "accesses": [sum(x) for x in zip(h, lt, pr, m, strict=True)],
             "hits": h,
             "late_hits": lt,
+            "promoted": pr,
             "misses": m,
             "stall_time_s": c.layer_stall if timed else [nan] * shape.num_layers,
         }
     )
-    per_layer["hit_rate"] = per_layer["hits"] / per_layer["accesses"].where(
-        per_layer["accesses"] > 0
-    )
+    denom = per_layer["accesses"].where(per_layer["accesses"] > 0)
+    per_layer["hit_rate"] = per_layer["hits"] / denom
+    per_layer["hit_rate_incl_late"] = (per_layer["hits"] + per_layer["late_hits"]) / denom
     transfers = None
     if timed and link.records is not None and sim.ropts.record_transfers:
         transfers = pd.DataFrame(link.records, columns=["key", "kind", "start_s", "end_s"])

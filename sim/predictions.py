@@ -3,6 +3,13 @@
 Predictors (and importers of published predictions) write tables keyed by (request, token,
 layer); the workload decides which tokens run in which step, so the view is built per run.
 With batching, a step's prediction for a layer is the union over its tokens.
+
+The view is also where a table meets the requests actually replayed: expert ids must be in
+range for their own layer (an id >= E would otherwise alias expert id-E of the next layer), and
+the share of replayed (request, token) pairs with at least one prediction row is the run's
+``prediction_coverage``. A table that covers less than ``min_coverage`` of them (a table made
+for other requests, or for another trace) is an error naming both files, not a run that
+silently prefetches nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from sim.cache import SimulationError
 from sim.workload import Workload
+
+DEFAULT_MIN_COVERAGE = 0.99
 
 
 class PredictionView:
@@ -22,30 +32,73 @@ class PredictionView:
         workload: Workload,
         per_request: Mapping[int, np.ndarray],
         available_at: str | None = None,
+        min_coverage: float | None = None,
     ) -> None:
         self.available_at = available_at  # e.g. "pre_attention:same_layer" (table metadata)
+        if min_coverage is None:
+            min_coverage = getattr(per_request, "min_coverage", DEFAULT_MIN_COVERAGE)
+        table = getattr(per_request, "path", None)
+        trace = getattr(per_request, "trace_path", None)
+        self._names = (
+            f"prediction table {table}" if table is not None else "the prediction table",
+            f"trace {trace}" if trace is not None else "the trace",
+        )
         shape = workload.shape
+        num_l, num_e = shape.num_layers, shape.num_experts
+        for rid, pred in per_request.items():
+            self._check(int(rid), pred, num_l, num_e)
         self.num_steps = workload.num_steps
         self._rows: list[list[list[int]]] = []
-        offsets = np.arange(shape.num_layers, dtype=np.int64) * shape.num_experts
-        missing = 0
+        offsets = np.arange(num_l, dtype=np.int64) * num_e
+        missing = covered = total = 0
         for s in range(workload.num_steps):
             a, b = int(workload.req_offsets[s]), int(workload.req_offsets[s + 1])
-            layers: list[list[int]] = [[] for _ in range(shape.num_layers)]
+            layers: list[list[int]] = [[] for _ in range(num_l)]
             for u in range(a, b):
                 pred = per_request.get(int(workload.req_ids[u]))
                 t0, t1 = int(workload.token_start[u]), int(workload.token_end[u])
+                total += t1 - t0
                 if pred is None or t0 >= pred.shape[0]:
                     missing += 1
                     continue
                 block = pred[t0:t1].astype(np.int64)
+                covered += int((block >= 0).any(axis=(1, 2)).sum())
                 keys = np.where(block >= 0, block + offsets[None, :, None], -1)
-                for j in range(shape.num_layers):
+                for j in range(num_l):
                     for k in keys[:, j, :].ravel().tolist():
                         if k >= 0 and k not in layers[j]:
                             layers[j].append(k)
             self._rows.append(layers)
         self.missing_units = missing
+        self.replayed_tokens = total
+        self.covered_tokens = covered
+        self.coverage = covered / total if total else float("nan")
+        if total and self.coverage < float(min_coverage):
+            table_name, trace_name = self._names
+            raise SimulationError(
+                f"{table_name} covers {covered:,} of the {total:,} (request, token) pairs "
+                f"replayed from {trace_name} ({self.coverage:.1%} < predictions.min_coverage="
+                f"{float(min_coverage):g}): it was made for other requests or another trace "
+                "(lower predictions.min_coverage to replay it anyway)"
+            )
+
+    def _check(self, rid: int, pred: np.ndarray, num_l: int, num_e: int) -> None:
+        """Shape [T, L, w] with ids in [-1, E) per layer."""
+        table_name, trace_name = self._names
+        if pred.ndim != 3 or pred.shape[1] != num_l:
+            raise SimulationError(
+                f"{table_name}: request {rid} has predictions shaped {tuple(pred.shape)}, "
+                f"expected [tokens, {num_l} MoE layers, width] as in {trace_name}"
+            )
+        if not np.issubdtype(pred.dtype, np.integer):
+            raise SimulationError(f"{table_name}: expert ids must be integers, got {pred.dtype}")
+        bad = (pred < -1) | (pred >= num_e)
+        if bad.any():
+            t, j, r = (int(x[0]) for x in np.nonzero(bad))
+            raise SimulationError(
+                f"{table_name}: request {rid}, token {t}, MoE layer index {j} predicts expert "
+                f"{int(pred[t, j, r])}, outside [0, {num_e}) of {trace_name}"
+            )
 
     def keys_at(self, step: int, layer: int) -> list[int]:
         if step >= self.num_steps:

@@ -80,6 +80,7 @@ def build_workload(
     batch: int = 1,
     prefill_chunk: int = 0,
     warmup_tokens: int = 0,
+    warmup_extra_row: bool = False,
 ) -> Workload:
     """Steps of ``trace`` under continuous batching of ``batch`` requests.
 
@@ -87,9 +88,17 @@ def build_workload(
     prefill-only trace such as MoE-Beyond's is replayed token by token). ``replay="prefill"``
     processes the recorded prefill tokens in chunks of ``prefill_chunk`` (0 = whole prompt).
     The first ``warmup_tokens`` tokens of each request only warm the cache.
+
+    ``warmup_extra_row`` reproduces a quirk of MoE-Beyond's ``infinity_moe_sim.py``: its
+    warm-up loop breaks only *after* accessing row ``26 * warmup``, so the first MoE layer of
+    the first counted token is accessed once more during warm-up (uncounted, without
+    predictions) and then again, counted. Here that row is an extra warm-up step holding only
+    that layer's experts (batch 1, decode replay; requests longer than the warm-up).
     """
     if batch < 1:
         raise WorkloadError(f"batch must be >= 1, got {batch}")
+    if warmup_tokens < 0:
+        raise WorkloadError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
     if replay not in ("decode", "prefill"):
         raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
     meta = trace.meta
@@ -97,32 +106,45 @@ def build_workload(
     if not trace.requests:
         raise WorkloadError("the trace has no requests")
     if batch == 1 and replay == "decode":
-        return _single_token_steps(trace, shape, warmup_tokens)
+        return _single_token_steps(trace, shape, warmup_tokens, warmup_extra_row)
+    if warmup_extra_row:
+        raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "
+                            "replay=decode")
     return _batched_steps(trace, shape, replay, batch, prefill_chunk, warmup_tokens)
 
 
-def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workload:
+def _single_token_steps(
+    trace: Trace, shape: ModelShape, warmup: int, extra_row: bool = False
+) -> Workload:
     """Fast path: one token per step, so keys are the routed ids shifted per layer."""
     num_e = shape.num_experts
     offsets = (np.arange(shape.num_layers, dtype=np.int32) * num_e)[None, :, None]
-    blocks, counted, context = [], [], []
+    blocks, counted, context, starts, req_ids = [], [], [], [], []
     joins: dict[int, list[int]] = {}
     step = 0
     for req in trace.requests:
         ex = req.experts.astype(np.int32)
-        blocks.append(np.where(ex >= 0, ex + offsets, -1))
+        keys = np.where(ex >= 0, ex + offsets, -1)
         n = req.num_tokens
         idx = np.arange(n, dtype=np.int32)
-        counted.append(idx >= warmup)
+        if extra_row and 0 < warmup < n:  # the first counted token's first layer, once more
+            row = np.full((1, *keys.shape[1:]), -1, dtype=np.int32)
+            row[0, 0] = keys[warmup, 0]
+            keys = np.concatenate([keys[:warmup], row, keys[warmup:]])
+            idx = np.concatenate([idx[:warmup], [warmup], idx[warmup:]]).astype(np.int32)
+            is_counted = np.arange(n + 1) > warmup
+        else:
+            is_counted = idx >= warmup
+        blocks.append(keys)
+        counted.append(is_counted)
         context.append(idx + 1)
+        starts.append(idx)
+        req_ids.append(np.full(len(idx), req.request_id, dtype=np.int32))
         joins[step] = [req.request_id]
-        step += n
+        step += len(idx)
     keys = np.concatenate(blocks)
     pairs = np.count_nonzero(keys >= 0, axis=2).astype(np.int32)
     steps = keys.shape[0]
-    req_ids = np.concatenate(
-        [np.full(r.num_tokens, r.request_id, dtype=np.int32) for r in trace.requests]
-    )
     return Workload(
         shape=shape,
         keys=keys,
@@ -133,9 +155,9 @@ def _single_token_steps(trace: Trace, shape: ModelShape, warmup: int) -> Workloa
         context=np.concatenate(context),
         counted=np.concatenate(counted),
         req_offsets=np.arange(steps + 1, dtype=np.int64),
-        req_ids=req_ids,
+        req_ids=np.concatenate(req_ids),
         joins=joins,
-        token_start=np.concatenate(context) - 1,
+        token_start=np.concatenate(starts),
         token_end=np.concatenate(context),
         _max_width=pairs.max(axis=0),  # one token per step: the width is its row count
     )

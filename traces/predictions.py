@@ -15,8 +15,13 @@ available_at   dictionary<string>  when the prediction could be used. ``routed:s
 =============  ==================  ============================================================
 
 Metadata key ``moesim.predictions`` holds JSON: ``format_version, model, source, predictor,
-width, available_at, notes{}, counts{rows}``. The predictors issue consumes it through
-:func:`load_predictions`.
+width, available_at, layer_ids, trace{}, notes{}, counts{rows}``, where ``trace`` (from
+:func:`trace_identity`) names the trace the table was made for: model, MoE layer ids, experts,
+top-k and, when the writer knows it, the trace file's content digest. Simulations consume a
+table through :func:`load_predictions`, which checks it against the trace it is replayed on
+(identity, layers, expert ids in range, width, dtypes) so a table made for another trace is one
+clear error rather than a silently wrong hit rate; ``sim.predictions`` then checks how much of
+the replayed requests and tokens it covers.
 """
 
 from __future__ import annotations
@@ -33,9 +38,11 @@ import pyarrow.parquet as pq
 
 from traces.errors import TraceError
 from traces.schema import FORMAT_VERSION, dumps
+from traces.trace import TraceMeta
 
 PRED_META_KEY = b"moesim.predictions"
 SAME_LAYER = "routed:same_layer"
+DEFAULT_MIN_COVERAGE = 0.99  # predictions.min_coverage: replayed tokens a table must cover
 PRED_SCHEMA = pa.schema(
     [
         pa.field("request_id", pa.int32(), nullable=False),
@@ -47,8 +54,25 @@ PRED_SCHEMA = pa.schema(
 )
 
 
+def trace_identity(meta: TraceMeta, digest: str | None = None) -> dict[str, Any]:
+    """What a prediction table records about the trace it was made for (``trace`` in its
+    metadata); ``digest`` is the trace file's content hash (``predictors.data.file_digest``)."""
+    out: dict[str, Any] = {
+        "model": meta.model,
+        "moe_layers": [int(x) for x in meta.moe_layers],
+        "num_experts": int(meta.num_experts),
+        "top_k": int(meta.top_k),
+    }
+    if digest:
+        out["digest"] = str(digest)
+    return out
+
+
 class PredictionWriter:
-    """Streaming writer; requests are added as dense ``[T, L, w]`` arrays (-1 = no row)."""
+    """Streaming writer; requests are added as dense ``[T, L, w]`` arrays (-1 = no row).
+
+    ``trace`` (:func:`trace_identity`) is recorded so that a replay can refuse a table made for
+    another trace."""
 
     def __init__(
         self,
@@ -57,7 +81,9 @@ class PredictionWriter:
         *,
         available_at: str = SAME_LAYER,
         row_group_rows: int = 1 << 18,
+        trace: Mapping[str, Any] | None = None,
     ) -> None:
+        self._trace = dict(trace) if trace is not None else None
         self._writer = pq.ParquetWriter(str(path), PRED_SCHEMA, compression="zstd")
         self._layer_ids = np.asarray(layer_ids, dtype=np.int16)
         self.available_at = available_at
@@ -108,6 +134,8 @@ class PredictionWriter:
             "format_version": FORMAT_VERSION,
             "width": self.width,
             "available_at": self.available_at,
+            "layer_ids": [int(x) for x in self._layer_ids],
+            **({"trace": self._trace} if self._trace is not None else {}),
             **meta,
             "counts": {"rows": self.rows},
         }
@@ -129,16 +157,105 @@ def read_predictions_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(kv[PRED_META_KEY].decode("utf-8"))
 
 
-def load_predictions(path: str | Path, layer_ids: tuple[int, ...]) -> dict[int, np.ndarray]:
+class PredictionTable(dict):
+    """Per-request predictions (``int16 [T, L, w]``, -1 = no row) plus where they came from:
+    the table's ``path``, its metadata, ``available_at``, the ``trace_path`` it is replayed on
+    and the ``min_coverage`` the replay requires (read by ``sim.predictions``)."""
+
+    path: Path | None = None
+    meta: dict[str, Any] | None = None
+    available_at: str | None = None
+    trace_path: Path | None = None
+    min_coverage: float = DEFAULT_MIN_COVERAGE
+
+
+_COLUMN_TYPES = {
+    "request_id": pa.int32(),
+    "token_idx": pa.int32(),
+    "layer": pa.int16(),
+    "predicted": pa.list_(pa.int16()),
+}
+
+
+def _check_schema(path: str | Path) -> None:
+    schema = pq.read_schema(str(path))
+    for name, typ in _COLUMN_TYPES.items():
+        idx = schema.get_field_index(name)
+        if idx < 0:
+            raise TraceError("column missing", file=path, field=name)
+        got = schema.field(idx).type
+        if got != typ:
+            raise TraceError(f"column has type {got}, expected {typ}", file=path, field=name)
+
+
+def check_identity(
+    table_meta: Mapping[str, Any],
+    trace_meta: TraceMeta,
+    *,
+    path: str | Path,
+    trace_path: str | Path | None = None,
+    trace_digest: str | None = None,
+) -> None:
+    """Refuse a table whose recorded trace (model, MoE layers, experts, top-k, content digest)
+    differs from the trace it is about to be replayed on; fields a table does not record
+    (older tables) are not checked."""
+    where = f"the trace {trace_path}" if trace_path is not None else "the trace"
+    mine = trace_identity(trace_meta, trace_digest)
+    recorded = dict(table_meta.get("trace") or {})
+    if "model" not in recorded and table_meta.get("model"):
+        recorded["model"] = table_meta["model"]
+    if "moe_layers" not in recorded and table_meta.get("layer_ids") is not None:
+        recorded["moe_layers"] = table_meta["layer_ids"]
+    for key in ("model", "moe_layers", "num_experts", "top_k", "digest"):
+        if key not in recorded or key not in mine:
+            continue
+        have, want = recorded[key], mine[key]
+        if key == "moe_layers":
+            have, want = [int(x) for x in have], [int(x) for x in want]
+        if have != want:
+            what = "content digest" if key == "digest" else key
+            raise TraceError(
+                f"prediction table was made for a trace with {what} {have!r}, but {where} has "
+                f"{want!r}: it is another trace's table",
+                file=path, field=f"trace.{key}",
+            )
+
+
+def load_predictions(
+    path: str | Path,
+    layer_ids: tuple[int, ...],
+    *,
+    num_experts: int | None = None,
+    trace_meta: TraceMeta | None = None,
+    trace_path: str | Path | None = None,
+    trace_digest: str | None = None,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+) -> PredictionTable:
     """Predictions per request id as ``int16 [T, L, w]`` (-1 where no prediction row).
 
     ``T`` is the largest predicted token index + 1; pass the trace's ``moe_layers`` as
-    ``layer_ids`` so the layer axis matches the trace arrays.
+    ``layer_ids`` so the layer axis matches the trace arrays. With ``trace_meta`` (or
+    ``num_experts``) the table is checked against the trace: recorded identity
+    (:func:`check_identity`), column types, one width in 1..E, expert ids in [0, E) and distinct
+    within a row. Every violation is a :class:`TraceError` naming the file.
     """
-    read_predictions_meta(path)
+    if not 0.0 <= float(min_coverage) <= 1.0:
+        raise TraceError(f"predictions.min_coverage must be in [0, 1], got {min_coverage}")
+    meta = read_predictions_meta(path)
+    if trace_meta is not None:
+        check_identity(meta, trace_meta, path=path, trace_path=trace_path,
+                       trace_digest=trace_digest)
+        num_experts = trace_meta.num_experts if num_experts is None else num_experts
+    _check_schema(path)
+    out = PredictionTable()
+    out.path = Path(path)
+    out.meta = meta
+    out.available_at = meta.get("available_at")
+    out.trace_path = None if trace_path is None else Path(trace_path)
+    out.min_coverage = float(min_coverage)
     table = pq.read_table(str(path), columns=["request_id", "token_idx", "layer", "predicted"])
     if table.num_rows == 0:
-        return {}
+        return out
     rid = table.column("request_id").to_numpy().astype(np.int64)
     tok = table.column("token_idx").to_numpy().astype(np.int64)
     layer = table.column("layer").to_numpy().astype(np.int64)
@@ -148,15 +265,22 @@ def load_predictions(path: str | Path, layer_ids: tuple[int, ...]) -> dict[int, 
     w = int(widths[0])
     if (widths != w).any():
         raise TraceError("predicted lists differ in width", file=path, field="predicted")
-    values = arr.values.to_numpy()[offs[0] : offs[-1]].reshape(-1, w)
+    if w < 1:
+        raise TraceError("predicted lists are empty", file=path, field="predicted")
+    values = arr.values.to_numpy(zero_copy_only=False)[offs[0] : offs[-1]].reshape(-1, w)
+    if (tok < 0).any() or (rid < 0).any():
+        bad = int(np.flatnonzero((tok < 0) | (rid < 0))[0])
+        raise TraceError("negative request_id or token_idx", file=path, row=bad)
+    if num_experts is not None:
+        _check_ids(values, layer, int(num_experts), path)
     lut = {lid: j for j, lid in enumerate(layer_ids)}
     try:
         lidx = np.fromiter((lut[x] for x in layer.tolist()), dtype=np.int64, count=len(layer))
     except KeyError as exc:
         raise TraceError(
-            f"layer {exc.args[0]} not in layer_ids", file=path, field="layer"
+            f"layer {exc.args[0]} not in the trace's MoE layers {list(layer_ids)}",
+            file=path, field="layer",
         ) from None
-    out: dict[int, np.ndarray] = {}
     starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
     ends = np.r_[starts[1:], len(rid)]
     for a, b in zip(starts, ends, strict=True):
@@ -164,3 +288,26 @@ def load_predictions(path: str | Path, layer_ids: tuple[int, ...]) -> dict[int, 
         dense[tok[a:b], lidx[a:b]] = values[a:b]
         out[int(rid[a])] = dense
     return out
+
+
+def _check_ids(values: np.ndarray, layer: np.ndarray, num_experts: int, path: str | Path) -> None:
+    """Expert ids in [0, E) and distinct within each row; the first bad row is named."""
+    w = values.shape[1]
+    if w > num_experts:
+        raise TraceError(f"width {w} exceeds the trace's {num_experts} experts per layer",
+                         file=path, field="predicted")
+    bad = (values < 0) | (values >= num_experts)
+    if bad.any():
+        row = int(np.flatnonzero(bad.any(axis=1))[0])
+        val = int(values[row][bad[row]][0])
+        raise TraceError(
+            f"expert id {val} at layer {int(layer[row])} is outside [0, {num_experts}) "
+            "(the trace's experts per layer)", file=path, row=row, field="predicted",
+        )
+    if w > 1:
+        srt = np.sort(values, axis=1)
+        dup = (srt[:, 1:] == srt[:, :-1]).any(axis=1)
+        if dup.any():
+            row = int(np.flatnonzero(dup)[0])
+            raise TraceError(f"predicted ids repeat within a row: {values[row].tolist()}",
+                             file=path, row=row, field="predicted")

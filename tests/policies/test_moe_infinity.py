@@ -303,7 +303,8 @@ TIMED = {"link": FixedLink(1e-5, 1e6, 1),
 
 
 def _sane(s, trace, batched=False):
-    assert s["hits"] + s["late_hits"] + s["misses"] == s["accesses"]
+    assert s["hits"] + s["late_hits"] + s["promoted"] + s["misses"] == s["accesses"]
+    assert 0 <= s["wasted_prefetch_bytes"] <= s["prefetch_bytes"]
     if batched:  # a batch's layer accesses its experts' union once
         assert 0 < s["accesses"] <= trace.num_rows * trace.meta.top_k
     else:
@@ -340,7 +341,8 @@ def test_zero_latency_equals_free_transfers_with_protection(params):
         zl = simulate(trace, policy, capacity=cap, mode="zero_latency").summary
         t = simulate(trace, policy, capacity=cap, mode="timed", link=FixedLink(0.0),
                      compute=FixedCompute()).summary
-        for key in ("hits", "late_hits", "misses", "evictions", "prefetch_transfers"):
+        for key in ("hits", "late_hits", "promoted", "misses", "evictions",
+                    "prefetch_transfers"):
             assert zl[key] == t[key], key
 
 
@@ -410,7 +412,7 @@ def test_invariants_on_random_traces(seed, combo):
     zl = simulate(trace, policy, capacity=cap, mode="zero_latency").summary
     free = simulate(trace, policy, capacity=cap, mode="timed", link=FixedLink(0.0),
                     compute=FixedCompute()).summary
-    for key in ("hits", "late_hits", "misses", "evictions", "prefetch_transfers"):
+    for key in ("hits", "late_hits", "promoted", "misses", "evictions", "prefetch_transfers"):
         assert zl[key] == free[key], key
     assert free["stall_time_s"] == 0.0
     timed = simulate(trace, policy, capacity=cap, mode="timed", **TIMED).summary

@@ -18,6 +18,7 @@ class _Cache:
 
     def __init__(self, n: int) -> None:
         self.state = bytearray(n)
+        self.counting = True  # the link attributes transfers by the cache's counting flag
 
     def reserve(self, key: int, prefetch: bool) -> bool:
         self.state[key] = LOADING

@@ -11,6 +11,7 @@ from policies.registry import EVICTION, PREFETCH, discover, resolve
 from sim import FixedCompute, FixedLink, simulate
 from sim.cache import ExpertCache
 from tests.helpers import random_trace
+from tests.sim.parts import check_parts
 
 discover()
 EVICTIONS = sorted(EVICTION)
@@ -66,15 +67,45 @@ def test_counts_add_up_and_stall_nonnegative(trace, ev, pf, extra, engines, part
     res = _timed(trace, {"name": name, "eviction": ev, "prefetch": pf}, cap, engines,
                  partition=partition)
     s = res.summary
-    assert s["hits"] + s["late_hits"] + s["misses"] == s["accesses"]
+    check_parts(res)
     assert s["accesses"] == trace.num_rows * trace.meta.top_k
     assert s["stall_time_s"] >= 0
     assert s["stall_miss_s"] >= 0 and s["stall_late_s"] >= 0
     assert s["total_time_s"] >= s["stall_time_s"]
     assert 0 <= s["pcie_busy_fraction"] <= 1 + 1e-9
-    assert s["prefetch_bytes"] >= s["wasted_prefetch_bytes"]
-    assert res.per_layer["accesses"].sum() == s["accesses"]
     assert math.isclose(res.per_layer["stall_time_s"].sum(), s["stall_time_s"], abs_tol=1e-12)
+    if s["late_hits"] == 0:  # only a started prefetch can make the GPU wait "late"
+        assert s["stall_late_s"] == 0
+
+
+@SETTINGS
+@given(trace=traces, ev=st.sampled_from(EVICTIONS), pf=st.sampled_from(PREFETCHES),
+       extra=st.integers(0, 12), warmup=st.integers(0, 4), batch=st.integers(1, 3),
+       mode=st.sampled_from(["timed", "zero_latency"]))
+def test_metric_parts_add_up_with_warmup_and_batches(trace, ev, pf, extra, warmup, batch, mode):
+    """Warm-up steps and batches are where attribution goes wrong: a prefetch started during
+    warm-up and used or evicted later must not leak into the counted transfer totals."""
+    partition, cap = _layout(ev, trace, extra=extra)
+    if batch > 1:  # a batch's union of experts per layer must fit
+        cap = min(cap * batch, trace.meta.num_moe_layers * trace.meta.num_experts)
+    name = pf if pf != "none" else ev
+    kw = {"mode": mode, "partition": partition, "warmup_tokens": warmup, "batch": batch,
+          "predictions": _perfect(trace)}
+    if mode == "timed":
+        kw.update(link=FixedLink(1e-5, 1e6, 1), compute=FixedCompute(attention_s=1e-4,
+                                                                      expert_s=1e-4))
+    res = simulate(trace, {"name": name, "eviction": ev, "prefetch": pf}, capacity=cap, **kw)
+    check_parts(res)
+
+
+@SETTINGS
+@given(trace=traces, pf=st.sampled_from(PREFETCHES), extra=st.integers(0, 10))
+def test_metric_parts_add_up_with_a_fresh_cache_per_request(trace, pf, extra):
+    """``reset_per_request`` discards a cache with prefetches still unused or in flight."""
+    cap = min(_min_capacity(trace) + extra, trace.meta.num_moe_layers * trace.meta.num_experts)
+    res = _timed(trace, {"name": pf if pf != "none" else "lru", "prefetch": pf}, cap,
+                 reset_per_request=True, prefill="random")
+    check_parts(res)
 
 
 class _Checked(LRU):
@@ -150,7 +181,8 @@ def test_zero_latency_equals_timed_with_free_transfers(trace, ev, pf, extra):
     timed = simulate(trace, policy, capacity=cap, mode="timed", link=FixedLink(0.0),
                      compute=FixedCompute(), partition=partition,
                      predictions=_perfect(trace)).summary
-    for key in ("hits", "late_hits", "misses", "evictions", "prefetch_transfers"):
+    for key in ("hits", "late_hits", "promoted", "misses", "evictions", "prefetch_transfers",
+                "prefetch_useful", "prefetch_wasted"):
         assert zl[key] == timed[key], key
 
 

@@ -1,0 +1,31 @@
+"""The accounting identities every run must satisfy (README "Metrics"), shared by the tests."""
+
+from __future__ import annotations
+
+import math
+
+from sim.metrics import RunResult
+
+
+def check_parts(res: RunResult) -> None:
+    """Accesses split into hits, late hits, promoted and misses (also per layer); every counted
+    prefetch transfer ends as useful, wasted or unused at the end; ratios stay in [0, 1]."""
+    s, pl = res.summary, res.per_layer
+    parts = ("hits", "late_hits", "promoted", "misses")
+    assert sum(s[k] for k in parts) == s["accesses"], s
+    for k in (*parts, "accesses"):
+        assert pl[k].sum() == s[k], k
+        assert min(s[k], pl[k].min()) >= 0, k
+    assert s["demand_fetches"] == s["misses"] + s["promoted"]
+    assert s["prefetch_transfers"] == (
+        s["prefetch_useful"] + s["prefetch_wasted"] + s["prefetch_unused_at_end"]
+    ), s
+    assert 0 <= s["wasted_prefetch_bytes"] <= s["prefetch_bytes"]
+    assert s["wasted_prefetch_bytes"] + s["unused_prefetch_bytes_at_end"] <= s["prefetch_bytes"]
+    assert s["prefetch_served"] <= s["accesses"] - s["misses"] - s["promoted"]
+    for k in ("hit_rate", "hit_rate_incl_late", "prefetch_precision", "prefetch_recall"):
+        assert math.isnan(s[k]) or 0.0 <= s[k] <= 1.0, (k, s[k])
+    if s["accesses"]:
+        assert math.isclose(s["hit_rate_incl_late"] + s["miss_rate"], 1.0)
+    if s["prefetch_transfers"] == 0:
+        assert s["wasted_prefetch_bytes"] == 0 and s["prefetch_useful"] == 0
