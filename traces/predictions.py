@@ -71,8 +71,9 @@ def trace_identity(meta: TraceMeta, digest: str | None = None) -> dict[str, Any]
 class PredictionWriter:
     """Streaming writer; requests are added as dense ``[T, L, w]`` arrays (-1 = no row).
 
-    ``trace`` (:func:`trace_identity`) is recorded so that a replay can refuse a table made for
-    another trace."""
+    ``trace`` (:func:`trace_identity`; also settable as the attribute before :meth:`close`, e.g.
+    once the trace file and its digest exist) is recorded so that a replay can refuse a table
+    made for another trace."""
 
     def __init__(
         self,
@@ -83,7 +84,7 @@ class PredictionWriter:
         row_group_rows: int = 1 << 18,
         trace: Mapping[str, Any] | None = None,
     ) -> None:
-        self._trace = dict(trace) if trace is not None else None
+        self.trace: dict[str, Any] | None = dict(trace) if trace is not None else None
         self._writer = pq.ParquetWriter(str(path), PRED_SCHEMA, compression="zstd")
         self._layer_ids = np.asarray(layer_ids, dtype=np.int16)
         self.available_at = available_at
@@ -135,7 +136,7 @@ class PredictionWriter:
             "width": self.width,
             "available_at": self.available_at,
             "layer_ids": [int(x) for x in self._layer_ids],
-            **({"trace": self._trace} if self._trace is not None else {}),
+            **({"trace": dict(self.trace)} if self.trace is not None else {}),
             **meta,
             "counts": {"rows": self.rows},
         }
