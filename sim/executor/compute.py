@@ -1,39 +1,20 @@
-"""The layer compute the executor runs for real, with torch, at the (scaled) card's shapes.
+"""The layer compute the executor runs for real: the ops of ``hw_profiles.cpu_ops``.
 
-Per MoE layer: RMSNorm, Q/K/V projections, attention of the step's tokens over a KV buffer of
-the step's context length, output projection, RMSNorm, router (its logits are computed and
-thrown away: routing comes from the trace); shared experts; each routed expert as a SwiGLU FFN
-``down(silu(gate x) * up x)`` over the tokens routed to it. Dense layers run attention plus a
-dense SwiGLU FFN. Weights other than routed experts are resident, random and seeded; one set
-per layer, so each layer reads its own weights as a real model does. The calibration
-microbenchmarks (``sim.executor.calibrate``) time these same functions.
+One definition each, shared with ``moesim-profile``'s CPU measurement, so the profile the
+simulator predicts from timed exactly these functions at exactly these shapes: per MoE layer the
+stand-in attention (RMSNorm, fused QKV, SDPA over a fixed K/V cache of the step's context,
+output projection, RMSNorm) and the router (logits, softmax, top-k; the routing itself comes
+from the trace); the shared experts; every routed expert as a SwiGLU FFN over the tokens routed
+to it, its weights viewing its slot. Dense layers run the stand-in attention plus a dense FFN.
+Weights other than routed experts are resident, random and seeded, one set per layer, so each
+layer reads its own weights as a real model does. torch is imported when this is built.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from traces.model_card import ModelCard
-
-
-@dataclass(frozen=True)
-class ComputeShape:
-    hidden: int
-    q_width: int
-    kv_width: int
-    heads: int
-    num_experts: int
-    shared_intermediate: int
-    dense_intermediate: int
-
-    @classmethod
-    def of(cls, card: ModelCard) -> ComputeShape:
-        heads = card.num_attention_heads or 1
-        hd = card.head_dim or max(card.hidden_size // heads, 1)
-        kv_heads = card.num_kv_heads or heads
-        return cls(card.hidden_size, heads * hd, kv_heads * hd, heads, card.num_experts,
-                   card.shared_intermediate_size, card.dense_intermediate_size)
 
 
 class TorchCompute:
@@ -43,94 +24,73 @@ class TorchCompute:
                  dense_layers: int, seed: int, device: str = "cpu") -> None:
         import torch
 
+        from hw_profiles import cpu_ops
+
+        self.ops = cpu_ops
         self.torch = torch
-        self.shape = sh = ComputeShape.of(card)
-        self.dtype = torch.float32 if card.dtype == "float32" else torch.bfloat16
+        self.card = card
         self.device = device
+        dt = cpu_ops.torch_dtype(card)
         g = torch.Generator().manual_seed(seed)
-
-        def w(*dims: int) -> Any:
-            t = torch.randn(*dims, generator=g) * 0.02
-            return t.to(device=device, dtype=self.dtype)
-
-        h = sh.hidden
         ctx = max(max_context, 1)
+        h = card.hidden_size
 
-        def attn_set() -> dict[str, Any]:
-            return {"wq": w(sh.q_width, h), "wk": w(sh.kv_width, h), "wv": w(sh.kv_width, h),
-                    "wo": w(h, sh.q_width), "n1": w(h) + 1, "n2": w(h) + 1,
-                    "k": w(ctx, sh.kv_width), "v": w(ctx, sh.kv_width)}
+        def ffn(inter: int) -> tuple[Any, Any, Any]:
+            flat = (torch.randn(card.matrices_per_expert * h * inter, generator=g) * 0.02)
+            return cpu_ops.expert_views(flat.to(dt), card, inter)
 
-        self.layers = []
-        for _ in range(num_layers):
-            layer = attn_set()
-            layer["router"] = w(sh.num_experts, h)
-            if sh.shared_intermediate:
-                si = sh.shared_intermediate
-                layer["shared"] = (w(si, h), w(si, h), w(h, si))
-            self.layers.append(layer)
+        def place(x: Any) -> Any:
+            return x if device == "cpu" else x.to(device)
+
+        self.layers = [self._on(cpu_ops.make_standin_layer(card, ctx, g), place)
+                       for _ in range(num_layers)]
+        self.shared_w = []
+        if card.shared_intermediate_size > 0:
+            self.shared_w = [tuple(place(t) if t is not None else None
+                                   for t in ffn(card.shared_intermediate_size))
+                             for _ in range(num_layers)]
         self.dense = []
         for _ in range(dense_layers):
-            layer = attn_set()
-            di = sh.dense_intermediate or card.moe_intermediate_size
-            layer["ffn"] = (w(di, h), w(di, h), w(h, di))
-            self.dense.append(layer)
+            inter = card.dense_intermediate_size or card.moe_intermediate_size
+            self.dense.append((self._on(cpu_ops.make_standin_layer(card, ctx, g), place),
+                               tuple(place(t) if t is not None else None for t in ffn(inter))))
         n = max(max_tokens, 1)
-        self.x = w(n, h) * 50
-        self.out = torch.zeros(n, h, dtype=self.dtype, device=device)
+        self.x = place(torch.randn(n, h, generator=g).to(dt))
+        self.out = torch.zeros(n, h, dtype=dt, device=device)
 
-    # -- pieces ------------------------------------------------------------------------------
-    def _norm(self, x: Any, weight: Any) -> Any:
-        var = x.pow(2).mean(-1, keepdim=True)
-        return x * self.torch.rsqrt(var + 1e-6) * weight
+    @staticmethod
+    def _on(layer: Any, place: Any) -> Any:
+        from dataclasses import fields, replace
 
-    def _attention(self, p: dict[str, Any], tokens: int, context: int) -> Any:
-        F = self.torch.nn.functional
-        sh = self.shape
-        x = self._norm(self.x[:tokens], p["n1"])
-        c = max(1, min(context, p["k"].shape[0]))
-        q = F.linear(x, p["wq"])
-        F.linear(x, p["wk"])  # the new token's K/V (the buffer stands in for the cache)
-        F.linear(x, p["wv"])
-        heads, d = sh.heads, sh.q_width // sh.heads
-        kv_heads = max(sh.kv_width // d, 1)
-        qh = q.view(tokens, heads, d).transpose(0, 1)
-        kh = p["k"][:c].view(c, kv_heads, d).transpose(0, 1)
-        vh = p["v"][:c].view(c, kv_heads, d).transpose(0, 1)
-        if kv_heads != heads:  # grouped-query attention: each KV head serves several
-            kh = kh.repeat_interleave(heads // kv_heads, 0)
-            vh = vh.repeat_interleave(heads // kv_heads, 0)
-        att = self.torch.softmax(qh @ kh.transpose(1, 2) * d ** -0.5, dim=-1) @ vh
-        o = F.linear(att.transpose(0, 1).reshape(tokens, -1), p["wo"])
-        return self._norm(o + self.x[:tokens], p["n2"])
+        moved = {f.name: place(getattr(layer, f.name)) for f in fields(layer)
+                 if hasattr(getattr(layer, f.name), "to")}
+        return replace(layer, **moved)
 
-    def _ffn(self, x: Any, gate: Any, up: Any, down: Any) -> Any:
-        F = self.torch.nn.functional
-        return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
-
-    # -- what the run loop calls -------------------------------------------------------------
+    # -- what the run loop (and the calibration) calls ---------------------------------------
     def attention(self, layer: int, tokens: int, context: int) -> None:
-        """Attention, norms and the router of MoE layer ``layer``."""
+        """Stand-in attention and router of MoE layer ``layer``."""
         p = self.layers[layer]
-        h = self._attention(p, tokens, context)
-        self.torch.nn.functional.linear(h, p["router"])
-
-    def router(self, layer: int, tokens: int) -> None:
-        self.torch.nn.functional.linear(self.x[:tokens], self.layers[layer]["router"])
+        self.ops.attention_router_standin(self.x[:tokens], p, context, self.card.top_k)
 
     def attention_only(self, layer: int, tokens: int, context: int) -> None:
-        self._attention(self.layers[layer], tokens, context)
+        self.ops.attention_standin(self.x[:tokens], self.layers[layer], context)
+
+    def router(self, layer: int, tokens: int) -> None:
+        self.ops.router(self.x[:tokens], self.layers[layer].w_router, self.card.top_k)
 
     def dense_layer(self, index: int, tokens: int, context: int) -> None:
-        p = self.dense[index % len(self.dense)]
-        h = self._attention(p, tokens, context)
-        self._ffn(h, *p["ffn"])
+        layer, w = self.dense[index % len(self.dense)]
+        h = self.ops.attention_standin(self.x[:tokens], layer, context)
+        self.ops.expert_ffn(h, *w)
+
+    def dense_ffn(self, index: int, tokens: int) -> None:
+        _, w = self.dense[index % len(self.dense)]
+        self.ops.expert_ffn(self.x[:tokens], *w)
 
     def shared(self, layer: int, tokens: int) -> None:
-        p = self.layers[layer].get("shared")
-        if p is not None and tokens > 0:
-            self.out[:tokens] += self._ffn(self.x[:tokens], *p)
+        if self.shared_w and tokens > 0:
+            self.out[:tokens] += self.ops.expert_ffn(self.x[:tokens], *self.shared_w[layer])
 
     def expert(self, weights: tuple[Any, Any, Any], tokens: int) -> None:
         """One routed expert over ``tokens`` tokens; weights are views of its slot."""
-        self.out[:tokens] += self._ffn(self.x[:tokens], *weights)
+        self.out[:tokens] += self.ops.expert_ffn(self.x[:tokens], *weights)

@@ -1,7 +1,7 @@
 """The model the executor runs: a model card shrunk by ``scale``, and its expert file layout.
 
 ``scale`` multiplies hidden, expert/shared/dense intermediate sizes and the attention head width
-(head count kept), rounded to a multiple of 8; ``dtype`` replaces the card's, so the scaled
+(head count kept), rounded; ``dtype`` replaces the card's, so the scaled
 card's ``expert_bytes`` is exactly what one copy moves and what the simulator is told. No torch
 here: the simulator side of a validation needs the scaled card too.
 """
@@ -21,23 +21,22 @@ def round_up(n: int, to: int = PAGE) -> int:
 
 
 def _scaled(x: int, scale: float) -> int:
-    if x <= 0:
-        return 0
-    return max(8, round(x * scale / 8) * 8)
+    return max(1, round(x * scale)) if x > 0 else 0
 
 
 def scaled_card(card: ModelCard, scale: float, dtype: str = "float32") -> ModelCard:
-    """``card`` with every width times ``scale`` and weights in ``dtype``; renamed so a
-    measured compute table of the scaled model never passes for the full one's."""
+    """``card`` with every width times ``scale`` and weights in ``dtype``.
+
+    The same shapes and name as ``hw_profiles.cpu_ops.scaled_card`` (which needs torch; this
+    one must not, the simulator side of a validation uses it): a measured profile's table for
+    the card applies when its ``measured_at`` shape matches.
+    """
     if not 0 < scale <= 1:
         raise ValueError(f"executor scale must be in (0, 1], got {scale}")
     if dtype not in EXECUTOR_DTYPES:
         raise ValueError(f"executor dtype must be one of {EXECUTOR_DTYPES}, got {dtype!r}")
-    if scale == 1 and dtype == card.dtype:
-        return card
     return replace(
         card,
-        name=scaled_name(card.name, scale, dtype),
         hidden_size=_scaled(card.hidden_size, scale),
         moe_intermediate_size=_scaled(card.moe_intermediate_size, scale),
         shared_intermediate_size=_scaled(card.shared_intermediate_size, scale),
@@ -45,10 +44,6 @@ def scaled_card(card: ModelCard, scale: float, dtype: str = "float32") -> ModelC
         head_dim=_scaled(card.head_dim, scale),
         dtype=dtype,
     )
-
-
-def scaled_name(name: str, scale: float, dtype: str) -> str:
-    return f"{name}_x{scale:g}_{dtype}"
 
 
 @dataclass(frozen=True)
