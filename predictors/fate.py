@@ -22,7 +22,8 @@ Against Fate's code (``mindspore-lab/models`` ``research/SYSU/Fate``, ``Qwen2Moe
 
 Accuracy against the true routing of layer l+1 (rows where both layers were recorded):
 ``exact`` = the first k predicted equal the true top-k set; ``recall`` = |pred ∩ true| / k over
-the ``width`` predicted (recall@width); ``top1`` = the true top-1 expert is among the predicted.
+the ``width`` predicted (recall@width); ``top1`` = the first predicted expert is one of the true
+top-k (``predictors.metrics.top1_correct``, the same top-1 as ``predictors.evaluate``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from predictors.metrics import top1_correct
 from traces.collect.collector import load_routers, routers_path
 from traces.errors import TraceError
 from traces.predictions import PredictionWriter
@@ -110,7 +112,7 @@ class Accuracy:
         self.rows += np.bincount(layer, minlength=self.num_layers)
         self.hits += per_layer(inter.sum(axis=1))
         self.exact += per_layer(exact.all(axis=1))
-        self.top1 += per_layer(inter[:, 0])
+        self.top1 += per_layer(top1_correct(p, t))
 
     def _ratios(self, rows: int, exact: int, hits: int, top1: int) -> dict[str, float]:
         d = max(rows, 1)

@@ -63,6 +63,14 @@ def hits_at(ranked: np.ndarray, true_hot: np.ndarray, n: int) -> np.ndarray:
     return (picked & valid).sum(axis=1)
 
 
+def top1_correct(ranked: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """Per row: the predictor's first choice is one of the true top-k experts. This is the one
+    ``top1`` of every predictor report (``top1_acc`` here, ``top1`` of ``predictors.fate``)."""
+    ranked, true = np.asarray(ranked), np.asarray(true)
+    first = ranked[:, :1]
+    return (first >= 0).ravel() & (first == true).any(axis=1)
+
+
 def _f1(tp: float, fp: float, fn: float) -> float:
     denom = 2 * tp + fp + fn
     return 0.0 if denom == 0 else 2 * tp / denom
@@ -97,6 +105,9 @@ def _row_metrics(ranked: np.ndarray, true: np.ndarray, spec: MetricSpec) -> dict
         out[f"precision@{w}"] = float(np.mean(h / w))
     for n in spec.top_n:
         nn = min(n, e)
+        if nn == 1:
+            out["top1_acc"] = float(np.mean(top1_correct(ranked, true)))
+            continue
         out[f"top{n}_acc"] = float(np.mean(hits_at(ranked, true_hot, nn) / min(nn, k)))
     out["bit_acc"], out["macro_f1"] = bit_scores(pred_hot, true_hot)
     zero = np.zeros_like(true_hot)

@@ -16,6 +16,7 @@ from predictors.fate import (
     next_gate_predict,
     run_fate,
 )
+from predictors.metrics import MetricSpec, evaluate
 from traces.collect.collector import load_routers, routers_path
 from traces.errors import TraceError
 from traces.predictions import load_predictions, read_predictions_meta
@@ -94,6 +95,20 @@ def test_accuracy_counts() -> None:
     # token 0: first k {3,2} == {2,3} exact, both hit; token 1: {2,0} not exact, both hit @3
     assert layer1 == {"rows": 2, "exact": 0.5, "recall": 1.0, "top1": 1.0}
     assert acc.overall() == layer1
+
+
+def test_top1_is_the_first_choice_being_a_true_expert() -> None:
+    """One top-1 for every report: Fate's CLI and ``predictors.evaluate`` agree row by row,
+    also where the first choice is a true expert but not the router's own first one."""
+    true = np.array([[[0, 1]], [[0, 1]], [[0, 1]]], dtype=np.int16)  # router ranks 0 first
+    pred = np.array([[[1, 3, 2]], [[2, 0, 3]], [[0, 3, 2]]], dtype=np.int16)
+    acc = Accuracy(num_layers=1, top_k=2, width=3)
+    acc.add(pred, true)
+    # row 0: first choice 1 is true; row 1: first choice 2 is not (0 only later); row 2: yes
+    assert acc.overall()["top1"] == pytest.approx(2 / 3)
+    rows = evaluate(pred[:, 0].astype(np.int64), true[:, 0].astype(np.int64), np.zeros(3, int),
+                    MetricSpec(num_experts=4, top_k=2))
+    assert rows[-1]["top1_acc"] == pytest.approx(acc.overall()["top1"])
 
 
 def test_run_fate_on_hand_trace(tmp_path: Path) -> None:
