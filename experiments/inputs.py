@@ -4,7 +4,6 @@ model card and hardware profile."""
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,15 +12,15 @@ from omegaconf import DictConfig, OmegaConf
 
 import hw_profiles
 from traces import TraceError, import_trace, load_predictions, load_trace
+from traces.cache import cache_root, entry_lock, sweep_temporaries
 from traces.model_card import ModelCard, card_from_mapping, load_card
 from traces.predictions import read_predictions_meta
 from traces.trace import Trace
 
 
 def cache_dir() -> Path:
-    """Where imported traces are cached: $MOESIM_CACHE or ~/.cache/moesim."""
-    root = os.environ.get("MOESIM_CACHE") or Path.home() / ".cache" / "moesim"
-    return Path(root)
+    """The user cache (``$MOESIM_CACHE`` or ``~/.cache/moesim``; see traces.cache)."""
+    return cache_root()
 
 
 def _digest(src: Path) -> str:
@@ -53,9 +52,11 @@ def trace_file(path: str, fmt: str) -> Path:
         raise TraceError(f"trace.path: {src} is not a .parquet trace; set trace.format")
     out = cache_dir() / "traces" / f"{fmt}-{_digest(src)}.parquet"
     if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        print(f"importing {src} ({fmt}) into {out} (once)")
-        import_trace(fmt, src, out)
+        with entry_lock(out):  # concurrent runs import once; the others wait, then read it
+            if not out.exists():
+                sweep_temporaries(out)  # of a killed import of this very entry
+                print(f"importing {src} ({fmt}) into {out} (once)")
+                import_trace(fmt, src, out)
     return out
 
 

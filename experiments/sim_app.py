@@ -28,6 +28,7 @@ from experiments.inputs import (
     trace_file,
     with_card_bytes,
 )
+from experiments.paths import exit_with_parent
 from hw_profiles import ProfileError
 from policies.base import Knowledge, PolicyError
 from policies.registry import resolve
@@ -36,6 +37,7 @@ from sim import SimulationError, capacity_slots, dense_layers_before, simulate
 from sim.metrics import RunResult
 from sim.workload import WorkloadError
 from traces import TraceError
+from traces.cache import entry_lock
 from traces.model_card import ModelCardError
 from traces.store import atomic_path
 
@@ -159,8 +161,9 @@ def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:
 
 
 def remove_stale_temporaries(outdir: Path) -> None:
-    """Temporary files of a write that was killed (SIGKILL runs no cleanup); a run directory
-    belongs to one job, so any temporary in it is stale when the job starts."""
+    """Temporary files of a write that was killed (SIGKILL runs no cleanup). Call only while
+    holding the run folder's lock (:func:`run_lock`): then no other process writes in it, so
+    every temporary there is stale."""
     if outdir.is_dir():
         for tmp in outdir.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
@@ -237,9 +240,24 @@ def finished(outdir: Path, digest: str) -> pd.DataFrame | None:
     return None
 
 
+def run_lock(outdir: Path):
+    """One process at a time in a run folder: two identical sweeps into one folder queue up
+    per run, and the second finds the first's finished summary and skips (the kernel releases
+    the lock of a killed process)."""
+    return entry_lock(outdir / "run")
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    outdir = Path(HydraConfig.get().runtime.output_dir)
+    hc = HydraConfig.get()
+    if "joblib" in str(hc.launcher.get("_target_", "")):
+        exit_with_parent()  # a killed sweep must not leave its workers running
+    outdir = Path(hc.runtime.output_dir)
+    with run_lock(outdir):
+        return _run_in(outdir, cfg)
+
+
+def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
     remove_stale_temporaries(outdir)
     try:
         digest = config_hash(cfg, input_digest(cfg))

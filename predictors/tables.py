@@ -16,18 +16,16 @@ so that a simulated prediction is never one the model was trained on.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from predictors.data import PredictorError, file_digest, split_requests
+from traces.cache import cache_root, entry_lock
 
 SPEC_PREFIX = "predictor:"
 CONF_DIR = Path(__file__).parent / "conf"
@@ -82,19 +80,7 @@ def held_out_requests(request_ids: list[int]) -> tuple[int, ...]:
 
 
 def table_root() -> Path:
-    env = os.environ.get("MOESIM_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "moesim") / "predictions"
-
-
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return cache_root() / "predictions"
 
 
 def _plain_config(name: str) -> dict:
@@ -131,7 +117,7 @@ def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
     log_wait = out.with_name(out.name + ".lock").exists() and not out.is_file()
     if log_wait:
         log(f"waiting for another process building {out.name} ...")
-    with _locked(out):
+    with entry_lock(out):
         if out.is_file():
             return out
         log(f"building the {name} prediction table for {trace.name} (once) -> {out}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ import torch
 from tqdm import tqdm
 
 from predictors.pre_attention import PreAttentionConfig, PreAttentionNet, rank_matrix, ranking_loss
+from traces.cache import cache_root
 from traces.store import atomic_path
 
 CODE_VERSION = 1  # bump when training code changes what a config produces
@@ -62,8 +62,7 @@ def cache_dir(explicit: str | Path | None = None) -> Path:
     """``explicit``, else ``$MOESIM_CACHE/predictors``, else ``~/.cache/moesim/predictors``."""
     if explicit:
         return Path(explicit)
-    env = os.environ.get("MOESIM_CACHE")
-    return (Path(env) if env else Path.home() / ".cache" / "moesim") / "predictors"
+    return cache_root() / "predictors"
 
 
 def cache_key(payload: dict[str, Any]) -> str:

@@ -15,6 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from experiments.paths import register_resolvers
 from predictors.data import PredictorError
 from predictors.metrics import format_table
 from predictors.pipeline import RunConfig, RunOutput, run
@@ -112,6 +113,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    register_resolvers()  # ${moesim.dirname:...} in the run and sweep folder names
     _hydra_main()
 
 

@@ -51,11 +51,12 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         collect(s, model=model, tokenizer=_Interrupting(3))
     assert not out.exists()  # nothing half-written
-    parts = sorted((tmp_path / ".t.parquet.parts").glob("req_*.npz"))
+    (work,) = tmp_path.glob(".t.parquet.parts-*")  # one folder, keyed by the fingerprint
+    parts = sorted(work.glob("req_*.npz"))
     assert [p.name for p in parts] == ["req_000000.npz", "req_000001.npz"]
     res = collect(s, model=model, tokenizer=ByteTokenizer())
     assert res.resumed_requests == 2 and res.summary.requests == 4
-    assert not (tmp_path / ".t.parquet.parts").exists()
+    assert not list(tmp_path.glob(".t.parquet.parts-*"))
     fresh = collect(
         CollectSettings(
             model_path="olmoe",
@@ -76,7 +77,9 @@ def test_resume_after_interruption(tmp_path: Path) -> None:
     )
 
 
-def test_work_dir_of_other_run_is_refused(tmp_path: Path) -> None:
+def test_other_run_gets_its_own_work_dir(tmp_path: Path) -> None:
+    """Parts of a run with other settings (or another model or transformers release) never
+    block a new run: each fingerprint has its own folder, and finishing sweeps the others."""
     prompts = tmp_path / "p.txt"
     prompts.write_text("a = 1\nb = 2\n")
     model = _olmoe()
@@ -89,9 +92,16 @@ def test_work_dir_of_other_run_is_refused(tmp_path: Path) -> None:
         keep_parts=True,
     )
     collect(s, model=model, tokenizer=ByteTokenizer())
+    (first,) = tmp_path.glob(".t.parquet.parts-*")
     s.max_new_tokens = 3
-    with pytest.raises(CollectError, match="different run"):
-        collect(s, model=model, tokenizer=ByteTokenizer())
+    res = collect(s, model=model, tokenizer=ByteTokenizer())
+    assert res.resumed_requests == 0 and res.summary.tokens > 0
+    (second,) = tmp_path.glob(".t.parquet.parts-*")  # kept (keep_parts), the old one swept
+    assert second != first
+    s.keep_parts = False
+    s.max_new_tokens = 4
+    collect(s, model=model, tokenizer=ByteTokenizer())
+    assert not list(tmp_path.glob(".t.parquet.parts-*"))
 
 
 def test_prompt_formats(tmp_path: Path) -> None:
@@ -164,4 +174,4 @@ def test_cli_end_to_end_and_errors(tmp_path: Path) -> None:
         load_tokenizer("auto", str(model_dir))
     unset = _cli(f"prompts.path={prompts}", cwd=tmp_path)
     assert unset.returncode == 2 and unset.stderr.startswith("error: missing value for model.path")
-    assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*.parts"))
+    assert not list(tmp_path.glob("*.parquet")) and not list(tmp_path.glob(".*.parts-*"))

@@ -18,6 +18,7 @@ import inspect
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 
 from traces.collect.errors import CollectError
 from traces.collect.prompts import Prompt, Tokenizer, load_prompts, load_tokenizer
@@ -220,15 +222,25 @@ class _Runner:
         self.enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
         params = inspect.signature(model.forward).parameters
         self.logits_kw = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        # transformers >= 5.24 names the KV cache ``cache`` and deprecates ``past_key_values``;
+        # older releases know only ``past_key_values``. Use whichever this forward takes.
+        self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.hidden = int(self.layout.moe[0].weight.shape[1])
 
     def close(self) -> None:
         self.hooks.remove()
 
-    def _step(self, **kw: Any) -> tuple[Any, dict[int, Any], dict[int, Any]]:
+    def _step(self, kv: Any = None, **kw: Any) -> tuple[Any, dict[int, Any], dict[int, Any]]:
+        """One forward pass with the KV cache ``kv`` (None on the first pass)."""
+        if kv is not None:
+            kw[self.cache_kw] = kv
         out = self.model(**kw)
         calls, pre = self.hooks.take()
         return out, calls, pre
+
+    def _kv(self, out: Any) -> Any:
+        """The KV cache a forward pass returned, under the name this transformers uses."""
+        return getattr(out, self.cache_kw)
 
     def run(self, rid: int, prompt: Prompt) -> RequestRecord:
         import torch
@@ -257,27 +269,27 @@ class _Runner:
                     out, calls, pre = self._step(
                         encoder_outputs=enc,
                         decoder_input_ids=nxt,
-                        past_key_values=pkv,
+                        kv=pkv,
                         use_cache=True,
                     )
                     steps.append(([int(nxt.item())], DECODE, calls, pre))
-                    pkv = out.past_key_values
+                    pkv = self._kv(out)
                     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                     if eos is not None and int(nxt.item()) == eos:
                         break
             else:
                 out, calls, pre = self._step(input_ids=x, use_cache=True, **self.logits_kw)
                 steps.append((ids, PREFILL, calls, pre))
-                pkv = out.past_key_values
+                pkv = self._kv(out)
                 nxt = out.logits[:, -1].argmax(-1, keepdim=True)
                 for _ in range(self.s.max_new_tokens):
                     if eos is not None and int(nxt.item()) == eos:
                         break
                     out, calls, pre = self._step(
-                        input_ids=nxt, past_key_values=pkv, use_cache=True, **self.logits_kw
+                        input_ids=nxt, kv=pkv, use_cache=True, **self.logits_kw
                     )
                     steps.append(([int(nxt.item())], DECODE, calls, pre))
-                    pkv = out.past_key_values
+                    pkv = self._kv(out)
                     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
         return self._assemble(rid, prompt.label, steps)
 
@@ -381,9 +393,34 @@ def _model_fingerprint(model: Any) -> str:
     return _digest({"config": model.config.to_dict(), "routers": sums})
 
 
-def _work_dir(s: CollectSettings) -> Path:
+PARTS_INFIX = ".parts-"
+STALE_PARTS_S = 24 * 3600.0  # other fingerprints' parts untouched this long are swept at start
+
+
+def _work_dir(s: CollectSettings, key: str) -> Path:
+    """Per-request parts of one run, keyed by the run's full fingerprint ``key``: another model,
+    prompt set, setting or library version gets its own folder (never a refusal), and an
+    interrupted run with the same fingerprint resumes from its folder."""
     out = Path(s.out)
-    return Path(s.work_dir) if s.work_dir else out.parent / f".{out.name}.parts"
+    base = Path(s.work_dir) if s.work_dir else out.parent
+    return base / f".{out.name}{PARTS_INFIX}{key}"
+
+
+def _sweep_stale_parts(s: CollectSettings, keep: Path, older_than_s: float) -> None:
+    """Remove other fingerprints' part folders of the same output that nobody touched for
+    ``older_than_s`` (a run in progress writes a part per request, so its folder stays fresh)."""
+    out = Path(s.out)
+    base = Path(s.work_dir) if s.work_dir else out.parent
+    now = time.time()
+    for old in base.glob(f".{out.name}{PARTS_INFIX}*"):
+        if old == keep or not old.is_dir():
+            continue
+        try:
+            fresh = max([old.stat().st_mtime] + [p.stat().st_mtime for p in old.iterdir()])
+        except OSError:
+            continue  # vanished under us: another process swept it
+        if now - fresh > older_than_s:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def routers_path(trace: str | Path) -> Path:
@@ -427,7 +464,11 @@ def collect(
     if s.threads:
         torch.set_num_threads(int(s.threads))
     try:
-        return _collect_with(runner, prompts, s, out, transformers.__version__)
+        # One collector per output at a time: a second one waits, then finds the parts (or the
+        # output) of the first instead of racing it.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(out.parent / f".{out.name}.lock"):
+            return _collect_with(runner, prompts, s, out, transformers.__version__)
     finally:
         runner.close()
         torch.set_num_threads(old_threads)
@@ -438,22 +479,16 @@ def _collect_with(
 ) -> CollectResult:
     from tqdm.auto import tqdm
 
-    work = _work_dir(s)
     fp = {
         "settings": s.fingerprint_fields(),
         "prompts": _digest([(p.label, p.text) for p in prompts]),
         "model": _model_fingerprint(runner.model),
+        "transformers": tf_version,
     }
-    stamp = work / "settings.json"
-    if work.exists() and stamp.exists():
-        old = json.loads(stamp.read_text())
-        if old != fp:
-            raise CollectError(
-                f"work dir {work} holds parts of a different run (other model, prompts or "
-                "settings); delete it or set work_dir"
-            )
+    work = _work_dir(s, _digest(fp))
+    _sweep_stale_parts(s, work, STALE_PARTS_S)
     work.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(fp, indent=1, sort_keys=True))
+    (work / "settings.json").write_text(json.dumps(fp, indent=1, sort_keys=True))
 
     parts = [work / f"req_{i:06d}.npz" for i in range(len(prompts))]
     done = sum(p.exists() for p in parts)
@@ -471,6 +506,8 @@ def _collect_with(
     result.resumed_requests = done
     if not s.keep_parts:
         shutil.rmtree(work, ignore_errors=True)
+    # The output now holds this run: other fingerprints' parts for it are obsolete.
+    _sweep_stale_parts(s, work, 0.0)
     return result
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
+from traces.cache import cache_root as user_cache_root
+from traces.cache import entry_lock
 from traces.collect.collector import CollectSettings, collect, routers_path
 
 ASSETS = Path(__file__).parent / "assets"
@@ -23,11 +24,8 @@ COLLECT_VERSION = 1  # bump when the collector's output for the same inputs chan
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, else ``$MOESIM_CACHE``, else ``~/.cache/moesim``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("MOESIM_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "moesim"
+    """``cache_dir``, else the user cache (:func:`traces.cache.cache_root`)."""
+    return Path(cache_dir) if cache_dir is not None else user_cache_root()
 
 
 def embedded_settings(out: Path, limit: int | None = None) -> CollectSettings:
@@ -74,5 +72,9 @@ def ensure_embedded_trace(cache_dir: Path | None = None, *, limit: int | None = 
     out = cache_root(cache_dir) / f"{MODEL_NAME}-{embedded_key(limit)}{suffix}.parquet"
     if out.is_file() and routers_path(out).is_file():
         return out
-    collect(embedded_settings(out, limit))
+    # Its own lock (not the collector's output lock, which collect() takes): concurrent first
+    # uses generate once; the others wait and then find the file.
+    with entry_lock(out.with_name(out.name + ".ensure")):
+        if not (out.is_file() and routers_path(out).is_file()):
+            collect(embedded_settings(out, limit))
     return out

@@ -1,0 +1,68 @@
+"""Output folders that stay where they belong, and sweep workers that die with their sweep.
+
+Values become folder names (a sweep's subdir is built from its overrides: ``label=../../x``,
+``trace.path=/abs/file``), so every such name goes through :func:`safe_dirname`, registered as
+the OmegaConf resolver ``${moesim.dirname:...}`` that the Hydra configs use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import threading
+import time
+
+from omegaconf import OmegaConf
+
+MAX_NAME = 120  # bytes; filesystems allow 255, and Hydra adds nothing after the subdir
+_UNSAFE = re.compile(r"[^A-Za-z0-9._,=+@%-]+")
+
+
+def safe_dirname(text: object) -> str:
+    """One harmless path component for ``text``: separators and other unsafe characters become
+    ``_``, a leading dot is escaped (no ``..``, no hidden folders), and long names are cut and
+    suffixed with a hash of the full text so two long names never collide."""
+    raw = str(text)
+    name = _UNSAFE.sub("_", raw).strip("_") or "_"
+    if name.startswith("."):
+        name = "_" + name
+    if len(name) > MAX_NAME:
+        digest = hashlib.blake2b(raw.encode(), digest_size=4).hexdigest()
+        name = f"{name[: MAX_NAME - 9]}-{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    """``${moesim.dirname:<text>}`` for the Hydra configs (idempotent; called at import so
+    that sweep workers, which import this module to unpickle their job, have it too)."""
+    OmegaConf.register_new_resolver("moesim.dirname", safe_dirname, replace=True)
+
+
+register_resolvers()
+
+
+_WATCHDOG = "moesim-parent-watchdog"
+
+
+def exit_with_parent(poll_s: float = 0.5) -> None:
+    """In a sweep worker: end this process when the process that started it is gone.
+
+    Killing a joblib sweep's parent (SIGKILL, an OOM kill, a closed terminal) leaves its loky
+    workers running jobs nobody will collect; a daemon thread notices the re-parenting and
+    ends the worker. Started once per process; a no-op in the main process of a plain run.
+    """
+    if any(t.name == _WATCHDOG for t in threading.enumerate()):
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5.0)
+                os._exit(1)  # SIGTERM was caught and ignored somewhere: go anyway
+
+    threading.Thread(target=watch, name=_WATCHDOG, daemon=True).start()

@@ -1,0 +1,131 @@
+"""Sweeps that share a folder, sweeps that are killed, and override values that would escape
+the sweep folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from experiments.paths import MAX_NAME, safe_dirname
+from tests.helpers import random_trace
+from traces import write_trace
+
+
+def _ds_trace(path: Path, requests: int, tokens: int, seed: int) -> Path:
+    """Synthetic routing with DeepSeek-V2-Lite's shape, so the app finds a model card."""
+    tr = random_trace(num_requests=requests, tokens=tokens, layers=26, experts=64, top_k=6,
+                      seed=seed)
+    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
+                   expert_bytes=17301504)
+    write_trace(path, meta, tr.requests)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _ds_trace(tmp_path_factory.mktemp("conc") / "t.parquet", 3, 6, 5)
+
+
+def _cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from experiments.sim_app import main; main()", *args]
+
+
+def test_safe_dirname() -> None:
+    assert safe_dirname("policy=lru,cache.fraction=0.1") == "policy=lru,cache.fraction=0.1"
+    for bad in ("../../x", "/abs/path", "..", ".hidden", "a/../../b"):
+        name = safe_dirname(bad)
+        assert "/" not in name and not name.startswith(".") and name
+    long = safe_dirname("x" * 500)
+    assert len(long) == MAX_NAME and long != safe_dirname("x" * 499)
+
+
+def test_override_values_stay_inside_the_sweep_folder(trace_file: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "a" / "b" / "sweep"
+    proc = subprocess.run(
+        _cmd("-m", "trace=file", f"trace.path={trace_file}", "label=../../../x",
+             "cache.fraction=0.25", "progress=false", f"hydra.sweep.dir={sweep}"),
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = list(tmp_path.rglob("summary.parquet"))
+    assert len(found) == 1
+    # One folder level below the sweep: neither ../ nor the absolute trace path nested it.
+    assert found[0].parent.parent == sweep, found
+
+
+def test_two_identical_sweeps_into_one_folder(trace_file: Path, tmp_path: Path) -> None:
+    """Each run folder is locked: the second sweep waits for a run, then skips it."""
+    args = _cmd("-m", "trace=file", f"trace.path={trace_file}", "policy=lru,belady",
+                "cache.fraction=0.1,0.5", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep")
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-2000:]
+    assert len(list((tmp_path / "sweep").rglob("summary.parquet"))) == 4
+    skipped = sum(out.count("already done") for out, _ in outs)
+    ran = sum(out.count("results:") for out, _ in outs)
+    assert (ran, skipped) == (4, 4)  # every run folder ran exactly once
+    assert not list((tmp_path / "sweep").rglob(".*.tmp"))
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for k in map(int, kids):
+                if k not in out:
+                    out.add(k)
+                    todo.append(k)
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return False
+    return fields[0] != "Z"  # a zombie has exited; only its parent's reaping is left
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
+    path = _ds_trace(tmp_path / "big.parquet", 30, 40, 9)
+    proc = subprocess.Popen(
+        _cmd("-m", "trace=file", f"trace.path={path}", "policy=belady,lfu,least_stale",
+             "cache.fraction=0.1,0.2,0.3,0.4", "engine=python", "progress=false",
+             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+             f"hydra.sweep.dir={tmp_path}/sweep"),
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = {p for p in _descendants(proc.pid) if _alive(p)}
+        started = list(tmp_path.glob("sweep/*/.hydra"))  # a worker is inside a job
+        if len(workers) >= 2 and started:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and workers, "sweep ended before its workers could be seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    left = [p for p in workers if _alive(p)]
+    for p in left:  # don't leave them to the rest of the suite either
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers outlived the killed sweep: {left}"

@@ -1,0 +1,133 @@
+"""The user cache: one root for everything moesim derives once and keeps (imported traces, the
+embedded trace, prediction tables, trained predictors), and the rules that keep it healthy.
+
+Root: ``$MOESIM_CACHE`` if set, else the platform's user cache folder (``~/.cache/moesim`` on
+Linux, honouring ``$XDG_CACHE_HOME``). Every entry is keyed by the content or full fingerprint
+of what made it, so a changed input or library version gets a new entry instead of a refusal.
+Writers hold a lock per entry (:func:`entry_lock`) and write through a temporary file, so two
+processes never see half an entry; temporaries left by a killed writer are swept by the next
+writer of the same entry, under its lock, and ``moesim-traces cache`` lists and clears the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+from platformdirs import user_cache_path
+
+# Folders below the root, by what they hold (``moesim-traces cache clear --only <name>``).
+KINDS = {
+    "traces": "imported and embedded traces (parquet), keyed by source content",
+    "predictions": "prediction tables built by predictor:<name>, keyed by predictor + trace",
+    "predictors": "trained predictor checkpoints, keyed by config + data",
+}
+
+
+def cache_root() -> Path:
+    """``$MOESIM_CACHE``, else the user cache folder of the platform."""
+    env = os.environ.get("MOESIM_CACHE")
+    return Path(env).expanduser() if env else user_cache_path("moesim", appauthor=False)
+
+
+def entry_lock(path: Path, timeout: float = -1) -> FileLock:
+    """The lock of one cache entry (or any output file): ``.<name>.lock`` beside it. Held while
+    the entry is built; a second builder waits and then finds the entry done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(path.parent / f".{path.name}.lock", timeout=timeout)
+
+
+def is_temporary(p: Path) -> bool:
+    """A write in progress or abandoned: ``.<name>.<random>.tmp`` (see traces.store.atomic_path)."""
+    return p.name.startswith(".") and p.name.endswith(".tmp")
+
+
+def sweep_temporaries(path: Path) -> int:
+    """Remove abandoned temporaries of the entry ``path``; call only while holding its lock
+    (then no other process is writing it). Returns how many were removed."""
+    n = 0
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One top-level item of the cache, for ``moesim-traces cache info``."""
+
+    path: Path
+    kind: str
+    files: int
+    bytes: int
+    mtime: float
+    stale: bool  # an abandoned temporary or a collector's part folder
+
+
+def _size(p: Path) -> tuple[int, int, float]:
+    if p.is_file():
+        st = p.stat()
+        return 1, st.st_size, st.st_mtime
+    files = nbytes = 0
+    mtime = p.stat().st_mtime
+    for f in p.rglob("*"):
+        if f.is_file():
+            st = f.stat()
+            files += 1
+            nbytes += st.st_size
+            mtime = max(mtime, st.st_mtime)
+    return files, nbytes, mtime
+
+
+def _is_stale(p: Path, now: float, older_than_s: float) -> bool:
+    abandoned = is_temporary(p) or ".parquet.parts-" in p.name
+    return abandoned and now - _size(p)[2] > older_than_s
+
+
+def entries(root: Path | None = None, older_than_s: float = 3600.0) -> list[Entry]:
+    """Every item one level below each kind's folder (and loose items at the root), with
+    sizes; lock files are not listed. ``stale`` marks temporaries and part folders untouched
+    for ``older_than_s``."""
+    root = root or cache_root()
+    if not root.is_dir():
+        return []
+    now = time.time()
+    out: list[Entry] = []
+    for top in sorted(root.iterdir()):
+        if top.name.endswith(".lock"):
+            continue
+        items = [top]
+        kind = "other"
+        if top.is_dir() and top.name in KINDS:
+            kind = top.name
+            items = sorted(p for p in top.iterdir() if not p.name.endswith(".lock"))
+        for p in items:
+            try:
+                files, nbytes, mtime = _size(p)
+                stale = _is_stale(p, now, older_than_s)
+            except OSError:  # removed while we looked
+                continue
+            out.append(Entry(p, kind, files, nbytes, mtime, stale))
+    return out
+
+
+def clear(root: Path | None = None, *, only: str | None = None, stale_only: bool = False,
+          older_than_s: float = 3600.0) -> tuple[int, int]:
+    """Remove cache entries (all, one kind, or only stale ones); returns (items, bytes)."""
+    if only is not None and only not in KINDS:
+        raise ValueError(f"unknown cache kind {only!r}; one of {', '.join(KINDS)}")
+    n = nbytes = 0
+    for e in entries(root, older_than_s):
+        if (only and e.kind != only) or (stale_only and not e.stale):
+            continue
+        if e.path.is_dir():
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            e.path.unlink(missing_ok=True)
+        n += 1
+        nbytes += e.bytes
+    return n, nbytes
