@@ -25,7 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from predictors.data import PredictorError, file_digest, split_requests
-from traces.cache import cache_root, entry_lock
+from traces.cache import cache_root, entry_lock, sweep_temporaries
 
 SPEC_PREFIX = "predictor:"
 CONF_DIR = Path(__file__).parent / "conf"
@@ -114,12 +114,13 @@ def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
     trace = Path(trace)
     key = table_key(trace, name)
     out = table_root() / f"{name}-{key}.parquet"
-    log_wait = out.with_name(out.name + ".lock").exists() and not out.is_file()
+    log_wait = out.with_name(f".{out.name}.lock").exists() and not out.is_file()
     if log_wait:
         log(f"waiting for another process building {out.name} ...")
     with entry_lock(out):
         if out.is_file():
             return out
+        sweep_temporaries(out)  # of a killed build of this very table
         log(f"building the {name} prediction table for {trace.name} (once) -> {out}")
         if name == "fate":
             from predictors.fate import fate_predictions

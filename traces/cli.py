@@ -8,6 +8,9 @@ Examples::
     moesim-traces info out.parquet
     moesim-traces info --format speculative-moe-jsonl SRC_DIR      # import on the fly
     moesim-traces stats out.parquet --out stats_dir
+    moesim-traces cache info                     # what the user cache holds, with sizes
+    moesim-traces cache clear --stale            # abandoned temporaries and part folders
+    moesim-traces cache clear --only predictors  # or everything, without --only
 
 Bad input prints one ``error: ...`` line on stderr and exits with status 2.
 """
@@ -147,6 +150,43 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from traces import cache
+
+    root = Path(args.root) if args.root else cache.cache_root()
+    if args.action == "clear":
+        try:
+            n, nbytes = cache.clear(root, only=args.only, stale_only=args.stale)
+        except ValueError as exc:
+            raise TraceError(str(exc), field="--only") from None
+        print(f"removed {n} item(s), {_human(nbytes)} from {root}")
+        return 0
+    items = cache.entries(root)
+    print(f"cache: {root}" + ("" if root.is_dir() else " (empty: does not exist)"))
+    for kind in (*cache.KINDS, "other"):
+        mine = [e for e in items if e.kind == kind]
+        if not mine:
+            continue
+        total = sum(e.bytes for e in mine)
+        print(f"{kind}: {len(mine)} item(s), {_human(total)}  ({cache.KINDS.get(kind, '')})")
+        for e in mine:
+            when = datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
+            flag = "  [stale]" if e.stale else ""
+            print(f"  {_human(e.bytes):>9}  {when}  {e.path.name}{flag}")
+    print(f"total: {_human(sum(e.bytes for e in items))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="moesim-traces", description="Import, check and profile MoE routing traces."
@@ -179,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--out", required=True, help="output folder")
             sp.add_argument("--max-requests", type=int, default=None)
             sp.add_argument("--no-plots", action="store_true")
+
+    cp = sub.add_parser("cache", help="list or clear the user cache ($MOESIM_CACHE)")
+    cp.add_argument("action", choices=("info", "clear"))
+    cp.add_argument("--only", metavar="KIND", help="clear one kind: traces, predictions, "
+                    "predictors")
+    cp.add_argument("--stale", action="store_true",
+                    help="clear only abandoned temporaries and collector part folders")
+    cp.add_argument("--root", help="another cache folder (default: $MOESIM_CACHE or "
+                    "~/.cache/moesim)")
+    cp.set_defaults(func=_cmd_cache)
     return p
 
 
