@@ -53,6 +53,20 @@ def test_hit_rate_never_falls_as_capacity_grows(trace, ev, data):
 
 
 @SETTINGS
+@given(trace=traces, extra=st.integers(0, 12))
+def test_unpinned_belady_is_the_optimum_of_every_eviction_pinned_or_not(trace, extra):
+    """The bound the README names: Belady without layer pinning has no more misses than any
+    demand-only eviction policy, with or without pinning (pinning only removes choices)."""
+    cap = min(trace.meta.top_k + 1 + extra, _total(trace))
+    best = simulate(trace, "belady", capacity=cap, mode="zero_latency",
+                    pin_layer=False).summary["misses"]
+    for ev in ("lru", "fifo", "lfu", "belady", "least_stale"):
+        for pin in (True, False):
+            s = simulate(trace, ev, capacity=cap, mode="zero_latency", pin_layer=pin).summary
+            assert best <= s["misses"], (ev, pin)
+
+
+@SETTINGS
 @given(trace=traces, ev=st.sampled_from(["lru", "fifo", "lfu", "belady", "least_stale"]),
        extra=st.integers(0, 10), engines=st.integers(1, 3),
        bws=st.lists(st.floats(1e5, 1e9), min_size=2, max_size=4),
