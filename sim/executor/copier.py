@@ -70,6 +70,7 @@ class Copier:
         self._seq = 0
         self._arrivals = 0
         self.arrival: dict[int, int] = {}  # key -> order in which its copy was drained
+        self.finished_at: dict[int, float] = {}  # key -> when its worker finished the copy
         self.counting = True
         self.started = [0, 0]  # per kind, counted steps only
         self.dropped = 0
@@ -210,6 +211,7 @@ class Copier:
         self.cache.complete(c.key)
         self._arrivals += 1
         self.arrival[c.key] = self._arrivals
+        self.finished_at[c.key] = c.end
         self.busy += c.end - c.start
         if self.records is not None:
             self.records.append((c.key, kind, c.start, c.end))

@@ -89,6 +89,9 @@ class StorageBackend:
         self.capacity = capacity
         stride = layout.stride
         self._mm = mmap.mmap(-1, capacity * stride)  # anonymous: page-aligned, zeroed
+        # Touch every page now: a runtime preallocates its pool, so no read in the run pays
+        # a first-touch page fault.
+        np.frombuffer(self._mm, dtype=np.uint8)[::mmap.PAGESIZE] = 0
         view = memoryview(self._mm)
         self._slots = [view[s * stride:(s + 1) * stride] for s in range(capacity)]
         self.fallback_reason = ""

@@ -1,0 +1,278 @@
+"""``experiment=validate``: the simulator's timed prediction against real runs of the executor.
+
+    python -m experiments.validate experiment=validate            # ~15 min on 2 cores
+    python -m experiments.validate experiment=validate_smoke      # seconds (CI)
+    python -m experiments.validate experiment=validate validate.calibrate=false hw=<profile>
+
+For each trace of ``validate.traces`` the model card is scaled (``validate.scale``, weights in
+``validate.dtype``), the machine is profiled first (``validate.calibrate=true``: the executor's
+own microbenchmarks, ``sim.executor.calibrate``; else the profile ``hw`` names, e.g. one
+``moesim-profile`` measured), then every (policy x capacity) config is simulated once with that
+profile and the scaled expert size and run ``validate.repeats`` times on the executor. The
+end-to-end runs are never used to fit anything. Outputs in the run folder:
+
+- ``summary.parquet`` / ``per_layer.parquet``: the simulator's schema, one row per run (and per
+  layer), ``source`` = ``sim`` or ``real``, ``repeat``, ``config_id``;
+- ``validation.parquet``: one row per config: predicted vs measured (median of the repeats) time
+  and stall per output token, signed and absolute % error, the real runs' min/max, and whether
+  hit / late / miss counts agree;
+- ``profile_<trace>.yaml``: the profile each trace was predicted with.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments.configs import CONF_DIR, register_configs
+from experiments.inputs import hw_profile, load_run_predictions, load_run_trace, model_card
+from hw_profiles import ProfileError, profile_from_mapping
+from policies.base import Knowledge, PolicyError
+from policies.registry import resolve
+from sim import SimulationError, capacity_slots, dense_layers_before, simulate
+from sim.executor.model import scaled_card
+from sim.workload import WorkloadError
+from traces import TraceError
+from traces.model_card import ModelCardError
+from traces.trace import Trace
+
+USER_ERRORS = (SimulationError, TraceError, ProfileError, PolicyError, ModelCardError,
+               WorkloadError, ValueError)
+COUNTS = ("hits", "late_hits", "promoted", "misses")
+
+
+def policy_label(p: dict[str, Any]) -> str:
+    """``oracle_prefetch@pre_attention+0``: the name plus what distinguishes its configs."""
+    extra = []
+    if "point" in p:
+        extra.append(str(p["point"]))
+    for k in ("lookahead", "ahead"):
+        if k in p:
+            extra.append(f"+{p[k]}")
+    tail = "".join(extra)
+    pred = p.get("predictions")
+    if pred:
+        tail += f"[{str(pred).removeprefix('predictor:')}]"
+    return f"{p['name']}@{tail}" if tail else str(p["name"])
+
+
+def _trace_cfg(cfg: DictConfig, entry: dict[str, Any], predictions: str | None) -> DictConfig:
+    """The app config of one trace entry (``trace: <name in conf/trace>``, optional ``path``,
+    ``max_requests``, ``max_tokens``, ``requests``, ``model``), so the app's own input code
+    resolves it."""
+    node = OmegaConf.load(CONF_DIR / "trace" / f"{entry['trace']}.yaml")
+    for k in ("path", "format"):
+        if entry.get(k) is not None:
+            node[k] = entry[k]
+    over: dict[str, Any] = {
+        "trace": node,
+        "max_requests": entry.get("max_requests"),
+        "max_tokens": entry.get("max_tokens"),
+        "requests": entry.get("requests", "auto"),
+        "predictions": {"path": predictions},
+    }
+    c = OmegaConf.merge(cfg, over)
+    if entry.get("model") is not None:
+        OmegaConf.update(c, "model", entry["model"], merge=False)
+    return c
+
+
+def _scaled_inputs(cfg: DictConfig, entry: dict[str, Any], v: DictConfig
+                   ) -> tuple[Trace, Any, Any]:
+    c = _trace_cfg(cfg, entry, None)
+    trace = load_run_trace(c)
+    full = model_card(c, trace)
+    card = scaled_card(full, float(entry.get("scale", v.scale)), str(v.dtype))
+    trace = Trace(replace(trace.meta, expert_bytes=card.expert_bytes), trace.requests)
+    return trace, full, card
+
+
+def _profile(cfg: DictConfig, v: DictConfig, card: Any, trace: Trace, outdir: Path,
+             log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+    if bool(v.calibrate):
+        from sim.executor.calibrate import CalibrationOptions, calibrate
+
+        dense = max(dense_layers_before(trace.meta.moe_layers, card.num_layers))
+        opts = CalibrationOptions(copy_engines=int(v.copy_engines), threads=int(v.threads),
+                                  direct_io=v.get("direct_io"), work_dir=v.get("work_dir"),
+                                  weights_seed=int(v.weights_seed))
+        mapping = calibrate(card, trace.meta.num_moe_layers, dense, opts, log=log)
+        profile = profile_from_mapping(mapping, name=mapping["name"], allow_bare=False)
+    elif v.get("hw_path"):
+        from hw_profiles import load_profile
+
+        profile = load_profile(str(v.hw_path))
+        mapping = yaml.safe_load(Path(str(v.hw_path)).read_text())
+    else:
+        profile = hw_profile(cfg)
+        mapping = OmegaConf.to_container(cfg.hw, resolve=True)
+    return profile, mapping
+
+
+def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = print
+                   ) -> pd.DataFrame:
+    """Every config of ``cfg.validate``: simulate, run for real, write the tables."""
+    from sim.executor import ExecutorOptions, execute
+
+    v = cfg.validate
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    layers: list[pd.DataFrame] = []
+    policies = [dict(OmegaConf.to_container(p, resolve=True)) for p in v.policies]
+    cid = 0
+    t_start = time.perf_counter()
+    for entry_node in v.traces:
+        entry = dict(OmegaConf.to_container(entry_node, resolve=True))
+        trace, full, card = _scaled_inputs(cfg, entry, v)
+        tname = str(entry.get("label") or entry["trace"])
+        scale = float(entry.get("scale", v.scale))
+        log(f"== {tname}: {len(trace)} requests, {trace.num_tokens} tokens; {card.name} at "
+            f"scale {scale:g} ({card.expert_bytes / 2**20:.3f} MiB per expert)")
+        profile, mapping = _profile(cfg, v, card, trace, outdir, log)
+        (outdir / f"profile_{tname}.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+        link, compute = profile.expert_link(), profile.compute_model(card)
+        engines = int(link.copy_engines)
+        dense_before = dense_layers_before(trace.meta.moe_layers, card.num_layers)
+        total = trace.meta.num_moe_layers * trace.meta.num_experts
+        batch = int(entry.get("batch", v.batch))
+        warmup = int(entry.get("warmup_tokens", v.warmup_tokens))
+        for frac in v.capacities:
+            slots = capacity_slots(total, card.expert_bytes, fraction=float(frac))
+            for pol in policies:
+                pcfg = {k: val for k, val in pol.items() if k != "predictions"}
+                spec = resolve(pcfg)
+                predictions = None
+                if spec.needs(Knowledge.PREDICTIONS):
+                    pc = _trace_cfg(cfg, entry, pol.get("predictions"))
+                    predictions = load_run_predictions(pc, trace)
+                label = policy_label(pol)
+                common = dict(capacity=slots, batch=batch, warmup_tokens=warmup,
+                              seed=int(cfg.seed), dense_before=dense_before,
+                              predictions=predictions)
+                base = {"config_id": cid, "trace.name": tname, "policy.name": pol["name"],
+                        "policy.label": label, "cache.fraction": float(frac),
+                        "cache.slots": slots, "batch": batch, "warmup_tokens": warmup,
+                        "model.name": full.name, "scale": scale,
+                        "dtype": str(v.dtype), "expert_bytes": card.expert_bytes,
+                        "hw.name": profile.name, "trace.requests": len(trace),
+                        "trace.tokens": trace.num_tokens}
+                sim = simulate(trace, pcfg, link=link, compute=compute, **common)
+                rows.append({**base, "source": "sim", "repeat": 0, **sim.summary})
+                layers.append(sim.per_layer.assign(config_id=cid, source="sim", repeat=0))
+                for r in range(int(v.repeats)):
+                    opts = ExecutorOptions(
+                        backend=str(v.backend), copy_engines=engines, threads=int(v.threads),
+                        direct_io=v.get("direct_io"), work_dir=v.get("work_dir"),
+                        weights_seed=int(v.weights_seed))
+                    real = execute(trace, pcfg, card, options=opts, **common)
+                    rows.append({**base, "source": "real", "repeat": r, **real.summary})
+                    layers.append(real.per_layer.assign(config_id=cid, source="real", repeat=r))
+                last = rows[-1]
+                log(f"  [{cid:2d}] {label:40s} cap {float(frac):.2f}: time/token sim "
+                    f"{sim.summary['time_per_output_token_s'] * 1e3:8.3f} ms, real "
+                    f"{last['time_per_output_token_s'] * 1e3:8.3f} ms  "
+                    f"({time.perf_counter() - t_start:.0f} s)")
+                cid += 1
+    summary = pd.DataFrame(rows)
+    per_layer = pd.concat(layers, ignore_index=True)
+    table = validation_table(summary)
+    summary.to_parquet(outdir / "summary.parquet", index=False)
+    per_layer.to_parquet(outdir / "per_layer.parquet", index=False)
+    table.to_parquet(outdir / "validation.parquet", index=False)
+    log(format_table(table))
+    log(f"results: {outdir}  ({time.perf_counter() - t_start:.0f} s)")
+    return table
+
+
+def _err(pred: float, meas: float) -> float:
+    return (pred - meas) / meas * 100 if meas and not math.isnan(meas) else math.nan
+
+
+def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per config: prediction vs the real runs' median, errors, spread, counts."""
+    out = []
+    keys = ["config_id", "trace.name", "policy.label", "cache.fraction", "cache.slots"]
+    for _, g in summary.groupby("config_id", sort=True):
+        sim = g[g["source"] == "sim"].iloc[0]
+        real = g[g["source"] == "real"]
+        row = {k: sim[k] for k in keys}
+        for metric, short in (("time_per_output_token_s", "tpot"),
+                              ("stall_per_output_token_s", "stall")):
+            vals = real[metric].astype(float)
+            med = float(vals.median())
+            row[f"{short}_sim_s"] = float(sim[metric])
+            row[f"{short}_real_s"] = med
+            row[f"{short}_real_min_s"] = float(vals.min())
+            row[f"{short}_real_max_s"] = float(vals.max())
+            row[f"{short}_err_pct"] = _err(float(sim[metric]), med)
+            row[f"{short}_abs_err_pct"] = abs(row[f"{short}_err_pct"])
+        row["tpot_real_spread_pct"] = (
+            (row["tpot_real_max_s"] - row["tpot_real_min_s"]) / row["tpot_real_s"] * 100)
+        for k in COUNTS:
+            if k in g:
+                row[f"{k}_sim"] = int(sim[k])
+                row[f"{k}_real"] = int(real[k].median())
+        row["counts_equal"] = all(
+            (real[k] == sim[k]).all() for k in COUNTS if k in g)
+        row["real_overhead_per_token_s"] = float(
+            (real["executor.overhead_s"] / real["output_tokens"]).median())
+        row["real_compute_per_token_s"] = float(
+            (real["executor.compute_s"] / real["output_tokens"]).median())
+        row["real_handoff_per_token_s"] = float(
+            (real["executor.handoff_s"] / real["output_tokens"]).median())
+        row["real_waits_per_token"] = float(
+            (real["executor.waits"] / real["output_tokens"]).median())
+        row["direct_io"] = bool(real["executor.direct_io"].all())
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def format_table(t: pd.DataFrame) -> str:
+    lines = [f"{'config':48s} {'cap':>5s} {'sim ms':>9s} {'real ms':>9s} {'err %':>7s} "
+             f"{'spread %':>8s} {'stall sim':>9s} {'stall real':>10s} counts"]
+    for _, r in t.iterrows():
+        lines.append(
+            f"{r['trace.name'][:14]:14s} {r['policy.label'][:33]:33s} "
+            f"{r['cache.fraction']:5.2f} {r['tpot_sim_s'] * 1e3:9.3f} "
+            f"{r['tpot_real_s'] * 1e3:9.3f} {r['tpot_err_pct']:7.1f} "
+            f"{r['tpot_real_spread_pct']:8.1f} {r['stall_sim_s'] * 1e3:9.3f} "
+            f"{r['stall_real_s'] * 1e3:10.3f} {'=' if r['counts_equal'] else '~'}")
+    a = t["tpot_abs_err_pct"]
+    lines.append(f"time per token |error|: median {a.median():.1f} %, max {a.max():.1f} % over "
+                 f"{len(t)} configs; real run-to-run spread median "
+                 f"{t['tpot_real_spread_pct'].median():.1f} %")
+    return "\n".join(lines)
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    if cfg.get("validate") is None:
+        print("error: no validate settings; run with experiment=validate (or validate_smoke)",
+              file=sys.stderr)
+        sys.exit(2)
+    outdir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run_validation(cfg, outdir)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

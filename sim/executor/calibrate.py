@@ -1,0 +1,183 @@
+"""Microbenchmarks of this machine with the executor's own read path and ops -> a profile.
+
+Profile first, predict after: these time single operations in isolation (one expert read, one
+expert FFN, one stand-in attention, ...) and never an end-to-end run, so a validation that
+predicts executor runs from this profile is not fitted to them. Each op cycles through as
+many distinct weights as a run touches (every layer's attention, a pool of expert slots), so
+CPU caches are as cold as in the run. Reads are timed with ``copy_engines`` readers at once,
+as the run's copy workers read. Used by ``experiments/validate.py`` when no measured profile is
+given (``validate.calibrate=true``); ``moesim-profile`` measures the same ops for a standalone
+profile.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sim.executor.model import ExpertLayout
+from sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
+from traces.model_card import ModelCard
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    reads: int = 48  # expert reads per reader
+    reps: int = 24  # timed calls per compute point
+    tokens: tuple[int, ...] = (1, 2, 4, 8)
+    contexts: tuple[int, ...] = (1, 8, 32, 128, 512)
+    copy_engines: int = 1
+    threads: int = 1
+    direct_io: bool | None = None
+    work_dir: str | None = None
+    weights_seed: int = 0
+    slots: int = 32  # distinct experts the FFN timing cycles through
+
+
+def _median_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
+    """Median seconds of ``fn(i)`` over ``reps`` calls, i cycling over ``cycle`` weight sets
+    (after one untimed pass)."""
+    for i in range(min(cycle, reps)):
+        fn(i)
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        fn(r % cycle)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, reads: int,
+                seed: int) -> list[float]:
+    """Per-read seconds with ``engines`` readers running at once, random experts."""
+    out: list[list[float]] = [[] for _ in range(engines)]
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, layout.num_keys, size=(engines, reads + 2)).tolist()
+    barrier = threading.Barrier(engines)
+
+    def reader(e: int) -> None:
+        barrier.wait()
+        for n, key in enumerate(keys[e]):
+            t0 = time.perf_counter()
+            backend.load(key, e, e)
+            if n >= 2:  # the first reads warm the path
+                out[e].append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=reader, args=(e,)) for e in range(engines)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [x for xs in out for x in xs]
+
+
+def _q(value: Any, source: str, kind: str = "measured") -> dict[str, Any]:
+    return {"value": value, "kind": kind, "source": source}
+
+
+def _series(points: Sequence[tuple[int, float]], source: str) -> dict[str, Any]:
+    return _q([[int(x), float(f"{y:.6g}")] for x, y in points], source)
+
+
+def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
+              opts: CalibrationOptions, name: str = "executor_calibrated",
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """A unified-memory profile mapping (``hw_profiles.profile_from_mapping``) of this machine
+    for ``card`` (already scaled): storage read time of one expert, compute tables."""
+    import torch
+
+    from sim.executor.compute import TorchCompute
+
+    torch.set_num_threads(opts.threads)
+    layout = ExpertLayout.of(card)
+    work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
+    path = ensure_weights(work, card.name, layout, opts.weights_seed)
+    slots = max(opts.slots, opts.copy_engines)
+    backend = StorageBackend(path, layout, slots, opts.direct_io)
+    src = (f"sim.executor.calibrate on {platform.node()} at "
+           f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    try:
+        t_read = _read_times(backend, layout, opts.copy_engines, opts.reads, opts.weights_seed)
+        read_s = float(np.median(t_read))
+        p10, p90 = (float(x) for x in np.percentile(t_read, [10, 90]))
+        log(f"calibrate: expert read {layout.stride} B with {opts.copy_engines} reader(s): "
+            f"median {read_s * 1e3:.3f} ms (p10 {p10 * 1e3:.3f}, p90 {p90 * 1e3:.3f}), "
+            f"O_DIRECT {backend.direct_io}")
+        for s in range(slots):
+            backend.load(s % layout.num_keys, s)
+        ctx_max = max(opts.contexts)
+        comp = TorchCompute(card, num_layers, ctx_max, max(opts.tokens), dense_layers,
+                            seed=opts.weights_seed + 1)
+        reps, nl = opts.reps, num_layers
+        with torch.inference_mode():
+            expert = [(n, _median_call(lambda i, n=n: comp.expert(backend.weights(i), n), reps,
+                                       slots)) for n in opts.tokens]
+            attn = [(c, _median_call(lambda i, c=c: comp.attention_only(i, 1, c), reps, nl))
+                    for c in opts.contexts]
+            router = [(n, _median_call(lambda i, n=n: comp.router(i, n), reps, nl))
+                      for n in opts.tokens]
+            shared = [(n, _median_call(lambda i, n=n: comp.shared(i, n), reps, nl))
+                      for n in opts.tokens] if card.shared_intermediate_size else []
+            ref_ctx = opts.contexts[len(opts.contexts) // 2]
+            dense = [(n, _median_call(lambda i, n=n: comp.dense_layer(i, n, ref_ctx), reps,
+                                      max(dense_layers, 1)))
+                     for n in opts.tokens] if dense_layers else []
+            n = 1 << 22  # memory bandwidth: a 16 MiB fp32 copy; flops: a 512^3 matmul
+            a, b = torch.randn(n), torch.empty(n)
+            bw = 8 * n / _median_call(lambda i: b.copy_(a), 10, 1)
+            m = torch.randn(512, 512)
+            flops = 2 * 512**3 / _median_call(lambda i: m @ m, 10, 1)
+    finally:
+        backend.close()
+    log(f"calibrate: expert FFN {expert[0][1] * 1e6:.1f} us at 1 token, attention "
+        f"{attn[0][1] * 1e6:.1f} us at context {attn[0][0]}, router {router[0][1] * 1e6:.1f} us")
+    table: dict[str, Any] = {
+        "notes": (f"executor ops (hw_profiles.cpu_ops) at scaled shapes, {opts.threads} torch "
+                  f"thread(s), weights cycled over {slots} expert slots / {nl} layers"),
+        "attention_s": _series(attn, src + ": stand-in attention, batch 1"),
+        "router_s": _series(router, src + ": router"),
+        "expert_s": _series(expert, src + ": one SwiGLU expert per token count"),
+    }
+    if shared:
+        table["shared_s"] = _series(shared, src + ": shared experts")
+    if dense:
+        table["dense_layer_s"] = _series(dense, src + f": dense layer at context {ref_ctx}")
+        table["attention_context"] = _q(ref_ctx, "context of dense_layer_s", "measured")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {
+        "name": name,
+        "device": f"{platform.machine()} CPU x{os.cpu_count()} (executor backend storage)",
+        "description": f"measured by sim.executor.calibrate for {card.name}",
+        "unified_memory": True,
+        "gpu": {
+            "memory_bytes": _q(int(mem), "os.sysconf physical pages"),
+            "memory_bandwidth_measured_Bps": _q(float(f"{bw:.4g}"), src + ": 16 MiB copy"),
+            "fp16_flops_measured": _q(float(f"{flops:.4g}"),
+                                      src + f": 512^3 {card.dtype} matmul (CPU)"),
+        },
+        "storage": {
+            "medium": "file (O_DIRECT)" if backend.direct_io else "file (buffered)",
+            "copy_engines": _q(opts.copy_engines, "the executor's copy workers (setting)",
+                               "estimate"),
+            "peak_bandwidth_Bps": _q(float(f"{card.expert_bytes / read_s:.6g}"),
+                                     src + f": expert bytes / median read of "
+                                     f"{len(t_read)} reads of {layout.stride} B"),
+            "latency_s": _q(0.0, "included in the bandwidth (measured at the expert size)"),
+        },
+        "compute": {
+            "memory_efficiency": _q(1.0, "measured bandwidth used as is", "estimate"),
+            "flops_efficiency": _q(1.0, "measured throughput used as is", "estimate"),
+            "measured": {card.name: table},
+        },
+        "machine": {"platform": platform.platform(), "torch": str(torch.__version__),
+                    "torch_threads": opts.threads, "direct_io": backend.direct_io,
+                    "read_p10_s": p10, "read_p90_s": p90},
+    }

@@ -1,0 +1,115 @@
+"""experiment=validate: the pipeline (simulate, run for real, compare) on small inputs; the
+numbers are checked for consistency, never for accuracy."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from experiments.configs import CONF_DIR, register_configs
+from experiments.validate import policy_label, run_validation
+from tests.helpers import random_trace
+from traces import write_trace
+
+register_configs()
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
+
+
+def _cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def tiny_trace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Routing with the embedded model's shape (6 MoE layers, 16 experts, top-2)."""
+    tr = random_trace(num_requests=2, tokens=6, layers=6, experts=16, top_k=2, seed=5)
+    meta = tr.meta.__class__(model="moesim_tiny_moe", moe_layers=tuple(range(6)),
+                             num_experts=16, top_k=2, expert_bytes=1, source="test fixture")
+    path = tmp_path_factory.mktemp("trace") / "tiny.parquet"
+    write_trace(path, meta, tr.requests)
+    return path
+
+
+def test_validate_configs_compose() -> None:
+    full = _cfg(["experiment=validate"])
+    smoke = _cfg(["experiment=validate_smoke"])
+    n_full = len(full.validate.policies) * len(full.validate.capacities) * len(
+        full.validate.traces)
+    assert n_full >= 12 and full.validate.repeats >= 3
+    assert len(smoke.validate.policies) * len(smoke.validate.capacities) * len(
+        smoke.validate.traces) == 2
+    labels = {policy_label(dict(p)) for p in full.validate.policies}
+    assert {"lru", "belady", "next_layer_all"} <= labels
+    assert sum(lbl.startswith("oracle_prefetch@") for lbl in labels) == 2
+
+
+def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
+                                                               tmp_path: Path) -> None:
+    cfg = _cfg(["experiment=validate_smoke", "validate.repeats=2"])
+    OmegaConf.update(cfg, "validate.traces", [
+        {"trace": "file", "path": str(tiny_trace), "scale": 0.5, "label": "tiny"}],
+        merge=False)
+    OmegaConf.update(cfg, "validate.work_dir", str(tmp_path / "work"))
+    out = tmp_path / "out"
+    table = run_validation(cfg, out, log=lambda _msg: None)
+    summary = pd.read_parquet(out / "summary.parquet")
+    per_layer = pd.read_parquet(out / "per_layer.parquet")
+    assert sorted(summary["source"].unique()) == ["real", "sim"]
+    assert len(summary) == 2 * (1 + 2)  # two configs: one sim and two real rows each
+    assert set(per_layer["source"]) == {"real", "sim"}
+    assert len(per_layer) == len(summary) * 6
+    real = summary[summary["source"] == "real"]
+    assert (real["executor.backend"] == "storage").all() and (real["scale"] == 0.5).all()
+    assert real["expert_bytes"].nunique() == 1
+    assert (summary["expert_bytes"] == real["expert_bytes"].iloc[0]).all()
+    assert len(table) == 2 and (out / "validation.parquet").is_file()
+    assert (out / "profile_tiny.yaml").is_file()
+    lru = table[table["policy.label"] == "lru"].iloc[0]
+    assert lru["counts_equal"]  # demand-only: the same hits and misses
+    for _, r in table.iterrows():
+        assert r["tpot_real_min_s"] <= r["tpot_real_s"] <= r["tpot_real_max_s"]
+        assert math.isclose(r["tpot_err_pct"],
+                            (r["tpot_sim_s"] - r["tpot_real_s"]) / r["tpot_real_s"] * 100)
+        assert r["tpot_abs_err_pct"] == abs(r["tpot_err_pct"])
+
+
+@pytest.mark.slow
+def test_cli_smoke_on_the_embedded_trace(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.validate", "experiment=validate_smoke",
+         f"hydra.run.dir={tmp_path}", f"validate.work_dir={tmp_path / 'work'}"],
+        capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "validation.parquet").is_file()
+    assert "time per token |error|" in out.stdout
+
+
+def test_cli_without_validate_settings_is_one_clear_error(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.validate", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 2 and "experiment=validate" in out.stderr
+
+
+@pytest.mark.shared
+def test_deepseek_test_prompts_validate_one_config(tmp_path: Path) -> None:
+    if not (SHARED / "deepseek_v2_lite_moe-beyond").is_dir():
+        pytest.skip("../shared/traces is absent")
+    cfg = _cfg(["experiment=validate", "validate.repeats=1", "validate.capacities=[0.25]"])
+    OmegaConf.update(cfg, "validate.traces", [
+        {"trace": "deepseek_v2_lite_test", "requests": "held_out", "max_requests": 1,
+         "max_tokens": 3, "scale": 0.0625}], merge=False)
+    OmegaConf.update(cfg, "validate.policies", [{"name": "belady"}], merge=False)
+    OmegaConf.update(cfg, "validate.work_dir", str(tmp_path / "work"))
+    table = run_validation(cfg, tmp_path / "out", log=lambda _msg: None)
+    assert len(table) == 1 and table["counts_equal"].all()
