@@ -27,6 +27,7 @@ the replayed requests and tokens it covers.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -52,6 +53,16 @@ PRED_SCHEMA = pa.schema(
         pa.field("available_at", pa.dictionary(pa.int8(), pa.string()), nullable=False),
     ]
 )
+
+
+def content_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Content hash of a file, the same as ``predictors.data.file_digest`` (which caches it per
+    run); here so that writers in ``traces`` can record the digest of the trace they wrote."""
+    h = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def trace_identity(meta: TraceMeta, digest: str | None = None) -> dict[str, Any]:

@@ -114,3 +114,11 @@ def test_layers_outside_the_trace_are_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "p.parquet", {0: _table(np.random.default_rng(4))})
     with pytest.raises(TraceError, match="not in the trace's MoE layers"):
         load_predictions(path, (1, 2, 4))
+
+
+def test_the_digest_writers_record_is_the_one_runs_compare(tmp_path: Path) -> None:
+    from predictors.data import file_digest
+    from traces.predictions import content_digest
+
+    path = _write(tmp_path / "p.parquet", {0: _table(np.random.default_rng(5))})
+    assert content_digest(path) == file_digest(path)
