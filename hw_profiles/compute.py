@@ -21,9 +21,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from traces.model_card import ModelCard
+from traces.model_card import DTYPE_BYTES, ModelCard
 
-from .schema import Ctx, Quantity, as_str, missing, quantity, reject_unknown, table_quantity
+from .schema import (
+    Ctx,
+    Quantity,
+    as_mapping,
+    as_number,
+    as_str,
+    missing,
+    quantity,
+    reject_unknown,
+    table_quantity,
+)
 
 Points = tuple[tuple[float, float], ...]
 
@@ -36,7 +46,19 @@ MEASURED_FIELDS: tuple[str, ...] = (
     "shared_s",
     "experts_layer_s",
     "dense_layer_s",
+    "dense_ffn_s",
 )
+
+# Shape a table was measured at (``measured_at``): a table applies to a card only if these match,
+# so a profile measured on a scaled card never silently times the full-size one.
+SHAPE_KEYS: tuple[str, ...] = (
+    "hidden_size",
+    "moe_intermediate_size",
+    "shared_intermediate_size",
+    "dense_intermediate_size",
+    "head_dim",
+)
+MEASURED_AT_KEYS = frozenset({*SHAPE_KEYS, "dtype", "scale", "torch_threads", "base_card"})
 
 
 @dataclass(frozen=True)
@@ -57,11 +79,47 @@ class MeasuredTable:
     shared_s: Quantity = field(default_factory=lambda: missing("shared_s"))
     experts_layer_s: Quantity = field(default_factory=lambda: missing("experts_layer_s"))
     dense_layer_s: Quantity = field(default_factory=lambda: missing("dense_layer_s"))
+    dense_ffn_s: Quantity = field(default_factory=lambda: missing("dense_ffn_s"))
     notes: str = ""
+    measured_at: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def mismatch(self, card: ModelCard) -> str:
+        """Why this table does not describe ``card`` ("" if it does, or if no shape is given)."""
+        diffs = [f"{k} {self.measured_at[k]} vs the card's {getattr(card, k)}"
+                 for k in SHAPE_KEYS if k in self.measured_at
+                 and int(self.measured_at[k]) != int(getattr(card, k))]
+        if "dtype" in self.measured_at and self.measured_at["dtype"] != card.dtype:
+            diffs.append(f"dtype {self.measured_at['dtype']} vs the card's {card.dtype}")
+        if not diffs:
+            return ""
+        return "measured at another shape (" + "; ".join(diffs) + ")"
+
+
+def _measured_at(ctx: Ctx, raw: Any) -> dict[str, Any]:
+    """Validate the plain shape mapping a table was measured at (not quantities: settings)."""
+    data = as_mapping(ctx, raw) or {}
+    reject_unknown(ctx, data, MEASURED_AT_KEYS)
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        kctx = ctx.sub(str(key))
+        if key in ("dtype", "base_card"):
+            out[key] = as_str(kctx, value, required=True)
+            if key == "dtype" and value not in DTYPE_BYTES:
+                raise kctx.error(f"must be one of {sorted(DTYPE_BYTES)}", value)
+            continue
+        x = as_number(kctx, value)
+        if key == "scale":
+            if not 0 < x <= 1:
+                raise kctx.error("must be in (0, 1]", value)
+        elif x != int(x) or x < (1 if key in ("hidden_size", "torch_threads") else 0):
+            raise kctx.error("must be a whole number (>= 1 for hidden_size, torch_threads)",
+                             value)
+        out[key] = x if key == "scale" else int(x)
+    return out
 
 
 def parse_measured_table(ctx: Ctx, card: str, data: Mapping[str, Any]) -> MeasuredTable:
-    reject_unknown(ctx, data, {*MEASURED_FIELDS, "attention_context", "notes"})
+    reject_unknown(ctx, data, {*MEASURED_FIELDS, "attention_context", "notes", "measured_at"})
     ctx_q = quantity(ctx.sub("attention_context"), data.get("attention_context"), "count")
     values: dict[str, Quantity] = {}
     for name in MEASURED_FIELDS:
@@ -75,7 +133,9 @@ def parse_measured_table(ctx: Ctx, card: str, data: Mapping[str, Any]) -> Measur
             "must be one number (all experts of a layer at batch 1); give per-batch lists as "
             "expert_s / shared_s instead", data.get("experts_layer_s"))
     notes = as_str(ctx.sub("notes"), data.get("notes"))
-    return MeasuredTable(card=card, attention_context=ctx_q, notes=notes, **values)
+    measured_at = _measured_at(ctx.sub("measured_at"), data.get("measured_at"))
+    return MeasuredTable(card=card, attention_context=ctx_q, notes=notes,
+                         measured_at=measured_at, **values)
 
 
 def _anchored(points: Points, x: float, roof: Callable[[float], float]) -> float:
@@ -100,6 +160,7 @@ class ComputeModel:
     flops: float  # effective fp16/bf16 tensor throughput
     measured: MeasuredTable | None = None
     profile: str = ""
+    skipped: str = ""  # why a table for this card's name was not used (shape mismatch)
 
     def __post_init__(self) -> None:
         if self.memory_bandwidth_Bps <= 0 or self.flops <= 0:
@@ -240,6 +301,12 @@ class ComputeModel:
         """
         if batch <= 0:
             return 0.0
+        ffn_pts = self._points("dense_ffn_s")
+        if ffn_pts is not None:  # measured dense FFN: the layer is attention + that FFN
+            ffn = 0.0
+            if self.card.dense_intermediate_size > 0:
+                ffn = _anchored(ffn_pts, batch, self.roofline_dense_ffn)
+            return self.attention_time(batch, context) + ffn
         pts = self._points("dense_layer_s")
         if pts is None:
             ffn = self.roofline_dense_ffn(batch)
@@ -262,10 +329,10 @@ class ComputeModel:
             "router": ("router_s",),
             "expert": ("expert_s", "experts_layer_s"),
             "shared": ("shared_s", "experts_layer_s"),
-            "dense_layer": ("dense_layer_s",),
+            "dense_layer": ("dense_ffn_s", "dense_layer_s"),
         }
         for op, names in ops.items():
-            out[op] = "roofline"
+            out[op] = f"roofline ({self.skipped})" if self.skipped else "roofline"
             for name in names:
                 if self._points(name) is not None and self.measured is not None:
                     q: Quantity = getattr(self.measured, name)

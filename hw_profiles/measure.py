@@ -1,12 +1,15 @@
 """``moesim-profile``: measure a CUDA GPU into a profile YAML; plot link curves; print a table.
 
     moesim-profile [measure] --model deepseek_v2_lite --out hw_profiles/my_gpu.yaml
+    moesim-profile storage --model deepseek_v2_lite --scale 0.25 --out hw_profiles/x.yaml
     moesim-profile plot v100_pcie a100_sxm4 --out curves.png [--out curves.pdf]
     moesim-profile table [PROFILE ...]
 
 The measurement logic only sees timers (callables returning seconds), supplied by a ``Bench``.
 ``CudaBench`` builds them with torch and CUDA events; tests pass a fake bench, so the logic and
 the YAML it writes are checked without a GPU. torch is imported only when measuring.
+``storage`` (hw_profiles/measure_storage.py) measures this machine's disk (O_DIRECT) and CPU
+for the storage-backed offloading executor instead.
 """
 
 from __future__ import annotations
@@ -480,7 +483,7 @@ def _cuda_bench(device: int) -> tuple[CudaBench | None, str]:
 # --------------------------------------------------------------------------------------------
 # CLI
 
-_COMMANDS = ("measure", "plot", "table")
+_COMMANDS = ("measure", "storage", "plot", "table")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -497,6 +500,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     m.add_argument("--contexts", type=int, nargs="+", default=[512, 2048, 8192])
     m.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .measure_storage import add_parser as add_storage_parser
+
+    add_storage_parser(sub)
     pl = sub.add_parser("plot", help="overlay the expert-link bandwidth curves of profiles")
     pl.add_argument("profiles", nargs="+", help="profile names or YAML paths")
     pl.add_argument("--out", type=Path, action="append", required=True,
@@ -508,8 +514,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None, *, bench: Bench | None = None) -> int:
-    """Entry point of ``moesim-profile``; ``bench`` lets tests replace the CUDA backend."""
+def main(argv: Sequence[str] | None = None, *, bench: Bench | None = None,
+         storage_bench: Any = None) -> int:
+    """Entry point of ``moesim-profile``; ``bench``/``storage_bench`` let tests replace the
+    CUDA backend and this machine's disk and CPU."""
     args_in = list(sys.argv[1:] if argv is None else argv)
     if not args_in or args_in[0] not in (*_COMMANDS, "-h", "--help"):
         args_in.insert(0, "measure")
@@ -530,8 +538,12 @@ def main(argv: Sequence[str] | None = None, *, bench: Bench | None = None) -> in
 
             print(markdown_table(args.profiles or list_profiles()), end="")
             return 0
+        if args.cmd == "storage":
+            from .measure_storage import run_cli
+
+            return run_cli(args, args_in, storage_bench)
         return _measure(args, bench)
-    except (ProfileError, ModelCardError, ValueError) as exc:
+    except (ProfileError, ModelCardError, ValueError, OSError) as exc:
         print(f"moesim-profile: {exc}", file=sys.stderr)
         return 1
 

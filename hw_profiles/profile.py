@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,17 @@ from .schema import (
     as_str,
     curve_quantity,
     load_yaml,
+    missing,
     quantity,
     reject_unknown,
+    series_quantity,
 )
 
 PROFILES_DIR = Path(__file__).parent
 HOST_MEMORY = ("pinned", "pageable")
 TOP_KEYS = frozenset(
     {"name", "device", "description", "unified_memory", "gpu", "host_link", "storage", "compute",
-     "machine"}
+     "machine", "contention"}
 )
 
 
@@ -77,9 +80,55 @@ class HostLinkSpec:
 
 @dataclass(frozen=True)
 class StorageSpec:
+    """Storage -> DRAM reads. ``readers_bandwidth_Bps`` is ``((readers, aggregate B/s), ...)``
+    from concurrent-reader runs (informational; ``copy_engines`` and the peak come from it)."""
+
     medium: str
     copy_engines: Quantity
     link: LinkSpec
+    per_copy_overhead_s: Quantity = field(default_factory=lambda: missing("per_copy_overhead_s"))
+    readers_bandwidth_Bps: Quantity = field(
+        default_factory=lambda: missing("readers_bandwidth_Bps"))
+
+
+def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Linear between points, clamped at both ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in pairwise(points):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
+@dataclass(frozen=True)
+class ContentionSpec:
+    """Measured interference between copy workers and compute on a shared CPU.
+
+    ``compute_slowdown_under_io``: ``((readers, factor), ...)``, expert-FFN time while that many
+    reader threads read, over its time alone. ``read_slowdown_under_compute``: ``((readers,
+    factor), ...)``, the readers' time per byte while an FFN loop runs, over alone. The simulator
+    does not apply them (yet); they exist so a validation can test whether modelling contention
+    reduces the prediction error.
+    """
+
+    compute_slowdown_under_io: Quantity
+    read_slowdown_under_compute: Quantity
+    notes: str = ""
+
+    @staticmethod
+    def _factor(q: Quantity, readers: float) -> float:
+        if readers <= 0 or not q.known:
+            return 1.0
+        return _interp(q.value, readers)
+
+    def compute_slowdown(self, readers: float) -> float:
+        """FFN time multiplier with ``readers`` busy readers (1.0 for none or unknown)."""
+        return self._factor(self.compute_slowdown_under_io, readers)
+
+    def read_slowdown(self, readers: float) -> float:
+        """Read time multiplier for ``readers`` readers beside compute (1.0 if unknown)."""
+        return self._factor(self.read_slowdown_under_compute, readers)
 
 
 @dataclass(frozen=True)
@@ -112,6 +161,7 @@ class HwProfile:
     description: str = ""
     machine: Mapping[str, Any] = field(default_factory=dict, compare=False)
     path: Path | None = field(default=None, compare=False)
+    contention: ContentionSpec | None = None
 
     @property
     def gpu_memory_bytes(self) -> int | None:
@@ -163,12 +213,20 @@ class HwProfile:
         return self.host_link_model()
 
     def compute_model(self, card: ModelCard) -> ComputeModel:
+        """Times for ``card``: its measured table if it was measured at the card's shape.
+
+        A table measured at another shape (a scaled card, another dtype) is not used; the
+        roofline answers instead and ``calibration()`` says why.
+        """
+        table = self.compute.measured.get(card.name)
+        skipped = table.mismatch(card) if table is not None else ""
         return ComputeModel(
             card=card,
             memory_bandwidth_Bps=self.effective_memory_bandwidth_Bps,
             flops=self.effective_flops,
-            measured=self.compute.measured.get(card.name),
+            measured=None if skipped else table,
             profile=self.name,
+            skipped=skipped,
         )
 
     def quantities(self) -> Iterator[Quantity]:
@@ -233,13 +291,26 @@ def _host_link(ctx: Ctx, data: Mapping[str, Any]) -> HostLinkSpec:
 
 
 def _storage(ctx: Ctx, data: Mapping[str, Any]) -> StorageSpec:
-    link = _link_spec(ctx, data, extra={"medium", "copy_engines"})
+    link = _link_spec(ctx, data, extra={"medium", "copy_engines", "per_copy_overhead_s",
+                                        "readers_bandwidth_Bps"})
     return StorageSpec(
         medium=as_str(ctx.sub("medium"), data.get("medium"), default="storage"),
         copy_engines=quantity(ctx.sub("copy_engines"), data.get("copy_engines"), "count",
                               required=True),
         link=link,
+        per_copy_overhead_s=quantity(ctx.sub("per_copy_overhead_s"),
+                                     data.get("per_copy_overhead_s"), "s", positive=False),
+        readers_bandwidth_Bps=series_quantity(ctx.sub("readers_bandwidth_Bps"),
+                                              data.get("readers_bandwidth_Bps"), "Bps",
+                                              whole_x=True),
     )
+
+
+def _contention(ctx: Ctx, data: Mapping[str, Any]) -> ContentionSpec:
+    keys = ("compute_slowdown_under_io", "read_slowdown_under_compute")
+    reject_unknown(ctx, data, {*keys, "notes"})
+    q = {k: series_quantity(ctx.sub(k), data.get(k), "factor", whole_x=True) for k in keys}
+    return ContentionSpec(notes=as_str(ctx.sub("notes"), data.get("notes")), **q)
 
 
 def _gpu(ctx: Ctx, data: Mapping[str, Any]) -> GpuSpec:
@@ -317,6 +388,7 @@ def _parse(data: Any, name: str, where: str, allow_bare: bool, path: Path | None
             "unified_memory devices need a storage tier with peak_bandwidth_Bps or curve"
         )
     machine = as_mapping(ctx.sub("machine"), data.get("machine")) or {}
+    contention_raw = as_mapping(ctx.sub("contention"), data.get("contention"))
     return HwProfile(
         name=declared,
         device=as_str(ctx.sub("device"), data.get("device"), required=True),
@@ -328,6 +400,8 @@ def _parse(data: Any, name: str, where: str, allow_bare: bool, path: Path | None
         compute=_compute(ctx.sub("compute"), compute_raw),
         machine=dict(machine),
         path=path,
+        contention=(_contention(ctx.sub("contention"), contention_raw)
+                    if contention_raw is not None else None),
     )
 
 
@@ -370,6 +444,7 @@ def load_profile(name_or_path: str | Path) -> HwProfile:
 
 __all__ = [
     "ComputeSpec",
+    "ContentionSpec",
     "GpuSpec",
     "HostLinkSpec",
     "HwProfile",

@@ -38,6 +38,7 @@ UNITS: dict[str, dict[str, float]] = {
     "flops": {"FLOP/s": 1.0, "GFLOPS": 1e9, "TFLOPS": 1e12},
     "count": {"1": 1.0},
     "ratio": {"1": 1.0},
+    "factor": {"1": 1.0},  # a positive multiplier, e.g. a slowdown (may exceed 1)
 }
 
 
@@ -321,4 +322,23 @@ def table_quantity(ctx: Ctx, raw: Any, scalar_x: float = 1.0) -> Quantity:
         x = as_number(ctx.sub("value"), value) * factor
         check_range(ctx.sub("value"), x, "s", value, positive=True)
         pts = ((scalar_x, x),)
+    return Quantity(pts, kind, source, ctx.path)
+
+
+def series_quantity(ctx: Ctx, raw: Any, dim: str, *, whole_x: bool = False) -> Quantity:
+    """``[[x, y], ...]`` with strictly ascending x > 0 and y > 0 in ``dim`` (``unit`` scales y).
+
+    Used for measured series that are not copy curves: aggregate read bandwidth by reader
+    count, slowdown factors by reader count. ``whole_x`` requires whole-number x (counts).
+    """
+    if raw is None:
+        return missing(ctx.path)
+    value, unit, kind, source = _split(ctx, raw)
+    if value is None:
+        return Quantity(None, kind, source, ctx.path)
+    pts = _pairs(ctx.sub("value"), value, _unit_factor(ctx, unit, dim))
+    if whole_x:
+        for i, (x, _) in enumerate(pts):
+            if x != int(x):
+                raise ctx.sub("value").sub(str(i)).error("x must be a whole number", x)
     return Quantity(pts, kind, source, ctx.path)

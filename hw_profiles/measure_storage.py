@@ -1,0 +1,880 @@
+"""``moesim-profile storage``: measure this machine's storage tier and CPU compute into a profile.
+
+The machine this describes is the one the offloading executor (sim/executor/, backend
+``storage``) runs on: experts live in one file, are read with ``O_DIRECT`` by ``copy_engines``
+reader threads into a DRAM slot pool, and are computed on the CPU with torch. It is the shape of
+an edge board staging experts from NVMe into unified memory, so the profile has
+``unified_memory: true`` and a ``storage`` tier, like the ``jetson_*`` profiles.
+
+Microbenchmarks only (never the executor's end-to-end runs):
+
+* the O_DIRECT read curve, one synchronous read at a time, 4 KiB .. 256 MiB, random aligned
+  offsets in a scratch file (latency is inside the curve, so ``latency_s`` is 0 and the
+  least-squares ``t = a + s/B`` fit is kept as ``per_copy_overhead_s``);
+* 1, 2, 4 concurrent readers of expert-sized reads -> aggregate bandwidth, ``copy_engines``
+  (the fewest readers within 20 % of the best aggregate) and the per-reader plateau;
+* per-layer CPU ops of ``hw_profiles.cpu_ops`` at the card's scaled shape, with weights rotated
+  through a pool larger than the CPU caches: routed expert, shared expert and dense FFN at each
+  batch, router at each batch, stand-in attention at batch 1 over each context;
+* contention: expert-FFN time while 1..n readers read, and the readers' bandwidth while the FFN
+  runs, as slowdown factors (``contention``; the simulator does not apply them yet).
+
+Every point is timed in ``rounds`` rounds; the median is written and the round-to-round spread
+((max - min) / median) is reported in each ``source`` and in the printed summary. The logic only
+sees a ``StorageBench``; tests drive it with a fake one and with the real one on tiny sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+from tqdm import tqdm
+
+from traces.model_card import ModelCard, load_card
+
+from .direct_io import BLOCK, DirectFile, aligned_buffer, open_direct, round_up, write_random_file
+from .measure import _q, _sig, _slug, measure_curve, write_profile
+
+Samples = list[float]  # one value per round
+OPS = ("expert", "shared", "dense", "router", "attention")
+
+
+class StorageBench(Protocol):
+    """What the storage measurement needs; ``CpuStorageBench`` here, fakes in tests."""
+
+    def describe(self) -> dict[str, str]: ...
+    def direct(self) -> tuple[bool, str]: ...
+    def memory_bytes(self) -> int: ...
+    def memory_bandwidth(self) -> tuple[float, str]: ...
+    def matmul_flops(self) -> tuple[float, str]: ...
+    def read_time(self, nbytes: int) -> float: ...  # one round: seconds per read
+    def readers_bandwidth(self, readers: int) -> float: ...  # one round: aggregate bytes/s
+    def op_samples(self, card: ModelCard, op: str, x: int) -> Samples: ...  # s per call
+    def contention_samples(self, readers: int) -> list[tuple[float, float]]: ...
+
+
+@dataclass(frozen=True)
+class CardSpec:
+    """One model card to time: the named card, its scale and the scaled card that runs."""
+
+    base: ModelCard
+    scale: float
+    card: ModelCard
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    sizes: tuple[int, ...]
+    readers: tuple[int, ...] = (1, 2, 4)
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    contexts: tuple[int, ...] = (1, 256, 1024, 4096)
+    engines_tolerance: float = 0.20  # more readers only if they add more than this
+    rounds: int = 7  # storage rounds, interleaved: each round visits every size / reader count
+    progress: bool = True
+    command: str = "moesim-profile storage"
+
+
+def read_sizes(lo: int = BLOCK, hi: int = 256 * 2**20) -> tuple[int, ...]:
+    """Powers of two from ``lo`` to ``hi`` (both 4 KiB multiples, as O_DIRECT needs)."""
+    if lo <= 0 or hi < lo or lo % BLOCK or hi % BLOCK:
+        raise ValueError(f"read sizes need 0 < min <= max, both multiples of {BLOCK}")
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    out.append(hi)
+    return tuple(sorted(set(out)))
+
+
+# --------------------------------------------------------------------------------------------
+# Pure logic
+
+
+@dataclass
+class Spread:
+    """Round-to-round spread ((max - min) / median) of every measured point, by group."""
+
+    groups: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, group: str, samples: Sequence[float]) -> float:
+        med = statistics.median(samples)
+        if not (med > 0 and all(math.isfinite(s) for s in samples)):
+            raise ValueError(f"{group}: a measurement returned {list(samples)!r}")
+        spread = (max(samples) - min(samples)) / med
+        self.groups.setdefault(group, []).append(spread)
+        return med
+
+    def text(self, group: str) -> str:
+        vals = self.groups.get(group, [])
+        if not vals:
+            return "no spread recorded"
+        return (f"round-to-round spread (max-min)/median: median {statistics.median(vals):.0%}, "
+                f"max {max(vals):.0%} over {len(vals)} points")
+
+
+def fit_latency_relative(points: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """Fit t = a + s/B minimising *relative* error; returns (a >= 0, B).
+
+    Why not plain least squares (``measure.fit_latency``): read times span 4 KiB to 256 MiB,
+    so absolute residuals of the largest (and noisiest) reads would set the intercept; weighting
+    by 1/t^2 lets the small reads, which are mostly latency, decide ``a``.
+    """
+    s = [float(p[0]) for p in points]
+    t = [p[0] / p[1] for p in points]
+    w = [1.0 / (ti * ti) for ti in t]
+    sw = sum(w)
+    sx = sum(wi * xi for wi, xi in zip(w, s, strict=True))
+    sxx = sum(wi * xi * xi for wi, xi in zip(w, s, strict=True))
+    sy = sum(wi * yi for wi, yi in zip(w, t, strict=True))
+    sxy = sum(wi * xi * yi for wi, xi, yi in zip(w, s, t, strict=True))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        return 0.0, max(p[1] for p in points)
+    slope = (sw * sxy - sx * sy) / det
+    a = (sy - slope * sx) / sw
+    if slope <= 0:
+        return max(a, 0.0), max(p[1] for p in points)
+    if a < 0:  # refit through the origin
+        slope = sxy / sxx
+        a = 0.0
+    return a, 1.0 / slope
+
+
+def recommend_engines(aggregate: Sequence[tuple[int, float]], tolerance: float) -> int:
+    """The fewest readers whose aggregate bandwidth is within ``tolerance`` of the best."""
+    best = max(b for _, b in aggregate)
+    return min(k for k, b in aggregate if b >= (1 - tolerance) * best)
+
+
+def isotonic(values: Sequence[float]) -> list[float]:
+    """Least-squares non-decreasing fit (pool adjacent violators).
+
+    Why not a running max: one slow outlier (another process woke up) would then lift every
+    later point; pooling averages it with its neighbours instead.
+    """
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in values:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2 = blocks.pop()
+            m1, w1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    out: list[float] = []
+    for mean, weight in blocks:
+        out.extend([mean] * int(weight))
+    return out
+
+
+def monotone(points: Sequence[tuple[int, float]]) -> list[list[float]]:
+    """[[x, ms], ...] made non-decreasing in x by ``isotonic`` (a larger batch never faster)."""
+    fitted = isotonic([s for _, s in points])
+    out: list[list[float]] = []
+    for (x, _), s in zip(points, fitted, strict=True):
+        ms = _sig(s * 1e3, 4)
+        if out and ms < out[-1][1]:  # rounding must not undo the fit
+            ms = out[-1][1]
+        out.append([int(x), ms])
+    return out
+
+
+def _ffn_ops(card: ModelCard) -> list[str]:
+    ops = ["expert"]
+    if card.shared_intermediate_size > 0:
+        ops.append("shared")
+    if card.dense_intermediate_size > 0 and card.dense_layers:
+        ops.append("dense")
+    return ops
+
+
+def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torch_threads: int,
+                            name: str, opts: StorageOptions) -> tuple[dict[str, Any], Spread]:
+    """Measure through ``bench`` and return (the profile mapping, the spreads).
+
+    The storage tier and contention are measured once, with the first card's expert size;
+    compute is timed for every card.
+    """
+    if not cards:
+        raise ValueError("need at least one model card")
+    card = cards[0].card
+    machine = bench.describe()
+    direct, why = bench.direct()
+    machine["o_direct"] = "yes" if direct else f"no: {why}"
+    machine["command"] = opts.command
+    src = f"moesim-profile storage {machine.get('date', '?')} (command in machine.command)"
+    how = "O_DIRECT" if direct else "buffered + fadvise(DONTNEED), O_DIRECT unavailable"
+    steps = len(opts.sizes) + len(opts.readers) + 3 + sum(
+        len(opts.contexts) + len(opts.batches) * (1 + len(_ffn_ops(c.card))) for c in cards)
+    bar = tqdm(total=steps, desc="moesim-profile storage", unit="step",
+               disable=not opts.progress, file=sys.stderr)
+    spread = Spread()
+    try:
+        bar.set_postfix_str("read curve")
+        # Rounds are interleaved (round r visits every size, then every reader count) so a
+        # disk whose speed drifts (shared, virtual) shifts all points alike, not the curve shape.
+        reads: dict[int, list[float]] = {n: [] for n in opts.sizes}
+        for _ in range(opts.rounds):
+            for n in opts.sizes:
+                reads[n].append(bench.read_time(n))
+        medians = [spread.add("read", reads[n]) for n in opts.sizes]
+        fitted = dict(zip(opts.sizes, isotonic(medians), strict=True))
+        curve = measure_curve(fitted.__getitem__, opts.sizes, lambda: bar.update(1))
+        bar.set_postfix_str("concurrent readers")
+        agg: dict[int, list[float]] = {k: [] for k in opts.readers}
+        for _ in range(opts.rounds):
+            for k in opts.readers:
+                agg[k].append(bench.readers_bandwidth(k))
+        aggregate = []
+        for k in opts.readers:
+            aggregate.append((k, spread.add("readers", agg[k])))
+            bar.update(1)
+        engines = recommend_engines(aggregate, opts.engines_tolerance)
+        mem_bw, mem_how = bench.memory_bandwidth()
+        flops, flops_how = bench.matmul_flops()
+        mem_bytes = bench.memory_bytes()
+        bar.update(1)
+        bar.set_postfix_str("contention")
+        cont_k = tuple(range(1, max(engines, 2) + 1))
+        cont: list[tuple[int, float, float]] = []
+        for k in cont_k:
+            pairs = bench.contention_samples(k)
+            c = spread.add("contention", [p[0] for p in pairs])
+            r = spread.add("contention", [p[1] for p in pairs])
+            cont.append((k, c, r))
+        bar.update(1)
+        tables: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        for spec in cards:
+            series: dict[str, list[tuple[int, float]]] = {}
+            for op in ("attention", "router", *_ffn_ops(spec.card)):
+                bar.set_postfix_str(f"{spec.base.name} {op}")
+                group = op if op in ("attention", "router") else "ffn"
+                series[op] = []
+                for x in opts.contexts if op == "attention" else opts.batches:
+                    series[op].append((x, spread.add(group, bench.op_samples(spec.card, op, x))))
+                    bar.update(1)
+            tables[spec.base.name] = series
+        bar.update(1)
+    finally:
+        bar.close()
+
+    a, fit_bw = fit_latency_relative(curve)
+    agg1 = dict(aggregate).get(1, aggregate[0][1])
+    share = dict(aggregate)[engines] / engines
+    factor = min(1.0, share / agg1) if engines > 1 else 1.0
+    curve_max = max(b for _, b in curve)
+    readers_txt = ", ".join(f"{k}: {b / 1e9:.3g} GB/s" for k, b in aggregate)
+    chunk = round_up(card.expert_bytes)
+    mapping = {
+        "name": name,
+        "device": machine.get("device", "this machine"),
+        "description": (f"CPU and storage of this machine as the storage executor uses them, "
+                        f"measured by moesim-profile storage on {machine.get('date', '?')} for "
+                        + ", ".join(f"{c.base.name} x{c.scale:g} {c.card.dtype}" for c in cards)),
+        "unified_memory": True,
+        "machine": machine,
+        "gpu": {
+            "memory_bytes": _q(_sig(mem_bytes / 2**30, 6), "GiB", "spec",
+                               f"DRAM (MemTotal) of this machine; the CPU is the compute device; "
+                               f"{src}"),
+            "memory_bandwidth_Bps": _q(None, None, None, "no datasheet figure for a VM's DRAM"),
+            "memory_bandwidth_measured_Bps": _q(_sig(mem_bw / 1e9, 4), "GB/s", "measured",
+                                                f"{mem_how}; {src}"),
+            "fp16_flops": _q(None, None, None, "no datasheet figure for a VM's CPU"),
+            "fp16_flops_measured": _q(_sig(flops / 1e12, 4), "TFLOPS", "measured",
+                                      f"{flops_how} (the profile's dtype, not fp16: the roofline "
+                                      f"fallback uses it for every dtype); {src}"),
+        },
+        "storage": {
+            "medium": machine.get("disk_name", "disk"),
+            "copy_engines": _q(engines, None, "measured",
+                               f"fewest concurrent readers within {opts.engines_tolerance:.0%} "
+                               f"of the best aggregate bandwidth ({readers_txt}; "
+                               f"{chunk} B reads, {how}); {src}"),
+            "peak_bandwidth_Bps": _q(_sig(curve_max * factor / 1e9), "GB/s", "measured",
+                                     "plateau of the single-reader curve below"
+                                     + (f" x {factor:.3g} = the per-reader share of the "
+                                        f"{engines}-reader aggregate over the 1-reader one, so "
+                                        f"{engines} engines at this rate reproduce the measured "
+                                        f"aggregate" if engines > 1 else "")
+                                     + f"; {src}"),
+            "latency_s": _q(0, "us", "estimate",
+                            "0 on purpose: the curve was timed read by read (synchronous "
+                            "preadv) and already contains the per-read latency"),
+            "per_copy_overhead_s": _q(_sig(a * 1e6, 3), "us", "estimate",
+                                      f"fit t = a + s/B to the curve, least relative error (B = "
+                                      f"{fit_bw / 1e9:.3g} GB/s); informational"),
+            "curve": {
+                "unit": "GB/s",
+                "kind": "measured",
+                "source": (f"one {how} preadv per read into a page-aligned mmap buffer, random "
+                           f"4 KiB-aligned offsets in a scratch file, median of rounds, read "
+                           f"times made non-decreasing in size by isotonic regression; "
+                           f"{spread.text('read')}; {src}"),
+                "value": [[s, _sig(b / 1e9)] for s, b in curve],
+            },
+            "readers_bandwidth_Bps": _q([[k, _sig(b / 1e9, 4)] for k, b in aggregate], "GB/s",
+                                        "measured",
+                                        f"aggregate bandwidth of [readers] threads each reading "
+                                        f"{chunk} B (one expert) at random offsets; "
+                                        f"{spread.text('readers')}; {src}"),
+        },
+        "contention": {
+            "notes": (f"expert FFN at 1 token with the profile's torch threads; factor = time "
+                      f"together / time alone, both timed in the same round; "
+                      f"{spread.text('contention')}"),
+            "compute_slowdown_under_io": _q([[k, _sig(c, 4)] for k, c, _ in cont], "1",
+                                            "measured",
+                                            f"expert-FFN time while [readers] reader threads "
+                                            f"read, over alone; {src}"),
+            "read_slowdown_under_compute": _q([[k, _sig(r, 4)] for k, _, r in cont], "1",
+                                              "measured",
+                                              f"read time per byte of [readers] readers while an "
+                                              f"expert-FFN loop runs, over alone; {src}"),
+        },
+        "compute": {
+            "memory_efficiency": _q(1.0, None, "estimate",
+                                    "unused: this profile has a measured memory bandwidth"),
+            "flops_efficiency": _q(1.0, None, "estimate",
+                                   "unused: this profile has a measured throughput"),
+            "measured": {c.base.name: _table(c, torch_threads, tables[c.base.name], spread, src)
+                         for c in cards},
+        },
+    }
+    return mapping, spread
+
+
+def _table(spec: CardSpec, threads: int, ffn: dict[str, list[tuple[int, float]]],
+           spread: Spread, src: str) -> dict[str, Any]:
+    """The ``compute.measured.<card>`` mapping; ``ffn`` holds every op's (x, seconds)."""
+    base, card, scale = spec.base, spec.card, spec.scale
+    note = (f"hw_profiles.cpu_ops functions, {card.dtype}, {threads} torch thread(s), weights "
+            f"rotated through a pool of one decode step's working set (cpu_ops.working_set_bytes), "
+            f"median of rounds, made "
+            f"non-decreasing in batch/context by isotonic regression")
+    ffn_spread = spread.text("ffn")
+    table: dict[str, Any] = {
+        "notes": (f"Measured at {base.name} x{scale:g} (hw_profiles.cpu_ops.scaled_card); "
+                  f"applies only to a card of exactly this shape (measured_at). Per MoE layer "
+                  f"the simulator charges attention_s + router_s + shared_s + routed expert_s; "
+                  f"a dense layer is attention_s + dense_ffn_s. {src}"),
+        "measured_at": {
+            "base_card": base.name,
+            "scale": scale,
+            "dtype": card.dtype,
+            "hidden_size": card.hidden_size,
+            "moe_intermediate_size": card.moe_intermediate_size,
+            "shared_intermediate_size": card.shared_intermediate_size,
+            "dense_intermediate_size": card.dense_intermediate_size,
+            "head_dim": card.head_dim,
+            "torch_threads": threads,
+        },
+        "attention_s": _q(monotone(ffn["attention"]), "ms", "measured",
+                          f"cpu_ops.attention_standin at batch 1 over [context] cached tokens; "
+                          f"{note}; {spread.text('attention')}; {src}"),
+        "router_s": _q(monotone(ffn["router"]), "ms", "measured",
+                       f"cpu_ops.router over [batch] tokens; {note}; {spread.text('router')}; "
+                       f"{src}"),
+        "expert_s": _q(monotone(ffn["expert"]), "ms", "measured",
+                       f"cpu_ops.expert_ffn (one routed expert) over [tokens]; {note}; "
+                       f"{ffn_spread}; {src}"),
+    }
+    if "shared" in ffn:
+        table["shared_s"] = _q(monotone(ffn["shared"]), "ms", "measured",
+                               f"cpu_ops.expert_ffn with the layer's shared intermediate size "
+                               f"over [tokens]; {note}; {ffn_spread}; {src}")
+    if "dense" in ffn:
+        table["dense_ffn_s"] = _q(monotone(ffn["dense"]), "ms", "measured",
+                                  f"cpu_ops.expert_ffn with the dense layer's intermediate size "
+                                  f"over [batch]; {note}; {ffn_spread}; {src}")
+    return table
+
+
+def summary_lines(mapping: dict[str, Any], spread: Spread) -> list[str]:
+    """A few lines for the terminal: the headline figures and their spread."""
+    st = mapping["storage"]
+    cont = mapping["contention"]
+    lines = [
+        f"storage: {st['peak_bandwidth_Bps']['value']} GB/s plateau per reader, "
+        f"copy_engines {st['copy_engines']['value']}, readers (GB/s) "
+        f"{st['readers_bandwidth_Bps']['value']}, fit a = {st['per_copy_overhead_s']['value']} us",
+        f"  {spread.text('read')} (curve); {spread.text('readers')} (readers)",
+        f"contention: compute x{cont['compute_slowdown_under_io']['value']}, read "
+        f"x{cont['read_slowdown_under_compute']['value']}; {spread.text('contention')}",
+    ]
+    for card, table in mapping["compute"]["measured"].items():
+        lines += [f"{card}: expert ms {table['expert_s']['value']}",
+                  f"  attention ms {table['attention_s']['value']}, router ms "
+                  f"{table['router_s']['value']}"]
+    lines.append(f"{spread.text('ffn')} (FFN); {spread.text('attention')} (attention)")
+    return lines
+
+
+# --------------------------------------------------------------------------------------------
+# The real bench: this machine's disk and CPU
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+def _disk_of(path: Path) -> tuple[str, str]:
+    """(block device name, filesystem type) holding ``path``, from /proc/self/mounts."""
+    best, dev, fs = "", "", ""
+    target = str(path.resolve())
+    for line in _read_text("/proc/self/mounts").splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and (target == parts[1] or target.startswith(
+                parts[1].rstrip("/") + "/")) and len(parts[1]) > len(best):
+            best, dev, fs = parts[1], parts[0], parts[2]
+    return Path(dev).name or "disk", fs or "unknown"
+
+
+class CpuStorageBench:
+    """Timers on this machine: a scratch file read with O_DIRECT, torch ops on the CPU.
+
+    ``card`` sets the read size of the concurrent-reader and contention runs (one expert).
+    ``window_s`` is how long one round of a concurrent-reader or contention measurement runs;
+    ``op_round_s`` how long one round of an op runs. An op rotates its weights through a pool
+    of ``cpu_ops.working_set_bytes(card)`` (at most ``max_pool_bytes``), so its weights are as
+    cache-cold as in the executor.
+    """
+
+    def __init__(self, card: ModelCard, file_dir: Path, *, file_bytes: int, torch_threads: int,
+                 seed: int, rounds: int = 7, window_s: float = 0.3, op_round_s: float = 0.02,
+                 max_pool_bytes: int = 256 * 2**20, max_context: int = 4096,
+                 want_direct: bool = True) -> None:
+        import torch
+
+        from . import cpu_ops
+
+        if rounds < 2:
+            raise ValueError("rounds must be >= 2 to report a spread")
+        self.torch = torch
+        self.ops = cpu_ops
+        self.card = card
+        self.rounds = rounds
+        self.window_s = window_s
+        self.op_round_s = op_round_s
+        self.max_pool_bytes = max_pool_bytes
+        self.max_context = max_context
+        self.threads = torch_threads
+        self.seed = seed
+        self.chunk = round_up(card.expert_bytes)
+        self.file_bytes = round_up(max(file_bytes, 4 * self.chunk))
+        file_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="moesim_profile_", suffix=".bin", dir=file_dir)
+        os.close(fd)
+        self.path = Path(name)
+        self._file: DirectFile | None = None
+        self._buf: Any = None  # the read-curve buffer, grown to the largest size read
+        self._pools: dict[tuple[str, str], Any] = {}
+        try:
+            write_random_file(self.path, self.file_bytes, seed)
+            self._file = open_direct(self.path, want_direct=want_direct)
+        except BaseException:
+            self.close()
+            raise
+        self._rng_seq = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the file and delete the scratch file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._buf is not None:
+            self._buf.close()
+            self._buf = None
+        self.path.unlink(missing_ok=True)
+        self._pools.clear()
+
+    def __enter__(self) -> CpuStorageBench:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def file(self) -> DirectFile:
+        if self._file is None:
+            raise RuntimeError("bench is closed")
+        return self._file
+
+    def _rng(self) -> Any:
+        import numpy as np
+
+        self._rng_seq += 1
+        return np.random.default_rng([self.seed, self._rng_seq])
+
+    # -- description -----------------------------------------------------------------------
+    def describe(self) -> dict[str, str]:
+        cpu = "unknown CPU"
+        for line in _read_text("/proc/cpuinfo").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        disk, fs = _disk_of(self.path.parent)
+        mem = self.memory_bytes()
+        kernel = platform.release()
+        cores = os.cpu_count() or 0
+        try:
+            load = " ".join(_read_text("/proc/loadavg").split()[:3])
+        except IndexError:
+            load = "unknown"
+        rot = _read_text(f"/sys/block/{disk}/queue/rotational").strip()
+        return {
+            "device": f"{cpu} ({cores} CPUs), {mem / 2**30:.1f} GiB RAM, disk {disk} ({fs})",
+            "cpu": cpu,
+            "cores": str(cores),
+            "ram": f"{mem / 2**30:.1f} GiB",
+            "disk_name": disk,
+            "disk": f"/dev/{disk}, {fs}, rotational flag {rot or 'unknown'}, scratch file in "
+                    f"{self.path.parent}",
+            "filesystem": fs,
+            "kernel": kernel,
+            "os": platform.platform(),
+            "python": platform.python_version(),
+            "torch": str(self.torch.__version__),
+            "torch_threads": str(self.threads),
+            "load_average_at_start": load,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def direct(self) -> tuple[bool, str]:
+        return self.file.direct, self.file.why
+
+    def memory_bytes(self) -> int:
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 0
+
+    # -- storage ---------------------------------------------------------------------------
+    def _offsets(self, nbytes: int, count: int) -> list[int]:
+        blocks = (self.file_bytes - nbytes) // BLOCK
+        rng = self._rng()
+        return [int(x) * BLOCK for x in rng.integers(0, blocks + 1, size=count)]
+
+    def read_time(self, nbytes: int) -> float:
+        """Mean seconds per read over up to 64 reads (at most 64 MiB) at random offsets."""
+        nbytes = round_up(nbytes)
+        if nbytes > self.file_bytes:
+            raise ValueError(f"read of {nbytes} B exceeds the {self.file_bytes} B scratch file")
+        if self._buf is None or len(self._buf) < nbytes:
+            if self._buf is not None:
+                self._buf.close()
+            self._buf = aligned_buffer(nbytes)
+            self.file.read_into(memoryview(self._buf)[:nbytes], 0)  # first-touch the pages
+        per_round = max(1, min(64, int(64 * 2**20 // nbytes)))
+        offs = self._offsets(nbytes, per_round)
+        with memoryview(self._buf) as whole, whole[:nbytes] as view:
+            t0 = time.perf_counter()
+            for off in offs:
+                self.file.read_into(view, off)
+            return (time.perf_counter() - t0) / per_round
+
+    @staticmethod
+    def _reader(file: DirectFile, chunk: int, offsets: list[int], stop: threading.Event,
+                count: list[int]) -> None:
+        buf = aligned_buffer(chunk)
+        view = memoryview(buf)
+        try:
+            i = 0
+            while not stop.is_set():
+                file.read_into(view, offsets[i % len(offsets)])
+                count[0] += 1
+                i += 1
+        finally:
+            view.release()
+            buf.close()
+
+    @contextmanager
+    def _readers(self, k: int) -> Iterator[list[list[int]]]:
+        stop = threading.Event()
+        counts = [[0] for _ in range(k)]
+        threads = [threading.Thread(target=self._reader, daemon=True, args=(
+            self.file, self.chunk, self._offsets(self.chunk, 256), stop, counts[i]))
+            for i in range(k)]
+        for t in threads:
+            t.start()
+        try:
+            time.sleep(0.01)  # let every reader get going
+            yield counts
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+
+    def _window_bandwidth(self, counts: list[list[int]], body: Callable[[], None]) -> float:
+        c0 = sum(c[0] for c in counts)
+        t0 = time.perf_counter()
+        body()
+        dt = time.perf_counter() - t0
+        return (sum(c[0] for c in counts) - c0) * self.chunk / dt
+
+    def readers_bandwidth(self, readers: int) -> float:
+        """Aggregate bytes/s of ``readers`` threads reading one expert at a time for a window."""
+        with self._readers(readers) as counts:
+            return self._window_bandwidth(counts, lambda: time.sleep(self.window_s))
+
+    # -- compute ---------------------------------------------------------------------------
+    def memory_bandwidth(self) -> tuple[float, str]:
+        torch = self.torch
+        n = 64 * 2**20
+        src = torch.ones(n // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        with self.ops.torch_threads(self.threads):
+            dst.copy_(src)
+            t = min(self._timed(lambda: dst.copy_(src), 5) for _ in range(3))
+        return 2 * n / t, (f"torch copy of {n // 2**20} MiB in DRAM, 2 x bytes / time, best of "
+                           f"3, {self.threads} torch thread(s)")
+
+    def matmul_flops(self) -> tuple[float, str]:
+        torch = self.torch
+        n = 512
+        dt = self.ops.torch_dtype(self.card)
+        g = torch.Generator().manual_seed(self.seed)
+        a = torch.randn(n, n, generator=g).to(dt)
+        b = torch.randn(n, n, generator=g).to(dt)
+        with self.ops.torch_threads(self.threads):
+            a @ b
+            t = min(self._timed(lambda: a @ b, 10) for _ in range(3))
+        return 2 * n**3 / t, (f"{self.card.dtype} matmul {n}x{n}x{n}, 2n^3 / time, best of 3, "
+                              f"{self.threads} torch thread(s)")
+
+    @staticmethod
+    def _timed(fn: Callable[[], Any], n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    def _pool(self, card: ModelCard, op: str) -> list[Any]:
+        """Weight sets for ``op`` (built once per card, seeded): copies of one random set."""
+        key = (card.name, op)
+        if key in self._pools:
+            return self._pools[key]
+        if any(k[0] != card.name for k in self._pools):  # one card's pools at a time
+            self._pools.clear()
+        torch, ops = self.torch, self.ops
+        g = torch.Generator().manual_seed(self.seed + OPS.index(op) + 1)
+        dt = ops.torch_dtype(card)
+        pool_bytes = min(self.max_pool_bytes, ops.working_set_bytes(card))
+        if op == "attention":
+            first = ops.make_standin_layer(card, self.max_context, g)
+            size = sum(t.numel() * t.element_size() for t in (
+                first.w_qkv, first.w_o, first.k_cache, first.v_cache, first.w_router))
+            count = max(1, min(card.num_moe_layers, self.max_pool_bytes // size))
+            pool: list[Any] = [first] + [_clone_layer(first) for _ in range(count - 1)]
+        elif op == "router":
+            w = (torch.randn(card.num_experts, card.hidden_size, generator=g) * 0.02).to(dt)
+            pool = [w] + [w.clone() for _ in range(card.num_moe_layers - 1)]
+        else:
+            inter = {"expert": card.moe_intermediate_size, "shared": card.shared_intermediate_size,
+                     "dense": card.dense_intermediate_size}[op]
+            params = card.matrices_per_expert * card.hidden_size * inter
+            size = int(params * card.dtype_bytes)
+            stride = round_up(size)
+            count = max(2, pool_bytes // stride)
+            buf = aligned_buffer(stride * count)  # one slot pool, like the executor's
+            flat = torch.frombuffer(buf, dtype=dt)
+            per = stride // flat.element_size()
+            flat[:params].copy_((torch.randn(params, generator=g) * 0.02).to(dt))
+            for i in range(1, count):
+                flat[i * per:i * per + params].copy_(flat[:params])
+            pool = [ops.expert_views(flat[i * per:i * per + params], card, inter)
+                    for i in range(count)]
+            self._pools[(card.name, op + "_buffer")] = buf
+        self._pools[key] = pool
+        return pool
+
+    def _op_fn(self, card: ModelCard, op: str, x: int) -> Callable[[int], Any]:
+        torch, ops = self.torch, self.ops
+        pool = self._pool(card, op)
+        g = torch.Generator().manual_seed(self.seed + x)
+        dt = ops.torch_dtype(card)
+        if op == "attention":
+            inp = torch.randn(1, card.hidden_size, generator=g).to(dt)
+            if not 1 <= x <= self.max_context:
+                raise ValueError(f"context {x} outside 1..{self.max_context}")
+            return lambda i: ops.attention_standin(inp, pool[i % len(pool)], x)
+        inp = torch.randn(x, card.hidden_size, generator=g).to(dt)
+        if op == "router":
+            return lambda i: ops.router(inp, pool[i % len(pool)], card.top_k)
+        return lambda i: ops.expert_ffn(inp, *pool[i % len(pool)])
+
+    def _calls_per(self, fn: Callable[[int], Any], seconds: float) -> int:
+        for i in range(2):
+            fn(i)
+        t0 = time.perf_counter()
+        fn(2)
+        one = max(time.perf_counter() - t0, 1e-7)
+        return max(3, min(5000, int(seconds / one)))
+
+    def op_samples(self, card: ModelCard, op: str, x: int) -> Samples:
+        fn = self._op_fn(card, op, x)
+        out = []
+        with self.ops.torch_threads(self.threads), self.torch.inference_mode():
+            n = self._calls_per(fn, self.op_round_s)
+            i = 0
+            for _ in range(self.rounds):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn(i)
+                    i += 1
+                out.append((time.perf_counter() - t0) / n)
+        return out
+
+    def contention_samples(self, readers: int) -> list[tuple[float, float]]:
+        fn = self._op_fn(self.card, "expert", 1)
+        out = []
+        with self.ops.torch_threads(self.threads), self.torch.inference_mode():
+            n = self._calls_per(fn, self.window_s)
+            for _ in range(self.rounds):
+                t0 = time.perf_counter()
+                for i in range(n):
+                    fn(i)
+                alone = (time.perf_counter() - t0) / n
+                with self._readers(readers) as counts:
+                    bw_alone = self._window_bandwidth(counts, lambda: time.sleep(self.window_s))
+                    t0 = time.perf_counter()
+
+                    def loop() -> None:
+                        for i in range(n):
+                            fn(i)
+
+                    bw_busy = self._window_bandwidth(counts, loop)
+                    together = (time.perf_counter() - t0) / n
+                out.append((together / alone, bw_alone / max(bw_busy, 1.0)))
+        return out
+
+
+def _clone_layer(layer: Any) -> Any:
+    from dataclasses import fields as dc_fields
+    from dataclasses import replace
+
+    return replace(layer, **{f.name: getattr(layer, f.name).clone() for f in dc_fields(layer)
+                             if hasattr(getattr(layer, f.name), "clone")})
+
+
+# --------------------------------------------------------------------------------------------
+# CLI (``moesim-profile storage``; wired in hw_profiles/measure.py)
+
+
+def add_parser(sub: Any) -> None:
+    """Register the ``storage`` sub-command."""
+    s = sub.add_parser("storage", help="measure this machine's storage tier (O_DIRECT reads) "
+                       "and CPU compute for a scaled model card into a profile YAML")
+    s.add_argument("--model", "--card", dest="model", nargs="+", default=["deepseek_v2_lite"],
+                   help="model card name(s) or path(s); the first sets the read size of the "
+                        "concurrent-reader and contention runs (one expert)")
+    s.add_argument("--scale", type=float, nargs="+", default=[0.25],
+                   help="factor on hidden/intermediate sizes and head_dim (cpu_ops.scaled_card); "
+                        "one for all cards or one per card")
+    s.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
+    s.add_argument("--out", "-o", type=Path, help="output YAML; its stem is the profile name")
+    s.add_argument("--file-dir", type=Path, default=Path(tempfile.gettempdir()),
+                   help="directory for the scratch file: the filesystem the executor's expert "
+                        "file will live on")
+    s.add_argument("--file-bytes", type=int, default=512 * 2**20,
+                   help="scratch file size (>= --max-bytes; random offsets within it)")
+    s.add_argument("--min-bytes", type=int, default=BLOCK)
+    s.add_argument("--max-bytes", type=int, default=256 * 2**20)
+    s.add_argument("--readers", type=int, nargs="+", default=[1, 2, 4])
+    s.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    s.add_argument("--contexts", type=int, nargs="+", default=[1, 256, 1024, 4096])
+    s.add_argument("--torch-threads", type=int, default=1,
+                   help="torch threads while timing compute; the executor must use the same")
+    s.add_argument("--rounds", type=int, default=7, help="rounds per point (median, spread)")
+    s.add_argument("--window", type=float, default=0.3,
+                   help="seconds per round of a concurrent-reader or contention measurement")
+    s.add_argument("--engines-tolerance", type=float, default=0.20,
+                   help="copy_engines = fewest readers within this fraction of the best "
+                        "aggregate bandwidth (more readers must add more than the disk's noise)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--buffered", action="store_true",
+                   help="do not try O_DIRECT (for filesystems known not to support it)")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run_cli(args: argparse.Namespace, argv: Sequence[str],
+            bench: StorageBench | None = None) -> int:
+    """Measure, write and summarise; ``bench`` lets tests replace the real machine."""
+    from .cpu_ops import scaled_card
+
+    scales = list(args.scale)
+    if len(scales) == 1:
+        scales *= len(args.model)
+    if len(scales) != len(args.model):
+        raise ValueError("give one --scale, or one per --model")
+    cards = []
+    for name, scale in zip(args.model, scales, strict=True):
+        base = load_card(name)
+        cards.append(CardSpec(base, scale, scaled_card(base, scale, args.dtype)))
+    if len({c.base.name for c in cards}) != len(cards):
+        raise ValueError("each --model may be given once")
+    sizes = read_sizes(args.min_bytes, args.max_bytes)
+    if args.file_bytes < args.max_bytes:
+        raise ValueError("--file-bytes must be >= --max-bytes")
+    for what in ("readers", "batches", "contexts"):
+        if min(getattr(args, what)) < 1:
+            raise ValueError(f"--{what} must be >= 1")
+    if not 0 <= args.engines_tolerance < 1:
+        raise ValueError("--engines-tolerance must be in [0, 1)")
+    if args.torch_threads < 1 or args.rounds < 2 or args.window <= 0:
+        raise ValueError("need --torch-threads >= 1, --rounds >= 2 and --window > 0")
+    out: Path = args.out or Path(f"{_slug(platform.node() or 'this_machine')}_storage.yaml")
+    if out.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"--out {out}: the profile must be a .yaml file")
+    if _slug(out.stem) != out.stem:
+        out = out.with_name(f"{_slug(out.stem)}{out.suffix}")
+    opts = StorageOptions(
+        sizes=sizes,
+        readers=tuple(sorted(set(args.readers))),
+        batches=tuple(sorted(set(args.batches))),
+        contexts=tuple(sorted(set(args.contexts))),
+        progress=not args.no_progress,
+        rounds=args.rounds,
+        engines_tolerance=args.engines_tolerance,
+        command="moesim-profile " + " ".join(argv),
+    )
+    t0 = time.perf_counter()
+    own: CpuStorageBench | None = None
+    if bench is None:
+        own = bench = CpuStorageBench(cards[0].card, args.file_dir, file_bytes=args.file_bytes,
+                                      torch_threads=args.torch_threads, seed=args.seed,
+                                      rounds=args.rounds, window_s=args.window,
+                                      max_context=max(opts.contexts),
+                                      want_direct=not args.buffered)
+    try:
+        direct, why = bench.direct()
+        if not direct:
+            print(f"moesim-profile: {why}", file=sys.stderr)
+        mapping, spread = run_storage_measurement(bench, cards, args.torch_threads, out.stem,
+                                                  opts)
+    finally:
+        if own is not None:
+            own.close()
+    if own is not None:
+        mapping["machine"]["load_average_at_end"] = " ".join(
+            _read_text("/proc/loadavg").split()[:3]) or "unknown"
+    print(f"wrote {write_profile(mapping, out)} in {time.perf_counter() - t0:.0f} s")
+    for line in summary_lines(mapping, spread):
+        print(line)
+    return 0
