@@ -32,3 +32,20 @@ def register_configs() -> None:
         cs.store(group="model", name=path.stem, node=_yaml(path))
     for name in policy_names():
         cs.store(group="policy", name=name, node=default_config(name))
+    cs.store(group="hydra/help", name="moesim", node=_help_node())
+
+
+def _help_node() -> dict[str, str]:
+    """``--help``: groups and their choices, then every option with its doc (experiments.schema),
+    instead of Hydra's dump of the composed config (mostly one hardware profile)."""
+    from experiments.schema import help_text
+
+    groups = {
+        "hw": hw_profiles.list_profiles(),
+        "model": sorted(p.stem for p in MODELS_DIR.glob("*.yaml")),
+        "policy": policy_names(),
+    }
+    for sub in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
+        groups[sub.name] = sorted(p.stem for p in sub.glob("*.yaml"))
+    text = help_text(groups)
+    return {"app_name": "moesim-sim", "header": "", "footer": "", "template": text + "\n"}

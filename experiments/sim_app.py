@@ -29,6 +29,8 @@ from experiments.inputs import (
     with_card_bytes,
 )
 from experiments.paths import exit_with_parent
+from experiments.schema import check as check_config
+from experiments.schema import check_warmup
 from hw_profiles import ProfileError
 from policies.base import Knowledge, PolicyError
 from policies.registry import resolve
@@ -50,6 +52,11 @@ USER_ERRORS = (
 def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     """Simulate the configured run; returns the result and the flat config row."""
     trace = load_run_trace(cfg)
+    if not trace.requests:
+        raise TraceError("the replay has no requests (check requests=, max_requests=)")
+    longest = max(len(r.experts) for r in trace.requests)
+    if why := check_warmup(int(cfg.warmup_tokens), longest):
+        raise SimulationError(why)
     card = model_card(cfg, trace)
     trace = with_card_bytes(trace, card)
     meta = trace.meta
@@ -259,6 +266,10 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
     remove_stale_temporaries(outdir)
+    if errors := check_config(cfg):  # every bad value, one line each, before anything runs
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
     try:
         digest = config_hash(cfg, input_digest(cfg))
     except USER_ERRORS as exc:

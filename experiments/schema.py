@@ -1,0 +1,186 @@
+"""The run config's typed schema: every scalar option of ``moesim-sim`` with its type, range and
+one-line doc, checked before anything runs.
+
+Hydra parses an override into whatever type it looks like (``batch=abc`` is a string,
+``cache.experts=2.5`` a float), and the YAML defaults carry no types, so a bad value used to
+surface as a traceback deep in a run or, worse, be coerced silently. :func:`check` reads every
+option listed here from the composed config and returns one ``<key>=<value>: <why>`` line per
+violation; the app prints them as ``error: ...`` and exits 2. The same table writes the
+``--help`` text (:func:`help_text`), so the docs cannot drift from the checks.
+
+Groups with their own validation (``trace``, ``hw``, ``model``, ``policy``) are checked where they
+are loaded (trace readers, the profile schema, model cards, the policy registry).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One scalar option: its key, kind, constraint and doc."""
+
+    key: str
+    kind: str  # int | float | bool | str | choice
+    doc: str
+    nullable: bool = False
+    lo: float | None = None  # inclusive lower bound
+    hi: float | None = None  # inclusive upper bound
+    lo_open: bool = False  # lower bound exclusive
+    choices: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            rng = " | ".join(self.choices)
+        else:
+            parts = []
+            if self.lo is not None:
+                parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+            if self.hi is not None:
+                parts.append(f"<= {self.hi:g}")
+            rng = self.kind + (" " + ", ".join(parts) if parts else "")
+        return rng + (" | null" if self.nullable else "")
+
+
+OPTIONS: tuple[Opt, ...] = (
+    Opt("mode", "choice", "timed: GPU, link and compute as a SimPy model; zero_latency: no time, "
+        "every load completes at once (MoE-Beyond's protocol)", choices=("timed", "zero_latency")),
+    Opt("replay", "choice", "decode: every token is a decode step; prefill: prompts in chunks",
+        choices=("decode", "prefill")),
+    Opt("prefill_chunk", "int", "tokens per prefill chunk (0 = the whole prompt)", lo=0),
+    Opt("batch", "int", "requests decoded together (continuous batching)", lo=1),
+    Opt("warmup_tokens", "int", "first tokens of each request only warm the cache (not counted);"
+        " must leave tokens to count", lo=0),
+    Opt("seed", "int", "seed of every random choice (random prefill, tie-breaks)", lo=0),
+    Opt("engine", "choice", "auto: the compiled replay where it applies; python: the SimPy "
+        "engine always", choices=("auto", "python")),
+    Opt("max_requests", "int", "replay only the first N requests", nullable=True, lo=1),
+    Opt("max_tokens", "int", "and only the first N tokens of each", nullable=True, lo=1),
+    Opt("requests", "choice", "which requests: all, held_out (the predictors' test split) or "
+        "auto (held_out for predictor tables, else all)", choices=("auto", "held_out", "all")),
+    Opt("label", "str", "free-form run label for plots", nullable=True),
+    Opt("compute_scale", "float", "what-if: every compute time x this; copies unchanged",
+        lo=0.0, lo_open=True),
+    Opt("progress", "bool", "progress bars"),
+    Opt("predictions.path", "str", "prediction table (a file, or predictor:<name>); null: the "
+        "table an importer wrote beside the trace", nullable=True),
+    Opt("predictions.min_coverage", "float", "fewest (request, token) rows of the replay a "
+        "prediction table must cover", lo=0.0, hi=1.0),
+    Opt("cache.fraction", "float", "cache size as a fraction of all routed experts",
+        nullable=True, lo=0.0, lo_open=True, hi=1.0),
+    Opt("cache.experts", "int", "cache size in expert slots", nullable=True, lo=1),
+    Opt("cache.bytes", "int", "cache size in bytes (whole experts)", nullable=True, lo=1),
+    Opt("cache.partition", "choice", "one global pool, or equal per-layer partitions",
+        choices=("global", "per_layer")),
+    Opt("cache.pin_layer", "bool", "the computing layer's experts cannot be evicted (false: "
+        "zero-latency only)"),
+    Opt("cache.prefill", "choice", "cache contents at the start", choices=("empty", "random")),
+    Opt("cache.reset_per_request", "bool", "empty the cache before every request"),
+    Opt("output.transfers", "bool", "write transfers.parquet (one row per copy)"),
+    Opt("output.timeline_steps", "int", "write timeline.json (Chrome trace) of the first N steps",
+        lo=0),
+)
+
+
+def _get(cfg: DictConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _convert(opt: Opt, value: Any) -> tuple[Any, str | None]:
+    """(converted value, None) or (None, why it is not of the option's kind)."""
+    if opt.kind == "bool":
+        return (value, None) if isinstance(value, bool) else (None, "must be true or false")
+    if opt.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, "must be an integer"
+        if isinstance(value, float) and not value.is_integer():
+            return None, "must be a whole number"
+        return int(value), None
+    if opt.kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None, "must be a number"
+        if not math.isfinite(float(value)):
+            return None, "must be finite"
+        return float(value), None
+    if opt.kind == "choice":
+        if str(value) not in opt.choices:
+            return None, f"must be one of {', '.join(opt.choices)}"
+        return str(value), None
+    return (str(value), None) if isinstance(value, (str, int, float)) else (None, "must be text")
+
+
+def _range(opt: Opt, value: float) -> str | None:
+    if opt.lo is not None and (value <= opt.lo if opt.lo_open else value < opt.lo):
+        return f"must be {'>' if opt.lo_open else '>='} {opt.lo:g}"
+    if opt.hi is not None and value > opt.hi:
+        return f"must be <= {opt.hi:g}"
+    return None
+
+
+def check(cfg: DictConfig) -> list[str]:
+    """Every violation as ``<key>=<value>: <why>`` (empty when the config is valid)."""
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        raw = _get(cfg, opt.key)
+        if raw is _MISSING:
+            continue
+        if raw is None:
+            if not opt.nullable:
+                errors.append(f"{opt.key}=null: must be set ({opt.describe()})")
+            values[opt.key] = None
+            continue
+        value, why = _convert(opt, raw)
+        if why is None and opt.kind in ("int", "float"):
+            why = _range(opt, value)
+        if why:
+            errors.append(f"{opt.key}={raw}: {why}")
+        else:
+            values[opt.key] = value
+    sizes = [k for k in ("cache.fraction", "cache.experts", "cache.bytes")
+             if values.get(k) is not None]
+    size_errors = any(e.startswith("cache.") for e in errors)
+    if len(sizes) != 1 and not size_errors and "cache" in cfg:
+        given = ", ".join(f"{k}={values[k]}" for k in sizes) or "none"
+        errors.append(f"cache size: give exactly one of cache.fraction, cache.experts, "
+                      f"cache.bytes (given: {given})")
+    return errors
+
+
+def check_warmup(warmup_tokens: int, longest_request: int) -> str | None:
+    """Warm-up must leave something to count: some request longer than it."""
+    if warmup_tokens and warmup_tokens >= longest_request:
+        return (f"warmup_tokens={warmup_tokens}: must be shorter than the longest replayed "
+                f"request ({longest_request} tokens), or nothing is counted")
+    return None
+
+
+def help_text(groups: dict[str, list[str]], app: str = "moesim-sim") -> str:
+    """``--help``: the config groups with their choices, then every option with its doc."""
+    lines = [f"{app}: simulate an MoE expert cache over a routing trace (Hydra app).", "",
+             f"Usage: {app} [key=value ...]    sweep: {app} -m key=a,b ...", "",
+             "Config groups (group=<choice>):"]
+    for group, names in sorted(groups.items()):
+        shown = ", ".join(names[:14]) + (f", ... ({len(names)} in all)" if len(names) > 14 else "")
+        lines.append(f"  {group:<11} {shown}")
+    lines += ["", "Options (key=value; checked before a run starts):"]
+    width = max(len(o.key) for o in OPTIONS) + 2
+    for o in OPTIONS:
+        lines.append(f"  {o.key:<{width}}{o.describe()}")
+        lines.append(f"  {'':<{width}}  {o.doc}")
+    lines += ["", "Policy parameters: policy=<name> policy.<param>=<value> (see README, Policies).",
+              "Show the composed config: --cfg job;  Hydra's own flags: --hydra-help."]
+    return "\n".join(lines)
+
