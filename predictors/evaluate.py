@@ -18,14 +18,17 @@ import pandas as pd
 
 from predictors.metrics import MetricSpec, evaluate, format_table
 from traces import TraceError, load_predictions, load_trace
-from traces.predictions import read_predictions_meta
+from traces.predictions import content_digest, read_predictions_meta
 
 
 def score(trace_path: Path, table_path: Path) -> tuple[list[dict], int, dict]:
     """Metric rows over every (token, layer) that has both a prediction and true routing."""
     trace = load_trace(trace_path)
     meta = read_predictions_meta(table_path)
-    preds = load_predictions(table_path, trace.meta.moe_layers)
+    # Checked against this trace (identity, layers, ids in range, width, dtypes): scoring a
+    # table made for another trace would give a meaningless number.
+    preds = load_predictions(table_path, trace.meta.moe_layers, trace_meta=trace.meta,
+                             trace_path=trace_path, trace_digest=content_digest(trace_path))
     ranked, true, layer = [], [], []
     missing = 0
     num_l, k = trace.meta.num_moe_layers, trace.meta.top_k
