@@ -78,6 +78,16 @@ class HostLinkSpec:
     sync_call_overhead_s: Quantity
 
 
+def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
+    """Linear between points, clamped at both ends."""
+    if x <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in pairwise(points):
+        if x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return points[-1][1]
+
+
 @dataclass(frozen=True)
 class StorageSpec:
     """Storage -> DRAM reads. ``readers_bandwidth_Bps`` is ``((readers, aggregate B/s), ...)``
@@ -90,15 +100,18 @@ class StorageSpec:
     readers_bandwidth_Bps: Quantity = field(
         default_factory=lambda: missing("readers_bandwidth_Bps"))
 
+    def engine_share(self, engines: int) -> float:
+        """Each engine's bandwidth with ``engines`` readers busy, over one reader alone.
 
-def _interp(points: tuple[tuple[float, float], ...], x: float) -> float:
-    """Linear between points, clamped at both ends."""
-    if x <= points[0][0]:
-        return points[0][1]
-    for (x0, y0), (x1, y1) in pairwise(points):
-        if x <= x1:
-            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return points[-1][1]
+        ``aggregate(k) / (k * aggregate(1))`` from ``readers_bandwidth_Bps`` (linear between
+        measured reader counts, the aggregate held flat beyond the last), so the simulator's
+        ``engines`` fixed-rate engines reproduce the measured aggregate when all are busy. The
+        curve itself is the one-reader curve. 1.0 without a table that includes one reader.
+        """
+        q = self.readers_bandwidth_Bps
+        if not q.known or q.value[0][0] != 1 or engines <= 1:
+            return 1.0
+        return _interp(q.value, engines) / (engines * q.value[0][1])
 
 
 @dataclass(frozen=True)
@@ -199,9 +212,12 @@ class HwProfile:
         if self.storage is None or not self.storage.link.usable:
             return None
         medium = self.storage.medium or "storage"
-        return self.storage.link.model(
-            f"{self.name}:{medium}->dram", int(self.storage.copy_engines.value)
-        )
+        engines = int(self.storage.copy_engines.value)
+        link = self.storage.link.model(f"{self.name}:{medium}->dram", engines)
+        share = self.storage.engine_share(engines)
+        if share != 1.0:
+            link = link.scaled_to_peak(link.peak_bandwidth_Bps * share)
+        return link
 
     def expert_link(self) -> LinkModel:
         """The path a missed expert travels: H2D on discrete GPUs, storage->DRAM on unified."""

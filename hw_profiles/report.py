@@ -98,7 +98,9 @@ def _gbps(q: Quantity) -> str:
 
 def _cite(q: Quantity) -> str:
     ids = sorted(set(_SOURCE_ID.findall(q.source)), key=lambda s: int(s[1:]))
-    where = ", ".join(ids) if ids else "notes"
+    where = ", ".join(ids) if ids else (
+        "moesim-profile" if q.source.startswith("moesim-profile") or "; moesim-profile" in q.source
+        else "notes")
     return f"{q.kind}; {where}"
 
 

@@ -89,19 +89,30 @@ def test_fake_measurement_validates_and_reproduces_the_timers(tmp_path: Path) ->
     # 1 -> 2 readers doubles the aggregate, 4 adds nothing: 2 engines, each at 1.5 GB/s share
     assert link.copy_engines == 2
     assert link.latency_s == 0.0
-    curve_peak = 2**20 / (50e-6 + 2**20 / 2e9)
-    assert link.peak_bandwidth_Bps == pytest.approx(curve_peak * min(1.0, 1.5e9 / 1.5e9),
-                                                    rel=1e-3)
-    assert link.transfer_time(65536) == pytest.approx(50e-6 + 65536 / 2e9, rel=0.01)
+    # the curve is anchored at the expert size: one expert per engine at the 2-reader share
+    card = cpu_ops.scaled_card(load_card("deepseek_v2_lite"), 0.25, "float32")
+    assert link.transfer_time(card.expert_bytes) == pytest.approx(card.expert_bytes / 1.5e9,
+                                                                  rel=1e-3)
+    curve_at_expert = 2**20 / (50e-6 + 2**20 / 2e9)  # the fake curve ends at 1 MiB
+    assert link.peak_bandwidth_Bps == pytest.approx(1.5e9, rel=1e-3)
+    assert link.transfer_time(65536) == pytest.approx(
+        (50e-6 + 65536 / 2e9) * curve_at_expert / 1.5e9, rel=0.01)
     assert prof.storage is not None
     assert prof.storage.per_copy_overhead_s.value == pytest.approx(50e-6, rel=0.05)
+    # overriding copy_engines re-derives each engine's share of the measured aggregate
+    data = load_yaml(prof.path.read_text(encoding="utf-8"), "x") if prof.path else {}
+    for engines, per_engine in ((1, 1.5e9), (2, 1.5e9), (3, 1.0e9), (4, 0.75e9), (8, 0.375e9)):
+        data["storage"]["copy_engines"] = engines  # a bare Hydra-style override
+        over = profile_from_mapping(data, "fake_vm").expert_link()
+        assert over.copy_engines == engines
+        assert over.transfer_time(card.expert_bytes) == pytest.approx(
+            card.expert_bytes / per_engine, rel=1e-3)
     assert dict(prof.storage.readers_bandwidth_Bps.value) == {1: 1.5e9, 2: 3e9, 4: 3e9}
     assert prof.contention is not None
     assert prof.contention.compute_slowdown(1) == pytest.approx(1.2)
     assert prof.contention.compute_slowdown(2) == pytest.approx(1.4)
     assert prof.contention.read_slowdown(1.5) == pytest.approx(1.15)
     assert prof.contention.compute_slowdown(0) == 1.0
-    card = cpu_ops.scaled_card(load_card("deepseek_v2_lite"), 0.25, "float32")
     cm = prof.compute_model(card)
     assert cm.expert_time(4) == pytest.approx(1e-4 + 4e-6, rel=1e-3)
     assert cm.shared_time(16) == pytest.approx(2e-4 + 16e-6, rel=1e-3)
@@ -395,3 +406,10 @@ def test_relative_fit_recovers_latency_despite_noisy_large_reads() -> None:
     # the two largest reads 30 % slow (a noisy neighbour): the latency barely moves
     noisy = [(n, b / 1.3 if n >= 128 * 2**20 else b) for n, b in clean]
     assert fit_latency_relative(noisy)[0] == pytest.approx(80e-6, rel=0.1)
+
+
+def test_table_cites_moesim_profile(tmp_path: Path) -> None:
+    from hw_profiles.report import markdown_table
+
+    row = markdown_table([_storage(tmp_path)]).splitlines()[-1]
+    assert "`fake_vm`" in row and "(measured; moesim-profile)" in row and "fakedisk" in row
