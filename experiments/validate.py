@@ -4,19 +4,20 @@
     python -m experiments.validate experiment=validate_smoke      # seconds (CI)
     python -m experiments.validate experiment=validate validate.calibrate=false hw=<profile>
 
-For each trace of ``validate.traces`` the model card is scaled (``validate.scale``, weights in
-``validate.dtype``), the machine is profiled first (``validate.calibrate=true``: the executor's
-own microbenchmarks, ``sim.executor.calibrate``; else the profile ``hw`` names, e.g. one
-``moesim-profile`` measured), then every (policy x capacity) config is simulated once with that
-profile and the scaled expert size and run ``validate.repeats`` times on the executor. The
-end-to-end runs are never used to fit anything. Outputs in the run folder:
+For each trace of ``validate.traces`` the model card is scaled (``scale``, weights in
+``validate.dtype``); for every (policy x capacity) config the machine is profiled first
+(``validate.calibrate=true``: the executor's own microbenchmarks, ``sim.executor.calibrate``,
+run again right before each config because the shared disk and CPU drift; else the profile
+``validate.hw_path`` or ``hw`` names, e.g. one ``moesim-profile`` measured), then the config is
+simulated once with that profile and the scaled expert size and run ``validate.repeats`` times
+on the executor. The end-to-end runs are never used to fit anything. Outputs in the run folder:
 
 - ``summary.parquet`` / ``per_layer.parquet``: the simulator's schema, one row per run (and per
   layer), ``source`` = ``sim`` or ``real``, ``repeat``, ``config_id``;
 - ``validation.parquet``: one row per config: predicted vs measured (median of the repeats) time
   and stall per output token, signed and absolute % error, the real runs' min/max, and whether
   hit / late / miss counts agree;
-- ``profile_<trace>.yaml``: the profile each trace was predicted with.
+- ``profile_<config_id>.yaml``: the profile each config was predicted with.
 """
 
 from __future__ import annotations
@@ -98,26 +99,26 @@ def _scaled_inputs(cfg: DictConfig, entry: dict[str, Any], v: DictConfig
     return trace, full, card
 
 
-def _profile(cfg: DictConfig, v: DictConfig, card: Any, trace: Trace, outdir: Path,
-             log: Callable[[str], None]) -> tuple[Any, dict[str, Any]]:
+def _profile_now(cfg: DictConfig, v: DictConfig, card: Any, trace: Trace,
+                 log: Callable[[str], None], seed: int) -> tuple[Any, dict[str, Any]]:
+    """The profile to predict the next config with. When calibrating, the microbenchmarks run
+    again right before it (the shared disk and CPU drift by tens of % within minutes): still
+    microbenchmarks, never the run they predict."""
     if bool(v.calibrate):
         from sim.executor.calibrate import CalibrationOptions, calibrate
 
         dense = max(dense_layers_before(trace.meta.moe_layers, card.num_layers))
         opts = CalibrationOptions(copy_engines=int(v.copy_engines), threads=int(v.threads),
                                   direct_io=v.get("direct_io"), work_dir=v.get("work_dir"),
-                                  weights_seed=int(v.weights_seed))
+                                  weights_seed=int(v.weights_seed), read_seed=seed)
         mapping = calibrate(card, trace.meta.num_moe_layers, dense, opts, log=log)
-        profile = profile_from_mapping(mapping, name=mapping["name"], allow_bare=False)
-    elif v.get("hw_path"):
+        return profile_from_mapping(mapping, name=mapping["name"], allow_bare=False), mapping
+    if v.get("hw_path"):
         from hw_profiles import load_profile
 
-        profile = load_profile(str(v.hw_path))
-        mapping = yaml.safe_load(Path(str(v.hw_path)).read_text())
-    else:
-        profile = hw_profile(cfg)
-        mapping = OmegaConf.to_container(cfg.hw, resolve=True)
-    return profile, mapping
+        path = Path(str(v.hw_path))
+        return load_profile(path), yaml.safe_load(path.read_text())
+    return hw_profile(cfg), OmegaConf.to_container(cfg.hw, resolve=True)
 
 
 def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = print
@@ -139,10 +140,6 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
         scale = float(entry.get("scale", v.scale))
         log(f"== {tname}: {len(trace)} requests, {trace.num_tokens} tokens; {card.name} at "
             f"scale {scale:g} ({card.expert_bytes / 2**20:.3f} MiB per expert)")
-        profile, mapping = _profile(cfg, v, card, trace, outdir, log)
-        (outdir / f"profile_{tname}.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
-        link, compute = profile.expert_link(), profile.compute_model(card)
-        engines = int(link.copy_engines)
         dense_before = dense_layers_before(trace.meta.moe_layers, card.num_layers)
         total = trace.meta.num_moe_layers * trace.meta.num_experts
         batch = int(entry.get("batch", v.batch))
@@ -165,8 +162,16 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                         "cache.slots": slots, "batch": batch, "warmup_tokens": warmup,
                         "model.name": full.name, "scale": scale,
                         "dtype": str(v.dtype), "expert_bytes": card.expert_bytes,
-                        "hw.name": profile.name, "trace.requests": len(trace),
+                        "trace.requests": len(trace),
                         "trace.tokens": trace.num_tokens}
+                profile, mapping = _profile_now(cfg, v, card, trace, log, seed=cid)
+                (outdir / f"profile_{cid:02d}.yaml").write_text(
+                    yaml.safe_dump(mapping, sort_keys=False))
+                link, compute = profile.expert_link(), profile.compute_model(card)
+                engines = int(link.copy_engines)
+                base["hw.name"] = profile.name
+                base["profile.read_s"] = float(link.transfer_time(card.expert_bytes))
+                base["profile.expert_s"] = float(compute.expert_time(1))
                 sim = simulate(trace, pcfg, link=link, compute=compute, **common)
                 rows.append({**base, "source": "sim", "repeat": 0, **sim.summary})
                 layers.append(sim.per_layer.assign(config_id=cid, source="sim", repeat=0))
@@ -217,6 +222,8 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{short}_real_max_s"] = float(vals.max())
             row[f"{short}_err_pct"] = _err(float(sim[metric]), med)
             row[f"{short}_abs_err_pct"] = abs(row[f"{short}_err_pct"])
+        row["profile_read_s"] = float(sim["profile.read_s"])
+        row["profile_expert_s"] = float(sim["profile.expert_s"])
         row["tpot_real_spread_pct"] = (
             (row["tpot_real_max_s"] - row["tpot_real_min_s"]) / row["tpot_real_s"] * 100)
         for k in COUNTS:

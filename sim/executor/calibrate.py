@@ -31,7 +31,7 @@ from traces.model_card import ModelCard
 @dataclass(frozen=True)
 class CalibrationOptions:
     reads: int = 48  # expert reads per reader
-    reps: int = 24  # timed calls per compute point
+    reps: int = 60  # timed calls per compute point
     tokens: tuple[int, ...] = (1, 2, 4, 8)
     contexts: tuple[int, ...] = (1, 8, 32, 128, 512)
     copy_engines: int = 1
@@ -39,12 +39,16 @@ class CalibrationOptions:
     direct_io: bool | None = None
     work_dir: str | None = None
     weights_seed: int = 0
+    read_seed: int = 0  # which experts the read timing picks
     slots: int = 32  # distinct experts the FFN timing cycles through
 
 
-def _median_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
-    """Median seconds of ``fn(i)`` over ``reps`` calls, i cycling over ``cycle`` weight sets
-    (after one untimed pass)."""
+def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
+    """Mean seconds of ``fn(i)`` over ``reps`` calls, i cycling over ``cycle`` weight sets
+    (after one untimed pass). The mean, not the median: a run's time is the *sum* of its
+    calls, and on a shared machine the distribution has a long tail (preemption) that the
+    median drops; in-run medians matched these microbenchmarks' medians while in-run means
+    were 60-80 % higher (provisional, load ~4.5 on 2 cores)."""
     for i in range(min(cycle, reps)):
         fn(i)
     times = []
@@ -52,7 +56,7 @@ def _median_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
         t0 = time.perf_counter()
         fn(r % cycle)
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.mean(times))
 
 
 def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, reads: int,
@@ -77,6 +81,49 @@ def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, rea
     for t in threads:
         t.join()
     return [x for xs in out for x in xs]
+
+
+@dataclass(frozen=True)
+class ReadTimes:
+    """Seconds per expert read with ``readers`` readers at once."""
+
+    mean_s: float  # what the link model uses (transfer times add up)
+    median_s: float
+    p10_s: float
+    p90_s: float
+    reads: int
+    readers: int
+    direct_io: bool
+    at: str  # UTC time of the measurement
+
+
+def measure_reads(card: ModelCard, opts: CalibrationOptions, seed: int = 0) -> ReadTimes:
+    """Time ``opts.reads`` random expert reads per reader through the executor's read path
+    (cheap enough to repeat right before each validated config: the disk drifts)."""
+    layout = ExpertLayout.of(card)
+    work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
+    path = ensure_weights(work, card.name, layout, opts.weights_seed)
+    backend = StorageBackend(path, layout, max(opts.copy_engines, 1), opts.direct_io)
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        t = _read_times(backend, layout, opts.copy_engines, opts.reads, seed)
+    finally:
+        backend.close()
+    p10, p50, p90 = (float(x) for x in np.percentile(t, [10, 50, 90]))
+    return ReadTimes(float(np.mean(t)), p50, p10, p90, len(t), opts.copy_engines,
+                     backend.direct_io, at)
+
+
+def with_reads(mapping: dict[str, Any], card: ModelCard, reads: ReadTimes) -> dict[str, Any]:
+    """The profile mapping with its storage bandwidth from ``reads`` (expert bytes / mean)."""
+    out = {**mapping, "storage": dict(mapping["storage"]),
+           "machine": {**mapping.get("machine", {}), "read_median_s": reads.median_s,
+                       "read_p10_s": reads.p10_s, "read_p90_s": reads.p90_s}}
+    out["storage"]["peak_bandwidth_Bps"] = _q(
+        float(f"{card.expert_bytes / reads.mean_s:.6g}"),
+        f"sim.executor.calibrate at {reads.at}: expert bytes / mean of {reads.reads} reads "
+        f"with {reads.readers} reader(s)")
+    return out
 
 
 def _q(value: Any, source: str, kind: str = "measured") -> dict[str, Any]:
@@ -105,12 +152,10 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
     src = (f"sim.executor.calibrate on {platform.node()} at "
            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     try:
-        t_read = _read_times(backend, layout, opts.copy_engines, opts.reads, opts.weights_seed)
-        read_s = float(np.median(t_read))
-        p10, p90 = (float(x) for x in np.percentile(t_read, [10, 90]))
+        reads = measure_reads(card, opts, opts.read_seed)
         log(f"calibrate: expert read {layout.stride} B with {opts.copy_engines} reader(s): "
-            f"median {read_s * 1e3:.3f} ms (p10 {p10 * 1e3:.3f}, p90 {p90 * 1e3:.3f}), "
-            f"O_DIRECT {backend.direct_io}")
+            f"mean {reads.mean_s * 1e3:.3f} ms, median {reads.median_s * 1e3:.3f} (p10 "
+            f"{reads.p10_s * 1e3:.3f}, p90 {reads.p90_s * 1e3:.3f}), O_DIRECT {reads.direct_io}")
         for s in range(slots):
             backend.load(s % layout.num_keys, s)
         ctx_max = max(opts.contexts)
@@ -118,23 +163,23 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                             seed=opts.weights_seed + 1)
         reps, nl = opts.reps, num_layers
         with torch.inference_mode():
-            expert = [(n, _median_call(lambda i, n=n: comp.expert(backend.weights(i), n), reps,
+            expert = [(n, _mean_call(lambda i, n=n: comp.expert(backend.weights(i), n), reps,
                                        slots)) for n in opts.tokens]
-            attn = [(c, _median_call(lambda i, c=c: comp.attention_only(i, 1, c), reps, nl))
+            attn = [(c, _mean_call(lambda i, c=c: comp.attention_only(i, 1, c), reps, nl))
                     for c in opts.contexts]
-            router = [(n, _median_call(lambda i, n=n: comp.router(i, n), reps, nl))
+            router = [(n, _mean_call(lambda i, n=n: comp.router(i, n), reps, nl))
                       for n in opts.tokens]
-            shared = [(n, _median_call(lambda i, n=n: comp.shared(i, n), reps, nl))
+            shared = [(n, _mean_call(lambda i, n=n: comp.shared(i, n), reps, nl))
                       for n in opts.tokens] if card.shared_intermediate_size else []
             ref_ctx = opts.contexts[len(opts.contexts) // 2]
-            dense = [(n, _median_call(lambda i, n=n: comp.dense_layer(i, n, ref_ctx), reps,
+            dense = [(n, _mean_call(lambda i, n=n: comp.dense_layer(i, n, ref_ctx), reps,
                                       max(dense_layers, 1)))
                      for n in opts.tokens] if dense_layers else []
             n = 1 << 22  # memory bandwidth: a 16 MiB fp32 copy; flops: a 512^3 matmul
             a, b = torch.randn(n), torch.empty(n)
-            bw = 8 * n / _median_call(lambda i: b.copy_(a), 10, 1)
+            bw = 8 * n / _mean_call(lambda i: b.copy_(a), 10, 1)
             m = torch.randn(512, 512)
-            flops = 2 * 512**3 / _median_call(lambda i: m @ m, 10, 1)
+            flops = 2 * 512**3 / _mean_call(lambda i: m @ m, 10, 1)
     finally:
         backend.close()
     log(f"calibrate: expert FFN {expert[0][1] * 1e6:.1f} us at 1 token, attention "
@@ -152,7 +197,7 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
         table["dense_layer_s"] = _series(dense, src + f": dense layer at context {ref_ctx}")
         table["attention_context"] = _q(ref_ctx, "context of dense_layer_s", "measured")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {
+    return with_reads({
         "name": name,
         "device": f"{platform.machine()} CPU x{os.cpu_count()} (executor backend storage)",
         "description": f"measured by sim.executor.calibrate for {card.name}",
@@ -167,9 +212,7 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
             "medium": "file (O_DIRECT)" if backend.direct_io else "file (buffered)",
             "copy_engines": _q(opts.copy_engines, "the executor's copy workers (setting)",
                                "estimate"),
-            "peak_bandwidth_Bps": _q(float(f"{card.expert_bytes / read_s:.6g}"),
-                                     src + f": expert bytes / median read of "
-                                     f"{len(t_read)} reads of {layout.stride} B"),
+            "peak_bandwidth_Bps": None,  # set by with_reads
             "latency_s": _q(0.0, "included in the bandwidth (measured at the expert size)"),
         },
         "compute": {
@@ -178,6 +221,5 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
             "measured": {card.name: table},
         },
         "machine": {"platform": platform.platform(), "torch": str(torch.__version__),
-                    "torch_threads": opts.threads, "direct_io": backend.direct_io,
-                    "read_p10_s": p10, "read_p90_s": p90},
-    }
+                    "torch_threads": opts.threads, "direct_io": reads.direct_io},
+    }, card, reads)

@@ -375,6 +375,7 @@ class Executor:
                     self._pump()
                 clock.tick()
                 kinds = self.plan._access(keys, j, counting)  # the simulator's rules
+                copier.flush()  # the layer's demand copies start together
                 clock.position = base + width - 1
                 if hook_issued:
                     clock.tick()

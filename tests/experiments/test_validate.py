@@ -71,7 +71,8 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     assert real["expert_bytes"].nunique() == 1
     assert (summary["expert_bytes"] == real["expert_bytes"].iloc[0]).all()
     assert len(table) == 2 and (out / "validation.parquet").is_file()
-    assert (out / "profile_tiny.yaml").is_file()
+    profiles = sorted(p.name for p in out.glob("profile_*.yaml"))
+    assert profiles == ["profile_00.yaml", "profile_01.yaml"]
     lru = table[table["policy.label"] == "lru"].iloc[0]
     assert lru["counts_equal"]  # demand-only: the same hits and misses
     for _, r in table.iterrows():
