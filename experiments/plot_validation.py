@@ -14,6 +14,9 @@ Two layouts of ``validation.parquet`` are accepted (column names are matched fro
 * wide, one row per config: ``policy``, ``capacity``, ``trace`` and per metric ``sim_<m>``,
   ``real_<m>`` (the median of the repeats) and optionally ``real_<m>_min``/``_max`` (or
   ``_p10``/``_p90``, ``_lo``/``_hi``) or a symmetric ``real_<m>_std``;
+* experiments/validate.py's own columns: ``policy.label``, ``cache.fraction``, ``trace.name``,
+  ``tpot_sim_s``, ``tpot_real_s``, ``tpot_real_min_s``, ``tpot_real_max_s`` and the same with
+  ``stall_``;
 * long, one row per run: a ``source`` column (``sim`` | ``real``), the config columns and the
   metric ``<m>`` itself; the median and min/max of the real repeats are taken here.
 
@@ -41,8 +44,10 @@ METRICS: dict[str, tuple[str, ...]] = {
     "time per token": ("time_per_output_token_s", "time_per_token_s"),
     "stall per token": ("stall_per_output_token_s", "stall_per_token_s"),
 }
+# experiments/validate.py's short spelling: <short>_sim_s, <short>_real_s, <short>_real_min_s
+SHORT: dict[str, str] = {"time per token": "tpot", "stall per token": "stall"}
 ALIASES: dict[str, tuple[str, ...]] = {
-    "policy": ("policy", "policy.name"),
+    "policy": ("policy.label", "policy", "policy.name"),
     "capacity": ("capacity", "cache.slots", "cache.experts", "cache.capacity_fraction",
                  "cache.fraction"),
     "trace": ("trace", "trace.name"),
@@ -88,17 +93,18 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
         return _tidy_long(df, keys)
     found = False
     for label, names in METRICS.items():
-        pred = _first(df, [p + n for n in names for p in PRED_PREFIX])
+        short = SHORT[label]
+        pred = _first(df, [p + n for n in names for p in PRED_PREFIX] + [f"{short}_sim_s"])
         real = _first(df, [p + n + s for n in names for p in REAL_PREFIX
-                           for s in ("", "_median")])
+                           for s in ("", "_median")] + [f"{short}_real_s"])
         if pred is None or real is None:
             continue
         found = True
         out[f"{label}|pred"] = df[pred].astype(float)
         out[f"{label}|real"] = df[real].astype(float)
         base = real.removesuffix("_median")
-        lo = _first(df, [base + s for s in LO_SUFFIX])
-        hi = _first(df, [base + s for s in HI_SUFFIX])
+        lo = _first(df, [base + s for s in LO_SUFFIX] + [f"{short}_real_min_s"])
+        hi = _first(df, [base + s for s in HI_SUFFIX] + [f"{short}_real_max_s"])
         std = _first(df, [base + "_std", base + "_spread"])
         if lo is not None and hi is not None:
             out[f"{label}|lo"] = df[lo].astype(float)

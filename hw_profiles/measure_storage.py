@@ -82,7 +82,7 @@ class StorageOptions:
     sizes: tuple[int, ...]
     readers: tuple[int, ...] = (1, 2, 4)
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    contexts: tuple[int, ...] = (1, 256, 1024, 4096)
+    contexts: tuple[int, ...] = (1, 64, 256, 1024, 4096)
     engines_tolerance: float = 0.20  # more readers only if they add more than this
     rounds: int = 7  # storage rounds, interleaved: each round visits every size / reader count
     progress: bool = True
@@ -803,7 +803,7 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--max-bytes", type=int, default=256 * 2**20)
     s.add_argument("--readers", type=int, nargs="+", default=[1, 2, 4])
     s.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    s.add_argument("--contexts", type=int, nargs="+", default=[1, 256, 1024, 4096])
+    s.add_argument("--contexts", type=int, nargs="+", default=[1, 64, 256, 1024, 4096])
     s.add_argument("--torch-threads", type=int, default=1,
                    help="torch threads while timing compute; the executor must use the same")
     s.add_argument("--rounds", type=int, default=7, help="rounds per point (median, spread)")

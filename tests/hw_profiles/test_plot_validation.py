@@ -89,3 +89,24 @@ def test_missing_or_unusable_table_is_a_message(tmp_path: Path,
         tidy(pd.DataFrame({"sim_time_per_output_token_s": [1.0]}))
     with pytest.raises(ValueError, match="nothing to plot"):
         plot_validation(pd.DataFrame({"policy": ["lru"]}), tmp_path)
+
+
+def test_validate_py_columns_are_read(tmp_path: Path) -> None:
+    """The columns experiments/validate.py writes (policy.label tells two oracle points apart)."""
+    df = pd.DataFrame({
+        "config_id": [0, 1, 2], "trace.name": ["embedded"] * 3,
+        "policy.label": ["lru", "oracle_prefetch@pre_attention", "oracle_prefetch@demand"],
+        "cache.fraction": [0.1, 0.1, 0.25], "cache.slots": [10, 10, 24],
+        "tpot_sim_s": [0.011, 0.009, 0.010], "tpot_real_s": [0.010, 0.010, 0.010],
+        "tpot_real_min_s": [0.009, 0.0095, 0.0099], "tpot_real_max_s": [0.012, 0.011, 0.0101],
+        "stall_sim_s": [0.004, 0.001, 0.0], "stall_real_s": [0.005, 0.002, 0.0],
+        "stall_real_min_s": [0.004, 0.001, 0.0], "stall_real_max_s": [0.006, 0.003, 0.0],
+    })
+    df.to_parquet(tmp_path / "validation.parquet")
+    t = tidy(df)
+    assert t["policy"].nunique() == 3 and "capacity" in t and "trace" in t
+    err = errors(t)
+    assert err["time per token error"].tolist() == pytest.approx([0.1, -0.1, 0.0])
+    assert err["stall per token error"].tolist()[:2] == pytest.approx([-0.2, -0.5])
+    assert np.isnan(err["stall per token error"].iloc[2])
+    assert main([str(tmp_path)]) == 0
