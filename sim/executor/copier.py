@@ -249,6 +249,11 @@ class Copier:
                 raise SimulationError("copies did not finish in time")
             self.drain(timeout=min(left, 1.0))
 
+    @property
+    def copies(self) -> int:
+        """Copies finished and drained (warm-up steps included, as ``busy``)."""
+        return self._arrivals
+
     def busy_until(self, end: float) -> float:
         """Busy time of all finished copies (the metrics' link interface)."""
         return self.busy

@@ -315,6 +315,9 @@ class Executor:
             "executor.compute_s": self.compute_s,
             "executor.overhead_s": c.time - self.compute_s - stall,
             "executor.waits": self.waits,
+            "executor.copies": self.copier.copies,
+            "executor.copy_mean_s": self.copier.busy / self.copier.copies
+            if self.copier.copies else float("nan"),
             "executor.handoff_s": self.handoff_s,
             "executor.step_p50_s": float(np.median(self.step_times)) if self.step_times
             else float("nan"),

@@ -63,14 +63,22 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     summary = pd.read_parquet(out / "summary.parquet")
     per_layer = pd.read_parquet(out / "per_layer.parquet")
     assert sorted(summary["source"].unique()) == ["real", "sim"]
-    assert len(summary) == 2 * (1 + 2)  # two configs: one sim and two real rows each
+    sims = summary[summary["source"] == "sim"]
+    # per config: one prediction before, and per real run one with the reads timed around it
+    # plus the in-run-link diagnostic
+    assert sims.groupby("config_id")["prediction"].value_counts().to_dict() == {
+        (c, k): n for c in (0, 1) for k, n in (("before", 1), ("bracketed", 2),
+                                                ("inrun_link", 2))}
+    assert len(summary) == 2 * (5 + 2)
     assert set(per_layer["source"]) == {"real", "sim"}
     assert len(per_layer) == len(summary) * 6
     real = summary[summary["source"] == "real"]
     assert (real["executor.backend"] == "storage").all() and (real["scale"] == 0.5).all()
     assert real["expert_bytes"].nunique() == 1
+    assert (real["read_before_s"] > 0).all() and (real["read_after_s"] > 0).all()
     assert (summary["expert_bytes"] == real["expert_bytes"].iloc[0]).all()
     assert len(table) == 2 and (out / "validation.parquet").is_file()
+    assert (table["prediction"] == "bracketed").all()
     profiles = sorted(p.name for p in out.glob("profile_*.yaml"))
     assert profiles == ["profile_00.yaml", "profile_01.yaml"]
     lru = table[table["policy.label"] == "lru"].iloc[0]
