@@ -13,6 +13,8 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from omegaconf import OmegaConf
 
@@ -46,12 +48,40 @@ register_resolvers()
 _WATCHDOG = "moesim-parent-watchdog"
 
 
+@contextmanager
+def sweep_workers_die_with_parent() -> Iterator[None]:
+    """Around a Hydra app's main: joblib sweep workers (loky) run :func:`exit_with_parent` as
+    their initializer, so they watch the sweep's process from their start (a worker still
+    idle when the parent dies would otherwise wait minutes for loky's idle timeout).
+
+    Hydra's joblib launcher names the backend "loky" itself, with no way to pass an
+    initializer, so for the app's lifetime "loky" names a subclass that adds one; the stock
+    backend is restored on exit.
+    """
+    from joblib import parallel
+    from joblib._parallel_backends import LokyBackend
+
+    class _Backend(LokyBackend):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs.setdefault("initializer", exit_with_parent)
+            super().__init__(*args, **kwargs)
+
+    stock = parallel.BACKENDS.get("loky")
+    parallel.register_parallel_backend("loky", _Backend)
+    try:
+        yield
+    finally:
+        if stock is not None:
+            parallel.BACKENDS["loky"] = stock
+
+
 def exit_with_parent(poll_s: float = 0.5) -> None:
     """In a sweep worker: end this process when the process that started it is gone.
 
     Killing a joblib sweep's parent (SIGKILL, an OOM kill, a closed terminal) leaves its loky
-    workers running jobs nobody will collect; a daemon thread notices the re-parenting and
-    ends the worker. Started once per process; a no-op in the main process of a plain run.
+    workers running jobs nobody will collect (and loky's resource trackers, which wait for
+    them); a daemon thread notices the re-parenting and ends the worker. Started once per
+    process.
     """
     if any(t.name == _WATCHDOG for t in threading.enumerate()):
         return

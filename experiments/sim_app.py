@@ -28,7 +28,7 @@ from experiments.inputs import (
     trace_file,
     with_card_bytes,
 )
-from experiments.paths import exit_with_parent
+from experiments.paths import sweep_workers_die_with_parent
 from experiments.schema import check as check_config
 from experiments.schema import check_warmup
 from hw_profiles import ProfileError
@@ -256,10 +256,7 @@ def run_lock(outdir: Path):
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    hc = HydraConfig.get()
-    if "joblib" in str(hc.launcher.get("_target_", "")):
-        exit_with_parent()  # a killed sweep must not leave its workers running
-    outdir = Path(hc.runtime.output_dir)
+    outdir = Path(HydraConfig.get().runtime.output_dir)
     with run_lock(outdir):
         return _run_in(outdir, cfg)
 
@@ -294,7 +291,8 @@ def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
 
 def main() -> None:
     register_configs()
-    _hydra_main()
+    with sweep_workers_die_with_parent():  # a killed sweep must not leave its workers running
+        _hydra_main()
 
 
 if __name__ == "__main__":

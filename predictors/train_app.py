@@ -15,7 +15,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.paths import register_resolvers
+from experiments.paths import register_resolvers, sweep_workers_die_with_parent
 from predictors.data import PredictorError
 from predictors.metrics import format_table
 from predictors.pipeline import RunConfig, RunOutput, run
@@ -114,7 +114,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     register_resolvers()  # ${moesim.dirname:...} in the run and sweep folder names
-    _hydra_main()
+    with sweep_workers_die_with_parent():
+        _hydra_main()
 
 
 if __name__ == "__main__":

@@ -126,6 +126,7 @@ def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
     while time.monotonic() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.2)
     left = [p for p in workers if _alive(p)]
+    cmds = [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]
     for p in left:  # don't leave them to the rest of the suite either
         os.kill(p, signal.SIGKILL)
-    assert not left, f"workers outlived the killed sweep: {left}"
+    assert not left, f"workers outlived the killed sweep: {left} {cmds}"
