@@ -8,9 +8,9 @@ every metric) and ``per_layer.parquet`` into the run directory, atomically.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from experiments.inputs import (
     with_card_bytes,
 )
 from experiments.paths import sweep_workers_die_with_parent
+from experiments.provenance import package_version, provenance
 from experiments.schema import check as check_config
 from experiments.schema import check_warmup
 from hw_profiles import ProfileError
@@ -206,13 +207,6 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-def package_version() -> str:
-    try:
-        return importlib.metadata.version("moesim")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def input_digest(cfg: DictConfig) -> str:
     """Content hash of the run's trace file and of a prediction table given as a file, so a
     trace rewritten at the same path is never mistaken for a finished run (a
@@ -277,12 +271,14 @@ def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
         print(f"already done ({digest}): {outdir}")
         return float(done["hit_rate"].iloc[0])
     (outdir / "summary.parquet").unlink(missing_ok=True)  # another config's: never mix outputs
+    wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
         result, row = run(cfg)
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     row["config_hash"] = digest
+    row.update(provenance(time.perf_counter() - wall0, time.process_time() - cpu0))
     write_outputs(result, row, outdir)
     print(format_summary(row, result.summary))
     print(f"  results: {outdir}")
