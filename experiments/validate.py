@@ -157,11 +157,17 @@ class _Bracket:
         return measure_reads(self.card, opts, self.seed).mean_s
 
 
-def _with_read_time(mapping: dict[str, Any], card: Any, read_s: float) -> Any:
+def _with_read_time(mapping: dict[str, Any], card: Any, read_s: float,
+                    no_latency: bool = False) -> Any:
+    """The profile's link with the bracketing reads' mean time (and, for the before/after
+    comparison of the hand-off term, without its per-copy latency)."""
     from sim.executor.calibrate import ReadTimes, with_reads
 
     reads = ReadTimes(read_s, read_s, read_s, read_s, 0, 1, True, "bracket")
     fresh = with_reads(mapping, card, reads)
+    if no_latency:
+        fresh["storage"]["latency_s"] = {"value": 0.0, "kind": "estimate",
+                                         "source": "left out (comparison run)"}
     return profile_from_mapping(fresh, name=fresh["name"], allow_bare=False).expert_link()
 
 
@@ -235,12 +241,16 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                     layers.append(real.per_layer.assign(config_id=cid, source="real",
                                                         prediction="", repeat=r))
                     if read_before == read_before:  # calibrating: reads timed around the run
-                        _predict(_with_read_time(mapping, card, (read_before + read_after) / 2),
-                                 "bracketed", r, ctx, rows, layers)
+                        read_s = (read_before + read_after) / 2
+                        _predict(_with_read_time(mapping, card, read_s), "bracketed", r, ctx,
+                                 rows, layers)
+                        _predict(_with_read_time(mapping, card, read_s, no_latency=True),
+                                 "bracketed_no_handoff", r, ctx, rows, layers)
                     copy_s = float(real.summary["executor.copy_mean_s"])
                     if copy_s == copy_s:  # diagnostic: the run's own copy time (not a prediction)
-                        _predict(FixedLink(copy_s, math.inf, engines), "inrun_link", r, ctx,
-                                 rows, layers)
+                        lat = float(link.latency_s) if hasattr(link, "latency_s") else 0.0
+                        _predict(FixedLink(copy_s + lat, math.inf, engines), "inrun_link", r,
+                                 ctx, rows, layers)
                 log(f"  [{cid:2d}] {label:40s} cap {float(frac):.2f}: time/token predicted "
                     f"{before['time_per_output_token_s'] * 1e3:8.3f} ms, real "
                     f"{last_real['time_per_output_token_s'] * 1e3:8.3f} ms  "
@@ -274,7 +284,8 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
     for _, g in summary.groupby("config_id", sort=True):
         sims = g[g["source"] == "sim"]
         real = g[g["source"] == "real"]
-        by = {k: sims[sims["prediction"] == k] for k in ("before", "bracketed", "inrun_link")}
+        by = {k: sims[sims["prediction"] == k]
+              for k in ("before", "bracketed", "bracketed_no_handoff", "inrun_link")}
         head = "bracketed" if len(by["bracketed"]) else "before"
         first = by["before"].iloc[0]
         row: dict[str, Any] = {k: first[k] for k in keys}
@@ -290,7 +301,7 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{short}_real_max_s"] = float(vals.max())
             row[f"{short}_err_pct"] = _err(pred, med)
             row[f"{short}_abs_err_pct"] = abs(row[f"{short}_err_pct"])
-            for k in ("before", "inrun_link"):
+            for k in ("before", "bracketed_no_handoff", "inrun_link"):
                 if len(by[k]):
                     row[f"{short}_err_{k}_pct"] = _err(float(by[k][metric].median()), med)
         row["tpot_real_spread_pct"] = (

@@ -1,5 +1,10 @@
 """Microbenchmarks of this machine with the executor's own read path and ops -> a profile.
 
+Means, not medians: a run's time is the *sum* of its calls and copies, and on a shared machine
+their distributions have long tails (preemption) that a median drops; in-run medians matched
+these microbenchmarks' medians while in-run means were 60-80 % higher (provisional, load ~4.5
+on 2 cores).
+
 Profile first, predict after: these time single operations in isolation (one expert read, one
 expert FFN, one stand-in attention, ...) and never an end-to-end run, so a validation that
 predicts executor runs from this profile is not fitted to them. Each op cycles through as
@@ -31,7 +36,8 @@ from traces.model_card import ModelCard
 @dataclass(frozen=True)
 class CalibrationOptions:
     reads: int = 48  # expert reads per reader
-    reps: int = 60  # timed calls per compute point
+    reps: int = 100  # timed rounds (one call of every compute point each) at least ...
+    min_seconds: float = 1.0  # ... and for at least this long
     tokens: tuple[int, ...] = (1, 2, 4, 8)
     contexts: tuple[int, ...] = (1, 8, 32, 128, 512)
     copy_engines: int = 1
@@ -41,14 +47,12 @@ class CalibrationOptions:
     weights_seed: int = 0
     read_seed: int = 0  # which experts the read timing picks
     slots: int = 32  # distinct experts the FFN timing cycles through
+    handoff: bool = True  # profile the copy hand-off into the per-copy latency
 
 
 def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
     """Mean seconds of ``fn(i)`` over ``reps`` calls, i cycling over ``cycle`` weight sets
-    (after one untimed pass). The mean, not the median: a run's time is the *sum* of its
-    calls, and on a shared machine the distribution has a long tail (preemption) that the
-    median drops; in-run medians matched these microbenchmarks' medians while in-run means
-    were 60-80 % higher (provisional, load ~4.5 on 2 cores)."""
+    (after one untimed pass)."""
     for i in range(min(cycle, reps)):
         fn(i)
     times = []
@@ -57,6 +61,28 @@ def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
         fn(r % cycle)
         times.append(time.perf_counter() - t0)
     return float(np.mean(times))
+
+
+def _interleaved_means(jobs: Sequence[tuple[str, int, Callable[[int], None], int]],
+                       reps: int, min_seconds: float) -> dict[tuple[str, int], float]:
+    """Mean seconds per call of every job, timed round-robin (one call of each job per round,
+    each cycling through its weight sets) for at least ``reps`` rounds and ``min_seconds``:
+    all ops sample the same stretch of a shared machine's load, long enough that a burst of
+    it moves every mean alike instead of one op's."""
+    for _, _, fn, cycle in jobs:  # one untimed pass over every weight set
+        for i in range(cycle):
+            fn(i)
+    sums = [0.0] * len(jobs)
+    rounds = 0
+    start = time.perf_counter()
+    perf = time.perf_counter
+    while rounds < reps or perf() - start < min_seconds:
+        for j, (_, _, fn, cycle) in enumerate(jobs):
+            t0 = perf()
+            fn(rounds % cycle)
+            sums[j] += perf() - t0
+        rounds += 1
+    return {(k, x): sums[j] / rounds for j, (k, x, _, _) in enumerate(jobs)}
 
 
 def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, reads: int,
@@ -114,8 +140,49 @@ def measure_reads(card: ModelCard, opts: CalibrationOptions, seed: int = 0) -> R
                      backend.direct_io, at)
 
 
-def with_reads(mapping: dict[str, Any], card: ModelCard, reads: ReadTimes) -> dict[str, Any]:
-    """The profile mapping with its storage bandwidth from ``reads`` (expert bytes / mean)."""
+def measure_handoff(card: ModelCard, opts: CalibrationOptions, seed: int = 0,
+                    copies: int = 48) -> float:
+    """Mean seconds from a copy worker finishing a read to the compute thread, blocked
+    waiting for it, running again: the executor's copier and read path, one demand copy at a
+    time, nothing else. A thread hand-off the simulator's link has no term for unless the
+    profile's per-copy latency carries it (on a loaded 2-core machine it was 40-140 us, a
+    third of a 0.4 ms read)."""
+    from policies.base import ModelShape, PolicySetup
+    from policies.lru import LRU
+    from sim.executor.clock import WallClock
+    from sim.executor.copier import Copier
+    from sim.executor.slots import SlottedCache
+
+    layout = ExpertLayout.of(card)
+    work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
+    path = ensure_weights(work, card.name, layout, opts.weights_seed)
+    shape = ModelShape(card.num_moe_layers, card.num_experts, card.top_k, card.expert_bytes)
+    cap = 2
+    ev = LRU(PolicySetup(shape, cap, WallClock(), np.random.default_rng(seed)))
+    cache = SlottedCache(card.num_experts, [0] * card.num_moe_layers, [cap], [ev])
+    backend = StorageBackend(path, layout, cap, opts.direct_io)
+    copier = Copier(backend.load, 1, cache, cache.pool.slot_of, time.perf_counter)
+    rng = np.random.default_rng(seed)
+    lags = []
+    try:
+        for key in rng.permutation(layout.num_keys)[: copies + 2].tolist():
+            if not cache.reserve(key, prefetch=False):
+                raise RuntimeError("handoff benchmark: no slot")
+            copier.submit_demand(key)
+            copier.drain(None)  # blocks until the worker reports the copy
+            lags.append(time.perf_counter() - copier.finished_at[key])
+            for k in [k for k in cache.pool.held() if k != key]:
+                cache.evict(k)
+    finally:
+        copier.close()
+        backend.close()
+    return float(np.mean(lags[2:]))
+
+
+def with_reads(mapping: dict[str, Any], card: ModelCard, reads: ReadTimes,
+               handoff_s: float | None = None) -> dict[str, Any]:
+    """The profile mapping with its storage bandwidth from ``reads`` (expert bytes / mean) and,
+    if given, the copy hand-off (``measure_handoff``) as the per-copy latency."""
     out = {**mapping, "storage": dict(mapping["storage"]),
            "machine": {**mapping.get("machine", {}), "read_median_s": reads.median_s,
                        "read_p10_s": reads.p10_s, "read_p90_s": reads.p90_s}}
@@ -123,6 +190,11 @@ def with_reads(mapping: dict[str, Any], card: ModelCard, reads: ReadTimes) -> di
         float(f"{card.expert_bytes / reads.mean_s:.6g}"),
         f"sim.executor.calibrate at {reads.at}: expert bytes / mean of {reads.reads} reads "
         f"with {reads.readers} reader(s)")
+    if handoff_s is not None:
+        out["storage"]["latency_s"] = _q(
+            float(f"{handoff_s:.6g}"),
+            f"sim.executor.calibrate.measure_handoff at {reads.at}: mean time from a copy "
+            "worker finishing a read to the waiting compute thread running again")
     return out
 
 
@@ -156,25 +228,32 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
         log(f"calibrate: expert read {layout.stride} B with {opts.copy_engines} reader(s): "
             f"mean {reads.mean_s * 1e3:.3f} ms, median {reads.median_s * 1e3:.3f} (p10 "
             f"{reads.p10_s * 1e3:.3f}, p90 {reads.p90_s * 1e3:.3f}), O_DIRECT {reads.direct_io}")
+        handoff = measure_handoff(card, opts, opts.read_seed) if opts.handoff else None
+        if handoff is not None:
+            log(f"calibrate: copy hand-off {handoff * 1e6:.1f} us")
         for s in range(slots):
             backend.load(s % layout.num_keys, s)
         ctx_max = max(opts.contexts)
         comp = TorchCompute(card, num_layers, ctx_max, max(opts.tokens), dense_layers,
                             seed=opts.weights_seed + 1)
-        reps, nl = opts.reps, num_layers
+        nl = num_layers
+        ref_ctx = opts.contexts[len(opts.contexts) // 2]
+        jobs: list[tuple[str, int, Callable[[int], None], int]] = []
+        for n in opts.tokens:
+            jobs.append(("expert", n, lambda i, n=n: comp.expert(backend.weights(i), n), slots))
+            jobs.append(("router", n, lambda i, n=n: comp.router(i, n), nl))
+            if card.shared_intermediate_size:
+                jobs.append(("shared", n, lambda i, n=n: comp.shared(i, n), nl))
+            if dense_layers:
+                jobs.append(("dense", n, lambda i, n=n: comp.dense_layer(i, n, ref_ctx),
+                             dense_layers))
+        for c in opts.contexts:
+            jobs.append(("attention", c, lambda i, c=c: comp.attention_only(i, 1, c), nl))
         with torch.inference_mode():
-            expert = [(n, _mean_call(lambda i, n=n: comp.expert(backend.weights(i), n), reps,
-                                       slots)) for n in opts.tokens]
-            attn = [(c, _mean_call(lambda i, c=c: comp.attention_only(i, 1, c), reps, nl))
-                    for c in opts.contexts]
-            router = [(n, _mean_call(lambda i, n=n: comp.router(i, n), reps, nl))
-                      for n in opts.tokens]
-            shared = [(n, _mean_call(lambda i, n=n: comp.shared(i, n), reps, nl))
-                      for n in opts.tokens] if card.shared_intermediate_size else []
-            ref_ctx = opts.contexts[len(opts.contexts) // 2]
-            dense = [(n, _mean_call(lambda i, n=n: comp.dense_layer(i, n, ref_ctx), reps,
-                                      max(dense_layers, 1)))
-                     for n in opts.tokens] if dense_layers else []
+            means = _interleaved_means(jobs, opts.reps, opts.min_seconds)
+            expert, attn, router, shared, dense = (
+                [(x, means[(k, x)]) for k2, x, _, _ in jobs if k2 == k]
+                for k in ("expert", "attention", "router", "shared", "dense"))
             n = 1 << 22  # memory bandwidth: a 16 MiB fp32 copy; flops: a 512^3 matmul
             a, b = torch.randn(n), torch.empty(n)
             bw = 8 * n / _mean_call(lambda i: b.copy_(a), 10, 1)
@@ -222,4 +301,4 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
         },
         "machine": {"platform": platform.platform(), "torch": str(torch.__version__),
                     "torch_threads": opts.threads, "direct_io": reads.direct_io},
-    }, card, reads)
+    }, card, reads, handoff)

@@ -68,8 +68,8 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     # plus the in-run-link diagnostic
     assert sims.groupby("config_id")["prediction"].value_counts().to_dict() == {
         (c, k): n for c in (0, 1) for k, n in (("before", 1), ("bracketed", 2),
-                                                ("inrun_link", 2))}
-    assert len(summary) == 2 * (5 + 2)
+                                                ("bracketed_no_handoff", 2), ("inrun_link", 2))}
+    assert len(summary) == 2 * (7 + 2)
     assert set(per_layer["source"]) == {"real", "sim"}
     assert len(per_layer) == len(summary) * 6
     real = summary[summary["source"] == "real"]
