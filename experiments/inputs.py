@@ -14,7 +14,7 @@ import hw_profiles
 from traces import TraceError, import_trace, load_predictions, load_trace
 from traces.cache import cache_root, entry_lock, sweep_temporaries
 from traces.model_card import ModelCard, card_from_mapping, load_card
-from traces.predictions import read_predictions_meta
+from traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
 from traces.trace import Trace
 
 
@@ -85,19 +85,22 @@ def prediction_file(cfg: DictConfig, trace_path: Path) -> Path | None:
     return side if side.is_file() else None
 
 
-class Predictions(dict):
-    """Per-request prediction arrays plus the table's ``available_at`` tag."""
-
-    available_at: str | None = None
-
-
-def load_run_predictions(cfg: DictConfig, trace: Trace) -> Predictions | None:
-    path = prediction_file(cfg, trace_file(cfg.trace.path, cfg.trace.get("format")))
+def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | None:
+    """The run's prediction table, checked against the trace it is replayed on (identity,
+    layers, ids, width, dtypes; its coverage of the replayed requests is checked when the
+    simulation builds its view, against ``predictions.min_coverage``)."""
+    trace_path = trace_file(cfg.trace.path, cfg.trace.get("format"))
+    path = prediction_file(cfg, trace_path)
     if path is None:
         return None
-    out = Predictions(load_predictions(path, trace.meta.moe_layers))
-    out.available_at = read_predictions_meta(path).get("available_at")
-    return out
+    from predictors.data import file_digest
+
+    node = cfg.get("predictions") or {}
+    return load_predictions(
+        path, trace.meta.moe_layers, trace_meta=trace.meta, trace_path=trace_path,
+        trace_digest=file_digest(trace_path),
+        min_coverage=float(node.get("min_coverage", DEFAULT_MIN_COVERAGE)),
+    )
 
 
 def _table_test_requests(cfg: DictConfig) -> set[int] | None:

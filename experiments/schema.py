@@ -58,6 +58,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("batch", "int", "requests decoded together (continuous batching)", lo=1),
     Opt("warmup_tokens", "int", "first tokens of each request only warm the cache (not counted);"
         " must leave tokens to count", lo=0),
+    Opt("warmup_extra_row", "bool", "MoE-Beyond's warm-up quirk: the first counted token's "
+        "first MoE layer is also accessed once during warm-up (batch 1, decode replay)"),
     Opt("seed", "int", "seed of every random choice (random prefill, tie-breaks)", lo=0),
     Opt("engine", "choice", "auto: the compiled replay where it applies; python: the SimPy "
         "engine always", choices=("auto", "python")),
@@ -77,6 +79,8 @@ OPTIONS: tuple[Opt, ...] = (
         nullable=True, lo=0.0, lo_open=True, hi=1.0),
     Opt("cache.experts", "int", "cache size in expert slots", nullable=True, lo=1),
     Opt("cache.bytes", "int", "cache size in bytes (whole experts)", nullable=True, lo=1),
+    Opt("cache.sizing", "choice", "slots of a cache.fraction: round to nearest, or floor "
+        "(MoE-Beyond's int())", choices=("round", "floor")),
     Opt("cache.partition", "choice", "one global pool, or equal per-layer partitions",
         choices=("global", "per_layer")),
     Opt("cache.pin_layer", "bool", "the computing layer's experts cannot be evicted (false: "

@@ -65,7 +65,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     c = cfg.cache
     capacity = capacity_slots(
         total, card.expert_bytes, fraction=c.get("fraction"), experts=c.get("experts"),
-        nbytes=c.get("bytes"),
+        nbytes=c.get("bytes"), sizing=c.get("sizing", "round"),
     )
     timed = cfg.mode == "timed"
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
@@ -103,6 +103,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         batch=cfg.batch,
         prefill_chunk=cfg.prefill_chunk,
         warmup_tokens=cfg.warmup_tokens,
+        warmup_extra_row=bool(cfg.get("warmup_extra_row", False)),
         seed=cfg.seed,
         record_transfers=bool(cfg.output.transfers) and timed,
         timeline_steps=int(cfg.output.timeline_steps) if timed else 0,
@@ -185,13 +186,16 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
         f"policy {row.get('policy.name')}  mode {row.get('mode')}  hw {row.get('hw.name')}  "
         f"cache {row['cache.slots']} experts ({row['cache.capacity_fraction']:.1%})",
         f"  accesses {s['accesses']:,}  hits {s['hits']:,}  late {s['late_hits']:,}  "
-        f"misses {s['misses']:,}",
+        f"promoted {s['promoted']:,}  misses {s['misses']:,}",
         f"  hit_rate {s['hit_rate']:.4f}  (incl. late {s['hit_rate_incl_late']:.4f})",
         f"  stall_time {ms(s['stall_time_s'])}  time/token {ms(s['time_per_output_token_s'])}  "
         f"stall/token {ms(s['stall_per_output_token_s'])}",
         f"  bytes demand {s['demand_bytes'] / 1e9:.2f} GB  prefetch "
         f"{s['prefetch_bytes'] / 1e9:.2f} GB  wasted {s['wasted_prefetch_bytes'] / 1e9:.2f} GB",
     ]
+    if s.get("prediction_coverage") == s.get("prediction_coverage"):  # not NaN: a table ran
+        lines.append(f"  prediction coverage {s['prediction_coverage']:.1%}  prefetch precision "
+                     f"{s['prefetch_precision']:.3f}  recall {s['prefetch_recall']:.3f}")
     return "\n".join(lines)
 
 

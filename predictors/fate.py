@@ -38,10 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from predictors.data import file_digest
 from predictors.metrics import top1_correct
 from traces.collect.collector import load_routers, routers_path
 from traces.errors import TraceError
-from traces.predictions import PredictionWriter
+from traces.predictions import PredictionWriter, trace_identity
 from traces.store import atomic_path, feature_specs, iter_features, iter_requests, read_meta
 
 AVAILABLE_AT = "routed:prev_layer"
@@ -276,7 +277,8 @@ def run_fate(trace_path: str | Path, out_path: str | Path, width: int | None = N
     acc, own = Accuracy(l_n, k, w), OwnGateCheck(l_n)
     feed = _RowFeed(iter_features(trace_path, FEATURE))
     with atomic_path(out_path) as tmp:
-        writer = PredictionWriter(tmp, meta.moe_layers, available_at=AVAILABLE_AT)
+        writer = PredictionWriter(tmp, meta.moe_layers, available_at=AVAILABLE_AT,
+                                  trace=trace_identity(meta, file_digest(trace_path)))
         try:
             for req in iter_requests(trace_path):
                 recorded = req.experts[:, :, 0] >= 0

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from predictors.baselines import fit_frequency, rank_frequency, rank_recency
-from predictors.data import PredictorError, TraceData, load_data, split_requests
+from predictors.data import PredictorError, TraceData, file_digest, load_data, split_requests
 from predictors.metrics import MetricSpec, evaluate
-from traces.predictions import PredictionWriter
+from traces.predictions import PredictionWriter, trace_identity
 from traces.store import atomic_path
 
 METHODS = ("pre_attention", "speculation", "moe_beyond", "frequency", "recency")
@@ -278,7 +278,8 @@ def write_predictions(
     starts = np.flatnonzero(np.r_[True, rows.request[1:] != rows.request[:-1]])
     ends = np.r_[starts[1:], len(rows)]
     with atomic_path(path) as tmp:
-        pw = PredictionWriter(tmp, meta.moe_layers, available_at=available_at)
+        pw = PredictionWriter(tmp, meta.moe_layers, available_at=available_at,
+                              trace=trace_identity(meta, file_digest(data.path)))
         try:
             for req, a, b in zip(rows.request[starts], starts, ends, strict=True):
                 if int(req) not in wanted:

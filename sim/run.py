@@ -21,16 +21,21 @@ def capacity_slots(
     fraction: float | None = None,
     experts: int | None = None,
     nbytes: int | None = None,
+    sizing: str = "round",
 ) -> int:
     """Cache size in expert slots from exactly one of: a fraction of all routed experts, a
-    number of experts, or a byte budget."""
+    number of experts, or a byte budget. ``sizing`` rounds a fraction to the nearest slot
+    (``round``) or down (``floor``: MoE-Beyond's ``int(1664 * f)``)."""
     given = [x is not None for x in (fraction, experts, nbytes)]
     if sum(given) != 1:
         raise SimulationError("give exactly one of cache.fraction, cache.experts, cache.bytes")
+    if sizing not in ("round", "floor"):
+        raise SimulationError(f"cache.sizing must be 'round' or 'floor', got {sizing!r}")
     if fraction is not None:
         if not 0 < fraction <= 1:
             raise SimulationError(f"cache.fraction must be in (0, 1], got {fraction}")
-        return max(1, round(fraction * total_experts))
+        exact = fraction * total_experts
+        return max(1, int(exact) if sizing == "floor" else round(exact))
     if experts is not None:
         if experts < 1:
             raise SimulationError(f"cache.experts must be >= 1, got {experts}")
@@ -56,6 +61,7 @@ def simulate(
     batch: int = 1,
     prefill_chunk: int = 0,
     warmup_tokens: int = 0,
+    warmup_extra_row: bool = False,
     seed: int = 0,
     record_transfers: bool = False,
     timeline_steps: int = 0,
@@ -71,7 +77,7 @@ def simulate(
         spec = resolve({"name": policy} if isinstance(policy, str) else policy)
     workload = build_workload(
         trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
-        warmup_tokens=warmup_tokens,
+        warmup_tokens=warmup_tokens, warmup_extra_row=warmup_extra_row,
     )
     sim = Simulation(
         workload,

@@ -7,7 +7,6 @@ an independent re-implementation of it, give the hit rates below on their 100 te
 the options are shown to be what closes the gap.
 """
 
-import inspect
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -15,7 +14,6 @@ from hydra import compose, initialize_config_dir
 from experiments.configs import CONF_DIR, register_configs
 from experiments.sim_app import run
 from policies.registry import resolve
-from sim import capacity_slots
 from sim.engine import CacheOptions, RunOptions, Simulation
 from sim.workload import build_workload
 from tests.traces.fixtures import require_shared
@@ -84,8 +82,6 @@ def _run(tmp_path, monkeypatch, *overrides):
 def test_the_experiment_runs_their_protocol(tmp_path, monkeypatch):
     """``experiment=moe_beyond_replay`` turns both quirks on: 20 % is where int() and round()
     give different caches (332 vs 333 slots)."""
-    if "sizing" not in inspect.signature(capacity_slots).parameters:
-        pytest.skip("cache.sizing / warmup_extra_row are not wired into moesim-sim yet")
     s = _run(tmp_path, monkeypatch, "cache.fraction=0.2")
     assert 100 * s["hit_rate"] == pytest.approx(THEIRS["moe_beyond_replay"][0.2], abs=TOL_PP)
     assert s["prediction_coverage"] == pytest.approx(1.0)

@@ -39,7 +39,12 @@ from traces.errors import TraceError
 from traces.importers import ImportResult, register
 from traces.importers._common import card_or_error, check_id_rows, check_widths, meta_from_card
 from traces.importers.provenance import provenance
-from traces.predictions import SAME_LAYER, PredictionWriter
+from traces.predictions import (
+    SAME_LAYER,
+    PredictionWriter,
+    content_digest,
+    trace_identity,
+)
 from traces.store import _write_to, atomic_path
 from traces.trace import PREFILL, RequestRouting
 
@@ -441,6 +446,7 @@ def import_moe_beyond_csv(
                 pw = PredictionWriter(ptmp, meta.moe_layers, available_at=SAME_LAYER)
                 try:
                     summary = _write_to(tmp, meta, requests(pw), None, 1 << 18, display=out)
+                    pw.trace = trace_identity(meta, content_digest(tmp))  # the trace as written
                     pw.close(
                         {
                             "model": meta.model,
