@@ -23,6 +23,7 @@ on the executor. The end-to-end runs are never used to fit anything. Outputs in 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -236,7 +237,7 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                     read_after = bracket.read()
                     last_real = {**base, "source": "real", "prediction": "", "repeat": r,
                                  "read_before_s": read_before, "read_after_s": read_after,
-                                 **real.summary}
+                                 "load_avg_1m": os.getloadavg()[0], **real.summary}
                     rows.append(last_real)
                     layers.append(real.per_layer.assign(config_id=cid, source="real",
                                                         prediction="", repeat=r))
@@ -322,6 +323,7 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
                           ("executor.handoff_s", "handoff")):
             row[f"real_{name}_per_token_s"] = float((real[col] / n).median())
         row["real_waits_per_token"] = float((real["executor.waits"] / n).median())
+        row["load_avg_1m"] = float(real["load_avg_1m"].median())
         row["direct_io"] = bool(real["executor.direct_io"].all())
         out.append(row)
     return pd.DataFrame(out)

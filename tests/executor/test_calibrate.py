@@ -1,0 +1,60 @@
+"""The executor's microbenchmarks produce a strict, loadable profile of this machine."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hw_profiles import profile_from_mapping
+from sim.executor.calibrate import (
+    CalibrationOptions,
+    ReadTimes,
+    calibrate,
+    measure_handoff,
+    measure_reads,
+    with_reads,
+)
+from tests.executor.conftest import small_card
+
+
+@pytest.fixture(scope="module")
+def mapping(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    opts = CalibrationOptions(reads=8, reps=5, min_seconds=0.05, tokens=(1, 2),
+                              contexts=(1, 16), slots=4,
+                              work_dir=str(tmp_path_factory.mktemp("work")))
+    card = replace(small_card(), shared_intermediate_size=32, dense_intermediate_size=96)
+    return calibrate(card, card.num_moe_layers, 1, opts, log=lambda _m: None)
+
+
+def test_calibrated_profile_loads_strictly_and_times_every_op(mapping: dict) -> None:
+    card = replace(small_card(), shared_intermediate_size=32, dense_intermediate_size=96)
+    prof = profile_from_mapping(mapping, name=mapping["name"], allow_bare=False)
+    assert prof.unified_memory and prof.storage is not None
+    model = prof.compute_model(card)
+    assert all(v != "roofline" for v in model.calibration().values()), model.calibration()
+    link = prof.expert_link()
+    read = mapping["machine"]["read_median_s"]
+    assert link.transfer_time(card.expert_bytes) > 0 and read > 0
+    assert float(link.latency_s) == mapping["storage"]["latency_s"]["value"] > 0
+    assert model.expert_time(2) >= model.expert_time(1) > 0
+    assert model.shared_time(1) > 0 and model.dense_layer_time(1, 16) > 0
+
+
+def test_with_reads_sets_the_expert_read_time(mapping: dict) -> None:
+    card = replace(small_card(), shared_intermediate_size=32, dense_intermediate_size=96)
+    reads = ReadTimes(2e-3, 1e-3, 1e-3, 3e-3, 8, 1, True, "now")
+    fresh = with_reads(mapping, card, reads, handoff_s=5e-5)
+    link = profile_from_mapping(fresh, name="x", allow_bare=False).expert_link()
+    assert link.transfer_time(card.expert_bytes) == pytest.approx(2e-3 + 5e-5, rel=1e-4)
+    assert mapping["storage"]["latency_s"]["value"] != 5e-5  # the input is left alone
+
+
+def test_reads_and_handoff_are_measured(tmp_path: Path) -> None:
+    opts = CalibrationOptions(reads=6, work_dir=str(tmp_path))
+    card = small_card()
+    reads = measure_reads(card, opts, seed=1)
+    assert reads.reads == 6 and 0 < reads.p10_s <= reads.median_s <= reads.p90_s
+    assert reads.mean_s > 0
+    assert 0 < measure_handoff(card, opts, seed=2, copies=6) < 1.0
