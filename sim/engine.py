@@ -23,7 +23,7 @@ import simpy
 
 from policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
 from policies.registry import PolicySpec
-from sim import fastpath
+from sim import compiled
 from sim.cache import (
     ABSENT,
     COUNTED_PREFETCH,
@@ -59,9 +59,9 @@ class RunOptions:
     record_transfers: bool = False
     timeline_steps: int = 0  # steps of compute/copy spans kept for the Chrome trace
     progress: bool = False
-    # "auto": demand-only LRU/FIFO runs use the compiled replay (sim.fastpath), which gives the
-    # same metrics; "python": always the general engine.
-    engine: Literal["auto", "python"] = "auto"
+    # "auto": the compiled engine (sim.compiled) where it has an exact twin of the run, which
+    # gives the same metrics, else SimPy; "python": always SimPy; "compiled": an error if absent.
+    engine: Literal["auto", "python", "compiled"] = "auto"
 
 
 class Clock:
@@ -508,12 +508,17 @@ class Simulation:
     # -- running ----------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._counting = True
-        if self.ropts.engine not in ("auto", "python"):
-            raise SimulationError(f"engine must be 'auto' or 'python', got {self.ropts.engine!r}")
-        if fastpath.applicable(self):
-            fastpath.run(self)
-            self.engine_used = "compiled"
-            return build_result(self)
+        if self.ropts.engine not in ("auto", "python", "compiled"):
+            raise SimulationError(
+                f"engine must be 'auto', 'python' or 'compiled', got {self.ropts.engine!r}")
+        if self.ropts.engine != "python":
+            reason = compiled.why_not(self)
+            if reason is None:
+                compiled.run(self)
+                self.engine_used = "compiled"
+                return build_result(self)
+            if self.ropts.engine == "compiled":
+                raise SimulationError(f"engine=compiled cannot replay this run: {reason}")
         self.engine_used = "python"
         if not self.timed:
             for _ in self._gpu():

@@ -1,0 +1,236 @@
+"""The compiled engine: the shipped policies replayed by one numba kernel (``kernel.replay``).
+
+``Simulation.run`` hands a run here when :func:`applicable` says the kernel has an exact twin
+of every piece the run uses (policy classes by identity, not by name, so a user's subclass or
+a policy of the same name always runs on the SimPy engine). The kernel fills the same counters
+the SimPy engine fills, so ``sim.metrics.build_result`` builds the result unchanged;
+``tests/sim/test_compiled_engine.py`` checks both engines give the same metrics run for run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from policies.base import NoPrefetch, PrefetchPolicy
+from policies.belady import Belady
+from policies.fifo import FIFO
+from policies.least_stale import LeastStale
+from policies.lfu import LFU
+from policies.lru import LRU
+from policies.moe_beyond_replay import MoEBeyondReplay
+from policies.next_layer_all import NextLayerAll
+from policies.oracle_prefetch import OraclePrefetch
+from policies.prediction_prefetch import PredictionPrefetch
+from policies.static import Static
+from sim.cache import SimulationError
+from sim.compiled import kernel as K
+
+if TYPE_CHECKING:
+    from sim.engine import Simulation
+
+EVICTION: dict[type, int] = {
+    LRU: K.EV_LRU, FIFO: K.EV_FIFO, Static: K.EV_STATIC, LeastStale: K.EV_STALE,
+    LFU: K.EV_LFU, Belady: K.EV_BELADY,
+}
+PREFETCH: dict[type, int] = {
+    NoPrefetch: K.PF_NONE, OraclePrefetch: K.PF_ORACLE, NextLayerAll: K.PF_NEXT_ALL,
+    PredictionPrefetch: K.PF_PRED, MoEBeyondReplay: K.PF_BEYOND,
+}
+POINTS = {"pre_attention": K.PT_PRE, "routed": K.PT_ROUTED, "demand_issued": K.PT_ISSUED}
+
+
+def why_not(sim: Simulation) -> str | None:
+    """None when the kernel replays this run exactly, else the reason it cannot."""
+    if sim.spec.eviction not in EVICTION:
+        return f"eviction {sim.spec.eviction.__qualname__} has no compiled twin"
+    if type(sim.prefetcher) not in PREFETCH:
+        return f"prefetch {type(sim.prefetcher).__qualname__} has no compiled twin"
+    if sim.ropts.record_transfers or sim.ropts.timeline_steps:
+        return "transfer records and timelines are written by the SimPy engine"
+    if sim.timed and sim.link_model.transfer_time(sim.shape.expert_bytes) < 0:
+        return "negative transfer time"
+    if sim.spec.eviction is Belady and not _left_packed(sim.workload.keys):
+        return "Belady positions need left-packed workload rows"
+    return None
+
+
+def applicable(sim: Simulation) -> bool:
+    """True when ``engine=auto`` may use the compiled engine for this run."""
+    return sim.ropts.engine != "python" and why_not(sim) is None
+
+
+def _left_packed(keys: np.ndarray) -> bool:
+    """Every row's -1 padding comes after its keys (the engine ranks keys within a row by
+    their place among the valid ones; the future numbers positions by column)."""
+    return not bool(((keys[..., 1:] >= 0) & (keys[..., :-1] < 0)).any())
+
+
+def _install_order(cache: Any) -> list[int]:
+    """Keys a freshly built Python cache installed, in install order per partition."""
+    out: list[int] = []
+    for ev in cache.evictors:
+        for name in ("_order", "_entry", "_next"):
+            order = getattr(ev, name, None)
+            if order is not None:
+                out += list(order)
+                break
+    return out
+
+
+def _layer_arrays(sim: Simulation) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-step attention(+router), shared and dense-layer times and the expert-time table,
+    computed once per distinct (tokens, context) as the engine does."""
+    w = sim.workload
+    steps = w.num_steps
+    if not sim.timed:
+        z = np.zeros(steps)
+        return z, z, z, np.zeros(2)
+    comp = sim.compute
+    pairs = np.stack([w.tokens.astype(np.int64), w.context.astype(np.int64)], axis=1)
+    uniq, inverse = np.unique(pairs, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    attn_u = np.array([comp.attention_time(int(b), int(c)) + comp.router_time(int(b))
+                       for b, c in uniq])
+    shared_u = np.array([comp.shared_time(int(b)) for b, _ in uniq])
+    dense_u = (np.array([comp.dense_layer_time(int(b), int(c)) for b, c in uniq])
+               if any(sim.dense_before) else np.zeros(len(uniq)))
+    top = int(w.counts.max()) if w.counts is not None and w.counts.size else 1
+    cost = np.array([comp.expert_time(n) for n in range(max(top, 1) + 1)])
+    return attn_u[inverse], shared_u[inverse], dense_u[inverse], cost
+
+
+def _prefetch_args(sim: Simulation) -> tuple[int, int, np.ndarray, int, int, bool, bool,
+                                              np.ndarray]:
+    """(kernel, point, hooks, ahead, top, wrap, warm, table) of the run's prefetcher."""
+    pf: PrefetchPolicy = sim.prefetcher
+    code = PREFETCH[type(pf)]
+    hooks = np.array([_overrides(pf, name) for name in
+                      ("on_pre_attention", "on_routed", "on_demand_issued")], dtype=np.bool_)
+    dummy = np.full((1, 1, 1), -1, np.int32)
+    ahead = top = 0
+    wrap = warm = False
+    point = K.PT_ISSUED
+    table = dummy
+    if code == K.PF_ORACLE:
+        point, ahead, table = POINTS[pf.point], pf._ahead, sim.workload.keys
+    elif code == K.PF_NEXT_ALL:
+        wrap = bool(pf.setup.params.get("wrap", True))
+    elif code in (K.PF_PRED, K.PF_BEYOND):
+        point = POINTS[pf.point]
+        table = _prediction_table(sim)
+        if code == K.PF_PRED:
+            ahead, top = pf._ahead, pf._top
+        else:
+            warm = pf._warm
+    return code, point, hooks, ahead, top, wrap, warm, table
+
+
+def _overrides(pf: PrefetchPolicy, name: str) -> bool:
+    return getattr(type(pf), name) is not getattr(PrefetchPolicy, name)
+
+
+def _prediction_table(sim: Simulation) -> np.ndarray:
+    """The prediction view's rows as a padded [steps, layers, width] array."""
+    rows = sim.predictions._rows
+    width = max((len(r) for layers in rows for r in layers), default=0)
+    table = np.full((len(rows), sim.shape.num_layers, max(width, 1)), -1, np.int32)
+    for s, layers in enumerate(rows):
+        for j, r in enumerate(layers):
+            if r:
+                table[s, j, :len(r)] = r
+    return table
+
+
+class LinkStats:
+    """What ``sim.metrics.build_result`` reads from a link, for a compiled run."""
+
+    def __init__(self, started: list[int], busy: float, clip: float, engines: int,
+                 dropped: int) -> None:
+        self.started = started
+        self.busy = busy
+        self._clip = clip
+        self.engines = engines
+        self.dropped = dropped
+        self.cancelled = 0
+        self.records = None
+
+    def busy_until(self, end: float) -> float:
+        return self.busy - self._clip
+
+
+def run(sim: Simulation) -> None:
+    """Fill ``sim``'s counters, clock and link statistics as :meth:`Simulation.run` would."""
+    w = sim.workload
+    keys = w.keys
+    num_k = sim.shape.num_keys
+    ev_code = EVICTION[sim.spec.eviction]
+    attn, shared, dense_step, cost = _layer_arrays(sim)
+    duration, engines = 0.0, 1
+    if sim.timed:
+        duration = float(sim.link_model.transfer_time(sim.shape.expert_bytes))
+        engines = int(sim.link_model.copy_engines)
+        if engines < 1:
+            raise SimulationError(f"copy_engines must be >= 1, got {engines}")
+    pf_code, point, hooks, ahead, top, wrap, warm, table = _prefetch_args(sim)
+    hot = np.zeros(num_k, np.bool_)
+    for ev in sim.cache.evictors:
+        for k in getattr(ev, "_hot", ()):
+            hot[k] = True
+    resets = np.zeros(w.num_steps, np.bool_)
+    orders = [_install_order(sim.cache)]
+    if sim.copts.reset_per_request:
+        for s in sorted(w.joins):
+            if w.joins[s]:
+                resets[s] = True
+                orders.append(_install_order(sim._new_cache()))
+    inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
+    inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
+    if ev_code == K.EV_BELADY:
+        nocc, cursor = K.next_occurrences(keys.reshape(-1), num_k)
+    else:
+        nocc = cursor = np.zeros(1, np.int64)
+    counts = w.counts if w.counts is not None else np.zeros((1, 1, 1), np.int32)
+    touch = bool(sim.spec.eviction_params.get("prefetch_touch", True))
+    iv, fv, layer_counts, layer_stall = K.replay(
+        keys, counts, w.counts is not None, w.counted, attn, shared, dense_step,
+        np.asarray(sim.dense_before, dtype=np.int64),
+        np.asarray(sim._part_of_layer, dtype=np.int64), np.asarray(sim._caps, dtype=np.int64),
+        sim.shape.num_experts, sim.timed, sim.copts.pin_layer, engines, duration, cost, ev_code,
+        hot, touch, pf_code, point, hooks, ahead, top, wrap, warm, table, resets, inst_off,
+        inst_keys, nocc, cursor,
+    )
+    if iv[K.I_ERROR] > 0:
+        raise SimulationError(
+            f"no evictable slot for a demand fetch of layer {iv[K.I_ERROR] - 1}: every slot is "
+            "pinned or in flight"
+        )
+    if iv[K.I_ERROR] < 0:
+        raise SimulationError("compiled engine: an awaited expert is neither in flight nor "
+                              "resident")
+    c = sim.c
+    c.layer_counts = [row.tolist() for row in layer_counts]
+    c.layer_stall = layer_stall.tolist()
+    c.stall_miss = float(fv[K.F_STALL_MISS])
+    c.stall_late = float(fv[K.F_STALL_LATE])
+    c.time = float(fv[K.F_TIME])
+    c.demand_started = int(iv[K.I_DEMAND])
+    c.prefetch_issued = int(iv[K.I_ISSUED])
+    c.prefetch_started = int(iv[K.I_PF_STARTED])
+    c.prefetch_dropped = int(iv[K.I_PF_DROPPED])
+    c.prefetch_served = int(iv[K.I_SERVED])
+    c.prefetch_useful = int(iv[K.I_USEFUL])
+    c.unused_prefetches = int(iv[K.I_UNUSED])
+    c.wasted_prefetches = int(iv[K.I_WASTED])
+    c.evictions = int(iv[K.I_EVICTIONS])
+    mask = w.counted
+    c.steps = int(mask.sum())
+    c.out_tokens = int(w.out_tokens[mask].sum())
+    c.tokens = int(w.tokens[mask].sum())
+    c.pairs = int(w.pairs[mask].sum())
+    sim.clock.now = float(fv[K.F_NOW])
+    if sim.timed:
+        sim.link = LinkStats([int(iv[K.I_L_DEMAND]), int(iv[K.I_L_PREFETCH])],
+                             float(fv[K.F_BUSY]), float(fv[K.F_CLIP]), engines,
+                             int(iv[K.I_L_DROPPED]))

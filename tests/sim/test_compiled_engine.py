@@ -1,0 +1,200 @@
+"""The compiled engine (sim.compiled) gives the SimPy engine's metrics, run for run.
+
+Every covered policy (eviction x prefetcher x parameters) in both modes, with batching, prefill
+chunks, partitions, copy engines, warm-up, pinning, random prefill and per-request caches, on
+small random traces where eviction, late hits, promotions and dropped prefetches all happen.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies.base import EvictionPolicy, NoPrefetch
+from policies.lru import LRU
+from policies.registry import PolicySpec
+from sim import FixedCompute, FixedLink, SimulationError, build_workload, simulate
+from sim.metrics import RunResult
+from tests.helpers import random_trace
+from tests.sim.parts import check_parts
+from traces.predictions import PredictionTable
+
+EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady"]
+POINTS = ["pre_attention", "routed", "demand_issued"]
+
+
+def _noisy(trace: Any, seed: int, wrong: float, width: int) -> PredictionTable:
+    """A table right with probability 1 - ``wrong`` per slot, padded with random experts."""
+    rng = np.random.default_rng(seed)
+    e = trace.meta.num_experts
+    out = PredictionTable()
+    for r in trace.requests:
+        ex = r.experts.astype(np.int64)
+        t, num_l, _ = ex.shape
+        pred = np.full((t, num_l, width), -1, dtype=np.int16)
+        for i in range(t):
+            for j in range(num_l):
+                ids = [x for x in ex[i, j] if rng.random() >= wrong]
+                ids += [x for x in rng.permutation(e) if x not in ids]
+                pred[i, j] = ids[:width]
+        out[r.request_id] = pred
+    return out
+
+
+def _policy(rng: np.random.Generator) -> dict[str, Any]:
+    """A covered policy config: an eviction alone, or a prefetcher with any covered eviction."""
+    ev = str(rng.choice(EVICTIONS))
+    pf = str(rng.choice(["none", "oracle_prefetch", "next_layer_all", "prediction_prefetch",
+                         "moe_beyond_replay"]))
+    cfg: dict[str, Any] = {"name": ev} if pf == "none" else {"name": pf, "eviction": ev}
+    if ev in ("lru", "static"):
+        cfg["prefetch_touch"] = bool(rng.random() < 0.7)
+    if pf == "oracle_prefetch":
+        cfg.update(point=str(rng.choice(POINTS)), lookahead=int(rng.integers(0, 4)))
+    elif pf == "prediction_prefetch":
+        cfg.update(point=str(rng.choice(POINTS)), ahead=int(rng.integers(0, 3)),
+                   top=int(rng.integers(0, 4)), check_availability=False)
+    elif pf == "next_layer_all":
+        cfg["wrap"] = bool(rng.random() < 0.7)
+    elif pf == "moe_beyond_replay":
+        cfg.update(point=str(rng.choice(["routed", "pre_attention"])),
+                   during_warmup=bool(rng.random() < 0.5))
+    return cfg
+
+
+def _config(seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
+    """(trace, policy, simulate options) drawn uniformly from one seed, so that every
+    combination is as likely as any other (hypothesis picks and shrinks the seed)."""
+    rng = np.random.default_rng(seed)
+    layers, experts, top_k = int(rng.integers(1, 5)), int(rng.integers(4, 11)), 0
+    top_k = int(rng.integers(1, min(3, experts) + 1))
+    trace = random_trace(num_requests=int(rng.integers(1, 4)), tokens=int(rng.integers(2, 8)),
+                         layers=layers, experts=experts, top_k=top_k, seed=seed,
+                         prefill_tokens=int(rng.integers(0, 3)))
+    mode = str(rng.choice(["timed", "zero_latency"]))
+    fresh = str(rng.choice(["no", "no", "random", "random_reset", "reset"]))
+    reset = fresh in ("reset", "random_reset")
+    batch = 1 if reset else int(rng.integers(1, 4))
+    replay, chunk = str(rng.choice(["decode", "prefill"])), int(rng.integers(0, 3))
+    engines = int(rng.integers(1, 4))
+    pin = mode == "timed" or bool(rng.random() < 0.5)
+    partition = str(rng.choice(["global", "per_layer"]))
+    widest = build_workload(trace, replay=replay, batch=batch, prefill_chunk=chunk).max_width()
+    per = (int(widest.max()) if pin else 1) + (engines if mode == "timed" else 1)
+    cap = per * (layers if partition == "per_layer" else 1) + int(rng.integers(0, 6))
+    lat, bw = [(2e-4, 1e9), (1e-5, 1e7), (0.0, math.inf), (5e-3, 1e9)][int(rng.integers(4))]
+    kw: dict[str, Any] = dict(
+        capacity=min(cap, layers * experts), mode=mode, partition=partition, batch=batch,
+        replay=replay, prefill_chunk=chunk, warmup_tokens=int(rng.integers(0, 4)),
+        pin_layer=pin, prefill="random" if fresh.startswith("random") else "empty",
+        reset_per_request=reset, seed=seed, link=FixedLink(lat, bw, engines),
+        compute=FixedCompute(attention_s=float(rng.choice([0.0, 1e-4, 1e-3, 1e-2])),
+                             router_s=1e-4, expert_s=3e-4, shared_s=1e-4, dense_s=5e-4),
+        dense_before=[int(rng.integers(0, 2))] + [0] * (layers - 1),
+        predictions=_noisy(trace, seed, float(rng.choice([0.0, 0.3, 1.0])),
+                           int(rng.integers(1, 5))),
+    )
+    return trace, _policy(rng), kw
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Summary fields that differ: counters exactly, times and ratios to 1e-9 relative."""
+    bad = []
+    for key, x in a.items():
+        if key == "sim_engine":
+            continue
+        y = b[key]
+        if isinstance(x, float) and isinstance(y, float) and (
+            (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+        ):
+            continue
+        if x != y:
+            bad.append(f"{key}: simpy {x!r} != compiled {y!r}")
+    return bad
+
+
+def _assert_same(ref: RunResult, fast: RunResult) -> None:
+    assert ref.summary["sim_engine"] == "python"
+    assert fast.summary["sim_engine"] == "compiled"
+    assert _differences(ref.summary, fast.summary) == []
+    a, b = ref.per_layer, fast.per_layer
+    assert list(a.columns) == list(b.columns)
+    for col in a.columns:
+        if col in ("stall_time_s", "hit_rate", "hit_rate_incl_late"):
+            assert np.allclose(a[col], b[col], rtol=1e-9, atol=1e-12, equal_nan=True), col
+        else:
+            assert a[col].tolist() == b[col].tolist(), col
+    check_parts(fast)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31))
+def test_compiled_engine_equals_simpy(seed: int) -> None:
+    trace, policy, kw = _config(seed)
+    try:
+        ref = simulate(trace, policy, engine="python", **kw)
+    except SimulationError as err:  # too small a cache: the compiled engine must say so too
+        with pytest.raises(SimulationError, match=str(err).split(":")[0]):
+            simulate(trace, policy, engine="compiled", **kw)
+        return
+    _assert_same(ref, simulate(trace, policy, engine="compiled", **kw))
+
+
+def test_auto_picks_compiled_only_for_covered_runs() -> None:
+    """A covered run goes compiled under ``auto``; options and policies without a compiled
+    twin run on SimPy (and ``engine=compiled`` refuses them), never a different result."""
+    trace = random_trace(seed=3)
+    kw: dict[str, Any] = dict(capacity=12, mode="timed", link=FixedLink(1e-4, 1e9),
+                              compute=FixedCompute(attention_s=1e-4, expert_s=1e-4))
+    assert simulate(trace, "belady", **kw).summary["sim_engine"] == "compiled"
+    assert simulate(trace, "belady", engine="python", **kw).summary["sim_engine"] == "python"
+    for extra in ({"record_transfers": True}, {"timeline_steps": 1}):
+        assert simulate(trace, "lru", **kw, **extra).summary["sim_engine"] == "python"
+        with pytest.raises(SimulationError, match="engine=compiled cannot"):
+            simulate(trace, "lru", engine="compiled", **kw, **extra)
+    res = simulate(trace, "moe_infinity", **kw)
+    assert res.summary["sim_engine"] == "python"
+
+
+class _UserLRU(LRU):
+    """A user's policy that inherits from a shipped one: it must run on SimPy."""
+
+    name = "user_lru"
+
+
+class _UserMRU(EvictionPolicy):
+    """A user-written eviction policy (most recently inserted first)."""
+
+    name = "user_mru"
+
+    def __init__(self, setup: Any) -> None:
+        super().__init__(setup)
+        self._keys: list[int] = []
+
+    def on_insert(self, key: int, prefetch: bool) -> None:
+        self._keys.append(key)
+
+    def on_access(self, key: int) -> None:
+        pass
+
+    def on_evict(self, key: int) -> None:
+        self._keys.remove(key)
+
+    def victim(self, can_evict: Any) -> int | None:
+        return next((k for k in reversed(self._keys) if can_evict(k)), None)
+
+
+@pytest.mark.parametrize("cls", [_UserLRU, _UserMRU])
+def test_user_policies_run_on_simpy(cls: type[EvictionPolicy]) -> None:
+    """Unregistered classes (no global registry change): a spec built from the class."""
+    trace = random_trace(seed=4)
+    spec = PolicySpec(cls.name, cls, NoPrefetch)
+    res = simulate(trace, spec, capacity=10, mode="zero_latency")
+    assert res.summary["sim_engine"] == "python"
+    with pytest.raises(SimulationError, match="no compiled twin"):
+        simulate(trace, spec, capacity=10, mode="zero_latency", engine="compiled")
