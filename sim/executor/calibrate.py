@@ -142,11 +142,13 @@ def measure_reads(card: ModelCard, opts: CalibrationOptions, seed: int = 0) -> R
 
 def measure_handoff(card: ModelCard, opts: CalibrationOptions, seed: int = 0,
                     copies: int = 48) -> float:
-    """Mean seconds from a copy worker finishing a read to the compute thread, blocked
-    waiting for it, running again: the executor's copier and read path, one demand copy at a
-    time, nothing else. A thread hand-off the simulator's link has no term for unless the
-    profile's per-copy latency carries it (on a loaded 2-core machine it was 40-140 us, a
-    third of a 0.4 ms read)."""
+    """Mean per-copy latency of the executor's copy path beyond the read itself: from the
+    compute thread issuing a demand copy (reserve, submit, wake a worker) to it running again
+    once the worker reports the copy, minus the worker's read time. One copy at a time through
+    the executor's own cache, copier and read path, nothing else running. This is what the
+    simulator's per-copy ``latency_s`` means (issue to arrival, beyond bytes / bandwidth); a
+    read-only profile has no such term (on a loaded 2-core machine it was 40-140 us per copy
+    inside runs, a tenth to a third of a 0.4 ms read)."""
     from policies.base import ModelShape, PolicySetup
     from policies.lru import LRU
     from sim.executor.clock import WallClock
@@ -161,16 +163,20 @@ def measure_handoff(card: ModelCard, opts: CalibrationOptions, seed: int = 0,
     ev = LRU(PolicySetup(shape, cap, WallClock(), np.random.default_rng(seed)))
     cache = SlottedCache(card.num_experts, [0] * card.num_moe_layers, [cap], [ev])
     backend = StorageBackend(path, layout, cap, opts.direct_io)
+    records: list[tuple[int, int, float, float]] = []
     copier = Copier(backend.load, 1, cache, cache.pool.slot_of, time.perf_counter)
+    copier.records = records
     rng = np.random.default_rng(seed)
     lags = []
     try:
         for key in rng.permutation(layout.num_keys)[: copies + 2].tolist():
+            t0 = time.perf_counter()
             if not cache.reserve(key, prefetch=False):
-                raise RuntimeError("handoff benchmark: no slot")
+                raise RuntimeError("copy latency benchmark: no slot")
             copier.submit_demand(key)
-            copier.drain(None)  # blocks until the worker reports the copy
-            lags.append(time.perf_counter() - copier.finished_at[key])
+            copier.drain(None)  # flushes, then blocks until the worker reports the copy
+            _, _, start, end = records[-1]
+            lags.append(time.perf_counter() - t0 - (end - start))
             for k in [k for k in cache.pool.held() if k != key]:
                 cache.evict(k)
     finally:
@@ -193,8 +199,9 @@ def with_reads(mapping: dict[str, Any], card: ModelCard, reads: ReadTimes,
     if handoff_s is not None:
         out["storage"]["latency_s"] = _q(
             float(f"{handoff_s:.6g}"),
-            f"sim.executor.calibrate.measure_handoff at {reads.at}: mean time from a copy "
-            "worker finishing a read to the waiting compute thread running again")
+            f"sim.executor.calibrate.measure_handoff at {reads.at}: mean time from the "
+            "compute thread issuing a demand copy to it running again once the copy is "
+            "reported, minus the read itself (submit, worker wake-up, hand-off back)")
     return out
 
 
@@ -230,7 +237,7 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
             f"{reads.p10_s * 1e3:.3f}, p90 {reads.p90_s * 1e3:.3f}), O_DIRECT {reads.direct_io}")
         handoff = measure_handoff(card, opts, opts.read_seed) if opts.handoff else None
         if handoff is not None:
-            log(f"calibrate: copy hand-off {handoff * 1e6:.1f} us")
+            log(f"calibrate: per-copy latency beyond the read {handoff * 1e6:.1f} us")
         for s in range(slots):
             backend.load(s % layout.num_keys, s)
         ctx_max = max(opts.contexts)
