@@ -3,13 +3,17 @@
 Every rule here mirrors a line of ``sim/engine.py``, ``sim/link.py``, ``sim/cache.py`` and the
 shipped ``policies/*.py`` (eviction order, tie-breaks, when the link is advanced and with which
 pins in place), so that a run gives the SimPy engine's counters exactly; the property test
-``tests/sim/test_compiled_engine.py`` checks it run for run. Comments name the Python line a
-block follows where the reason is not obvious.
+``tests/sim/test_compiled_engine.py`` checks it run for run.
 
-State lives in flat arrays indexed by expert key; the per-partition eviction orders are either
-a doubly linked list (LRU, FIFO, static, least-stale) or an indexed binary heap (LFU, Belady).
-The host link keeps engine free times, a heap of running copies and a FIFO ring of queued
-prefetches (every shipped prefetcher uses the default priority, i.e. submission order).
+All state lives in two 2-D arrays, one row per field: ``S`` (int64: scalars and counters,
+per-partition fields, per-key fields, buffers such as the eviction heaps, the running copies
+and the prefetch queue) and ``F`` (float64). Every array passed to a helper costs two atomic
+reference-count updates per call: a first version that passed a dozen arrays per call was
+30x slower.
+Eviction orders per partition are a doubly linked list (LRU, FIFO, static, least-stale) or an
+indexed binary heap (LFU, Belady). The host link keeps engine free times, a heap of running
+copies and a FIFO ring of queued prefetches (every shipped prefetcher uses the default
+priority, which is submission order).
 """
 
 from __future__ import annotations
@@ -28,13 +32,26 @@ HIT, LATE, PROMOTED, MISS = 0, 1, 2, 3
 NO_USE = 1 << 62
 INF = np.inf
 
-# Slots of the int64 scalar array ``iv``.
+# Rows of S (one int64 array: scalars, per partition, per key, buffers). Per key:
+K_STATE, K_MARK, K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, K_S1, K_S2, K_HOT = range(7, 17)
+K_QSEQ, K_INFL, K_PART, K_CURSOR = range(17, 21)
+# Per partition:
+P_USED, P_CAP, P_HEAD, P_TAIL, P_HOFF, P_HSIZE = range(1, 7)
+# Int buffers; rows of F (float buffers, then the float scalars):
+B_HKEY, B_SKIP, B_TODO, B_PKEYS, B_RSEQ, B_RKEY, B_RKIND, B_QKEY, B_QSEQ = range(21, 30)
+NUM_ROWS = 30
+IV = 0  # row of S holding the int scalars
+F_FIN, F_RFIN, F_RSTART, F_FREE = range(4)
+FV = 4  # row of F holding the float scalars
+NUM_FROWS = 5
+# Columns of row IV of S (int scalars and counters).
 I_PSTAMP, I_SMARK, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
 I_DEMAND, I_ISSUED, I_PF_STARTED, I_PF_DROPPED, I_SERVED, I_USEFUL = range(9, 15)
 I_WASTED, I_EVICTIONS, I_L_DEMAND, I_L_PREFETCH, I_L_DROPPED, I_ERROR, I_UNUSED = range(15, 22)
-NUM_IV = 22
-# Slots of the float64 scalar array ``fv``.
-F_LT, F_BUSY, F_STALL_MISS, F_STALL_LATE, F_TIME, F_NOW, F_CLIP = range(7)
+I_ENGINES, I_QCAP = 22, 23
+NUM_IV = 24
+# Columns of row FV of F.
+V_LT, V_BUSY, V_STALL_MISS, V_STALL_LATE, V_TIME, V_NOW, V_CLIP = range(7)
 NUM_FV = 7
 
 _jit = numba.njit(cache=True, nogil=True)
@@ -59,12 +76,12 @@ def next_occurrences(flat: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.nd
 
 
 @_jit
-def _next_use(k, p, incl, nocc, cursor):
+def _next_use(k, p, incl, nocc, S):
     """``WorkloadFuture.next_use``: first position > p (>= p if incl) of key k."""
-    i = cursor[k]
+    i = S[K_CURSOR, k]
     while i < p:
         i = nocc[i]
-    cursor[k] = i
+    S[K_CURSOR, k] = i
     if not incl and i == p:
         i = nocc[i]
     return i
@@ -72,420 +89,408 @@ def _next_use(k, p, incl, nocc, cursor):
 
 # -- indexed heap (LFU, Belady): min of (s1, s2) per partition ------------------------------
 @_jit
-def _less(a, b, s1, s2):
-    return s1[a] < s1[b] or (s1[a] == s1[b] and s2[a] < s2[b])
+def _less(a, b, S):
+    return S[K_S1, a] < S[K_S1, b] or (S[K_S1, a] == S[K_S1, b] and S[K_S2, a] < S[K_S2, b])
 
 
 @_jit
-def _sift_up(off, i, hkey, hpos, s1, s2):
-    k = hkey[off + i]
+def _sift_up(off, i, S):
+    k = S[B_HKEY, off + i]
     while i > 0:
         parent = (i - 1) >> 1
-        q = hkey[off + parent]
-        if _less(k, q, s1, s2):
-            hkey[off + i] = q
-            hpos[q] = i
+        q = S[B_HKEY, off + parent]
+        if _less(k, q, S):
+            S[B_HKEY, off + i] = q
+            S[K_HPOS, q] = i
             i = parent
         else:
             break
-    hkey[off + i] = k
-    hpos[k] = i
+    S[B_HKEY, off + i] = k
+    S[K_HPOS, k] = i
 
 
 @_jit
-def _sift_down(off, i, size, hkey, hpos, s1, s2):
-    k = hkey[off + i]
+def _sift_down(off, i, size, S):
+    k = S[B_HKEY, off + i]
     while True:
         c = 2 * i + 1
         if c >= size:
             break
-        if c + 1 < size and _less(hkey[off + c + 1], hkey[off + c], s1, s2):
+        if c + 1 < size and _less(S[B_HKEY, off + c + 1], S[B_HKEY, off + c], S):
             c += 1
-        q = hkey[off + c]
-        if _less(q, k, s1, s2):
-            hkey[off + i] = q
-            hpos[q] = i
+        q = S[B_HKEY, off + c]
+        if _less(q, k, S):
+            S[B_HKEY, off + i] = q
+            S[K_HPOS, q] = i
             i = c
         else:
             break
-    hkey[off + i] = k
-    hpos[k] = i
+    S[B_HKEY, off + i] = k
+    S[K_HPOS, k] = i
 
 
 @_jit
-def _hpush(p, k, hkey, hoff, hsize, hpos, s1, s2):
-    i = hsize[p]
-    hsize[p] = i + 1
-    hkey[hoff[p] + i] = k
-    hpos[k] = i
-    _sift_up(hoff[p], i, hkey, hpos, s1, s2)
+def _hpush(p, k, S):
+    i = S[P_HSIZE, p]
+    S[P_HSIZE, p] = i + 1
+    S[B_HKEY, S[P_HOFF, p] + i] = k
+    S[K_HPOS, k] = i
+    _sift_up(S[P_HOFF, p], i, S)
 
 
 @_jit
-def _hremove(p, k, hkey, hoff, hsize, hpos, s1, s2):
-    off = hoff[p]
-    i = hpos[k]
-    last = hsize[p] - 1
-    hsize[p] = last
-    hpos[k] = -1
+def _hremove(p, k, S):
+    off = S[P_HOFF, p]
+    i = S[K_HPOS, k]
+    last = S[P_HSIZE, p] - 1
+    S[P_HSIZE, p] = last
+    S[K_HPOS, k] = -1
     if i != last:
-        q = hkey[off + last]
-        hkey[off + i] = q
-        hpos[q] = i
-        _sift_up(off, i, hkey, hpos, s1, s2)
-        _sift_down(off, hpos[q], last, hkey, hpos, s1, s2)
+        q = S[B_HKEY, off + last]
+        S[B_HKEY, off + i] = q
+        S[K_HPOS, q] = i
+        _sift_up(off, i, S)
+        _sift_down(off, S[K_HPOS, q], last, S)
 
 
 @_jit
-def _hupdate(p, k, hkey, hoff, hsize, hpos, s1, s2):
-    _sift_up(hoff[p], hpos[k], hkey, hpos, s1, s2)
-    _sift_down(hoff[p], hpos[k], hsize[p], hkey, hpos, s1, s2)
+def _hupdate(p, k, S):
+    _sift_up(S[P_HOFF, p], S[K_HPOS, k], S)
+    _sift_down(S[P_HOFF, p], S[K_HPOS, k], S[P_HSIZE, p], S)
 
 
 # -- eviction policies ----------------------------------------------------------------------
 @_jit
-def _unlink(p, k, prv, nxt, head, tail):
-    a, b = prv[k], nxt[k]
+def _unlink(p, k, S):
+    a, b = S[K_PRV, k], S[K_NXT, k]
     if a >= 0:
-        nxt[a] = b
+        S[K_NXT, a] = b
     else:
-        head[p] = b
+        S[P_HEAD, p] = b
     if b >= 0:
-        prv[b] = a
+        S[K_PRV, b] = a
     else:
-        tail[p] = a
+        S[P_TAIL, p] = a
 
 
 @_jit
-def _append(p, k, prv, nxt, head, tail):
-    t = tail[p]
-    prv[k] = t
-    nxt[k] = -1
+def _append(p, k, S):
+    t = S[P_TAIL, p]
+    S[K_PRV, k] = t
+    S[K_NXT, k] = -1
     if t >= 0:
-        nxt[t] = k
+        S[K_NXT, t] = k
     else:
-        head[p] = k
-    tail[p] = k
+        S[P_HEAD, p] = k
+    S[P_TAIL, p] = k
 
 
 @_jit
-def _on_insert(ev, p, k, prefetch, position, pol, iv, nocc, cursor):
-    prv, nxt, head, tail, _hot, cur, hkey, hoff, hsize, hpos, s1, s2 = pol
+def _to_tail(p, k, S):
+    if S[P_TAIL, p] != k:
+        _unlink(p, k, S)
+        _append(p, k, S)
+
+
+@_jit
+def _on_insert(ev, p, k, prefetch, position, S, nocc):
     if ev <= EV_STALE:
-        _append(p, k, prv, nxt, head, tail)
+        _append(p, k, S)
         if ev == EV_STALE:
-            cur[k] = iv[I_SMARK]
+            S[K_CUR, k] = S[IV, I_SMARK]
     elif ev == EV_LFU:
-        iv[I_SEQ] += 1
-        s1[k] = 1
-        s2[k] = iv[I_SEQ]
-        _hpush(p, k, hkey, hoff, hsize, hpos, s1, s2)
+        S[IV, I_SEQ] += 1
+        S[K_S1, k] = 1
+        S[K_S2, k] = S[IV, I_SEQ]
+        _hpush(p, k, S)
     else:  # Belady: a prefetched expert's use may be in the current layer-step itself
-        s1[k] = -_next_use(k, position, prefetch, nocc, cursor)
-        s2[k] = k
-        _hpush(p, k, hkey, hoff, hsize, hpos, s1, s2)
+        S[K_S1, k] = -_next_use(k, position, prefetch, nocc, S)
+        S[K_S2, k] = k
+        _hpush(p, k, S)
 
 
 @_jit
-def _on_access(ev, p, k, position, pol, iv, nocc, cursor):
-    prv, nxt, head, tail, _hot, cur, hkey, hoff, hsize, hpos, s1, s2 = pol
+def _on_access(ev, p, k, position, S, nocc):
     if ev in (EV_LRU, EV_STATIC):
-        if tail[p] != k:
-            _unlink(p, k, prv, nxt, head, tail)
-            _append(p, k, prv, nxt, head, tail)
+        _to_tail(p, k, S)
     elif ev == EV_STALE:
-        cur[k] = iv[I_SMARK]
+        S[K_CUR, k] = S[IV, I_SMARK]
     elif ev == EV_LFU:
-        iv[I_SEQ] += 1
-        s1[k] += 1
-        s2[k] = iv[I_SEQ]
-        _hupdate(p, k, hkey, hoff, hsize, hpos, s1, s2)
+        S[IV, I_SEQ] += 1
+        S[K_S1, k] += 1
+        S[K_S2, k] = S[IV, I_SEQ]
+        _hupdate(p, k, S)
     elif ev == EV_BELADY:
-        s1[k] = -_next_use(k, position, False, nocc, cursor)
-        _hupdate(p, k, hkey, hoff, hsize, hpos, s1, s2)
+        S[K_S1, k] = -_next_use(k, position, False, nocc, S)
+        _hupdate(p, k, S)
 
 
 @_jit
-def _on_evict(ev, p, k, pol):
-    prv, nxt, head, tail, _hot, cur, hkey, hoff, hsize, hpos, s1, s2 = pol
-    if ev <= EV_STALE:
-        _unlink(p, k, prv, nxt, head, tail)
-        cur[k] = -1
-    else:
-        _hremove(p, k, hkey, hoff, hsize, hpos, s1, s2)
-
-
-@_jit
-def _victim(ev, p, state, pin, pol, iv, skipped):
+def _victim(ev, p, S):
     """The policy's victim among keys that may be evicted (resident and not pinned), or -1."""
-    _prv, nxt, head, _tail, hot, cur, hkey, hoff, hsize, hpos, s1, s2 = pol
-    pstamp = iv[I_PSTAMP]
+    pstamp = S[IV, I_PSTAMP]
     if ev <= EV_STALE:
+        smark = S[IV, I_SMARK]
         fallback = -1
-        v = head[p]
+        v = S[P_HEAD, p]
         while v >= 0:
-            if state[v] == RESIDENT and pin[v] != pstamp and not (ev == EV_STATIC and hot[v]):
-                if ev != EV_STALE or cur[v] != iv[I_SMARK]:
+            if (S[K_STATE, v] == RESIDENT and S[K_PIN, v] != pstamp
+                    and not (ev == EV_STATIC and S[K_HOT, v])):
+                if ev != EV_STALE or S[K_CUR, v] != smark:
                     return v
                 if fallback < 0:
                     fallback = v
-            v = nxt[v]
+            v = S[K_NXT, v]
         return fallback
     # heap: set aside the smallest entries that may not be evicted now, as policies/_heap.py
     n = 0
     found = -1
-    while hsize[p] > 0:
-        k = hkey[hoff[p]]
-        if state[k] == RESIDENT and pin[k] != pstamp:
+    off = S[P_HOFF, p]
+    while S[P_HSIZE, p] > 0:
+        k = S[B_HKEY, off]
+        if S[K_STATE, k] == RESIDENT and S[K_PIN, k] != pstamp:
             found = k
             break
-        _hremove(p, k, hkey, hoff, hsize, hpos, s1, s2)
-        skipped[n] = k
+        _hremove(p, k, S)
+        S[B_SKIP, n] = k
         n += 1
     for i in range(n):
-        _hpush(p, skipped[i], hkey, hoff, hsize, hpos, s1, s2)
+        _hpush(p, S[B_SKIP, i], S)
     return found
 
 
 # -- the cache (sim/cache.py) ---------------------------------------------------------------
 @_jit
-def _evict(ev, p, k, state, mark, used, pol, iv):
-    state[k] = ABSENT
-    used[p] -= 1
-    iv[I_EVICTIONS] += 1
-    if mark[k]:
-        if mark[k] == COUNTED:
-            iv[I_WASTED] += 1
-        mark[k] = 0
-    _on_evict(ev, p, k, pol)
+def _evict(ev, p, k, S):
+    S[K_STATE, k] = ABSENT
+    S[P_USED, p] -= 1
+    S[IV, I_EVICTIONS] += 1
+    if S[K_MARK, k]:
+        if S[K_MARK, k] == COUNTED:
+            S[IV, I_WASTED] += 1
+        S[K_MARK, k] = 0
+    if ev <= EV_STALE:
+        _unlink(p, k, S)
+        S[K_CUR, k] = -1
+    else:
+        _hremove(p, k, S)
 
 
 @_jit
-def _reserve(ev, k, prefetch, position, num_e, part, caps, used, state, mark, pin, pol, iv,
-             nocc, cursor, skipped):
-    p = part[k // num_e]
-    if used[p] >= caps[p]:
-        v = _victim(ev, p, state, pin, pol, iv, skipped)
+def _reserve(ev, k, prefetch, position, S, nocc):
+    p = S[K_PART, k]
+    if S[P_USED, p] >= S[P_CAP, p]:
+        v = _victim(ev, p, S)
         if v < 0:
             return False
-        _evict(ev, p, v, state, mark, used, pol, iv)
-    used[p] += 1
-    state[k] = LOADING
+        _evict(ev, p, v, S)
+    S[P_USED, p] += 1
+    S[K_STATE, k] = LOADING
     if prefetch:
-        mark[k] = COUNTED if iv[I_COUNTING] else WARMUP
+        S[K_MARK, k] = COUNTED if S[IV, I_COUNTING] else WARMUP
     else:
-        mark[k] = 0
-    _on_insert(ev, p, k, prefetch, position, pol, iv, nocc, cursor)
+        S[K_MARK, k] = 0
+    _on_insert(ev, p, k, prefetch, position, S, nocc)
     return True
 
 
 @_jit
-def _install(ev, k, position, num_e, part, caps, used, state, pol, iv, nocc, cursor):
-    p = part[k // num_e]
-    if state[k] != ABSENT:
+def _install(ev, k, position, S, nocc):
+    p = S[K_PART, k]
+    if S[K_STATE, k] != ABSENT or S[P_USED, p] >= S[P_CAP, p]:
         return
-    if used[p] >= caps[p]:
-        return
-    used[p] += 1
-    state[k] = RESIDENT
-    _on_insert(ev, p, k, False, position, pol, iv, nocc, cursor)
+    S[P_USED, p] += 1
+    S[K_STATE, k] = RESIDENT
+    _on_insert(ev, p, k, False, position, S, nocc)
 
 
 # -- the host link (sim/link.py) ------------------------------------------------------------
 @_jit
-def _rless(a, b, rfin, rseq):
-    return rfin[a] < rfin[b] or (rfin[a] == rfin[b] and rseq[a] < rseq[b])
+def _rless(a, b, S, F):
+    return F[F_RFIN, a] < F[F_RFIN, b] or (F[F_RFIN, a] == F[F_RFIN, b]
+                                             and S[B_RSEQ, a] < S[B_RSEQ, b])
 
 
 @_jit
-def _rpush(fin, seq, key, kind, start, run, iv):
-    rfin, rseq, rkey, rkind, rstart = run
-    i = iv[I_RSIZE]
-    iv[I_RSIZE] = i + 1
-    rfin[i], rseq[i], rkey[i], rkind[i], rstart[i] = fin, seq, key, kind, start
+def _rswap(a, b, S, F):
+    F[F_RFIN, a], F[F_RFIN, b] = F[F_RFIN, b], F[F_RFIN, a]
+    F[F_RSTART, a], F[F_RSTART, b] = F[F_RSTART, b], F[F_RSTART, a]
+    S[B_RSEQ, a], S[B_RSEQ, b] = S[B_RSEQ, b], S[B_RSEQ, a]
+    S[B_RKEY, a], S[B_RKEY, b] = S[B_RKEY, b], S[B_RKEY, a]
+    S[B_RKIND, a], S[B_RKIND, b] = S[B_RKIND, b], S[B_RKIND, a]
+
+
+@_jit
+def _rpush(fin, key, kind, start, S, F):
+    """A scheduled copy (finish, seq, key, kind, start), ordered by (finish, seq)."""
+    S[IV, I_LSEQ] += 1
+    i = S[IV, I_RSIZE]
+    S[IV, I_RSIZE] = i + 1
+    F[F_RFIN, i], F[F_RSTART, i] = fin, start
+    S[B_RSEQ, i], S[B_RKEY, i], S[B_RKIND, i] = S[IV, I_LSEQ], key, kind
     while i > 0:
         parent = (i - 1) >> 1
-        if _rless(i, parent, rfin, rseq):
-            rfin[i], rfin[parent] = rfin[parent], rfin[i]
-            rseq[i], rseq[parent] = rseq[parent], rseq[i]
-            rkey[i], rkey[parent] = rkey[parent], rkey[i]
-            rkind[i], rkind[parent] = rkind[parent], rkind[i]
-            rstart[i], rstart[parent] = rstart[parent], rstart[i]
-            i = parent
-        else:
+        if not _rless(i, parent, S, F):
             break
+        _rswap(i, parent, S, F)
+        i = parent
 
 
 @_jit
-def _rpop(run, iv):
-    rfin, rseq, rkey, rkind, rstart = run
-    key = rkey[0]
-    last = iv[I_RSIZE] - 1
-    iv[I_RSIZE] = last
-    rfin[0], rseq[0], rkey[0], rkind[0], rstart[0] = (rfin[last], rseq[last], rkey[last],
-                                                      rkind[last], rstart[last])
+def _rpop(S, F):
+    key = S[B_RKEY, 0]
+    last = S[IV, I_RSIZE] - 1
+    S[IV, I_RSIZE] = last
+    _rswap(0, last, S, F)
     i = 0
     while True:
         c = 2 * i + 1
         if c >= last:
             break
-        if c + 1 < last and _rless(c + 1, c, rfin, rseq):
+        if c + 1 < last and _rless(c + 1, c, S, F):
             c += 1
-        if _rless(c, i, rfin, rseq):
-            rfin[i], rfin[c] = rfin[c], rfin[i]
-            rseq[i], rseq[c] = rseq[c], rseq[i]
-            rkey[i], rkey[c] = rkey[c], rkey[i]
-            rkind[i], rkind[c] = rkind[c], rkind[i]
-            rstart[i], rstart[c] = rstart[c], rstart[i]
-            i = c
-        else:
+        if not _rless(c, i, S, F):
             break
+        _rswap(i, c, S, F)
+        i = c
     return key
 
 
 @_jit
-def _argmin(free):
+def _argmin_free(S, F):
     e = 0
-    for i in range(1, free.shape[0]):
-        if free[i] < free[e]:
+    for i in range(1, S[IV, I_ENGINES]):
+        if F[F_FREE, i] < F[F_FREE, e]:
             e = i
     return e
 
 
 @_jit
-def _submit_demand(k, duration, free, fin, infl, run, iv, fv):
-    e = _argmin(free)
-    start = free[e] if free[e] > fv[F_LT] else fv[F_LT]
+def _submit_demand(k, duration, S, F):
+    e = _argmin_free(S, F)
+    free = F[F_FREE, e]
+    start = free if free > F[FV, V_LT] else F[FV, V_LT]
     finish = start + duration
-    free[e] = finish
-    iv[I_LSEQ] += 1
-    _rpush(finish, iv[I_LSEQ], k, 0, start, run, iv)
-    fin[k] = finish
-    infl[k] = True
-    fv[F_BUSY] += duration
-    if iv[I_COUNTING]:
-        iv[I_L_DEMAND] += 1
+    F[F_FREE, e] = finish
+    _rpush(finish, k, 0, start, S, F)
+    F[F_FIN, k] = finish
+    S[K_INFL, k] = 1
+    F[FV, V_BUSY] += duration
+    if S[IV, I_COUNTING]:
+        S[IV, I_L_DEMAND] += 1
 
 
 @_jit
-def _queue_push(k, queue, qseq, iv):
-    qkeys, qseqs = queue
-    if iv[I_QTAIL] == qkeys.shape[0]:  # compact: drop withdrawn entries, keep the order
+def _queue_push(k, S):
+    if S[IV, I_QTAIL] == S[IV, I_QCAP]:  # compact: drop withdrawn entries, keep the order
         n = 0
-        for i in range(iv[I_QHEAD], iv[I_QTAIL]):
-            if qseq[qkeys[i]] == qseqs[i]:
-                qkeys[n] = qkeys[i]
-                qseqs[n] = qseqs[i]
+        for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
+            if S[K_QSEQ, S[B_QKEY, i]] == S[B_QSEQ, i]:
+                S[B_QKEY, n] = S[B_QKEY, i]
+                S[B_QSEQ, n] = S[B_QSEQ, i]
                 n += 1
-        iv[I_QHEAD] = 0
-        iv[I_QTAIL] = n
-    iv[I_LSEQ] += 1
-    qseq[k] = iv[I_LSEQ]
-    qkeys[iv[I_QTAIL]] = k
-    qseqs[iv[I_QTAIL]] = iv[I_LSEQ]
-    iv[I_QTAIL] += 1
-    iv[I_NQ] += 1
+        S[IV, I_QHEAD] = 0
+        S[IV, I_QTAIL] = n
+    S[IV, I_LSEQ] += 1
+    S[K_QSEQ, k] = S[IV, I_LSEQ]
+    S[B_QKEY, S[IV, I_QTAIL]] = k
+    S[B_QSEQ, S[IV, I_QTAIL]] = S[IV, I_LSEQ]
+    S[IV, I_QTAIL] += 1
+    S[IV, I_NQ] += 1
 
 
 @_jit
-def _advance(until, duration, ev, position, num_e, part, caps, used, state, mark, pin, pol, iv,
-             fv, nocc, cursor, skipped, free, fin, infl, run, queue, qseq):
+def _advance(until, duration, ev, position, S, F, nocc):
     """``HostLink.advance``: completions and prefetch starts up to ``until``, in time order."""
-    rfin = run[0]
-    qkeys, qseqs = queue
     while True:
-        done = rfin[0] if iv[I_RSIZE] > 0 else INF
+        done = F[F_RFIN, 0] if S[IV, I_RSIZE] > 0 else INF
         start = INF
-        if iv[I_NQ] > 0:
-            start = free[_argmin(free)]
-            if start < fv[F_LT]:
-                start = fv[F_LT]
+        if S[IV, I_NQ] > 0:
+            start = F[F_FREE, _argmin_free(S, F)]
+            if start < F[FV, V_LT]:
+                start = F[FV, V_LT]
         if done <= start:  # a completion frees its engine before a start can use it
             if done > until:
                 break
-            key = _rpop(run, iv)
-            fv[F_LT] = done
-            infl[key] = False
-            state[key] = RESIDENT
+            key = _rpop(S, F)
+            F[FV, V_LT] = done
+            S[K_INFL, key] = 0
+            S[K_STATE, key] = RESIDENT
         else:
             if start > until:
                 break
-            fv[F_LT] = start
+            F[FV, V_LT] = start
             while True:  # the oldest live queued prefetch
-                key = qkeys[iv[I_QHEAD]]
-                sq = qseqs[iv[I_QHEAD]]
-                iv[I_QHEAD] += 1
-                if qseq[key] == sq:
-                    qseq[key] = 0
-                    iv[I_NQ] -= 1
+                key = S[B_QKEY, S[IV, I_QHEAD]]
+                sq = S[B_QSEQ, S[IV, I_QHEAD]]
+                S[IV, I_QHEAD] += 1
+                if S[K_QSEQ, key] == sq:
+                    S[K_QSEQ, key] = 0
+                    S[IV, I_NQ] -= 1
                     break
-            if not _reserve(ev, key, True, position, num_e, part, caps, used, state, mark, pin,
-                            pol, iv, nocc, cursor, skipped):
-                iv[I_L_DROPPED] += 1
+            if not _reserve(ev, key, True, position, S, nocc):
+                S[IV, I_L_DROPPED] += 1
                 continue
-            e = _argmin(free)
-            finish = fv[F_LT] + duration
-            free[e] = finish
-            iv[I_LSEQ] += 1
-            _rpush(finish, iv[I_LSEQ], key, 1, fv[F_LT], run, iv)
-            fin[key] = finish
-            infl[key] = True
-            fv[F_BUSY] += duration
-            if iv[I_COUNTING]:
-                iv[I_L_PREFETCH] += 1
-    if until > fv[F_LT]:
-        fv[F_LT] = until
+            e = _argmin_free(S, F)
+            finish = F[FV, V_LT] + duration
+            F[F_FREE, e] = finish
+            _rpush(finish, key, 1, F[FV, V_LT], S, F)
+            F[F_FIN, key] = finish
+            S[K_INFL, key] = 1
+            F[FV, V_BUSY] += duration
+            if S[IV, I_COUNTING]:
+                S[IV, I_L_PREFETCH] += 1
+    if until > F[FV, V_LT]:
+        F[FV, V_LT] = until
 
 
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
 @_jit
-def _prefetch(keys, n, timed, touch, ev, position, num_e, part, caps, used, state, mark, pin,
-              pol, iv, nocc, cursor, skipped, qseq, infl, queue, todo):
-    prv, nxt, head, tail = pol[0], pol[1], pol[2], pol[3]
+def _prefetch(n, timed, touch, ev, position, S, nocc):
+    """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once."""
     m = 0
     for i in range(n):
-        k = keys[i]
-        if state[k] != ABSENT:
+        k = S[B_PKEYS, i]
+        if S[K_STATE, k] != ABSENT:
             if touch and ev in (EV_LRU, EV_STATIC):  # on_prefetch_resident
-                p = part[k // num_e]
-                if tail[p] != k:
-                    _unlink(p, k, prv, nxt, head, tail)
-                    _append(p, k, prv, nxt, head, tail)
+                _to_tail(S[K_PART, k], k, S)
         elif timed:
-            if qseq[k] == 0 and not infl[k]:
-                _queue_push(k, queue, qseq, iv)
+            if S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
+                _queue_push(k, S)
                 m += 1
         else:
             dup = False
             for q in range(m):
-                if todo[q] == k:
+                if S[B_TODO, q] == k:
                     dup = True
                     break
             if not dup:
-                todo[m] = k
+                S[B_TODO, m] = k
                 m += 1
+    counting = S[IV, I_COUNTING]
     if timed:
-        if iv[I_COUNTING]:
-            iv[I_ISSUED] += m
+        if counting:
+            S[IV, I_ISSUED] += m
         return
     done = 0
     for q in range(m):
-        k = todo[q]
-        if _reserve(ev, k, True, position, num_e, part, caps, used, state, mark, pin, pol, iv,
-                    nocc, cursor, skipped):
-            state[k] = RESIDENT
+        k = S[B_TODO, q]
+        if _reserve(ev, k, True, position, S, nocc):
+            S[K_STATE, k] = RESIDENT
             done += 1
-            if iv[I_COUNTING]:
-                iv[I_PF_STARTED] += 1
-        elif iv[I_COUNTING]:
-            iv[I_PF_DROPPED] += 1
-    if iv[I_COUNTING]:
-        iv[I_ISSUED] += done
+            if counting:
+                S[IV, I_PF_STARTED] += 1
+        elif counting:
+            S[IV, I_PF_DROPPED] += 1
+    if counting:
+        S[IV, I_ISSUED] += done
 
 
 @_jit
-def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting, table, out):
-    """The keys the prefetcher asks for at its point of layer j (in ``out``), and how many."""
+def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting, table, S):
+    """The keys the prefetcher asks for at its point of layer j (in ``S[B_PKEYS]``), and how
+    many (policies/oracle_prefetch.py, next_layer_all.py, prediction_prefetch.py,
+    moe_beyond_replay.py)."""
     n = 0
     if pf == PF_ORACLE:
         g = s * num_l + j + ahead
@@ -496,7 +501,7 @@ def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
         for r in range(table.shape[2]):
             k = table[s2, t2, r]
             if k >= 0:
-                out[n] = k
+                S[B_PKEYS, n] = k
                 n += 1
     elif pf == PF_NEXT_ALL:
         t2 = j + 1
@@ -505,7 +510,7 @@ def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
                 return 0
             t2 = 0
         for e in range(num_e):
-            out[e] = t2 * num_e + e
+            S[B_PKEYS, e] = t2 * num_e + e
         n = num_e
     elif pf in (PF_PRED, PF_BEYOND):
         if pf == PF_BEYOND:
@@ -519,11 +524,40 @@ def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
         for r in range(table.shape[2]):
             k = table[s, t2, r]
             if k >= 0:
-                out[n] = k
+                S[B_PKEYS, n] = k
                 n += 1
                 if top > 0 and n == top:
                     break
     return n
+
+
+@_jit
+def _reset(num_k, num_p, S):
+    """``cache.reset_per_request``: the old cache's unused prefetches are wasted; a fresh cache
+    and an empty link queue (copies on the engines keep them busy but land nowhere)."""
+    for k in range(num_k):
+        if S[K_MARK, k] == COUNTED:
+            S[IV, I_WASTED] += 1
+        S[K_STATE, k] = ABSENT
+        S[K_MARK, k] = 0
+        S[K_CUR, k] = -1
+        S[K_HPOS, k] = -1
+        S[K_QSEQ, k] = 0
+        S[K_INFL, k] = 0
+    for p in range(num_p):
+        S[P_USED, p] = 0
+        S[P_HEAD, p] = -1
+        S[P_TAIL, p] = -1
+        S[P_HSIZE, p] = 0
+    S[IV, I_NQ] = 0
+    S[IV, I_QHEAD] = 0
+    S[IV, I_QTAIL] = 0
+    S[IV, I_RSIZE] = 0
+
+
+@_jit
+def _out(S, F, layer_counts, layer_stall):
+    return S[IV, :NUM_IV].copy(), F[FV, :NUM_FV].copy(), layer_counts, layer_stall
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -535,39 +569,24 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     num_s, num_l, width = keys.shape
     num_k = num_l * num_e
     num_p = caps.shape[0]
-    iv = np.zeros(NUM_IV, np.int64)
-    fv = np.zeros(NUM_FV)
     layer_counts = np.zeros((4, num_l), np.int64)
     layer_stall = np.zeros(num_l)
-    state = np.zeros(num_k, np.uint8)
-    mark = np.zeros(num_k, np.uint8)
-    pin = np.full(num_k, -1, np.int64)
-    used = np.zeros(num_p, np.int64)
-    prv = np.full(num_k, -1, np.int64)
-    nxt = np.full(num_k, -1, np.int64)
-    head = np.full(num_p, -1, np.int64)
-    tail = np.full(num_p, -1, np.int64)
-    cur = np.full(num_k, -1, np.int64)
-    hoff = np.zeros(num_p, np.int64)
-    for p in range(1, num_p):
-        hoff[p] = hoff[p - 1] + caps[p - 1]
-    hkey = np.zeros(max(caps.sum(), 1), np.int64)
-    hsize = np.zeros(num_p, np.int64)
-    hpos = np.full(num_k, -1, np.int64)
-    s1 = np.zeros(num_k, np.int64)
-    s2 = np.zeros(num_k, np.int64)
-    pol = (prv, nxt, head, tail, hot, cur, hkey, hoff, hsize, hpos, s1, s2)
-    skipped = np.zeros(num_k, np.int64)
-    free = np.zeros(engines)
-    fin = np.zeros(num_k)
-    infl = np.zeros(num_k, np.bool_)
-    run = (np.zeros(num_k + 1), np.zeros(num_k + 1, np.int64), np.zeros(num_k + 1, np.int64),
-           np.zeros(num_k + 1, np.int8), np.zeros(num_k + 1))
     qcap = 4 * num_k + 16
-    queue = (np.zeros(qcap, np.int64), np.zeros(qcap, np.int64))
-    qseq = np.zeros(num_k, np.int64)
-    todo = np.zeros(num_k, np.int64)
-    pkeys = np.zeros(max(num_k, table.shape[2]), np.int64)
+    nb = max(qcap, caps.sum() + 1, table.shape[2] + num_e + 1, NUM_IV)
+    S = np.zeros((NUM_ROWS, nb), np.int64)
+    F = np.zeros((NUM_FROWS, max(num_k + 1, engines, NUM_FV)))
+    for row in (K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, P_HEAD, P_TAIL):
+        S[row, :] = -1
+    for k in range(num_k):
+        S[K_HOT, k] = 1 if hot[k] else 0
+        S[K_PART, k] = part[k // num_e]
+        S[K_CURSOR, k] = cursor[k] if cursor.shape[0] == num_k else NO_USE
+    for p in range(num_p):
+        S[P_CAP, p] = caps[p]
+        if p > 0:
+            S[P_HOFF, p] = S[P_HOFF, p - 1] + caps[p - 1]
+    S[IV, I_ENGINES] = engines
+    S[IV, I_QCAP] = qcap
     kinds = np.zeros(width, np.int64)
     lkeys = np.zeros(width, np.int64)
     wait_r = np.zeros(width)
@@ -575,117 +594,87 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
-        _install(ev, inst_keys[i], position, num_e, part, caps, used, state, pol, iv, nocc,
-                 cursor)
+        _install(ev, inst_keys[i], position, S, nocc)
     n_reset = 0
     now = 0.0
     for s in range(num_s):
         if resets[s]:  # cache.reset_per_request: a fresh cache for the joining request
             if timed:
-                _advance(now, duration, ev, position, num_e, part, caps, used, state, mark, pin,
-                         pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run, queue, qseq)
-            for k in range(num_k):  # Simulation._discard
-                if mark[k] == COUNTED:
-                    iv[I_WASTED] += 1
-                state[k] = ABSENT
-                mark[k] = 0
-                cur[k] = -1
-                hpos[k] = -1
-                qseq[k] = 0
-                infl[k] = False
-            used[:] = 0
-            head[:] = -1
-            tail[:] = -1
-            hsize[:] = 0
-            iv[I_NQ] = 0
-            iv[I_QHEAD] = 0
-            iv[I_QTAIL] = 0
-            iv[I_RSIZE] = 0
+                _advance(now, duration, ev, position, S, F, nocc)
+            _reset(num_k, num_p, S)
             n_reset += 1
             for i in range(inst_off[n_reset], inst_off[n_reset + 1]):
-                _install(ev, inst_keys[i], position, num_e, part, caps, used, state, pol, iv,
-                         nocc, cursor)
+                _install(ev, inst_keys[i], position, S, nocc)
         counting = counted[s]
-        iv[I_COUNTING] = 1 if counting else 0
+        S[IV, I_COUNTING] = 1 if counting else 0
         step_start = now
         for j in range(num_l):
             base = (s * num_l + j) * width
             position = base
             if hook_pre:
                 if timed:
-                    _advance(now, duration, ev, position, num_e, part, caps, used, state, mark,
-                             pin, pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run,
-                             queue, qseq)
+                    _advance(now, duration, ev, position, S, F, nocc)
                 if point == PT_PRE:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
-                                    counting, table, pkeys)
+                                    counting, table, S)
                     if n:
-                        _prefetch(pkeys, n, timed, touch, ev, position, num_e, part, caps, used,
-                                  state, mark, pin, pol, iv, nocc, cursor, skipped, qseq, infl,
-                                  queue, todo)
+                        _prefetch(n, timed, touch, ev, position, S, nocc)
                 if timed:
-                    _advance(now, duration, ev, position, num_e, part, caps, used, state, mark,
-                             pin, pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run,
-                             queue, qseq)
+                    _advance(now, duration, ev, position, S, F, nocc)
             if timed:
                 d = attn[s]
                 if dense_n[j]:
                     d += dense_n[j] * dense_step[s]
                 if d > 0:
                     now = now + d
-                _advance(now, duration, ev, position, num_e, part, caps, used, state, mark, pin,
-                         pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run, queue, qseq)
+                _advance(now, duration, ev, position, S, F, nocc)
             n_keys = 0
+            pstamp = S[IV, I_PSTAMP]
             for r in range(width):
                 k = keys[s, j, r]
                 if k >= 0:
                     lkeys[n_keys] = k
                     n_keys += 1
                     if pin_layer:
-                        pin[k] = iv[I_PSTAMP]
+                        S[K_PIN, k] = pstamp
             if hook_routed:
                 if point == PT_ROUTED:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
-                                    counting, table, pkeys)
+                                    counting, table, S)
                     if n:
-                        _prefetch(pkeys, n, timed, touch, ev, position, num_e, part, caps, used,
-                                  state, mark, pin, pol, iv, nocc, cursor, skipped, qseq, infl,
-                                  queue, todo)
+                        _prefetch(n, timed, touch, ev, position, S, nocc)
                 if timed:
-                    _advance(now, duration, ev, position, num_e, part, caps, used, state, mark,
-                             pin, pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run,
-                             queue, qseq)
+                    _advance(now, duration, ev, position, S, F, nocc)
             any_wait = False
             for r in range(n_keys):  # Simulation._access
                 k = lkeys[r]
                 position = base + r
-                st = state[k]
+                st = S[K_STATE, k]
                 if st != ABSENT:
                     kind = HIT if st == RESIDENT else LATE
-                    _on_access(ev, part[k // num_e], k, position, pol, iv, nocc, cursor)
-                    came = mark[k]
+                    _on_access(ev, S[K_PART, k], k, position, S, nocc)
+                    came = S[K_MARK, k]
                     if came:
-                        mark[k] = 0
+                        S[K_MARK, k] = 0
                         if came == COUNTED:
-                            iv[I_USEFUL] += 1
+                            S[IV, I_USEFUL] += 1
                         if counting:
-                            iv[I_SERVED] += 1
+                            S[IV, I_SERVED] += 1
                 else:
                     kind = MISS
-                    if qseq[k] != 0:  # a queued prefetch, withdrawn and promoted to demand
-                        qseq[k] = 0
-                        iv[I_NQ] -= 1
+                    if S[K_QSEQ, k] != 0:  # a queued prefetch, withdrawn and promoted
+                        S[K_QSEQ, k] = 0
+                        S[IV, I_NQ] -= 1
                         kind = PROMOTED
-                    if not _reserve(ev, k, False, position, num_e, part, caps, used, state,
-                                    mark, pin, pol, iv, nocc, cursor, skipped):
-                        iv[I_ERROR] = j + 1
-                        return iv, fv, layer_counts, layer_stall
+                    if not _reserve(ev, k, False, position, S, nocc):
+                        S[IV, I_ERROR] = j + 1
+                        return _out(S, F, layer_counts, layer_stall)
                     if timed:
-                        _submit_demand(k, duration, free, fin, infl, run, iv, fv)
+                        _submit_demand(k, duration, S, F)
                     else:
-                        state[k] = RESIDENT
+                        S[K_STATE, k] = RESIDENT
                     if counting:
-                        iv[I_DEMAND] += 1
+                        S[IV, I_DEMAND] += 1
                 if counting:
                     layer_counts[kind, j] += 1
                 kinds[r] = kind
@@ -694,43 +683,38 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
             position = base + width - 1
             if hook_issued and point == PT_ISSUED:
                 n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
-                                table, pkeys)
+                                table, S)
                 if n:
-                    _prefetch(pkeys, n, timed, touch, ev, position, num_e, part, caps, used,
-                              state, mark, pin, pol, iv, nocc, cursor, skipped, qseq, infl,
-                              queue, todo)
+                    _prefetch(n, timed, touch, ev, position, S, nocc)
             if timed:
-                if iv[I_NQ] > 0:
-                    _advance(now, duration, ev, position, num_e, part, caps, used, state, mark,
-                             pin, pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run,
-                             queue, qseq)
+                if S[IV, I_NQ] > 0:
+                    _advance(now, duration, ev, position, S, F, nocc)
                 t = now
                 if not use_counts and not any_wait:
                     end = t + shared[s] + n_keys * cost[1]
-                else:  # engine._schedule
+                else:  # engine._schedule: resident experts first, then by arrival
                     nw = 0
                     cur_t = t + shared[s]
                     for r in range(n_keys):
-                        dr = cost[counts[s, j, r]] if use_counts else cost[1]
                         if kinds[r] == HIT:
-                            cur_t += dr
+                            cur_t += cost[counts[s, j, r]] if use_counts else cost[1]
+                            continue
+                        k = lkeys[r]
+                        if S[K_INFL, k]:
+                            ready = F[F_FIN, k]
+                        elif S[K_STATE, k] == RESIDENT:
+                            ready = F[FV, V_LT]
                         else:
-                            k = lkeys[r]
-                            if infl[k]:
-                                ready = fin[k]
-                            elif state[k] == RESIDENT:
-                                ready = fv[F_LT]
-                            else:
-                                iv[I_ERROR] = -(j + 1)
-                                return iv, fv, layer_counts, layer_stall
-                            q = nw  # insertion sort by (ready, rank)
-                            while q > 0 and wait_r[q - 1] > ready:
-                                wait_r[q] = wait_r[q - 1]
-                                wait_i[q] = wait_i[q - 1]
-                                q -= 1
-                            wait_r[q] = ready
-                            wait_i[q] = r
-                            nw += 1
+                            S[IV, I_ERROR] = -(j + 1)
+                            return _out(S, F, layer_counts, layer_stall)
+                        q = nw  # insertion sort by (ready, rank)
+                        while q > 0 and wait_r[q - 1] > ready:
+                            wait_r[q] = wait_r[q - 1]
+                            wait_i[q] = wait_i[q - 1]
+                            q -= 1
+                        wait_r[q] = ready
+                        wait_i[q] = r
+                        nw += 1
                     st_miss = 0.0
                     st_late = 0.0
                     for q in range(nw):
@@ -745,32 +729,29 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         cur_t += cost[counts[s, j, r]] if use_counts else cost[1]
                     end = cur_t
                     if counting:
-                        fv[F_STALL_MISS] += st_miss
-                        fv[F_STALL_LATE] += st_late
+                        F[FV, V_STALL_MISS] += st_miss
+                        F[FV, V_STALL_LATE] += st_late
                         layer_stall[j] += st_miss + st_late
                 if end > t:
                     now = now + (end - t)
-                if iv[I_NQ] > 0:
-                    _advance(now, duration, ev, position, num_e, part, caps, used, state, mark,
-                             pin, pol, iv, fv, nocc, cursor, skipped, free, fin, infl, run,
-                             queue, qseq)
+                if S[IV, I_NQ] > 0:
+                    _advance(now, duration, ev, position, S, F, nocc)
             if pin_layer:
-                iv[I_PSTAMP] += 1
-        iv[I_SMARK] += 1  # least-stale: a new forward pass
+                S[IV, I_PSTAMP] += 1
+        S[IV, I_SMARK] += 1  # least-stale: a new forward pass
         if counting:
-            fv[F_TIME] += now - step_start
+            F[FV, V_TIME] += now - step_start
     unused = 0
     for k in range(num_k):
-        if mark[k] == COUNTED:
+        if S[K_MARK, k] == COUNTED:
             unused += 1
-    iv[I_UNUSED] = unused
-    fv[F_NOW] = now
+    S[IV, I_UNUSED] = unused
+    F[FV, V_NOW] = now
     clip = 0.0
-    rfin, rstart = run[0], run[4]
-    for i in range(iv[I_RSIZE]):
-        f = rfin[i]
-        s0 = rstart[i] if rstart[i] > now else now
+    for i in range(S[IV, I_RSIZE]):
+        f = F[F_RFIN, i]
+        s0 = F[F_RSTART, i] if F[F_RSTART, i] > now else now
         if f - s0 > 0:
             clip += f - s0
-    fv[F_CLIP] = clip
-    return iv, fv, layer_counts, layer_stall
+    F[FV, V_CLIP] = clip
+    return _out(S, F, layer_counts, layer_stall)
