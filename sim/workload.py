@@ -245,26 +245,19 @@ def _batched_steps(
 
 
 class WorkloadFuture:
-    """Future routing of a workload, for oracle policies (see ``policies.base.FutureView``)."""
+    """Future routing of a workload, for oracle policies (see ``policies.base.FutureView``).
+
+    Built lazily: the compiled engine reads the workload's keys itself and never asks, and the
+    next-use links (one int64 per position, from one backward pass without sort temporaries)
+    are made on the first ``next_use``; ``key_frequencies`` counts in blocks of steps."""
 
     def __init__(self, workload: Workload) -> None:
         self._w = workload
         self.num_steps = workload.num_steps
-        num_l = workload.shape.num_layers
-        keys = workload.keys
-        self.width = width = keys.shape[2]
-        s_idx, j_idx, r_idx = np.nonzero(keys >= 0)
-        flat_keys = keys[keys >= 0].astype(np.int64)
-        positions = (s_idx.astype(np.int64) * num_l + j_idx) * width + r_idx
-        order = np.argsort(flat_keys, kind="stable")  # positions stay ascending per key
-        self._pos = array("q")
-        self._pos.frombytes(positions[order].tobytes())
-        counts = np.bincount(flat_keys, minlength=workload.shape.num_keys)
-        self._freq = counts
-        off = np.concatenate([[0], np.cumsum(counts)])
-        self._start = off[:-1].tolist()
-        self._end = off[1:].tolist()
-        self._ptr = list(self._start)
+        self.width = workload.keys.shape[2]
+        self._freq: np.ndarray | None = None
+        self._nxt: array | None = None
+        self._cur: list[int] = []
 
     def keys_at(self, step: int, layer: int) -> list[int]:
         if step >= self.num_steps:
@@ -272,16 +265,34 @@ class WorkloadFuture:
         row = self._w.keys[step, layer]
         return row[row >= 0].tolist()
 
+    def _links(self) -> array:
+        from sim.compiled.kernel import next_occurrences
+
+        nxt, first = next_occurrences(self._w.keys.reshape(-1), self._w.shape.num_keys)
+        links = array("q")
+        links.frombytes(memoryview(nxt).cast("B"))
+        self._cur = first.tolist()
+        return links
+
     def next_use(self, key: int, position: int, inclusive: bool = False) -> int:
         """Positions are queried in non-decreasing order, so a per-key cursor is enough."""
-        pos, end = self._pos, self._end[key]
-        i = self._ptr[key]
-        while i < end and pos[i] < position:
-            i += 1
-        self._ptr[key] = i
-        if not inclusive and i < end and pos[i] == position:
-            i += 1
-        return pos[i] if i < end else NO_USE
+        nxt = self._nxt
+        if nxt is None:
+            nxt = self._nxt = self._links()
+        i = self._cur[key]
+        while i < position:
+            i = nxt[i]
+        self._cur[key] = i
+        if not inclusive and i == position:
+            i = nxt[i]
+        return i
 
     def key_frequencies(self) -> np.ndarray:
+        if self._freq is None:
+            keys = self._w.keys
+            freq = np.zeros(self._w.shape.num_keys, dtype=np.int64)
+            for a in range(0, keys.shape[0], 1 << 14):
+                block = keys[a:a + (1 << 14)]
+                freq += np.bincount(block[block >= 0], minlength=len(freq))
+            self._freq = freq
         return self._freq.copy()

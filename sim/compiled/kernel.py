@@ -195,6 +195,8 @@ def _to_tail(p, k, S):
 @_jit
 def _on_insert(ev, p, k, prefetch, position, S, nocc):
     if ev <= EV_STALE:
+        if ev == EV_STATIC and S[K_HOT, k]:  # never a victim: kept out of the LRU order
+            return
         _append(p, k, S)
         if ev == EV_STALE:
             S[K_CUR, k] = S[IV, I_SMARK]
@@ -211,7 +213,7 @@ def _on_insert(ev, p, k, prefetch, position, S, nocc):
 
 @_jit
 def _on_access(ev, p, k, position, S, nocc):
-    if ev in (EV_LRU, EV_STATIC):
+    if ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k]):
         _to_tail(p, k, S)
     elif ev == EV_STALE:
         S[K_CUR, k] = S[IV, I_SMARK]
@@ -234,8 +236,7 @@ def _victim(ev, p, S):
         fallback = -1
         v = S[P_HEAD, p]
         while v >= 0:
-            if (S[K_STATE, v] == RESIDENT and S[K_PIN, v] != pstamp
-                    and not (ev == EV_STATIC and S[K_HOT, v])):
+            if S[K_STATE, v] == RESIDENT and S[K_PIN, v] != pstamp:
                 if ev != EV_STALE or S[K_CUR, v] != smark:
                     return v
                 if fallback < 0:
@@ -366,13 +367,21 @@ def _argmin_free(S, F):
 
 
 @_jit
-def _submit_demand(k, duration, S, F):
+def _submit_demand(k, duration, direct, S, F):
+    """``HostLink.submit_demand``. ``direct``: a run without prefetches, where nothing can
+    observe a copy in flight (the GPU waits for every copy of a layer before the next one,
+    whose pinned keys are the only ones it touches), so the copy lands at once and only its
+    arrival time is kept for the layer's schedule."""
     e = _argmin_free(S, F)
     free = F[F_FREE, e]
     start = free if free > F[FV, V_LT] else F[FV, V_LT]
     finish = start + duration
     F[F_FREE, e] = finish
-    _rpush(finish, k, 0, start, S, F)
+    if direct:
+        S[K_STATE, k] = RESIDENT
+        S[IV, I_LSEQ] += 1
+    else:
+        _rpush(finish, k, 0, start, S, F)
     F[F_FIN, k] = finish
     S[K_INFL, k] = 1
     F[FV, V_BUSY] += duration
@@ -452,7 +461,7 @@ def _prefetch(n, timed, touch, ev, position, S, nocc):
     for i in range(n):
         k = S[B_PKEYS, i]
         if S[K_STATE, k] != ABSENT:
-            if touch and ev in (EV_LRU, EV_STATIC):  # on_prefetch_resident
+            if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
                 _to_tail(S[K_PART, k], k, S)
         elif timed:
             if S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
@@ -592,6 +601,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     wait_r = np.zeros(width)
     wait_i = np.zeros(width, np.int64)
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
+    direct = timed and pf == PF_NONE
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
         _install(ev, inst_keys[i], position, S, nocc)
@@ -670,7 +680,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         S[IV, I_ERROR] = j + 1
                         return _out(S, F, layer_counts, layer_stall)
                     if timed:
-                        _submit_demand(k, duration, S, F)
+                        _submit_demand(k, duration, direct, S, F)
                     else:
                         S[K_STATE, k] = RESIDENT
                     if counting:
