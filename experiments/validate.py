@@ -223,8 +223,16 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                 base["hw.name"] = profile.name
                 base["profile.expert_s"] = float(compute.expert_time(1))
 
+                compute_io = None
+                if bool(v.calibrate):  # the contention term: compute timed beside a busy reader
+                    from sim.executor.calibrate import under_io
+
+                    io_map = under_io(mapping, card)
+                    compute_io = profile_from_mapping(io_map, name=io_map["name"],
+                                                      allow_bare=False).compute_model(card)
                 ctx = {"trace": trace, "policy": pcfg, "compute": compute, "common": common,
                        "base": base, "expert_bytes": card.expert_bytes}
+                ctx_io = {**ctx, "compute": compute_io or compute}
                 before = _predict(link, "before", 0, ctx, rows, layers)
                 bracket = _Bracket(card, v, seed=1000 * (cid + 1))
                 for r in range(int(v.repeats)):
@@ -247,11 +255,13 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                                  rows, layers)
                         _predict(_with_read_time(mapping, card, read_s, no_latency=True),
                                  "bracketed_no_handoff", r, ctx, rows, layers)
+                        _predict(_with_read_time(mapping, card, read_s), "bracketed_io", r,
+                                 ctx_io, rows, layers)
                     copy_s = float(real.summary["executor.copy_mean_s"])
                     if copy_s == copy_s:  # diagnostic: the run's own copy time (not a prediction)
                         lat = float(link.latency_s) if hasattr(link, "latency_s") else 0.0
                         _predict(FixedLink(copy_s + lat, math.inf, engines), "inrun_link", r,
-                                 ctx, rows, layers)
+                                 ctx_io, rows, layers)
                 log(f"  [{cid:2d}] {label:40s} cap {float(frac):.2f}: time/token predicted "
                     f"{before['time_per_output_token_s'] * 1e3:8.3f} ms, real "
                     f"{last_real['time_per_output_token_s'] * 1e3:8.3f} ms  "
@@ -275,19 +285,22 @@ def _err(pred: float, meas: float) -> float:
 def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
     """One row per config: the prediction vs the real runs' median, errors, spread, counts.
 
-    The headline prediction is ``bracketed`` when reads were timed around each run (the median
-    of its per-run predictions), else ``before``; ``before`` (profiled once right before the
-    config) and the ``inrun_link`` diagnostic (the simulator given the run's own mean copy
-    time: what is left is the model's error, not the disk's drift) sit beside it.
+    Predictions (``tpot_err_<kind>_pct``), each the median of its per-run predictions:
+    ``before`` (profiled once right before the config); ``bracketed_no_handoff`` (reads timed
+    right before and after each run, no per-copy latency); ``bracketed`` (+ the profiled
+    per-copy latency of the copy path); ``bracketed_io`` (+ compute timed beside a busy reader:
+    the contention term) - the headline, as far as it was computed; and the ``inrun_link``
+    diagnostic (the full model given the run's own mean copy time instead of the bracketing
+    reads: what is left is the model's error, not the disk's drift; not a prediction).
     """
     out = []
     keys = ["config_id", "trace.name", "policy.label", "cache.fraction", "cache.slots"]
     for _, g in summary.groupby("config_id", sort=True):
         sims = g[g["source"] == "sim"]
         real = g[g["source"] == "real"]
-        by = {k: sims[sims["prediction"] == k]
-              for k in ("before", "bracketed", "bracketed_no_handoff", "inrun_link")}
-        head = "bracketed" if len(by["bracketed"]) else "before"
+        kinds = ("before", "bracketed", "bracketed_no_handoff", "bracketed_io", "inrun_link")
+        by = {k: sims[sims["prediction"] == k] for k in kinds}
+        head = next(k for k in ("bracketed_io", "bracketed", "before") if len(by[k]))
         first = by["before"].iloc[0]
         row: dict[str, Any] = {k: first[k] for k in keys}
         row["prediction"] = head
@@ -302,7 +315,7 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{short}_real_max_s"] = float(vals.max())
             row[f"{short}_err_pct"] = _err(pred, med)
             row[f"{short}_abs_err_pct"] = abs(row[f"{short}_err_pct"])
-            for k in ("before", "bracketed_no_handoff", "inrun_link"):
+            for k in kinds:
                 if len(by[k]):
                     row[f"{short}_err_{k}_pct"] = _err(float(by[k][metric].median()), med)
         row["tpot_real_spread_pct"] = (

@@ -48,6 +48,7 @@ class CalibrationOptions:
     read_seed: int = 0  # which experts the read timing picks
     slots: int = 32  # distinct experts the FFN timing cycles through
     handoff: bool = True  # profile the copy hand-off into the per-copy latency
+    contention: bool = True  # also time compute while a reader thread keeps the link busy
 
 
 def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
@@ -61,6 +62,50 @@ def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
         fn(r % cycle)
         times.append(time.perf_counter() - t0)
     return float(np.mean(times))
+
+
+def _busy_reader(backend: StorageBackend, layout: ExpertLayout, slot: int
+                 ) -> Callable[[], None]:
+    """Start a thread that reads experts back to back into ``slot`` (a copy worker with the
+    link always busy); returns the function that stops it."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        k = 0
+        while not stop.is_set():
+            backend.load((k * 7919) % layout.num_keys, slot, 0)
+            k += 1
+
+    t = threading.Thread(target=loop, name="moesim-calibrate-reader", daemon=True)
+    t.start()
+
+    def halt() -> None:
+        stop.set()
+        t.join()
+
+    return halt
+
+
+def under_io(mapping: dict[str, Any], card: ModelCard) -> dict[str, Any]:
+    """The profile with every compute time multiplied by its op's measured slowdown while a
+    copy worker reads (``machine.compute_under_io``): the compute of a link-bound run, whose
+    link is busy nearly all the time. A first-order stand-in for a contention term the
+    simulator does not have (it would apply the factor only while a copy is in flight)."""
+    factors = mapping.get("machine", {}).get("compute_under_io") or {}
+    if not factors:
+        return mapping
+    ops = {"expert_s": "expert", "attention_s": "attention", "router_s": "router",
+           "shared_s": "shared", "dense_layer_s": "dense"}
+    table = dict(mapping["compute"]["measured"][card.name])
+    for key, op in ops.items():
+        if key in table and op in factors:
+            q = dict(table[key])
+            q["value"] = [[x, float(f"{y * factors[op]:.6g}")] for x, y in q["value"]]
+            q["source"] = f"{q['source']} x {factors[op]:.3g} (measured slowdown under I/O)"
+            table[key] = q
+    return {**mapping, "compute": {**mapping["compute"],
+                                   "measured": {**mapping["compute"]["measured"],
+                                                card.name: table}}}
 
 
 def _interleaved_means(jobs: Sequence[tuple[str, int, Callable[[int], None], int]],
@@ -261,6 +306,18 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
             expert, attn, router, shared, dense = (
                 [(x, means[(k, x)]) for k2, x, _, _ in jobs if k2 == k]
                 for k in ("expert", "attention", "router", "shared", "dense"))
+            io_factor = {}
+            if opts.contention:
+                busy = _busy_reader(backend, layout, slots - 1)
+                try:
+                    means_io = _interleaved_means(jobs, opts.reps, opts.min_seconds)
+                finally:
+                    busy()
+                for k in ("expert", "attention", "router", "shared", "dense"):
+                    pts = [x for k2, x, _, _ in jobs if k2 == k]
+                    if pts:
+                        io_factor[k] = float(np.mean([means_io[(k, x)] / means[(k, x)]
+                                                      for x in pts]))
             n = 1 << 22  # memory bandwidth: a 16 MiB fp32 copy; flops: a 512^3 matmul
             a, b = torch.randn(n), torch.empty(n)
             bw = 8 * n / _mean_call(lambda i: b.copy_(a), 10, 1)
@@ -269,7 +326,9 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
     finally:
         backend.close()
     log(f"calibrate: expert FFN {expert[0][1] * 1e6:.1f} us at 1 token, attention "
-        f"{attn[0][1] * 1e6:.1f} us at context {attn[0][0]}, router {router[0][1] * 1e6:.1f} us")
+        f"{attn[0][1] * 1e6:.1f} us at context {attn[0][0]}, router {router[0][1] * 1e6:.1f} us"
+        + (f"; under I/O x{io_factor['expert']:.2f} / x{io_factor['attention']:.2f}"
+           if io_factor else ""))
     table: dict[str, Any] = {
         "notes": (f"executor ops (hw_profiles.cpu_ops) at scaled shapes, {opts.threads} torch "
                   f"thread(s), weights cycled over {slots} expert slots / {nl} layers"),
@@ -306,6 +365,13 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
             "flops_efficiency": _q(1.0, "measured throughput used as is", "estimate"),
             "measured": {card.name: table},
         },
+        **({"contention": {
+            "notes": "mean op time while one reader thread reads experts back to back, over "
+                     "alone, same interleaved rounds; per op in machine.compute_under_io",
+            "compute_slowdown_under_io": _q([[1, float(f"{io_factor['expert']:.4g}")]],
+                                            src + ": expert FFN under one busy reader"),
+        }} if "expert" in io_factor else {}),
         "machine": {"platform": platform.platform(), "torch": str(torch.__version__),
-                    "torch_threads": opts.threads, "direct_io": reads.direct_io},
+                    "torch_threads": opts.threads, "direct_io": reads.direct_io,
+                    "compute_under_io": io_factor},
     }, card, reads, handoff)

@@ -58,3 +58,17 @@ def test_reads_and_handoff_are_measured(tmp_path: Path) -> None:
     assert reads.reads == 6 and 0 < reads.p10_s <= reads.median_s <= reads.p90_s
     assert reads.mean_s > 0
     assert 0 < measure_handoff(card, opts, seed=2, copies=6) < 1.0
+
+
+def test_contention_factor_is_measured_and_scales_compute(mapping: dict) -> None:
+    from sim.executor.calibrate import under_io
+
+    card = replace(small_card(), shared_intermediate_size=32, dense_intermediate_size=96)
+    factors = mapping["machine"]["compute_under_io"]
+    assert set(factors) == {"expert", "attention", "router", "shared", "dense"}
+    assert all(f > 0 for f in factors.values())
+    slowed = profile_from_mapping(under_io(mapping, card), name="x", allow_bare=False)
+    alone = profile_from_mapping(mapping, name="x", allow_bare=False)
+    assert slowed.compute_model(card).expert_time(1) == pytest.approx(
+        alone.compute_model(card).expert_time(1) * factors["expert"], rel=1e-4)
+    assert alone.contention is not None

@@ -68,8 +68,9 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     # plus the in-run-link diagnostic
     assert sims.groupby("config_id")["prediction"].value_counts().to_dict() == {
         (c, k): n for c in (0, 1) for k, n in (("before", 1), ("bracketed", 2),
-                                                ("bracketed_no_handoff", 2), ("inrun_link", 2))}
-    assert len(summary) == 2 * (7 + 2)
+                                                ("bracketed_no_handoff", 2), ("bracketed_io", 2),
+                                                ("inrun_link", 2))}
+    assert len(summary) == 2 * (9 + 2)
     assert set(per_layer["source"]) == {"real", "sim"}
     assert len(per_layer) == len(summary) * 6
     real = summary[summary["source"] == "real"]
@@ -78,7 +79,9 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     assert (real["read_before_s"] > 0).all() and (real["read_after_s"] > 0).all()
     assert (summary["expert_bytes"] == real["expert_bytes"].iloc[0]).all()
     assert len(table) == 2 and (out / "validation.parquet").is_file()
-    assert (table["prediction"] == "bracketed").all()
+    assert (table["prediction"] == "bracketed_io").all()
+    for kind in ("before", "bracketed", "bracketed_no_handoff", "inrun_link"):
+        assert table[f"tpot_err_{kind}_pct"].notna().all()
     profiles = sorted(p.name for p in out.glob("profile_*.yaml"))
     assert profiles == ["profile_00.yaml", "profile_01.yaml"]
     lru = table[table["policy.label"] == "lru"].iloc[0]
