@@ -166,72 +166,57 @@ def _single_token_steps(
 def _batched_steps(
     trace: Trace, shape: ModelShape, replay: Replay, batch: int, chunk: int, warmup: int
 ) -> Workload:
-    num_l, num_e = shape.num_layers, shape.num_experts
-    pending = list(trace.requests)[::-1]
+    """The schedule (who runs which unit in which step) in Python, one entry per unit; the
+    per-layer unions of each step's experts in one compiled pass (``sim.compiled.steps``)."""
+    from sim.compiled.steps import union_steps
+
+    requests = list(trace.requests)
+    first_row = np.cumsum([0] + [r.num_tokens for r in requests[:-1]]).tolist()
+    pending = list(zip(requests, first_row, strict=True))[::-1]
     join_map: dict[int, list[int]] = {}
-    running: list[tuple[object, list[tuple[int, int, bool]], int]] = []
-    step_keys: list[list[np.ndarray]] = []
-    step_counts: list[list[np.ndarray]] = []
-    pairs, tokens, out_tokens, context, counted, req_ids, req_off = (
-        [], [], [], [], [], [], [0]
-    )
+    running: list[tuple[object, int, list[tuple[int, int, bool]], int]] = []
+    tokens, out_tokens, context, counted, req_ids, req_off = [], [], [], [], [], [0]
     t_start: list[int] = []
     t_end: list[int] = []
+    tok_idx: list[int] = []
+    step_off = [0]
     while pending or running:
         joined = []
         while pending and len(running) < batch:
-            req = pending.pop()
-            running.append((req, _units(req.phase, replay, chunk), 0))
+            req, row0 = pending.pop()
+            running.append((req, row0, _units(req.phase, replay, chunk), 0))
             joined.append(req.request_id)
         if joined:
-            join_map[len(step_keys)] = joined
-        rows, n_tok, n_out, ctx, past_warmup, ids = [], 0, 0, 0, False, []
+            join_map[len(step_off) - 1] = joined
+        n_tok, n_out, ctx, past_warmup = 0, 0, 0, False
         nxt = []
-        for req, units, i in running:
+        for req, row0, units, i in running:
             t0, t1, is_out = units[i]
-            rows.append(req.experts[t0:t1])
+            tok_idx.extend(range(row0 + t0, row0 + t1))
             n_tok += t1 - t0
             n_out += int(is_out)
             ctx = max(ctx, t1)
             past_warmup |= t0 >= warmup
-            ids.append(req.request_id)
+            req_ids.append(req.request_id)
             t_start.append(t0)
             t_end.append(t1)
             if i + 1 < len(units):
-                nxt.append((req, units, i + 1))
+                nxt.append((req, row0, units, i + 1))
         running = nxt
-        block = np.concatenate(rows).astype(np.int32)  # [tokens, L, k]
-        layer_keys, layer_counts, layer_pairs = [], [], []
-        for j in range(num_l):
-            ids_j = block[:, j, :].ravel()
-            ids_j = ids_j[ids_j >= 0]
-            uniq, first, cnt = np.unique(ids_j, return_index=True, return_counts=True)
-            order = np.argsort(first, kind="stable")
-            layer_keys.append(uniq[order] + j * num_e)
-            layer_counts.append(cnt[order])
-            layer_pairs.append(len(ids_j))
-        step_keys.append(layer_keys)
-        step_counts.append(layer_counts)
-        pairs.append(layer_pairs)
+        step_off.append(len(tok_idx))
         tokens.append(n_tok)
         out_tokens.append(n_out)
         context.append(ctx)
         counted.append(past_warmup)
-        req_ids += ids
         req_off.append(len(req_ids))
-    width = max(max(len(k) for k in layer) for layer in step_keys)
-    num_s = len(step_keys)
-    keys = np.full((num_s, num_l, max(width, 1)), -1, dtype=np.int32)
-    counts = np.zeros_like(keys)
-    for s, (layer_keys, layer_counts) in enumerate(zip(step_keys, step_counts, strict=True)):
-        for j in range(num_l):
-            keys[s, j, : len(layer_keys[j])] = layer_keys[j]
-            counts[s, j, : len(layer_counts[j])] = layer_counts[j]
+    experts = np.concatenate([r.experts for r in requests])
+    keys, counts, pairs = union_steps(experts, np.asarray(tok_idx, dtype=np.int64),
+                                      np.asarray(step_off, dtype=np.int64), shape.num_experts)
     return Workload(
         shape=shape,
         keys=keys,
         counts=counts,
-        pairs=np.asarray(pairs, dtype=np.int32),
+        pairs=pairs,
         tokens=np.asarray(tokens, dtype=np.int32),
         out_tokens=np.asarray(out_tokens, dtype=np.int32),
         context=np.asarray(context, dtype=np.int32),
