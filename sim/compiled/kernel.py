@@ -39,7 +39,8 @@ K_QSEQ, K_INFL, K_PART, K_CURSOR = range(17, 21)
 P_USED, P_CAP, P_HEAD, P_TAIL, P_HOFF, P_HSIZE = range(1, 7)
 # Int buffers; rows of F (float buffers, then the float scalars):
 B_HKEY, B_SKIP, B_TODO, B_PKEYS, B_RSEQ, B_RKEY, B_RKIND, B_QKEY, B_QSEQ = range(21, 30)
-NUM_ROWS = 30
+K_OUT = 30  # a pinned key held out of its heap until the layer ends (LFU, Belady)
+NUM_ROWS = 31
 IV = 0  # row of S holding the int scalars
 F_FIN, F_RFIN, F_RSTART, F_FREE = range(4)
 FV = 4  # row of F holding the float scalars
@@ -204,10 +205,20 @@ def _on_insert(ev, p, k, prefetch, position, S, nocc):
         S[IV, I_SEQ] += 1
         S[K_S1, k] = 1
         S[K_S2, k] = S[IV, I_SEQ]
-        _hpush(p, k, S)
+        _hpush_unless_pinned(p, k, S)
     else:  # Belady: a prefetched expert's use may be in the current layer-step itself
         S[K_S1, k] = -_next_use(k, position, prefetch, nocc, S)
         S[K_S2, k] = k
+        _hpush_unless_pinned(p, k, S)
+
+
+@_jit
+def _hpush_unless_pinned(p, k, S):
+    """A pinned key cannot be a victim: it joins the heap when its layer ends (victim = the
+    smallest evictable entry either way, without popping pinned ones at every miss)."""
+    if S[K_PIN, k] == S[IV, I_PSTAMP]:
+        S[K_OUT, k] = 1
+    else:
         _hpush(p, k, S)
 
 
@@ -221,10 +232,12 @@ def _on_access(ev, p, k, position, S, nocc):
         S[IV, I_SEQ] += 1
         S[K_S1, k] += 1
         S[K_S2, k] = S[IV, I_SEQ]
-        _hupdate(p, k, S)
+        if not S[K_OUT, k]:
+            _hupdate(p, k, S)
     elif ev == EV_BELADY:
         S[K_S1, k] = -_next_use(k, position, False, nocc, S)
-        _hupdate(p, k, S)
+        if not S[K_OUT, k]:
+            _hupdate(p, k, S)
 
 
 @_jit
@@ -553,6 +566,7 @@ def _reset(num_k, num_p, S):
         S[K_HPOS, k] = -1
         S[K_QSEQ, k] = 0
         S[K_INFL, k] = 0
+        S[K_OUT, k] = 0
     for p in range(num_p):
         S[P_USED, p] = 0
         S[P_HEAD, p] = -1
@@ -602,6 +616,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     wait_i = np.zeros(width, np.int64)
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     direct = timed and pf == PF_NONE
+    heap = ev >= EV_LFU
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
         _install(ev, inst_keys[i], position, S, nocc)
@@ -647,6 +662,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     n_keys += 1
                     if pin_layer:
                         S[K_PIN, k] = pstamp
+                        if heap and S[K_HPOS, k] >= 0:
+                            _hremove(S[K_PART, k], k, S)
+                            S[K_OUT, k] = 1
             if hook_routed:
                 if point == PT_ROUTED:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
@@ -747,6 +765,13 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if S[IV, I_NQ] > 0:
                     _advance(now, duration, ev, position, S, F, nocc)
             if pin_layer:
+                if heap:
+                    for r in range(n_keys):
+                        k = lkeys[r]
+                        if S[K_OUT, k]:
+                            S[K_OUT, k] = 0
+                            if S[K_STATE, k] != ABSENT:
+                                _hpush(S[K_PART, k], k, S)
                 S[IV, I_PSTAMP] += 1
         S[IV, I_SMARK] += 1  # least-stale: a new forward pass
         if counting:
