@@ -40,7 +40,8 @@ P_USED, P_CAP, P_HEAD, P_TAIL, P_HOFF, P_HSIZE = range(1, 7)
 # Int buffers; rows of F (float buffers, then the float scalars):
 B_HKEY, B_SKIP, B_TODO, B_PKEYS, B_RSEQ, B_RKEY, B_RKIND, B_QKEY, B_QSEQ = range(21, 30)
 K_OUT = 30  # a pinned key held out of its heap until the layer ends (LFU, Belady)
-NUM_ROWS = 31
+K_TODO = 31  # stamp of the last zero-latency prefetch call that listed the key
+NUM_ROWS = 32
 IV = 0  # row of S holding the int scalars
 F_FIN, F_RFIN, F_RSTART, F_FREE = range(4)
 FV = 4  # row of F holding the float scalars
@@ -49,13 +50,16 @@ NUM_FROWS = 5
 I_PSTAMP, I_SMARK, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
 I_DEMAND, I_ISSUED, I_PF_STARTED, I_PF_DROPPED, I_SERVED, I_USEFUL = range(9, 15)
 I_WASTED, I_EVICTIONS, I_L_DEMAND, I_L_PREFETCH, I_L_DROPPED, I_ERROR, I_UNUSED = range(15, 22)
-I_ENGINES, I_QCAP = 22, 23
-NUM_IV = 24
+I_ENGINES, I_QCAP, I_TSTAMP = 22, 23, 24
+NUM_IV = 25
 # Columns of row FV of F.
 V_LT, V_BUSY, V_STALL_MISS, V_STALL_LATE, V_TIME, V_NOW, V_CLIP = range(7)
 NUM_FV = 7
 
 _jit = numba.njit(cache=True, nogil=True)
+# Helpers allocate nothing: compiled without NRT, a call passes arrays without the atomic
+# reference-count updates that otherwise cost more than the work of a cache operation.
+_fn = numba.njit(cache=True, nogil=True, _nrt=False)
 
 
 # -- next use (Belady) ----------------------------------------------------------------------
@@ -76,7 +80,7 @@ def next_occurrences(flat: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.nd
     return nxt, last
 
 
-@_jit
+@_fn
 def _next_use(k, p, incl, nocc, S):
     """``WorkloadFuture.next_use``: first position > p (>= p if incl) of key k."""
     i = S[K_CURSOR, k]
@@ -89,12 +93,12 @@ def _next_use(k, p, incl, nocc, S):
 
 
 # -- indexed heap (LFU, Belady): min of (s1, s2) per partition ------------------------------
-@_jit
+@_fn
 def _less(a, b, S):
     return S[K_S1, a] < S[K_S1, b] or (S[K_S1, a] == S[K_S1, b] and S[K_S2, a] < S[K_S2, b])
 
 
-@_jit
+@_fn
 def _sift_up(off, i, S):
     k = S[B_HKEY, off + i]
     while i > 0:
@@ -110,7 +114,7 @@ def _sift_up(off, i, S):
     S[K_HPOS, k] = i
 
 
-@_jit
+@_fn
 def _sift_down(off, i, size, S):
     k = S[B_HKEY, off + i]
     while True:
@@ -130,7 +134,7 @@ def _sift_down(off, i, size, S):
     S[K_HPOS, k] = i
 
 
-@_jit
+@_fn
 def _hpush(p, k, S):
     i = S[P_HSIZE, p]
     S[P_HSIZE, p] = i + 1
@@ -139,7 +143,7 @@ def _hpush(p, k, S):
     _sift_up(S[P_HOFF, p], i, S)
 
 
-@_jit
+@_fn
 def _hremove(p, k, S):
     off = S[P_HOFF, p]
     i = S[K_HPOS, k]
@@ -154,14 +158,14 @@ def _hremove(p, k, S):
         _sift_down(off, S[K_HPOS, q], last, S)
 
 
-@_jit
+@_fn
 def _hupdate(p, k, S):
     _sift_up(S[P_HOFF, p], S[K_HPOS, k], S)
     _sift_down(S[P_HOFF, p], S[K_HPOS, k], S[P_HSIZE, p], S)
 
 
 # -- eviction policies ----------------------------------------------------------------------
-@_jit
+@_fn
 def _unlink(p, k, S):
     a, b = S[K_PRV, k], S[K_NXT, k]
     if a >= 0:
@@ -174,7 +178,7 @@ def _unlink(p, k, S):
         S[P_TAIL, p] = a
 
 
-@_jit
+@_fn
 def _append(p, k, S):
     t = S[P_TAIL, p]
     S[K_PRV, k] = t
@@ -186,14 +190,14 @@ def _append(p, k, S):
     S[P_TAIL, p] = k
 
 
-@_jit
+@_fn
 def _to_tail(p, k, S):
     if S[P_TAIL, p] != k:
         _unlink(p, k, S)
         _append(p, k, S)
 
 
-@_jit
+@_fn
 def _on_insert(ev, p, k, prefetch, position, S, nocc):
     if ev <= EV_STALE:
         if ev == EV_STATIC and S[K_HOT, k]:  # never a victim: kept out of the LRU order
@@ -212,7 +216,7 @@ def _on_insert(ev, p, k, prefetch, position, S, nocc):
         _hpush_unless_pinned(p, k, S)
 
 
-@_jit
+@_fn
 def _hpush_unless_pinned(p, k, S):
     """A pinned key cannot be a victim: it joins the heap when its layer ends (victim = the
     smallest evictable entry either way, without popping pinned ones at every miss)."""
@@ -222,7 +226,7 @@ def _hpush_unless_pinned(p, k, S):
         _hpush(p, k, S)
 
 
-@_jit
+@_fn
 def _on_access(ev, p, k, position, S, nocc):
     if ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k]):
         _to_tail(p, k, S)
@@ -240,7 +244,7 @@ def _on_access(ev, p, k, position, S, nocc):
             _hupdate(p, k, S)
 
 
-@_jit
+@_fn
 def _victim(ev, p, S):
     """The policy's victim among keys that may be evicted (resident and not pinned), or -1."""
     pstamp = S[IV, I_PSTAMP]
@@ -274,7 +278,7 @@ def _victim(ev, p, S):
 
 
 # -- the cache (sim/cache.py) ---------------------------------------------------------------
-@_jit
+@_fn
 def _evict(ev, p, k, S):
     S[K_STATE, k] = ABSENT
     S[P_USED, p] -= 1
@@ -290,7 +294,7 @@ def _evict(ev, p, k, S):
         _hremove(p, k, S)
 
 
-@_jit
+@_fn
 def _reserve(ev, k, prefetch, position, S, nocc):
     p = S[K_PART, k]
     if S[P_USED, p] >= S[P_CAP, p]:
@@ -308,7 +312,7 @@ def _reserve(ev, k, prefetch, position, S, nocc):
     return True
 
 
-@_jit
+@_fn
 def _install(ev, k, position, S, nocc):
     p = S[K_PART, k]
     if S[K_STATE, k] != ABSENT or S[P_USED, p] >= S[P_CAP, p]:
@@ -319,13 +323,13 @@ def _install(ev, k, position, S, nocc):
 
 
 # -- the host link (sim/link.py) ------------------------------------------------------------
-@_jit
+@_fn
 def _rless(a, b, S, F):
     return F[F_RFIN, a] < F[F_RFIN, b] or (F[F_RFIN, a] == F[F_RFIN, b]
                                              and S[B_RSEQ, a] < S[B_RSEQ, b])
 
 
-@_jit
+@_fn
 def _rswap(a, b, S, F):
     F[F_RFIN, a], F[F_RFIN, b] = F[F_RFIN, b], F[F_RFIN, a]
     F[F_RSTART, a], F[F_RSTART, b] = F[F_RSTART, b], F[F_RSTART, a]
@@ -334,7 +338,7 @@ def _rswap(a, b, S, F):
     S[B_RKIND, a], S[B_RKIND, b] = S[B_RKIND, b], S[B_RKIND, a]
 
 
-@_jit
+@_fn
 def _rpush(fin, key, kind, start, S, F):
     """A scheduled copy (finish, seq, key, kind, start), ordered by (finish, seq)."""
     S[IV, I_LSEQ] += 1
@@ -350,7 +354,7 @@ def _rpush(fin, key, kind, start, S, F):
         i = parent
 
 
-@_jit
+@_fn
 def _rpop(S, F):
     key = S[B_RKEY, 0]
     last = S[IV, I_RSIZE] - 1
@@ -370,7 +374,7 @@ def _rpop(S, F):
     return key
 
 
-@_jit
+@_fn
 def _argmin_free(S, F):
     e = 0
     for i in range(1, S[IV, I_ENGINES]):
@@ -379,7 +383,7 @@ def _argmin_free(S, F):
     return e
 
 
-@_jit
+@_fn
 def _submit_demand(k, duration, direct, S, F):
     """``HostLink.submit_demand``. ``direct``: a run without prefetches, where nothing can
     observe a copy in flight (the GPU waits for every copy of a layer before the next one,
@@ -402,7 +406,7 @@ def _submit_demand(k, duration, direct, S, F):
         S[IV, I_L_DEMAND] += 1
 
 
-@_jit
+@_fn
 def _queue_push(k, S):
     if S[IV, I_QTAIL] == S[IV, I_QCAP]:  # compact: drop withdrawn entries, keep the order
         n = 0
@@ -421,7 +425,7 @@ def _queue_push(k, S):
     S[IV, I_NQ] += 1
 
 
-@_jit
+@_fn
 def _advance(until, duration, ev, position, S, F, nocc):
     """``HostLink.advance``: completions and prefetch starts up to ``until``, in time order."""
     while True:
@@ -467,10 +471,11 @@ def _advance(until, duration, ev, position, S, F, nocc):
 
 
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
-@_jit
+@_fn
 def _prefetch(n, timed, touch, ev, position, S, nocc):
     """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once."""
     m = 0
+    S[IV, I_TSTAMP] += 1
     for i in range(n):
         k = S[B_PKEYS, i]
         if S[K_STATE, k] != ABSENT:
@@ -480,15 +485,10 @@ def _prefetch(n, timed, touch, ev, position, S, nocc):
             if S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
                 _queue_push(k, S)
                 m += 1
-        else:
-            dup = False
-            for q in range(m):
-                if S[B_TODO, q] == k:
-                    dup = True
-                    break
-            if not dup:
-                S[B_TODO, m] = k
-                m += 1
+        elif S[K_TODO, k] != S[IV, I_TSTAMP]:  # listed once per call
+            S[K_TODO, k] = S[IV, I_TSTAMP]
+            S[B_TODO, m] = k
+            m += 1
     counting = S[IV, I_COUNTING]
     if timed:
         if counting:
@@ -508,7 +508,7 @@ def _prefetch(n, timed, touch, ev, position, S, nocc):
         S[IV, I_ISSUED] += done
 
 
-@_jit
+@_fn
 def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting, table, S):
     """The keys the prefetcher asks for at its point of layer j (in ``S[B_PKEYS]``), and how
     many (policies/oracle_prefetch.py, next_layer_all.py, prediction_prefetch.py,
@@ -553,7 +553,7 @@ def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
     return n
 
 
-@_jit
+@_fn
 def _reset(num_k, num_p, S):
     """``cache.reset_per_request``: the old cache's unused prefetches are wasted; a fresh cache
     and an empty link queue (copies on the engines keep them busy but land nowhere)."""
@@ -598,7 +598,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     nb = max(qcap, caps.sum() + 1, table.shape[2] + num_e + 1, NUM_IV)
     S = np.zeros((NUM_ROWS, nb), np.int64)
     F = np.zeros((NUM_FROWS, max(num_k + 1, engines, NUM_FV)))
-    for row in (K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, P_HEAD, P_TAIL):
+    for row in (K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, K_TODO, P_HEAD, P_TAIL):
         S[row, :] = -1
     for k in range(num_k):
         S[K_HOT, k] = 1 if hot[k] else 0
