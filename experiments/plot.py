@@ -295,6 +295,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print("timeline: " + ", ".join(map(str, paths)))
+    from experiments import plot_validation as pv
+
+    try:  # an experiment=validate folder: predicted vs measured, not the sweep plots
+        vpath = pv.find_table(args.dir)
+    except FileNotFoundError:
+        vpath = None
+    if vpath is not None:
+        vpaths = pv.plot_validation(pv.tidy(pd.read_parquet(vpath)), args.out or args.dir)
+        print("validation: " + ", ".join(map(str, vpaths)))
+        return 0
     try:
         df = collect(args.dir)
     except FileNotFoundError as exc:

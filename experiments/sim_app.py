@@ -265,6 +265,16 @@ def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
         for line in errors:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
+    if cfg.get("validate") is not None:  # experiment=validate[_smoke]: simulate + run for real
+        from experiments.validate import USER_ERRORS as VALIDATE_ERRORS
+        from experiments.validate import run_validation
+
+        try:
+            run_validation(cfg, outdir)
+        except VALIDATE_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            sys.exit(2)
+        return None
     try:
         digest = config_hash(cfg, input_digest(cfg))
     except USER_ERRORS as exc:

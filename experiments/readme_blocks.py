@@ -1,0 +1,161 @@
+"""README blocks generated from committed result files, so their numbers cannot drift.
+
+    python -m experiments.readme_blocks            # rewrite every block (and its figure)
+    python -m experiments.readme_blocks --check    # exit 1 if a block differs (a test runs this)
+
+A block sits between ``<!-- BEGIN generated:<name> -->`` and ``<!-- END generated:<name> -->`` in
+README.md; :data:`BLOCKS` says which result file and renderer make it. Result files are small
+tables committed under ``experiments/results/`` (written by the experiment's own command, see
+each block's text); the README never holds a number typed by hand inside a block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).parent / "results"
+FIGURES = Path(__file__).parent / "figures"
+
+# Predictions of experiment=validate, in the order the model gains terms (experiments/validate.py
+# validation_table): label, column suffix, what it adds.
+VALIDATION_STEPS = (
+    ("profiled once before the config", "before", "op means and one read curve, then the run"),
+    ("+ reads timed around each run", "bracketed_no_handoff",
+     "the virtual disk's speed read right before and after each real run"),
+    ("+ per-copy latency of the copy path", "bracketed",
+     "submit, worker wake-up and hand-off back, profiled alone"),
+    ("+ compute slowed by a busy reader", "bracketed_io",
+     "expert and attention times measured beside a reading copy worker (contention)"),
+)
+
+
+def _pct(x: float, signed: bool = False) -> str:
+    if x is None or not np.isfinite(x):
+        return "-"
+    return f"{x:+.1f} %" if signed else f"{x:.1f} %"
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.2f}"
+
+
+def render_validation(df: pd.DataFrame) -> str:
+    """The "How accurate is moesim?" block: error by model term, then every config."""
+    n = len(df)
+    traces = sorted(df["trace.name"].unique())
+    lines = [
+        f"{n} configs ({df['policy.label'].nunique()} policies x "
+        f"{df['cache.fraction'].nunique()} capacities x {len(traces)} traces: "
+        f"{', '.join(traces)}); each simulated, then run for real `validate.repeats` times on "
+        "the executor. Errors are of the simulated "
+        "time per token against the median real run; spread is (max - min) / median of the real "
+        "runs.",
+        "",
+        "| prediction (each row adds one profiled term) | median \\|error\\| | max \\|error\\| "
+        "| mean signed |",
+        "|---|---|---|---|",
+    ]
+    for label, kind, _what in VALIDATION_STEPS:
+        col = f"tpot_err_{kind}_pct"
+        if col not in df:
+            continue
+        e = df[col].astype(float)
+        lines.append(f"| {label} | {_pct(e.abs().median())} | {_pct(e.abs().max())} "
+                     f"| {_pct(e.mean(), True)} |")
+    if "tpot_err_inrun_link_pct" in df:
+        e = df["tpot_err_inrun_link_pct"].astype(float)
+        lines.append(f"| *diagnostic, not a prediction: the run's own mean copy time* "
+                     f"| {_pct(e.abs().median())} | {_pct(e.abs().max())} "
+                     f"| {_pct(e.mean(), True)} |")
+    spread = df["tpot_real_spread_pct"].astype(float)
+    lines += ["", f"Real runs' own spread: median {_pct(spread.median())}, max "
+              f"{_pct(spread.max())}."]
+    demand = df["policy.label"].isin(["lru", "belady", "fifo", "lfu", "least_stale"])
+    if "counts_equal" in df:
+        eq = df["counts_equal"].astype(bool)
+        lines.append(
+            f"Hit / late-hit / promoted / miss counts equal between sim and real: "
+            f"{int(eq[demand].sum())} of {int(demand.sum())} demand-only configs, "
+            f"{int(eq[~demand].sum())} of {int((~demand).sum())} prefetching configs (a "
+            "prefetch's timing decides whether it lands, so these may differ).")
+    if "load_avg_1m" in df:
+        load = df["load_avg_1m"].astype(float)
+        lines.append(f"Load average during the real runs: {load.min():.1f} to {load.max():.1f} "
+                     "(2 cores).")
+    lines += ["", "| trace | policy | cache | sim ms/token | real ms/token (min-max) | error "
+              "| stall sim / real ms | counts |", "|---|---|---|---|---|---|---|---|"]
+    for _, r in df.sort_values(["trace.name", "cache.fraction", "config_id"]).iterrows():
+        counts = "=" if bool(r.get("counts_equal", False)) else "differ"
+        lines.append(
+            f"| {r['trace.name']} | {r['policy.label']} | {r['cache.fraction']:.0%} "
+            f"| {_ms(r['tpot_sim_s'])} | {_ms(r['tpot_real_s'])} ({_ms(r['tpot_real_min_s'])}-"
+            f"{_ms(r['tpot_real_max_s'])}) | {_pct(r['tpot_err_pct'], True)} "
+            f"| {_ms(r['stall_sim_s'])} / {_ms(r['stall_real_s'])} | {counts} |")
+    return "\n".join(lines)
+
+
+def _validation_figure(df: pd.DataFrame) -> None:
+    from experiments import plot_validation as pv
+
+    paths = pv.plot_validation(pv.tidy(df), FIGURES, log=True)  # two traces, 10x apart
+    for p in paths:  # one stable name per figure in the README
+        p.replace(p.with_name(f"validation_ci_vm{p.suffix}"))
+
+
+Block = tuple[Path, Callable[[pd.DataFrame], str], Callable[[pd.DataFrame], None] | None]
+BLOCKS: dict[str, Block] = {
+    "validation": (RESULTS / "validate_ci_vm.csv", render_validation, _validation_figure),
+}
+
+
+def _pattern(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(<!-- BEGIN generated:{name} -->\n)(.*?)(<!-- END generated:{name} -->)",
+                      re.S)
+
+
+def update(readme: Path, *, check: bool, figures: bool = True) -> list[str]:
+    """Rewrite (or with ``check`` only compare) every block; returns the names that differ."""
+    text = readme.read_text()
+    stale = []
+    for name, (src, render, figure) in BLOCKS.items():
+        pat = _pattern(name)
+        if not pat.search(text):
+            raise SystemExit(f"error: README has no block generated:{name}")
+        df = pd.read_csv(src)
+        body = render(df).rstrip("\n") + "\n"
+        new = pat.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
+        if new != text:
+            stale.append(name)
+            text = new
+        if figure is not None and figures and not check:
+            figure(df)
+    if stale and not check:
+        readme.write_text(text)
+    return stale
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.readme_blocks",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="only report stale blocks (exit 1)")
+    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    args = p.parse_args(argv)
+    stale = update(args.readme, check=args.check)
+    if args.check and stale:
+        print(f"stale README blocks: {', '.join(stale)}; run python -m experiments.readme_blocks",
+              file=sys.stderr)
+        return 1
+    print("README blocks " + ("up to date" if not stale else "rewritten: " + ", ".join(stale)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
