@@ -15,6 +15,7 @@ import numpy as np
 
 from policies.base import NoPrefetch, PrefetchPolicy
 from policies.belady import Belady
+from policies.fate_arc import FateARC
 from policies.fifo import FIFO
 from policies.least_stale import LeastStale
 from policies.lfu import LFU
@@ -24,7 +25,7 @@ from policies.next_layer_all import NextLayerAll
 from policies.oracle_prefetch import OraclePrefetch
 from policies.prediction_prefetch import PredictionPrefetch
 from policies.static import Static
-from sim.cache import SimulationError
+from sim.cache import ExpertCache, SimulationError
 from sim.compiled import kernel as K
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 EVICTION: dict[type, int] = {
     LRU: K.EV_LRU, FIFO: K.EV_FIFO, Static: K.EV_STATIC, LeastStale: K.EV_STALE,
-    LFU: K.EV_LFU, Belady: K.EV_BELADY,
+    LFU: K.EV_LFU, Belady: K.EV_BELADY, FateARC: K.EV_ARC,
 }
 PREFETCH: dict[type, int] = {
     NoPrefetch: K.PF_NONE, OraclePrefetch: K.PF_ORACLE, NextLayerAll: K.PF_NEXT_ALL,
@@ -47,6 +48,8 @@ def why_not(sim: Simulation) -> str | None:
         return f"eviction {sim.spec.eviction.__qualname__} has no compiled twin"
     if type(sim.prefetcher) not in PREFETCH:
         return f"prefetch {type(sim.prefetcher).__qualname__} has no compiled twin"
+    if type(sim.cache) is not ExpertCache:
+        return f"cache {type(sim.cache).__qualname__} is not the simulator's ExpertCache"
     if sim.ropts.record_transfers or sim.ropts.timeline_steps:
         return "transfer records and timelines are written by the SimPy engine"
     if sim.timed and sim.link_model.transfer_time(sim.shape.expert_bytes) < 0:
@@ -71,7 +74,7 @@ def _install_order(cache: Any) -> list[int]:
     """Keys a freshly built Python cache installed, in install order per partition."""
     out: list[int] = []
     for ev in cache.evictors:
-        for name in ("_order", "_entry", "_next"):
+        for name in ("_order", "_entry", "_next", "_t1"):
             order = getattr(ev, name, None)
             if order is not None:
                 out += list(order)
@@ -212,9 +215,9 @@ def run(sim: Simulation) -> None:
     c = sim.c
     c.layer_counts = [row.tolist() for row in layer_counts]
     c.layer_stall = layer_stall.tolist()
-    c.stall_miss = float(fv[K.F_STALL_MISS])
-    c.stall_late = float(fv[K.F_STALL_LATE])
-    c.time = float(fv[K.F_TIME])
+    c.stall_miss = float(fv[K.V_STALL_MISS])
+    c.stall_late = float(fv[K.V_STALL_LATE])
+    c.time = float(fv[K.V_TIME])
     c.demand_started = int(iv[K.I_DEMAND])
     c.prefetch_issued = int(iv[K.I_ISSUED])
     c.prefetch_started = int(iv[K.I_PF_STARTED])
@@ -229,8 +232,8 @@ def run(sim: Simulation) -> None:
     c.out_tokens = int(w.out_tokens[mask].sum())
     c.tokens = int(w.tokens[mask].sum())
     c.pairs = int(w.pairs[mask].sum())
-    sim.clock.now = float(fv[K.F_NOW])
+    sim.clock.now = float(fv[K.V_NOW])
     if sim.timed:
         sim.link = LinkStats([int(iv[K.I_L_DEMAND]), int(iv[K.I_L_PREFETCH])],
-                             float(fv[K.F_BUSY]), float(fv[K.F_CLIP]), engines,
+                             float(fv[K.V_BUSY]), float(fv[K.V_CLIP]), engines,
                              int(iv[K.I_L_DROPPED]))

@@ -22,7 +22,7 @@ import numba
 import numpy as np
 
 # Eviction kernels (sim.compiled.EVICTION maps classes to these).
-EV_LRU, EV_FIFO, EV_STATIC, EV_STALE, EV_LFU, EV_BELADY = 0, 1, 2, 3, 4, 5
+EV_LRU, EV_FIFO, EV_STATIC, EV_STALE, EV_LFU, EV_BELADY, EV_ARC = 0, 1, 2, 3, 4, 5, 6
 # Prefetch kernels.
 PF_NONE, PF_ORACLE, PF_NEXT_ALL, PF_PRED, PF_BEYOND = 0, 1, 2, 3, 4
 PT_PRE, PT_ROUTED, PT_ISSUED = 0, 1, 2
@@ -41,11 +41,17 @@ P_USED, P_CAP, P_HEAD, P_TAIL, P_HOFF, P_HSIZE = range(1, 7)
 B_HKEY, B_SKIP, B_TODO, B_PKEYS, B_RSEQ, B_RKEY, B_RKIND, B_QKEY, B_QSEQ = range(21, 30)
 K_OUT = 30  # a pinned key held out of its heap until the layer ends (LFU, Belady)
 K_TODO = 31  # stamp of the last zero-latency prefetch call that listed the key
-NUM_ROWS = 32
+# Fate's ARC (policies/fate_arc.py): a key is in at most one resident list (T1, T2, transient:
+# K_PRV/K_NXT links) and at most one ghost list (B1, B2: K_GPRV/K_GNXT); per partition a head,
+# tail and length per list (rows PA_HEAD + list, ...); the adaptive target p is in F.
+K_GPRV, K_GNXT, K_LIST, K_GLIST = 32, 33, 34, 35
+A_T1, A_T2, A_TR, A_B1, A_B2 = 1, 2, 3, 4, 5
+PA_HEAD, PA_TAIL, PA_LEN = 35, 40, 45  # + list id (1..5)
+NUM_ROWS = 51
 IV = 0  # row of S holding the int scalars
-F_FIN, F_RFIN, F_RSTART, F_FREE = range(4)
-FV = 4  # row of F holding the float scalars
-NUM_FROWS = 5
+F_FIN, F_RFIN, F_RSTART, F_FREE, F_ARCP = range(5)
+FV = 5  # row of F holding the float scalars
+NUM_FROWS = 6
 # Columns of row IV of S (int scalars and counters).
 I_PSTAMP, I_SMARK, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
 I_DEMAND, I_ISSUED, I_PF_STARTED, I_PF_DROPPED, I_SERVED, I_USEFUL = range(9, 15)
@@ -198,13 +204,18 @@ def _to_tail(p, k, S):
 
 
 @_fn
-def _on_insert(ev, p, k, prefetch, position, S, nocc):
+def _on_insert(ev, p, k, prefetch, position, S, F, nocc):
     if ev <= EV_STALE:
         if ev == EV_STATIC and S[K_HOT, k]:  # never a victim: kept out of the LRU order
             return
         _append(p, k, S)
         if ev == EV_STALE:
             S[K_CUR, k] = S[IV, I_SMARK]
+    elif ev == EV_ARC:
+        if prefetch:
+            _lpush(p, A_TR, k, S)
+        else:
+            _arc_admit(p, k, S, F)
     elif ev == EV_LFU:
         S[IV, I_SEQ] += 1
         S[K_S1, k] = 1
@@ -227,11 +238,13 @@ def _hpush_unless_pinned(p, k, S):
 
 
 @_fn
-def _on_access(ev, p, k, position, S, nocc):
+def _on_access(ev, p, k, position, S, F, nocc):
     if ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k]):
         _to_tail(p, k, S)
     elif ev == EV_STALE:
         S[K_CUR, k] = S[IV, I_SMARK]
+    elif ev == EV_ARC:
+        _arc_access(p, k, S, F)
     elif ev == EV_LFU:
         S[IV, I_SEQ] += 1
         S[K_S1, k] += 1
@@ -245,8 +258,10 @@ def _on_access(ev, p, k, position, S, nocc):
 
 
 @_fn
-def _victim(ev, p, S):
+def _victim(ev, p, S, F):
     """The policy's victim among keys that may be evicted (resident and not pinned), or -1."""
+    if ev == EV_ARC:
+        return _arc_victim(p, S, F)
     pstamp = S[IV, I_PSTAMP]
     if ev <= EV_STALE:
         smark = S[IV, I_SMARK]
@@ -277,6 +292,117 @@ def _victim(ev, p, S):
     return found
 
 
+# -- Fate's ARC per layer (policies/fate_arc.py) -------------------------------------------
+@_fn
+def _lpush(p, lst, k, S):
+    """Append k to list ``lst`` of partition p (ghost lists use their own links)."""
+    prv, nxt = (K_GPRV, K_GNXT) if lst >= A_B1 else (K_PRV, K_NXT)
+    t = S[PA_TAIL + lst, p]
+    S[prv, k] = t
+    S[nxt, k] = -1
+    if t >= 0:
+        S[nxt, t] = k
+    else:
+        S[PA_HEAD + lst, p] = k
+    S[PA_TAIL + lst, p] = k
+    S[PA_LEN + lst, p] += 1
+    if lst >= A_B1:
+        S[K_GLIST, k] = lst
+    else:
+        S[K_LIST, k] = lst
+
+
+@_fn
+def _ldel(p, lst, k, S):
+    prv, nxt = (K_GPRV, K_GNXT) if lst >= A_B1 else (K_PRV, K_NXT)
+    a, b = S[prv, k], S[nxt, k]
+    if a >= 0:
+        S[nxt, a] = b
+    else:
+        S[PA_HEAD + lst, p] = b
+    if b >= 0:
+        S[prv, b] = a
+    else:
+        S[PA_TAIL + lst, p] = a
+    S[PA_LEN + lst, p] -= 1
+    if lst >= A_B1:
+        S[K_GLIST, k] = 0
+    else:
+        S[K_LIST, k] = 0
+
+
+@_fn
+def _arc_admit(p, k, S, F):
+    """``FateARC._admit``: a ghost hit adapts p and goes to T2, any other key to T1."""
+    c = S[P_CAP, p]
+    g = S[K_GLIST, k]
+    if g == A_B1:
+        ratio = S[PA_LEN + A_B2, p] / S[PA_LEN + A_B1, p]
+        F[F_ARCP, p] = min(float(c), F[F_ARCP, p] + max(ratio, 1.0))
+        _ldel(p, A_B1, k, S)
+        _lpush(p, A_T2, k, S)
+    elif g == A_B2:
+        ratio = S[PA_LEN + A_B1, p] / S[PA_LEN + A_B2, p]
+        F[F_ARCP, p] = max(0.0, F[F_ARCP, p] - max(ratio, 1.0))
+        _ldel(p, A_B2, k, S)
+        _lpush(p, A_T2, k, S)
+    else:
+        _lpush(p, A_T1, k, S)
+    while S[PA_LEN + A_T1, p] + S[PA_LEN + A_B1, p] > c and S[PA_LEN + A_B1, p]:
+        _ldel(p, A_B1, S[PA_HEAD + A_B1, p], S)
+    while (S[PA_LEN + A_T1, p] + S[PA_LEN + A_T2, p] + S[PA_LEN + A_B1, p]
+           + S[PA_LEN + A_B2, p] > 2 * c and S[PA_LEN + A_B2, p]):
+        _ldel(p, A_B2, S[PA_HEAD + A_B2, p], S)
+
+
+@_fn
+def _arc_scan(p, lst, S):
+    pstamp = S[IV, I_PSTAMP]
+    v = S[PA_HEAD + lst, p]
+    while v >= 0:
+        if S[K_STATE, v] == RESIDENT and S[K_PIN, v] != pstamp:
+            return v
+        v = S[K_NXT, v]
+    return -1
+
+
+@_fn
+def _arc_victim(p, S, F):
+    v = _arc_scan(p, A_TR, S)
+    if v >= 0:
+        return v
+    first, second = (A_T1, A_T2) if S[PA_LEN + A_T1, p] > F[F_ARCP, p] else (A_T2, A_T1)
+    v = _arc_scan(p, first, S)
+    if v >= 0:
+        return v
+    return _arc_scan(p, second, S)
+
+
+@_fn
+def _arc_evict(p, k, S):
+    lst = S[K_LIST, k]
+    if lst == A_TR:
+        _ldel(p, A_TR, k, S)
+    elif lst == A_T1:
+        _ldel(p, A_T1, k, S)
+        _lpush(p, A_B1, k, S)
+    elif lst == A_T2:
+        _ldel(p, A_T2, k, S)
+        _lpush(p, A_B2, k, S)
+
+
+@_fn
+def _arc_access(p, k, S, F):
+    lst = S[K_LIST, k]
+    if lst == A_TR:  # a prefetched expert is used: ARC sees it as a miss
+        _ldel(p, A_TR, k, S)
+        _arc_admit(p, k, S, F)
+        return
+    if lst != 0:
+        _ldel(p, lst, k, S)
+    _lpush(p, A_T2, k, S)
+
+
 # -- the cache (sim/cache.py) ---------------------------------------------------------------
 @_fn
 def _evict(ev, p, k, S):
@@ -290,15 +416,17 @@ def _evict(ev, p, k, S):
     if ev <= EV_STALE:
         _unlink(p, k, S)
         S[K_CUR, k] = -1
+    elif ev == EV_ARC:
+        _arc_evict(p, k, S)
     else:
         _hremove(p, k, S)
 
 
 @_fn
-def _reserve(ev, k, prefetch, position, S, nocc):
+def _reserve(ev, k, prefetch, position, S, F, nocc):
     p = S[K_PART, k]
     if S[P_USED, p] >= S[P_CAP, p]:
-        v = _victim(ev, p, S)
+        v = _victim(ev, p, S, F)
         if v < 0:
             return False
         _evict(ev, p, v, S)
@@ -308,18 +436,18 @@ def _reserve(ev, k, prefetch, position, S, nocc):
         S[K_MARK, k] = COUNTED if S[IV, I_COUNTING] else WARMUP
     else:
         S[K_MARK, k] = 0
-    _on_insert(ev, p, k, prefetch, position, S, nocc)
+    _on_insert(ev, p, k, prefetch, position, S, F, nocc)
     return True
 
 
 @_fn
-def _install(ev, k, position, S, nocc):
+def _install(ev, k, position, S, F, nocc):
     p = S[K_PART, k]
     if S[K_STATE, k] != ABSENT or S[P_USED, p] >= S[P_CAP, p]:
         return
     S[P_USED, p] += 1
     S[K_STATE, k] = RESIDENT
-    _on_insert(ev, p, k, False, position, S, nocc)
+    _on_insert(ev, p, k, False, position, S, F, nocc)
 
 
 # -- the host link (sim/link.py) ------------------------------------------------------------
@@ -454,7 +582,7 @@ def _advance(until, duration, ev, position, S, F, nocc):
                     S[K_QSEQ, key] = 0
                     S[IV, I_NQ] -= 1
                     break
-            if not _reserve(ev, key, True, position, S, nocc):
+            if not _reserve(ev, key, True, position, S, F, nocc):
                 S[IV, I_L_DROPPED] += 1
                 continue
             e = _argmin_free(S, F)
@@ -472,7 +600,7 @@ def _advance(until, duration, ev, position, S, F, nocc):
 
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
 @_fn
-def _prefetch(n, timed, touch, ev, position, S, nocc):
+def _prefetch(n, timed, touch, ev, position, S, F, nocc):
     """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once."""
     m = 0
     S[IV, I_TSTAMP] += 1
@@ -497,7 +625,7 @@ def _prefetch(n, timed, touch, ev, position, S, nocc):
     done = 0
     for q in range(m):
         k = S[B_TODO, q]
-        if _reserve(ev, k, True, position, S, nocc):
+        if _reserve(ev, k, True, position, S, F, nocc):
             S[K_STATE, k] = RESIDENT
             done += 1
             if counting:
@@ -554,7 +682,7 @@ def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
 
 
 @_fn
-def _reset(num_k, num_p, S):
+def _reset(num_k, num_p, S, F):
     """``cache.reset_per_request``: the old cache's unused prefetches are wasted; a fresh cache
     and an empty link queue (copies on the engines keep them busy but land nowhere)."""
     for k in range(num_k):
@@ -567,7 +695,14 @@ def _reset(num_k, num_p, S):
         S[K_QSEQ, k] = 0
         S[K_INFL, k] = 0
         S[K_OUT, k] = 0
+        S[K_LIST, k] = 0
+        S[K_GLIST, k] = 0
     for p in range(num_p):
+        F[F_ARCP, p] = 0.0
+        for lst in range(A_T1, A_B2 + 1):
+            S[PA_HEAD + lst, p] = -1
+            S[PA_TAIL + lst, p] = -1
+            S[PA_LEN + lst, p] = 0
         S[P_USED, p] = 0
         S[P_HEAD, p] = -1
         S[P_TAIL, p] = -1
@@ -600,6 +735,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     F = np.zeros((NUM_FROWS, max(num_k + 1, engines, NUM_FV)))
     for row in (K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, K_TODO, P_HEAD, P_TAIL):
         S[row, :] = -1
+    for lst in range(A_T1, A_B2 + 1):
+        S[PA_HEAD + lst, :] = -1
+        S[PA_TAIL + lst, :] = -1
     for k in range(num_k):
         S[K_HOT, k] = 1 if hot[k] else 0
         S[K_PART, k] = part[k // num_e]
@@ -616,20 +754,20 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     wait_i = np.zeros(width, np.int64)
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     direct = timed and pf == PF_NONE
-    heap = ev >= EV_LFU
+    heap = ev in (EV_LFU, EV_BELADY)
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
-        _install(ev, inst_keys[i], position, S, nocc)
+        _install(ev, inst_keys[i], position, S, F, nocc)
     n_reset = 0
     now = 0.0
     for s in range(num_s):
         if resets[s]:  # cache.reset_per_request: a fresh cache for the joining request
             if timed:
                 _advance(now, duration, ev, position, S, F, nocc)
-            _reset(num_k, num_p, S)
+            _reset(num_k, num_p, S, F)
             n_reset += 1
             for i in range(inst_off[n_reset], inst_off[n_reset + 1]):
-                _install(ev, inst_keys[i], position, S, nocc)
+                _install(ev, inst_keys[i], position, S, F, nocc)
         counting = counted[s]
         S[IV, I_COUNTING] = 1 if counting else 0
         step_start = now
@@ -643,7 +781,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                     if n:
-                        _prefetch(n, timed, touch, ev, position, S, nocc)
+                        _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     _advance(now, duration, ev, position, S, F, nocc)
             if timed:
@@ -670,7 +808,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                     if n:
-                        _prefetch(n, timed, touch, ev, position, S, nocc)
+                        _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     _advance(now, duration, ev, position, S, F, nocc)
             any_wait = False
@@ -680,7 +818,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 st = S[K_STATE, k]
                 if st != ABSENT:
                     kind = HIT if st == RESIDENT else LATE
-                    _on_access(ev, S[K_PART, k], k, position, S, nocc)
+                    _on_access(ev, S[K_PART, k], k, position, S, F, nocc)
                     came = S[K_MARK, k]
                     if came:
                         S[K_MARK, k] = 0
@@ -694,7 +832,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         S[K_QSEQ, k] = 0
                         S[IV, I_NQ] -= 1
                         kind = PROMOTED
-                    if not _reserve(ev, k, False, position, S, nocc):
+                    if not _reserve(ev, k, False, position, S, F, nocc):
                         S[IV, I_ERROR] = j + 1
                         return _out(S, F, layer_counts, layer_stall)
                     if timed:
@@ -713,7 +851,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting,
                                 table, S)
                 if n:
-                    _prefetch(n, timed, touch, ev, position, S, nocc)
+                    _prefetch(n, timed, touch, ev, position, S, F, nocc)
             if timed:
                 if S[IV, I_NQ] > 0:
                     _advance(now, duration, ev, position, S, F, nocc)

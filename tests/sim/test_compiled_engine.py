@@ -24,7 +24,7 @@ from tests.helpers import random_trace
 from tests.sim.parts import check_parts
 from traces.predictions import PredictionTable
 
-EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady"]
+EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "fate_arc"]
 POINTS = ["pre_attention", "routed", "demand_issued"]
 
 
@@ -71,6 +71,7 @@ def _config(seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(trace, policy, simulate options) drawn uniformly from one seed, so that every
     combination is as likely as any other (hypothesis picks and shrinks the seed)."""
     rng = np.random.default_rng(seed)
+    policy = _policy(rng)
     layers, experts, top_k = int(rng.integers(1, 5)), int(rng.integers(4, 11)), 0
     top_k = int(rng.integers(1, min(3, experts) + 1))
     trace = random_trace(num_requests=int(rng.integers(1, 4)), tokens=int(rng.integers(2, 8)),
@@ -84,6 +85,8 @@ def _config(seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     engines = int(rng.integers(1, 4))
     pin = mode == "timed" or bool(rng.random() < 0.5)
     partition = str(rng.choice(["global", "per_layer"]))
+    if "fate_arc" in (policy["name"], policy.get("eviction")):
+        partition = "per_layer"  # one ARC per layer
     widest = build_workload(trace, replay=replay, batch=batch, prefill_chunk=chunk).max_width()
     per = (int(widest.max()) if pin else 1) + (engines if mode == "timed" else 1)
     cap = per * (layers if partition == "per_layer" else 1) + int(rng.integers(0, 6))
@@ -99,7 +102,7 @@ def _config(seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         predictions=_noisy(trace, seed, float(rng.choice([0.0, 0.3, 1.0])),
                            int(rng.integers(1, 5))),
     )
-    return trace, _policy(rng), kw
+    return trace, policy, kw
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
