@@ -48,7 +48,7 @@ from traces.model_card import ModelCard, load_card
 
 from .direct_io import BLOCK, DirectFile, aligned_buffer, open_direct, round_up, write_random_file
 from .link import LinkModel
-from .measure import _q, _sig, _slug, measure_curve, write_profile
+from .measure import _q, _sig, _slug, default_sizes, measure_curve, write_profile
 
 Samples = list[float]  # one value per round
 OPS = ("expert", "shared", "dense", "router", "attention")
@@ -93,12 +93,7 @@ def read_sizes(lo: int = BLOCK, hi: int = 256 * 2**20) -> tuple[int, ...]:
     """Powers of two from ``lo`` to ``hi`` (both 4 KiB multiples, as O_DIRECT needs)."""
     if lo <= 0 or hi < lo or lo % BLOCK or hi % BLOCK:
         raise ValueError(f"read sizes need 0 < min <= max, both multiples of {BLOCK}")
-    out, n = [], lo
-    while n < hi:
-        out.append(n)
-        n *= 2
-    out.append(hi)
-    return tuple(sorted(set(out)))
+    return default_sizes(lo, hi)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import simpy
@@ -118,6 +118,9 @@ def _overrides(obj: object, base: type, name: str) -> bool:
 
 class Simulation:
     """One run of one policy over one workload. Build, then call :meth:`run` once."""
+
+    # The residency bookkeeping; the real executor substitutes one that also holds slots.
+    cache_type: ClassVar[type[ExpertCache]] = ExpertCache
 
     def __init__(
         self,
@@ -247,7 +250,7 @@ class Simulation:
             self.spec.eviction(self._setup(self.spec.eviction_params, p))
             for p in range(len(self._caps))
         ]
-        cache = ExpertCache(self.shape.num_experts, self._part_of_layer, self._caps, evictors)
+        cache = self.cache_type(self.shape.num_experts, self._part_of_layer, self._caps, evictors)
         for ev in evictors:
             for key in ev.initial_contents():
                 cache.install(key)

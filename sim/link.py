@@ -22,6 +22,50 @@ DEMAND, PREFETCH = 0, 1
 INF = float("inf")
 
 
+class PrefetchQueue:
+    """Queued prefetches: lowest priority first, then submission order (``seq``); a withdrawn
+    or cancelled entry stays in the heap and is skipped when it surfaces. One rule for the
+    simulator's link and the executor's copy workers, so both order and cancel alike."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, int]] = []  # (priority, seq, key)
+        self._live: dict[int, int] = {}  # key -> seq of its live entry
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._live
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def push(self, key: int, priority: float, seq: int) -> None:
+        self._live[key] = seq
+        heapq.heappush(self._heap, (priority, seq, key))
+
+    def withdraw(self, key: int) -> bool:
+        """Drop ``key``'s entry (cancel, or before promoting it to demand)."""
+        return self._live.pop(key, None) is not None
+
+    def clear(self) -> None:
+        self._live.clear()
+        self._heap.clear()
+
+    def cancel(self, keys: Iterable[int] | None = None) -> int:
+        """Drop the entries of ``keys`` (all if None); returns how many were live."""
+        if keys is not None:
+            return sum(self.withdraw(k) for k in keys)
+        n = len(self._live)
+        self.clear()
+        return n
+
+    def pop(self) -> int:
+        """The next live key (the caller checks ``len`` first)."""
+        while True:
+            _, seq, key = heapq.heappop(self._heap)
+            if self._live.get(key) == seq:
+                del self._live[key]
+                return key
+
+
 class HostLink:
     """Copy engines plus the two queues; times in seconds.
 
@@ -49,8 +93,7 @@ class HostLink:
         self.on_done = on_done
         self.t = 0.0
         self._free = [0.0] * engines  # when each engine finishes its last scheduled copy
-        self._prefetch: list[tuple[float, int, int]] = []  # (priority, seq, key)
-        self._queued: dict[int, int] = {}  # key -> seq of its live prefetch entry
+        self._queued = PrefetchQueue()
         # (finish, seq, key, kind, start) of every scheduled copy not yet completed
         self._running: list[tuple[float, int, int, int, float]] = []
         self._finish: dict[int, float] = {}
@@ -102,21 +145,15 @@ class HostLink:
         if key in self._queued or key in self._finish or self.cache.state[key] != ABSENT:
             return False
         self._seq += 1
-        self._queued[key] = self._seq
-        heapq.heappush(self._prefetch, (priority, self._seq, key))
+        self._queued.push(key, priority, self._seq)
         return True
 
     def withdraw(self, key: int) -> bool:
         """Remove a queued prefetch (cancel, or before promoting it to demand)."""
-        return self._queued.pop(key, None) is not None
+        return self._queued.withdraw(key)
 
     def cancel(self, keys: Iterable[int] | None = None) -> int:
-        if keys is None:
-            n = len(self._queued)
-            self._queued.clear()
-            self._prefetch.clear()
-        else:
-            n = sum(self.withdraw(k) for k in keys)
+        n = self._queued.cancel(keys)
         self.cancelled += n
         return n
 
@@ -126,7 +163,6 @@ class HostLink:
         cache.counting = self.cache.counting
         self.cache = cache
         self._queued.clear()
-        self._prefetch.clear()
         self._running.clear()
         self._finish.clear()
 
@@ -161,11 +197,7 @@ class HostLink:
             self.t = until
 
     def _start_prefetch(self) -> None:
-        while True:
-            _, seq, key = heapq.heappop(self._prefetch)
-            if self._queued.get(key) == seq:
-                del self._queued[key]
-                break
+        key = self._queued.pop()
         if not self.cache.reserve(key, prefetch=True):
             self.dropped += 1
             return

@@ -16,7 +16,6 @@ the main thread next drains (between two experts), which the run reports as disp
 
 from __future__ import annotations
 
-import heapq
 import queue
 import threading
 import time
@@ -25,8 +24,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sim.cache import ABSENT, ExpertCache, SimulationError
+from sim.link import DEMAND, PREFETCH, PrefetchQueue
 
-DEMAND, PREFETCH = 0, 1
 LoadFn = Callable[[int, int, int], None]  # (key, slot, engine index) -> bytes are in the slot
 
 
@@ -70,8 +69,7 @@ class Copier:
         self._cond = threading.Condition(threading.Lock())
         self._pending: list[tuple[int, int, int] | None] = []
         self._done: queue.SimpleQueue[Completion] = queue.SimpleQueue()
-        self._prefetch: list[tuple[float, int, int]] = []  # (priority, seq, key)
-        self._queued: dict[int, int] = {}  # key -> seq of its live prefetch entry
+        self._queued = PrefetchQueue()
         self._inflight: dict[int, int] = {}  # key -> kind, from dispatch until drained
         self._seq = 0
         self._arrivals = 0
@@ -159,8 +157,7 @@ class Copier:
             return False
         prio = float(self._seq) if priority is None else float(priority)
         self._seq += 1
-        self._queued[key] = self._seq
-        heapq.heappush(self._prefetch, (prio, self._seq, key))
+        self._queued.push(key, prio, self._seq)
         return True
 
     def default_priority(self) -> float:
@@ -170,15 +167,10 @@ class Copier:
 
     def withdraw(self, key: int) -> bool:
         """Remove a queued prefetch (before promoting it to demand)."""
-        return self._queued.pop(key, None) is not None
+        return self._queued.withdraw(key)
 
     def cancel(self, keys: Iterable[int] | None = None) -> int:
-        if keys is None:
-            n = len(self._queued)
-            self._queued.clear()
-            self._prefetch.clear()
-        else:
-            n = sum(self.withdraw(k) for k in keys)
+        n = self._queued.cancel(keys)
         self.cancelled += n
         return n
 
@@ -187,10 +179,7 @@ class Copier:
         copies submitted since the last flush go first)."""
         n = 0
         while self._queued and len(self._inflight) < self.engines:
-            _, seq, key = heapq.heappop(self._prefetch)
-            if self._queued.get(key) != seq:
-                continue  # withdrawn or cancelled
-            del self._queued[key]
+            key = self._queued.pop()
             if not self.cache.reserve(key, prefetch=True):
                 self.dropped += 1
                 continue

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.base import EvictionPolicy, PolicySetup, PrefetchPolicy
+from policies.base import PolicySetup, PrefetchPolicy
 from policies.registry import PolicySpec, resolve
 from sim.cache import ABSENT, LOADING, RESIDENT, SimulationError
 from sim.engine import CacheOptions, RunOptions, Simulation
@@ -64,24 +64,10 @@ class _Plan(Simulation):
         super().__init__(*args, **kwargs)
         self.clock = wall_clock  # type: ignore[assignment]
 
+    cache_type = SlottedCache
+
     def _setup(self, params: dict[str, Any], part: int | None) -> PolicySetup:
         return replace(super()._setup(params, part), clock=self._wall)
-
-    def _new_cache(self) -> SlottedCache:
-        evictors: list[EvictionPolicy] = [
-            self.spec.eviction(self._setup(self.spec.eviction_params, p))
-            for p in range(len(self._caps))
-        ]
-        cache = SlottedCache(self.shape.num_experts, self._part_of_layer, self._caps, evictors)
-        for ev in evictors:
-            for key in ev.initial_contents():
-                cache.install(key)
-        if self.copts.prefill == "random":
-            self._random_fill(cache)
-        elif self.copts.prefill != "empty":
-            raise SimulationError(f"cache.prefill must be 'empty' or 'random', got "
-                                  f"{self.copts.prefill!r}")
-        return cache
 
 
 class WallContext:
