@@ -136,6 +136,9 @@ def _overrides(pf: PrefetchPolicy, name: str) -> bool:
 
 def _prediction_table(sim: Simulation) -> np.ndarray:
     """The prediction view's rows as a padded [steps, layers, width] array."""
+    table = getattr(sim.predictions, "table", None)
+    if table is not None:  # the view's own padded array (a vectorised PredictionView)
+        return table
     rows = sim.predictions._rows
     width = max((len(r) for layers in rows for r in layers), default=0)
     table = np.full((len(rows), sim.shape.num_layers, max(width, 1)), -1, np.int32)
