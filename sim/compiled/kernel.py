@@ -205,12 +205,14 @@ def _to_tail(p, k, S):
 
 @_fn
 def _on_insert(ev, p, k, prefetch, position, S, F, nocc):
-    if ev <= EV_STALE:
+    if ev == EV_STALE:  # current until the step ends; insertion order kept as a sequence
+        S[IV, I_SEQ] += 1
+        S[K_S2, k] = S[IV, I_SEQ]
+        _lpush(p, LS_CUR, k, S)
+    elif ev <= EV_STATIC:
         if ev == EV_STATIC and S[K_HOT, k]:  # never a victim: kept out of the LRU order
             return
         _append(p, k, S)
-        if ev == EV_STALE:
-            S[K_CUR, k] = S[IV, I_SMARK]
     elif ev == EV_ARC:
         if prefetch:
             _lpush(p, A_TR, k, S)
@@ -242,7 +244,9 @@ def _on_access(ev, p, k, position, S, F, nocc):
     if ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k]):
         _to_tail(p, k, S)
     elif ev == EV_STALE:
-        S[K_CUR, k] = S[IV, I_SMARK]
+        if S[K_LIST, k] == LS_STALE:
+            _ldel(p, LS_STALE, k, S)
+            _linsert_by_seq(p, LS_CUR, k, S)
     elif ev == EV_ARC:
         _arc_access(p, k, S, F)
     elif ev == EV_LFU:
@@ -262,19 +266,17 @@ def _victim(ev, p, S, F):
     """The policy's victim among keys that may be evicted (resident and not pinned), or -1."""
     if ev == EV_ARC:
         return _arc_victim(p, S, F)
+    if ev == EV_STALE:  # the first stale one in insertion order, else the first current one
+        v = _arc_scan(p, LS_STALE, S)
+        return v if v >= 0 else _arc_scan(p, LS_CUR, S)
     pstamp = S[IV, I_PSTAMP]
-    if ev <= EV_STALE:
-        smark = S[IV, I_SMARK]
-        fallback = -1
+    if ev <= EV_STATIC:
         v = S[P_HEAD, p]
         while v >= 0:
             if S[K_STATE, v] == RESIDENT and S[K_PIN, v] != pstamp:
-                if ev != EV_STALE or S[K_CUR, v] != smark:
-                    return v
-                if fallback < 0:
-                    fallback = v
+                return v
             v = S[K_NXT, v]
-        return fallback
+        return -1
     # heap: set aside the smallest entries that may not be evicted now, as policies/_heap.py
     n = 0
     found = -1
@@ -403,6 +405,63 @@ def _arc_access(p, k, S, F):
     _lpush(p, A_T2, k, S)
 
 
+# -- least-stale (policies/least_stale.py) as two lists in insertion order -------------------
+LS_CUR, LS_STALE = A_T1, A_T2  # the ARC list rows, unused by this policy
+
+
+@_fn
+def _linsert_by_seq(p, lst, k, S):
+    """Insert k into list ``lst`` (kept sorted by insertion sequence, K_S2)."""
+    v = S[PA_TAIL + lst, p]
+    while v >= 0 and S[K_S2, v] > S[K_S2, k]:
+        v = S[K_PRV, v]
+    nxt = S[PA_HEAD + lst, p] if v < 0 else S[K_NXT, v]
+    S[K_PRV, k] = v
+    S[K_NXT, k] = nxt
+    if v >= 0:
+        S[K_NXT, v] = k
+    else:
+        S[PA_HEAD + lst, p] = k
+    if nxt >= 0:
+        S[K_PRV, nxt] = k
+    else:
+        S[PA_TAIL + lst, p] = k
+    S[PA_LEN + lst, p] += 1
+    S[K_LIST, k] = lst
+
+
+@_fn
+def _merge_current(p, S):
+    """Step end: the current list merges into the stale one, insertion order kept."""
+    if S[PA_LEN + LS_CUR, p] == 0:
+        return
+    a, b = S[PA_HEAD + LS_STALE, p], S[PA_HEAD + LS_CUR, p]
+    n = 0
+    while a >= 0 or b >= 0:  # merge two sorted lists into B_SKIP
+        if b < 0 or (a >= 0 and S[K_S2, a] < S[K_S2, b]):
+            S[B_SKIP, n] = a
+            a = S[K_NXT, a]
+        else:
+            S[B_SKIP, n] = b
+            b = S[K_NXT, b]
+        n += 1
+    prev = -1
+    for i in range(n):
+        k = S[B_SKIP, i]
+        S[K_PRV, k] = prev
+        S[K_NXT, k] = -1
+        S[K_LIST, k] = LS_STALE
+        if prev >= 0:
+            S[K_NXT, prev] = k
+        prev = k
+    S[PA_HEAD + LS_STALE, p] = S[B_SKIP, 0]
+    S[PA_TAIL + LS_STALE, p] = prev
+    S[PA_LEN + LS_STALE, p] = n
+    S[PA_HEAD + LS_CUR, p] = -1
+    S[PA_TAIL + LS_CUR, p] = -1
+    S[PA_LEN + LS_CUR, p] = 0
+
+
 # -- the cache (sim/cache.py) ---------------------------------------------------------------
 @_fn
 def _evict(ev, p, k, S):
@@ -413,9 +472,10 @@ def _evict(ev, p, k, S):
         if S[K_MARK, k] == COUNTED:
             S[IV, I_WASTED] += 1
         S[K_MARK, k] = 0
-    if ev <= EV_STALE:
+    if ev == EV_STALE:
+        _ldel(p, S[K_LIST, k], k, S)
+    elif ev <= EV_STATIC:
         _unlink(p, k, S)
-        S[K_CUR, k] = -1
     elif ev == EV_ARC:
         _arc_evict(p, k, S)
     else:
@@ -911,7 +971,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                             if S[K_STATE, k] != ABSENT:
                                 _hpush(S[K_PART, k], k, S)
                 S[IV, I_PSTAMP] += 1
-        S[IV, I_SMARK] += 1  # least-stale: a new forward pass
+        if ev == EV_STALE:  # a new forward pass: every current key is stale again
+            for p in range(num_p):
+                _merge_current(p, S)
         if counting:
             F[FV, V_TIME] += now - step_start
     unused = 0
