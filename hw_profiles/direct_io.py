@@ -1,12 +1,18 @@
-"""Page-cache-bypassing file reads: the one read path the storage profiler and the executor share.
+"""Page-cache-bypassing file reads for the storage profiler (``moesim-profile storage``).
 
-Why shared: a profile is only a prediction of the executor if both read the same way. Here an
-expert is read with one ``os.preadv`` per expert (looping on short reads) from a file opened with
-``O_DIRECT`` into a page-aligned anonymous ``mmap`` buffer, at an offset and length rounded up to
-``BLOCK`` (4 KiB). Where ``O_DIRECT`` is unavailable (no ``os.O_DIRECT``, or the filesystem
-answers ``EINVAL``, e.g. some tmpfs/overlay setups) the file is opened normally and each read
-is preceded by ``posix_fadvise(DONTNEED)`` so it still goes to the device as far as the kernel
-allows; the caller gets one sentence saying so (``DirectFile.why``) to print once.
+The executor's backend (``sim/executor/storage.py``) reads the same way but with its own file
+handling: it also test-reads once at open (some filesystems accept ``O_DIRECT`` at open and
+refuse the read) and, in the buffered fallback, advises DONTNEED after each read rather than
+before. A profile is only a prediction of the executor if both read alike, so keep the two in
+step (or merge them).
+
+An expert is read with one ``os.preadv`` per expert (looping on short reads) from a file
+opened with ``O_DIRECT`` into a page-aligned anonymous ``mmap`` buffer, at an offset and
+length rounded up to ``BLOCK`` (4 KiB). Where ``O_DIRECT`` is unavailable (no
+``os.O_DIRECT``, or the filesystem answers ``EINVAL``, e.g. some tmpfs/overlay setups) the file
+is opened normally and each read is preceded by ``posix_fadvise(DONTNEED)`` so it still goes to
+the device as far as the kernel allows; the caller gets one sentence saying so
+(``DirectFile.why``) to print once.
 
 No torch here: the read path must be importable without it.
 """

@@ -591,7 +591,7 @@ class CpuStorageBench:
 
     @staticmethod
     def _reader(file: DirectFile, chunk: int, offsets: list[int], stop: threading.Event,
-                count: list[int]) -> None:
+                count: list[int], failed: list[BaseException]) -> None:
         buf = aligned_buffer(chunk)
         view = memoryview(buf)
         try:
@@ -600,6 +600,8 @@ class CpuStorageBench:
                 file.read_into(view, offsets[i % len(offsets)])
                 count[0] += 1
                 i += 1
+        except BaseException as exc:  # re-raised by _readers: a dead reader fakes a low figure
+            failed.append(exc)
         finally:
             view.release()
             buf.close()
@@ -608,8 +610,9 @@ class CpuStorageBench:
     def _readers(self, k: int) -> Iterator[list[list[int]]]:
         stop = threading.Event()
         counts = [[0] for _ in range(k)]
+        failed: list[BaseException] = []
         threads = [threading.Thread(target=self._reader, daemon=True, args=(
-            self.file, self.chunk, self._offsets(self.chunk, 256), stop, counts[i]))
+            self.file, self.chunk, self._offsets(self.chunk, 256), stop, counts[i], failed))
             for i in range(k)]
         for t in threads:
             t.start()
@@ -620,6 +623,8 @@ class CpuStorageBench:
             stop.set()
             for t in threads:
                 t.join()
+        if failed:
+            raise failed[0]
 
     def _window_bandwidth(self, counts: list[list[int]], body: Callable[[], None]) -> float:
         c0 = sum(c[0] for c in counts)

@@ -69,12 +69,16 @@ def _busy_reader(backend: StorageBackend, layout: ExpertLayout, slot: int
     """Start a thread that reads experts back to back into ``slot`` (a copy worker with the
     link always busy); returns the function that stops it."""
     stop = threading.Event()
+    failed: list[BaseException] = []
 
     def loop() -> None:
         k = 0
-        while not stop.is_set():
-            backend.load((k * 7919) % layout.num_keys, slot, 0)
-            k += 1
+        try:
+            while not stop.is_set():
+                backend.load((k * 7919) % layout.num_keys, slot, 0)
+                k += 1
+        except BaseException as exc:  # surfaced by halt(): a dead reader would fake "no slowdown"
+            failed.append(exc)
 
     t = threading.Thread(target=loop, name="moesim-calibrate-reader", daemon=True)
     t.start()
@@ -82,6 +86,8 @@ def _busy_reader(backend: StorageBackend, layout: ExpertLayout, slot: int
     def halt() -> None:
         stop.set()
         t.join()
+        if failed:
+            raise failed[0]
 
     return halt
 
@@ -265,9 +271,22 @@ def calibrate(card: ModelCard, num_layers: int, dense_layers: int,
     for ``card`` (already scaled): storage read time of one expert, compute tables."""
     import torch
 
+
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    try:
+        return _calibrate(card, num_layers, dense_layers, opts, name, log)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
+               opts: CalibrationOptions, name: str, log: Callable[[str], None]
+               ) -> dict[str, Any]:
+    import torch
+
     from sim.executor.compute import TorchCompute
 
-    torch.set_num_threads(opts.threads)
     layout = ExpertLayout.of(card)
     work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
     path = ensure_weights(work, card.name, layout, opts.weights_seed)

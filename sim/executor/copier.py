@@ -174,6 +174,11 @@ class Copier:
         self.cancelled += n
         return n
 
+    def discard_queued(self) -> None:
+        """Drop queued prefetches at the end of a run without counting them as cancelled (the
+        simulator's link simply never starts them)."""
+        self._queued.clear()
+
     def dispatch(self) -> int:
         """Start queued prefetches while an engine is idle and no demand waits (demand
         copies submitted since the last flush go first)."""

@@ -226,39 +226,44 @@ class Executor:
     def run(self) -> RunResult:
         import torch
 
-        torch.set_num_threads(self.opts.threads)
         from sim.executor.compute import TorchCompute
 
         w = self.workload
-        self.backend = self._make_backend()
-        dense_total = max(self.plan.dense_before) if any(self.plan.dense_before) else 0
-        self.compute = TorchCompute(
-            self.card, self.shape.num_layers, int(w.context.max()), int(w.tokens.max()),
-            dense_total, seed=self.opts.weights_seed + 1, device=self.backend.device,
-        )
         pf = self.plan.prefetcher
         on_done = None
         if _overrides(pf, "on_transfer_done"):
             def on_done(key: int, was_prefetch: bool) -> None:
                 self.clock.tick()
                 pf.on_transfer_done(self.ctx, key, was_prefetch)
-        self.copier = self.link = self.plan.link = Copier(  # type: ignore[assignment]
-            self.backend.load, self.opts.copy_engines, self.cache, self.cache.pool.slot_of,
-            self.clock.elapsed, on_done=on_done, record=self.opts.record_transfers,
-        )
-        try:
+        old_threads = torch.get_num_threads()
+        torch.set_num_threads(self.opts.threads)
+        backend = copier = None
+        try:  # everything opened is closed, and torch's thread count restored, on any error
+            self.backend = backend = self._make_backend()
+            dense_total = max(self.plan.dense_before) if any(self.plan.dense_before) else 0
+            self.compute = TorchCompute(
+                self.card, self.shape.num_layers, int(w.context.max()), int(w.tokens.max()),
+                dense_total, seed=self.opts.weights_seed + 1, device=backend.device,
+            )
+            self.copier = self.link = self.plan.link = copier = Copier(  # type: ignore[assignment]
+                backend.load, self.opts.copy_engines, self.cache, self.cache.pool.slot_of,
+                self.clock.elapsed, on_done=on_done, record=self.opts.record_transfers,
+            )
             for key in self.cache.pool.held():  # pre-filled experts: loaded before the clock
-                self.backend.load(key, self.cache.pool.slot_of(key), 0)
+                backend.load(key, self.cache.pool.slot_of(key), 0)
             self._warm_up()
             with torch.inference_mode():
                 self._loop()
             end = self.clock.tick()
-            self.copier.cancel()
-            self.copier.wait_idle()
+            copier.discard_queued()  # the run is over: not a policy's cancellation
+            copier.wait_idle()
             self.clock.now = end
         finally:
-            self.copier.close()
-            self.backend.close()
+            if copier is not None:
+                copier.close()
+            if backend is not None:
+                backend.close()
+            torch.set_num_threads(old_threads)
         self.c.unused_prefetches = self.cache.unused_prefetches()
         self.c.wasted_prefetches += self.cache.wasted_prefetches
         self.c.evictions += self.cache.evictions
@@ -330,11 +335,13 @@ class Executor:
         clock.start()
         for s in range(w.num_steps):
             clock.step = s
+            # Counting first, as the simulator does: prefetches issued when a request joins
+            # belong to this step.
+            self.counting = self.plan._counting = clock.counting = counting = bool(w.counted[s])
+            cache.counting = copier.counting = counting
             for rid in w.joins.get(s) or ():
                 clock.tick()
                 pf.on_request_start(ctx, rid)
-            self.counting = self.plan._counting = clock.counting = counting = bool(w.counted[s])
-            cache.counting = copier.counting = counting
             rows = w.keys[s].tolist()
             counts = None if w.counts is None else w.counts[s].tolist()
             ntok, context = int(w.tokens[s]), int(w.context[s])

@@ -28,8 +28,10 @@ WEIGHT_STD = 0.02
 
 
 def default_work_dir() -> Path:
-    root = os.environ.get("MOESIM_CACHE") or Path.home() / ".cache" / "moesim"
-    return Path(root) / "executor"
+    """The executor's weight files: ``executor/`` in the user cache (traces.cache)."""
+    from traces.cache import cache_root
+
+    return cache_root() / "executor"
 
 
 def weights_path(work_dir: Path, card_name: str, layout: ExpertLayout, seed: int) -> Path:
@@ -94,6 +96,15 @@ class StorageBackend:
         np.frombuffer(self._mm, dtype=np.uint8)[::mmap.PAGESIZE] = 0
         view = memoryview(self._mm)
         self._slots = [view[s * stride:(s + 1) * stride] for s in range(capacity)]
+        dt = torch.float32 if layout.dtype == "float32" else torch.bfloat16
+        base = torch.frombuffer(self._mm, dtype=torch.uint8)
+        n, h, i = layout.matrix_elems, layout.hidden, layout.intermediate
+        self._weights = []
+        for s in range(capacity):
+            flat = base[s * stride:s * stride + layout.expert_bytes].view(dt)
+            self._weights.append((flat[:n].view(i, h), flat[n:2 * n].view(i, h),
+                                  flat[2 * n:].view(h, i)))
+        # The file is opened last, so nothing after it can fail and leak its descriptor.
         self.fallback_reason = ""
         self._fd = -1
         self.direct_io = False
@@ -107,14 +118,6 @@ class StorageBackend:
             LOG.warning("executor: reading %s without O_DIRECT (%s); buffered reads with "
                         "posix_fadvise(DONTNEED) after each one, so the page cache may still "
                         "serve some", self.path, self.fallback_reason)
-        dt = torch.float32 if layout.dtype == "float32" else torch.bfloat16
-        base = torch.frombuffer(self._mm, dtype=torch.uint8)
-        n, h, i = layout.matrix_elems, layout.hidden, layout.intermediate
-        self._weights = []
-        for s in range(capacity):
-            flat = base[s * stride:s * stride + layout.expert_bytes].view(dt)
-            self._weights.append((flat[:n].view(i, h), flat[n:2 * n].view(i, h),
-                                  flat[2 * n:].view(h, i)))
 
     def _open_direct(self) -> None:
         flag = getattr(os, "O_DIRECT", None)
