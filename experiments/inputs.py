@@ -17,6 +17,10 @@ from traces.model_card import ModelCard, card_from_mapping, load_card
 from traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
 from traces.trace import Trace
 
+# Part of an imported trace's cache key: bump when importers write different files for the
+# same source (v2: prediction tables record the identity of the trace they belong to).
+IMPORT_VERSION = "v2"
+
 
 def cache_dir() -> Path:
     """The user cache (``$MOESIM_CACHE`` or ``~/.cache/moesim``; see traces.cache)."""
@@ -50,7 +54,7 @@ def trace_file(path: str, fmt: str) -> Path:
         return src
     if fmt in (None, "parquet"):
         raise TraceError(f"trace.path: {src} is not a .parquet trace; set trace.format")
-    out = cache_dir() / "traces" / f"{fmt}-{_digest(src)}.parquet"
+    out = cache_dir() / "traces" / f"{fmt}-{IMPORT_VERSION}-{_digest(src)}.parquet"
     if not out.exists():
         with entry_lock(out):  # concurrent runs import once; the others wait, then read it
             if not out.exists():

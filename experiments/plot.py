@@ -29,11 +29,14 @@ STYLE = {
 }
 
 
-def _save(fig: plt.Figure, out: Path, stem: str) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf`` into ``out`` and close the figure."""
+def save_figure(fig: plt.Figure, out: Path, stem: str, dpi: float | None = None) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf`` into ``out`` and close the figure. No creation date
+    in the PDF, so the same data gives the same file (committed figures do not churn)."""
+    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
     for path in paths:
-        fig.savefig(path)
+        meta = {"CreationDate": None} if path.suffix == ".pdf" else None
+        fig.savefig(path, dpi=dpi or "figure", metadata=meta)
     plt.close(fig)
     return paths
 
@@ -89,7 +92,7 @@ def plot_vs_capacity(df: pd.DataFrame, out: Path) -> list[Path]:
             ax.grid(True, alpha=0.3)
         axes[0][0].legend(loc="best")
         fig.tight_layout()
-    return _save(fig, out, "capacity")
+    return save_figure(fig, out, "capacity")
 
 
 METRIC_LABELS = {
@@ -140,7 +143,7 @@ def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: P
                     ax.set_ylim(bottom=0)
         axes[0][0].legend(loc="best")
         fig.tight_layout()
-    return _save(fig, out, stem)
+    return save_figure(fig, out, stem)
 
 
 def _bars(ax: plt.Axes, table: pd.DataFrame, scale: float) -> None:
@@ -210,7 +213,7 @@ def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
                 ax.set_ylabel("stall saved vs no prediction (%)")
             ax.legend(loc="best", title=title)
         fig.tight_layout()
-    return _save(fig, out, "predictors")
+    return save_figure(fig, out, "predictors")
 
 
 def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
@@ -276,7 +279,7 @@ def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Pa
                   bbox_to_anchor=(0.5, 1.25), frameon=False)
         ax.grid(True, axis="x", alpha=0.3)
         fig.tight_layout()
-    return _save(fig, out, "timeline")
+    return save_figure(fig, out, "timeline")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -214,12 +214,9 @@ def plot_validation(table: pd.DataFrame, out: Path, *, log: bool = False) -> lis
                                label=t) for i, t in enumerate(traces)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.set_layout_engine("constrained")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"validation_scatter.{ext}" for ext in ("png", "pdf")]
-    for path in paths:
-        fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return paths
+    from experiments.plot import save_figure
+
+    return save_figure(fig, out, "validation_scatter", dpi=130)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

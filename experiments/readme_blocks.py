@@ -27,13 +27,11 @@ FIGURES = Path(__file__).parent / "figures"
 # Predictions of experiment=validate, in the order the model gains terms (experiments/validate.py
 # validation_table): label, column suffix, what it adds.
 VALIDATION_STEPS = (
-    ("profiled once before the config", "before", "op means and one read curve, then the run"),
-    ("+ reads timed around each run", "bracketed_no_handoff",
-     "the virtual disk's speed read right before and after each real run"),
-    ("+ per-copy latency of the copy path", "bracketed",
-     "submit, worker wake-up and hand-off back, profiled alone"),
-    ("+ compute slowed by a busy reader", "bracketed_io",
-     "expert and attention times measured beside a reading copy worker (contention)"),
+    ("A. profiled once before the config (reads, ops, per-copy latency; no contention)",
+     "before"),
+    ("B. reads timed around each run; no per-copy latency", "bracketed_no_handoff"),
+    ("C. B + the copy path's per-copy latency", "bracketed"),
+    ("D. C + compute timed beside a busy reader (contention): the headline", "bracketed_io"),
 )
 
 
@@ -59,11 +57,11 @@ def render_validation(df: pd.DataFrame) -> str:
         "time per token against the median real run; spread is (max - min) / median of the real "
         "runs.",
         "",
-        "| prediction (each row adds one profiled term) | median \\|error\\| | max \\|error\\| "
+        "| prediction (what its profile holds) | median \\|error\\| | max \\|error\\| "
         "| mean signed |",
         "|---|---|---|---|",
     ]
-    for label, kind, _what in VALIDATION_STEPS:
+    for label, kind in VALIDATION_STEPS:
         col = f"tpot_err_{kind}_pct"
         if col not in df:
             continue

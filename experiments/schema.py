@@ -61,8 +61,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("warmup_extra_row", "bool", "MoE-Beyond's warm-up quirk: the first counted token's "
         "first MoE layer is also accessed once during warm-up (batch 1, decode replay)"),
     Opt("seed", "int", "seed of every random choice (random prefill, tie-breaks)", lo=0),
-    Opt("engine", "choice", "auto: the compiled replay where it applies; python: the SimPy "
-        "engine always", choices=("auto", "python")),
+    Opt("engine", "choice", "auto: the compiled engine where the policy and options have a "
+        "compiled twin, else SimPy; python: the SimPy engine always; compiled: the compiled "
+        "engine or an error", choices=("auto", "python", "compiled")),
     Opt("max_requests", "int", "replay only the first N requests", nullable=True, lo=1),
     Opt("max_tokens", "int", "and only the first N tokens of each", nullable=True, lo=1),
     Opt("requests", "choice", "which requests: all, held_out (the predictors' test split) or "
@@ -89,6 +90,22 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("cache.reset_per_request", "bool", "empty the cache before every request"),
     Opt("output.transfers", "bool", "write transfers.parquet (one row per copy)"),
     Opt("output.timeline_steps", "int", "write timeline.json (Chrome trace) of the first N steps",
+        lo=0),
+    # experiment=validate (sim/executor): the real runs
+    Opt("validate.scale", "float", "validate: hidden and intermediate sizes x this", lo=0.0,
+        lo_open=True),
+    Opt("validate.dtype", "choice", "validate: expert weight dtype",
+        choices=("float32", "bfloat16")),
+    Opt("validate.repeats", "int", "validate: real runs per config", lo=1),
+    Opt("validate.backend", "choice", "validate: where experts live and compute runs",
+        choices=("storage", "cuda")),
+    Opt("validate.threads", "int", "validate: torch compute threads", lo=1),
+    Opt("validate.copy_engines", "int", "validate: copy worker threads", lo=1),
+    Opt("validate.calibrate", "bool", "validate: profile this machine right before each config"),
+    Opt("validate.bracket_reads", "int", "validate: expert reads timed around each real run",
+        lo=0),
+    Opt("validate.batch", "int", "validate: requests decoded together", lo=1),
+    Opt("validate.warmup_tokens", "int", "validate: tokens per request that only warm the cache",
         lo=0),
 )
 

@@ -1,8 +1,9 @@
 """``experiment=validate``: the simulator's timed prediction against real runs of the executor.
 
-    python -m experiments.validate experiment=validate            # ~15 min on 2 cores
-    python -m experiments.validate experiment=validate_smoke      # seconds (CI)
-    python -m experiments.validate experiment=validate validate.calibrate=false hw=<profile>
+    moesim-sim experiment=validate                 # 24 configs, about 6 min on 2 cores
+    moesim-sim experiment=validate_smoke           # seconds (CI)
+    moesim-sim experiment=validate validate.calibrate=false hw=<profile>
+    (python -m experiments.validate ... is the same app, refusing a non-validate experiment)
 
 For each trace of ``validate.traces`` the model card is scaled (``scale``, weights in
 ``validate.dtype``); for every (policy x capacity) config the machine is profiled first
@@ -31,13 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import hydra
 import pandas as pd
 import yaml
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from experiments.configs import CONF_DIR, register_configs
+from experiments.configs import CONF_DIR
 from experiments.inputs import hw_profile, load_run_predictions, load_run_trace, model_card
 from hw_profiles import ProfileError, profile_from_mapping
 from policies.base import Knowledge, PolicyError
@@ -178,6 +177,15 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
     from sim.executor import ExecutorOptions, execute
 
     v = cfg.validate
+    for key in ("traces", "policies", "capacities"):
+        if not v.get(key):
+            raise SimulationError(f"validate.{key}: give at least one")
+    if v.backend != "storage" and v.calibrate:
+        # The calibration microbenchmarks time CPU ops and O_DIRECT reads: a prediction of
+        # the storage backend only. A GPU run needs a GPU profile (validate.calibrate=false).
+        raise SimulationError(f"validate.calibrate=true profiles the storage backend; with "
+                              f"validate.backend={v.backend} give validate.calibrate=false and "
+                              "a measured profile (hw= or validate.hw_path)")
     outdir.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     layers: list[pd.DataFrame] = []
@@ -219,6 +227,9 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                 (outdir / f"profile_{cid:02d}.yaml").write_text(
                     yaml.safe_dump(mapping, sort_keys=False))
                 link, compute = profile.expert_link(), profile.compute_model(card)
+                if getattr(compute, "skipped", ""):  # a roofline guess is no validation
+                    raise ProfileError(f"the profile's measured compute table does not fit "
+                                       f"{card.name} at scale {scale:g}: {compute.skipped}")
                 engines = int(link.copy_engines)
                 base["hw.name"] = profile.name
                 base["profile.expert_s"] = float(compute.expert_time(1))
@@ -360,23 +371,17 @@ def format_table(t: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    if cfg.get("validate") is None:
+def main() -> None:
+    """``python -m experiments.validate experiment=validate[_smoke] [overrides]``: the same app
+    as ``moesim-sim experiment=validate`` (its option checks, run-folder lock, folder names and
+    sweep workers), refusing a command line that names no validate experiment."""
+    if not any(a.startswith("experiment=validate") for a in sys.argv[1:]):
         print("error: no validate settings; run with experiment=validate (or validate_smoke)",
               file=sys.stderr)
         sys.exit(2)
-    outdir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        run_validation(cfg, outdir)
-    except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    from experiments.sim_app import main as sim_main
 
-
-def main() -> None:
-    register_configs()
-    _hydra_main()
+    sim_main()
 
 
 if __name__ == "__main__":

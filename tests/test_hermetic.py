@@ -22,9 +22,13 @@ SUBSET = [
 
 
 def test_session_cache_is_not_the_users(session_cache: Path) -> None:
+    from platformdirs import user_cache_path
+
     assert cache_root() == session_cache
-    if USER_CACHE_ENV:
-        assert Path(USER_CACHE_ENV) != session_cache
+    users = Path(USER_CACHE_ENV) if USER_CACHE_ENV else user_cache_path("moesim",
+                                                                          appauthor=False)
+    assert users.resolve() != session_cache.resolve()
+    assert session_cache.resolve() not in users.resolve().parents
 
 
 def test_suite_passes_with_a_poisoned_user_cache(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from platformdirs import user_cache_path
 
 # Folders below the root, by what they hold (``moesim-traces cache clear --only <name>``).
@@ -25,7 +25,12 @@ KINDS = {
     "traces": "imported and embedded traces (parquet), keyed by source content",
     "predictions": "prediction tables built by predictor:<name>, keyed by predictor + trace",
     "predictors": "trained predictor checkpoints, keyed by config + data",
+    "executor": "expert weight files of the real executor (experiment=validate)",
 }
+# What moesim itself writes at the root (the embedded trace when no folder is given); anything
+# else there is not moesim's and is never listed for removal, so a mis-set $MOESIM_CACHE
+# cannot make ``clear`` delete someone's files.
+ROOT_PATTERNS = ("moesim_tiny_moe-*",)
 
 
 def cache_root() -> Path:
@@ -58,14 +63,20 @@ def sweep_temporaries(path: Path) -> int:
 
 @dataclass(frozen=True)
 class Entry:
-    """One top-level item of the cache, for ``moesim-traces cache info``."""
+    """One item of the cache, for ``moesim-traces cache info``."""
 
     path: Path
-    kind: str
+    kind: str  # a KINDS folder, "embedded" (moesim files at the root) or "foreign" (kept)
     files: int
     bytes: int
     mtime: float
     stale: bool  # an abandoned temporary or a collector's part folder
+
+
+def _is_moesim_root_item(p: Path) -> bool:
+    name = p.name
+    return (is_temporary(p) or ".parquet.parts-" in name
+            or any(p.match(pat) for pat in ROOT_PATTERNS))
 
 
 def _size(p: Path) -> tuple[int, int, float]:
@@ -89,9 +100,9 @@ def _is_stale(p: Path, now: float, older_than_s: float) -> bool:
 
 
 def entries(root: Path | None = None, older_than_s: float = 3600.0) -> list[Entry]:
-    """Every item one level below each kind's folder (and loose items at the root), with
-    sizes; lock files are not listed. ``stale`` marks temporaries and part folders untouched
-    for ``older_than_s``."""
+    """Every item one level below each kind's folder and moesim's own items at the root, with
+    sizes; lock files are not listed; anything else at the root is listed as ``foreign``.
+    ``stale`` marks temporaries and part folders untouched for ``older_than_s``."""
     root = root or cache_root()
     if not root.is_dir():
         return []
@@ -101,7 +112,7 @@ def entries(root: Path | None = None, older_than_s: float = 3600.0) -> list[Entr
         if top.name.endswith(".lock"):
             continue
         items = [top]
-        kind = "other"
+        kind = "embedded" if _is_moesim_root_item(top) else "foreign"
         if top.is_dir() and top.name in KINDS:
             kind = top.name
             items = sorted(p for p in top.iterdir() if not p.name.endswith(".lock"))
@@ -116,18 +127,29 @@ def entries(root: Path | None = None, older_than_s: float = 3600.0) -> list[Entr
 
 
 def clear(root: Path | None = None, *, only: str | None = None, stale_only: bool = False,
-          older_than_s: float = 3600.0) -> tuple[int, int]:
-    """Remove cache entries (all, one kind, or only stale ones); returns (items, bytes)."""
+          older_than_s: float = 3600.0) -> tuple[int, int, int]:
+    """Remove moesim's cache entries (all, one kind, or only stale ones); never a ``foreign``
+    item, and never an entry another process is writing (its lock is held): those are skipped.
+    Returns (items removed, bytes removed, items skipped because in use)."""
     if only is not None and only not in KINDS:
         raise ValueError(f"unknown cache kind {only!r}; one of {', '.join(KINDS)}")
-    n = nbytes = 0
+    n = nbytes = busy = 0
     for e in entries(root, older_than_s):
-        if (only and e.kind != only) or (stale_only and not e.stale):
+        if e.kind == "foreign" or (only and e.kind != only) or (stale_only and not e.stale):
             continue
-        if e.path.is_dir():
-            shutil.rmtree(e.path, ignore_errors=True)
-        else:
-            e.path.unlink(missing_ok=True)
+        lock = FileLock(e.path.parent / f".{e.path.name}.lock", timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            busy += 1
+            continue
+        try:
+            if e.path.is_dir():
+                shutil.rmtree(e.path, ignore_errors=True)
+            else:
+                e.path.unlink(missing_ok=True)
+        finally:
+            lock.release()  # (its lock file stays: removing it could let two writers in)
         n += 1
         nbytes += e.bytes
-    return n, nbytes
+    return n, nbytes, busy

@@ -166,24 +166,27 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     root = Path(args.root) if args.root else cache.cache_root()
     if args.action == "clear":
         try:
-            n, nbytes = cache.clear(root, only=args.only, stale_only=args.stale)
+            n, nbytes, busy = cache.clear(root, only=args.only, stale_only=args.stale)
         except ValueError as exc:
             raise TraceError(str(exc), field="--only") from None
-        print(f"removed {n} item(s), {_human(nbytes)} from {root}")
+        print(f"removed {n} item(s), {_human(nbytes)} from {root}"
+              + (f"; {busy} in use by another process, kept" if busy else ""))
         return 0
     items = cache.entries(root)
     print(f"cache: {root}" + ("" if root.is_dir() else " (empty: does not exist)"))
-    for kind in (*cache.KINDS, "other"):
+    described = {**cache.KINDS, "embedded": "moesim files at the root (the embedded trace)",
+                 "foreign": "not moesim's: never cleared"}
+    for kind in described:
         mine = [e for e in items if e.kind == kind]
         if not mine:
             continue
         total = sum(e.bytes for e in mine)
-        print(f"{kind}: {len(mine)} item(s), {_human(total)}  ({cache.KINDS.get(kind, '')})")
+        print(f"{kind}: {len(mine)} item(s), {_human(total)}  ({described[kind]})")
         for e in mine:
             when = datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
             flag = "  [stale]" if e.stale else ""
             print(f"  {_human(e.bytes):>9}  {when}  {e.path.name}{flag}")
-    print(f"total: {_human(sum(e.bytes for e in items))}")
+    print(f"total: {_human(sum(e.bytes for e in items if e.kind != 'foreign'))}")
     return 0
 
 

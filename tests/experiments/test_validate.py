@@ -107,10 +107,22 @@ def test_cli_smoke_on_the_embedded_trace(tmp_path: Path) -> None:
 
 def test_cli_without_validate_settings_is_one_clear_error(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.validate", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "experiments.validate"], cwd=tmp_path,
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert out.returncode == 2 and "experiment=validate" in out.stderr
+    assert "Traceback" not in out.stderr and not list(tmp_path.rglob("*"))
+
+
+def test_bad_validate_option_is_one_clear_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.validate", "experiment=validate_smoke",
+         "validate.repeats=0", "validate.scale=-1"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [
+        "error: validate.scale=-1: must be > 0", "error: validate.repeats=0: must be >= 1"]
 
 
 @pytest.mark.shared

@@ -55,3 +55,31 @@ def test_info_of_the_session_cache_never_the_users(capsys: pytest.CaptureFixture
                                                    session_cache: Path) -> None:
     assert main(["cache", "info"]) == 0
     assert f"cache: {session_cache}" in capsys.readouterr().out
+
+
+def test_clear_never_touches_what_is_not_moesims(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """A mis-set $MOESIM_CACHE (say, a home folder) must not lose anyone's files."""
+    (tmp_path / "Documents").mkdir()
+    (tmp_path / "Documents" / "thesis.tex").write_text("precious")
+    (tmp_path / ".bashrc").write_text("precious")
+    (tmp_path / "moesim_tiny_moe-abc.parquet").write_bytes(b"x")
+    assert main(["cache", "info", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "foreign: 2 item(s)" in out and "embedded: 1 item(s)" in out
+    assert main(["cache", "clear", "--root", str(tmp_path)]) == 0
+    assert (tmp_path / "Documents" / "thesis.tex").read_text() == "precious"
+    assert (tmp_path / ".bashrc").read_text() == "precious"
+    assert not (tmp_path / "moesim_tiny_moe-abc.parquet").exists()
+
+
+def test_clear_skips_an_entry_being_written(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    from traces.cache import entry_lock
+
+    (tmp_path / "traces").mkdir()
+    busy = tmp_path / "traces" / "t.parquet"
+    busy.write_bytes(b"x")
+    with entry_lock(busy):
+        assert main(["cache", "clear", "--root", str(tmp_path)]) == 0
+    assert busy.exists() and "1 in use by another process" in capsys.readouterr().out

@@ -464,8 +464,9 @@ def collect(
     if s.threads:
         torch.set_num_threads(int(s.threads))
     try:
-        # One collector per output at a time: a second one waits, then finds the parts (or the
-        # output) of the first instead of racing it.
+        # One collector per output at a time: a second one waits instead of racing the first
+        # (then collects again: the first's parts are gone; ensure_embedded_trace re-checks
+        # for the finished output under a lock of its own).
         out.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(out.parent / f".{out.name}.lock"):
             return _collect_with(runner, prompts, s, out, transformers.__version__)
