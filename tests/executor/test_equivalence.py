@@ -16,6 +16,7 @@ import pytest
 from sim import FixedCompute, FixedLink, simulate
 from sim.executor import ExecutorOptions, execute
 from tests.executor.conftest import card_trace, small_card
+from tests.sim.parts import check_parts
 
 COUNTS = ("accesses", "hits", "late_hits", "misses")
 
@@ -50,6 +51,7 @@ def _adds_up(res) -> None:
     assert s["stall_time_s"] >= 0 and s["time_per_output_token_s"] > 0
     assert math.isclose(s["stall_time_s"], pl["stall_time_s"].sum(), rel_tol=1e-9,
                         abs_tol=1e-12)
+    check_parts(res)  # the simulator's own identities, transfers included
 
 
 @pytest.mark.parametrize("policy", ["lru", "fifo", "lfu", "belady", "least_stale"])
