@@ -1,92 +1,274 @@
-"""Benchmark: simulator speed on MoE-Beyond's DeepSeek-V2-Lite training trace.
+"""Benchmark: simulator speed and memory on MoE-Beyond's DeepSeek-V2-Lite training trace.
 
-Reports token-layers/s of timed runs (v100_pcie, 10 % cache) and zero-latency accesses/s beside
-libCacheSim's C replay of the same request stream. Not a test: run it by hand and copy the
-figures into the README.
+CPU time (``time.process_time``; children by ``os.wait4``), compiled and SimPy runs interleaved,
+the best of ``--reps``. Writes one JSON file; ``python -m experiments.bench.report_sim``
+renders it (and rewrites the README's Benchmarks tables from it).
 
-    python -m experiments.bench.bench_sim [--traces DIR] [--max-requests N]
+- every shipped policy, timed, v100_pcie, 10 % cache, batch 1 and 8: the compiled engine on
+  the whole trace, and both engines on the first ``--simpy-requests`` requests (same runs, so
+  the ratio compares like with like; their summaries must agree);
+- the whole ``moesim-sim`` command per policy (CPU seconds and peak RSS of the child);
+- zero-latency LRU and Belady (unpinned) beside libCacheSim on the same access stream;
+- optionally (``--sweep``) the 16-run capacity sweep on 2 joblib workers (wall seconds).
+
+    python -m experiments.bench.bench_sim [--traces DIR] [--out FILE] [--reps N] [--sweep]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import platform
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from experiments.inputs import trace_file
 from hw_profiles import load_profile
-from sim import build_workload, capacity_slots, dense_layers_before, simulate
+from sim import SimulationError, build_workload, capacity_slots, dense_layers_before, simulate
 from traces import load_trace
 from traces.model_card import load_card
 
+ROOT = Path(__file__).resolve().parents[2]
+POLICIES: dict[str, dict[str, Any]] = {  # label -> policy config
+    "lru": {"name": "lru"},
+    "fifo": {"name": "fifo"},
+    "lfu": {"name": "lfu"},
+    "least_stale": {"name": "least_stale"},
+    "static": {"name": "static"},
+    "belady": {"name": "belady"},
+    "next_layer_all": {"name": "next_layer_all"},
+    "oracle_prefetch": {"name": "oracle_prefetch"},
+    "oracle_prefetch pre_attention +0": {"name": "oracle_prefetch", "point": "pre_attention",
+                                         "lookahead": 0},
+    "prediction_prefetch (perfect table)": {"name": "prediction_prefetch"},
+    "moe_beyond_replay (perfect table)": {"name": "moe_beyond_replay"},
+    "fate_arc (per-layer, 25 %)": {"name": "fate_arc"},
+    "moe_infinity": {"name": "moe_infinity"},
+}
+SIMPY_ONLY_WHOLE = {"moe_infinity"}  # no compiled twin: minutes on SimPy, subset only
 
-def _lcs_replay(stream: np.ndarray, capacity: int, tmp: Path) -> tuple[float, float]:
+
+def _cpu(fn: Any) -> tuple[float, Any]:
+    t = time.process_time()
+    out = fn()
+    return time.process_time() - t, out
+
+
+def _kwargs(trace: Any, cfg: dict[str, Any], batch: int, env: dict[str, Any]) -> dict[str, Any]:
+    kw = dict(capacity=env["cap"], mode="timed", link=env["link"], compute=env["comp"],
+              dense_before=env["dense"], batch=batch)
+    if cfg["name"] in ("prediction_prefetch", "moe_beyond_replay"):
+        kw["predictions"] = {r.request_id: r.experts for r in trace.requests}
+    if cfg["name"] == "fate_arc":  # 10 % leaves a layer fewer slots than one step needs
+        kw.update(partition="per_layer", capacity=env["cap_fate"])
+    return kw
+
+
+def _config_error(trace: Any, cfg: dict[str, Any], kw: dict[str, Any]) -> str | None:
+    """The error a run on ``trace`` stops with (e.g. a cache too small for the widest step),
+    or None."""
+    try:
+        simulate(trace, cfg, **kw)
+    except SimulationError as err:
+        return str(err).split(";")[0]
+    return None
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    for key in ("accesses", "hits", "late_hits", "promoted", "misses", "prefetch_transfers",
+                "prefetch_useful", "prefetch_wasted", "evictions"):
+        if a[key] != b[key]:
+            return False
+    return math.isclose(a["stall_time_s"], b["stall_time_s"], rel_tol=1e-9)
+
+
+def engines(trace: Any, sub: Any, env: dict[str, Any], reps: int) -> list[dict[str, Any]]:
+    """Compiled on the whole trace; compiled and SimPy on the subset; interleaved."""
+    rows: dict[tuple[str, int], dict[str, Any]] = {}
+    for cfg in POLICIES.values():  # warm-up: compile / load every kernel once
+        simulate(sub.subset(2), cfg, **_kwargs(sub, cfg, 1, env))
+    for rep in range(reps):
+        for batch in (1, 8):
+            for label, cfg in POLICIES.items():
+                row = rows.setdefault((label, batch), {
+                    "policy": label, "batch": batch, "whole_cpu_s": math.inf,
+                    "sub_compiled_cpu_s": math.inf, "sub_simpy_cpu_s": math.inf})
+                if rep == 0 and cfg["name"] == "fate_arc":
+                    row["error"] = _config_error(trace, cfg, _kwargs(trace, cfg, batch, env))
+                if row.get("error"):  # e.g. a per-layer cache too small for batch 8
+                    continue
+                if label not in SIMPY_ONLY_WHOLE:
+                    dt, res = _cpu(lambda c=cfg, b=batch: simulate(
+                        trace, c, **_kwargs(trace, c, b, env)))
+                    row["whole_cpu_s"] = min(row["whole_cpu_s"], dt)
+                    row["whole_engine"] = res.summary["sim_engine"]
+                    row["hit_rate"] = res.summary["hit_rate"]
+                kw = _kwargs(sub, cfg, batch, env)
+                dt, fast = _cpu(lambda c=cfg, k=kw: simulate(sub, c, **k))
+                row["sub_compiled_cpu_s"] = min(row["sub_compiled_cpu_s"], dt)
+                row["sub_engine"] = fast.summary["sim_engine"]
+                if rep == 0 or row["sub_engine"] == "compiled":  # SimPy twice is the same run
+                    dt, ref = _cpu(lambda c=cfg, k=kw: simulate(sub, c, engine="python", **k))
+                    row["sub_simpy_cpu_s"] = min(row["sub_simpy_cpu_s"], dt)
+                    row["sub_same_metrics"] = _same(ref.summary, fast.summary)
+                print(json.dumps(row), flush=True)
+    return list(rows.values())
+
+
+# ``moesim-sim`` in a child that records its own peak RSS (VmHWM of its address space: a
+# child's ru_maxrss on Linux also carries the parent's peak from before the exec).
+_MEASURED = """
+import atexit, re, runpy, sys
+out = sys.argv.pop(1)
+def hwm():
+    text = open("/proc/self/status").read()
+    open(out, "w").write(re.search(r"VmHWM:\\s+(\\d+)", text).group(1))
+atexit.register(hwm)
+runpy.run_module("experiments.sim_app", run_name="__main__", alter_sys=True)
+"""
+
+
+def whole_commands(traces: str, reps: int) -> list[dict[str, Any]]:
+    """``moesim-sim`` end to end (start-up, trace load, run, parquet writes), per child."""
+    out = []
+    names = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "next_layer_all",
+             "oracle_prefetch"]
+    env = {**os.environ, "MOESIM_TRACES": str(Path(traces).resolve())}
+    with tempfile.TemporaryDirectory() as tmp:
+        for batch in (1, 8):
+            for name in names:
+                best = (math.inf, 0)
+                for rep in range(reps):
+                    hwm = Path(tmp) / f"hwm_{name}_{batch}_{rep}"
+                    cmd = [sys.executable, "-c", _MEASURED, str(hwm), "trace=deepseek_v2_lite",
+                           f"policy={name}", f"batch={batch}", "cache.fraction=0.1",
+                           "hw=v100_pcie", f"hydra.run.dir={tmp}/{name}_{batch}_{rep}"]
+                    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.PIPE)
+                    _, status, usage = os.wait4(proc.pid, 0)
+                    err = proc.stderr.read().decode() if proc.stderr else ""
+                    if status != 0:
+                        raise RuntimeError(f"{' '.join(cmd)} failed: {err[-2000:]}")
+                    cpu = usage.ru_utime + usage.ru_stime
+                    best = min(best, (cpu, int(hwm.read_text())))
+                row = {"policy": name, "batch": batch, "command_cpu_s": best[0],
+                       "command_peak_rss_mb": best[1] / 1024}
+                print(json.dumps(row), flush=True)
+                out.append(row)
+    return out
+
+
+def _lcs(stream: np.ndarray, capacity: int, algo: str, tmp: Path) -> tuple[float, float]:
+    """libCacheSim's C replay of ``stream`` (oracleGeneral, with next-access for Belady):
+    CPU seconds of ``process_trace`` and the hit ratio."""
     import libcachesim as lcs
 
+    from sim.compiled.kernel import NO_USE, next_occurrences
+
     n = len(stream)
+    nxt, _ = next_occurrences(stream, int(stream.max()) + 1)
     rec = np.zeros(n, dtype=[("t", "<u4"), ("id", "<u8"), ("sz", "<u4"), ("nx", "<i8")])
     rec["t"] = np.arange(n) % (1 << 32)
     rec["id"] = stream + 1
     rec["sz"] = 1
-    rec["nx"] = -1
+    rec["nx"] = np.where(nxt == NO_USE, -1, nxt)
     path = tmp / "stream.oracleGeneral"
     rec.tofile(path)
     reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE)
-    cache = lcs.LRU(cache_size=capacity, hashpower=16)
-    t = time.perf_counter()
-    miss_ratio, _ = cache.process_trace(reader)
-    return time.perf_counter() - t, 1 - miss_ratio
+    cache = getattr(lcs, algo)(cache_size=capacity, hashpower=16)
+    dt, (miss_ratio, _) = _cpu(lambda: cache.process_trace(reader))
+    return dt, 1 - miss_ratio
+
+
+def zero_latency(trace: Any, cap: int, reps: int) -> list[dict[str, Any]]:
+    """Zero-latency LRU and unpinned Belady vs libCacheSim's on the same access stream."""
+    keys = build_workload(trace).keys
+    stream = keys[keys >= 0].astype(np.int64)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for policy, algo in (("lru", "LRU"), ("belady", "Belady")):
+            _lcs(stream, cap, algo, Path(tmp))  # warm-up, as the anchors note advises
+            simulate(trace.subset(2), policy, capacity=cap, mode="zero_latency", pin_layer=False)
+            best_l, best_m = math.inf, math.inf
+            for _ in range(reps):  # interleaved
+                dt, hit_l = _lcs(stream, cap, algo, Path(tmp))
+                best_l = min(best_l, dt)
+                dt, res = _cpu(lambda p=policy: simulate(trace, p, capacity=cap,
+                                                         mode="zero_latency", pin_layer=False))
+                best_m = min(best_m, dt)
+            row = {"policy": policy, "accesses": len(stream), "moesim_cpu_s": best_m,
+                   "libcachesim_cpu_s": best_l, "moesim_hit_rate": res.summary["hit_rate"],
+                   "libcachesim_hit_rate": hit_l}
+            print(json.dumps(row), flush=True)
+            out.append(row)
+    return out
+
+
+def sweep(traces: str) -> dict[str, Any]:
+    """The README's 16-run capacity sweep on 2 joblib workers: wall seconds."""
+    env = {**os.environ, "MOESIM_TRACES": str(Path(traces).resolve())}
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "experiments.sim_app", "-m", "trace=deepseek_v2_lite",
+               "policy=lru,lfu,least_stale,belady", "cache.fraction=0.05,0.1,0.25,0.5",
+               "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp}/s"]
+        t = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+        return {"runs": 16, "workers": 2, "wall_s": time.perf_counter() - t}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--traces", default="../shared/traces")
-    ap.add_argument("--max-requests", type=int, default=None)
+    ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
+    ap.add_argument("--out", default=str(ROOT / "experiments/bench/results/bench_sim.json"))
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--simpy-requests", type=int, default=40)
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
+    load0 = os.getloadavg()
     src = Path(args.traces) / "deepseek_v2_lite_moe-beyond" / "training_data_eamc"
-    t = time.perf_counter()
-    trace = load_trace(trace_file(str(src), "moe-beyond-csv"), max_requests=args.max_requests)
-    print(f"load: {time.perf_counter() - t:.1f} s, {len(trace)} requests, "
-          f"{trace.num_tokens:,} tokens, {trace.num_rows:,} token-layers")
+    load_cpu, trace = _cpu(lambda: load_trace(trace_file(str(src), "moe-beyond-csv")))
     card = load_card("deepseek_v2_lite")
-    cap = capacity_slots(1664, card.expert_bytes, fraction=0.1)
     prof = load_profile("v100_pcie")
-    link, comp = prof.expert_link(), prof.compute_model(card)
-    rows = trace.num_rows
-    dense = dense_layers_before(trace.meta.moe_layers, 27)
-    simulate(trace.subset(2, 4), "lru", capacity=cap, mode="timed", link=link, compute=comp)
-    for policy, engine in (("lru", "auto"), ("lru", "python"), ("belady", "python"),
-                           ("next_layer_all", "python")):
-        t = time.perf_counter()
-        r = simulate(trace, policy, capacity=cap, mode="timed", link=link, compute=comp,
-                     dense_before=dense, engine=engine)
-        dt = time.perf_counter() - t
-        print(f"timed {policy:15s} {r.summary['sim_engine']:8s} {dt:6.2f} s  "
-              f"{rows / dt / 1e3:7.0f} k token-layers/s  hit_rate {r.summary['hit_rate']:.4f}")
-    keys = build_workload(trace).keys
-    stream = keys[keys >= 0].astype(np.int64)
-    import tempfile
+    env = {"cap": capacity_slots(1664, card.expert_bytes, fraction=0.1),
+           "cap_fate": capacity_slots(1664, card.expert_bytes, fraction=0.25),
+           "link": prof.expert_link(), "comp": prof.compute_model(card),
+           "dense": dense_layers_before(trace.meta.moe_layers, 27)}
+    sub = trace.subset(args.simpy_requests)
+    result: dict[str, Any] = {
+        "trace": {"requests": len(trace), "tokens": trace.num_tokens,
+                  "token_layers": trace.num_rows, "load_cpu_s": load_cpu,
+                  "subset_requests": len(sub), "subset_token_layers": sub.num_rows},
+        "config": {"hw": "v100_pcie", "cache_fraction": 0.1, "capacity": env["cap"],
+                   "mode": "timed", "reps": args.reps},
+    }
+    result["engines"] = engines(trace, sub, env, args.reps)
+    result["zero_latency"] = zero_latency(trace, env["cap"], args.reps)
+    result["in_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["commands"] = whole_commands(args.traces, max(1, args.reps - 1))
+    if args.sweep:
+        result["sweep"] = sweep(args.traces)
+    import numba
 
-    with tempfile.TemporaryDirectory() as tmp:
-        _lcs_replay(stream, cap, Path(tmp))  # warm-up, as the anchors note advises
-        lt, hit = min(_lcs_replay(stream, cap, Path(tmp)) for _ in range(3))
-    print(f"libcachesim LRU (C)          {lt:6.2f} s  {len(stream) / lt / 1e6:.1f} M accesses/s"
-          f"  hit_rate {hit:.4f}")
-    for engine in ("auto", "python"):
-        best = float("inf")
-        for _ in range(3 if engine == "auto" else 1):
-            t = time.perf_counter()
-            r = simulate(trace, "lru", capacity=cap, mode="zero_latency", pin_layer=False,
-                         engine=engine)
-            best = min(best, time.perf_counter() - t)
-        acc = r.summary["accesses"]
-        print(f"zero-latency lru {r.summary['sim_engine']:8s}  {best:6.2f} s  "
-              f"{acc / best / 1e6:.1f} M accesses/s  hit_rate {r.summary['hit_rate']:.4f}  "
-              f"ratio to libcachesim {lt / best:.2f}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    result["conditions"] = {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit,
+        "cpus": os.cpu_count(), "load_avg_1m_before": load0[0],
+        "load_avg_1m_after": os.getloadavg()[0], "python": platform.python_version(),
+        "numba": numba.__version__, "machine": platform.machine(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

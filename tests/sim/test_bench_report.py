@@ -1,0 +1,32 @@
+"""The README's simulator benchmark block is the one rendered from the committed results."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from experiments.bench.report_sim import BEGIN, END, JSON, ROOT, block
+
+
+def test_readme_block_is_generated_from_the_results() -> None:
+    res = json.loads(JSON.read_text())
+    text = (ROOT / "README.md").read_text()
+    found = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), text, re.S)
+    assert found is not None, "README has no bench_sim block"
+    assert found.group(0) == block(res), (
+        "README's benchmark block differs from experiments/bench/results/bench_sim.json: run "
+        "python -m experiments.bench.report_sim --readme README.md"
+    )
+
+
+def test_results_compare_like_with_like() -> None:
+    """Every subset comparison ran the same run on both engines and got the same metrics."""
+    res = json.loads(JSON.read_text())
+    rows = [r for r in res["engines"] if not r.get("error")]
+    assert rows
+    for r in rows:
+        assert r["sub_same_metrics"], r["policy"]
+        assert math.isfinite(r["sub_simpy_cpu_s"]) and r["sub_simpy_cpu_s"] > 0
+    for z in res["zero_latency"]:
+        assert math.isclose(z["moesim_hit_rate"], z["libcachesim_hit_rate"], abs_tol=1e-9), z
