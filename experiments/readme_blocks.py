@@ -100,6 +100,29 @@ def render_validation(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def render_validation_runs(df: pd.DataFrame) -> str:
+    """Every committed run of the same sweep, one row each: how much the headline itself moves
+    between runs on this machine (``run`` names the file, ``final`` the one shown above)."""
+    lines = ["| run | median \\|error\\| | max \\|error\\| | real spread (median) "
+             "| load average |", "|---|---|---|---|---|"]
+    for run, g in df.groupby("run", sort=False):
+        e = g["tpot_err_pct"].astype(float).abs()
+        load = g["load_avg_1m"].astype(float)
+        lines.append(f"| {run} | {_pct(e.median())} | {_pct(e.max())} "
+                     f"| {_pct(g['tpot_real_spread_pct'].astype(float).median())} "
+                     f"| {load.min():.1f} to {load.max():.1f} |")
+    return "\n".join(lines)
+
+
+def _all_validation_runs() -> pd.DataFrame:
+    """The shown run first (``final``), then earlier ones (``validate_ci_vm_<run>.csv``)."""
+    frames = [pd.read_csv(RESULTS / "validate_ci_vm.csv").assign(run="final (shown above)")]
+    for path in sorted(RESULTS.glob("validate_ci_vm_*.csv")):
+        run = path.stem.removeprefix("validate_ci_vm_")
+        frames.append(pd.read_csv(path).assign(run=f"{run} (earlier code, same sweep)"))
+    return pd.concat(frames, ignore_index=True)
+
+
 def _validation_figure(df: pd.DataFrame) -> None:
     from experiments import plot_validation as pv
 
@@ -108,9 +131,12 @@ def _validation_figure(df: pd.DataFrame) -> None:
         p.replace(p.with_name(f"validation_ci_vm{p.suffix}"))
 
 
-Block = tuple[Path, Callable[[pd.DataFrame], str], Callable[[pd.DataFrame], None] | None]
+Block = tuple[Callable[[], pd.DataFrame], Callable[[pd.DataFrame], str],
+              Callable[[pd.DataFrame], None] | None]
 BLOCKS: dict[str, Block] = {
-    "validation": (RESULTS / "validate_ci_vm.csv", render_validation, _validation_figure),
+    "validation": (lambda: pd.read_csv(RESULTS / "validate_ci_vm.csv"), render_validation,
+                   _validation_figure),
+    "validation_runs": (_all_validation_runs, render_validation_runs, None),
 }
 
 
@@ -123,11 +149,11 @@ def update(readme: Path, *, check: bool, figures: bool = True) -> list[str]:
     """Rewrite (or with ``check`` only compare) every block; returns the names that differ."""
     text = readme.read_text()
     stale = []
-    for name, (src, render, figure) in BLOCKS.items():
+    for name, (load, render, figure) in BLOCKS.items():
         pat = _pattern(name)
         if not pat.search(text):
             raise SystemExit(f"error: README has no block generated:{name}")
-        df = pd.read_csv(src)
+        df = load()
         body = render(df).rstrip("\n") + "\n"
         new = pat.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
         if new != text:

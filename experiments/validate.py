@@ -1,6 +1,6 @@
 """``experiment=validate``: the simulator's timed prediction against real runs of the executor.
 
-    moesim-sim experiment=validate                 # 24 configs, about 6 min on 2 cores
+    moesim-sim experiment=validate                 # 24 configs, about 5 min on 2 cores
     moesim-sim experiment=validate_smoke           # seconds (CI)
     moesim-sim experiment=validate validate.calibrate=false hw=<profile>
     (python -m experiments.validate ... is the same app, refusing a non-validate experiment)
