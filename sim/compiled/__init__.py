@@ -21,6 +21,7 @@ from policies.least_stale import LeastStale
 from policies.lfu import LFU
 from policies.lru import LRU
 from policies.moe_beyond_replay import MoEBeyondReplay
+from policies.moe_infinity import MoEInfinityLFU
 from policies.next_layer_all import NextLayerAll
 from policies.oracle_prefetch import OraclePrefetch
 from policies.prediction_prefetch import PredictionPrefetch
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 EVICTION: dict[type, int] = {
     LRU: K.EV_LRU, FIFO: K.EV_FIFO, Static: K.EV_STATIC, LeastStale: K.EV_STALE,
-    LFU: K.EV_LFU, Belady: K.EV_BELADY, FateARC: K.EV_ARC,
+    LFU: K.EV_LFU, Belady: K.EV_BELADY, FateARC: K.EV_ARC, MoEInfinityLFU: K.EV_VISITS_MIN,
 }
 PREFETCH: dict[type, int] = {
     NoPrefetch: K.PF_NONE, OraclePrefetch: K.PF_ORACLE, NextLayerAll: K.PF_NEXT_ALL,
@@ -74,6 +75,10 @@ def _install_order(cache: Any) -> list[int]:
     """Keys a freshly built Python cache installed, in install order per partition."""
     out: list[int] = []
     for ev in cache.evictors:
+        if isinstance(ev, MoEInfinityLFU):  # insertion numbers of the keys holding a slot
+            held = np.flatnonzero(ev.in_cache())
+            out += held[np.argsort(ev._ins[held], kind="stable")].tolist()
+            continue
         for name in ("_order", "_entry", "_next", "_t1"):
             order = getattr(ev, name, None)
             if order is not None:
@@ -172,6 +177,8 @@ def run(sim: Simulation) -> None:
     keys = w.keys
     num_k = sim.shape.num_keys
     ev_code = EVICTION[sim.spec.eviction]
+    if ev_code == K.EV_VISITS_MIN and sim.spec.eviction_params.get("order") == "max":
+        ev_code = K.EV_VISITS_MAX
     attn, shared, dense_step, cost = _layer_arrays(sim)
     duration, engines = 0.0, 1
     if sim.timed:

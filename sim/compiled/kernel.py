@@ -23,6 +23,9 @@ import numpy as np
 
 # Eviction kernels (sim.compiled.EVICTION maps classes to these).
 EV_LRU, EV_FIFO, EV_STATIC, EV_STALE, EV_LFU, EV_BELADY, EV_ARC = 0, 1, 2, 3, 4, 5, 6
+# moe_infinity_lfu without its prefetcher (no candidates): the fewest (order=min) or most
+# (order=max) in-cache visits, ties by earliest insertion (policies/moe_infinity.py)
+EV_VISITS_MIN, EV_VISITS_MAX = 7, 8
 # Prefetch kernels.
 PF_NONE, PF_ORACLE, PF_NEXT_ALL, PF_PRED, PF_BEYOND = 0, 1, 2, 3, 4
 PT_PRE, PT_ROUTED, PT_ISSUED = 0, 1, 2
@@ -218,9 +221,9 @@ def _on_insert(ev, p, k, prefetch, position, S, F, nocc):
             _lpush(p, A_TR, k, S)
         else:
             _arc_admit(p, k, S, F)
-    elif ev == EV_LFU:
+    elif ev in (EV_LFU, EV_VISITS_MIN, EV_VISITS_MAX):
         S[IV, I_SEQ] += 1
-        S[K_S1, k] = 1
+        S[K_S1, k] = -1 if ev == EV_VISITS_MAX else 1
         S[K_S2, k] = S[IV, I_SEQ]
         _hpush_unless_pinned(p, k, S)
     else:  # Belady: a prefetched expert's use may be in the current layer-step itself
@@ -257,6 +260,10 @@ def _on_access(ev, p, k, position, S, F, nocc):
             _hupdate(p, k, S)
     elif ev == EV_BELADY:
         S[K_S1, k] = -_next_use(k, position, False, nocc, S)
+        if not S[K_OUT, k]:
+            _hupdate(p, k, S)
+    elif ev in (EV_VISITS_MIN, EV_VISITS_MAX):  # one more visit; insertion order kept
+        S[K_S1, k] += -1 if ev == EV_VISITS_MAX else 1
         if not S[K_OUT, k]:
             _hupdate(p, k, S)
 
@@ -814,7 +821,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     wait_i = np.zeros(width, np.int64)
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     direct = timed and pf == PF_NONE
-    heap = ev in (EV_LFU, EV_BELADY)
+    heap = ev in (EV_LFU, EV_BELADY, EV_VISITS_MIN, EV_VISITS_MAX)
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
         _install(ev, inst_keys[i], position, S, F, nocc)

@@ -24,7 +24,8 @@ from tests.helpers import random_trace
 from tests.sim.parts import check_parts
 from traces.predictions import PredictionTable
 
-EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "fate_arc"]
+EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "fate_arc",
+             "moe_infinity_lfu"]
 POINTS = ["pre_attention", "routed", "demand_issued"]
 
 
@@ -54,6 +55,8 @@ def _policy(rng: np.random.Generator) -> dict[str, Any]:
     cfg: dict[str, Any] = {"name": ev} if pf == "none" else {"name": pf, "eviction": ev}
     if ev in ("lru", "static"):
         cfg["prefetch_touch"] = bool(rng.random() < 0.7)
+    if ev == "moe_infinity_lfu":
+        cfg["order"] = str(rng.choice(["min", "max"]))
     if pf == "oracle_prefetch":
         cfg.update(point=str(rng.choice(POINTS)), lookahead=int(rng.integers(0, 4)))
     elif pf == "prediction_prefetch":
