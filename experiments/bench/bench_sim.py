@@ -45,6 +45,7 @@ POLICIES: dict[str, dict[str, Any]] = {  # label -> policy config
     "least_stale": {"name": "least_stale"},
     "static": {"name": "static"},
     "belady": {"name": "belady"},
+    "moe_infinity_lfu": {"name": "moe_infinity_lfu"},
     "next_layer_all": {"name": "next_layer_all"},
     "oracle_prefetch": {"name": "oracle_prefetch"},
     "oracle_prefetch pre_attention +0": {"name": "oracle_prefetch", "point": "pre_attention",
@@ -140,8 +141,8 @@ runpy.run_module("experiments.sim_app", run_name="__main__", alter_sys=True)
 def whole_commands(traces: str, reps: int) -> list[dict[str, Any]]:
     """``moesim-sim`` end to end (start-up, trace load, run, parquet writes), per child."""
     out = []
-    names = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "next_layer_all",
-             "oracle_prefetch"]
+    names = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "moe_infinity_lfu",
+             "next_layer_all", "oracle_prefetch"]
     env = {**os.environ, "MOESIM_TRACES": str(Path(traces).resolve())}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in (1, 8):

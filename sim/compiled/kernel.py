@@ -36,7 +36,7 @@ NO_USE = 1 << 62
 INF = np.inf
 
 # Rows of S (one int64 array: scalars, per partition, per key, buffers). Per key:
-K_STATE, K_MARK, K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, K_S1, K_S2, K_HOT = range(7, 17)
+K_STATE, K_MARK, K_PIN, K_PRV, K_NXT, _K_FREE, K_HPOS, K_S1, K_S2, K_HOT = range(7, 17)
 K_QSEQ, K_INFL, K_PART, K_CURSOR = range(17, 21)
 # Per partition:
 P_USED, P_CAP, P_HEAD, P_TAIL, P_HOFF, P_HSIZE = range(1, 7)
@@ -56,7 +56,7 @@ F_FIN, F_RFIN, F_RSTART, F_FREE, F_ARCP = range(5)
 FV = 5  # row of F holding the float scalars
 NUM_FROWS = 6
 # Columns of row IV of S (int scalars and counters).
-I_PSTAMP, I_SMARK, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
+I_PSTAMP, _I_FREE, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
 I_DEMAND, I_ISSUED, I_PF_STARTED, I_PF_DROPPED, I_SERVED, I_USEFUL = range(9, 15)
 I_WASTED, I_EVICTIONS, I_L_DEMAND, I_L_PREFETCH, I_L_DROPPED, I_ERROR, I_UNUSED = range(15, 22)
 I_ENGINES, I_QCAP, I_TSTAMP = 22, 23, 24
@@ -757,7 +757,6 @@ def _reset(num_k, num_p, S, F):
             S[IV, I_WASTED] += 1
         S[K_STATE, k] = ABSENT
         S[K_MARK, k] = 0
-        S[K_CUR, k] = -1
         S[K_HPOS, k] = -1
         S[K_QSEQ, k] = 0
         S[K_INFL, k] = 0
@@ -800,7 +799,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     nb = max(qcap, caps.sum() + 1, table.shape[2] + num_e + 1, NUM_IV)
     S = np.zeros((NUM_ROWS, nb), np.int64)
     F = np.zeros((NUM_FROWS, max(num_k + 1, engines, NUM_FV)))
-    for row in (K_PIN, K_PRV, K_NXT, K_CUR, K_HPOS, K_TODO, P_HEAD, P_TAIL):
+    for row in (K_PIN, K_PRV, K_NXT, K_HPOS, K_TODO, P_HEAD, P_TAIL):
         S[row, :] = -1
     for lst in range(A_T1, A_B2 + 1):
         S[PA_HEAD + lst, :] = -1
