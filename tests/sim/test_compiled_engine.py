@@ -1,7 +1,8 @@
 """The compiled engine (sim.compiled) gives the SimPy engine's metrics, run for run.
 
 Every covered policy (eviction x prefetcher x parameters) in both modes, with batching, prefill
-chunks, partitions, copy engines, warm-up, pinning, random prefill and per-request caches, on
+chunks, partitions, copy engines, warm-up (and MoE-Beyond's extra warm-up row), pinning, random
+prefill and per-request caches, on
 small random traces where eviction, late hits, promotions and dropped prefetches all happen.
 """
 
@@ -97,6 +98,7 @@ def _config(seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     kw: dict[str, Any] = dict(
         capacity=min(cap, layers * experts), mode=mode, partition=partition, batch=batch,
         replay=replay, prefill_chunk=chunk, warmup_tokens=int(rng.integers(0, 4)),
+        warmup_extra_row=batch == 1 and replay == "decode" and bool(rng.random() < 0.3),
         pin_layer=pin, prefill="random" if fresh.startswith("random") else "empty",
         reset_per_request=reset, seed=seed, link=FixedLink(lat, bw, engines),
         compute=FixedCompute(attention_s=float(rng.choice([0.0, 1e-4, 1e-3, 1e-2])),
