@@ -15,6 +15,7 @@ from traces import TraceError, import_trace, load_predictions, load_trace
 from traces.cache import cache_root, entry_lock, sweep_temporaries
 from traces.model_card import ModelCard, card_from_mapping, load_card
 from traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
+from traces.store import read_request_ids
 from traces.trace import Trace
 
 # Part of an imported trace's cache key: bump when importers write different files for the
@@ -123,7 +124,7 @@ def load_run_trace(cfg: DictConfig) -> Trace:
     whatever the policy, so a learned prediction is never replayed on a request it was trained
     on and every run of a sweep sees the same requests; ``auto`` with a ``moesim-train`` table
     file replays the test requests its notes name."""
-    trace = load_trace(trace_file(cfg.trace.path, cfg.trace.get("format")))
+    path = trace_file(cfg.trace.path, cfg.trace.get("format"))
     which = str(cfg.get("requests") or "auto")
     if which not in ("auto", "held_out", "all"):
         raise TraceError(f"requests must be auto, held_out or all: {which!r}")
@@ -131,11 +132,11 @@ def load_run_trace(cfg: DictConfig) -> Trace:
     if which == "held_out" or (which == "auto" and _predictor_spec(cfg)):
         from predictors.tables import held_out_requests
 
-        keep = set(held_out_requests([r.request_id for r in trace.requests]))
+        keep = set(held_out_requests(read_request_ids(path)))
     elif which == "auto":
         keep = _table_test_requests(cfg)
-    if keep is not None:
-        trace = Trace(trace.meta, [r for r in trace.requests if r.request_id in keep])
+    # Only the requests the run replays are decoded (the first max_requests, or the kept ones).
+    trace = load_trace(path, max_requests=cfg.get("max_requests"), requests=keep)
     if cfg.get("max_requests") is not None or cfg.get("max_tokens") is not None:
         trace = trace.subset(cfg.get("max_requests"), cfg.get("max_tokens"))
     return trace

@@ -48,27 +48,7 @@ class PredictionView:
         for rid, pred in per_request.items():
             self._check(int(rid), pred, num_l, num_e)
         self.num_steps = workload.num_steps
-        self._rows: list[list[list[int]]] = []
-        offsets = np.arange(num_l, dtype=np.int64) * num_e
-        missing = covered = total = 0
-        for s in range(workload.num_steps):
-            a, b = int(workload.req_offsets[s]), int(workload.req_offsets[s + 1])
-            layers: list[list[int]] = [[] for _ in range(num_l)]
-            for u in range(a, b):
-                pred = per_request.get(int(workload.req_ids[u]))
-                t0, t1 = int(workload.token_start[u]), int(workload.token_end[u])
-                total += t1 - t0
-                if pred is None or t0 >= pred.shape[0]:
-                    missing += 1
-                    continue
-                block = pred[t0:t1].astype(np.int64)
-                covered += int((block >= 0).any(axis=(1, 2)).sum())
-                keys = np.where(block >= 0, block + offsets[None, :, None], -1)
-                for j in range(num_l):
-                    for k in keys[:, j, :].ravel().tolist():
-                        if k >= 0 and k not in layers[j]:
-                            layers[j].append(k)
-            self._rows.append(layers)
+        self.table, missing, total, covered = _union(workload, per_request, num_e)
         self.missing_units = missing
         self.replayed_tokens = total
         self.covered_tokens = covered
@@ -103,4 +83,45 @@ class PredictionView:
     def keys_at(self, step: int, layer: int) -> list[int]:
         if step >= self.num_steps:
             return []
-        return self._rows[step][layer]
+        row = self.table[step, layer]
+        return row[row >= 0].tolist()
+
+
+def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
+           ) -> tuple[np.ndarray, int, int, int]:
+    """Per step and layer, the union of its tokens' predicted keys in first-predicted order
+    (``int32 [steps, layers, width]``, -1 padded; one compiled pass, as batched workloads are
+    built), the replayed units without predictions, the replayed and the covered tokens."""
+    from sim.compiled.steps import union_steps
+
+    first: dict[int, tuple[int, int]] = {}  # request -> (its first row when stacked, rows)
+    arrays: list[np.ndarray] = []
+    rows = missing = total = 0
+    tok_idx: list[int] = []
+    unit_end = [0]
+    for rid, t0, t1 in zip(workload.req_ids.tolist(), workload.token_start.tolist(),
+                           workload.token_end.tolist(), strict=True):
+        total += t1 - t0
+        if rid not in first:
+            pred = per_request.get(rid)
+            first[rid] = (-1, 0) if pred is None else (rows, len(pred))
+            if pred is not None:
+                arrays.append(pred)
+                rows += len(pred)
+        off, size = first[rid]
+        if off < 0 or t0 >= size:
+            missing += 1
+        else:
+            tok_idx.extend(range(off + t0, off + min(t1, size)))
+        unit_end.append(len(tok_idx))
+    width = max((a.shape[2] for a in arrays), default=1)
+    stacked = np.full((max(rows, 1), workload.shape.num_layers, width), -1, dtype=np.int32)
+    at = 0
+    for a in arrays:
+        stacked[at:at + len(a), :, :a.shape[2]] = a
+        at += len(a)
+    idx = np.asarray(tok_idx, dtype=np.int64)
+    covered = int((stacked >= 0).any(axis=(1, 2))[idx].sum())
+    step_off = np.asarray(unit_end, dtype=np.int64)[workload.req_offsets]
+    keys, _, _ = union_steps(stacked, idx, step_off, num_e)
+    return keys, missing, total, covered
