@@ -52,3 +52,23 @@ def trace_from_lists(routing: list[list[list[list[int]]]], experts: int, expert_
     layers, k = reqs[0].experts.shape[1:]
     meta = TraceMeta("tiny", tuple(range(layers)), experts, k, expert_bytes=expert_bytes)
     return Trace(meta, reqs)
+
+
+def noisy_predictions(trace: Trace, rng: np.random.Generator, wrong: float, width: int):
+    """A prediction table for ``trace``, right with probability 1 - ``wrong`` per slot and
+    padded with random other experts up to ``width`` (every request covered)."""
+    from traces.predictions import PredictionTable
+
+    e = trace.meta.num_experts
+    out = PredictionTable()
+    for r in trace.requests:
+        ex = r.experts.astype(np.int64)
+        t, num_l, _ = ex.shape
+        pred = np.full((t, num_l, width), -1, dtype=np.int16)
+        for i in range(t):
+            for j in range(num_l):
+                ids = [x for x in ex[i, j] if rng.random() >= wrong]
+                ids += [x for x in rng.permutation(e) if x not in ids]
+                pred[i, j] = ids[:width]
+        out[r.request_id] = pred
+    return out

@@ -21,31 +21,14 @@ from policies.lru import LRU
 from policies.registry import PolicySpec
 from sim import FixedCompute, FixedLink, SimulationError, build_workload, simulate
 from sim.metrics import RunResult
-from tests.helpers import random_trace
+from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
-from traces.predictions import PredictionTable
 
 EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "fate_arc",
              "moe_infinity_lfu"]
 POINTS = ["pre_attention", "routed", "demand_issued"]
 
 
-def _noisy(trace: Any, seed: int, wrong: float, width: int) -> PredictionTable:
-    """A table right with probability 1 - ``wrong`` per slot, padded with random experts."""
-    rng = np.random.default_rng(seed)
-    e = trace.meta.num_experts
-    out = PredictionTable()
-    for r in trace.requests:
-        ex = r.experts.astype(np.int64)
-        t, num_l, _ = ex.shape
-        pred = np.full((t, num_l, width), -1, dtype=np.int16)
-        for i in range(t):
-            for j in range(num_l):
-                ids = [x for x in ex[i, j] if rng.random() >= wrong]
-                ids += [x for x in rng.permutation(e) if x not in ids]
-                pred[i, j] = ids[:width]
-        out[r.request_id] = pred
-    return out
 
 
 def _policy(rng: np.random.Generator) -> dict[str, Any]:
@@ -104,8 +87,9 @@ def _config(seed: int) -> tuple[Any, dict[str, Any], dict[str, Any]]:
         compute=FixedCompute(attention_s=float(rng.choice([0.0, 1e-4, 1e-3, 1e-2])),
                              router_s=1e-4, expert_s=3e-4, shared_s=1e-4, dense_s=5e-4),
         dense_before=[int(rng.integers(0, 2))] + [0] * (layers - 1),
-        predictions=_noisy(trace, seed, float(rng.choice([0.0, 0.3, 1.0])),
-                           int(rng.integers(1, 5))),
+        predictions=noisy_predictions(trace, np.random.default_rng(seed),
+                                      float(rng.choice([0.0, 0.3, 1.0])),
+                                      int(rng.integers(1, 5))),
     )
     return trace, policy, kw
 

@@ -14,7 +14,7 @@ from policies.registry import discover
 from sim import FixedCompute, FixedLink, SimulationError, simulate
 from sim.predictions import PredictionView
 from sim.workload import build_workload
-from tests.helpers import random_trace
+from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
 from traces.predictions import PredictionTable
 
@@ -106,22 +106,6 @@ def test_batches_on_the_general_engine_match_the_compiled_replay(trace, ev, batc
     assert py.summary["stall_time_s"] == pytest.approx(fast.summary["stall_time_s"], rel=1e-9)
 
 
-def _noisy(trace, rng: np.random.Generator, wrong: float, width: int):
-    """A table that is right with probability 1 - ``wrong`` per predicted slot, drops a few rows
-    and covers every request."""
-    e = trace.meta.num_experts
-    out = PredictionTable()
-    for r in trace.requests:
-        ex = r.experts.astype(np.int64)
-        t, num_l, _ = ex.shape
-        pred = np.full((t, num_l, width), -1, dtype=np.int16)
-        for i in range(t):
-            for j in range(num_l):
-                ids = [x for x in ex[i, j] if rng.random() >= wrong]
-                ids += [x for x in rng.permutation(e) if x not in ids]
-                pred[i, j] = ids[:width]
-        out[r.request_id] = pred
-    return out
 
 
 @SETTINGS
@@ -130,7 +114,7 @@ def _noisy(trace, rng: np.random.Generator, wrong: float, width: int):
        mode=st.sampled_from(["timed", "zero_latency"]))
 def test_imperfect_tables_keep_the_accounting(trace, pf, wrong, width, extra, seed, mode):
     width = min(width, trace.meta.num_experts)
-    table = _noisy(trace, np.random.default_rng(seed), wrong, width)
+    table = noisy_predictions(trace, np.random.default_rng(seed), wrong, width)
     cap = min(trace.meta.top_k + width + 1 + extra, _total(trace))
     kw = {"capacity": cap, "mode": mode, "predictions": table}
     if mode == "timed":
@@ -149,7 +133,7 @@ def test_imperfect_tables_keep_the_accounting(trace, pf, wrong, width, extra, se
 def test_foreign_ids_are_an_error_not_the_next_layers_expert(trace, shift):
     """An id >= E at layer l must not alias expert id - E of layer l + 1 (or crash at the last
     layer): it is a clear error, wherever it is."""
-    table = _noisy(trace, np.random.default_rng(0), 0.0, 1)
+    table = noisy_predictions(trace, np.random.default_rng(0), 0.0, 1)
     rid = trace.requests[-1].request_id
     table[rid][-1, -1, 0] = trace.meta.num_experts + shift - 1
     with pytest.raises(SimulationError, match="outside"):
@@ -162,7 +146,7 @@ def test_foreign_ids_are_an_error_not_the_next_layers_expert(trace, shift):
 def test_a_table_for_other_requests_is_refused(trace, offset, threshold):
     """A table keyed by requests the trace does not have covers nothing: an error naming the
     table, unless the threshold is lowered to 0, when the run reports its coverage."""
-    mine = _noisy(trace, np.random.default_rng(0), 0.0, 1)
+    mine = noisy_predictions(trace, np.random.default_rng(0), 0.0, 1)
     other = PredictionTable({rid + 1000 * offset: p for rid, p in mine.items()})
     other.min_coverage = threshold
     with pytest.raises(SimulationError, match="min_coverage"):
@@ -176,7 +160,7 @@ def test_a_table_for_other_requests_is_refused(trace, offset, threshold):
 
 def test_coverage_counts_tokens_of_the_replayed_requests():
     trace = random_trace(num_requests=2, tokens=10, layers=2, experts=6, top_k=2, seed=3)
-    table = _noisy(trace, np.random.default_rng(0), 0.0, 2)
+    table = noisy_predictions(trace, np.random.default_rng(0), 0.0, 2)
     table[0] = table[0][:5]  # request 0: only its first 5 of 10 tokens predicted
     view = PredictionView(build_workload(trace), table, min_coverage=0.0)
     assert (view.covered_tokens, view.replayed_tokens) == (15, 20)
