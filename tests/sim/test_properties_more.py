@@ -74,7 +74,7 @@ def test_unpinned_belady_is_the_optimum_of_every_eviction_pinned_or_not(trace, e
 def test_stall_never_rises_with_more_bandwidth_for_demand_only(trace, ev, extra, engines, bws,
                                                               engine):
     """Demand-only policies decide hits without looking at time, so a faster link can only
-    bring each miss earlier (general engine and the compiled replay alike)."""
+    bring each miss earlier (SimPy and compiled engines alike)."""
     cap = min(trace.meta.top_k + engines + extra, _total(trace))
     stalls = []
     for bw in sorted(bws):
