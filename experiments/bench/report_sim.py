@@ -39,8 +39,8 @@ def render(res: dict[str, Any]) -> str:
         f"{cfg['hw']}, {cfg['cache_fraction']:.0%} cache ({cfg['capacity']} experts), "
         f"CPU time (best of {cfg['reps']}, compiled and SimPy runs interleaved). Measured "
         f"{cond['date_utc']} UTC at {cond['commit']} on {cond['cpus']} CPUs (load average "
-        f"{cond['load_avg_1m_before']:.1f} before, {cond['load_avg_1m_after']:.1f} after; other "
-        "agents' work shares the machine).",
+        f"{cond['load_avg_1m_before']:.1f} before, {cond['load_avg_1m_after']:.1f} after; CPU "
+        "time is less sensitive to other load than wall time, not immune).",
         "",
         "| policy | batch | engine | whole trace: CPU-s | token-layers / CPU-s | "
         f"first {tr['subset_requests']} requests: compiled / SimPy per CPU-s | speed-up | "
