@@ -17,6 +17,7 @@ from typing import Any
 import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.configs import CONF_DIR, register_configs
@@ -32,6 +33,7 @@ from experiments.paths import sweep_workers_die_with_parent
 from experiments.provenance import package_version, provenance
 from experiments.schema import check as check_config
 from experiments.schema import check_warmup
+from experiments.sweep_summary import write_status
 from hw_profiles import ProfileError
 from policies.base import Knowledge, PolicyError
 from policies.registry import resolve
@@ -259,12 +261,32 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         return _run_in(outdir, cfg)
 
 
+class _RunFailed(Exception):
+    """A user error already printed; the run ends with status ``failed``."""
+
+
+def _fail(outdir: Path, lines: list[str]) -> _RunFailed:
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+    write_status(outdir, "failed", "; ".join(lines))
+    return _RunFailed()
+
+
 def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
+    """One run; in a sweep a user error fails this run only (the sweep goes on and its summary
+    counts it); a single run exits with status 2."""
+    try:
+        return _run_checked(outdir, cfg)
+    except _RunFailed:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return None
+        sys.exit(2)
+
+
+def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
     remove_stale_temporaries(outdir)
     if errors := check_config(cfg):  # every bad value, one line each, before anything runs
-        for line in errors:
-            print(f"error: {line}", file=sys.stderr)
-        sys.exit(2)
+        raise _fail(outdir, errors)
     if cfg.get("validate") is not None:  # experiment=validate[_smoke]: simulate + run for real
         from experiments.validate import USER_ERRORS as VALIDATE_ERRORS
         from experiments.validate import run_validation
@@ -272,28 +294,28 @@ def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
         try:
             run_validation(cfg, outdir)
         except VALIDATE_ERRORS as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            raise _fail(outdir, [str(exc)]) from None
+        write_status(outdir, "done")
         return None
     try:
         digest = config_hash(cfg, input_digest(cfg))
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise _fail(outdir, [str(exc)]) from None
     done = finished(outdir, digest)
     if done is not None:  # a rerun of a sweep skips what already finished
         print(f"already done ({digest}): {outdir}")
+        write_status(outdir, "skipped")
         return float(done["hit_rate"].iloc[0])
     (outdir / "summary.parquet").unlink(missing_ok=True)  # another config's: never mix outputs
     wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
         result, row = run(cfg)
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        raise _fail(outdir, [str(exc)]) from None
     row["config_hash"] = digest
     row.update(provenance(time.perf_counter() - wall0, time.process_time() - cpu0))
     write_outputs(result, row, outdir)
+    write_status(outdir, "done")
     print(format_summary(row, result.summary))
     print(f"  results: {outdir}")
     return result.summary["hit_rate"]

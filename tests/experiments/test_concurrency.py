@@ -130,3 +130,16 @@ def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
     for p in left:  # don't leave them to the rest of the suite either
         os.kill(p, signal.SIGKILL)
     assert not left, f"workers outlived the killed sweep: {left} {cmds}"
+
+
+def test_a_bad_run_fails_alone_and_the_sweep_says_so(trace_file: Path, tmp_path: Path) -> None:
+    args = _cmd("-m", "trace=file", f"trace.path={trace_file}", "cache.fraction=0.1,2,0.3",
+                "progress=false", f"hydra.sweep.dir={tmp_path}/sweep")
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert f"sweep {tmp_path}/sweep: 2 done, 0 skipped, 1 failed" in proc.stdout
+    assert "error: cache.fraction=2: must be <= 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(list((tmp_path / "sweep").rglob("summary.parquet"))) == 2
+    again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "0 done, 2 skipped, 1 failed" in again.stdout
