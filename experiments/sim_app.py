@@ -109,7 +109,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         seed=cfg.seed,
         record_transfers=bool(cfg.output.transfers) and timed,
         timeline_steps=int(cfg.output.timeline_steps) if timed else 0,
-        progress=bool(cfg.progress),
+        progress=bool(cfg.progress) and not _parallel_sweep(),
         dense_before=dense_layers_before(meta.moe_layers, card.num_layers),
         predictions=predictions,
         engine=cfg.get("engine", "auto"),
@@ -128,6 +128,15 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     if timed:
         row["link.expert_transfer_s"] = link.transfer_time(card.expert_bytes)
     return result, row
+
+
+def _parallel_sweep() -> bool:
+    """Inside a sweep whose runs share the terminal (joblib workers): per-run progress bars
+    would overwrite each other, so each run prints its summary line instead."""
+    if not HydraConfig.initialized():
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN and "joblib" in str(hc.launcher.get("_target_", ""))
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
