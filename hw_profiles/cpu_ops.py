@@ -28,7 +28,7 @@ is ``attention_time + dense FFN``. These are, exactly:
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,26 +46,11 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 def scaled_card(card: ModelCard, scale: float, dtype: str | None = None) -> ModelCard:
-    """The card with hidden/intermediate sizes and head_dim times ``scale`` (same name)."""
-    if not 0 < scale <= 1:
-        raise ValueError(f"scale must be in (0, 1], got {scale}")
-    dtype = dtype or card.dtype
-    if dtype not in TORCH_DTYPES:
-        raise ValueError(f"dtype {dtype!r} not runnable on CPU; one of {sorted(TORCH_DTYPES)}")
-
-    def s(n: int) -> int:
-        return max(1, round(n * scale)) if n > 0 else 0
-
-    return replace(
-        card,
-        hidden_size=s(card.hidden_size),
-        moe_intermediate_size=s(card.moe_intermediate_size),
-        shared_intermediate_size=s(card.shared_intermediate_size),
-        dense_intermediate_size=s(card.dense_intermediate_size),
-        head_dim=s(card.head_dim),
-        dtype=dtype,
-        notes=f"{card.notes} [scaled x{scale:g} to {dtype} by hw_profiles.cpu_ops.scaled_card]",
-    )
+    """``card.scaled(scale, dtype)`` (ModelCard.scaled), for a dtype torch runs on the CPU."""
+    if (dtype or card.dtype) not in TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype or card.dtype!r} not runnable on CPU; one of "
+                         f"{sorted(TORCH_DTYPES)}")
+    return card.scaled(scale, dtype)
 
 
 def torch_dtype(card: ModelCard) -> torch.dtype:

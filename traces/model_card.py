@@ -8,7 +8,7 @@ could not be verified against an official config are listed under ``unverified``
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,30 @@ class ModelCard:
     @property
     def routed_bytes_total(self) -> int:
         return self.routed_experts_total * self.expert_bytes
+
+    def scaled(self, scale: float, dtype: str | None = None) -> ModelCard:
+        """This card (same name) with hidden, routed/shared/dense intermediate sizes and the
+        head width times ``scale`` (head counts kept; rounded, at least 1 where non-zero) and
+        weights in ``dtype`` (default: the card's). One shrinking rule for the profiler
+        (``hw_profiles.cpu_ops``) and the executor, so a measured table's ``measured_at`` shape
+        matches the card the executor runs."""
+        if not 0 < scale <= 1:
+            raise ValueError(f"scale must be in (0, 1], got {scale}")
+        dtype = dtype or self.dtype
+
+        def s(n: int) -> int:
+            return max(1, round(n * scale)) if n > 0 else 0
+
+        return replace(
+            self,
+            hidden_size=s(self.hidden_size),
+            moe_intermediate_size=s(self.moe_intermediate_size),
+            shared_intermediate_size=s(self.shared_intermediate_size),
+            dense_intermediate_size=s(self.dense_intermediate_size),
+            head_dim=s(self.head_dim),
+            dtype=dtype,
+            notes=f"{self.notes} [scaled x{scale:g} to {dtype}]",
+        )
 
 
 def _moe_layers_from(spec: Any, num_layers: int, where: str) -> tuple[int, ...]:

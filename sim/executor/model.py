@@ -8,42 +8,21 @@ here: the simulator side of a validation needs the scaled card too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
+from hw_profiles.direct_io import BLOCK, round_up
 from traces.model_card import DTYPE_BYTES, ModelCard
 
-PAGE = 4096
+PAGE = BLOCK  # experts are page-aligned records in the file and the slot pool
 EXECUTOR_DTYPES = ("float32", "bfloat16")
 
 
-def round_up(n: int, to: int = PAGE) -> int:
-    return -(-n // to) * to
-
-
-def _scaled(x: int, scale: float) -> int:
-    return max(1, round(x * scale)) if x > 0 else 0
-
-
 def scaled_card(card: ModelCard, scale: float, dtype: str = "float32") -> ModelCard:
-    """``card`` with every width times ``scale`` and weights in ``dtype``.
-
-    The same shapes and name as ``hw_profiles.cpu_ops.scaled_card`` (which needs torch; this
-    one must not, the simulator side of a validation uses it): a measured profile's table for
-    the card applies when its ``measured_at`` shape matches.
-    """
-    if not 0 < scale <= 1:
-        raise ValueError(f"executor scale must be in (0, 1], got {scale}")
+    """``card.scaled(scale, dtype)`` (ModelCard.scaled: the profiler's shrinking rule, torch-
+    free, so the simulator side of a validation can use it) for a dtype the executor stores."""
     if dtype not in EXECUTOR_DTYPES:
         raise ValueError(f"executor dtype must be one of {EXECUTOR_DTYPES}, got {dtype!r}")
-    return replace(
-        card,
-        hidden_size=_scaled(card.hidden_size, scale),
-        moe_intermediate_size=_scaled(card.moe_intermediate_size, scale),
-        shared_intermediate_size=_scaled(card.shared_intermediate_size, scale),
-        dense_intermediate_size=_scaled(card.dense_intermediate_size, scale),
-        head_dim=_scaled(card.head_dim, scale),
-        dtype=dtype,
-    )
+    return card.scaled(scale, dtype)
 
 
 @dataclass(frozen=True)
