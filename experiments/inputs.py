@@ -3,6 +3,7 @@ model card and hardware profile."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import replace
 from pathlib import Path
@@ -29,12 +30,23 @@ def cache_dir() -> Path:
 
 
 def _digest(src: Path) -> str:
-    """Content hash of a file or of every file below a folder (names and bytes)."""
-    h = hashlib.blake2b(digest_size=16)
+    """Content hash of a file or of every file below a folder (names and bytes). A run asks
+    for its source's trace up to three times (run hash, trace, prediction table); the hash is
+    remembered per (path, every file's name, size and modification time), so a raw folder is
+    read once per process and re-read when any file in it changes."""
     files = [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file())
-    for f in files:
-        h.update(str(f.relative_to(src) if f != src else f.name).encode())
-        with f.open("rb") as fh:
+    stamp = tuple((str(f.relative_to(src) if f != src else f.name), st.st_size, st.st_mtime_ns)
+                  for f in files for st in (f.stat(),))
+    return _digest_of(str(src), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_of(src: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    root = Path(src)
+    h = hashlib.blake2b(digest_size=16)
+    for name, _size, _mtime in stamp:
+        h.update(name.encode())
+        with (root / name if root.is_dir() else root).open("rb") as fh:
             for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()

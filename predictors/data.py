@@ -9,12 +9,12 @@ Feature rows come from :func:`traces.store.load_features`, which is aligned with
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from traces.predictions import content_digest
 from traces.store import load_features, load_trace, read_meta
 from traces.trace import Trace
 
@@ -134,13 +134,9 @@ def file_digest(path: Path) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _digest_of(path: str, size: int, mtime_ns: int, chunk: int = 1 << 20) -> str:
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
     del size, mtime_ns  # part of the cache key only
-    h = hashlib.blake2b(digest_size=12)
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    return content_digest(path)
 
 
 def load_data(path: str | Path, feature: str | None = None) -> TraceData:

@@ -56,8 +56,8 @@ PRED_SCHEMA = pa.schema(
 
 
 def content_digest(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Content hash of a file, the same as ``predictors.data.file_digest`` (which caches it per
-    run); here so that writers in ``traces`` can record the digest of the trace they wrote."""
+    """Content hash of a file (``predictors.data.file_digest`` remembers it per path, size and
+    modification time); here so that writers in ``traces`` can record the trace they wrote."""
     h = hashlib.blake2b(digest_size=12)
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
