@@ -73,10 +73,13 @@ class Entry:
     stale: bool  # an abandoned temporary or a collector's part folder
 
 
+def _abandoned_kind(p: Path) -> bool:
+    """A temporary or a collector's part folder: stale once nobody has touched it for a while."""
+    return is_temporary(p) or ".parquet.parts-" in p.name
+
+
 def _is_moesim_root_item(p: Path) -> bool:
-    name = p.name
-    return (is_temporary(p) or ".parquet.parts-" in name
-            or any(p.match(pat) for pat in ROOT_PATTERNS))
+    return _abandoned_kind(p) or any(p.match(pat) for pat in ROOT_PATTERNS)
 
 
 def _size(p: Path) -> tuple[int, int, float]:
@@ -92,11 +95,6 @@ def _size(p: Path) -> tuple[int, int, float]:
             nbytes += st.st_size
             mtime = max(mtime, st.st_mtime)
     return files, nbytes, mtime
-
-
-def _is_stale(p: Path, now: float, older_than_s: float) -> bool:
-    abandoned = is_temporary(p) or ".parquet.parts-" in p.name
-    return abandoned and now - _size(p)[2] > older_than_s
 
 
 def entries(root: Path | None = None, older_than_s: float = 3600.0) -> list[Entry]:
@@ -119,7 +117,7 @@ def entries(root: Path | None = None, older_than_s: float = 3600.0) -> list[Entr
         for p in items:
             try:
                 files, nbytes, mtime = _size(p)
-                stale = _is_stale(p, now, older_than_s)
+                stale = _abandoned_kind(p) and now - mtime > older_than_s
             except OSError:  # removed while we looked
                 continue
             out.append(Entry(p, kind, files, nbytes, mtime, stale))
