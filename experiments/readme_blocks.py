@@ -5,17 +5,20 @@
 
 A block sits between ``<!-- BEGIN generated:<name> -->`` and ``<!-- END generated:<name> -->`` in
 README.md; :data:`BLOCKS` says which result file and renderer make it. Result files are small
-tables committed under ``experiments/results/`` (written by the experiment's own command, see
-each block's text); the README never holds a number typed by hand inside a block.
+files committed under ``experiments/results/`` and ``experiments/bench/results/`` (written by
+the experiment's or benchmark's own command, see each block's text); the README never holds a
+number typed by hand inside a block.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -131,12 +134,26 @@ def _validation_figure(df: pd.DataFrame) -> None:
         p.replace(p.with_name(f"validation_ci_vm{p.suffix}"))
 
 
-Block = tuple[Callable[[], pd.DataFrame], Callable[[pd.DataFrame], str],
-              Callable[[pd.DataFrame], None] | None]
+def _bench_sim() -> dict[str, Any]:
+    from experiments.bench.report_sim import JSON
+
+    return json.loads(JSON.read_text())
+
+
+def _render_bench_sim(res: dict[str, Any]) -> str:
+    from experiments.bench.report_sim import render
+
+    return render(res)
+
+
+# name -> (load the results, render them, draw the block's figure or None)
+Block = tuple[Callable[[], Any], Callable[[Any], str], Callable[[Any], None] | None]
 BLOCKS: dict[str, Block] = {
     "validation": (lambda: pd.read_csv(RESULTS / "validate_ci_vm.csv"), render_validation,
                    _validation_figure),
     "validation_runs": (_all_validation_runs, render_validation_runs, None),
+    # experiments/bench/bench_sim.py writes it; experiments/bench/report_sim.py renders it
+    "bench_sim": (_bench_sim, _render_bench_sim, None),
 }
 
 
@@ -153,14 +170,14 @@ def update(readme: Path, *, check: bool, figures: bool = True) -> list[str]:
         pat = _pattern(name)
         if not pat.search(text):
             raise SystemExit(f"error: README has no block generated:{name}")
-        df = load()
-        body = render(df).rstrip("\n") + "\n"
+        data = load()
+        body = render(data).rstrip("\n") + "\n"
         new = pat.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
         if new != text:
             stale.append(name)
             text = new
         if figure is not None and figures and not check:
-            figure(df)
+            figure(data)
     if stale and not check:
         readme.write_text(text)
     return stale

@@ -2,7 +2,8 @@
 
 CPU time (``time.process_time``; children by ``os.wait4``), compiled and SimPy runs interleaved,
 the best of ``--reps``. Writes one JSON file; ``python -m experiments.bench.report_sim``
-renders it (and rewrites the README's Benchmarks tables from it).
+renders it, and ``python -m experiments.readme_blocks`` rewrites the README's Benchmarks
+tables from it.
 
 - every shipped policy, timed, v100_pcie, 10 % cache, batch 1 and 8: the compiled engine on
   the whole trace, and both engines on the first ``--simpy-requests`` requests (same runs, so

@@ -6,17 +6,18 @@ import json
 import math
 import re
 
-from experiments.bench.report_sim import BEGIN, END, JSON, ROOT, block
+from experiments.bench.report_sim import JSON, ROOT, render
 
 
 def test_readme_block_is_generated_from_the_results() -> None:
     res = json.loads(JSON.read_text())
     text = (ROOT / "README.md").read_text()
-    found = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), text, re.S)
+    found = re.search(r"<!-- BEGIN generated:bench_sim -->\n(.*?)<!-- END generated:bench_sim -->",
+                      text, re.S)
     assert found is not None, "README has no bench_sim block"
-    assert found.group(0) == block(res), (
+    assert found.group(1) == render(res) + "\n", (
         "README's benchmark block differs from experiments/bench/results/bench_sim.json: run "
-        "python -m experiments.bench.report_sim --readme README.md"
+        "python -m experiments.readme_blocks"
     )
 
 
