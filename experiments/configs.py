@@ -10,10 +10,9 @@ from pathlib import Path
 
 import yaml
 from hydra.core.config_store import ConfigStore
-
-import hw_profiles
-from policies.registry import default_config, policy_names
-from traces.model_card import MODELS_DIR
+from moesim import hw_profiles
+from moesim.policies.registry import default_config, policy_names
+from moesim.traces.model_card import MODELS_DIR
 
 CONF_DIR = Path(__file__).parent / "conf"
 
@@ -38,7 +37,7 @@ def register_configs() -> None:
 def _help_node() -> dict[str, str]:
     """``--help``: groups and their choices, then every option with its doc (experiments.schema),
     instead of Hydra's dump of the composed config (mostly one hardware profile)."""
-    from experiments.schema import help_text
+    from moesim.experiments.schema import help_text
 
     groups = {
         "hw": hw_profiles.list_profiles(),

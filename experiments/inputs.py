@@ -9,15 +9,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from moesim import hw_profiles
+from moesim.traces import TraceError, import_trace, load_predictions, load_trace
+from moesim.traces.cache import cache_root, entry_lock, sweep_temporaries
+from moesim.traces.model_card import ModelCard, card_from_mapping, load_card
+from moesim.traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
+from moesim.traces.store import read_request_ids
+from moesim.traces.trace import Trace
 from omegaconf import DictConfig, OmegaConf
-
-import hw_profiles
-from traces import TraceError, import_trace, load_predictions, load_trace
-from traces.cache import cache_root, entry_lock, sweep_temporaries
-from traces.model_card import ModelCard, card_from_mapping, load_card
-from traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
-from traces.store import read_request_ids
-from traces.trace import Trace
 
 # Part of an imported trace's cache key: bump when importers write different files for the
 # same source (v2: prediction tables record the identity of the trace they belong to).
@@ -55,7 +54,7 @@ def _digest_of(src: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
 def trace_file(path: str, fmt: str) -> Path:
     """A parquet trace for ``path``: itself if it already is one, else a cached import."""
     if fmt == "embedded":  # the committed small model's trace, regenerated once into the cache
-        from traces.collect.embedded import ensure_embedded_trace
+        from moesim.traces.collect.embedded import ensure_embedded_trace
 
         return ensure_embedded_trace(cache_dir() / "traces")
     src = Path(path).expanduser()
@@ -79,7 +78,7 @@ def trace_file(path: str, fmt: str) -> Path:
 
 def _predictor_spec(cfg: DictConfig) -> str | None:
     """The predictor named by ``predictions.path=predictor:<name>``, if any."""
-    from predictors.tables import parse_spec  # numpy + omegaconf only (no torch)
+    from moesim.predictors.tables import parse_spec  # numpy + omegaconf only (no torch)
 
     return parse_spec((cfg.get("predictions") or {}).get("path"))
 
@@ -90,7 +89,7 @@ def prediction_file(cfg: DictConfig, trace_path: Path) -> Path | None:
     trace."""
     given = (cfg.get("predictions") or {}).get("path")
     if name := _predictor_spec(cfg):
-        from predictors.tables import table_for
+        from moesim.predictors.tables import table_for
 
         return table_for(trace_path, name, progress=bool(cfg.get("progress", True)))
     if given:
@@ -110,7 +109,7 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | Non
     path = prediction_file(cfg, trace_path)
     if path is None:
         return None
-    from predictors.data import file_digest
+    from moesim.predictors.data import file_digest
 
     node = cfg.get("predictions") or {}
     return load_predictions(
@@ -142,7 +141,7 @@ def load_run_trace(cfg: DictConfig) -> Trace:
         raise TraceError(f"requests must be auto, held_out or all: {which!r}")
     keep: set[int] | None = None
     if which == "held_out" or (which == "auto" and _predictor_spec(cfg)):
-        from predictors.tables import held_out_requests
+        from moesim.predictors.tables import held_out_requests
 
         keep = set(held_out_requests(read_request_ids(path)))
     elif which == "auto":

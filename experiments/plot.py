@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print("timeline: " + ", ".join(map(str, paths)))
-    from experiments import plot_validation as pv
+    from moesim.experiments import plot_validation as pv
 
     try:  # an experiment=validate folder: predicted vs measured, not the sweep plots
         vpath = pv.find_table(args.dir)

@@ -1,6 +1,6 @@
 """Predicted (simulator) against measured (offloading executor) time and stall per token.
 
-    python -m experiments.plot_validation OUTDIR [--out DIR] [--log]
+    python -m moesim.experiments.plot_validation OUTDIR [--out DIR] [--log]
 
 reads ``OUTDIR/validation.parquet`` (found recursively if not at the top) and writes
 ``validation_scatter.png`` (and ``.pdf``): one panel per metric, x = measured median, y =
@@ -214,14 +214,14 @@ def plot_validation(table: pd.DataFrame, out: Path, *, log: bool = False) -> lis
                                label=t) for i, t in enumerate(traces)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     fig.set_layout_engine("constrained")
-    from experiments.plot import save_figure
+    from moesim.experiments.plot import save_figure
 
     return save_figure(fig, out, "validation_scatter", dpi=130)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m experiments.plot_validation OUTDIR``: plot and print the errors."""
-    p = argparse.ArgumentParser(prog="python -m experiments.plot_validation",
+    """``python -m moesim.experiments.plot_validation OUTDIR``: plot and print the errors."""
+    p = argparse.ArgumentParser(prog="python -m moesim.experiments.plot_validation",
                                 description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("dir", type=Path, help="validate output folder (holds validation.parquet)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: DIR)")

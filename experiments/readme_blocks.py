@@ -1,7 +1,7 @@
 """README blocks generated from committed result files, so their numbers cannot drift.
 
-    python -m experiments.readme_blocks            # rewrite every block (and its figure)
-    python -m experiments.readme_blocks --check    # exit 1 if a block differs (a test runs this)
+    python -m moesim.experiments.readme_blocks          # rewrite every block (and its figure)
+    python -m moesim.experiments.readme_blocks --check  # exit 1 if a block differs (tested)
 
 A block sits between ``<!-- BEGIN generated:<name> -->`` and ``<!-- END generated:<name> -->`` in
 README.md; :data:`BLOCKS` says which result file and renderer make it. Result files are small
@@ -127,7 +127,7 @@ def _all_validation_runs() -> pd.DataFrame:
 
 
 def _validation_figure(df: pd.DataFrame) -> None:
-    from experiments import plot_validation as pv
+    from moesim.experiments import plot_validation as pv
 
     paths = pv.plot_validation(pv.tidy(df), FIGURES, log=True)  # two traces, 10x apart
     for p in paths:  # one stable name per figure in the README
@@ -135,13 +135,13 @@ def _validation_figure(df: pd.DataFrame) -> None:
 
 
 def _bench_sim() -> dict[str, Any]:
-    from experiments.bench.report_sim import JSON
+    from moesim.experiments.bench.report_sim import JSON
 
     return json.loads(JSON.read_text())
 
 
 def _render_bench_sim(res: dict[str, Any]) -> str:
-    from experiments.bench.report_sim import render
+    from moesim.experiments.bench.report_sim import render
 
     return render(res)
 
@@ -184,14 +184,15 @@ def update(readme: Path, *, check: bool, figures: bool = True) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.readme_blocks",
+    p = argparse.ArgumentParser(prog="python -m moesim.experiments.readme_blocks",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="only report stale blocks (exit 1)")
     p.add_argument("--readme", type=Path, default=ROOT / "README.md")
     args = p.parse_args(argv)
     stale = update(args.readme, check=args.check)
     if args.check and stale:
-        print(f"stale README blocks: {', '.join(stale)}; run python -m experiments.readme_blocks",
+        print(f"stale README blocks: {', '.join(stale)}; "
+              "run python -m moesim.experiments.readme_blocks",
               file=sys.stderr)
         return 1
     print("README blocks " + ("up to date" if not stale else "rewritten: " + ", ".join(stale)))

@@ -18,10 +18,8 @@ import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-from experiments.configs import CONF_DIR, register_configs
-from experiments.inputs import (
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.inputs import (
     hw_profile,
     load_run_predictions,
     load_run_trace,
@@ -29,22 +27,23 @@ from experiments.inputs import (
     trace_file,
     with_card_bytes,
 )
-from experiments.paths import sweep_workers_die_with_parent
-from experiments.provenance import package_version, provenance
-from experiments.schema import check as check_config
-from experiments.schema import check_warmup
-from experiments.sweep_summary import write_status
-from hw_profiles import ProfileError
-from policies.base import Knowledge, PolicyError
-from policies.registry import resolve
-from predictors.data import PredictorError
-from sim import SimulationError, capacity_slots, dense_layers_before, simulate
-from sim.metrics import RunResult
-from sim.workload import WorkloadError
-from traces import TraceError
-from traces.cache import entry_lock
-from traces.model_card import ModelCardError
-from traces.store import atomic_path
+from moesim.experiments.paths import sweep_workers_die_with_parent
+from moesim.experiments.provenance import package_version, provenance
+from moesim.experiments.schema import check as check_config
+from moesim.experiments.schema import check_warmup
+from moesim.experiments.sweep_summary import write_status
+from moesim.hw_profiles import ProfileError
+from moesim.policies.base import Knowledge, PolicyError
+from moesim.policies.registry import resolve
+from moesim.predictors.data import PredictorError
+from moesim.sim import SimulationError, capacity_slots, dense_layers_before, simulate
+from moesim.sim.metrics import RunResult
+from moesim.sim.workload import WorkloadError
+from moesim.traces import TraceError
+from moesim.traces.cache import entry_lock
+from moesim.traces.model_card import ModelCardError
+from moesim.traces.store import atomic_path
+from omegaconf import DictConfig, OmegaConf
 
 USER_ERRORS = (
     SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
@@ -84,7 +83,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         compute = profile.compute_model(card)
         scale = float(cfg.get("compute_scale", 1.0))
         if scale != 1.0:  # what-if: slower compute than the profile's (framework overhead)
-            from hw_profiles.compute import ScaledCompute
+            from moesim.hw_profiles.compute import ScaledCompute
 
             try:
                 compute = ScaledCompute(compute, scale)
@@ -227,8 +226,8 @@ def input_digest(cfg: DictConfig) -> str:
     trace rewritten at the same path is never mistaken for a finished run (a
     ``predictor:<name>`` table contributes its own key: predictor config, split, router
     weights), and of the split when only held-out requests are replayed."""
-    from predictors.data import file_digest
-    from predictors.tables import parse_spec, split_settings, table_key
+    from moesim.predictors.data import file_digest
+    from moesim.predictors.tables import parse_spec, split_settings, table_key
 
     trace = trace_file(cfg.trace.path, cfg.trace.get("format"))
     parts = [file_digest(trace)]
@@ -297,8 +296,8 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
     if errors := check_config(cfg):  # every bad value, one line each, before anything runs
         raise _fail(outdir, errors)
     if cfg.get("validate") is not None:  # experiment=validate[_smoke]: simulate + run for real
-        from experiments.validate import USER_ERRORS as VALIDATE_ERRORS
-        from experiments.validate import run_validation
+        from moesim.experiments.validate import USER_ERRORS as VALIDATE_ERRORS
+        from moesim.experiments.validate import run_validation
 
         try:
             run_validation(cfg, outdir)

@@ -3,7 +3,7 @@
     moesim-sim experiment=validate                 # 24 configs, about 5 min on 2 cores
     moesim-sim experiment=validate_smoke           # seconds (CI)
     moesim-sim experiment=validate validate.calibrate=false hw=<profile>
-    (python -m experiments.validate ... is the same app, refusing a non-validate experiment)
+    (python -m moesim.experiments.validate ... is the same app, refusing a non-validate experiment)
 
 For each trace of ``validate.traces`` the model card is scaled (``scale``, weights in
 ``validate.dtype``); for every (policy x capacity) config the machine is profiled first
@@ -34,19 +34,18 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from moesim.experiments.configs import CONF_DIR
+from moesim.experiments.inputs import hw_profile, load_run_predictions, load_run_trace, model_card
+from moesim.hw_profiles import ProfileError, profile_from_mapping
+from moesim.policies.base import Knowledge, PolicyError
+from moesim.policies.registry import resolve
+from moesim.sim import FixedLink, SimulationError, capacity_slots, dense_layers_before, simulate
+from moesim.sim.executor.model import scaled_card
+from moesim.sim.workload import WorkloadError
+from moesim.traces import TraceError
+from moesim.traces.model_card import ModelCardError
+from moesim.traces.trace import Trace
 from omegaconf import DictConfig, OmegaConf
-
-from experiments.configs import CONF_DIR
-from experiments.inputs import hw_profile, load_run_predictions, load_run_trace, model_card
-from hw_profiles import ProfileError, profile_from_mapping
-from policies.base import Knowledge, PolicyError
-from policies.registry import resolve
-from sim import FixedLink, SimulationError, capacity_slots, dense_layers_before, simulate
-from sim.executor.model import scaled_card
-from sim.workload import WorkloadError
-from traces import TraceError
-from traces.model_card import ModelCardError
-from traces.trace import Trace
 
 USER_ERRORS = (SimulationError, TraceError, ProfileError, PolicyError, ModelCardError,
                WorkloadError, ValueError)
@@ -105,7 +104,7 @@ def _profile_now(cfg: DictConfig, v: DictConfig, card: Any, trace: Trace,
     again right before it (the shared disk and CPU drift by tens of % within minutes): still
     microbenchmarks, never the run they predict."""
     if bool(v.calibrate):
-        from sim.executor.calibrate import CalibrationOptions, calibrate
+        from moesim.sim.executor.calibrate import CalibrationOptions, calibrate
 
         dense = max(dense_layers_before(trace.meta.moe_layers, card.num_layers))
         opts = CalibrationOptions(copy_engines=int(v.copy_engines), threads=int(v.threads),
@@ -114,7 +113,7 @@ def _profile_now(cfg: DictConfig, v: DictConfig, card: Any, trace: Trace,
         mapping = calibrate(card, trace.meta.num_moe_layers, dense, opts, log=log)
         return profile_from_mapping(mapping, name=mapping["name"], allow_bare=False), mapping
     if v.get("hw_path"):
-        from hw_profiles import load_profile
+        from moesim.hw_profiles import load_profile
 
         path = Path(str(v.hw_path))
         return load_profile(path), yaml.safe_load(path.read_text())
@@ -147,7 +146,7 @@ class _Bracket:
     def read(self) -> float:
         if not bool(self.v.calibrate):
             return math.nan
-        from sim.executor.calibrate import CalibrationOptions, measure_reads
+        from moesim.sim.executor.calibrate import CalibrationOptions, measure_reads
 
         v = self.v
         self.seed += 1
@@ -161,7 +160,7 @@ def _with_read_time(mapping: dict[str, Any], card: Any, read_s: float,
                     no_latency: bool = False) -> Any:
     """The profile's link with the bracketing reads' mean time (and, for the before/after
     comparison of the hand-off term, without its per-copy latency)."""
-    from sim.executor.calibrate import ReadTimes, with_reads
+    from moesim.sim.executor.calibrate import ReadTimes, with_reads
 
     reads = ReadTimes(read_s, read_s, read_s, read_s, 0, 1, True, "bracket")
     fresh = with_reads(mapping, card, reads)
@@ -174,7 +173,7 @@ def _with_read_time(mapping: dict[str, Any], card: Any, read_s: float,
 def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = print
                    ) -> pd.DataFrame:
     """Every config of ``cfg.validate``: simulate, run for real, write the tables."""
-    from sim.executor import ExecutorOptions, execute
+    from moesim.sim.executor import ExecutorOptions, execute
 
     v = cfg.validate
     for key in ("traces", "policies", "capacities"):
@@ -236,7 +235,7 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
 
                 compute_io = None
                 if bool(v.calibrate):  # the contention term: compute timed beside a busy reader
-                    from sim.executor.calibrate import under_io
+                    from moesim.sim.executor.calibrate import under_io
 
                     io_map = under_io(mapping, card)
                     compute_io = profile_from_mapping(io_map, name=io_map["name"],
@@ -372,14 +371,14 @@ def format_table(t: pd.DataFrame) -> str:
 
 
 def main() -> None:
-    """``python -m experiments.validate experiment=validate[_smoke] [overrides]``: the same app
-    as ``moesim-sim experiment=validate`` (its option checks, run-folder lock, folder names and
+    """``python -m moesim.experiments.validate experiment=validate[_smoke] [overrides]``: the same
+    app as ``moesim-sim experiment=validate`` (its option checks, run-folder lock, folder names and
     sweep workers), refusing a command line that names no validate experiment."""
     if not any(a.startswith("experiment=validate") for a in sys.argv[1:]):
         print("error: no validate settings; run with experiment=validate (or validate_smoke)",
               file=sys.stderr)
         sys.exit(2)
-    from experiments.sim_app import main as sim_main
+    from moesim.experiments.sim_app import main as sim_main
 
     sim_main()
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from traces.model_card import DTYPE_BYTES, ModelCard
+from moesim.traces.model_card import DTYPE_BYTES, ModelCard
 
 from .schema import (
     Ctx,

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from moesim.traces.model_card import ModelCard
 from torch.nn import functional as F
-
-from traces.model_card import ModelCard
 
 from .direct_io import BLOCK, round_up
 

@@ -14,7 +14,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from traces.model_card import ModelCard
+from moesim.traces.model_card import ModelCard
 
 from .compute import ComputeModel, MeasuredTable, parse_measured_table
 from .link import LinkModel

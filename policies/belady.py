@@ -11,9 +11,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable
 
-from policies._heap import pop_victim
-from policies.base import EvictionPolicy, Knowledge, PolicyError
-from policies.registry import register_eviction
+from moesim.policies._heap import pop_victim
+from moesim.policies.base import EvictionPolicy, Knowledge, PolicyError
+from moesim.policies.registry import register_eviction
 
 
 @register_eviction

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from policies.base import EvictionPolicy, PolicyError
-from policies.registry import register_eviction
+from moesim.policies.base import EvictionPolicy, PolicyError
+from moesim.policies.registry import register_eviction
 
 FULL_LAYERS = 4
 

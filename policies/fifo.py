@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from policies.lru import LRU
-from policies.registry import register_eviction
+from moesim.policies.lru import LRU
+from moesim.policies.registry import register_eviction
 
 
 @register_eviction

@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from policies.base import EvictionPolicy
-from policies.registry import register_eviction
+from moesim.policies.base import EvictionPolicy
+from moesim.policies.registry import register_eviction
 
 
 @register_eviction

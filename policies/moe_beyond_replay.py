@@ -15,8 +15,8 @@ during which no predictions are inserted (``during_warmup=false``), as in their 
 
 from __future__ import annotations
 
-from policies.base import Knowledge, PointPrefetch, PolicyError
-from policies.registry import register_prefetch
+from moesim.policies.base import Knowledge, PointPrefetch, PolicyError
+from moesim.policies.registry import register_prefetch
 
 
 @register_prefetch

@@ -110,9 +110,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-from policies.base import EvictionPolicy, ModelShape, PolicyError, PolicySetup, PrefetchPolicy
-from policies.registry import register_eviction, register_prefetch
+from moesim.policies.base import (
+    EvictionPolicy,
+    ModelShape,
+    PolicyError,
+    PolicySetup,
+    PrefetchPolicy,
+)
+from moesim.policies.registry import register_eviction, register_prefetch
 
 _NONE = np.iinfo(np.int64).max
 _SEQ_BITS = 36
@@ -408,7 +413,7 @@ def ordered_keys(p: np.ndarray, layer: int) -> np.ndarray:
 
 def eams_of_trace(path: str, shape: ModelShape) -> list[np.ndarray]:
     """One EAM per request of a trace file (counts over all its tokens)."""
-    from traces import load_trace
+    from moesim.traces import load_trace
 
     trace = load_trace(path)
     num_l, num_e = shape.num_layers, shape.num_experts

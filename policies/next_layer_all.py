@@ -6,8 +6,8 @@ With ``wrap`` the last layer queues layer 0 of the next step.
 
 from __future__ import annotations
 
-from policies.base import PrefetchPolicy
-from policies.registry import register_prefetch
+from moesim.policies.base import PrefetchPolicy
+from moesim.policies.registry import register_prefetch
 
 
 @register_prefetch

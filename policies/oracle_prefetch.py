@@ -8,8 +8,8 @@ predictor, whose only lead time is the attention itself). Lookahead crosses step
 
 from __future__ import annotations
 
-from policies.base import Knowledge, PointPrefetch, PolicyError
-from policies.registry import register_prefetch
+from moesim.policies.base import Knowledge, PointPrefetch, PolicyError
+from moesim.policies.registry import register_prefetch
 
 
 @register_prefetch

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import re
 
-from policies.base import Knowledge, PointPrefetch, PolicyError
-from policies.registry import register_prefetch
+from moesim.policies.base import Knowledge, PointPrefetch, PolicyError
+from moesim.policies.registry import register_prefetch
 
 
 def available(tag: str, point: str, ahead: int) -> bool:

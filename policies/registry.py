@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from policies.base import EvictionPolicy, Knowledge, NoPrefetch, PolicyError, PrefetchPolicy
+from moesim.policies.base import EvictionPolicy, Knowledge, NoPrefetch, PolicyError, PrefetchPolicy
 
 EVICTION: dict[str, type[EvictionPolicy]] = {}
 PREFETCH: dict[str, type[PrefetchPolicy]] = {"none": NoPrefetch}
@@ -46,11 +46,11 @@ def _check_new(name: str) -> None:
 
 def discover() -> None:
     """Import every module of the ``policies`` package so their decorators run."""
-    import policies
+    from moesim import policies
 
     for mod in pkgutil.iter_modules(policies.__path__):
         if mod.name not in ("base", "registry"):
-            importlib.import_module(f"policies.{mod.name}")
+            importlib.import_module(f"{policies.__name__}.{mod.name}")
 
 
 def params_of(cls: type) -> dict[str, Any]:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-
-from policies.base import Knowledge, PolicyError
-from policies.lru import LRU
-from policies.registry import register_eviction
+from moesim.policies.base import Knowledge, PolicyError
+from moesim.policies.lru import LRU
+from moesim.policies.registry import register_eviction
 
 
 @register_eviction

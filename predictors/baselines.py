@@ -16,8 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-
-from predictors.data import Rows
+from moesim.predictors.data import Rows
 
 
 @dataclass(frozen=True)

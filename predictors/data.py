@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from traces.predictions import content_digest
-from traces.store import load_features, load_trace, read_meta
-from traces.trace import Trace
+from moesim.traces.predictions import content_digest
+from moesim.traces.store import load_features, load_trace, read_meta
+from moesim.traces.trace import Trace
 
 
 class PredictorError(ValueError):

@@ -1,6 +1,6 @@
 """Score any prediction table against the routing it predicts.
 
-    python -m predictors.evaluate TRACE TABLE [--out metrics.parquet]
+    python -m moesim.predictors.evaluate TRACE TABLE [--out metrics.parquet]
 
 Works for tables written by ``moesim-train``, by ``predictors.fate`` and by importers of
 published predictions (MoE-Beyond's ``predicted_csvs``), so every method is scored by the same
@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-from predictors.metrics import MetricSpec, evaluate, format_table
-from traces import TraceError, load_predictions, load_trace
-from traces.predictions import content_digest, read_predictions_meta
+from moesim.predictors.metrics import MetricSpec, evaluate, format_table
+from moesim.traces import TraceError, load_predictions, load_trace
+from moesim.traces.predictions import content_digest, read_predictions_meta
 
 
 def score(trace_path: Path, table_path: Path) -> tuple[list[dict], int, dict]:
@@ -57,7 +56,7 @@ def score(trace_path: Path, table_path: Path) -> tuple[list[dict], int, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m predictors.evaluate", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m moesim.predictors.evaluate", description=__doc__)
     ap.add_argument("trace", type=Path)
     ap.add_argument("table", type=Path)
     ap.add_argument("--out", type=Path, default=None, help="write the metric rows as parquet")

@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from predictors.data import file_digest
-from predictors.metrics import top1_correct
-from traces.collect.collector import load_routers, routers_path
-from traces.errors import TraceError
-from traces.predictions import PredictionWriter, trace_identity
-from traces.store import atomic_path, feature_specs, iter_features, iter_requests, read_meta
+from moesim.predictors.data import file_digest
+from moesim.predictors.metrics import top1_correct
+from moesim.traces.collect.collector import load_routers, routers_path
+from moesim.traces.errors import TraceError
+from moesim.traces.predictions import PredictionWriter, trace_identity
+from moesim.traces.store import atomic_path, feature_specs, iter_features, iter_requests, read_meta
 
 AVAILABLE_AT = "routed:prev_layer"
 FEATURE = "router_in"
@@ -370,9 +369,10 @@ def report(res: FateResult) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m predictors.fate TRACE OUT [--width N]``; bad input: one error line, exit 2."""
+    """``python -m moesim.predictors.fate TRACE OUT [--width N]``; bad input: one error line,
+    exit 2."""
     ap = argparse.ArgumentParser(
-        prog="python -m predictors.fate",
+        prog="python -m moesim.predictors.fate",
         description="Fate next-gate predictions (layer l+1's router on layer l's router input).",
     )
     ap.add_argument("trace", help="trace parquet with feat.router_in and its .routers.npz")

@@ -52,10 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
-
-from predictors.train import (
+from moesim.predictors.train import (
     BestEpoch,
     TrainConfig,
     exact_rate,
@@ -64,6 +61,8 @@ from predictors.train import (
     save_checkpoint,
     seeded_training,
 )
+from torch import nn
+from tqdm import tqdm
 
 TOKEN_VECTORS = ("auto", "router_in", "pre_attn", "text")
 CONTEXTS = ("prompt", "causal")

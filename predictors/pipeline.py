@@ -14,12 +14,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-
-from predictors.baselines import fit_frequency, rank_frequency, rank_recency
-from predictors.data import PredictorError, TraceData, file_digest, load_data, split_requests
-from predictors.metrics import MetricSpec, evaluate
-from traces.predictions import PredictionWriter, trace_identity
-from traces.store import atomic_path
+from moesim.predictors.baselines import fit_frequency, rank_frequency, rank_recency
+from moesim.predictors.data import PredictorError, TraceData, file_digest, load_data, split_requests
+from moesim.predictors.metrics import MetricSpec, evaluate
+from moesim.traces.predictions import PredictionWriter, trace_identity
+from moesim.traces.store import atomic_path
 
 METHODS = ("pre_attention", "speculation", "moe_beyond", "frequency", "recency")
 FEATURE_AVAILABLE_AT = {
@@ -93,8 +92,8 @@ def _rank_pre_attention(
     cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray, log: Callable[[str], None]
 ) -> tuple[np.ndarray, float, bool, Path]:
     """Full ranking ``[N, E]`` of every row from a (cached or fresh) pre-attention model."""
-    from predictors.pre_attention import PreAttentionConfig  # torch only here
-    from predictors.train import (
+    from moesim.predictors.pre_attention import PreAttentionConfig  # torch only here
+    from moesim.predictors.train import (
         TrainConfig,
         cache_dir,
         cache_key,
@@ -133,7 +132,7 @@ def _rank_speculation(
     """Ranking ``[N, E]`` from the inter-layer speculation model (``predictors/speculation.py``):
     rows of the first ``horizon`` layers (nothing routed ``horizon`` layers before) are ``-1``.
     Also returns the mask of predicted rows and the table's ``available_at`` tag."""
-    from predictors.speculation import (  # torch only here
+    from moesim.predictors.speculation import (  # torch only here
         SpecTrainConfig,
         SpeculationConfig,
         available_at,
@@ -142,7 +141,7 @@ def _rank_speculation(
         predict_logits,
         train_speculation,
     )
-    from predictors.train import cache_dir, cache_key
+    from moesim.predictors.train import cache_dir, cache_key
 
     mcfg, tcfg = _configs(SpeculationConfig, SpecTrainConfig, cfg)
     rows, meta = data.rows, data.trace.meta
@@ -177,7 +176,7 @@ def _rank_speculation(
 
 def moe_beyond_vector(cfg: RunConfig) -> str:
     """The token vector a ``moe_beyond`` run uses (``auto`` resolved against the trace)."""
-    from traces.store import feature_specs
+    from moesim.traces.store import feature_specs
 
     choice = str(cfg.model.get("token_vector", "auto"))
     if choice == "auto":
@@ -190,7 +189,7 @@ def _rank_moe_beyond(
 ) -> tuple[np.ndarray, float, bool, Path, str]:
     """Ranking ``[N, E]`` from MoE-Beyond's transformer (``predictors/moe_beyond.py``) and the
     table's ``available_at`` tag."""
-    from predictors.moe_beyond import (  # torch only here
+    from moesim.predictors.moe_beyond import (  # torch only here
         OOV,
         MoEBeyondConfig,
         MoEBeyondTrainConfig,
@@ -201,7 +200,7 @@ def _rank_moe_beyond(
         train_moe_beyond,
         windows,
     )
-    from predictors.train import cache_dir, cache_key
+    from moesim.predictors.train import cache_dir, cache_key
 
     mcfg, tcfg = _configs(MoEBeyondConfig, MoEBeyondTrainConfig, cfg)
     rows, meta = data.rows, data.trace.meta
@@ -250,9 +249,9 @@ def _row_texts(data: TraceData) -> list[str | None]:
 
 def _router_logits(data: TraceData) -> np.ndarray:
     """Full router logits from ``feat.router_in`` and the ``.routers.npz`` side file."""
-    from predictors.data import full_ranking_from_routers
-    from traces.collect.collector import load_routers, routers_path
-    from traces.store import load_features
+    from moesim.predictors.data import full_ranking_from_routers
+    from moesim.traces.collect.collector import load_routers, routers_path
+    from moesim.traces.store import load_features
 
     side = routers_path(data.path)
     if not side.is_file():

@@ -23,10 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
-from tqdm import tqdm
-
-from predictors.train import (
+from moesim.predictors.train import (
     BestEpoch,
     TrainConfig,
     exact_rate,
@@ -35,6 +32,8 @@ from predictors.train import (
     save_checkpoint,
     seeded_training,
 )
+from torch import nn
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)

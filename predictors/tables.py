@@ -22,10 +22,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from moesim.predictors.data import PredictorError, file_digest, split_requests
+from moesim.traces.cache import cache_root, entry_lock, sweep_temporaries
 from omegaconf import DictConfig, OmegaConf
-
-from predictors.data import PredictorError, file_digest, split_requests
-from traces.cache import cache_root, entry_lock, sweep_temporaries
 
 SPEC_PREFIX = "predictor:"
 CONF_DIR = Path(__file__).parent / "conf"
@@ -93,7 +92,7 @@ def table_key(trace: Path, name: str) -> str:
     """Hash of everything the table depends on: the trace's content and its router-weights side
     file (Fate and ``ranking=routers`` read it), the predictor config, the split, the table code
     version."""
-    from traces.collect.collector import routers_path
+    from moesim.traces.collect.collector import routers_path
 
     trace = Path(trace)
     if not trace.is_file():
@@ -123,14 +122,14 @@ def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
         sweep_temporaries(out)  # of a killed build of this very table
         log(f"building the {name} prediction table for {trace.name} (once) -> {out}")
         if name == "fate":
-            from predictors.fate import fate_predictions
+            from moesim.predictors.fate import fate_predictions
 
             try:
                 fate_predictions(trace, out)
             except ValueError as exc:
                 raise PredictorError(f"fate: {exc}") from None
             return out
-        from predictors.pipeline import run
+        from moesim.predictors.pipeline import run
 
         run(run_config(name, trace, eval_parts=("test",), predictions=out, progress=progress),
             log=log)
@@ -140,7 +139,7 @@ def table_for(trace: Path, name: str, log: Callable[[str], None] = print,
 def run_config(name: str, trace: Path, **settings: Any):
     """The ``predictors.pipeline.RunConfig`` of predictor ``name`` on ``trace`` with the default
     split, as ``moesim-train predictor=<name>`` would build it; ``settings`` set other fields."""
-    from predictors.pipeline import RunConfig
+    from moesim.predictors.pipeline import RunConfig
 
     if name in NO_TRAINING:
         raise PredictorError(f"{name} has no training run (its table comes from the trace)")

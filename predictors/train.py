@@ -21,11 +21,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from moesim.predictors.pre_attention import (
+    PreAttentionConfig,
+    PreAttentionNet,
+    rank_matrix,
+    ranking_loss,
+)
+from moesim.traces.cache import cache_root
+from moesim.traces.store import atomic_path
 from tqdm import tqdm
-
-from predictors.pre_attention import PreAttentionConfig, PreAttentionNet, rank_matrix, ranking_loss
-from traces.cache import cache_root
-from traces.store import atomic_path
 
 CODE_VERSION = 1  # bump when training code changes what a config produces
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from moesim.experiments.paths import register_resolvers, sweep_workers_die_with_parent
+from moesim.predictors.data import PredictorError
+from moesim.predictors.metrics import format_table
+from moesim.predictors.pipeline import RunConfig, RunOutput, run
+from moesim.traces.errors import TraceError
+from moesim.traces.store import atomic_path
 from omegaconf import DictConfig, OmegaConf
-
-from experiments.paths import register_resolvers, sweep_workers_die_with_parent
-from predictors.data import PredictorError
-from predictors.metrics import format_table
-from predictors.pipeline import RunConfig, RunOutput, run
-from traces.errors import TraceError
-from traces.store import atomic_path
 
 CONF_DIR = Path(__file__).parent / "conf"
 SHOWN = (
@@ -33,7 +32,7 @@ def trace_path(cfg: DictConfig) -> Path:
     """``trace.path``, or the embedded trace (built on first use) for ``embedded``."""
     given = str(cfg.trace.path)
     if given == "embedded":
-        from traces.collect.embedded import ensure_embedded_trace
+        from moesim.traces.collect.embedded import ensure_embedded_trace
 
         limit = cfg.trace.get("limit")
         return ensure_embedded_trace(limit=None if limit is None else int(limit))

@@ -1,11 +1,11 @@
 """moesim's discrete-event model of a GPU expert cache, the host link and layer compute."""
 
-from sim.cache import SimulationError
-from sim.engine import CacheOptions, RunOptions, Simulation
-from sim.hardware import ComputeTimes, FixedCompute, FixedLink, TransferModel
-from sim.metrics import RunResult
-from sim.run import capacity_slots, dense_layers_before, simulate
-from sim.workload import Workload, build_workload
+from moesim.sim.cache import SimulationError
+from moesim.sim.engine import CacheOptions, RunOptions, Simulation
+from moesim.sim.hardware import ComputeTimes, FixedCompute, FixedLink, TransferModel
+from moesim.sim.metrics import RunResult
+from moesim.sim.run import capacity_slots, dense_layers_before, simulate
+from moesim.sim.workload import Workload, build_workload
 
 __all__ = [
     "CacheOptions",

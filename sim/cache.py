@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from policies.base import EvictionPolicy
+from moesim.policies.base import EvictionPolicy
 
 ABSENT, LOADING, RESIDENT = 0, 1, 2
 NOT_PREFETCHED, COUNTED_PREFETCH, WARMUP_PREFETCH = 0, 1, 2

@@ -20,11 +20,10 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import simpy
-
-from policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
-from policies.registry import PolicySpec
-from sim import compiled
-from sim.cache import (
+from moesim.policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
+from moesim.policies.registry import PolicySpec
+from moesim.sim import compiled
+from moesim.sim.cache import (
     ABSENT,
     COUNTED_PREFETCH,
     LOADING,
@@ -32,11 +31,11 @@ from sim.cache import (
     ExpertCache,
     SimulationError,
 )
-from sim.hardware import ComputeTimes, TransferModel
-from sim.link import HostLink
-from sim.metrics import HIT, LATE, MISS, PROMOTED, Counters, RunResult, build_result
-from sim.predictions import PredictionView
-from sim.workload import Workload, WorkloadFuture
+from moesim.sim.hardware import ComputeTimes, TransferModel
+from moesim.sim.link import HostLink
+from moesim.sim.metrics import HIT, LATE, MISS, PROMOTED, Counters, RunResult, build_result
+from moesim.sim.predictions import PredictionView
+from moesim.sim.workload import Workload, WorkloadFuture
 
 Mode = Literal["timed", "zero_latency"]
 

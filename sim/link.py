@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Iterable
 
-from sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
+from moesim.sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
 
 DEMAND, PREFETCH = 0, 1
 INF = float("inf")

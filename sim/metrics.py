@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 if TYPE_CHECKING:
-    from sim.engine import Simulation
+    from moesim.sim.engine import Simulation
 
 HIT, LATE, PROMOTED, MISS = 0, 1, 2, 3  # rows of Counters.layer_counts
 

@@ -17,9 +17,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
-from sim.cache import SimulationError
-from sim.workload import Workload
+from moesim.sim.cache import SimulationError
+from moesim.sim.workload import Workload
 
 DEFAULT_MIN_COVERAGE = 0.99
 
@@ -92,7 +91,7 @@ def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
     """Per step and layer, the union of its tokens' predicted keys in first-predicted order
     (``int32 [steps, layers, width]``, -1 padded; one compiled pass, as batched workloads are
     built), the replayed units without predictions, the replayed and the covered tokens."""
-    from sim.compiled.steps import union_steps
+    from moesim.sim.compiled.steps import union_steps
 
     first: dict[int, tuple[int, int]] = {}  # request -> (its first row when stacked, rows)
     arrays: list[np.ndarray] = []

@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from policies.registry import PolicySpec, resolve
-from sim.cache import SimulationError
-from sim.engine import CacheOptions, Mode, RunOptions, Simulation
-from sim.hardware import ComputeTimes, TransferModel
-from sim.metrics import RunResult
-from sim.workload import Replay, build_workload
-from traces.trace import Trace
+from moesim.policies.registry import PolicySpec, resolve
+from moesim.sim.cache import SimulationError
+from moesim.sim.engine import CacheOptions, Mode, RunOptions, Simulation
+from moesim.sim.hardware import ComputeTimes, TransferModel
+from moesim.sim.metrics import RunResult
+from moesim.sim.workload import Replay, build_workload
+from moesim.traces.trace import Trace
 
 
 def capacity_slots(

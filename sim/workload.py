@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-
-from policies.base import ModelShape
-from traces.trace import DECODE, Trace
+from moesim.policies.base import ModelShape
+from moesim.traces.trace import DECODE, Trace
 
 Replay = Literal["decode", "prefill"]
 NO_USE = 1 << 62
@@ -168,7 +167,7 @@ def _batched_steps(
 ) -> Workload:
     """The schedule (who runs which unit in which step) in Python, one entry per unit; the
     per-layer unions of each step's experts in one compiled pass (``sim.compiled.steps``)."""
-    from sim.compiled.steps import union_steps
+    from moesim.sim.compiled.steps import union_steps
 
     requests = list(trace.requests)
     first_row = np.cumsum([0] + [r.num_tokens for r in requests[:-1]]).tolist()
@@ -251,7 +250,7 @@ class WorkloadFuture:
         return row[row >= 0].tolist()
 
     def _links(self) -> array:
-        from sim.compiled.kernel import next_occurrences
+        from moesim.sim.compiled.kernel import next_occurrences
 
         nxt, first = next_occurrences(self._w.keys.reshape(-1), self._w.shape.num_keys)
         links = array("q")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-
-from traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
+from moesim.traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
 
 
 def random_trace(
@@ -57,7 +56,7 @@ def trace_from_lists(routing: list[list[list[list[int]]]], experts: int, expert_
 def noisy_predictions(trace: Trace, rng: np.random.Generator, wrong: float, width: int):
     """A prediction table for ``trace``, right with probability 1 - ``wrong`` per slot and
     padded with random other experts up to ``width`` (every request covered)."""
-    from traces.predictions import PredictionTable
+    from moesim.traces.predictions import PredictionTable
 
     e = trace.meta.num_experts
     out = PredictionTable()

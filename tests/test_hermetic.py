@@ -10,8 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moesim.traces.cache import cache_root
+
 from tests.conftest import USER_CACHE_ENV
-from traces.cache import cache_root
 
 ROOT = Path(__file__).resolve().parents[1]
 # Tests that generate, import and read cache entries (embedded trace, imported CSV trace).

@@ -2,15 +2,15 @@
 
 Public API (see ``traces/README_section.md``)::
 
-    from traces import load_trace, iter_requests, read_meta, write_trace, import_trace
+    from moesim.traces import load_trace, iter_requests, read_meta, write_trace, import_trace
 """
 
-from traces.errors import TraceError
-from traces.importers import IMPORTERS, ImportResult, import_trace, register
-from traces.model_card import ModelCard, ModelCardError, list_cards, load_card
-from traces.predictions import load_predictions
-from traces.schema import FORMAT_VERSION, META_KEY
-from traces.store import (
+from moesim.traces.errors import TraceError
+from moesim.traces.importers import IMPORTERS, ImportResult, import_trace, register
+from moesim.traces.model_card import ModelCard, ModelCardError, list_cards, load_card
+from moesim.traces.predictions import load_predictions
+from moesim.traces.schema import FORMAT_VERSION, META_KEY
+from moesim.traces.store import (
     TraceSummary,
     iter_requests,
     load_features,
@@ -21,7 +21,7 @@ from traces.store import (
     validate_trace,
     write_trace,
 )
-from traces.trace import DECODE, PHASES, PREFILL, RequestRouting, Trace, TraceMeta
+from moesim.traces.trace import DECODE, PHASES, PREFILL, RequestRouting, Trace, TraceMeta
 
 __all__ = [
     "DECODE",

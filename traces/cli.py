@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-
-from traces.errors import TraceError
-from traces.importers import IMPORTERS, import_trace
-from traces.model_card import ModelCardError
-from traces.store import iter_requests, read_header, read_meta, scan_counts, validate_trace
+from moesim.traces.errors import TraceError
+from moesim.traces.importers import IMPORTERS, import_trace
+from moesim.traces.model_card import ModelCardError
+from moesim.traces.store import iter_requests, read_header, read_meta, scan_counts, validate_trace
 
 EXIT_BAD_INPUT = 2
 
@@ -138,7 +137,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_stats(args: argparse.Namespace) -> int:
     from itertools import islice
 
-    from traces.stats import write_stats
+    from moesim.traces.stats import write_stats
 
     with _trace_path(args) as path:
         meta = read_meta(path)
@@ -161,7 +160,7 @@ def _human(n: float) -> str:
 def _cmd_cache(args: argparse.Namespace) -> int:
     from datetime import datetime
 
-    from traces import cache
+    from moesim.traces import cache
 
     root = Path(args.root) if args.root else cache.cache_root()
     if args.action == "clear":

@@ -36,10 +36,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from traces.errors import TraceError
-from traces.schema import FORMAT_VERSION, dumps
-from traces.trace import TraceMeta
+from moesim.traces.errors import TraceError
+from moesim.traces.schema import FORMAT_VERSION, dumps
+from moesim.traces.trace import TraceMeta
 
 PRED_META_KEY = b"moesim.predictions"
 SAME_LAYER = "routed:same_layer"

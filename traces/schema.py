@@ -45,9 +45,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
-
-from traces.errors import TraceError
-from traces.trace import PHASES, TraceMeta
+from moesim.traces.errors import TraceError
+from moesim.traces.trace import PHASES, TraceMeta
 
 FORMAT_VERSION = 1
 META_KEY = b"moesim.trace"

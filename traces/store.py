@@ -24,9 +24,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from traces.errors import TraceError
-from traces.schema import (
+from moesim.traces.errors import TraceError
+from moesim.traces.schema import (
     FEATURE_PREFIX,
     META_KEY,
     OPTIONAL_COLUMNS,
@@ -38,7 +37,7 @@ from traces.schema import (
     meta_from_dict,
     meta_to_dict,
 )
-from traces.trace import RequestRouting, Trace, TraceMeta
+from moesim.traces.trace import RequestRouting, Trace, TraceMeta
 
 DEFAULT_ROW_GROUP_ROWS = 1 << 18
 DEFAULT_BATCH_ROWS = 1 << 18

@@ -1,8 +1,8 @@
 """Benchmark: simulator speed and memory on MoE-Beyond's DeepSeek-V2-Lite training trace.
 
 CPU time (``time.process_time``; children by ``os.wait4``), compiled and SimPy runs interleaved,
-the best of ``--reps``. Writes one JSON file; ``python -m experiments.bench.report_sim``
-renders it, and ``python -m experiments.readme_blocks`` rewrites the README's Benchmarks
+the best of ``--reps``. Writes one JSON file; ``python -m moesim.experiments.bench.report_sim``
+renders it, and ``python -m moesim.experiments.readme_blocks`` rewrites the README's Benchmarks
 tables from it.
 
 - every shipped policy, timed, v100_pcie, 10 % cache, batch 1 and 8: the compiled engine on
@@ -12,7 +12,7 @@ tables from it.
 - zero-latency LRU and Belady (unpinned) beside libCacheSim on the same access stream;
 - optionally (``--sweep``) the 16-run capacity sweep on 2 joblib workers (wall seconds).
 
-    python -m experiments.bench.bench_sim [--traces DIR] [--out FILE] [--reps N] [--sweep]
+    python -m moesim.experiments.bench.bench_sim [--traces DIR] [--out FILE] [--reps N] [--sweep]
 """
 
 from __future__ import annotations
@@ -31,12 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from experiments.inputs import trace_file
-from hw_profiles import load_profile
-from sim import SimulationError, build_workload, capacity_slots, dense_layers_before, simulate
-from traces import load_trace
-from traces.model_card import load_card
+from moesim.experiments.inputs import trace_file
+from moesim.hw_profiles import load_profile
+from moesim.sim import (
+    SimulationError,
+    build_workload,
+    capacity_slots,
+    dense_layers_before,
+    simulate,
+)
+from moesim.traces import load_trace
+from moesim.traces.model_card import load_card
 
 ROOT = Path(__file__).resolve().parents[2]
 POLICIES: dict[str, dict[str, Any]] = {  # label -> policy config
@@ -135,7 +140,7 @@ def hwm():
     text = open("/proc/self/status").read()
     open(out, "w").write(re.search(r"VmHWM:\\s+(\\d+)", text).group(1))
 atexit.register(hwm)
-runpy.run_module("experiments.sim_app", run_name="__main__", alter_sys=True)
+runpy.run_module("moesim.experiments.sim_app", run_name="__main__", alter_sys=True)
 """
 
 
@@ -173,8 +178,7 @@ def _lcs(stream: np.ndarray, capacity: int, algo: str, tmp: Path) -> tuple[float
     """libCacheSim's C replay of ``stream`` (oracleGeneral, with next-access for Belady):
     CPU seconds of ``process_trace`` and the hit ratio."""
     import libcachesim as lcs
-
-    from sim.compiled.kernel import NO_USE, next_occurrences
+    from moesim.sim.compiled.kernel import NO_USE, next_occurrences
 
     n = len(stream)
     nxt, _ = next_occurrences(stream, int(stream.max()) + 1)
@@ -219,7 +223,7 @@ def sweep(traces: str) -> dict[str, Any]:
     """The README's 16-run capacity sweep on 2 joblib workers: wall seconds."""
     env = {**os.environ, "MOESIM_TRACES": str(Path(traces).resolve())}
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "experiments.sim_app", "-m", "trace=deepseek_v2_lite",
+        cmd = [sys.executable, "-m", "moesim.experiments.sim_app", "-m", "trace=deepseek_v2_lite",
                "policy=lru,lfu,least_stale,belady", "cache.fraction=0.05,0.1,0.25,0.5",
                "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp}/s"]
         t = time.perf_counter()

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # allow running as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from traces import import_trace, load_trace  # noqa: E402
+from moesim.traces import import_trace, load_trace  # noqa: E402
 
 
 def _peak_rss_mb() -> float:

@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # allow running as a plain script from anywhere
     sys.path.insert(0, str(ROOT))
 
-from predictors.pipeline import run  # noqa: E402
-from predictors.tables import run_config  # noqa: E402
+from moesim.predictors.pipeline import run  # noqa: E402
+from moesim.predictors.tables import run_config  # noqa: E402
 
 DEFAULT = (
     "pre_attention,pre_attention_silu,speculation,moe_beyond,moe_beyond_causal,moe_beyond_text"
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     trace = args.trace
     if trace is None:
-        from traces.collect.embedded import ensure_embedded_trace
+        from moesim.traces.collect.embedded import ensure_embedded_trace
 
         trace = ensure_embedded_trace()
     rows = []

@@ -1,9 +1,9 @@
 """Render ``bench_sim``'s JSON as the README's simulator benchmark tables.
 
-    python -m experiments.bench.report_sim [--json FILE]     # print the markdown
+    python -m moesim.experiments.bench.report_sim [--json FILE]     # print the markdown
 
 The README's ``bench_sim`` block is rewritten from the committed JSON by
-``python -m experiments.readme_blocks``, like every generated block (its test fails when the
+``python -m moesim.experiments.readme_blocks``, like every generated block (its test fails when the
 README and the JSON disagree).
 """
 

@@ -12,25 +12,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from policies.base import NoPrefetch, PrefetchPolicy
-from policies.belady import Belady
-from policies.fate_arc import FateARC
-from policies.fifo import FIFO
-from policies.least_stale import LeastStale
-from policies.lfu import LFU
-from policies.lru import LRU
-from policies.moe_beyond_replay import MoEBeyondReplay
-from policies.moe_infinity import MoEInfinityLFU
-from policies.next_layer_all import NextLayerAll
-from policies.oracle_prefetch import OraclePrefetch
-from policies.prediction_prefetch import PredictionPrefetch
-from policies.static import Static
-from sim.cache import ExpertCache, SimulationError
-from sim.compiled import kernel as K
+from moesim.policies.base import NoPrefetch, PrefetchPolicy
+from moesim.policies.belady import Belady
+from moesim.policies.fate_arc import FateARC
+from moesim.policies.fifo import FIFO
+from moesim.policies.least_stale import LeastStale
+from moesim.policies.lfu import LFU
+from moesim.policies.lru import LRU
+from moesim.policies.moe_beyond_replay import MoEBeyondReplay
+from moesim.policies.moe_infinity import MoEInfinityLFU
+from moesim.policies.next_layer_all import NextLayerAll
+from moesim.policies.oracle_prefetch import OraclePrefetch
+from moesim.policies.prediction_prefetch import PredictionPrefetch
+from moesim.policies.static import Static
+from moesim.sim.cache import ExpertCache, SimulationError
+from moesim.sim.compiled import kernel as K
 
 if TYPE_CHECKING:
-    from sim.engine import Simulation
+    from moesim.sim.engine import Simulation
 
 EVICTION: dict[type, int] = {
     LRU: K.EV_LRU, FIFO: K.EV_FIFO, Static: K.EV_STATIC, LeastStale: K.EV_STALE,

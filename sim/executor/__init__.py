@@ -6,7 +6,7 @@ host memory to GPU slots) and computes every layer for real with torch. torch is
 when a run starts, never by importing this package, so the simulator stays torch-free.
 """
 
-from sim.executor.model import ExpertLayout, scaled_card
-from sim.executor.run import BACKENDS, Executor, ExecutorOptions, execute
+from moesim.sim.executor.model import ExpertLayout, scaled_card
+from moesim.sim.executor.run import BACKENDS, Executor, ExecutorOptions, execute
 
 __all__ = ["BACKENDS", "Executor", "ExecutorOptions", "ExpertLayout", "execute", "scaled_card"]

@@ -27,10 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from sim.executor.model import ExpertLayout
-from sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
-from traces.model_card import ModelCard
+from moesim.sim.executor.model import ExpertLayout
+from moesim.sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
+from moesim.traces.model_card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -200,11 +199,11 @@ def measure_handoff(card: ModelCard, opts: CalibrationOptions, seed: int = 0,
     simulator's per-copy ``latency_s`` means (issue to arrival, beyond bytes / bandwidth); a
     read-only profile has no such term (on a loaded 2-core machine it was 40-140 us per copy
     inside runs, a tenth to a third of a 0.4 ms read)."""
-    from policies.base import ModelShape, PolicySetup
-    from policies.lru import LRU
-    from sim.executor.clock import WallClock
-    from sim.executor.copier import Copier
-    from sim.executor.slots import SlottedCache
+    from moesim.policies.base import ModelShape, PolicySetup
+    from moesim.policies.lru import LRU
+    from moesim.sim.executor.clock import WallClock
+    from moesim.sim.executor.copier import Copier
+    from moesim.sim.executor.slots import SlottedCache
 
     layout = ExpertLayout.of(card)
     work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
@@ -284,8 +283,7 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                opts: CalibrationOptions, name: str, log: Callable[[str], None]
                ) -> dict[str, Any]:
     import torch
-
-    from sim.executor.compute import TorchCompute
+    from moesim.sim.executor.compute import TorchCompute
 
     layout = ExpertLayout.of(card)
     work = Path(opts.work_dir) if opts.work_dir else default_work_dir()

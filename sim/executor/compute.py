@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from traces.model_card import ModelCard
+from moesim.traces.model_card import ModelCard
 
 
 class TorchCompute:
@@ -23,8 +23,7 @@ class TorchCompute:
     def __init__(self, card: ModelCard, num_layers: int, max_context: int, max_tokens: int,
                  dense_layers: int, seed: int, device: str = "cpu") -> None:
         import torch
-
-        from hw_profiles import cpu_ops
+        from moesim.hw_profiles import cpu_ops
 
         self.ops = cpu_ops
         self.torch = torch

@@ -23,8 +23,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from sim.cache import ABSENT, ExpertCache, SimulationError
-from sim.link import DEMAND, PREFETCH, PrefetchQueue
+from moesim.sim.cache import ABSENT, ExpertCache, SimulationError
+from moesim.sim.link import DEMAND, PREFETCH, PrefetchQueue
 
 LoadFn = Callable[[int, int, int], None]  # (key, slot, engine index) -> bytes are in the slot
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sim.cache import SimulationError
-from sim.executor.model import ExpertLayout
-from sim.executor.storage import expert_array
+from moesim.sim.cache import SimulationError
+from moesim.sim.executor.model import ExpertLayout
+from moesim.sim.executor.storage import expert_array
 
 
 class CudaBackend:

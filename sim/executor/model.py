@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hw_profiles.direct_io import BLOCK, round_up
-from traces.model_card import DTYPE_BYTES, ModelCard
+from moesim.hw_profiles.direct_io import BLOCK, round_up
+from moesim.traces.model_card import DTYPE_BYTES, ModelCard
 
 PAGE = BLOCK  # experts are page-aligned records in the file and the slot pool
 EXECUTOR_DTYPES = ("float32", "bfloat16")

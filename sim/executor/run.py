@@ -25,20 +25,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from policies.base import PolicySetup, PrefetchPolicy
-from policies.registry import PolicySpec, resolve
-from sim.cache import ABSENT, LOADING, RESIDENT, SimulationError
-from sim.engine import CacheOptions, RunOptions, Simulation
-from sim.executor.clock import WallClock
-from sim.executor.copier import Copier
-from sim.executor.model import ExpertLayout
-from sim.executor.slots import SlottedCache
-from sim.hardware import FixedCompute, FixedLink
-from sim.metrics import LATE, RunResult, build_result
-from sim.workload import Replay, Workload, build_workload
-from traces.model_card import ModelCard
-from traces.trace import Trace
+from moesim.policies.base import PolicySetup, PrefetchPolicy
+from moesim.policies.registry import PolicySpec, resolve
+from moesim.sim.cache import ABSENT, LOADING, RESIDENT, SimulationError
+from moesim.sim.engine import CacheOptions, RunOptions, Simulation
+from moesim.sim.executor.clock import WallClock
+from moesim.sim.executor.copier import Copier
+from moesim.sim.executor.model import ExpertLayout
+from moesim.sim.executor.slots import SlottedCache
+from moesim.sim.hardware import FixedCompute, FixedLink
+from moesim.sim.metrics import LATE, RunResult, build_result
+from moesim.sim.workload import Replay, Workload, build_workload
+from moesim.traces.model_card import ModelCard
+from moesim.traces.trace import Trace
 
 BACKENDS = ("storage", "cuda")
 
@@ -213,20 +212,19 @@ class Executor:
     def _make_backend(self) -> Any:
         cap = self.cache.pool.capacity
         if self.opts.backend == "storage":
-            from sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
+            from moesim.sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
 
             work = Path(self.opts.work_dir) if self.opts.work_dir else default_work_dir()
             path = ensure_weights(work, self.card.name, self.layout, self.opts.weights_seed)
             return StorageBackend(path, self.layout, cap, self.opts.direct_io)
-        from sim.executor.cuda import CudaBackend
+        from moesim.sim.executor.cuda import CudaBackend
 
         return CudaBackend(self.layout, cap, self.opts.copy_engines, self.opts.weights_seed)
 
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> RunResult:
         import torch
-
-        from sim.executor.compute import TorchCompute
+        from moesim.sim.executor.compute import TorchCompute
 
         w = self.workload
         pf = self.plan.prefetcher

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from policies.base import EvictionPolicy
-from sim.cache import ABSENT, ExpertCache, SimulationError
+from moesim.policies.base import EvictionPolicy
+from moesim.sim.cache import ABSENT, ExpertCache, SimulationError
 
 
 class SlotPool:

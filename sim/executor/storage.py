@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from sim.executor.model import PAGE, ExpertLayout
+from moesim.sim.executor.model import PAGE, ExpertLayout
 
 LOG = logging.getLogger("moesim.executor")
 WEIGHT_STD = 0.02
@@ -29,7 +28,7 @@ WEIGHT_STD = 0.02
 
 def default_work_dir() -> Path:
     """The executor's weight files: ``executor/`` in the user cache (traces.cache)."""
-    from traces.cache import cache_root
+    from moesim.traces.cache import cache_root
 
     return cache_root() / "executor"
 

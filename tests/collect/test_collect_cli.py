@@ -13,10 +13,11 @@ import pytest
 pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
+from moesim.traces.collect import CollectError, CollectSettings, collect  # noqa: E402
+from moesim.traces.collect.prompts import ByteTokenizer, load_prompts, load_tokenizer  # noqa: E402
+from moesim.traces.store import load_features, load_trace  # noqa: E402
+
 from tests.collect.archs import ARCHS  # noqa: E402
-from traces.collect import CollectError, CollectSettings, collect  # noqa: E402
-from traces.collect.prompts import ByteTokenizer, load_prompts, load_tokenizer  # noqa: E402
-from traces.store import load_features, load_trace  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -126,7 +127,7 @@ def test_prompt_formats(tmp_path: Path) -> None:
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "traces.collect.app", *args],
+        [sys.executable, "-m", "moesim.traces.collect.app", *args],
         cwd=cwd,
         capture_output=True,
         text=True,

@@ -11,11 +11,11 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("torch")
 
-from traces.collect import load_routers, routers_path
-from traces.collect.embedded import MODEL_DIR, PROMPTS_FILE, ensure_embedded_trace
-from traces.collect.prompts import load_prompts
-from traces.model_card import load_card
-from traces.store import load_features, load_trace
+from moesim.traces.collect import load_routers, routers_path
+from moesim.traces.collect.embedded import MODEL_DIR, PROMPTS_FILE, ensure_embedded_trace
+from moesim.traces.collect.prompts import load_prompts
+from moesim.traces.model_card import load_card
+from moesim.traces.store import load_features, load_trace
 
 if not (MODEL_DIR / "model.safetensors").is_file():
     pytest.skip("embedded model not trained yet", allow_module_level=True)

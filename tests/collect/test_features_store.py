@@ -6,9 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from traces.errors import TraceError
-from traces.store import (
+from moesim.traces.errors import TraceError
+from moesim.traces.store import (
     FeatureSpec,
     TraceWriter,
     atomic_path,
@@ -19,7 +18,7 @@ from traces.store import (
     validate_trace,
     write_trace,
 )
-from traces.trace import RequestRouting, TraceMeta
+from moesim.traces.trace import RequestRouting, TraceMeta
 
 META = TraceMeta(model="m", moe_layers=(1, 3), num_experts=4, top_k=2, partial=True)
 

@@ -7,10 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from moesim.traces.model_card import ModelCard, card_from_mapping
+from moesim.traces.trace import Trace
 
 from tests.helpers import random_trace
-from traces.model_card import ModelCard, card_from_mapping
-from traces.trace import Trace
 
 
 def small_card(layers: int = 4, experts: int = 8, top_k: int = 2) -> ModelCard:

@@ -6,9 +6,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
-from hw_profiles import profile_from_mapping
-from sim.executor.calibrate import (
+from moesim.hw_profiles import profile_from_mapping
+from moesim.sim.executor.calibrate import (
     CalibrationOptions,
     ReadTimes,
     calibrate,
@@ -16,6 +15,7 @@ from sim.executor.calibrate import (
     measure_reads,
     with_reads,
 )
+
 from tests.executor.conftest import small_card
 
 
@@ -61,7 +61,7 @@ def test_reads_and_handoff_are_measured(tmp_path: Path) -> None:
 
 
 def test_contention_factor_is_measured_and_scales_compute(mapping: dict) -> None:
-    from sim.executor.calibrate import under_io
+    from moesim.sim.executor.calibrate import under_io
 
     card = replace(small_card(), shared_intermediate_size=32, dense_intermediate_size=96)
     factors = mapping["machine"]["compute_under_io"]

@@ -10,14 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from moesim.policies.base import Knowledge, PolicyError, PrefetchPolicy
+from moesim.policies.lru import LRU
+from moesim.policies.registry import PolicySpec
+from moesim.sim import FixedCompute, FixedLink, simulate
+from moesim.sim.cache import SimulationError
+from moesim.sim.executor import ExecutorOptions, execute
+from moesim.sim.executor.clock import WallClock
 
-from policies.base import Knowledge, PolicyError, PrefetchPolicy
-from policies.lru import LRU
-from policies.registry import PolicySpec
-from sim import FixedCompute, FixedLink, simulate
-from sim.cache import SimulationError
-from sim.executor import ExecutorOptions, execute
-from sim.executor.clock import WallClock
 from tests.executor.conftest import card_trace, small_card
 
 

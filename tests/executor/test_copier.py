@@ -7,12 +7,11 @@ import time
 
 import numpy as np
 import pytest
-
-from policies.base import ModelShape, PolicySetup
-from policies.lru import LRU
-from sim.cache import LOADING, RESIDENT, ExpertCache, SimulationError
-from sim.executor.clock import WallClock
-from sim.executor.copier import DEMAND, PREFETCH, Copier
+from moesim.policies.base import ModelShape, PolicySetup
+from moesim.policies.lru import LRU
+from moesim.sim.cache import LOADING, RESIDENT, ExpertCache, SimulationError
+from moesim.sim.executor.clock import WallClock
+from moesim.sim.executor.copier import DEMAND, PREFETCH, Copier
 
 
 class GatedLoad:

@@ -9,10 +9,11 @@ import sys
 def test_simulator_and_executor_package_import_without_torch() -> None:
     code = (
         "import sys\n"
-        "import sim, sim.engine, sim.run, policies, policies.registry\n"
-        "policies.registry.discover()\n"
-        "import sim.executor, sim.executor.run, sim.executor.storage, sim.executor.cuda\n"
-        "import sim.executor.compute, sim.executor.copier, sim.executor.slots\n"
+        "import moesim.sim, moesim.sim.engine, moesim.sim.run, moesim.policies.registry\n"
+        "moesim.policies.registry.discover()\n"
+        "import moesim.sim.executor, moesim.sim.executor.run, moesim.sim.executor.storage\n"
+        "import moesim.sim.executor.cuda, moesim.sim.executor.compute\n"
+        "import moesim.sim.executor.copier, moesim.sim.executor.slots\n"
         "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
         "assert not bad, bad\n"
         "print('ok')\n"

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from policies.base import ModelShape, PolicySetup
-from policies.lru import LRU
-from sim.cache import ABSENT, SimulationError
-from sim.executor.clock import WallClock
-from sim.executor.slots import SlotPool, SlottedCache
+from moesim.policies.base import ModelShape, PolicySetup
+from moesim.policies.lru import LRU
+from moesim.sim.cache import ABSENT, SimulationError
+from moesim.sim.executor.clock import WallClock
+from moesim.sim.executor.slots import SlotPool, SlottedCache
 
 
 def test_pool_assigns_distinct_slots_and_reuses_freed_ones() -> None:

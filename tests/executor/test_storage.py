@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from moesim.sim.executor.model import PAGE, ExpertLayout, scaled_card
+from moesim.sim.executor.storage import StorageBackend, ensure_weights, expert_array
+from moesim.traces.model_card import load_card
 
-from sim.executor.model import PAGE, ExpertLayout, scaled_card
-from sim.executor.storage import StorageBackend, ensure_weights, expert_array
 from tests.executor.conftest import small_card
-from traces.model_card import load_card
 
 
 def _layout(dtype: str = "float32") -> ExpertLayout:
@@ -159,7 +159,7 @@ def test_a_file_system_refusing_o_direct_falls_back(work_dir: Path,
 def test_scaled_card_is_the_profilers(scale: float) -> None:
     """The profiler times ``hw_profiles.cpu_ops`` at its scaled shapes; the executor runs the
     same shapes, so a measured table applies to it."""
-    cpu_ops = pytest.importorskip("hw_profiles.cpu_ops")
+    cpu_ops = pytest.importorskip("moesim.hw_profiles.cpu_ops")
     full = load_card("deepseek_v2_lite")
     ours, theirs = scaled_card(full, scale, "float32"), cpu_ops.scaled_card(full, scale, "float32")
     for k in ("name", "hidden_size", "moe_intermediate_size", "shared_intermediate_size",

@@ -8,16 +8,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from moesim import hw_profiles
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.plot import main as plot_main
+from moesim.experiments.sim_app import run, write_outputs
+from moesim.policies.registry import policy_names
+from moesim.traces import write_trace
+from moesim.traces.model_card import list_cards
+from moesim.traces.predictions import PredictionWriter
 
-import hw_profiles
-from experiments.configs import CONF_DIR, register_configs
-from experiments.plot import main as plot_main
-from experiments.sim_app import run, write_outputs
-from policies.registry import policy_names
 from tests.helpers import random_trace
-from traces import write_trace
-from traces.model_card import list_cards
-from traces.predictions import PredictionWriter
 
 register_configs()
 TRACE_CONFIGS = sorted(p.stem for p in (CONF_DIR / "trace").glob("*.yaml"))
@@ -86,7 +86,7 @@ def test_every_model_card_composes(model):
 @pytest.mark.parametrize("mode", ["timed", "zero_latency"])
 @pytest.mark.parametrize("policy", policy_names())
 def test_every_policy_runs(policy, mode, tiny_trace, tmp_path):
-    from policies.registry import resolve
+    from moesim.policies.registry import resolve
 
     layout = resolve({"name": policy}).eviction.partition_required or "global"
     cfg = _cfg(["trace=file", f"trace.path={tiny_trace}", f"policy={policy}", f"mode={mode}",
@@ -136,7 +136,7 @@ def test_timeline_and_transfers_written(tiny_trace, tmp_path):
 
 
 def _cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "experiments.sim_app", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "moesim.experiments.sim_app", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300)
 
 

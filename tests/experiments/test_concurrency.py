@@ -12,10 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from moesim.experiments.paths import MAX_NAME, safe_dirname
+from moesim.traces import write_trace
 
-from experiments.paths import MAX_NAME, safe_dirname
 from tests.helpers import random_trace
-from traces import write_trace
 
 
 def _ds_trace(path: Path, requests: int, tokens: int, seed: int) -> Path:
@@ -34,7 +34,7 @@ def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from experiments.sim_app import main; main()", *args]
+    return [sys.executable, "-c", "from moesim.experiments.sim_app import main; main()", *args]
 
 
 def test_safe_dirname() -> None:

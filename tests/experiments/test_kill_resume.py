@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from moesim.traces import write_trace
 
 from tests.helpers import random_trace
-from traces import write_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 # The subprocesses import this checkout, whatever else is installed (or not) as ``moesim``.
@@ -65,13 +65,13 @@ def _start(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     """The app in its own process group (so the whole group can be killed), output to a file
     (a pipe nobody reads could fill up and stall it)."""
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "experiments.sim_app", *args], cwd=cwd,
-                                env=ENV, stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen([sys.executable, "-m", "moesim.experiments.sim_app", *args],
+                                cwd=cwd, env=ENV, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 
 def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "experiments.sim_app", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "moesim.experiments.sim_app", *args], cwd=cwd,
                           env=ENV, capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
@@ -196,7 +196,7 @@ def replace(src, dst, *args, **kwargs):
 
 os.replace = replace
 sys.argv = ["moesim-sim", *sys.argv[3:]]
-from experiments.sim_app import main
+from moesim.experiments.sim_app import main
 main()
 """
 

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-
-from experiments.configs import CONF_DIR, register_configs
-from experiments.plot import plot_auto
-from policies.prediction_prefetch import available
-from predictors.tables import parse_spec, predictor_config
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.plot import plot_auto
+from moesim.policies.prediction_prefetch import available
+from moesim.predictors.tables import parse_spec, predictor_config
 
 register_configs()
 ENTRIES = sorted(p.stem for p in (CONF_DIR / "predictor").glob("*.yaml"))
@@ -53,9 +52,9 @@ def test_experiment_sweeps_every_entry():
 
 
 def test_compute_scale_multiplies_every_compute_time():
-    from hw_profiles import load_profile
-    from hw_profiles.compute import ScaledCompute
-    from traces.model_card import load_card
+    from moesim.hw_profiles import load_profile
+    from moesim.hw_profiles.compute import ScaledCompute
+    from moesim.traces.model_card import load_card
 
     base = load_profile("v100_pcie").compute_model(load_card("deepseek_v2_lite"))
     scaled = ScaledCompute(base, 10.0)

@@ -9,10 +9,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from moesim.experiments.provenance import ROOT, git_commit
+from moesim.traces import write_trace
 
-from experiments.provenance import ROOT, git_commit
 from tests.helpers import random_trace
-from traces import write_trace
 
 
 def test_summary_row_carries_provenance(tmp_path: Path) -> None:
@@ -20,7 +20,7 @@ def test_summary_row_carries_provenance(tmp_path: Path) -> None:
     meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)))
     write_trace(tmp_path / "t.parquet", meta, tr.requests)
     proc = subprocess.run(
-        [sys.executable, "-c", "from experiments.sim_app import main; main()", "trace=file",
+        [sys.executable, "-c", "from moesim.experiments.sim_app import main; main()", "trace=file",
          f"trace.path={tmp_path / 't.parquet'}", "progress=false", f"hydra.run.dir={tmp_path}/r"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from experiments.readme_blocks import ROOT, update
+from moesim.experiments.readme_blocks import ROOT, update
 
 
 def test_readme_blocks_are_up_to_date() -> None:

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from experiments.configs import CONF_DIR, register_configs
-from experiments.schema import OPTIONS, check, check_warmup
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.schema import OPTIONS, check, check_warmup
 
 register_configs()
 
@@ -64,8 +63,9 @@ def test_warmup_must_leave_tokens_to_count() -> None:
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from experiments.sim_app import main; main()",
-                           *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+    code = "from moesim.experiments.sim_app import main; main()"
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
 
 
 def test_cli_reports_every_bad_value_and_writes_nothing(tmp_path: Path) -> None:

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.validate import policy_label, run_validation
+from moesim.traces import write_trace
 from omegaconf import OmegaConf
 
-from experiments.configs import CONF_DIR, register_configs
-from experiments.validate import policy_label, run_validation
 from tests.helpers import random_trace
-from traces import write_trace
 
 register_configs()
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
@@ -96,7 +96,7 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
 @pytest.mark.slow
 def test_cli_smoke_on_the_embedded_trace(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.validate", "experiment=validate_smoke",
+        [sys.executable, "-m", "moesim.experiments.validate", "experiment=validate_smoke",
          f"hydra.run.dir={tmp_path}", f"validate.work_dir={tmp_path / 'work'}"],
         capture_output=True, text=True, timeout=600, check=False,
     )
@@ -107,7 +107,7 @@ def test_cli_smoke_on_the_embedded_trace(tmp_path: Path) -> None:
 
 def test_cli_without_validate_settings_is_one_clear_error(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.validate"], cwd=tmp_path,
+        [sys.executable, "-m", "moesim.experiments.validate"], cwd=tmp_path,
         capture_output=True, text=True, timeout=120, check=False,
     )
     assert out.returncode == 2 and "experiment=validate" in out.stderr
@@ -116,7 +116,7 @@ def test_cli_without_validate_settings_is_one_clear_error(tmp_path: Path) -> Non
 
 def test_bad_validate_option_is_one_clear_line(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.validate", "experiment=validate_smoke",
+        [sys.executable, "-m", "moesim.experiments.validate", "experiment=validate_smoke",
          "validate.repeats=0", "validate.scale=-1"], cwd=tmp_path,
         capture_output=True, text=True, timeout=120, check=False,
     )

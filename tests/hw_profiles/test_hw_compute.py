@@ -5,16 +5,15 @@ from __future__ import annotations
 import copy
 
 import pytest
-
-from hw_profiles import (
+from moesim.hw_profiles import (
     ComputeModel,
     list_profiles,
     load_profile,
     profile_from_mapping,
     profile_path,
 )
-from hw_profiles.schema import load_yaml
-from traces.model_card import ModelCard, load_card
+from moesim.hw_profiles.schema import load_yaml
+from moesim.traces.model_card import ModelCard, load_card
 
 MS = 1e-3
 

@@ -7,8 +7,7 @@ from functools import cache
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from hw_profiles import LinkModel, list_profiles, load_profile
+from moesim.hw_profiles import LinkModel, list_profiles, load_profile
 
 
 def test_peak_only_link_is_latency_plus_size_over_peak() -> None:

@@ -6,9 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-from hw_profiles import load_profile
-from hw_profiles.measure import (
+from moesim.hw_profiles import load_profile
+from moesim.hw_profiles.measure import (
     EXIT_NO_CUDA,
     default_sizes,
     fit_latency,
@@ -16,7 +15,7 @@ from hw_profiles.measure import (
     measure_copy_engines,
     measure_curve,
 )
-from traces.model_card import ModelCard, load_card
+from moesim.traces.model_card import ModelCard, load_card
 
 
 class FakeBench:
@@ -180,7 +179,7 @@ def test_torch_op_timers_run_on_cpu() -> None:
 
     torch = pytest.importorskip("torch")
 
-    from hw_profiles.measure import CudaBench
+    from moesim.hw_profiles.measure import CudaBench
 
     def cpu_timer(fn: Callable[[], object], repeats: int) -> float:
         start = time.perf_counter()

@@ -5,9 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from hw_profiles import KINDS, HwProfile, list_profiles, load_profile, profile_from_mapping
-from traces.model_card import load_card
+from moesim.hw_profiles import KINDS, HwProfile, list_profiles, load_profile, profile_from_mapping
+from moesim.traces.model_card import load_card
 
 SHIPPED = {
     "v100_pcie", "v100_sxm2", "jetson_agx_orin", "jetson_orin_nano", "a100_sxm4", "a100_pcie",
@@ -88,8 +87,7 @@ def test_v100_curve_reproduces_the_bandwidthtest_points() -> None:
 def test_profiles_compose_as_the_hydra_group_hw() -> None:
     """Through the real app's config: ``hw=<name>`` plus overrides of nested fields."""
     from hydra import compose, initialize_config_dir
-
-    from experiments.configs import CONF_DIR, register_configs
+    from moesim.experiments.configs import CONF_DIR, register_configs
 
     register_configs()
     overrides = ["hw.host_link.copy_engines=2", "hw.host_link.host_memory=pageable"]

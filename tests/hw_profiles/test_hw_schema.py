@@ -9,9 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
-
-from hw_profiles import ProfileError, load_profile, profile_from_mapping, profile_path
-from hw_profiles.schema import load_yaml
+from moesim.hw_profiles import ProfileError, load_profile, profile_from_mapping, profile_path
+from moesim.hw_profiles.schema import load_yaml
 
 
 def _base() -> dict[str, Any]:

@@ -14,17 +14,22 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from hw_profiles import ProfileError, load_profile, profile_from_mapping
-from hw_profiles.direct_io import BLOCK, aligned_buffer, open_direct, round_up, write_random_file
-from hw_profiles.measure import main
-from hw_profiles.measure_storage import isotonic, monotone, read_sizes, recommend_engines
-from hw_profiles.schema import load_yaml
-from traces.model_card import ModelCard, load_card
+from moesim.hw_profiles import ProfileError, load_profile, profile_from_mapping
+from moesim.hw_profiles.direct_io import (
+    BLOCK,
+    aligned_buffer,
+    open_direct,
+    round_up,
+    write_random_file,
+)
+from moesim.hw_profiles.measure import main
+from moesim.hw_profiles.measure_storage import isotonic, monotone, read_sizes, recommend_engines
+from moesim.hw_profiles.schema import load_yaml
+from moesim.traces.model_card import ModelCard, load_card
 
 torch = pytest.importorskip("torch")
 
-from hw_profiles import cpu_ops  # noqa: E402  (needs torch)
+from moesim.hw_profiles import cpu_ops  # noqa: E402  (needs torch)
 
 TINY = ModelCard(name="tiny_storage", hf_id="", hidden_size=64, moe_intermediate_size=48,
                  num_experts=8, top_k=2, num_layers=3, moe_layers=(1, 2), num_shared_experts=1,
@@ -397,7 +402,7 @@ def test_range_checks_reject_bad_values(tmp_path: Path, where: tuple[str, ...], 
 
 
 def test_relative_fit_recovers_latency_despite_noisy_large_reads() -> None:
-    from hw_profiles.measure_storage import fit_latency_relative
+    from moesim.hw_profiles.measure_storage import fit_latency_relative
 
     sizes = read_sizes(4096, 256 * 2**20)
     clean = [(n, n / (80e-6 + n / 1.5e9)) for n in sizes]
@@ -409,7 +414,7 @@ def test_relative_fit_recovers_latency_despite_noisy_large_reads() -> None:
 
 
 def test_table_cites_moesim_profile(tmp_path: Path) -> None:
-    from hw_profiles.report import markdown_table
+    from moesim.hw_profiles.report import markdown_table
 
     row = markdown_table([_storage(tmp_path)]).splitlines()[-1]
     assert "`fake_vm`" in row and "(measured; moesim-profile)" in row and "fakedisk" in row

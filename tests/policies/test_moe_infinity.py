@@ -6,9 +6,8 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from policies.base import ModelShape, PolicyError, PolicySetup
-from policies.moe_infinity import (
+from moesim.policies.base import ModelShape, PolicyError, PolicySetup
+from moesim.policies.moe_infinity import (
     EAMC,
     MoEInfinity,
     MoEInfinityLFU,
@@ -16,10 +15,11 @@ from policies.moe_infinity import (
     ordered_keys,
     priority,
 )
-from policies.registry import default_config, resolve
-from sim import FixedCompute, FixedLink, simulate
+from moesim.policies.registry import default_config, resolve
+from moesim.sim import FixedCompute, FixedLink, simulate
+from moesim.traces.store import write_trace
+
 from tests.helpers import trace_from_lists
-from traces.store import write_trace
 
 # -- fixtures ----------------------------------------------------------------------------------
 

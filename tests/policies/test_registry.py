@@ -1,9 +1,8 @@
 """Resolving ``policy=<name>`` configs into classes and checked parameters."""
 
 import pytest
-
-from policies.base import PolicyError
-from policies.registry import default_config, policy_names, resolve
+from moesim.policies.base import PolicyError
+from moesim.policies.registry import default_config, policy_names, resolve
 
 
 @pytest.mark.parametrize("name", policy_names())
@@ -30,7 +29,7 @@ def test_swapping_the_partner_drops_its_untouched_defaults():
 
 
 def test_prediction_availability_rules():
-    from policies.prediction_prefetch import available
+    from moesim.policies.prediction_prefetch import available
 
     assert available("pre_attention:same_layer", "pre_attention", 0)
     assert not available("pre_attention:same_layer", "pre_attention", 1)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from moesim.predictors.baselines import fit_frequency, rank_frequency, rank_recency
+from moesim.predictors.data import PredictorError, load_data, split_requests, trace_rows
+from moesim.traces import write_trace
+from moesim.traces.trace import RequestRouting, Trace
 
-from predictors.baselines import fit_frequency, rank_frequency, rank_recency
-from predictors.data import PredictorError, load_data, split_requests, trace_rows
 from tests.helpers import random_trace
-from traces import write_trace
-from traces.trace import RequestRouting, Trace
 
 
 def test_split_is_by_request_seeded_and_covers_everything():
@@ -80,14 +80,14 @@ def test_load_data_errors(tmp_path):
     write_trace(path, tr.meta, tr.requests)
     d = load_data(path)
     assert len(d.rows) == 12 and d.features is None and len(d.fingerprint) == 24
-    from traces.errors import TraceError
+    from moesim.traces.errors import TraceError
 
     with pytest.raises(TraceError, match="no feature"):
         load_data(path, "pre_attn")
 
 
 def test_file_digest_is_remembered_but_follows_the_content(tmp_path):
-    from predictors.data import file_digest
+    from moesim.predictors.data import file_digest
 
     f = tmp_path / "t.bin"
     f.write_bytes(b"abc")

@@ -2,10 +2,11 @@
 
 from pathlib import Path
 
-from predictors.evaluate import main, score
+from moesim.predictors.evaluate import main, score
+from moesim.traces import write_trace
+from moesim.traces.predictions import PredictionWriter, content_digest, trace_identity
+
 from tests.helpers import random_trace
-from traces import write_trace
-from traces.predictions import PredictionWriter, content_digest, trace_identity
 
 
 def test_perfect_and_partial_tables(tmp_path: Path, capsys) -> None:

@@ -6,8 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from predictors.fate import (
+from moesim.predictors.fate import (
     AVAILABLE_AT,
     Accuracy,
     fate_predictions,
@@ -16,12 +15,12 @@ from predictors.fate import (
     next_gate_predict,
     run_fate,
 )
-from predictors.metrics import MetricSpec, evaluate
-from traces.collect.collector import load_routers, routers_path
-from traces.errors import TraceError
-from traces.predictions import load_predictions, read_predictions_meta
-from traces.store import FeatureSpec, TraceWriter, atomic_path, load_features, load_trace
-from traces.trace import RequestRouting, TraceMeta
+from moesim.predictors.metrics import MetricSpec, evaluate
+from moesim.traces.collect.collector import load_routers, routers_path
+from moesim.traces.errors import TraceError
+from moesim.traces.predictions import load_predictions, read_predictions_meta
+from moesim.traces.store import FeatureSpec, TraceWriter, atomic_path, load_features, load_trace
+from moesim.traces.trace import RequestRouting, TraceMeta
 
 E = 4
 LAYERS = (0, 1, 2)
@@ -137,7 +136,7 @@ def test_run_fate_on_hand_trace(tmp_path: Path) -> None:
 def embedded() -> Path:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from traces.collect.embedded import MODEL_DIR, ensure_embedded_trace
+    from moesim.traces.collect.embedded import MODEL_DIR, ensure_embedded_trace
 
     if not (MODEL_DIR / "model.safetensors").is_file():
         pytest.skip("embedded model not trained yet")

@@ -9,9 +9,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from policies.prediction_prefetch import available  # noqa: E402
-from predictors.data import PredictorError  # noqa: E402
-from predictors.moe_beyond import (  # noqa: E402
+from moesim.policies.prediction_prefetch import available  # noqa: E402
+from moesim.predictors.data import PredictorError  # noqa: E402
+from moesim.predictors.moe_beyond import (  # noqa: E402
     MoEBeyondConfig,
     MoEBeyondNet,
     available_at,
@@ -20,9 +20,9 @@ from predictors.moe_beyond import (  # noqa: E402
     text_vocab,
     windows,
 )
-from predictors.pipeline import RunConfig, run  # noqa: E402
-from traces.collect.embedded import ensure_embedded_trace  # noqa: E402
-from traces.predictions import read_predictions_meta  # noqa: E402
+from moesim.predictors.pipeline import RunConfig, run  # noqa: E402
+from moesim.traces.collect.embedded import ensure_embedded_trace  # noqa: E402
+from moesim.traces.predictions import read_predictions_meta  # noqa: E402
 
 TINY_MODEL = {"d_model": 16, "heads": 2, "layers": 1, "ff": 32, "head_hidden": 16,
               "layer_embed": 8, "text_embed": 8}
@@ -102,7 +102,7 @@ def test_tags_and_what_prediction_prefetch_accepts():
 
 
 def test_prediction_batches_respect_the_attention_budget():
-    from predictors.moe_beyond import _budget_batches
+    from moesim.predictors.moe_beyond import _budget_batches
 
     groups = _budget_batches([10, 3, 30, 4, 10], budget=250)
     assert sorted(i for g in groups for i in g) == [0, 1, 2, 3, 4]
@@ -168,8 +168,9 @@ def test_router_in_unmasked_learns_the_router(small_trace, tmp_path):
 
 
 def test_text_vector_needs_token_texts(tmp_path):
+    from moesim.traces import write_trace
+
     from tests.helpers import random_trace
-    from traces import write_trace
 
     tr = random_trace(num_requests=4, tokens=3, layers=2, experts=8, top_k=2, seed=0)
     path = tmp_path / "t.parquet"

@@ -7,17 +7,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from predictors.data import PredictorError  # noqa: E402
-from predictors.pipeline import RunConfig, run  # noqa: E402
-from predictors.pre_attention import (  # noqa: E402
+from moesim.predictors.data import PredictorError  # noqa: E402
+from moesim.predictors.pipeline import RunConfig, run  # noqa: E402
+from moesim.predictors.pre_attention import (  # noqa: E402
     PreAttentionConfig,
     band_sizes,
     rank_matrix,
     ranking_loss,
 )
-from traces.collect.embedded import ensure_embedded_trace  # noqa: E402
-from traces.predictions import load_predictions, read_predictions_meta  # noqa: E402
-from traces.store import load_trace  # noqa: E402
+from moesim.traces.collect.embedded import ensure_embedded_trace  # noqa: E402
+from moesim.traces.predictions import load_predictions, read_predictions_meta  # noqa: E402
+from moesim.traces.store import load_trace  # noqa: E402
 
 TINY_MODEL = {"hidden": 32}
 TINY_TRAIN = {"epochs": 2, "batch_size": 128}

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from experiments.configs import CONF_DIR, register_configs
-from experiments.sim_app import run as sim_run
-from predictors.pipeline import RunConfig, run
-from traces.collect.embedded import ensure_embedded_trace
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.sim_app import run as sim_run
+from moesim.predictors.pipeline import RunConfig, run
+from moesim.traces.collect.embedded import ensure_embedded_trace
 
 
 def _sim(trace, overrides):

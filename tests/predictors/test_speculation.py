@@ -8,18 +8,18 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from predictors.data import PredictorError  # noqa: E402
-from predictors.pipeline import RunConfig, run  # noqa: E402
-from predictors.speculation import (  # noqa: E402
+from moesim.predictors.data import PredictorError  # noqa: E402
+from moesim.predictors.pipeline import RunConfig, run  # noqa: E402
+from moesim.predictors.speculation import (  # noqa: E402
     SpeculationConfig,
     SpeculationNet,
     available_at,
     build_inputs,
     context_rows,
 )
-from traces.collect.embedded import ensure_embedded_trace  # noqa: E402
-from traces.predictions import load_predictions, read_predictions_meta  # noqa: E402
-from traces.store import load_trace  # noqa: E402
+from moesim.traces.collect.embedded import ensure_embedded_trace  # noqa: E402
+from moesim.traces.predictions import load_predictions, read_predictions_meta  # noqa: E402
+from moesim.traces.store import load_trace  # noqa: E402
 
 TINY_MODEL = {"d_model": 16, "heads": 2, "ff": 32}
 TINY_TRAIN = {"epochs": 2, "batch_size": 256}

@@ -10,16 +10,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from traces.errors import TraceError
-from traces.predictions import (
+from moesim.traces.errors import TraceError
+from moesim.traces.predictions import (
     PRED_META_KEY,
     PredictionWriter,
     load_predictions,
     read_predictions_meta,
     trace_identity,
 )
-from traces.trace import TraceMeta
+from moesim.traces.trace import TraceMeta
 
 META = TraceMeta("tiny", (1, 2, 3), num_experts=8, top_k=2)
 
@@ -117,8 +116,8 @@ def test_layers_outside_the_trace_are_refused(tmp_path: Path) -> None:
 
 
 def test_the_digest_writers_record_is_the_one_runs_compare(tmp_path: Path) -> None:
-    from predictors.data import file_digest
-    from traces.predictions import content_digest
+    from moesim.predictors.data import file_digest
+    from moesim.traces.predictions import content_digest
 
     path = _write(tmp_path / "p.parquet", {0: _table(np.random.default_rng(5))})
     assert content_digest(path) == file_digest(path)

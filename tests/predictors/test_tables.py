@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
-
-from experiments.configs import CONF_DIR, register_configs
-from experiments.sim_app import run
-from predictors.data import PredictorError
-from predictors.tables import (
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.sim_app import run
+from moesim.predictors.data import PredictorError
+from moesim.predictors.tables import (
     held_out_requests,
     parse_spec,
     predictor_config,
     predictor_names,
     table_for,
 )
-from traces.collect.embedded import ensure_embedded_trace
-from traces.predictions import read_predictions_meta
-from traces.store import load_trace
+from moesim.traces.collect.embedded import ensure_embedded_trace
+from moesim.traces.predictions import read_predictions_meta
+from moesim.traces.store import load_trace
 
 register_configs()
 
@@ -93,8 +92,8 @@ def test_unknown_predictor_is_a_user_error(small_trace, cache):
 
 
 def test_auto_replays_the_test_requests_a_table_file_names(small_trace, tmp_path, cache):
-    from predictors.pipeline import RunConfig
-    from predictors.pipeline import run as train_run
+    from moesim.predictors.pipeline import RunConfig
+    from moesim.predictors.pipeline import run as train_run
 
     table = tmp_path / "recency.parquet"
     out = train_run(RunConfig(trace=small_trace, method="recency", feature="", predictions=table,

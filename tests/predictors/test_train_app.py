@@ -10,9 +10,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
-
-from predictors.train_app import CONF_DIR, run_config
-from traces.predictions import read_predictions_meta
+from moesim.predictors.train_app import CONF_DIR, run_config
+from moesim.traces.predictions import read_predictions_meta
 
 PREDICTORS = sorted(p.stem for p in (CONF_DIR / "predictor").glob("*.yaml"))
 
@@ -28,7 +27,7 @@ def test_every_predictor_config_composes(name, tmp_path):
     trace.write_bytes(b"")
     cfg = _cfg([f"predictor={name}", f"trace.path={trace}"])
     rc = run_config(cfg, tmp_path)
-    from predictors.pipeline import METHODS
+    from moesim.predictors.pipeline import METHODS
 
     assert rc.method in METHODS
     assert rc.predictions == tmp_path / "predictions.parquet"
@@ -38,7 +37,7 @@ def test_every_predictor_config_composes(name, tmp_path):
 
 def _app(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "predictors.train_app", *args],
+        [sys.executable, "-m", "moesim.predictors.train_app", *args],
         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[2],
     )
 
@@ -59,7 +58,7 @@ def test_app_writes_metrics_and_predictions(tmp_path):
 
 
 def test_app_baseline_and_bad_input(tmp_path):
-    from traces.collect.embedded import ensure_embedded_trace
+    from moesim.traces.collect.embedded import ensure_embedded_trace
 
     trace = ensure_embedded_trace(limit=8)  # a plain path: the app then needs no torch import
     res = _app("predictor=recency", f"trace.path={trace}",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from sim.metrics import RunResult
+from moesim.sim.metrics import RunResult
 
 
 def check_parts(res: RunResult) -> None:

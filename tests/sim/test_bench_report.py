@@ -6,7 +6,7 @@ import json
 import math
 import re
 
-from experiments.bench.report_sim import JSON, ROOT, render
+from moesim.experiments.bench.report_sim import JSON, ROOT, render
 
 
 def test_readme_block_is_generated_from_the_results() -> None:
@@ -17,7 +17,7 @@ def test_readme_block_is_generated_from_the_results() -> None:
     assert found is not None, "README has no bench_sim block"
     assert found.group(1) == render(res) + "\n", (
         "README's benchmark block differs from experiments/bench/results/bench_sim.json: run "
-        "python -m experiments.readme_blocks"
+        "python -m moesim.experiments.readme_blocks"
     )
 
 

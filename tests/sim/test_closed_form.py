@@ -3,8 +3,8 @@
 import math
 
 import pytest
+from moesim.sim import FixedCompute, FixedLink, simulate
 
-from sim import FixedCompute, FixedLink, simulate
 from tests.helpers import trace_from_lists
 
 D = 1e-3  # one expert's transfer
@@ -111,8 +111,8 @@ def test_zero_latency_reports_no_time() -> None:
 
 def test_policy_callback_runs_at_its_simulated_time() -> None:
     """``ctx.after`` models a predictor with latency: the prefetch starts `delay` later."""
-    from policies.base import PrefetchPolicy
-    from policies.registry import resolve
+    from moesim.policies.base import PrefetchPolicy
+    from moesim.policies.registry import resolve
 
     delay = 3e-4
 

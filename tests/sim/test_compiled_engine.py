@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moesim.policies.base import EvictionPolicy, NoPrefetch
+from moesim.policies.lru import LRU
+from moesim.policies.registry import PolicySpec
+from moesim.sim import FixedCompute, FixedLink, SimulationError, build_workload, simulate
+from moesim.sim.metrics import RunResult
 
-from policies.base import EvictionPolicy, NoPrefetch
-from policies.lru import LRU
-from policies.registry import PolicySpec
-from sim import FixedCompute, FixedLink, SimulationError, build_workload, simulate
-from sim.metrics import RunResult
 from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
 

@@ -8,9 +8,8 @@ Cancelled prefetches leave the queue before they start.
 import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from sim.cache import LOADING
-from sim.link import HostLink
+from moesim.sim.cache import LOADING
+from moesim.sim.link import HostLink
 
 
 class _Cache:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from experiments.provenance import provenance
-from sim import FixedCompute, FixedLink, simulate
+from moesim.experiments.provenance import provenance
+from moesim.sim import FixedCompute, FixedLink, simulate
+
 from tests.helpers import random_trace
 
 README = Path(__file__).resolve().parents[2] / "README.md"

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moesim.policies.registry import discover
+from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
+from moesim.sim.predictions import PredictionView
+from moesim.sim.workload import build_workload
+from moesim.traces.predictions import PredictionTable
 
-from policies.registry import discover
-from sim import FixedCompute, FixedLink, SimulationError, simulate
-from sim.predictions import PredictionView
-from sim.workload import build_workload
 from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
-from traces.predictions import PredictionTable
 
 discover()
 PREDICTION_POLICIES = ("moe_beyond_replay", "prediction_prefetch")

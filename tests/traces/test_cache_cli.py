@@ -8,9 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-
-from traces.cache import entries
-from traces.cli import main
+from moesim.traces.cache import entries
+from moesim.traces.cli import main
 
 
 def _fill(root: Path) -> None:
@@ -75,7 +74,7 @@ def test_clear_never_touches_what_is_not_moesims(tmp_path: Path,
 
 def test_clear_skips_an_entry_being_written(tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
-    from traces.cache import entry_lock
+    from moesim.traces.cache import entry_lock
 
     (tmp_path / "traces").mkdir()
     busy = tmp_path / "traces" / "t.parquet"

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from moesim.traces import RequestRouting, TraceMeta, write_trace
+from moesim.traces.cli import main
+from moesim.traces.stats import MAX_DISTANCE, collect, tables
 
 from tests.traces.fixtures import write_moe_beyond, write_qwen_folder
-from traces import RequestRouting, TraceMeta, write_trace
-from traces.cli import main
-from traces.stats import MAX_DISTANCE, collect, tables
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

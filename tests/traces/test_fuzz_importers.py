@@ -14,10 +14,10 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from moesim.traces import TraceError, import_trace
+from moesim.traces.store import validate_trace
 
 from tests.traces.fixtures import write_moe_beyond, write_qwen_folder, write_spec_decode
-from traces import TraceError, import_trace
-from traces.store import validate_trace
 
 SETTINGS = settings(max_examples=60, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

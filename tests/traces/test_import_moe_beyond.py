@@ -8,10 +8,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from moesim.traces import (
+    PREFILL,
+    TraceError,
+    import_trace,
+    load_predictions,
+    load_trace,
+    read_header,
+)
+from moesim.traces.predictions import PRED_META_KEY, PRED_SCHEMA, read_predictions_meta
 
 from tests.traces.fixtures import DS_HEADER, DS_LAYERS, id_list, write_moe_beyond
-from traces import PREFILL, TraceError, import_trace, load_predictions, load_trace, read_header
-from traces.predictions import PRED_META_KEY, PRED_SCHEMA, read_predictions_meta
 
 FMT = "moe-beyond-csv"
 

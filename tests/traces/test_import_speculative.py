@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from moesim.traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 
 from tests.traces.fixtures import write_spec_decode, write_spec_raw
-from traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 
 FMT = "speculative-moe-jsonl"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from moesim.traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 
 from tests.traces.fixtures import (
     QWEN_DUMMY_PASSES,
@@ -16,7 +17,6 @@ from tests.traces.fixtures import (
     write_qwen_folder,
     write_vllm_log,
 )
-from traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 
 FMT = "vllm-routes-jsonl"
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
-from traces import list_cards, load_card
-from traces.model_card import MODELS_DIR
+from moesim.traces import list_cards, load_card
+from moesim.traces.model_card import MODELS_DIR
 
 # bytes per routed expert, section 2 of ../shared/notes/hw-and-models.md (bf16)
 EXPERT_BYTES = {

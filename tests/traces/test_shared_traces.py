@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from moesim.traces import import_trace, load_predictions, load_trace, validate_trace
 
 from tests.traces.fixtures import require_shared
-from traces import import_trace, load_predictions, load_trace, validate_trace
 
 pytestmark = pytest.mark.shared
 

@@ -11,8 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
-
-from traces import (
+from moesim.traces import (
     META_KEY,
     RequestRouting,
     TraceError,
@@ -25,7 +24,7 @@ from traces import (
     validate_trace,
     write_trace,
 )
-from traces.schema import SCHEMA
+from moesim.traces.schema import SCHEMA
 
 META = TraceMeta(
     model="synthetic",

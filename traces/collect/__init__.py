@@ -6,14 +6,14 @@ model trained here and committed under ``traces/collect/assets``. transformers a
 imported lazily, so importing this package needs neither.
 """
 
-from traces.collect.collector import (
+from moesim.traces.collect.collector import (
     CollectResult,
     CollectSettings,
     collect,
     load_routers,
     routers_path,
 )
-from traces.collect.errors import CollectError
+from moesim.traces.collect.errors import CollectError
 
 __all__ = [
     "CollectError",

@@ -11,12 +11,11 @@ import sys
 from pathlib import Path
 
 import hydra
+from moesim.traces.collect.collector import CollectSettings, collect
+from moesim.traces.collect.errors import CollectError
+from moesim.traces.errors import TraceError
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
-
-from traces.collect.collector import CollectSettings, collect
-from traces.collect.errors import CollectError
-from traces.errors import TraceError
 
 CONF_DIR = Path(__file__).parent / "conf"
 USER_ERRORS = (CollectError, TraceError, MissingMandatoryValue, OmegaConfBaseException, OSError)
@@ -24,7 +23,7 @@ USER_ERRORS = (CollectError, TraceError, MissingMandatoryValue, OmegaConfBaseExc
 
 def settings_from_cfg(cfg: DictConfig) -> CollectSettings:
     """Map the Hydra config onto :class:`CollectSettings` (resolves ``embedded`` shortcuts)."""
-    from traces.collect.embedded import MODEL_DIR, PROMPTS_FILE
+    from moesim.traces.collect.embedded import MODEL_DIR, PROMPTS_FILE
 
     path = str(cfg.model.path)
     tokenizer = str(cfg.model.tokenizer)

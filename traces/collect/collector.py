@@ -27,12 +27,11 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
-
-from traces.collect.errors import CollectError
-from traces.collect.prompts import Prompt, Tokenizer, load_prompts, load_tokenizer
-from traces.errors import TraceError
-from traces.store import FeatureSpec, TraceSummary, TraceWriter, atomic_path
-from traces.trace import DECODE, PREFILL, RequestRouting, TraceMeta
+from moesim.traces.collect.errors import CollectError
+from moesim.traces.collect.prompts import Prompt, Tokenizer, load_prompts, load_tokenizer
+from moesim.traces.errors import TraceError
+from moesim.traces.store import FeatureSpec, TraceSummary, TraceWriter, atomic_path
+from moesim.traces.trace import DECODE, PREFILL, RequestRouting, TraceMeta
 
 PART_VERSION = 1
 TOP_K_KEYS = ("num_experts_per_tok", "num_selected_experts", "moe_topk", "experts_per_token")
@@ -209,7 +208,7 @@ class _Runner:
     """Owns the model, its hooks and the greedy loop."""
 
     def __init__(self, model: Any, tokenizer: Tokenizer, settings: CollectSettings) -> None:
-        from traces.collect.hooks import HookSet, find_layout
+        from moesim.traces.collect.hooks import HookSet, find_layout
 
         self.model = model
         self.tok = tokenizer
@@ -382,8 +381,7 @@ def _digest(obj: Any) -> str:
 def _model_fingerprint(model: Any) -> str:
     """Cheap identity of the weights: config plus a checksum of every router matrix."""
     import torch
-
-    from traces.collect.hooks import find_layout
+    from moesim.traces.collect.hooks import find_layout
 
     sums = []
     with torch.no_grad():

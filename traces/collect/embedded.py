@@ -12,9 +12,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from traces.cache import cache_root as user_cache_root
-from traces.cache import entry_lock
-from traces.collect.collector import CollectSettings, collect, routers_path
+from moesim.traces.cache import cache_root as user_cache_root
+from moesim.traces.cache import entry_lock
+from moesim.traces.collect.collector import CollectSettings, collect, routers_path
 
 ASSETS = Path(__file__).parent / "assets"
 MODEL_DIR = ASSETS / "moesim_tiny_moe"

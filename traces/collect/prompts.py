@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from traces.collect.errors import CollectError
+from moesim.traces.collect.errors import CollectError
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ regenerate offline. No hub weights are reachable, so a small OLMoE-style model i
 scratch on byte-level Python standard-library source (present on every Python install) and its
 fp16 weights are committed (~15 MB). Usage::
 
-    python -m traces.collect.train_embedded --minutes 20 --seed 0
+    python -m moesim.traces.collect.train_embedded --minutes 20 --seed 0
 
 ``--minutes`` is turned into a fixed step count after timing a few warm-up steps (the LR
 schedule needs the total); the step count actually used is written to ``train_info.json``, and
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "threads": args.threads,
         "reproduce": (
-            f"python -m traces.collect.train_embedded --steps {step} --seed {args.seed} "
+            f"python -m moesim.traces.collect.train_embedded --steps {step} --seed {args.seed} "
             f"--threads {args.threads} --batch {args.batch} --seq {args.seq} --lr {args.lr}"
         ),
         "shape": asdict(shape),

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from traces.errors import TraceError
-from traces.trace import TraceMeta
+from moesim.traces.errors import TraceError
+from moesim.traces.trace import TraceMeta
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, **opts: Any) -> Imp
 
 
 # Importing the modules fills the registry.
-from traces.importers import (  # noqa: E402
+from moesim.traces.importers import (  # noqa: E402
     moe_beyond_csv,  # noqa: F401
     speculative_moe_jsonl,  # noqa: F401
     vllm_routes_jsonl,  # noqa: F401

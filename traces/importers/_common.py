@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from traces.errors import TraceError
-from traces.model_card import ModelCard, ModelCardError, load_card
-from traces.trace import TraceMeta
+from moesim.traces.errors import TraceError
+from moesim.traces.model_card import ModelCard, ModelCardError, load_card
+from moesim.traces.trace import TraceMeta
 
 
 def card_or_error(name: str) -> ModelCard:

@@ -34,19 +34,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
-
-from traces.errors import TraceError
-from traces.importers import ImportResult, register
-from traces.importers._common import card_or_error, check_id_rows, check_widths, meta_from_card
-from traces.importers.provenance import provenance
-from traces.predictions import (
+from moesim.traces.errors import TraceError
+from moesim.traces.importers import ImportResult, register
+from moesim.traces.importers._common import (
+    card_or_error,
+    check_id_rows,
+    check_widths,
+    meta_from_card,
+)
+from moesim.traces.importers.provenance import provenance
+from moesim.traces.predictions import (
     SAME_LAYER,
     PredictionWriter,
     content_digest,
     trace_identity,
 )
-from traces.store import _write_to, atomic_path
-from traces.trace import PREFILL, RequestRouting
+from moesim.traces.store import _write_to, atomic_path
+from moesim.traces.trace import PREFILL, RequestRouting
 
 FORMAT = "moe-beyond-csv"
 _NAME = re.compile(r"^prompt_(\d+)_data(|_formatted|_predicted)\.csv$")

@@ -28,10 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from traces.errors import TraceError
-from traces.importers import ImportResult, register
-from traces.importers._common import (
+from moesim.traces.errors import TraceError
+from moesim.traces.importers import ImportResult, register
+from moesim.traces.importers._common import (
     card_or_error,
     check_id_rows,
     get_ids_and_weights,
@@ -40,9 +39,9 @@ from traces.importers._common import (
     meta_from_card,
     to_matrix,
 )
-from traces.importers.provenance import provenance
-from traces.store import write_trace
-from traces.trace import DECODE, PREFILL, RequestRouting
+from moesim.traces.importers.provenance import provenance
+from moesim.traces.store import write_trace
+from moesim.traces.trace import DECODE, PREFILL, RequestRouting
 
 FORMAT = "speculative-moe-jsonl"
 

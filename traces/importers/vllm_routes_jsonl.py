@@ -38,10 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from traces.errors import TraceError
-from traces.importers import ImportResult, register
-from traces.importers._common import (
+from moesim.traces.errors import TraceError
+from moesim.traces.importers import ImportResult, register
+from moesim.traces.importers._common import (
     card_or_error,
     check_id_rows,
     get_ids_and_weights,
@@ -50,10 +49,10 @@ from traces.importers._common import (
     meta_from_card,
     to_matrix,
 )
-from traces.importers.provenance import provenance
-from traces.model_card import ModelCard, list_cards, load_card
-from traces.store import write_trace
-from traces.trace import DECODE, PREFILL, RequestRouting
+from moesim.traces.importers.provenance import provenance
+from moesim.traces.model_card import ModelCard, list_cards, load_card
+from moesim.traces.store import write_trace
+from moesim.traces.trace import DECODE, PREFILL, RequestRouting
 
 FORMAT = "vllm-routes-jsonl"
 PROMPT_SEPARATOR = "\n\n---\n\n"

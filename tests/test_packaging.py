@@ -1,0 +1,68 @@
+"""The repository's folders install as one package, ``moesim``, and nothing else.
+
+The layout is fixed (the folders stay at the top level), so pyproject.toml maps each folder to a
+subpackage by hand; these tests catch a folder added without its mapping and a module that still
+imports a bare top-level name (which would load a second copy of that module in a checkout and
+fail outright in an installed copy).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pytest depends on tomli below 3.11
+    import tomli as tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("sim", "traces", "policies", "predictors", "hw_profiles", "experiments")
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def _tracked() -> list[str]:
+    out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+def test_every_folder_with_code_or_data_is_a_listed_package() -> None:
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    wanted = {"moesim"}
+    for f in _tracked():
+        parts = Path(f).parts
+        if parts[0] not in FOLDERS or f.startswith("experiments/moesim/"):
+            continue
+        if Path(f).suffix in (".py", ".yaml") or "assets" in parts:
+            wanted.add("moesim." + ".".join(parts[:-1]))
+    assert listed == wanted, (sorted(wanted - listed), sorted(listed - wanted))
+
+
+def test_package_dirs_map_each_folder() -> None:
+    dirs = _pyproject()["tool"]["setuptools"]["package-dir"]
+    assert dirs == {"moesim": "experiments/moesim", **{f"moesim.{f}": f for f in FOLDERS}}
+
+
+def test_no_module_imports_a_bare_top_level_name() -> None:
+    bare = re.compile(rf"^\s*(from|import)\s+({'|'.join(FOLDERS)})(\.|\s|$)", re.M)
+    offenders = [f for f in _tracked() if f.endswith(".py") and bare.search((ROOT / f).read_text())]
+    assert not offenders
+
+
+def test_import_moesim_loads_no_top_level_folder_module(tmp_path: Path) -> None:
+    code = (
+        "import sys, moesim, moesim.experiments.sim_app, moesim.policies.registry as r\n"
+        "r.discover()\n"
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {FOLDERS!r}]\n"
+        "assert not bad, bad\n"
+        "print(moesim.__version__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=False, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() and out.stdout.strip() != "0+unknown"
