@@ -6,6 +6,7 @@ shared/notes/hw-and-models.md). See README_section.md for the schema and the shi
 """
 
 from .compute import ComputeModel, MeasuredTable
+from .host_cpu import HostCpuModel, HostCpuSpec
 from .link import LinkModel
 from .profile import (
     HwProfile,
@@ -19,6 +20,8 @@ from .schema import KINDS, ProfileError, Quantity
 __all__ = [
     "KINDS",
     "ComputeModel",
+    "HostCpuModel",
+    "HostCpuSpec",
     "HwProfile",
     "LinkModel",
     "MeasuredTable",

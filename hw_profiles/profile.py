@@ -17,6 +17,7 @@ from typing import Any
 from moesim.traces.model_card import ModelCard
 
 from .compute import ComputeModel, MeasuredTable, parse_measured_table
+from .host_cpu import HostCpuModel, HostCpuSpec, parse_host_cpu
 from .link import LinkModel
 from .schema import (
     Ctx,
@@ -37,7 +38,7 @@ PROFILES_DIR = Path(__file__).parent
 HOST_MEMORY = ("pinned", "pageable")
 TOP_KEYS = frozenset(
     {"name", "device", "description", "unified_memory", "gpu", "host_link", "storage", "compute",
-     "machine", "contention"}
+     "machine", "contention", "host_cpu"}
 )
 
 
@@ -175,6 +176,7 @@ class HwProfile:
     machine: Mapping[str, Any] = field(default_factory=dict, compare=False)
     path: Path | None = field(default=None, compare=False)
     contention: ContentionSpec | None = None
+    host_cpu: HostCpuSpec | None = None  # the host CPU that can run a missed expert (host_cpu.py)
 
     @property
     def gpu_memory_bytes(self) -> int | None:
@@ -244,6 +246,12 @@ class HwProfile:
             profile=self.name,
             skipped=skipped,
         )
+
+    def host_cpu_model(self, card: ModelCard) -> HostCpuModel:
+        """Per-expert times of ``card`` on the host CPU (``host_cpu.HostCpuSpec.model``)."""
+        if self.host_cpu is None:
+            raise ProfileError(f"{self.name}: profile has no host_cpu section")
+        return self.host_cpu.model(card)
 
     def quantities(self) -> Iterator[Quantity]:
         """Every number in the profile (for provenance listings and tests)."""
@@ -405,6 +413,7 @@ def _parse(data: Any, name: str, where: str, allow_bare: bool, path: Path | None
         )
     machine = as_mapping(ctx.sub("machine"), data.get("machine")) or {}
     contention_raw = as_mapping(ctx.sub("contention"), data.get("contention"))
+    host_cpu_raw = as_mapping(ctx.sub("host_cpu"), data.get("host_cpu"))
     return HwProfile(
         name=declared,
         device=as_str(ctx.sub("device"), data.get("device"), required=True),
@@ -418,6 +427,8 @@ def _parse(data: Any, name: str, where: str, allow_bare: bool, path: Path | None
         path=path,
         contention=(_contention(ctx.sub("contention"), contention_raw)
                     if contention_raw is not None else None),
+        host_cpu=(parse_host_cpu(ctx.sub("host_cpu"), host_cpu_raw, declared)
+                  if host_cpu_raw is not None else None),
     )
 
 
@@ -462,6 +473,8 @@ __all__ = [
     "ComputeSpec",
     "ContentionSpec",
     "GpuSpec",
+    "HostCpuModel",
+    "HostCpuSpec",
     "HostLinkSpec",
     "HwProfile",
     "LinkSpec",

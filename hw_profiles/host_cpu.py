@@ -1,0 +1,251 @@
+"""The host CPU as a place to run a missed expert: profile section ``host_cpu`` and its time model.
+
+Why: a missed expert need not be copied to the GPU. Fiddler (arXiv 2402.07033) computes it on the
+CPU where its weights already are and ships only the activations; llama.cpp (``--n-cpu-moe``,
+``-ot exps=CPU``) and kTransformers keep routed experts on the CPU for good. Whether that beats a
+copy depends on how fast the host runs one expert FFN, which this module models the way
+``compute.py`` models the GPU:
+
+* a roofline over the host's *effective* memory bandwidth and FLOP/s (measured if the profile has
+  them, else spec x efficiency), because a decode-size expert FFN on a CPU reads every weight
+  once for a few tokens and is memory-bound (Fiddler's own analysis), turning compute-bound only
+  at large token counts;
+* plus a fixed per-expert overhead (thread-pool wake-up, kernel dispatch) that no roofline sees;
+* optionally a measured per-expert table for one model card (``measured.<card>.expert_s``,
+  ``[[tokens, s], ...]``) that replaces the roofline where it applies: inside the measured token
+  range it is interpolated, beyond it the roofline's growth is added, and only for a card of
+  exactly the measured shape and dtype (``measured_at``, as ``compute.MeasuredTable``).
+
+``parallel`` is how many expert executions the host runs at once. The shipped profiles assume 1,
+as Fiddler does: one expert at a time with every core (its CPU kernel parallelises inside the
+matmuls), and so does llama.cpp's thread pool. With ``parallel`` k each execution gets 1/k of the
+bandwidth and FLOP/s, so k experts take as long as k one after the other would; a simulator
+models the queue.
+
+Low precision (HOBBIT-style int8/int4 copies computed on the CPU): ``expert_time(tokens, bits)``
+scales the weight bytes by ``bits / (card dtype bits)``. The arithmetic is unchanged (weights are
+dequantised to the compute type), so a compute-bound expert gains nothing. With a measured
+table (taken at the card's dtype) the part above the fixed overhead is scaled by the roofline's
+ratio ``roofline(bits) / roofline(card dtype)`` at that token count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from moesim.traces.model_card import ModelCard
+
+from .compute import MeasuredTable, _anchored, parse_measured_table
+from .schema import Ctx, Quantity, as_mapping, as_str, quantity, reject_unknown
+
+HOST_CPU_KEYS = frozenset({
+    "cpu", "cores", "parallel", "memory_bandwidth_Bps", "memory_bandwidth_measured_Bps",
+    "memory_efficiency", "flops", "flops_measured", "flops_efficiency", "per_expert_overhead_s",
+    "measured", "notes",
+})
+TABLE_KEYS = frozenset({"expert_s", "notes", "measured_at"})
+
+
+@dataclass(frozen=True)
+class HostCpuSpec:
+    """The ``host_cpu`` section of a profile, validated; ``model(card)`` gives the times.
+
+    ``memory_bandwidth_Bps`` is the DRAM bandwidth of every socket together (channels x
+    transfer rate x 8 B); ``flops`` the peak at the precision the CPU computes expert matmuls
+    in. Their efficiencies say how much of that one expert FFN gets, NUMA included.
+    """
+
+    cpu: str
+    cores: Quantity
+    parallel: Quantity
+    memory_bandwidth_Bps: Quantity
+    memory_bandwidth_measured_Bps: Quantity
+    memory_efficiency: Quantity
+    flops: Quantity
+    flops_measured: Quantity
+    flops_efficiency: Quantity
+    per_expert_overhead_s: Quantity
+    measured: Mapping[str, MeasuredTable] = field(default_factory=dict, compare=False)
+    notes: str = ""
+    profile: str = field(default="", compare=False)
+
+    @property
+    def effective_memory_bandwidth_Bps(self) -> float:
+        """Measured if given (a streaming read), else spec x memory_efficiency."""
+        if self.memory_bandwidth_measured_Bps.known:
+            return float(self.memory_bandwidth_measured_Bps.value) * float(
+                self.memory_efficiency.value)
+        return float(self.memory_bandwidth_Bps.value) * float(self.memory_efficiency.value)
+
+    @property
+    def effective_flops(self) -> float:
+        if self.flops_measured.known:
+            return float(self.flops_measured.value) * float(self.flops_efficiency.value)
+        return float(self.flops.value) * float(self.flops_efficiency.value)
+
+    def model(self, card: ModelCard) -> HostCpuModel:
+        """Per-expert CPU times for ``card``; its measured table only if taken at its shape."""
+        table = self.measured.get(card.name)
+        skipped = table.mismatch(card) if table is not None else ""
+        used = None if skipped else table
+        return HostCpuModel(
+            card=card,
+            memory_bandwidth_Bps=self.effective_memory_bandwidth_Bps,
+            flops=self.effective_flops,
+            overhead_s=float(self.per_expert_overhead_s.value),
+            parallel=int(self.parallel.value),
+            measured=used,
+            source=self._source(card, used, skipped),
+            skipped=skipped,
+        )
+
+    def _source(self, card: ModelCard, table: MeasuredTable | None, skipped: str) -> str:
+        def kind(*qs: Quantity) -> str:
+            return "/".join(sorted({str(q.kind) for q in qs if q.known}))
+
+        bw = (self.memory_bandwidth_measured_Bps if self.memory_bandwidth_measured_Bps.known
+              else self.memory_bandwidth_Bps)
+        fl = self.flops_measured if self.flops_measured.known else self.flops
+        where = f"{self.profile} host_cpu" if self.profile else "host_cpu"
+        text = (f"{where} ({self.cpu}, parallel {int(self.parallel.value)}): roofline "
+                f"{self.effective_memory_bandwidth_Bps / 1e9:.3g} GB/s "
+                f"({kind(bw, self.memory_efficiency)}), "
+                f"{self.effective_flops / 1e12:.3g} TFLOP/s ({kind(fl, self.flops_efficiency)}) "
+                f"+ {float(self.per_expert_overhead_s.value) * 1e6:.3g} us per expert "
+                f"({kind(self.per_expert_overhead_s)})")
+        if table is not None:
+            text += f"; {card.name} measured table ({table.expert_s.kind}) inside its range"
+        elif skipped:
+            text += f"; {card.name} table not used: {skipped}"
+        return text
+
+
+@dataclass(frozen=True)
+class HostCpuModel:
+    """Seconds for one routed expert FFN of ``card`` on the host CPU. Tokens <= 0 cost nothing.
+
+    ``memory_bandwidth_Bps`` and ``flops`` are the whole CPU's effective figures; each of the
+    ``parallel`` concurrent executions gets 1/parallel of them.
+    """
+
+    card: ModelCard
+    memory_bandwidth_Bps: float
+    flops: float
+    overhead_s: float
+    parallel: int = 1
+    measured: MeasuredTable | None = None
+    source: str = ""
+    skipped: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.memory_bandwidth_Bps > 0 and self.flops > 0):
+            raise ValueError("HostCpuModel needs positive memory bandwidth and FLOP/s")
+        if self.overhead_s < 0 or self.parallel < 1:
+            raise ValueError("HostCpuModel needs overhead_s >= 0 and parallel >= 1")
+
+    @property
+    def card_bits(self) -> float:
+        return self.card.dtype_bytes * 8
+
+    def weight_bytes(self, bits: int | None = None) -> float:
+        """Bytes of one expert's weights at ``bits`` per weight (None: the card's dtype)."""
+        return self.card.expert_params * self._bits(bits) / 8
+
+    def activation_bytes(self, tokens: int) -> int:
+        """Bytes of ``tokens`` hidden vectors in the card's dtype: what crosses the link each
+        way when an expert runs on the host (weights stay put)."""
+        return int(max(tokens, 0) * self.card.hidden_size * self.card.dtype_bytes)
+
+    def _bits(self, bits: int | None) -> float:
+        if bits is None:
+            return self.card_bits
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits <= 0:
+            raise ValueError(f"bits must be a positive whole number or None, got {bits!r}")
+        return float(bits)
+
+    def roofline(self, tokens: float, bits: int | None = None) -> float:
+        """max(bytes / bandwidth, flops / FLOP/s) of one execution, without the overhead."""
+        if tokens <= 0:
+            return 0.0
+        share = 1.0 / self.parallel
+        nbytes = self.weight_bytes(bits)
+        work = 2.0 * tokens * self.card.expert_params
+        return max(nbytes / (self.memory_bandwidth_Bps * share), work / (self.flops * share))
+
+    def expert_time(self, tokens: int, bits: int | None = None) -> float:
+        """One routed expert's FFN over ``tokens`` tokens on the host, weights at ``bits``."""
+        if tokens <= 0:
+            return 0.0
+        low = self.roofline(tokens, bits)
+        pts = self.measured.expert_s.value if self.measured is not None else None
+        if pts is None:
+            return self.overhead_s + low
+        full = _anchored(pts, tokens, lambda x: self.overhead_s + self.roofline(x))
+        if bits is None or bits == self.card_bits:
+            return full
+        return self.overhead_s + max(0.0, full - self.overhead_s) * low / self.roofline(tokens)
+
+    def calibration(self) -> str:
+        """Where the times come from (the one-line ``source``)."""
+        return self.source
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _table(ctx: Ctx, card: str, raw: Any) -> MeasuredTable:
+    data = as_mapping(ctx, raw, required=True)
+    assert data is not None
+    reject_unknown(ctx, data, TABLE_KEYS)
+    if data.get("expert_s") is None:
+        raise ctx.sub("expert_s").error("is required ([[tokens, seconds], ...])")
+    table = parse_measured_table(ctx, card, data)
+    if not table.expert_s.known:
+        raise ctx.sub("expert_s").error("needs a value ([[tokens, seconds], ...])")
+    return table
+
+
+def parse_host_cpu(ctx: Ctx, data: Mapping[str, Any], profile: str = "") -> HostCpuSpec:
+    """Validate a ``host_cpu`` mapping; every error names the file and the dotted field."""
+    reject_unknown(ctx, data, HOST_CPU_KEYS)
+    q = {
+        "cores": quantity(ctx.sub("cores"), data.get("cores"), "count", required=True),
+        "parallel": quantity(ctx.sub("parallel"), data.get("parallel"), "count", required=True),
+        "memory_bandwidth_Bps": quantity(ctx.sub("memory_bandwidth_Bps"),
+                                         data.get("memory_bandwidth_Bps"), "Bps"),
+        "memory_bandwidth_measured_Bps": quantity(ctx.sub("memory_bandwidth_measured_Bps"),
+                                                  data.get("memory_bandwidth_measured_Bps"),
+                                                  "Bps"),
+        "memory_efficiency": quantity(ctx.sub("memory_efficiency"),
+                                      data.get("memory_efficiency"), "ratio", required=True),
+        "flops": quantity(ctx.sub("flops"), data.get("flops"), "flops"),
+        "flops_measured": quantity(ctx.sub("flops_measured"), data.get("flops_measured"),
+                                   "flops"),
+        "flops_efficiency": quantity(ctx.sub("flops_efficiency"), data.get("flops_efficiency"),
+                                     "ratio", required=True),
+        "per_expert_overhead_s": quantity(ctx.sub("per_expert_overhead_s"),
+                                          data.get("per_expert_overhead_s"), "s",
+                                          required=True, positive=False),
+    }
+    if not (q["memory_bandwidth_Bps"].known or q["memory_bandwidth_measured_Bps"].known):
+        raise ctx.sub("memory_bandwidth_Bps").error(
+            "a spec or a measured host memory bandwidth is required (memory_bandwidth_Bps or "
+            "memory_bandwidth_measured_Bps)")
+    if not (q["flops"].known or q["flops_measured"].known):
+        raise ctx.sub("flops").error(
+            "a spec or a measured host FLOP/s is required (flops or flops_measured)")
+    if q["parallel"].value > q["cores"].value:
+        raise ctx.sub("parallel").sub("value").error(
+            f"cannot exceed cores ({q['cores'].value})", q["parallel"].value)
+    measured_raw = as_mapping(ctx.sub("measured"), data.get("measured")) or {}
+    measured = {str(card): _table(ctx.sub("measured").sub(str(card)), str(card), table)
+                for card, table in measured_raw.items()}
+    return HostCpuSpec(cpu=as_str(ctx.sub("cpu"), data.get("cpu"), required=True),
+                       measured=measured, notes=as_str(ctx.sub("notes"), data.get("notes")),
+                       profile=profile, **q)
+
+
+__all__ = ["HostCpuModel", "HostCpuSpec", "parse_host_cpu"]
