@@ -263,3 +263,73 @@ class PointPrefetch(PrefetchPolicy):
     def on_demand_issued(self, ctx: PrefetchContext, layer: int, keys: Sequence[int]) -> None:
         if self.point == "demand_issued":
             self.issue(ctx, layer)
+
+
+# -- placement: what happens to a routed expert that is not resident ------------------------
+FETCH, CPU, LOW_PRECISION, SKIP = 0, 1, 2, 3  # PlacementPolicy.decide answers
+ACTIONS = ("fetch", "cpu", "low_precision", "skip")
+
+
+class PlacementContext(Protocol):
+    """What a placement policy can ask when it decides (implemented by the simulator).
+
+    Costs are seconds from now (``clock.now``, routing of the layer just known) until the
+    expert's output exists on the GPU, queue-aware: behind the host link's booked copies and
+    the host CPU's booked expert executions of this layer. Zero-latency runs have no costs."""
+
+    clock: SimClock
+    shape: ModelShape
+    timed: bool
+
+    def fetch_cost(self, tokens: int, bits: int | None = None) -> float:
+        """Copy the expert (``bits`` per weight; None: the model's dtype) as a demand copy,
+        then compute it on the GPU for ``tokens`` tokens."""
+        ...
+
+    def cpu_cost(self, tokens: int) -> float:
+        """Copy the tokens' activations host-ward, compute the expert on the host CPU, copy
+        the outputs back."""
+        ...
+
+
+class PlacementPolicy:
+    """Decides, for every routed expert that is not resident when its layer routes, whether it
+    is fetched (full precision, cached: the default), computed on the host CPU (nothing copied
+    but activations), fetched in low precision (fewer bytes, not cached), or skipped.
+
+    ``decide`` gets the expert's key, its normalised gate weight (the largest over the step's
+    tokens that chose it; NaN unless ``needs_gate_weights``) and how many tokens it serves.
+    ``cpu_layers`` lists MoE layers whose routed experts always run on the CPU and never take a
+    cache slot (their prefetches are ignored). Resident experts and transfers already started
+    are always used as they are.
+    """
+
+    name: ClassVar[str] = ""
+    params: ClassVar[dict[str, Any]] = {}
+    needs_gate_weights: ClassVar[bool] = False  # refuses traces without router weights
+    uses_cpu: ClassVar[bool] = False  # needs a host CPU model in timed mode
+    timed_only: ClassVar[bool] = False  # decides from costs, which zero-latency runs lack
+    approximates: ClassVar[bool] = False  # may skip or reduce precision (gate mass < 1)
+
+    def __init__(self, setup: PolicySetup) -> None:
+        self.setup = setup
+
+    def decide(self, ctx: PlacementContext, key: int, weight: float, tokens: int) -> int:
+        raise NotImplementedError
+
+    def cpu_layers(self) -> list[int]:
+        """MoE layers computed on the CPU whatever the cache holds (default none)."""
+        return []
+
+    def low_precision_bits(self) -> int:
+        """Bits per weight of a low-precision copy (placements that answer LOW_PRECISION)."""
+        raise NotImplementedError
+
+
+class FetchOnMiss(PlacementPolicy):
+    """Fetch every missed expert at full precision and cache it (the simulator's default)."""
+
+    name = "fetch"
+
+    def decide(self, ctx: PlacementContext, key: int, weight: float, tokens: int) -> int:
+        return FETCH

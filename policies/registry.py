@@ -14,13 +14,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from moesim.policies.base import EvictionPolicy, Knowledge, NoPrefetch, PolicyError, PrefetchPolicy
+from moesim.policies.base import (
+    EvictionPolicy,
+    FetchOnMiss,
+    Knowledge,
+    NoPrefetch,
+    PlacementPolicy,
+    PolicyError,
+    PrefetchPolicy,
+)
 
 EVICTION: dict[str, type[EvictionPolicy]] = {}
 PREFETCH: dict[str, type[PrefetchPolicy]] = {"none": NoPrefetch}
+# The third axis, ``placement=<name>``: what happens to a routed expert that is not resident.
+PLACEMENT: dict[str, type[PlacementPolicy]] = {"fetch": FetchOnMiss}
 
 E = TypeVar("E", bound=type[EvictionPolicy])
 P = TypeVar("P", bound=type[PrefetchPolicy])
+L = TypeVar("L", bound=type[PlacementPolicy])
 
 _RESERVED = {"name", "eviction", "prefetch"}
 
@@ -36,6 +47,14 @@ def register_prefetch(cls: P) -> P:
     """Class decorator: make a prefetch policy available under ``cls.name``."""
     _check_new(cls.name)
     PREFETCH[cls.name] = cls
+    return cls
+
+
+def register_placement(cls: L) -> L:
+    """Class decorator: make a placement policy available under ``placement=<cls.name>``."""
+    if not cls.name or cls.name in PLACEMENT:
+        raise PolicyError(f"placement name {cls.name!r} is empty or already registered")
+    PLACEMENT[cls.name] = cls
     return cls
 
 
@@ -158,3 +177,49 @@ def _same_kind(default: Any, value: Any) -> bool:
     if isinstance(default, str):
         return isinstance(value, str)
     return True
+
+
+@dataclass(frozen=True)
+class PlacementSpec:
+    """A resolved placement: its class and checked parameters."""
+
+    name: str
+    cls: type[PlacementPolicy]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_default(self) -> bool:
+        """Plain fetching: the runs every engine replays alike."""
+        return self.cls is FetchOnMiss
+
+
+def placement_names() -> list[str]:
+    discover()
+    return sorted(PLACEMENT)
+
+
+def resolve_placement(name: str | None = None,
+                      params: Mapping[str, Any] | None = None) -> PlacementSpec:
+    """``placement=<name>`` plus its parameters; a parameter given (not None) that the
+    placement does not take is an error, so a threshold never silently does nothing."""
+    discover()
+    name = "fetch" if name is None else str(name)
+    if name not in PLACEMENT:
+        raise PolicyError(
+            f"placement {name!r} is not registered; known: {', '.join(placement_names())}")
+    cls = PLACEMENT[name]
+    defaults = params_of(cls)
+    given = {k: v for k, v in (params or {}).items() if v is not None}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        takes = ", ".join(sorted(defaults)) or "no parameters"
+        raise PolicyError(f"placement {name!r} does not take {unknown} (it takes: {takes}); "
+                          "leave the others null")
+    out = dict(defaults)
+    for key, value in given.items():
+        default = defaults[key]
+        if default is not None and not _same_kind(default, value):
+            raise PolicyError(f"placement {name!r}: parameter {key}={value!r} should be like "
+                              f"{default!r}")
+        out[key] = value
+    return PlacementSpec(name, cls, out)

@@ -2,7 +2,14 @@
 
 from moesim.sim.cache import SimulationError
 from moesim.sim.engine import CacheOptions, RunOptions, Simulation
-from moesim.sim.hardware import ComputeTimes, FixedCompute, FixedLink, TransferModel
+from moesim.sim.hardware import (
+    ComputeTimes,
+    FixedCompute,
+    FixedHostCpu,
+    FixedLink,
+    HostSide,
+    TransferModel,
+)
 from moesim.sim.metrics import RunResult
 from moesim.sim.run import capacity_slots, dense_layers_before, simulate
 from moesim.sim.workload import Workload, build_workload
@@ -11,7 +18,9 @@ __all__ = [
     "CacheOptions",
     "ComputeTimes",
     "FixedCompute",
+    "FixedHostCpu",
     "FixedLink",
+    "HostSide",
     "RunOptions",
     "RunResult",
     "Simulation",

@@ -7,6 +7,21 @@ One MoE layer ``l`` of a step, as every policy sees it::
                                    land before accesses)          (prefetch behind demand)
     -> experts compute as they arrive (resident first, then in arrival order) -> layer end
 
+A *placement* policy (``placement=<name>``, ``policies.base.PlacementPolicy``) decides what
+happens to a routed expert that is not resident when its layer routes: fetched on demand and
+cached (``fetch``, the default and the only choice before placements existed: those runs are
+unchanged), computed on the host CPU, fetched in low precision (not cached), or skipped. A
+CPU-executed expert costs, in timed mode: the layer's hidden states copied host-ward once per
+layer (``tokens x activation_bytes``; device-to-host runs in the other direction of the
+full-duplex link, where nothing else is copied in this model, so it does not queue), the
+expert on one of the host CPU's ``parallel`` lanes (``HostCpuTimes.expert_time``; a lane runs
+one expert at a time, in the layer's access order), and its output copied back over the host
+link (``n_tokens x activation_bytes``, demand priority, booked at routing behind the layer's
+expert copies, starting when the CPU finishes). The CPU runs beside the GPU's compute and the
+link's copies; the layer ends when both the GPU's experts and every CPU expert's output are
+done. A low-precision copy is a demand copy of ``expert_bytes * bits / dtype_bits`` bytes that
+the GPU computes when it lands (same compute time) and then drops.
+
 Timed mode runs the GPU as a SimPy process (durations from the hardware profile; policies may
 schedule their own SimPy callbacks with ``ctx.after``). Zero-latency mode runs the same code with
 no time: every load completes at once, which is MoE-Beyond's evaluation protocol.
@@ -20,8 +35,18 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import simpy
-from moesim.policies.base import EvictionPolicy, Knowledge, ModelShape, PolicySetup, PrefetchPolicy
-from moesim.policies.registry import PolicySpec
+from moesim.policies.base import (
+    CPU,
+    FETCH,
+    LOW_PRECISION,
+    SKIP,
+    EvictionPolicy,
+    Knowledge,
+    ModelShape,
+    PolicySetup,
+    PrefetchPolicy,
+)
+from moesim.policies.registry import PlacementSpec, PolicySpec, resolve_placement
 from moesim.sim import compiled
 from moesim.sim.cache import (
     ABSENT,
@@ -31,8 +56,9 @@ from moesim.sim.cache import (
     ExpertCache,
     SimulationError,
 )
-from moesim.sim.hardware import ComputeTimes, TransferModel
-from moesim.sim.link import HostLink
+from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
+from moesim.sim.link import ACTIVATION, HostLink
+from moesim.sim.link import LOW_PRECISION as LOW_COPY
 from moesim.sim.metrics import HIT, LATE, MISS, PROMOTED, Counters, RunResult, build_result
 from moesim.sim.predictions import PredictionView
 from moesim.sim.workload import Workload, WorkloadFuture
@@ -111,6 +137,35 @@ class _Context:
         return self._sim.workload.requests_of(self.clock.step)
 
 
+class _PlaceContext:
+    """The ``PlacementContext`` handed to placement policies: queue-aware costs."""
+
+    def __init__(self, sim: Simulation) -> None:
+        self._sim = sim
+        self.clock = sim.clock
+        self.shape = sim.shape
+        self.timed = sim.timed
+
+    def fetch_cost(self, tokens: int, bits: int | None = None) -> float:
+        sim = self._sim
+        if not self.timed:
+            return 0.0
+        nbytes = sim.shape.expert_bytes
+        if bits is not None:
+            nbytes = int(nbytes * bits / sim.host.dtype_bits)
+        return (sim.link.backlog() + sim.link_model.transfer_time(nbytes)
+                + sim.compute.expert_time(tokens))
+
+    def cpu_cost(self, tokens: int) -> float:
+        sim = self._sim
+        if not self.timed:
+            return 0.0
+        now = self.clock.now
+        start = max(sim._d2h_at(), min(sim._cpu_free))
+        return (start - now + sim.host.cpu.expert_time(tokens)
+                + sim.link_model.transfer_time(tokens * sim.host.activation_bytes))
+
+
 def _overrides(obj: object, base: type, name: str) -> bool:
     return getattr(type(obj), name) is not getattr(base, name)
 
@@ -132,6 +187,8 @@ class Simulation:
         labels: dict[str, Any] | None = None,
         dense_before: Sequence[int] | None = None,
         predictions: Mapping[int, np.ndarray] | None = None,
+        placement: PlacementSpec | None = None,
+        host: HostSide | None = None,
     ) -> None:
         self.workload = workload
         self.shape: ModelShape = workload.shape
@@ -170,6 +227,7 @@ class Simulation:
         self._peers: dict[str, Any] = {}  # shared by all policy instances of this run
         self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
         self._check_capacity()
+        self._init_placement(placement, host)
         self.cache = self._new_cache()
         self.prefetcher: PrefetchPolicy = spec.prefetch(self._setup(spec.prefetch_params, None))
         self.link: HostLink | None = None
@@ -177,6 +235,48 @@ class Simulation:
         self.timeline: list[tuple[str, str, float, float]] = []
 
     # -- construction ---------------------------------------------------------------------
+    def _init_placement(self, spec: PlacementSpec | None, host: HostSide | None) -> None:
+        """The placement policy and its state; plain ``fetch`` leaves every path as before
+        (no random draws, no extra work per access)."""
+        self.placement_spec = spec = spec or resolve_placement("fetch")
+        self.host = host or HostSide()
+        cls, name = spec.cls, spec.name
+        if cls.needs_gate_weights and self.workload.gate_mass is None:
+            raise SimulationError(
+                f"placement {name!r} needs router weights (gate scores): the workload has none "
+                "(a trace without a scores column, or built without gate_weights)")
+        if cls.timed_only and not self.timed:
+            raise SimulationError(f"placement {name!r} decides from copy and CPU times; it "
+                                  "needs mode=timed")
+        if cls.uses_cpu and self.timed and self.host.cpu is None:
+            raise SimulationError(f"placement {name!r} computes experts on the host CPU, but "
+                                  f"{self.host.why_no_cpu}")
+        # Its own generator: the run's stream (random prefill, policies) stays as it was.
+        setup = PolicySetup(
+            shape=self.shape, capacity=self.copts.capacity, clock=self.clock,
+            rng=np.random.default_rng([self.ropts.seed, 17]), params=dict(spec.params))
+        self.placement = cls(setup)
+        self._place = not spec.is_default
+        self._track_gate = cls.approximates  # gate mass is all full precision otherwise
+        self._never: bytearray | None = None  # keys that never take a cache slot
+        cpu_layers = self.placement.cpu_layers()
+        if cpu_layers:
+            num_e = self.shape.num_experts
+            self._never = bytearray(self.shape.num_keys)
+            for j in cpu_layers:
+                self._never[j * num_e:(j + 1) * num_e] = b"\x01" * num_e
+        self.pctx = _PlaceContext(self)
+        parallel = int(self.host.cpu.parallel) if self.host.cpu is not None else 1
+        if parallel < 1:
+            raise SimulationError(f"host CPU parallel must be >= 1, got {parallel}")
+        self._cpu_free = [0.0] * parallel
+        self._d2h_done: float | None = None  # this layer's activations on the host
+        self._elsewhere: dict[int, tuple[int, float]] = {}  # access index -> (action, ready)
+        self._cpu_returns: list[tuple[float, int, int]] = []  # (CPU end, access index, tokens)
+        self._gate_rows: tuple[np.ndarray, np.ndarray] | None = None
+        self._row_counts: list[int] | None = None
+        self._step_tokens = 1
+
     def _partitions(self) -> tuple[list[list[int]], list[int], list[int]]:
         num_l, cap = self.shape.num_layers, self.copts.capacity
         required = self.spec.eviction.partition_required
@@ -250,9 +350,11 @@ class Simulation:
             for p in range(len(self._caps))
         ]
         cache = self.cache_type(self.shape.num_experts, self._part_of_layer, self._caps, evictors)
+        never = self._never
         for ev in evictors:
             for key in ev.initial_contents():
-                cache.install(key)
+                if never is None or not never[key]:
+                    cache.install(key)
         if self.copts.prefill == "random":
             self._random_fill(cache)
         elif self.copts.prefill != "empty":
@@ -267,13 +369,17 @@ class Simulation:
             for key in self.rng.permutation(keys).tolist():
                 if cache.used[p] >= cache.capacities[p]:
                     break
-                cache.install(key)
+                if self._never is None or not self._never[key]:
+                    cache.install(key)
 
     # -- actions policies take ------------------------------------------------------------
     def prefetch(self, keys: Iterable[int], priority: float | None) -> int:
         cache, c = self.cache, self.c
         state = cache.state
         n = 0
+        if self._never is not None:  # the placement computes these on the CPU, never caches
+            never = self._never
+            keys = [k for k in keys if not never[k]]
         if self.link is None:  # zero latency: the load is complete at once
             # Residency is judged for the whole request first, as the timed link does when
             # the keys are queued, so both modes evict alike.
@@ -362,6 +468,9 @@ class Simulation:
         tl_steps = self.ropts.timeline_steps
         width = w.keys.shape[2]
         one_expert = comp.expert_time(1) if timed else 0.0
+        place = self._place
+        gate = (w.gate_mass, w.gate_max) if place and w.gate_mass is not None else None
+        step_times = self.c.step_times = [] if timed else None
         pf.on_start(ctx)
         self.started = True
         progress = _progress(w.num_steps, self.ropts.progress)
@@ -414,7 +523,11 @@ class Simulation:
                     pf.on_routed(ctx, j, keys)
                     if link is not None:
                         link.advance(clock.now)
+                if place:
+                    self._layer_start(s, j, counts, gate, counting)
                 kinds = self._access(keys, j, counting)
+                if place and self._cpu_returns and timed:
+                    self._book_cpu_returns()
                 clock.position = base + width - 1
                 if hook_issued:
                     pf.on_demand_issued(ctx, j, keys)
@@ -428,6 +541,10 @@ class Simulation:
                         end, st_miss, st_late, spans = _schedule(
                             t, keys, kinds, None if counts is None else counts[j], link, comp,
                             exp_cost, shared_t[s], s < tl_steps,
+                        ) if not (place and self._elsewhere) else _schedule_placed(
+                            t, keys, kinds, None if counts is None else counts[j], link, comp,
+                            exp_cost, shared_t[s], s < tl_steps, self._elsewhere, c,
+                            j if counting else -1,
                         )
                         if spans:
                             self.timeline.extend(
@@ -450,6 +567,8 @@ class Simulation:
             pf.on_step_end(ctx)
             for ev in cache.evictors:
                 ev.on_step_end()
+            if step_times is not None:
+                step_times.append(clock.now - step_start)
             if counting:
                 c.steps += 1
                 c.out_tokens += int(w.out_tokens[s])
@@ -472,7 +591,8 @@ class Simulation:
         lc = c.layer_counts
         kinds = [] if link is not None else None
         clock = self.clock
-        pos = clock.position
+        pos = pos0 = clock.position
+        place = self._place
         for key in keys:
             clock.position = pos
             pos += 1
@@ -488,6 +608,12 @@ class Simulation:
                     if counting:
                         c.prefetch_served += 1
             else:
+                if place and self._place_miss(key, pos - 1 - pos0, counting) != FETCH:
+                    if counting:  # not resident: a miss, served without a full-precision copy
+                        lc[MISS][layer] += 1
+                    if kinds is not None:
+                        kinds.append(MISS)
+                    continue
                 promoted = key in queued and link.withdraw(key)
                 kind = PROMOTED if promoted else MISS
                 if not cache.reserve(key, False):
@@ -507,6 +633,80 @@ class Simulation:
                 kinds.append(kind)
         return kinds
 
+    # -- placement ------------------------------------------------------------------------
+    def _layer_start(self, s: int, j: int, counts: list[list[int]] | None,
+                     gate: tuple[np.ndarray, np.ndarray] | None, counting: bool) -> None:
+        """Per-layer state the placement decisions read (routing of ``j`` just known)."""
+        self._elsewhere = {}
+        self._cpu_returns = []
+        self._d2h_done = None
+        self._step_tokens = int(self.workload.tokens[s])
+        self._row_counts = None if counts is None else counts[j]
+        self._gate_rows = None if gate is None else (gate[0][s, j], gate[1][s, j])
+        if counting and self._track_gate and gate is not None:
+            self.c.gate_total += float(gate[0][s, j].sum())
+
+    def _d2h_at(self) -> float:
+        """When this layer's hidden states are (or would be) on the host."""
+        if self._d2h_done is None:
+            return self.clock.now + self.link_model.transfer_time(
+                self._step_tokens * self.host.activation_bytes)
+        return self._d2h_done
+
+    def _place_miss(self, key: int, i: int, counting: bool) -> int:
+        """Ask the placement about the ``i``-th access of the layer (not resident); serve it
+        unless the answer is FETCH (then the caller fetches it as ever)."""
+        rows = self._gate_rows
+        weight = float(rows[1][i]) if rows is not None else float("nan")
+        n = 1 if self._row_counts is None else int(self._row_counts[i])
+        act = self.placement.decide(self.pctx, key, weight, n)
+        if act == FETCH:
+            return FETCH
+        c, timed = self.c, self.timed
+        mass = float(rows[0][i]) if rows is not None else 0.0
+        if act == CPU:
+            if counting:
+                c.cpu_execs += 1
+            end = 0.0
+            if timed:
+                d2h = self._d2h_done = self._d2h_at()
+                lanes = self._cpu_free
+                lane = lanes.index(min(lanes))
+                start = max(lanes[lane], d2h)
+                dur = self.host.cpu.expert_time(n)
+                end = lanes[lane] = start + dur
+                c.cpu_busy += dur
+                self._cpu_returns.append((end, i, n))
+                if self.clock.step < self.ropts.timeline_steps:
+                    self.timeline.append(("cpu", f"L{self.clock.layer} cpu e{key}", start, end))
+            self._elsewhere[i] = (CPU, end)
+        elif act == LOW_PRECISION:
+            bits = self.placement.low_precision_bits()
+            nbytes = int(self.shape.expert_bytes * bits / self.host.dtype_bits)
+            if counting:
+                c.low_fetches += 1
+                c.low_bytes += nbytes
+                c.gate_low += mass
+            ready = 0.0
+            if timed:
+                ready = self.link.submit_copy(self.link_model.transfer_time(nbytes), LOW_COPY)
+            self._elsewhere[i] = (LOW_PRECISION, ready)
+        elif act == SKIP:
+            if counting:
+                c.skipped += 1
+                c.gate_skip += mass
+            self._elsewhere[i] = (SKIP, 0.0)
+        else:
+            raise SimulationError(f"placement {self.placement_spec.name!r} answered {act!r}; "
+                                  "expected FETCH, CPU, LOW_PRECISION or SKIP")
+        return act
+
+    def _book_cpu_returns(self) -> None:
+        """The CPU experts' outputs go back over the host link, in the order they finish."""
+        link, tt, act = self.link, self.link_model.transfer_time, self.host.activation_bytes
+        for end, i, n in sorted(self._cpu_returns):
+            self._elsewhere[i] = (CPU, link.submit_copy(tt(n * act), ACTIVATION, end))
+
     # -- running ----------------------------------------------------------------------------
     def run(self) -> RunResult:
         self._counting = True
@@ -515,6 +715,8 @@ class Simulation:
                 f"engine must be 'auto', 'python' or 'compiled', got {self.ropts.engine!r}")
         if self.ropts.engine != "python":
             reason = compiled.why_not(self)
+            if reason is None and self._place:  # until sim.compiled rejects it itself
+                reason = f"placement {self.placement_spec.name!r} has no compiled twin"
             if reason is None:
                 compiled.run(self)
                 self.engine_used = "compiled"
@@ -609,6 +811,67 @@ def _schedule(
         if keep_spans:
             spans.append((f"e{keys[i]}", now, now + d))
         now += d
+    return now, st_miss, st_late, spans
+
+
+def _schedule_placed(
+    t: float,
+    keys: list[int],
+    kinds: list[int],
+    counts: list[int] | None,
+    link: HostLink,
+    comp: ComputeTimes,
+    cost: dict[int, float],
+    shared: float,
+    keep_spans: bool,
+    elsewhere: dict[int, tuple[int, float]],
+    c: Counters,
+    layer: int,
+) -> tuple[float, float, float, list[tuple[str, float, float]]]:
+    """:func:`_schedule` for a layer where the placement served some misses otherwise: CPU
+    experts and skipped ones take no GPU time, a low-precision copy is waited for like a demand
+    copy; the layer then waits for the last CPU output (``stall_cpu``, counted here for
+    ``layer``; -1 in warm-up steps)."""
+
+    def dur(i: int) -> float:
+        n = 1 if counts is None else counts[i]
+        if n not in cost:
+            cost[n] = comp.expert_time(n)
+        return cost[n]
+
+    on_link = [i for i, k in enumerate(kinds) if k and i not in elsewhere]
+    ready = link.ready_times([keys[i] for i in on_link]) if on_link else []
+    low = [i for i, (a, _) in elsewhere.items() if a == LOW_PRECISION]
+    ready += [elsewhere[i][1] for i in low]
+    waiting = on_link + low
+    now = t + shared
+    spans: list[tuple[str, float, float]] = []
+    if keep_spans and shared > 0:
+        spans.append(("shared", t, now))
+    for i, k in enumerate(kinds):
+        if not k:
+            d = dur(i)
+            if keep_spans:
+                spans.append((f"e{keys[i]}", now, now + d))
+            now += d
+    st_miss = st_late = 0.0
+    for r, i in sorted(zip(ready, waiting, strict=True)):
+        if r > now:
+            if kinds[i] == LATE:
+                st_late += r - now
+            else:
+                st_miss += r - now
+            now = r
+        d = dur(i)
+        if keep_spans:
+            spans.append((f"e{keys[i]}", now, now + d))
+        now += d
+    cpu_done = max((r for a, r in elsewhere.values() if a == CPU), default=now)
+    if cpu_done > now:
+        if layer >= 0:
+            c.stall_cpu += cpu_done - now
+            c.layer_stall[layer] += cpu_done - now
+        now = cpu_done
     return now, st_miss, st_late, spans
 
 

@@ -72,3 +72,59 @@ class FixedCompute:
 
     def dense_layer_time(self, batch: int, context: int) -> float:
         return self.dense_s
+
+
+class HostCpuTimes(Protocol):
+    """Routed-expert FFN times on the host CPU (``hw_profiles.host_cpu.HostCpuModel``)."""
+
+    parallel: int  # expert executions that can run at once
+    source: str
+
+    def expert_time(self, tokens: int, bits: int | None = None) -> float:
+        """Seconds for one routed expert on ``tokens`` tokens (``bits`` None: the card's)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedHostCpu:
+    """``call_s + tokens * per_token_s`` per expert (closed-form tests)."""
+
+    call_s: float = 0.0
+    per_token_s: float = 0.0
+    parallel: int = 1
+    source: str = "fixed"
+
+    def expert_time(self, tokens: int, bits: int | None = None) -> float:
+        return self.call_s + tokens * self.per_token_s if tokens > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class HostSide:
+    """What placements other than plain fetching need to know of the model and the host.
+
+    ``cpu`` is None where the profile has no host CPU section (CPU placements then refuse a
+    timed run); ``activation_bytes`` is one token's hidden state (hidden_size x dtype bytes),
+    copied host-ward before a CPU expert and its output back after; ``dtype_bits`` is the
+    weights' width, against which a low-precision copy is scaled."""
+
+    cpu: HostCpuTimes | None = None
+    activation_bytes: int = 0
+    dtype_bits: int = 16
+    why_no_cpu: str = "no host CPU model was given"  # the error when ``cpu`` is None
+
+
+def host_side(profile: object, card: object) -> HostSide:
+    """The host side of a run from a hardware profile and a model card (duck-typed: the
+    profile's ``host_cpu`` section is optional; unified-memory devices have no host CPU path
+    that saves a copy, so they get none)."""
+    spec = getattr(profile, "host_cpu", None)
+    name = str(getattr(profile, "name", "?"))
+    cpu, why = None, f"hw profile {name!r} has no host_cpu section"
+    if getattr(profile, "unified_memory", False):
+        why = (f"hw profile {name!r} is a unified-memory device: a missed expert is on "
+               "storage, not in host memory, so CPU execution saves no copy")
+    elif spec is not None:
+        cpu, why = spec.model(card), ""
+    dtype_bytes = float(card.dtype_bytes)  # type: ignore[attr-defined]
+    return HostSide(cpu, int(card.hidden_size * dtype_bytes),  # type: ignore[attr-defined]
+                    round(dtype_bytes * 8), why)

@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterable
 from moesim.sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
 
 DEMAND, PREFETCH = 0, 1
+# Copies that take no cache slot (key -1): a layer's activations for or from the host CPU,
+# and a low-precision expert copy used once and not cached (placement policies).
+ACTIVATION, LOW_PRECISION = 2, 3
+COPY_KINDS = ("demand", "prefetch", "activation", "low_precision")
 INF = float("inf")
 
 
@@ -141,6 +145,30 @@ class HostLink:
             self.started[DEMAND] += 1
         return finish
 
+    def submit_copy(self, duration: float, kind: int, not_before: float | None = None) -> float:
+        """Book a copy that serves no cache slot (``ACTIVATION`` or ``LOW_PRECISION``) at
+        demand priority on the engine where it starts first, no earlier than ``not_before``
+        (default now); returns its arrival. A copy booked for a later start keeps its engine
+        from prefetches until then (it is booked when the GPU learns of it, at routing)."""
+        free = self._free
+        at = self.t if not_before is None or not_before < self.t else not_before
+        e = 0
+        if self.engines > 1:
+            e = min(range(self.engines), key=lambda i: free[i] if free[i] > at else at)
+        start = free[e] if free[e] > at else at
+        finish = start + duration
+        free[e] = finish
+        self._seq += 1
+        heapq.heappush(self._running, (finish, self._seq, -1, kind, start))
+        self.busy += duration
+        return finish
+
+    def backlog(self) -> float:
+        """Seconds from now until a demand copy issued now would start (booked copies only:
+        queued prefetches go behind it)."""
+        wait = min(self._free) - self.t
+        return wait if wait > 0 else 0.0
+
     def submit_prefetch(self, key: int, priority: float) -> bool:
         if key in self._queued or key in self._finish or self.cache.state[key] != ABSENT:
             return False
@@ -182,6 +210,10 @@ class HostLink:
                     break
                 _, _, key, kind, began = heapq.heappop(running)
                 self.t = done
+                if key < 0:  # activations or a low-precision copy: no cache slot
+                    if self.records is not None:
+                        self.records.append((key, kind, began, done))
+                    continue
                 del self._finish[key]
                 self.cache.complete(key)
                 if self.records is not None:

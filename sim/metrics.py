@@ -7,8 +7,13 @@ of (README "Metrics" has the table with every formula):
   wait for the rest of it);
 - promoted: a prefetch of it was queued but had not started; it became a demand copy;
 - miss: absent and not queued, fetched on demand.
+A placement (``placement=<name>``) may serve a miss without a full-precision copy: on the host
+CPU (``cpu_expert_execs``), by a low-precision copy (``low_precision_fetches``) or not at all
+(``skipped_experts``); the access is still a miss, so ``demand_fetches + cpu_expert_execs +
+low_precision_fetches + skipped_experts == misses + promoted``.
 Stall is GPU time idle waiting for expert weights: ``stall_late_s`` on started prefetches,
-``stall_miss_s`` on demand copies (misses and promoted). A prefetch *transfer* (one that
+``stall_miss_s`` on demand copies (misses, promoted and low-precision copies), and
+``stall_cpu_s`` on outputs of experts computed on the host CPU. A prefetch *transfer* (one that
 started in a counted step) ends exactly one way: it serves an access (useful), it is evicted
 or discarded before any use (wasted), or it is still unused at the end. Precision and recall
 count only transfers that actually served an access; a promoted prefetch is a demand copy.
@@ -22,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
+from moesim.sim.link import COPY_KINDS
 
 if TYPE_CHECKING:
     from moesim.sim.engine import Simulation
@@ -52,6 +59,19 @@ class Counters:
         self.unused_prefetches = 0
         self.wasted_prefetches = 0
         self.evictions = 0
+        # placements (policies.base.PlacementPolicy); counted steps, except cpu_busy (whole run)
+        self.cpu_execs = 0
+        self.low_fetches = 0
+        self.low_bytes = 0
+        self.skipped = 0
+        self.stall_cpu = 0.0
+        self.cpu_busy = 0.0
+        self.gate_total = 0.0  # normalised gate mass of every counted access (approximating
+        self.gate_low = 0.0  # placements only; the others compute all of it at full precision)
+        self.gate_skip = 0.0
+        # Duration of every step (index = step number, warm-up included) where the engine
+        # records it; None where it does not (zero-latency runs): per-request times are NaN.
+        self.step_times: list[float] | None = None
 
 
 @dataclass
@@ -62,6 +82,7 @@ class RunResult:
     per_layer: pd.DataFrame
     transfers: pd.DataFrame | None = None
     timeline: list[dict[str, Any]] | None = None
+    per_request: pd.DataFrame | None = None
 
     def write_chrome_trace(self, path: str | Path) -> None:
         """Compute and copy spans as Chrome-trace JSON (open in Perfetto or chrome://tracing)."""
@@ -87,7 +108,7 @@ def build_result(sim: Simulation) -> RunResult:
     else:
         prefetch_started, busy, cancelled = c.prefetch_started, math.nan, 0
         dropped = c.prefetch_dropped
-    stall = c.stall_miss + c.stall_late
+    stall = c.stall_miss + c.stall_late + c.stall_cpu
     nan = math.nan
     summary: dict[str, Any] = {
         "accesses": accesses,
@@ -106,6 +127,7 @@ def build_result(sim: Simulation) -> RunResult:
         "stall_time_s": stall if timed else nan,
         "stall_miss_s": c.stall_miss if timed else nan,
         "stall_late_s": c.stall_late if timed else nan,
+        "stall_cpu_s": c.stall_cpu if timed else nan,
         "total_time_s": c.time if timed else nan,
         "time_per_output_token_s": _ratio(c.time, c.out_tokens) if timed else nan,
         "stall_per_output_token_s": _ratio(stall, c.out_tokens) if timed else nan,
@@ -129,6 +151,9 @@ def build_result(sim: Simulation) -> RunResult:
         "evictions": c.evictions,
         "sim_engine": getattr(sim, "engine_used", "python"),
     }
+    summary.update(_placement_columns(sim, accesses))
+    per_request = per_request_table(sim.workload, c.step_times)
+    summary.update(tpot_percentiles(per_request))
     view = getattr(sim, "predictions", None)
     summary["prediction_coverage"] = view.coverage if view is not None else nan
     layer_ids = sim.labels.get("layer_ids") or list(range(shape.num_layers))
@@ -151,25 +176,96 @@ def build_result(sim: Simulation) -> RunResult:
     transfers = None
     if timed and link.records is not None and sim.ropts.record_transfers:
         transfers = pd.DataFrame(link.records, columns=["key", "kind", "start_s", "end_s"])
-        transfers["layer"] = transfers["key"] // shape.num_experts
-        transfers["expert"] = transfers["key"] % shape.num_experts
-        transfers["kind"] = transfers["kind"].map({0: "demand", 1: "prefetch"})
+        anonymous = transfers["key"] < 0  # activations, low-precision copies: no cache key
+        transfers["layer"] = (transfers["key"] // shape.num_experts).mask(anonymous, -1)
+        transfers["expert"] = (transfers["key"] % shape.num_experts).mask(anonymous, -1)
+        transfers["kind"] = transfers["kind"].map(dict(enumerate(COPY_KINDS)))
     timeline = _chrome_events(sim) if sim.ropts.timeline_steps > 0 and timed else None
-    return RunResult(summary, per_layer, transfers, timeline)
+    return RunResult(summary, per_layer, transfers, timeline, per_request)
+
+
+def _placement_columns(sim: Simulation, accesses: int) -> dict[str, Any]:
+    """What the placement did, and the routed gate mass computed at full precision, at low
+    precision, and skipped (fractions of the counted accesses' normalised gate mass, summing
+    to 1; 1/0/0 for placements that never approximate, NaN when nothing was accessed)."""
+    c = sim.c
+    link = sim.link
+    placement = getattr(sim, "placement_spec", None)
+    approximates = placement is not None and placement.cls.approximates
+    if not accesses:
+        full = low = skip = math.nan
+    elif approximates:
+        low, skip = _ratio(c.gate_low, c.gate_total), _ratio(c.gate_skip, c.gate_total)
+        full = _ratio(c.gate_total - c.gate_low - c.gate_skip, c.gate_total)
+    else:
+        full, low, skip = 1.0, 0.0, 0.0
+    host = getattr(sim, "host", None)
+    parallel = host.cpu.parallel if host is not None and host.cpu is not None else 1
+    busy = math.nan
+    if link is not None:
+        busy = _ratio(c.cpu_busy, sim.clock.now * parallel)
+    return {
+        "placement": placement.name if placement is not None else "fetch",
+        "cpu_expert_execs": c.cpu_execs,
+        "low_precision_fetches": c.low_fetches,
+        "low_precision_bytes": c.low_bytes,
+        "skipped_experts": c.skipped,
+        "cpu_busy_fraction": busy,
+        "gate_mass_full": full,
+        "gate_mass_low_precision": low,
+        "gate_mass_skipped": skip,
+    }
+
+
+def per_request_table(workload: Any, step_times: list[float] | None) -> pd.DataFrame:
+    """One row per request with a counted step: its output tokens, counted steps, time (the
+    sum of the durations of the counted steps it takes part in: with batches, a step's time
+    counts for every request in it) and time per output token. Times are NaN when the engine
+    recorded no step durations (zero-latency runs, or an engine that does not record them)."""
+    w = workload
+    per_step = np.diff(w.req_offsets)
+    step_of = np.repeat(np.arange(w.num_steps), per_step)
+    keep = np.asarray(w.counted, dtype=bool)[step_of]
+    out = w.req_out if w.req_out is not None else np.ones(len(w.req_ids), dtype=bool)
+    have_times = step_times is not None and len(step_times) == w.num_steps
+    times = np.asarray(step_times, dtype=np.float64)[step_of] if have_times else (
+        np.full(len(step_of), np.nan))
+    df = pd.DataFrame({
+        "request_id": np.asarray(w.req_ids)[keep].astype(np.int64),
+        "output_tokens": np.asarray(out)[keep].astype(np.int64),
+        "steps": np.ones(int(keep.sum()), dtype=np.int64),
+        "time_s": times[keep],
+    })
+    df = df.groupby("request_id", sort=True).sum(min_count=1).reset_index()
+    tokens = df["output_tokens"].where(df["output_tokens"] > 0)
+    df["time_per_output_token_s"] = df["time_s"] / tokens
+    return df
+
+
+def tpot_percentiles(per_request: pd.DataFrame) -> dict[str, float]:
+    """``tpot_p50_s``, ``tpot_p90_s``, ``tpot_p99_s``: percentiles (linear interpolation) of
+    the requests' time per output token; NaN when there are no times."""
+    vals = per_request["time_per_output_token_s"].dropna().to_numpy()
+    if not len(vals):
+        return {"tpot_p50_s": math.nan, "tpot_p90_s": math.nan, "tpot_p99_s": math.nan}
+    p50, p90, p99 = np.percentile(vals, [50, 90, 99])
+    return {"tpot_p50_s": float(p50), "tpot_p90_s": float(p90), "tpot_p99_s": float(p99)}
 
 
 def _chrome_events(sim: Simulation) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     horizon = max((b for _, _, _, b in sim.timeline), default=0.0)
-    for _, name, a, b in sim.timeline:
-        events.append({"name": name, "ph": "X", "pid": "GPU", "tid": "compute",
+    for what, name, a, b in sim.timeline:
+        events.append({"name": name, "ph": "X", "pid": "GPU",
+                       "tid": "host cpu" if what == "cpu" else "compute",
                        "ts": a * 1e6, "dur": (b - a) * 1e6})
     num_e = sim.shape.num_experts
     for key, kind, a, b in sim.link.records or []:
         if a > horizon:
             continue
         events.append({
-            "name": f"{'demand' if kind == 0 else 'prefetch'} L{key // num_e} e{key % num_e}",
+            "name": (f"{COPY_KINDS[kind]} L{key // num_e} e{key % num_e}" if key >= 0
+                     else COPY_KINDS[kind]),
             "ph": "X", "pid": "GPU", "tid": "host link", "ts": a * 1e6, "dur": (b - a) * 1e6,
         })
     return events

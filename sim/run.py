@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from moesim.policies.registry import PolicySpec, resolve
+from moesim.policies.registry import PlacementSpec, PolicySpec, resolve, resolve_placement
 from moesim.sim.cache import SimulationError
 from moesim.sim.engine import CacheOptions, Mode, RunOptions, Simulation
-from moesim.sim.hardware import ComputeTimes, TransferModel
+from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
 from moesim.sim.metrics import RunResult
 from moesim.sim.workload import Replay, build_workload
 from moesim.traces.trace import Trace
@@ -69,15 +69,29 @@ def simulate(
     dense_before: Sequence[int] | None = None,
     predictions: Mapping[int, Any] | None = None,
     engine: str = "auto",
+    placement: str | Mapping[str, Any] | PlacementSpec | None = None,
+    host: HostSide | None = None,
 ) -> RunResult:
-    """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots."""
+    """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots.
+
+    ``placement`` is a name, ``{"name": ..., **params}`` or a resolved spec (default
+    ``fetch``); ``host`` gives CPU-executing and low-precision placements the host CPU model,
+    activation size and weight width."""
     if isinstance(policy, PolicySpec):
         spec = policy
     else:
         spec = resolve({"name": policy} if isinstance(policy, str) else policy)
+    if isinstance(placement, PlacementSpec):
+        place = placement
+    elif isinstance(placement, Mapping):
+        params = {k: v for k, v in placement.items() if k != "name"}
+        place = resolve_placement(placement.get("name"), params)
+    else:
+        place = resolve_placement(placement)
     workload = build_workload(
         trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
         warmup_tokens=warmup_tokens, warmup_extra_row=warmup_extra_row,
+        gate_weights=f"placement {place.name!r}" if place.cls.needs_gate_weights else None,
     )
     sim = Simulation(
         workload,
@@ -89,6 +103,8 @@ def simulate(
         labels={"layer_ids": list(trace.meta.moe_layers)},
         dense_before=dense_before,
         predictions=predictions,
+        placement=place,
+        host=host,
     )
     return sim.run()
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 from moesim.policies.base import ModelShape
-from moesim.traces.trace import DECODE, Trace
+from moesim.traces.trace import DECODE, RequestRouting, Trace
 
 Replay = Literal["decode", "prefill"]
 NO_USE = 1 << 62
@@ -43,6 +43,12 @@ class Workload:
     token_start: np.ndarray  # int32, aligned with req_ids: first token of the request's unit
     token_end: np.ndarray  # int32: one past its last token
     _max_width: np.ndarray | None = None
+    # Router weights, only when a placement needs them (``build_workload(gate_weights=...)``):
+    # per key, the sum and the largest of its tokens' normalised gate weights (a token's weight
+    # over the sum of its top-k weights at that layer); float32 [S, L, W], 0 where padded.
+    gate_mass: np.ndarray | None = None
+    gate_max: np.ndarray | None = None
+    req_out: np.ndarray | None = None  # bool, aligned with req_ids: the unit is an output token
 
     @property
     def num_steps(self) -> int:
@@ -80,6 +86,7 @@ def build_workload(
     prefill_chunk: int = 0,
     warmup_tokens: int = 0,
     warmup_extra_row: bool = False,
+    gate_weights: str | None = None,
 ) -> Workload:
     """Steps of ``trace`` under continuous batching of ``batch`` requests.
 
@@ -93,6 +100,9 @@ def build_workload(
     the first counted token is accessed once more during warm-up (uncounted, without
     predictions) and then again, counted. Here that row is an extra warm-up step holding only
     that layer's experts (batch 1, decode replay; requests longer than the warm-up).
+
+    ``gate_weights`` (the name of what needs them, for the error) fills ``gate_mass`` and
+    ``gate_max`` from the trace's router weights; a trace without them is refused.
     """
     if batch < 1:
         raise WorkloadError(f"batch must be >= 1, got {batch}")
@@ -104,37 +114,70 @@ def build_workload(
     shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     if not trace.requests:
         raise WorkloadError("the trace has no requests")
+    weights = None
+    if gate_weights is not None:
+        weights = [normalised_gate_weights(r, gate_weights) for r in trace.requests]
     if batch == 1 and replay == "decode":
-        return _single_token_steps(trace, shape, warmup_tokens, warmup_extra_row)
+        return _single_token_steps(trace, shape, warmup_tokens, warmup_extra_row, weights)
     if warmup_extra_row:
         raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "
                             "replay=decode")
-    return _batched_steps(trace, shape, replay, batch, prefill_chunk, warmup_tokens)
+    return _batched_steps(trace, shape, replay, batch, prefill_chunk, warmup_tokens, weights)
+
+
+def normalised_gate_weights(req: RequestRouting, needed_by: str) -> np.ndarray:
+    """float32 [T, L, k]: each recorded router weight over the sum of its token's top-k weights
+    at that layer (rows sum to 1; 0 where no expert was recorded)."""
+    ex = req.experts
+    valid = ex >= 0
+    if req.scores is None:
+        raise WorkloadError(f"{needed_by} needs router weights, but the trace records none "
+                            f"(request {req.request_id} has no scores column)")
+    sc = req.scores.astype(np.float64)
+    if (valid & ~np.isfinite(sc)).any() or (valid & (sc < 0)).any():
+        raise WorkloadError(f"{needed_by} needs router weights, but request {req.request_id} "
+                            "has missing (NaN) or negative scores for recorded experts")
+    w = np.where(valid, sc, 0.0)
+    tot = w.sum(axis=2, keepdims=True)
+    if (valid.any(axis=2, keepdims=True) & (tot <= 0)).any():
+        raise WorkloadError(f"{needed_by} needs router weights, but request {req.request_id} "
+                            "has a token whose top-k weights sum to 0")
+    return np.where(valid, w / np.where(tot > 0, tot, 1.0), 0.0).astype(np.float32)
 
 
 def _single_token_steps(
-    trace: Trace, shape: ModelShape, warmup: int, extra_row: bool = False
+    trace: Trace, shape: ModelShape, warmup: int, extra_row: bool = False,
+    weights: list[np.ndarray] | None = None,
 ) -> Workload:
-    """Fast path: one token per step, so keys are the routed ids shifted per layer."""
+    """Fast path: one token per step, so keys are the routed ids shifted per layer (and a
+    key's gate mass is its one token's weight)."""
     num_e = shape.num_experts
+    masses: list[np.ndarray] = []
     offsets = (np.arange(shape.num_layers, dtype=np.int32) * num_e)[None, :, None]
     blocks, counted, context, starts, req_ids = [], [], [], [], []
     joins: dict[int, list[int]] = {}
     step = 0
-    for req in trace.requests:
+    for i_req, req in enumerate(trace.requests):
         ex = req.experts.astype(np.int32)
         keys = np.where(ex >= 0, ex + offsets, -1)
+        mass = None if weights is None else weights[i_req]
         n = req.num_tokens
         idx = np.arange(n, dtype=np.int32)
         if extra_row and 0 < warmup < n:  # the first counted token's first layer, once more
             row = np.full((1, *keys.shape[1:]), -1, dtype=np.int32)
             row[0, 0] = keys[warmup, 0]
             keys = np.concatenate([keys[:warmup], row, keys[warmup:]])
+            if mass is not None:
+                mrow = np.zeros((1, *mass.shape[1:]), dtype=np.float32)
+                mrow[0, 0] = mass[warmup, 0]
+                mass = np.concatenate([mass[:warmup], mrow, mass[warmup:]])
             idx = np.concatenate([idx[:warmup], [warmup], idx[warmup:]]).astype(np.int32)
             is_counted = np.arange(n + 1) > warmup
         else:
             is_counted = idx >= warmup
         blocks.append(keys)
+        if mass is not None:
+            masses.append(mass)
         counted.append(is_counted)
         context.append(idx + 1)
         starts.append(idx)
@@ -144,6 +187,7 @@ def _single_token_steps(
     keys = np.concatenate(blocks)
     pairs = np.count_nonzero(keys >= 0, axis=2).astype(np.int32)
     steps = keys.shape[0]
+    gate = np.concatenate(masses) if weights is not None else None
     return Workload(
         shape=shape,
         keys=keys,
@@ -159,11 +203,15 @@ def _single_token_steps(
         token_start=np.concatenate(starts),
         token_end=np.concatenate(context),
         _max_width=pairs.max(axis=0),  # one token per step: the width is its row count
+        gate_mass=gate,
+        gate_max=gate,
+        req_out=np.ones(steps, dtype=bool),
     )
 
 
 def _batched_steps(
-    trace: Trace, shape: ModelShape, replay: Replay, batch: int, chunk: int, warmup: int
+    trace: Trace, shape: ModelShape, replay: Replay, batch: int, chunk: int, warmup: int,
+    weights: list[np.ndarray] | None = None,
 ) -> Workload:
     """The schedule (who runs which unit in which step) in Python, one entry per unit; the
     per-layer unions of each step's experts in one compiled pass (``sim.compiled.steps``)."""
@@ -177,6 +225,7 @@ def _batched_steps(
     tokens, out_tokens, context, counted, req_ids, req_off = [], [], [], [], [], [0]
     t_start: list[int] = []
     t_end: list[int] = []
+    is_output: list[bool] = []
     tok_idx: list[int] = []
     step_off = [0]
     while pending or running:
@@ -199,6 +248,7 @@ def _batched_steps(
             req_ids.append(req.request_id)
             t_start.append(t0)
             t_end.append(t1)
+            is_output.append(is_out)
             if i + 1 < len(units):
                 nxt.append((req, row0, units, i + 1))
         running = nxt
@@ -209,8 +259,14 @@ def _batched_steps(
         counted.append(past_warmup)
         req_off.append(len(req_ids))
     experts = np.concatenate([r.experts for r in requests])
-    keys, counts, pairs = union_steps(experts, np.asarray(tok_idx, dtype=np.int64),
-                                      np.asarray(step_off, dtype=np.int64), shape.num_experts)
+    tok = np.asarray(tok_idx, dtype=np.int64)
+    offs = np.asarray(step_off, dtype=np.int64)
+    keys, counts, pairs = union_steps(experts, tok, offs, shape.num_experts)
+    mass = wmax = None
+    if weights is not None:
+        mass, wmax = _gate_per_key(keys, experts[tok], np.concatenate(weights)[tok],
+                                   np.repeat(np.arange(len(offs) - 1), np.diff(offs)),
+                                   shape.num_experts)
     return Workload(
         shape=shape,
         keys=keys,
@@ -225,7 +281,33 @@ def _batched_steps(
         joins=join_map,
         token_start=np.asarray(t_start, dtype=np.int32),
         token_end=np.asarray(t_end, dtype=np.int32),
+        gate_mass=mass,
+        gate_max=wmax,
+        req_out=np.asarray(is_output, dtype=bool),
     )
+
+
+def _gate_per_key(keys: np.ndarray, experts: np.ndarray, weights: np.ndarray,
+                  step_of_row: np.ndarray, num_e: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and largest normalised weight of every step-layer key over the step's tokens:
+    each routed (token, layer, rank) is matched to its key's column by one sorted lookup."""
+    num_s, num_l, width = keys.shape
+    sl = (np.arange(num_s)[:, None] * num_l + np.arange(num_l)[None, :])[:, :, None]
+    valid = keys >= 0
+    code_w = np.where(valid, sl * num_e + keys % num_e, -1).reshape(-1)
+    order = np.argsort(code_w, kind="stable")
+    sorted_codes = code_w[order]
+    ok = experts >= 0
+    t_sl = step_of_row[:, None, None] * num_l + np.arange(num_l)[None, :, None]
+    code_t = (t_sl * num_e + experts)[ok]
+    pos = order[np.searchsorted(sorted_codes, code_t)]
+    w = weights[ok].astype(np.float64)
+    mass = np.zeros(code_w.shape[0])
+    wmax = np.zeros(code_w.shape[0])
+    np.add.at(mass, pos, w)
+    np.maximum.at(wmax, pos, w)
+    shape = (num_s, num_l, width)
+    return mass.reshape(shape).astype(np.float32), wmax.reshape(shape).astype(np.float32)
 
 
 class WorkloadFuture:
