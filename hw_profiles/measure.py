@@ -2,6 +2,7 @@
 
     moesim-profile [measure] --model deepseek_v2_lite --out hw_profiles/my_gpu.yaml
     moesim-profile storage --model deepseek_v2_lite --scale 0.25 --out hw_profiles/x.yaml
+    moesim-profile host-cpu --profile hw_profiles/x.yaml --model deepseek_v2_lite
     moesim-profile plot v100_pcie a100_sxm4 --out curves.png [--out curves.pdf]
     moesim-profile table [PROFILE ...]
 
@@ -9,7 +10,10 @@ The measurement logic only sees timers (callables returning seconds), supplied b
 ``CudaBench`` builds them with torch and CUDA events; tests pass a fake bench, so the logic and
 the YAML it writes are checked without a GPU. torch is imported only when measuring.
 ``storage`` (hw_profiles/measure_storage.py) measures this machine's disk (O_DIRECT) and CPU
-for the storage-backed offloading executor instead.
+for the storage-backed offloading executor instead; ``host-cpu``
+(hw_profiles/measure_host_cpu.py) writes a profile's ``host_cpu`` section: this CPU running one
+expert FFN, for placements that compute a missed expert on the host. Bad input: one line on
+stderr, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from .profile import list_profiles, profile_from_mapping
 from .schema import ProfileError
 
 EXIT_NO_CUDA = 2
+EXIT_BAD_INPUT = 2
 CopyTimer = Callable[[int], float]  # nbytes -> seconds per copy (back-to-back mean)
 StreamsTimer = Callable[[int, int], float]  # (nbytes, streams) -> wall seconds, one copy/stream
 OpTimer = Callable[[int], float]  # batch, tokens or context -> seconds per call
@@ -482,7 +487,7 @@ def _cuda_bench(device: int) -> tuple[CudaBench | None, str]:
 # --------------------------------------------------------------------------------------------
 # CLI
 
-_COMMANDS = ("measure", "storage", "plot", "table")
+_COMMANDS = ("measure", "storage", "host-cpu", "plot", "table")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -502,6 +507,9 @@ def _parser() -> argparse.ArgumentParser:
     from .measure_storage import add_parser as add_storage_parser
 
     add_storage_parser(sub)
+    from .measure_host_cpu import add_parser as add_host_cpu_parser
+
+    add_host_cpu_parser(sub)
     pl = sub.add_parser("plot", help="overlay the expert-link bandwidth curves of profiles")
     pl.add_argument("profiles", nargs="+", help="profile names or YAML paths")
     pl.add_argument("--out", type=Path, action="append", required=True,
@@ -514,9 +522,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, bench: Bench | None = None,
-         storage_bench: Any = None) -> int:
-    """Entry point of ``moesim-profile``; ``bench``/``storage_bench`` let tests replace the
-    CUDA backend and this machine's disk and CPU."""
+         storage_bench: Any = None, host_cpu_bench: Any = None) -> int:
+    """Entry point of ``moesim-profile``; ``bench``/``storage_bench``/``host_cpu_bench`` let
+    tests replace the CUDA backend and this machine's disk and CPU."""
     args_in = list(sys.argv[1:] if argv is None else argv)
     if not args_in or args_in[0] not in (*_COMMANDS, "-h", "--help"):
         args_in.insert(0, "measure")
@@ -541,10 +549,14 @@ def main(argv: Sequence[str] | None = None, *, bench: Bench | None = None,
             from .measure_storage import run_cli
 
             return run_cli(args, args_in, storage_bench)
+        if args.cmd == "host-cpu":
+            from .measure_host_cpu import run_cli as run_host_cpu
+
+            return run_host_cpu(args, args_in, host_cpu_bench)
         return _measure(args, bench)
     except (ProfileError, ModelCardError, ValueError, OSError) as exc:
         print(f"moesim-profile: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_BAD_INPUT
 
 
 def _measure(args: argparse.Namespace, bench: Bench | None) -> int:

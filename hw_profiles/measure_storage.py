@@ -444,36 +444,216 @@ def _disk_of(path: Path) -> tuple[str, str]:
     return Path(dev).name or "disk", fs or "unknown"
 
 
-class CpuStorageBench:
-    """Timers on this machine: a scratch file read with O_DIRECT, torch ops on the CPU.
+class CpuComputeBench:
+    """Timers for the ``cpu_ops`` functions on this machine's CPU (no disk).
 
-    ``card`` sets the read size of the concurrent-reader and contention runs (one expert).
-    ``window_s`` is how long one round of a concurrent-reader or contention measurement runs;
-    ``op_round_s`` how long one round of an op runs. An op rotates its weights through a pool
-    of ``cpu_ops.working_set_bytes(card)`` (at most ``max_pool_bytes``), so its weights are as
-    cache-cold as in the executor.
+    Shared by ``moesim-profile storage`` (through ``CpuStorageBench``) and ``moesim-profile
+    host-cpu``, so both time the very same ops on the very same memory layout. An op rotates
+    its weights through a pool of ``cpu_ops.working_set_bytes(card)`` (at most
+    ``max_pool_bytes``), so its weights are as cache-cold as in the executor; ``cold`` uses
+    ``max_pool_bytes`` itself (experts waiting in host DRAM, the host-CPU case). ``op_round_s``
+    is how long one round of an op runs.
     """
 
-    def __init__(self, card: ModelCard, file_dir: Path, *, file_bytes: int, torch_threads: int,
-                 seed: int, rounds: int = 7, window_s: float = 0.3, op_round_s: float = 0.02,
-                 max_pool_bytes: int = 256 * 2**20, max_context: int = 4096,
-                 want_direct: bool = True) -> None:
+    def __init__(self, card: ModelCard, *, torch_threads: int, seed: int, rounds: int = 7,
+                 op_round_s: float = 0.02, max_pool_bytes: int = 256 * 2**20,
+                 max_context: int = 4096, cold: bool = False,
+                 read_bytes: int = 256 * 2**20) -> None:
         import torch
 
         from . import cpu_ops
 
         if rounds < 2:
             raise ValueError("rounds must be >= 2 to report a spread")
+        if torch_threads < 1:
+            raise ValueError(f"torch threads must be >= 1, got {torch_threads}")
         self.torch = torch
         self.ops = cpu_ops
         self.card = card
         self.rounds = rounds
-        self.window_s = window_s
         self.op_round_s = op_round_s
         self.max_pool_bytes = max_pool_bytes
         self.max_context = max_context
         self.threads = torch_threads
         self.seed = seed
+        self.cold = cold
+        self.read_bytes = read_bytes
+        self._pools: dict[tuple[str, str], Any] = {}
+        self._read_buf: Any = None  # read_bandwidth's buffer, kept between rounds
+
+    def close(self) -> None:
+        self._pools.clear()
+        self._read_buf = None
+
+    def describe_cpu(self) -> dict[str, str]:
+        """CPU model, logical CPUs, RAM, software versions, threads, load and date."""
+        cpu = "unknown CPU"
+        for line in _read_text("/proc/cpuinfo").splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = self.memory_bytes()
+        cores = os.cpu_count() or 0
+        return {
+            "device": f"{cpu} ({cores} CPUs), {mem / 2**30:.1f} GiB RAM",
+            "cpu": cpu,
+            "cores": str(cores),
+            "ram": f"{mem / 2**30:.1f} GiB",
+            "kernel": platform.release(),
+            "os": platform.platform(),
+            "python": platform.python_version(),
+            "torch": str(self.torch.__version__),
+            "torch_threads": str(self.threads),
+            "load_average_at_start": " ".join(_read_text("/proc/loadavg").split()[:3]),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    def memory_bytes(self) -> int:
+        try:
+            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        except (ValueError, OSError, AttributeError):
+            return 0
+
+    # -- compute ---------------------------------------------------------------------------
+    def memory_bandwidth(self) -> tuple[float, str]:
+        torch = self.torch
+        n = 64 * 2**20
+        src = torch.ones(n // 4, dtype=torch.float32)
+        dst = torch.empty_like(src)
+        with self.ops.torch_threads(self.threads):
+            dst.copy_(src)
+            t = min(self._timed(lambda: dst.copy_(src), 5) for _ in range(3))
+        return 2 * n / t, (f"torch copy of {n // 2**20} MiB in DRAM, 2 x bytes / time, best of "
+                           f"3, {self.threads} torch thread(s)")
+
+    def read_bandwidth(self) -> tuple[float, str]:
+        """One round of a streaming read: a torch sum over ``read_bytes`` of float32, bytes /
+        time (best of 3 passes), with the bench's thread count."""
+        torch = self.torch
+        if self._read_buf is None:
+            self._read_buf = torch.ones(max(1, self.read_bytes // 4), dtype=torch.float32)
+        buf = self._read_buf
+        with self.ops.torch_threads(self.threads):
+            buf.sum()
+            t = min(self._timed(buf.sum, 2) for _ in range(3))
+        nbytes = buf.numel() * 4
+        return nbytes / t, (f"torch sum over {nbytes / 2**20:.0f} MiB of float32 in DRAM, "
+                            f"bytes / time, best of 3, {self.threads} torch thread(s)")
+
+    def matmul_flops(self) -> tuple[float, str]:
+        torch = self.torch
+        n = 512
+        dt = self.ops.torch_dtype(self.card)
+        g = torch.Generator().manual_seed(self.seed)
+        a = torch.randn(n, n, generator=g).to(dt)
+        b = torch.randn(n, n, generator=g).to(dt)
+        with self.ops.torch_threads(self.threads):
+            a @ b
+            t = min(self._timed(lambda: a @ b, 10) for _ in range(3))
+        return 2 * n**3 / t, (f"{self.card.dtype} matmul {n}x{n}x{n}, 2n^3 / time, best of 3, "
+                              f"{self.threads} torch thread(s)")
+
+    @staticmethod
+    def _timed(fn: Callable[[], Any], n: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
+    def _pool(self, card: ModelCard, op: str) -> list[Any]:
+        """Weight sets for ``op`` (built once per card, seeded): copies of one random set."""
+        key = (card.name, op)
+        if key in self._pools:
+            return self._pools[key]
+        if any(k[0] != card.name for k in self._pools):  # one card's pools at a time
+            self._pools.clear()
+        torch, ops = self.torch, self.ops
+        g = torch.Generator().manual_seed(self.seed + OPS.index(op) + 1)
+        dt = ops.torch_dtype(card)
+        pool_bytes = self.max_pool_bytes if self.cold else min(self.max_pool_bytes,
+                                                               ops.working_set_bytes(card))
+        if op == "attention":
+            first = ops.make_standin_layer(card, self.max_context, g)
+            size = sum(t.numel() * t.element_size() for t in (
+                first.w_qkv, first.w_o, first.k_cache, first.v_cache, first.w_router))
+            count = max(1, min(card.num_moe_layers, self.max_pool_bytes // size))
+            pool: list[Any] = [first] + [_clone_layer(first) for _ in range(count - 1)]
+        elif op == "router":
+            w = (torch.randn(card.num_experts, card.hidden_size, generator=g) * 0.02).to(dt)
+            pool = [w] + [w.clone() for _ in range(card.num_moe_layers - 1)]
+        else:
+            inter = {"expert": card.moe_intermediate_size, "shared": card.shared_intermediate_size,
+                     "dense": card.dense_intermediate_size}[op]
+            params = card.matrices_per_expert * card.hidden_size * inter
+            size = int(params * card.dtype_bytes)
+            stride = round_up(size)
+            count = max(2, pool_bytes // stride)
+            buf = aligned_buffer(stride * count)  # one slot pool, like the executor's
+            flat = torch.frombuffer(buf, dtype=dt)
+            per = stride // flat.element_size()
+            flat[:params].copy_((torch.randn(params, generator=g) * 0.02).to(dt))
+            for i in range(1, count):
+                flat[i * per:i * per + params].copy_(flat[:params])
+            pool = [ops.expert_views(flat[i * per:i * per + params], card, inter)
+                    for i in range(count)]
+            self._pools[(card.name, op + "_buffer")] = buf
+        self._pools[key] = pool
+        return pool
+
+    def _op_fn(self, card: ModelCard, op: str, x: int) -> Callable[[int], Any]:
+        torch, ops = self.torch, self.ops
+        pool = self._pool(card, op)
+        g = torch.Generator().manual_seed(self.seed + x)
+        dt = ops.torch_dtype(card)
+        if op == "attention":
+            inp = torch.randn(1, card.hidden_size, generator=g).to(dt)
+            if not 1 <= x <= self.max_context:
+                raise ValueError(f"context {x} outside 1..{self.max_context}")
+            return lambda i: ops.attention_standin(inp, pool[i % len(pool)], x)
+        inp = torch.randn(x, card.hidden_size, generator=g).to(dt)
+        if op == "router":
+            return lambda i: ops.router(inp, pool[i % len(pool)], card.top_k)
+        return lambda i: ops.expert_ffn(inp, *pool[i % len(pool)])
+
+    def _calls_per(self, fn: Callable[[int], Any], seconds: float) -> int:
+        for i in range(2):
+            fn(i)
+        t0 = time.perf_counter()
+        fn(2)
+        one = max(time.perf_counter() - t0, 1e-7)
+        return max(3, min(5000, int(seconds / one)))
+
+    def op_samples(self, card: ModelCard, op: str, x: int) -> Samples:
+        fn = self._op_fn(card, op, x)
+        out = []
+        with self.ops.torch_threads(self.threads), self.torch.inference_mode():
+            n = self._calls_per(fn, self.op_round_s)
+            i = 0
+            for _ in range(self.rounds):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn(i)
+                    i += 1
+                out.append((time.perf_counter() - t0) / n)
+        return out
+
+
+class CpuStorageBench(CpuComputeBench):
+    """Timers on this machine: a scratch file read with O_DIRECT, torch ops on the CPU.
+
+    ``card`` sets the read size of the concurrent-reader and contention runs (one expert).
+    ``window_s`` is how long one round of a concurrent-reader or contention measurement runs;
+    the compute timers are ``CpuComputeBench``'s.
+    """
+
+    def __init__(self, card: ModelCard, file_dir: Path, *, file_bytes: int, torch_threads: int,
+                 seed: int, rounds: int = 7, window_s: float = 0.3, op_round_s: float = 0.02,
+                 max_pool_bytes: int = 256 * 2**20, max_context: int = 4096,
+                 want_direct: bool = True) -> None:
+        super().__init__(card, torch_threads=torch_threads, seed=seed, rounds=rounds,
+                         op_round_s=op_round_s, max_pool_bytes=max_pool_bytes,
+                         max_context=max_context)
+        self.window_s = window_s
         self.chunk = round_up(card.expert_bytes)
         self.file_bytes = round_up(max(file_bytes, 4 * self.chunk))
         file_dir.mkdir(parents=True, exist_ok=True)
@@ -482,7 +662,6 @@ class CpuStorageBench:
         self.path = Path(name)
         self._file: DirectFile | None = None
         self._buf: Any = None  # the read-curve buffer, grown to the largest size read
-        self._pools: dict[tuple[str, str], Any] = {}
         try:
             write_random_file(self.path, self.file_bytes, seed)
             self._file = open_direct(self.path, want_direct=want_direct)
@@ -501,7 +680,7 @@ class CpuStorageBench:
             self._buf.close()
             self._buf = None
         self.path.unlink(missing_ok=True)
-        self._pools.clear()
+        super().close()
 
     def __enter__(self) -> CpuStorageBench:
         return self
@@ -523,46 +702,23 @@ class CpuStorageBench:
 
     # -- description -----------------------------------------------------------------------
     def describe(self) -> dict[str, str]:
-        cpu = "unknown CPU"
-        for line in _read_text("/proc/cpuinfo").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        """``describe_cpu`` plus the disk holding the scratch file (key order as written)."""
+        cpu = self.describe_cpu()
         disk, fs = _disk_of(self.path.parent)
-        mem = self.memory_bytes()
-        kernel = platform.release()
-        cores = os.cpu_count() or 0
-        try:
-            load = " ".join(_read_text("/proc/loadavg").split()[:3])
-        except IndexError:
-            load = "unknown"
         rot = _read_text(f"/sys/block/{disk}/queue/rotational").strip()
+        head = {k: cpu[k] for k in ("cpu", "cores", "ram")}
         return {
-            "device": f"{cpu} ({cores} CPUs), {mem / 2**30:.1f} GiB RAM, disk {disk} ({fs})",
-            "cpu": cpu,
-            "cores": str(cores),
-            "ram": f"{mem / 2**30:.1f} GiB",
+            "device": f"{cpu['device']}, disk {disk} ({fs})",
+            **head,
             "disk_name": disk,
             "disk": f"/dev/{disk}, {fs}, rotational flag {rot or 'unknown'}, scratch file in "
                     f"{self.path.parent}",
             "filesystem": fs,
-            "kernel": kernel,
-            "os": platform.platform(),
-            "python": platform.python_version(),
-            "torch": str(self.torch.__version__),
-            "torch_threads": str(self.threads),
-            "load_average_at_start": load,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **{k: v for k, v in cpu.items() if k not in head and k != "device"},
         }
 
     def direct(self) -> tuple[bool, str]:
         return self.file.direct, self.file.why
-
-    def memory_bytes(self) -> int:
-        try:
-            return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-        except (ValueError, OSError, AttributeError):
-            return 0
 
     # -- storage ---------------------------------------------------------------------------
     def _offsets(self, nbytes: int, count: int) -> list[int]:
@@ -636,114 +792,6 @@ class CpuStorageBench:
         """Aggregate bytes/s of ``readers`` threads reading one expert at a time for a window."""
         with self._readers(readers) as counts:
             return self._window_bandwidth(counts, lambda: time.sleep(self.window_s))
-
-    # -- compute ---------------------------------------------------------------------------
-    def memory_bandwidth(self) -> tuple[float, str]:
-        torch = self.torch
-        n = 64 * 2**20
-        src = torch.ones(n // 4, dtype=torch.float32)
-        dst = torch.empty_like(src)
-        with self.ops.torch_threads(self.threads):
-            dst.copy_(src)
-            t = min(self._timed(lambda: dst.copy_(src), 5) for _ in range(3))
-        return 2 * n / t, (f"torch copy of {n // 2**20} MiB in DRAM, 2 x bytes / time, best of "
-                           f"3, {self.threads} torch thread(s)")
-
-    def matmul_flops(self) -> tuple[float, str]:
-        torch = self.torch
-        n = 512
-        dt = self.ops.torch_dtype(self.card)
-        g = torch.Generator().manual_seed(self.seed)
-        a = torch.randn(n, n, generator=g).to(dt)
-        b = torch.randn(n, n, generator=g).to(dt)
-        with self.ops.torch_threads(self.threads):
-            a @ b
-            t = min(self._timed(lambda: a @ b, 10) for _ in range(3))
-        return 2 * n**3 / t, (f"{self.card.dtype} matmul {n}x{n}x{n}, 2n^3 / time, best of 3, "
-                              f"{self.threads} torch thread(s)")
-
-    @staticmethod
-    def _timed(fn: Callable[[], Any], n: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        return (time.perf_counter() - t0) / n
-
-    def _pool(self, card: ModelCard, op: str) -> list[Any]:
-        """Weight sets for ``op`` (built once per card, seeded): copies of one random set."""
-        key = (card.name, op)
-        if key in self._pools:
-            return self._pools[key]
-        if any(k[0] != card.name for k in self._pools):  # one card's pools at a time
-            self._pools.clear()
-        torch, ops = self.torch, self.ops
-        g = torch.Generator().manual_seed(self.seed + OPS.index(op) + 1)
-        dt = ops.torch_dtype(card)
-        pool_bytes = min(self.max_pool_bytes, ops.working_set_bytes(card))
-        if op == "attention":
-            first = ops.make_standin_layer(card, self.max_context, g)
-            size = sum(t.numel() * t.element_size() for t in (
-                first.w_qkv, first.w_o, first.k_cache, first.v_cache, first.w_router))
-            count = max(1, min(card.num_moe_layers, self.max_pool_bytes // size))
-            pool: list[Any] = [first] + [_clone_layer(first) for _ in range(count - 1)]
-        elif op == "router":
-            w = (torch.randn(card.num_experts, card.hidden_size, generator=g) * 0.02).to(dt)
-            pool = [w] + [w.clone() for _ in range(card.num_moe_layers - 1)]
-        else:
-            inter = {"expert": card.moe_intermediate_size, "shared": card.shared_intermediate_size,
-                     "dense": card.dense_intermediate_size}[op]
-            params = card.matrices_per_expert * card.hidden_size * inter
-            size = int(params * card.dtype_bytes)
-            stride = round_up(size)
-            count = max(2, pool_bytes // stride)
-            buf = aligned_buffer(stride * count)  # one slot pool, like the executor's
-            flat = torch.frombuffer(buf, dtype=dt)
-            per = stride // flat.element_size()
-            flat[:params].copy_((torch.randn(params, generator=g) * 0.02).to(dt))
-            for i in range(1, count):
-                flat[i * per:i * per + params].copy_(flat[:params])
-            pool = [ops.expert_views(flat[i * per:i * per + params], card, inter)
-                    for i in range(count)]
-            self._pools[(card.name, op + "_buffer")] = buf
-        self._pools[key] = pool
-        return pool
-
-    def _op_fn(self, card: ModelCard, op: str, x: int) -> Callable[[int], Any]:
-        torch, ops = self.torch, self.ops
-        pool = self._pool(card, op)
-        g = torch.Generator().manual_seed(self.seed + x)
-        dt = ops.torch_dtype(card)
-        if op == "attention":
-            inp = torch.randn(1, card.hidden_size, generator=g).to(dt)
-            if not 1 <= x <= self.max_context:
-                raise ValueError(f"context {x} outside 1..{self.max_context}")
-            return lambda i: ops.attention_standin(inp, pool[i % len(pool)], x)
-        inp = torch.randn(x, card.hidden_size, generator=g).to(dt)
-        if op == "router":
-            return lambda i: ops.router(inp, pool[i % len(pool)], card.top_k)
-        return lambda i: ops.expert_ffn(inp, *pool[i % len(pool)])
-
-    def _calls_per(self, fn: Callable[[int], Any], seconds: float) -> int:
-        for i in range(2):
-            fn(i)
-        t0 = time.perf_counter()
-        fn(2)
-        one = max(time.perf_counter() - t0, 1e-7)
-        return max(3, min(5000, int(seconds / one)))
-
-    def op_samples(self, card: ModelCard, op: str, x: int) -> Samples:
-        fn = self._op_fn(card, op, x)
-        out = []
-        with self.ops.torch_threads(self.threads), self.torch.inference_mode():
-            n = self._calls_per(fn, self.op_round_s)
-            i = 0
-            for _ in range(self.rounds):
-                t0 = time.perf_counter()
-                for _ in range(n):
-                    fn(i)
-                    i += 1
-                out.append((time.perf_counter() - t0) / n)
-        return out
 
     def contention_samples(self, readers: int) -> list[tuple[float, float]]:
         fn = self._op_fn(self.card, "expert", 1)

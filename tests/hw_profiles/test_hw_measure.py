@@ -149,11 +149,11 @@ def test_default_command_is_measure(tmp_path: Path) -> None:
 def test_bad_arguments_give_a_message_not_a_traceback(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main(["measure", "--out", str(tmp_path / "x.txt")], bench=FakeBench()) == 1
+    assert main(["measure", "--out", str(tmp_path / "x.txt")], bench=FakeBench()) == 2
     assert "must be a .yaml file" in capsys.readouterr().err
-    assert main(["measure", "--model", "no_such_card"], bench=FakeBench()) == 1
+    assert main(["measure", "--model", "no_such_card"], bench=FakeBench()) == 2
     assert "no_such_card" in capsys.readouterr().err
-    assert main(["plot", "no_such_gpu", "--out", str(tmp_path / "x.png")]) == 1
+    assert main(["plot", "no_such_gpu", "--out", str(tmp_path / "x.png")]) == 2
     assert "known profiles" in capsys.readouterr().err
 
 

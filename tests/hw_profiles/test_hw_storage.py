@@ -168,14 +168,14 @@ def test_bad_storage_arguments_give_a_message(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     base = ["storage", "--out", str(tmp_path / "x.yaml"), "--no-progress"]
     fake = FakeStorageBench()
-    assert main([*base, "--scale", "0"], storage_bench=fake) == 1
+    assert main([*base, "--scale", "0"], storage_bench=fake) == 2
     assert "scale must be in (0, 1]" in capsys.readouterr().err
-    assert main([*base, "--min-bytes", "1000"], storage_bench=fake) == 1
+    assert main([*base, "--min-bytes", "1000"], storage_bench=fake) == 2
     assert "multiples of 4096" in capsys.readouterr().err
     assert main([*base, "--model", "deepseek_v2_lite", "moesim_tiny_moe", "--scale", "1", "1",
-                 "1"], storage_bench=fake) == 1
+                 "1"], storage_bench=fake) == 2
     assert "one per --model" in capsys.readouterr().err
-    assert main([*base, "--dtype", "int4"], storage_bench=fake) == 1
+    assert main([*base, "--dtype", "int4"], storage_bench=fake) == 2
     assert "not runnable on CPU" in capsys.readouterr().err
     assert not (tmp_path / "x.yaml").exists()
 
