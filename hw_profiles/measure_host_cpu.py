@@ -171,7 +171,8 @@ def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float,
         "per_expert_overhead_s": _q(_sig(a * 1e6, 3), "us", "measured",
                                     f"intercept a of the {fit_how}; {src}"),
         "notes": (f"Measured on {machine.get('device', 'this machine')} with {threads} torch "
-                  f"thread(s) and {card.dtype} weights by `{opts.command}`. The roofline "
+                  f"thread(s) and {card.dtype} weights by `{opts.command}` (load average at "
+                  f"start {machine.get('load_average_at_start', 'unknown')}). The roofline "
                   f"(effective bandwidth and FLOP/s, plus the overhead) times any card; the "
                   f"table times {base.name} x{scale:g} {card.dtype} exactly."),
         "measured": {base.name: {

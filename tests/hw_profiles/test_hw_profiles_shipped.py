@@ -13,7 +13,9 @@ SHIPPED = {
     "rtx4090", "h100_pcie",
 }
 UNIFIED = {"jetson_agx_orin", "jetson_orin_nano"}
-SOURCE_REF = re.compile(r"\bS\d+\b|notes §")
+# a notes source id, or (host_cpu figures, which the notes do not cover) a URL, an arXiv id or
+# the measured profile of this repository they were derived from
+SOURCE_REF = re.compile(r"\bS\d+\b|notes §|https?://|arXiv \d{4}\.\d{4,5}|ci_vm_virtio_measured")
 
 
 def test_all_issue_profiles_are_shipped() -> None:
@@ -84,6 +86,33 @@ def test_v100_curve_reproduces_the_bandwidthtest_points() -> None:
     assert link.transfer_time(1000) == pytest.approx(2.5e-6)
 
 
+@pytest.mark.parametrize("name", sorted(SHIPPED | {"ci_vm_virtio_measured"}))
+def test_every_profile_has_a_sourced_host_cpu(name: str) -> None:
+    prof = load_profile(name)
+    hc = prof.host_cpu
+    assert hc is not None and hc.cpu
+    figures = [q for q in prof.quantities() if q.field.startswith("host_cpu.")]
+    assert {q.field for q in figures} >= {"host_cpu.cores", "host_cpu.parallel",
+                                          "host_cpu.memory_efficiency",
+                                          "host_cpu.per_expert_overhead_s"}
+    for q in figures:
+        assert q.source.strip(), q
+        if q.known:
+            assert q.kind in KINDS, q
+            assert SOURCE_REF.search(q.source), f"{name}.{q.field}: no source in {q.source!r}"
+    if name in SHIPPED:  # literature profiles: a spec bandwidth and FLOP/s, never measured here
+        assert hc.memory_bandwidth_Bps.known and hc.flops.known
+        assert not hc.memory_bandwidth_measured_Bps.known
+    else:
+        assert hc.memory_bandwidth_measured_Bps.kind == "measured"
+        assert "moesim-profile host-cpu" in hc.memory_bandwidth_measured_Bps.source
+    # a decode-size expert is memory-bound on every host: 1 and 2 tokens cost the same
+    card = load_card("deepseek_v2_lite")
+    model = prof.host_cpu_model(card)
+    assert model.expert_time(2) == pytest.approx(model.expert_time(1))
+    assert model.expert_time(1, bits=4) < model.expert_time(1)
+
+
 def test_profiles_compose_as_the_hydra_group_hw() -> None:
     """Through the real app's config: ``hw=<name>`` plus overrides of nested fields."""
     from hydra import compose, initialize_config_dir
@@ -94,7 +123,11 @@ def test_profiles_compose_as_the_hydra_group_hw() -> None:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=overrides)
         for name in sorted(SHIPPED):
-            assert profile_from_mapping(compose("config", [f"hw={name}"]).hw, name).name == name
+            prof = profile_from_mapping(compose("config", [f"hw={name}"]).hw, name)
+            assert prof.name == name and prof.host_cpu is not None
+        over = compose("config", ["hw=rtx4090", "hw.host_cpu.parallel=2"]).hw
+        assert profile_from_mapping(over, "rtx4090").host_cpu_model(
+            load_card("deepseek_v2_lite")).parallel == 2
     prof = profile_from_mapping(cfg.hw, "v100_pcie")
     link = prof.expert_link()
     assert link.copy_engines == 2
