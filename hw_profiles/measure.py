@@ -4,7 +4,7 @@
     moesim-profile storage --model deepseek_v2_lite --scale 0.25 --out hw_profiles/x.yaml
     moesim-profile host-cpu --profile hw_profiles/x.yaml --model deepseek_v2_lite
     moesim-profile plot v100_pcie a100_sxm4 --out curves.png [--out curves.pdf]
-    moesim-profile table [PROFILE ...]
+    moesim-profile table [PROFILE ...] [--host-cpu [--card CARD]]
 
 The measurement logic only sees timers (callables returning seconds), supplied by a ``Bench``.
 ``CudaBench`` builds them with torch and CUDA events; tests pass a fake bench, so the logic and
@@ -518,6 +518,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="draw a line at this model card's expert size (repeatable)")
     t = sub.add_parser("table", help="print the key figures of profiles as a markdown table")
     t.add_argument("profiles", nargs="*", help="profile names or paths (default: all shipped)")
+    t.add_argument("--host-cpu", action="store_true",
+                   help="the host_cpu table instead: roofline figures and one expert of --card "
+                        "on the CPU vs copied over the expert link")
+    t.add_argument("--card", default="deepseek_v2_lite",
+                   help="model card for --host-cpu's expert times")
     return p
 
 
@@ -543,6 +548,12 @@ def main(argv: Sequence[str] | None = None, *, bench: Bench | None = None,
         if args.cmd == "table":
             from .report import markdown_table
 
+            if args.host_cpu:
+                from .report import host_cpu_table
+
+                print(host_cpu_table(args.profiles or list_profiles(), load_card(args.card)),
+                      end="")
+                return 0
             print(markdown_table(args.profiles or list_profiles()), end="")
             return 0
         if args.cmd == "storage":

@@ -1,4 +1,5 @@
-"""Human-facing views of profiles: the bandwidth-curve figure and the key-figure markdown table."""
+"""Human-facing views of profiles: the bandwidth-curve figure, the key-figure markdown table and
+the host-CPU table (each profile's ``host_cpu`` roofline and one expert on the CPU vs copied)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from moesim.traces.model_card import ModelCard
 
 from .link import LinkModel
 from .profile import HwProfile, load_profile
@@ -147,4 +150,54 @@ def markdown_table(profiles: Sequence[str | Path]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for p in profiles:
         lines.append("| " + " | ".join(table_rows(load_profile(p))) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Host CPU table (``moesim-profile table --host-cpu``)
+
+
+def _eff(figure: Quantity, efficiency: Quantity, scale: float, unit: str) -> str:
+    """'value x efficiency = effective unit (kinds; sources)' for a roofline figure."""
+    if not figure.known:
+        return "null (not found)"
+    eff = float(efficiency.value)
+    x = float(figure.value) / scale
+    kinds = "/".join(sorted({str(figure.kind), str(efficiency.kind)}))
+    return f"{x:.4g} × {eff:.3g} = {x * eff:.3g} {unit} ({kinds})"
+
+
+def host_cpu_rows(prof: HwProfile, card: ModelCard) -> list[str]:
+    """One row: the host CPU's roofline figures and one expert of ``card`` on it vs copied."""
+    hc = prof.host_cpu
+    if hc is None:
+        return [f"`{prof.name}`", "none", "–", "–", "–", "–", "–", "–"]
+    bw = (hc.memory_bandwidth_measured_Bps if hc.memory_bandwidth_measured_Bps.known
+          else hc.memory_bandwidth_Bps)
+    fl = hc.flops_measured if hc.flops_measured.known else hc.flops
+    model = hc.model(card)
+    ovh = hc.per_expert_overhead_s
+    copy = prof.expert_link().transfer_time(card.expert_bytes)
+    times = " / ".join(f"{model.expert_time(t) * 1e3:.3g}" for t in (1, 16, 64))
+    return [
+        f"`{prof.name}`",
+        hc.cpu,
+        f"{int(hc.cores.value)} ({int(hc.parallel.value)})",
+        _eff(bw, hc.memory_efficiency, 1e9, "GB/s"),
+        _eff(fl, hc.flops_efficiency, 1e12, "TFLOP/s"),
+        f"{float(ovh.value) * 1e6:.3g} µs ({ovh.kind})",
+        times + ("" if model.measured is None else " (measured table)"),
+        f"{copy * 1e3:.3g}",
+    ]
+
+
+def host_cpu_table(profiles: Sequence[str | Path], card: ModelCard) -> str:
+    """Markdown: each profile's host CPU and one ``card`` expert on it vs over the expert link."""
+    header = ["profile", "host CPU", "cores (parallel)", "memory BW × efficiency",
+              "FLOP/s × efficiency", "overhead / expert",
+              f"{card.name} expert on CPU, ms at 1 / 16 / 64 tokens",
+              "same expert copied, ms"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for p in profiles:
+        lines.append("| " + " | ".join(host_cpu_rows(load_profile(p), card)) + " |")
     return "\n".join(lines) + "\n"

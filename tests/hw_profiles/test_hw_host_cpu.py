@@ -236,3 +236,25 @@ def test_hydra_style_overrides_are_accepted() -> None:
     data["host_cpu"]["parallel"] = 2  # what hw.host_cpu.parallel=2 produces
     hc = profile_from_mapping(data).host_cpu
     assert hc is not None and hc.parallel.value == 2 and hc.parallel.kind == "override"
+
+
+def test_host_cpu_table_lists_every_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    from moesim.hw_profiles import list_profiles
+    from moesim.hw_profiles.measure import main
+    from moesim.hw_profiles.report import host_cpu_rows
+
+    assert main(["table", "--host-cpu", "--card", "deepseek_v2_lite"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + len(list_profiles())
+    row = next(line for line in lines if line.startswith("| `a100_sxm4`"))
+    assert "2x AMD EPYC 7742" in row and "409.6 × 0.23 = 94.2 GB/s" in row
+    # the expert columns are the model's own times and the expert link's copy time
+    prof = load_profile("a100_sxm4")
+    cells = host_cpu_rows(prof, CARD)
+    cpu_ms = [float(x) for x in cells[6].split(" / ")]
+    model = prof.host_cpu_model(CARD)
+    assert cpu_ms[0] == pytest.approx(model.expert_time(1) * 1e3, rel=1e-2)
+    assert float(cells[7]) == pytest.approx(
+        prof.expert_link().transfer_time(CARD.expert_bytes) * 1e3, rel=1e-2)
+    no_cpu = profile_from_mapping({k: v for k, v in _data().items() if k != "host_cpu"})
+    assert host_cpu_rows(no_cpu, CARD)[1] == "none"
