@@ -1,8 +1,10 @@
-"""Hardware profiles: host-link curves, storage tiers, GPU figures and compute-time models.
+"""Hardware profiles: host-link curves, storage tiers, GPU figures, compute-time models and the
+host CPU that can run a missed expert (``host_cpu``).
 
 One YAML per device lives next to this file and doubles as the Hydra config group ``hw``.
 Every number carries ``kind`` (measured | spec | estimate) and ``source`` (ids from
-shared/notes/hw-and-models.md). See README_section.md for the schema and the shipped profiles.
+shared/notes/hw-and-models.md, a URL, or the measuring command). Schema and shipped profiles:
+experiments/docs/pages/hardware-profiles.md.
 """
 
 from .compute import ComputeModel, MeasuredTable

@@ -54,7 +54,10 @@ class HostCpuSpec:
 
     ``memory_bandwidth_Bps`` is the DRAM bandwidth of every socket together (channels x
     transfer rate x 8 B); ``flops`` the peak at the precision the CPU computes expert matmuls
-    in. Their efficiencies say how much of that one expert FFN gets, NUMA included.
+    in. ``memory_efficiency`` and ``flops_efficiency`` are the share of the figure one expert
+    FFN gets, NUMA and kernel quality included. Unlike the GPU section they also apply to a
+    measured figure: ``*_measured`` is a streaming read or a large matmul, which an expert FFN
+    does not reach either (``moesim-profile host-cpu`` fits the share).
     """
 
     cpu: str
@@ -73,7 +76,7 @@ class HostCpuSpec:
 
     @property
     def effective_memory_bandwidth_Bps(self) -> float:
-        """Measured if given (a streaming read), else spec x memory_efficiency."""
+        """(Measured streaming read if given, else spec) x memory_efficiency."""
         if self.memory_bandwidth_measured_Bps.known:
             return float(self.memory_bandwidth_measured_Bps.value) * float(
                 self.memory_efficiency.value)
@@ -81,6 +84,7 @@ class HostCpuSpec:
 
     @property
     def effective_flops(self) -> float:
+        """(Measured matmul FLOP/s if given, else spec) x flops_efficiency."""
         if self.flops_measured.known:
             return float(self.flops_measured.value) * float(self.flops_efficiency.value)
         return float(self.flops.value) * float(self.flops_efficiency.value)

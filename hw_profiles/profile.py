@@ -3,7 +3,7 @@
 The same YAML files form the Hydra config group ``hw`` (``hw=v100_pcie``), so the loader accepts
 both a file (strict: every number must carry ``kind`` and ``source``) and the resolved mapping
 Hydra hands over (which may contain bare command-line overrides such as
-``hw.host_link.copy_engines=2``). Schema: hw_profiles/README_section.md.
+``hw.host_link.copy_engines=2``). Schema: experiments/docs/pages/hardware-profiles.md.
 """
 
 from __future__ import annotations
