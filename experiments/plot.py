@@ -1,8 +1,24 @@
-"""``moesim-plot DIR``: gather every run's ``summary.parquet`` below DIR into one table and plot
-hit rate and stall per token against cache capacity, one line per policy (PNG and PDF).
+"""``moesim-plot DIR``: gather every run's ``summary.parquet`` below DIR into one table and draw
+one figure of the sweep (PNG and PDF), with axes, series and panels chosen from what the sweep
+varied or given by ``--x``, ``--hue``, ``--style``, ``--col``, ``--row`` and ``--metric``.
+
+Rules the figure keeps, so that it cannot mislead:
+
+* every config column that varies in the table is plotted (an axis, a series or a panel) or
+  pinned with ``--where``; otherwise the command refuses and names it (several runs are never
+  averaged or shaded over a factor the reader cannot see);
+* uncertainty is drawn only over seeds (mean and a 95 % t interval when the runs differ only in
+  ``seed``) or over requests (a bootstrap interval from ``per_request.parquet`` beside a run's
+  summary, for per-token times), and the legend says which and over how many;
+* a categorical x (hardware profile, prediction point, policy, predictor) gets dodged points,
+  never lines; a numeric x gets lines with markers, on a log axis when it spans a decade;
+* each series has its own colour (Okabe-Ito), marker and dash pattern; units are chosen per
+  axis from the data (µs/ms/s, B/KB/MB/GB/TB, shares in %), names come from one table
+  (:mod:`moesim.experiments.plot_style`).
 
 Runs that have not finished have no summary yet and are simply not included, so this can be
-pointed at a sweep that is still running.
+pointed at a sweep that is still running. A run folder holding ``timeline.json`` is drawn as a
+Gantt chart, a ``validation.parquet`` folder as predicted against measured.
 """
 
 from __future__ import annotations
@@ -10,30 +26,106 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NoReturn
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import FixedLocator, NullLocator
+from moesim.experiments import plot_style as ps
+from moesim.experiments.plot_style import STYLE
 
-STYLE = {
-    "figure.dpi": 120,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "font.size": 9,
-    "legend.fontsize": 8,
-}
+FORMATS = ("png", "pdf", "svg")
+# Columns that describe a run but are not a factor of its result.
+NOT_FACTORS = frozenset({"config_hash", "run_dir", "sim_engine", "progress", "output.transfers",
+                         "output.timeline_steps"})
+# Config columns a sweep may vary outside the dotted groups (the schema's top-level options).
+TOP_LEVEL = frozenset({"mode", "replay", "prefill_chunk", "batch", "warmup_tokens",
+                       "warmup_extra_row", "seed", "engine", "max_requests", "max_tokens",
+                       "requests", "label", "compute_scale", "placement"})
+# Which varying factor takes a role first (x, then series, then panels).
+PRIMARY = ("label", "policy.name", "placement", "cache.fraction", "cache.capacity_fraction",
+           "cache.experts", "cache.bytes", "batch", "hw.name", "compute_scale", "policy.point",
+           "policy.lookahead", "policy.ahead", "mode", "trace.name")
+SERIES_FIRST = ("label", "policy.name", "policy.point")
+PANEL_FIRST = ("mode", "trace.name", "hw.name")
+STEMS = {"cache.capacity_fraction": "capacity", "cache.fraction": "capacity",
+         "cache.experts": "capacity", "cache.bytes": "capacity", "hw.name": "link",
+         "batch": "batch"}
+# per_request.parquet: per-token metrics a bootstrap over requests may use (column aliases)
+PER_REQUEST = {"time_per_output_token_s": ("time_per_output_token_s", "time_per_token_s"),
+               "stall_per_output_token_s": ("stall_per_output_token_s", "stall_per_token_s")}
+N_BOOT = 2000
+WRAP = 3
+PANEL_SIZE = (3.3, 2.6)  # inches per panel
+# two-sided 95 % Student t quantiles by degrees of freedom (no scipy at run time)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def save_figure(fig: plt.Figure, out: Path, stem: str, dpi: float | None = None) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf`` into ``out`` and close the figure. No creation date
-    in the PDF, so the same data gives the same file (committed figures do not churn)."""
+class PlotError(ValueError):
+    """A bad option or a table that cannot be drawn honestly: one line for the user, exit 2."""
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the figure shows: x, series (hue, style), panels (col, row) and metrics."""
+
+    x: str
+    metrics: tuple[str, ...]
+    hue: str | None = None
+    style: str | None = None
+    col: str | None = None
+    row: str | None = None
+    yscale: str = "auto"  # auto | linear | log
+
+    def roles(self) -> list[str]:
+        return [r for r in (self.x, self.hue, self.style, self.col, self.row) if r]
+
+
+@dataclass
+class Cells:
+    """One metric aggregated per plotted cell: mean, interval and how it was obtained."""
+
+    table: pd.DataFrame  # role columns + mean, lo, hi, n, ci ("" | "seeds" | "requests")
+    metric: str = ""
+
+    def ci_label(self) -> str | None:
+        """The legend text for the interval drawn, or None when none is drawn."""
+        for kind, unit in (("seeds", "seeds"), ("requests", "requests")):
+            n = self.table.loc[self.table["ci"] == kind, "n"]
+            if len(n):
+                lo, hi = int(n.min()), int(n.max())
+                count = f"{lo}" if lo == hi else f"{lo}-{hi}"
+                what = "mean, 95% CI" if kind == "seeds" else "95% bootstrap CI"
+                return f"{what} over {count} {unit}"
+        return None
+
+
+@dataclass
+class Sweep:
+    """The runs of a sweep (one row each) and, where runs wrote one, their per-request rows."""
+
+    runs: pd.DataFrame
+    per_request: pd.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def save_figure(fig: plt.Figure, out: Path, stem: str, dpi: float | None = None,
+                formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Write ``stem.<format>`` into ``out`` and close the figure. No creation date in the PDF,
+    so the same data gives the same file (committed figures do not churn)."""
     out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{stem}.{ext}" for ext in ("png", "pdf")]
+    paths = [out / f"{stem}.{ext}" for ext in formats]
     for path in paths:
         meta = {"CreationDate": None} if path.suffix == ".pdf" else None
         fig.savefig(path, dpi=dpi or "figure", metadata=meta)
@@ -54,201 +146,515 @@ def collect(root: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def _series_label(df: pd.DataFrame) -> pd.Series:
-    label = df["policy.name"].astype(str)
-    for extra in ("hw.name", "trace.name"):
-        if extra in df and df[extra].nunique() > 1:
-            label = label + " · " + df[extra].astype(str)
-    return label
+def collect_per_request(root: Path) -> pd.DataFrame | None:
+    """Every ``per_request.parquet`` beside a summary below ``root``, tagged with its run_dir."""
+    frames = []
+    for f in sorted(root.rglob("per_request.parquet")):
+        if not (f.parent / "summary.parquet").is_file():
+            continue
+        df = pd.read_parquet(f)
+        df["run_dir"] = str(f.parent.relative_to(root))
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else None
 
 
-def plot_vs_capacity(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Hit rate (and, for timed runs, stall per output token) against capacity."""
-    df = df.copy()
-    df["series"] = _series_label(df)
-    modes = sorted(df["mode"].dropna().unique())
-    timed = df[df["mode"] == "timed"]
-    panels = [(m, "hit_rate", "hit rate") for m in modes]
-    if not timed.empty:
-        panels.append(("timed", "stall_per_output_token_s", "stall per output token (ms)"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    with plt.rc_context(STYLE):
-        for ax, (mode, metric, ylabel) in zip(axes[0], panels, strict=True):
-            sub = df[df["mode"] == mode]
-            for name, g in sub.groupby("series"):
-                g = g.groupby("cache.capacity_fraction", as_index=False)[metric].agg(
-                    ["mean", "min", "max"]
-                )
-                scale = 1e3 if metric.endswith("_s") else 1.0
-                x = g["cache.capacity_fraction"] * 100
-                ax.plot(x, g["mean"] * scale, marker="o", ms=3, label=name)
-                if (g["max"] > g["min"]).any():  # several seeds: show their range
-                    ax.fill_between(x, g["min"] * scale, g["max"] * scale, alpha=0.2)
-            ax.set_xlabel("cache capacity (% of routed experts)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{ylabel} ({mode.replace('_', '-')})")
-            if metric == "hit_rate":
-                ax.set_ylim(0, 1)
-            ax.grid(True, alpha=0.3)
-        axes[0][0].legend(loc="best")
-        fig.tight_layout()
-    return save_figure(fig, out, "capacity")
+# --- which columns are factors, which vary, which are plotted ------------------------------
+
+def factor_columns(df: pd.DataFrame) -> list[str]:
+    """Config columns (the flattened run config and what it determines), not results."""
+    return [c for c in df.columns
+            if c not in ps.METRICS and c not in NOT_FACTORS
+            and not c.startswith(("moesim.", "run."))
+            and ("." in c or c in TOP_LEVEL)]
 
 
-METRIC_LABELS = {
-    "hit_rate": ("hit rate", 1.0),
-    "hit_rate_incl_late": ("hit rate incl. late", 1.0),
-    "stall_per_output_token_s": ("stall per output token (ms)", 1e3),
-    "time_per_output_token_s": ("time per output token (ms)", 1e3),
-    "unique_experts_per_pair": ("unique experts / (tokens x k)", 1.0),
-    "demand_bytes": ("demand bytes (GB)", 1e-9),
-}
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    """Numeric result columns: what ``--metric`` may name."""
+    factors = set(factor_columns(df))
+    return [c for c in df.columns if c not in factors and c not in NOT_FACTORS
+            and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
 
 
-def plot_sweep(df: pd.DataFrame, x: str, xlabel: str, metrics: list[str], out: Path,
-               stem: str) -> list[Path]:
-    """One panel per metric against a swept factor ``x``, one line per policy (and mode)."""
-    df = df.copy()
-    df["series"] = df["policy.name"].astype(str)
-    if df["mode"].nunique() > 1:
-        df["series"] += " · " + df["mode"].astype(str)
-    categorical = not pd.api.types.is_numeric_dtype(df[x])
-    order = list(dict.fromkeys(df[x])) if categorical else sorted(df[x].unique())
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4),
-                                 squeeze=False)
-        for ax, metric in zip(axes[0], metrics, strict=True):
-            label, scale = METRIC_LABELS[metric]
-            for name, g in df.groupby("series"):
-                g = g.groupby(x)[metric].agg(["mean", "min", "max"]).reindex(order).dropna()
-                xs = [order.index(v) for v in g.index] if categorical else g.index
-                ax.plot(xs, g["mean"] * scale, marker="o", ms=3, label=name)
-                if (g["max"] > g["min"]).any():  # several seeds: show their range
-                    ax.fill_between(xs, g["min"] * scale, g["max"] * scale, alpha=0.2)
-            if categorical:
-                ax.set_xticks(range(len(order)), [str(v) for v in order], rotation=35,
-                              ha="right")
-            elif x == "batch":
-                ax.set_xscale("log", base=2)
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(label)
-            if metric.startswith("hit_rate"):
-                ax.set_ylim(0, 1)
+def _text(s: pd.Series) -> pd.Series:
+    return s.map(repr)  # None, NaN, lists and numbers compared as written
+
+
+def varies(df: pd.DataFrame, col: str) -> bool:
+    return col in df and _text(df[col]).nunique() > 1
+
+
+def determined(df: pd.DataFrame, by: Sequence[str], col: str) -> bool:
+    """True when ``col`` takes one value for each combination of ``by`` (e.g. ``cache.slots``
+    given ``cache.capacity_fraction``, ``policy.eviction`` given ``policy.name``)."""
+    if not by:
+        return not varies(df, col)
+    keys = [_text(df[b]) for b in by]
+    return bool(_text(df[col]).groupby(keys).nunique().max() <= 1)
+
+
+def primary_factors(df: pd.DataFrame) -> list[str]:
+    """The varying factors, minus those determined by earlier ones (``PRIMARY`` order)."""
+    factors = factor_columns(df)
+    rank = {c: i for i, c in enumerate(PRIMARY)}
+    cands = sorted((c for c in factors if c != "seed" and varies(df, c)),
+                   key=lambda c: (rank.get(c, len(rank)), factors.index(c)))
+    chosen: list[str] = []
+    for c in cands:
+        if not determined(df, chosen, c):
+            chosen.append(c)
+    return chosen
+
+
+def _levels_text(df: pd.DataFrame, col: str, limit: int = 6) -> str:
+    vals = [str(v) for v in ps.level_order(col, df[col].tolist())]
+    more = f", ... ({len(vals)} values)" if len(vals) > limit else ""
+    return ", ".join(vals[:limit]) + more
+
+
+def _check_column(df: pd.DataFrame, option: str, name: str) -> None:
+    if name not in df.columns:
+        facs = factor_columns(df)
+        varying = [c for c in facs if varies(df, c)]
+        rest = [c for c in facs if c not in varying]
+        raise PlotError(f"{option} {name!r}: no such column; varying: {', '.join(varying) or '-'}"
+                        f"; constant: {', '.join(rest)}")
+
+
+def apply_where(df: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
+    """Keep the rows matching every ``key=value[,value...]`` (values as printed, or numbers)."""
+    for item in where:
+        key, sep, values = item.partition("=")
+        if not sep or not key:
+            raise PlotError(f"--where {item!r}: expected KEY=VALUE[,VALUE...]")
+        _check_column(df, "--where", key)
+        wanted = values.split(",")
+        col = df[key]
+        mask = col.astype(str).isin(wanted)
+        if pd.api.types.is_numeric_dtype(col):
+            nums = [float(v) for v in wanted if _is_number(v)]
+            mask |= col.apply(lambda v, nums=nums: any(math.isclose(v, n) for n in nums))
+        if not mask.any():
+            raise PlotError(f"--where {item}: no run has {key} in {wanted}; values: "
+                            f"{_levels_text(df, key)}")
+        df = df[mask]
+    return df
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    return [v.strip() for item in values or () for v in item.split(",") if v.strip()]
+
+
+def default_metrics(df: pd.DataFrame, roles: Sequence[str]) -> list[str]:
+    """Hit rate, and per-token stall and time when some runs are timed (as before); batch
+    sweeps add deduplication and bytes moved."""
+    out = ["hit_rate"]
+    if "batch" in roles:
+        out += ["unique_experts_per_pair", "demand_bytes"]
+    if "mode" not in df or (df["mode"] == "timed").any():
+        out += ["stall_per_output_token_s", "time_per_output_token_s"]
+    return [m for m in out if m in df]
+
+
+def choose_spec(df: pd.DataFrame, *, x: str | None = None, hue: str | None = None,
+                style: str | None = None, col: str | None = None, row: str | None = None,
+                metrics: Sequence[str] | None = None, yscale: str = "auto") -> Spec:
+    """Fill the roles not given from the varying factors and check that nothing varies unseen.
+
+    Defaults: series by predictor or policy, x the first numeric swept factor (capacity, batch,
+    compute scale, ...) else a categorical one (hardware, prediction point), then panels by
+    mode, trace or what is left. Raises :class:`PlotError` naming what is wrong.
+    """
+    given = {"--x": x, "--hue": hue, "--style": style, "--col": col, "--row": row}
+    for option, name in given.items():
+        if name is not None:
+            _check_column(df, option, name)
+    named = [n for n in given.values() if n is not None]
+    if len(set(named)) < len(named):
+        raise PlotError(f"one column in two roles: {', '.join(named)}")
+    if yscale not in ("auto", "linear", "log"):
+        raise PlotError(f"--yscale {yscale!r}: choose auto, linear or log")
+    valid = metric_columns(df)
+    for m in metrics or ():
+        if m not in valid:
+            raise PlotError(f"--metric {m!r}: not in the table; choose from: {', '.join(valid)}")
+    primary = primary_factors(df)
+
+    def free() -> list[str]:
+        taken = [r for r in (x, hue, style, col, row) if r]
+        return [c for c in primary if c not in taken and not (taken and determined(df, taken, c))]
+
+    if hue is None and x not in SERIES_FIRST:
+        hue = next((c for c in SERIES_FIRST if c in free()), None)
+    if x is None:
+        left = free()
+        numeric = [c for c in left if pd.api.types.is_numeric_dtype(df[c])
+                   and c not in PANEL_FIRST]
+        x = (numeric or [c for c in left if c not in PANEL_FIRST] or left or [None])[0]
+        if x is None:  # nothing varies: one point per series
+            x = hue or ("policy.name" if "policy.name" in df else factor_columns(df)[0])
+            hue = None if hue == x else hue
+    if hue is None:
+        left = free()
+        hue = next((c for c in left if c not in PANEL_FIRST), None)
+    for role in ("col", "row"):
+        if (col if role == "col" else row) is None:
+            left = free()
+            pick = next((c for c in left if c in PANEL_FIRST), left[0] if left else None)
+            if role == "col":
+                col = pick
             else:
-                vals = df[metric].dropna()
-                vals = vals[vals > 0]
-                if len(vals) and vals.max() > 20 * vals.min():  # e.g. NVMe vs PCIe 5
-                    ax.set_yscale("log")
-                else:
-                    ax.set_ylim(bottom=0)
-        axes[0][0].legend(loc="best")
-        fig.tight_layout()
-    return save_figure(fig, out, stem)
+                row = pick
+    unseen = free()
+    if unseen:
+        what = "; ".join(f"{c} ({_levels_text(df, c)})" for c in unseen)
+        first = unseen[0]
+        raise PlotError(f"not plotted but varying: {what}; show it with --style {first} (or "
+                        f"--col/--row), or keep one value with --where {first}=VALUE")
+    roles = [r for r in (x, hue, style, col, row) if r]
+    chosen = list(metrics) if metrics else default_metrics(df, roles)
+    if not chosen:
+        raise PlotError(f"no default metric in the table; choose --metric from: {', '.join(valid)}")
+    return Spec(x=x, hue=hue, style=style, col=col, row=row, metrics=tuple(chosen),
+                yscale=yscale)
 
 
-def _bars(ax: plt.Axes, table: pd.DataFrame, scale: float) -> None:
-    """Grouped bars: one group per row label of ``table``, one bar per column."""
-    n = max(len(table.columns), 1)
-    width = 0.8 / n
-    for i, col in enumerate(table.columns):
-        xs = [j + (i - (n - 1) / 2) * width for j in range(len(table))]
-        ax.bar(xs, table[col] * scale, width, label=str(col))
-    ax.set_xticks(range(len(table)), [str(v) for v in table.index], rotation=35, ha="right")
+def default_stem(spec: Spec) -> str:
+    """Figure file name: the names older versions used (capacity, link, batch, ...)."""
+    roles = spec.roles()
+    if "label" in roles:
+        return "predictors"
+    if {"policy.point", "policy.lookahead"} & {spec.x, spec.hue}:
+        return "prediction_point"
+    return STEMS.get(spec.x, spec.x.replace(".", "_"))
 
 
-# experiments/conf/predictor entries, by how early their prediction exists, oracles last
-PREDICTOR_ORDER = (
-    "none", "pre_attention", "moe_beyond_causal", "moe_beyond_text", "fate", "speculation",
-    "oracle_pre_attention", "oracle_routed", "oracle_next_layer", "oracle_two_layers",
-)
+# --- aggregation: means and intervals per cell ----------------------------------------------
+
+def t975(dof: int) -> float:
+    """Two-sided 95 % Student t quantile (table to 30, then a 1/dof expansion)."""
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96 + 2.4 / dof
 
 
-def _factor_text(factor: str, value: object) -> str:
-    if factor == "compute_scale":
-        return f"x{float(value):g}"  # type: ignore[arg-type]
-    return str(value)
+def bootstrap_ci(values: np.ndarray, weights: np.ndarray, seed: int,
+                 n_boot: int = N_BOOT) -> tuple[float, float]:
+    """Percentile 95 % interval of the weighted mean, resampling rows (requests) with
+    replacement. Weighting per-request time per token by output tokens gives the summary's
+    ratio of totals, so the interval is about the plotted statistic."""
+    rng = np.random.default_rng(seed)
+    n = len(values)
+    stats = np.empty(n_boot)
+    block = max(1, 2_000_000 // max(n, 1))
+    for start in range(0, n_boot, block):
+        idx = rng.integers(0, n, size=(min(block, n_boot - start), n))
+        w = weights[idx]
+        stats[start:start + len(idx)] = (values[idx] * w).sum(axis=1) / w.sum(axis=1)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
-def plot_predictors(df: pd.DataFrame, out: Path) -> list[Path]:
-    """Runs labelled by predictor (``experiment=prediction_point``): zero-latency hit rate,
-    timed stall per token per hardware profile, and stall saved against the ``none`` run."""
-    df = df[df["label"].notna()].copy()
-    known = {name: i for i, name in enumerate(PREDICTOR_ORDER)}
-    order = sorted(dict.fromkeys(df["label"]), key=lambda v: (known.get(v, len(known)), v))
-    zl = df[df["mode"] == "zero_latency"]
-    timed = df[df["mode"] == "timed"].copy()
-    factors = [c for c in ("hw.name", "compute_scale") if c in timed and timed[c].nunique() > 1]
-    factors = factors or ["hw.name"]
-    title = " · ".join("compute x" if f == "compute_scale" else "hw" for f in factors)
-    timed["group"] = [" · ".join(_factor_text(f, v) for f, v in zip(factors, vals, strict=True))
-                      for vals in timed[factors].itertuples(index=False)]
-    group_keys = timed.groupby("group")[factors].first()  # group label -> factor values
-    panels = []
-    if not zl.empty:
-        panels.append("zl")
-    if not timed.empty:
-        panels += ["stall", "saved"] if "none" in set(timed["label"]) else ["stall"]
+def _per_request_values(per_request: pd.DataFrame | None, run_dir: str, metric: str
+                        ) -> tuple[np.ndarray, np.ndarray] | None:
+    if per_request is None or metric not in PER_REQUEST:
+        return None
+    col = next((c for c in PER_REQUEST[metric] if c in per_request), None)
+    if col is None:
+        return None
+    rows = per_request[per_request["run_dir"] == run_dir]
+    rows = rows[np.isfinite(rows[col].astype(float))]
+    if len(rows) < 2:
+        return None
+    weights = (rows["output_tokens"].to_numpy(float) if "output_tokens" in rows
+               else np.ones(len(rows)))
+    keep = weights > 0
+    return rows[col].to_numpy(float)[keep], weights[keep]
+
+
+def aggregate(df: pd.DataFrame, spec: Spec, metric: str, per_request: pd.DataFrame | None = None,
+              seed: int = 0) -> Cells:
+    """Mean of ``metric`` per cell of the plotted roles, with a 95 % interval over seeds (when
+    the runs of a cell differ in ``seed``) or over requests (one run with per-request rows)."""
+    roles = spec.roles()
+    rows = df
+    if ps.quantity(metric).timed_only and "mode" in rows:
+        rows = rows[rows["mode"] != "zero_latency"]
+    rows = rows[np.isfinite(rows[metric].astype(float))]
+    by_seed = "seed" in rows and "seed" not in roles
+    out = []
+    for keys, g in rows.groupby(roles, dropna=False, sort=False):
+        keys = keys if isinstance(keys, tuple) else (keys,)
+        rec: dict[str, Any] = dict(zip(roles, keys, strict=True))
+        vals = g.groupby("seed")[metric].mean() if by_seed else g[metric]
+        mean = float(vals.mean())
+        lo = hi = math.nan
+        ci, n = "", len(vals)
+        if by_seed and n > 1:
+            half = t975(n - 1) * float(vals.std(ddof=1)) / math.sqrt(n)
+            lo, hi, ci = mean - half, mean + half, "seeds"
+        elif len(g) == 1 and per_request is not None and "run_dir" in g:
+            pr = _per_request_values(per_request, str(g["run_dir"].iloc[0]), metric)
+            if pr is not None:
+                v, w = pr
+                mean = float((v * w).sum() / w.sum())
+                lo, hi = bootstrap_ci(v, w, seed)
+                ci, n = "requests", len(v)
+        out.append({**rec, "mean": mean, "lo": lo, "hi": hi, "n": n, "ci": ci})
+    table = pd.DataFrame(out, columns=[*roles, "mean", "lo", "hi", "n", "ci"])
+    return Cells(table, metric)
+
+
+# --- drawing --------------------------------------------------------------------------------
+
+def _is_categorical(df: pd.DataFrame, col: str) -> bool:
+    s = df[col]
+    return not pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)
+
+
+def _log_base(values: Sequence[float]) -> int | None:
+    """10 or 2 when positive values span at least a decade (powers of two: base 2), else None."""
+    vals = [float(v) for v in values if np.isfinite(v)]
+    if len(vals) < 3 or min(vals) <= 0 or max(vals) / min(vals) < 10:
+        return None
+    if all(v == int(v) and int(v) & (int(v) - 1) == 0 for v in vals):
+        return 2
+    return 10
+
+
+def _match(df: pd.DataFrame, col: str | None, value: object) -> pd.Series:
+    if col is None:
+        return pd.Series(True, index=df.index)
+    if isinstance(value, float) and math.isnan(value):
+        return df[col].isna()
+    return df[col] == value
+
+
+@dataclass(frozen=True)
+class Series:
+    """One drawn series: its hue and style values and how it looks."""
+
+    hue: object
+    style: object
+    color: str
+    marker: str
+    dash: object
+    label: str
+
+
+def _series(df: pd.DataFrame, spec: Spec) -> list[Series]:
+    hues = ps.level_order(spec.hue, df[spec.hue].tolist()) if spec.hue else [None]
+    styles = ps.level_order(spec.style, df[spec.style].tolist()) if spec.style else [None]
+    out = []
+    for i, h in enumerate(hues):
+        for j, s in enumerate(styles):
+            k = j if spec.style else i  # marker and dash follow style when there is one
+            parts = [ps.level_name(f, v) for f, v in ((spec.hue, h), (spec.style, s)) if f]
+            out.append(Series(h, s, ps.PALETTE[i % len(ps.PALETTE)], ps.MARKERS[k % len(
+                ps.MARKERS)], ps.DASHES[k % len(ps.DASHES)], " · ".join(parts)))
+    return out
+
+
+def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None = None,
+                seed: int = 0) -> plt.Figure:
+    """Draw ``spec`` from the run table ``df`` (one row per run) and return the figure."""
+    cells = {m: aggregate(df, spec, m, per_request, seed) for m in spec.metrics}
+    rows_lv = ps.level_order(spec.row, df[spec.row].tolist()) if spec.row else [None]
+    cols_lv = ps.level_order(spec.col, df[spec.col].tolist()) if spec.col else [None]
+    panels = []  # (metric, row value, col value, table)
+    for m in spec.metrics:
+        t = cells[m].table
+        for rv in rows_lv:
+            for cv in cols_lv:
+                sub = t[_match(t, spec.row, rv) & _match(t, spec.col, cv)]
+                panels.append((m, rv, cv, sub))
+    if spec.row:
+        ncols, nrows = len(cols_lv), len(panels) // len(cols_lv)
+        where = list(range(len(panels)))
+    else:
+        panels = [p for p in panels if len(p[3])]  # e.g. stall in zero-latency runs
+        ncols = min(WRAP, max(len(panels), 1))
+        nrows = max(1, math.ceil(len(panels) / ncols))
+        where = list(range(len(panels)))
+    if not panels:
+        raise PlotError(f"nothing to draw: no finite values of {', '.join(spec.metrics)}")
+    categorical = _is_categorical(df, spec.x)
+    x_levels = ps.level_order(spec.x, df[spec.x].tolist())
+    x_kind = ps.quantity(spec.x).kind
+    x_scale, x_unit = ps.unit_scale(x_kind, x_levels if not categorical else [])
+    log_base = None if categorical else _log_base(x_levels)
+    series = _series(df, spec)
+    y_units, y_log = {}, {}
+    for m in spec.metrics:
+        t = cells[m].table
+        vals = pd.concat([t["mean"], t["lo"], t["hi"]])
+        vals = vals[np.isfinite(vals)]
+        y_log[m] = spec.yscale == "log" or (
+            spec.yscale == "auto" and ps.quantity(m).kind != "fraction" and len(vals) > 0
+            and vals.min() > 0 and vals.max() / vals.min() > 30)
+        y_units[m] = ps.unit_scale(ps.quantity(m).kind,
+                                   [ps.log_middle(vals)] if y_log[m] else vals)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8),
-                                 squeeze=False)
-        for ax, panel in zip(axes[0], panels, strict=True):
-            if panel == "zl":
-                t = zl.groupby("label")[["hit_rate"]].mean().reindex(order).dropna()
-                _bars(ax, t.rename(columns={"hit_rate": "zero-latency"}), 1.0)
-                ax.set_ylabel("hit rate (zero-latency)")
-                ax.set_ylim(0, 1)
+        fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
+                                 figsize=(PANEL_SIZE[0] * ncols + 1.9, PANEL_SIZE[1] * nrows))
+        flat = list(axes.flat)
+        for ax in flat[len(panels):]:
+            ax.set_visible(False)
+        for pos, (metric, rv, cv, sub) in zip(where, panels, strict=True):
+            ax = flat[pos]
+            if sub.empty:
+                ax.set_visible(False)
                 continue
-            t = timed.pivot_table(index="label", columns="group",
-                                  values="stall_per_output_token_s", aggfunc="mean")
-            t = t.reindex([o for o in order if o in t.index])
-            t = t[sorted(t.columns, key=lambda g: tuple(group_keys.loc[g]))]
-            if panel == "stall":
-                _bars(ax, t, 1e3)
-                ax.set_ylabel("stall per output token (ms), timed")
-            else:
-                base = t.loc["none"].where(t.loc["none"] > 0)  # no stall: nothing to save
-                saved = 1.0 - t.div(base, axis=1)
-                _bars(ax, saved.drop(index="none"), 100.0)
-                ax.axhline(0, color="black", lw=0.6)
-                ax.set_ylabel("stall saved vs no prediction (%)")
-            ax.legend(loc="best", title=title)
-        fig.tight_layout()
-    return save_figure(fig, out, "predictors")
+            yf, y_unit = y_units[metric]
+            for k, s in enumerate(series):
+                g = sub[_match(sub, spec.hue, s.hue) & _match(sub, spec.style, s.style)]
+                if g.empty:
+                    continue
+                if categorical:
+                    _draw_dodged(ax, g, spec.x, x_levels, s, k, len(series), yf)
+                else:
+                    _draw_line(ax, g.sort_values(spec.x), spec.x, x_scale, s, yf)
+            _format_x(ax, spec.x, x_levels, categorical, x_scale, x_unit, log_base)
+            ax.set_ylabel(ps.axis_label(metric, y_unit))
+            title = [f"{ps.quantity(f).label}: {ps.level_name(f, v)}"
+                     for f, v in ((spec.row, rv), (spec.col, cv)) if f]
+            if title:
+                ax.set_title(" · ".join(title))
+        _format_y(flat, panels, where, spec, y_units, y_log)
+        _legend(fig, spec, series, categorical, [cells[m].ci_label() for m in spec.metrics])
+    return fig
 
 
-def plot_auto(df: pd.DataFrame, out: Path) -> list[Path]:
-    """The plots that fit what the sweep varied."""
-    def varies(col: str) -> bool:
-        return col in df and df[col].nunique(dropna=True) > 1
-
-    if varies("label"):
-        return plot_predictors(df, out)
-
-    timed = (df["mode"] == "timed").any()
-    stall = ["stall_per_output_token_s", "time_per_output_token_s"] if timed else []
-    paths: list[Path] = []
-    if varies("cache.capacity_fraction") or not any(
-        varies(c) for c in ("hw.name", "batch", "policy.point", "policy.lookahead")
-    ) or (varies("policy.name") and not varies("hw.name") and not varies("batch")):
-        paths += plot_vs_capacity(df, out)
-    if varies("hw.name"):
-        paths += plot_sweep(df, "hw.name", "hardware profile (expert link)",
-                            ["hit_rate_incl_late", *stall], out, "link")
-    if varies("batch"):
-        extra = ["unique_experts_per_pair", "demand_bytes"]
-        paths += plot_sweep(df, "batch", "batch size (requests)", ["hit_rate", *extra, *stall],
-                            out, "batch")
-    if (varies("policy.point") or varies("policy.lookahead")) and not varies("policy.name"):
-        df = df.copy()
-        short = {"pre_attention": "pre-attn", "routed": "routed", "demand_issued": "after demand"}
-        df["when"] = (df["policy.point"].map(short).fillna(df["policy.point"].astype(str))
-                      + " +" + df["policy.lookahead"].astype("Int64").astype(str))
-        paths += plot_sweep(df, "when", "issued at (point of layer l, + layers ahead)",
-                            ["hit_rate_incl_late", *stall], out, "prediction_point")
-    return paths
+def _draw_line(ax: plt.Axes, g: pd.DataFrame, x: str, x_scale: float, s: Series,
+               yf: float) -> None:
+    xs = g[x].to_numpy(float) * x_scale
+    ax.plot(xs, g["mean"] * yf, color=s.color, marker=s.marker, ls=s.dash, lw=1.3, ms=5,
+            mfc="none", mew=1.2, label=s.label)
+    band = g["lo"].notna().to_numpy()
+    if band.any():
+        ax.fill_between(xs[band], g["lo"][band] * yf, g["hi"][band] * yf, color=s.color,
+                        alpha=0.18, lw=0)
 
 
-def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Path]:
+def _draw_dodged(ax: plt.Axes, g: pd.DataFrame, x: str, levels: list[object], s: Series,
+                 k: int, n: int, yf: float) -> None:
+    """Points beside each other within a category, never joined: the categories are not a
+    scale, a line between them would suggest one."""
+    width = min(0.8 / n, 0.22)
+    pos = np.array([levels.index(v) for v in g[x]], float) + (k - (n - 1) / 2) * width
+    y = g["mean"].to_numpy(float) * yf
+    ax.plot(pos, y, marker=s.marker, ls="none", color=s.color, ms=5.5, mfc="none", mew=1.2,
+            label=s.label)
+    if g["lo"].notna().any():
+        lo = np.nan_to_num(y - g["lo"].to_numpy(float) * yf)
+        hi = np.nan_to_num(g["hi"].to_numpy(float) * yf - y)
+        ax.errorbar(pos, y, yerr=np.vstack([lo, hi]), fmt="none", color=s.color, capsize=2,
+                    elinewidth=1)
+
+
+def _format_x(ax: plt.Axes, x: str, levels: list[object], categorical: bool, x_scale: float,
+              x_unit: str, log_base: int | None) -> None:
+    if categorical:
+        names = [ps.level_name(x, v) for v in levels]
+        turn = max((len(n) for n in names), default=0) * len(names) > 40
+        ax.set_xticks(range(len(levels)), names, rotation=30 if turn else 0,
+                      ha="right" if turn else "center")
+        ax.set_xlim(-0.6, len(levels) - 0.4)
+        ax.grid(False, axis="x")
+        for b in range(len(levels) - 1):
+            ax.axvline(b + 0.5, color="0.88", lw=0.6, zorder=0)
+        ax.set_xlabel(ps.quantity(x).label)
+        return
+    if log_base:
+        ax.set_xscale("log", base=log_base)
+    if len(levels) <= 12:
+        ticks = [float(v) * x_scale for v in levels]  # type: ignore[arg-type]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
+    ax.set_xlabel(ps.axis_label(x, x_unit))
+
+
+def _format_y(flat: list[plt.Axes], panels: list[tuple[Any, ...]], where: list[int], spec: Spec,
+              y_units: dict[str, tuple[float, str]], y_log: dict[str, bool]) -> None:
+    """One y range per metric across its panels (they compare), log when it spans decades."""
+    for m in spec.metrics:
+        axes = [flat[p] for p, pan in zip(where, panels, strict=True) if pan[0] == m
+                and len(pan[3])]
+        if not axes:
+            continue
+        vals = pd.concat([pan[3][c] for pan in panels if pan[0] == m for c in ("mean", "lo", "hi")])
+        vals = vals[np.isfinite(vals)] * y_units[m][0]
+        if not len(vals):
+            continue
+        kind = ps.quantity(m).kind
+        for ax in axes:
+            if y_log[m]:
+                ax.set_yscale("log")
+                ax.set_ylim(float(vals.min()) / 1.3, float(vals.max()) * 1.3)
+                ps.readable_log_ticks(ax.yaxis)
+            elif kind == "fraction" and vals.max() <= 100 and vals.min() >= 0:
+                ax.set_ylim(0, 102)
+            elif vals.min() >= 0:
+                ax.set_ylim(0, float(vals.max()) * 1.08 or 1.0)
+
+
+def _legend(fig: plt.Figure, spec: Spec, series: list[Series], categorical: bool,
+            ci_labels: list[str | None]) -> None:
+    """One legend for the whole figure, outside the panels: series, then what the band is."""
+    handles: list[Any] = []
+    ls_of = (lambda s: "none") if categorical else (lambda s: s.dash)
+    if spec.hue and spec.style:
+        for title, f in ((spec.hue, "hue"), (spec.style, "style")):
+            handles.append(Line2D([], [], ls="none", label=ps.quantity(title).label))
+            seen: set[str] = set()
+            for s in series:
+                v = getattr(s, f)
+                name = ps.level_name(title, v)
+                if name in seen:
+                    continue
+                seen.add(name)
+                if f == "hue":
+                    handles.append(Line2D([], [], color=s.color, ls="-", label=name))
+                else:
+                    handles.append(Line2D([], [], color="0.3", marker=s.marker, ls=ls_of(s),
+                                          mfc="none", label=name))
+    elif spec.hue or spec.style:
+        handles = [Line2D([], [], color=s.color, marker=s.marker, ls=ls_of(s), mfc="none",
+                          mew=1.2, label=s.label) for s in series]
+    labels = sorted({c for c in ci_labels if c})
+    for text in labels:
+        handles.append(Line2D([], [], color="0.4", marker="|", ms=9, ls="none", label=text)
+                       if categorical else Patch(color="0.6", alpha=0.35, label=text))
+    if handles:
+        title = None if (spec.hue and spec.style) else ps.quantity(spec.hue or spec.style
+                                                                   or "").label
+        fig.legend(handles=handles, loc="outside right upper", title=title or None,
+                   alignment="left")
+
+
+def plot_spec(df: pd.DataFrame, spec: Spec, out: Path, stem: str | None = None,
+              formats: Sequence[str] = ("png", "pdf"), per_request: pd.DataFrame | None = None,
+              seed: int = 0) -> list[Path]:
+    """Draw ``spec`` and write it as ``out/stem.<format>``."""
+    fig = make_figure(df, spec, per_request, seed)
+    return save_figure(fig, out, stem or default_stem(spec), formats=formats)
+
+
+def plot_auto(df: pd.DataFrame, out: Path, per_request: pd.DataFrame | None = None
+              ) -> list[Path]:
+    """The default figure of what the sweep varied (raises :class:`PlotError` if it cannot)."""
+    spec = choose_spec(df)
+    return plot_spec(df, spec, out, per_request=per_request)
+
+
+def plot_timeline(path: Path, out: Path, max_ms: float | None = None,
+                  formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Gantt chart of a run's ``timeline.json``: GPU compute above, host-link copies below."""
     import json
 
@@ -256,47 +662,97 @@ def plot_timeline(path: Path, out: Path, max_ms: float | None = None) -> list[Pa
     if not events:
         raise FileNotFoundError(f"{path} has no events (run with output.timeline_steps=N)")
     rows = {"compute": 1, "host link": 0}
-    colors = {"attention": "#9e9e9e", "shared": "#6d8fb3", "demand": "#d62728",
-              "prefetch": "#2ca02c"}
+    colors = {"attention": "#999999", "shared": ps.PALETTE[5], "routed": ps.PALETTE[0],
+              "demand": ps.PALETTE[3], "prefetch": ps.PALETTE[2]}
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(9, 2.4))
+        fig, ax = plt.subplots(figsize=(9, 2.4), layout="constrained")
         for ev in events:
             start, dur = ev["ts"] / 1e3, ev["dur"] / 1e3
             if max_ms is not None and start > max_ms:
                 continue
             kind = ev["name"].split()[0]
-            color = colors.get(kind, "#1f77b4")  # routed experts
+            color = colors.get(kind, colors["routed"])
             if kind.startswith("L"):
-                color = colors["shared"] if ev["name"].endswith("shared") else "#1f77b4"
+                color = colors["shared"] if ev["name"].endswith("shared") else colors["routed"]
             ax.broken_barh([(start, dur)], (rows[ev["tid"]] - 0.35, 0.7), facecolors=color,
                            edgecolor="white", linewidth=0.3)
         ax.set_yticks(list(rows.values()), list(rows.keys()))
         ax.set_xlabel("simulated time (ms)")
-        handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in
-                   ("#9e9e9e", "#6d8fb3", "#1f77b4", "#d62728", "#2ca02c")]
-        ax.legend(handles, ["attention + router", "shared experts", "routed expert",
-                            "demand copy", "prefetch copy"], ncol=5, loc="upper center",
-                  bbox_to_anchor=(0.5, 1.25), frameon=False)
+        names = {"attention": "attention + router", "shared": "shared experts",
+                 "routed": "routed expert", "demand": "demand copy", "prefetch": "prefetch copy"}
+        handles = [Patch(color=colors[k], label=v) for k, v in names.items()]
+        ax.legend(handles=handles, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0))
         ax.grid(True, axis="x", alpha=0.3)
-        fig.tight_layout()
-    return save_figure(fig, out, "timeline")
+    return save_figure(fig, out, "timeline", formats=formats)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (no usage block) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="moesim-plot", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
+    p.add_argument("--x", help="column on the x axis (default: the first swept numeric factor)")
+    p.add_argument("--hue", help="column giving one colour per value (default: policy or "
+                   "predictor)")
+    p.add_argument("--style", help="column giving one marker and dash pattern per value")
+    p.add_argument("--col", help="column giving one panel per value (wrapped at 3 per row)")
+    p.add_argument("--row", help="column giving one row of panels per value")
+    p.add_argument("--metric", action="append", help="metric(s) to draw, one panel each; "
+                   "repeat or comma-separate (default: hit rate, stall and time per token)")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
+                   help="keep only runs with these values (repeatable)")
+    p.add_argument("--yscale", default="auto", help="auto (log when a metric spans more than "
+                   "30x), linear or log")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: DIR), or a "
+                   "file name whose stem names the figure (e.g. figs/stall_vs_link.pdf)")
+    p.add_argument("--format", default=None, help="comma list of png, pdf, svg (default: png,pdf"
+                   ", or the suffix of --out)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap over requests")
+    p.add_argument("--timeline-ms", type=float, default=None,
+                   help="with a run that wrote timeline.json: plot its first N ms")
+    return p
+
+
+def _outputs(out: Path | None, default_dir: Path, fmt: str | None
+             ) -> tuple[Path, str | None, list[str]]:
+    """Folder, stem (None: the default) and formats from ``--out`` and ``--format``."""
+    stem = None
+    folder = out or default_dir
+    formats = _split([fmt]) if fmt else []
+    if out is not None and out.suffix.lstrip(".") in FORMATS:
+        folder, stem = out.parent, out.stem
+        formats = formats or [out.suffix.lstrip(".")]
+    formats = formats or ["png", "pdf"]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise PlotError(f"--format {','.join(bad)}: choose from {', '.join(FORMATS)}")
+    return folder, stem, formats
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moesim-plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: DIR)")
-    parser.add_argument("--timeline-ms", type=float, default=None,
-                        help="with a run that wrote timeline.json: plot its first N ms")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
+    try:
+        return _main(args)
+    except PlotError as exc:
+        print(f"moesim-plot: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
+    folder, stem, formats = _outputs(args.out, args.dir, args.format)
     if (args.dir / "timeline.json").is_file():
-        out = args.out or args.dir
-        out.mkdir(parents=True, exist_ok=True)
         try:
-            paths = plot_timeline(args.dir / "timeline.json", out, args.timeline_ms)
+            paths = plot_timeline(args.dir / "timeline.json", folder, args.timeline_ms, formats)
         except FileNotFoundError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
+            raise PlotError(str(exc)) from None
         print("timeline: " + ", ".join(map(str, paths)))
     from moesim.experiments import plot_validation as pv
 
@@ -305,23 +761,30 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError:
         vpath = None
     if vpath is not None:
-        vpaths = pv.plot_validation(pv.tidy(pd.read_parquet(vpath)), args.out or args.dir)
+        vpaths = pv.plot_validation(pv.tidy(pd.read_parquet(vpath)), folder, formats=formats)
         print("validation: " + ", ".join(map(str, vpaths)))
         return 0
     try:
         df = collect(args.dir)
     except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    out = args.out or args.dir
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(out / "aggregate.parquet", index=False)
-    paths = plot_auto(df, out)
-    cols = [c for c in ("policy.name", "mode", "hw.name", "batch", "cache.capacity_fraction",
-                        "hit_rate", "stall_per_output_token_s") if c in df]
-    table = df[cols].sort_values(cols[:5]).to_string(index=False, float_format=_fmt)
+        raise PlotError(str(exc)) from None
+    per_request = collect_per_request(args.dir)
+    rows = apply_where(df, args.where)
+    spec = choose_spec(rows, x=args.x, hue=args.hue, style=args.style, col=args.col,
+                       row=args.row, metrics=_split(args.metric), yscale=args.yscale)
+    fig = make_figure(rows, spec, per_request, args.seed)  # all checks passed: now write
+    folder.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(folder / "aggregate.parquet", index=False)
+    paths = save_figure(fig, folder, stem or default_stem(spec), formats=formats)
+    cols = list(dict.fromkeys([*spec.roles(), *(["seed"] if varies(rows, "seed") else []),
+                               *spec.metrics]))
+    table = rows[cols].sort_values(spec.roles()).to_string(index=False, float_format=_fmt)
     print(table)
-    print(f"{len(df)} runs -> {out / 'aggregate.parquet'}, " + ", ".join(map(str, paths)))
+    roles = ", ".join(f"{k}={v}" for k, v in (("x", spec.x), ("hue", spec.hue),
+                                                ("style", spec.style), ("col", spec.col),
+                                                ("row", spec.row)) if v)
+    print(f"{len(rows)} runs ({roles}) -> {folder / 'aggregate.parquet'}, "
+          + ", ".join(map(str, paths)))
     return 0
 
 

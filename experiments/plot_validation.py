@@ -5,8 +5,11 @@
 reads ``OUTDIR/validation.parquet`` (found recursively if not at the top) and writes
 ``validation_scatter.png`` (and ``.pdf``): one panel per metric, x = measured median, y =
 predicted, the y = x line, a +-10 % band, one marker shape per policy, one colour per trace,
-horizontal error bars for the real runs' spread. It prints the per-config errors and their
-median and max, because an error is only meaningful next to the real runs' own spread.
+horizontal error bars for the real runs' spread. Units, palette, markers and policy names are
+moesim-plot's (:mod:`moesim.experiments.plot_style`): the time unit is chosen from the data of
+each panel (µs, ms or s), policies are ordered baselines first, oracles last. It prints the
+per-config errors and their median and max, because an error is only meaningful next to the real
+runs' own spread.
 
 Two layouts of ``validation.parquet`` are accepted (column names are matched from the lists in
 ``ALIASES`` so the plot does not break when the writer picks a sibling spelling):
@@ -39,6 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
+from moesim.experiments import plot_style as ps
 
 METRICS: dict[str, tuple[str, ...]] = {
     "time per token": ("time_per_output_token_s", "time_per_token_s"),
@@ -56,7 +60,6 @@ PRED_PREFIX = ("sim_", "predicted_", "pred_")
 REAL_PREFIX = ("real_", "measured_")
 LO_SUFFIX = ("_min", "_p10", "_lo", "_q25")
 HI_SUFFIX = ("_max", "_p90", "_hi", "_q75")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 BAND = 0.10
 
 
@@ -151,72 +154,80 @@ def errors(table: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def plot_validation(table: pd.DataFrame, out: Path, *, log: bool = False) -> list[Path]:
-    """Draw the scatter (one panel per metric present) and write PNG and PDF into ``out``."""
+def plot_validation(table: pd.DataFrame, out: Path, *, log: bool = False,
+                    formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Draw the scatter (one panel per metric present) and write it into ``out``."""
     labels = [lab for lab in METRICS if f"{lab}|pred" in table]
     if not labels:
         raise ValueError("nothing to plot: no metric with predicted and measured values")
-    policies = sorted(table["policy"].astype(str).unique())
+    policies = ps.policy_label_order(table["policy"].astype(str))
     traces = sorted(table["trace"].astype(str).unique()) if "trace" in table else [""]
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = ps.PALETTE
+    markers = ps.MARKERS
     err = errors(table)
-    fig, axes = plt.subplots(1, len(labels), figsize=(5.2 * len(labels), 4.6), squeeze=False)
-    for ax, label in zip(axes[0], labels, strict=True):
-        real_ms = table[f"{label}|real"] * 1e3
-        pred_ms = table[f"{label}|pred"] * 1e3
-        finite = np.isfinite(real_ms) & np.isfinite(pred_ms)
-        if log:
-            finite &= (real_ms > 0) & (pred_ms > 0)
-        if not finite.any():
-            ax.set_title(f"{label}: no finite values")
-            continue
-        lo_v = float(min(real_ms[finite].min(), pred_ms[finite].min()))
-        hi_v = float(max(real_ms[finite].max(), pred_ms[finite].max()))
-        if f"{label}|hi" in table:
-            hi_v = max(hi_v, float(np.nanmax(table[f"{label}|hi"] * 1e3)))
-        lo_v = lo_v / 1.5 if log else min(0.0, lo_v)
-        hi_v = hi_v * 1.5 if log else hi_v * 1.1 + 1e-12
-        line = np.geomspace(max(lo_v, 1e-9), hi_v, 50) if log else np.linspace(lo_v, hi_v, 50)
-        ax.fill_between(line, line * (1 - BAND), line * (1 + BAND), color="0.85",
-                        label=f"±{BAND:.0%}")
-        ax.plot(line, line, color="0.3", lw=1, label="y = x")
-        for i, row in table[finite].iterrows():
-            pol, tr = str(row["policy"]), str(row.get("trace", ""))
-            x, y = row[f"{label}|real"] * 1e3, row[f"{label}|pred"] * 1e3
-            xerr = None
-            if f"{label}|lo" in table and np.isfinite(row[f"{label}|lo"]):
-                xerr = [[max(0.0, x - row[f"{label}|lo"] * 1e3)],
-                        [max(0.0, row[f"{label}|hi"] * 1e3 - x)]]
-            ax.errorbar(x, y, xerr=xerr, fmt=MARKERS[policies.index(pol) % len(MARKERS)],
-                        color=colours[traces.index(tr) % len(colours)] if tr in traces
-                        else colours[0], ms=6, mfc="none", capsize=2, lw=0.8)
-            del i
-        e = err[f"{label} error"].abs()
-        e = e[np.isfinite(e)]
-        stats = (f"median |err| {e.median():.0%}, max {e.max():.0%} (n={len(e)})"
-                 if len(e) else "no errors (real = 0)")
-        ax.set_title(f"{label}\n{stats}", fontsize=9)
-        ax.set_xlabel("measured (real executor, median), ms")
-        ax.set_ylabel("predicted (simulator), ms")
-        ax.set_xlim(lo_v, hi_v)
-        ax.set_ylim(lo_v, hi_v)
-        if log:
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-        ax.set_aspect("equal", adjustable="box")
-        ax.grid(alpha=0.3)
-    handles: list[Any] = [plt.Line2D([], [], color="0.3", lw=1, label="y = x"),
-                          Patch(color="0.85", label=f"±{BAND:.0%}")]
-    handles += [plt.Line2D([], [], ls="", marker=MARKERS[i % len(MARKERS)], mfc="none",
-                           color="0.2", label=p) for i, p in enumerate(policies)]
-    if len(traces) > 1 or traces != [""]:
-        handles += [plt.Line2D([], [], ls="", marker="o", color=colours[i % len(colours)],
-                               label=t) for i, t in enumerate(traces)]
-    fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
-    fig.set_layout_engine("constrained")
+    with plt.rc_context(ps.STYLE):
+        fig, axes = plt.subplots(1, len(labels), figsize=(4.4 * len(labels) + 2.6, 4.2),
+                                 squeeze=False, layout="constrained")
+        for ax, label in zip(axes[0], labels, strict=True):
+            real, pred = table[f"{label}|real"], table[f"{label}|pred"]
+            finite = np.isfinite(real) & np.isfinite(pred)
+            if log:
+                finite &= (real > 0) & (pred > 0)
+            if not finite.any():
+                ax.set_title(f"{label}: no finite values")
+                continue
+            vals = pd.concat([real[finite], pred[finite]])
+            if f"{label}|hi" in table:
+                vals = pd.concat([vals, table.loc[finite, f"{label}|hi"]])
+            vals = vals[np.isfinite(vals)]
+            f, unit = ps.unit_scale("time", [ps.log_middle(vals)] if log else vals)
+            lo_v, hi_v = float(vals.min()) * f, float(vals.max()) * f
+            lo_v = lo_v / 1.5 if log else min(0.0, lo_v)
+            hi_v = hi_v * 1.5 if log else hi_v * 1.1 + 1e-12
+            line = (np.geomspace(max(lo_v, 1e-12), hi_v, 50) if log
+                    else np.linspace(lo_v, hi_v, 50))
+            ax.fill_between(line, line * (1 - BAND), line * (1 + BAND), color="0.88", lw=0)
+            ax.plot(line, line, color="0.3", lw=1)
+            for _, row in table[finite].iterrows():
+                pol, tr = str(row["policy"]), str(row.get("trace", ""))
+                x, y = row[f"{label}|real"] * f, row[f"{label}|pred"] * f
+                xerr = None
+                if f"{label}|lo" in table and np.isfinite(row[f"{label}|lo"]):
+                    xerr = [[max(0.0, x - row[f"{label}|lo"] * f)],
+                            [max(0.0, row[f"{label}|hi"] * f - x)]]
+                ax.errorbar(x, y, xerr=xerr, fmt=markers[policies.index(pol) % len(markers)],
+                            ls="none", color=colours[traces.index(tr) % len(colours)]
+                            if tr in traces else colours[0], ms=6, mfc="none", mew=1.2,
+                            capsize=2, elinewidth=0.8)
+            e = err[f"{label} error"].abs()
+            e = e[np.isfinite(e)]
+            stats = (f"median |err| {e.median():.0%}, max {e.max():.0%} (n={len(e)})"
+                     if len(e) else "no errors (real = 0)")
+            ax.set_title(f"{label}\n{stats}")
+            ax.set_xlabel(f"measured (real executor, median) ({unit})")
+            ax.set_ylabel(f"predicted (simulator) ({unit})")
+            ax.set_xlim(lo_v, hi_v)
+            ax.set_ylim(lo_v, hi_v)
+            if log:
+                ax.set_xscale("log")
+                ax.set_yscale("log")
+                ps.readable_log_ticks(ax.xaxis)
+                ps.readable_log_ticks(ax.yaxis)
+            ax.set_aspect("equal", adjustable="box")
+        handles: list[Any] = [plt.Line2D([], [], color="0.3", lw=1, label="y = x"),
+                              Patch(color="0.88", label=f"±{BAND:.0%}"),
+                              plt.Line2D([], [], color="0.3", marker="|", ms=9, ls="none",
+                                         label="real runs: min-max")]
+        handles += [plt.Line2D([], [], ls="none", marker=markers[i % len(markers)], mfc="none",
+                               mew=1.2, color="0.2", label=ps.policy_label(p))
+                    for i, p in enumerate(policies)]
+        if len(traces) > 1 or traces != [""]:
+            handles += [plt.Line2D([], [], ls="none", marker="s", color=colours[i % len(colours)],
+                                   label=t) for i, t in enumerate(traces)]
+        fig.legend(handles=handles, loc="outside right center")
     from moesim.experiments.plot import save_figure
 
-    return save_figure(fig, out, "validation_scatter", dpi=130)
+    return save_figure(fig, out, "validation_scatter", dpi=130, formats=formats)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

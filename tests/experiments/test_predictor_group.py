@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from moesim.experiments.configs import CONF_DIR, register_configs
-from moesim.experiments.plot import plot_auto
+from moesim.experiments.plot import choose_spec, plot_auto
 from moesim.policies.prediction_prefetch import available
 from moesim.predictors.tables import parse_spec, predictor_config
 
@@ -66,15 +66,22 @@ def test_compute_scale_multiplies_every_compute_time():
 
 
 def test_predictor_plot(tmp_path):
+    """A prediction_point-like sweep (mode x compute_scale x predictor): series by predictor,
+    x the compute scale, a panel per mode; the policy each predictor sets varies with it and is
+    not refused as an unplotted factor."""
     rows = []
+    policy = {"none": "lru", "fate": "prediction_prefetch", "oracle_routed": "oracle_prefetch"}
     for label, zl, stall in [("none", 0.6, 0.06), ("fate", 0.8, 0.05), ("oracle_routed", 1, 0.059)]:
-        rows.append({"label": label, "mode": "zero_latency", "hw.name": "v100_pcie",
-                     "hit_rate": zl, "stall_per_output_token_s": float("nan"),
-                     "policy.name": "x"})
         for scale, f in ((1.0, 1.0), (10.0, 0.5)):
+            rows.append({"label": label, "mode": "zero_latency", "hw.name": "v100_pcie",
+                         "compute_scale": scale, "hit_rate": zl,
+                         "stall_per_output_token_s": float("nan"), "policy.name": policy[label]})
             rows.append({"label": label, "mode": "timed", "hw.name": "v100_pcie",
                          "compute_scale": scale, "hit_rate": zl,
-                         "stall_per_output_token_s": stall * f, "policy.name": "x"})
-    paths = plot_auto(pd.DataFrame(rows), tmp_path)
+                         "stall_per_output_token_s": stall * f, "policy.name": policy[label]})
+    df = pd.DataFrame(rows)
+    spec = choose_spec(df)
+    assert (spec.x, spec.hue, spec.col) == ("compute_scale", "label", "mode")
+    paths = plot_auto(df, tmp_path)
     assert [p.name for p in paths] == ["predictors.png", "predictors.pdf"]
     assert all(p.stat().st_size > 0 for p in paths)
