@@ -134,11 +134,11 @@ def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float,
     fitted = isotonic([t for _, t in raw])
     table = [(x, t) for (x, _), t in zip(raw, fitted, strict=True)]
     a, expert_bw, expert_flops = fit_expert(sizes, table, card.expert_params)
+    table_ms: list[list[float]] = []
+    for x, t in table:  # rounding must not undo the monotone fit
+        table_ms.append([int(x), max(_sig(t * 1e3, 4), table_ms[-1][1] if table_ms else 0.0)])
     fit = HostCpuFit(read_Bps=read_bw, flops=flops, overhead_s=a, expert_Bps=expert_bw,
-                     expert_flops=expert_flops,
-                     table=[[int(x), _sig(t * 1e3, 4)] for x, t in table], sizes=sizes)
-    for i in range(1, len(fit.table)):  # rounding must not undo the monotone fit
-        fit.table[i][1] = max(fit.table[i][1], fit.table[i - 1][1])
+                     expert_flops=expert_flops, table=table_ms, sizes=sizes)
     cores = machine.get("cores", "?")
     sizes_txt = ", ".join(f"{n} B: {t * 1e6:.3g} us" for n, t in sizes)
     fit_how = (f"least-relative-error line t = a + bytes/B through cpu_ops.expert_ffn at 1 "

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from moesim.hw_profiles import KINDS, load_profile, profile_path
 from moesim.hw_profiles.measure import main
 from moesim.hw_profiles.measure_host_cpu import fit_expert
@@ -102,6 +104,20 @@ def test_fit_expert_closed_form() -> None:
     assert flops == pytest.approx(max(2 * x * 4000 / (t - a) for x, t in table))
     with pytest.raises(ValueError, match="within the fitted overhead"):
         fit_expert(sizes, [(1, 5e-6)], params=4000)
+
+
+@settings(max_examples=50, deadline=None)
+@given(a=st.floats(0, 1e-4), bw=st.floats(1e8, 1e11), flops=st.floats(1e9, 1e13),
+       params=st.integers(1000, 10**7), tokens=st.lists(st.integers(1, 512), min_size=1,
+                                                        max_size=5, unique=True))
+def test_fit_recovers_any_line_and_keeps_the_roofline_under_the_points(
+        a: float, bw: float, flops: float, params: int, tokens: list[int]) -> None:
+    sizes = [(n, a + n / bw) for n in (params, params // 2, params // 4)]
+    table = [(x, a + params / bw + 2 * x * params / flops) for x in sorted(tokens)]
+    fa, fbw, fflops = fit_expert(sizes, table, params)
+    assert fa == pytest.approx(a, abs=1e-9 + 1e-6 * a) and fbw == pytest.approx(bw, rel=1e-6)
+    assert all(fa + 2 * x * params / fflops <= t * (1 + 1e-9) for x, t in table)
+    assert fflops <= flops * (1 + 1e-9)  # the memory term only slows the implied rate down
 
 
 def test_real_bench_on_a_tiny_card(tmp_path: Path) -> None:
