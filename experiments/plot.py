@@ -87,6 +87,7 @@ class Spec:
     col: str | None = None
     row: str | None = None
     yscale: str = "auto"  # auto | linear | log
+    relative: tuple[str, str] | None = None  # (column, value): metrics as change against it
 
     def roles(self) -> list[str]:
         return [r for r in (self.x, self.hue, self.style, self.col, self.row) if r]
@@ -228,16 +229,21 @@ def apply_where(df: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:
             raise PlotError(f"--where {item!r}: expected KEY=VALUE[,VALUE...]")
         _check_column(df, "--where", key)
         wanted = values.split(",")
-        col = df[key]
-        mask = col.astype(str).isin(wanted)
-        if pd.api.types.is_numeric_dtype(col):
-            nums = [float(v) for v in wanted if _is_number(v)]
-            mask |= col.apply(lambda v, nums=nums: any(math.isclose(v, n) for n in nums))
+        mask = _level_mask(df[key], wanted)
         if not mask.any():
             raise PlotError(f"--where {item}: no run has {key} in {wanted}; values: "
                             f"{_levels_text(df, key)}")
         df = df[mask]
     return df
+
+
+def _level_mask(col: pd.Series, wanted: Sequence[str]) -> pd.Series:
+    """Rows whose value is one of ``wanted`` (as printed, or numerically equal)."""
+    mask = col.astype(str).isin(wanted)
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
+        nums = [float(v) for v in wanted if _is_number(v)]
+        mask |= col.apply(lambda v: any(math.isclose(v, n) for n in nums))
+    return mask
 
 
 def _is_number(text: str) -> bool:
@@ -265,7 +271,8 @@ def default_metrics(df: pd.DataFrame, roles: Sequence[str]) -> list[str]:
 
 def choose_spec(df: pd.DataFrame, *, x: str | None = None, hue: str | None = None,
                 style: str | None = None, col: str | None = None, row: str | None = None,
-                metrics: Sequence[str] | None = None, yscale: str = "auto") -> Spec:
+                metrics: Sequence[str] | None = None, yscale: str = "auto",
+                relative: str | None = None) -> Spec:
     """Fill the roles not given from the varying factors and check that nothing varies unseen.
 
     Defaults: series by predictor or policy, x the first numeric swept factor (capacity, batch,
@@ -322,8 +329,18 @@ def choose_spec(df: pd.DataFrame, *, x: str | None = None, hue: str | None = Non
     chosen = list(metrics) if metrics else default_metrics(df, roles)
     if not chosen:
         raise PlotError(f"no default metric in the table; choose --metric from: {', '.join(valid)}")
+    base = None
+    if relative is not None:
+        key, sep, value = relative.partition("=")
+        if not sep or key not in roles:
+            raise PlotError(f"--relative-to {relative!r}: expected KEY=VALUE with KEY one of the "
+                            f"plotted columns ({', '.join(roles)})")
+        if not _level_mask(df[key], [value]).any():
+            raise PlotError(f"--relative-to {relative}: no run has {key}={value}; values: "
+                            f"{_levels_text(df, key)}")
+        base = (key, value)
     return Spec(x=x, hue=hue, style=style, col=col, row=row, metrics=tuple(chosen),
-                yscale=yscale)
+                yscale=yscale, relative=base)
 
 
 def default_stem(spec: Spec) -> str:
@@ -375,6 +392,26 @@ def _per_request_values(per_request: pd.DataFrame | None, run_dir: str, metric: 
                else np.ones(len(rows)))
     keep = weights > 0
     return rows[col].to_numpy(float)[keep], weights[keep]
+
+
+def relative_frame(df: pd.DataFrame, spec: Spec, metric: str) -> pd.DataFrame:
+    """The runs other than the reference, ``metric`` replaced by its relative change against
+    the reference run that matches on every other plotted column (and seed): ``v / ref - 1``,
+    NaN where the reference is 0 or missing."""
+    assert spec.relative is not None
+    key, value = spec.relative
+    is_ref = _level_mask(df[key], [value])
+    keys = [r for r in spec.roles() if r != key]
+    if "seed" in df and "seed" not in keys:
+        keys.append("seed")
+    text = [f"_k{i}" for i in range(len(keys))]
+    tagged = df.assign(**{t: _text(df[k]) for t, k in zip(text, keys, strict=True)})
+    ref = tagged[is_ref].groupby(text)[metric].mean().rename("_ref") if text else (
+        pd.Series({(): df.loc[is_ref, metric].mean()}, name="_ref"))
+    rows = tagged[~is_ref]
+    joined = rows.join(ref, on=text) if text else rows.assign(_ref=float(ref.iloc[0]))
+    joined[metric] = joined[metric] / joined["_ref"].where(joined["_ref"] != 0) - 1.0
+    return joined.drop(columns=[*text, "_ref"])
 
 
 def aggregate(df: pd.DataFrame, spec: Spec, metric: str, per_request: pd.DataFrame | None = None,
@@ -463,7 +500,18 @@ def _series(df: pd.DataFrame, spec: Spec) -> list[Series]:
 def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None = None,
                 seed: int = 0) -> plt.Figure:
     """Draw ``spec`` from the run table ``df`` (one row per run) and return the figure."""
-    cells = {m: aggregate(df, spec, m, per_request, seed) for m in spec.metrics}
+    if spec.relative is not None:  # the reference itself is the zero line
+        data = {m: relative_frame(df, spec, m) for m in spec.metrics}
+        df = df[~_level_mask(df[spec.relative[0]], [spec.relative[1]])]
+        kinds = dict.fromkeys(spec.metrics, "fraction")
+        ref = ps.level_name(spec.relative[0], df_ref_value(spec))
+        labels = {m: f"{ps.quantity(m).label}\nchange vs {ref} (%)" for m in spec.metrics}
+    else:
+        data = dict.fromkeys(spec.metrics, df)
+        kinds = {m: ps.quantity(m).kind for m in spec.metrics}
+        labels = {}
+    cells = {m: aggregate(data[m], spec, m, per_request if spec.relative is None else None, seed)
+             for m in spec.metrics}
     rows_lv = ps.level_order(spec.row, df[spec.row].tolist()) if spec.row else [None]
     cols_lv = ps.level_order(spec.col, df[spec.col].tolist()) if spec.col else [None]
     panels = []  # (metric, row value, col value, table)
@@ -495,10 +543,9 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
         vals = pd.concat([t["mean"], t["lo"], t["hi"]])
         vals = vals[np.isfinite(vals)]
         y_log[m] = spec.yscale == "log" or (
-            spec.yscale == "auto" and ps.quantity(m).kind != "fraction" and len(vals) > 0
+            spec.yscale == "auto" and kinds[m] != "fraction" and len(vals) > 0
             and vals.min() > 0 and vals.max() / vals.min() > 30)
-        y_units[m] = ps.unit_scale(ps.quantity(m).kind,
-                                   [ps.log_middle(vals)] if y_log[m] else vals)
+        y_units[m] = ps.unit_scale(kinds[m], [ps.log_middle(vals)] if y_log[m] else vals)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
                                  figsize=(PANEL_SIZE[0] * ncols + 1.9, PANEL_SIZE[1] * nrows))
@@ -520,14 +567,24 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
                 else:
                     _draw_line(ax, g.sort_values(spec.x), spec.x, x_scale, s, yf)
             _format_x(ax, spec.x, x_levels, categorical, x_scale, x_unit, log_base)
-            ax.set_ylabel(ps.axis_label(metric, y_unit))
+            ax.set_ylabel(labels.get(metric) or ps.axis_label(metric, y_unit))
+            if spec.relative is not None:
+                ax.axhline(0, color="0.3", lw=0.8, zorder=1)
             title = [f"{ps.quantity(f).label}: {ps.level_name(f, v)}"
                      for f, v in ((spec.row, rv), (spec.col, cv)) if f]
             if title:
                 ax.set_title(" · ".join(title))
-        _format_y(flat, panels, where, spec, y_units, y_log)
+        _format_y(flat, panels, where, spec, y_units, y_log,
+                  {m: "relative" if spec.relative else k for m, k in kinds.items()})
         _legend(fig, spec, series, categorical, [cells[m].ci_label() for m in spec.metrics])
     return fig
+
+
+def df_ref_value(spec: Spec) -> object:
+    """The reference value of ``--relative-to`` as a number when it reads as one."""
+    assert spec.relative is not None
+    value = spec.relative[1]
+    return float(value) if _is_number(value) else value
 
 
 def _draw_line(ax: plt.Axes, g: pd.DataFrame, x: str, x_scale: float, s: Series,
@@ -581,7 +638,8 @@ def _format_x(ax: plt.Axes, x: str, levels: list[object], categorical: bool, x_s
 
 
 def _format_y(flat: list[plt.Axes], panels: list[tuple[Any, ...]], where: list[int], spec: Spec,
-              y_units: dict[str, tuple[float, str]], y_log: dict[str, bool]) -> None:
+              y_units: dict[str, tuple[float, str]], y_log: dict[str, bool],
+              kinds: dict[str, str]) -> None:
     """One y range per metric across its panels (they compare), log when it spans decades."""
     for m in spec.metrics:
         axes = [flat[p] for p, pan in zip(where, panels, strict=True) if pan[0] == m
@@ -592,7 +650,7 @@ def _format_y(flat: list[plt.Axes], panels: list[tuple[Any, ...]], where: list[i
         vals = vals[np.isfinite(vals)] * y_units[m][0]
         if not len(vals):
             continue
-        kind = ps.quantity(m).kind
+        kind = kinds[m]
         for ax in axes:
             if y_log[m]:
                 ax.set_yscale("log")
@@ -709,6 +767,9 @@ def _parser() -> argparse.ArgumentParser:
                    "repeat or comma-separate (default: hit rate, stall and time per token)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
                    help="keep only runs with these values (repeatable)")
+    p.add_argument("--relative-to", metavar="KEY=VALUE", help="draw each metric as its change "
+                   "against the run with KEY=VALUE and the same other plotted values (e.g. "
+                   "label=none: stall saved by each predictor)")
     p.add_argument("--yscale", default="auto", help="auto (log when a metric spans more than "
                    "30x), linear or log")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: DIR), or a "
@@ -771,7 +832,8 @@ def _main(args: argparse.Namespace) -> int:
     per_request = collect_per_request(args.dir)
     rows = apply_where(df, args.where)
     spec = choose_spec(rows, x=args.x, hue=args.hue, style=args.style, col=args.col,
-                       row=args.row, metrics=_split(args.metric), yscale=args.yscale)
+                       row=args.row, metrics=_split(args.metric), yscale=args.yscale,
+                       relative=args.relative_to)
     fig = make_figure(rows, spec, per_request, args.seed)  # all checks passed: now write
     folder.mkdir(parents=True, exist_ok=True)
     df.to_parquet(folder / "aggregate.parquet", index=False)

@@ -22,6 +22,7 @@ from moesim.experiments.plot import (
     choose_spec,
     main,
     make_figure,
+    relative_frame,
     t975,
 )
 
@@ -261,3 +262,24 @@ def test_level_order_and_names():
     assert ps.level_name("compute_scale", 10.0) == "x10"
     assert ps.level_name("cache.capacity_fraction", 0.25) == "25%"
     assert ps.policy_label("oracle_prefetch@pre_attention+0") == "oracle prefetch @ pre-attention+0"
+
+
+def test_relative_to_a_reference_run():
+    df = runs(**{"label": ("none", "fate", "oracle_routed"), "compute_scale": (1.0, 10.0),
+                 "seed": (0, 1)})
+    df["stall_per_output_token_s"] = [4.0, 2.0, 2.0, 1.0, 3.0, 1.5, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0]
+    spec = choose_spec(df, metrics=["stall_per_output_token_s"], relative="label=none")
+    assert spec.relative == ("label", "none") and (spec.x, spec.hue) == ("compute_scale", "label")
+    cells = aggregate(relative_frame(df, spec, "stall_per_output_token_s"), spec,
+                      "stall_per_output_token_s").table.set_index(["label", "compute_scale"])
+    assert cells.loc[("fate", 1.0), "mean"] == pytest.approx(-0.25)  # 3/4 - 1, 1.5/2 - 1
+    assert cells.loc[("oracle_routed", 10.0), "mean"] == pytest.approx(-1.0)
+    assert "none" not in cells.index.get_level_values("label")
+    fig = make_figure(df, spec)
+    assert fig.axes[0].get_ylabel() == "stall per output token\nchange vs none (LRU) (%)"
+    assert "none (LRU)" not in legend_texts(fig)
+    plt.close(fig)
+    with pytest.raises(PlotError, match="no run has label=nothing"):
+        choose_spec(df, relative="label=nothing")
+    with pytest.raises(PlotError, match="KEY one of the plotted columns"):
+        choose_spec(df, relative="mode=timed")
