@@ -712,7 +712,7 @@ def plot_auto(df: pd.DataFrame, out: Path, per_request: pd.DataFrame | None = No
 
 
 def plot_timeline(path: Path, out: Path, max_ms: float | None = None,
-                  formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+                  formats: Sequence[str] = ("png", "pdf"), stem: str = "timeline") -> list[Path]:
     """Gantt chart of a run's ``timeline.json``: GPU compute above, host-link copies below."""
     import json
 
@@ -732,8 +732,10 @@ def plot_timeline(path: Path, out: Path, max_ms: float | None = None,
             color = colors.get(kind, colors["routed"])
             if kind.startswith("L"):
                 color = colors["shared"] if ev["name"].endswith("shared") else colors["routed"]
+            link = ev["tid"] == "host link"  # white edges split back-to-back copies; a
             ax.broken_barh([(start, dur)], (rows[ev["tid"]] - 0.35, 0.7), facecolors=color,
-                           edgecolor="white", linewidth=0.3)
+                           edgecolor="white" if link else color,  # sliver of compute stays dark
+                           linewidth=0.3)
         ax.set_yticks(list(rows.values()), list(rows.keys()))
         ax.set_xlabel("simulated time (ms)")
         names = {"attention": "attention + router", "shared": "shared experts",
@@ -741,7 +743,7 @@ def plot_timeline(path: Path, out: Path, max_ms: float | None = None,
         handles = [Patch(color=colors[k], label=v) for k, v in names.items()]
         ax.legend(handles=handles, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0))
         ax.grid(True, axis="x", alpha=0.3)
-    return save_figure(fig, out, "timeline", formats=formats)
+    return save_figure(fig, out, stem, formats=formats)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -811,10 +813,12 @@ def _main(args: argparse.Namespace) -> int:
     folder, stem, formats = _outputs(args.out, args.dir, args.format)
     if (args.dir / "timeline.json").is_file():
         try:
-            paths = plot_timeline(args.dir / "timeline.json", folder, args.timeline_ms, formats)
+            paths = plot_timeline(args.dir / "timeline.json", folder, args.timeline_ms, formats,
+                                  stem or "timeline")
         except FileNotFoundError as exc:
             raise PlotError(str(exc)) from None
         print("timeline: " + ", ".join(map(str, paths)))
+        return 0  # one run's timeline; its one-point summary is not a figure
     from moesim.experiments import plot_validation as pv
 
     try:  # an experiment=validate folder: predicted vs measured, not the sweep plots

@@ -283,3 +283,17 @@ def test_relative_to_a_reference_run():
         choose_spec(df, relative="label=nothing")
     with pytest.raises(PlotError, match="KEY one of the plotted columns"):
         choose_spec(df, relative="mode=timed")
+
+
+def test_a_run_with_a_timeline_draws_the_timeline_under_the_given_name(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    write_sweep(runs(**{"policy.name": ("lru",)}).assign(run_dir="run"), tmp_path)
+    events = [{"name": "attention L0", "tid": "compute", "ts": 0, "dur": 200},
+              {"name": "L0 e3", "tid": "compute", "ts": 1500, "dur": 20},
+              {"name": "demand L0 e3", "tid": "host link", "ts": 200, "dur": 1300}]
+    (run / "timeline.json").write_text(json.dumps({"traceEvents": events}))
+    out = tmp_path / "figs" / "step.png"
+    assert main([str(run), "--out", str(out)]) == 0
+    assert [p.name for p in out.parent.iterdir()] == ["step.png"]  # no summary figure over it
