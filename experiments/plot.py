@@ -774,8 +774,9 @@ def _parser() -> argparse.ArgumentParser:
                    "label=none: stall saved by each predictor)")
     p.add_argument("--yscale", default="auto", help="auto (log when a metric spans more than "
                    "30x), linear or log")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: DIR), or a "
-                   "file name whose stem names the figure (e.g. figs/stall_vs_link.pdf)")
+    p.add_argument("--out", type=Path, default=None, help="figure folder (default: DIR), or a "
+                   "file name whose stem names the figure (e.g. figs/stall_vs_link.pdf); the "
+                   "table of all runs is written to DIR/aggregate.parquet")
     p.add_argument("--format", default=None, help="comma list of png, pdf, svg (default: png,pdf"
                    ", or the suffix of --out)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap over requests")
@@ -839,8 +840,7 @@ def _main(args: argparse.Namespace) -> int:
                        row=args.row, metrics=_split(args.metric), yscale=args.yscale,
                        relative=args.relative_to)
     fig = make_figure(rows, spec, per_request, args.seed)  # all checks passed: now write
-    folder.mkdir(parents=True, exist_ok=True)
-    df.to_parquet(folder / "aggregate.parquet", index=False)
+    df.to_parquet(args.dir / "aggregate.parquet", index=False)  # the sweep's table, beside it
     paths = save_figure(fig, folder, stem or default_stem(spec), formats=formats)
     cols = list(dict.fromkeys([*spec.roles(), *(["seed"] if varies(rows, "seed") else []),
                                *spec.metrics]))
@@ -849,7 +849,7 @@ def _main(args: argparse.Namespace) -> int:
     roles = ", ".join(f"{k}={v}" for k, v in (("x", spec.x), ("hue", spec.hue),
                                                 ("style", spec.style), ("col", spec.col),
                                                 ("row", spec.row)) if v)
-    print(f"{len(rows)} runs ({roles}) -> {folder / 'aggregate.parquet'}, "
+    print(f"{len(rows)} runs ({roles}) -> {args.dir / 'aggregate.parquet'}, "
           + ", ".join(map(str, paths)))
     return 0
 
