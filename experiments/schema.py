@@ -71,6 +71,17 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("label", "str", "free-form run label for plots", nullable=True),
     Opt("compute_scale", "float", "what-if: every compute time x this; copies unchanged",
         lo=0.0, lo_open=True),
+    Opt("placement", "str", "a routed expert not resident when its layer routes: fetch (copy "
+        "and cache it), cpu_on_miss, fetch_or_cpu, static_cpu, low_precision_fetch, "
+        "skip_low_weight (policies/; README, Policies)"),
+    Opt("placement_params.threshold", "float", "low_precision_fetch, skip_low_weight: "
+        "normalised gate weight below which a missed expert is fetched in low precision / "
+        "skipped (null: 0.1)", nullable=True, lo=0.0, hi=1.0),
+    Opt("placement_params.bits", "int", "low_precision_fetch: bits per weight of the "
+        "low-precision copy, 2, 3, 4 or 8 (null: 4)", nullable=True, lo=2, hi=8),
+    Opt("placement_params.layers", "int", "static_cpu: the first N MoE layers' routed experts "
+        "run on the host CPU (null: the fewest that let the other layers fit in the cache)",
+        nullable=True, lo=0),
     Opt("progress", "bool", "progress bars"),
     Opt("predictions.path", "str", "prediction table (a file, or predictor:<name>); null: the "
         "table an importer wrote beside the trace", nullable=True),

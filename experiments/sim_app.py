@@ -2,7 +2,8 @@
 
 The Hydra entry point is thin: :func:`run` takes a plain config and returns the result, and
 :func:`write_outputs` writes ``summary.parquet`` (one row: every config choice flattened plus
-every metric) and ``per_layer.parquet`` into the run directory, atomically.
+every metric), ``per_layer.parquet`` and ``per_request.parquet`` (one row per request: output
+tokens, time, time per output token) into the run directory, atomically.
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from moesim.experiments.schema import check_warmup
 from moesim.experiments.sweep_summary import write_status
 from moesim.hw_profiles import ProfileError
 from moesim.policies.base import Knowledge, PolicyError
-from moesim.policies.registry import resolve
+from moesim.policies.registry import resolve, resolve_placement
 from moesim.predictors.data import PredictorError
 from moesim.sim import SimulationError, capacity_slots, dense_layers_before, simulate
+from moesim.sim.hardware import HostSide, host_side
 from moesim.sim.metrics import RunResult
 from moesim.sim.workload import WorkloadError
 from moesim.traces import TraceError
@@ -76,11 +78,18 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     # Zero-latency runs may drop layer pinning (MoE-Beyond's protocol has none); a timed GPU
     # always keeps the computing layer's experts.
     pin_layer = bool(c.pin_layer) or timed
+    placement = resolve_placement(cfg.get("placement"), _placement_params(cfg))
     link = compute = None
+    host = None
+    if not placement.is_default:  # activations and weight width; the CPU from the profile
+        host = HostSide(None, int(card.hidden_size * card.dtype_bytes),
+                        round(card.dtype_bytes * 8), "zero-latency runs take no CPU times")
     if timed:
         profile = hw_profile(cfg)
         link = profile.expert_link()
         compute = profile.compute_model(card)
+        if not placement.is_default:
+            host = host_side(profile, card)
         scale = float(cfg.get("compute_scale", 1.0))
         if scale != 1.0:  # what-if: slower compute than the profile's (framework overhead)
             from moesim.hw_profiles.compute import ScaledCompute
@@ -112,6 +121,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         dense_before=dense_layers_before(meta.moe_layers, card.num_layers),
         predictions=predictions,
         engine=cfg.get("engine", "auto"),
+        placement=placement,
+        host=host,
     )
     row = flat_config(cfg)
     row.update({
@@ -126,7 +137,18 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     })
     if timed:
         row["link.expert_transfer_s"] = link.transfer_time(card.expert_bytes)
+    if host is not None and host.cpu is not None:
+        row["host_cpu.expert_time_s"] = host.cpu.expert_time(1)
+        row["host_cpu.parallel"] = int(host.cpu.parallel)
+        row["host_cpu.source"] = str(host.cpu.source)
     return result, row
+
+
+def _placement_params(cfg: DictConfig) -> dict[str, Any]:
+    node = cfg.get("placement_params")
+    if node is None:
+        return {}
+    return dict(OmegaConf.to_container(node, resolve=True))
 
 
 def _parallel_sweep() -> bool:
@@ -172,6 +194,11 @@ def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:
     for key in ("policy.name", "cache.slots", "mode", "hw.name", "trace.name"):
         per_layer[key] = row.get(key)
     _atomic_parquet(per_layer, outdir / "per_layer.parquet")
+    if result.per_request is not None:
+        per_request = result.per_request.copy()
+        for key in ("policy.name", "placement", "cache.slots", "mode", "hw.name", "trace.name"):
+            per_request[key] = row.get(key)
+        _atomic_parquet(per_request, outdir / "per_request.parquet")
     if result.transfers is not None:
         _atomic_parquet(result.transfers, outdir / "transfers.parquet")
     if result.timeline is not None:
@@ -203,6 +230,11 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
         f"  bytes demand {s['demand_bytes'] / 1e9:.2f} GB  prefetch "
         f"{s['prefetch_bytes'] / 1e9:.2f} GB  wasted {s['wasted_prefetch_bytes'] / 1e9:.2f} GB",
     ]
+    if row.get("placement", "fetch") != "fetch":
+        lines.append(
+            f"  placement {row['placement']}: cpu {s['cpu_expert_execs']:,}  low-precision "
+            f"{s['low_precision_fetches']:,}  skipped {s['skipped_experts']:,}  gate mass full "
+            f"{s['gate_mass_full']:.4f}  cpu busy {s['cpu_busy_fraction']:.3f}")
     if s.get("prediction_coverage") == s.get("prediction_coverage"):  # not NaN: a table ran
         lines.append(f"  prediction coverage {s['prediction_coverage']:.1%}  prefetch precision "
                      f"{s['prefetch_precision']:.3f}  recall {s['prefetch_recall']:.3f}")
@@ -215,6 +247,12 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in ("hydra", "progress"):
         data.pop(key, None)
+    params = data.get("placement_params") or {}
+    if data.get("placement", "fetch") == "fetch" and not any(
+            v is not None for v in params.values()):
+        # the default placement: runs from before placements existed keep their hash
+        data.pop("placement", None)
+        data.pop("placement_params", None)
     data["_data"] = data_digest
     data["_version"] = package_version()
     text = json.dumps(data, sort_keys=True, default=str)

@@ -44,6 +44,9 @@ def test_defaults_and_every_experiment_are_valid() -> None:
     ("progress=maybe", "progress=maybe: must be true or false"),
     ("compute_scale=0", "compute_scale=0: must be > 0"),
     ("cache.partition=ring", "cache.partition=ring: must be one of global, per_layer"),
+    ("placement_params.threshold=1.5", "placement_params.threshold=1.5: must be <= 1"),
+    ("placement_params.bits=1", "placement_params.bits=1: must be >= 2"),
+    ("placement_params.layers=-1", "placement_params.layers=-1: must be >= 0"),
 ])
 def test_bad_value_is_one_line(override: str, why: str) -> None:
     errors = _check(override)
@@ -92,4 +95,16 @@ def test_help_documents_every_option(tmp_path: Path) -> None:
     for opt in OPTIONS:
         assert opt.key in proc.stdout and opt.doc[:40] in proc.stdout
     assert "policy" in proc.stdout and "belady" in proc.stdout
-    assert len(proc.stdout.splitlines()) < 100
+    assert len(proc.stdout.splitlines()) < 120  # two lines an option, a screen or two
+
+
+def test_cli_placement_without_a_host_cpu_is_one_line(tmp_path: Path) -> None:
+    """A placement the profile cannot run: one error line, exit 2, nothing written (the
+    placement's own parameter errors are tests/policies/test_placement_registry.py's)."""
+    proc = _cli("placement=cpu_on_miss", "hw=jetson_agx_orin", "max_requests=2",
+                "progress=false", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "error: placement 'cpu_on_miss' computes experts on the host CPU, but hw profile "
+        "'jetson_agx_orin' is a unified-memory device"), proc.stderr
+    assert not list(tmp_path.rglob("summary.parquet"))
