@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,7 +568,7 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
                 else:
                     _draw_line(ax, g.sort_values(spec.x), spec.x, x_scale, s, yf)
             _format_x(ax, spec.x, x_levels, categorical, x_scale, x_unit, log_base)
-            ax.set_ylabel(labels.get(metric) or ps.axis_label(metric, y_unit))
+            ax.set_ylabel(labels.get(metric) or textwrap.fill(ps.axis_label(metric, y_unit), 34))
             if spec.relative is not None:
                 ax.axhline(0, color="0.3", lw=0.8, zorder=1)
             title = [f"{ps.quantity(f).label}: {ps.level_name(f, v)}"
@@ -748,6 +749,18 @@ def plot_timeline(path: Path, out: Path, max_ms: float | None = None,
 
 # --- command line ---------------------------------------------------------------------------
 
+EXAMPLES = """examples:
+  moesim-plot multirun/capacity                  # axes and panels from what the sweep varied
+  moesim-plot multirun/stall_vs_link --metric hit_rate_incl_late,stall_per_output_token_s \\
+      --out figs/stall_vs_link.pdf               # hardware on x: dodged points, one per policy
+  moesim-plot multirun/prediction_point --where mode=timed --x label --hue compute_scale \\
+      --metric stall_per_output_token_s --relative-to label=none   # stall saved per predictor
+
+Every column that varies must be plotted (x, hue, style, col, row) or pinned with --where;
+several seeds give a mean with a 95% CI over seeds, per_request.parquet a bootstrap CI over
+requests for time per output token. Metric names: the Metrics table (docs/metrics)."""
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line (no usage block) and exit 2."""
 
@@ -757,7 +770,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="moesim-plot", description=(__doc__ or "").split("\n\n")[0])
+    p = _Parser(prog="moesim-plot", description=(__doc__ or "").split("\n\n")[0].replace("``", ""),
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dir", type=Path, help="a run or sweep directory (searched recursively)")
     p.add_argument("--x", help="column on the x axis (default: the first swept numeric factor)")
     p.add_argument("--hue", help="column giving one colour per value (default: policy or "

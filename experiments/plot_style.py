@@ -96,9 +96,9 @@ METRICS: dict[str, Quantity] = {
     "wasted_prefetch_bytes": Quantity("bytes of wasted prefetches", "bytes"),
     "unused_prefetch_bytes_at_end": Quantity("prefetch bytes unused at end", "bytes"),
     "prediction_coverage": Quantity("prediction coverage", "fraction"),
-    "tpot_p50_s": _t("time per output token, median request"),
-    "tpot_p90_s": _t("time per output token, p90 request"),
-    "tpot_p99_s": _t("time per output token, p99 request"),
+    "tpot_p50_s": _t("median time per output token"),
+    "tpot_p90_s": _t("p90 time per output token"),
+    "tpot_p99_s": _t("p99 time per output token"),
     "run.wall_s": Quantity("wall time per run", "time"),
     "run.cpu_s": Quantity("CPU time per run", "time"),
 }
