@@ -39,9 +39,10 @@ def runs(**factors: tuple) -> pd.DataFrame:
         h = (i % 7 + 1) / 10
         r.update({"run_dir": f"run{i}", "hit_rate": h, "hit_rate_incl_late": min(1.0, h + 0.05),
                   "stall_per_output_token_s": 5e-6 * (1 + i), "time_per_output_token_s":
-                  2e-5 * (1 + i), "demand_bytes": 2e10 + 1e8 * i, "trace.name": "t",
+                  2e-5 * (1 + i), "demand_bytes": 2e10 + 1e8 * i,
                   "config_hash": f"h{i}", "moesim.version": "0", "run.wall_s": 0.1 + i})
         r.setdefault("mode", "timed")
+        r.setdefault("trace.name", "t")
         r.setdefault("seed", 0)
         if "cache.capacity_fraction" in r:
             r["cache.slots"] = round(r["cache.capacity_fraction"] * 1664)
