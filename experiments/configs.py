@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,13 @@ def _yaml(path: Path) -> dict:
 
 def register_configs() -> None:
     """Store the hw, model and policy groups (idempotent)."""
+    _register_once()
+
+
+@functools.cache
+def _register_once() -> None:
+    """Once per process: the API composes a config per run, and reading every profile, card
+    and policy again each time would cost half a second per run."""
     cs = ConfigStore.instance()
     for name in hw_profiles.list_profiles():
         cs.store(group="hw", name=name, node=_yaml(hw_profiles.profile_path(name)))
@@ -46,5 +54,11 @@ def _help_node() -> dict[str, str]:
     }
     for sub in sorted(p for p in CONF_DIR.iterdir() if p.is_dir() and p.name != "hydra"):
         groups[sub.name] = sorted(p.stem for p in sub.glob("*.yaml"))
-    text = help_text(groups)
+    text = help_text(groups) + "\n" + ENVIRONMENT_HELP
     return {"app_name": "moesim-sim", "header": "", "footer": "", "template": text + "\n"}
+
+
+# One line (the help stays under 100 lines): experiments/paths.py has the rules. No "$": the
+# template goes through Hydra's string.Template.
+ENVIRONMENT_HELP = ("Relative paths: from the starting directory.  MOESIM_TRACES: the named "
+                    "real traces' folder (../shared/traces)")

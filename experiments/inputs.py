@@ -1,5 +1,10 @@
 """Resolve the inputs of a run: trace file (importing a raw source once, cached by content),
-model card and hardware profile."""
+model card and hardware profile.
+
+Relative paths (``trace.path``, ``predictions.path``, a model card given as a YAML path) are
+taken against the directory the command was started in (:func:`moesim.experiments.paths.
+resolve_path`), so ``hydra.job.chdir=true``, sweep workers and submitit jobs read the same files.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim import hw_profiles
+from moesim.experiments.paths import TRACES_ENV, resolve_path, traces_dir
 from moesim.traces import TraceError, import_trace, load_predictions, load_trace
 from moesim.traces.cache import cache_root, entry_lock, sweep_temporaries
 from moesim.traces.model_card import ModelCard, card_from_mapping, load_card
@@ -57,11 +63,12 @@ def trace_file(path: str, fmt: str) -> Path:
         from moesim.traces.collect.embedded import ensure_embedded_trace
 
         return ensure_embedded_trace(cache_dir() / "traces")
-    src = Path(path).expanduser()
-    if not src.is_absolute():
-        src = Path.cwd() / src
+    src = resolve_path(path)
     if not src.exists():
-        raise TraceError(f"trace.path: {src} does not exist")
+        hint = ""
+        if fmt not in (None, "parquet"):  # a raw source: the named real traces live here
+            hint = f" (named traces are read from ${TRACES_ENV}, now {traces_dir()})"
+        raise TraceError(f"trace.path: {src} does not exist{hint}")
     if src.is_file() and src.suffix == ".parquet":
         return src
     if fmt in (None, "parquet"):
@@ -93,7 +100,7 @@ def prediction_file(cfg: DictConfig, trace_path: Path) -> Path | None:
 
         return table_for(trace_path, name, progress=bool(cfg.get("progress", True)))
     if given:
-        path = Path(given).expanduser()
+        path = resolve_path(given)
         if not path.is_file():
             raise TraceError(f"predictions.path: {path} does not exist")
         return path
@@ -122,9 +129,9 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | Non
 def _table_test_requests(cfg: DictConfig) -> set[int] | None:
     """The held-out requests a ``moesim-train`` table names in its notes (None: not one)."""
     given = (cfg.get("predictions") or {}).get("path")
-    if not given or not Path(given).expanduser().is_file():
+    if not given or not resolve_path(given).is_file():
         return None
-    notes = read_predictions_meta(Path(given).expanduser()).get("notes") or {}
+    notes = read_predictions_meta(resolve_path(given)).get("notes") or {}
     ids = str(notes.get("test_requests") or "") if isinstance(notes, dict) else ""
     return {int(x) for x in ids.split(",") if x.strip()} or None
 
@@ -158,7 +165,7 @@ def model_card(cfg: DictConfig, trace: Trace) -> ModelCard:
     if node is None:
         card = load_card(trace.meta.model)
     elif isinstance(node, str):
-        card = load_card(node)
+        card = load_card(resolve_path(node) if node.endswith((".yaml", ".yml")) else node)
     else:
         card = card_from_mapping(OmegaConf.to_container(node, resolve=True), where="model")
     meta = trace.meta

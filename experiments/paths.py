@@ -1,4 +1,8 @@
-"""Output folders that stay where they belong, and sweep workers that die with their sweep.
+"""Paths that mean what the user meant: input paths, output folders, sweep workers.
+
+Input paths given relative (``trace.path``, ``predictions.path``, ``$MOESIM_TRACES``) are taken
+against the directory the command was started in (:func:`resolve_path`), never a run folder:
+``hydra.job.chdir=true``, a joblib worker or a submitit job must read the same file.
 
 Values become folder names (a sweep's subdir is built from its overrides: ``label=../../x``,
 ``trace.path=/abs/file``), so every such name goes through :func:`safe_dirname`, registered as
@@ -15,6 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -40,6 +45,37 @@ def register_resolvers() -> None:
     """``${moesim.dirname:<text>}`` for the Hydra configs (idempotent; called at import so
     that sweep workers, which import this module to unpickle their job, have it too)."""
     OmegaConf.register_new_resolver("moesim.dirname", safe_dirname, replace=True)
+
+
+TRACES_ENV = "MOESIM_TRACES"
+DEFAULT_TRACES = "../shared/traces"  # beside the checkout, as on the project's machines
+
+
+def original_cwd() -> Path:
+    """The directory the command was started in: Hydra's ``runtime.cwd`` inside an app (a run
+    may have changed into its output folder with ``hydra.job.chdir=true``; a sweep worker or a
+    submitit job starts elsewhere), else the process's own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        cwd = HydraConfig.get().runtime.get("cwd")
+        if cwd:
+            return Path(cwd)
+    return Path.cwd()
+
+
+def resolve_path(path: str | os.PathLike[str]) -> Path:
+    """A path from a config or the command line: ``~`` expanded, and a relative one taken
+    against the original working directory (:func:`original_cwd`), never the run folder."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else original_cwd() / p
+
+
+def traces_dir() -> Path:
+    """Where the named real traces (``trace=deepseek_v2_lite``, ...) live: ``$MOESIM_TRACES``,
+    else ``../shared/traces``; relative values are taken against the original working
+    directory (:func:`resolve_path`)."""
+    return resolve_path(os.environ.get(TRACES_ENV) or DEFAULT_TRACES)
 
 
 register_resolvers()

@@ -3,15 +3,60 @@
 The repository keeps its folders at the top level (``sim``, ``traces``, ``policies``,
 ``predictors``, ``hw_profiles``, ``experiments``); installed, they are the subpackages of this one
 package (``moesim.sim``, ``moesim.traces``, ...), so nothing generic lands in site-packages.
+
+The Python API (:mod:`moesim.experiments.api`)::
+
+    import moesim
+    row = moesim.simulate("embedded", "lru", "v100_pcie", cache=0.25)   # one summary row
+    table = moesim.sweep(policy=["lru", "belady"], cache=[0.1, 0.25])    # a grid of runs
+
+Its names load on first use, so ``import moesim`` stays fast and never imports torch.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("moesim")
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+_API = ("InputError", "list_policies", "list_profiles", "list_traces", "load_trace", "simulate",
+        "sweep")
+
+if TYPE_CHECKING:
+    from moesim.experiments.api import (
+        InputError,
+        list_policies,
+        list_profiles,
+        list_traces,
+        load_trace,
+        simulate,
+        sweep,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names, imported on first access (PEP 562)."""
+    if name in _API:
+        return getattr(import_module("moesim.experiments.api"), name)
+    raise AttributeError(f"module 'moesim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = [
+    "InputError",
+    "__version__",
+    "list_policies",
+    "list_profiles",
+    "list_traces",
+    "load_trace",
+    "simulate",
+    "sweep",
+]
