@@ -1,13 +1,14 @@
-"""README blocks generated from committed result files, so their numbers cannot drift.
+"""Result blocks generated from committed result files, so their numbers cannot drift.
 
     python -m moesim.experiments.readme_blocks          # rewrite every block (and its figure)
     python -m moesim.experiments.readme_blocks --check  # exit 1 if a block differs (tested)
 
 A block sits between ``<!-- BEGIN generated:<name> -->`` and ``<!-- END generated:<name> -->`` in
-README.md; :data:`BLOCKS` says which result file and renderer make it. Result files are small
-files committed under ``experiments/results/`` and ``experiments/bench/results/`` (written by
-the experiment's or benchmark's own command, see each block's text); the README never holds a
-number typed by hand inside a block.
+README.md or in a page of the docs site (``experiments/docs/pages/**/*.md``); each block appears
+exactly once, in whichever of those files it belongs. :data:`BLOCKS` says which result file and
+renderer make it. Result files are small files committed under ``experiments/results/`` and
+``experiments/bench/results/`` (written by the experiment's or benchmark's own command, see each
+block's text); no file ever holds a number typed by hand inside a block.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 FIGURES = Path(__file__).parent / "figures"
+PAGES = Path(__file__).parent / "docs" / "pages"
 
 # Predictions of experiment=validate, in the order the model gains terms (experiments/validate.py
 # validation_table): label, column suffix, what it adds.
@@ -157,29 +159,70 @@ BLOCKS: dict[str, Block] = {
 }
 
 
+# Markers are whole lines (the same text quoted inside a line is not a marker).
+_BLOCK = re.compile(r"^(<!-- BEGIN generated:([\w-]+) -->\n)(.*?)^(<!-- END generated:\2 -->)$",
+                    re.S | re.M)
+_MARKER = re.compile(r"^<!-- (?:BEGIN|END) generated:([\w-]+) -->$", re.M)
+
+
 def _pattern(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- BEGIN generated:{name} -->\n)(.*?)(<!-- END generated:{name} -->)",
-                      re.S)
+    begin, end = f"<!-- BEGIN generated:{name} -->", f"<!-- END generated:{name} -->"
+    return re.compile(rf"^({begin}\n)(.*?)^({end})$", re.S | re.M)
 
 
-def update(readme: Path, *, check: bool, figures: bool = True) -> list[str]:
-    """Rewrite (or with ``check`` only compare) every block; returns the names that differ."""
-    text = readme.read_text()
+def doc_files() -> list[Path]:
+    """Every file that may hold blocks: the README, then the docs pages (sorted)."""
+    return [ROOT / "README.md", *sorted(PAGES.rglob("*.md"))]
+
+
+def find_blocks(files: Sequence[Path]) -> dict[str, Path]:
+    """Block name -> the file holding it. Errors (one line each): a marker without its pair, a
+    block no renderer knows, a block in two places."""
+    where: dict[str, Path] = {}
+    for path in files:
+        text = path.read_text()
+        names = [m.group(2) for m in _BLOCK.finditer(text)]
+        markers = _MARKER.findall(text)
+        if len(markers) != 2 * len(names):
+            raise SystemExit(f"error: {path}: a generated-block marker has no matching pair")
+        for name in names:
+            if name not in BLOCKS:
+                raise SystemExit(f"error: {path}: block generated:{name} has no renderer "
+                                 "in experiments/readme_blocks.py BLOCKS")
+            if name in where:
+                raise SystemExit(f"error: block generated:{name} is in both {where[name]} "
+                                 f"and {path}")
+            where[name] = path
+    return where
+
+
+def update(files: Sequence[Path] | None = None, *, check: bool,
+           figures: bool = True) -> list[str]:
+    """Rewrite (or with ``check`` only compare) every block in ``files`` (default: the README
+    and every docs page, which must then hold every block of :data:`BLOCKS`); returns the names
+    that differ. Figures are redrawn only when rewriting."""
+    every = files is None
+    files = doc_files() if files is None else list(files)
+    where = find_blocks(files)
+    if every and (missing := [n for n in BLOCKS if n not in where]):
+        raise SystemExit(f"error: no file holds block(s) {', '.join(missing)} "
+                         "(README.md or experiments/docs/pages)")
     stale = []
-    for name, (load, render, figure) in BLOCKS.items():
-        pat = _pattern(name)
-        if not pat.search(text):
-            raise SystemExit(f"error: README has no block generated:{name}")
+    texts = {path: path.read_text() for path in set(where.values())}
+    for name, path in where.items():
+        load, render, figure = BLOCKS[name]
         data = load()
         body = render(data).rstrip("\n") + "\n"
-        new = pat.sub(lambda m, body=body: m.group(1) + body + m.group(3), text)
-        if new != text:
+        new = _pattern(name).sub(lambda m, body=body: m.group(1) + body + m.group(3), texts[path])
+        if new != texts[path]:
             stale.append(name)
-            text = new
+            texts[path] = new
         if figure is not None and figures and not check:
             figure(data)
-    if stale and not check:
-        readme.write_text(text)
+    if not check:
+        for path, text in texts.items():
+            if text != path.read_text():
+                path.write_text(text)
     return stale
 
 
@@ -187,15 +230,16 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moesim.experiments.readme_blocks",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="only report stale blocks (exit 1)")
-    p.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    p.add_argument("files", nargs="*", type=Path,
+                   help="only these files (default: README.md and experiments/docs/pages)")
     args = p.parse_args(argv)
-    stale = update(args.readme, check=args.check)
+    stale = update(args.files or None, check=args.check)
     if args.check and stale:
-        print(f"stale README blocks: {', '.join(stale)}; "
+        print(f"stale generated blocks: {', '.join(stale)}; "
               "run python -m moesim.experiments.readme_blocks",
               file=sys.stderr)
         return 1
-    print("README blocks " + ("up to date" if not stale else "rewritten: " + ", ".join(stale)))
+    print("generated blocks " + ("up to date" if not stale else "rewritten: " + ", ".join(stale)))
     return 0
 
 

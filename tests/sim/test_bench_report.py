@@ -1,4 +1,5 @@
-"""The README's simulator benchmark block is the one rendered from the committed results."""
+"""The simulator benchmark block (on the docs' Benchmarks page) is the one rendered from the
+committed results."""
 
 from __future__ import annotations
 
@@ -6,17 +7,20 @@ import json
 import math
 import re
 
-from moesim.experiments.bench.report_sim import JSON, ROOT, render
+from moesim.experiments.bench.report_sim import JSON, render
+from moesim.experiments.readme_blocks import doc_files, find_blocks
 
 
-def test_readme_block_is_generated_from_the_results() -> None:
+def test_docs_block_is_generated_from_the_results() -> None:
     res = json.loads(JSON.read_text())
-    text = (ROOT / "README.md").read_text()
+    page = find_blocks(doc_files())["bench_sim"]
+    assert page.name == "benchmarks.md"
+    text = page.read_text()
     found = re.search(r"<!-- BEGIN generated:bench_sim -->\n(.*?)<!-- END generated:bench_sim -->",
                       text, re.S)
-    assert found is not None, "README has no bench_sim block"
+    assert found is not None, f"{page} has no bench_sim block"
     assert found.group(1) == render(res) + "\n", (
-        "README's benchmark block differs from experiments/bench/results/bench_sim.json: run "
+        f"{page}'s benchmark block differs from experiments/bench/results/bench_sim.json: run "
         "python -m moesim.experiments.readme_blocks"
     )
 
