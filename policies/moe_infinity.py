@@ -97,6 +97,10 @@ O(1). On DeepSeek-V2-Lite (L=26, E=64, N=999 warm EAMs) one layer-step costs ~75
 100-prompt test trace (40k layer-steps) takes ~20 s. EAMC memory is two float64 ``[N, L, E]``
 arrays (26 MB at N=1000) plus ``[N, L]`` dot products per running request.
 
+**Compiled twin.** With its own evictors (``moe_infinity_lfu`` / ``moe_infinity_priority``) the
+prefetcher runs on the compiled engine (``sim/compiled/eamc.py``), which reproduces every float
+here with numpy's summation order; ``engine=auto`` uses it, other evictions run on SimPy.
+
 Other deviations: stored EAMs with an all-zero row count cosine 0 there (the code would get
 NaN); empty EAMC slots are never matched (the code matches against all ``capacity`` slots);
 if all slots are persistent, finished requests are not added (the code would overwrite slot
@@ -368,8 +372,10 @@ class EAMC:
             req.dots[:n, layer] += self.unit[:n, layer][:, experts].sum(axis=1)
 
     def refresh(self, req: _Request, idx: int) -> None:
-        """Recompute a request's dot products with slot ``idx`` (after it was rewritten)."""
-        req.dots[idx] = np.einsum("ie,ie->i", self.unit[idx], req.eam)
+        """Recompute a request's dot products with slot ``idx`` (after it was rewritten): a
+        row-wise ``sum`` (numpy's pairwise order, which the compiled twin reproduces; einsum's
+        SIMD order depends on the CPU)."""
+        req.dots[idx] = (self.unit[idx] * req.eam).sum(axis=1)
 
     def distances(self, req: _Request, layer: int) -> np.ndarray:
         """The code's ``1 - mean_l cos`` against every filled slot."""

@@ -20,13 +20,23 @@ from moesim.policies.least_stale import LeastStale
 from moesim.policies.lfu import LFU
 from moesim.policies.lru import LRU
 from moesim.policies.moe_beyond_replay import MoEBeyondReplay
-from moesim.policies.moe_infinity import MoEInfinityLFU
+from moesim.policies.moe_infinity import (
+    MoEInfinity,
+    MoEInfinityLFU,
+    MoEInfinityPriority,
+    _VisitCounts,
+)
 from moesim.policies.next_layer_all import NextLayerAll
 from moesim.policies.oracle_prefetch import OraclePrefetch
 from moesim.policies.prediction_prefetch import PredictionPrefetch
 from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
-from moesim.sim.compiled import kernel as K
+from moesim.sim.compiled import kernel
+from moesim.sim.compiled import layout as K
+from moesim.sim.compiled.stamp import refresh_cache
+from moesim.sim.compiled.sums import MAX_PAIRWISE
+
+refresh_cache()  # numba loads cached code at a kernel's first call, not at import
 
 if TYPE_CHECKING:
     from moesim.sim.engine import Simulation
@@ -34,10 +44,11 @@ if TYPE_CHECKING:
 EVICTION: dict[type, int] = {
     LRU: K.EV_LRU, FIFO: K.EV_FIFO, Static: K.EV_STATIC, LeastStale: K.EV_STALE,
     LFU: K.EV_LFU, Belady: K.EV_BELADY, FateARC: K.EV_ARC, MoEInfinityLFU: K.EV_VISITS_MIN,
+    MoEInfinityPriority: K.EV_MI_PRIO,
 }
 PREFETCH: dict[type, int] = {
     NoPrefetch: K.PF_NONE, OraclePrefetch: K.PF_ORACLE, NextLayerAll: K.PF_NEXT_ALL,
-    PredictionPrefetch: K.PF_PRED, MoEBeyondReplay: K.PF_BEYOND,
+    PredictionPrefetch: K.PF_PRED, MoEBeyondReplay: K.PF_BEYOND, MoEInfinity: K.PF_MOE_INF,
 }
 POINTS = {"pre_attention": K.PT_PRE, "routed": K.PT_ROUTED, "demand_issued": K.PT_ISSUED}
 
@@ -48,6 +59,16 @@ def why_not(sim: Simulation) -> str | None:
         return f"eviction {sim.spec.eviction.__qualname__} has no compiled twin"
     if type(sim.prefetcher) not in PREFETCH:
         return f"prefetch {type(sim.prefetcher).__qualname__} has no compiled twin"
+    if type(sim.prefetcher) is MoEInfinity and sim.spec.eviction not in (MoEInfinityLFU,
+                                                                        MoEInfinityPriority):
+        return ("moe_infinity with an eviction other than its own (no candidate protection) has "
+                "no compiled twin")
+    if sim.shape.num_keys > MAX_PAIRWISE and (sim.spec.eviction is MoEInfinityPriority
+                                               or type(sim.prefetcher) is MoEInfinity):
+        return f"more than {MAX_PAIRWISE} experts (numpy's summation order is not reproduced)"
+    placement = getattr(sim, "placement_spec", None)
+    if placement is not None and not getattr(placement, "is_default", True):
+        return f"placement {placement.name!r} has no compiled twin (only the default 'fetch')"
     if type(sim.cache) is not ExpertCache:
         return f"cache {type(sim.cache).__qualname__} is not the simulator's ExpertCache"
     if sim.ropts.record_transfers or sim.ropts.timeline_steps:
@@ -74,7 +95,7 @@ def _install_order(cache: Any) -> list[int]:
     """Keys a freshly built Python cache installed, in install order per partition."""
     out: list[int] = []
     for ev in cache.evictors:
-        if isinstance(ev, MoEInfinityLFU):  # insertion numbers of the keys holding a slot
+        if isinstance(ev, _VisitCounts):  # insertion numbers of the keys holding a slot
             held = np.flatnonzero(ev.in_cache())
             out += held[np.argsort(ev._ins[held], kind="stable")].tolist()
             continue
@@ -153,17 +174,60 @@ def _prediction_table(sim: Simulation) -> np.ndarray:
     return table
 
 
+def _max_live(w: Any) -> int:
+    """Most requests ``MoEInfinity`` keeps live at once (running, or gone but not yet finished:
+    a request is finished when the next one joins)."""
+    live: set[int] = set()
+    most = 1
+    for s in sorted(w.joins):
+        running = set(w.requests_of(s))
+        for rid in w.joins[s]:
+            live &= running
+            live.add(rid)
+            most = max(most, len(live))
+    return most
+
+
+def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
+    """MoE-Infinity's state for the kernel: the EAMC as the run's prefetcher holds it (a warm
+    EAMC included), live-request buffers, the step->request map and the options; tiny
+    placeholders of the same types when ``sim`` is None (any other run)."""
+    if sim is None:
+        z2, z1 = np.zeros((1, 1)), np.zeros(2, np.int64)
+        return (z2, z2, np.zeros(1), np.zeros((1, 1), np.int32), np.full(1, -1, np.int64), z2,
+                z2, z2, np.zeros((1, 1, 1)), z1, z1, z1, z1, np.zeros(6, np.int64))
+    pf: MoEInfinity = sim.prefetcher  # type: ignore[assignment]
+    w, eamc = sim.workload, pf.eamc
+    num_l, num_e = sim.shape.num_layers, sim.shape.num_experts
+    cap, num_k = eamc.capacity, num_l * num_e
+    most = _max_live(w)
+    joins = sorted(w.joins)
+    join_off = np.zeros(w.num_steps + 1, np.int64)
+    for s in joins:
+        join_off[s + 1] = len(w.joins[s])
+    join_off = np.cumsum(join_off)
+    join_rid = np.array([r for s in joins for r in w.joins[s]] or [0], np.int64)
+    horizon = -1 if pf._horizon is None else int(pf._horizon)
+    cfg = np.array([int(eamc.mask), horizon, pf._width, cap, eamc.filled, eamc.persistent],
+                   np.int64)
+    return (eamc.eams.reshape(cap, num_k).copy(), eamc.unit.reshape(cap, num_k).copy(),
+            eamc.access.copy(), np.zeros((cap, num_k), np.int32), np.full(most, -1, np.int64),
+            np.zeros((most, num_k)), np.zeros((most, num_l)), np.zeros((most, num_l)),
+            np.zeros((most, cap, num_l)), np.asarray(w.req_offsets, np.int64),
+            np.asarray(w.req_ids, np.int64), join_off, join_rid, cfg)
+
+
 class LinkStats:
     """What ``sim.metrics.build_result`` reads from a link, for a compiled run."""
 
     def __init__(self, started: list[int], busy: float, clip: float, engines: int,
-                 dropped: int) -> None:
+                 dropped: int, cancelled: int) -> None:
         self.started = started
         self.busy = busy
         self._clip = clip
         self.engines = engines
         self.dropped = dropped
-        self.cancelled = 0
+        self.cancelled = cancelled
         self.records = None
 
     def busy_until(self, end: float) -> float:
@@ -176,8 +240,13 @@ def run(sim: Simulation) -> None:
     keys = w.keys
     num_k = sim.shape.num_keys
     ev_code = EVICTION[sim.spec.eviction]
-    if ev_code == K.EV_VISITS_MIN and sim.spec.eviction_params.get("order") == "max":
-        ev_code = K.EV_VISITS_MAX
+    mi_pf = type(sim.prefetcher) is MoEInfinity
+    if ev_code == K.EV_VISITS_MIN:
+        order_max = sim.spec.eviction_params.get("order") == "max"
+        if mi_pf:  # candidate protection: one heap per layer
+            ev_code = K.EV_MI_MAX if order_max else K.EV_MI_MIN
+        elif order_max:
+            ev_code = K.EV_VISITS_MAX
     attn, shared, dense_step, cost = _layer_arrays(sim)
     duration, engines = 0.0, 1
     if sim.timed:
@@ -200,24 +269,27 @@ def run(sim: Simulation) -> None:
     inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
     inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
     if ev_code == K.EV_BELADY:
-        nocc, cursor = K.next_occurrences(keys.reshape(-1), num_k)
+        nocc, cursor = kernel.next_occurrences(keys.reshape(-1), num_k)
     else:
         nocc = cursor = np.zeros(1, np.int64)
+    mi = mi_arrays(sim) if mi_pf else mi_arrays(None)
     counts = w.counts if w.counts is not None else np.zeros((1, 1, 1), np.int32)
     touch = bool(sim.spec.eviction_params.get("prefetch_touch", True))
-    iv, fv, layer_counts, layer_stall = K.replay(
+    iv, fv, layer_counts, layer_stall, step_t = kernel.replay(
         keys, counts, w.counts is not None, w.counted, attn, shared, dense_step,
         np.asarray(sim.dense_before, dtype=np.int64),
         np.asarray(sim._part_of_layer, dtype=np.int64), np.asarray(sim._caps, dtype=np.int64),
         sim.shape.num_experts, sim.timed, sim.copts.pin_layer, engines, duration, cost, ev_code,
         hot, touch, pf_code, point, hooks, ahead, top, wrap, warm, table, resets, inst_off,
-        inst_keys, nocc, cursor,
+        inst_keys, nocc, cursor, mi,
     )
     if iv[K.I_ERROR] > 0:
         raise SimulationError(
             f"no evictable slot for a demand fetch of layer {iv[K.I_ERROR] - 1}: every slot is "
             "pinned or in flight"
         )
+    if iv[K.I_ERROR] == -1_000_000:
+        raise SimulationError("compiled engine: more running moe_infinity requests than sized")
     if iv[K.I_ERROR] < 0:
         raise SimulationError("compiled engine: an awaited expert is neither in flight nor "
                               "resident")
@@ -236,6 +308,8 @@ def run(sim: Simulation) -> None:
     c.unused_prefetches = int(iv[K.I_UNUSED])
     c.wasted_prefetches = int(iv[K.I_WASTED])
     c.evictions = int(iv[K.I_EVICTIONS])
+    # every step's duration (warm-up included), as the SimPy engine records it in timed runs
+    c.step_times = step_t.tolist() if sim.timed else None
     mask = w.counted
     c.steps = int(mask.sum())
     c.out_tokens = int(w.out_tokens[mask].sum())
@@ -245,4 +319,4 @@ def run(sim: Simulation) -> None:
     if sim.timed:
         sim.link = LinkStats([int(iv[K.I_L_DEMAND]), int(iv[K.I_L_PREFETCH])],
                              float(fv[K.V_BUSY]), float(fv[K.V_CLIP]), engines,
-                             int(iv[K.I_L_DROPPED]))
+                             int(iv[K.I_L_DROPPED]), int(iv[K.I_CANCELLED]))

@@ -1,14 +1,16 @@
 """The compiled engine (sim.compiled) gives the SimPy engine's metrics, run for run.
 
-Every covered policy (eviction x prefetcher x parameters) in both modes, with batching, prefill
-chunks, partitions, copy engines, warm-up (and MoE-Beyond's extra warm-up row), pinning, random
-prefill and per-request caches, on
-small random traces where eviction, late hits, promotions and dropped prefetches all happen.
+Every covered policy (eviction x prefetcher x parameters, MoE-Infinity's EAMC prefetcher and its
+two evictors included) in both modes, with batching, prefill chunks, partitions, copy engines,
+warm-up (and MoE-Beyond's extra warm-up row), pinning, random prefill and per-request caches, on
+small random traces where eviction, late hits, promotions and dropped prefetches all happen;
+per-step times too (the per-request time-per-token percentiles are built from them).
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -17,15 +19,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from moesim.policies.base import EvictionPolicy, NoPrefetch
 from moesim.policies.lru import LRU
-from moesim.policies.registry import PolicySpec
-from moesim.sim import FixedCompute, FixedLink, SimulationError, build_workload, simulate
+from moesim.policies.registry import PolicySpec, resolve
+from moesim.sim import FixedCompute, FixedLink, SimulationError, build_workload, compiled, simulate
+from moesim.sim.compiled.sums import pairwise
+from moesim.sim.engine import CacheOptions, RunOptions, Simulation
 from moesim.sim.metrics import RunResult
 
 from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
 
 EVICTIONS = ["lru", "fifo", "lfu", "least_stale", "static", "belady", "fate_arc",
-             "moe_infinity_lfu"]
+             "moe_infinity_lfu", "moe_infinity_priority"]
 POINTS = ["pre_attention", "routed", "demand_issued"]
 
 
@@ -35,7 +39,9 @@ def _policy(rng: np.random.Generator) -> dict[str, Any]:
     """A covered policy config: an eviction alone, or a prefetcher with any covered eviction."""
     ev = str(rng.choice(EVICTIONS))
     pf = str(rng.choice(["none", "oracle_prefetch", "next_layer_all", "prediction_prefetch",
-                         "moe_beyond_replay"]))
+                         "moe_beyond_replay", "moe_infinity"]))
+    if pf == "moe_infinity":  # compiled with its own evictors (candidate protection) only
+        ev = str(rng.choice(["moe_infinity_lfu", "moe_infinity_priority"]))
     cfg: dict[str, Any] = {"name": ev} if pf == "none" else {"name": pf, "eviction": ev}
     if ev in ("lru", "static"):
         cfg["prefetch_touch"] = bool(rng.random() < 0.7)
@@ -48,6 +54,11 @@ def _policy(rng: np.random.Generator) -> dict[str, Any]:
                    top=int(rng.integers(0, 4)), check_availability=False)
     elif pf == "next_layer_all":
         cfg["wrap"] = bool(rng.random() < 0.7)
+    elif pf == "moe_infinity":
+        cfg.update(eamc_capacity=int(rng.integers(1, 5)),
+                   mask_observed=bool(rng.random() < 0.7),
+                   horizon=[None, 0, 1, 2][int(rng.integers(4))],
+                   prefetch_width=int(rng.choice([0, 0, 1, 2, 3])))
     elif pf == "moe_beyond_replay":
         cfg.update(point=str(rng.choice(["routed", "pre_attention"])),
                    during_warmup=bool(rng.random() < 0.5))
@@ -121,6 +132,12 @@ def _assert_same(ref: RunResult, fast: RunResult) -> None:
             assert np.allclose(a[col], b[col], rtol=1e-9, atol=1e-12, equal_nan=True), col
         else:
             assert a[col].tolist() == b[col].tolist(), col
+    pa, pb = ref.per_request, fast.per_request  # built from every step's duration
+    assert (pa is None) == (pb is None)
+    if pa is not None:
+        assert list(pa.columns) == list(pb.columns)
+        for col in pa.columns:
+            assert np.allclose(pa[col], pb[col], rtol=1e-9, atol=1e-12, equal_nan=True), col
     check_parts(fast)
 
 
@@ -149,8 +166,38 @@ def test_auto_picks_compiled_only_for_covered_runs() -> None:
         assert simulate(trace, "lru", **kw, **extra).summary["sim_engine"] == "python"
         with pytest.raises(SimulationError, match="engine=compiled cannot"):
             simulate(trace, "lru", engine="compiled", **kw, **extra)
-    res = simulate(trace, "moe_infinity", **kw)
-    assert res.summary["sim_engine"] == "python"
+    assert simulate(trace, "moe_infinity", **kw).summary["sim_engine"] == "compiled"
+    mi_lru = {"name": "moe_infinity", "eviction": "lru"}  # no candidate protection: SimPy
+    assert simulate(trace, mi_lru, **kw).summary["sim_engine"] == "python"
+    with pytest.raises(SimulationError, match="moe_infinity with an eviction other"):
+        simulate(trace, mi_lru, engine="compiled", **kw)
+
+
+def test_placements_other_than_fetch_have_no_twin() -> None:
+    """Only the default placement (``fetch``) is compiled; any other runs on SimPy."""
+    sim = Simulation(build_workload(random_trace(seed=3)), resolve({"name": "lru"}),
+                     CacheOptions(12), RunOptions(mode="zero_latency"))
+    assert compiled.why_not(sim) is None
+    sim.placement_spec = SimpleNamespace(name="cpu_on_miss", is_default=False)
+    reason = compiled.why_not(sim)
+    assert reason is not None and "placement 'cpu_on_miss'" in reason
+
+
+def test_numpy_summation_orders() -> None:
+    """The compiled sums round as numpy's: a contiguous run pairwise (every length through
+    the halving levels), the columns of a fancy-indexed 2-D array one by one."""
+    rng = np.random.default_rng(0)
+    for n in [*range(0, 140), 200, 257, 1000, 1664, 4099, 14848]:
+        x = rng.random((2, n + 3)) * 10.0 ** rng.integers(-3, 4, (2, n + 3))
+        assert pairwise(x, 1, 3, n) == x[1, 3:].sum()
+    x = rng.random((5, 40))
+    idx = np.array([1, 4, 5, 9, 11, 20, 21, 30, 33, 39])
+    cols = x[:, idx].sum(axis=1)
+    for r in range(5):
+        one_by_one = 0.0
+        for v in x[r, idx]:
+            one_by_one += v
+        assert cols[r] == one_by_one
 
 
 class _UserLRU(LRU):

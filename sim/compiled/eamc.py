@@ -1,0 +1,360 @@
+"""MoE-Infinity's prefetcher (``policies/moe_infinity.py``: ``MoEInfinity`` and ``EAMC``) on
+the compiled engine.
+
+The EAMC, each running request's EAM and its dot products with the stored unit rows are plain
+arrays (``MIState`` in ``sim.compiled`` builds them from the run's prefetcher, warm EAMC
+included). Every float is computed with the operations and summation order of the policy's
+numpy code (``sim.compiled.sums``), so matches, priorities and the queued lists are the same.
+The list itself is never sorted whole: per stored EAM each layer's experts are kept sorted by
+count once (when the slot is written), and a prediction merges the layers' heads by score,
+stopping once every partition's room (``prefetch_room() + E`` absent keys) is used up; held
+keys in the list are no-ops for these evictors, so only absent keys are queued.
+"""
+
+from __future__ import annotations
+
+import math
+
+from moesim.sim.compiled.layout import (
+    ABSENT,
+    B_PKEYS,
+    B_SKIP,
+    F_DN,
+    I_CHI,
+    I_CLO,
+    I_CSTAMP,
+    I_CWIDTH,
+    I_DEMPH,
+    I_DSRC,
+    I_EAMCAP,
+    I_ERROR,
+    I_FILLED,
+    I_HASCAND,
+    I_NUME,
+    I_NUML,
+    I_NUMP,
+    I_PERSIST,
+    INF,
+    IV,
+    K_CAND,
+    K_PART,
+    K_STATE,
+    L_HELD,
+    P_CAP,
+    P_NC,
+    P_USED,
+    fn,
+)
+from moesim.sim.compiled.link import _cancel_all
+from moesim.sim.compiled.sums import pairwise
+
+
+@fn
+def _sort_layers(eams, ordr, c, num_l, num_e):
+    """Per layer of slot ``c``: experts by count descending, lower expert first on ties (the
+    order of a stable sort of the layer's scores, which grow with the count)."""
+    for i in range(num_l):
+        b = i * num_e
+        for e in range(num_e):
+            v = eams[c, b + e]
+            q = e
+            while q > 0 and eams[c, b + ordr[c, b + q - 1]] < v:
+                ordr[c, b + q] = ordr[c, b + q - 1]
+                q -= 1
+            ordr[c, b + q] = e
+
+
+@fn
+def sort_all(eams, ordr, filled, num_l, num_e):
+    for c in range(filled):
+        _sort_layers(eams, ordr, c, num_l, num_e)
+
+
+@fn
+def _live_of(rid, lrid, leam, lsq, lrsum, ldots):
+    """The live slot of request ``rid``, a fresh one if it has none (``MoEInfinity._request``);
+    -1 if every slot is taken (the caller sized them, so that is an engine bug)."""
+    free = -1
+    for i in range(lrid.shape[0]):
+        if lrid[i] == rid:
+            return i
+        if lrid[i] < 0 and free < 0:
+            free = i
+    if free < 0:
+        return -1
+    lrid[free] = rid
+    for t in range(leam.shape[1]):
+        leam[free, t] = 0.0
+    for i in range(lsq.shape[1]):
+        lsq[free, i] = 0.0
+        lrsum[free, i] = 0.0
+        for c in range(ldots.shape[1]):
+            ldots[free, c, i] = 0.0
+    return free
+
+
+@fn
+def _add(li, leam, eams, unit, access, ordr, S):
+    """``EAMC.add`` of live request ``li``'s EAM; returns its slot or -1."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    nonzero = False
+    for t in range(num_l * num_e):
+        if leam[li, t] != 0.0:
+            nonzero = True
+            break
+    if not nonzero:
+        return -1
+    cap = S[IV, I_EAMCAP]
+    if S[IV, I_FILLED] < cap:
+        idx = S[IV, I_FILLED]
+        S[IV, I_FILLED] += 1
+    elif S[IV, I_PERSIST] < cap:
+        idx = S[IV, I_PERSIST]
+        for c in range(S[IV, I_PERSIST] + 1, cap):
+            if access[c] < access[idx]:
+                idx = c
+    else:
+        return -1
+    for i in range(num_l):
+        b = i * num_e
+        ss = 0.0
+        for e in range(num_e):
+            x = leam[li, b + e]
+            eams[idx, b + e] = x
+            ss += x * x  # integer counts: exact in any order
+        nrm = math.sqrt(ss)
+        for e in range(num_e):
+            unit[idx, b + e] = eams[idx, b + e] / nrm if nrm > 0 else 0.0
+    access[idx] = 1.0
+    _sort_layers(eams, ordr, idx, num_l, num_e)
+    return idx
+
+
+@fn
+def _refresh(li, idx, leam, unit, ldots, buf, S):
+    """``EAMC.refresh``: request ``li``'s dot products with the rewritten slot ``idx``."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    for i in range(num_l):
+        b = i * num_e
+        for e in range(num_e):
+            buf[0, e] = unit[idx, b + e] * leam[li, b + e]
+        ldots[li, idx, i] = pairwise(buf, 0, 0, num_e)
+
+
+@fn
+def _running(rid, s, req_off, req_ids):
+    r = req_off[s]
+    while r < req_off[s + 1] and req_ids[r] != rid:
+        r += 1
+    return r < req_off[s + 1]
+
+
+@fn
+def request_start(s, rid, req_off, req_ids, eams, unit, access, ordr, lrid, leam, lsq, lrsum,
+                  ldots, buf, S):
+    """``MoEInfinity.on_request_start``: requests no longer running are finished (their EAMs
+    join the EAMC, lowest id first), then ``rid`` gets a live slot."""
+    while True:
+        gone = -1
+        for i in range(lrid.shape[0]):
+            if lrid[i] >= 0 and not _running(lrid[i], s, req_off, req_ids) and (
+                    gone < 0 or lrid[i] < lrid[gone]):
+                gone = i
+        if gone < 0:
+            break
+        if S[IV, I_DSRC] == gone:  # D keeps the finished request's EAM (already in F_DN)
+            S[IV, I_DSRC] = -1
+        lrid[gone] = -1
+        idx = _add(gone, leam, eams, unit, access, ordr, S)
+        if idx >= 0:
+            for i in range(lrid.shape[0]):
+                if lrid[i] >= 0:
+                    _refresh(i, idx, leam, unit, ldots, buf, S)
+    if _live_of(rid, lrid, leam, lsq, lrsum, ldots) < 0:
+        S[IV, I_ERROR] = -1_000_000
+
+
+@fn
+def _set_dn(li, leam, lrsum, S, F):
+    """``MoEInfinityPriority``'s D from request ``li``'s EAM: rows normalised (empty rows
+    uniform), then ``D / sum D + 1e-6``."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    for i in range(num_l):
+        b = i * num_e
+        rs = lrsum[li, i]
+        for e in range(num_e):
+            F[F_DN, b + e] = 1.0 / num_e if rs == 0 else leam[li, b + e] / rs
+    total = pairwise(F, F_DN, 0, num_l * num_e)
+    for t in range(num_l * num_e):
+        F[F_DN, t] = F[F_DN, t] / total + 1e-6
+
+
+@fn
+def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, lrsum, ldots,
+           ebuf, buf, S, F):
+    """``MoEInfinity.on_routed``: the demand phase starts; every running request's EAM and dot
+    products take the layer's experts (``EAMC.observe``)."""
+    S[IV, I_DEMPH] = 1
+    if n_keys == 0:
+        return
+    num_e = S[IV, I_NUME]
+    m = 0
+    for r in range(n_keys):  # np.unique: sorted, without repeats
+        e = lkeys[r] - j * num_e
+        q = m
+        while q > 0 and ebuf[q - 1] > e:
+            q -= 1
+        if q > 0 and ebuf[q - 1] == e:
+            continue
+        for t in range(m, q, -1):
+            ebuf[t] = ebuf[t - 1]
+        ebuf[q] = e
+        m += 1
+    b = j * num_e
+    n = S[IV, I_FILLED]
+    for r in range(req_off[s], req_off[s + 1]):
+        li = _live_of(req_ids[r], lrid, leam, lsq, lrsum, ldots)
+        add = 0.0
+        for t in range(m):
+            add += 2.0 * leam[li, b + ebuf[t]] + 1.0
+        lsq[li, j] += add
+        for t in range(m):
+            leam[li, b + ebuf[t]] += 1.0
+        lrsum[li, j] += m
+        for c in range(n):
+            if n == 1:  # one stored row: numpy sums the gathered values pairwise
+                for t in range(m):
+                    buf[0, t] = unit[c, b + ebuf[t]]
+                tot = pairwise(buf, 0, 0, m)
+            else:  # columns of a fancy-indexed 2-D array: one by one
+                tot = 0.0
+                for t in range(m):
+                    tot += unit[c, b + ebuf[t]]
+            ldots[li, c, j] += tot
+        if prio and li == S[IV, I_DSRC]:
+            _set_dn(li, leam, lrsum, S, F)
+
+
+@fn
+def _match(li, j, lsq, lrsum, ldots, access, mask, buf, S):
+    """``EAMC.match``: the stored EAM at the least ``1 - mean cos`` (first on ties)."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    for i in range(num_l):
+        nrm = math.sqrt(lsq[li, i])
+        buf[1, i] = 1.0 / nrm if nrm > 0 else 0.0
+    masked = 0.0
+    lo = 0
+    if mask:
+        for i in range(j + 1):
+            buf[0, i] = lrsum[li, i] * buf[1, i]
+        masked = pairwise(buf, 0, 0, j + 1) / math.sqrt(num_e)
+        lo = j + 1
+    m = num_l - lo
+    best = -1
+    best_d = INF
+    for c in range(S[IV, I_FILLED]):
+        for t in range(m):
+            buf[0, t] = ldots[li, c, lo + t] * buf[1, lo + t]
+        tot = pairwise(buf, 0, 0, m)
+        if mask:
+            tot = masked + tot
+        d = 1.0 - tot / num_l
+        if d < best_d:
+            best_d = d
+            best = c
+    access[best] += 1.0
+    return best
+
+
+@fn
+def _recount(S):
+    """``_VisitCounts.recount`` of every partition: held keys outside the candidate set."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    single = S[IV, I_NUMP] == 1
+    width = S[IV, I_CWIDTH]
+    nc = 0
+    for i in range(num_l):
+        if i < S[IV, I_CLO] or i > S[IV, I_CHI]:
+            held = S[L_HELD, i]
+        elif width == 0:
+            held = 0
+        else:
+            held = 0
+            for e in range(num_e):
+                k = i * num_e + e
+                if S[K_STATE, k] != ABSENT and S[K_CAND, k] != S[IV, I_CSTAMP]:
+                    held += 1
+        if single:
+            nc += held
+        else:
+            S[P_NC, i] = held
+    if single:
+        S[P_NC, 0] = nc
+
+
+@fn
+def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, access, ordr,
+                  lrid, leam, lsq, lrsum, ldots, ibuf, buf, S, F):
+    """``MoEInfinity.on_demand_issued``: match every running request, flush the link's queue,
+    make the last match's list the candidate set and put its first absent keys (per partition
+    ``prefetch_room() + E``, as ``_queueable``) in ``S[B_PKEYS]``; returns how many."""
+    S[IV, I_DEMPH] = 0
+    r0, r1 = req_off[s], req_off[s + 1]
+    if r1 == r0:
+        return 0
+    last = _live_of(req_ids[r1 - 1], lrid, leam, lsq, lrsum, ldots)
+    S[IV, I_DSRC] = last
+    if prio:
+        _set_dn(last, leam, lrsum, S, F)
+    if S[IV, I_FILLED] == 0:
+        return 0
+    idx = 0
+    for r in range(r0, r1):
+        li = _live_of(req_ids[r], lrid, leam, lsq, lrsum, ldots)
+        idx = _match(li, j, lsq, lrsum, ldots, access, mask, buf, S)
+    if timed:
+        _cancel_all(S)
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    chi = num_l - 1 if horizon < 0 else min(num_l - 1, j + horizon)
+    width = S[IV, I_CWIDTH]
+    lenw = num_e if width == 0 else min(width, num_e)
+    S[IV, I_HASCAND] = 1
+    S[IV, I_CLO] = j
+    S[IV, I_CHI] = chi
+    if width > 0:
+        S[IV, I_CSTAMP] += 1
+        for i in range(j, chi + 1):
+            for r in range(lenw):
+                S[K_CAND, i * num_e + ordr[idx, i * num_e + r]] = S[IV, I_CSTAMP]
+    _recount(S)
+    single = S[IV, I_NUMP] == 1
+    for p in range(S[IV, I_NUMP]):
+        S[B_SKIP, p] = S[P_CAP, p] - S[P_USED, p] + S[P_NC, p] + num_e
+    for i in range(j, chi + 1):  # heads of the layers' sorted lists and their scores
+        ibuf[i] = 0
+        decay = 1.0 - (i - j) / (num_l + 1)
+        buf[1, i] = (eams[idx, i * num_e + ordr[idx, i * num_e]] + 1e-8) * decay
+    n = 0
+    while True:
+        bi = -1
+        for i in range(j, chi + 1):  # highest score; the lower layer first on ties
+            if ibuf[i] < lenw and (single or S[B_SKIP, i] > 0) and (
+                    bi < 0 or buf[1, i] > buf[1, bi]):
+                bi = i
+        if bi < 0:
+            break
+        k = bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]
+        ibuf[bi] += 1
+        if ibuf[bi] < lenw:
+            decay = 1.0 - (bi - j) / (num_l + 1)
+            buf[1, bi] = (eams[idx, bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]]
+                          + 1e-8) * decay
+        if S[K_STATE, k] == ABSENT:
+            p = S[K_PART, k]
+            if S[B_SKIP, p] > 0:
+                S[B_PKEYS, n] = k
+                n += 1
+                S[B_SKIP, p] -= 1
+                if single and S[B_SKIP, 0] == 0:
+                    break
+    return n

@@ -1,0 +1,324 @@
+"""Eviction policies on the compiled cache: insertion, access, victim and eviction per kernel
+code (``EV_*``), each the twin of a shipped ``policies/*.py`` class (tie-breaks included)."""
+
+from __future__ import annotations
+
+from moesim.sim.compiled.heaps import (
+    _append,
+    _hpush,
+    _hremove,
+    _hupdate,
+    _less,
+    _next_use,
+    _to_tail,
+    _unlink,
+)
+from moesim.sim.compiled.layout import (
+    A_TR,
+    ABSENT,
+    B_HKEY,
+    B_SKIP,
+    COUNTED,
+    EV_ARC,
+    EV_BELADY,
+    EV_LFU,
+    EV_LRU,
+    EV_MI_MAX,
+    EV_MI_MIN,
+    EV_MI_PRIO,
+    EV_STALE,
+    EV_STATIC,
+    EV_VISITS_MAX,
+    EV_VISITS_MIN,
+    F_DN,
+    F_TN,
+    I_CHI,
+    I_CLO,
+    I_CSTAMP,
+    I_CWIDTH,
+    I_DEMPH,
+    I_EVICTIONS,
+    I_HASCAND,
+    I_LAYER,
+    I_NUME,
+    I_NUML,
+    I_NUMP,
+    I_PSTAMP,
+    I_SEQ,
+    I_WASTED,
+    INF,
+    IV,
+    K_CAND,
+    K_HEAP,
+    K_HOT,
+    K_LIST,
+    K_MARK,
+    K_NXT,
+    K_OUT,
+    K_PIN,
+    K_S1,
+    K_S2,
+    K_STATE,
+    L_HELD,
+    P_CSUM,
+    P_HEAD,
+    P_HOFF,
+    P_HSIZE,
+    P_NC,
+    P_USED,
+    RESIDENT,
+    fn,
+)
+from moesim.sim.compiled.lists import (
+    LS_CUR,
+    LS_STALE,
+    _arc_access,
+    _arc_admit,
+    _arc_evict,
+    _arc_scan,
+    _arc_victim,
+    _ldel,
+    _linsert_by_seq,
+    _lpush,
+)
+from moesim.sim.compiled.sums import pairwise
+
+
+# -- MoE-Infinity's evictors (policies/moe_infinity.py: _VisitCounts and its subclasses) ---
+@fn
+def _is_cand(k, S):
+    """In the prefetcher's current candidate set (layers CLO..CHI, top CWIDTH of each)."""
+    if not S[IV, I_HASCAND]:
+        return False
+    j = k // S[IV, I_NUME]
+    if j < S[IV, I_CLO] or j > S[IV, I_CHI]:
+        return False
+    return S[IV, I_CWIDTH] == 0 or S[K_CAND, k] == S[IV, I_CSTAMP]
+
+
+@fn
+def _mi_insert(ev, p, k, S):
+    """``_VisitCounts.on_insert``: one visit, a new insertion number, one more non-candidate
+    unless protected."""
+    S[IV, I_SEQ] += 1
+    S[K_S1, k] = -1 if ev == EV_MI_MAX else 1
+    S[K_S2, k] = S[IV, I_SEQ]
+    S[L_HELD, k // S[IV, I_NUME]] += 1
+    if not _is_cand(k, S):
+        S[P_NC, p] += 1
+    if ev == EV_MI_PRIO:
+        S[P_CSUM, p] += 1
+    else:
+        _hpush_unless_pinned(S[K_HEAP, k], k, S)
+
+
+@fn
+def _mi_evict(ev, p, k, S):
+    S[L_HELD, k // S[IV, I_NUME]] -= 1
+    if not _is_cand(k, S):
+        S[P_NC, p] -= 1
+    if ev == EV_MI_PRIO:
+        S[P_CSUM, p] -= S[K_S1, k]
+        S[K_S1, k] = 0
+    else:
+        _hremove(S[K_HEAP, k], k, S)
+
+
+@fn
+def _heap_best(h, skip_cand, S):
+    """The smallest entry of heap ``h`` that may be evicted now (and is no candidate if
+    ``skip_cand``), or -1; entries set aside on the way are put back."""
+    n = 0
+    found = -1
+    off = S[P_HOFF, h]
+    pstamp = S[IV, I_PSTAMP]
+    while S[P_HSIZE, h] > 0:
+        k = S[B_HKEY, off]
+        if (S[K_STATE, k] == RESIDENT and S[K_PIN, k] != pstamp
+                and not (skip_cand and _is_cand(k, S))):
+            found = k
+            break
+        _hremove(h, k, S)
+        S[B_SKIP, n] = k
+        n += 1
+    for i in range(n):
+        _hpush(h, S[B_SKIP, i], S)
+    return found
+
+
+@fn
+def _prio_best(p, skip_cand, S, F):
+    """``MoEInfinityPriority``: the lowest ``T * D * F`` among evictable keys (ties: lowest key),
+    with the arithmetic of its numpy expression."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    cur = S[IV, I_LAYER]
+    for i in range(num_l):
+        F[F_TN, i] = 1.0 if i <= cur else i / (num_l + 1)
+    tsum = pairwise(F, F_TN, 0, num_l)
+    for i in range(num_l):
+        F[F_TN, i] = F[F_TN, i] / (tsum * num_e) + 1e-6
+    total = float(S[P_CSUM, p])
+    lo, hi = 0, num_l * num_e
+    if S[IV, I_NUMP] > 1:
+        lo, hi = p * num_e, (p + 1) * num_e
+    pstamp = S[IV, I_PSTAMP]
+    best = -1
+    best_s = INF
+    for k in range(lo, hi):
+        c = S[K_S1, k]
+        if c <= 0 or S[K_STATE, k] != RESIDENT or S[K_PIN, k] == pstamp:
+            continue
+        if skip_cand and _is_cand(k, S):
+            continue
+        sc = (F[F_TN, k // num_e] * F[F_DN, k]) * (c / total + 1e-6)
+        if sc < best_s:
+            best_s = sc
+            best = k
+    return best
+
+
+@fn
+def _mi_best(ev, p, skip_cand, S, F):
+    if ev == EV_MI_PRIO:
+        return _prio_best(p, skip_cand, S, F)
+    lo, hi = 0, S[IV, I_NUML] - 1
+    if S[IV, I_NUMP] > 1:
+        lo, hi = p, p
+    whole = S[IV, I_HASCAND] and S[IV, I_CWIDTH] == 0
+    best = -1
+    for j in range(lo, hi + 1):
+        if skip_cand and whole and S[IV, I_CLO] <= j <= S[IV, I_CHI]:
+            continue  # every key of this layer is a candidate
+        v = _heap_best(j, skip_cand, S)
+        if v >= 0 and (best < 0 or _less(v, best, S)):
+            best = v
+    return best
+
+
+@fn
+def _mi_victim(ev, p, S, F):
+    """``_VisitCounts.victim``: candidates are protected; a prefetch that finds only candidates
+    is dropped, a demand fetch then takes one."""
+    if S[P_USED, p] == 0:
+        return -1
+    protect = S[IV, I_HASCAND] != 0
+    demand = S[IV, I_DEMPH] != 0
+    if protect and S[P_NC, p] == 0 and not demand:
+        return -1
+    if protect:
+        v = _mi_best(ev, p, True, S, F)
+        if v >= 0 or not demand:
+            return v
+    return _mi_best(ev, p, False, S, F)
+
+
+# -- every policy ----------------------------------------------------------------------------
+@fn
+def _on_insert(ev, p, k, prefetch, position, S, F, nocc):
+    if ev == EV_STALE:  # current until the step ends; insertion order kept as a sequence
+        S[IV, I_SEQ] += 1
+        S[K_S2, k] = S[IV, I_SEQ]
+        _lpush(p, LS_CUR, k, S)
+    elif ev <= EV_STATIC:
+        if ev == EV_STATIC and S[K_HOT, k]:  # never a victim: kept out of the LRU order
+            return
+        _append(p, k, S)
+    elif ev == EV_ARC:
+        if prefetch:
+            _lpush(p, A_TR, k, S)
+        else:
+            _arc_admit(p, k, S, F)
+    elif ev >= EV_MI_MIN:
+        _mi_insert(ev, p, k, S)
+    elif ev in (EV_LFU, EV_VISITS_MIN, EV_VISITS_MAX):
+        S[IV, I_SEQ] += 1
+        S[K_S1, k] = -1 if ev == EV_VISITS_MAX else 1
+        S[K_S2, k] = S[IV, I_SEQ]
+        _hpush_unless_pinned(p, k, S)
+    else:  # Belady: a prefetched expert's use may be in the current layer-step itself
+        S[K_S1, k] = -_next_use(k, position, prefetch, nocc, S)
+        S[K_S2, k] = k
+        _hpush_unless_pinned(p, k, S)
+
+
+@fn
+def _hpush_unless_pinned(h, k, S):
+    """A pinned key cannot be a victim: it joins the heap when its layer ends (victim = the
+    smallest evictable entry either way, without popping pinned ones at every miss)."""
+    if S[K_PIN, k] == S[IV, I_PSTAMP]:
+        S[K_OUT, k] = 1
+    else:
+        _hpush(h, k, S)
+
+
+@fn
+def _on_access(ev, p, k, position, S, F, nocc):
+    if ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k]):
+        _to_tail(p, k, S)
+    elif ev == EV_STALE:
+        if S[K_LIST, k] == LS_STALE:
+            _ldel(p, LS_STALE, k, S)
+            _linsert_by_seq(p, LS_CUR, k, S)
+    elif ev == EV_ARC:
+        _arc_access(p, k, S, F)
+    elif ev == EV_LFU:
+        S[IV, I_SEQ] += 1
+        S[K_S1, k] += 1
+        S[K_S2, k] = S[IV, I_SEQ]
+        if not S[K_OUT, k]:
+            _hupdate(p, k, S)
+    elif ev == EV_BELADY:
+        S[K_S1, k] = -_next_use(k, position, False, nocc, S)
+        if not S[K_OUT, k]:
+            _hupdate(p, k, S)
+    elif ev == EV_MI_PRIO:
+        S[K_S1, k] += 1
+        S[P_CSUM, p] += 1
+    elif ev in (EV_VISITS_MIN, EV_VISITS_MAX, EV_MI_MIN, EV_MI_MAX):
+        # one more visit; insertion order kept
+        S[K_S1, k] += -1 if ev in (EV_VISITS_MAX, EV_MI_MAX) else 1
+        if not S[K_OUT, k]:
+            _hupdate(S[K_HEAP, k], k, S)
+
+
+@fn
+def _victim(ev, p, S, F):
+    """The policy's victim among keys that may be evicted (resident and not pinned), or -1."""
+    if ev >= EV_MI_MIN:
+        return _mi_victim(ev, p, S, F)
+    if ev == EV_ARC:
+        return _arc_victim(p, S, F)
+    if ev == EV_STALE:  # the first stale one in insertion order, else the first current one
+        v = _arc_scan(p, LS_STALE, S)
+        return v if v >= 0 else _arc_scan(p, LS_CUR, S)
+    pstamp = S[IV, I_PSTAMP]
+    if ev <= EV_STATIC:
+        v = S[P_HEAD, p]
+        while v >= 0:
+            if S[K_STATE, v] == RESIDENT and S[K_PIN, v] != pstamp:
+                return v
+            v = S[K_NXT, v]
+        return -1
+    # heap: set aside the smallest entries that may not be evicted now, as policies/_heap.py
+    return _heap_best(p, False, S)
+
+
+@fn
+def _evict(ev, p, k, S):
+    S[K_STATE, k] = ABSENT
+    S[P_USED, p] -= 1
+    S[IV, I_EVICTIONS] += 1
+    if S[K_MARK, k]:
+        if S[K_MARK, k] == COUNTED:
+            S[IV, I_WASTED] += 1
+        S[K_MARK, k] = 0
+    if ev == EV_STALE:
+        _ldel(p, S[K_LIST, k], k, S)
+    elif ev <= EV_STATIC:
+        _unlink(p, k, S)
+    elif ev == EV_ARC:
+        _arc_evict(p, k, S)
+    elif ev >= EV_MI_MIN:
+        _mi_evict(ev, p, k, S)
+    else:
+        _hremove(p, k, S)

@@ -1,0 +1,205 @@
+"""The compiled host link (``sim/link.py``): engine free times, a heap of running copies
+and a FIFO ring of queued prefetches (every shipped prefetcher queues at the default
+priority, which is submission order), advanced in time order like ``HostLink.advance``."""
+
+from __future__ import annotations
+
+from moesim.sim.compiled.cache import _reserve
+from moesim.sim.compiled.layout import (
+    B_QKEY,
+    B_QSEQ,
+    B_RKEY,
+    B_RKIND,
+    B_RSEQ,
+    F_FIN,
+    F_FREE,
+    F_RFIN,
+    F_RSTART,
+    FV,
+    I_CANCELLED,
+    I_COUNTING,
+    I_ENGINES,
+    I_L_DEMAND,
+    I_L_DROPPED,
+    I_L_PREFETCH,
+    I_LSEQ,
+    I_NQ,
+    I_QCAP,
+    I_QHEAD,
+    I_QTAIL,
+    I_RSIZE,
+    INF,
+    IV,
+    K_INFL,
+    K_QSEQ,
+    K_STATE,
+    RESIDENT,
+    V_BUSY,
+    V_LT,
+    fn,
+)
+
+
+# -- the host link (sim/link.py) ------------------------------------------------------------
+@fn
+def _rless(a, b, S, F):
+    return F[F_RFIN, a] < F[F_RFIN, b] or (F[F_RFIN, a] == F[F_RFIN, b]
+                                             and S[B_RSEQ, a] < S[B_RSEQ, b])
+
+
+@fn
+def _rswap(a, b, S, F):
+    F[F_RFIN, a], F[F_RFIN, b] = F[F_RFIN, b], F[F_RFIN, a]
+    F[F_RSTART, a], F[F_RSTART, b] = F[F_RSTART, b], F[F_RSTART, a]
+    S[B_RSEQ, a], S[B_RSEQ, b] = S[B_RSEQ, b], S[B_RSEQ, a]
+    S[B_RKEY, a], S[B_RKEY, b] = S[B_RKEY, b], S[B_RKEY, a]
+    S[B_RKIND, a], S[B_RKIND, b] = S[B_RKIND, b], S[B_RKIND, a]
+
+
+@fn
+def _rpush(fin, key, kind, start, S, F):
+    """A scheduled copy (finish, seq, key, kind, start), ordered by (finish, seq)."""
+    S[IV, I_LSEQ] += 1
+    i = S[IV, I_RSIZE]
+    S[IV, I_RSIZE] = i + 1
+    F[F_RFIN, i], F[F_RSTART, i] = fin, start
+    S[B_RSEQ, i], S[B_RKEY, i], S[B_RKIND, i] = S[IV, I_LSEQ], key, kind
+    while i > 0:
+        parent = (i - 1) >> 1
+        if not _rless(i, parent, S, F):
+            break
+        _rswap(i, parent, S, F)
+        i = parent
+
+
+@fn
+def _rpop(S, F):
+    key = S[B_RKEY, 0]
+    last = S[IV, I_RSIZE] - 1
+    S[IV, I_RSIZE] = last
+    _rswap(0, last, S, F)
+    i = 0
+    while True:
+        c = 2 * i + 1
+        if c >= last:
+            break
+        if c + 1 < last and _rless(c + 1, c, S, F):
+            c += 1
+        if not _rless(c, i, S, F):
+            break
+        _rswap(i, c, S, F)
+        i = c
+    return key
+
+
+@fn
+def _argmin_free(S, F):
+    e = 0
+    for i in range(1, S[IV, I_ENGINES]):
+        if F[F_FREE, i] < F[F_FREE, e]:
+            e = i
+    return e
+
+
+@fn
+def _submit_demand(k, duration, direct, S, F):
+    """``HostLink.submit_demand``. ``direct``: a run without prefetches, where nothing can
+    observe a copy in flight (the GPU waits for every copy of a layer before the next one,
+    whose pinned keys are the only ones it touches), so the copy lands at once and only its
+    arrival time is kept for the layer's schedule."""
+    e = _argmin_free(S, F)
+    free = F[F_FREE, e]
+    start = free if free > F[FV, V_LT] else F[FV, V_LT]
+    finish = start + duration
+    F[F_FREE, e] = finish
+    if direct:
+        S[K_STATE, k] = RESIDENT
+        S[IV, I_LSEQ] += 1
+    else:
+        _rpush(finish, k, 0, start, S, F)
+    F[F_FIN, k] = finish
+    S[K_INFL, k] = 1
+    F[FV, V_BUSY] += duration
+    if S[IV, I_COUNTING]:
+        S[IV, I_L_DEMAND] += 1
+
+
+@fn
+def _queue_push(k, S):
+    if S[IV, I_QTAIL] == S[IV, I_QCAP]:  # compact: drop withdrawn entries, keep the order
+        n = 0
+        for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
+            if S[K_QSEQ, S[B_QKEY, i]] == S[B_QSEQ, i]:
+                S[B_QKEY, n] = S[B_QKEY, i]
+                S[B_QSEQ, n] = S[B_QSEQ, i]
+                n += 1
+        S[IV, I_QHEAD] = 0
+        S[IV, I_QTAIL] = n
+    S[IV, I_LSEQ] += 1
+    S[K_QSEQ, k] = S[IV, I_LSEQ]
+    S[B_QKEY, S[IV, I_QTAIL]] = k
+    S[B_QSEQ, S[IV, I_QTAIL]] = S[IV, I_LSEQ]
+    S[IV, I_QTAIL] += 1
+    S[IV, I_NQ] += 1
+
+
+@fn
+def _advance(until, duration, ev, position, S, F, nocc):
+    """``HostLink.advance``: completions and prefetch starts up to ``until``, in time order."""
+    while True:
+        done = F[F_RFIN, 0] if S[IV, I_RSIZE] > 0 else INF
+        start = INF
+        if S[IV, I_NQ] > 0:
+            start = F[F_FREE, _argmin_free(S, F)]
+            if start < F[FV, V_LT]:
+                start = F[FV, V_LT]
+        if done <= start:  # a completion frees its engine before a start can use it
+            if done > until:
+                break
+            key = _rpop(S, F)
+            F[FV, V_LT] = done
+            S[K_INFL, key] = 0
+            S[K_STATE, key] = RESIDENT
+        else:
+            if start > until:
+                break
+            F[FV, V_LT] = start
+            while True:  # the oldest live queued prefetch
+                key = S[B_QKEY, S[IV, I_QHEAD]]
+                sq = S[B_QSEQ, S[IV, I_QHEAD]]
+                S[IV, I_QHEAD] += 1
+                if S[K_QSEQ, key] == sq:
+                    S[K_QSEQ, key] = 0
+                    S[IV, I_NQ] -= 1
+                    break
+            if not _reserve(ev, key, True, position, S, F, nocc):
+                S[IV, I_L_DROPPED] += 1
+                continue
+            e = _argmin_free(S, F)
+            finish = F[FV, V_LT] + duration
+            F[F_FREE, e] = finish
+            _rpush(finish, key, 1, F[FV, V_LT], S, F)
+            F[F_FIN, key] = finish
+            S[K_INFL, key] = 1
+            F[FV, V_BUSY] += duration
+            if S[IV, I_COUNTING]:
+                S[IV, I_L_PREFETCH] += 1
+    if until > F[FV, V_LT]:
+        F[FV, V_LT] = until
+
+
+
+@fn
+def _cancel_all(S):
+    """``HostLink.cancel()``: every queued prefetch is dropped (counted whether or not the step
+    counts, as the link does)."""
+    n = 0
+    for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
+        k = S[B_QKEY, i]
+        if S[K_QSEQ, k] == S[B_QSEQ, i]:
+            S[K_QSEQ, k] = 0
+            n += 1
+    S[IV, I_CANCELLED] += n
+    S[IV, I_NQ] = 0
+    S[IV, I_QHEAD] = 0
+    S[IV, I_QTAIL] = 0
