@@ -215,11 +215,10 @@ def _levels_text(df: pd.DataFrame, col: str, limit: int = 6) -> str:
 
 def _check_column(df: pd.DataFrame, option: str, name: str) -> None:
     if name not in df.columns:
-        facs = factor_columns(df)
-        varying = [c for c in facs if varies(df, c)]
-        rest = [c for c in facs if c not in varying]
-        raise PlotError(f"{option} {name!r}: no such column; varying: {', '.join(varying) or '-'}"
-                        f"; constant: {', '.join(rest)}")
+        swept = primary_factors(df)
+        rest = [c for c in factor_columns(df) if c not in swept]
+        raise PlotError(f"{option} {name!r}: no such column; swept: {', '.join(swept) or '-'}; "
+                        f"other config columns: {', '.join(rest)}")
 
 
 def apply_where(df: pd.DataFrame, where: Sequence[str]) -> pd.DataFrame:

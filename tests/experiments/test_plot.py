@@ -225,7 +225,8 @@ def test_cli_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path, capsys)
     write_sweep(df, tmp_path / "sweep")
     before = sorted(p.name for p in (tmp_path / "sweep").rglob("*"))
     cases = ((["--metric", "hit_rat"], "--metric 'hit_rat': not in the table; choose from: "),
-             (["--x", "nope"], "--x 'nope': no such column; varying: "),
+             (["--x", "nope"],
+              "--x 'nope': no such column; swept: policy.name, cache.capacity_fraction; other "),
              (["--where", "mode=timed,zero_latency", "--where", "policy.name=x"],
               "--where policy.name=x: no run has policy.name in ['x']; values: lru, belady"),
              (["--format", "jpg"], "--format jpg: choose from png, pdf, svg"),
