@@ -515,14 +515,18 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
     rows_lv = ps.level_order(spec.row, df[spec.row].tolist()) if spec.row else [None]
     cols_lv = ps.level_order(spec.col, df[spec.col].tolist()) if spec.col else [None]
     panels = []  # (metric, row value, col value, table)
-    for m in spec.metrics:
-        t = cells[m].table
+    if spec.row:  # a grid: one row per row value, metrics x col values across
         for rv in rows_lv:
-            for cv in cols_lv:
-                sub = t[_match(t, spec.row, rv) & _match(t, spec.col, cv)]
-                panels.append((m, rv, cv, sub))
+            for m in spec.metrics:
+                t = cells[m].table
+                panels += [(m, rv, cv, t[_match(t, spec.row, rv) & _match(t, spec.col, cv)])
+                           for cv in cols_lv]
+    else:
+        for m in spec.metrics:
+            t = cells[m].table
+            panels += [(m, None, cv, t[_match(t, spec.col, cv)]) for cv in cols_lv]
     if spec.row:
-        ncols, nrows = len(cols_lv), len(panels) // len(cols_lv)
+        ncols, nrows = len(spec.metrics) * len(cols_lv), len(rows_lv)
         where = list(range(len(panels)))
     else:
         panels = [p for p in panels if len(p[3])]  # e.g. stall in zero-latency runs

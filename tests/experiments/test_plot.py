@@ -93,6 +93,13 @@ def test_time_metrics_have_no_zero_latency_panel():
     titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
     assert titles == ["mode: timed", "mode: zero-latency", "mode: timed"]
     plt.close(fig)
+    # --row: a grid, one row per mode, one column per metric; the empty cell is left blank
+    fig = make_figure(df, choose_spec(df, row="mode", metrics=["hit_rate",
+                                                               "stall_per_output_token_s"]))
+    assert fig.axes[0].get_gridspec().get_geometry() == (2, 2)
+    assert [(ax.get_visible(), ax.get_title()) for ax in fig.axes] == [
+        (True, "mode: timed"), (True, "mode: timed"), (True, "mode: zero-latency"), (False, "")]
+    plt.close(fig)
 
 
 def test_categorical_x_is_dodged_points_never_joined():
