@@ -85,15 +85,16 @@ def fit_expert(sizes: Sequence[tuple[int, float]], table: Sequence[tuple[int, fl
     """(overhead a >= 0, bandwidth B, FLOP/s F) from 1-token times by weight bytes and the
     per-token table of the measured card (``params`` weights per expert).
 
-    ``t = a + bytes / B`` through the sizes (least relative error); F is the largest
+    ``t = a + bytes / B`` through the sizes (least relative error); ``a`` is then capped below
+    every size's time and at 0.99 of the table's fastest (on a tiny or noisy expert the line's
+    intercept can land above a measured point, and no overhead can exceed a whole execution).
+    F is the largest
     ``2 x tokens x params / (t - a)`` over the table, i.e. the slowest arithmetic rate that
     keeps the roofline under every measured point.
     """
     a, bw = fit_latency_relative([(int(n), n / t) for n, t in sizes])
-    rates = [2.0 * x * params / (t - a) for x, t in table if t > a]
-    if not rates:
-        raise ValueError("every expert time is within the fitted overhead; measure more tokens")
-    return a, bw, max(rates)
+    a = min(a, 0.99 * min(t for _, t in table), min(t for _, t in sizes) * (1 - 1e-9))
+    return a, bw, max(2.0 * x * params / (t - a) for x, t in table)
 
 
 def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float, card: ModelCard,
