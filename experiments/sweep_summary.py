@@ -1,12 +1,21 @@
-"""How a sweep ended: every run writes ``status.json`` (done, skipped or failed, with the error),
-and a Hydra callback prints "N done, M skipped, K failed" when the sweep ends and makes the
-command exit 2 if any run failed. A bad value in one run no longer stops the others.
+"""How a sweep goes and how it ended: every run writes ``status.json`` (done, skipped or failed,
+with the error), and a Hydra callback draws one progress bar over the sweep's runs while it goes
+and prints "N done, M skipped, K failed" when it ends, making the command exit 2 if any run
+failed. A bad value in one run no longer stops the others.
+
+The bar counts the status files that appear in the sweep folder, from the sweep's own process,
+so it works with every launcher whose runs are other processes (joblib, submitit on this machine
+or a cluster's shared disk); with Hydra's default in-process launcher each run draws its own.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +45,93 @@ def read_statuses(sweep_dir: Path) -> dict[str, list[tuple[Path, str]]]:
     return out
 
 
+def sweep_size(config: DictConfig) -> int | None:
+    """How many runs the basic sweeper will launch: the product of the sweep lists in
+    ``hydra.sweeper.params`` and the command line (a key given in both: the command line's),
+    as Hydra's BasicSweeper counts them; None for other sweepers or sweeps it cannot count
+    (``glob(...)`` choices, ranges resolved against the config)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.get("sweeper") or {}
+    if not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [*params, *config.hydra.overrides.task])
+        sizes = {o.get_key_element(): (len(list(o.sweep_string_iterator()))
+                                       if o.is_discrete_sweep() else 1) for o in parsed}
+    except Exception:  # the sweeper itself reports what it cannot parse
+        return None
+    return math.prod(sizes.values())
+
+
+def runs_finished(sweep_dir: Path, since: float) -> int:
+    """Runs below ``sweep_dir`` whose status was written at or after ``since`` (an earlier
+    sweep's runs in the same folder are not counted until this sweep reaches them)."""
+    count = 0
+    for path in itertools.chain(sweep_dir.glob("*/" + STATUS), sweep_dir.glob("*/*/" + STATUS)):
+        try:
+            count += path.stat().st_mtime >= since
+        except OSError:
+            continue
+    return count
+
+
+class _SweepBar:
+    """One tqdm bar on stderr, advanced by a daemon thread polling the sweep folder."""
+
+    def __init__(self, sweep_dir: Path, total: int | None, poll_s: float = 0.25) -> None:
+        from tqdm import tqdm
+
+        self._since = time.time() - 1.0  # filesystem timestamps may be coarser than time()
+        self._dir, self._poll = sweep_dir, poll_s
+        self._stop = threading.Event()
+        self._tty = sys.stderr.isatty()
+        self._bar = tqdm(total=total, desc="sweep", unit="run", file=sys.stderr,
+                         dynamic_ncols=True)
+        self._thread = threading.Thread(target=self._watch, name="moesim-sweep-bar",
+                                        daemon=True)
+        self._thread.start()
+
+    def _advance(self) -> None:
+        done = runs_finished(self._dir, self._since) if self._dir.is_dir() else 0
+        if done > self._bar.n:
+            self._bar.update(done - self._bar.n)
+        elif self._tty:
+            self._bar.refresh()  # redrawn below whatever the runs printed meanwhile
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll):
+            self._advance()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._advance()
+        self._bar.close()
+
+
 class SweepSummary(Callback):
     """``hydra.callbacks.summary`` in experiments/conf/config.yaml."""
 
+    def __init__(self) -> None:
+        self._bar: _SweepBar | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Sent to sweep workers with the job: the parent's bar (a thread) stays here."""
+        return {**self.__dict__, "_bar": None}
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        launcher = str((config.hydra.get("launcher") or {}).get("_target_", ""))
+        if not bool(config.get("progress", True)) or launcher.endswith("BasicLauncher"):
+            return  # in-process runs draw their own bars
+        self._bar = _SweepBar(Path(config.hydra.sweep.dir), sweep_size(config))
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return

@@ -1,0 +1,104 @@
+"""A sweep through Hydra's submitit launcher, for real: ``hydra/launcher=submitit_local`` runs
+every job as its own process through submitit, as ``hydra/launcher=slurm`` does on a cluster
+(experiments/conf/hydra/launcher/slurm.yaml, the same plugin). Also the sweep's progress bar,
+which counts finished runs from the sweep's own process."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import hypothesis.strategies as st
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hypothesis import given, settings
+from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.sweep_summary import STATUS, runs_finished, sweep_size
+from moesim.traces import write_trace
+from omegaconf import DictConfig, open_dict
+
+from tests.helpers import random_trace
+
+
+@pytest.fixture(scope="module")
+def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tr = random_trace(num_requests=2, tokens=4, layers=26, experts=64, top_k=6, seed=4)
+    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
+                   expert_bytes=17301504)
+    path = tmp_path_factory.mktemp("submitit") / "t.parquet"
+    write_trace(path, meta, tr.requests)
+    return path
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep_runs_every_job(trace_file: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace_file}",
+         "policy=lru,belady", "progress=true", "hydra/launcher=submitit_local",
+         "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env={**os.environ, "COLUMNS": "120"}, capture_output=True, text=True,
+        timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/summary.parquet"))])
+    assert sorted(rows["policy.name"]) == ["belady", "lru"]
+    assert (rows["trace.requests"] == 2).all() and rows["config_hash"].nunique() == 2
+    assert list(sweep.glob(".submitit/*/*_result.pkl"))  # submitit ran them, not Hydra in-process
+    assert f"sweep {sweep}: 2 done, 0 skipped, 0 failed" in proc.stdout
+    assert re.search(r"sweep: 100%\|[^\n\r]*\| 2/2 ", proc.stderr), proc.stderr[-2000:]
+
+
+def test_runs_finished_counts_only_this_sweeps_statuses(tmp_path: Path) -> None:
+    for name, mtime in (("0_a", 100.0), ("1_b", 200.0), ("2_c", 300.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / STATUS).write_text(json.dumps({"status": "done"}))
+        os.utime(tmp_path / name / STATUS, (mtime, mtime))
+    (tmp_path / "3_d").mkdir()  # started, not finished
+    assert runs_finished(tmp_path, since=0) == 3
+    assert runs_finished(tmp_path, since=150) == 2
+    assert runs_finished(tmp_path, since=301) == 0
+
+
+_VALUES = st.lists(st.sampled_from(["1", "2", "3", "4", "5"]), min_size=1, max_size=3,
+                   unique=True)
+
+
+@functools.cache
+def _hydra_config() -> DictConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose("config", return_hydra_config=True)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=_VALUES, batch=_VALUES, params=st.one_of(st.none(), _VALUES))
+def test_sweep_size_is_what_hydras_basic_sweeper_launches(
+        seed: list[str], batch: list[str], params: list[str] | None) -> None:
+    """The bar's total: the product of the sweep lists (a command-line key replaces the same
+    key in ``hydra.sweeper.params``), counted against the sweeper's own expansion."""
+    cfg = copy.deepcopy(_hydra_config())
+    task = [f"seed={','.join(seed)}", f"batch={','.join(batch)}"]
+    with open_dict(cfg):
+        cfg.hydra.overrides.task = task
+        cfg.hydra.sweeper.params = {"seed": ",".join(params)} if params else None
+    sweeper_params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.params or {}).items()]
+    parsed = OverridesParser.create().parse_overrides(sweeper_params + task)
+    expected = sum(len(chunk) for chunk in BasicSweeper.split_arguments(parsed, None))
+    assert sweep_size(cfg) == expected == len(seed) * len(batch)
+
+
+def test_sweep_size_is_unknown_for_other_sweepers() -> None:
+    cfg = copy.deepcopy(_hydra_config())
+    with open_dict(cfg):
+        cfg.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.OptunaSweeper"
+    assert sweep_size(cfg) is None
