@@ -26,7 +26,6 @@ DASHES: tuple[object, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0,
 
 STYLE = {
     "figure.dpi": 120,
-    "savefig.dpi": 200,
     "axes.grid": True,
     "grid.alpha": 0.3,
     "axes.spines.top": False,
