@@ -2,13 +2,16 @@
 
     python -m moesim.experiments.readme_blocks          # rewrite every block (and its figure)
     python -m moesim.experiments.readme_blocks --check  # exit 1 if a block differs (tested)
+    python -m moesim.experiments.readme_blocks --collect stall_vs_link multirun/stall_vs_link
 
 A block sits between ``<!-- BEGIN generated:<name> -->`` and ``<!-- END generated:<name> -->`` in
 README.md or in a page of the docs site (``experiments/docs/pages/**/*.md``); each block appears
 exactly once, in whichever of those files it belongs. :data:`BLOCKS` says which result file and
-renderer make it. Result files are small files committed under ``experiments/results/`` and
+renderer make it. Result files are small files committed under ``experiments/results/``,
 ``experiments/bench/results/`` (written by the experiment's or benchmark's own command, see each
-block's text); no file ever holds a number typed by hand inside a block.
+block's text) and ``experiments/docs/results/`` (one CSV per experiment sweep, written from the
+sweep's summaries by ``--collect``: :data:`SWEEP_RESULTS` says which columns it keeps); no file
+ever holds a number typed by hand inside a block.
 """
 
 from __future__ import annotations
@@ -18,16 +21,21 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from moesim.experiments.plot_style import level_order
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results"
 FIGURES = Path(__file__).parent / "figures"
 PAGES = Path(__file__).parent / "docs" / "pages"
+# Compact results of the experiment sweeps, one CSV each (written by --collect from a sweep).
+SWEEPS = Path(__file__).parent / "docs" / "results"
+PROVENANCE = ("moesim.version", "moesim.commit", "run.date")
 
 # Predictions of experiment=validate, in the order the model gains terms (experiments/validate.py
 # validation_table): label, column suffix, what it adds.
@@ -148,14 +156,216 @@ def _render_bench_sim(res: dict[str, Any]) -> str:
     return render(res)
 
 
-# name -> (load the results, render them, draw the block's figure or None)
+# A block: (load the results, render them, draw the block's figure or None).
 Block = tuple[Callable[[], Any], Callable[[Any], str], Callable[[Any], None] | None]
+
+
+# --- experiment sweeps: a committed CSV per sweep, a table per CSV ---------------------------
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """The summary columns of one experiment's sweep kept in its committed CSV: the factors
+    that identify a run (unique per run), the metrics its table shows, and provenance."""
+
+    factors: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+
+SWEEP_RESULTS: dict[str, SweepResult] = {
+    "capacity_deepseek_train": SweepResult(
+        ("policy.name", "cache.fraction"),
+        ("hit_rate", "stall_per_output_token_s", "time_per_output_token_s")),
+    "hit_rate_vs_capacity": SweepResult(
+        ("policy.name", "mode", "cache.fraction"),
+        ("hit_rate", "hit_rate_incl_late", "stall_per_output_token_s")),
+    "stall_vs_link": SweepResult(
+        ("policy.name", "hw.name"),
+        ("hit_rate_incl_late", "stall_per_output_token_s", "time_per_output_token_s")),
+    "batch_dedup": SweepResult(
+        ("policy.name", "batch"),
+        ("unique_experts_per_pair", "hit_rate", "demand_bytes", "time_per_output_token_s")),
+    "prediction_point_oracle": SweepResult(
+        ("hw.name", "policy.point", "policy.lookahead"),
+        ("hit_rate_incl_late", "stall_per_output_token_s", "time_per_output_token_s")),
+}
+
+
+def collect_sweep(name: str, dirs: Sequence[Path]) -> pd.DataFrame:
+    """The rows ``SWEEP_RESULTS[name]`` keeps from every ``summary.parquet`` below ``dirs``,
+    sorted by the factors; one clear error for no runs, a missing column or a repeated run."""
+    if name not in SWEEP_RESULTS:
+        raise SystemExit(f"error: --collect {name}: not a sweep table; known: "
+                         f"{', '.join(SWEEP_RESULTS)}")
+    spec = SWEEP_RESULTS[name]
+    paths = sorted(p for d in dirs for p in Path(d).rglob("summary.parquet"))
+    if not paths:
+        raise SystemExit(f"error: --collect {name}: no summary.parquet below "
+                         f"{', '.join(map(str, dirs))}")
+    df = pd.concat([pd.read_parquet(p) for p in paths], ignore_index=True)
+    missing = [c for c in (*spec.factors, *spec.metrics) if c not in df]
+    if missing:
+        raise SystemExit(f"error: --collect {name}: the summaries have no column "
+                         f"{', '.join(missing)}")
+    factors = list(spec.factors)
+    if df.duplicated(factors).any():
+        raise SystemExit(f"error: --collect {name}: several runs with the same "
+                         f"{', '.join(factors)} (collect one sweep, or sweeps that differ in "
+                         "these)")
+    keep = [*factors, *spec.metrics, *(c for c in PROVENANCE if c in df)]
+    return df[keep].sort_values(factors, kind="stable").reset_index(drop=True)
+
+
+def _load_sweep(name: str) -> pd.DataFrame:
+    return pd.read_csv(SWEEPS / f"{name}.csv")
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and bool(np.isfinite(x))
+
+
+def _p(x: Any) -> str:
+    return f"{100 * x:.1f} %" if _finite(x) else "–"
+
+
+def _msec(x: Any) -> str:
+    return f"{x * 1e3:.1f}" if _finite(x) else "–"
+
+
+def _source(name: str, df: pd.DataFrame) -> str:
+    """Where the table's numbers come from: the CSV, its runs and their provenance."""
+    parts = [f"{len(df)} runs, from `experiments/docs/results/{name}.csv`"]
+    for col, what in (("moesim.version", "moesim"), ("moesim.commit", "commit")):
+        if col in df:
+            parts.append(f"{what} {', '.join(sorted(df[col].astype(str).unique()))}")
+    if "run.date" in df:
+        dates = pd.to_datetime(df["run.date"], utc=True)
+        parts.append(f"run {dates.min():%Y-%m-%d %H:%M}-{dates.max():%H:%M} UTC")
+    return "; ".join(parts) + "."
+
+
+# Host links from slowest to fastest PCIe, then the NVMe-backed board (the experiments' order).
+HW_ORDER = ("v100_pcie", "v100_sxm2", "a100_pcie", "a100_sxm4", "rtx4090", "h100_pcie",
+            "jetson_orin_nano", "jetson_agx_orin")
+
+
+def _order(factor: str, values: pd.Series) -> list[Any]:
+    """Distinct values in the figures' order (hardware: :data:`HW_ORDER`)."""
+    if factor == "hw.name":
+        rank = {name: i for i, name in enumerate(HW_ORDER)}
+        return sorted(values.unique(), key=lambda v: (rank.get(str(v), len(rank)), str(v)))
+    return level_order(factor, values)
+
+
+def _grid(df: pd.DataFrame, rows: str, cols: str, cell: Callable[[pd.DataFrame], str],
+          corner: str, col_name: Callable[[Any], str] = str) -> list[str]:
+    """A Markdown table: one row per value of ``rows``, one column per value of ``cols`` (in
+    the figures' order), each cell ``cell`` of the matching runs."""
+    rvals, cvals = _order(rows, df[rows]), _order(cols, df[cols])
+    lines = ["| " + " | ".join([corner, *(col_name(c) for c in cvals)]) + " |",
+             "|" + "---|" * (len(cvals) + 1)]
+    for r in rvals:
+        cells = [cell(df[(df[rows] == r) & (df[cols] == c)]) for c in cvals]
+        lines.append("| " + " | ".join([f"`{r}`" if isinstance(r, str) else str(r),
+                                        *(c or "–" for c in cells)]) + " |")
+    return lines
+
+
+def _one(g: pd.DataFrame, col: str) -> Any:
+    return g[col].iloc[0] if len(g) == 1 else None
+
+
+def render_capacity(df: pd.DataFrame) -> str:
+    """Hit rate and stall per token by policy and cache size."""
+    return "\n".join([
+        _source("capacity_deepseek_train", df) + " Each cell: hit rate / stall per output "
+        "token (ms).", "",
+        *_grid(df, "policy.name", "cache.fraction",
+               lambda g: (f"{_p(_one(g, 'hit_rate'))} / "
+                          f"{_msec(_one(g, 'stall_per_output_token_s'))}"),
+               "policy", lambda c: f"{c:.0%}")])
+
+
+def render_hit_rate_vs_capacity(df: pd.DataFrame) -> str:
+    """Zero-latency and timed hit rate, and timed stall, by policy and cache size."""
+    def cell(g: pd.DataFrame) -> str:
+        zl, timed = g[g["mode"] == "zero_latency"], g[g["mode"] == "timed"]
+        return (f"{_p(_one(zl, 'hit_rate'))} / {_p(_one(timed, 'hit_rate'))} / "
+                f"{_msec(_one(timed, 'stall_per_output_token_s'))}")
+
+    return "\n".join([
+        _source("hit_rate_vs_capacity", df) + " Each cell: hit rate zero-latency / hit rate "
+        "timed (late hits not counted) / timed stall per output token (ms).", "",
+        *_grid(df, "policy.name", "cache.fraction", cell, "policy", lambda c: f"{c:.0%}")])
+
+
+def render_stall_vs_link(df: pd.DataFrame) -> str:
+    """Stall per token (and hits including late ones) by policy and host link."""
+    return "\n".join([
+        _source("stall_vs_link", df) + " Each cell: stall per output token (ms) / hit rate "
+        "including late hits.", "",
+        *_grid(df, "policy.name", "hw.name",
+               lambda g: (f"{_msec(_one(g, 'stall_per_output_token_s'))} / "
+                          f"{_p(_one(g, 'hit_rate_incl_late'))}"), "policy",
+               lambda c: f"`{c}`")])
+
+
+def render_batch_dedup(df: pd.DataFrame) -> str:
+    """Deduplication and, per policy, hit rate and time per token by batch size."""
+    lines = [_source("batch_dedup", df) + " Unique experts per (token × k) do not depend on "
+             "the policy; each policy cell: hit rate / GB copied on demand / time per output "
+             "token (ms).", ""]
+    policies = _order("policy.name", df["policy.name"])
+    lines += ["| batch | unique experts / (token × k) | " + " | ".join(
+        f"`{p}`" for p in policies) + " |", "|" + "---|" * (len(policies) + 2)]
+    for b in _order("batch", df["batch"]):
+        g = df[df["batch"] == b]
+        dedup = g["unique_experts_per_pair"].unique()
+        cells = []
+        for pol in policies:
+            run = g[g["policy.name"] == pol]
+            gb = _one(run, "demand_bytes")
+            cells.append(f"{_p(_one(run, 'hit_rate'))} / "
+                         f"{f'{gb / 1e9:,.0f}' if _finite(gb) else '–'} / "
+                         f"{_msec(_one(run, 'time_per_output_token_s'))}")
+        lines.append(f"| {b} | {dedup[0]:.3f} | " + " | ".join(cells) + " |"
+                     if len(dedup) == 1 else f"| {b} | – | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_prediction_point_oracle(df: pd.DataFrame) -> str:
+    """Stall per token of a perfect prefetch by issue point and lookahead, per profile."""
+    lines = [_source("prediction_point_oracle", df) + " Each cell: stall per output token "
+             "(ms) with a perfect prediction of layer l+d issued at that point of layer l."]
+    for hw in _order("hw.name", df["hw.name"]):
+        g = df[df["hw.name"] == hw]
+        lines += ["", f"`{hw}` (time per output token "
+                  f"{_msec(g['time_per_output_token_s'].min())}-"
+                  f"{_msec(g['time_per_output_token_s'].max())} ms):", "",
+                  *_grid(g, "policy.point", "policy.lookahead",
+                         lambda x: _msec(_one(x, "stall_per_output_token_s")), "point",
+                         lambda c: f"d = {c}")]
+    return "\n".join(lines)
+
+
+def _sweep_block(name: str, render: Callable[[pd.DataFrame], str]) -> Block:
+    return (lambda: _load_sweep(name), render, None)
+
+
+# name -> (load the results, render them, draw the block's figure or None)
 BLOCKS: dict[str, Block] = {
     "validation": (lambda: pd.read_csv(RESULTS / "validate_ci_vm.csv"), render_validation,
                    _validation_figure),
     "validation_runs": (_all_validation_runs, render_validation_runs, None),
     # experiments/bench/bench_sim.py writes it; experiments/bench/report_sim.py renders it
     "bench_sim": (_bench_sim, _render_bench_sim, None),
+    # experiments/docs/results/<name>.csv, written by --collect <name> <sweep dir>
+    "capacity_deepseek_train": _sweep_block("capacity_deepseek_train", render_capacity),
+    "hit_rate_vs_capacity": _sweep_block("hit_rate_vs_capacity", render_hit_rate_vs_capacity),
+    "stall_vs_link": _sweep_block("stall_vs_link", render_stall_vs_link),
+    "batch_dedup": _sweep_block("batch_dedup", render_batch_dedup),
+    "prediction_point_oracle": _sweep_block("prediction_point_oracle",
+                                            render_prediction_point_oracle),
 }
 
 
@@ -230,9 +440,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m moesim.experiments.readme_blocks",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--check", action="store_true", help="only report stale blocks (exit 1)")
+    p.add_argument("--collect", nargs="+", metavar=("NAME", "SWEEP_DIR"),
+                   help="first write experiments/docs/results/NAME.csv from the summaries below "
+                   f"SWEEP_DIR... (NAME: {', '.join(SWEEP_RESULTS)})")
     p.add_argument("files", nargs="*", type=Path,
                    help="only these files (default: README.md and experiments/docs/pages)")
     args = p.parse_args(argv)
+    if args.collect:
+        if len(args.collect) < 2:
+            p.error("--collect needs NAME and at least one SWEEP_DIR")
+        name, dirs = args.collect[0], [Path(d) for d in args.collect[1:]]
+        df = collect_sweep(name, dirs)
+        SWEEPS.mkdir(parents=True, exist_ok=True)
+        tmp = SWEEPS / f".{name}.csv.tmp"
+        df.to_csv(tmp, index=False)
+        tmp.replace(SWEEPS / f"{name}.csv")
+        print(f"wrote {SWEEPS / f'{name}.csv'}: {len(df)} runs")
     stale = update(args.files or None, check=args.check)
     if args.check and stale:
         print(f"stale generated blocks: {', '.join(stale)}; "

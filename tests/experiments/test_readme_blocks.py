@@ -5,8 +5,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
-from moesim.experiments.readme_blocks import BLOCKS, doc_files, find_blocks, update
+from moesim.experiments.readme_blocks import (
+    BLOCKS,
+    SWEEP_RESULTS,
+    SWEEPS,
+    collect_sweep,
+    doc_files,
+    find_blocks,
+    render_stall_vs_link,
+    update,
+)
 
 
 def test_generated_blocks_are_up_to_date() -> None:
@@ -56,3 +66,50 @@ def test_a_block_in_two_files_is_refused(tmp_path: Path) -> None:
     b.write_text(block)
     with pytest.raises(SystemExit, match="in both"):
         find_blocks([a, b])
+
+
+def _summary(run: Path, **row: object) -> None:
+    run.mkdir(parents=True)
+    pd.DataFrame([row]).to_parquet(run / "summary.parquet")
+
+
+def _stall_row(policy: str, hw: str, stall: float) -> dict[str, object]:
+    return {"policy.name": policy, "hw.name": hw, "hit_rate_incl_late": 0.5,
+            "stall_per_output_token_s": stall, "time_per_output_token_s": 2 * stall,
+            "moesim.version": "9.9", "moesim.commit": "abc", "run.date": "2026-01-02T03:04:05",
+            "unrelated": 1}
+
+
+def test_collect_keeps_factors_metrics_and_provenance_sorted(tmp_path: Path) -> None:
+    _summary(tmp_path / "s" / "1", **_stall_row("lru", "v100_pcie", 0.2))
+    _summary(tmp_path / "s" / "0", **_stall_row("belady", "v100_pcie", 0.1))
+    df = collect_sweep("stall_vs_link", [tmp_path / "s"])
+    spec = SWEEP_RESULTS["stall_vs_link"]
+    assert list(df.columns) == [*spec.factors, *spec.metrics, "moesim.version",
+                                "moesim.commit", "run.date"]
+    assert list(df["policy.name"]) == ["belady", "lru"]
+    table = render_stall_vs_link(df)
+    assert "| `lru` | 200.0 / 50.0 % |" in table and "moesim 9.9; commit abc" in table
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([], "no summary.parquet"),
+    ([{"policy.name": "lru", "hw.name": "x"}], "no column"),
+    ([_stall_row("lru", "x", 0.1), _stall_row("lru", "x", 0.2)], "several runs with the same"),
+])
+def test_collect_refuses_what_cannot_be_a_table(tmp_path: Path, rows: list[dict[str, object]],
+                                                message: str) -> None:
+    (tmp_path / "s").mkdir()
+    for i, row in enumerate(rows):
+        _summary(tmp_path / "s" / str(i), **row)
+    with pytest.raises(SystemExit, match=message):
+        collect_sweep("stall_vs_link", [tmp_path / "s"])
+    with pytest.raises(SystemExit, match="not a sweep table"):
+        collect_sweep("nope", [tmp_path / "s"])
+
+
+def test_every_sweep_table_has_its_committed_results() -> None:
+    for name, spec in SWEEP_RESULTS.items():
+        df = pd.read_csv(SWEEPS / f"{name}.csv")
+        assert not df.duplicated(list(spec.factors)).any(), name
+        assert set(spec.metrics) <= set(df.columns), name
