@@ -41,12 +41,14 @@ from moesim.sim.compiled.layout import (
     PA_LEN,
     PA_TAIL,
     RESIDENT,
+    SFN,
     WARMUP,
     fn,
+    typed,
 )
 
 
-@fn
+@typed(f"b1(i8, i8, b1, i8, {SFN})")
 def _reserve(ev, k, prefetch, position, S, F, nocc):
     p = S[K_PART, k]
     if S[P_USED, p] >= S[P_CAP, p]:
@@ -64,7 +66,7 @@ def _reserve(ev, k, prefetch, position, S, F, nocc):
     return True
 
 
-@fn
+@typed(f"void(i8, i8, i8, {SFN})")
 def _install(ev, k, position, S, F, nocc):
     p = S[K_PART, k]
     if S[K_STATE, k] != ABSENT or S[P_USED, p] >= S[P_CAP, p]:

@@ -67,7 +67,10 @@ from moesim.sim.compiled.layout import (
     P_NC,
     P_USED,
     RESIDENT,
+    SF,
+    SFN,
     fn,
+    typed,
 )
 from moesim.sim.compiled.lists import (
     LS_CUR,
@@ -94,6 +97,16 @@ def _is_cand(k, S):
     if j < S[IV, I_CLO] or j > S[IV, I_CHI]:
         return False
     return S[IV, I_CWIDTH] == 0 or S[K_CAND, k] == S[IV, I_CSTAMP]
+
+
+@fn
+def _hpush_unless_pinned(h, k, S):
+    """A pinned key cannot be a victim: it joins the heap when its layer ends (victim = the
+    smallest evictable entry either way, without popping pinned ones at every miss)."""
+    if S[K_PIN, k] == S[IV, I_PSTAMP]:
+        S[K_OUT, k] = 1
+    else:
+        _hpush(h, k, S)
 
 
 @fn
@@ -124,7 +137,7 @@ def _mi_evict(ev, p, k, S):
         _hremove(S[K_HEAP, k], k, S)
 
 
-@fn
+@typed("i8(i8, b1, i8[:, ::1])")
 def _heap_best(h, skip_cand, S):
     """The smallest entry of heap ``h`` that may be evicted now (and is no candidate if
     ``skip_cand``), or -1; entries set aside on the way are put back."""
@@ -213,7 +226,7 @@ def _mi_victim(ev, p, S, F):
 
 
 # -- every policy ----------------------------------------------------------------------------
-@fn
+@typed(f"void(i8, i8, i8, b1, i8, {SFN})")
 def _on_insert(ev, p, k, prefetch, position, S, F, nocc):
     if ev == EV_STALE:  # current until the step ends; insertion order kept as a sequence
         S[IV, I_SEQ] += 1
@@ -241,17 +254,7 @@ def _on_insert(ev, p, k, prefetch, position, S, F, nocc):
         _hpush_unless_pinned(p, k, S)
 
 
-@fn
-def _hpush_unless_pinned(h, k, S):
-    """A pinned key cannot be a victim: it joins the heap when its layer ends (victim = the
-    smallest evictable entry either way, without popping pinned ones at every miss)."""
-    if S[K_PIN, k] == S[IV, I_PSTAMP]:
-        S[K_OUT, k] = 1
-    else:
-        _hpush(h, k, S)
-
-
-@fn
+@typed(f"void(i8, i8, i8, i8, {SFN})")
 def _on_access(ev, p, k, position, S, F, nocc):
     if ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k]):
         _to_tail(p, k, S)
@@ -281,7 +284,7 @@ def _on_access(ev, p, k, position, S, F, nocc):
             _hupdate(S[K_HEAP, k], k, S)
 
 
-@fn
+@typed(f"i8(i8, i8, {SF})")
 def _victim(ev, p, S, F):
     """The policy's victim among keys that may be evicted (resident and not pinned), or -1."""
     if ev >= EV_MI_MIN:
@@ -303,7 +306,7 @@ def _victim(ev, p, S, F):
     return _heap_best(p, False, S)
 
 
-@fn
+@typed("void(i8, i8, i8, i8[:, ::1])")
 def _evict(ev, p, k, S):
     S[K_STATE, k] = ABSENT
     S[P_USED, p] -= 1

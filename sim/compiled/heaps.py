@@ -19,6 +19,7 @@ from moesim.sim.compiled.layout import (
     P_TAIL,
     fn,
     jit,
+    typed,
 )
 
 
@@ -40,7 +41,7 @@ def next_occurrences(flat: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.nd
     return nxt, last
 
 
-@fn
+@typed("i8(i8, i8, b1, i8[::1], i8[:, ::1])")
 def _next_use(k, p, incl, nocc, S):
     """``WorkloadFuture.next_use``: first position > p (>= p if incl) of key k."""
     i = S[K_CURSOR, k]
@@ -94,7 +95,7 @@ def _sift_down(off, i, size, S):
     S[K_HPOS, k] = i
 
 
-@fn
+@typed("void(i8, i8, i8[:, ::1])")
 def _hpush(p, k, S):
     i = S[P_HSIZE, p]
     S[P_HSIZE, p] = i + 1
@@ -103,7 +104,7 @@ def _hpush(p, k, S):
     _sift_up(S[P_HOFF, p], i, S)
 
 
-@fn
+@typed("void(i8, i8, i8[:, ::1])")
 def _hremove(p, k, S):
     off = S[P_HOFF, p]
     i = S[K_HPOS, k]

@@ -71,3 +71,15 @@ jit = numba.njit(cache=True, nogil=True)
 # Helpers allocate nothing: compiled without NRT, a call passes arrays without the atomic
 # reference-count updates that otherwise cost more than the work of a cache operation.
 fn = numba.njit(cache=True, nogil=True, _nrt=False)
+
+
+def typed(sig: str):
+    """``fn`` with fixed argument types (``S``: ``i8[:, ::1]``, ``F``: ``f8[:, ::1]``, Belady's
+    next-use array ``i8[::1]``): a literal argument (``True``, ``0``, a row constant) would
+    otherwise compile one more copy of the helper and of everything it calls (cold compile
+    time grew 3.5x before the big helpers were typed)."""
+    return numba.njit(sig, cache=True, nogil=True, _nrt=False)
+
+
+SF = "i8[:, ::1], f8[:, ::1]"  # S, F
+SFN = "i8[:, ::1], f8[:, ::1], i8[::1]"  # S, F, nocc

@@ -34,9 +34,11 @@ from moesim.sim.compiled.layout import (
     K_QSEQ,
     K_STATE,
     RESIDENT,
+    SFN,
     V_BUSY,
     V_LT,
     fn,
+    typed,
 )
 
 
@@ -143,7 +145,7 @@ def _queue_push(k, S):
     S[IV, I_NQ] += 1
 
 
-@fn
+@typed(f"void(f8, f8, i8, i8, {SFN})")
 def _advance(until, duration, ev, position, S, F, nocc):
     """``HostLink.advance``: completions and prefetch starts up to ``until``, in time order."""
     while True:

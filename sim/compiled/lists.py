@@ -27,11 +27,12 @@ from moesim.sim.compiled.layout import (
     PA_TAIL,
     RESIDENT,
     fn,
+    typed,
 )
 
 
 # -- Fate's ARC per layer (policies/fate_arc.py) -------------------------------------------
-@fn
+@typed("void(i8, i8, i8, i8[:, ::1])")
 def _lpush(p, lst, k, S):
     """Append k to list ``lst`` of partition p (ghost lists use their own links)."""
     prv, nxt = (K_GPRV, K_GNXT) if lst >= A_B1 else (K_PRV, K_NXT)
@@ -50,7 +51,7 @@ def _lpush(p, lst, k, S):
         S[K_LIST, k] = lst
 
 
-@fn
+@typed("void(i8, i8, i8, i8[:, ::1])")
 def _ldel(p, lst, k, S):
     prv, nxt = (K_GPRV, K_GNXT) if lst >= A_B1 else (K_PRV, K_NXT)
     a, b = S[prv, k], S[nxt, k]
@@ -93,7 +94,7 @@ def _arc_admit(p, k, S, F):
         _ldel(p, A_B2, S[PA_HEAD + A_B2, p], S)
 
 
-@fn
+@typed("i8(i8, i8, i8[:, ::1])")
 def _arc_scan(p, lst, S):
     pstamp = S[IV, I_PSTAMP]
     v = S[PA_HEAD + lst, p]

@@ -29,13 +29,15 @@ from moesim.sim.compiled.layout import (
     PF_ORACLE,
     PF_PRED,
     RESIDENT,
+    SFN,
     fn,
+    typed,
 )
 from moesim.sim.compiled.link import _queue_push
 
 
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
-@fn
+@typed(f"void(i8, b1, b1, i8, i8, {SFN})")
 def _prefetch(n, timed, touch, ev, position, S, F, nocc):
     """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once."""
     m = 0

@@ -51,3 +51,19 @@ def union_steps(experts: np.ndarray, tok_idx: np.ndarray, step_off: np.ndarray, 
                         n += 1
                     counts[s, j, slot[key]] += 1
     return keys, counts, pairs
+
+
+@numba.njit(cache=True, nogil=True)
+def count_valid(keys: np.ndarray) -> np.ndarray:
+    """``np.count_nonzero(keys >= 0, axis=2)`` as int32 ``[S, L]`` in one pass (numpy's counts
+    along a short last axis take ~10 ns per item: 0.16 s on the DeepSeek training trace)."""
+    num_s, num_l, width = keys.shape
+    out = np.zeros((num_s, num_l), np.int32)
+    for s in range(num_s):
+        for j in range(num_l):
+            n = 0
+            for r in range(width):
+                if keys[s, j, r] >= 0:
+                    n += 1
+            out[s, j] = n
+    return out

@@ -8,10 +8,10 @@ adds them one by one instead (``tests/sim/test_compiled_engine.py`` checks both 
 
 from __future__ import annotations
 
-from moesim.sim.compiled.layout import fn
+from moesim.sim.compiled.layout import typed
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _leaf(A, row, lo, n):
     """Up to 128 items: one by one under 8, else eight interleaved accumulators."""
     if n < 8:
@@ -44,7 +44,7 @@ def _leaf(A, row, lo, n):
 # numpy halves a longer run (at a multiple of 8) until the pieces have <= 128 items. Numba's
 # cache cannot reload recursive functions (the process crashes), so each level is its own
 # function: eight levels cover runs of up to MAX_PAIRWISE items.
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split1(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -53,7 +53,7 @@ def _split1(A, row, lo, n):
     return _leaf(A, row, lo, n2) + _leaf(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split2(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -62,7 +62,7 @@ def _split2(A, row, lo, n):
     return _split1(A, row, lo, n2) + _split1(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split3(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -71,7 +71,7 @@ def _split3(A, row, lo, n):
     return _split2(A, row, lo, n2) + _split2(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split4(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -80,7 +80,7 @@ def _split4(A, row, lo, n):
     return _split3(A, row, lo, n2) + _split3(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split5(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -89,7 +89,7 @@ def _split5(A, row, lo, n):
     return _split4(A, row, lo, n2) + _split4(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split6(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -98,7 +98,7 @@ def _split6(A, row, lo, n):
     return _split5(A, row, lo, n2) + _split5(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split7(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -110,7 +110,7 @@ def _split7(A, row, lo, n):
 MAX_PAIRWISE = 28672  # n / 2**8 + 16 <= 128 after eight halvings
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def _split8(A, row, lo, n):
     if n <= 128:
         return _leaf(A, row, lo, n)
@@ -119,7 +119,7 @@ def _split8(A, row, lo, n):
     return _split7(A, row, lo, n2) + _split7(A, row, lo + n2, n - n2)
 
 
-@fn
+@typed("f8(f8[:, ::1], i8, i8, i8)")
 def pairwise(A, row, lo, n):
     """``A[row, lo:lo + n].sum()`` as numpy computes it (``n <= MAX_PAIRWISE``)."""
     return _split8(A, row, lo, n)
