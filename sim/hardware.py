@@ -128,3 +128,17 @@ def host_side(profile: object, card: object) -> HostSide:
     dtype_bytes = float(card.dtype_bytes)  # type: ignore[attr-defined]
     return HostSide(cpu, int(card.hidden_size * dtype_bytes),  # type: ignore[attr-defined]
                     round(dtype_bytes * 8), why)
+
+
+def cpu_crossover_tokens(link: TransferModel, compute: ComputeTimes, cpu: HostCpuTimes,
+                         expert_bytes: int, activation_bytes: int, limit: int = 4096) -> int | None:
+    """Fiddler's decision boundary with idle queues: the fewest tokens routed to one missed
+    expert for which computing it on the host CPU (activations host-ward and back, plus its CPU
+    time) is no faster than copying its weights and computing it on the GPU. None when the CPU
+    stays faster up to ``limit`` tokens (``fetch_or_cpu`` adds the queues to both sides)."""
+    copy = link.transfer_time(expert_bytes)
+    for n in range(1, limit + 1):
+        on_cpu = 2 * link.transfer_time(n * activation_bytes) + cpu.expert_time(n)
+        if on_cpu >= copy + compute.expert_time(n):
+            return n
+    return None

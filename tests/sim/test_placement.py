@@ -275,3 +275,15 @@ def test_gate_mass_of_a_batch_is_per_token() -> None:
     # expert 0: weights 0.9 and 0.3 (kept); 1: 0.1 (skipped); 2: 0.7 (kept)
     assert s["skipped_experts"] == 1
     assert s["gate_mass_skipped"] == pytest.approx(0.1 / 2.0)
+
+
+def test_cpu_crossover_tokens_closed_form() -> None:
+    """CPU: 1 ms + 0.1 ms per token; activations 1e-5 s + n * 64 B at 1 MB/s each way; copy
+    1e-5 + 1000 B / 1 MB/s = 1.01 ms; GPU 0.3 ms: the CPU loses from the first n with
+    1e-3 + 1e-4 n + 2 (1e-5 + 6.4e-5 n) >= 1.31e-3, i.e. n >= 0.29e-3 / 2.28e-4 = 1.27."""
+    from moesim.sim.hardware import cpu_crossover_tokens
+
+    cpu = FixedHostCpu(call_s=1e-3, per_token_s=1e-4)
+    assert cpu_crossover_tokens(LINK, COMPUTE, cpu, EXPERT_BYTES, 64) == 2
+    assert cpu_crossover_tokens(LINK, COMPUTE, FixedHostCpu(call_s=1e-6), EXPERT_BYTES, 0,
+                                limit=50) is None
