@@ -11,6 +11,9 @@ Two things the repository's fixed layout needs:
   (``../../figures/x.png``), so the same Markdown renders on GitHub; MkDocs only publishes files
   inside ``docs_dir``, so every such link to a repository file is rewritten to a copy under
   ``_repo/`` in the built site.
+
+And one griffe extension (:class:`SphinxRoles`, named in mkdocs.yml): the docstrings use
+Sphinx roles (``:func:`simulate```), which Markdown would print literally.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import griffe
 from mkdocs.structure.files import File, Files
 
 HERE = Path(__file__).resolve().parent
@@ -30,6 +34,8 @@ SUBPACKAGES = ("sim", "traces", "policies", "predictors", "hw_profiles", "experi
 # Folders of moesim.experiments that hold no API (or would loop back into this tree).
 SKIP_IN_EXPERIMENTS = {"moesim", "docs", "conf", "figures", "results", "__pycache__"}
 ASSET_SUFFIXES = {".png", ".pdf", ".svg", ".csv", ".json", ".jpg", ".gif"}
+# :func:`x`, :class:`~a.b.C` (Sphinx roles; ~ shows the last component only).
+ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc|const):`(~?)([^`]+)`")
 # ![alt](target) and [text](target); the target stops at whitespace or ')'.
 LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")
 
@@ -115,3 +121,16 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Files) -> str
         return m.group(1) + posixpath.relpath(uri, depth or ".") + m.group(3)
 
     return LINK.sub(fix, markdown)
+
+
+def _role(m: re.Match[str]) -> str:
+    name = m.group(2).split(".")[-1] if m.group(1) else m.group(2)
+    return f"`{name}`"
+
+
+class SphinxRoles(griffe.Extension):
+    """Sphinx roles in docstrings become Markdown code spans."""
+
+    def on_instance(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = ROLE.sub(_role, obj.docstring.value)
