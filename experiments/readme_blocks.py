@@ -348,6 +348,36 @@ def render_prediction_point_oracle(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def render_prediction_point(df: pd.DataFrame) -> str:
+    """Zero-latency hit rate and timed stall per token (saved against no prediction) for each
+    predictor at each compute scale."""
+    scales = _order("compute_scale", df["compute_scale"])
+    zl, timed = df[df["mode"] == "zero_latency"], df[df["mode"] == "timed"]
+    base = {s: _one(timed[(timed["label"] == "none") & (timed["compute_scale"] == s)],
+                    "stall_per_output_token_s") for s in scales}
+    lines = [_source("prediction_point", df) + " Stall per output token in µs; in brackets "
+             "the share of `none`'s stall saved at the same compute scale.", "",
+             "| `predictor=` | hit rate, zero-latency | " + " | ".join(
+                 f"compute x{s:g}: stall / token (saved)" for s in scales) + " |",
+             "|" + "---|" * (len(scales) + 2)]
+    for label in _order("label", df["label"]):
+        hit = _one(zl[(zl["label"] == label) & (zl["compute_scale"] == scales[0])], "hit_rate")
+        cells = []
+        for s in scales:
+            st = _one(timed[(timed["label"] == label) & (timed["compute_scale"] == s)],
+                      "stall_per_output_token_s")
+            saved = (1 - st / base[s]) if _finite(st) and _finite(base[s]) and base[s] else None
+            cells.append(f"{st * 1e6:.1f} µs ({saved:+.0%})" if _finite(st) and saved is not None
+                         else "–")
+        lines.append(f"| `{label}` | {hit:.3f} | " + " | ".join(cells) + " |"
+                     if _finite(hit) else f"| `{label}` | – | " + " | ".join(cells) + " |")
+    tpot = [_one(timed[(timed["label"] == "none") & (timed["compute_scale"] == s)],
+                 "time_per_output_token_s") for s in scales]
+    lines.append("| time / token, `none` | | " + " | ".join(
+        f"{t * 1e6:.1f} µs" if _finite(t) else "–" for t in tpot) + " |")
+    return "\n".join(lines)
+
+
 def _sweep_block(name: str, render: Callable[[pd.DataFrame], str]) -> Block:
     return (lambda: _load_sweep(name), render, None)
 

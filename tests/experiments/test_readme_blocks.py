@@ -14,6 +14,7 @@ from moesim.experiments.readme_blocks import (
     collect_sweep,
     doc_files,
     find_blocks,
+    render_prediction_point,
     render_stall_vs_link,
     update,
 )
@@ -113,3 +114,20 @@ def test_every_sweep_table_has_its_committed_results() -> None:
         df = pd.read_csv(SWEEPS / f"{name}.csv")
         assert not df.duplicated(list(spec.factors)).any(), name
         assert set(spec.metrics) <= set(df.columns), name
+
+
+def test_prediction_point_table_reports_stall_saved_against_no_prediction() -> None:
+    rows = []
+    for scale, base in ((1, 60e-6), (10, 40e-6)):
+        for label, stall in (("none", base), ("oracle_next_layer", base / 4)):
+            rows.append({"mode": "timed", "compute_scale": scale, "label": label,
+                         "hit_rate": 0.5, "stall_per_output_token_s": stall,
+                         "time_per_output_token_s": 2 * base})
+            rows.append({"mode": "zero_latency", "compute_scale": scale, "label": label,
+                         "hit_rate": 0.6 if label == "none" else 1.0,
+                         "stall_per_output_token_s": float("nan"),
+                         "time_per_output_token_s": float("nan")})
+    table = render_prediction_point(pd.DataFrame(rows))
+    assert "| `none` | 0.600 | 60.0 µs (+0%) | 40.0 µs (+0%) |" in table
+    assert "| `oracle_next_layer` | 1.000 | 15.0 µs (+75%) | 10.0 µs (+75%) |" in table
+    assert "| time / token, `none` | | 120.0 µs | 80.0 µs |" in table
