@@ -23,7 +23,8 @@ LINK = FixedLink(1e-5, 1e6, 1)  # 1 ms per expert copy
 COMPUTE = FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4, shared_s=1e-4)
 PLACEMENTS = ["fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu", "low_precision_fetch",
               "skip_low_weight"]
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(SETTINGS, max_examples=12)  # the tests that run three or four simulations
 
 
 def with_scores(trace, seed: int, low: float = 0.05):
@@ -119,7 +120,7 @@ def test_cpu_on_miss_moves_no_expert_bytes(trace, mode):
     assert s["gate_mass_full"] == 1.0
 
 
-@SETTINGS
+@FEW
 @given(trace=traces, mode=st.sampled_from(["timed", "zero_latency"]),
        ev=st.sampled_from(["lru", "fifo", "belady"]),
        pf=st.sampled_from(["none", "next_layer_all", "oracle_prefetch"]))
@@ -171,7 +172,7 @@ def test_low_precision_threshold_one_copies_every_miss_in_bits(trace, mode):
 # fetches is cached exactly as fetch would cache it. It is not a theorem (a CPU choice leaves
 # the cache, and so later hits, different from fetch's), so the bound checked is the one the
 # issue states: never slower than *both*, with a relative slack of 1e-9 for float sums only.
-@SETTINGS
+@FEW
 @given(trace=traces, cpu_s=st.sampled_from([1e-4, 5e-4, 1e-3, 3e-3]),
        bw=st.sampled_from([2e5, 1e6, 1e7]), parallel=st.integers(1, 2))
 def test_fetch_or_cpu_is_never_slower_than_both(trace, cpu_s, bw, parallel):
