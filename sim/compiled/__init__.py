@@ -66,6 +66,8 @@ def why_not(sim: Simulation) -> str | None:
     if sim.shape.num_keys > MAX_PAIRWISE and (sim.spec.eviction is MoEInfinityPriority
                                                or type(sim.prefetcher) is MoEInfinity):
         return f"more than {MAX_PAIRWISE} experts (numpy's summation order is not reproduced)"
+    if type(sim.prefetcher) is MoEInfinity and sim.shape.num_layers > 128:
+        return "moe_infinity beyond 128 layers (the match sums one pairwise leaf per slot)"
     placement = getattr(sim, "placement_spec", None)
     if placement is not None and not getattr(placement, "is_default", True):
         return f"placement {placement.name!r} has no compiled twin (only the default 'fetch')"
@@ -210,10 +212,10 @@ def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
     horizon = -1 if pf._horizon is None else int(pf._horizon)
     cfg = np.array([int(eamc.mask), horizon, pf._width, cap, eamc.filled, eamc.persistent],
                    np.int64)
-    return (eamc.eams.reshape(cap, num_k).copy(), eamc.unit.reshape(cap, num_k).copy(),
+    return (eamc.eams.reshape(cap, num_k).copy(), eamc.unit.reshape(cap, num_k).T.copy(),
             eamc.access.copy(), np.zeros((cap, num_k), np.int32), np.full(most, -1, np.int64),
             np.zeros((most, num_k)), np.zeros((most, num_l)), np.zeros((most, num_l)),
-            np.zeros((most, cap, num_l)), np.asarray(w.req_offsets, np.int64),
+            np.zeros((most, num_l, cap)), np.asarray(w.req_offsets, np.int64),
             np.asarray(w.req_ids, np.int64), join_off, join_rid, cfg)
 
 

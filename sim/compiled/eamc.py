@@ -2,9 +2,11 @@
 the compiled engine.
 
 The EAMC, each running request's EAM and its dot products with the stored unit rows are plain
-arrays (``MIState`` in ``sim.compiled`` builds them from the run's prefetcher, warm EAMC
-included). Every float is computed with the operations and summation order of the policy's
-numpy code (``sim.compiled.sums``), so matches, priorities and the queued lists are the same.
+arrays that ``sim.compiled.mi_arrays`` builds from the run's prefetcher (a warm EAMC included);
+unit rows are transposed (``[L E, slots]``) and dot products kept as ``[request, L, slots]``,
+so the per-layer updates and the match run along contiguous slots. Every float is computed
+with the operations and summation order of the policy's numpy code (``sim.compiled.sums``),
+so matches, priorities and the queued lists are the same.
 The list itself is never sorted whole: per stored EAM each layer's experts are kept sorted by
 count once (when the slot is written), and a prediction merges the layers' heads by score,
 stopping once every partition's room (``prefetch_room() + E`` absent keys) is used up; held
@@ -88,8 +90,8 @@ def _live_of(rid, lrid, leam, lsq, lrsum, ldots):
     for i in range(lsq.shape[1]):
         lsq[free, i] = 0.0
         lrsum[free, i] = 0.0
-        for c in range(ldots.shape[1]):
-            ldots[free, c, i] = 0.0
+        for c in range(ldots.shape[2]):
+            ldots[free, i, c] = 0.0
     return free
 
 
@@ -124,7 +126,7 @@ def _add(li, leam, eams, unit, access, ordr, S):
             ss += x * x  # integer counts: exact in any order
         nrm = math.sqrt(ss)
         for e in range(num_e):
-            unit[idx, b + e] = eams[idx, b + e] / nrm if nrm > 0 else 0.0
+            unit[b + e, idx] = eams[idx, b + e] / nrm if nrm > 0 else 0.0
     access[idx] = 1.0
     _sort_layers(eams, ordr, idx, num_l, num_e)
     return idx
@@ -137,8 +139,8 @@ def _refresh(li, idx, leam, unit, ldots, buf, S):
     for i in range(num_l):
         b = i * num_e
         for e in range(num_e):
-            buf[0, e] = unit[idx, b + e] * leam[li, b + e]
-        ldots[li, idx, i] = pairwise(buf, 0, 0, num_e)
+            buf[0, e] = unit[b + e, idx] * leam[li, b + e]
+        ldots[li, i, idx] = pairwise(buf, 0, 0, num_e)
 
 
 @fn
@@ -212,6 +214,19 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, l
         m += 1
     b = j * num_e
     n = S[IV, I_FILLED]
+    # the stored unit rows' sums over the layer's experts (every running request gets the same
+    # experts): one stored row is summed pairwise by numpy, the columns of several one by one
+    if n == 1:
+        for t in range(m):
+            buf[0, t] = unit[b + ebuf[t], 0]
+        buf[2, 0] = pairwise(buf, 0, 0, m)
+    else:
+        for c in range(n):
+            buf[2, c] = 0.0
+        for t in range(m):
+            row = b + ebuf[t]
+            for c in range(n):
+                buf[2, c] += unit[row, c]
     for r in range(req_off[s], req_off[s + 1]):
         li = _live_of(req_ids[r], lrid, leam, lsq, lrsum, ldots)
         add = 0.0
@@ -222,15 +237,7 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, l
             leam[li, b + ebuf[t]] += 1.0
         lrsum[li, j] += m
         for c in range(n):
-            if n == 1:  # one stored row: numpy sums the gathered values pairwise
-                for t in range(m):
-                    buf[0, t] = unit[c, b + ebuf[t]]
-                tot = pairwise(buf, 0, 0, m)
-            else:  # columns of a fancy-indexed 2-D array: one by one
-                tot = 0.0
-                for t in range(m):
-                    tot += unit[c, b + ebuf[t]]
-            ldots[li, c, j] += tot
+            ldots[li, j, c] += buf[2, c]
         if prio and li == S[IV, I_DSRC]:
             _set_dn(li, leam, lrsum, S, F)
 
@@ -250,12 +257,41 @@ def _match(li, j, lsq, lrsum, ldots, access, mask, buf, S):
         masked = pairwise(buf, 0, 0, j + 1) / math.sqrt(num_e)
         lo = j + 1
     m = num_l - lo
+    n = S[IV, I_FILLED]
+    # numpy's pairwise sum of each slot's cosines over layers lo.. (m <= 128: one leaf), for
+    # all slots at once: rows 2..9 of buf are the eight accumulators per slot
+    if m < 8:
+        for c in range(n):
+            buf[2, c] = -0.0
+        for t in range(m):
+            w = buf[1, lo + t]
+            for c in range(n):
+                buf[2, c] += ldots[li, lo + t, c] * w
+    else:
+        for q in range(8):
+            w = buf[1, lo + q]
+            for c in range(n):
+                buf[2 + q, c] = ldots[li, lo + q, c] * w
+        i = 8
+        stop = m - m % 8
+        while i < stop:
+            for q in range(8):
+                w = buf[1, lo + i + q]
+                for c in range(n):
+                    buf[2 + q, c] += ldots[li, lo + i + q, c] * w
+            i += 8
+        for c in range(n):
+            buf[2, c] = (((buf[2, c] + buf[3, c]) + (buf[4, c] + buf[5, c]))
+                         + ((buf[6, c] + buf[7, c]) + (buf[8, c] + buf[9, c])))
+        while i < m:
+            w = buf[1, lo + i]
+            for c in range(n):
+                buf[2, c] += ldots[li, lo + i, c] * w
+            i += 1
     best = -1
     best_d = INF
-    for c in range(S[IV, I_FILLED]):
-        for t in range(m):
-            buf[0, t] = ldots[li, c, lo + t] * buf[1, lo + t]
-        tot = pairwise(buf, 0, 0, m)
+    for c in range(n):
+        tot = buf[2, c]
         if mask:
             tot = masked + tot
         d = 1.0 - tot / num_l

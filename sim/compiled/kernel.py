@@ -165,7 +165,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     if mi_pf:
         sort_all(eams, ordr, cfg[4], num_l, num_e)
     ebuf = np.zeros(max(width, num_l) + 1, np.int64)
-    buf = np.zeros((2, max(num_e, num_l, width) + 1))
+    buf = np.zeros((10, max(num_e, num_l, width, eams.shape[0]) + 1))  # eamc's scratch
     S[IV, I_ENGINES] = engines
     S[IV, I_QCAP] = qcap
     kinds = np.zeros(width, np.int64)

@@ -154,6 +154,20 @@ def test_compiled_engine_equals_simpy(seed: int) -> None:
     _assert_same(ref, simulate(trace, policy, engine="compiled", **kw))
 
 
+@pytest.mark.parametrize("mode", ["timed", "zero_latency"])
+@pytest.mark.parametrize("eviction", ["moe_infinity_lfu", "moe_infinity_priority"])
+def test_moe_infinity_deep_model(mode: str, eviction: str) -> None:
+    """Twelve layers (the random configs have at most four): the match sums 8 or more layers
+    with numpy's interleaved accumulators, and top-4 routing over 3 requests in batches of 2
+    sums the stored rows of several experts; a full EAMC replaces slots."""
+    trace = random_trace(num_requests=5, tokens=8, layers=12, experts=8, top_k=4, seed=5)
+    policy = {"name": "moe_infinity", "eviction": eviction, "eamc_capacity": 3}
+    kw: dict[str, Any] = dict(capacity=40, mode=mode, batch=2, link=FixedLink(2e-4, 1e9),
+                              compute=FixedCompute(attention_s=1e-4, expert_s=3e-4))
+    _assert_same(simulate(trace, policy, engine="python", **kw),
+                 simulate(trace, policy, engine="compiled", **kw))
+
+
 def test_auto_picks_compiled_only_for_covered_runs() -> None:
     """A covered run goes compiled under ``auto``; options and policies without a compiled
     twin run on SimPy (and ``engine=compiled`` refuses them), never a different result."""
