@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -112,11 +113,37 @@ class _SweepBar:
         self._bar.close()
 
 
+class LineClearingStream:
+    """A sweep worker's stdout while the sweep's bar is on the same terminal: every line it
+    prints first erases the line the bar is drawn on (the bar is redrawn below within a poll),
+    so a run's summary never starts in the middle of the bar."""
+
+    CLEAR = "\r\x1b[K"
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._line_start = True
+
+    def write(self, text: str) -> int:
+        out = []
+        for piece in text.splitlines(keepends=True):
+            if self._line_start:
+                out.append(self.CLEAR)
+            out.append(piece)
+            self._line_start = piece.endswith(("\n", "\r"))
+        self._stream.write("".join(out))
+        return len(text)
+
+    def __getattr__(self, name: str) -> Any:  # flush, fileno, isatty, encoding, ...
+        return getattr(self._stream, name)
+
+
 class SweepSummary(Callback):
     """``hydra.callbacks.summary`` in experiments/conf/config.yaml."""
 
     def __init__(self) -> None:
         self._bar: _SweepBar | None = None
+        self._bar_pid: int | None = None  # the sweep's process, while its bar is drawn
 
     def __getstate__(self) -> dict[str, Any]:
         """Sent to sweep workers with the job: the parent's bar (a thread) stays here."""
@@ -127,11 +154,18 @@ class SweepSummary(Callback):
         if not bool(config.get("progress", True)) or launcher.endswith("BasicLauncher"):
             return  # in-process runs draw their own bars
         self._bar = _SweepBar(Path(config.hydra.sweep.dir), sweep_size(config))
+        self._bar_pid = os.getpid()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """In a worker that shares the bar's terminal (joblib): its prints clear the bar line."""
+        worker = self._bar_pid is not None and os.getpid() != self._bar_pid
+        if worker and sys.stdout.isatty() and not isinstance(sys.stdout, LineClearingStream):
+            sys.stdout = LineClearingStream(sys.stdout)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self._bar is not None:
             self._bar.close()
-            self._bar = None
+            self._bar, self._bar_pid = None, None
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return

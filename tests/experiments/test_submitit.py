@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import json
 import os
 import re
@@ -23,7 +24,12 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hypothesis import given, settings
 from moesim.experiments.configs import CONF_DIR, register_configs
-from moesim.experiments.sweep_summary import STATUS, runs_finished, sweep_size
+from moesim.experiments.sweep_summary import (
+    STATUS,
+    LineClearingStream,
+    runs_finished,
+    sweep_size,
+)
 from moesim.traces import write_trace
 from omegaconf import DictConfig, open_dict
 
@@ -102,3 +108,16 @@ def test_sweep_size_is_unknown_for_other_sweepers() -> None:
     with open_dict(cfg):
         cfg.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.OptunaSweeper"
     assert sweep_size(cfg) is None
+
+
+def test_worker_lines_clear_the_bar_line_first() -> None:
+    """A joblib worker's prints start by erasing the terminal line the parent's bar is on;
+    text continuing a line is left alone."""
+    out = io.StringIO()
+    stream = LineClearingStream(out)
+    assert stream.write("policy lru\n  hit") == len("policy lru\n  hit")
+    stream.write("_rate 0.5\n")
+    stream.write("")
+    clear = LineClearingStream.CLEAR
+    assert out.getvalue() == f"{clear}policy lru\n{clear}  hit_rate 0.5\n"
+    assert stream.getvalue() == out.getvalue()  # everything else is the wrapped stream's
