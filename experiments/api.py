@@ -164,7 +164,7 @@ def sweep(
         preps.append(_prepare(args.pop("trace"), args.pop("policy"), args.pop("hw"),
                               args.pop("cache"), args, memo))
     import pandas as pd
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     rows = [_run(p, None) for p in tqdm(preps, desc="runs", unit="run", disable=not progress)]
     return pd.concat(rows, ignore_index=True)
