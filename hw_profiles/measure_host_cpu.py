@@ -9,11 +9,12 @@ cold (rotated through a pool larger than the CPU caches, as experts in host DRAM
   (``memory_bandwidth_measured_Bps``);
 * dtype matmul FLOP/s at the same thread count (``flops_measured``);
 * one routed expert's FFN by token count for the card (``measured.<card>.expert_s``);
-* the same FFN at 1 token at the card's scale x 1, 1/2, 1/4 (four-fold range of weight bytes):
-  the least-squares line ``t = a + bytes / B`` gives the fixed per-expert overhead ``a`` and the
-  bandwidth ``B`` one expert gets, so ``memory_efficiency = B / streaming read``;
-  ``flops_efficiency`` is the best ``2 x tokens x params / (t - a)`` over the table, over the
-  matmul FLOP/s (so the roofline stays a floor under every measured point).
+* the same FFN at 1 token at the card's scale x 1, 1/2, 1/4 (a sixteen-fold range of weight
+  bytes): the intercept of the line ``t = a + bytes / b`` is the fixed per-expert overhead
+  ``a``; the card's expert at 1 token then reads ``B = bytes / (t - a)``, so
+  ``memory_efficiency = B / streaming read``; ``flops_efficiency`` is the slowest
+  ``2 x tokens x params / (t - a)`` that stays under every table point, over the matmul FLOP/s
+  (so ``a`` + the roofline is a floor under every measured point, equal at 1 token).
 
 Every point is timed in ``rounds`` rounds; medians are written and the round-to-round spread is
 reported in the sources and the printed summary. The logic only sees a ``HostCpuBench``; tests
@@ -81,20 +82,23 @@ class HostCpuFit:
 
 
 def fit_expert(sizes: Sequence[tuple[int, float]], table: Sequence[tuple[int, float]],
-               params: int) -> tuple[float, float, float]:
+               params: int, nbytes: int) -> tuple[float, float, float]:
     """(overhead a >= 0, bandwidth B, FLOP/s F) from 1-token times by weight bytes and the
-    per-token table of the measured card (``params`` weights per expert).
+    non-decreasing per-token table of the measured card (``params`` weights, ``nbytes`` bytes).
 
-    ``t = a + bytes / B`` through the sizes (least relative error); ``a`` is then capped below
-    every size's time and at 0.99 of the table's fastest (on a tiny or noisy expert the line's
-    intercept can land above a measured point, and no overhead can exceed a whole execution).
-    F is the largest
-    ``2 x tokens x params / (t - a)`` over the table, i.e. the slowest arithmetic rate that
-    keeps the roofline under every measured point.
+    ``a`` is the intercept of the least-relative-error line ``t = a + bytes / b`` through the
+    sizes, capped below every size's time and at 0.99 of the table's fastest (on a tiny or noisy
+    expert the intercept can land above a measured point; no overhead exceeds a whole
+    execution). B is what the measured card's expert gets at the table's smallest token count,
+    ``nbytes / (t - a)``: the line's slope would do as well on a quiet machine, but on a loaded
+    one the three small experts' noise moves it far more than it moves the largest expert's
+    time. F is the largest ``2 x tokens x params / (t - a)`` over the table, the slowest
+    arithmetic rate that keeps the roofline under every point. With both, ``a + roofline``
+    equals the table's first point and stays under every other one.
     """
-    a, bw = fit_latency_relative([(int(n), n / t) for n, t in sizes])
+    a, _ = fit_latency_relative([(int(n), n / t) for n, t in sizes])
     a = min(a, 0.99 * min(t for _, t in table), min(t for _, t in sizes) * (1 - 1e-9))
-    return a, bw, max(2.0 * x * params / (t - a) for x, t in table)
+    return a, nbytes / (table[0][1] - a), max(2.0 * x * params / (t - a) for x, t in table)
 
 
 def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float, card: ModelCard,
@@ -134,7 +138,7 @@ def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float,
         bar.close()
     fitted = isotonic([t for _, t in raw])
     table = [(x, t) for (x, _), t in zip(raw, fitted, strict=True)]
-    a, expert_bw, expert_flops = fit_expert(sizes, table, card.expert_params)
+    a, expert_bw, expert_flops = fit_expert(sizes, table, card.expert_params, card.expert_bytes)
     table_ms: list[list[float]] = []
     for x, t in table:  # rounding must not undo the monotone fit
         table_ms.append([int(x), max(_sig(t * 1e3, 4), table_ms[-1][1] if table_ms else 0.0)])
@@ -160,8 +164,9 @@ def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float,
                                             f"{spread.text('read')}; {src}"),
         "memory_efficiency": _q(_sig(fit.memory_efficiency, 4), None, "measured",
                                 f"B / streaming read = {expert_bw / 1e9:.3g} / "
-                                f"{read_bw / 1e9:.3g} GB/s (capped at 1), B from the {fit_how}; "
-                                f"{src}"),
+                                f"{read_bw / 1e9:.3g} GB/s (capped at 1), B = {card.expert_bytes}"
+                                f" weight bytes / (the table's {table[0][0]}-token time - a), a "
+                                f"from the {fit_how}; {src}"),
         "flops": _q(None, None, None, "no datasheet figure for this machine's CPU (a VM)"),
         "flops_measured": _q(_sig(flops / 1e12, 4), "TFLOPS", "measured",
                              f"{flops_how}; {src}"),

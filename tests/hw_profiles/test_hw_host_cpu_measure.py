@@ -99,30 +99,33 @@ def test_defaults_come_from_the_profile(tmp_path: Path) -> None:
 def test_fit_expert_closed_form() -> None:
     sizes = [(n, 10e-6 + n / 2e9) for n in (1000, 4000, 16000)]
     table = [(x, 10e-6 + 16000 / 2e9 + x * 1e-6) for x in (1, 8)]
-    a, bw, flops = fit_expert(sizes, table, params=4000)
-    assert a == pytest.approx(10e-6) and bw == pytest.approx(2e9)
+    a, bw, flops = fit_expert(sizes, table, params=4000, nbytes=16000)
+    assert a == pytest.approx(10e-6)
+    assert bw == pytest.approx(16000 / (16000 / 2e9 + 1e-6))  # the 1-token time, overhead off
     assert flops == pytest.approx(max(2 * x * 4000 / (t - a) for x, t in table))
     # an intercept above a measured point (noise on a tiny expert) is capped below it
-    a, _, flops = fit_expert(sizes, [(1, 5e-6)], params=4000)
+    a, _, flops = fit_expert(sizes, [(1, 5e-6)], params=4000, nbytes=16000)
     assert a == pytest.approx(0.99 * 5e-6)
     assert flops == pytest.approx(2 * 4000 / (0.01 * 5e-6))
     noisy = [(1000, 30e-6), (4000, 12e-6), (16000, 18e-6)]  # the smallest expert ran slow
-    assert fit_expert(noisy, [(1, 40e-6)], params=4000)[0] < 12e-6
+    assert fit_expert(noisy, [(1, 40e-6)], params=4000, nbytes=16000)[0] < 12e-6
 
 
 @settings(max_examples=50, deadline=None)
 @given(a=st.floats(0, 1e-4), bw=st.floats(1e8, 1e11), flops=st.floats(1e9, 1e13),
        params=st.integers(1000, 10**7), tokens=st.lists(st.integers(1, 512), min_size=1,
                                                         max_size=5, unique=True))
-def test_fit_recovers_any_line_and_keeps_the_roofline_under_the_points(
+def test_fit_recovers_the_overhead_and_keeps_the_roofline_under_the_points(
         a: float, bw: float, flops: float, params: int, tokens: list[int]) -> None:
     sizes = [(n, a + n / bw) for n in (params, params // 2, params // 4)]
     table = [(x, a + params / bw + 2 * x * params / flops) for x in sorted(tokens)]
-    assume(a < 0.99 * table[0][1])  # past that the overhead is capped (the case below)
-    fa, fbw, fflops = fit_expert(sizes, table, params)
-    assert fa == pytest.approx(a, abs=1e-9 + 1e-6 * a) and fbw == pytest.approx(bw, rel=1e-6)
-    assert all(fa + 2 * x * params / fflops <= t * (1 + 1e-9) for x, t in table)
-    assert fflops <= flops * (1 + 1e-9)  # the memory term only slows the implied rate down
+    assume(a < 0.99 * table[0][1])  # past that the overhead is capped (the case above)
+    fa, fbw, fflops = fit_expert(sizes, table, params, nbytes=params)
+    assert fa == pytest.approx(a, abs=1e-9 + 1e-6 * a)
+    roof = [fa + max(params / fbw, 2 * x * params / fflops) for x, _ in table]
+    assert roof[0] == pytest.approx(table[0][1], rel=1e-9)
+    assert all(r <= t * (1 + 1e-9) for r, (_, t) in zip(roof, table, strict=True))
+    assert fflops <= flops * (1 + 1e-9) and fbw <= bw * (1 + 1e-9)
 
 
 def test_real_bench_on_a_tiny_card(tmp_path: Path) -> None:
