@@ -146,7 +146,7 @@ def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float,
                      expert_flops=expert_flops, table=table_ms, sizes=sizes)
     cores = machine.get("cores", "?")
     sizes_txt = ", ".join(f"{n} B: {t * 1e6:.3g} us" for n, t in sizes)
-    fit_how = (f"least-relative-error line t = a + bytes/B through cpu_ops.expert_ffn at 1 "
+    fit_how = (f"least-relative-error line t = a + bytes/b through cpu_ops.expert_ffn at 1 "
                f"token for {base.name} at scale x{', x'.join(f'{scale * f:g}' for f in FIT_SCALES)}"
                f" ({sizes_txt}); {spread.text('fit')}")
     mapping = {
