@@ -28,7 +28,7 @@ from moesim.experiments.inputs import (
     trace_file,
     with_card_bytes,
 )
-from moesim.experiments.paths import sweep_workers_die_with_parent
+from moesim.experiments.paths import resolve_path, sweep_workers_die_with_parent
 from moesim.experiments.provenance import package_version, provenance
 from moesim.experiments.schema import check as check_config
 from moesim.experiments.schema import check_warmup
@@ -272,8 +272,8 @@ def input_digest(cfg: DictConfig) -> str:
     given = (cfg.get("predictions") or {}).get("path")
     if name := parse_spec(given):  # the table's key covers the predictor config and split
         parts.append(table_key(trace, name))
-    elif given and Path(given).expanduser().is_file():
-        parts.append(file_digest(Path(given).expanduser()))
+    elif given and resolve_path(given).is_file():
+        parts.append(file_digest(resolve_path(given)))
     if str(cfg.get("requests") or "auto") == "held_out":  # which requests are replayed
         parts.append(str(split_settings()))
     return "-".join(parts)

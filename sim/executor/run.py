@@ -330,6 +330,9 @@ class Executor:
         perf = time.perf_counter
         pf.on_start(ctx)
         self.started = self.plan.started = True
+        # Every step's wall time (counted or not), indexed by step, as the simulator records
+        # them: sim.metrics builds the per-request table and tpot percentiles from it.
+        all_steps = c.step_times = []
         clock.start()
         for s in range(w.num_steps):
             clock.step = s
@@ -391,6 +394,7 @@ class Executor:
             pf.on_step_end(ctx)
             for ev in cache.evictors:
                 ev.on_step_end()
+            all_steps.append(clock.elapsed() - step_start)
             if counting:
                 dt = clock.elapsed() - step_start
                 c.steps += 1

@@ -81,6 +81,11 @@ def test_summary_and_per_layer_have_the_simulator_columns(work_dir: Path) -> Non
     for k in ("executor.backend", "executor.direct_io", "executor.torch_threads",
               "executor.dtype", "executor.copy_engines"):
         assert k in real.summary
+    # Per-request times come from the executor's measured step times, as from the simulator's.
+    for k in ("tpot_p50_s", "tpot_p90_s", "tpot_p99_s"):
+        assert real.summary[k] > 0 and sim.summary[k] > 0, k
+    assert real.summary["tpot_p50_s"] <= real.summary["tpot_p99_s"]
+    assert real.per_request["time_s"].sum() > 0
 
 
 @pytest.mark.parametrize("policy", [
