@@ -92,7 +92,10 @@ def render(res: dict[str, Any]) -> str:
         sw = res["sweep"]
         out.append(f"The 16-run capacity sweep (`-m policy=lru,lfu,least_stale,belady "
                    f"cache.fraction=0.05,0.1,0.25,0.5`, joblib, {sw['workers']} workers): "
-                   f"{sw['wall_s']:.0f} s wall.")
+                   f"{sw['wall_s']:.0f} s wall"
+                   + (f"; peak RSS {sw['main_peak_rss_mb']:.0f} MB (sweep process), "
+                      f"{sw['worker_peak_rss_mb']:.0f} MB (largest worker)."
+                      if "worker_peak_rss_mb" in sw else "."))
     return "\n".join(out)
 
 
