@@ -188,6 +188,9 @@ SWEEP_RESULTS: dict[str, SweepResult] = {
     "prediction_point_oracle": SweepResult(
         ("hw.name", "policy.point", "policy.lookahead"),
         ("hit_rate_incl_late", "stall_per_output_token_s", "time_per_output_token_s")),
+    "prediction_point": SweepResult(
+        ("mode", "compute_scale", "label"),
+        ("hit_rate", "stall_per_output_token_s", "time_per_output_token_s")),
 }
 
 
@@ -367,8 +370,8 @@ def render_prediction_point(df: pd.DataFrame) -> str:
             st = _one(timed[(timed["label"] == label) & (timed["compute_scale"] == s)],
                       "stall_per_output_token_s")
             saved = (1 - st / base[s]) if _finite(st) and _finite(base[s]) and base[s] else None
-            cells.append(f"{st * 1e6:.1f} µs ({saved:+.0%})" if _finite(st) and saved is not None
-                         else "–")
+            cells.append(f"{st * 1e6:.1f} µs ({saved * 100:+.0f} %)"
+                         if _finite(st) and saved is not None else "–")
         lines.append(f"| `{label}` | {hit:.3f} | " + " | ".join(cells) + " |"
                      if _finite(hit) else f"| `{label}` | – | " + " | ".join(cells) + " |")
     tpot = [_one(timed[(timed["label"] == "none") & (timed["compute_scale"] == s)],
@@ -396,6 +399,7 @@ BLOCKS: dict[str, Block] = {
     "batch_dedup": _sweep_block("batch_dedup", render_batch_dedup),
     "prediction_point_oracle": _sweep_block("prediction_point_oracle",
                                             render_prediction_point_oracle),
+    "prediction_point": _sweep_block("prediction_point", render_prediction_point),
 }
 
 

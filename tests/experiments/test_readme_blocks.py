@@ -128,6 +128,6 @@ def test_prediction_point_table_reports_stall_saved_against_no_prediction() -> N
                          "stall_per_output_token_s": float("nan"),
                          "time_per_output_token_s": float("nan")})
     table = render_prediction_point(pd.DataFrame(rows))
-    assert "| `none` | 0.600 | 60.0 µs (+0%) | 40.0 µs (+0%) |" in table
-    assert "| `oracle_next_layer` | 1.000 | 15.0 µs (+75%) | 10.0 µs (+75%) |" in table
+    assert "| `none` | 0.600 | 60.0 µs (+0 %) | 40.0 µs (+0 %) |" in table
+    assert "| `oracle_next_layer` | 1.000 | 15.0 µs (+75 %) | 10.0 µs (+75 %) |" in table
     assert "| time / token, `none` | | 120.0 µs | 80.0 µs |" in table
