@@ -14,7 +14,7 @@ import numpy as np
 from moesim.sim.compiled.cache import _install, _reserve, _reset
 from moesim.sim.compiled.eamc import demand_issued, request_start, routed, sort_all
 from moesim.sim.compiled.evict import _on_access
-from moesim.sim.compiled.heaps import _hpush, _hremove, next_occurrences
+from moesim.sim.compiled.heaps import _hpush, _hremove, _to_tail, next_occurrences
 from moesim.sim.compiled.layout import (
     A_B2,
     A_T1,
@@ -22,6 +22,7 @@ from moesim.sim.compiled.layout import (
     COUNTED,
     EV_BELADY,
     EV_LFU,
+    EV_LRU,
     EV_MI_MAX,
     EV_MI_MIN,
     EV_MI_PRIO,
@@ -246,7 +247,10 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 st = S[K_STATE, k]
                 if st != ABSENT:
                     kind = HIT if st == RESIDENT else LATE
-                    _on_access(ev, S[K_PART, k], k, position, S, F, nocc)
+                    if ev == EV_LRU:  # the common case, without the policy dispatch
+                        _to_tail(S[K_PART, k], k, S)
+                    else:
+                        _on_access(ev, S[K_PART, k], k, position, S, F, nocc)
                     came = S[K_MARK, k]
                     if came:
                         S[K_MARK, k] = 0
