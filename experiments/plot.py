@@ -550,9 +550,10 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
             spec.yscale == "auto" and kinds[m] != "fraction" and len(vals) > 0
             and vals.min() > 0 and vals.max() / vals.min() > 30)
         y_units[m] = ps.unit_scale(kinds[m], [ps.log_middle(vals)] if y_log[m] else vals)
+    width, height = _panel_size(spec.x, x_levels, categorical, len(series))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
-                                 figsize=(PANEL_SIZE[0] * ncols + 1.9, PANEL_SIZE[1] * nrows))
+                                 figsize=(width * ncols + 1.9, height * nrows))
         flat = list(axes.flat)
         for ax in flat[len(panels):]:
             ax.set_visible(False)
@@ -618,11 +619,28 @@ def _draw_dodged(ax: plt.Axes, g: pd.DataFrame, x: str, levels: list[object], s:
                     elinewidth=1)
 
 
+def _turn_labels(names: Sequence[str]) -> bool:
+    """Category names too long to sit side by side are turned by 30 degrees."""
+    return max((len(n) for n in names), default=0) * len(names) > 40
+
+
+def _panel_size(x: str, levels: list[object], categorical: bool, n_series: int
+                ) -> tuple[float, float]:
+    """Inches per panel: wider for many dodged points, taller for turned category names."""
+    width, height = PANEL_SIZE
+    if categorical:
+        names = [ps.level_name(x, v) for v in levels]
+        width = max(width, 0.12 * len(levels) * max(n_series, 3))
+        if _turn_labels(names):
+            height += 0.04 * max(len(n) for n in names)  # half a character width per char
+    return min(width, 8.0), height
+
+
 def _format_x(ax: plt.Axes, x: str, levels: list[object], categorical: bool, x_scale: float,
               x_unit: str, log_base: int | None) -> None:
     if categorical:
         names = [ps.level_name(x, v) for v in levels]
-        turn = max((len(n) for n in names), default=0) * len(names) > 40
+        turn = _turn_labels(names)
         ax.set_xticks(range(len(levels)), names, rotation=30 if turn else 0,
                       ha="right" if turn else "center")
         ax.set_xlim(-0.6, len(levels) - 0.4)
