@@ -10,6 +10,7 @@ per-step times too (the per-request time-per-token percentiles are built from th
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -24,6 +25,7 @@ from moesim.sim import FixedCompute, FixedLink, SimulationError, build_workload,
 from moesim.sim.compiled.sums import pairwise
 from moesim.sim.engine import CacheOptions, RunOptions, Simulation
 from moesim.sim.metrics import RunResult
+from moesim.traces.store import write_trace
 
 from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
@@ -163,6 +165,21 @@ def test_moe_infinity_deep_model(mode: str, eviction: str) -> None:
     trace = random_trace(num_requests=5, tokens=8, layers=12, experts=8, top_k=4, seed=5)
     policy = {"name": "moe_infinity", "eviction": eviction, "eamc_capacity": 3}
     kw: dict[str, Any] = dict(capacity=40, mode=mode, batch=2, link=FixedLink(2e-4, 1e9),
+                              compute=FixedCompute(attention_s=1e-4, expert_s=3e-4))
+    _assert_same(simulate(trace, policy, engine="python", **kw),
+                 simulate(trace, policy, engine="compiled", **kw))
+
+
+@pytest.mark.parametrize("mode", ["timed", "zero_latency"])
+def test_moe_infinity_warm_eamc(tmp_path: Path, mode: str) -> None:
+    """A pre-filled EAMC (persistent slots, access count 0) reaches the compiled engine as the
+    prefetcher holds it, and later requests replace only the non-persistent slots."""
+    warm = random_trace(num_requests=3, tokens=6, layers=5, experts=8, top_k=2, seed=11)
+    path = tmp_path / "warm.parquet"
+    write_trace(path, warm.meta, warm.requests)
+    trace = random_trace(num_requests=4, tokens=6, layers=5, experts=8, top_k=2, seed=12)
+    policy = {"name": "moe_infinity", "warm_eamc_path": str(path), "eamc_capacity": 4}
+    kw: dict[str, Any] = dict(capacity=14, mode=mode, link=FixedLink(2e-4, 1e9),
                               compute=FixedCompute(attention_s=1e-4, expert_s=3e-4))
     _assert_same(simulate(trace, policy, engine="python", **kw),
                  simulate(trace, policy, engine="compiled", **kw))
