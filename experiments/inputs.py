@@ -62,7 +62,7 @@ def trace_file(path: str, fmt: str) -> Path:
     if fmt == "embedded":  # the committed small model's trace, regenerated once into the cache
         from moesim.traces.collect.embedded import ensure_embedded_trace
 
-        return ensure_embedded_trace(cache_dir() / "traces")
+        return ensure_embedded_trace()
     src = resolve_path(path)
     if not src.exists():
         hint = ""

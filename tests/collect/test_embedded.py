@@ -32,7 +32,7 @@ def test_assets_are_small_and_consistent() -> None:
 def test_ensure_embedded_trace_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MOESIM_CACHE", str(tmp_path / "env_cache"))
     path = ensure_embedded_trace(limit=4)
-    assert path.parent == tmp_path / "env_cache" and path.is_file()
+    assert path.parent == tmp_path / "env_cache" / "traces" and path.is_file()
     t0 = time.perf_counter()
     assert ensure_embedded_trace(limit=4) == path
     assert time.perf_counter() - t0 < 1.0
@@ -58,3 +58,13 @@ def test_ensure_embedded_trace_caches(tmp_path: Path, monkeypatch: pytest.Monkey
         p = np.bincount(ex[:, j].ravel(), minlength=16) / ex[:, j].size
         h = -(p[p > 0] * np.log2(p[p > 0])).sum()
         assert 1.5 < h < 3.99, (j, h)
+
+
+def test_every_caller_finds_the_embedded_trace_in_one_place() -> None:
+    """moesim-sim (experiments.inputs), moesim-train and the benchmarks all call
+    ensure_embedded_trace without a folder: they must share one copy in the cache's traces/
+    folder (two copies from different code versions made a trained table look foreign)."""
+    from moesim.experiments.inputs import cache_dir
+    from moesim.traces.collect.embedded import cache_root
+
+    assert cache_root() == cache_dir() / "traces"

@@ -24,8 +24,9 @@ COLLECT_VERSION = 1  # bump when the collector's output for the same inputs chan
 
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """``cache_dir``, else the user cache (:func:`traces.cache.cache_root`)."""
-    return Path(cache_dir) if cache_dir is not None else user_cache_root()
+    """``cache_dir``, else the user cache's ``traces`` folder (:func:`traces.cache.cache_root`),
+    where ``moesim-sim``, ``moesim-train`` and the benchmarks all find the same one copy."""
+    return Path(cache_dir) if cache_dir is not None else user_cache_root() / "traces"
 
 
 def embedded_settings(out: Path, limit: int | None = None) -> CollectSettings:
