@@ -4,15 +4,18 @@ initial contents, and a fresh cache per request."""
 from __future__ import annotations
 
 from moesim.sim.compiled.evict import _evict, _on_insert, _victim
+from moesim.sim.compiled.heaps import _append
 from moesim.sim.compiled.layout import (
     A_B2,
     A_T1,
     ABSENT,
     COUNTED,
+    EV_LRU,
     F_ARCP,
     I_COUNTING,
     I_NQ,
     I_NUML,
+    I_PSTAMP,
     I_QHEAD,
     I_QTAIL,
     I_RSIZE,
@@ -23,8 +26,10 @@ from moesim.sim.compiled.layout import (
     K_INFL,
     K_LIST,
     K_MARK,
+    K_NXT,
     K_OUT,
     K_PART,
+    K_PIN,
     K_QSEQ,
     K_S1,
     K_STATE,
@@ -63,6 +68,26 @@ def _reserve(ev, k, prefetch, position, S, F, nocc):
     else:
         S[K_MARK, k] = 0
     _on_insert(ev, p, k, prefetch, position, S, F, nocc)
+    return True
+
+
+@typed("b1(i8, i8[:, ::1])")
+def _lru_demand(k, S):
+    """``_reserve`` + landing for a zero-latency LRU miss, without the policy dispatch: the
+    first resident unpinned key of the order is the victim, the new key goes to the tail."""
+    p = S[K_PART, k]
+    if S[P_USED, p] >= S[P_CAP, p]:
+        pstamp = S[IV, I_PSTAMP]
+        v = S[P_HEAD, p]
+        while v >= 0 and (S[K_STATE, v] != RESIDENT or S[K_PIN, v] == pstamp):
+            v = S[K_NXT, v]
+        if v < 0:
+            return False
+        _evict(EV_LRU, p, v, S)
+    S[P_USED, p] += 1
+    S[K_STATE, k] = RESIDENT
+    S[K_MARK, k] = 0
+    _append(p, k, S)
     return True
 
 

@@ -11,7 +11,7 @@ pins in place), so that a run gives the SimPy engine's counters exactly; the pro
 from __future__ import annotations
 
 import numpy as np
-from moesim.sim.compiled.cache import _install, _reserve, _reset
+from moesim.sim.compiled.cache import _install, _lru_demand, _reserve, _reset
 from moesim.sim.compiled.eamc import demand_issued, request_start, routed, sort_all
 from moesim.sim.compiled.evict import _on_access
 from moesim.sim.compiled.heaps import _hpush, _hremove, _to_tail, next_occurrences
@@ -175,6 +175,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     wait_i = np.zeros(width, np.int64)
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     direct = timed and pf == PF_NONE
+    lru_zl = ev == EV_LRU and not timed  # zero-latency LRU misses: cache._lru_demand
     heap = ev in (EV_LFU, EV_BELADY, EV_VISITS_MIN, EV_VISITS_MAX, EV_MI_MIN, EV_MI_MAX)
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
@@ -264,10 +265,14 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         S[K_QSEQ, k] = 0
                         S[IV, I_NQ] -= 1
                         kind = PROMOTED
-                    if not _reserve(ev, k, False, position, S, F, nocc):
+                    if lru_zl:
+                        if not _lru_demand(k, S):
+                            S[IV, I_ERROR] = j + 1
+                            return _out(S, F, layer_counts, layer_stall, step_t)
+                    elif not _reserve(ev, k, False, position, S, F, nocc):
                         S[IV, I_ERROR] = j + 1
                         return _out(S, F, layer_counts, layer_stall, step_t)
-                    if timed:
+                    elif timed:
                         _submit_demand(k, duration, direct, S, F)
                     else:
                         S[K_STATE, k] = RESIDENT
