@@ -329,8 +329,23 @@ def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
+def unswept(hydra_cfg: Any) -> list[str]:
+    """Keys an experiment sweeps (``hydra.sweeper.params``) that a single run (no ``-m``)
+    leaves unpinned on its command line: Hydra would silently run the default config once."""
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        return []
+    params = hydra_cfg.sweeper.get("params") or {}
+    given = {o.split("=", 1)[0].lstrip("+~") for o in hydra_cfg.overrides.task}
+    return [str(k) for k in params if str(k) not in given]
+
+
 def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
     remove_stale_temporaries(outdir)
+    if keys := unswept(HydraConfig.get()):
+        name = next((o.split("=", 1)[1] for o in HydraConfig.get().overrides.task
+                     if o.startswith("experiment=")), "this experiment")
+        raise _fail(outdir, [f"experiment={name} is a sweep over {', '.join(keys)}: run it with "
+                             f"-m (moesim-sim -m experiment={name} ...), or pin each of them"])
     if errors := check_config(cfg):  # every bad value, one line each, before anything runs
         raise _fail(outdir, errors)
     if cfg.get("validate") is not None:  # experiment=validate[_smoke]: simulate + run for real

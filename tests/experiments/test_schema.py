@@ -108,3 +108,30 @@ def test_cli_placement_without_a_host_cpu_is_one_line(tmp_path: Path) -> None:
         "error: placement 'cpu_on_miss' computes experts on the host CPU, but hw profile "
         "'jetson_agx_orin' is a unified-memory device"), proc.stderr
     assert not list(tmp_path.rglob("summary.parquet"))
+
+
+def test_a_sweep_experiment_without_multirun_is_refused(tmp_path: Path) -> None:
+    """Without -m Hydra ignores hydra.sweeper.params and would run the default config once."""
+    proc = _cli("experiment=stall_vs_link", "hw=v100_pcie", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert lines == ["error: experiment=stall_vs_link is a sweep over policy: run it with -m "
+                     "(moesim-sim -m experiment=stall_vs_link ...), or pin each of them"]
+    assert not list(tmp_path.rglob("summary.parquet"))
+
+
+def test_unswept_lists_only_unpinned_keys() -> None:
+    from types import SimpleNamespace
+
+    from hydra.types import RunMode
+    from moesim.experiments.sim_app import unswept
+    from omegaconf import OmegaConf
+
+    def hc(mode: RunMode, task: list[str]) -> SimpleNamespace:
+        sweeper = OmegaConf.create({"params": {"hw": "a,b", "policy": "lru,lfu"}})
+        return SimpleNamespace(mode=mode, sweeper=sweeper,
+                               overrides=SimpleNamespace(task=task))
+
+    assert unswept(hc(RunMode.RUN, ["experiment=x"])) == ["hw", "policy"]
+    assert unswept(hc(RunMode.RUN, ["hw=a", "+policy=lru"])) == []
+    assert unswept(hc(RunMode.MULTIRUN, [])) == []
