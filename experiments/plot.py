@@ -414,6 +414,10 @@ def relative_frame(df: pd.DataFrame, spec: Spec, metric: str) -> pd.DataFrame:
     return joined.drop(columns=[*text, "_ref"])
 
 
+def _same(a: float, b: float, rel: float = 1e-6) -> bool:
+    return math.isfinite(a) and math.isfinite(b) and abs(a - b) <= rel * max(abs(a), abs(b))
+
+
 def aggregate(df: pd.DataFrame, spec: Spec, metric: str, per_request: pd.DataFrame | None = None,
               seed: int = 0) -> Cells:
     """Mean of ``metric`` per cell of the plotted roles, with a 95 % interval over seeds (when
@@ -437,9 +441,12 @@ def aggregate(df: pd.DataFrame, spec: Spec, metric: str, per_request: pd.DataFra
             lo, hi, ci = mean - half, mean + half, "seeds"
         elif len(g) == 1 and per_request is not None and "run_dir" in g:
             pr = _per_request_values(per_request, str(g["run_dir"].iloc[0]), metric)
-            if pr is not None:
+            if pr is not None and _same(float((pr[0] * pr[1]).sum() / pr[1].sum()), mean):
+                # Only where the requests' token-weighted mean IS the summary's statistic
+                # (batch 1: the steps split between requests). With batch > 1 a step's time
+                # counts for every request in it: the per-request mean is the latency a
+                # request sees per token, not time / output tokens, so no interval is drawn.
                 v, w = pr
-                mean = float((v * w).sum() / w.sum())
                 lo, hi = bootstrap_ci(v, w, seed)
                 ci, n = "requests", len(v)
         out.append({**rec, "mean": mean, "lo": lo, "hi": hi, "n": n, "ci": ci})

@@ -191,6 +191,17 @@ SWEEP_RESULTS: dict[str, SweepResult] = {
     "prediction_point": SweepResult(
         ("mode", "compute_scale", "label"),
         ("hit_rate", "stall_per_output_token_s", "time_per_output_token_s")),
+    "fetch_vs_compute": SweepResult(
+        ("hw.name", "placement", "cache.fraction"),
+        ("time_per_output_token_s", "tpot_p99_s", "hit_rate", "cpu_expert_execs",
+         "cpu_busy_fraction", "pcie_busy_fraction")),
+    "fetch_vs_compute_batch": SweepResult(
+        ("hw.name", "placement", "batch"),
+        ("time_per_output_token_s", "tpot_p99_s", "cpu_expert_execs", "cpu_busy_fraction")),
+    "approximate_fetch": SweepResult(
+        ("hw.name", "placement", "placement_params.threshold"),
+        ("time_per_output_token_s", "gate_mass_full", "gate_mass_low_precision",
+         "gate_mass_skipped", "low_precision_fetches", "skipped_experts")),
 }
 
 
@@ -220,7 +231,11 @@ def collect_sweep(name: str, dirs: Sequence[Path]) -> pd.DataFrame:
 
 
 def _load_sweep(name: str) -> pd.DataFrame:
-    return pd.read_csv(SWEEPS / f"{name}.csv")
+    path = SWEEPS / f"{name}.csv"
+    if not path.is_file():
+        raise SystemExit(f"error: block {name}: {path} does not exist; write it with --collect "
+                         f"{name} <sweep dir>")
+    return pd.read_csv(path)
 
 
 def _finite(x: Any) -> bool:
@@ -381,6 +396,113 @@ def render_prediction_point(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def render_fetch_vs_compute(df: pd.DataFrame) -> str:
+    """Time per output token of each placement by host link and cache size."""
+    return "\n".join([
+        _source("fetch_vs_compute", df) + " Each cell: time per output token (ms) at 10 % / "
+        "25 % / 50 % of the routed experts cached.", "",
+        *_grid(df, "placement", "hw.name",
+               lambda g: " / ".join(_msec(_one(g[g["cache.fraction"] == f],
+                                               "time_per_output_token_s"))
+                                    for f in _order("cache.fraction", g["cache.fraction"])),
+               "placement", lambda c: f"`{c}`")])
+
+
+def render_fetch_vs_compute_batch(df: pd.DataFrame) -> str:
+    """Time per output token of each placement by host link and batch size."""
+    batches = _order("batch", df["batch"])
+    return "\n".join([
+        _source("fetch_vs_compute_batch", df) + " Each cell: time per output token (ms) at "
+        f"batch {' / '.join(str(b) for b in batches)}.", "",
+        *_grid(df, "placement", "hw.name",
+               lambda g: " / ".join(_msec(_one(g[g["batch"] == b], "time_per_output_token_s"))
+                                    for b in batches),
+               "placement", lambda c: f"`{c}`")])
+
+
+def render_approximate_fetch(df: pd.DataFrame) -> str:
+    """Time per token and gate mass kept at full precision, by threshold, per placement and
+    profile."""
+    thresholds = _order("placement_params.threshold", df["placement_params.threshold"])
+    lines = [_source("approximate_fetch", df) + " Each cell: time per output token (µs) / "
+             "routed gate mass computed at full precision.", "",
+             "| placement | `hw` | " + " | ".join(f"threshold {t:g}" for t in thresholds)
+             + " |", "|" + "---|" * (len(thresholds) + 2)]
+    for pl in _order("placement", df["placement"]):
+        for hw in _order("hw.name", df["hw.name"]):
+            g = df[(df["placement"] == pl) & (df["hw.name"] == hw)]
+            cells = []
+            for t in thresholds:
+                r = g[g["placement_params.threshold"] == t]
+                tp, gm = _one(r, "time_per_output_token_s"), _one(r, "gate_mass_full")
+                cells.append(f"{tp * 1e6:.1f} / {_p(gm)}" if _finite(tp) else "–")
+            lines.append(f"| `{pl}` | `{hw}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+CROSSOVER_CARDS = ("deepseek_v2_lite", "mixtral_8x7b", "qwen3_30b_a3b")
+
+
+def _crossover() -> pd.DataFrame:
+    """Fiddler's decision boundary for every shipped profile with a host CPU path and a few
+    model cards, from the profiles themselves (:func:`moesim.sim.hardware.cpu_crossover_tokens`:
+    idle queues; ``fetch_or_cpu`` adds the queues)."""
+    from moesim.hw_profiles import list_profiles, load_profile
+    from moesim.sim.hardware import cpu_crossover_tokens, host_side
+    from moesim.traces.model_card import load_card
+
+    rows = []
+    for model in CROSSOVER_CARDS:
+        card = load_card(model)
+        for name in list_profiles():
+            prof = load_profile(name)
+            host = host_side(prof, card)
+            if host.cpu is None:
+                continue
+            link, comp = prof.expert_link(), prof.compute_model(card)
+            rows.append({
+                "hw.name": name, "model": model,
+                "copy_ms": link.transfer_time(card.expert_bytes) * 1e3,
+                "cpu_ms": host.cpu.expert_time(1) * 1e3,
+                "gpu_ms": comp.expert_time(1) * 1e3,
+                "tokens": cpu_crossover_tokens(link, comp, host.cpu, card.expert_bytes,
+                                               host.activation_bytes),
+            })
+    return pd.DataFrame(rows)
+
+
+def render_crossover(df: pd.DataFrame) -> str:
+    """Per profile and model: one expert's copy, CPU and GPU time at 1 token, and the fewest
+    tokens per missed expert from which fetching beats the host CPU."""
+    lines = ["Computed from the shipped profiles by `python -m moesim.experiments.readme_blocks`"
+             " (`moesim.sim.hardware.cpu_crossover_tokens`, idle link and CPU). Each cell: copy "
+             "one expert / run it on the host CPU / run it on the GPU, at 1 token (ms); then the "
+             "fewest tokens routed to one missed expert from which fetching it is faster.", "",
+             "| `hw` | " + " | ".join(f"`{m}`" for m in CROSSOVER_CARDS) + " |",
+             "|" + "---|" * (len(CROSSOVER_CARDS) + 1)]
+    for hw in _order("hw.name", df["hw.name"]):
+        cells = []
+        for m in CROSSOVER_CARDS:
+            r = df[(df["hw.name"] == hw) & (df["model"] == m)]
+            if len(r) != 1:
+                cells.append("–")
+                continue
+            r = r.iloc[0]
+            n = "never up to 4096" if pd.isna(r["tokens"]) else f"{int(r['tokens'])} tokens"
+            cells.append(f"{r['copy_ms']:.3g} / {r['cpu_ms']:.3g} / {r['gpu_ms']:.3g}; {n}")
+        lines.append(f"| `{hw}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _host_cpu_table(_: None) -> str:
+    """``moesim-profile table --host-cpu --card deepseek_v2_lite``'s table (the same function)."""
+    from moesim.hw_profiles import list_profiles
+    from moesim.hw_profiles.report import host_cpu_table
+    from moesim.traces.model_card import load_card
+
+    return host_cpu_table(list_profiles(), load_card("deepseek_v2_lite")).rstrip()
+
+
 def _sweep_block(name: str, render: Callable[[pd.DataFrame], str]) -> Block:
     return (lambda: _load_sweep(name), render, None)
 
@@ -400,6 +522,13 @@ BLOCKS: dict[str, Block] = {
     "prediction_point_oracle": _sweep_block("prediction_point_oracle",
                                             render_prediction_point_oracle),
     "prediction_point": _sweep_block("prediction_point", render_prediction_point),
+    "fetch_vs_compute": _sweep_block("fetch_vs_compute", render_fetch_vs_compute),
+    "fetch_vs_compute_batch": _sweep_block("fetch_vs_compute_batch",
+                                           render_fetch_vs_compute_batch),
+    "approximate_fetch": _sweep_block("approximate_fetch", render_approximate_fetch),
+    # computed from the shipped hardware profiles, not from a sweep
+    "crossover": (_crossover, render_crossover, None),
+    "host_cpu_table": (lambda: None, _host_cpu_table, None),
 }
 
 

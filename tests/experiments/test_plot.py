@@ -193,6 +193,11 @@ def test_bootstrap_over_requests_for_per_token_time(tmp_path):
     per_request = pd.concat([pd.DataFrame({
         "run_dir": r, "request": range(40), "output_tokens": rng.integers(5, 50, 40),
         "time_per_output_token_s": rng.uniform(1e-3, 3e-3, 40)}) for r in df["run_dir"]])
+    # The summary's time / output tokens is the requests' token-weighted mean (batch 1).
+    weighted = per_request.assign(t=per_request["time_per_output_token_s"]
+                                  * per_request["output_tokens"]).groupby("run_dir")
+    ratio = weighted["t"].sum() / weighted["output_tokens"].sum()
+    df["time_per_output_token_s"] = df["run_dir"].map(ratio)
     spec = choose_spec(df, metrics=["hit_rate", "time_per_output_token_s"])
     fig = make_figure(df, spec, per_request)
     assert "95% bootstrap CI over 40 requests" in legend_texts(fig)
@@ -306,3 +311,18 @@ def test_a_run_with_a_timeline_draws_the_timeline_under_the_given_name(tmp_path)
     out = tmp_path / "figs" / "step.png"
     assert main([str(run), "--out", str(out)]) == 0
     assert [p.name for p in out.parent.iterdir()] == ["step.png"]  # no summary figure over it
+
+
+def test_no_request_interval_when_the_requests_do_not_make_the_plotted_statistic():
+    """Batch > 1: a step's time counts for every request in it, so the requests' mean time per
+    token is not the summary's time / output tokens; the summary value is drawn, no interval."""
+    df = runs(**{"policy.name": ("lru",), "batch": (1, 8)})
+    df["time_per_output_token_s"] = [2e-3, 0.5e-3]
+    per_request = pd.concat([pd.DataFrame({
+        "run_dir": r, "output_tokens": [10, 10, 10], "time_per_output_token_s": [2e-3] * 3})
+        for r in df["run_dir"]])
+    spec = choose_spec(df, metrics=["time_per_output_token_s"])
+    cells = aggregate(df, spec, "time_per_output_token_s", per_request).table
+    cells = cells.sort_values("batch")
+    assert list(cells["mean"]) == [2e-3, 0.5e-3]
+    assert list(cells["ci"]) == ["requests", ""]
