@@ -1,7 +1,7 @@
 """One table of display names, units, orders and colours for every moesim figure.
 
 ``moesim-plot`` and ``plot_validation`` read metric names, factor names and their units from
-here, so an axis label cannot disagree with the Metrics table in the README, and a value in
+here, so an axis label cannot disagree with the docs' Metrics table, and a value in
 seconds is never printed on an "ms" axis: :func:`unit_scale` picks the unit from the data of the
 whole axis. The palette is Okabe and Ito's colour-blind-safe set (defined here rather than taken
 from seaborn, which is not a runtime dependency); markers and dash patterns vary with the series
@@ -54,8 +54,8 @@ def _t(label: str) -> Quantity:
     return Quantity(label, "time", timed_only=True)
 
 
-# The README's Metrics table (summary.parquet), by column. Keep the labels short: they are axis
-# labels; the definitions live in the README.
+# The docs' Metrics table (summary.parquet), by column. Keep the labels short: they are axis
+# labels; the definitions live in experiments/docs/pages/metrics.md.
 METRICS: dict[str, Quantity] = {
     "accesses": Quantity("accesses", "count"),
     "hits": Quantity("hits", "count"),

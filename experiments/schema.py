@@ -73,7 +73,7 @@ OPTIONS: tuple[Opt, ...] = (
         lo=0.0, lo_open=True),
     Opt("placement", "str", "a routed expert not resident when its layer routes: fetch (copy "
         "and cache it), cpu_on_miss, fetch_or_cpu, static_cpu, low_precision_fetch, "
-        "skip_low_weight (policies/; README, Policies)"),
+        "skip_low_weight (policies/; docs: Policies, Placement)"),
     Opt("placement_params.threshold", "float", "low_precision_fetch, skip_low_weight: "
         "normalised gate weight below which a missed expert is fetched in low precision / "
         "skipped (null: 0.1)", nullable=True, lo=0.0, hi=1.0),
@@ -212,7 +212,7 @@ def help_text(groups: dict[str, list[str]], app: str = "moesim-sim") -> str:
     for o in OPTIONS:
         lines.append(f"  {o.key:<{width}}{o.describe()}")
         lines.append(f"  {'':<{width}}  {o.doc}")
-    lines += ["", "Policy parameters: policy=<name> policy.<param>=<value> (see README, Policies).",
+    lines += ["", "Policy parameters: policy=<name> policy.<param>=<value> (docs: Policies).",
               "Show the composed config: --cfg job;  Hydra's own flags: --hydra-help."]
     return "\n".join(lines)
 

@@ -8,7 +8,7 @@ bandwidth between its neighbouring measured values.
 Latency: ``transfer_time = latency_s + nbytes / bandwidth(nbytes)``. A curve measured with
 back-to-back copies (CUDA ``bandwidthTest``, ``moesim-profile``) already contains the per-copy
 cost, so such profiles set ``latency_s`` to 0; profiles with only a peak bandwidth carry the
-per-copy cost in ``latency_s`` instead. See hw_profiles/README_section.md.
+per-copy cost in ``latency_s`` instead. See experiments/docs/pages/hardware-profiles.md.
 """
 
 from __future__ import annotations

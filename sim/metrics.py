@@ -1,7 +1,7 @@
 """Run metrics: counters filled during the run, then one summary row and a per-layer table.
 
 Every access is one unique expert of one layer-step (warm-up steps excluded) and is exactly one
-of (README "Metrics" has the table with every formula):
+of (experiments/docs/pages/metrics.md has the table with every formula):
 - hit: resident when the layer's routing became known;
 - late hit: not resident, but a prefetch transfer of it had already *started* (the GPU may
   wait for the rest of it);

@@ -1,6 +1,6 @@
 """Routing traces: the on-disk format, model cards, importers and statistics.
 
-Public API (see ``traces/README_section.md``)::
+Public API (see experiments/docs/pages/traces.md)::
 
     from moesim.traces import load_trace, iter_requests, read_meta, write_trace, import_trace
 """
