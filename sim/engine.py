@@ -715,8 +715,6 @@ class Simulation:
                 f"engine must be 'auto', 'python' or 'compiled', got {self.ropts.engine!r}")
         if self.ropts.engine != "python":
             reason = compiled.why_not(self)
-            if reason is None and self._place:  # until sim.compiled rejects it itself
-                reason = f"placement {self.placement_spec.name!r} has no compiled twin"
             if reason is None:
                 compiled.run(self)
                 self.engine_used = "compiled"

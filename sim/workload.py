@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 from moesim.policies.base import ModelShape
+from moesim.sim.compiled.steps import count_valid
 from moesim.traces.trace import DECODE, RequestRouting, Trace
 
 Replay = Literal["decode", "prefill"]
@@ -185,7 +186,7 @@ def _single_token_steps(
         joins[step] = [req.request_id]
         step += len(idx)
     keys = np.concatenate(blocks)
-    pairs = np.count_nonzero(keys >= 0, axis=2).astype(np.int32)
+    pairs = count_valid(keys)  # one compiled pass instead of numpy's count along a short axis
     steps = keys.shape[0]
     gate = np.concatenate(masses) if weights is not None else None
     return Workload(
