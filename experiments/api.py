@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pandas, hydra and the simulator load on the first call, not on import
     import pandas as pd
-    from moesim.traces.trace import Trace
     from omegaconf import DictConfig
+
+    from moesim.traces.trace import Trace
 
 SIZE_KEYS = ("fraction", "experts", "bytes")
 GROUPS = ("trace", "hw", "policy", "model", "predictor")
@@ -177,6 +178,7 @@ def sweep(
 def _compose_context() -> Iterator[None]:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
     from moesim.experiments.configs import CONF_DIR, register_configs
 
     if GlobalHydra.instance().is_initialized():  # inside a Hydra app or a compose block
@@ -237,6 +239,7 @@ def _trace_as_file(trace: Trace) -> Path:
     """A trace passed as an object goes through the same file-based path as a named one: it
     is written once into the cache, keyed by its content (meta and every routing array)."""
     import numpy as np
+
     from moesim.experiments.inputs import cache_dir
     from moesim.traces import write_trace
     from moesim.traces.cache import entry_lock
@@ -276,6 +279,7 @@ def _hw_choice(hw: Any) -> tuple[list[str], Mapping[str, Any] | None]:
         raise InputError(f"hw: unknown profile {hw!r}; known profiles: "
                          f"{', '.join(hw_profiles.list_profiles())} (or a path to a YAML)")
     import yaml
+
     from moesim.experiments.paths import resolve_path
 
     path = resolve_path(hw)
@@ -327,9 +331,10 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
     (``memo``: configs already composed for the same group choices, within one sweep)."""
     from hydra import compose
     from hydra.errors import HydraException
-    from moesim.experiments.schema import check
     from omegaconf import OmegaConf, open_dict
     from omegaconf.errors import OmegaConfBaseException
+
+    from moesim.experiments.schema import check
 
     overrides, values, trace_name = _trace_choice(trace)
     hw_overrides, hw_node = _hw_choice(hw)
@@ -396,6 +401,7 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
 
 def _run(prep: _Prepared, outdir: Path | None) -> pd.DataFrame:
     import pandas as pd
+
     from moesim.experiments import sim_app
     from moesim.experiments.provenance import provenance
     from moesim.experiments.sweep_summary import write_status

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 from hydra.core.config_store import ConfigStore
+
 from moesim import hw_profiles
 from moesim.policies.registry import default_config, policy_names
 from moesim.traces.model_card import MODELS_DIR

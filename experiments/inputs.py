@@ -14,6 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from moesim import hw_profiles
 from moesim.experiments.paths import TRACES_ENV, resolve_path, traces_dir
 from moesim.traces import TraceError, import_trace, load_predictions, load_trace
@@ -22,7 +24,6 @@ from moesim.traces.model_card import ModelCard, card_from_mapping, load_card
 from moesim.traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
 from moesim.traces.store import read_request_ids
 from moesim.traces.trace import Trace
-from omegaconf import DictConfig, OmegaConf
 
 # Part of an imported trace's cache key: bump when importers write different files for the
 # same source (v2: prediction tables record the identity of the trace they belong to).

@@ -41,6 +41,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FixedLocator, NullLocator
+
 from moesim.experiments import plot_style as ps
 from moesim.experiments.plot_style import STYLE
 

@@ -42,6 +42,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Patch
+
 from moesim.experiments import plot_style as ps
 
 METRICS: dict[str, tuple[str, ...]] = {

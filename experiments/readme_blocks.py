@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from moesim.experiments.plot_style import level_order
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,6 +19,8 @@ import hydra
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.inputs import (
     hw_profile,
@@ -45,7 +47,6 @@ from moesim.traces import TraceError
 from moesim.traces.cache import entry_lock
 from moesim.traces.model_card import ModelCardError
 from moesim.traces.store import atomic_path
-from omegaconf import DictConfig, OmegaConf
 
 USER_ERRORS = (
     SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,

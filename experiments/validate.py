@@ -34,6 +34,8 @@ from typing import Any
 
 import pandas as pd
 import yaml
+from omegaconf import DictConfig, OmegaConf
+
 from moesim.experiments.configs import CONF_DIR
 from moesim.experiments.inputs import hw_profile, load_run_predictions, load_run_trace, model_card
 from moesim.hw_profiles import ProfileError, profile_from_mapping
@@ -45,7 +47,6 @@ from moesim.sim.workload import WorkloadError
 from moesim.traces import TraceError
 from moesim.traces.model_card import ModelCardError
 from moesim.traces.trace import Trace
-from omegaconf import DictConfig, OmegaConf
 
 USER_ERRORS = (SimulationError, TraceError, ProfileError, PolicyError, ModelCardError,
                WorkloadError, ValueError)

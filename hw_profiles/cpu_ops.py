@@ -32,8 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from moesim.traces.model_card import ModelCard
 from torch.nn import functional as F
+
+from moesim.traces.model_card import ModelCard
 
 from .direct_io import BLOCK, round_up
 

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from moesim.traces.model_card import ModelCard, ModelCardError, load_card
 from tqdm import tqdm
+
+from moesim.traces.model_card import ModelCard, ModelCardError, load_card
 
 from .profile import list_profiles, profile_from_mapping
 from .schema import ProfileError

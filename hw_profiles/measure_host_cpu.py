@@ -33,8 +33,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from moesim.traces.model_card import ModelCard, load_card
 from tqdm import tqdm
+
+from moesim.traces.model_card import ModelCard, load_card
 
 from .measure import _q, _sig, write_profile
 from .measure_storage import Spread, fit_latency_relative, isotonic

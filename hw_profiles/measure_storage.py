@@ -42,8 +42,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
-from moesim.traces.model_card import ModelCard, load_card
 from tqdm import tqdm
+
+from moesim.traces.model_card import ModelCard, load_card
 
 from .direct_io import BLOCK, DirectFile, aligned_buffer, open_direct, round_up, write_random_file
 from .link import LinkModel

@@ -114,6 +114,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
 from moesim.policies.base import (
     EvictionPolicy,
     ModelShape,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
 from moesim.policies.base import Knowledge, PolicyError
 from moesim.policies.lru import LRU
 from moesim.policies.registry import register_eviction

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from moesim.traces.predictions import content_digest
 from moesim.traces.store import load_features, load_trace, read_meta
 from moesim.traces.trace import Trace

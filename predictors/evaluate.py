@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from moesim.predictors.metrics import MetricSpec, evaluate, format_table
 from moesim.traces import TraceError, load_predictions, load_trace
 from moesim.traces.predictions import content_digest, read_predictions_meta

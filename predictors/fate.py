@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.predictors.data import file_digest
 from moesim.predictors.metrics import top1_correct
 from moesim.traces.collect.collector import load_routers, routers_path

@@ -52,6 +52,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from moesim.predictors.train import (
     BestEpoch,
     TrainConfig,
@@ -61,8 +64,6 @@ from moesim.predictors.train import (
     save_checkpoint,
     seeded_training,
 )
-from torch import nn
-from tqdm import tqdm
 
 TOKEN_VECTORS = ("auto", "router_in", "pre_attn", "text")
 CONTEXTS = ("prompt", "causal")

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from moesim.predictors.baselines import fit_frequency, rank_frequency, rank_recency
 from moesim.predictors.data import PredictorError, TraceData, file_digest, load_data, split_requests
 from moesim.predictors.metrics import MetricSpec, evaluate

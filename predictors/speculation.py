@@ -23,6 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
+from tqdm import tqdm
+
 from moesim.predictors.train import (
     BestEpoch,
     TrainConfig,
@@ -32,8 +35,6 @@ from moesim.predictors.train import (
     save_checkpoint,
     seeded_training,
 )
-from torch import nn
-from tqdm import tqdm
 
 
 @dataclass(frozen=True)

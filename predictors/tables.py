@@ -22,9 +22,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, OmegaConf
+
 from moesim.predictors.data import PredictorError, file_digest, split_requests
 from moesim.traces.cache import cache_root, entry_lock, sweep_temporaries
-from omegaconf import DictConfig, OmegaConf
 
 SPEC_PREFIX = "predictor:"
 CONF_DIR = Path(__file__).parent / "conf"

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
 from moesim.predictors.pre_attention import (
     PreAttentionConfig,
     PreAttentionNet,
@@ -29,7 +31,6 @@ from moesim.predictors.pre_attention import (
 )
 from moesim.traces.cache import cache_root
 from moesim.traces.store import atomic_path
-from tqdm import tqdm
 
 CODE_VERSION = 1  # bump when training code changes what a config produces
 

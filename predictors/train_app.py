@@ -13,13 +13,14 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
 from moesim.experiments.paths import register_resolvers, sweep_workers_die_with_parent
 from moesim.predictors.data import PredictorError
 from moesim.predictors.metrics import format_table
 from moesim.predictors.pipeline import RunConfig, RunOutput, run
 from moesim.traces.errors import TraceError
 from moesim.traces.store import atomic_path
-from omegaconf import DictConfig, OmegaConf
 
 CONF_DIR = Path(__file__).parent / "conf"
 SHOWN = (

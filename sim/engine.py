@@ -35,6 +35,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import simpy
+
 from moesim.policies.base import (
     CPU,
     FETCH,

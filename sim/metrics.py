@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
 from moesim.sim.link import COPY_KINDS
 
 if TYPE_CHECKING:

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+
 from moesim.sim.cache import SimulationError
 from moesim.sim.workload import Workload
 

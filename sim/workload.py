@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+
 from moesim.policies.base import ModelShape
 from moesim.sim.compiled.steps import count_valid
 from moesim.traces.trace import DECODE, RequestRouting, Trace

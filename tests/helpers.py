@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from moesim.traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
 
 

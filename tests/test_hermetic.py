@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 from moesim.traces.cache import cache_root
-
 from tests.conftest import USER_CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+
 from moesim.traces.errors import TraceError
 from moesim.traces.importers import IMPORTERS, import_trace
 from moesim.traces.model_card import ModelCardError

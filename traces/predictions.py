@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from moesim.traces.errors import TraceError
 from moesim.traces.schema import FORMAT_VERSION, dumps
 from moesim.traces.trace import TraceMeta

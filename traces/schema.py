@@ -45,6 +45,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import pyarrow as pa
+
 from moesim.traces.errors import TraceError
 from moesim.traces.trace import PHASES, TraceMeta
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
 from moesim.traces.trace import RequestRouting, TraceMeta
 
 MAX_DISTANCE = 1024  # reuse distances above this are pooled in one overflow bin

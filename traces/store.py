@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+
 from moesim.traces.errors import TraceError
 from moesim.traces.schema import (
     FEATURE_PREFIX,

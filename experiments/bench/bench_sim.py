@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.experiments.inputs import trace_file
 from moesim.hw_profiles import load_profile
 from moesim.sim import (
@@ -183,6 +184,7 @@ def _lcs(stream: np.ndarray, capacity: int, algo: str, tmp: Path) -> tuple[float
     """libCacheSim's C replay of ``stream`` (oracleGeneral, with next-access for Belady):
     CPU seconds of ``process_trace`` and the hit ratio."""
     import libcachesim as lcs
+
     from moesim.sim.compiled.heaps import next_occurrences
     from moesim.sim.compiled.layout import NO_USE
 

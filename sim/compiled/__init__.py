@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from moesim.policies.base import NoPrefetch, PrefetchPolicy
 from moesim.policies.belady import Belady
 from moesim.policies.fate_arc import FateARC

@@ -4,6 +4,7 @@ eviction orders (LRU, FIFO, static), on the rows of ``S`` (``sim.compiled.layout
 from __future__ import annotations
 
 import numpy as np
+
 from moesim.sim.compiled.layout import (
     B_HKEY,
     K_CURSOR,

@@ -11,6 +11,7 @@ pins in place), so that a run gives the SimPy engine's counters exactly; the pro
 from __future__ import annotations
 
 import numpy as np
+
 from moesim.sim.compiled.cache import _install, _lru_demand, _reserve, _reset
 from moesim.sim.compiled.eamc import demand_issued, request_start, routed, sort_all
 from moesim.sim.compiled.evict import _on_access

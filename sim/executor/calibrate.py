@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.sim.executor.model import ExpertLayout
 from moesim.sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
 from moesim.traces.model_card import ModelCard
@@ -283,6 +284,7 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                opts: CalibrationOptions, name: str, log: Callable[[str], None]
                ) -> dict[str, Any]:
     import torch
+
     from moesim.sim.executor.compute import TorchCompute
 
     layout = ExpertLayout.of(card)

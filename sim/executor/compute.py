@@ -23,6 +23,7 @@ class TorchCompute:
     def __init__(self, card: ModelCard, num_layers: int, max_context: int, max_tokens: int,
                  dense_layers: int, seed: int, device: str = "cpu") -> None:
         import torch
+
         from moesim.hw_profiles import cpu_ops
 
         self.ops = cpu_ops

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.policies.base import PolicySetup, PrefetchPolicy
 from moesim.policies.registry import PolicySpec, resolve
 from moesim.sim.cache import ABSENT, LOADING, RESIDENT, SimulationError
@@ -224,6 +225,7 @@ class Executor:
     # -- the loop --------------------------------------------------------------------------
     def run(self) -> RunResult:
         import torch
+
         from moesim.sim.executor.compute import TorchCompute
 
         w = self.workload

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.sim.executor.model import PAGE, ExpertLayout
 
 LOG = logging.getLogger("moesim.executor")

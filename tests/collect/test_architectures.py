@@ -13,7 +13,6 @@ torch = pytest.importorskip("torch")
 from moesim.traces.collect import CollectSettings, collect, load_routers  # noqa: E402
 from moesim.traces.collect.prompts import ByteTokenizer  # noqa: E402
 from moesim.traces.store import load_features, load_trace, read_header, validate_trace  # noqa: E402
-
 from tests.collect.archs import ARCHS, Arch, reference_topk  # noqa: E402
 
 PROMPTS = "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n"

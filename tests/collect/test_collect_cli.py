@@ -16,7 +16,6 @@ torch = pytest.importorskip("torch")
 from moesim.traces.collect import CollectError, CollectSettings, collect  # noqa: E402
 from moesim.traces.collect.prompts import ByteTokenizer, load_prompts, load_tokenizer  # noqa: E402
 from moesim.traces.store import load_features, load_trace  # noqa: E402
-
 from tests.collect.archs import ARCHS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from moesim.traces.errors import TraceError
 from moesim.traces.store import (
     FeatureSpec,

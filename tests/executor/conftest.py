@@ -7,9 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from moesim.traces.model_card import ModelCard, card_from_mapping
 from moesim.traces.trace import Trace
-
 from tests.helpers import random_trace
 
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from moesim.hw_profiles import profile_from_mapping
 from moesim.sim.executor.calibrate import (
     CalibrationOptions,
@@ -15,7 +16,6 @@ from moesim.sim.executor.calibrate import (
     measure_reads,
     with_reads,
 )
-
 from tests.executor.conftest import small_card
 
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from moesim.policies.base import Knowledge, PolicyError, PrefetchPolicy
 from moesim.policies.lru import LRU
 from moesim.policies.registry import PolicySpec
@@ -17,7 +18,6 @@ from moesim.sim import FixedCompute, FixedLink, simulate
 from moesim.sim.cache import SimulationError
 from moesim.sim.executor import ExecutorOptions, execute
 from moesim.sim.executor.clock import WallClock
-
 from tests.executor.conftest import card_trace, small_card
 
 

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+
 from moesim.policies.base import ModelShape, PolicySetup
 from moesim.policies.lru import LRU
 from moesim.sim.cache import LOADING, RESIDENT, ExpertCache, SimulationError

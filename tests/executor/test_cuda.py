@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
 from moesim.sim.executor import ExecutorOptions, execute
-
 from tests.executor.conftest import card_trace, small_card
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from moesim.sim import FixedCompute, FixedLink, simulate
 from moesim.sim.executor import ExecutorOptions, execute
-
 from tests.executor.conftest import card_trace, small_card
 from tests.sim.parts import check_parts
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from moesim.policies.base import ModelShape, PolicySetup
 from moesim.policies.lru import LRU
 from moesim.sim.cache import ABSENT, SimulationError

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from moesim.sim.executor.model import PAGE, ExpertLayout, scaled_card
 from moesim.sim.executor.storage import StorageBackend, ensure_weights, expert_array
 from moesim.traces.model_card import load_card
-
 from tests.executor.conftest import small_card
 
 

@@ -10,13 +10,13 @@ the options are shown to be what closes the gap.
 
 import pytest
 from hydra import compose, initialize_config_dir
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.sim_app import run
 from moesim.policies.registry import resolve
 from moesim.sim.engine import CacheOptions, RunOptions, Simulation
 from moesim.sim.workload import build_workload
 from moesim.traces import import_trace, load_predictions, load_trace
-
 from tests.traces.fixtures import require_shared
 
 pytestmark = pytest.mark.shared

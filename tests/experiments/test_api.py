@@ -12,13 +12,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import moesim
 import pandas as pd
 import pytest
+
+import moesim
 from moesim.experiments import api
 from moesim.hw_profiles import profile_path
 from moesim.traces import write_trace
-
 from tests.helpers import random_trace
 
 FAST = {"engine": "python"}

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+
 from moesim import hw_profiles
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.plot import main as plot_main
@@ -16,7 +17,6 @@ from moesim.policies.registry import policy_names
 from moesim.traces import write_trace
 from moesim.traces.model_card import list_cards
 from moesim.traces.predictions import PredictionWriter
-
 from tests.helpers import random_trace
 
 register_configs()

@@ -12,9 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from moesim.experiments.paths import MAX_NAME, safe_dirname
 from moesim.traces import write_trace
-
 from tests.helpers import random_trace
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from moesim.traces import write_trace
 
+from moesim.traces import write_trace
 from tests.helpers import random_trace
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import moesim
 import pytest
+
+import moesim
 from moesim.__main__ import COMMANDS, main, usage
 
 if sys.version_info >= (3, 11):

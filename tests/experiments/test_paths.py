@@ -10,12 +10,12 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import moesim
 import pandas as pd
 import pytest
+
+import moesim
 from moesim.experiments.paths import TRACES_ENV, original_cwd, resolve_path, traces_dir
 from moesim.traces import write_trace
-
 from tests.helpers import random_trace
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from moesim.experiments import readme_blocks
 
 RESULTS = Path(readme_blocks.SWEEPS)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from matplotlib.collections import PolyCollection
+
 from moesim.experiments import plot_style as ps
 from moesim.experiments.plot import (
     PlotError,

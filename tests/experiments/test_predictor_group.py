@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.plot import choose_spec, plot_auto
 from moesim.policies.prediction_prefetch import available

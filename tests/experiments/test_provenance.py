@@ -9,9 +9,9 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+
 from moesim.experiments.provenance import ROOT, git_commit
 from moesim.traces import write_trace
-
 from tests.helpers import random_trace
 
 

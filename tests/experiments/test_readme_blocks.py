@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
 from moesim.experiments.readme_blocks import (
     BLOCKS,
     SWEEP_RESULTS,

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.schema import OPTIONS, check, check_warmup
 
@@ -124,8 +125,9 @@ def test_unswept_lists_only_unpinned_keys() -> None:
     from types import SimpleNamespace
 
     from hydra.types import RunMode
-    from moesim.experiments.sim_app import unswept
     from omegaconf import OmegaConf
+
+    from moesim.experiments.sim_app import unswept
 
     def hc(mode: RunMode, task: list[str]) -> SimpleNamespace:
         sweeper = OmegaConf.create({"params": {"hw": "a,b", "policy": "lru,lfu"}})

@@ -23,6 +23,8 @@ from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hypothesis import given, settings
+from omegaconf import DictConfig, open_dict
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.sweep_summary import (
     STATUS,
@@ -31,8 +33,6 @@ from moesim.experiments.sweep_summary import (
     sweep_size,
 )
 from moesim.traces import write_trace
-from omegaconf import DictConfig, open_dict
-
 from tests.helpers import random_trace
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.validate import policy_label, run_validation
 from moesim.traces import write_trace
-from omegaconf import OmegaConf
-
 from tests.helpers import random_trace
 
 register_configs()

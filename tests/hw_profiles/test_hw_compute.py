@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+
 from moesim.hw_profiles import (
     ComputeModel,
     list_profiles,

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moesim.hw_profiles import (
     HostCpuModel,
     ProfileError,

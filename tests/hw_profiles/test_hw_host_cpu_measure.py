@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from moesim.hw_profiles import KINDS, load_profile, profile_path
 from moesim.hw_profiles.measure import main
 from moesim.hw_profiles.measure_host_cpu import fit_expert

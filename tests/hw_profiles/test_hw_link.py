@@ -7,6 +7,7 @@ from functools import cache
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moesim.hw_profiles import LinkModel, list_profiles, load_profile
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
 from moesim.hw_profiles import load_profile
 from moesim.hw_profiles.measure import (
     EXIT_NO_CUDA,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+
 from moesim.hw_profiles import KINDS, HwProfile, list_profiles, load_profile, profile_from_mapping
 from moesim.traces.model_card import load_card
 
@@ -116,6 +117,7 @@ def test_every_profile_has_a_sourced_host_cpu(name: str) -> None:
 def test_profiles_compose_as_the_hydra_group_hw() -> None:
     """Through the real app's config: ``hw=<name>`` plus overrides of nested fields."""
     from hydra import compose, initialize_config_dir
+
     from moesim.experiments.configs import CONF_DIR, register_configs
 
     register_configs()

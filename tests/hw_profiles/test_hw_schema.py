@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from moesim.hw_profiles import ProfileError, load_profile, profile_from_mapping, profile_path
 from moesim.hw_profiles.schema import load_yaml
 

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moesim.hw_profiles import ProfileError, load_profile, profile_from_mapping
 from moesim.hw_profiles.direct_io import (
     BLOCK,

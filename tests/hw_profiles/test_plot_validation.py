@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from moesim.experiments.plot_validation import errors, main, plot_validation, tidy
 
 POLICIES = ("lru", "belady", "next_layer_all", "oracle_prefetch")

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+
 from moesim.policies.base import ModelShape, PolicyError, PolicySetup
 from moesim.policies.fate_arc import FateARC, fate_allocation
 from moesim.sim import FixedCompute, FixedLink, simulate
-
 from tests.helpers import random_trace
 
 

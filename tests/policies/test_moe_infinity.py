@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from moesim.policies.base import ModelShape, PolicyError, PolicySetup
 from moesim.policies.moe_infinity import (
     EAMC,
@@ -18,7 +19,6 @@ from moesim.policies.moe_infinity import (
 from moesim.policies.registry import default_config, resolve
 from moesim.sim import FixedCompute, FixedLink, simulate
 from moesim.traces.store import write_trace
-
 from tests.helpers import trace_from_lists
 
 # -- fixtures ----------------------------------------------------------------------------------

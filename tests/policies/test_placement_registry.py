@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from moesim.policies.base import CPU, FETCH, LOW_PRECISION, SKIP, ModelShape, PolicySetup
 from moesim.policies.registry import PLACEMENT, placement_names, resolve_placement
 

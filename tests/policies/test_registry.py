@@ -1,6 +1,7 @@
 """Resolving ``policy=<name>`` configs into classes and checked parameters."""
 
 import pytest
+
 from moesim.policies.base import PolicyError
 from moesim.policies.registry import default_config, policy_names, resolve
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from moesim.predictors.baselines import fit_frequency, rank_frequency, rank_recency
 from moesim.predictors.data import PredictorError, load_data, split_requests, trace_rows
 from moesim.traces import write_trace
 from moesim.traces.trace import RequestRouting, Trace
-
 from tests.helpers import random_trace
 
 

@@ -5,7 +5,6 @@ from pathlib import Path
 from moesim.predictors.evaluate import main, score
 from moesim.traces import write_trace
 from moesim.traces.predictions import PredictionWriter, content_digest, trace_identity
-
 from tests.helpers import random_trace
 
 

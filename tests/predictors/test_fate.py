@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from moesim.predictors.fate import (
     AVAILABLE_AT,
     Accuracy,

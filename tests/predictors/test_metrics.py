@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moesim.predictors.metrics import MetricSpec, bit_scores, evaluate, format_table, multi_hot
 
 SPEC = MetricSpec(num_experts=8, top_k=2, overprov=(3,))

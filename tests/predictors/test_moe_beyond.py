@@ -169,7 +169,6 @@ def test_router_in_unmasked_learns_the_router(small_trace, tmp_path):
 
 def test_text_vector_needs_token_texts(tmp_path):
     from moesim.traces import write_trace
-
     from tests.helpers import random_trace
 
     tr = random_trace(num_requests=4, tokens=3, layers=2, experts=8, top_k=2, seed=0)

@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from moesim.traces.errors import TraceError
 from moesim.traces.predictions import (
     PRED_META_KEY,

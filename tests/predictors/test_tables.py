@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
+
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.sim_app import run
 from moesim.predictors.data import PredictorError

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
+
 from moesim.predictors.train_app import CONF_DIR, run_config
 from moesim.traces.predictions import read_predictions_meta
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moesim.sim.workload import _units, build_workload
 
+from moesim.sim.workload import _units, build_workload
 from tests.helpers import random_trace
 
 

@@ -3,8 +3,8 @@
 import math
 
 import pytest
-from moesim.sim import FixedCompute, FixedLink, simulate
 
+from moesim.sim import FixedCompute, FixedLink, simulate
 from tests.helpers import trace_from_lists
 
 D = 1e-3  # one expert's transfer

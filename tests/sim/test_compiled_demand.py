@@ -6,8 +6,8 @@ import math
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moesim.sim import FixedCompute, FixedLink, simulate
 
+from moesim.sim import FixedCompute, FixedLink, simulate
 from tests.helpers import random_trace
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from moesim.policies.base import EvictionPolicy, NoPrefetch
 from moesim.policies.lru import LRU
 from moesim.policies.registry import PolicySpec, resolve
@@ -26,7 +27,6 @@ from moesim.sim.compiled.sums import pairwise
 from moesim.sim.engine import CacheOptions, RunOptions, Simulation
 from moesim.sim.metrics import RunResult
 from moesim.traces.store import write_trace
-
 from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
 

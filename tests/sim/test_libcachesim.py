@@ -6,8 +6,8 @@ in trace order), which is exactly what libCacheSim replays.
 
 import numpy as np
 import pytest
-from moesim.sim import build_workload, simulate
 
+from moesim.sim import build_workload, simulate
 from tests.helpers import random_trace
 
 lcs = pytest.importorskip("libcachesim")

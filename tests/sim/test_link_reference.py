@@ -8,6 +8,7 @@ Cancelled prefetches leave the queue before they start.
 import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from moesim.sim.cache import LOADING
 from moesim.sim.link import HostLink
 

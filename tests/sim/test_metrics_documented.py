@@ -8,7 +8,6 @@ from pathlib import Path
 
 from moesim.experiments.provenance import provenance
 from moesim.sim import FixedCompute, FixedLink, simulate
-
 from tests.helpers import random_trace
 
 METRICS_PAGE = Path(__file__).resolve().parents[2] / "experiments/docs/pages/metrics.md"

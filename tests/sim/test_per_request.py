@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from moesim.sim import FixedCompute, FixedLink, simulate
 from moesim.sim.metrics import per_request_table, tpot_percentiles
 from moesim.sim.workload import build_workload
-
 from tests.helpers import random_trace
 
 LINK = FixedLink(1e-5, 1e6, 1)

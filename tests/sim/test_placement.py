@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from moesim.sim import FixedCompute, FixedHostCpu, FixedLink, HostSide, simulate
 from moesim.sim.cache import SimulationError
 from moesim.sim.workload import WorkloadError
-
 from tests.helpers import random_trace, trace_from_lists
 
 EXPERT_BYTES = 1000

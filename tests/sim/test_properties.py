@@ -4,12 +4,12 @@ import math
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from moesim.policies.base import EvictionPolicy
 from moesim.policies.lru import LRU
 from moesim.policies.registry import EVICTION, PREFETCH, discover, resolve
 from moesim.sim import FixedCompute, FixedLink, simulate
 from moesim.sim.cache import ExpertCache
-
 from tests.helpers import random_trace
 from tests.sim.parts import check_parts
 

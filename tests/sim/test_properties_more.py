@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from moesim.policies.registry import discover
 from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
 from moesim.sim.predictions import PredictionView
 from moesim.sim.workload import build_workload
 from moesim.traces.predictions import PredictionTable
-
 from tests.helpers import noisy_predictions, random_trace
 from tests.sim.parts import check_parts
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from moesim.traces.store import iter_requests, load_trace, read_request_ids, write_trace
 
+from moesim.traces.store import iter_requests, load_trace, read_request_ids, write_trace
 from tests.helpers import random_trace
 
 

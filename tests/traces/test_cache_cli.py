@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from moesim.traces.cache import entries
 from moesim.traces.cli import main
 

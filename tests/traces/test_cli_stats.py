@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from moesim.traces import RequestRouting, TraceMeta, write_trace
 from moesim.traces.cli import main
 from moesim.traces.stats import MAX_DISTANCE, collect, tables
-
 from tests.traces.fixtures import write_moe_beyond, write_qwen_folder
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from moesim.traces import TraceError, import_trace
 from moesim.traces.store import validate_trace
-
 from tests.traces.fixtures import write_moe_beyond, write_qwen_folder, write_spec_decode
 
 SETTINGS = settings(max_examples=60, deadline=None,

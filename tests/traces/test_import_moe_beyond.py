@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from moesim.traces import (
     PREFILL,
     TraceError,
@@ -17,7 +18,6 @@ from moesim.traces import (
     read_header,
 )
 from moesim.traces.predictions import PRED_META_KEY, PRED_SCHEMA, read_predictions_meta
-
 from tests.traces.fixtures import DS_HEADER, DS_LAYERS, id_list, write_moe_beyond
 
 FMT = "moe-beyond-csv"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moesim.traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 
+from moesim.traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 from tests.traces.fixtures import write_spec_decode, write_spec_raw
 
 FMT = "speculative-moe-jsonl"

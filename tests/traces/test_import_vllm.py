@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moesim.traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 
+from moesim.traces import DECODE, PREFILL, TraceError, import_trace, load_trace
 from tests.traces.fixtures import (
     QWEN_DUMMY_PASSES,
     QWEN_ID,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
+
 from moesim.traces import list_cards, load_card
 from moesim.traces.model_card import MODELS_DIR
 

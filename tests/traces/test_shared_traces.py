@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from moesim.traces import import_trace, load_predictions, load_trace, validate_trace
 
+from moesim.traces import import_trace, load_predictions, load_trace, validate_trace
 from tests.traces.fixtures import require_shared
 
 pytestmark = pytest.mark.shared

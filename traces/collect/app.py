@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 
 import hydra
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
 from moesim.traces.collect.collector import CollectSettings, collect
 from moesim.traces.collect.errors import CollectError
 from moesim.traces.errors import TraceError
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 CONF_DIR = Path(__file__).parent / "conf"
 USER_ERRORS = (CollectError, TraceError, MissingMandatoryValue, OmegaConfBaseException, OSError)

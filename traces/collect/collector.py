@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
+
 from moesim.traces.collect.errors import CollectError
 from moesim.traces.collect.prompts import Prompt, Tokenizer, load_prompts, load_tokenizer
 from moesim.traces.errors import TraceError
@@ -381,6 +382,7 @@ def _digest(obj: Any) -> str:
 def _model_fingerprint(model: Any) -> str:
     """Cheap identity of the weights: config plus a checksum of every router matrix."""
     import torch
+
     from moesim.traces.collect.hooks import find_layout
 
     sums = []

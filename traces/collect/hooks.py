@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from moesim.traces.collect.errors import CollectError
 from torch import nn
+
+from moesim.traces.collect.errors import CollectError
 
 ROUTER_NAMES = ("gate", "router")
 

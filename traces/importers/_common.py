@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.traces.errors import TraceError
 from moesim.traces.model_card import ModelCard, ModelCardError, load_card
 from moesim.traces.trace import TraceMeta

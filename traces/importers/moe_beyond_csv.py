@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+
 from moesim.traces.errors import TraceError
 from moesim.traces.importers import ImportResult, register
 from moesim.traces.importers._common import (

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from moesim.traces.errors import TraceError
 from moesim.traces.importers import ImportResult, register
 from moesim.traces.importers._common import (

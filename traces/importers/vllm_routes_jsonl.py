@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from moesim.traces.errors import TraceError
 from moesim.traces.importers import ImportResult, register
 from moesim.traces.importers._common import (
