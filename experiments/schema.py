@@ -21,6 +21,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 _MISSING = object()
+# Sections that may be null as a whole (every option in them then takes its default).
+_NULLABLE_SECTIONS = ("placement_params", "predictions", "validate")
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,20 @@ def check(cfg: DictConfig) -> list[str]:
     """Every violation as ``<key>=<value>: <why>`` (empty when the config is valid)."""
     errors: list[str] = []
     values: dict[str, Any] = {}
+    # A section replaced by a scalar (``placement_params=3``, ``output=3``) would hide its
+    # options from the checks below and fail later with a traceback.
+    sections = dict.fromkeys(o.key.split(".")[0] for o in OPTIONS if "." in o.key)
+    for section in sections:
+        if section not in cfg:
+            continue
+        node = cfg[section]
+        if node is None and section in _NULLABLE_SECTIONS:
+            continue
+        if not isinstance(node, DictConfig):
+            keys = ", ".join(o.key.split(".", 1)[1] for o in OPTIONS
+                             if o.key.startswith(section + "."))
+            errors.append(f"{section}={'null' if node is None else node}: must be a mapping "
+                          f"(keys: {keys})")
     for opt in OPTIONS:
         raw = _get(cfg, opt.key)
         if raw is _MISSING:

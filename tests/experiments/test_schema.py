@@ -54,6 +54,19 @@ def test_bad_value_is_one_line(override: str, why: str) -> None:
     assert why in errors, errors
 
 
+@pytest.mark.parametrize(("override", "why"), [
+    ("placement_params=3", "placement_params=3: must be a mapping (keys: threshold, bits, "
+     "layers)"),
+    ("output=3", "output=3: must be a mapping (keys: transfers, timeline_steps)"),
+    ("output=null", "output=null: must be a mapping (keys: transfers, timeline_steps)"),
+])
+def test_section_given_as_a_scalar_is_one_line(override: str, why: str) -> None:
+    """A scalar in place of a section hid its options from the checks (a traceback in the
+    config hash or the run); placement_params=null still means every default."""
+    assert why in _check(override)
+    assert _check("placement_params=null") == []
+
+
 def test_cache_size_is_exactly_one_of_three() -> None:
     errors = _check("cache.experts=10")
     assert errors == ["cache size: give exactly one of cache.fraction, cache.experts, cache.bytes "
