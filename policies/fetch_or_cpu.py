@@ -4,8 +4,9 @@ of copying its weights to the GPU and computing it there, or computing it on the
 Fiddler compares the CPU's execution time for the expert's input tokens (it grows with the
 tokens; profiled offline) against the weight-transfer time (constant per expert). Here both
 sides are queue-aware, as the issue asks: the copy waits behind the copies already booked on
-the host link, the CPU execution behind the CPU work already booked in this layer, and both
-include their own activation or compute times (``PlacementContext.fetch_cost`` /
+the host link, the CPU execution behind the CPU work already booked in this layer and its
+output copy behind the copies booked on the link, and both include their own activation or
+compute times (``PlacementContext.fetch_cost`` /
 ``cpu_cost``). Ties fetch (the copy is then cached for later tokens).
 
 Deviations: Fiddler's experts on the GPU are a static popular set; here the cache is whatever

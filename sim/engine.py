@@ -161,9 +161,11 @@ class _PlaceContext:
         sim = self._sim
         if not self.timed:
             return 0.0
-        now = self.clock.now
         start = max(sim._d2h_at(), min(sim._cpu_free))
-        return (start - now + sim.host.cpu.expert_time(tokens)
+        done = start + sim.host.cpu.expert_time(tokens)
+        # its output goes back over the host link, behind the copies booked there
+        back = sim.link.copy_start(done)
+        return (back - self.clock.now
                 + sim.link_model.transfer_time(tokens * sim.host.activation_bytes))
 
 

@@ -151,17 +151,26 @@ class HostLink:
         (default now); returns its arrival. A copy booked for a later start keeps its engine
         from prefetches until then (it is booked when the GPU learns of it, at routing)."""
         free = self._free
-        at = self.t if not_before is None or not_before < self.t else not_before
-        e = 0
-        if self.engines > 1:
-            e = min(range(self.engines), key=lambda i: free[i] if free[i] > at else at)
-        start = free[e] if free[e] > at else at
+        e, start = self._copy_slot(not_before)
         finish = start + duration
         free[e] = finish
         self._seq += 1
         heapq.heappush(self._running, (finish, self._seq, -1, kind, start))
         self.busy += duration
         return finish
+
+    def copy_start(self, not_before: float | None = None) -> float:
+        """When a :meth:`submit_copy` booked now, no earlier than ``not_before``, would
+        start (placement costs: a CPU expert's output waits behind the booked copies)."""
+        return self._copy_slot(not_before)[1]
+
+    def _copy_slot(self, not_before: float | None) -> tuple[int, float]:
+        free = self._free
+        at = self.t if not_before is None or not_before < self.t else not_before
+        e = 0
+        if self.engines > 1:
+            e = min(range(self.engines), key=lambda i: free[i] if free[i] > at else at)
+        return e, free[e] if free[e] > at else at
 
     def backlog(self) -> float:
         """Seconds from now until a demand copy issued now would start (booked copies only:

@@ -288,3 +288,37 @@ def test_cpu_crossover_tokens_closed_form() -> None:
     assert cpu_crossover_tokens(LINK, COMPUTE, cpu, EXPERT_BYTES, 64) == 2
     assert cpu_crossover_tokens(LINK, COMPUTE, FixedHostCpu(call_s=1e-6), EXPERT_BYTES, 0,
                                 limit=50) is None
+
+
+def test_cpu_cost_waits_for_the_booked_copies() -> None:
+    """``ctx.cpu_cost`` is when the expert's output is back on the GPU: the output copy waits
+    behind the weight copy the layer booked before it (it used to be priced as if the link
+    were idle, so a cost rule saw the CPU cheaper than it was)."""
+    from moesim.policies.base import CPU, FETCH, PlacementPolicy
+    from moesim.policies.registry import PlacementSpec
+
+    seen: list[float] = []
+
+    class FetchThenCpu(PlacementPolicy):
+        name = "fetch_then_cpu"
+        uses_cpu = True
+
+        def decide(self, ctx, key, weight, tokens):
+            if key % 4 == 0:
+                return FETCH
+            seen.append(ctx.cpu_cost(tokens))
+            return CPU
+
+    trace = trace_from_lists([[[[0, 1]]]], experts=4, expert_bytes=EXPERT_BYTES)
+    lat, bw, act = 1e-5, 1e6, 64
+    host = HostSide(FixedHostCpu(call_s=1e-4), activation_bytes=act, dtype_bits=16)
+    comp = FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=1e-5)
+    s = simulate(trace, "lru", capacity=3, link=FixedLink(lat, bw, 1), compute=comp,
+                 placement=PlacementSpec("fetch_then_cpu", FetchThenCpu), host=host).summary
+    act_copy = lat + act / bw
+    weights_land = lat + EXPERT_BYTES / bw  # from routing, on the one copy engine
+    assert seen == [pytest.approx(weights_land + act_copy)]  # not 1e-4 + 2 act_copy
+    # the GPU computed the fetched expert before the CPU's output came back: the layer ends
+    # when that output arrives, exactly the cost the placement was shown
+    assert s["stall_cpu_s"] > 0
+    assert s["total_time_s"] == pytest.approx(1e-3 + 1e-4 + seen[0])
