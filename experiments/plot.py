@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -853,9 +854,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _writable(folder: Path) -> None:
+    """The figure folder exists (made now) and takes files, before anything is drawn or
+    written: an unusable ``--out`` is one line, with nothing half-written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PlotError(f"--out {folder}: cannot create the folder ({exc.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise PlotError(f"--out {folder}: the folder is not writable")
+
+
 def _main(args: argparse.Namespace) -> int:
     folder, stem, formats = _outputs(args.out, args.dir, args.format)
+    if args.timeline_ms is not None and not (math.isfinite(args.timeline_ms)
+                                             and args.timeline_ms > 0):
+        raise PlotError(f"--timeline-ms {args.timeline_ms:g}: must be a number of ms > 0")
+    if not args.dir.exists():
+        raise PlotError(f"{args.dir}: no such run or sweep directory")
     if (args.dir / "timeline.json").is_file():
+        _writable(folder)
         try:
             paths = plot_timeline(args.dir / "timeline.json", folder, args.timeline_ms, formats,
                                   stem or "timeline")
@@ -870,6 +888,7 @@ def _main(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         vpath = None
     if vpath is not None:
+        _writable(folder)
         vpaths = pv.plot_validation(pv.tidy(pd.read_parquet(vpath)), folder, formats=formats)
         print("validation: " + ", ".join(map(str, vpaths)))
         return 0
@@ -883,6 +902,7 @@ def _main(args: argparse.Namespace) -> int:
                        row=args.row, metrics=_split(args.metric), yscale=args.yscale,
                        relative=args.relative_to)
     fig = make_figure(rows, spec, per_request, args.seed)  # all checks passed: now write
+    _writable(folder)
     df.to_parquet(args.dir / "aggregate.parquet", index=False)  # the sweep's table, beside it
     paths = save_figure(fig, folder, stem or default_stem(spec), formats=formats)
     cols = list(dict.fromkeys([*spec.roles(), *(["seed"] if varies(rows, "seed") else []),

@@ -256,6 +256,29 @@ def test_cli_bad_options_are_one_line_exit_2_and_write_nothing(tmp_path, capsys)
     assert sorted(p.name for p in (tmp_path / "sweep").rglob("*")) == before
 
 
+def test_cli_unusable_out_or_timeline_window_is_one_line_and_writes_nothing(tmp_path, capsys):
+    """An --out that cannot be a folder was a traceback after aggregate.parquet had been
+    written; a non-positive --timeline-ms drew an empty chart."""
+    df = runs(**{"policy.name": ("lru", "belady")})
+    write_sweep(df, tmp_path / "sweep")
+    (tmp_path / "file").write_text("x")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main([str(tmp_path / "sweep"), "--out", str(tmp_path / "file" / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create the folder" in err, err
+    assert main([str(tmp_path / "nowhere")]) == 2
+    assert "no such run or sweep directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no aggregate.parquet
+    run = tmp_path / "sweep" / "run0"
+    (run / "timeline.json").write_text('{"traceEvents": []}')
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for bad in ("0", "-1", "nan"):
+        assert main([str(run), "--timeline-ms", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--timeline-ms" in err, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 def test_cli_writes_the_named_figure(tmp_path, capsys):
     df = runs(**{"policy.name": ("lru", "belady"), "hw.name": ("v100_pcie", "h100_pcie")})
     write_sweep(df, tmp_path / "sweep")
