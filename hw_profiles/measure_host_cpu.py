@@ -274,11 +274,17 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str], bench: HostCpuBench |
     if data.get("name", path.stem) != out.stem:
         raise ValueError(f"--out {out}: the file stem must be the profile name "
                          f"{data.get('name', path.stem)!r}")
+    folder = out.parent  # checked now: the measurement takes minutes
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write into {folder}")
     base = load_card(args.model)
     scale0, dtype0, threads0 = _defaults(data, base.name)
     scale = args.scale if args.scale is not None else float(scale0 or 0.25)
     dtype = args.dtype or dtype0 or "float32"
-    threads = args.torch_threads or threads0 or os.cpu_count() or 1
+    threads = (args.torch_threads if args.torch_threads is not None
+               else threads0 or os.cpu_count() or 1)  # an explicit 0 is refused, not ignored
     card = scaled_card(base, scale, dtype)
     if (min(args.tokens) < 1 or threads < 1 or args.rounds < 2 or args.pool_mib < 1
             or args.read_mib < 1):

@@ -153,6 +153,7 @@ BAD = [
     (["--scale", "0"], "scale must be in (0, 1]"),
     (["--model", "no_such_card"], "no_such_card"),
     (["--rounds", "1"], "--rounds >= 2"),
+    (["--torch-threads", "0"], "--torch-threads >= 1"),  # was taken as "unset"
 ]
 
 
@@ -180,3 +181,20 @@ def test_bad_profile_and_out_paths(tmp_path: Path, capsys: pytest.CaptureFixture
     err = capsys.readouterr().err
     assert "gpu.memory_bandwidth_Bps.value" in err and err.count("\n") == 1
     assert not (tmp_path / "other_name.yaml").exists()
+
+
+class _NoBench:
+    """A bench that must not be used: bad input is refused before measuring."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise AssertionError(f"measured ({name}) before refusing the input")
+
+
+def test_unwritable_out_is_refused_before_measuring(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    path = _profile(tmp_path)
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "ci_vm_virtio_measured.yaml"
+    assert _run(path, "--out", str(out), bench=_NoBench()) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out}: cannot write into {tmp_path / 'file'}" in err and err.count("\n") == 1
