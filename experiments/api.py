@@ -126,8 +126,9 @@ def simulate(
         outdir: also write the app's outputs (summary.parquet, per_layer.parquet, ...) here.
         options: any other ``moesim-sim`` option by its key (``mode="zero_latency"``,
             ``batch=8``, ``max_requests=10``, ``progress=True``; nested as mappings,
-            ``predictions={"path": ...}``, or dotted, ``**{"predictions.path": ...}``).
-            ``progress`` defaults to False here.
+            ``predictions={"path": ...}``, or dotted, ``**{"predictions.path": ...}``;
+            ``placement={"name": ..., <param>: ...}`` is ``placement`` plus
+            ``placement_params``). ``progress`` defaults to False here.
 
     Raises:
         InputError: an unknown name or option, a value the schema rejects, a missing file,
@@ -355,6 +356,16 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
         values["model"] = dict(model)
     if predictor is not None:
         overrides.append(f"predictor={_known('predictor', predictor, _group('predictor'))}")
+    place = options.get("placement")
+    if isinstance(place, Mapping):  # {"name": ..., <param>: ...}, as policy and sim.simulate
+        if place.get("name") is None:
+            raise InputError("placement: a mapping needs 'name' (a placement) and its "
+                             "parameters")
+        given = options.get("placement_params")
+        own = {k: v for k, v in place.items() if k != "name"}
+        options["placement"] = place["name"]
+        if own and (given is None or isinstance(given, Mapping)):  # else: the schema's line
+            options["placement_params"] = {**(given or {}), **own}
     options.setdefault("progress", False)
     flat: dict[str, Any] = {}
     _flatten("", options, flat)

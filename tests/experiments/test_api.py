@@ -185,3 +185,19 @@ def test_import_moesim_is_light() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_placement_as_a_mapping_is_name_plus_params() -> None:
+    """``placement={"name": ..., "threshold": ...}``, as ``policy`` and ``moesim.sim.simulate``
+    take it (it was refused as "placement.name: not a moesim-sim option")."""
+    as_map = api._prepare(None, None, None, None,
+                          {"placement": {"name": "skip_low_weight", "threshold": 0.2}}).cfg
+    split = api._prepare(None, None, None, None, {"placement": "skip_low_weight",
+                                                  "placement_params": {"threshold": 0.2}}).cfg
+    assert as_map == split and as_map.placement_params.threshold == 0.2
+    with pytest.raises(moesim.InputError, match="placement: a mapping needs 'name'"):
+        api._prepare(None, None, None, None, {"placement": {"threshold": 0.2}})
+    with pytest.raises(moesim.InputError, match="placement_params=3: must be a mapping"):
+        api._prepare(None, None, None, None,
+                     {"placement": {"name": "skip_low_weight", "threshold": 0.2},
+                      "placement_params": 3})
