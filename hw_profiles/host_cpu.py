@@ -186,7 +186,11 @@ class HostCpuModel:
         pts = self.measured.expert_s.value if self.measured is not None else None
         if pts is None:
             return self.overhead_s + low
-        full = _anchored(pts, tokens, lambda x: self.overhead_s + self.roofline(x))
+        # The table is one execution with the whole host; ``parallel`` k executions at once
+        # each get 1/k of it, as the roofline's share: the part above the overhead x k.
+        k = self.parallel
+        whole = _anchored(pts, tokens, lambda x: self.overhead_s + self.roofline(x) / k)
+        full = self.overhead_s + max(0.0, whole - self.overhead_s) * k
         if bits is None or bits == self.card_bits:
             return full
         return self.overhead_s + max(0.0, full - self.overhead_s) * low / self.roofline(tokens)

@@ -208,6 +208,20 @@ def test_measured_table_applies_only_to_the_matching_card(tmp_path: Path) -> Non
     assert other.measured is None and "table" not in other.source
 
 
+def test_parallel_executions_share_a_measured_table_too(tmp_path: Path) -> None:
+    """The table is one execution with the whole host: with ``parallel`` 2 each of two at once
+    takes twice the part above the overhead, inside the table and beyond it (the table used
+    to be read as is, so two lanes doubled the host's throughput)."""
+    data = _data()
+    one = _load(tmp_path, data).host_cpu_model(SCALED)
+    data["host_cpu"]["parallel"]["value"] = 2
+    two = _load(tmp_path, data).host_cpu_model(SCALED)
+    assert one.measured is not None and two.measured is not None
+    for tokens in (1, 2, 16, 64):
+        assert two.expert_time(tokens) - 20e-6 == pytest.approx(
+            2 * (one.expert_time(tokens) - 20e-6))
+
+
 def test_measured_table_scales_with_bits_above_the_overhead(tmp_path: Path) -> None:
     scaled = _load(tmp_path, _data()).host_cpu_model(SCALED)
     for tokens in (1, 4, 16):
