@@ -63,9 +63,9 @@ PANEL_FIRST = ("mode", "trace.name", "hw.name")
 STEMS = {"cache.capacity_fraction": "capacity", "cache.fraction": "capacity",
          "cache.experts": "capacity", "cache.bytes": "capacity", "hw.name": "link",
          "batch": "batch"}
-# per_request.parquet: per-token metrics a bootstrap over requests may use (column aliases)
-PER_REQUEST = {"time_per_output_token_s": ("time_per_output_token_s", "time_per_token_s"),
-               "stall_per_output_token_s": ("stall_per_output_token_s", "stall_per_token_s")}
+# per_request.parquet's per-token metrics, which a bootstrap over requests may use (the table
+# has no stall column: stall per token gets no request interval)
+PER_REQUEST = ("time_per_output_token_s",)
 N_BOOT = 2000
 WRAP = 3
 PANEL_SIZE = (3.3, 2.6)  # inches per panel
@@ -381,11 +381,9 @@ def bootstrap_ci(values: np.ndarray, weights: np.ndarray, seed: int,
 
 def _per_request_values(per_request: pd.DataFrame | None, run_dir: str, metric: str
                         ) -> tuple[np.ndarray, np.ndarray] | None:
-    if per_request is None or metric not in PER_REQUEST:
+    if per_request is None or metric not in PER_REQUEST or metric not in per_request:
         return None
-    col = next((c for c in PER_REQUEST[metric] if c in per_request), None)
-    if col is None:
-        return None
+    col = metric
     rows = per_request[per_request["run_dir"] == run_dir]
     rows = rows[np.isfinite(rows[col].astype(float))]
     if len(rows) < 2:
