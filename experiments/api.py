@@ -87,6 +87,10 @@ def load_trace(
     from moesim.traces import TraceError
     from moesim.traces import load_trace as read
 
+    for key, value in (("max_requests", max_requests), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                  or value < 1):
+            raise InputError(f"{key}={value!r}: must be a whole number >= 1 (or None)")
     prep = _prepare(trace, None, None, None, {})
     node = prep.cfg.trace
     try:
@@ -136,7 +140,14 @@ def simulate(
     """
     prep = _prepare(trace, policy, hw, cache, {"model": model, "predictor": predictor,
                                                **options})
-    return _run(prep, None if outdir is None else Path(outdir))
+    out = None
+    if outdir is not None:  # made now, as moesim-sim's run folder: not after the run
+        out = Path(outdir).expanduser()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"outdir {out}: cannot create the folder ({exc.strerror})") from None
+    return _run(prep, out)
 
 
 def sweep(

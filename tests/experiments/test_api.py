@@ -201,3 +201,14 @@ def test_placement_as_a_mapping_is_name_plus_params() -> None:
         api._prepare(None, None, None, None,
                      {"placement": {"name": "skip_low_weight", "threshold": 0.2},
                       "placement_params": 3})
+
+
+def test_bad_outdir_and_load_limits_are_input_errors(tmp_path: Path) -> None:
+    """An outdir that cannot be made failed with an OSError after the whole run; load_trace
+    took max_requests=0 or max_tokens=-1 (moesim-sim refuses both)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(moesim.InputError, match=r"outdir .*file/run: cannot create the folder"):
+        moesim.simulate(max_requests=1, outdir=tmp_path / "file" / "run", **FAST)
+    for bad in ({"max_requests": 0}, {"max_tokens": -1}, {"max_requests": True}):
+        with pytest.raises(moesim.InputError, match="must be a whole number >= 1"):
+            moesim.load_trace("embedded", **bad)
