@@ -742,35 +742,49 @@ def plot_auto(df: pd.DataFrame, out: Path, per_request: pd.DataFrame | None = No
 
 def plot_timeline(path: Path, out: Path, max_ms: float | None = None,
                   formats: Sequence[str] = ("png", "pdf"), stem: str = "timeline") -> list[Path]:
-    """Gantt chart of a run's ``timeline.json``: GPU compute above, host-link copies below."""
+    """Gantt chart of a run's ``timeline.json``: host-link copies, GPU compute and (with a
+    CPU placement) the host CPU's expert executions, one row each."""
     import json
 
     events = json.loads(path.read_text())["traceEvents"]
     if not events:
         raise FileNotFoundError(f"{path} has no events (run with output.timeline_steps=N)")
-    rows = {"compute": 1, "host link": 0}
+    # A placement's CPU-executed experts get a row of their own; its copies that serve no
+    # cache slot (activations, low-precision experts) a colour each.
+    rows = {"host link": 0, "compute": 1}
+    if any(ev["tid"] == "host cpu" for ev in events):
+        rows["host cpu"] = 2
     colors = {"attention": "#999999", "shared": ps.PALETTE[5], "routed": ps.PALETTE[0],
-              "demand": ps.PALETTE[3], "prefetch": ps.PALETTE[2]}
+              "demand": ps.PALETTE[3], "prefetch": ps.PALETTE[2], "cpu": ps.PALETTE[1],
+              "activation": ps.PALETTE[4], "low_precision": ps.PALETTE[6]}
+    names = {"attention": "attention + router", "shared": "shared experts",
+             "routed": "routed expert", "demand": "demand copy", "prefetch": "prefetch copy",
+             "cpu": "expert on host CPU", "activation": "activation copy",
+             "low_precision": "low-precision copy"}
+    optional = {"cpu", "activation", "low_precision"}  # in the legend only when drawn
+    seen: set[str] = set()
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(9, 2.4), layout="constrained")
+        fig, ax = plt.subplots(figsize=(9, 2.4 + 0.4 * (len(rows) - 2)), layout="constrained")
         for ev in events:
             start, dur = ev["ts"] / 1e3, ev["dur"] / 1e3
             if max_ms is not None and start > max_ms:
                 continue
-            kind = ev["name"].split()[0]
-            color = colors.get(kind, colors["routed"])
+            kind = "cpu" if ev["tid"] == "host cpu" else ev["name"].split()[0]
             if kind.startswith("L"):
-                color = colors["shared"] if ev["name"].endswith("shared") else colors["routed"]
+                kind = "shared" if ev["name"].endswith("shared") else "routed"
+            kind = kind if kind in colors else "routed"
+            seen.add(kind)
+            color = colors[kind]
             link = ev["tid"] == "host link"  # white edges split back-to-back copies; a
             ax.broken_barh([(start, dur)], (rows[ev["tid"]] - 0.35, 0.7), facecolors=color,
                            edgecolor="white" if link else color,  # sliver of compute stays dark
                            linewidth=0.3)
         ax.set_yticks(list(rows.values()), list(rows.keys()))
         ax.set_xlabel("simulated time (ms)")
-        names = {"attention": "attention + router", "shared": "shared experts",
-                 "routed": "routed expert", "demand": "demand copy", "prefetch": "prefetch copy"}
-        handles = [Patch(color=colors[k], label=v) for k, v in names.items()]
-        ax.legend(handles=handles, ncol=5, loc="lower center", bbox_to_anchor=(0.5, 1.0))
+        handles = [Patch(color=colors[k], label=v) for k, v in names.items()
+                   if k not in optional or k in seen]
+        ax.legend(handles=handles, ncol=min(len(handles), 5), loc="lower center",
+                  bbox_to_anchor=(0.5, 1.0))
         ax.grid(True, axis="x", alpha=0.3)
     return save_figure(fig, out, stem, formats=formats)
 

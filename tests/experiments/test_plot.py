@@ -350,3 +350,27 @@ def test_no_request_interval_when_the_requests_do_not_make_the_plotted_statistic
     cells = cells.sort_values("batch")
     assert list(cells["mean"]) == [2e-3, 0.5e-3]
     assert list(cells["ci"]) == ["requests", ""]
+
+
+def test_timeline_of_a_cpu_placement_has_a_host_cpu_row(tmp_path, monkeypatch):
+    """A CPU placement's timeline.json has 'host cpu' events and activation copies: the
+    timeline plot raised KeyError on them; now a row and legend entries of their own."""
+    import json
+
+    from moesim.experiments import plot
+
+    events = [{"name": "attention L0", "tid": "compute", "ts": 0, "dur": 200},
+              {"name": "L0 cpu e3", "tid": "host cpu", "ts": 210, "dur": 500},
+              {"name": "activation", "tid": "host link", "ts": 710, "dur": 10},
+              {"name": "L0 shared", "tid": "compute", "ts": 200, "dur": 20}]
+    path = tmp_path / "timeline.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    drawn = []
+    monkeypatch.setattr(plot, "save_figure", lambda fig, *a, **k: drawn.append(fig) or [])
+    plot.plot_timeline(path, tmp_path / "figs")
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["host link", "compute", "host cpu"]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "expert on host CPU" in labels and "activation copy" in labels
+    assert "low-precision copy" not in labels  # none drawn
+    plt.close(drawn[0])
