@@ -266,6 +266,16 @@ class HostLink:
                 raise SimulationError(f"expert key {key} is neither in flight nor resident")
         return out
 
+    def records_until(self, end: float) -> list[tuple[int, int, float, float]]:
+        """Every recorded copy finished by ``end``: those the last advance applied, then the
+        ones that finished since without an advance (the run's last layer waits for its copies
+        but nothing advances the link after it), by finish time; none unless recording."""
+        if self.records is None:
+            return []
+        late = sorted((f, seq, key, kind, s) for f, seq, key, kind, s in self._running
+                      if f <= end)
+        return [*self.records, *((key, kind, s, f) for f, _, key, kind, s in late)]
+
     def busy_until(self, end: float) -> float:
         """Busy time up to ``end`` (transfers still running past ``end`` are clipped)."""
         return self.busy - sum(max(f - max(s, end), 0.0) for f, _, _, _, s in self._running)

@@ -176,7 +176,8 @@ def build_result(sim: Simulation) -> RunResult:
     per_layer["hit_rate_incl_late"] = (per_layer["hits"] + per_layer["late_hits"]) / denom
     transfers = None
     if timed and link.records is not None and sim.ropts.record_transfers:
-        transfers = pd.DataFrame(link.records, columns=["key", "kind", "start_s", "end_s"])
+        transfers = pd.DataFrame(link.records_until(sim.clock.now),
+                                 columns=["key", "kind", "start_s", "end_s"])
         anonymous = transfers["key"] < 0  # activations, low-precision copies: no cache key
         transfers["layer"] = (transfers["key"] // shape.num_experts).mask(anonymous, -1)
         transfers["expert"] = (transfers["key"] % shape.num_experts).mask(anonymous, -1)
@@ -261,7 +262,7 @@ def _chrome_events(sim: Simulation) -> list[dict[str, Any]]:
                        "tid": "host cpu" if what == "cpu" else "compute",
                        "ts": a * 1e6, "dur": (b - a) * 1e6})
     num_e = sim.shape.num_experts
-    for key, kind, a, b in sim.link.records or []:
+    for key, kind, a, b in sim.link.records_until(sim.clock.now):
         if a > horizon:
             continue
         events.append({

@@ -322,3 +322,21 @@ def test_cpu_cost_waits_for_the_booked_copies() -> None:
     # when that output arrives, exactly the cost the placement was shown
     assert s["stall_cpu_s"] > 0
     assert s["total_time_s"] == pytest.approx(1e-3 + 1e-4 + seen[0])
+
+
+@pytest.mark.parametrize("placement", ["fetch", "cpu_on_miss"])
+def test_transfers_table_has_every_copy(placement: str) -> None:
+    """One row per copy, the last layer's too: nothing advanced the link after the last
+    layer, so its copies (and a CPU expert's output copies) were missing from
+    transfers.parquet and the Chrome trace."""
+    trace = trace_from_lists([[[[0, 1], [2, 3]]]], experts=4, expert_bytes=EXPERT_BYTES)
+    res = simulate(trace, "lru", capacity=4, link=LINK, compute=COMPUTE, placement=placement,
+                   host=HOST, record_transfers=True, timeline_steps=1, engine="python")
+    s, t = res.summary, res.transfers
+    kinds = t["kind"].value_counts().to_dict()
+    assert kinds.get("demand", 0) == s["demand_fetches"]
+    assert kinds.get("activation", 0) == s["cpu_expert_execs"]  # outputs back, one each
+    assert len(t) == s["demand_fetches"] + s["cpu_expert_execs"] == 4
+    assert t["end_s"].max() <= s["total_time_s"] + 1e-12
+    link_events = [e for e in res.timeline if e["tid"] == "host link"]
+    assert len(link_events) == 4
