@@ -783,6 +783,25 @@ def _schedule(
     """
     waiting = [i for i, k in enumerate(kinds) if k]
     ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
+    return _run_gpu(t, keys, kinds, counts, comp, cost, shared, keep_spans, ready, waiting)
+
+
+def _run_gpu(
+    t: float,
+    keys: list[int],
+    kinds: list[int],
+    counts: list[int] | None,
+    comp: ComputeTimes,
+    cost: dict[int, float],
+    shared: float,
+    keep_spans: bool,
+    ready: list[float],
+    waiting: list[int],
+) -> tuple[float, float, float, list[tuple[str, float, float]]]:
+    """The GPU's order within a layer, shared by both schedulers: the shared experts, the
+    resident ones, then each awaited one (index ``waiting[n]``, weights there at ``ready[n]``)
+    in arrival order; the wait before each is stall, on a started prefetch (LATE) or on a
+    demand copy."""
 
     def dur(i: int) -> float:
         n = 1 if counts is None else counts[i]
@@ -805,7 +824,7 @@ def _schedule(
         if r > now:
             if kinds[i] == LATE:
                 st_late += r - now
-            else:  # a demand copy: a miss, or a queued prefetch promoted to demand
+            else:  # a demand copy: a miss, a promoted prefetch or a low-precision copy
                 st_miss += r - now
             now = r
         d = dur(i)
@@ -833,40 +852,12 @@ def _schedule_placed(
     experts and skipped ones take no GPU time, a low-precision copy is waited for like a demand
     copy; the layer then waits for the last CPU output (``stall_cpu``, counted here for
     ``layer``; -1 in warm-up steps)."""
-
-    def dur(i: int) -> float:
-        n = 1 if counts is None else counts[i]
-        if n not in cost:
-            cost[n] = comp.expert_time(n)
-        return cost[n]
-
     on_link = [i for i, k in enumerate(kinds) if k and i not in elsewhere]
     ready = link.ready_times([keys[i] for i in on_link]) if on_link else []
     low = [i for i, (a, _) in elsewhere.items() if a == LOW_PRECISION]
     ready += [elsewhere[i][1] for i in low]
-    waiting = on_link + low
-    now = t + shared
-    spans: list[tuple[str, float, float]] = []
-    if keep_spans and shared > 0:
-        spans.append(("shared", t, now))
-    for i, k in enumerate(kinds):
-        if not k:
-            d = dur(i)
-            if keep_spans:
-                spans.append((f"e{keys[i]}", now, now + d))
-            now += d
-    st_miss = st_late = 0.0
-    for r, i in sorted(zip(ready, waiting, strict=True)):
-        if r > now:
-            if kinds[i] == LATE:
-                st_late += r - now
-            else:
-                st_miss += r - now
-            now = r
-        d = dur(i)
-        if keep_spans:
-            spans.append((f"e{keys[i]}", now, now + d))
-        now += d
+    now, st_miss, st_late, spans = _run_gpu(t, keys, kinds, counts, comp, cost, shared,
+                                            keep_spans, ready, on_link + low)
     cpu_done = max((r for a, r in elsewhere.values() if a == CPU), default=now)
     if cpu_done > now:
         if layer >= 0:
