@@ -647,7 +647,9 @@ class Simulation:
         self._row_counts = None if counts is None else counts[j]
         self._gate_rows = None if gate is None else (gate[0][s, j], gate[1][s, j])
         if counting and self._track_gate and gate is not None:
-            self.c.gate_total += float(gate[0][s, j].sum())
+            # In float64, as the parts (gate_low, gate_skip) are added: a float32 row sum
+            # could round below its own parts and make gate_mass_full negative.
+            self.c.gate_total += float(gate[0][s, j].sum(dtype=np.float64))
 
     def _d2h_at(self) -> float:
         """When this layer's hidden states are (or would be) on the host."""
