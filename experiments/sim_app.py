@@ -40,7 +40,7 @@ from moesim.policies.base import Knowledge, PolicyError
 from moesim.policies.registry import resolve, resolve_placement
 from moesim.predictors.data import PredictorError
 from moesim.sim import SimulationError, capacity_slots, dense_layers_before, simulate
-from moesim.sim.hardware import HostSide, host_side
+from moesim.sim.hardware import host_side
 from moesim.sim.metrics import RunResult
 from moesim.sim.workload import WorkloadError
 from moesim.traces import TraceError
@@ -83,8 +83,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     link = compute = None
     host = None
     if not placement.is_default:  # activations and weight width; the CPU from the profile
-        host = HostSide(None, int(card.hidden_size * card.dtype_bytes),
-                        round(card.dtype_bytes * 8), "zero-latency runs take no CPU times")
+        host = host_side(None, card)
     if timed:
         profile = hw_profile(cfg)
         link = profile.expert_link()

@@ -113,14 +113,16 @@ class HostSide:
     why_no_cpu: str = "no host CPU model was given"  # the error when ``cpu`` is None
 
 
-def host_side(profile: object, card: object) -> HostSide:
+def host_side(profile: object | None, card: object) -> HostSide:
     """The host side of a run from a hardware profile and a model card (duck-typed: the
     profile's ``host_cpu`` section is optional; unified-memory devices have no host CPU path
-    that saves a copy, so they get none)."""
+    that saves a copy, so they get none; ``profile=None`` for a zero-latency run)."""
     spec = getattr(profile, "host_cpu", None)
     name = str(getattr(profile, "name", "?"))
     cpu, why = None, f"hw profile {name!r} has no host_cpu section"
-    if getattr(profile, "unified_memory", False):
+    if profile is None:  # zero-latency: activations and weight width only, no times
+        why = "zero-latency runs take no CPU times"
+    elif getattr(profile, "unified_memory", False):
         why = (f"hw profile {name!r} is a unified-memory device: a missed expert is on "
                "storage, not in host memory, so CPU execution saves no copy")
     elif spec is not None:
