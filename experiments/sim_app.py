@@ -253,6 +253,8 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
         # the default placement: runs from before placements existed keep their hash
         data.pop("placement", None)
         data.pop("placement_params", None)
+    elif "placement" in data:  # hash what runs: a parameter left null is its default
+        data["placement_params"] = resolve_placement(data["placement"], params).params
     data["_data"] = data_digest
     data["_version"] = package_version()
     text = json.dumps(data, sort_keys=True, default=str)

@@ -212,3 +212,22 @@ def test_bad_outdir_and_load_limits_are_input_errors(tmp_path: Path) -> None:
     for bad in ({"max_requests": 0}, {"max_tokens": -1}, {"max_requests": True}):
         with pytest.raises(moesim.InputError, match="must be a whole number >= 1"):
             moesim.load_trace("embedded", **bad)
+
+
+def test_a_placement_parameter_left_null_hashes_as_its_default() -> None:
+    """A rerun with the default written out is the same run (and is skipped as done)."""
+    from moesim.experiments.sim_app import config_hash
+    from moesim.policies.registry import resolve_placement
+
+    default = resolve_placement("skip_low_weight").params["threshold"]
+
+    def cfg(**params):
+        return api._prepare(None, None, None, None, {"placement": "skip_low_weight",
+                                                     "placement_params": params}).cfg
+
+    assert config_hash(cfg()) == config_hash(cfg(threshold=default))
+    assert config_hash(cfg()) != config_hash(cfg(threshold=default / 2))
+    # the default placement keeps the hash runs had before placements existed
+    plain = api._prepare(None, None, None, None, {}).cfg
+    fetch = api._prepare(None, None, None, None, {"placement": "fetch"}).cfg
+    assert config_hash(plain) == config_hash(fetch)
