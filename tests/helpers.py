@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 
 from moesim.traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
@@ -40,6 +43,20 @@ def random_trace(
         expert_bytes=expert_bytes,
     )
     return Trace(meta, reqs)
+
+
+def write_deepseek_shaped(path: Path, requests: int, tokens: int, seed: int) -> Path:
+    """A trace file of synthetic routing with DeepSeek-V2-Lite's shape (26 MoE layers, 64
+    experts, top-6, its expert bytes), so the app finds a model card; parent folders made."""
+    from moesim.traces import write_trace
+
+    tr = random_trace(num_requests=requests, tokens=tokens, layers=26, experts=64, top_k=6,
+                      seed=seed)
+    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
+                   expert_bytes=17301504)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_trace(path, meta, tr.requests)
+    return path
 
 
 def trace_from_lists(routing: list[list[list[list[int]]]], experts: int, expert_bytes: int = 1000

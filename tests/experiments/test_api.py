@@ -9,7 +9,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -18,8 +17,7 @@ import pytest
 import moesim
 from moesim.experiments import api
 from moesim.hw_profiles import profile_path
-from moesim.traces import write_trace
-from tests.helpers import random_trace
+from tests.helpers import write_deepseek_shaped
 
 FAST = {"engine": "python"}
 
@@ -27,12 +25,8 @@ FAST = {"engine": "python"}
 @pytest.fixture(scope="module")
 def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic routing with DeepSeek-V2-Lite's shape (26 MoE layers, 64 experts, top-6)."""
-    tr = random_trace(num_requests=3, tokens=6, layers=26, experts=64, top_k=6, seed=11)
-    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
-                   expert_bytes=17301504)
-    path = tmp_path_factory.mktemp("api") / "t.parquet"
-    write_trace(path, meta, tr.requests)
-    return path
+    return write_deepseek_shaped(tmp_path_factory.mktemp("api") / "t.parquet", requests=3,
+                                 tokens=6, seed=11)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

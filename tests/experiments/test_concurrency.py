@@ -8,29 +8,17 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from moesim.experiments.paths import MAX_NAME, safe_dirname
-from moesim.traces import write_trace
-from tests.helpers import random_trace
-
-
-def _ds_trace(path: Path, requests: int, tokens: int, seed: int) -> Path:
-    """Synthetic routing with DeepSeek-V2-Lite's shape, so the app finds a model card."""
-    tr = random_trace(num_requests=requests, tokens=tokens, layers=26, experts=64, top_k=6,
-                      seed=seed)
-    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
-                   expert_bytes=17301504)
-    write_trace(path, meta, tr.requests)
-    return path
+from tests.helpers import write_deepseek_shaped
 
 
 @pytest.fixture(scope="module")
 def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _ds_trace(tmp_path_factory.mktemp("conc") / "t.parquet", 3, 6, 5)
+    return write_deepseek_shaped(tmp_path_factory.mktemp("conc") / "t.parquet", 3, 6, 5)
 
 
 def _cmd(*args: str) -> list[str]:
@@ -103,7 +91,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
-    path = _ds_trace(tmp_path / "big.parquet", 30, 40, 9)
+    path = write_deepseek_shaped(tmp_path / "big.parquet", 30, 40, 9)
     proc = subprocess.Popen(
         _cmd("-m", "trace=file", f"trace.path={path}", "policy=belady,lfu,least_stale",
              "cache.fraction=0.1,0.2,0.3,0.4", "engine=python", "progress=false",

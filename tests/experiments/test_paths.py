@@ -7,7 +7,6 @@ import csv
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -15,17 +14,11 @@ import pytest
 
 import moesim
 from moesim.experiments.paths import TRACES_ENV, original_cwd, resolve_path, traces_dir
-from moesim.traces import write_trace
-from tests.helpers import random_trace
+from tests.helpers import write_deepseek_shaped
 
 
 def _ds_trace(path: Path) -> Path:
-    tr = random_trace(num_requests=2, tokens=4, layers=26, experts=64, top_k=6, seed=2)
-    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
-                   expert_bytes=17301504)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_trace(path, meta, tr.requests)
-    return path
+    return write_deepseek_shaped(path, requests=2, tokens=4, seed=2)
 
 
 def _sim(*args: str, cwd: Path, env: dict[str, str] | None = None

@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import hypothesis.strategies as st
@@ -32,18 +31,13 @@ from moesim.experiments.sweep_summary import (
     runs_finished,
     sweep_size,
 )
-from moesim.traces import write_trace
-from tests.helpers import random_trace
+from tests.helpers import write_deepseek_shaped
 
 
 @pytest.fixture(scope="module")
 def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tr = random_trace(num_requests=2, tokens=4, layers=26, experts=64, top_k=6, seed=4)
-    meta = replace(tr.meta, model="deepseek_v2_lite", moe_layers=tuple(range(1, 27)),
-                   expert_bytes=17301504)
-    path = tmp_path_factory.mktemp("submitit") / "t.parquet"
-    write_trace(path, meta, tr.requests)
-    return path
+    return write_deepseek_shaped(tmp_path_factory.mktemp("submitit") / "t.parquet",
+                                 requests=2, tokens=4, seed=4)
 
 
 @pytest.mark.slow
