@@ -154,7 +154,9 @@ class _PlaceContext:
         nbytes = sim.shape.expert_bytes
         if bits is not None:
             nbytes = int(nbytes * bits / sim.host.dtype_bits)
-        return (sim.link.backlog() + sim.link_model.transfer_time(nbytes)
+        # a demand copy issued now starts behind the booked copies (queued prefetches go
+        # behind it)
+        return (sim.link.copy_start() - sim.link.t + sim.link_model.transfer_time(nbytes)
                 + sim.compute.expert_time(tokens))
 
     def cpu_cost(self, tokens: int) -> float:

@@ -172,12 +172,6 @@ class HostLink:
             e = min(range(self.engines), key=lambda i: free[i] if free[i] > at else at)
         return e, free[e] if free[e] > at else at
 
-    def backlog(self) -> float:
-        """Seconds from now until a demand copy issued now would start (booked copies only:
-        queued prefetches go behind it)."""
-        wait = min(self._free) - self.t
-        return wait if wait > 0 else 0.0
-
     def submit_prefetch(self, key: int, priority: float) -> bool:
         if key in self._queued or key in self._finish or self.cache.state[key] != ABSENT:
             return False
