@@ -19,7 +19,6 @@ import copy
 import hashlib
 import itertools
 import json
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -425,18 +424,13 @@ def _run(prep: _Prepared, outdir: Path | None) -> pd.DataFrame:
     import pandas as pd
 
     from moesim.experiments import sim_app
-    from moesim.experiments.provenance import provenance
     from moesim.experiments.sweep_summary import write_status
 
     cfg = prep.cfg
     try:
-        digest = sim_app.config_hash(cfg, sim_app.input_digest(cfg))
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        result, row = sim_app.run(cfg)
+        result, row = sim_app.run_recorded(cfg, sim_app.config_hash(cfg, sim_app.input_digest(cfg)))
     except sim_app.USER_ERRORS as exc:
         raise InputError(str(exc)) from None
-    row["config_hash"] = digest
-    row.update(provenance(time.perf_counter() - wall0, time.process_time() - cpu0))
     if prep.trace_name is not None:
         row["trace.name"] = prep.trace_name
     if outdir is not None:

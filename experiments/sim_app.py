@@ -241,6 +241,16 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def run_recorded(cfg: DictConfig, digest: str) -> tuple[RunResult, dict[str, Any]]:
+    """:func:`run`, its row completed with the config hash and the provenance columns (wall and
+    CPU time of the run): what the app and ``moesim.simulate`` both write."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    result, row = run(cfg)
+    row["config_hash"] = digest
+    row.update(provenance(time.perf_counter() - wall0, time.process_time() - cpu0))
+    return result, row
+
+
 def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
     """Hash of every choice that can change a result (not progress bars or output paths), of
     the input data's content (``data_digest``) and of the package version."""
@@ -370,13 +380,10 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
         write_status(outdir, "skipped")
         return float(done["hit_rate"].iloc[0])
     (outdir / "summary.parquet").unlink(missing_ok=True)  # another config's: never mix outputs
-    wall0, cpu0 = time.perf_counter(), time.process_time()
     try:
-        result, row = run(cfg)
+        result, row = run_recorded(cfg, digest)
     except USER_ERRORS as exc:
         raise _fail(outdir, [str(exc)]) from None
-    row["config_hash"] = digest
-    row.update(provenance(time.perf_counter() - wall0, time.process_time() - cpu0))
     write_outputs(result, row, outdir)
     write_status(outdir, "done")
     print(format_summary(row, result.summary))
