@@ -77,17 +77,13 @@ class HostCpuSpec:
     @property
     def effective_memory_bandwidth_Bps(self) -> float:
         """(Measured streaming read if given, else spec) x memory_efficiency."""
-        if self.memory_bandwidth_measured_Bps.known:
-            return float(self.memory_bandwidth_measured_Bps.value) * float(
-                self.memory_efficiency.value)
-        return float(self.memory_bandwidth_Bps.value) * float(self.memory_efficiency.value)
+        return _measured_or_spec(self.memory_bandwidth_measured_Bps, self.memory_bandwidth_Bps,
+                                 self.memory_efficiency)
 
     @property
     def effective_flops(self) -> float:
         """(Measured matmul FLOP/s if given, else spec) x flops_efficiency."""
-        if self.flops_measured.known:
-            return float(self.flops_measured.value) * float(self.flops_efficiency.value)
-        return float(self.flops.value) * float(self.flops_efficiency.value)
+        return _measured_or_spec(self.flops_measured, self.flops, self.flops_efficiency)
 
     def model(self, card: ModelCard) -> HostCpuModel:
         """Per-expert CPU times for ``card``; its measured table only if taken at its shape."""
@@ -202,6 +198,10 @@ class HostCpuModel:
 
 # --------------------------------------------------------------------------------------------
 # Parsing
+
+
+def _measured_or_spec(measured: Quantity, spec: Quantity, efficiency: Quantity) -> float:
+    return float((measured if measured.known else spec).value) * float(efficiency.value)
 
 
 def _table(ctx: Ctx, card: str, raw: Any) -> MeasuredTable:
