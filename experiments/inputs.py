@@ -170,6 +170,10 @@ def model_card(cfg: DictConfig, trace: Trace) -> ModelCard:
     else:
         card = card_from_mapping(OmegaConf.to_container(node, resolve=True), where="model")
     meta = trace.meta
+    if meta.top_k < card.top_k and meta.notes.get("top_k_reduced_from") == str(card.top_k):
+        # the engine ran fewer experts than the model's native top-k (llama.cpp
+        # --n-expert-used); the run simulates the k that was recorded
+        card = replace(card, top_k=meta.top_k)
     if (card.num_experts, card.top_k) != (meta.num_experts, meta.top_k):
         raise TraceError(
             f"model card {card.name!r} has {card.num_experts} experts / top-{card.top_k} but the "

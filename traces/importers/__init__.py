@@ -68,7 +68,9 @@ def import_trace(fmt: str, src: str | Path, out: str | Path, **opts: Any) -> Imp
 
 # Importing the modules fills the registry.
 from moesim.traces.importers import (  # noqa: E402
+    bmoe_route_csv,  # noqa: F401
     moe_beyond_csv,  # noqa: F401
+    ocs_routing_json,  # noqa: F401
     speculative_moe_jsonl,  # noqa: F401
     vllm_routes_jsonl,  # noqa: F401
 )
