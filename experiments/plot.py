@@ -127,12 +127,13 @@ class Sweep:
 def save_figure(fig: plt.Figure, out: Path, stem: str, dpi: float | None = None,
                 formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
     """Write ``stem.<format>`` into ``out`` and close the figure. No creation date in the PDF,
-    so the same data gives the same file (committed figures do not churn)."""
+    so the same data gives the same file (committed figures do not churn); TrueType fonts
+    (:data:`~moesim.experiments.plot_style.FONTS`)."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.{ext}" for ext in formats]
     for path in paths:
         meta = {"CreationDate": None} if path.suffix == ".pdf" else None
-        fig.savefig(path, dpi=dpi or "figure", metadata=meta)
+        ps.savefig(fig, path, dpi=dpi or "figure", metadata=meta)
     plt.close(fig)
     return paths
 

@@ -38,6 +38,8 @@ def plot_profiles(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from moesim.experiments.plot_style import savefig  # TrueType fonts in the PDF
+
     loaded = [load_profile(p) for p in profiles]
     sizes = _sizes()
     fig, ax = plt.subplots(figsize=(7.2, 4.3), dpi=100)
@@ -71,7 +73,7 @@ def plot_profiles(
         if path.suffix.lower() not in (".png", ".pdf"):
             raise ValueError(f"--out {path}: use a .png or .pdf file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, metadata={"Software": None} if path.suffix.lower() == ".png" else None)
+        savefig(fig, path, metadata={"Software": None} if path.suffix.lower() == ".png" else None)
         written.append(path)
     plt.close(fig)
     return written

@@ -231,9 +231,11 @@ def tables(st: TraceStats) -> dict[str, pd.DataFrame]:
 
 
 def _save(fig: Any, out: Path, name: str) -> list[Path]:
+    from moesim.experiments.plot_style import savefig  # TrueType fonts in the PDF
+
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for p in paths:
-        fig.savefig(p, dpi=150 if p.suffix == ".png" else None, bbox_inches="tight")
+        savefig(fig, p, dpi=150 if p.suffix == ".png" else None, bbox_inches="tight")
     return paths
 
 
