@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # pandas, hydra and the simulator load on the first call, not
 
     from moesim.traces.trace import Trace
 
-SIZE_KEYS = ("fraction", "experts", "bytes")
+SIZE_KEYS = ("fraction", "experts", "bytes", "mib")
 GROUPS = ("trace", "hw", "policy", "model", "predictor")
 
 

@@ -100,6 +100,8 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("cache.pin_layer", "bool", "the computing layer's experts cannot be evicted (false: "
         "zero-latency only)"),
     Opt("cache.prefill", "choice", "cache contents at the start", choices=("empty", "random")),
+    Opt("cache.mib", "float", "cache size in MiB (2**20 B, whole experts), as engines size it",
+        nullable=True, lo=0.0, lo_open=True),
     Opt("cache.reset_per_request", "bool", "empty the cache before every request"),
     Opt("output.transfers", "bool", "write transfers.parquet (one row per copy)"),
     Opt("output.timeline_steps", "int", "write timeline.json (Chrome trace) of the first N steps",
@@ -197,13 +199,13 @@ def check(cfg: DictConfig) -> list[str]:
             errors.append(f"{opt.key}={raw}: {why}")
         else:
             values[opt.key] = value
-    sizes = [k for k in ("cache.fraction", "cache.experts", "cache.bytes")
+    sizes = [k for k in ("cache.fraction", "cache.experts", "cache.bytes", "cache.mib")
              if values.get(k) is not None]
     size_errors = any(e.startswith("cache.") for e in errors)
     if len(sizes) != 1 and not size_errors and "cache" in cfg:
         given = ", ".join(f"{k}={values[k]}" for k in sizes) or "none"
         errors.append(f"cache size: give exactly one of cache.fraction, cache.experts, "
-                      f"cache.bytes (given: {given})")
+                      f"cache.bytes, cache.mib (given: {given})")
     return errors
 
 

@@ -69,7 +69,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     c = cfg.cache
     capacity = capacity_slots(
         total, card.expert_bytes, fraction=c.get("fraction"), experts=c.get("experts"),
-        nbytes=c.get("bytes"), sizing=c.get("sizing", "round"),
+        nbytes=c.get("bytes") if c.get("mib") is None else int(float(c["mib"]) * 2**20),
+        sizing=c.get("sizing", "round"),
     )
     timed = cfg.mode == "timed"
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
@@ -311,6 +312,12 @@ def run_lock(outdir: Path):
     the lock of a killed process)."""
     return entry_lock(outdir / "run")
 
+    if (data.get("runtime") or {}).get("name", "none") == "none" and "runtime" in data:
+        data.pop("runtime")  # no runtime: runs from before runtimes existed keep their hash
+    if "weights" in data and not any(v is not None for v in (data["weights"] or {}).values()):
+        data.pop("weights")  # the card's own weights: likewise
+    if "mib" in (data.get("cache") or {}) and data["cache"]["mib"] is None:
+        data["cache"].pop("mib")  # runs from before cache.mib keep their hash
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
