@@ -266,6 +266,8 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
         data.pop("placement_params", None)
     elif "placement" in data:  # hash what runs: a parameter left null is its default
         data["placement_params"] = resolve_placement(data["placement"], params).params
+    if "mib" in (data.get("cache") or {}) and data["cache"]["mib"] is None:
+        data["cache"].pop("mib")  # runs from before cache.mib keep their hash
     data["_data"] = data_digest
     data["_version"] = package_version()
     text = json.dumps(data, sort_keys=True, default=str)
@@ -312,12 +314,6 @@ def run_lock(outdir: Path):
     the lock of a killed process)."""
     return entry_lock(outdir / "run")
 
-    if (data.get("runtime") or {}).get("name", "none") == "none" and "runtime" in data:
-        data.pop("runtime")  # no runtime: runs from before runtimes existed keep their hash
-    if "weights" in data and not any(v is not None for v in (data["weights"] or {}).values()):
-        data.pop("weights")  # the card's own weights: likewise
-    if "mib" in (data.get("cache") or {}) and data["cache"]["mib"] is None:
-        data["cache"].pop("mib")  # runs from before cache.mib keep their hash
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> float | None:
