@@ -1,6 +1,7 @@
 """Register the plug-in folders as Hydra config groups, so each thing lives in one place.
 
-``hw=<name>`` is a YAML in ``hw_profiles/``, ``model=<name>`` a card in ``traces/models/`` and
+``hw=<name>`` is a YAML in ``hw_profiles/``, ``runtime=<name>`` one in ``hw_profiles/runtimes/``,
+``model=<name>`` a card in ``traces/models/`` and
 ``policy=<name>`` a class registered in ``policies/`` (its node lists every parameter default).
 """
 
@@ -13,6 +14,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 
 from moesim import hw_profiles
+from moesim.hw_profiles.runtime import list_runtimes, runtime_path
 from moesim.policies.registry import default_config, policy_names
 from moesim.traces.model_card import MODELS_DIR
 
@@ -36,6 +38,8 @@ def _register_once() -> None:
     cs = ConfigStore.instance()
     for name in hw_profiles.list_profiles():
         cs.store(group="hw", name=name, node=_yaml(hw_profiles.profile_path(name)))
+    for name in list_runtimes():
+        cs.store(group="runtime", name=name, node=_yaml(runtime_path(name)))
     for path in sorted(MODELS_DIR.glob("*.yaml")):
         cs.store(group="model", name=path.stem, node=_yaml(path))
     for name in policy_names():
@@ -50,6 +54,7 @@ def _help_node() -> dict[str, str]:
 
     groups = {
         "hw": hw_profiles.list_profiles(),
+        "runtime": list_runtimes(),
         "model": sorted(p.stem for p in MODELS_DIR.glob("*.yaml")),
         "policy": policy_names(),
     }

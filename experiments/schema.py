@@ -84,6 +84,13 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("placement_params.layers", "int", "static_cpu: the first N MoE layers' routed experts "
         "run on the host CPU (null: the fewest that let the other layers fit in the cache)",
         nullable=True, lo=0),
+    Opt("weights.experts_bits", "float", "bits per routed-expert weight of a quantised "
+        "deployment, scales included (e.g. 2.6, 4.5); null: the model card's", nullable=True,
+        lo=0.0, lo_open=True, hi=32.0),
+    Opt("weights.attention_bits", "float", "bits per attention, router and dense-FFN weight; "
+        "null: the model card's", nullable=True, lo=0.0, lo_open=True, hi=32.0),
+    Opt("weights.shared_bits", "float", "bits per shared-expert weight; null: as the routed "
+        "experts", nullable=True, lo=0.0, lo_open=True, hi=32.0),
     Opt("progress", "bool", "progress bars"),
     Opt("predictions.path", "str", "prediction table (a file, or predictor:<name>); null: the "
         "table an importer wrote beside the trace", nullable=True),
@@ -93,6 +100,8 @@ OPTIONS: tuple[Opt, ...] = (
         nullable=True, lo=0.0, lo_open=True, hi=1.0),
     Opt("cache.experts", "int", "cache size in expert slots", nullable=True, lo=1),
     Opt("cache.bytes", "int", "cache size in bytes (whole experts)", nullable=True, lo=1),
+    Opt("cache.mib", "float", "cache size in MiB (2**20 B, whole experts), as engines size it",
+        nullable=True, lo=0.0, lo_open=True),
     Opt("cache.sizing", "choice", "slots of a cache.fraction: round to nearest, or floor "
         "(MoE-Beyond's int())", choices=("round", "floor")),
     Opt("cache.partition", "choice", "one global pool, or equal per-layer partitions",
@@ -100,8 +109,6 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("cache.pin_layer", "bool", "the computing layer's experts cannot be evicted (false: "
         "zero-latency only)"),
     Opt("cache.prefill", "choice", "cache contents at the start", choices=("empty", "random")),
-    Opt("cache.mib", "float", "cache size in MiB (2**20 B, whole experts), as engines size it",
-        nullable=True, lo=0.0, lo_open=True),
     Opt("cache.reset_per_request", "bool", "empty the cache before every request"),
     Opt("output.transfers", "bool", "write transfers.parquet (one row per copy)"),
     Opt("output.timeline_steps", "int", "write timeline.json (Chrome trace) of the first N steps",

@@ -27,7 +27,7 @@ from moesim.experiments.inputs import (
     load_run_predictions,
     load_run_trace,
     model_card,
-    trace_file,
+    run_trace_file,
     with_card_bytes,
 )
 from moesim.experiments.paths import resolve_path, sweep_workers_die_with_parent
@@ -35,7 +35,14 @@ from moesim.experiments.provenance import package_version, provenance
 from moesim.experiments.schema import check as check_config
 from moesim.experiments.schema import check_warmup
 from moesim.experiments.sweep_summary import write_status
+from moesim.extras import MissingExtra, as_missing_extra
 from moesim.hw_profiles import ProfileError
+from moesim.hw_profiles.runtime import (
+    RuntimeProfile,
+    apply_runtime,
+    load_runtime,
+    runtime_from_mapping,
+)
 from moesim.policies.base import Knowledge, PolicyError
 from moesim.policies.registry import resolve, resolve_placement
 from moesim.predictors.data import PredictorError
@@ -50,7 +57,7 @@ from moesim.traces.store import atomic_path
 
 USER_ERRORS = (
     SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
-    PredictorError,
+    PredictorError, MissingExtra,
 )
 
 
@@ -63,6 +70,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     if why := check_warmup(int(cfg.warmup_tokens), longest):
         raise SimulationError(why)
     card = model_card(cfg, trace)
+    card = card.with_weights(**_weights(cfg))
     trace = with_card_bytes(trace, card)
     meta = trace.meta
     total = meta.num_moe_layers * meta.num_experts
@@ -85,12 +93,14 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     host = None
     if not placement.is_default:  # activations and weight width; the CPU from the profile
         host = host_side(None, card)
+    rt = run_runtime(cfg)
     if timed:
         profile = hw_profile(cfg)
         link = profile.expert_link()
         compute = profile.compute_model(card)
         if not placement.is_default:
             host = host_side(profile, card)
+        link, compute = apply_runtime(rt, link, compute, card, _pageable(profile))
         scale = float(cfg.get("compute_scale", 1.0))
         if scale != 1.0:  # what-if: slower compute than the profile's (framework overhead)
             from moesim.hw_profiles.compute import ScaledCompute
@@ -124,6 +134,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         engine=cfg.get("engine", "auto"),
         placement=placement,
         host=host,
+        staging=rt.staging_buffers if timed else 0,
     )
     row = flat_config(cfg)
     row.update({
@@ -133,6 +144,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         "cache.capacity_fraction": capacity / total,
         "cache.capacity_bytes": capacity * card.expert_bytes,
         "expert_bytes": card.expert_bytes,
+        "runtime.name": rt.name,
+        "runtime.model": rt.describe() if timed and not rt.is_none else "none",
         "trace.requests": len(trace),
         "trace.tokens": trace.num_tokens,
     })
@@ -143,6 +156,34 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         row["host_cpu.parallel"] = int(host.cpu.parallel)
         row["host_cpu.source"] = str(host.cpu.source)
     return result, row
+
+
+def _weights(cfg: DictConfig) -> dict[str, Any]:
+    """The ``weights`` section (bits per weight per component; absent or null: the card's)."""
+    node = cfg.get("weights")
+    if node is None:
+        return {}
+    data = OmegaConf.to_container(node, resolve=True)
+    return {k: data.get(k) for k in ("experts_bits", "attention_bits", "shared_bits")}
+
+
+def run_runtime(cfg: DictConfig) -> RuntimeProfile:
+    """The run's runtime profile (``runtime=<name>``; absent: ``none``)."""
+    node = cfg.get("runtime")
+    if node is None:
+        return load_runtime("none")
+    if isinstance(node, str):
+        return load_runtime(node)
+    data = OmegaConf.to_container(node, resolve=True)
+    return runtime_from_mapping(data, where=f"runtime {data.get('name', '?')!r}")
+
+
+def _pageable(profile: Any) -> Any:
+    """The profile's pageable-memory host link, or None where it has none."""
+    try:
+        return profile.host_link_model("pageable")
+    except ProfileError:
+        return None
 
 
 def _placement_params(cfg: DictConfig) -> dict[str, Any]:
@@ -167,7 +208,9 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
     data.pop("hydra", None)
     hw = data.pop("hw", None) or {}
     data.pop("model", None)
-    out: dict[str, Any] = {"hw.name": hw.get("name") if isinstance(hw, dict) else hw}
+    rt = data.pop("runtime", None) or {}
+    out: dict[str, Any] = {"hw.name": hw.get("name") if isinstance(hw, dict) else hw,
+                           "runtime.name": rt.get("name") if isinstance(rt, dict) else rt}
 
     def walk(prefix: str, node: Any) -> None:
         if isinstance(node, dict):
@@ -246,7 +289,10 @@ def run_recorded(cfg: DictConfig, digest: str) -> tuple[RunResult, dict[str, Any
     """:func:`run`, its row completed with the config hash and the provenance columns (wall and
     CPU time of the run): what the app and ``moesim.simulate`` both write."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    result, row = run(cfg)
+    try:
+        result, row = run(cfg)
+    except ModuleNotFoundError as exc:  # torch & co. in a base install: which extra, one line
+        raise as_missing_extra(exc) from None
     row["config_hash"] = digest
     row.update(provenance(time.perf_counter() - wall0, time.process_time() - cpu0))
     return result, row
@@ -266,6 +312,10 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
         data.pop("placement_params", None)
     elif "placement" in data:  # hash what runs: a parameter left null is its default
         data["placement_params"] = resolve_placement(data["placement"], params).params
+    if (data.get("runtime") or {}).get("name", "none") == "none" and "runtime" in data:
+        data.pop("runtime")  # no runtime: runs from before runtimes existed keep their hash
+    if "weights" in data and not any(v is not None for v in (data["weights"] or {}).values()):
+        data.pop("weights")  # the card's own weights: likewise
     if "mib" in (data.get("cache") or {}) and data["cache"]["mib"] is None:
         data["cache"].pop("mib")  # runs from before cache.mib keep their hash
     data["_data"] = data_digest
@@ -282,7 +332,7 @@ def input_digest(cfg: DictConfig) -> str:
     from moesim.predictors.data import file_digest
     from moesim.predictors.tables import parse_spec, split_settings, table_key
 
-    trace = trace_file(cfg.trace.path, cfg.trace.get("format"))
+    trace = run_trace_file(cfg)
     parts = [file_digest(trace)]
     given = (cfg.get("predictions") or {}).get("path")
     if name := parse_spec(given):  # the table's key covers the predictor config and split

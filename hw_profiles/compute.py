@@ -185,10 +185,11 @@ class ComputeModel:
         """Q/K/V/O projections + reading the KV cache + two RMSNorms (MLA treated as MHA)."""
         if batch <= 0:
             return 0.0
-        h, db = self.card.hidden_size, self.card.dtype_bytes
+        h, db = self.card.hidden_size, self.card.dtype_bytes  # activations, norms, KV cache
+        wb = self.card.attention_weight_bytes
         q, kv = self._attn_dims
         proj = 2 * h * q + 2 * h * kv
-        nbytes = (proj + 2 * h) * db + batch * max(context, 0) * 2 * kv * db
+        nbytes = proj * wb + 2 * h * db + batch * max(context, 0) * 2 * kv * db
         flops = 2 * batch * proj + 4 * batch * max(context, 0) * q
         return self._roof(nbytes, flops)
 
@@ -196,22 +197,25 @@ class ComputeModel:
         if batch <= 0:
             return 0.0
         params = self.card.hidden_size * self.card.num_experts
-        return self._roof(params * self.card.dtype_bytes, 2 * batch * params)
+        return self._roof(params * self.card.attention_weight_bytes, 2 * batch * params)
 
-    def _roofline_mlp(self, intermediate: int, tokens: float) -> float:
+    def _roofline_mlp(self, intermediate: int, tokens: float, weight_bytes: float) -> float:
         if tokens <= 0 or intermediate <= 0:
             return 0.0
         params = self.card.matrices_per_expert * self.card.hidden_size * intermediate
-        return self._roof(params * self.card.dtype_bytes, 2 * tokens * params)
+        return self._roof(params * weight_bytes, 2 * tokens * params)
 
     def roofline_expert(self, tokens: float) -> float:
-        return self._roofline_mlp(self.card.moe_intermediate_size, tokens)
+        return self._roofline_mlp(self.card.moe_intermediate_size, tokens,
+                                  self.card.expert_weight_bytes)
 
     def roofline_shared(self, tokens: float) -> float:
-        return self._roofline_mlp(self.card.shared_intermediate_size, tokens)
+        return self._roofline_mlp(self.card.shared_intermediate_size, tokens,
+                                  self.card.shared_weight_bytes)
 
     def roofline_dense_ffn(self, batch: float) -> float:
-        return self._roofline_mlp(self.card.dense_intermediate_size, batch)
+        return self._roofline_mlp(self.card.dense_intermediate_size, batch,
+                                  self.card.attention_weight_bytes)
 
     # ---- measured lookups -----------------------------------------------------------------
 

@@ -147,7 +147,7 @@ class HostCpuModel:
 
     @property
     def card_bits(self) -> float:
-        return self.card.dtype_bytes * 8
+        return self.card.expert_weight_bytes * 8
 
     def weight_bytes(self, bits: int | None = None) -> float:
         """Bytes of one expert's weights at ``bits`` per weight (None: the card's dtype)."""
@@ -187,7 +187,7 @@ class HostCpuModel:
         k = self.parallel
         whole = _anchored(pts, tokens, lambda x: self.overhead_s + self.roofline(x) / k)
         full = self.overhead_s + max(0.0, whole - self.overhead_s) * k
-        if bits is None or bits == self.card_bits:
+        if bits is None or float(bits) == self.card_bits:
             return full
         return self.overhead_s + max(0.0, full - self.overhead_s) * low / self.roofline(tokens)
 

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-KINDS: tuple[str, ...] = ("measured", "spec", "estimate")
+# fitted: a parameter fitted to measurements by code in this repository, which names its
+# calibration set (runtime profiles; see hw_profiles/runtime.py).
+KINDS: tuple[str, ...] = ("measured", "spec", "estimate", "fitted")
 OVERRIDE_KIND = "override"
 QUANTITY_KEYS = frozenset({"value", "unit", "kind", "source"})
 

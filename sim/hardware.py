@@ -109,7 +109,7 @@ class HostSide:
 
     cpu: HostCpuTimes | None = None
     activation_bytes: int = 0
-    dtype_bits: int = 16
+    dtype_bits: float = 16  # the routed experts' bits per weight (fractional when quantised)
     why_no_cpu: str = "no host CPU model was given"  # the error when ``cpu`` is None
 
 
@@ -128,8 +128,9 @@ def host_side(profile: object | None, card: object) -> HostSide:
     elif spec is not None:
         cpu, why = spec.model(card), ""
     dtype_bytes = float(card.dtype_bytes)  # type: ignore[attr-defined]
+    weight_bits = float(getattr(card, "expert_weight_bytes", dtype_bytes)) * 8
     return HostSide(cpu, int(card.hidden_size * dtype_bytes),  # type: ignore[attr-defined]
-                    round(dtype_bytes * 8), why)
+                    weight_bits, why)
 
 
 def cpu_crossover_tokens(link: TransferModel, compute: ComputeTimes, cpu: HostCpuTimes,

@@ -71,12 +71,14 @@ def simulate(
     engine: str = "auto",
     placement: str | Mapping[str, Any] | PlacementSpec | None = None,
     host: HostSide | None = None,
+    staging: int = 0,
 ) -> RunResult:
     """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots.
 
     ``placement`` is a name, ``{"name": ..., **params}`` or a resolved spec (default
     ``fetch``); ``host`` gives CPU-executing and low-precision placements the host CPU model,
-    activation size and weight width."""
+    activation size and weight width; ``staging`` device buffers outside the cache let a
+    runtime run caches smaller than a layer's experts (``CacheOptions.staging``)."""
     if isinstance(policy, PolicySpec):
         spec = policy
     else:
@@ -96,7 +98,7 @@ def simulate(
     sim = Simulation(
         workload,
         spec,
-        CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request),
+        CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request, staging),
         RunOptions(mode, seed, record_transfers, timeline_steps, progress, engine),
         link_model=link,
         compute=compute,

@@ -51,6 +51,12 @@ class ModelCard:
     vocab_size: int = 0
     dtype: str = "bfloat16"
     gated: bool = True  # SwiGLU experts have 3 matrices (gate, up, down); ReLU experts 2
+    # Bits per weight of a quantised deployment, per component (fractional: a format's scales
+    # and zeros included, e.g. 2.6 for HQQ 2-bit with group 16, 4.5 for Q4_K_M); None: the
+    # card's dtype. Activations and the KV cache stay in ``dtype``.
+    experts_bits: float | None = None
+    attention_bits: float | None = None  # attention, router and dense-FFN weights
+    shared_bits: float | None = None  # shared experts (None: as the routed experts)
     unverified: tuple[str, ...] = ()
     sources: tuple[str, ...] = ()
     notes: str = ""
@@ -67,6 +73,11 @@ class ModelCard:
             raise ModelCardError(
                 f"model card {self.name!r}: dtype {self.dtype!r} not one of {sorted(DTYPE_BYTES)}"
             )
+        for name in ("experts_bits", "attention_bits", "shared_bits"):
+            bits = getattr(self, name)
+            if bits is not None and not (isinstance(bits, (int, float)) and 0 < bits <= 32):
+                raise ModelCardError(
+                    f"model card {self.name!r}: {name} must be a number in (0, 32], got {bits!r}")
         if not self.moe_layers or any(not 0 <= x < self.num_layers for x in self.moe_layers):
             raise ModelCardError(
                 f"model card {self.name!r}: moe_layers must be non-empty ids in [0, num_layers)"
@@ -87,9 +98,24 @@ class ModelCard:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def expert_weight_bytes(self) -> float:
+        """Bytes per routed-expert weight: ``experts_bits / 8``, else the dtype's width."""
+        return self.dtype_bytes if self.experts_bits is None else self.experts_bits / 8
+
+    @property
+    def attention_weight_bytes(self) -> float:
+        """Bytes per attention / router / dense-FFN weight."""
+        return self.dtype_bytes if self.attention_bits is None else self.attention_bits / 8
+
+    @property
+    def shared_weight_bytes(self) -> float:
+        """Bytes per shared-expert weight (as the routed experts unless given)."""
+        return self.expert_weight_bytes if self.shared_bits is None else self.shared_bits / 8
+
+    @property
     def expert_bytes(self) -> int:
         """Bytes of one routed expert's weights (no biases, no router)."""
-        return int(self.expert_params * self.dtype_bytes)
+        return int(self.expert_params * self.expert_weight_bytes)
 
     @property
     def shared_bytes_per_layer(self) -> int:
@@ -97,8 +123,19 @@ class ModelCard:
             self.matrices_per_expert
             * self.hidden_size
             * self.shared_intermediate_size
-            * self.dtype_bytes
+            * self.shared_weight_bytes
         )
+
+    def with_weights(self, experts_bits: float | None = None,
+                     attention_bits: float | None = None,
+                     shared_bits: float | None = None) -> ModelCard:
+        """This card deployed in a quantised format: the given components' bits per weight
+        replaced (None keeps the card's own). One place that turns a published setup's weight
+        format (HQQ 2-bit experts with 4-bit attention, Q4_K_M, ...) into bytes."""
+        changes = {k: float(v) for k, v in (("experts_bits", experts_bits),
+                                           ("attention_bits", attention_bits),
+                                           ("shared_bits", shared_bits)) if v is not None}
+        return replace(self, **changes) if changes else self
 
     @property
     def dense_layers(self) -> tuple[int, ...]:

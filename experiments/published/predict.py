@@ -1,0 +1,177 @@
+"""Predict a published measurement: turn an entry's setup into one simulation and read off the
+same metric.
+
+What an entry maps to (every mapping a modelling choice, stated here and on the docs page):
+
+- the model's real routing trace (``MODEL_TRACES``; an entry whose model has none is reported
+  as not predictable, never guessed), its card deployed at the entry's bits per weight;
+- the entry's hardware profile and runtime profile (``hw_profiles/runtimes/``);
+- the cache: ``per_layer: N`` is an equal per-layer partition of N slots each (the runtime's
+  staging buffers lend slots where N is below a layer's need), ``experts``/``fraction`` a
+  global cache, ``gpu_memory_gib`` the experts that fit beside the non-expert weights and a
+  fixed reserve (``RESERVE_GIB``), ``all`` every expert resident (the first ``WARMUP`` tokens of
+  each request only warm it), ``none`` the smallest cache a step can run in;
+- ``prefetch: speculative`` (a system's own next-layer guess) and ``oracle`` are the perfect
+  next-layer prefetch issued right behind the layer's demand copies: an upper bound on what
+  a speculative pre-loader achieves;
+- decode tokens of the trace's requests, at most ``MAX_TOKENS`` each; the predicted time per
+  output token is the run's ``time_per_output_token_s``; tokens/s is its inverse, a speed-up
+  the ratio of two entries' predictions.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from moesim.hw_profiles import load_profile
+from moesim.hw_profiles.runtime import RuntimeProfile, apply_runtime, load_runtime
+from moesim.sim import capacity_slots, dense_layers_before, simulate
+from moesim.sim.hardware import host_side
+from moesim.traces.model_card import ModelCard, load_card
+from moesim.traces.trace import Trace
+
+from .entries import Entry
+
+# The named trace (experiments/conf/trace/<name>.yaml) holding each model card's real routing.
+MODEL_TRACES: dict[str, str] = {
+    "mixtral_8x7b": "mixtral_8x7b",
+    "deepseek_v2_lite": "deepseek_v2_lite",
+}
+MAX_TOKENS = 128  # decode tokens per request replayed (the trace's requests, up to this)
+MAX_REQUESTS = 4
+WARMUP = 8  # tokens per request that only warm a cache holding every expert
+RESERVE_GIB = 1.5  # CUDA context, activations and KV cache beside the weights (assumption)
+
+
+class NotPredictable(Exception):
+    """The entry's setup cannot be simulated here (no trace of the model, ...): reported."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything of one entry's run except the runtime (what a fit varies)."""
+
+    entry: Entry
+    trace: Trace
+    card: ModelCard
+    profile: Any
+    capacity: int
+    partition: str
+    policy: dict[str, Any]
+    warmup: int
+
+
+@functools.cache
+def _trace(name: str) -> Trace:
+    from moesim.experiments.api import load_trace
+
+    return load_trace(name, max_requests=MAX_REQUESTS, max_tokens=MAX_TOKENS + WARMUP)
+
+
+def _non_expert_bytes(card: ModelCard) -> float:
+    """Attention, router, dense FFN, shared experts, embeddings and LM head (GPU-resident)."""
+    h = card.hidden_size
+    q = (card.num_attention_heads * card.head_dim) or h
+    kv = ((card.num_kv_heads or card.num_attention_heads) * card.head_dim) or h
+    attn = card.num_layers * (2 * h * q + 2 * h * kv + h * card.num_experts)
+    dense = len(card.dense_layers) * card.matrices_per_expert * h * card.dense_intermediate_size
+    shared = card.num_moe_layers * card.shared_bytes_per_layer
+    embed = 2 * card.vocab_size * h * card.dtype_bytes
+    return (attn + dense) * card.attention_weight_bytes + shared + embed
+
+
+def cache_setup(entry: Entry, card: ModelCard) -> tuple[int, str, int]:
+    """(capacity in slots, partition, warm-up tokens) of the entry's cache."""
+    layers, experts = card.num_moe_layers, card.num_experts
+    total = layers * experts
+    (kind, value), = entry.cache.items()
+    if kind == "per_layer":
+        return min(int(value), experts) * layers, "per_layer", 0
+    if kind == "experts":
+        return min(int(value), total), "global", 0
+    if kind == "fraction":
+        return capacity_slots(total, card.expert_bytes, fraction=float(value)), "global", 0
+    if kind == "all":
+        return total, "global", WARMUP
+    if kind == "none":
+        return (card.top_k + 1) * layers, "per_layer", 0
+    free = float(value) * 2**30 - RESERVE_GIB * 2**30 - _non_expert_bytes(card)
+    slots = math.floor(free / card.expert_bytes)
+    if slots < layers:
+        raise NotPredictable(f"{value} GiB leaves {max(slots, 0)} expert slots beside the "
+                             "non-expert weights: fewer than one per layer")
+    return min(slots, total), "global", 0
+
+
+def policy_of(entry: Entry) -> dict[str, Any]:
+    """The moesim policy of the entry (``policy: none`` -- no cache of its own -- is the
+    smallest LRU a step runs in, see ``cache_setup``)."""
+    from moesim.policies.registry import EVICTION, discover
+
+    discover()
+    eviction = "lru" if entry.policy == "none" else entry.policy
+    if entry.policy == "moe_infinity":
+        return {"name": "moe_infinity"}
+    if eviction not in EVICTION:
+        raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy")
+    if entry.prefetch in ("speculative", "oracle"):
+        return {"name": "oracle_prefetch", "eviction": eviction, "point": "demand_issued",
+                "lookahead": 1}
+    if entry.prefetch == "next_layer_all":
+        return {"name": "next_layer_all", "eviction": eviction}
+    return {"name": eviction}
+
+
+def prepare(entry: Entry) -> Prepared:
+    trace_name = MODEL_TRACES.get(entry.model)
+    if trace_name is None:
+        raise NotPredictable(f"no real routing trace of {entry.model} in this project")
+    if entry.phase != "decode":
+        raise NotPredictable(f"phase {entry.phase}: only decode is predicted so far")
+    if entry.batch != 1:
+        raise NotPredictable(f"batch {entry.batch}: only batch 1 is predicted so far")
+    if entry.placement != "fetch":
+        raise NotPredictable(f"placement {entry.placement}: not predicted so far")
+    trace = _trace(trace_name)
+    card = load_card(entry.model).with_weights(
+        entry.bits("experts"), entry.bits("attention"), entry.bits("shared"))
+    from moesim.experiments.inputs import with_card_bytes
+
+    trace = with_card_bytes(trace, card)
+    capacity, partition, warmup = cache_setup(entry, card)
+    return Prepared(entry, trace, card, load_profile(entry.hw), capacity, partition,
+                    policy_of(entry), warmup)
+
+
+def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
+    """Predicted seconds per output token of the prepared run under ``runtime``."""
+    link = p.profile.expert_link()
+    compute = p.profile.compute_model(p.card)
+    try:
+        pageable = p.profile.host_link_model("pageable")
+    except Exception:
+        pageable = None
+    link, compute = apply_runtime(runtime, link, compute, p.card, pageable)
+    result = simulate(
+        p.trace, p.policy, capacity=p.capacity, mode="timed", link=link, compute=compute,
+        partition=p.partition, warmup_tokens=p.warmup, seed=0,
+        dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
+        host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
+    )
+    return float(result.summary["time_per_output_token_s"])
+
+
+def as_metric(entry: Entry, s_per_token: float) -> float:
+    """The entry's metric from a predicted time per output token (not for speed-ups)."""
+    if entry.metric == "tokens_per_s":
+        return 1.0 / s_per_token
+    if entry.metric == "s_per_token":
+        return s_per_token
+    raise ValueError(f"{entry.id}: a speed-up is a ratio of two predictions")
+
+
+def runtime_of(entry: Entry) -> RuntimeProfile:
+    return load_runtime(entry.runtime)

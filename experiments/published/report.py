@@ -1,0 +1,264 @@
+"""Predict every published entry and compare: the tables behind "Predicting published systems".
+
+    python -m moesim.experiments.published fit --write   # fit runtimes on their calibration sets
+    python -m moesim.experiments.published predict      # predictions, effects, leave-one-GPU-out
+    moesim-sim experiment=published                     # the same predictions into a run folder
+
+``predict`` uses the runtime profiles as shipped (their fitted values included), as a user
+would; it never refits. Each row says whether the entry calibrated its runtime (``role``) and,
+where it cannot be simulated here, why (``not_predictable``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moesim.hw_profiles import ProfileError
+from moesim.hw_profiles.runtime import RuntimeProfile, list_runtimes, load_runtime, runtime_path
+
+from .entries import Entry, load_entries
+from .fit import CALIBRATION, FitResult, fit_runtime
+from .predict import NotPredictable, Prepared, as_metric, predict_s_per_token, prepare
+
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+PREDICTIONS_CSV = RESULTS / "published_predictions.csv"
+EFFECTS_CSV = RESULTS / "published_effects.csv"
+LOGO_CSV = RESULTS / "published_logo.csv"
+FIT_JSON = RESULTS / "published_fit.json"
+
+
+class Predictions:
+    """Predicted values per entry under given runtimes (prepared runs memoised)."""
+
+    def __init__(self, entries: Sequence[Entry]) -> None:
+        self.by_id = {e.id: e for e in entries}
+        self._prepared: dict[str, Prepared | NotPredictable] = {}
+
+    def prepared(self, entry: Entry) -> Prepared:
+        got = self._prepared.get(entry.id)
+        if got is None:
+            try:
+                got = prepare(entry)
+            except (NotPredictable, ProfileError) as exc:
+                got = exc if isinstance(exc, NotPredictable) else NotPredictable(str(exc))
+            self._prepared[entry.id] = got
+        if isinstance(got, NotPredictable):
+            raise got
+        return got
+
+    def value(self, entry: Entry, runtime: RuntimeProfile) -> float:
+        """The entry's metric predicted under ``runtime`` (a speed-up: both runs)."""
+        s = predict_s_per_token(self.prepared(entry), runtime)
+        if entry.metric != "speedup":
+            return as_metric(entry, s)
+        base = self.by_id[str(entry.baseline)]
+        return predict_s_per_token(self.prepared(base), runtime) / s
+
+
+def fit_all(entries: Sequence[Entry], preds: Predictions | None = None,
+            only: Sequence[str] | None = None) -> list[FitResult]:
+    """Fit every runtime that declares a calibration set (or those in ``only``). A calibration
+    entry that cannot be simulated is an error: a fit on part of its set is no fit."""
+    preds = preds or Predictions(entries)
+    out = []
+    for name in sorted(only or CALIBRATION):
+        rt = load_runtime(name)
+        try:
+            out.append(fit_runtime(rt, entries, preds.value))
+        except NotPredictable as exc:
+            raise ValueError(f"runtime {name}: a calibration entry cannot be predicted: "
+                             f"{exc}") from None
+    return out
+
+
+def write_fitted(result: FitResult) -> None:
+    """Set the fitted values in the runtime's YAML (flow-style ``{value: ...}`` lines), with
+    ``kind: fitted`` and the calibration set as the source."""
+    path = runtime_path(result.runtime)
+    text = path.read_text()
+    source = f"fitted by moesim.experiments.published.fit on {', '.join(result.calibration)}"
+    for key, value in result.values.items():
+        section, leaf = key.split(".")
+        pattern = re.compile(rf"^(\s+{re.escape(leaf)}: )\{{.*\}}$", re.M)
+        # only the leaf under its section: find the section's block first
+        start = re.search(rf"^{re.escape(section)}:\s*$", text, re.M)
+        if start is None:
+            raise ProfileError(f"{path}: no section {section!r} to write {key} into")
+        m = pattern.search(text, start.end())
+        if m is None:
+            raise ProfileError(f"{path}: no line for {key} to write the fitted value into")
+        line = f"{{value: {value:.6g}, kind: fitted, source: \"{source}\"}}"
+        text = text[:m.start()] + m.group(1) + line + text[m.end():]
+    path.write_text(text)
+
+
+def _row(entry: Entry, preds: Predictions) -> dict[str, Any]:
+    role = "calibration" if entry.id in CALIBRATION.get(entry.runtime, ()) else "held_out"
+    row: dict[str, Any] = {
+        "id": entry.id, "source": entry.source.id, "model": entry.model, "gpu": entry.gpu,
+        "hw": entry.hw, "runtime": entry.runtime, "metric": entry.metric,
+        "cache": ",".join(f"{k}={v}" for k, v in entry.cache.items()),
+        "prefetch": entry.prefetch, "bits": entry.bits("experts"), "measured": entry.value,
+        "predicted": math.nan, "ratio": math.nan, "role": role, "not_predictable": "",
+    }
+    try:
+        runtime = load_runtime(entry.runtime)
+        row["predicted"] = preds.value(entry, runtime)
+        row["ratio"] = row["predicted"] / entry.value
+    except NotPredictable as exc:
+        row["role"] = "not_predictable"
+        row["not_predictable"] = str(exc)
+    return row
+
+
+def predictions_table(entries: Sequence[Entry], preds: Predictions | None = None,
+                      progress: Callable[[str], None] | None = None) -> pd.DataFrame:
+    preds = preds or Predictions(entries)
+    rows = []
+    for i, e in enumerate(entries):
+        if progress:
+            progress(f"[{i + 1}/{len(entries)}] {e.id}")
+        rows.append(_row(e, preds))
+    return pd.DataFrame(rows)
+
+
+# Within-system effects of mixtral-offloading's Table 2: (name, numerator, denominator) over
+# the id pattern mo_t2_<gpu>_<bits>_<algorithm>; all in tokens/s, so a gain is a ratio.
+_GPUS = ("a100", "m3080", "r3060", "t4")
+_BITS = ("2bit", "3bit")
+
+
+def effects_table(pred: pd.DataFrame) -> pd.DataFrame:
+    """Cache gain (LRU without pre-loading vs no cache), pre-load gain (full vs without
+    pre-loading), and the RTX 3060 / 3080 Mobile ratio, measured vs predicted."""
+    by = pred.set_index("id")
+    rows = []
+
+    def add(effect: str, setting: str, num: str, den: str) -> None:
+        if num not in by.index or den not in by.index:
+            return
+        m = by.loc[num, "measured"] / by.loc[den, "measured"]
+        p = by.loc[num, "predicted"] / by.loc[den, "predicted"]
+        roles = {by.loc[num, "role"], by.loc[den, "role"]}
+        rows.append({"effect": effect, "setting": setting, "measured": m, "predicted": p,
+                     "error": p / m - 1,
+                     "role": "calibration" if "calibration" in roles else "held_out"})
+
+    for g in _GPUS:
+        for b in _BITS:
+            add("cache gain", f"{g} {b}", f"mo_t2_{g}_{b}_nopre", f"mo_t2_{g}_{b}_nocache")
+            add("pre-load gain", f"{g} {b}", f"mo_t2_{g}_{b}_full", f"mo_t2_{g}_{b}_nopre")
+    for b in _BITS:
+        for alg in ("full", "nopre", "nocache"):
+            add("RTX 3060 / 3080 Mobile", f"{b} {alg}", f"mo_t2_r3060_{b}_{alg}",
+                f"mo_t2_m3080_{b}_{alg}")
+    return pd.DataFrame(rows)
+
+
+def logo_table(entries: Sequence[Entry], runtime: str = "hqq_offload",
+               preds: Predictions | None = None) -> pd.DataFrame:
+    """Leave one GPU out: fit the runtime on every other GPU's entries, predict this GPU's."""
+    preds = preds or Predictions(entries)
+    mine = []
+    for e in entries:
+        if e.runtime != runtime:
+            continue
+        try:
+            preds.prepared(e)
+        except NotPredictable:
+            continue
+        mine.append(e)
+    rt = load_runtime(runtime)
+    rows = []
+    for hw in sorted({e.hw for e in mine}):
+        cal = tuple(e.id for e in mine if e.hw != hw)
+        res = fit_runtime(rt, mine, preds.value, calibration={runtime: cal})
+        fitted = _with(rt, res)
+        for e in mine:
+            if e.hw == hw:
+                p = preds.value(e, fitted)
+                rows.append({"left_out": hw, "id": e.id, "measured": e.value, "predicted": p,
+                             "ratio": p / e.value,
+                             **{f"fit.{k}": v for k, v in res.values.items()}})
+    return pd.DataFrame(rows)
+
+
+def _with(rt: RuntimeProfile, res: FitResult) -> RuntimeProfile:
+    from moesim.hw_profiles.runtime import with_values
+
+    return with_values(rt, res.values, "leave-one-GPU-out fit")
+
+
+def summary(pred: pd.DataFrame) -> dict[str, Any]:
+    """Headline numbers: median |ratio - 1| and share within 2x, held-out and calibration."""
+    out: dict[str, Any] = {}
+    for role in ("held_out", "calibration"):
+        r = pred.loc[pred["role"] == role, "ratio"].dropna()
+        out[role] = {
+            "entries": len(r),
+            "median_abs_error": float((r - 1).abs().median()) if len(r) else math.nan,
+            "within_2x": float(((r >= 0.5) & (r <= 2)).mean()) if len(r) else math.nan,
+        }
+    out["not_predictable"] = int((pred["role"] == "not_predictable").sum())
+    return out
+
+
+def run_all(out: Path = RESULTS, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Predictions, effects and the leave-one-GPU-out report into ``out``; returns the summary."""
+    entries = load_entries(runtimes=list_runtimes())
+    preds = Predictions(entries)
+    pred = predictions_table(entries, preds, progress)
+    out.mkdir(parents=True, exist_ok=True)
+    pred.to_csv(out / PREDICTIONS_CSV.name, index=False, float_format="%.6g")
+    effects_table(pred).to_csv(out / EFFECTS_CSV.name, index=False, float_format="%.6g")
+    if progress:
+        progress("leave-one-GPU-out fits (hqq_offload)")
+    logo_table(entries, preds=preds).to_csv(out / LOGO_CSV.name, index=False,
+                                            float_format="%.6g")
+    return summary(pred)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from .entries import PublishedError
+
+    ap = argparse.ArgumentParser(prog="python -m moesim.experiments.published",
+                                 description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="fit each runtime on its declared calibration entries")
+    f.add_argument("--only", nargs="*", help="fit only these runtimes")
+    f.add_argument("--write", action="store_true", help="write the fitted values into the "
+                   "runtime YAMLs and published_fit.json")
+    p = sub.add_parser("predict", help="predict every entry (runtime YAMLs as shipped)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "fit":
+            entries = load_entries(runtimes=list_runtimes())
+            results = fit_all(entries, only=args.only)
+            for r in results:
+                print(f"{r.runtime}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.values.items())
+                      + f"  (loss {r.loss:.4f} on {len(r.calibration)} entries, "
+                      f"{r.evaluations} evaluations)")
+            if args.write:
+                for r in results:
+                    write_fitted(r)
+                FIT_JSON.write_text(json.dumps(
+                    [{"runtime": r.runtime, "values": r.values, "calibration": r.calibration,
+                      "loss": r.loss} for r in results], indent=1) + "\n")
+            return 0
+        s = run_all(args.out, lambda m: print(m, file=sys.stderr))
+        print(json.dumps(s, indent=1))
+        return 0
+    except (PublishedError, ProfileError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

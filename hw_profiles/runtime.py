@@ -1,0 +1,325 @@
+"""Runtime profiles: what an inference runtime adds to the hardware's roofline.
+
+A hardware profile says how fast the GPU, the host link and the host CPU *can* be; a runtime
+profile (one YAML in ``hw_profiles/runtimes/``, the config group ``runtime``) says what one
+software stack does on top of that: fixed host-side cost per layer, per routed-expert call and
+per decode step (Python, kernel launches, gather/scatter), on-the-fly dequantisation of
+quantised experts, and how it copies experts (pinned or pageable host memory, how many tensors
+per expert and what each copy call costs, whether an eviction copies the evicted expert back to
+the host on the same stream, staging buffers outside the cache).
+
+Why a second axis: measured offloading systems on the same GPU differ by 2-4x, and the missing
+time is additive and does not scale with the GPU (a single compute multiplier fitted on an A100
+is 3-5x off on a T4). Every number here carries ``{value, unit, kind, source}`` like a hardware
+profile; parameters fitted to published measurements have ``kind: fitted`` and name their
+calibration set (``moesim.experiments.published.fit``), and are never judged on it.
+
+The model is applied in one place, :func:`apply_runtime`, which wraps the profile's
+``TransferModel`` and ``ComputeTimes``: both engines (SimPy and compiled) take every duration
+from those two objects, so the runtime is honoured by both without engine code of its own.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .schema import (
+    Ctx,
+    ProfileError,
+    Quantity,
+    as_mapping,
+    as_str,
+    load_yaml,
+    missing,
+    quantity,
+    reject_unknown,
+)
+
+RUNTIMES_DIR = Path(__file__).parent / "runtimes"
+HOST_MEMORY = ("pinned", "pageable")
+STREAMS = ("own", "compute")
+# The free parameters a fit may set (dotted paths into the YAML) and their dimension.
+FITTABLE: dict[str, str] = {
+    "overhead.step_s": "s",
+    "overhead.layer_s": "s",
+    "overhead.expert_s": "s",
+    "dequant.Bps": "Bps",
+    "copy.per_copy_s": "s",
+    "copy.efficiency": "ratio",
+}
+
+
+def _zero(field_: str) -> Quantity:
+    return Quantity(0.0, "estimate", "none", field_)
+
+
+@dataclass(frozen=True)
+class RuntimeProfile:
+    """One inference runtime's costs on top of the hardware (all seconds / bytes per second)."""
+
+    name: str
+    system: str = ""
+    description: str = ""
+    host_memory: str | None = None  # None: the hardware profile's own choice
+    stream: str = "own"  # "compute": copies share the compute stream (see ``swap``)
+    swap: bool = False  # an eviction copies the evicted expert back (device -> host)
+    tensors_per_expert: Quantity = field(default_factory=lambda: missing("tensors_per_expert"))
+    per_copy_s: Quantity = field(default_factory=lambda: _zero("copy.per_copy_s"))
+    efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
+    staging_buffers: int = 0
+    step_s: Quantity = field(default_factory=lambda: _zero("overhead.step_s"))
+    layer_s: Quantity = field(default_factory=lambda: _zero("overhead.layer_s"))
+    expert_s: Quantity = field(default_factory=lambda: _zero("overhead.expert_s"))
+    dequant_Bps: Quantity = field(default_factory=lambda: missing("dequant.Bps"))
+    fit: tuple[str, ...] = ()
+    notes: str = ""
+
+    @property
+    def is_none(self) -> bool:
+        """True when the runtime adds nothing (the roofline runs exactly as without one)."""
+        tensors = int(self.tensors_per_expert.value) if self.tensors_per_expert.known else 1
+        eff = float(self.efficiency.value) if self.efficiency.known else 1.0
+        return (self.host_memory is None and not self.swap and self.stream == "own"
+                and tensors == 1 and eff == 1.0 and self.staging_buffers == 0
+                and not self.dequant_Bps.known
+                and all(self.value(k) == 0.0 for k in ("overhead.step_s", "overhead.layer_s",
+                                                        "overhead.expert_s", "copy.per_copy_s")))
+
+    def value(self, name: str) -> float:
+        """A parameter's value by its dotted YAML path (0 / None-as-0 for unknown numbers)."""
+        q = self.quantity(name)
+        return float(q.value) if q.known else 0.0
+
+    def quantity(self, name: str) -> Quantity:
+        attr = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
+                "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
+                "copy.per_copy_s": "per_copy_s", "copy.efficiency": "efficiency"}.get(name)
+        if attr is None:
+            raise KeyError(name)
+        return getattr(self, attr)
+
+    def describe(self) -> str:
+        """One line for the summary row: what this runtime adds."""
+        parts = [f"step {self.value('overhead.step_s') * 1e3:.3g} ms",
+                 f"layer {self.value('overhead.layer_s') * 1e6:.3g} us",
+                 f"expert {self.value('overhead.expert_s') * 1e6:.3g} us"]
+        if self.dequant_Bps.known:
+            parts.append(f"dequant {float(self.dequant_Bps.value) / 1e9:.3g} GB/s")
+        parts.append(f"copies {self.host_memory or 'profile'}-memory, {self.stream} stream"
+                     + (", swap" if self.swap else ""))
+        return f"{self.name}: " + ", ".join(parts)
+
+
+def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
+                         allow_bare: bool = True) -> RuntimeProfile:
+    """Validate a runtime YAML (or a Hydra node) into a profile; one clear error on bad input."""
+    ctx = Ctx(where, allow_bare=allow_bare)
+    if not isinstance(data, Mapping):
+        raise ctx.error("a runtime profile must be a mapping", data)
+    reject_unknown(ctx, data, {"name", "system", "description", "copy", "overhead", "dequant",
+                               "fit", "notes"})
+    name = as_str(ctx.sub("name"), data.get("name"), required=True)
+    copy = as_mapping(ctx.sub("copy"), data.get("copy")) or {}
+    cctx = ctx.sub("copy")
+    reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
+                                "per_copy_s", "efficiency", "staging_buffers"})
+    host_memory = copy.get("host_memory")
+    if host_memory is not None and host_memory not in HOST_MEMORY:
+        raise cctx.sub("host_memory").error(f"must be one of {list(HOST_MEMORY)} or null",
+                                            host_memory)
+    stream = copy.get("stream", "own")
+    if stream not in STREAMS:
+        raise cctx.sub("stream").error(f"must be one of {list(STREAMS)}", stream)
+    swap = copy.get("swap", False)
+    if not isinstance(swap, bool):
+        raise cctx.sub("swap").error("expected true or false", swap)
+    staging = copy.get("staging_buffers", 0)
+    if isinstance(staging, Mapping):
+        staging = staging.get("value", 0)
+    if isinstance(staging, bool) or not isinstance(staging, int) or staging < 0:
+        raise cctx.sub("staging_buffers").error("must be a whole number >= 0", staging)
+    over = as_mapping(ctx.sub("overhead"), data.get("overhead")) or {}
+    octx = ctx.sub("overhead")
+    reject_unknown(octx, over, {"step_s", "layer_s", "expert_s"})
+    deq = as_mapping(ctx.sub("dequant"), data.get("dequant")) or {}
+    reject_unknown(ctx.sub("dequant"), deq, {"Bps"})
+
+    def q(c: Ctx, node: Mapping[str, Any], key: str, dim: str, positive: bool) -> Quantity:
+        out = quantity(c.sub(key), node.get(key), dim, positive=positive)
+        return out if out.known or node.get(key) is not None else _zero(c.sub(key).path)
+
+    fit = data.get("fit") or []
+    if not isinstance(fit, list) or any(f not in FITTABLE for f in fit):
+        raise ctx.sub("fit").error(f"must be a list of {sorted(FITTABLE)}", fit)
+    return RuntimeProfile(
+        name=name,
+        system=as_str(ctx.sub("system"), data.get("system")),
+        description=as_str(ctx.sub("description"), data.get("description")),
+        host_memory=host_memory,
+        stream=stream,
+        swap=swap,
+        tensors_per_expert=quantity(cctx.sub("tensors_per_expert"),
+                                    copy.get("tensors_per_expert"), "count"),
+        per_copy_s=q(cctx, copy, "per_copy_s", "s", False),
+        efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
+        staging_buffers=int(staging),
+        step_s=q(octx, over, "step_s", "s", False),
+        layer_s=q(octx, over, "layer_s", "s", False),
+        expert_s=q(octx, over, "expert_s", "s", False),
+        dequant_Bps=quantity(ctx.sub("dequant").sub("Bps"), deq.get("Bps"), "Bps"),
+        fit=tuple(fit),
+        notes=as_str(ctx.sub("notes"), data.get("notes")),
+    )
+
+
+def list_runtimes() -> list[str]:
+    """Names of the runtime YAMLs shipped in hw_profiles/runtimes/."""
+    return sorted(p.stem for p in RUNTIMES_DIR.glob("*.yaml"))
+
+
+def runtime_path(name: str) -> Path:
+    path = RUNTIMES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ProfileError(f"unknown runtime {name!r}; shipped: {', '.join(list_runtimes())}")
+    return path
+
+
+def load_runtime(name_or_path: str | Path) -> RuntimeProfile:
+    """A shipped runtime by name, or a YAML file by path."""
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = runtime_path(str(name_or_path))
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot read runtime profile: {exc.strerror}") from None
+    return runtime_from_mapping(load_yaml(text, str(path)), str(path), allow_bare=False)
+
+
+def with_values(rt: RuntimeProfile, values: Mapping[str, float], source: str) -> RuntimeProfile:
+    """``rt`` with fittable parameters replaced (``kind: fitted``): what a fit evaluates."""
+    from dataclasses import replace
+
+    attr = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
+            "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
+            "copy.per_copy_s": "per_copy_s", "copy.efficiency": "efficiency"}
+    changes = {}
+    for key, v in values.items():
+        if key not in attr:
+            raise KeyError(key)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"{key} must be finite and >= 0, got {v}")
+        changes[attr[key]] = Quantity(float(v), "fitted", source, key)
+    return replace(rt, **changes)
+
+
+# --------------------------------------------------------------------------------------------
+# The model: one wrapper per protocol, used by both engines.
+
+
+@dataclass(frozen=True)
+class RuntimeLink:
+    """Copy time of one copy under a runtime: ``tensors x per_copy_s`` call cost, the wire time
+    at the runtime's share of the link (``efficiency``), and the device-to-host copy of an
+    evicted expert when it runs on the same stream (``swap`` with ``stream: compute``).
+
+    The swap doubles the wire time of every weight copy: in steady state every demand copy
+    evicts one expert (a cold cache evicts nothing, which this overstates for the first
+    tokens). With ``stream: own`` the device-to-host direction of the full-duplex link is free.
+    """
+
+    base: Any  # TransferModel
+    tensors: int = 1
+    per_copy_s: float = 0.0
+    efficiency: float = 1.0
+    swap_serial: bool = False
+
+    @property
+    def copy_engines(self) -> int:
+        return int(self.base.copy_engines)
+
+    def transfer_time(self, nbytes: int) -> float:
+        if nbytes <= 0:
+            return 0.0
+        per = max(1, int(nbytes) // self.tensors)
+        wire = self.tensors * self.base.transfer_time(per) / self.efficiency
+        if self.swap_serial:
+            wire *= 2.0
+        return self.tensors * self.per_copy_s + wire
+
+
+@dataclass(frozen=True)
+class RuntimeCompute:
+    """Compute times under a runtime: the hardware's times plus fixed host-side costs.
+
+    ``step_s`` (embedding, LM head, sampling, the Python loop) is spread evenly over the step's
+    layers (the engine times layers, not steps; the step's total is exact). Each routed or
+    shared expert call adds ``expert_s`` and, with a dequantising runtime, reading its packed
+    weights once more at ``dequant_Bps``."""
+
+    base: Any  # ComputeTimes
+    layers: int
+    step_s: float = 0.0
+    layer_s: float = 0.0
+    expert_s: float = 0.0
+    expert_dequant_s: float = 0.0
+    shared_dequant_s: float = 0.0
+
+    def _fixed(self) -> float:
+        return self.layer_s + self.step_s / max(1, self.layers)
+
+    def attention_time(self, batch: int, context: int) -> float:
+        t = self.base.attention_time(batch, context)
+        return t + self._fixed() if batch > 0 else t
+
+    def router_time(self, batch: int) -> float:
+        return self.base.router_time(batch)
+
+    def expert_time(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self.base.expert_time(tokens) + self.expert_s + self.expert_dequant_s
+
+    def shared_time(self, tokens: int) -> float:
+        t = self.base.shared_time(tokens)
+        return t + self.expert_s + self.shared_dequant_s if t > 0 else t
+
+    def dense_layer_time(self, batch: int, context: int) -> float:
+        t = self.base.dense_layer_time(batch, context)
+        return t + self._fixed() if batch > 0 else t
+
+
+def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
+                  pageable_link: Any = None) -> tuple[Any, Any]:
+    """(link, compute) of a run under ``rt``; unchanged objects when the runtime adds nothing,
+    so runs without a runtime (``runtime=none``) are bit-identical to before runtimes existed.
+
+    ``pageable_link`` is the hardware profile's pageable-memory link, used when the runtime
+    copies from pageable host memory."""
+    if rt is None or rt.is_none:
+        return link, compute
+    if link is not None:
+        base = link
+        if rt.host_memory == "pageable":
+            if pageable_link is None:
+                raise ProfileError(f"runtime {rt.name!r} copies from pageable host memory, but "
+                                   "the hardware profile has no host_link.pageable rate")
+            base = pageable_link
+        tensors = int(rt.tensors_per_expert.value) if rt.tensors_per_expert.known else 1
+        eff = float(rt.efficiency.value) if rt.efficiency.known else 1.0
+        link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff,
+                           rt.swap and rt.stream == "compute")
+    if compute is not None:
+        deq_e = deq_s = 0.0
+        if rt.dequant_Bps.known:
+            bps = float(rt.dequant_Bps.value)
+            deq_e = card.expert_bytes / bps
+            deq_s = card.shared_bytes_per_layer / bps
+        compute = RuntimeCompute(compute, max(1, int(card.num_layers)), rt.value("overhead.step_s"),
+                                 rt.value("overhead.layer_s"), rt.value("overhead.expert_s"),
+                                 deq_e, deq_s)
+    return link, compute
