@@ -58,12 +58,16 @@ def _digest_of(src: str, stamp: tuple[tuple[str, int, int], ...]) -> str:
     return h.hexdigest()
 
 
-def trace_file(path: str, fmt: str) -> Path:
-    """A parquet trace for ``path``: itself if it already is one, else a cached import."""
-    if fmt == "embedded":  # the committed small model's trace, regenerated once into the cache
-        from moesim.traces.collect.embedded import ensure_embedded_trace
+def trace_file(path: str, fmt: str, *, features: bool = False) -> Path:
+    """A parquet trace for ``path``: itself if it already is one, else a cached import.
 
-        return ensure_embedded_trace()
+    ``trace=embedded`` is the routing shipped with the package (no torch); with ``features``
+    (a run that uses prediction tables) it is the full trace with hidden states that those
+    tables are made from, regenerated once into the cache (needs the collect extra)."""
+    if fmt == "embedded":
+        from moesim.traces.collect.embedded import embedded_routing, ensure_embedded_trace
+
+        return ensure_embedded_trace() if features else embedded_routing()
     src = resolve_path(path)
     if not src.exists():
         hint = ""
@@ -82,6 +86,13 @@ def trace_file(path: str, fmt: str) -> Path:
                 print(f"importing {src} ({fmt}) into {out} (once)")
                 import_trace(fmt, src, out)
     return out
+
+
+def run_trace_file(cfg: DictConfig) -> Path:
+    """The trace file of a run (:func:`trace_file`; a run with ``predictions.path`` set replays
+    the embedded trace its tables were made from)."""
+    uses_tables = bool((cfg.get("predictions") or {}).get("path"))
+    return trace_file(cfg.trace.path, cfg.trace.get("format"), features=uses_tables)
 
 
 def _predictor_spec(cfg: DictConfig) -> str | None:
@@ -113,7 +124,7 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | Non
     """The run's prediction table, checked against the trace it is replayed on (identity,
     layers, ids, width, dtypes; its coverage of the replayed requests is checked when the
     simulation builds its view, against ``predictions.min_coverage``)."""
-    trace_path = trace_file(cfg.trace.path, cfg.trace.get("format"))
+    trace_path = run_trace_file(cfg)
     path = prediction_file(cfg, trace_path)
     if path is None:
         return None
@@ -143,7 +154,7 @@ def load_run_trace(cfg: DictConfig) -> Trace:
     whatever the policy, so a learned prediction is never replayed on a request it was trained
     on and every run of a sweep sees the same requests; ``auto`` with a ``moesim-train`` table
     file replays the test requests its notes name."""
-    path = trace_file(cfg.trace.path, cfg.trace.get("format"))
+    path = run_trace_file(cfg)
     which = str(cfg.get("requests") or "auto")
     if which not in ("auto", "held_out", "all"):
         raise TraceError(f"requests must be auto, held_out or all: {which!r}")

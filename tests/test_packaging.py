@@ -69,3 +69,48 @@ def test_import_moesim_loads_no_top_level_folder_module(tmp_path: Path) -> None:
                          text=True, check=False, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() and out.stdout.strip() != "0+unknown"
+
+
+def test_the_embedded_trace_ships_for_the_current_assets() -> None:
+    """``trace=embedded`` replays package data, not a torch run: the shipped routing file is
+    named by the current assets' key (a retrained model or new prompts need a new file:
+    ``python -m moesim.traces.collect.embedded --write``), is tracked, and is small."""
+    from moesim.traces.collect.embedded import (
+        ASSETS,
+        MODEL_NAME,
+        SHIPPED_SUFFIX,
+        embedded_key,
+        embedded_routing,
+        shipped_path,
+    )
+    from moesim.traces.store import load_trace
+
+    shipped = shipped_path()
+    assert sorted(ASSETS.glob(f"{MODEL_NAME}-*{SHIPPED_SUFFIX}")) == [shipped]
+    assert str(shipped.relative_to(ROOT)) in _tracked()
+    assert shipped.stat().st_size < 2 * 2**20
+    assert embedded_routing() == shipped
+    trace = load_trace(shipped)
+    assert len(trace) == 64 and trace.meta.notes["embedded_key"] == embedded_key()
+    assert "/" not in trace.meta.notes.get("model_path", "")  # no machine's paths
+
+
+def test_the_shipped_embedded_trace_is_what_the_generator_gives(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """A fresh collection of the first prompts (the collector runs each prompt alone), put
+    through the shipped file's generator, has the same routing as the shipped file's first
+    requests (``python -m moesim.traces.collect.embedded`` compares all 64; CI runs it)."""
+    import pytest
+
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from moesim.traces.collect.embedded import (
+        ensure_embedded_trace,
+        same_routing,
+        shipped_path,
+        write_shipped,
+    )
+
+    monkeypatch.setenv("MOESIM_CACHE", str(tmp_path / "cache"))
+    fresh = write_shipped(ensure_embedded_trace(limit=3), tmp_path / "fresh.parquet")
+    assert same_routing(shipped_path(), fresh, max_requests=3) == []
