@@ -6,14 +6,16 @@ With batching, a step's prediction for a layer is the union over its tokens.
 
 The view is also where a table meets the requests actually replayed: expert ids must be in
 range for their own layer (an id >= E would otherwise alias expert id-E of the next layer), and
-the share of replayed (request, token) pairs with at least one prediction row is the run's
-``prediction_coverage``. A table that covers less than ``min_coverage`` of them (a table made
-for other requests, or for another trace) is an error naming both files, not a run that
+per MoE layer the share of replayed (request, token) pairs with a prediction row at that layer
+is counted; the worst layer's share is the run's ``prediction_coverage``. A table that covers
+less than ``min_coverage`` of them at some layer (a table made for other requests, another
+trace, or only some layers) is an error naming both files and the layer, not a run that
 silently prefetches nothing.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import numpy as np
@@ -48,18 +50,28 @@ class PredictionView:
         for rid, pred in per_request.items():
             self._check(int(rid), pred, num_l, num_e)
         self.num_steps = workload.num_steps
-        self.table, missing, total, covered = _union(workload, per_request, num_e)
+        self.table, missing, per_layer_total, per_layer_covered = _union(
+            workload, per_request, num_e)
         self.missing_units = missing
-        self.replayed_tokens = total
-        self.covered_tokens = covered
-        self.coverage = covered / total if total else float("nan")
-        if total and self.coverage < float(min_coverage):
+        # Coverage is per MoE layer: a table holding one layer of 26 covered every (request,
+        # token) pair. Layers a table cannot predict by construction (the first h of a table
+        # made h layers ahead) are left out; the run's coverage is its worst layer's.
+        skip = unpredictable_layers(available_at)
+        ratios = [(c / t, j) for j, (c, t) in enumerate(zip(per_layer_covered.tolist(),
+                                                             per_layer_total.tolist(),
+                                                             strict=True)) if t and j >= skip]
+        self.coverage, self.worst_layer = min(ratios, default=(float("nan"), -1))
+        self.replayed_tokens = int(per_layer_total[self.worst_layer]) if ratios else 0
+        self.covered_tokens = int(per_layer_covered[self.worst_layer]) if ratios else 0
+        if ratios and self.coverage < float(min_coverage):
             table_name, trace_name = self._names
             raise SimulationError(
-                f"{table_name} covers {covered:,} of the {total:,} (request, token) pairs "
-                f"replayed from {trace_name} ({self.coverage:.1%} < predictions.min_coverage="
-                f"{float(min_coverage):g}): it was made for other requests or another trace "
-                "(lower predictions.min_coverage to replay it anyway)"
+                f"{table_name} covers {self.covered_tokens:,} of the {self.replayed_tokens:,} "
+                f"(request, token) pairs replayed from {trace_name} at MoE layer index "
+                f"{self.worst_layer}, its worst layer ({self.coverage:.1%} < "
+                f"predictions.min_coverage={float(min_coverage):g}): it was made for other "
+                "requests, another trace or only some layers (lower predictions.min_coverage "
+                "to replay it anyway)"
             )
 
     def _check(self, rid: int, pred: np.ndarray, num_l: int, num_e: int) -> None:
@@ -87,21 +99,34 @@ class PredictionView:
         return row[row >= 0].tolist()
 
 
+def unpredictable_layers(available_at: str | None) -> int:
+    """Leading MoE layers a table cannot predict by construction: a prediction made ``h``
+    layers ahead (``routed:prev_layer``: 1, ``routed:minus{h}_layer``: h) has nothing to be
+    made from for the first ``h`` layers (Fate's and the speculation predictor's tables)."""
+    tag = str(available_at or "")
+    if tag == "routed:prev_layer":
+        return 1
+    m = re.fullmatch(r"routed:minus(\d+)_layer", tag)
+    return int(m.group(1)) if m else 0
+
+
 def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
-           ) -> tuple[np.ndarray, int, int, int]:
+           ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
     """Per step and layer, the union of its tokens' predicted keys in first-predicted order
     (``int32 [steps, layers, width]``, -1 padded; one compiled pass, as batched workloads are
-    built), the replayed units without predictions, the replayed and the covered tokens."""
+    built), the replayed units without predictions, and per MoE layer the replayed tokens
+    whose step routes at that layer and how many of them have a prediction row there."""
     from moesim.sim.compiled.steps import union_steps
 
     first: dict[int, tuple[int, int]] = {}  # request -> (its first row when stacked, rows)
     arrays: list[np.ndarray] = []
-    rows = missing = total = 0
+    rows = missing = 0
     tok_idx: list[int] = []
     unit_end = [0]
+    unit_len: list[int] = []
     for rid, t0, t1 in zip(workload.req_ids.tolist(), workload.token_start.tolist(),
                            workload.token_end.tolist(), strict=True):
-        total += t1 - t0
+        unit_len.append(t1 - t0)
         if rid not in first:
             pred = per_request.get(rid)
             first[rid] = (-1, 0) if pred is None else (rows, len(pred))
@@ -121,7 +146,13 @@ def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
         stacked[at:at + len(a), :, :a.shape[2]] = a
         at += len(a)
     idx = np.asarray(tok_idx, dtype=np.int64)
-    covered = int((stacked >= 0).any(axis=(1, 2))[idx].sum())
     step_off = np.asarray(unit_end, dtype=np.int64)[workload.req_offsets]
+    # A token counts at a layer where its step routes (traces may lack some layers' rows).
+    routed = workload.pairs > 0  # [steps, layers]
+    unit_step = np.repeat(np.arange(workload.num_steps), np.diff(workload.req_offsets))
+    total = (np.asarray(unit_len, dtype=np.int64)[:, None] * routed[unit_step]).sum(axis=0)
+    tok_step = np.repeat(np.arange(workload.num_steps), np.diff(step_off))
+    has = (stacked[idx] >= 0).any(axis=2) & routed[tok_step]
+    covered = has.sum(axis=0).astype(np.int64)
     keys, _, _ = union_steps(stacked, idx, step_off, num_e)
     return keys, missing, total, covered

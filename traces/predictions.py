@@ -285,6 +285,7 @@ def load_predictions(
         raise TraceError("negative request_id or token_idx", file=path, row=bad)
     if num_experts is not None:
         _check_ids(values, layer, int(num_experts), path)
+    rid, tok, layer, values = _sorted_unique(rid, tok, layer, values, path)
     lut = {lid: j for j, lid in enumerate(layer_ids)}
     try:
         lidx = np.fromiter((lut[x] for x in layer.tolist()), dtype=np.int64, count=len(layer))
@@ -300,6 +301,32 @@ def load_predictions(
         dense[tok[a:b], lidx[a:b]] = values[a:b]
         out[int(rid[a])] = dense
     return out
+
+
+def _sorted_unique(rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: np.ndarray,
+                   path: str | Path) -> tuple[np.ndarray, ...]:
+    """Rows in the trace's order (request, token, layer), each (request, token, layer) once.
+
+    The table is read request by request, so rows written in another order (layer first, or
+    one request's row moved to the end) used to split a request into pieces that overwrote
+    each other, and a repeated row silently replaced the first: both ran with a wrong hit
+    rate and 100 % coverage. Rows are sorted here (a stable sort: the file's order is kept
+    where it is already right) and a repeated key is an error naming both rows."""
+    same_rid, same_tok = rid[1:] == rid[:-1], tok[1:] == tok[:-1]
+    ordered = bool(np.all((rid[1:] > rid[:-1]) | (same_rid & (
+        (tok[1:] > tok[:-1]) | (same_tok & (layer[1:] >= layer[:-1]))))))
+    order = np.arange(len(rid)) if ordered else np.lexsort((layer, tok, rid))
+    rid, tok, layer, values = rid[order], tok[order], layer[order], values[order]
+    same = (rid[1:] == rid[:-1]) & (tok[1:] == tok[:-1]) & (layer[1:] == layer[:-1])
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        first, second = sorted((int(order[i]), int(order[i + 1])))
+        raise TraceError(
+            f"(request_id, token_idx, layer) = ({int(rid[i])}, {int(tok[i])}, {int(layer[i])}) "
+            f"appears twice (rows {first} and {second}); each may have one row",
+            file=path, row=second, field="layer",
+        )
+    return rid, tok, layer, values
 
 
 def _check_ids(values: np.ndarray, layer: np.ndarray, num_experts: int, path: str | Path) -> None:
