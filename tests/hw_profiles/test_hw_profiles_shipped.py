@@ -9,14 +9,19 @@ import pytest
 from moesim.hw_profiles import KINDS, HwProfile, list_profiles, load_profile, profile_from_mapping
 from moesim.traces.model_card import load_card
 
+# the GPUs of published MoE-offloading measurements (mixtral-offloading, MoE-Infinity, Fiddler, ...)
+PUBLISHED_GPUS = {
+    "t4", "rtx3060", "rtx3080_mobile", "rtx3090", "rtx_a5000", "rtx_a6000", "quadro_rtx6000", "l4",
+}
 SHIPPED = {
     "v100_pcie", "v100_sxm2", "jetson_agx_orin", "jetson_orin_nano", "a100_sxm4", "a100_pcie",
     "rtx4090", "h100_pcie",
-}
+} | PUBLISHED_GPUS
 UNIFIED = {"jetson_agx_orin", "jetson_orin_nano"}
-# a notes source id, or (host_cpu figures, which the notes do not cover) a URL, an arXiv id or
-# the measured profile of this repository they were derived from
-SOURCE_REF = re.compile(r"\bS\d+\b|notes §|https?://|arXiv \d{4}\.\d{4,5}|ci_vm_virtio_measured")
+# a notes source id, or (figures the notes do not cover) a URL, an arXiv id, a public code-search
+# index id (where the index names no repository) or the measured profile of this repository
+SOURCE_REF = re.compile(r"\bS\d+\b|notes §|https?://|arXiv \d{4}\.\d{4,5}|ci_vm_virtio_measured"
+                        r"|code-search id \d+")
 
 
 def test_all_issue_profiles_are_shipped() -> None:
@@ -135,3 +140,50 @@ def test_profiles_compose_as_the_hydra_group_hw() -> None:
     assert link.copy_engines == 2
     assert link.name.endswith("h2d-pageable")
     assert link.peak_bandwidth_Bps == pytest.approx(5.5e9)
+
+
+def test_t4_curve_reproduces_the_colab_bandwidthtest_points() -> None:
+    # Colab T4 bandwidthTest shmoo (code-search id 32437540185): 9.1 GB/s at 100 KB, 11.8 at 1 MB,
+    # 12.3 from 32 MB; its 1 KB point implies 2.5 us per copy, so latency_s is 0
+    link = load_profile("t4").expert_link()
+    assert link.latency_s == 0.0
+    assert link.bandwidth(100_000) == pytest.approx(9.1e9)
+    assert link.bandwidth(1_000_000) == pytest.approx(11.8e9)
+    assert link.bandwidth(40_000_000) == pytest.approx(12.3e9)
+    assert link.transfer_time(1000) == pytest.approx(2.5e-6)
+
+
+# (profile, PCIe generation in the bus text, GPU memory GiB, kind of the pinned H2D figure)
+@pytest.mark.parametrize(("name", "gen", "gib", "h2d_kind"), [
+    ("t4", "PCIe 3.0", 15, "measured"), ("quadro_rtx6000", "PCIe 3.0", 24, "estimate"),
+    ("rtx3060", "PCIe 4.0", 12, "estimate"), ("rtx3080_mobile", "PCIe 4.0", 16, "estimate"),
+    ("rtx3090", "PCIe 4.0", 24, "estimate"), ("rtx_a5000", "PCIe 4.0", 24, "estimate"),
+    ("rtx_a6000", "PCIe 4.0", 48, "estimate"), ("l4", "PCIe 4.0", 24, "estimate"),
+])
+def test_published_gpu_profiles_match_their_cited_bus_and_memory(
+        name: str, gen: str, gib: int, h2d_kind: str) -> None:
+    prof = load_profile(name)
+    assert prof.host_link is not None and prof.host_link.bus.startswith(gen)
+    assert prof.gpu_memory_bytes == gib * 2**30
+    peak = prof.host_link.pinned.peak_bandwidth_Bps
+    assert peak.kind == h2d_kind
+    # measured x16 plateaus: Gen3 12.1-13.1 GB/s (S21, S33, S46, S47), Gen4 17.3-26.4 (S34, S44)
+    lo, hi = (11e9, 14e9) if gen == "PCIe 3.0" else (17e9, 27e9)
+    assert lo <= prof.expert_link().peak_bandwidth_Bps <= hi
+    pageable = prof.host_link_model("pageable").peak_bandwidth_Bps
+    assert 0 < pageable < prof.expert_link().peak_bandwidth_Bps
+    # a measured throughput or bandwidth never exceeds its spec by more than boost-clock headroom
+    g = prof.gpu
+    for measured, spec in ((g.fp16_flops_measured, g.fp16_flops),
+                           (g.memory_bandwidth_measured_Bps, g.memory_bandwidth_Bps)):
+        if measured.known and spec.known:
+            assert measured.value <= 1.1 * spec.value, (name, measured, spec)
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_GPUS))
+def test_published_gpu_profiles_use_no_end_to_end_moe_figure(name: str) -> None:
+    """Calibration discipline: these profiles predict published MoE-offloading runs, so no
+    figure may come from one (tokens per second of any inference system); microbenchmarks
+    (bandwidthTest, torch copy and matmul, STREAM-like reads) only."""
+    for q in load_profile(name).quantities():
+        assert not re.search(r"tok(en)?s?/s|tokens per second|tok/s", q.source), (name, q.field)
