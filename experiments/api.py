@@ -127,6 +127,8 @@ def simulate(
         model: a model card name or mapping (None: the card the trace names).
         predictor: a predictor group (``predictor=<name>``: its policy and prediction table).
         outdir: also write the app's outputs (summary.parquet, per_layer.parquet, ...) here.
+        plugins (an option): modules to import first (out-of-tree policies, ...), as
+            ``moesim-sim plugins=[...]``; installed plugins load by entry point anyway.
         options: any other ``moesim-sim`` option by its key (``mode="zero_latency"``,
             ``batch=8``, ``max_requests=10``, ``progress=True``; nested as mappings,
             ``predictions={"path": ...}``, or dotted, ``**{"predictions.path": ...}``;
@@ -155,6 +157,8 @@ def sweep(
     hw: Any = None,
     *,
     cache: Any = None,
+    outdir: str | PathLike[str] | None = None,
+    n_jobs: int = 1,
     progress: bool = False,
     **options: Any,
 ) -> pd.DataFrame:
@@ -163,23 +167,188 @@ def sweep(
 
     ``moesim.sweep(policy=["lru", "belady"], cache=[0.1, 0.25])`` is four runs. Every config
     is composed and checked before the first run, so a bad value fails the whole call at once
-    and nothing has run. ``progress=True`` shows one bar over the runs.
+    and nothing has run.
+
+    Args:
+        outdir: write each run into its own folder below this one, as ``moesim-sim -m`` does
+            (``<n>_<key=value,...>/`` with ``summary.parquet``, ``per_layer.parquet``, ...,
+            ``status.json`` and the config in ``.hydra/config.yaml``): ``moesim-plot outdir``
+            reads it, and a second call with the same outdir skips every run whose folder
+            holds a finished run of the same config hash (its row is read back).
+        n_jobs: runs in parallel in that many worker processes (joblib, like
+            ``hydra/launcher=joblib``; -1: one per CPU). A policy registered in this process
+            (a plugin, or a class defined in a notebook) is sent to the workers.
+        progress: one bar over the runs.
     """
     given = {"trace": trace, "policy": policy, "hw": hw, "cache": cache, **options}
-    axes = {k: list(v) for k, v in given.items() if isinstance(v, (list, tuple))}
+    axes = {k: list(v) for k, v in given.items()
+            if isinstance(v, (list, tuple)) and k != "plugins"}
     if any(not v for v in axes.values()):
         raise InputError(f"sweep: empty list for {', '.join(k for k, v in axes.items() if not v)}")
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0 or n_jobs < -1:
+        raise InputError(f"n_jobs={n_jobs!r}: must be a whole number >= 1 (or -1: every CPU)")
     fixed = {k: v for k, v in given.items() if k not in axes}
-    preps, memo = [], {}
-    for combo in itertools.product(*axes.values()):
-        args = {**fixed, **dict(zip(axes, combo, strict=True))}
+    preps, names, memo = [], [], {}
+    for i, combo in enumerate(itertools.product(*axes.values())):
+        chosen = dict(zip(axes, combo, strict=True))
+        args = {**fixed, **chosen}
         preps.append(_prepare(args.pop("trace"), args.pop("policy"), args.pop("hw"),
                               args.pop("cache"), args, memo))
+        names.append(_run_dirname(i, chosen))
+    root = None
+    if outdir is not None:
+        root = Path(outdir).expanduser()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"outdir {root}: cannot create the folder ({exc.strerror})") from None
     import pandas as pd
     from tqdm import tqdm
 
-    rows = [_run(p, None) for p in tqdm(preps, desc="runs", unit="run", disable=not progress)]
+    dirs = [None if root is None else root / n for n in names]
+    bar = tqdm(total=len(preps), desc="runs", unit="run", disable=not progress)
+    if n_jobs == 1 or len(preps) == 1:
+        rows = []
+        for prep, run_dir in zip(preps, dirs, strict=True):
+            rows.append(_run_in_dir(prep, run_dir))
+            bar.update()
+    else:
+        from joblib import Parallel, delayed
+
+        foreign = _foreign_classes()
+        jobs = (delayed(_run_in_worker)(prep, run_dir, foreign)
+                for prep, run_dir in zip(preps, dirs, strict=True))
+        rows = []
+        for row in Parallel(n_jobs=n_jobs, return_as="generator")(jobs):
+            rows.append(row)
+            bar.update()
+    bar.close()
     return pd.concat(rows, ignore_index=True)
+
+
+def _run_dirname(num: int, chosen: Mapping[str, Any]) -> str:
+    """``<n>_<key=value,...>``: ``moesim-sim -m``'s run folder name (``hydra.job.num`` and the
+    sorted overrides), from the arguments that vary."""
+    from moesim.experiments.paths import safe_dirname
+
+    def text(value: Any) -> str:
+        if isinstance(value, Mapping):
+            return str(value.get("name", "")) if set(value) == {"name"} else json.dumps(
+                dict(value), sort_keys=True, default=str)
+        return str(value)
+
+    return f"{num}_{safe_dirname(','.join(f'{k}={text(v)}' for k, v in sorted(chosen.items())))}"
+
+
+def _run_in_dir(prep: _Prepared, run_dir: Path | None) -> pd.DataFrame:
+    """One run of a sweep; with a folder, skipped when it holds this config's finished run."""
+    if run_dir is None:
+        return _run(prep, None)
+    from omegaconf import OmegaConf
+
+    from moesim.experiments import sim_app
+    from moesim.experiments.sweep_summary import write_status
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with sim_app.run_lock(run_dir):
+        sim_app.remove_stale_temporaries(run_dir)
+        try:
+            digest = sim_app.config_hash(prep.cfg, sim_app.input_digest(prep.cfg))
+        except sim_app.USER_ERRORS as exc:
+            raise InputError(str(exc)) from None
+        done = sim_app.finished(run_dir, digest)
+        if done is not None:
+            write_status(run_dir, "skipped")
+            return done
+        (run_dir / "summary.parquet").unlink(missing_ok=True)  # another config's
+        (run_dir / ".hydra").mkdir(exist_ok=True)
+        OmegaConf.save(prep.cfg, run_dir / ".hydra" / "config.yaml")
+        return _run(prep, run_dir, digest)
+
+
+def _foreign_classes() -> dict[str, dict[str, type]]:
+    """Registered policy and placement classes that are not moesim's own (plugins, classes
+    defined in a notebook or script): a worker process re-registers them (cloudpickle sends a
+    class defined in ``__main__`` by value, an importable one by reference)."""
+    from moesim.policies import registry
+
+    registry.discover()
+    out: dict[str, dict[str, type]] = {}
+    for kind, table in (("eviction", registry.EVICTION), ("prefetch", registry.PREFETCH),
+                        ("placement", registry.PLACEMENT)):
+        out[kind] = {name: cls for name, cls in table.items()
+                     if not cls.__module__.startswith("moesim.")}
+    return out
+
+
+def _run_in_worker(prep: _Prepared, run_dir: Path | None,
+                   foreign: dict[str, dict[str, type]]) -> pd.DataFrame:
+    from moesim.policies import registry
+
+    registry.discover()
+    for kind, table in (("eviction", registry.EVICTION), ("prefetch", registry.PREFETCH),
+                        ("placement", registry.PLACEMENT)):
+        for name, cls in foreign.get(kind, {}).items():
+            table.setdefault(name, cls)
+    return _run_in_dir(prep, run_dir)
+
+
+def plot(
+    table_or_dir: pd.DataFrame | str | PathLike[str],
+    out: str | PathLike[str] | None = None,
+    *,
+    x: str | None = None,
+    hue: str | None = None,
+    style: str | None = None,
+    col: str | None = None,
+    row: str | None = None,
+    metrics: Sequence[str] | None = None,
+    yscale: str = "auto",
+    relative_to: str | None = None,
+    where: Sequence[str] = (),
+    formats: Sequence[str] = ("png", "pdf"),
+    stem: str | None = None,
+    seed: int = 0,
+) -> list[Path]:
+    """``moesim-plot``'s figure of a sweep: from a table (rows of :func:`sweep` or
+    :func:`simulate`, concatenated) or a folder of runs (``moesim-sim -m`` or
+    ``sweep(outdir=...)``); returns the files written.
+
+    The roles (``x``, ``hue``, ``style``, ``col``, ``row``), ``metrics``, ``yscale``,
+    ``relative_to`` (a level of ``hue`` to divide by) and ``where`` (``"key=value"`` filters)
+    are ``moesim-plot``'s ``--x``, ... options with the same defaults: roles not given are
+    chosen from what varies. ``out`` is the folder (default: the runs' folder; required for a
+    table); files are ``<out>/<stem>.<format>``. A folder's per-request tables give the
+    confidence intervals, as in ``moesim-plot``. Bad input raises :class:`InputError`.
+    """
+    import pandas as pd
+
+    from moesim.experiments import plot as mp
+
+    per_request = None
+    try:
+        if isinstance(table_or_dir, pd.DataFrame):
+            if out is None:
+                raise InputError("plot: give out= (a folder) for a table")
+            df = table_or_dir
+        else:
+            folder = Path(table_or_dir).expanduser()
+            if not folder.is_dir():
+                raise InputError(f"plot: {folder} is not a folder of runs")
+            df = mp.collect(folder)
+            per_request = mp.collect_per_request(folder)
+            out = folder if out is None else out
+        bad = [f for f in formats if f not in mp.FORMATS]
+        if bad:
+            raise InputError(f"plot: formats {bad}: choose from {', '.join(mp.FORMATS)}")
+        rows = mp.apply_where(df, list(where))
+        spec = mp.choose_spec(rows, x=x, hue=hue, style=style, col=col, row=row,
+                              metrics=list(metrics) if metrics else None, yscale=yscale,
+                              relative=relative_to)
+        return mp.plot_spec(rows, spec, Path(out).expanduser(), stem, formats=tuple(formats),
+                            per_request=per_request, seed=seed)
+    except (mp.PlotError, FileNotFoundError) as exc:
+        raise InputError(str(exc)) from None
 
 
 # --- config: the app's, composed without running an app ---------------------------------
@@ -347,6 +516,17 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
 
     from moesim.experiments.schema import check
 
+    plugins = options.get("plugins")
+    if plugins:  # before the policy name is looked up: they may register it
+        from moesim.plugins import PluginError, import_modules
+
+        if isinstance(plugins, str) or not isinstance(plugins, Sequence):
+            raise InputError(f"plugins={plugins!r}: must be a list of module names")
+        options["plugins"] = list(plugins)
+        try:
+            import_modules(plugins)
+        except PluginError as exc:
+            raise InputError(str(exc)) from None
     overrides, values, trace_name = _trace_choice(trace)
     hw_overrides, hw_node = _hw_choice(hw)
     overrides += hw_overrides
@@ -420,7 +600,7 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
 # --- running: sim_app's own steps ------------------------------------------------------------
 
 
-def _run(prep: _Prepared, outdir: Path | None) -> pd.DataFrame:
+def _run(prep: _Prepared, outdir: Path | None, digest: str | None = None) -> pd.DataFrame:
     import pandas as pd
 
     from moesim.experiments import sim_app
@@ -428,8 +608,12 @@ def _run(prep: _Prepared, outdir: Path | None) -> pd.DataFrame:
 
     cfg = prep.cfg
     try:
-        result, row = sim_app.run_recorded(cfg, sim_app.config_hash(cfg, sim_app.input_digest(cfg)))
+        if digest is None:
+            digest = sim_app.config_hash(cfg, sim_app.input_digest(cfg))
+        result, row = sim_app.run_recorded(cfg, digest)
     except sim_app.USER_ERRORS as exc:
+        if outdir is not None:
+            write_status(outdir, "failed", str(exc))
         raise InputError(str(exc)) from None
     if prep.trace_name is not None:
         row["trace.name"] = prep.trace_name

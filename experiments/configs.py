@@ -27,8 +27,19 @@ def _yaml(path: Path) -> dict:
 
 
 def register_configs() -> None:
-    """Store the hw, model and policy groups (idempotent)."""
+    """Store the hw, runtime, model and policy groups (idempotent). Profiles and cards are read
+    once per process; policies are looked up on every call, so one registered since (a plugin's,
+    a user's own ``@register_eviction`` class) is a ``policy=<name>`` choice from then on."""
     _register_once()
+    _register_new_policies()
+
+
+def _register_new_policies() -> None:
+    cs = ConfigStore.instance()
+    stored = {name.removesuffix(".yaml") for name in cs.repo.get("policy", {})}
+    for name in policy_names():
+        if name not in stored:
+            cs.store(group="policy", name=name, node=default_config(name))
 
 
 @functools.cache
@@ -42,8 +53,6 @@ def _register_once() -> None:
         cs.store(group="runtime", name=name, node=_yaml(runtime_path(name)))
     for path in sorted(MODELS_DIR.glob("*.yaml")):
         cs.store(group="model", name=path.stem, node=_yaml(path))
-    for name in policy_names():
-        cs.store(group="policy", name=name, node=default_config(name))
     cs.store(group="hydra/help", name="moesim", node=_help_node())
 
 

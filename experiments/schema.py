@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 _MISSING = object()
 # Sections that may be null as a whole (every option in them then takes its default).
@@ -190,6 +190,11 @@ def check(cfg: DictConfig) -> list[str]:
                              if o.key.startswith(section + "."))
             errors.append(f"{section}={'null' if node is None else node}: must be a mapping "
                           f"(keys: {keys})")
+    plugins = cfg.get("plugins") if "plugins" in cfg else []
+    if plugins is not None and not (
+            isinstance(plugins, ListConfig) and all(isinstance(m, str) and m for m in plugins)):
+        errors.append(f"plugins={plugins}: must be a list of module names "
+                      "(plugins=[my_pkg.policies]; [] for none)")
     for opt in OPTIONS:
         raw = _get(cfg, opt.key)
         if raw is _MISSING:

@@ -43,6 +43,7 @@ from moesim.hw_profiles.runtime import (
     load_runtime,
     runtime_from_mapping,
 )
+from moesim.plugins import PluginError, import_modules, load_plugins, plugins_from_argv
 from moesim.policies.base import Knowledge, PolicyError
 from moesim.policies.registry import resolve, resolve_placement
 from moesim.predictors.data import PredictorError
@@ -57,12 +58,15 @@ from moesim.traces.store import atomic_path
 
 USER_ERRORS = (
     SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
-    PredictorError, MissingExtra,
+    PredictorError, MissingExtra, PluginError,
 )
 
 
 def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     """Simulate the configured run; returns the result and the flat config row."""
+    # Plugins first, in whatever process runs this (a joblib worker, a submitit job): entry
+    # points and plugins=[...] modules register their policies, profiles, importers.
+    load_plugins(cfg.get("plugins") or ())
     trace = load_run_trace(cfg)
     if not trace.requests:
         raise TraceError("the replay has no requests (check requests=, max_requests=)")
@@ -137,6 +141,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         staging=rt.staging_buffers if timed else 0,
     )
     row = flat_config(cfg)
+    if not cfg.get("plugins"):  # the column appears only when plugins=[...] was given
+        row.pop("plugins", None)
     row.update({
         "model.name": card.name,
         "cache.slots": capacity,
@@ -304,6 +310,8 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in ("hydra", "progress"):
         data.pop(key, None)
+    if not data.get("plugins"):  # runs from before the option keep their hash
+        data.pop("plugins", None)
     params = data.get("placement_params") or {}
     if data.get("placement", "fetch") == "fetch" and not any(
             v is not None for v in params.values()):
@@ -445,6 +453,13 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    # A plugins=[...] override names modules whose policies the config may choose: import them
+    # before Hydra composes it (entry points load with the policy registry).
+    try:
+        import_modules(plugins_from_argv(sys.argv[1:]))
+    except PluginError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     register_configs()
     with sweep_workers_die_with_parent():  # a killed sweep must not leave its workers running
         _hydra_main()

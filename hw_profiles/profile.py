@@ -445,12 +445,16 @@ def profile_from_mapping(
 
 
 def list_profiles() -> list[str]:
-    """Names of the profile YAMLs shipped in hw_profiles/."""
-    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+    """Names of the profile YAMLs shipped in hw_profiles/ and in plugins (moesim.plugins)."""
+    from moesim.plugins import profile_files
+
+    return sorted(profile_files("moesim.hw_profiles", PROFILES_DIR))
 
 
 def profile_path(name: str) -> Path:
-    path = PROFILES_DIR / f"{name}.yaml"
+    from moesim.plugins import profile_files
+
+    path = profile_files("moesim.hw_profiles", PROFILES_DIR).get(name, PROFILES_DIR / "-")
     if not path.is_file():
         raise ProfileError(
             f"hardware profile {name!r} not found; known profiles: {', '.join(list_profiles())}"

@@ -177,12 +177,16 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
 
 
 def list_runtimes() -> list[str]:
-    """Names of the runtime YAMLs shipped in hw_profiles/runtimes/."""
-    return sorted(p.stem for p in RUNTIMES_DIR.glob("*.yaml"))
+    """Names of the runtime YAMLs shipped in hw_profiles/runtimes/ and in plugins."""
+    from moesim.plugins import profile_files
+
+    return sorted(profile_files("moesim.runtimes", RUNTIMES_DIR))
 
 
 def runtime_path(name: str) -> Path:
-    path = RUNTIMES_DIR / f"{name}.yaml"
+    from moesim.plugins import profile_files
+
+    path = profile_files("moesim.runtimes", RUNTIMES_DIR).get(name, RUNTIMES_DIR / "-")
     if not path.is_file():
         raise ProfileError(f"unknown runtime {name!r}; shipped: {', '.join(list_runtimes())}")
     return path

@@ -64,12 +64,23 @@ def _check_new(name: str) -> None:
 
 
 def discover() -> None:
-    """Import every module of the ``policies`` package so their decorators run."""
+    """Import every module of the ``policies`` package so their decorators run, and the
+    plugins installed under moesim's entry points (:mod:`moesim.plugins`; once per process).
+
+    Every lookup by name goes through here, so a plugin's policy resolves in any process (a
+    joblib worker, a submitit job) without that process being told about it, and a policy
+    registered by a user's own ``@register_eviction`` at any time is found on the next lookup.
+    """
     from moesim import policies
+    from moesim.plugins import PluginError, load_entry_points
 
     for mod in pkgutil.iter_modules(policies.__path__):
         if mod.name not in ("base", "registry"):
             importlib.import_module(f"{policies.__name__}.{mod.name}")
+    try:
+        load_entry_points()
+    except PluginError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def params_of(cls: type) -> dict[str, Any]:

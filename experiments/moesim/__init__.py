@@ -8,7 +8,9 @@ The Python API (:mod:`moesim.experiments.api`)::
 
     import moesim
     row = moesim.simulate("embedded", "lru", "v100_pcie", cache=0.25)   # one summary row
-    table = moesim.sweep(policy=["lru", "belady"], cache=[0.1, 0.25])    # a grid of runs
+    table = moesim.sweep(policy=["lru", "belady"], cache=[0.1, 0.25],   # a grid of runs,
+                         outdir="multirun/api", n_jobs=2)               # resumable, in parallel
+    moesim.plot("multirun/api")                                         # moesim-plot's figure
 
 Its names load on first use, so ``import moesim`` stays fast and never imports torch.
 """
@@ -24,8 +26,8 @@ try:
 except PackageNotFoundError:  # run from a source tree that was never installed
     __version__ = "0+unknown"
 
-_API = ("InputError", "list_policies", "list_profiles", "list_traces", "load_trace", "simulate",
-        "sweep")
+_API = ("InputError", "list_policies", "list_profiles", "list_traces", "load_trace", "plot",
+        "simulate", "sweep")
 
 if TYPE_CHECKING:
     from moesim.experiments.api import (
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
         list_profiles,
         list_traces,
         load_trace,
+        plot,
         simulate,
         sweep,
     )
@@ -57,6 +60,7 @@ __all__ = [
     "list_profiles",
     "list_traces",
     "load_trace",
+    "plot",
     "simulate",
     "sweep",
 ]

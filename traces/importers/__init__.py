@@ -49,7 +49,12 @@ def register(name: str) -> Callable[[Importer], Importer]:
 
 
 def import_trace(fmt: str, src: str | Path, out: str | Path, **opts: Any) -> ImportResult:
-    """Convert source ``src`` of format ``fmt`` into the project trace ``out``."""
+    """Convert source ``src`` of format ``fmt`` into the project trace ``out`` (the formats of
+    installed plugins, ``moesim.importers`` entry points, included)."""
+    if fmt not in IMPORTERS:
+        from moesim.plugins import load_entry_points
+
+        load_entry_points()
     try:
         fn = IMPORTERS[fmt]
     except KeyError:
