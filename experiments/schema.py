@@ -14,13 +14,21 @@ are loaded (trace readers, the profile schema, model cards, the policy registry)
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _MISSING = object()
+_UNSET = object()  # a mandatory value left as ``???``
+# Integer options above this are refused: no trace, batch or seed needs more, and a value like
+# max_requests=1e30 used to crash deep in a run (islice, int64 columns) instead of here.
+INT_MAX = 2**31 - 1
+TRACE_CONF_DIR = Path(__file__).parent / "conf" / "trace"
 # Sections that may be null as a whole (every option in them then takes its default).
 _NULLABLE_SECTIONS = ("placement_params", "predictions", "validate")
 
@@ -135,6 +143,8 @@ OPTIONS: tuple[Opt, ...] = (
 def _get(cfg: DictConfig, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
+        if isinstance(node, DictConfig) and OmegaConf.is_missing(node, part):
+            return _UNSET
         if not isinstance(node, DictConfig) or part not in node:
             return _MISSING
         node = node[part]
@@ -169,6 +179,8 @@ def _range(opt: Opt, value: float) -> str | None:
         return f"must be {'>' if opt.lo_open else '>='} {opt.lo:g}"
     if opt.hi is not None and value > opt.hi:
         return f"must be <= {opt.hi:g}"
+    if opt.kind == "int" and value > INT_MAX:
+        return f"must be <= {INT_MAX}"
     return None
 
 
@@ -195,9 +207,13 @@ def check(cfg: DictConfig) -> list[str]:
             isinstance(plugins, ListConfig) and all(isinstance(m, str) and m for m in plugins)):
         errors.append(f"plugins={plugins}: must be a list of module names "
                       "(plugins=[my_pkg.policies]; [] for none)")
+    converted: dict[str, Any] = {}
     for opt in OPTIONS:
         raw = _get(cfg, opt.key)
         if raw is _MISSING:
+            continue
+        if raw is _UNSET:
+            errors.append(f"{opt.key}=???: must be set ({opt.describe()})")
             continue
         if raw is None:
             if not opt.nullable:
@@ -211,6 +227,8 @@ def check(cfg: DictConfig) -> list[str]:
             errors.append(f"{opt.key}={raw}: {why}")
         else:
             values[opt.key] = value
+            if type(value) is not type(raw):  # seed=1.0 runs as seed 1, recorded as 1
+                converted[opt.key] = value
     sizes = [k for k in ("cache.fraction", "cache.experts", "cache.bytes", "cache.mib")
              if values.get(k) is not None]
     size_errors = any(e.startswith("cache.") for e in errors)
@@ -218,6 +236,109 @@ def check(cfg: DictConfig) -> list[str]:
         given = ", ".join(f"{k}={values[k]}" for k in sizes) or "none"
         errors.append(f"cache size: give exactly one of cache.fraction, cache.experts, "
                       f"cache.bytes, cache.mib (given: {given})")
+    errors += check_trace(cfg) + check_policy(cfg)
+    if not errors:
+        for key, value in converted.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return errors
+
+
+def _trace_configs() -> dict[str, dict[str, Any]]:
+    """The named trace configs (experiments/conf/trace) by the name they record, with their
+    paths resolved (they read ``$MOESIM_TRACES``)."""
+    return _trace_configs_under(os.environ.get("MOESIM_TRACES"))
+
+
+@functools.lru_cache(maxsize=4)
+def _trace_configs_under(_traces_env: str | None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for path in sorted(TRACE_CONF_DIR.glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        if isinstance(node, dict) and node.get("name"):
+            out.setdefault(str(node["name"]), node)
+    return out
+
+
+def check_trace(cfg: DictConfig) -> list[str]:
+    """The trace that runs is the one the row names: a named trace (``trace=embedded``) reads
+    its own path and format, so ``trace.path=x`` without ``trace=file`` (which ran the embedded
+    trace and recorded ``x``) and a ``trace.name`` that names another trace are refused."""
+    node = cfg.get("trace") if "trace" in cfg else None
+    if not isinstance(node, DictConfig):
+        return []
+    name = node.get("name")
+    if OmegaConf.is_missing(node, "path"):
+        return [f"trace.path: trace={name} needs the trace file: trace={name} "
+                "trace.path=<trace.parquet>"]
+    if name == "file":
+        return []
+    known = _trace_configs()
+    if name not in known:
+        return [f"trace.name={name}: names no trace config ({', '.join(sorted(known))}, or "
+                "trace=file trace.path=<file>); a trace is chosen with trace=<name>"]
+    want = known[name]
+    return [f"trace.{key}={node.get(key)}: trace={name} reads its own {key} ({want.get(key)}); "
+            "another trace is trace=file trace.path=<file> (trace.format=<importer> for a "
+            "raw source)"
+            for key in ("path", "format") if str(node.get(key)) != str(want.get(key))]
+
+
+def check_policy(cfg: DictConfig) -> list[str]:
+    """``policy.name`` is the row's label, so it must name what runs: an eviction policy's
+    name is its eviction (and it prefetches nothing), a prefetch policy's name its prefetch.
+    ``policy=lru policy.name=belady`` ran LRU recorded as Belady, ``policy=lru
+    policy.eviction=belady`` the reverse; a prefetch policy's eviction may still be swapped
+    (``policy=moe_infinity policy.eviction=lru``), which the row records beside the name."""
+    node = cfg.get("policy") if "policy" in cfg else None
+    if not isinstance(node, DictConfig):
+        return []
+    from moesim.policies.registry import EVICTION, PREFETCH, discover
+
+    discover()
+    name, ev, pf = node.get("name"), node.get("eviction"), node.get("prefetch")
+    if name in EVICTION:
+        if ev not in (None, name):
+            return [f"policy.name={name}, policy.eviction={ev}: the row would record {name} "
+                    f"while {ev} runs; choose the policy with policy=<name>"]
+        if pf not in (None, "none"):
+            return [f"policy.name={name}, policy.prefetch={pf}: {name} prefetches nothing; "
+                    f"run policy={pf} policy.eviction={name}"]
+    elif name in PREFETCH and name != "none":
+        if pf not in (None, name):
+            return [f"policy.name={name}, policy.prefetch={pf}: the row would record {name} "
+                    f"while {pf} runs; choose the policy with policy=<name>"]
+    else:
+        return [f"policy.name={name}: not a registered policy; a policy is chosen with "
+                "policy=<name> (moesim-sim --help lists them)"]
+    return []
+
+
+# Fields that name what runs: chosen by their group (``policy=belady``), never set alone.
+IDENTITY_KEYS = ("policy.name", "hw.name", "trace.name")
+# Sections whose own loader refuses an unknown key (profile schema, policy registry, cards).
+_SELF_CHECKED = ("hw", "policy", "model", "runtime")
+
+
+def check_overrides(overrides: list[str], groups: set[str]) -> list[str]:
+    """Command-line overrides that would run something other than what the row records:
+    ``policy.name=...`` (and ``hw.name``, ``trace.name``) relabel a run without changing it,
+    and ``+foo=1`` adds a key nothing reads. ``groups`` are the config groups (``+experiment=``
+    picks one)."""
+    errors = []
+    known = {o.key for o in OPTIONS}
+    for text in overrides:
+        key, eq, _ = text.partition("=")
+        if not eq:
+            continue
+        plain = key.lstrip("+~")
+        if plain in IDENTITY_KEYS:
+            group = plain.split(".")[0]
+            errors.append(f"{text}: {plain} names what runs; choose another with "
+                          f"{group}=<name> (label=<text> names a run freely)")
+        elif key.startswith("+") and plain not in groups and plain not in known and (
+                plain.split(".")[0] not in _SELF_CHECKED):
+            errors.append(f"{text}: {plain} is not a moesim-sim option (moesim-sim --help "
+                          "lists them)")
     return errors
 
 
