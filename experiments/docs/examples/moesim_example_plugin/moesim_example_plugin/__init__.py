@@ -1,0 +1,1 @@
+"""An example moesim plugin: the ``my_random`` eviction policy (see ``policies.py``)."""

@@ -1,0 +1,139 @@
+"""Plugins: the worked example package (experiments/docs/examples/moesim_example_plugin),
+installed for real (pip, into a folder put on PYTHONPATH, so this environment is untouched),
+runs through its entry point in a joblib sweep and a submitit_local sweep; a module given as
+``plugins=[...]`` registers its policy in every worker; a policy defined in a notebook runs in
+``moesim.sweep(n_jobs=2)``; and a plugin that fails is one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import moesim
+from moesim.plugins import GROUPS, plugins_from_argv
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "experiments" / "docs" / "examples" / "moesim_example_plugin"
+SMALL = ["mode=zero_latency", "max_requests=2", "progress=false"]
+
+MODULE_PLUGIN = '''
+from moesim.policies.fifo import FIFO
+from moesim.policies.registry import register_eviction
+
+
+@register_eviction
+class ModuleFIFO(FIFO):
+    name = "module_fifo"
+'''
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """PYTHONPATH with the example installed by pip (its dist-info carries the entry point)
+    and a plain module, ``my_plugin_mod``, that is importable but not installed."""
+    tmp = tmp_path_factory.mktemp("plugins")
+    src = tmp / "src"
+    shutil.copytree(EXAMPLE, src)  # the build writes build/ and *.egg-info beside the sources
+    site = tmp / "site"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+         "--no-index", "--target", str(site), str(src)],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list(site.glob("moesim_example_plugin-*.dist-info/entry_points.txt"))
+    (site / "my_plugin_mod.py").write_text(MODULE_PLUGIN)
+    return str(site)
+
+
+def _sim(args: list[str], cwd: Path, pythonpath: str | None) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-m", "moesim", "sim", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=400, check=False)
+
+
+def _rows(sweep: Path) -> pd.DataFrame:
+    files = sorted(sweep.glob("*/summary.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+
+
+def test_entry_point_and_plugins_option_run_in_a_joblib_sweep(plugin_path: str,
+                                                              tmp_path: Path) -> None:
+    sweep = tmp_path / "joblib"
+    proc = _sim(["-m", "policy=my_random,module_fifo", "cache.fraction=0.2,0.4",
+                 "plugins=[my_plugin_mod]", *SMALL, "hydra/launcher=joblib",
+                 "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], tmp_path, plugin_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"sweep {sweep}: 4 done, 0 skipped, 0 failed" in proc.stdout
+    rows = _rows(sweep)
+    assert sorted(rows["policy.name"]) == ["module_fifo", "module_fifo", "my_random", "my_random"]
+    assert (rows["plugins"] == "['my_plugin_mod']").all()  # the row says what was imported
+    assert rows["config_hash"].nunique() == 4 and (rows["hit_rate"] > 0).all()
+
+
+@pytest.mark.slow
+def test_entry_point_policy_runs_in_a_submitit_sweep(plugin_path: str, tmp_path: Path) -> None:
+    sweep = tmp_path / "submitit"
+    proc = _sim(["-m", "policy=my_random", "cache.fraction=0.2,0.4", *SMALL,
+                 "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
+                 f"hydra.sweep.dir={sweep}"], tmp_path, plugin_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(sweep)
+    assert list(rows["policy.name"]) == ["my_random", "my_random"]
+    assert "plugins" not in rows  # an entry point needs no option
+    assert list(sweep.glob(".submitit/*/*_result.pkl"))  # separate submitit jobs ran them
+
+
+def test_without_the_plugin_the_policy_is_one_error_line(tmp_path: Path) -> None:
+    proc = _sim(["policy=module_fifo", *SMALL, "hydra.run.dir=out"], tmp_path, None)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    proc = _sim(["plugins=[no_such_plugin_mod]", "policy=lru", *SMALL, "hydra.run.dir=out"],
+                tmp_path, None)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "error: plugins: cannot import 'no_such_plugin_mod': ModuleNotFoundError: "
+        "No module named 'no_such_plugin_mod'"]
+
+
+def test_a_notebook_policy_runs_in_a_parallel_api_sweep(tmp_path: Path) -> None:
+    """A class defined in ``__main__`` (a notebook, a script), registered after moesim was
+    first used, runs through ``moesim.sweep`` in worker processes, into resumable folders."""
+    from moesim.policies.fifo import FIFO
+    from moesim.policies.registry import EVICTION, register_eviction
+
+    moesim.simulate(policy="lru", mode="zero_latency", max_requests=1)  # moesim already used
+    notebook_class = type("NotebookFIFO", (FIFO,), {"name": "notebook_fifo",
+                                                    "__module__": "__main__"})
+    register_eviction(notebook_class)
+    try:
+        out = tmp_path / "runs"
+        table = moesim.sweep(policy=["notebook_fifo", "fifo"], cache=[0.2, 0.4],
+                             mode="zero_latency", max_requests=2, outdir=out, n_jobs=2)
+        assert list(table["policy.name"]) == ["notebook_fifo"] * 2 + ["fifo"] * 2
+        # the subclass changes nothing: the same hit rates as the shipped FIFO
+        assert list(table["hit_rate"][:2]) == list(table["hit_rate"][2:])
+        statuses = [json.loads(p.read_text())["status"] for p in sorted(out.glob("*/status.json"))]
+        assert statuses == ["done"] * 4
+        again = moesim.sweep(policy=["notebook_fifo", "fifo"], cache=[0.2, 0.4],
+                             mode="zero_latency", max_requests=2, outdir=out)
+        statuses = [json.loads(p.read_text())["status"] for p in sorted(out.glob("*/status.json"))]
+        assert statuses == ["skipped"] * 4
+        pd.testing.assert_frame_equal(again, table)
+        assert moesim.plot(out)  # moesim-plot's figure of the folder
+    finally:
+        EVICTION.pop("notebook_fifo", None)
+
+
+def test_plugins_from_argv() -> None:
+    assert plugins_from_argv(["policy=x", "plugins=[a.b,c]", "+plugins=d"]) == ["a.b", "c", "d"]
+    assert plugins_from_argv(["plugins=[]", "x=plugins=[e]"]) == []
+    assert GROUPS == ("moesim.policies", "moesim.placements", "moesim.predictors",
+                      "moesim.hw_profiles", "moesim.runtimes", "moesim.importers")
