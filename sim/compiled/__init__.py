@@ -34,10 +34,11 @@ from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
 from moesim.sim.compiled import kernel
 from moesim.sim.compiled import layout as K
-from moesim.sim.compiled.stamp import refresh_cache
+from moesim.sim.compiled.stamp import cache_folder, compile_notice, refresh_cache
 from moesim.sim.compiled.sums import MAX_PAIRWISE
 
-refresh_cache()  # numba loads cached code at a kernel's first call, not at import
+# numba loads cached code at a kernel's first call, not at import
+refresh_cache(cache=cache_folder(kernel.replay))
 
 if TYPE_CHECKING:
     from moesim.sim.engine import Simulation
@@ -271,6 +272,7 @@ def run(sim: Simulation) -> None:
                 orders.append(_install_order(sim._new_cache()))
     inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
     inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
+    compile_notice(kernel.replay)  # one stderr line when this call compiles (~40 s)
     if ev_code == K.EV_BELADY:
         nocc, cursor = kernel.next_occurrences(keys.reshape(-1), num_k)
     else:

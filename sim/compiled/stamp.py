@@ -1,29 +1,47 @@
-"""Drop numba's cached machine code when any compiled module changed.
+"""numba's cache of the compiled engine: dropped when any compiled module changed, and a
+one-line notice when a run is about to compile the kernels.
 
 numba's ``cache=True`` checks only the file that defines a function, but a kernel's cached
 code includes every helper it calls from the sibling modules: after editing (or upgrading) one
 module, a caller cached from an older version would run the old helper, or crash when the
 layout of ``S`` changed. One digest over all of ``sim/compiled/*.py`` is kept beside the cache;
 when it differs, the cache files of this package are removed and numba compiles afresh.
+
+Compiling takes ~40 CPU-s and happens at the kernel's first call in a process whose cache is
+cold (a fresh install or clone, or any edit under ``sim/compiled/``). numba does it silently, so
+:func:`compile_notice` says so on stderr first; a warm run prints nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
+from typing import Any, TextIO
 
 _NAME = "moesim_compiled.digest"
+NOTICE = "compiling the simulator's kernels once (~40 s); later runs reuse them"
 
 
-def refresh_cache(folder: Path | None = None) -> bool:
-    """Remove stale cache files (``__pycache__/*.nbi|nbc``); True if any were removed. Best
-    effort: an unwritable cache folder is left as it is (numba then uses its own fallback)."""
+def cache_folder(dispatcher: Any) -> Path | None:
+    """Where numba keeps ``dispatcher``'s cache files (the package's ``__pycache__``, or under
+    ``NUMBA_CACHE_DIR``, or numba's user-wide fallback when the package folder is read-only)."""
+    try:
+        return Path(dispatcher._cache._cache_path)
+    except AttributeError:  # not a cached dispatcher (or numba's internals moved)
+        return None
+
+
+def refresh_cache(folder: Path | None = None, cache: Path | None = None) -> bool:
+    """Remove stale cache files (``*.nbi|nbc`` in ``cache``, default ``folder/__pycache__``)
+    when the digest of ``folder``'s modules changed; True if any were removed. Best effort: an
+    unwritable cache folder is left as it is (numba then uses its own fallback)."""
     folder = folder or Path(__file__).parent
     digest = hashlib.sha256()
     for path in sorted(folder.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     want = digest.hexdigest()
-    cache = folder / "__pycache__"
+    cache = cache or folder / "__pycache__"
     stamp = cache / _NAME
     try:
         if stamp.read_text() == want:
@@ -35,8 +53,31 @@ def refresh_cache(folder: Path | None = None) -> bool:
         for path in list(cache.glob("*.nbi")) + list(cache.glob("*.nbc")):
             path.unlink(missing_ok=True)
             removed = True
-        cache.mkdir(exist_ok=True)
+        cache.mkdir(parents=True, exist_ok=True)
         stamp.write_text(want)
     except OSError:
         return removed
     return removed
+
+
+def will_compile(dispatcher: Any) -> bool:
+    """True when calling ``dispatcher`` now compiles it: nothing compiled or loaded in this
+    process yet, and numba's cache index for it is missing, from another numba version or
+    for an older source file (numba's own freshness test)."""
+    if dispatcher.signatures:  # compiled or loaded from the cache earlier in this process
+        return False
+    try:
+        return not dispatcher._cache._cache_file._load_index()
+    except Exception:  # numba's internals moved: judge by the index file alone
+        folder = cache_folder(dispatcher)
+        return folder is None or not any(folder.glob(f"*{dispatcher.__name__}*.nbi"))
+
+
+def compile_notice(dispatcher: Any, stream: TextIO | None = None) -> bool:
+    """Print :data:`NOTICE` (one line, stderr) if calling ``dispatcher`` now compiles it;
+    True if printed."""
+    if not will_compile(dispatcher):
+        return False
+    out = stream if stream is not None else sys.stderr
+    print(NOTICE, file=out, flush=True)
+    return True
