@@ -14,7 +14,10 @@ Rules the figure keeps, so that it cannot mislead:
   never lines; a numeric x gets lines with markers, on a log axis when it spans a decade;
 * each series has its own colour (Okabe-Ito), marker and dash pattern; units are chosen per
   axis from the data (µs/ms/s, B/KB/MB/GB/TB, shares in %), names come from one table
-  (:mod:`moesim.experiments.plot_style`).
+  (:mod:`moesim.experiments.plot_style`), a log axis says so in its label;
+* panels form a grid, metrics as rows and the ``--col`` values as columns (``--row`` values
+  nest under each metric); tick labels never overlap (turned or thinned as measured);
+* PDFs embed TrueType fonts (no Type 3, which paper submission checks refuse).
 
 Runs that have not finished have no summary yet and are simply not included, so this can be
 pointed at a sweep that is still running. A run folder holding ``timeline.json`` is drawn as a
@@ -24,6 +27,7 @@ Gantt chart, a ``validation.parquet`` folder as predicted against measured.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import sys
@@ -41,7 +45,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import FixedLocator, NullLocator
+from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
 from moesim.experiments import plot_style as ps
 from moesim.experiments.plot_style import STYLE
@@ -523,25 +527,19 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
     rows_lv = ps.level_order(spec.row, df[spec.row].tolist()) if spec.row else [None]
     cols_lv = ps.level_order(spec.col, df[spec.col].tolist()) if spec.col else [None]
     panels = []  # (metric, row value, col value, table)
-    if spec.row:  # a grid: one row per row value, metrics x col values across
-        for rv in rows_lv:
-            for m in spec.metrics:
-                t = cells[m].table
-                panels += [(m, rv, cv, t[_match(t, spec.row, rv) & _match(t, spec.col, cv)])
-                           for cv in cols_lv]
-    else:
+    if spec.row or spec.col:  # a grid: metrics (x row values) as rows, col values as columns
         for m in spec.metrics:
             t = cells[m].table
-            panels += [(m, None, cv, t[_match(t, spec.col, cv)]) for cv in cols_lv]
-    if spec.row:
-        ncols, nrows = len(spec.metrics) * len(cols_lv), len(rows_lv)
-        where = list(range(len(panels)))
-    else:
-        panels = [p for p in panels if len(p[3])]  # e.g. stall in zero-latency runs
+            panels += [(m, rv, cv, t[_match(t, spec.row, rv) & _match(t, spec.col, cv)])
+                       for rv in rows_lv for cv in cols_lv]
+        ncols, nrows = len(cols_lv), len(spec.metrics) * len(rows_lv)
+    else:  # one panel per metric, side by side (wrapped): every panel shows the same runs
+        panels = [(m, None, None, cells[m].table) for m in spec.metrics
+                  if len(cells[m].table)]  # e.g. stall in zero-latency runs
         ncols = min(WRAP, max(len(panels), 1))
         nrows = max(1, math.ceil(len(panels) / ncols))
-        where = list(range(len(panels)))
-    if not panels:
+    where = list(range(len(panels)))
+    if not any(len(p[3]) for p in panels):
         raise PlotError(f"nothing to draw: no finite values of {', '.join(spec.metrics)}")
     categorical = _is_categorical(df, spec.x)
     x_levels = ps.level_order(spec.x, df[spec.x].tolist())
@@ -565,10 +563,11 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
         flat = list(axes.flat)
         for ax in flat[len(panels):]:
             ax.set_visible(False)
+        grid = bool(spec.row or spec.col)
         for pos, (metric, rv, cv, sub) in zip(where, panels, strict=True):
             ax = flat[pos]
-            if sub.empty:
-                ax.set_visible(False)
+            if sub.empty:  # a grid cell without values says why, instead of a blank hole
+                _empty_panel(ax, spec, metric, rv, cv)
                 continue
             yf, y_unit = y_units[metric]
             for k, s in enumerate(series):
@@ -580,17 +579,144 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
                 else:
                     _draw_line(ax, g.sort_values(spec.x), spec.x, x_scale, s, yf)
             _format_x(ax, spec.x, x_levels, categorical, x_scale, x_unit, log_base)
-            ax.set_ylabel(labels.get(metric) or textwrap.fill(ps.axis_label(metric, y_unit), 34))
+            row, col = divmod(pos, ncols)
+            if not grid or col == 0:  # one y label per row of a grid: its metric
+                log = y_log[metric]
+                ax.set_ylabel(f"{labels[metric]}{', log scale' if log else ''}"
+                              if metric in labels
+                              else _wrap_label(ps.axis_label(metric, y_unit, log)))
             if spec.relative is not None:
                 ax.axhline(0, color="0.3", lw=0.8, zorder=1)
-            title = [f"{ps.quantity(f).label}: {ps.level_name(f, v)}"
-                     for f, v in ((spec.row, rv), (spec.col, cv)) if f]
-            if title:
-                ax.set_title(" · ".join(title))
+            if grid:
+                _facet_titles(ax, spec, rv, cv, row, col, ncols)
+        if grid:  # one x label per column, under its lowest drawn panel
+            for col in range(ncols):
+                drawn = [ax for ax in flat[col::ncols] if ax.axison and ax.get_visible()]
+                for ax in drawn[:-1]:
+                    ax.set_xlabel("")
         _format_y(flat, panels, where, spec, y_units, y_log,
                   {m: "relative" if spec.relative else k for m, k in kinds.items()})
         _legend(fig, spec, series, categorical, [cells[m].ci_label() for m in spec.metrics])
+        untangle_ticks(fig, categorical_x=categorical)
     return fig
+
+
+def _wrap_label(text: str, width: int = 34) -> str:
+    """A long axis label on two lines: the name, then its parenthesis (unit, log scale) whole."""
+    if len(text) <= width:
+        return text
+    name, sep, unit = text.rpartition(" (")
+    if not sep:
+        return textwrap.fill(text, width)
+    return f"{textwrap.fill(name, width)}\n({unit}"
+
+
+def _facet_titles(ax: plt.Axes, spec: Spec, rv: object, cv: object, row: int, col: int,
+                  ncols: int) -> None:
+    """Column values above the top row, row values in the right margin (as FacetGrid does):
+    each is printed once per grid line, not on every panel."""
+    if spec.col and row == 0:
+        ax.set_title(f"{ps.quantity(spec.col).label}: {ps.level_name(spec.col, cv)}")
+    if spec.row and col == ncols - 1:
+        ax.annotate(f"{ps.quantity(spec.row).label}: {ps.level_name(spec.row, rv)}",
+                    xy=(1.04, 0.5), xycoords="axes fraction", rotation=270, ha="left",
+                    va="center")
+
+
+def _empty_panel(ax: plt.Axes, spec: Spec, metric: str, rv: object, cv: object) -> None:
+    zero = any(f == "mode" and v == "zero_latency" for f, v in ((spec.row, rv), (spec.col, cv)))
+    why = ("not defined in zero-latency runs" if zero and ps.quantity(metric).timed_only
+           else "no finite values")
+    ax.set_axis_off()
+    ax.text(0.5, 0.5, f"{ps.quantity(metric).label}:\n{why}", ha="center", va="center",
+            transform=ax.transAxes, color="0.45")
+
+
+def untangle_ticks(fig: plt.Figure, categorical_x: bool = False, pad: float = 3.0) -> None:
+    """No two tick labels overlap, measured on the laid-out figure (constrained layout).
+
+    Category names on x are turned by 45, then 90 degrees when they do not fit side by side,
+    and only every k-th is printed when even upright names collide; numeric ticks that
+    collide are thinned (the first kept, each later one only where it has room)."""
+    for _ in range(3):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()  # type: ignore[attr-defined]
+        changed = False
+        for ax in fig.axes:
+            if not ax.get_visible() or not ax.axison:
+                continue
+            if categorical_x:
+                changed |= _turn_categories(ax, renderer, pad)
+            else:
+                changed |= _thin_ticks(ax, ax.xaxis, renderer, pad)
+            changed |= _thin_ticks(ax, ax.yaxis, renderer, pad)
+        if not changed:
+            return
+
+
+def _shown_ticks(ax: plt.Axes, axis: Any) -> list[tuple[float, float, Any]]:
+    """(display position, data position, label) of the labelled major ticks in view."""
+    locs = list(axis.get_majorticklocs())
+    lo, hi = sorted(axis.get_view_interval())
+    span = (hi - lo) * 1e-9
+    is_x = axis is ax.xaxis
+    out = []
+    for loc, tick in zip(locs, axis.get_major_ticks(len(locs)), strict=True):
+        label = tick.label1
+        if not (lo - span <= loc <= hi + span) or not label.get_visible() or not label.get_text():
+            continue
+        point = ax.transData.transform((loc, 0.0) if is_x else (0.0, loc))
+        out.append((float(point[0] if is_x else point[1]), float(loc), label))
+    return sorted(out, key=lambda t: t[0])
+
+
+def _thin_ticks(ax: plt.Axes, axis: Any, renderer: Any, pad: float) -> bool:
+    ticks = _shown_ticks(ax, axis)
+    if len(ticks) < 2:
+        return False
+    is_x = axis is ax.xaxis
+    kept = [ticks[0]]
+    for t in ticks[1:]:
+        a, b = kept[-1][2].get_window_extent(renderer), t[2].get_window_extent(renderer)
+        gap = b.x0 - a.x1 if is_x else b.y0 - a.y1
+        if gap >= pad:
+            kept.append(t)
+    if len(kept) == len(ticks):
+        return False
+    axis.set_ticks([t[1] for t in kept], labels=[t[2].get_text() for t in kept])
+    axis.set_minor_formatter(NullFormatter())
+    return True
+
+
+def _turn_categories(ax: plt.Axes, renderer: Any, pad: float) -> bool:
+    ticks = _shown_ticks(ax, ax.xaxis)
+    if len(ticks) < 2:
+        return False
+    angle = ticks[0][2].get_rotation()
+    step = min(b[0] - a[0] for a, b in itertools.pairwise(ticks))
+    height = max(t[2].get_fontsize() for t in ticks) * fig_dpi(ax) / 72 * 1.2
+    if angle == 0:
+        boxes = [t[2].get_window_extent(renderer) for t in ticks]
+        if all(b.x0 - a.x1 >= pad for a, b in itertools.pairwise(boxes)):
+            return False
+    elif step * math.sin(math.radians(angle)) >= height + pad:
+        return False  # turned labels are parallel: they clear when their spacing does
+    names = [t[2].get_text() for t in ticks]
+    locs = [t[1] for t in ticks]
+    if angle < 45 and step * math.sin(math.radians(45)) >= height + pad:
+        ax.set_xticks(locs, names, rotation=45, ha="right", rotation_mode="anchor")
+    elif angle < 90 and step >= height + pad:
+        ax.set_xticks(locs, names, rotation=90, ha="center", rotation_mode="default")
+    else:  # too many even upright: every k-th name
+        k = math.ceil((height + pad) / max(step, 1e-9))
+        ax.set_xticks(locs[::k], names[::k], rotation=90, ha="center",
+                      rotation_mode="default")
+    return True
+
+
+def fig_dpi(ax: plt.Axes) -> float:
+    fig = ax.get_figure()
+    return float(fig.dpi) if fig is not None else 100.0
 
 
 def df_ref_value(spec: Spec) -> object:
@@ -648,9 +774,7 @@ def _format_x(ax: plt.Axes, x: str, levels: list[object], categorical: bool, x_s
               x_unit: str, log_base: int | None) -> None:
     if categorical:
         names = [ps.level_name(x, v) for v in levels]
-        turn = _turn_labels(names)
-        ax.set_xticks(range(len(levels)), names, rotation=30 if turn else 0,
-                      ha="right" if turn else "center")
+        ax.set_xticks(range(len(levels)), names)  # turned later if they collide
         ax.set_xlim(-0.6, len(levels) - 0.4)
         ax.grid(False, axis="x")
         for b in range(len(levels) - 1):
@@ -664,7 +788,7 @@ def _format_x(ax: plt.Axes, x: str, levels: list[object], categorical: bool, x_s
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticks(ticks, [f"{t:.3g}" for t in ticks])
-    ax.set_xlabel(ps.axis_label(x, x_unit))
+    ax.set_xlabel(ps.axis_label(x, x_unit, log=log_base is not None))
 
 
 def _format_y(flat: list[plt.Axes], panels: list[tuple[Any, ...]], where: list[int], spec: Spec,
@@ -820,8 +944,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hue", help="column giving one colour per value (default: policy or "
                    "predictor)")
     p.add_argument("--style", help="column giving one marker and dash pattern per value")
-    p.add_argument("--col", help="column giving one panel per value (wrapped at 3 per row)")
-    p.add_argument("--row", help="column giving one row of panels per value")
+    p.add_argument("--col", help="column giving one column of panels per value (each metric "
+                   "is a row of the grid)")
+    p.add_argument("--row", help="column giving one row of panels per value (under each "
+                   "metric)")
     p.add_argument("--metric", action="append", help="metric(s) to draw, one panel each; "
                    "repeat or comma-separate (default: hit rate, stall and time per token)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE[,VALUE]",

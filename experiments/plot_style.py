@@ -154,7 +154,45 @@ FACTORS: dict[str, Quantity] = {
     "seed": Quantity("seed", "count"),
     "warmup_tokens": Quantity("warm-up tokens", "count"),
     "link.expert_transfer_s": Quantity("copy time per expert", "time"),
+    "runtime.name": Quantity("offloading runtime"),
+    "runtime.model": Quantity("runtime's model"),
+    "model.name": Quantity("model"),
+    "trace.path": Quantity("trace file"),
+    "trace.format": Quantity("trace format"),
+    "trace.requests": Quantity("requests in the trace", "count"),
+    "trace.tokens": Quantity("tokens in the trace", "count"),
+    "policy.eviction": Quantity("eviction policy"),
+    "policy.prefetch": Quantity("prefetch policy"),
+    "policy.prefetch_touch": Quantity("prefetch counts as a use"),
+    "cache.mib": Quantity("cache capacity (MiB)"),
+    "cache.sizing": Quantity("cache sizing"),
+    "cache.partition": Quantity("cache partition"),
+    "cache.pin_layer": Quantity("cache pinned per layer"),
+    "cache.pin_layer_effective": Quantity("cache pinned per layer (effective)"),
+    "cache.prefill": Quantity("cache during prefill"),
+    "cache.reset_per_request": Quantity("cache reset per request"),
+    "replay": Quantity("replay"),
+    "prefill_chunk": Quantity("prefill chunk (tokens)", "count"),
+    "warmup_extra_row": Quantity("warm-up extra row"),
+    "engine": Quantity("simulation engine"),
+    "max_requests": Quantity("requests (at most)", "count"),
+    "max_tokens": Quantity("tokens per request (at most)", "count"),
+    "requests": Quantity("requests"),
+    "predictions.path": Quantity("prediction table"),
+    "predictions.min_coverage": Quantity("minimum prediction coverage", "fraction"),
+    "weights.experts_bits": Quantity("expert weight bits", "count"),
+    "weights.attention_bits": Quantity("attention weight bits", "count"),
+    "weights.shared_bits": Quantity("shared-expert weight bits", "count"),
 }
+# A config group's name in a readable fallback (``placement_params.x`` -> "placement x"); a
+# group mapped to "" is left out (``hw.host_link.pinned.peak_bandwidth_Bps`` -> "host link
+# pinned peak bandwidth (B/s)").
+GROUP_NAMES: dict[str, str] = {"placement_params": "placement", "hw": "", "weights": "",
+                               "predictions": "prediction", "output": "output"}
+# Unit suffixes of field names: (suffix, unit printed, kind).
+_SUFFIXES: tuple[tuple[str, str, str], ...] = (
+    ("_Bps", "B/s", "ratio"), ("_flops", "FLOP/s", "ratio"), ("_bytes", "", "bytes"),
+    ("_s", "", "time"))
 
 # Policies: baselines (past only) first, then prefetchers, then oracles (they know the future).
 POLICY_ORDER: tuple[str, ...] = (
@@ -196,19 +234,39 @@ _TIME_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
 _BYTE_UNITS = ((1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1.0, "B"))
 
 
+def readable(key: str) -> str:
+    """A name for a column no table knows: no dots, no underscores, no unit suffix, its config
+    group named as a word (``placement_params.min_gate`` -> "placement min gate")."""
+    group, dot, rest = key.partition(".")
+    if dot:
+        parts = ([GROUP_NAMES.get(group, group)] if GROUP_NAMES.get(group, group) else [])
+        parts += rest.split(".")
+    else:
+        parts = [key]
+    for suffix, _unit, _kind in _SUFFIXES:
+        if parts[-1].endswith(suffix) and len(parts[-1]) > len(suffix):
+            parts[-1] = parts[-1].removesuffix(suffix)
+            break
+    return " ".join(p.replace("_", " ").strip() for p in parts if p).strip() or key
+
+
 def quantity(column: str) -> Quantity:
-    """The column's display name and unit family; unknown columns are named from their suffix
-    (``_s`` seconds, ``bytes`` bytes, ``fraction``/``rate`` shares) so new metrics plot
-    correctly before they are added to :data:`METRICS`."""
+    """The column's display name and unit family; unknown columns get a readable name
+    (:func:`readable`) and a unit family from their suffix (``_s`` seconds, ``bytes`` bytes,
+    ``fraction``/``rate`` shares), so new metrics and config keys plot correctly before they
+    are added to :data:`METRICS` or :data:`FACTORS`."""
     if column in METRICS:
         return METRICS[column]
     if column in FACTORS:
         return FACTORS[column]
-    name = column.replace("_", " ")
+    name = readable(column)
     if column.endswith("_s") or "_s_p" in column:
-        return Quantity(name.removesuffix(" s"), "time", timed_only=True)
+        return Quantity(name, "time", timed_only="." not in column)
     if "bytes" in column:
         return Quantity(name, "bytes")
+    for suffix, unit, _kind in _SUFFIXES[:2]:
+        if column.endswith(suffix):
+            return Quantity(f"{name} ({unit})")
     if column.endswith(("fraction", "_rate", "precision", "recall")):
         return Quantity(name, "fraction")
     return Quantity(name)
@@ -248,12 +306,13 @@ def readable_log_ticks(axis: Axis) -> None:
     axis.set_minor_formatter(NullFormatter())
 
 
-def axis_label(column: str, unit: str) -> str:
-    """``label (unit)``: the unit in parentheses only when there is one."""
+def axis_label(column: str, unit: str, log: bool = False) -> str:
+    """``label (unit)``, ``label (unit, log scale)`` on a log axis: the reader of a printed
+    figure cannot tell 1-2-5 ticks of a log axis from a linear one without it."""
     q = quantity(column)
-    if unit == "%" and q.of:
-        return f"{q.label} (% of {q.of})"
-    return f"{q.label} ({unit})" if unit else q.label
+    notes = [f"% of {q.of}" if unit == "%" and q.of else unit, "log scale" if log else ""]
+    inside = ", ".join(n for n in notes if n)
+    return f"{q.label} ({inside})" if inside else q.label
 
 
 def level_name(factor: str, value: object) -> str:

@@ -205,8 +205,9 @@ def plot_validation(table: pd.DataFrame, out: Path, *, log: bool = False,
             stats = (f"median |err| {e.median():.0%}, max {e.max():.0%} (n={len(e)})"
                      if len(e) else "no errors (real = 0)")
             ax.set_title(f"{label}\n{stats}")
-            ax.set_xlabel(f"measured (real executor, median) ({unit})")
-            ax.set_ylabel(f"predicted (simulator) ({unit})")
+            scale = ", log scale" if log else ""  # said in the label: 1-2-5 ticks look linear
+            ax.set_xlabel(f"measured (real executor, median) ({unit}{scale})")
+            ax.set_ylabel(f"predicted (simulator) ({unit}{scale})")
             ax.set_xlim(lo_v, hi_v)
             ax.set_ylim(lo_v, hi_v)
             if log:
@@ -226,8 +227,9 @@ def plot_validation(table: pd.DataFrame, out: Path, *, log: bool = False,
             handles += [plt.Line2D([], [], ls="none", marker="s", color=colours[i % len(colours)],
                                    label=t) for i, t in enumerate(traces)]
         fig.legend(handles=handles, loc="outside right center")
-    from moesim.experiments.plot import save_figure
+        from moesim.experiments.plot import save_figure, untangle_ticks
 
+        untangle_ticks(fig)
     return save_figure(fig, out, "validation_scatter", dpi=130, formats=formats)
 
 

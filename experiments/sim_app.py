@@ -52,7 +52,7 @@ from moesim.sim.hardware import host_side
 from moesim.sim.metrics import RunResult
 from moesim.sim.workload import WorkloadError
 from moesim.traces import TraceError
-from moesim.traces.cache import entry_lock
+from moesim.traces.cache import ProcessMemo, entry_lock
 from moesim.traces.model_card import ModelCardError
 from moesim.traces.store import atomic_path
 
@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     # Plugins first, in whatever process runs this (a joblib worker, a submitit job): entry
     # points and plugins=[...] modules register their policies, profiles, importers.
     load_plugins(cfg.get("plugins") or ())
-    trace = load_run_trace(cfg)
+    trace = run_trace(cfg)
     if not trace.requests:
         raise TraceError("the replay has no requests (check requests=, max_requests=)")
     longest = max(len(r.experts) for r in trace.requests)
@@ -190,6 +190,23 @@ def _pageable(profile: Any) -> Any:
         return profile.host_link_model("pageable")
     except ProfileError:
         return None
+
+
+# Traces loaded in this process, by content: a sweep worker running many configs on one trace
+# decodes it once (about 1 CPU-s for the DeepSeek training trace), not once per run.
+LOADED_TRACES = ProcessMemo(size=2)
+
+
+def run_trace(cfg: DictConfig) -> Any:
+    """The run's trace (:func:`load_run_trace`), from :data:`LOADED_TRACES` when this process
+    already loaded it. The key is everything that chooses what is loaded: the content hash of
+    the trace file and of a prediction table (:func:`input_digest`; a table's notes or a
+    predictor's split choose the replayed requests), ``requests``, ``max_requests`` and
+    ``max_tokens``; a rewritten trace file has another hash, so it is loaded anew."""
+    node = cfg.get("predictions") or {}
+    key = (input_digest(cfg), str(cfg.get("requests") or "auto"), str(node.get("path")),
+           cfg.get("max_requests"), cfg.get("max_tokens"))
+    return LOADED_TRACES.get(key, lambda: load_run_trace(cfg))
 
 
 def _placement_params(cfg: DictConfig) -> dict[str, Any]:

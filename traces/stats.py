@@ -276,7 +276,7 @@ def plots(st: TraceStats, tabs: dict[str, pd.DataFrame], out: Path) -> list[Path
     ax.plot(n, n / n_e, color="grey", ls=":", label="uniform")
     ax.axvline(k, color="black", ls="--", lw=0.8, label=f"top-k = {k}")
     ax.set_xscale("log")
-    ax.set_xlabel("n (top-n experts of the layer)")
+    ax.set_xlabel("n (top-n experts of the layer; log scale)")
     ax.set_ylabel("share of accesses covered")
     ax.set_ylim(0, 1.01)
     ax.set_title(f"{title}\nconcentration (band = min..max over layers)", fontsize=9)
@@ -301,7 +301,8 @@ def plots(st: TraceStats, tabs: dict[str, pd.DataFrame], out: Path) -> list[Path
             )
     ax.set_xscale("log")
     ax.set_xlabel(
-        f"reuse distance in tokens (same expert, same layer, same request; >{MAX_DISTANCE} pooled)"
+        f"reuse distance in tokens (same expert, layer and request; >{MAX_DISTANCE} pooled; "
+        "log scale)"
     )
     ax.set_ylabel("CDF over reuses")
     ax.set_ylim(0, 1.01)

@@ -88,18 +88,25 @@ def test_defaults_follow_the_sweep_and_options_override_them():
 
 
 def test_time_metrics_have_no_zero_latency_panel():
+    """Facets: one row per metric, one column per --col value; the zero-latency cell of a time
+    metric is blank and says why (it is not moved up into another metric's row)."""
     df = runs(**{"policy.name": ("lru",), "cache.capacity_fraction": (0.1, 0.5),
                  "mode": ("timed", "zero_latency")})
     fig = make_figure(df, choose_spec(df, metrics=["hit_rate", "stall_per_output_token_s"]))
-    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
-    assert titles == ["mode: timed", "mode: zero-latency", "mode: timed"]
+    assert fig.axes[0].get_gridspec().get_geometry() == (2, 2)
+    assert [ax.get_title() for ax in fig.axes] == ["mode: timed", "mode: zero-latency", "", ""]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["hit rate (%)", "",
+                                                    "stall per output token (µs)", ""]
+    assert [ax.axison for ax in fig.axes] == [True, True, True, False]
+    assert "not defined in zero-latency runs" in fig.axes[3].texts[0].get_text()
     plt.close(fig)
-    # --row: a grid, one row per mode, one column per metric; the empty cell is left blank
+    # --row: metrics x modes as rows (one column), the mode in the right margin
     fig = make_figure(df, choose_spec(df, row="mode", metrics=["hit_rate",
                                                                "stall_per_output_token_s"]))
-    assert fig.axes[0].get_gridspec().get_geometry() == (2, 2)
-    assert [(ax.get_visible(), ax.get_title()) for ax in fig.axes] == [
-        (True, "mode: timed"), (True, "mode: timed"), (True, "mode: zero-latency"), (False, "")]
+    assert fig.axes[0].get_gridspec().get_geometry() == (4, 1)
+    margins = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    assert margins[:3] == [["mode: timed"], ["mode: zero-latency"], ["mode: timed"]]
+    assert not fig.axes[3].axison
     plt.close(fig)
 
 
@@ -132,7 +139,7 @@ def test_numeric_x_is_lines_with_a_marker_and_dash_per_series_and_log_when_decad
     assert len({str(ln.get_linestyle()) for ln in lines}) == len(POLICIES)
     assert ax.get_xscale() == "log"
     assert list(lines[0].get_xdata()) == pytest.approx([5, 10, 25, 50, 100])  # percent
-    assert ax.get_xlabel() == "cache capacity (% of routed experts)"
+    assert ax.get_xlabel() == "cache capacity (% of routed experts, log scale)"
     plt.close(fig)
     batch = runs(**{"policy.name": ("lru",), "batch": (1, 2, 4, 8, 16)})
     fig = make_figure(batch, choose_spec(batch, metrics=["hit_rate"]))
@@ -374,3 +381,109 @@ def test_timeline_of_a_cpu_placement_has_a_host_cpu_row(tmp_path, monkeypatch):
     assert "expert on host CPU" in labels and "activation copy" in labels
     assert "low-precision copy" not in labels  # none drawn
     plt.close(drawn[0])
+
+
+# --- figures for venues: log axes named, display names, facets, no overlapping ticks ---------
+
+def test_a_log_y_axis_says_so_in_its_label():
+    df = runs(**{"policy.name": ("lru",), "batch": (1, 2, 4)})
+    df["stall_per_output_token_s"] = [1e-6, 1e-4, 1e-2]  # spans 10^4: log y
+    fig = make_figure(df, choose_spec(df, metrics=["stall_per_output_token_s"]))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylabel().endswith("log scale)")
+    assert ax.get_xscale() == "linear" and "log" not in ax.get_xlabel()  # 1-4: not a decade
+    plt.close(fig)
+
+
+def test_every_config_key_has_a_display_name():
+    """No dotted key or underscore reaches an axis, legend or panel title: every config column
+    of a real run's summary is named by the table or by a readable fallback."""
+    import moesim
+
+    summary = moesim.simulate(mode="zero_latency", max_requests=1, max_tokens=2)
+    from moesim.experiments.plot import factor_columns
+
+    keys = factor_columns(summary)
+    assert len(keys) > 20
+    for key in [*keys, "placement_params.min_gate", "hw.host_link.pinned.peak_bandwidth_Bps"]:
+        label = ps.quantity(key).label
+        assert "." not in label and "_" not in label, (key, label)
+    assert ps.quantity("placement_params.threshold").label == "gate-weight threshold"
+    assert ps.quantity("placement_params.min_gate").label == "placement min gate"
+
+
+def test_figure_texts_never_show_a_raw_config_key():
+    df = runs(**{"placement": ("fetch", "skip_low_weight"),
+                 "placement_params.threshold": (0.01, 0.05, 0.1),
+                 "hw.name": ("v100_pcie", "a100_sxm4")})
+    fig = make_figure(df, choose_spec(df, x="placement_params.threshold", hue="placement",
+                                      col="hw.name", metrics=["hit_rate", "demand_bytes"]))
+    texts = [t.get_text() for t in fig.findobj(plt.Text)]
+    assert texts and not [t for t in texts if "placement_params" in t or "hw.name" in t]
+    assert "hardware profile: v100_pcie" in texts or "hardware profile: a100_sxm4" in texts
+    plt.close(fig)
+
+
+def test_facets_put_metrics_in_rows_and_col_values_in_columns():
+    df = runs(**{"policy.name": ("lru", "belady"), "cache.capacity_fraction": (0.1, 0.5),
+                 "hw.name": ("v100_pcie", "a100_sxm4", "rtx4090", "h100_pcie")})
+    metrics = ["hit_rate", "stall_per_output_token_s", "time_per_output_token_s"]
+    fig = make_figure(df, choose_spec(df, col="hw.name", metrics=metrics))
+    assert fig.axes[0].get_gridspec().get_geometry() == (3, 4)
+    for i, ax in enumerate(fig.axes):
+        row, col = divmod(i, 4)
+        # every panel of a row shows one metric: the same y range, its label on the first
+        assert ax.get_ylim() == fig.axes[row * 4].get_ylim()
+        assert bool(ax.get_ylabel()) == (col == 0)
+        assert bool(ax.get_title()) == (row == 0)
+        assert bool(ax.get_xlabel()) == (row == 2)
+    assert [fig.axes[r * 4].get_ylabel().split(" (")[0] for r in range(3)] == [
+        "hit rate", "stall per output token", "time per output token"]
+    plt.close(fig)
+
+
+def _overlaps(fig: plt.Figure) -> list[str]:
+    """Pairs of visible tick labels that overlap, on the drawn figure. Labels turned by 0 or 90
+    degrees are compared by their boxes; turned labels (parallel) by their spacing."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    found = []
+    for n, ax in enumerate(fig.axes):
+        if not ax.get_visible() or not ax.axison:
+            continue
+        for axis, is_x in ((ax.xaxis, True), (ax.yaxis, False)):
+            labels = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text()]
+            boxes = sorted(((t.get_window_extent(renderer), t) for t in labels),
+                           key=lambda bt: bt[0].x0 if is_x else bt[0].y0)
+            for (a, ta), (b, tb) in itertools.pairwise(boxes):
+                angle = ta.get_rotation() % 180
+                if angle in (0, 90):
+                    if a.overlaps(b):
+                        found.append(f"axes {n}: {ta.get_text()!r} / {tb.get_text()!r}")
+                else:
+                    step = (b.x1 - a.x1) * math.sin(math.radians(angle))
+                    if step < ta.get_fontsize() * fig.dpi / 72:
+                        found.append(f"axes {n}: {ta.get_text()!r} / {tb.get_text()!r} turned")
+    return found
+
+
+def test_tick_labels_never_overlap():
+    # numeric x whose levels sit close together on a linear axis
+    close = runs(**{"policy.name": ("lru",), "cache.capacity_fraction": (
+        0.30, 0.31, 0.32, 0.33, 0.34, 0.35, 0.9)})
+    # many long category names on x
+    hws = tuple(f"a_rather_long_hardware_profile_{i}" for i in range(12))
+    cats = runs(**{"policy.name": ("lru", "belady"), "hw.name": hws})
+    for df, kw in ((close, {}), (cats, {"x": "hw.name"})):
+        fig = make_figure(df, choose_spec(df, metrics=["hit_rate", "demand_bytes"], **kw))
+        assert _overlaps(fig) == []
+        shown = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+        assert len(shown) >= 3  # thinned or turned, not emptied
+        plt.close(fig)
+
+
+def test_the_overlap_check_sees_overlapping_labels():
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.set_xticks([0, 0.01, 0.02], ["first long label", "second long label", "third"])
+    assert _overlaps(fig)
+    plt.close(fig)
