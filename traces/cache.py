@@ -14,8 +14,10 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock, Timeout
 from platformdirs import user_cache_path
@@ -151,3 +153,32 @@ def clear(root: Path | None = None, *, only: str | None = None, stale_only: bool
         n += 1
         nbytes += e.bytes
     return n, nbytes, busy
+
+
+class ProcessMemo:
+    """The last few values built in this process, by a key that names their content (a
+    trace by its file's content hash and the requests taken from it): a sweep worker that runs
+    many configs on one trace loads it once. Bounded (``size`` entries, least recently used
+    dropped first), so a sweep over traces holds at most ``size`` of them. The values are
+    shared: callers must not change them in place (the simulator never does)."""
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._items: dict[Hashable, Any] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """The value stored under ``key``, else ``build()`` (stored unless it raised)."""
+        if key in self._items:
+            self.hits += 1
+            self._items[key] = value = self._items.pop(key)  # most recent last
+            return value
+        self.misses += 1
+        value = build()
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.pop(next(iter(self._items)))
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()
