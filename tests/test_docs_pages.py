@@ -153,4 +153,5 @@ def test_api_reference_covers_every_shipped_policy_and_placement() -> None:
     missing = sorted(f"{c.__module__}.{c.__qualname__}" for c in classes
                      if c.__module__ not in documented
                      and f"{c.__module__}.{c.__qualname__}" not in documented)
-    assert missing == [], f"not in experiments/docs/pages/api/*.md: {missing}"
+    assert missing == [], (f"not in experiments/docs/pages/api/*.md: {missing}; add a line "
+                           "'::: moesim.policies.<module>' under its kind in api/policies.md")
