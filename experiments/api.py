@@ -127,13 +127,13 @@ def simulate(
         model: a model card name or mapping (None: the card the trace names).
         predictor: a predictor group (``predictor=<name>``: its policy and prediction table).
         outdir: also write the app's outputs (summary.parquet, per_layer.parquet, ...) here.
-        plugins (an option): modules to import first (out-of-tree policies, ...), as
-            ``moesim-sim plugins=[...]``; installed plugins load by entry point anyway.
         options: any other ``moesim-sim`` option by its key (``mode="zero_latency"``,
             ``batch=8``, ``max_requests=10``, ``progress=True``; nested as mappings,
             ``predictions={"path": ...}``, or dotted, ``**{"predictions.path": ...}``;
             ``placement={"name": ..., <param>: ...}`` is ``placement`` plus
-            ``placement_params``). ``progress`` defaults to False here.
+            ``placement_params``). ``progress`` defaults to False here. ``plugins=[module,
+            ...]`` imports modules first (out-of-tree policies, ...), as ``moesim-sim
+            plugins=[...]``; installed plugins load by entry point anyway.
 
     Raises:
         InputError: an unknown name or option, a value the schema rejects, a missing file,
