@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from moesim.experiments import modern_models
 from moesim.experiments.plot_style import level_order
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -530,6 +531,8 @@ BLOCKS: dict[str, Block] = {
     # computed from the shipped hardware profiles, not from a sweep
     "crossover": (_crossover, render_crossover, None),
     "host_cpu_table": (lambda: None, _host_cpu_table, None),
+    # experiments/modern_models.py and traces/residency.py write them; modern_models renders
+    **modern_models.BLOCKS,
 }
 
 

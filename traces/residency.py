@@ -172,6 +172,7 @@ class Agreement:
     prefill_accesses: int
     engine_hit_rate: float
     moesim_hit_rate: float
+    moesim_lookup_hit_rate: float  # the run's hit_rate: one lookup per expert per layer step
     agree: int
     agreement: float
     agree_decode: float
@@ -204,11 +205,13 @@ def check(name: str, trace_path: Path, mib: float, import_s: float = float("nan"
         trace=name, model=meta.model, cache_mib=mib,
         moesim_slots=int(summary["cache.slots"].iloc[0]), accesses=len(e_hit),
         prefill_accesses=int(pre.sum()), engine_hit_rate=float(e_hit.mean()),
-        moesim_hit_rate=float(m_hit.mean()), agree=int(same.sum()),
+        moesim_hit_rate=float(m_hit.mean()),
+        moesim_lookup_hit_rate=float(summary["hit_rate"].iloc[0]), agree=int(same.sum()),
         agreement=float(same.mean()), agree_decode=float(same[dec].mean()),
         disagree_prefill=int((~same & pre).sum()), disagree_decode=int((~same & dec).sum()),
         engine_rules_agreement=float((a0 == e_hit).mean()),
-        disagree_slots_rule=int((a1 != e_hit).sum()), flips_byte_vs_slot=int((a0 != a1).sum()), flips_prefill_order=int((a1 != a2).sum()),
+        disagree_slots_rule=int((a1 != e_hit).sum()), flips_byte_vs_slot=int((a0 != a1).sum()),
+        flips_prefill_order=int((a1 != a2).sum()),
         flips_rest=int((a2 != m_hit).sum()),
         residency_col_prefill_zero=int((acc.residency[pre] == 0).sum()),
         residency_col_matches_decode=float(((acc.residency[dec] == 1) == e_hit[dec]).mean()),
