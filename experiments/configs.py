@@ -14,6 +14,7 @@ import yaml
 from hydra.core.config_store import ConfigStore
 
 from moesim import hw_profiles
+from moesim.experiments.packing import register_launchers
 from moesim.hw_profiles.runtime import list_runtimes, runtime_path
 from moesim.policies.registry import default_config, policy_names
 from moesim.traces.model_card import MODELS_DIR
@@ -55,6 +56,7 @@ def _register_once() -> None:
     for path in sorted(MODELS_DIR.glob("*.yaml")):
         cs.store(group="model", name=path.stem, node=_yaml(path))
     cs.store(group="hydra/help", name="moesim", node=_help_node())
+    register_launchers()  # hydra/launcher=packed_local, packed_slurm (runs_per_task)
 
 
 class _SharedConfigStore(ConfigStore):

@@ -67,15 +67,15 @@ def test_every_experiment_composes(experiment):
     assert cfg.trace.path and cfg.policy.name
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "slurm", "ray"])
+@pytest.mark.parametrize("launcher", ["joblib", "slurm", "packed_local"])
 def test_launcher_configs_compose(launcher):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=stall_vs_link",
                                            f"hydra/launcher={launcher}"],
                       return_hydra_config=True)
     target = cfg.hydra.launcher._target_
-    assert {"joblib": "JoblibLauncher", "slurm": "SlurmLauncher",
-            "ray": "RayLauncher"}[launcher] in target
+    assert {"joblib": "JoblibLauncher", "slurm": "PackedSlurmLauncher",
+            "packed_local": "PackedLocalLauncher"}[launcher] in target
 
 
 @pytest.mark.parametrize("model", list_cards())

@@ -25,6 +25,7 @@ from hypothesis import given, settings
 from omegaconf import DictConfig, open_dict
 
 from moesim.experiments.configs import CONF_DIR, register_configs
+from moesim.experiments.packing import pack, unpack
 from moesim.experiments.sweep_summary import (
     STATUS,
     LineClearingStream,
@@ -56,6 +57,42 @@ def test_submitit_local_sweep_runs_every_job(trace_file: Path, tmp_path: Path) -
     assert list(sweep.glob(".submitit/*/*_result.pkl"))  # submitit ran them, not Hydra in-process
     assert f"sweep {sweep}: 2 done, 0 skipped, 0 failed" in proc.stdout
     assert re.search(r"sweep: 100%\|[^\n\r]*\| 2/2 ", proc.stderr), proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_packed_local_sweep_runs_two_runs_per_task_and_resumes(trace_file: Path,
+                                                               tmp_path: Path) -> None:
+    """``hydra/launcher=packed_local runs_per_task=2``: 4 runs in 2 submitit tasks (processes),
+    every run its own folder and config hash; the same command again skips all 4."""
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace_file}",
+           "policy=lru,belady", "cache.fraction=0.25,0.5", "hydra/launcher=packed_local",
+           "hydra.launcher.runs_per_task=2", "hydra.launcher.timeout_min=5",
+           f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/summary.parquet"))])
+    assert len(rows) == 4 and rows["config_hash"].nunique() == 4
+    tasks = sorted(p.parent for p in sweep.glob(".submitit/*/*_result.pkl"))
+    assert len(tasks) == 2  # two tasks, not four
+    for task in tasks:  # each ran two runs, one after the other, in its one process
+        log = next(task.glob("*_log.out")).read_text()
+        assert log.count("  results: ") == 2, log[-2000:]
+    assert f"sweep {sweep}: 4 done, 0 skipped, 0 failed" in proc.stdout
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"sweep {sweep}: 0 done, 4 skipped, 0 failed" in again.stdout
+
+
+def test_pack_and_unpack_keep_every_run_and_its_number() -> None:
+    runs = [["policy=lru", "seed=1"], ["policy=belady"], ["policy=fifo", "batch=2"]]
+    packs = pack(runs, initial_job_idx=5, runs_per_task=2)
+    assert len(packs) == 2
+    assert [r for p in packs for r in unpack(p)] == [(5, runs[0]), (6, runs[1]), (7, runs[2])]
+    with pytest.raises(ValueError, match="runs_per_task must be >= 1"):
+        pack(runs, 0, 0)
 
 
 def test_runs_finished_counts_only_this_sweeps_statuses(tmp_path: Path) -> None:
