@@ -64,6 +64,8 @@ def will_compile(dispatcher: Any) -> bool:
     """True when calling ``dispatcher`` now compiles it: nothing compiled or loaded in this
     process yet, and numba's cache index for it is missing, from another numba version or
     for an older source file (numba's own freshness test)."""
+    if not hasattr(dispatcher, "signatures"):  # a plain function (NUMBA_DISABLE_JIT=1)
+        return False
     if dispatcher.signatures:  # compiled or loaded from the cache earlier in this process
         return False
     try:

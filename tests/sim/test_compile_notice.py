@@ -70,3 +70,10 @@ def test_refresh_cache_drops_files_when_the_sources_change(tmp_path):
     (src / "a.py").write_text("x = 2\n")
     assert refresh_cache(src, cache)
     assert not (cache / "k.f-1.py311.nbi").exists()
+
+
+def test_a_plain_function_never_compiles():
+    """``NUMBA_DISABLE_JIT=1`` leaves the kernels plain functions: no notice."""
+    out = io.StringIO()
+    assert not compile_notice(lambda x: x, out)
+    assert out.getvalue() == ""
