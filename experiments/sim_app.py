@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,7 @@ from moesim.experiments.inputs import (
 from moesim.experiments.paths import resolve_path, sweep_workers_die_with_parent
 from moesim.experiments.provenance import package_version, provenance
 from moesim.experiments.schema import check as check_config
-from moesim.experiments.schema import check_warmup
+from moesim.experiments.schema import check_overrides, check_warmup
 from moesim.experiments.sweep_summary import write_status
 from moesim.extras import MissingExtra, as_missing_extra
 from moesim.hw_profiles import ProfileError
@@ -155,6 +158,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         "trace.requests": len(trace),
         "trace.tokens": trace.num_tokens,
     })
+    row.update(effective_values(cfg, trace))
     if timed:
         row["link.expert_transfer_s"] = link.transfer_time(card.expert_bytes)
     if host is not None and host.cpu is not None:
@@ -207,6 +211,22 @@ def run_trace(cfg: DictConfig) -> Any:
     key = (input_digest(cfg), str(cfg.get("requests") or "auto"), str(node.get("path")),
            cfg.get("max_requests"), cfg.get("max_tokens"))
     return LOADED_TRACES.get(key, lambda: load_run_trace(cfg))
+
+
+def effective_values(cfg: DictConfig, trace: Any) -> dict[str, Any]:
+    """What ran where it differs from what was asked: a ``batch`` above the replayed requests
+    decodes them all at once, ``max_requests``/``max_tokens`` above the trace's take what it
+    has. The row records the effective value; the asked one stays beside it as
+    ``<key>_requested`` (only then)."""
+    longest = max(len(r.experts) for r in trace.requests)
+    ran = {"batch": min(int(cfg.batch), len(trace)), "max_requests": len(trace),
+           "max_tokens": longest}
+    out: dict[str, Any] = {}
+    for key, value in ran.items():
+        asked = cfg.get(key)
+        if asked is not None and int(asked) != value:
+            out[key], out[f"{key}_requested"] = value, int(asked)
+    return out
 
 
 def _placement_params(cfg: DictConfig) -> dict[str, Any]:
@@ -404,8 +424,50 @@ class _RunFailed(Exception):
 def _fail(outdir: Path, lines: list[str]) -> _RunFailed:
     for line in lines:
         print(f"error: {line}", file=sys.stderr)
-    write_status(outdir, "failed", "; ".join(lines))
+    try:
+        write_status(outdir, "failed", "; ".join(lines))
+    except OSError as exc:  # a full or read-only disk: the error line above is what is left
+        print(f"error: {outdir}: status.json not written ({exc.strerror or exc})",
+              file=sys.stderr)
     return _RunFailed()
+
+
+# Free space a run folder needs before a run starts: summary, per-layer and per-request tables
+# are kilobytes; transfers.parquet and timeline.json of a long run reach tens of MiB.
+MIN_FREE_BYTES = 64 << 20
+OUTPUTS = ("summary.parquet", "per_layer.parquet", "per_request.parquet", "transfers.parquet",
+           "timeline.json")
+
+
+def check_outdir(outdir: Path, need: int = MIN_FREE_BYTES) -> str | None:
+    """Before a run: the run folder takes a file and has room for the outputs (a full or
+    read-only disk used to fail after the simulation, leaving tables without a summary)."""
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=outdir, prefix=".write-check-", suffix=".tmp"):
+            pass
+        free = shutil.disk_usage(outdir).free
+    except OSError as exc:
+        return f"output folder {outdir}: not writable ({exc.strerror or exc})"
+    if free < need:
+        return (f"output folder {outdir}: {free / 2**20:.1f} MiB free, a run needs "
+                f"{need / 2**20:.0f} MiB")
+    return None
+
+
+def write_run(result: RunResult, row: dict[str, Any], outdir: Path) -> str | None:
+    """:func:`write_outputs`, or on a failure none of them: every output of this attempt is
+    removed (no table is left to be mistaken for a result) and the reason is returned."""
+    try:
+        write_outputs(result, row, outdir)
+    except BaseException as exc:
+        for name in OUTPUTS:
+            (outdir / name).unlink(missing_ok=True)
+        remove_stale_temporaries(outdir)
+        if isinstance(exc, OSError):
+            return f"writing the results into {outdir}: {exc.strerror or exc}; none kept"
+        raise
+    return None
 
 
 def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
@@ -436,6 +498,9 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
                      if o.startswith("experiment=")), "this experiment")
         raise _fail(outdir, [f"experiment={name} is a sweep over {', '.join(keys)}: run it with "
                              f"-m (moesim-sim -m experiment={name} ...), or pin each of them"])
+    hc = HydraConfig.get()
+    if errors := check_overrides(list(hc.overrides.task), set(hc.runtime.choices)):
+        raise _fail(outdir, errors)
     if errors := check_config(cfg):  # every bad value, one line each, before anything runs
         raise _fail(outdir, errors)
     if cfg.get("validate") is not None:  # experiment=validate[_smoke]: simulate + run for real
@@ -458,11 +523,14 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
         write_status(outdir, "skipped")
         return float(done["hit_rate"].iloc[0])
     (outdir / "summary.parquet").unlink(missing_ok=True)  # another config's: never mix outputs
+    if why := check_outdir(outdir):
+        raise _fail(outdir, [why])
     try:
         result, row = run_recorded(cfg, digest)
     except USER_ERRORS as exc:
         raise _fail(outdir, [str(exc)]) from None
-    write_outputs(result, row, outdir)
+    if why := write_run(result, row, outdir):
+        raise _fail(outdir, [why])
     write_status(outdir, "done")
     print(format_summary(row, result.summary))
     print(f"  results: {outdir}")
@@ -477,9 +545,66 @@ def main() -> None:
     except PluginError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    register_configs()
-    with sweep_workers_die_with_parent():  # a killed sweep must not leave its workers running
-        _hydra_main()
+    user_wants_traces = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own errors reach the handler below
+    try:
+        register_configs()
+        with sweep_workers_die_with_parent():  # a killed sweep must not leave its workers running
+            _hydra_main()
+    except KeyboardInterrupt:
+        print("interrupted; rerun resumes", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if user_wants_traces or _inside_a_run(exc):
+            raise  # a bug: its traceback is what a report needs
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _inside_a_run(exc: BaseException) -> bool:
+    """Whether the exception came from a run's own code (a bug) rather than from composing
+    the config, parsing the command line or making the run folder (the user's input)."""
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code is _run_in.__code__:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+_HYDRA_NOISE = ("full_key:", "object_type=", "reference_type=", "Set the environment variable",
+                "To append to your config use")
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages as one line: a list under "...:" is joined
+    with commas, the key and type dumps are dropped."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    parts: list[str] = []
+    items: list[str] = []
+    for raw in str(exc).splitlines():
+        line = raw.strip()
+        if not line or line.startswith(_HYDRA_NOISE):
+            continue
+        if raw[:1] in (" ", "\t") and parts and parts[-1].endswith(":"):
+            items.append(line)
+            continue
+        if items:
+            parts[-1] += " " + ", ".join(items)
+            items = []
+        parts.append(line)
+    if items:
+        parts[-1] += " " + ", ".join(items)
+    text = "; ".join(parts).partition("; Config search path:")[0] or type(exc).__name__
+    if text.startswith("Config group override must be"):  # cache=null
+        nulls = [a for a in sys.argv[1:] if a.endswith(("=null", "=None"))]
+        return (f"{', '.join(nulls) or 'a group'}: a config group takes one of its options, "
+                "not null (moesim-sim --help lists them)")
+    key = text.partition("Could not override '")[2].partition("'")[0]
+    if key:  # Hydra: an unknown key (Hydra's hint, +key=..., would add a key nothing reads)
+        return f"{key}: not a moesim-sim option (moesim-sim --help lists them)"
+    return text
 
 
 if __name__ == "__main__":
