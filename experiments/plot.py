@@ -527,7 +527,16 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
     rows_lv = ps.level_order(spec.row, df[spec.row].tolist()) if spec.row else [None]
     cols_lv = ps.level_order(spec.col, df[spec.col].tolist()) if spec.col else [None]
     panels = []  # (metric, row value, col value, table)
-    if spec.row or spec.col:  # a grid: metrics (x row values) as rows, col values as columns
+    # A grid never mixes metrics along a line: with --col, one row per metric (and --row
+    # value) and one column per col value; with --row alone, one row per row value and one
+    # column per metric.
+    metric_cols = bool(spec.row) and not spec.col
+    if metric_cols:
+        for rv in rows_lv:
+            panels += [(m, rv, None, cells[m].table[_match(cells[m].table, spec.row, rv)])
+                       for m in spec.metrics]
+        ncols, nrows = len(spec.metrics), len(rows_lv)
+    elif spec.col:
         for m in spec.metrics:
             t = cells[m].table
             panels += [(m, rv, cv, t[_match(t, spec.row, rv) & _match(t, spec.col, cv)])
@@ -580,7 +589,7 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
                     _draw_line(ax, g.sort_values(spec.x), spec.x, x_scale, s, yf)
             _format_x(ax, spec.x, x_levels, categorical, x_scale, x_unit, log_base)
             row, col = divmod(pos, ncols)
-            if not grid or col == 0:  # one y label per row of a grid: its metric
+            if not grid or col == 0 or metric_cols:  # a grid row's metric, once per row
                 log = y_log[metric]
                 ax.set_ylabel(f"{labels[metric]}{', log scale' if log else ''}"
                               if metric in labels

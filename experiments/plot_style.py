@@ -224,11 +224,21 @@ POINT_ORDER: tuple[str, ...] = ("pre_attention", "routed", "demand_issued")
 POINT_NAMES: dict[str, str] = {"pre_attention": "pre-attention", "routed": "routed",
                                "demand_issued": "after demand"}
 MODE_NAMES: dict[str, str] = {"timed": "timed", "zero_latency": "zero-latency"}
+# Placements: the default first, then the CPU ones, then the approximate ones.
+PLACEMENT_ORDER: tuple[str, ...] = ("fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu",
+                                    "low_precision_fetch", "skip_low_weight")
+PLACEMENT_NAMES: dict[str, str] = {
+    "fetch": "fetch", "cpu_on_miss": "CPU on miss", "fetch_or_cpu": "fetch or CPU",
+    "static_cpu": "first layers on CPU", "low_precision_fetch": "low-precision fetch",
+    "skip_low_weight": "skip low-weight experts",
+}
 LEVEL_ORDER: dict[str, tuple[str, ...]] = {"policy.name": POLICY_ORDER, "label": PREDICTOR_ORDER,
                                            "policy.point": POINT_ORDER,
-                                           "mode": ("timed", "zero_latency")}
+                                           "mode": ("timed", "zero_latency"),
+                                           "placement": PLACEMENT_ORDER}
 LEVEL_NAMES: dict[str, dict[str, str]] = {"policy.name": POLICY_NAMES, "label": PREDICTOR_NAMES,
-                                          "policy.point": POINT_NAMES, "mode": MODE_NAMES}
+                                          "policy.point": POINT_NAMES, "mode": MODE_NAMES,
+                                          "placement": PLACEMENT_NAMES}
 
 _TIME_UNITS = ((1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns"))
 _BYTE_UNITS = ((1e15, "PB"), (1e12, "TB"), (1e9, "GB"), (1e6, "MB"), (1e3, "KB"), (1.0, "B"))

@@ -100,13 +100,23 @@ def test_time_metrics_have_no_zero_latency_panel():
     assert [ax.axison for ax in fig.axes] == [True, True, True, False]
     assert "not defined in zero-latency runs" in fig.axes[3].texts[0].get_text()
     plt.close(fig)
-    # --row: metrics x modes as rows (one column), the mode in the right margin
+    # --row alone: one row per mode, one column per metric, the mode in the right margin
     fig = make_figure(df, choose_spec(df, row="mode", metrics=["hit_rate",
                                                                "stall_per_output_token_s"]))
-    assert fig.axes[0].get_gridspec().get_geometry() == (4, 1)
-    margins = [[t.get_text() for t in ax.texts] for ax in fig.axes]
-    assert margins[:3] == [["mode: timed"], ["mode: zero-latency"], ["mode: timed"]]
+    assert fig.axes[0].get_gridspec().get_geometry() == (2, 2)
+    assert [ax.get_ylabel().split(" (")[0] for ax in fig.axes[:3]] == [
+        "hit rate", "stall per output token", "hit rate"]
+    assert [t.get_text() for t in fig.axes[1].texts] == ["mode: timed"]
     assert not fig.axes[3].axison
+    plt.close(fig)
+    # --row and --col: metrics x row values as rows, col values as columns
+    two = runs(**{"policy.name": ("lru",), "cache.capacity_fraction": (0.1, 0.5),
+                  "mode": ("timed",), "hw.name": ("v100_pcie", "a100_sxm4"),
+                  "batch": (1, 4)})
+    fig = make_figure(two, choose_spec(two, row="hw.name", col="batch",
+                                       metrics=["hit_rate", "demand_bytes"]))
+    assert fig.axes[0].get_gridspec().get_geometry() == (4, 2)
+    assert [bool(ax.get_ylabel()) for ax in fig.axes] == [True, False] * 4
     plt.close(fig)
 
 
@@ -421,6 +431,7 @@ def test_figure_texts_never_show_a_raw_config_key():
     texts = [t.get_text() for t in fig.findobj(plt.Text)]
     assert texts and not [t for t in texts if "placement_params" in t or "hw.name" in t]
     assert "hardware profile: v100_pcie" in texts or "hardware profile: a100_sxm4" in texts
+    assert "skip low-weight experts" in legend_texts(fig)  # placements by display name
     plt.close(fig)
 
 
