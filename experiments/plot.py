@@ -15,8 +15,9 @@ Rules the figure keeps, so that it cannot mislead:
 * each series has its own colour (Okabe-Ito), marker and dash pattern; units are chosen per
   axis from the data (µs/ms/s, B/KB/MB/GB/TB, shares in %), names come from one table
   (:mod:`moesim.experiments.plot_style`), a log axis says so in its label;
-* panels form a grid, metrics as rows and the ``--col`` values as columns (``--row`` values
-  nest under each metric); tick labels never overlap (turned or thinned as measured);
+* panels form a grid that never mixes metrics along a line: metrics as rows and the ``--col``
+  values as columns (``--row`` values nest under each metric), or with ``--row`` alone its
+  values as rows and metrics as columns; tick labels never overlap (turned or thinned);
 * PDFs embed TrueType fonts (no Type 3, which paper submission checks refuse).
 
 Runs that have not finished have no summary yet and are simply not included, so this can be
@@ -956,7 +957,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--col", help="column giving one column of panels per value (each metric "
                    "is a row of the grid)")
     p.add_argument("--row", help="column giving one row of panels per value (under each "
-                   "metric)")
+                   "metric with --col; else one column per metric)")
     p.add_argument("--metric", action="append", help="metric(s) to draw, one panel each; "
                    "repeat or comma-separate (default: hit rate, stall and time per token)")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE[,VALUE]",
