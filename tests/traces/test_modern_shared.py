@@ -122,32 +122,52 @@ def test_engine_rule_model_with_moesims_rules_is_moesim(tmp_path: Path) -> None:
     assert (model == hit).all()
 
 
-def test_every_policy_runs_on_both_engines_with_equal_results(tmp_path: Path) -> None:
-    """Every shipped policy on the first 34 tokens of the Gemma-4 trace (prompt as one prefill
-    step, decode after), timed; where the compiled engine covers the policy its result equals
-    the SimPy engine's."""
-    res = import_trace("bmoe-route-csv", require_shared(f"{BMOE}/gemma.route.csv"),
-                       tmp_path / "t.parquet")
-    trace = load_trace(res.out).subset(max_tokens=34)  # 29 prefill + 5 decode tokens
-    preds = noisy_predictions(trace, np.random.default_rng(0), 0.3, 6)
-    kw = dict(capacity=1920, mode="timed", replay="prefill", link=FixedLink(1e-3, 1),
+def _predictions(trace, seed: int):
+    """Noisy predictions for every (token, layer), recorded or not (a partial trace's missing
+    cells get random ids, so the table covers every replayed token)."""
+    rng = np.random.default_rng(seed)
+    width = trace.meta.top_k
+    table = noisy_predictions(trace, rng, 0.3, width)
+    for rid, pred in table.items():
+        holes = (pred < 0).any(axis=2)
+        for t, j in np.argwhere(holes):
+            pred[t, j] = rng.permutation(trace.meta.num_experts)[:width]
+        table[rid] = pred
+    return table
+
+
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_every_policy_runs_on_both_engines_with_equal_results(tmp_path: Path, name: str) -> None:
+    """Every shipped policy on the prompt and 3 decode tokens of the first two requests (prompt
+    as one prefill step), timed, with a cache of half the experts (enough for the widest
+    prefill layer in every per-layer partition); where the compiled engine covers the policy
+    its result equals the SimPy engine's."""
+    sub, fmt, *_ = SETS[name]
+    res = import_trace(fmt, require_shared(sub), tmp_path / "t.parquet")
+    trace = load_trace(res.out).subset(max_requests=2)
+    n_pre = max(int((r.phase == 0).sum()) for r in trace.requests)
+    trace = trace.subset(max_tokens=n_pre + 3)
+    meta = trace.meta
+    widest = max(len(np.unique(r.experts[r.phase == 0][:, j])) for r in trace.requests
+                 for j in range(meta.num_moe_layers))
+    cap = meta.num_moe_layers * max(meta.num_experts // 2, min(widest + 2, meta.num_experts))
+    preds = _predictions(trace, 0)
+    kw = dict(capacity=cap, mode="timed", replay="prefill", link=FixedLink(1e-3, 1),
               compute=FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4,
                                    shared_s=1e-4, dense_s=5e-4))
     compiled = 0
-    for name in policy_names():
-        spec = resolve({"name": name})
+    for policy in policy_names():
+        spec = resolve({"name": policy})
         extra = {"predictions": preds} if spec.needs(Knowledge.PREDICTIONS) else {}
-        cfg: dict = {"name": name}
+        run_kw = dict(kw)
         if spec.eviction.partition_required:
-            kw_run = {**kw, "partition": spec.eviction.partition_required}
-        else:
-            kw_run = kw
-        ref = simulate(trace, cfg, engine="python", **kw_run, **extra)
-        assert ref.summary["accesses"] > 0, name
+            run_kw["partition"] = spec.eviction.partition_required
+        ref = simulate(trace, {"name": policy}, engine="python", **run_kw, **extra)
+        assert ref.summary["accesses"] > 0, policy
         try:
-            fast = simulate(trace, cfg, engine="compiled", **kw_run, **extra)
+            fast = simulate(trace, {"name": policy}, engine="compiled", **run_kw, **extra)
         except SimulationError as err:
-            assert "compiled" in str(err), (name, str(err))
+            assert "compiled" in str(err), (policy, str(err))
             continue
         _assert_same(ref, fast)
         compiled += 1
