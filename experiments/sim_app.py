@@ -116,7 +116,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
                 compute = ScaledCompute(compute, scale)
             except ValueError as exc:
                 raise ProfileError(f"compute_scale: {exc}") from None
-    result = simulate(
+    sim_cpu0 = time.process_time()  # run.sim_cpu_s: the simulation alone (a sweep's overhead
+    result = simulate(                # is run.cpu_s minus this, and the rest of the process)
         trace,
         policy,
         capacity=capacity,
@@ -143,6 +144,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         host=host,
         staging=rt.staging_buffers if timed else 0,
     )
+    sim_cpu_s = time.process_time() - sim_cpu0
     row = flat_config(cfg)
     if not cfg.get("plugins"):  # the column appears only when plugins=[...] was given
         row.pop("plugins", None)
@@ -165,6 +167,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         row["host_cpu.expert_time_s"] = host.cpu.expert_time(1)
         row["host_cpu.parallel"] = int(host.cpu.parallel)
         row["host_cpu.source"] = str(host.cpu.source)
+    row["run.sim_cpu_s"] = round(sim_cpu_s, 3)
     return result, row
 
 

@@ -57,6 +57,8 @@ def test_a_trace_is_loaded_once_per_process_by_content(tmp_path: Path) -> None:
     assert sim_app.LOADED_TRACES.misses == before + 2  # other requests: loaded anew
     assert (a["trace.requests"].iloc[0], b["trace.requests"].iloc[0],
             c["trace.requests"].iloc[0]) == (3, 3, 2)
+    # the simulation's own CPU is recorded beside the run's (a sweep's overhead is the rest)
+    assert 0 < a["run.sim_cpu_s"].iloc[0] <= a["run.cpu_s"].iloc[0]
     # a trace rewritten at the same path has another content hash: never the old one's
     write_deepseek_shaped(path, requests=2, tokens=4, seed=2)
     d = simulate(str(path), "lru", mode="zero_latency")
