@@ -234,8 +234,8 @@ def render_residency(df: pd.DataFrame) -> str:
         "at one layer); the engine hit when it read nothing.",
         "",
         "| trace | cache | moesim slots | accesses (prefill) | engine hit rate | moesim hit rate "
-        "| moesim per lookup | agreement (decode) | disagree prefill / decode | engine-rule model | flips: bytes→slots "
-        "/ prefill order / rest | import |",
+        "| moesim per lookup | agreement (decode) | disagree prefill / decode | engine-rule model "
+        "| flips: bytes→slots / prefill order / rest | import |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in df.itertuples():
