@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from hydra.core.config_store import ConfigStore
+from omegaconf.errors import OmegaConfBaseException
 
 from moesim import hw_profiles
 from moesim.experiments.packing import register_launchers
@@ -50,13 +51,33 @@ def _register_once() -> None:
     cs = ConfigStore.instance()
     cs.__class__ = _SharedConfigStore
     for name in hw_profiles.list_profiles():
-        cs.store(group="hw", name=name, node=_yaml(hw_profiles.profile_path(name)))
+        _store_profile(cs, name)
     for name in list_runtimes():
         cs.store(group="runtime", name=name, node=_yaml(runtime_path(name)))
     for path in sorted(MODELS_DIR.glob("*.yaml")):
         cs.store(group="model", name=path.stem, node=_yaml(path))
     cs.store(group="hydra/help", name="moesim", node=_help_node())
     register_launchers()  # hydra/launcher=packed_local, packed_slurm (runs_per_task)
+
+
+# A profile file that cannot be a config node is stored as {"name": ..., BROKEN: why}: runs that
+# choose it fail with that one line (experiments.inputs.hw_profile); others, and --help, run.
+BROKEN = "_unreadable_profile"
+
+
+def _store_profile(cs: ConfigStore, name: str) -> None:
+    """Store ``hw=<name>``; a broken or non-mapping YAML in hw_profiles/ (as "Adding a
+    profile" says to drop one) broke every command, ``--help`` included."""
+    path = hw_profiles.profile_path(name)
+    try:
+        node = _yaml(path)
+        if not isinstance(node, dict):
+            raise ValueError(f"expected a mapping at top level, got {type(node).__name__}")
+        cs.store(group="hw", name=name, node=node)
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as exc:
+        why = " ".join(str(exc).split())
+        cs.store(group="hw", name=name,
+                 node={"name": name, BROKEN: f"{path}: not a readable profile: {why}"})
 
 
 class _SharedConfigStore(ConfigStore):

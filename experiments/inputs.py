@@ -199,5 +199,9 @@ def with_card_bytes(trace: Trace, card: ModelCard) -> Trace:
 
 
 def hw_profile(cfg: DictConfig) -> hw_profiles.HwProfile:
+    from moesim.experiments.configs import BROKEN
+
     node = OmegaConf.to_container(cfg.hw, resolve=True)
+    if isinstance(node, dict) and BROKEN in node:  # its file is not YAML (configs.py)
+        raise hw_profiles.ProfileError(str(node[BROKEN]))
     return hw_profiles.profile_from_mapping(node, name=str(node.get("name", "hw")))

@@ -36,6 +36,7 @@ from .schema import (
 
 PROFILES_DIR = Path(__file__).parent
 HOST_MEMORY = ("pinned", "pageable")
+GPU_MEMORY_MIN_BYTES = 2**30  # plausibility: no GPU an expert cache is simulated on has less
 TOP_KEYS = frozenset(
     {"name", "device", "description", "unified_memory", "gpu", "host_link", "storage", "compute",
      "machine", "contention", "host_cpu"}
@@ -345,6 +346,11 @@ def _gpu(ctx: Ctx, data: Mapping[str, Any]) -> GpuSpec:
             "memory_bandwidth_measured_Bps": "Bps", "fp16_flops": "flops",
             "fp16_flops_measured": "flops"}
     q = {k: quantity(ctx.sub(k), data.get(k), dims[k]) for k in keys}
+    mem = q["memory_bytes"]
+    if mem.known and mem.value < GPU_MEMORY_MIN_BYTES:
+        raise ctx.sub("memory_bytes").sub("value").error(
+            f"{mem.value:.3g} bytes is below the plausible 1 GiB of a GPU (check the value and "
+            "its unit)", data["memory_bytes"])
     if not (q["memory_bandwidth_Bps"].known or q["memory_bandwidth_measured_Bps"].known):
         raise ctx.sub("memory_bandwidth_Bps").error(
             "a spec or a measured memory bandwidth is required (memory_bandwidth_Bps or "

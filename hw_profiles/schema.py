@@ -44,6 +44,15 @@ UNITS: dict[str, dict[str, float]] = {
 }
 
 
+# Plausible ranges per dimension, in the base unit: a value outside is a typo or a unit slip (a
+# 1e-30 GB/s link or 1e-30 TFLOPS GPU ran without a word and printed 300-digit times).
+PLAUSIBLE: dict[str, tuple[float, float, str]] = {
+    "Bps": (1e7, 1e13, "0.01 to 10,000 GB/s"),
+    "flops": (1e9, 1e18, "1 GFLOP/s to 1 EFLOP/s"),
+    "s": (0.0, 10.0, "0 to 10 s"),
+}
+
+
 class ProfileError(ValueError):
     """A hardware profile is malformed; the message names the file, the field and the value."""
 
@@ -152,6 +161,15 @@ def check_range(ctx: Ctx, x: float, dim: str, raw: Any, positive: bool) -> None:
         raise ctx.error("must be >= 0", raw)
 
 
+def check_plausible(ctx: Ctx, x: float, dim: str, raw: Any) -> None:
+    """A value in the field's base unit within :data:`PLAUSIBLE` for its dimension."""
+    if dim in PLAUSIBLE:
+        lo, hi, text = PLAUSIBLE[dim]
+        if not lo <= x <= hi:
+            raise ctx.error(f"{x:.3g} {dim} is outside the plausible {text} (check the value "
+                            "and its unit)", raw)
+
+
 def as_str(ctx: Ctx, raw: Any, *, required: bool = False, default: str = "") -> str:
     if raw is None:
         if required:
@@ -252,6 +270,7 @@ def quantity(
     factor = _unit_factor(ctx, unit, dim)
     x = as_number(ctx.sub("value"), value) * factor
     check_range(ctx.sub("value"), x, dim, value, positive)
+    check_plausible(ctx.sub("value"), x, dim, value)
     out: float | int = round(x) if dim in ("bytes", "count") else x
     return Quantity(out, kind, source, ctx.path)
 
@@ -291,9 +310,10 @@ def curve_quantity(ctx: Ctx, raw: Any) -> Quantity:
     if value is None:
         return Quantity(None, kind, source, ctx.path)
     points = _pairs(ctx.sub("value"), value, _unit_factor(ctx, unit, "Bps"))
-    for i, (size, _) in enumerate(points):
+    for i, (size, bw) in enumerate(points):
         if size != int(size):
             raise ctx.sub("value").sub(str(i)).error("transfer size must be whole bytes", size)
+        check_plausible(ctx.sub("value").sub(str(i)), bw, "Bps", list(value[i]))
     for i in range(1, len(points)):
         (s0, b0), (s1, b1) = points[i - 1], points[i]
         if s1 / b1 < s0 / b0 * (1 - 1e-12):
