@@ -592,7 +592,7 @@ def make_figure(df: pd.DataFrame, spec: Spec, per_request: pd.DataFrame | None =
             row, col = divmod(pos, ncols)
             if not grid or col == 0 or metric_cols:  # a grid row's metric, once per row
                 log = y_log[metric]
-                ax.set_ylabel(f"{labels[metric]}{', log scale' if log else ''}"
+                ax.set_ylabel(labels[metric].replace("(%)", "(%, log scale)" if log else "(%)")
                               if metric in labels
                               else _wrap_label(ps.axis_label(metric, y_unit, log)))
             if spec.relative is not None:
