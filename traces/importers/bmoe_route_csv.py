@@ -193,9 +193,13 @@ def import_bmoe_route_csv(
         i = order[int(np.argmax(same)) + 1]
         raise TraceError(f"duplicate row for (turn, step, layer, slot) = {key[np.argmax(same)+1]}"
                          .replace("\n", " "), file=src, line=int(lines[i]), field="slot")
-    if n % k:
-        raise TraceError(f"{n} rows is not a multiple of k={k}: some cell misses a slot",
-                         file=src, field="slot")
+    starts = np.flatnonzero(np.r_[True, (key[1:, :3] != key[:-1, :3]).any(axis=1)])
+    sizes = np.diff(np.r_[starts, n])
+    if (sizes != k).any():
+        c = starts[int(np.argmax(sizes != k))]
+        raise TraceError(f"cell (turn {key[c, 0]}, step {key[c, 1]}, layer {key[c, 2]}) has "
+                         f"{sizes[np.argmax(sizes != k)]} rows, expected k={k}", file=src,
+                         line=int(lines[order[c]]), field="slot")
     ks = key.reshape(-1, k, 4)
     want = np.arange(k)
     bad = (ks[:, :, 3] != want).any(axis=1) | (ks[:, :, :3] != ks[:, :1, :3]).any(axis=(1, 2))
