@@ -16,10 +16,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
-import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -50,23 +49,40 @@ from moesim.plugins import PluginError, import_modules, load_plugins, plugins_fr
 from moesim.policies.base import Knowledge, PolicyError
 from moesim.policies.registry import resolve, resolve_placement
 from moesim.predictors.data import PredictorError
-from moesim.sim import SimulationError, capacity_slots, dense_layers_before, simulate
-from moesim.sim.hardware import host_side
-from moesim.sim.metrics import RunResult
-from moesim.sim.workload import WorkloadError
 from moesim.traces import TraceError
 from moesim.traces.cache import ProcessMemo, entry_lock
 from moesim.traces.model_card import ModelCardError
 from moesim.traces.store import atomic_path
 
-USER_ERRORS = (
-    SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
-    PredictorError, MissingExtra, PluginError,
-)
+if TYPE_CHECKING:  # the simulator (numba) and pandas load in the process that runs, not in a
+    # sweep's parent or for --help (about 2.5 CPU-s): see run(), write_outputs(), finished()
+    import pandas as pd
+
+    from moesim.sim.metrics import RunResult
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that are the user's input, not a bug: one error line, no traceback."""
+    from moesim.sim import SimulationError
+    from moesim.sim.workload import WorkloadError
+
+    return (
+        SimulationError, TraceError, ProfileError, PolicyError, ModelCardError, WorkloadError,
+        PredictorError, MissingExtra, PluginError,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    if name == "USER_ERRORS":  # sim_app.USER_ERRORS, as before: built on first use
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     """Simulate the configured run; returns the result and the flat config row."""
+    from moesim.sim import SimulationError, capacity_slots, dense_layers_before, simulate
+    from moesim.sim.hardware import host_side
+
     # Plugins first, in whatever process runs this (a joblib worker, a submitit job): entry
     # points and plugins=[...] modules register their policies, profiles, importers.
     load_plugins(cfg.get("plugins") or ())
@@ -293,6 +309,8 @@ def write_outputs(result: RunResult, row: dict[str, Any], outdir: Path) -> None:
         _atomic_parquet(result.transfers, outdir / "transfers.parquet")
     if result.timeline is not None:
         result.write_chrome_trace(outdir / "timeline.json")
+    import pandas as pd
+
     _atomic_parquet(pd.DataFrame([{**row, **result.summary}]), outdir / "summary.parquet")
 
 
@@ -398,6 +416,8 @@ def finished(outdir: Path, digest: str) -> pd.DataFrame | None:
     if not path.is_file():
         return None
     try:
+        import pandas as pd
+
         df = pd.read_parquet(path)
     except (OSError, ValueError):
         return None
@@ -518,7 +538,7 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
         return None
     try:
         digest = config_hash(cfg, input_digest(cfg))
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         raise _fail(outdir, [str(exc)]) from None
     done = finished(outdir, digest)
     if done is not None:  # a rerun of a sweep skips what already finished
@@ -530,7 +550,7 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
         raise _fail(outdir, [why])
     try:
         result, row = run_recorded(cfg, digest)
-    except USER_ERRORS as exc:
+    except user_errors() as exc:
         raise _fail(outdir, [str(exc)]) from None
     if why := write_run(result, row, outdir):
         raise _fail(outdir, [why])
