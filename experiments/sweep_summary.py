@@ -24,25 +24,56 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 STATUS = "status.json"
+# The sweep whose jobs this process runs (set by SweepSummary in the sweep and its workers): a
+# run's status also keeps its outcome under that id, so two sweeps sharing a folder each count
+# what they did (the top-level status is the last writer's: every run read "skipped").
+SWEEP_ENV = "MOESIM_SWEEP_ID"
+_KEPT_SWEEPS = 8  # outcomes per run folder, the latest sweeps'
 
 
 def write_status(outdir: Path, status: str, error: str = "") -> None:
-    """Record how this run ended (one small file; the run folder's lock is held)."""
+    """Record how this run ended (one small file, replaced whole; the run folder's lock is
+    held, so the sweeps' outcomes read here are not written meanwhile)."""
     outdir.mkdir(parents=True, exist_ok=True)
-    (outdir / STATUS).write_text(json.dumps({"status": status, "error": error}) + "\n")
+    path = outdir / STATUS
+    rec: dict[str, Any] = {"status": status, "error": error}
+    if sweep := os.environ.get(SWEEP_ENV):
+        try:
+            old = json.loads(path.read_text())
+            sweeps = dict(old.get("sweeps") or {}) if isinstance(old, dict) else {}
+        except (OSError, ValueError, TypeError):
+            sweeps = {}
+        sweeps.pop(sweep, None)
+        sweeps[sweep] = {"status": status, "error": error}
+        rec["sweeps"] = dict(list(sweeps.items())[-_KEPT_SWEEPS:])
+    tmp = path.with_name(f".{STATUS}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
 
 
-def read_statuses(sweep_dir: Path) -> dict[str, list[tuple[Path, str]]]:
-    """Runs below ``sweep_dir`` by status (a run folder without a status never finished)."""
+def read_statuses(sweep_dir: Path, sweep: str | None = None,
+                  expected: int | None = None) -> dict[str, list[tuple[Path, str]]]:
+    """Runs below ``sweep_dir`` by status (a run folder without a status never finished).
+
+    With ``sweep`` (an id from :data:`SWEEP_ENV`) only that sweep's outcomes count, and of
+    ``expected`` runs those it did not record are unfinished (killed or lost workers)."""
     out: dict[str, list[tuple[Path, str]]] = {"done": [], "skipped": [], "failed": [],
                                               "unfinished": []}
     for run in sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()):
         try:
             rec = json.loads((run / STATUS).read_text())
-        except (OSError, ValueError):
-            out["unfinished"].append((run, ""))
+            if sweep is not None:
+                rec = (rec.get("sweeps") or {}).get(sweep)
+                if rec is None:  # not (or not yet) this sweep's: another's, or unfinished
+                    continue
+        except (OSError, ValueError, AttributeError):
+            if sweep is None:
+                out["unfinished"].append((run, ""))
             continue
         out.setdefault(rec.get("status", "unfinished"), []).append((run, rec.get("error", "")))
+    if sweep is not None and expected is not None:
+        counted = sum(len(v) for v in out.values())
+        out["unfinished"] += [(sweep_dir, "")] * max(0, expected - counted)
     return out
 
 
@@ -144,12 +175,15 @@ class SweepSummary(Callback):
     def __init__(self) -> None:
         self._bar: _SweepBar | None = None
         self._bar_pid: int | None = None  # the sweep's process, while its bar is drawn
+        self._sweep_id: str | None = None  # this sweep's id in its runs' status files
 
     def __getstate__(self) -> dict[str, Any]:
         """Sent to sweep workers with the job: the parent's bar (a thread) stays here."""
         return {**self.__dict__, "_bar": None}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._sweep_id = f"{os.getpid()}-{time.time_ns()}"
+        os.environ[SWEEP_ENV] = self._sweep_id  # in-process runs and spawned workers
         launcher = str((config.hydra.get("launcher") or {}).get("_target_", ""))
         if not bool(config.get("progress", True)) or launcher.endswith("BasicLauncher"):
             return  # in-process runs draw their own bars
@@ -158,6 +192,8 @@ class SweepSummary(Callback):
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         """In a worker that shares the bar's terminal (joblib): its prints clear the bar line."""
+        if self._sweep_id:  # a worker on another host gets it with the job
+            os.environ[SWEEP_ENV] = self._sweep_id
         worker = self._bar_pid is not None and os.getpid() != self._bar_pid
         if worker and sys.stdout.isatty() and not isinstance(sys.stdout, LineClearingStream):
             sys.stdout = LineClearingStream(sys.stdout)
@@ -169,7 +205,9 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        by = read_statuses(sweep_dir)
+        sweep, self._sweep_id = self._sweep_id, None
+        os.environ.pop(SWEEP_ENV, None)
+        by = read_statuses(sweep_dir, sweep, sweep_size(config) if sweep else None)
         parts = [f"{len(by['done'])} done", f"{len(by['skipped'])} skipped",
                  f"{len(by['failed'])} failed"]
         if by["unfinished"]:
