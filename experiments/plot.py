@@ -148,12 +148,25 @@ def collect(root: Path) -> pd.DataFrame:
     files = sorted(p for p in root.rglob("summary.parquet"))
     if not files:
         raise FileNotFoundError(f"no summary.parquet below {root}")
-    frames = []
-    for f in files:
-        df = pd.read_parquet(f)
-        df["run_dir"] = str(f.parent.relative_to(root))
-        frames.append(df)
+    frames = [df for f in files if (df := _read_run_table(f, root)) is not None]
+    if not frames:
+        raise FileNotFoundError(f"no readable summary.parquet below {root}")
     return pd.concat(frames, ignore_index=True)
+
+
+def _read_run_table(path: Path, root: Path) -> pd.DataFrame | None:
+    """One run's table tagged with its run_dir, or None (named on stderr) when it cannot be
+    read: a 0-byte or truncated file of a run killed mid-write, a folder without read access.
+    One bad run folder used to stop the whole plot with a traceback."""
+    try:
+        df = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"moesim-plot: skipped {path.parent}: unreadable {path.name} ({why})",
+              file=sys.stderr)
+        return None
+    df["run_dir"] = str(path.parent.relative_to(root))
+    return df
 
 
 def collect_per_request(root: Path) -> pd.DataFrame | None:
@@ -162,9 +175,8 @@ def collect_per_request(root: Path) -> pd.DataFrame | None:
     for f in sorted(root.rglob("per_request.parquet")):
         if not (f.parent / "summary.parquet").is_file():
             continue
-        df = pd.read_parquet(f)
-        df["run_dir"] = str(f.parent.relative_to(root))
-        frames.append(df)
+        if (df := _read_run_table(f, root)) is not None:
+            frames.append(df)
     return pd.concat(frames, ignore_index=True) if frames else None
 
 
