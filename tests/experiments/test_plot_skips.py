@@ -34,5 +34,5 @@ def test_unreadable_run_folders_are_skipped_and_named(
 def test_no_readable_summary_is_the_one_line_error(tmp_path: Path) -> None:
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "summary.parquet").write_bytes(b"")
-    with pytest.raises(FileNotFoundError, match="no readable summary.parquet below"):
+    with pytest.raises(FileNotFoundError, match=r"no readable summary\.parquet below"):
         collect(tmp_path)
