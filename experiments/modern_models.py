@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-RESULTS = Path(__file__).parent / "docs" / "results"
-FIGURES = Path(__file__).parent / "figures"
+RESULTS = Path(__file__).resolve().parent / "docs" / "results"
+FIGURES = Path(__file__).resolve().parent / "figures"
 
 
 @dataclass(frozen=True)

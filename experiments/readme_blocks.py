@@ -32,11 +32,11 @@ from moesim.experiments import modern_models
 from moesim.experiments.plot_style import level_order
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
-FIGURES = Path(__file__).parent / "figures"
-PAGES = Path(__file__).parent / "docs" / "pages"
+RESULTS = Path(__file__).resolve().parent / "results"
+FIGURES = Path(__file__).resolve().parent / "figures"
+PAGES = Path(__file__).resolve().parent / "docs" / "pages"
 # Compact results of the experiment sweeps, one CSV each (written by --collect from a sweep).
-SWEEPS = Path(__file__).parent / "docs" / "results"
+SWEEPS = Path(__file__).resolve().parent / "docs" / "results"
 PROVENANCE = ("moesim.version", "moesim.commit", "run.date")
 
 # Predictions of experiment=validate, in the order the model gains terms (experiments/validate.py

@@ -114,3 +114,28 @@ def test_the_shipped_embedded_trace_is_what_the_generator_gives(tmp_path: Path,
     monkeypatch.setenv("MOESIM_CACHE", str(tmp_path / "cache"))
     fresh = write_shipped(ensure_embedded_trace(limit=3), tmp_path / "fresh.parquet")
     assert same_routing(shipped_path(), fresh, max_requests=3) == []
+
+
+def test_a_development_install_is_a_current_link_tree() -> None:
+    """``pip install -e`` makes a link tree (pyproject: ``[tool.distutils.editable_wheel]
+    mode = "strict"``) that IDEs and type checkers follow, instead of an import hook they cannot.
+    A link tree holds the files that existed at install time: one added since (a new policy
+    module, a new profile) is missing until the install command is rerun, which this says."""
+    import moesim
+
+    tree = Path(moesim.__file__).parent.parent
+    if not tree.is_relative_to(ROOT / "build"):
+        import pytest
+
+        pytest.skip(f"moesim is not a strict editable install of this checkout ({tree})")
+    missing = []
+    for f in _tracked():
+        parts = Path(f).parts
+        if parts[0] not in FOLDERS or f.startswith("experiments/docs/") or not f.endswith(
+                (".py", ".yaml")):
+            continue
+        rel = parts[2:] if f.startswith("experiments/moesim/") else parts
+        if not (tree / "moesim" / Path(*rel)).exists():
+            missing.append(f)
+    assert not missing, ("rerun `pip install -c constraints.txt -e '.[dev]'`: the development "
+                         f"install predates {missing[:5]} ({len(missing)} files)")

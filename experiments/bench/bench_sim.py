@@ -197,7 +197,9 @@ def _lcs(stream: np.ndarray, capacity: int, algo: str, tmp: Path) -> tuple[float
     rec["nx"] = np.where(nxt == NO_USE, -1, nxt)
     path = tmp / "stream.oracleGeneral"
     rec.tofile(path)
-    reader = lcs.TraceReader(str(path), lcs.TraceType.ORACLE_GENERAL_TRACE)
+    # libCacheSim's TraceReader implements its protocol in C++ (pyright sees it as abstract)
+    reader = lcs.TraceReader(  # pyright: ignore[reportAbstractUsage]
+        str(path), lcs.TraceType.ORACLE_GENERAL_TRACE)
     cache = getattr(lcs, algo)(cache_size=capacity, hashpower=16)
     dt, (miss_ratio, _) = _cpu(lambda: cache.process_trace(reader))
     return dt, 1 - miss_ratio
