@@ -25,9 +25,9 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 _MISSING = object()
 _UNSET = object()  # a mandatory value left as ``???``
-# Integer options above this are refused: no trace, batch or seed needs more, and a value like
-# max_requests=1e30 used to crash deep in a run (islice, int64 columns) instead of here.
-INT_MAX = 2**31 - 1
+# Integer options above this are refused: a value like max_requests=1e30 crashed deep in a run
+# (islice takes at most sys.maxsize, parquet columns are int64) instead of here.
+INT_MAX = 2**63 - 1
 TRACE_CONF_DIR = Path(__file__).parent / "conf" / "trace"
 # Sections that may be null as a whole (every option in them then takes its default).
 _NULLABLE_SECTIONS = ("placement_params", "predictions", "validate")
