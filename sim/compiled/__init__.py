@@ -32,13 +32,15 @@ from moesim.policies.oracle_prefetch import OraclePrefetch
 from moesim.policies.prediction_prefetch import PredictionPrefetch
 from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
-from moesim.sim.compiled import kernel
-from moesim.sim.compiled import layout as K
-from moesim.sim.compiled.stamp import cache_folder, compile_notice, refresh_cache
-from moesim.sim.compiled.sums import MAX_PAIRWISE
+from moesim.sim.compiled.stamp import compile_notice, refresh_cache
 
-# numba loads cached code at a kernel's first call, not at import
-refresh_cache(cache=cache_folder(kernel.replay))
+# Before any kernel module is imported: kernels with a signature load their cached code at
+# import (the others at their first call), so a stale cache must be gone by then.
+refresh_cache()
+
+from moesim.sim.compiled import kernel  # noqa: E402
+from moesim.sim.compiled import layout as K  # noqa: E402
+from moesim.sim.compiled.sums import MAX_PAIRWISE  # noqa: E402
 
 if TYPE_CHECKING:
     from moesim.sim.engine import Simulation

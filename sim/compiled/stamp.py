@@ -23,12 +23,22 @@ _NAME = "moesim_compiled.digest"
 NOTICE = "compiling the simulator's kernels once (~40 s); later runs reuse them"
 
 
-def cache_folder(dispatcher: Any) -> Path | None:
-    """Where numba keeps ``dispatcher``'s cache files (the package's ``__pycache__``, or under
-    ``NUMBA_CACHE_DIR``, or numba's user-wide fallback when the package folder is read-only)."""
+def _here() -> None:
+    """A function of this folder: numba's cache locator for it is the kernels' one."""
+
+
+def cache_folder(func: Any = None) -> Path | None:
+    """Where numba keeps the cache files of ``func`` (a dispatcher or a plain function; default:
+    the kernels of this folder): the package's ``__pycache__``, a folder under
+    ``NUMBA_CACHE_DIR``, or numba's user-wide fallback when the package folder is read-only.
+    Found without compiling or loading anything, so the stale cache can be dropped before the
+    kernel modules load it (functions with a signature compile at import)."""
+    func = getattr(func, "py_func", func) or _here
     try:
-        return Path(dispatcher._cache._cache_path)
-    except AttributeError:  # not a cached dispatcher (or numba's internals moved)
+        from numba.core.caching import CompileResultCacheImpl
+
+        return Path(CompileResultCacheImpl(func)._locator.get_cache_path())
+    except Exception:  # numba's internals moved
         return None
 
 
@@ -41,7 +51,8 @@ def refresh_cache(folder: Path | None = None, cache: Path | None = None) -> bool
     for path in sorted(folder.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     want = digest.hexdigest()
-    cache = cache or folder / "__pycache__"
+    cache = cache or (cache_folder() if folder == Path(__file__).parent else None) \
+        or folder / "__pycache__"
     stamp = cache / _NAME
     try:
         if stamp.read_text() == want:
