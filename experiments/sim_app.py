@@ -22,6 +22,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from moesim.experiments.configs import CONF_DIR, register_configs
 from moesim.experiments.inputs import (
@@ -497,7 +498,11 @@ def _run_in(outdir: Path, cfg: DictConfig) -> float | None:
     """One run; in a sweep a user error fails this run only (the sweep goes on and its summary
     counts it); a single run exits with status 2."""
     try:
-        return _run_checked(outdir, cfg)
+        try:
+            return _run_checked(outdir, cfg)
+        except OmegaConfBaseException as exc:  # a value that cannot resolve: ${oc.env:UNSET}
+            key = getattr(exc, "full_key", None)
+            raise _fail(outdir, [f"{key}: {one_line(exc)}" if key else one_line(exc)]) from None
     except _RunFailed:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             return None

@@ -131,6 +131,8 @@ def test_a_bug_inside_a_run_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch)
     ("cache=null", "error: cache=null: a config group takes one of its options"),
     ("policy=nonesuch", "error: In 'config': Could not find 'policy/nonesuch'; Available "
                         "options in 'policy': belady, "),
+    ("seed=${oc.env:MOESIM_T25_UNSET}", "error: KeyError raised while resolving interpolation: "
+                                        "\"Environment variable 'MOESIM_T25_UNSET' not found"),
 ])
 def test_hydra_errors_are_one_line(override: str, line: str, tmp_path: Path,
                                    monkeypatch: pytest.MonkeyPatch,
