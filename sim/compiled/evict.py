@@ -37,6 +37,7 @@ from moesim.sim.compiled.layout import (
     I_CSTAMP,
     I_CWIDTH,
     I_DEMPH,
+    I_DUNI,
     I_EVICTIONS,
     I_HASCAND,
     I_LAYER,
@@ -45,6 +46,7 @@ from moesim.sim.compiled.layout import (
     I_NUMP,
     I_PSTAMP,
     I_SEQ,
+    I_TCUR,
     I_WASTED,
     INF,
     IV,
@@ -115,14 +117,13 @@ def _mi_insert(ev, p, k, S):
     unless protected."""
     S[IV, I_SEQ] += 1
     S[K_S1, k] = -1 if ev == EV_MI_MAX else 1
-    S[K_S2, k] = S[IV, I_SEQ]
+    S[K_S2, k] = k if ev == EV_MI_PRIO else S[IV, I_SEQ]  # ties: lowest key / first inserted
     S[L_HELD, k // S[IV, I_NUME]] += 1
     if not _is_cand(k, S):
         S[P_NC, p] += 1
     if ev == EV_MI_PRIO:
         S[P_CSUM, p] += 1
-    else:
-        _hpush_unless_pinned(S[K_HEAP, k], k, S)
+    _hpush_unless_pinned(S[K_HEAP, k], k, S)
 
 
 @fn
@@ -133,8 +134,7 @@ def _mi_evict(ev, p, k, S):
     if ev == EV_MI_PRIO:
         S[P_CSUM, p] -= S[K_S1, k]
         S[K_S1, k] = 0
-    else:
-        _hremove(S[K_HEAP, k], k, S)
+    _hremove(S[K_HEAP, k], k, S)
 
 
 @typed("i8(i8, b1, i8[:, ::1])")
@@ -160,20 +160,26 @@ def _heap_best(h, skip_cand, S):
 
 
 @fn
-def _prio_best(p, skip_cand, S, F):
-    """``MoEInfinityPriority``: the lowest ``T * D * F`` among evictable keys (ties: lowest key),
-    with the arithmetic of its numpy expression."""
-    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+def _prio_t(S, F):
+    """T per layer in ``F[F_TN]`` for the current layer (recomputed when the layer changed)."""
     cur = S[IV, I_LAYER]
+    if S[IV, I_TCUR] == cur:
+        return
+    S[IV, I_TCUR] = cur
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     for i in range(num_l):
         F[F_TN, i] = 1.0 if i <= cur else i / (num_l + 1)
     tsum = pairwise(F, F_TN, 0, num_l)
     for i in range(num_l):
         F[F_TN, i] = F[F_TN, i] / (tsum * num_e) + 1e-6
+
+
+@fn
+def _prio_scan(p, lo, hi, skip_cand, S, F):
+    """The lowest ``T * D * F`` among evictable keys ``lo..hi-1`` (ties: lowest key), with the
+    arithmetic of ``MoEInfinityPriority._scores``; (key or -1, its score)."""
+    num_e = S[IV, I_NUME]
     total = float(S[P_CSUM, p])
-    lo, hi = 0, num_l * num_e
-    if S[IV, I_NUMP] > 1:
-        lo, hi = p * num_e, (p + 1) * num_e
     pstamp = S[IV, I_PSTAMP]
     best = -1
     best_s = INF
@@ -187,7 +193,58 @@ def _prio_best(p, skip_cand, S, F):
         if sc < best_s:
             best_s = sc
             best = k
+    return best, best_s
+
+
+@fn
+def _prio_layers(p, skip_cand, S, F):
+    """``_prio_scan`` over the whole partition when D is the same for every key, from the layer
+    heaps (visits, then key): within a layer the score grows with the visits (T and D fixed,
+    every float step monotone), so the layer's evictable minimum is its heap's best, unless
+    one more visit would score the same (then that layer is scanned whole). Layers are taken
+    in order of T (after the current layer: ascending; then the current and earlier ones,
+    equal), and the walk stops once a layer's least possible score (one visit) is above the
+    best so far: every later layer's is at least as large."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    cur = S[IV, I_LAYER]
+    total = float(S[P_CSUM, p])
+    dn = F[F_DN, 0]
+    best = -1
+    best_s = INF
+    for q in range(num_l):
+        i = cur + 1 + q if cur + 1 + q < num_l else q - (num_l - 1 - cur)
+        w = F[F_TN, i] * dn
+        low = w * (1 / total + 1e-6)
+        if low > best_s or (low == best_s and best < i * num_e):
+            if low > best_s:
+                break
+            continue
+        k = _heap_best(i, skip_cand, S)
+        if k < 0:
+            continue
+        c = S[K_S1, k]
+        sc = w * (c / total + 1e-6)
+        if w * ((c + 1) / total + 1e-6) == sc:  # a more visited key could tie: scan the layer
+            k, sc = _prio_scan(p, i * num_e, (i + 1) * num_e, skip_cand, S, F)
+        if sc < best_s or (sc == best_s and k < best):
+            best_s = sc
+            best = k
     return best
+
+
+@fn
+def _prio_best(p, skip_cand, S, F):
+    """``MoEInfinityPriority``: the lowest ``T * D * F`` among evictable keys (ties: lowest key),
+    with the arithmetic of its numpy expression."""
+    _prio_t(S, F)
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    if S[IV, I_NUMP] > 1:  # one partition per layer
+        k, _ = _prio_scan(p, p * num_e, (p + 1) * num_e, skip_cand, S, F)
+        return k
+    if S[IV, I_DUNI]:
+        return _prio_layers(p, skip_cand, S, F)
+    k, _ = _prio_scan(p, 0, num_l * num_e, skip_cand, S, F)
+    return k
 
 
 @fn
@@ -277,6 +334,8 @@ def _on_access(ev, p, k, position, S, F, nocc):
     elif ev == EV_MI_PRIO:
         S[K_S1, k] += 1
         S[P_CSUM, p] += 1
+        if not S[K_OUT, k]:
+            _hupdate(S[K_HEAP, k], k, S)
     elif ev in (EV_VISITS_MIN, EV_VISITS_MAX, EV_MI_MIN, EV_MI_MAX):
         # one more visit; insertion order kept
         S[K_S1, k] += -1 if ev in (EV_VISITS_MAX, EV_MI_MAX) else 1

@@ -40,6 +40,7 @@ from moesim.sim.compiled.layout import (
     I_CWIDTH,
     I_DEMAND,
     I_DSRC,
+    I_DUNI,
     I_EAMCAP,
     I_ENGINES,
     I_ERROR,
@@ -54,6 +55,7 @@ from moesim.sim.compiled.layout import (
     I_QCAP,
     I_RSIZE,
     I_SERVED,
+    I_TCUR,
     I_UNUSED,
     I_USEFUL,
     IV,
@@ -138,7 +140,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     for lst in range(A_T1, A_B2 + 1):
         S[PA_HEAD + lst, :] = -1
         S[PA_TAIL + lst, :] = -1
-    layer_heaps = ev in (EV_MI_MIN, EV_MI_MAX)  # one heap per layer (candidate layers skipped)
+    layer_heaps = ev in (EV_MI_MIN, EV_MI_MAX, EV_MI_PRIO)  # one heap per layer
     for k in range(num_k):
         S[K_HOT, k] = 1 if hot[k] else 0
         S[K_PART, k] = part[k // num_e]
@@ -160,6 +162,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     S[IV, I_FILLED] = cfg[4]
     S[IV, I_PERSIST] = cfg[5]
     S[IV, I_DSRC] = -1
+    S[IV, I_DUNI] = 0 if pf == PF_MOE_INF else 1
+    S[IV, I_TCUR] = -1
     prio = ev == EV_MI_PRIO
     mi_pf = pf == PF_MOE_INF
     for k in range(num_k):  # D before any request's EAM: all ones, normalised
@@ -177,7 +181,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     direct = timed and pf == PF_NONE
     lru_zl = ev == EV_LRU and not timed  # zero-latency LRU misses: cache._lru_demand
-    heap = ev in (EV_LFU, EV_BELADY, EV_VISITS_MIN, EV_VISITS_MAX, EV_MI_MIN, EV_MI_MAX)
+    heap = ev in (EV_LFU, EV_BELADY, EV_VISITS_MIN, EV_VISITS_MAX, EV_MI_MIN, EV_MI_MAX,
+                  EV_MI_PRIO)
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
         _install(ev, inst_keys[i], position, S, F, nocc)
@@ -368,7 +373,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     clip = 0.0
     for i in range(S[IV, I_RSIZE]):
         f = F[F_RFIN, i]
-        s0 = F[F_RSTART, i] if F[F_RSTART, i] > now else now
+        s0 = max(now, F[F_RSTART, i])
         if f - s0 > 0:
             clip += f - s0
     F[FV, V_CLIP] = clip

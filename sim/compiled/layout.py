@@ -18,7 +18,9 @@ EV_LRU, EV_FIFO, EV_STATIC, EV_STALE, EV_LFU, EV_BELADY, EV_ARC = 0, 1, 2, 3, 4,
 # (order=max) in-cache visits, ties by earliest insertion (policies/moe_infinity.py)
 EV_VISITS_MIN, EV_VISITS_MAX = 7, 8
 # moe_infinity_lfu beside the moe_infinity prefetcher (candidate protection: one heap per
-# layer, so the candidates' layers are skipped whole), and moe_infinity_priority (T * D * F)
+# layer, so the candidates' layers are skipped whole), and moe_infinity_priority (T * D * F;
+# one heap per layer by visits, then key: a layer's least visited key scores least there
+# while D is the same for every key)
 EV_MI_MIN, EV_MI_MAX, EV_MI_PRIO = 9, 10, 11
 # Prefetch kernels.
 PF_NONE, PF_ORACLE, PF_NEXT_ALL, PF_PRED, PF_BEYOND, PF_MOE_INF = 0, 1, 2, 3, 4, 5
@@ -32,7 +34,7 @@ INF = np.inf
 # Rows of S (one int64 array: scalars, per partition, per key, buffers). Per key:
 K_STATE, K_MARK, K_PIN, K_PRV, K_NXT, _K_FREE, K_HPOS, K_S1, K_S2, K_HOT = range(7, 17)
 K_QSEQ, K_INFL, K_PART, K_CURSOR = range(17, 21)
-# Per partition (per heap for P_HOFF / P_HSIZE: a partition, or a layer for EV_MI_MIN/MAX):
+# Per partition (per heap for P_HOFF / P_HSIZE: a partition, or a layer for EV_MI_*):
 P_USED, P_CAP, P_HEAD, P_TAIL, P_HOFF, P_HSIZE = range(1, 7)
 # Int buffers; rows of F (float buffers, then the float scalars):
 B_HKEY, B_SKIP, B_TODO, B_PKEYS, B_RSEQ, B_RKEY, B_RKIND, B_QKEY, B_QSEQ = range(21, 30)
@@ -62,7 +64,10 @@ I_ENGINES, I_QCAP, I_TSTAMP = 22, 23, 24
 # candidate set (layers CLO..CHI, top CWIDTH per layer if > 0, stamp), the shape, the EAMC.
 I_LAYER, I_DEMPH, I_HASCAND, I_CLO, I_CHI, I_CWIDTH, I_CSTAMP = range(25, 32)
 I_NUME, I_NUML, I_NUMP, I_CANCELLED, I_FILLED, I_PERSIST, I_DSRC, I_EAMCAP = range(32, 40)
-NUM_IV = 40
+# moe_infinity_priority: D is the same for every key (no moe_infinity prefetcher); the layer
+# whose T is in F[F_TN] (-1: none yet).
+I_DUNI, I_TCUR = 40, 41
+NUM_IV = 42
 # Columns of row FV of F.
 V_LT, V_BUSY, V_STALL_MISS, V_STALL_LATE, V_TIME, V_NOW, V_CLIP = range(7)
 NUM_FV = 7
