@@ -30,6 +30,7 @@ import pandas as pd
 
 from moesim.experiments import modern_models
 from moesim.experiments.plot_style import level_order
+from moesim.experiments.published import docs as published_docs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -533,6 +534,9 @@ BLOCKS: dict[str, Block] = {
     "host_cpu_table": (lambda: None, _host_cpu_table, None),
     # experiments/modern_models.py and traces/residency.py write them; modern_models renders
     **modern_models.BLOCKS,
+    # experiments/docs/results/published_*.csv, written by python -m moesim.experiments.published
+    # predict; experiments/published/docs.py renders them
+    **published_docs.BLOCKS,
 }
 
 

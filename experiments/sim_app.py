@@ -216,6 +216,22 @@ def _pageable(profile: Any) -> Any:
         return None
 
 
+def effective_values(cfg: DictConfig, trace: Any) -> dict[str, Any]:
+    """What ran where it differs from what was asked: a ``batch`` above the replayed requests
+    decodes them all at once, ``max_requests``/``max_tokens`` above the trace's take what it
+    has. The row records the effective value; the asked one stays beside it as
+    ``<key>_requested`` (only then)."""
+    longest = max(len(r.experts) for r in trace.requests)
+    ran = {"batch": min(int(cfg.batch), len(trace)), "max_requests": len(trace),
+           "max_tokens": longest}
+    out: dict[str, Any] = {}
+    for key, value in ran.items():
+        asked = cfg.get(key)
+        if asked is not None and int(asked) != value:
+            out[key], out[f"{key}_requested"] = value, int(asked)
+    return out
+
+
 # Traces loaded in this process, by content: a sweep worker running many configs on one trace
 # decodes it once (about 1 CPU-s for the DeepSeek training trace), not once per run.
 LOADED_TRACES = ProcessMemo(size=2)
@@ -231,22 +247,6 @@ def run_trace(cfg: DictConfig) -> Any:
     key = (input_digest(cfg), str(cfg.get("requests") or "auto"), str(node.get("path")),
            cfg.get("max_requests"), cfg.get("max_tokens"))
     return LOADED_TRACES.get(key, lambda: load_run_trace(cfg))
-
-
-def effective_values(cfg: DictConfig, trace: Any) -> dict[str, Any]:
-    """What ran where it differs from what was asked: a ``batch`` above the replayed requests
-    decodes them all at once, ``max_requests``/``max_tokens`` above the trace's take what it
-    has. The row records the effective value; the asked one stays beside it as
-    ``<key>_requested`` (only then)."""
-    longest = max(len(r.experts) for r in trace.requests)
-    ran = {"batch": min(int(cfg.batch), len(trace)), "max_requests": len(trace),
-           "max_tokens": longest}
-    out: dict[str, Any] = {}
-    for key, value in ran.items():
-        asked = cfg.get(key)
-        if asked is not None and int(asked) != value:
-            out[key], out[f"{key}_requested"] = value, int(asked)
-    return out
 
 
 def _placement_params(cfg: DictConfig) -> dict[str, Any]:
@@ -531,6 +531,20 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
         raise _fail(outdir, errors)
     if errors := check_config(cfg):  # every bad value, one line each, before anything runs
         raise _fail(outdir, errors)
+    if cfg.get("published") is not None:  # experiment=published: predict published systems
+        from moesim.experiments.published.entries import PublishedError
+        from moesim.experiments.published.report import run_all
+
+        out = cfg.published.get("out")
+        try:
+            summary = run_all(resolve_path(out) if out else outdir,
+                              lambda m: print(m, file=sys.stderr) if cfg.progress else None)
+        except (PublishedError, ProfileError, ValueError) as exc:
+            raise _fail(outdir, [str(exc)]) from None
+        write_status(outdir, "done")
+        print(json.dumps(summary, indent=1))
+        print(f"  results: {outdir}")
+        return None
     if cfg.get("validate") is not None:  # experiment=validate[_smoke]: simulate + run for real
         from moesim.experiments.validate import USER_ERRORS as VALIDATE_ERRORS
         from moesim.experiments.validate import run_validation

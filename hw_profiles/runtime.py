@@ -50,7 +50,12 @@ FITTABLE: dict[str, str] = {
     "dequant.Bps": "Bps",
     "copy.per_copy_s": "s",
     "copy.efficiency": "ratio",
+    "prefetch.recall": "ratio",
 }
+_ATTR = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
+         "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
+         "copy.per_copy_s": "per_copy_s", "copy.efficiency": "efficiency",
+         "prefetch.recall": "recall"}
 
 
 def _zero(field_: str) -> Quantity:
@@ -71,10 +76,14 @@ class RuntimeProfile:
     per_copy_s: Quantity = field(default_factory=lambda: _zero("copy.per_copy_s"))
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
     staging_buffers: int = 0
+    whole_layer: bool = False  # every miss moves the whole MoE block (all experts of the layer)
     step_s: Quantity = field(default_factory=lambda: _zero("overhead.step_s"))
     layer_s: Quantity = field(default_factory=lambda: _zero("overhead.layer_s"))
     expert_s: Quantity = field(default_factory=lambda: _zero("overhead.expert_s"))
     dequant_Bps: Quantity = field(default_factory=lambda: missing("dequant.Bps"))
+    # The system's own next-layer pre-loader (published entries with prefetch: speculative):
+    # the share of the next layer's true experts its guess finds (missing: 1, the oracle).
+    recall: Quantity = field(default_factory=lambda: missing("prefetch.recall"))
     fit: tuple[str, ...] = ()
     notes: str = ""
 
@@ -84,6 +93,7 @@ class RuntimeProfile:
         tensors = int(self.tensors_per_expert.value) if self.tensors_per_expert.known else 1
         eff = float(self.efficiency.value) if self.efficiency.known else 1.0
         return (self.host_memory is None and not self.swap and self.stream == "own"
+                and not self.whole_layer
                 and tensors == 1 and eff == 1.0 and self.staging_buffers == 0
                 and not self.dequant_Bps.known
                 and all(self.value(k) == 0.0 for k in ("overhead.step_s", "overhead.layer_s",
@@ -94,10 +104,12 @@ class RuntimeProfile:
         q = self.quantity(name)
         return float(q.value) if q.known else 0.0
 
+    @property
+    def prefetch_recall(self) -> float:
+        return float(self.recall.value) if self.recall.known else 1.0
+
     def quantity(self, name: str) -> Quantity:
-        attr = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
-                "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
-                "copy.per_copy_s": "per_copy_s", "copy.efficiency": "efficiency"}.get(name)
+        attr = _ATTR.get(name)
         if attr is None:
             raise KeyError(name)
         return getattr(self, attr)
@@ -121,12 +133,17 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     if not isinstance(data, Mapping):
         raise ctx.error("a runtime profile must be a mapping", data)
     reject_unknown(ctx, data, {"name", "system", "description", "copy", "overhead", "dequant",
-                               "fit", "notes"})
+                               "prefetch", "fit", "notes"})
     name = as_str(ctx.sub("name"), data.get("name"), required=True)
     copy = as_mapping(ctx.sub("copy"), data.get("copy")) or {}
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
-                                "per_copy_s", "efficiency", "staging_buffers"})
+                                "per_copy_s", "efficiency", "staging_buffers", "whole_layer"})
+    whole = copy.get("whole_layer", False)
+    if not isinstance(whole, bool):
+        raise cctx.sub("whole_layer").error("expected true or false", whole)
+    pre = as_mapping(ctx.sub("prefetch"), data.get("prefetch")) or {}
+    reject_unknown(ctx.sub("prefetch"), pre, {"recall"})
     host_memory = copy.get("host_memory")
     if host_memory is not None and host_memory not in HOST_MEMORY:
         raise cctx.sub("host_memory").error(f"must be one of {list(HOST_MEMORY)} or null",
@@ -167,6 +184,8 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         per_copy_s=q(cctx, copy, "per_copy_s", "s", False),
         efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
         staging_buffers=int(staging),
+        whole_layer=whole,
+        recall=quantity(ctx.sub("prefetch").sub("recall"), pre.get("recall"), "ratio"),
         step_s=q(octx, over, "step_s", "s", False),
         layer_s=q(octx, over, "layer_s", "s", False),
         expert_s=q(octx, over, "expert_s", "s", False),
@@ -208,9 +227,7 @@ def with_values(rt: RuntimeProfile, values: Mapping[str, float], source: str) ->
     """``rt`` with fittable parameters replaced (``kind: fitted``): what a fit evaluates."""
     from dataclasses import replace
 
-    attr = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
-            "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
-            "copy.per_copy_s": "per_copy_s", "copy.efficiency": "efficiency"}
+    attr = _ATTR
     changes = {}
     for key, v in values.items():
         if key not in attr:
@@ -234,6 +251,12 @@ class RuntimeLink:
     The swap doubles the wire time of every weight copy: in steady state every demand copy
     evicts one expert (a cold cache evicts nothing, which this overstates for the first
     tokens). With ``stream: own`` the device-to-host direction of the full-duplex link is free.
+
+    ``bytes_factor`` (``copy.whole_layer``): a runtime that moves a whole MoE block whenever the
+    layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
+    routed expert it misses; with no cache of its own every routed expert misses, so a layer
+    costs its whole block (an expert reused from the minimal cache saves its share: understated
+    by that reuse).
     """
 
     base: Any  # TransferModel
@@ -241,6 +264,7 @@ class RuntimeLink:
     per_copy_s: float = 0.0
     efficiency: float = 1.0
     swap_serial: bool = False
+    bytes_factor: float = 1.0  # whole-layer runtimes: the layer's experts per routed expert
 
     @property
     def copy_engines(self) -> int:
@@ -249,6 +273,7 @@ class RuntimeLink:
     def transfer_time(self, nbytes: int) -> float:
         if nbytes <= 0:
             return 0.0
+        nbytes = int(nbytes * self.bytes_factor)
         per = max(1, int(nbytes) // self.tensors)
         wire = self.tensors * self.base.transfer_time(per) / self.efficiency
         if self.swap_serial:
@@ -315,8 +340,10 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
             base = pageable_link
         tensors = int(rt.tensors_per_expert.value) if rt.tensors_per_expert.known else 1
         eff = float(rt.efficiency.value) if rt.efficiency.known else 1.0
+        factor = card.num_experts / card.top_k if rt.whole_layer else 1.0
+        tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
         link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff,
-                           rt.swap and rt.stream == "compute")
+                           rt.swap and rt.stream == "compute", factor)
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

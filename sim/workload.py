@@ -327,6 +327,12 @@ class WorkloadFuture:
         self._nxt: array | None = None
         self._cur: list[int] = []
 
+    @property
+    def keys(self) -> np.ndarray:
+        """The whole [steps, layers, width] key array (read-only use: a policy that derives
+        its own table from the future, such as ``speculative_prefetch``)."""
+        return self._w.keys
+
     def keys_at(self, step: int, layer: int) -> list[int]:
         if step >= self.num_steps:
             return []

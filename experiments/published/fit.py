@@ -41,6 +41,7 @@ RANGES: dict[str, tuple[float, float]] = {
     "dequant.Bps": (1e9, 1e13),
     "copy.per_copy_s": (1e-7, 1e-3),
     "copy.efficiency": (0.05, 1.0),
+    "prefetch.recall": (0.05, 1.0),
 }
 FIT_SOURCE = "fitted by moesim.experiments.published.fit on {ids}"
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
-from moesim.hw_profiles import load_profile
+from moesim.hw_profiles import ProfileError, load_profile
 from moesim.hw_profiles.runtime import RuntimeProfile, apply_runtime, load_runtime
 from moesim.sim import capacity_slots, dense_layers_before, simulate
 from moesim.sim.hardware import host_side
@@ -40,10 +41,34 @@ MODEL_TRACES: dict[str, str] = {
     "mixtral_8x7b": "mixtral_8x7b",
     "deepseek_v2_lite": "deepseek_v2_lite",
 }
-MAX_TOKENS = 128  # decode tokens per request replayed (the trace's requests, up to this)
+MAX_TOKENS = 64  # decode tokens per request replayed (the trace's requests, up to this)
 MAX_REQUESTS = 4
 WARMUP = 8  # tokens per request that only warm a cache holding every expert
 RESERVE_GIB = 1.5  # CUDA context, activations and KV cache beside the weights (assumption)
+
+
+# Measured pinned host-to-device plateaus of an x16 link per PCIe generation, for entries whose
+# source names a slower bus than the GPU's own (a Gen4 GPU in a Gen3 host): the profile's link
+# curves are scaled by the ratio. Gen3: CUDA bandwidthTest on a V100-PCIe (v100_pcie.yaml, S21);
+# Gen4: bandwidthTest on a DGX A100 (a100_sxm4.yaml, S34).
+BUS_PINNED_BPS = {3: 12.4e9, 4: 25.7e9}
+_GEN = re.compile(r"(?:gen\.?\s*|pcie\s*)([34])(?:\.0)?\b", re.I)
+
+
+def bus_generation(text: str) -> int | None:
+    """The PCIe generation a text names ("PCIe Gen.3", "PCIe 4.0 x16"), or None."""
+    m = _GEN.search(text or "")
+    return int(m.group(1)) if m else None
+
+
+def bus_scale(entry: Entry, profile: Any) -> float:
+    """Link scale for an entry whose stated bus is slower than its profile's (else 1)."""
+    stated = bus_generation(entry.link)
+    hl = getattr(profile, "host_link", None)
+    own = bus_generation(str(getattr(hl, "bus", "") or "")) if hl is not None else None
+    if stated is None or own is None or stated >= own:
+        return 1.0
+    return BUS_PINNED_BPS[stated] / BUS_PINNED_BPS[own]
 
 
 class NotPredictable(Exception):
@@ -60,15 +85,28 @@ class Prepared:
     profile: Any
     capacity: int
     partition: str
-    policy: dict[str, Any]
     warmup: int
+    link_scale: float  # the entry's bus generation against the profile's (BUS_PINNED_BPS)
 
 
 @functools.cache
 def _trace(name: str) -> Trace:
-    from moesim.experiments.api import load_trace
+    """The named trace (its config group file, read without Hydra: this also runs inside
+    ``moesim-sim experiment=published``), first requests and tokens only."""
+    from omegaconf import OmegaConf
 
-    return load_trace(name, max_requests=MAX_REQUESTS, max_tokens=MAX_TOKENS + WARMUP)
+    from moesim.experiments.configs import CONF_DIR
+    from moesim.experiments.inputs import trace_file
+    from moesim.traces import TraceError
+    from moesim.traces import load_trace as read
+
+    node = OmegaConf.load(CONF_DIR / "trace" / f"{name}.yaml")
+    try:
+        path = trace_file(str(node.path), node.get("format"))
+        trace = read(path, max_requests=MAX_REQUESTS)
+    except TraceError as exc:
+        raise NotPredictable(f"trace {name}: {exc}") from None
+    return trace.subset(MAX_REQUESTS, MAX_TOKENS + WARMUP)
 
 
 def _non_expert_bytes(card: ModelCard) -> float:
@@ -106,9 +144,11 @@ def cache_setup(entry: Entry, card: ModelCard) -> tuple[int, str, int]:
     return min(slots, total), "global", 0
 
 
-def policy_of(entry: Entry) -> dict[str, Any]:
+def policy_of(entry: Entry, recall: float = 1.0) -> dict[str, Any]:
     """The moesim policy of the entry (``policy: none`` -- no cache of its own -- is the
-    smallest LRU a step runs in, see ``cache_setup``)."""
+    smallest LRU a step runs in, see ``cache_setup``). A system's own speculative pre-loader
+    finds the share ``recall`` of the next layer's experts (its runtime's ``prefetch.recall``;
+    1: the oracle bound)."""
     from moesim.policies.registry import EVICTION, discover
 
     discover()
@@ -117,6 +157,9 @@ def policy_of(entry: Entry) -> dict[str, Any]:
         return {"name": "moe_infinity"}
     if eviction not in EVICTION:
         raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy")
+    if entry.prefetch == "speculative" and recall < 1.0:
+        return {"name": "speculative_prefetch", "eviction": eviction,
+                "point": "demand_issued", "lookahead": 1, "recall": recall}
     if entry.prefetch in ("speculative", "oracle"):
         return {"name": "oracle_prefetch", "eviction": eviction, "point": "demand_issued",
                 "lookahead": 1}
@@ -142,8 +185,10 @@ def prepare(entry: Entry) -> Prepared:
 
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
-    return Prepared(entry, trace, card, load_profile(entry.hw), capacity, partition,
-                    policy_of(entry), warmup)
+    policy_of(entry)  # an unknown policy is reported now, not at the first prediction
+    profile = load_profile(entry.hw)
+    return Prepared(entry, trace, card, profile, capacity, partition, warmup,
+                    bus_scale(entry, profile))
 
 
 def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
@@ -152,12 +197,16 @@ def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
     compute = p.profile.compute_model(p.card)
     try:
         pageable = p.profile.host_link_model("pageable")
-    except Exception:
+    except ProfileError:  # a profile without a pageable rate
         pageable = None
+    if p.link_scale != 1.0:
+        link = link.scaled_to_peak(link.peak_bandwidth_Bps * p.link_scale)
+        if pageable is not None:
+            pageable = pageable.scaled_to_peak(pageable.peak_bandwidth_Bps * p.link_scale)
     link, compute = apply_runtime(runtime, link, compute, p.card, pageable)
     result = simulate(
-        p.trace, p.policy, capacity=p.capacity, mode="timed", link=link, compute=compute,
-        partition=p.partition, warmup_tokens=p.warmup, seed=0,
+        p.trace, policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
+        mode="timed", link=link, compute=compute, partition=p.partition, warmup_tokens=p.warmup, seed=0,
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
         host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
     )

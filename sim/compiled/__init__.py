@@ -30,6 +30,7 @@ from moesim.policies.moe_infinity import (
 from moesim.policies.next_layer_all import NextLayerAll
 from moesim.policies.oracle_prefetch import OraclePrefetch
 from moesim.policies.prediction_prefetch import PredictionPrefetch
+from moesim.policies.speculative_prefetch import SpeculativePrefetch
 from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
 from moesim.sim.compiled.stamp import compile_notice, refresh_cache
@@ -53,6 +54,8 @@ EVICTION: dict[type, int] = {
 PREFETCH: dict[type, int] = {
     NoPrefetch: K.PF_NONE, OraclePrefetch: K.PF_ORACLE, NextLayerAll: K.PF_NEXT_ALL,
     PredictionPrefetch: K.PF_PRED, MoEBeyondReplay: K.PF_BEYOND, MoEInfinity: K.PF_MOE_INF,
+    # the oracle kernel over the policy's own thinned table (drawn once at start)
+    SpeculativePrefetch: K.PF_ORACLE,
 }
 POINTS = {"pre_attention": K.PT_PRE, "routed": K.PT_ROUTED, "demand_issued": K.PT_ISSUED}
 
@@ -148,7 +151,8 @@ def _prefetch_args(sim: Simulation) -> tuple[int, int, np.ndarray, int, int, boo
     point = K.PT_ISSUED
     table = dummy
     if code == K.PF_ORACLE:
-        point, ahead, table = POINTS[pf.point], pf._ahead, sim.workload.keys
+        point, ahead = POINTS[pf.point], pf._ahead
+        table = pf.table if isinstance(pf, SpeculativePrefetch) else sim.workload.keys
     elif code == K.PF_NEXT_ALL:
         wrap = bool(pf.setup.params.get("wrap", True))
     elif code in (K.PF_PRED, K.PF_BEYOND):

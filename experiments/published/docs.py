@@ -1,0 +1,167 @@
+"""The generated blocks and the figure of the docs page "Predicting published systems", from the
+committed CSVs of ``python -m moesim.experiments.published predict`` (readme_blocks renders
+them; no number on the page is typed by hand)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .fit import CALIBRATION
+from .report import EFFECTS_CSV, LOGO_CSV, PREDICTIONS_CSV, summary
+
+FIGURE = Path(__file__).resolve().parents[1] / "figures" / "published_predicted_vs_measured"
+TARGET_MEDIAN = 0.25  # held-out median |predicted / published - 1|
+TARGET_WITHIN_2X = 0.80
+TARGET_EFFECT = 0.15  # cache / pre-load gain and the GPU ratio, relative error
+
+
+def _pct(x: float) -> str:
+    return "-" if not np.isfinite(x) else f"{x * 100:.1f} %"
+
+
+def _num(x: float) -> str:
+    if not np.isfinite(x):
+        return "-"
+    return f"{x:.3g}"
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def load_predictions() -> pd.DataFrame:
+    return pd.read_csv(PREDICTIONS_CSV)
+
+
+def render_summary(pred: pd.DataFrame) -> str:
+    s = summary(pred)
+    h, c = s["held_out"], s["calibration"]
+    eff = pd.read_csv(EFFECTS_CSV)
+    rows = [
+        "| | entries | median \\|predicted / published - 1\\| | within 2x |",
+        "|---|---|---|---|",
+        f"| held out (predictions) | {h['entries']} | {_pct(h['median_abs_error'])} "
+        f"| {_pct(h['within_2x'])} |",
+        f"| calibration (fitted on) | {c['entries']} | {_pct(c['median_abs_error'])} "
+        f"| {_pct(c['within_2x'])} |",
+        "",
+        f"{len(pred)} entries from {pred['source'].nunique()} sources; "
+        f"{s['not_predictable']} cannot be simulated here yet (reasons below). Calibration "
+        "sets, declared in `moesim.experiments.published.fit.CALIBRATION`: "
+        + "; ".join(f"{rt}: {len(ids)} entries" for rt, ids in sorted(CALIBRATION.items()))
+        + ".",
+        "",
+        "| target (held-out entries) | measured | |",
+        "|---|---|---|",
+        f"| median \\|error\\| <= 25 % | {_pct(h['median_abs_error'])} "
+        f"| {_met(h['median_abs_error'] <= TARGET_MEDIAN)} |",
+        f"| >= 80 % within 2x | {_pct(h['within_2x'])} "
+        f"| {_met(h['within_2x'] >= TARGET_WITHIN_2X)} |",
+    ]
+    held = eff[eff["role"] == "held_out"]
+    for effect, need in (("cache gain", 6), ("pre-load gain", 6)):
+        sub = eff[eff["effect"] == effect]
+        ok = int((sub["error"].abs() <= TARGET_EFFECT).sum())
+        rows.append(f"| {effect} within 15 % in >= {need} of 8 settings | {ok} of {len(sub)} "
+                    f"| {_met(ok >= need)} |")
+    ratio = held[held["effect"] == "RTX 3060 / 3080 Mobile"]
+    worst = float(ratio["error"].abs().max()) if len(ratio) else float("nan")
+    rows.append(f"| RTX 3060 / 3080 Mobile ratio within 15 % | worst {_pct(worst)} "
+                f"| {_met(worst <= TARGET_EFFECT)} |")
+    return "\n".join(rows)
+
+
+def render_table(pred: pd.DataFrame) -> str:
+    """One row per predictable entry, grouped by source."""
+    ok = pred[pred["role"] != "not_predictable"]
+    lines = []
+    for src, g in ok.groupby("source", sort=True):
+        lines += [f"**{src}**", "",
+                  "| entry | GPU (profile) | runtime | metric | published | predicted | ratio "
+                  "| role |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in g.itertuples():
+            lines.append(f"| `{r.id}` | {r.hw} | {r.runtime} | {r.metric} | {_num(r.measured)} "
+                         f"| {_num(r.predicted)} | {r.ratio:.2f} | {r.role.replace('_', ' ')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render_not_predictable(pred: pd.DataFrame) -> str:
+    bad = pred[pred["role"] == "not_predictable"]
+    counts = bad.groupby("not_predictable").size().sort_values(ascending=False)
+    lines = ["| why an entry is not predicted yet | entries |", "|---|---|"]
+    lines += [f"| {why} | {n} |" for why, n in counts.items()]
+    return "\n".join(lines)
+
+
+def render_effects(eff: pd.DataFrame) -> str:
+    lines = ["| effect | setting | published | predicted | error | role |",
+             "|---|---|---|---|---|---|"]
+    for r in eff.itertuples():
+        lines.append(f"| {r.effect} | {r.setting} | {r.measured:.3f} | {r.predicted:.3f} "
+                     f"| {r.error * 100:+.1f} % | {r.role.replace('_', ' ')} |")
+    return "\n".join(lines)
+
+
+def render_logo(logo: pd.DataFrame) -> str:
+    lines = ["| GPU left out | entries | median ratio | min | max | fitted on the others |",
+             "|---|---|---|---|---|---|"]
+    fit_cols = [c for c in logo.columns if c.startswith("fit.")]
+    for hw, g in logo.groupby("left_out", sort=True):
+        fitted = ", ".join(f"{c[4:]} = {g[c].iloc[0]:.3g}" for c in fit_cols)
+        lines.append(f"| {hw} | {len(g)} | {g['ratio'].median():.2f} | {g['ratio'].min():.2f} "
+                     f"| {g['ratio'].max():.2f} | {fitted} |")
+    return "\n".join(lines)
+
+
+def figure(pred: pd.DataFrame) -> None:
+    """Log-log predicted vs published (y = x, +-25 % band), calibration and held-out marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from moesim.experiments.plot_style import STYLE, savefig
+
+    ok = pred[pred["role"] != "not_predictable"].copy()
+    # compare like with like: everything as seconds per token
+    sec = np.where(ok["metric"] == "tokens_per_s", 1.0 / ok["measured"], ok["measured"])
+    psec = np.where(ok["metric"] == "tokens_per_s", 1.0 / ok["predicted"], ok["predicted"])
+    ok["published_s"], ok["predicted_s"] = sec, psec
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(5.2, 4.6), layout="constrained")
+        lo = float(min(ok["published_s"].min(), ok["predicted_s"].min())) / 1.5
+        hi = float(max(ok["published_s"].max(), ok["predicted_s"].max())) * 1.5
+        xs = np.geomspace(lo, hi, 50)
+        ax.fill_between(xs, xs / 1.25, xs * 1.25, color="0.85", label="±25 %")
+        ax.plot(xs, xs, color="0.3", lw=1, label="y = x")
+        markers = {"calibration": ("s", "#0072B2"), "held_out": ("o", "#D55E00")}
+        for role, (m, colour) in markers.items():
+            g = ok[ok["role"] == role]
+            ax.scatter(g["published_s"], g["predicted_s"], marker=m, s=28, color=colour,
+                       edgecolor="black", linewidth=0.4,
+                       label=f"{role.replace('_', ' ')} ({len(g)})", zorder=3)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_xlabel("published time per output token (s, log scale)")
+        ax.set_ylabel("moesim's prediction (s, log scale)")
+        ax.legend(loc="upper left", fontsize=8)
+        FIGURE.parent.mkdir(parents=True, exist_ok=True)
+        for ext in (".png", ".pdf"):
+            savefig(fig, FIGURE.with_suffix(ext))
+        plt.close(fig)
+
+
+BLOCKS = {
+    "published_summary": (load_predictions, render_summary, figure),
+    "published_table": (load_predictions, render_table, None),
+    "published_not_predictable": (load_predictions, render_not_predictable, None),
+    "published_effects": (lambda: pd.read_csv(EFFECTS_CSV), render_effects, None),
+    "published_logo": (lambda: pd.read_csv(LOGO_CSV), render_logo, None),
+}

@@ -1,0 +1,166 @@
+"""Published measurements: the data's rules, the calibration protocol, the committed report."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from moesim.experiments.published.entries import PublishedError, load_entries
+from moesim.experiments.published.fit import CALIBRATION, RANGES, fit_runtime
+from moesim.experiments.published.predict import bus_generation
+from moesim.experiments.published.report import FIT_JSON, PREDICTIONS_CSV, effects_table
+from moesim.hw_profiles.runtime import list_runtimes, load_runtime
+
+GOOD = {
+    "source": {"id": "src", "title": "T", "cite": "C", "where": "Table 1", "url": ""},
+    "defaults": {"model": "mixtral_8x7b", "hw": "t4", "runtime": "hqq_offload",
+                 "cache": {"per_layer": 4}, "weights": {"experts_bits": 2.6}},
+    "entries": [
+        {"id": "a", "quote": "Table 1 | A | 2.0", "metric": "tokens_per_s", "value": 2.0},
+        {"id": "b", "quote": "Table 1 | B | 1.5x", "metric": "speedup", "value": 1.5,
+         "baseline": "a"},
+    ],
+    "assumptions": [{"field": "input_tokens", "value": 64, "why": "not stated"}],
+}
+
+
+def _write(tmp_path: Path, data: dict, name: str = "src") -> Path:
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    return tmp_path
+
+
+def test_shipped_entries_meet_the_bar() -> None:
+    entries = load_entries(runtimes=list_runtimes())
+    sources = {e.source.id for e in entries}
+    assert len(entries) >= 40 and len(sources) >= 5
+    for e in entries:
+        assert e.quote and e.source.where and e.source.cite
+
+
+def test_a_good_file_loads_with_defaults_and_assumptions(tmp_path: Path) -> None:
+    a, b = load_entries(_write(tmp_path, GOOD), runtimes=list_runtimes())
+    assert a.hw == "t4" and a.bits("experts") == 2.6 and a.cache == {"per_layer": 4}
+    assert b.baseline == "a" and a.assumptions[0].field == "input_tokens"
+
+
+def _bad(**change) -> dict:
+    data = json.loads(json.dumps(GOOD))
+    for path, value in change.items():
+        node = data
+        keys = path.split("__")
+        for k in keys[:-1]:
+            node = node[int(k)] if k.isdigit() else node[k]
+        if value is None:
+            node.pop(keys[-1])
+        else:
+            node[keys[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"entries__0__quote": None}, "field 'quote': is required"),
+    ({"source": None}, "field 'source'"),
+    ({"entries__0__runtime": "turbo"}, "field 'runtime': unknown runtime"),
+    ({"entries__0__weights": {"experts_bits": 40}}, "weights.experts_bits"),
+    ({"entries__0__weights": {"experts_bits": 0}}, "weights.experts_bits"),
+    ({"entries__0__cache": {"per_layer": 0}}, "smaller than one expert per layer"),
+    ({"entries__0__metric": "latency"}, "field 'metric'"),
+    ({"entries__1__baseline": None}, "field 'baseline'"),
+    ({"entries__1__id": "a"}, "id also used"),
+    ({"entries__0__colour": "red"}, "unknown key(s) ['colour']"),
+    ({"entries__0__value": -2}, "field 'value': must be > 0"),
+])
+def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
+                                                       words: str) -> None:
+    with pytest.raises(PublishedError) as err:
+        load_entries(_write(tmp_path, _bad(**change)), runtimes=list_runtimes())
+    msg = str(err.value)
+    assert msg.startswith("src.yaml") and words in msg and "\n" not in msg
+
+
+def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
+    folder = _write(tmp_path, _bad(entries__0__runtime="turbo"))
+    out = subprocess.run([sys.executable, "-m", "moesim.experiments.published", "predict",
+                          "--data", str(folder), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("error: src.yaml entry a: field 'runtime'")
+    assert "Traceback" not in out.stderr and not (tmp_path / "o").exists()
+
+
+def test_calibration_sets_are_declared_small_and_of_their_runtime() -> None:
+    entries = load_entries(runtimes=list_runtimes())
+    by_id = {e.id: e for e in entries}
+    for runtime, ids in CALIBRATION.items():
+        assert ids and all(by_id[i].runtime == runtime for i in ids)
+        mine = [e for e in entries if e.runtime == runtime]
+        assert len(ids) <= len(mine) / 3, runtime  # at most a third of its entries
+        for key in load_runtime(runtime).fit:
+            assert key in RANGES
+
+
+def test_a_fit_never_sees_a_held_out_entry() -> None:
+    entries = load_entries(runtimes=list_runtimes())
+    seen: set[str] = set()
+
+    def fake(entry, runtime):  # pretends time grows with the layer overhead
+        seen.add(entry.id)
+        return entry.value * (1 + runtime.value("overhead.layer_s"))
+
+    res = fit_runtime(load_runtime("hqq_offload"), entries, fake)
+    assert seen == set(CALIBRATION["hqq_offload"])
+    assert res.values["overhead.layer_s"] == pytest.approx(RANGES["overhead.layer_s"][0],
+                                                           rel=1e-6)
+
+
+def test_committed_fit_is_what_the_runtime_profiles_ship() -> None:
+    fits = json.loads(FIT_JSON.read_text())
+    assert {f["runtime"] for f in fits} == set(CALIBRATION)
+    for f in fits:
+        rt = load_runtime(f["runtime"])
+        assert tuple(f["calibration"]) == CALIBRATION[f["runtime"]]
+        for key, value in f["values"].items():
+            q = rt.quantity(key)
+            assert q.kind == "fitted" and q.value == pytest.approx(value, rel=1e-5), key
+            assert all(i in q.source for i in f["calibration"])
+
+
+def test_committed_predictions_are_consistent() -> None:
+    pred = pd.read_csv(PREDICTIONS_CSV)
+    entries = load_entries(runtimes=list_runtimes())
+    assert list(pred["id"]) == [e.id for e in entries]
+    ok = pred[pred["role"] != "not_predictable"]
+    assert ((ok["ratio"] - ok["predicted"] / ok["measured"]).abs() < 1e-4 * ok["ratio"]).all()
+    cal = {i for ids in CALIBRATION.values() for i in ids}
+    assert set(pred.loc[pred["role"] == "calibration", "id"]) == cal
+    assert pred.loc[pred["role"] == "not_predictable", "not_predictable"].str.len().min() > 0
+    effects = effects_table(pred)
+    assert set(effects["effect"]) == {"cache gain", "pre-load gain", "RTX 3060 / 3080 Mobile"}
+
+
+@pytest.mark.parametrize("text, gen", [("PCIe Gen.3 (lane width not stated)", 3),
+                                       ("PCIe 4.0 x16", 4), ("not stated", None),
+                                       ("PCIe Gen.4", 4)])
+def test_bus_generation(text: str, gen: int | None) -> None:
+    assert bus_generation(text) == gen
+
+
+@pytest.mark.shared
+def test_refit_reproduces_the_shipped_values() -> None:
+    from tests.traces.fixtures import require_shared
+
+    require_shared("mixtral8x7b_speculative-moe")
+    from moesim.experiments.published.report import Predictions, fit_all
+
+    entries = load_entries(runtimes=list_runtimes())
+    fits = {f["runtime"]: f for f in json.loads(FIT_JSON.read_text())}
+    for res in fit_all(entries, Predictions(entries), only=["accelerate"]):
+        for key, value in res.values.items():
+            assert math.isclose(value, fits[res.runtime]["values"][key], rel_tol=1e-6)

@@ -1,0 +1,194 @@
+"""Runtime profiles: parsing, the closed-form cost of each mechanism, identity of ``none``, and
+both engines equal under a runtime (they read every duration from the same wrappers)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moesim.hw_profiles import ProfileError
+from moesim.hw_profiles.runtime import (
+    RuntimeCompute,
+    RuntimeLink,
+    RuntimeProfile,
+    apply_runtime,
+    list_runtimes,
+    load_runtime,
+    runtime_from_mapping,
+    with_values,
+)
+from moesim.sim import SimulationError, simulate
+from moesim.sim.hardware import FixedCompute, FixedLink
+from moesim.traces.model_card import ModelCardError, load_card
+from tests.helpers import random_trace
+
+
+def _q(v: float, unit: str | None = None) -> dict:
+    out = {"value": v, "kind": "estimate", "source": "test"}
+    if unit:
+        out["unit"] = unit
+    return out
+
+
+def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
+    names = list_runtimes()
+    assert {"none", "hqq_offload", "accelerate", "moe_infinity"} <= set(names)
+    for name in names:
+        rt = load_runtime(name)
+        assert rt.name == name
+    none = load_runtime("none")
+    assert none.is_none
+    link, comp = FixedLink(bandwidth_Bps=1e9), FixedCompute(expert_s=1e-3)
+    assert apply_runtime(none, link, comp, load_card("mixtral_8x7b")) == (link, comp)
+    assert not load_runtime("hqq_offload").is_none
+
+
+@pytest.mark.parametrize("data, field", [
+    ({"name": "x", "copy": {"stream": "side"}}, "copy.stream"),
+    ({"name": "x", "copy": {"host_memory": "mmap"}}, "copy.host_memory"),
+    ({"name": "x", "copy": {"staging_buffers": -1}}, "copy.staging_buffers"),
+    ({"name": "x", "copy": {"swap": "yes"}}, "copy.swap"),
+    ({"name": "x", "overhead": {"layer_s": _q(-1)}}, "overhead.layer_s"),
+    ({"name": "x", "overhead": {"launch_s": _q(1)}}, "overhead"),
+    ({"name": "x", "prefetch": {"recall": _q(1.5)}}, "prefetch.recall"),
+    ({"name": "x", "fit": ["overhead.nope"]}, "fit"),
+    ({"copy": {}}, "name"),
+    ({"name": "x", "bogus": 1}, "<top level>"),
+])
+def test_bad_runtime_is_one_error_naming_the_field(data: dict, field: str) -> None:
+    with pytest.raises(ProfileError) as err:
+        runtime_from_mapping(data, "rt.yaml", allow_bare=False)
+    msg = str(err.value)
+    assert msg.startswith("rt.yaml: field ") and field in msg and "\n" not in msg
+
+
+def test_unknown_runtime_names_the_shipped_ones() -> None:
+    with pytest.raises(ProfileError, match=r"unknown runtime 'nope'; shipped: .*hqq_offload"):
+        load_runtime("nope")
+
+
+def test_compute_overheads_closed_form() -> None:
+    base = FixedCompute(attention_s=1e-4, router_s=2e-5, expert_s=3e-4, shared_s=5e-5,
+                        dense_s=7e-4)
+    comp = RuntimeCompute(base, layers=4, step_s=8e-3, layer_s=1e-3, expert_s=2e-4,
+                          expert_dequant_s=5e-5, shared_dequant_s=1e-5)
+    assert comp.attention_time(1, 10) == pytest.approx(1e-4 + 1e-3 + 8e-3 / 4)
+    assert comp.dense_layer_time(1, 10) == pytest.approx(7e-4 + 1e-3 + 8e-3 / 4)
+    assert comp.router_time(1) == 2e-5
+    assert comp.expert_time(3) == pytest.approx(3e-4 + 2e-4 + 5e-5)
+    assert comp.shared_time(3) == pytest.approx(5e-5 + 2e-4 + 1e-5)
+    assert comp.expert_time(0) == 0.0
+    assert comp.attention_time(0, 10) == base.attention_time(0, 10)  # nothing added
+
+
+@given(nbytes=st.integers(1, 10**9), tensors=st.integers(1, 8),
+       per_copy=st.floats(0, 1e-3), eff=st.floats(0.05, 1.0), swap=st.booleans(),
+       factor=st.sampled_from([1.0, 4.0]))
+@settings(max_examples=200, deadline=None)
+def test_link_closed_form(nbytes: int, tensors: int, per_copy: float, eff: float, swap: bool,
+                          factor: float) -> None:
+    base = FixedLink(latency_s=2e-6, bandwidth_Bps=10e9)
+    link = RuntimeLink(base, tensors, per_copy, eff, swap, factor)
+    n = int(nbytes * factor)
+    per = max(1, n // tensors)
+    wire = tensors * (2e-6 + per / 10e9) / eff
+    want = tensors * per_copy + wire * (2 if swap else 1)
+    assert link.transfer_time(nbytes) == pytest.approx(want, rel=1e-12)
+    assert link.transfer_time(0) == 0.0
+    assert link.copy_engines == 1
+
+
+def test_apply_runtime_reads_every_mechanism() -> None:
+    card = load_card("mixtral_8x7b").with_weights(experts_bits=2.6)
+    rt = runtime_from_mapping({
+        "name": "t", "copy": {"host_memory": "pageable", "stream": "compute", "swap": True,
+                              "tensors_per_expert": _q(3), "per_copy_s": _q(10, "us"),
+                              "whole_layer": True, "staging_buffers": 2},
+        "overhead": {"layer_s": _q(100, "us")}, "dequant": {"Bps": _q(100, "GB/s")},
+    }, "t")
+    pinned, pageable = FixedLink(bandwidth_Bps=25e9), FixedLink(bandwidth_Bps=10e9)
+    link, comp = apply_runtime(rt, pinned, FixedCompute(expert_s=1e-4), card, pageable)
+    assert link.base is pageable and link.swap_serial
+    assert link.bytes_factor == card.num_experts / card.top_k
+    assert link.tensors == 3 * 4  # every tensor of the whole block
+    assert comp.expert_time(1) == pytest.approx(1e-4 + card.expert_bytes / 100e9)
+    with pytest.raises(ProfileError, match="pageable"):
+        apply_runtime(rt, pinned, FixedCompute(), card, None)
+    assert rt.staging_buffers == 2
+
+
+def test_with_values_marks_fitted_and_refuses_negative() -> None:
+    rt = with_values(load_runtime("none"), {"overhead.layer_s": 1e-3}, "fit on a, b")
+    assert rt.layer_s.kind == "fitted" and rt.value("overhead.layer_s") == 1e-3
+    assert not rt.is_none
+    with pytest.raises(ValueError):
+        with_values(rt, {"overhead.layer_s": -1.0}, "x")
+
+
+def _run(engine: str, runtime: RuntimeProfile, **kw) -> dict:
+    tr = random_trace(num_requests=2, tokens=12, layers=4, experts=8, top_k=2, seed=5,
+                      expert_bytes=4_000_000)
+    card = load_card("mixtral_8x7b")  # only its expert/top-k counts are read by the wrappers
+    link, comp = apply_runtime(runtime, FixedLink(latency_s=5e-6, bandwidth_Bps=12e9),
+                               FixedCompute(attention_s=2e-4, expert_s=1e-4), card,
+                               FixedLink(bandwidth_Bps=5e9))
+    res = simulate(tr, kw.pop("policy", "lru"), capacity=kw.pop("capacity", 12), link=link,
+                   compute=comp, engine=engine, staging=runtime.staging_buffers, **kw)
+    return res.summary
+
+
+@pytest.mark.parametrize("policy", ["lru", {"name": "oracle_prefetch", "point": "routed"},
+                                    {"name": "speculative_prefetch", "recall": 0.5}])
+def test_both_engines_equal_under_a_runtime(policy) -> None:
+    rt = runtime_from_mapping({
+        "name": "t", "copy": {"stream": "compute", "swap": True, "tensors_per_expert": _q(3),
+                              "per_copy_s": _q(10, "us"), "staging_buffers": 1},
+        "overhead": {"layer_s": _q(300, "us"), "expert_s": _q(50, "us"), "step_s": _q(1, "ms")},
+    }, "t")
+    a = _run("python", rt, policy=policy, partition="per_layer", capacity=8)
+    b = _run("compiled", rt, policy=policy, partition="per_layer", capacity=8)
+    assert b["sim_engine"] == "compiled"
+    for key, value in a.items():
+        if key == "sim_engine":
+            continue
+        assert b[key] == value or (value != value and b[key] != b[key]), key
+
+
+def test_runtime_slows_a_run_by_its_overheads() -> None:
+    none = load_runtime("none")
+    slow = with_values(none, {"overhead.layer_s": 1e-3}, "test")
+    a, b = _run("python", none), _run("python", slow)
+    # every layer of every step pays 1 ms more on the GPU's critical path (nothing overlaps it
+    # except copies, which only shrink the stall): at least the added compute, at most that
+    # plus the run without it
+    steps = a["steps"]
+    assert b["total_time_s"] >= a["total_time_s"]
+    busy_a, busy_b = (x["total_time_s"] - x["stall_time_s"] for x in (a, b))
+    assert busy_b - busy_a == pytest.approx(4 * 1e-3 * steps, rel=1e-9)
+    assert b["stall_time_s"] <= a["stall_time_s"]  # copies hide behind the longer layers
+
+
+def test_staging_buffers_run_caches_below_a_layer() -> None:
+    none = load_runtime("none")
+    with pytest.raises(SimulationError, match="cache too small"):
+        _run("python", none, partition="per_layer", capacity=4)  # 1 slot per layer, top-2
+    staged = runtime_from_mapping({"name": "s", "copy": {"staging_buffers": 2}}, "s")
+    out = _run("python", staged, partition="per_layer", capacity=4)
+    assert out["hit_rate"] < 1 and math.isfinite(out["time_per_output_token_s"])
+    # buffers beyond the need add nothing: a cache that already fits runs as without them
+    assert _run("python", staged, capacity=12) == _run("python", none, capacity=12) | {
+        "sim_engine": _run("python", staged, capacity=12)["sim_engine"]}
+
+
+def test_bits_per_weight_per_component() -> None:
+    card = load_card("mixtral_8x7b")
+    q = card.with_weights(experts_bits=2.6, attention_bits=4.25)
+    assert q.expert_bytes == int(card.expert_params * 2.6 / 8)
+    assert q.attention_weight_bytes == 4.25 / 8 and q.dtype_bytes == card.dtype_bytes
+    assert card.with_weights() is card
+    for bad in (0, -1, 33):
+        with pytest.raises(ModelCardError, match="experts_bits"):
+            card.with_weights(experts_bits=bad)
