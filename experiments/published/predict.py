@@ -206,7 +206,8 @@ def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
     link, compute = apply_runtime(runtime, link, compute, p.card, pageable)
     result = simulate(
         p.trace, policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
-        mode="timed", link=link, compute=compute, partition=p.partition, warmup_tokens=p.warmup, seed=0,
+        mode="timed", link=link, compute=compute, partition=p.partition,
+        warmup_tokens=p.warmup, seed=0,
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
         host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
     )
