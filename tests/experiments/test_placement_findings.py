@@ -45,11 +45,17 @@ def test_excluded_profiles_are_the_ones_with_framework_measured_gpu_experts() ->
     assert (ds.loc[list(hws), "cpu_ms"] > ds.loc[list(hws), "gpu_ms"]).all()
 
 
-def test_crossover_is_far_above_decode_tokens_per_expert() -> None:
+def test_crossover_depends_on_the_host() -> None:
     cross = readme_blocks._crossover()
     assert len(cross) >= 12
-    # DeepSeek-V2-Lite routes 6 of 64 experts: batch 64 gives ~6 tokens per expert
-    assert (cross["tokens"].dropna() > 6 * 4).all()
+    # DeepSeek-V2-Lite routes 6 of 64 experts: batch 64 gives ~6 tokens per expert. Far above
+    # that on the swept links and the other server/desktop hosts ...
+    swept = {"v100_pcie", "a100_sxm4", "h100_pcie", "rtx4090", "a100_pcie", "v100_sxm2",
+             "quadro_rtx6000", "rtx3060", "rtx3090", "rtx_a5000", "rtx_a6000"}
+    assert (cross.loc[cross["hw.name"].isin(swept), "tokens"] > 6 * 4).all()
+    # ... and at decode sizes on the weak hosts the page names
+    weak = cross[cross["hw.name"].isin({"t4", "l4"})]
+    assert len(weak) == 6 and (weak["tokens"] <= 6).all()
 
 
 def test_approximation_trends() -> None:
