@@ -80,14 +80,18 @@ def test_entry_point_and_plugins_option_run_in_a_joblib_sweep(plugin_path: str,
 
 
 @pytest.mark.slow
-def test_entry_point_policy_runs_in_a_submitit_sweep(plugin_path: str, tmp_path: Path) -> None:
+def test_entry_point_policy_and_profile_run_in_a_submitit_sweep(plugin_path: str,
+                                                                tmp_path: Path) -> None:
+    """Timed runs on the plugin's hardware profile (a moesim.hw_profiles entry point)."""
     sweep = tmp_path / "submitit"
-    proc = _sim(["-m", "policy=my_random", "cache.fraction=0.2,0.4", *SMALL,
-                 "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5",
-                 f"hydra.sweep.dir={sweep}"], tmp_path, plugin_path)
+    proc = _sim(["-m", "policy=my_random", "cache.fraction=0.2,0.4", "hw=example_v100",
+                 "max_requests=2", "progress=false", "hydra/launcher=submitit_local",
+                 "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}"], tmp_path,
+                plugin_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _rows(sweep)
     assert list(rows["policy.name"]) == ["my_random", "my_random"]
+    assert list(rows["hw.name"]) == ["example_v100"] * 2 and (rows["mode"] == "timed").all()
     assert "plugins" not in rows  # an entry point needs no option
     assert list(sweep.glob(".submitit/*/*_result.pkl"))  # separate submitit jobs ran them
 
@@ -137,3 +141,13 @@ def test_plugins_from_argv() -> None:
     assert plugins_from_argv(["plugins=[]", "x=plugins=[e]"]) == []
     assert GROUPS == ("moesim.policies", "moesim.placements", "moesim.predictors",
                       "moesim.hw_profiles", "moesim.runtimes", "moesim.importers")
+
+
+def test_the_docs_show_the_example_plugin_as_it_is() -> None:
+    """Policies, "Adding a policy": its code block is the example's module, and its entry point
+    lines are the example's pyproject's."""
+    page = (ROOT / "experiments/docs/pages/policies.md").read_text()
+    module = (EXAMPLE / "moesim_example_plugin" / "policies.py").read_text()
+    assert f"```python\n{module}```" in page
+    entry = '[project.entry-points."moesim.policies"]\nmy_random = "moesim_example_plugin.policies"'
+    assert entry in page and entry in (EXAMPLE / "pyproject.toml").read_text()
