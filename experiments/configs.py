@@ -24,8 +24,11 @@ CONF_DIR = Path(__file__).parent / "conf"
 
 
 def _yaml(path: Path) -> dict:
+    """A config file, parsed by libyaml where PyYAML has it: every run of the app reads all
+    profiles, runtimes and cards once, which the pure-Python parser made a second of each
+    run's start-up."""
     with path.open() as fh:
-        return yaml.safe_load(fh)
+        return yaml.load(fh, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def register_configs() -> None:
