@@ -16,10 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
             "simulate one run, or a sweep with -m (Hydra app; --help lists every option)"),
     "plot": ("moesim.experiments.plot:main", "aggregate a sweep folder into tables and figures"),
     "traces": ("moesim.traces.cli:main", "inspect, import and convert traces; the trace cache"),
-    "collect": ("moesim.traces.collect.app:main",
+    "collect": ("moesim.extras:moesim_collect",
                 "record routing traces from a Hugging Face MoE model (needs torch)"),
-    "train": ("moesim.predictors.train_app:main", "train an expert predictor (needs torch)"),
-    "profile": ("moesim.hw_profiles.measure:main",
+    "train": ("moesim.extras:moesim_train", "train an expert predictor (needs torch)"),
+    "profile": ("moesim.extras:moesim_profile",
                 "measure this machine into a hardware profile; plot and tabulate profiles"),
 }
 

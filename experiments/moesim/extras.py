@@ -9,6 +9,7 @@ the embedded trace's hidden states; submitit (the ``cluster`` extra) runs sweeps
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 # top-level module -> the extra that installs it
 EXTRA_OF: dict[str, str] = {
@@ -45,3 +46,39 @@ def as_missing_extra(exc: ModuleNotFoundError, what: str = "this run") -> Module
         if name == module or name.startswith(module + "."):
             return MissingExtra(module, extra, what)
     return exc
+
+
+# The console scripts of the commands that need an extra: each checks for it first and says in
+# one line what to install (a Hydra app would print its own traceback instead), then runs the
+# command. pyproject's [project.scripts] and ``python -m moesim`` point here.
+def _command(target: str, modules: tuple[str, ...], extra: str, name: str) -> Any:
+    import sys
+    from importlib import import_module
+
+    try:
+        require(modules, extra, name)
+        module, func = target.split(":")
+        return getattr(import_module(module), func)()
+    except ModuleNotFoundError as exc:
+        missing = as_missing_extra(exc, name)
+        if missing is exc and not isinstance(exc, MissingExtra):
+            raise
+        print(f"error: {missing}", file=sys.stderr)
+        sys.exit(2)
+
+
+def moesim_train() -> Any:
+    """``moesim-train``: trains predictors with torch (the ``predictors`` extra)."""
+    return _command("moesim.predictors.train_app:main", ("torch",), "predictors", "moesim-train")
+
+
+def moesim_collect() -> Any:
+    """``moesim-collect``: runs Hugging Face models (the ``collect`` extra)."""
+    return _command("moesim.traces.collect.app:main", ("torch", "transformers", "safetensors"),
+                    "collect", "moesim-collect")
+
+
+def moesim_profile() -> Any:
+    """``moesim-profile``: its measurements run torch (a missing one is named when reached;
+    reading and plotting profiles needs none)."""
+    return _command("moesim.hw_profiles.measure:main", (), "predictors", "moesim-profile")
