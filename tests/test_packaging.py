@@ -139,3 +139,17 @@ def test_a_development_install_is_a_current_link_tree() -> None:
             missing.append(f)
     assert not missing, ("rerun `pip install -c constraints.txt -e '.[dev]'`: the development "
                          f"install predates {missing[:5]} ({len(missing)} files)")
+
+
+def test_a_missing_extra_is_one_line_naming_it() -> None:
+    from moesim.extras import MissingExtra, as_missing_extra, require
+
+    err = as_missing_extra(ModuleNotFoundError("No module named 'torch'", name="torch"), "x")
+    assert isinstance(err, MissingExtra)
+    assert str(err) == "x needs torch, which is not installed: pip install 'moesim[predictors]'"
+    other = ModuleNotFoundError("No module named 'nope'", name="nope")
+    assert as_missing_extra(other) is other  # not an extra's: left as it is
+    import pytest
+
+    with pytest.raises(MissingExtra, match=r"moesim\[collect\]"):
+        require(("no_such_module_for_moesim",), "collect", "y")
