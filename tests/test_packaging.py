@@ -117,8 +117,8 @@ def test_the_shipped_embedded_trace_is_what_the_generator_gives(tmp_path: Path,
 
 
 def test_a_development_install_is_a_current_link_tree() -> None:
-    """``pip install -e`` makes a link tree (pyproject: ``[tool.distutils.editable_wheel]
-    mode = "strict"``) that IDEs and type checkers follow, instead of an import hook they cannot.
+    """``pip install -e`` makes a link tree (setup.cfg: ``[editable_wheel] mode = strict``)
+    that IDEs and type checkers follow, instead of an import hook they cannot.
     A link tree holds the files that existed at install time: one added since (a new policy
     module, a new profile) is missing until the install command is rerun, which this says."""
     import moesim
