@@ -345,7 +345,8 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
             f"{s['low_precision_fetches']:,}  skipped {s['skipped_experts']:,}  gate mass full "
             f"{s['gate_mass_full']:.4f}  cpu busy {s['cpu_busy_fraction']:.3f}")
     if s.get("prediction_coverage") == s.get("prediction_coverage"):  # not NaN: a table ran
-        lines.append(f"  prediction coverage {s['prediction_coverage']:.1%}  prefetch precision "
+        lines.append(f"  prediction coverage {s['prediction_coverage']:.1%} (worst MoE layer)  "
+                     f"prefetch precision "
                      f"{s['prefetch_precision']:.3f}  recall {s['prefetch_recall']:.3f}")
     return "\n".join(lines)
 
