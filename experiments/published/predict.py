@@ -10,7 +10,8 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   staging buffers lend slots where N is below a layer's need), ``experts``/``fraction`` a
   global cache, ``gpu_memory_gib`` the experts that fit beside the non-expert weights and a
   fixed reserve (``RESERVE_GIB``), ``all`` every expert resident (the first ``WARMUP`` tokens of
-  each request only warm it), ``none`` the smallest cache a step can run in;
+  each request only warm it), ``none`` the smallest cache a step can run in, emptied before
+  every token (nothing is reused: ``per_token_requests``);
 - ``prefetch: speculative`` (a system's own next-layer guess) and ``oracle`` are the perfect
   next-layer prefetch issued right behind the layer's demand copies: an upper bound on what
   a speculative pre-loader achieves;
@@ -87,6 +88,7 @@ class Prepared:
     partition: str
     warmup: int
     link_scale: float  # the entry's bus generation against the profile's (BUS_PINNED_BPS)
+    no_reuse: bool = False  # cache: none -- nothing stays on the GPU from one token to the next
 
 
 @functools.cache
@@ -187,8 +189,27 @@ def prepare(entry: Entry) -> Prepared:
     capacity, partition, warmup = cache_setup(entry, card)
     policy_of(entry)  # an unknown policy is reported now, not at the first prediction
     profile = load_profile(entry.hw)
+    no_reuse = "none" in entry.cache
+    if no_reuse:
+        trace = per_token_requests(trace)
     return Prepared(entry, trace, card, profile, capacity, partition, warmup,
-                    bus_scale(entry, profile))
+                    bus_scale(entry, profile), no_reuse)
+
+
+def per_token_requests(trace: Trace) -> Trace:
+    """Every token as a request of its own: with ``cache.reset_per_request`` the cache starts
+    empty at every token, so a system without an expert cache reuses nothing (both engines
+    reset the same way). Each token's attention then sees a context of 1 (the roofline's KV
+    read is understated; at batch 1 it is microseconds beside the runtimes' overheads)."""
+    from moesim.traces.trace import RequestRouting
+
+    out, n = [], 0
+    for req in trace.requests:
+        for t in range(req.experts.shape[0]):
+            scores = None if req.scores is None else req.scores[t:t + 1]
+            out.append(RequestRouting(n, req.experts[t:t + 1], req.phase[t:t + 1], scores))
+            n += 1
+    return Trace(trace.meta, out)
 
 
 def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
@@ -207,7 +228,7 @@ def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
     result = simulate(
         p.trace, policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
         mode="timed", link=link, compute=compute, partition=p.partition,
-        warmup_tokens=p.warmup, seed=0,
+        warmup_tokens=p.warmup, seed=0, reset_per_request=p.no_reuse,
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
         host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
     )
