@@ -22,6 +22,7 @@ whole sweep and each runs many configs (``hydra/launcher=joblib``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 MARK = "moesim_run#"  # starts each run's overrides inside a pack (no override starts so)
@@ -81,47 +82,21 @@ class _Packed:
                 for num, overrides in unpack(sweep_overrides)]
 
 
-def _launchers() -> dict[str, type]:
-    """The packed launchers, when Hydra's submitit plugin is installed (``moesim[cluster]``)."""
-    try:
-        from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
-            LocalLauncher,
-            SlurmLauncher,
-        )
-    except ImportError:
-        return {}
-
+try:  # Hydra's submitit plugin: the cluster extra (moesim[cluster])
+    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import (
+        LocalLauncher,
+        SlurmLauncher,
+    )
+except ImportError:
+    LAUNCHERS: dict[str, type] = {}
+    CONFIGS: dict[str, Any] = {}
+else:
     class PackedLocalLauncher(_Packed, LocalLauncher):
         """submitit's local executor (every task its own process on this machine), packed."""
 
     class PackedSlurmLauncher(_Packed, SlurmLauncher):
         """SLURM array tasks through submitit, packed."""
-
-    for cls in (PackedLocalLauncher, PackedSlurmLauncher):
-        cls.__module__ = __name__  # pickled by reference into the tasks: found here
-        cls.__qualname__ = cls.__name__
-    return {cls.__name__: cls for cls in (PackedLocalLauncher, PackedSlurmLauncher)}
-
-
-LAUNCHERS = _launchers()
-globals().update(LAUNCHERS)  # module attributes, so that a task unpickles them by name
-
-
-def register_launchers() -> None:
-    """Put the packed launchers into Hydra's plugin registry and their configs into the
-    ``hydra/launcher`` group (``packed_local``, ``packed_slurm``: the submitit plugin's
-    ``submitit_local`` and ``submitit_slurm`` plus ``runs_per_task``); idempotent."""
-    if not LAUNCHERS:
-        return
-    from dataclasses import dataclass, field
-
-    from hydra.core.config_store import ConfigStore
-    from hydra.core.plugins import Plugins
-    from hydra_plugins.hydra_submitit_launcher.config import LocalQueueConf, SlurmQueueConf
-
-    registry = Plugins.instance().class_name_to_class
-    for name, cls in LAUNCHERS.items():
-        registry.setdefault(PLUGIN_PREFIX + name, cls)
 
     @dataclass
     class PackedLocalConf(LocalQueueConf):
@@ -133,8 +108,25 @@ def register_launchers() -> None:
         _target_: str = field(default=PLUGIN_PREFIX + "PackedSlurmLauncher")
         runs_per_task: int = 1  # consecutive runs of the sweep per array task
 
+    LAUNCHERS = {"PackedLocalLauncher": PackedLocalLauncher,
+                 "PackedSlurmLauncher": PackedSlurmLauncher}
+    CONFIGS = {"packed_local": PackedLocalConf, "packed_slurm": PackedSlurmConf}
+
+
+def register_launchers() -> None:
+    """Put the packed launchers into Hydra's plugin registry and their configs into the
+    ``hydra/launcher`` group (``packed_local``, ``packed_slurm``: the submitit plugin's
+    ``submitit_local`` and ``submitit_slurm`` plus ``runs_per_task``); idempotent. Every class
+    here is a module attribute: a sweep's config store and launcher are pickled into its
+    workers and tasks."""
+    if not LAUNCHERS:
+        return
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.plugins import Plugins
+
+    registry = Plugins.instance().class_name_to_class
+    for name, cls in LAUNCHERS.items():
+        registry.setdefault(PLUGIN_PREFIX + name, cls)
     cs = ConfigStore.instance()
-    cs.store(group="hydra/launcher", name="packed_local", node=PackedLocalConf(),
-             provider="moesim")
-    cs.store(group="hydra/launcher", name="packed_slurm", node=PackedSlurmConf(),
-             provider="moesim")
+    for name, conf in CONFIGS.items():
+        cs.store(group="hydra/launcher", name=name, node=conf(), provider="moesim")
