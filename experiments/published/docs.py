@@ -158,7 +158,22 @@ def figure(pred: pd.DataFrame) -> None:
         plt.close(fig)
 
 
+def _findings() -> pd.DataFrame:
+    from .findings import CSV
+
+    return pd.read_csv(CSV)
+
+
+def _render_findings(df: pd.DataFrame) -> str:
+    from .findings import render
+
+    return ("From `experiments/docs/results/published_findings.csv` "
+            "(`python -m moesim.experiments.published.findings`): time per output token, "
+            "Mixtral-8x7B with 2-bit experts and 4 experts per layer.\n\n" + render(df))
+
+
 BLOCKS = {
+    "published_findings": (_findings, _render_findings, None),
     "published_summary": (load_predictions, render_summary, figure),
     "published_table": (load_predictions, render_table, None),
     "published_not_predictable": (load_predictions, render_not_predictable, None),

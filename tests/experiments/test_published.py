@@ -164,3 +164,19 @@ def test_refit_reproduces_the_shipped_values() -> None:
     for res in fit_all(entries, Predictions(entries), only=["accelerate"]):
         for key, value in res.values.items():
             assert math.isclose(value, fits[res.runtime]["values"][key], rel_tol=1e-6)
+
+
+def test_findings_depend_on_the_runtime_as_the_page_says() -> None:
+    from moesim.experiments.published.findings import CSV
+
+    df = pd.read_csv(CSV)
+    t = df.pivot_table(index=["hw", "runtime"], columns="variant",
+                       values="time_per_output_token_s")
+    cache_gain = t["no cache"] / t["lru"]
+    perfect = t["lru"] / t[["perfect, pre-attention, d=1", "perfect, behind demand, d=0"]].min(
+        axis=1)
+    none, hqq = cache_gain.xs("none", level="runtime"), cache_gain.xs("hqq_offload",
+                                                                      level="runtime")
+    assert (none >= 2.0).all() and (hqq < none).all() and (hqq.between(1.4, 1.8)).all()
+    assert (perfect.xs("none", level="runtime") < 1.10).all()
+    assert (perfect.xs("hqq_offload", level="runtime").between(1.35, 1.65)).all()
