@@ -45,7 +45,8 @@ def test_row_is_the_cli_summary_row(trace_file: Path, tmp_path: Path) -> None:
     row = moesim.simulate(trace_file, "belady", cache=0.25, batch=2, **FAST)
     assert list(row.columns) == list(cli.columns)
     assert row.loc[0, "config_hash"] == cli.loc[0, "config_hash"]
-    provenance = {"moesim.commit", "run.host", "run.date", "run.wall_s", "run.cpu_s"}
+    provenance = {"moesim.commit", "run.host", "run.date", "run.wall_s", "run.cpu_s",
+                  "run.sim_cpu_s"}
     same = [c for c in cli.columns if c not in provenance]
     pd.testing.assert_frame_equal(row[same], cli[same], check_dtype=False)
 
