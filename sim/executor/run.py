@@ -54,6 +54,7 @@ class ExecutorOptions:
     work_dir: str | None = None  # where the weights file lives (default $MOESIM_CACHE/executor)
     weights_seed: int = 0
     record_transfers: bool = False
+    pace_Bps: float | None = None  # storage: stretch every read to expert bytes / pace_Bps
 
 
 class _Plan(Simulation):
@@ -217,7 +218,10 @@ class Executor:
 
             work = Path(self.opts.work_dir) if self.opts.work_dir else default_work_dir()
             path = ensure_weights(work, self.card.name, self.layout, self.opts.weights_seed)
-            return StorageBackend(path, self.layout, cap, self.opts.direct_io)
+            return StorageBackend(path, self.layout, cap, self.opts.direct_io,
+                                  self.opts.pace_Bps)
+        if self.opts.pace_Bps is not None:
+            raise SimulationError("pace_Bps paces the storage backend's reads only")
         from moesim.sim.executor.cuda import CudaBackend
 
         return CudaBackend(self.layout, cap, self.opts.copy_engines, self.opts.weights_seed)

@@ -9,6 +9,14 @@ copy); the slot tensors are views of that buffer. Where O_DIRECT is unsupported 
 network file systems) reads fall back to buffered ``preadv`` plus
 ``posix_fadvise(DONTNEED)`` after each read, with one logged message; ``direct_io`` in the
 results says which ran.
+
+Paced slow tier (``pace_Bps``): every read is stretched to ``expert bytes / pace_Bps`` seconds
+from its start (sleep until shortly before, then busy-wait the last ``PACE_SPIN_S`` so the end
+is exact), in user space. A shared virtual disk changes speed within seconds, so an unpaced run
+mixes the model's error with the disk's drift; a tier slower than the disk's slowest reads
+takes the drift out and leaves the model's structural error. A read the disk itself makes
+slower than the pace is not stretched, and is counted (``pace_overruns``). Not a cgroup blkio
+throttle: that is a token bucket with burst credit, so short reads run at native speed.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,17 @@ from moesim.sim.executor.model import PAGE, ExpertLayout
 
 LOG = logging.getLogger("moesim.executor")
 WEIGHT_STD = 0.02
+PACE_SPIN_S = 200e-6  # busy-wait this much of a paced read's tail (sleep wakes up late)
+
+
+def pace_until(deadline: float) -> None:
+    """Return at ``time.perf_counter() == deadline``: sleep until ``PACE_SPIN_S`` before it,
+    then spin (``time.sleep`` on a loaded machine overshoots by 50-100 us or more)."""
+    rest = deadline - time.perf_counter() - PACE_SPIN_S
+    if rest > 0:
+        time.sleep(rest)
+    while time.perf_counter() < deadline:
+        pass
 
 
 def default_work_dir() -> Path:
@@ -83,10 +103,20 @@ class StorageBackend:
     device = "cpu"
 
     def __init__(self, path: Path, layout: ExpertLayout, capacity: int,
-                 direct_io: bool | None = None) -> None:
+                 direct_io: bool | None = None, pace_Bps: float | None = None) -> None:
         import torch
 
+        if pace_Bps is not None and not pace_Bps > 0:
+            raise ValueError(f"pace_Bps must be > 0, got {pace_Bps}")
         self.layout = layout
+        self.pace_Bps = pace_Bps
+        self._pace_s = layout.expert_bytes / pace_Bps if pace_Bps else 0.0
+        # Paced reads: count, summed wall time and native (unstretched) time, overruns. Each
+        # copy worker adds under the GIL (one += each), so the totals need no lock.
+        self.paced_reads = 0
+        self.paced_s = 0.0
+        self.native_s = 0.0
+        self.pace_overruns = 0
         self.path = Path(path)
         self.capacity = capacity
         stride = layout.stride
@@ -138,7 +168,9 @@ class StorageBackend:
         self._fd, self.direct_io = fd, True
 
     def load(self, key: int, slot: int, engine: int = 0) -> None:
-        """Read expert ``key`` into ``slot`` (runs on a copy worker; releases the GIL)."""
+        """Read expert ``key`` into ``slot`` (runs on a copy worker; releases the GIL); with
+        ``pace_Bps`` the call returns ``expert bytes / pace_Bps`` after it started."""
+        t0 = time.perf_counter() if self._pace_s else 0.0
         buf = self._slots[slot]
         off = self.layout.offset(key)
         got = 0
@@ -149,6 +181,26 @@ class StorageBackend:
             got += n
         if not self.direct_io:
             os.posix_fadvise(self._fd, off, len(buf), os.POSIX_FADV_DONTNEED)
+        if self._pace_s:
+            native = time.perf_counter() - t0
+            if native > self._pace_s:
+                self.pace_overruns += 1
+            else:
+                pace_until(t0 + self._pace_s)
+            self.paced_reads += 1
+            self.native_s += native
+            self.paced_s += time.perf_counter() - t0
+
+    def pace_info(self) -> dict[str, Any]:
+        """The paced tier as it ran: target and achieved rate (expert bytes / mean read time),
+        the disk's own mean read time under it, and how many reads it could not stretch."""
+        n = self.paced_reads
+        eb = self.layout.expert_bytes
+        return {"pace_Bps": self.pace_Bps or float("nan"),
+                "pace_achieved_Bps": eb * n / self.paced_s if n and self.paced_s
+                else float("nan"),
+                "pace_native_read_s": self.native_s / n if n else float("nan"),
+                "pace_reads": n, "pace_overruns": self.pace_overruns}
 
     def weights(self, slot: int) -> tuple[Any, Any, Any]:
         """(gate [I, H], up [I, H], down [H, I]) tensors viewing the slot."""
@@ -163,7 +215,8 @@ class StorageBackend:
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "direct_io": self.direct_io,
                 "io_fallback_reason": self.fallback_reason,
-                "read_bytes_per_expert": self.layout.stride, "weights_file": str(self.path)}
+                "read_bytes_per_expert": self.layout.stride, "weights_file": str(self.path),
+                **self.pace_info()}
 
     def close(self) -> None:
         if self._fd >= 0:
