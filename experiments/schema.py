@@ -314,7 +314,7 @@ def check_policy(cfg: DictConfig) -> list[str]:
 
 
 # Fields that name what runs: chosen by their group (``policy=belady``), never set alone.
-IDENTITY_KEYS = ("policy.name", "hw.name", "trace.name")
+IDENTITY_KEYS = ("policy.name", "hw.name", "trace.name", "runtime.name")
 # Sections whose own loader refuses an unknown key (profile schema, policy registry, cards).
 _SELF_CHECKED = ("hw", "policy", "model", "runtime")
 
