@@ -151,3 +151,49 @@ def test_the_docs_show_the_example_plugin_as_it_is() -> None:
     assert f"```python\n{module}```" in page
     entry = '[project.entry-points."moesim.policies"]\nmy_random = "moesim_example_plugin.policies"'
     assert entry in page and entry in (EXAMPLE / "pyproject.toml").read_text()
+
+
+FAKE_IMPORTER = '''
+from moesim.traces.importers import ImportResult, register
+from moesim.traces.store import load_trace, write_trace
+
+
+@register("copy_of_moesim")
+def copy_of_moesim(src, out):
+    """A trace importer from a plugin: copies a moesim trace."""
+    trace = load_trace(src)
+    write_trace(out, trace.meta, trace.requests)
+    return ImportResult(out, trace.meta, len(trace), trace.num_tokens, trace.num_rows)
+'''
+
+
+def test_importer_and_runtime_plugins_load_by_entry_point(tmp_path: Path) -> None:
+    """A distribution (its dist-info written by hand) whose ``moesim.importers`` entry point
+    adds a trace format and whose ``moesim.runtimes`` package holds a runtime profile."""
+    site = tmp_path / "site"
+    (site / "fake_runtimes").mkdir(parents=True)
+    (site / "fake_runtimes" / "__init__.py").write_text("")
+    none = (ROOT / "hw_profiles" / "runtimes" / "none.yaml").read_text()
+    (site / "fake_runtimes" / "plugin_rt.yaml").write_text(
+        none.replace("name: none", "name: plugin_rt"))
+    (site / "fake_importer.py").write_text(FAKE_IMPORTER)
+    info = site / "moesim_fake_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: moesim-fake-plugin\n"
+                                   "Version: 0.1\n")
+    (info / "entry_points.txt").write_text("[moesim.importers]\nfake = fake_importer\n\n"
+                                           "[moesim.runtimes]\nfake = fake_runtimes\n")
+    code = (
+        "import sys\n"
+        "from moesim.traces.collect.embedded import shipped_path\n"
+        "from moesim.traces import import_trace, load_trace\n"
+        "from moesim.hw_profiles.runtime import list_runtimes, load_runtime\n"
+        "res = import_trace('copy_of_moesim', shipped_path(), sys.argv[1])\n"
+        "print(res.requests, len(load_trace(sys.argv[1])))\n"
+        "print('plugin_rt' in list_runtimes(), load_runtime('plugin_rt').name)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "t.parquet")],
+                          env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["64", "64", "True", "plugin_rt"]
