@@ -364,6 +364,8 @@ def help_text(groups: dict[str, list[str]], app: str = "moesim-sim") -> str:
         lines.append(f"  {o.key:<{width}}{o.describe()}")
         lines.append(f"  {'':<{width}}  {o.doc}")
     lines += ["", "Policy parameters: policy=<name> policy.<param>=<value> (docs: Policies).",
+              "Plugins: installed ones load by entry point; plugins=[module,...] imports more "
+              "first.",
               "Show the composed config: --cfg job;  Hydra's own flags: --hydra-help."]
     return "\n".join(lines)
 
