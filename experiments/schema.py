@@ -132,6 +132,10 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("validate.threads", "int", "validate: torch compute threads", lo=1),
     Opt("validate.copy_engines", "int", "validate: copy worker threads", lo=1),
     Opt("validate.calibrate", "bool", "validate: profile this machine right before each config"),
+    Opt("validate.profile_once", "bool", "validate: calibrate once per trace, not before each "
+        "config"),
+    Opt("validate.pace_GBps", "float", "validate: pace every expert read to this rate (a paced "
+        "slow tier; null: the disk's own speed)", nullable=True, lo=0.0, lo_open=True),
     Opt("validate.bracket_reads", "int", "validate: expert reads timed around each real run",
         lo=0),
     Opt("validate.batch", "int", "validate: requests decoded together", lo=1),

@@ -32,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 from omegaconf import DictConfig, OmegaConf
@@ -171,30 +172,56 @@ def _with_read_time(mapping: dict[str, Any], card: Any, read_s: float,
     return profile_from_mapping(fresh, name=fresh["name"], allow_bare=False).expert_link()
 
 
-def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = print
-                   ) -> pd.DataFrame:
-    """Every config of ``cfg.validate``: simulate, run for real, write the tables."""
-    from moesim.sim.executor import ExecutorOptions, execute
+def _proc_stat() -> tuple[int, int]:
+    """(all jiffies, steal jiffies) of the aggregate ``cpu`` line of /proc/stat (0, 0 where
+    there is none): a hypervisor's steal time slows a run as much as another process does."""
+    try:
+        with open("/proc/stat") as fh:
+            for line in fh:
+                if line.startswith("cpu "):
+                    vals = [int(x) for x in line.split()[1:]]
+                    return sum(vals[:8]), (vals[7] if len(vals) > 7 else 0)
+    except OSError:
+        pass
+    return 0, 0
 
-    v = cfg.validate
-    for key in ("traces", "policies", "capacities"):
-        if not v.get(key):
-            raise SimulationError(f"validate.{key}: give at least one")
-    if v.backend != "storage" and v.calibrate:
-        # The calibration microbenchmarks time CPU ops and O_DIRECT reads: a prediction of
-        # the storage backend only. A GPU run needs a GPU profile (validate.calibrate=false).
-        raise SimulationError(f"validate.calibrate=true profiles the storage backend; with "
-                              f"validate.backend={v.backend} give validate.calibrate=false and "
-                              "a measured profile (hw= or validate.hw_path)")
-    outdir.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    layers: list[pd.DataFrame] = []
+
+def _steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total * 100 if total > 0 else math.nan
+
+
+class _Config:
+    """One (trace, capacity, policy) config, with everything checked before any real run."""
+
+    def __init__(self, cid: int, ti: int, trace: Trace, card: Any, pcfg: dict[str, Any],
+                 common: dict[str, Any], base: dict[str, Any], label: str) -> None:
+        self.cid, self.ti, self.trace, self.card = cid, ti, trace, card
+        self.pcfg, self.common, self.base, self.label = pcfg, common, base, label
+        self.mapping: dict[str, Any] | None = None
+        self.link: Any = None
+        self.ctx: dict[str, Any] = {}
+        self.ctx_io: dict[str, Any] = {}
+        self.before: dict[str, Any] = {}
+
+
+def _plan(cfg: DictConfig, v: DictConfig, log: Callable[[str], None]) -> list[_Config]:
+    """Every config of the sweep, each trace loaded and every config checked the way the
+    executor checks it (``sim.executor.prepare``: card, trace shape, policy, cache) before
+    the first real run: a bad trace or option fails in seconds, not after finished configs."""
+    from moesim.sim.executor import ExecutorOptions, prepare
+
     policies = [dict(OmegaConf.to_container(p, resolve=True)) for p in v.policies]
-    cid = 0
-    t_start = time.perf_counter()
-    for entry_node in v.traces:
+    out: list[_Config] = []
+    for ti, entry_node in enumerate(v.traces):
         entry = dict(OmegaConf.to_container(entry_node, resolve=True))
         trace, full, card = _scaled_inputs(cfg, entry, v)
+        if trace.meta.num_moe_layers != card.num_moe_layers or \
+                trace.meta.num_experts != card.num_experts:
+            raise TraceError(f"validate.traces[{ti}] ({entry['trace']}): the trace has "
+                             f"{trace.meta.num_moe_layers} MoE layers x "
+                             f"{trace.meta.num_experts} experts, card {card.name} has "
+                             f"{card.num_moe_layers} x {card.num_experts}")
         tname = str(entry.get("label") or entry["trace"])
         scale = float(entry.get("scale", v.scale))
         log(f"== {tname}: {len(trace)} requests, {trace.num_tokens} tokens; {card.name} at "
@@ -216,74 +243,169 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                 common = dict(capacity=slots, batch=batch, warmup_tokens=warmup,
                               seed=int(cfg.seed), dense_before=dense_before,
                               predictions=predictions)
+                cid = len(out)
+                prepare(trace, pcfg, card, options=ExecutorOptions(backend=str(v.backend)),
+                        **common)  # every check of a real run, nothing opened
                 base = {"config_id": cid, "trace.name": tname, "policy.name": pol["name"],
                         "policy.label": label, "cache.fraction": float(frac),
                         "cache.slots": slots, "batch": batch, "warmup_tokens": warmup,
                         "model.name": full.name, "scale": scale,
                         "dtype": str(v.dtype), "expert_bytes": card.expert_bytes,
-                        "trace.requests": len(trace),
-                        "trace.tokens": trace.num_tokens}
-                profile, mapping = _profile_now(cfg, v, card, trace, log, seed=cid)
-                (outdir / f"profile_{cid:02d}.yaml").write_text(
-                    yaml.safe_dump(mapping, sort_keys=False))
-                link, compute = profile.expert_link(), profile.compute_model(card)
-                if getattr(compute, "skipped", ""):  # a roofline guess is no validation
-                    raise ProfileError(f"the profile's measured compute table does not fit "
-                                       f"{card.name} at scale {scale:g}: {compute.skipped}")
-                engines = int(link.copy_engines)
-                base["hw.name"] = profile.name
-                base["profile.expert_s"] = float(compute.expert_time(1))
+                        "trace.requests": len(trace), "trace.tokens": trace.num_tokens,
+                        "pace_Bps": _pace(v) or math.nan}
+                out.append(_Config(cid, ti, trace, card, pcfg, common, base, label))
+    return out
 
-                compute_io = None
-                if bool(v.calibrate):  # the contention term: compute timed beside a busy reader
-                    from moesim.sim.executor.calibrate import under_io
 
-                    io_map = under_io(mapping, card)
-                    compute_io = profile_from_mapping(io_map, name=io_map["name"],
-                                                      allow_bare=False).compute_model(card)
-                ctx = {"trace": trace, "policy": pcfg, "compute": compute, "common": common,
-                       "base": base, "expert_bytes": card.expert_bytes}
-                ctx_io = {**ctx, "compute": compute_io or compute}
-                before = _predict(link, "before", 0, ctx, rows, layers)
-                bracket = _Bracket(card, v, seed=1000 * (cid + 1))
-                for r in range(int(v.repeats)):
-                    opts = ExecutorOptions(
-                        backend=str(v.backend), copy_engines=engines, threads=int(v.threads),
-                        direct_io=v.get("direct_io"), work_dir=v.get("work_dir"),
-                        weights_seed=int(v.weights_seed))
-                    read_before = bracket.read()
-                    real = execute(trace, pcfg, card, options=opts, **common)
-                    read_after = bracket.read()
-                    last_real = {**base, "source": "real", "prediction": "", "repeat": r,
-                                 "read_before_s": read_before, "read_after_s": read_after,
-                                 "load_avg_1m": os.getloadavg()[0], **real.summary}
-                    rows.append(last_real)
-                    layers.append(real.per_layer.assign(config_id=cid, source="real",
-                                                        prediction="", repeat=r))
-                    if read_before == read_before:  # calibrating: reads timed around the run
-                        read_s = (read_before + read_after) / 2
-                        _predict(_with_read_time(mapping, card, read_s), "bracketed", r, ctx,
-                                 rows, layers)
-                        _predict(_with_read_time(mapping, card, read_s, no_latency=True),
-                                 "bracketed_no_handoff", r, ctx, rows, layers)
-                        _predict(_with_read_time(mapping, card, read_s), "bracketed_io", r,
-                                 ctx_io, rows, layers)
-                    copy_s = float(real.summary["executor.copy_mean_s"])
-                    if copy_s == copy_s:  # diagnostic: the run's own copy time (not a prediction)
-                        lat = float(link.latency_s) if hasattr(link, "latency_s") else 0.0
-                        _predict(FixedLink(copy_s + lat, math.inf, engines), "inrun_link", r,
-                                 ctx_io, rows, layers)
-                log(f"  [{cid:2d}] {label:40s} cap {float(frac):.2f}: time/token predicted "
-                    f"{before['time_per_output_token_s'] * 1e3:8.3f} ms, real "
-                    f"{last_real['time_per_output_token_s'] * 1e3:8.3f} ms  "
-                    f"({time.perf_counter() - t_start:.0f} s)")
-                cid += 1
+def _pace(v: DictConfig) -> float | None:
+    g = v.get("pace_GBps")
+    return float(g) * 1e9 if g is not None else None
+
+
+def _paced(mapping: dict[str, Any], pace_Bps: float) -> dict[str, Any]:
+    """The profile with its storage link at the paced rate (the tier the executor runs), the
+    measured per-copy latency kept: what the simulator predicts a paced run with."""
+    st = dict(mapping["storage"])
+    st["peak_bandwidth_Bps"] = {"value": pace_Bps, "kind": "estimate",
+                                "source": "validate.pace_GBps: the executor paces every read "
+                                          "to this rate (sim.executor.storage)"}
+    st.pop("curve", None)
+    st.pop("readers_bandwidth_Bps", None)
+    return {**mapping, "name": f"{mapping['name']}_paced", "storage": st}
+
+
+def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[Any, Any],
+                     log: Callable[[str], None], outdir: Path) -> None:
+    """Profile the machine for ``c`` (once per trace with ``validate.profile_once`` or a pace,
+    else right before the config), then the config's prediction(s) made before any run."""
+    once = bool(v.get("profile_once")) or _pace(v) is not None or not bool(v.calibrate)
+    key = c.ti if once else ("config", c.cid)
+    if key not in profiles:
+        profiles[key] = _profile_now(cfg, v, c.card, c.trace, log, seed=c.cid)
+    profile, mapping = profiles[key]
+    if _pace(v) is not None:
+        mapping = _paced(mapping, _pace(v))
+        profile = profile_from_mapping(mapping, name=mapping["name"], allow_bare=False)
+    c.mapping = mapping
+    (outdir / f"profile_{c.cid:02d}.yaml").write_text(yaml.safe_dump(mapping, sort_keys=False))
+    link, compute = profile.expert_link(), profile.compute_model(c.card)
+    scale = c.base["scale"]
+    if getattr(compute, "skipped", ""):  # a roofline guess is no validation
+        raise ProfileError(f"the profile's measured compute table does not fit "
+                           f"{c.card.name} at scale {scale:g}: {compute.skipped}")
+    if getattr(compute, "measured", None) is None:
+        raise ProfileError(f"profile {profile.name} has no measured compute table for "
+                           f"{c.card.name} at scale {scale:g}: measure one (moesim-profile "
+                           f"storage) or use validate.calibrate=true; a roofline guess is no "
+                           "validation")
+    c.link = link
+    c.base["hw.name"] = profile.name
+    c.base["profile.expert_s"] = float(compute.expert_time(1))
+    compute_io = None
+    if bool(v.calibrate) and _pace(v) is None:  # contention: compute timed beside a reader
+        from moesim.sim.executor.calibrate import under_io
+
+        io_map = under_io(mapping, c.card)
+        compute_io = profile_from_mapping(io_map, name=io_map["name"],
+                                          allow_bare=False).compute_model(c.card)
+    c.ctx = {"trace": c.trace, "policy": c.pcfg, "compute": compute, "common": c.common,
+             "base": c.base, "expert_bytes": c.card.expert_bytes}
+    c.ctx_io = {**c.ctx, "compute": compute_io or compute}
+
+
+def _write(outdir: Path, rows: list[dict[str, Any]], layers: list[pd.DataFrame], seed: int
+           ) -> pd.DataFrame:
+    """Every table as far as the sweep got (rewritten after each real run, so a crash keeps
+    the finished runs and the configs they cover)."""
     summary = pd.DataFrame(rows)
-    per_layer = pd.concat(layers, ignore_index=True)
-    table = validation_table(summary)
     summary.to_parquet(outdir / "summary.parquet", index=False)
-    per_layer.to_parquet(outdir / "per_layer.parquet", index=False)
+    pd.concat(layers, ignore_index=True).to_parquet(outdir / "per_layer.parquet", index=False)
+    table = validation_table(summary, seed=seed)
     table.to_parquet(outdir / "validation.parquet", index=False)
+    return table
+
+
+def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = print
+                   ) -> pd.DataFrame:
+    """Every config of ``cfg.validate``: check all, simulate, run for real (repeats
+    interleaved: round r runs every config once), write the tables after every run."""
+    from moesim.sim.executor import ExecutorOptions, execute
+
+    v = cfg.validate
+    for key in ("traces", "policies", "capacities"):
+        if not v.get(key):
+            raise SimulationError(f"validate.{key}: give at least one")
+    if v.backend != "storage" and v.calibrate:
+        # The calibration microbenchmarks time CPU ops and O_DIRECT reads: a prediction of
+        # the storage backend only. A GPU run needs a GPU profile (validate.calibrate=false).
+        raise SimulationError(f"validate.calibrate=true profiles the storage backend; with "
+                              f"validate.backend={v.backend} give validate.calibrate=false and "
+                              "a measured profile (hw= or validate.hw_path)")
+    pace = _pace(v)
+    if pace is not None and v.backend != "storage":
+        raise SimulationError(f"validate.pace_GBps paces the storage backend's reads; "
+                              f"validate.backend={v.backend}")
+    t_start = time.perf_counter()
+    configs = _plan(cfg, v, log)
+    outdir.mkdir(parents=True, exist_ok=True)
+    profiles: dict[Any, Any] = {}
+    if not bool(v.calibrate):  # a given profile: refuse it before any run if it cannot serve
+        for c in configs:
+            _prepare_profile(cfg, v, c, profiles, log, outdir)
+    rows: list[dict[str, Any]] = []
+    layers: list[pd.DataFrame] = []
+    seed = int(cfg.seed)
+    brackets: dict[int, _Bracket] = {}
+    table = pd.DataFrame()
+    for r in range(int(v.repeats)):
+        for c in configs:
+            if c.link is None:
+                _prepare_profile(cfg, v, c, profiles, log, outdir)
+            if r == 0:
+                c.before = _predict(c.link, "paced" if pace else "before", 0, c.ctx, rows,
+                                    layers)
+            engines = int(c.link.copy_engines)
+            bracket = brackets.setdefault(c.cid, _Bracket(c.card, v, seed=1000 * (c.cid + 1)))
+            opts = ExecutorOptions(
+                backend=str(v.backend), copy_engines=engines, threads=int(v.threads),
+                direct_io=v.get("direct_io"), work_dir=v.get("work_dir"),
+                weights_seed=int(v.weights_seed), pace_Bps=pace)
+            read_before = bracket.read() if pace is None else math.nan
+            stat0 = _proc_stat()
+            real = execute(c.trace, c.pcfg, c.card, options=opts, **c.common)
+            stat1 = _proc_stat()
+            read_after = bracket.read() if pace is None else math.nan
+            last_real = {**c.base, "source": "real", "prediction": "", "repeat": r,
+                         "read_before_s": read_before, "read_after_s": read_after,
+                         "load_avg_1m": os.getloadavg()[0],
+                         "steal_pct": _steal_pct(stat0, stat1), **real.summary}
+            rows.append(last_real)
+            layers.append(real.per_layer.assign(config_id=c.cid, source="real",
+                                                prediction="", repeat=r))
+            if read_before == read_before:  # calibrating: reads timed around the run
+                assert c.mapping is not None
+                read_s = (read_before + read_after) / 2
+                _predict(_with_read_time(c.mapping, c.card, read_s), "bracketed", r, c.ctx,
+                         rows, layers)
+                _predict(_with_read_time(c.mapping, c.card, read_s, no_latency=True),
+                         "bracketed_no_handoff", r, c.ctx, rows, layers)
+                _predict(_with_read_time(c.mapping, c.card, read_s), "bracketed_io", r,
+                         c.ctx_io, rows, layers)
+            lat = float(getattr(c.link, "latency_s", 0.0))
+            achieved = float(real.summary.get("executor.pace_achieved_Bps", math.nan))
+            if achieved == achieved:  # diagnostic: the rate the paced tier actually ran at
+                _predict(FixedLink(c.card.expert_bytes / achieved + lat, math.inf, engines),
+                         "paced_achieved", r, c.ctx, rows, layers)
+            copy_s = float(real.summary["executor.copy_mean_s"])
+            if copy_s == copy_s:  # diagnostic: the run's own copy time (not a prediction)
+                _predict(FixedLink(copy_s + lat, math.inf, engines), "inrun_link", r,
+                         c.ctx_io, rows, layers)
+            table = _write(outdir, rows, layers, seed)
+            log(f"  [{c.cid:2d}] run {r + 1}/{int(v.repeats)} {c.label:40s} cap "
+                f"{c.base['cache.fraction']:.2f}: time/token predicted "
+                f"{c.before['time_per_output_token_s'] * 1e3:8.3f} ms, real "
+                f"{last_real['time_per_output_token_s'] * 1e3:8.3f} ms  "
+                f"({time.perf_counter() - t_start:.0f} s)")
     log(format_table(table))
     log(f"results: {outdir}  ({time.perf_counter() - t_start:.0f} s)")
     return table
@@ -293,28 +415,73 @@ def _err(pred: float, meas: float) -> float:
     return (pred - meas) / meas * 100 if meas and not math.isnan(meas) else math.nan
 
 
-def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """One row per config: the prediction vs the real runs' median, errors, spread, counts.
+KINDS = ("paced", "before", "bracketed", "bracketed_no_handoff", "bracketed_io",
+         "paced_achieved", "inrun_link")
+HEADLINE = ("paced", "bracketed_io", "bracketed", "before")
+BOOTSTRAP = 2000
+
+
+def noise_floor(times: np.ndarray) -> float:
+    """Leave-one-out noise of one config's real runs: the median over runs of
+    ``|run_i / median(the other runs) - 1|``, in %. No model can be judged below it: it is how
+    far one run lands from what the others say (nan with fewer than 2 runs)."""
+    t = np.asarray(times, dtype=float)
+    if len(t) < 2:
+        return math.nan
+    loo = [abs(t[i] / np.median(np.delete(t, i)) - 1) for i in range(len(t))]
+    return float(np.median(loo) * 100)
+
+
+def bootstrap_err(pred: float, times: np.ndarray, rng: np.random.Generator,
+                  n: int = BOOTSTRAP) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of ``pred / median(runs) - 1`` (in %), the runs
+    resampled with replacement: how much of an error the real runs' own spread can make."""
+    t = np.asarray(times, dtype=float)
+    if len(t) < 2 or not np.isfinite(pred):
+        return math.nan, math.nan
+    meds = np.median(t[rng.integers(0, len(t), size=(n, len(t)))], axis=1)
+    errs = (pred / meds - 1) * 100
+    return float(np.percentile(errs, 2.5)), float(np.percentile(errs, 97.5))
+
+
+def bootstrap_median_abs(errs: Any, seed: int, n: int = BOOTSTRAP) -> tuple[float, float]:
+    """95 % bootstrap interval of the median |error| over configs (configs resampled)."""
+    e = np.abs(np.asarray(errs, dtype=float))
+    e = e[np.isfinite(e)]
+    if len(e) < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    meds = np.median(e[rng.integers(0, len(e), size=(n, len(e)))], axis=1)
+    return float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
+
+
+def validation_table(summary: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """One row per config that has real runs: the prediction vs the real runs' median,
+    errors with a bootstrap interval, the leave-one-out noise floor, spread, counts.
 
     Predictions (``tpot_err_<kind>_pct``), each the median of its per-run predictions:
-    ``before`` (profiled once right before the config); ``bracketed_no_handoff`` (reads timed
-    right before and after each run, no per-copy latency); ``bracketed`` (+ the profiled
-    per-copy latency of the copy path); ``bracketed_io`` (+ compute timed beside a busy reader:
-    the contention term) - the headline, as far as it was computed; and the ``inrun_link``
-    diagnostic (the full model given the run's own mean copy time instead of the bracketing
-    reads: what is left is the model's error, not the disk's drift; not a prediction).
+    ``paced`` (a paced run: the link at the paced rate + the profiled per-copy latency,
+    profiled once: the model's structural error); ``before`` (profiled before the config, or
+    the given profile: the forecast); ``bracketed_no_handoff`` (reads timed right before and
+    after each run, no per-copy latency); ``bracketed`` (+ the profiled per-copy latency);
+    ``bracketed_io`` (+ compute timed beside a busy reader) - the headline is the first of
+    ``HEADLINE`` computed; diagnostics, not predictions: ``paced_achieved`` (the rate the paced
+    tier actually ran at) and ``inrun_link`` (the run's own mean copy time).
     """
     out = []
     keys = ["config_id", "trace.name", "policy.label", "cache.fraction", "cache.slots"]
+    rng = np.random.default_rng(seed)
     for _, g in summary.groupby("config_id", sort=True):
         sims = g[g["source"] == "sim"]
         real = g[g["source"] == "real"]
-        kinds = ("before", "bracketed", "bracketed_no_handoff", "bracketed_io", "inrun_link")
-        by = {k: sims[sims["prediction"] == k] for k in kinds}
-        head = next(k for k in ("bracketed_io", "bracketed", "before") if len(by[k]))
-        first = by["before"].iloc[0]
+        if real.empty:
+            continue
+        by = {k: sims[sims["prediction"] == k] for k in KINDS}
+        head = next(k for k in HEADLINE if len(by[k]))
+        first = by["paced"].iloc[0] if len(by["paced"]) else by["before"].iloc[0]
         row: dict[str, Any] = {k: first[k] for k in keys}
         row["prediction"] = head
+        row["repeats"] = len(real)
         for metric, short in (("time_per_output_token_s", "tpot"),
                               ("stall_per_output_token_s", "stall")):
             vals = real[metric].astype(float)
@@ -326,7 +493,10 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"{short}_real_max_s"] = float(vals.max())
             row[f"{short}_err_pct"] = _err(pred, med)
             row[f"{short}_abs_err_pct"] = abs(row[f"{short}_err_pct"])
-            for k in kinds:
+            lo, hi = bootstrap_err(pred, vals.to_numpy(), rng)
+            row[f"{short}_err_lo_pct"], row[f"{short}_err_hi_pct"] = lo, hi
+            row[f"{short}_noise_floor_pct"] = noise_floor(vals.to_numpy())
+            for k in KINDS:
                 if len(by[k]):
                     row[f"{short}_err_{k}_pct"] = _err(float(by[k][metric].median()), med)
         row["tpot_real_spread_pct"] = (
@@ -334,7 +504,12 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
         row["profile_read_s"] = float(by[head]["profile.read_s"].median())
         row["profile_expert_s"] = float(first["profile.expert_s"])
         row["real_copy_mean_s"] = float(real["executor.copy_mean_s"].median())
-        if "read_before_s" in real:
+        if "executor.pace_achieved_Bps" in real:
+            row["pace_Bps"] = float(first.get("pace_Bps", math.nan))
+            row["pace_achieved_Bps"] = float(real["executor.pace_achieved_Bps"].median())
+            row["pace_native_read_s"] = float(real["executor.pace_native_read_s"].median())
+            row["pace_overruns"] = int(real["executor.pace_overruns"].sum())
+        if "read_before_s" in real and real["read_before_s"].notna().any():
             drift = (real["read_after_s"] - real["read_before_s"]) / real["read_before_s"]
             row["read_drift_pct_max"] = float((drift.abs() * 100).max())
         for k in COUNTS:
@@ -348,6 +523,10 @@ def validation_table(summary: pd.DataFrame) -> pd.DataFrame:
             row[f"real_{name}_per_token_s"] = float((real[col] / n).median())
         row["real_waits_per_token"] = float((real["executor.waits"] / n).median())
         row["load_avg_1m"] = float(real["load_avg_1m"].median())
+        row["load_avg_1m_max"] = float(real["load_avg_1m"].max())
+        if "steal_pct" in real:
+            row["steal_pct"] = float(real["steal_pct"].median())
+            row["steal_pct_max"] = float(real["steal_pct"].max())
         row["direct_io"] = bool(real["executor.direct_io"].all())
         out.append(row)
     return pd.DataFrame(out)
@@ -364,9 +543,14 @@ def format_table(t: pd.DataFrame) -> str:
             f"{r['tpot_real_spread_pct']:8.1f} {r['stall_sim_s'] * 1e3:9.3f} "
             f"{r['stall_real_s'] * 1e3:10.3f} {'=' if r['counts_equal'] else '~':>6s} "
             f"{r.get('tpot_err_inrun_link_pct', math.nan):12.1f}")
+    if t.empty:
+        return "no config finished a real run"
     a = t["tpot_abs_err_pct"]
-    lines.append(f"time per token |error|: median {a.median():.1f} %, max {a.max():.1f} % over "
-                 f"{len(t)} configs; real run-to-run spread median "
+    lo, hi = bootstrap_median_abs(a, 0)
+    lines.append(f"time per token |error| ({t['prediction'].iloc[0]}): median {a.median():.1f} % "
+                 f"(95 % bootstrap {lo:.1f}-{hi:.1f}), max {a.max():.1f} % over {len(t)} "
+                 f"configs; noise floor (leave-one-out, median over configs) "
+                 f"{t['tpot_noise_floor_pct'].median():.1f} %; real run-to-run spread median "
                  f"{t['tpot_real_spread_pct'].median():.1f} %")
     return "\n".join(lines)
 

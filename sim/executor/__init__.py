@@ -7,6 +7,7 @@ when a run starts, never by importing this package, so the simulator stays torch
 """
 
 from moesim.sim.executor.model import ExpertLayout, scaled_card
-from moesim.sim.executor.run import BACKENDS, Executor, ExecutorOptions, execute
+from moesim.sim.executor.run import BACKENDS, Executor, ExecutorOptions, execute, prepare
 
-__all__ = ["BACKENDS", "Executor", "ExecutorOptions", "ExpertLayout", "execute", "scaled_card"]
+__all__ = ["BACKENDS", "Executor", "ExecutorOptions", "ExpertLayout", "execute", "prepare",
+           "scaled_card"]

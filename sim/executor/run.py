@@ -475,6 +475,31 @@ def execute(
     """Replay ``trace`` under ``policy`` for real with a cache of ``capacity`` expert slots;
     the arguments mean what they mean for ``sim.run.simulate`` (the trace's expert bytes must
     be the card's)."""
+    return prepare(trace, policy, card, capacity=capacity, options=options, partition=partition,
+                   prefill=prefill, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
+                   warmup_tokens=warmup_tokens, seed=seed, dense_before=dense_before,
+                   predictions=predictions).run()
+
+
+def prepare(
+    trace: Trace,
+    policy: str | Mapping[str, Any] | PolicySpec,
+    card: ModelCard,
+    *,
+    capacity: int,
+    options: ExecutorOptions | None = None,
+    partition: str = "global",
+    prefill: str = "empty",
+    replay: Replay = "decode",
+    batch: int = 1,
+    prefill_chunk: int = 0,
+    warmup_tokens: int = 0,
+    seed: int = 0,
+    dense_before: Sequence[int] | None = None,
+    predictions: Mapping[int, Any] | None = None,
+) -> Executor:
+    """``execute`` up to the run: every check of the trace, card, policy and cache (no file
+    opened, no thread started), so a sweep can refuse bad input before its first real run."""
     spec = policy if isinstance(policy, PolicySpec) else resolve(
         {"name": policy} if isinstance(policy, str) else policy)
     workload = build_workload(trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
@@ -485,4 +510,4 @@ def execute(
         labels={"layer_ids": list(trace.meta.moe_layers)}, dense_before=dense_before,
         predictions=predictions,
     )
-    return ex.run()
+    return ex

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
@@ -137,3 +138,91 @@ def test_deepseek_test_prompts_validate_one_config(tmp_path: Path) -> None:
     OmegaConf.update(cfg, "validate.work_dir", str(tmp_path / "work"))
     table = run_validation(cfg, tmp_path / "out", log=lambda _msg: None)
     assert len(table) == 1 and table["counts_equal"].all()
+
+
+def test_noise_floor_is_the_leave_one_out_median() -> None:
+    from moesim.experiments.validate import noise_floor
+
+    # runs 1.0, 1.0, 1.0, 1.2: three land 0 % from the others' median, one 20 %
+    assert noise_floor(np.array([1.0, 1.0, 1.0, 1.2])) == pytest.approx(0.0)
+    t = np.array([1.0, 1.1, 1.2])
+    want = np.median([abs(1.0 / 1.15 - 1), abs(1.1 / 1.1 - 1), abs(1.2 / 1.05 - 1)]) * 100
+    assert noise_floor(t) == pytest.approx(want)
+    assert math.isnan(noise_floor(np.array([1.0])))
+
+
+def test_bootstrap_interval_holds_the_error_and_is_seeded() -> None:
+    from moesim.experiments.validate import bootstrap_err, bootstrap_median_abs
+
+    t = np.array([1.0, 1.05, 0.95, 1.1, 0.9])
+    lo, hi = bootstrap_err(1.2, t, np.random.default_rng(0))
+    assert lo <= 20.0 <= hi and hi - lo < 40
+    assert (lo, hi) == bootstrap_err(1.2, t, np.random.default_rng(0))
+    lo1, hi1 = bootstrap_err(1.2, np.full(5, 1.0), np.random.default_rng(0))
+    assert lo1 == pytest.approx(20.0) and hi1 == pytest.approx(20.0)  # no spread, no interval
+    mlo, mhi = bootstrap_median_abs([1.0, -2.0, 3.0, 4.0, -5.0], seed=1)
+    assert mlo <= 3.0 <= mhi
+
+
+def test_paced_smoke_interleaves_repeats_and_records_load_steal_and_pace(
+        tiny_trace: Path, tmp_path: Path) -> None:
+    cfg = _cfg(["experiment=validate_smoke", "validate.repeats=2", "validate.pace_GBps=0.2"])
+    OmegaConf.update(cfg, "validate.traces", [
+        {"trace": "file", "path": str(tiny_trace), "scale": 0.5, "label": "tiny"}],
+        merge=False)
+    OmegaConf.update(cfg, "validate.work_dir", str(tmp_path / "work"))
+    out = tmp_path / "out"
+    msgs: list[str] = []
+    table = run_validation(cfg, out, log=msgs.append)
+    runs = [m for m in msgs if "] run " in m]
+    # round r runs every config once: configs alternate, not one config's repeats in a row
+    assert [m.split("]")[0].strip(" [") for m in runs] == ["0", "1", "0", "1"]
+    summary = pd.read_parquet(out / "summary.parquet")
+    real = summary[summary["source"] == "real"]
+    assert len(real) == 4 and real["load_avg_1m"].notna().all()
+    assert (real["steal_pct"] >= 0).all()
+    assert (real["executor.pace_Bps"] == 0.2e9).all()
+    assert (real["executor.pace_reads"] > 0).all()
+    assert (real["executor.pace_achieved_Bps"] <= 0.2e9 * 1.0001).all()
+    assert (table["prediction"] == "paced").all() and table["tpot_err_paced_pct"].notna().all()
+    assert table["tpot_err_paced_achieved_pct"].notna().all()
+    assert (table["repeats"] == 2).all() and table["tpot_noise_floor_pct"].notna().all()
+    for _, r in table.iterrows():
+        assert r["tpot_err_lo_pct"] <= r["tpot_err_pct"] + 1e-9 or r["repeats"] < 2
+    # one profile per trace (profiled once), written for every config
+    assert len(list(out.glob("profile_*.yaml"))) == 2
+
+
+def test_a_bad_trace_is_refused_before_the_first_real_run(tiny_trace: Path,
+                                                          tmp_path: Path) -> None:
+    """A trace whose layers do not fit the card fails in the checks, with no run done."""
+    from moesim.traces import TraceError
+
+    tr = random_trace(num_requests=1, tokens=4, layers=5, experts=16, top_k=2, seed=1)
+    meta = tr.meta.__class__(model="moesim_tiny_moe", moe_layers=tuple(range(5)),
+                             num_experts=16, top_k=2, expert_bytes=1, source="test fixture")
+    bad = tmp_path / "bad.parquet"
+    write_trace(bad, meta, tr.requests)
+    cfg = _cfg(["experiment=validate_smoke"])
+    OmegaConf.update(cfg, "validate.traces", [
+        {"trace": "file", "path": str(tiny_trace), "scale": 0.5, "label": "ok"},
+        {"trace": "file", "path": str(bad), "scale": 0.5, "label": "bad"}], merge=False)
+    OmegaConf.update(cfg, "validate.work_dir", str(tmp_path / "work"))
+    msgs: list[str] = []
+    with pytest.raises((TraceError, ValueError)):
+        run_validation(cfg, tmp_path / "out", log=msgs.append)
+    assert not any("] run " in m for m in msgs) and not (tmp_path / "out").exists()
+
+
+def test_calibrate_false_without_a_measured_table_is_one_error_line(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "moesim.experiments.validate", "experiment=validate_smoke",
+         "validate.calibrate=false", "hw=jetson_orin_nano", f"hydra.run.dir={tmp_path / 'run'}",
+         f"validate.work_dir={tmp_path / 'work'}"], cwd=tmp_path,
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "measured compute" in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not list((tmp_path / "run").glob("*.parquet"))
