@@ -111,7 +111,8 @@ def _profile_now(cfg: DictConfig, v: DictConfig, card: Any, trace: Trace,
         dense = max(dense_layers_before(trace.meta.moe_layers, card.num_layers))
         opts = CalibrationOptions(copy_engines=int(v.copy_engines), threads=int(v.threads),
                                   direct_io=v.get("direct_io"), work_dir=v.get("work_dir"),
-                                  weights_seed=int(v.weights_seed), read_seed=seed)
+                                  weights_seed=int(v.weights_seed), read_seed=seed,
+                                  pace_Bps=_pace(v))
         mapping = calibrate(card, trace.meta.num_moe_layers, dense, opts, log=log)
         return profile_from_mapping(mapping, name=mapping["name"], allow_bare=False), mapping
     if v.get("hw_path"):
@@ -283,7 +284,7 @@ def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[
     if key not in profiles:
         profiles[key] = _profile_now(cfg, v, c.card, c.trace, log, seed=c.cid)
     profile, mapping = profiles[key]
-    if _pace(v) is not None:
+    if _pace(v) is not None and not bool(v.calibrate):  # calibrating profiles the paced tier
         mapping = _paced(mapping, _pace(v))
         profile = profile_from_mapping(mapping, name=mapping["name"], allow_bare=False)
     c.mapping = mapping

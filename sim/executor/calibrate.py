@@ -49,6 +49,7 @@ class CalibrationOptions:
     slots: int = 32  # distinct experts the FFN timing cycles through
     handoff: bool = True  # profile the copy hand-off into the per-copy latency
     contention: bool = True  # also time compute while a reader thread keeps the link busy
+    pace_Bps: float | None = None  # the executor's paced tier: profile its per-read lag
 
 
 def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
@@ -137,8 +138,10 @@ def _interleaved_means(jobs: Sequence[tuple[str, int, Callable[[int], None], int
 
 
 def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, reads: int,
-                seed: int) -> list[float]:
-    """Per-read seconds with ``engines`` readers running at once, random experts."""
+                seed: int, busy: Callable[[int], None] | None = None) -> list[float]:
+    """Per-read seconds with ``engines`` readers running at once, random experts; with
+    ``busy``, this thread calls ``busy(i)`` back to back until the readers finish (reads timed
+    beside compute, as a run's copy workers read while its compute thread works)."""
     out: list[list[float]] = [[] for _ in range(engines)]
     rng = np.random.default_rng(seed)
     keys = rng.integers(0, layout.num_keys, size=(engines, reads + 2)).tolist()
@@ -155,6 +158,10 @@ def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, rea
     threads = [threading.Thread(target=reader, args=(e,)) for e in range(engines)]
     for t in threads:
         t.start()
+    i = 0
+    while busy is not None and any(t.is_alive() for t in threads):
+        busy(i)
+        i += 1
     for t in threads:
         t.join()
     return [x for xs in out for x in xs]
@@ -174,16 +181,19 @@ class ReadTimes:
     at: str  # UTC time of the measurement
 
 
-def measure_reads(card: ModelCard, opts: CalibrationOptions, seed: int = 0) -> ReadTimes:
+def measure_reads(card: ModelCard, opts: CalibrationOptions, seed: int = 0,
+                  pace_Bps: float | None = None, busy: Callable[[int], None] | None = None
+                  ) -> ReadTimes:
     """Time ``opts.reads`` random expert reads per reader through the executor's read path
-    (cheap enough to repeat right before each validated config: the disk drifts)."""
+    (cheap enough to repeat right before each validated config: the disk drifts); with
+    ``pace_Bps`` through the paced tier, with ``busy`` beside compute (``_read_times``)."""
     layout = ExpertLayout.of(card)
     work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
     path = ensure_weights(work, card.name, layout, opts.weights_seed)
-    backend = StorageBackend(path, layout, max(opts.copy_engines, 1), opts.direct_io)
+    backend = StorageBackend(path, layout, max(opts.copy_engines, 1), opts.direct_io, pace_Bps)
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        t = _read_times(backend, layout, opts.copy_engines, opts.reads, seed)
+        t = _read_times(backend, layout, opts.copy_engines, opts.reads, seed, busy)
     finally:
         backend.close()
     p10, p50, p90 = (float(x) for x in np.percentile(t, [10, 50, 90]))
@@ -337,6 +347,13 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                     if pts:
                         io_factor[k] = float(np.mean([means_io[(k, x)] / means[(k, x)]
                                                       for x in pts]))
+            paced = None
+            if opts.pace_Bps:
+                def busy(i: int) -> None:
+                    _, _, fn, cycle = jobs[i % len(jobs)]
+                    fn(i % cycle)
+
+                paced = measure_reads(card, opts, opts.read_seed + 1, opts.pace_Bps, busy)
             n = 1 << 22  # memory bandwidth: a 16 MiB fp32 copy; flops: a 512^3 matmul
             a, b = torch.randn(n), torch.empty(n)
             bw = 8 * n / _mean_call(lambda i: b.copy_(a), 10, 1)
@@ -361,7 +378,7 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
         table["dense_layer_s"] = _series(dense, src + f": dense layer at context {ref_ctx}")
         table["attention_context"] = _q(ref_ctx, "context of dense_layer_s", "measured")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return with_reads({
+    mapping = with_reads({
         "name": name,
         "device": f"{platform.machine()} CPU x{os.cpu_count()} (executor backend storage)",
         "description": f"measured by sim.executor.calibrate for {card.name}",
@@ -394,3 +411,29 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                     "torch_threads": opts.threads, "direct_io": reads.direct_io,
                     "compute_under_io": io_factor},
     }, card, reads, handoff)
+    if paced is not None and opts.pace_Bps:
+        mapping = with_paced_reads(mapping, card, paced, opts.pace_Bps, handoff or 0.0)
+        log(f"calibrate: paced read at {opts.pace_Bps / 1e9:.3g} GB/s beside compute: mean "
+            f"{paced.mean_s * 1e3:.3f} ms ({card.expert_bytes / opts.pace_Bps * 1e3:.3f} ms "
+            f"nominal)")
+    return mapping
+
+
+def with_paced_reads(mapping: dict[str, Any], card: ModelCard, paced: ReadTimes,
+                     pace_Bps: float, handoff_s: float) -> dict[str, Any]:
+    """The profile of the paced tier: bandwidth the pace, per-copy latency the copy hand-off
+    plus the paced read's measured lag beyond ``bytes / pace`` (a paced reader wakes up late on
+    a loaded machine: sleep overshoot, waiting for a core and the GIL), timed beside compute."""
+    lag = max(paced.mean_s - card.expert_bytes / pace_Bps, 0.0)
+    st = dict(mapping["storage"])
+    st["peak_bandwidth_Bps"] = _q(pace_Bps, "the executor's paced tier (ExecutorOptions."
+                                  "pace_Bps): every read stretched to expert bytes / this",
+                                  "estimate")
+    st["latency_s"] = _q(float(f"{handoff_s + lag:.6g}"),
+                         f"sim.executor.calibrate at {paced.at}: copy hand-off "
+                         f"{handoff_s * 1e6:.1f} us + paced-read lag {lag * 1e6:.1f} us (mean of "
+                         f"{paced.reads} paced reads beside the op loop, minus bytes / pace)")
+    st.pop("curve", None)
+    return {**mapping, "storage": st,
+            "machine": {**mapping.get("machine", {}), "paced_read_mean_s": paced.mean_s,
+                        "paced_read_lag_s": lag, "pace_Bps": pace_Bps}}

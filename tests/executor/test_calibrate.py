@@ -72,3 +72,27 @@ def test_contention_factor_is_measured_and_scales_compute(mapping: dict) -> None
     assert slowed.compute_model(card).expert_time(1) == pytest.approx(
         alone.compute_model(card).expert_time(1) * factors["expert"], rel=1e-4)
     assert alone.contention is not None
+
+
+def test_paced_profile_has_the_pace_and_the_measured_lag(mapping: dict) -> None:
+    from moesim.sim.executor.calibrate import with_paced_reads
+
+    card = replace(small_card(), shared_intermediate_size=32, dense_intermediate_size=96)
+    pace = card.expert_bytes / 2e-3
+    paced = ReadTimes(2.3e-3, 2.1e-3, 2e-3, 2.5e-3, 8, 1, True, "now")
+    fresh = with_paced_reads(mapping, card, paced, pace, handoff_s=5e-5)
+    link = profile_from_mapping(fresh, name="x", allow_bare=False).expert_link()
+    # bytes / pace + hand-off + lag = the paced reads' mean + the hand-off
+    assert link.transfer_time(card.expert_bytes) == pytest.approx(2.3e-3 + 5e-5, rel=1e-4)
+    assert fresh["machine"]["paced_read_lag_s"] == pytest.approx(3e-4)
+    early = ReadTimes(1.9e-3, 1.9e-3, 1.9e-3, 1.9e-3, 8, 1, True, "now")  # never negative
+    assert with_paced_reads(mapping, card, early, pace, 0.0)["machine"]["paced_read_lag_s"] == 0
+
+
+def test_paced_reads_beside_compute_are_measured(tmp_path: Path) -> None:
+    opts = CalibrationOptions(reads=5, work_dir=str(tmp_path))
+    card = small_card()
+    pace = card.expert_bytes / 1e-3
+    calls: list[int] = []
+    reads = measure_reads(card, opts, seed=1, pace_Bps=pace, busy=calls.append)
+    assert reads.reads == 5 and reads.p10_s >= 1e-3 and calls  # the busy loop ran meanwhile

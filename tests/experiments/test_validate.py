@@ -189,8 +189,16 @@ def test_paced_smoke_interleaves_repeats_and_records_load_steal_and_pace(
     assert (table["repeats"] == 2).all() and table["tpot_noise_floor_pct"].notna().all()
     for _, r in table.iterrows():
         assert r["tpot_err_lo_pct"] <= r["tpot_err_pct"] + 1e-9 or r["repeats"] < 2
-    # one profile per trace (profiled once), written for every config
-    assert len(list(out.glob("profile_*.yaml"))) == 2
+    # one profile per trace (profiled once), written for every config: the paced tier's
+    # rate and the paced reads' measured lag
+    profiles = sorted(out.glob("profile_*.yaml"))
+    assert len(profiles) == 2
+    import yaml
+
+    prof = yaml.safe_load(profiles[0].read_text())
+    assert prof["storage"]["peak_bandwidth_Bps"]["value"] == 0.2e9
+    assert prof["machine"]["paced_read_lag_s"] >= 0
+    assert prof == yaml.safe_load(profiles[1].read_text())
 
 
 def test_a_bad_trace_is_refused_before_the_first_real_run(tiny_trace: Path,
