@@ -252,8 +252,24 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
             cont.append((k, c, r))
         bar.update(1)
         tables: dict[str, dict[str, list[tuple[int, float]]]] = {}
+        op_table = getattr(bench, "op_table", None)  # the executor's own op timing
         for spec in cards:
             series: dict[str, list[tuple[int, float]]] = {}
+            if op_table is not None:
+                bar.set_postfix_str(f"{spec.base.name} ops (interleaved)")
+                points = {op: list(opts.contexts if op == "attention" else opts.batches)
+                          for op in ("attention", "router", *_ffn_ops(spec.card))}
+                got = op_table(spec.card, points)
+                for op, xs in points.items():
+                    group = op if op in ("attention", "router") else "ffn"
+                    series[op] = []
+                    for x in xs:
+                        mean, rounds = got[(op, x)]
+                        spread.add(group, rounds)
+                        series[op].append((x, mean))
+                        bar.update(1)
+                tables[spec.base.name] = series
+                continue
             for op in ("attention", "router", *_ffn_ops(spec.card)):
                 bar.set_postfix_str(f"{spec.base.name} {op}")
                 group = op if op in ("attention", "router") else "ffn"
@@ -349,7 +365,8 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
                                     "unused: this profile has a measured memory bandwidth"),
             "flops_efficiency": _q(1.0, None, "estimate",
                                    "unused: this profile has a measured throughput"),
-            "measured": {c.base.name: _table(c, torch_threads, tables[c.base.name], spread, src)
+            "measured": {c.base.name: _table(c, torch_threads, tables[c.base.name], spread, src,
+                                             op_table is not None)
                          for c in cards},
         },
     }
@@ -357,12 +374,15 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
 
 
 def _table(spec: CardSpec, threads: int, ffn: dict[str, list[tuple[int, float]]],
-           spread: Spread, src: str) -> dict[str, Any]:
+           spread: Spread, src: str, executor_timing: bool = False) -> dict[str, Any]:
     """The ``compute.measured.<card>`` mapping; ``ffn`` holds every op's (x, seconds)."""
     base, card, scale = spec.base, spec.card, spec.scale
+    how = ("timed as the executor's calibration times them (sim.executor.calibrate.time_ops: "
+           "the executor's calls, interleaved round-robin, each call timed alone, mean of all "
+           "calls)" if executor_timing else "median of rounds")
     note = (f"hw_profiles.cpu_ops functions, {card.dtype}, {threads} torch thread(s), weights "
             f"rotated through a pool of one decode step's working set (cpu_ops.working_set_bytes), "
-            f"median of rounds, made "
+            f"{how}, made "
             f"non-decreasing in batch/context by isotonic regression")
     ffn_spread = spread.text("ffn")
     table: dict[str, Any] = {
@@ -639,6 +659,33 @@ class CpuComputeBench:
         return out
 
 
+def executor_op_table(bench: CpuComputeBench, card: ModelCard, points: dict[str, list[int]]
+                      ) -> dict[tuple[str, int], tuple[float, list[float]]]:
+    """Every (op, x) of ``points`` timed the way the executor's own calibration times them
+    (``sim.executor.calibrate.op_jobs`` + ``time_ops``: the executor's ``TorchCompute`` calls,
+    interleaved round-robin, each call timed alone, the mean over all calls): (mean seconds per
+    call, per-round means). ``moesim-profile storage`` used to time each op alone in a tight
+    loop and keep the median round, which on a loaded 2-core machine read the ops ~2x faster
+    than the executor's calibration and runs (see experiments/docs/pages/validation.md)."""
+    from moesim.sim.executor.calibrate import expert_pool_slots, op_jobs, time_ops
+    from moesim.sim.executor.compute import TorchCompute
+
+    torch, ops = bench.torch, bench.ops
+    contexts = points.get("attention", [1])
+    tokens = sorted({x for op, xs in points.items() if op != "attention" for x in xs})
+    dense = len(card.dense_layers) if "dense" in points else 0
+    comp = TorchCompute(card, card.num_moe_layers, max(contexts), max(tokens), dense,
+                        seed=bench.seed + 1)
+    experts = bench._pool(card, "expert")[:expert_pool_slots(card)]
+    jobs = [j for j in op_jobs(card, comp, experts, card.num_moe_layers, dense, tokens,
+                               contexts, 1, dense_ffn_only=True)
+            if j[1] in points.get(j[0], ())]
+    with ops.torch_threads(bench.threads), torch.inference_mode():
+        means, rounds = time_ops(jobs, bench.rounds, reps=20,
+                                 min_seconds=bench.op_round_s * len(jobs))
+    return {k: (means[k], rounds[k]) for k in means}
+
+
 class CpuStorageBench(CpuComputeBench):
     """Timers on this machine: a scratch file read with O_DIRECT, torch ops on the CPU.
 
@@ -682,6 +729,11 @@ class CpuStorageBench(CpuComputeBench):
             self._buf = None
         self.path.unlink(missing_ok=True)
         super().close()
+
+    def op_table(self, card: ModelCard, points: dict[str, list[int]]
+                 ) -> dict[tuple[str, int], tuple[float, list[float]]]:
+        """The CPU ops as the executor's calibration times them (``executor_op_table``)."""
+        return executor_op_table(self, card, points)
 
     def __enter__(self) -> CpuStorageBench:
         return self

@@ -137,6 +137,57 @@ def _interleaved_means(jobs: Sequence[tuple[str, int, Callable[[int], None], int
     return {(k, x): sums[j] / rounds for j, (k, x, _, _) in enumerate(jobs)}
 
 
+Job = tuple[str, int, Callable[[int], None], int]  # (op, tokens or context, fn(i), weight sets)
+
+
+def op_jobs(card: ModelCard, comp: Any, experts: Sequence[Any], num_layers: int,
+            dense_layers: int, tokens: Sequence[int], contexts: Sequence[int],
+            dense_context: int, dense_ffn_only: bool = False) -> list[Job]:
+    """Every CPU op of a run as the executor calls it (``TorchCompute``, weights cycled over
+    ``experts`` slots and ``num_layers`` layers): expert, router, shared and dense layer per
+    token count, stand-in attention per context. ``sim.executor.calibrate`` and ``moesim-profile
+    storage`` both time these jobs with ``time_ops``, so the two profiles measure the same."""
+    nl = max(num_layers, 1)
+    jobs: list[Job] = []
+    for n in tokens:
+        jobs.append(("expert", n, lambda i, n=n: comp.expert(experts[i], n), len(experts)))
+        jobs.append(("router", n, lambda i, n=n: comp.router(i, n), nl))
+        if card.shared_intermediate_size:
+            jobs.append(("shared", n, lambda i, n=n: comp.shared(i, n), nl))
+        if dense_layers and dense_ffn_only:  # the profile's dense_ffn_s
+            jobs.append(("dense", n, lambda i, n=n: comp.dense_ffn(i, n), dense_layers))
+        elif dense_layers:  # dense_layer_s: attention at dense_context + FFN
+            jobs.append(("dense", n, lambda i, n=n: comp.dense_layer(i, n, dense_context),
+                         dense_layers))
+    for c in contexts:
+        jobs.append(("attention", c, lambda i, c=c: comp.attention_only(i, 1, c), nl))
+    return jobs
+
+
+def time_ops(jobs: Sequence[Job], rounds: int = 1, reps: int = 100, min_seconds: float = 1.0
+             ) -> tuple[dict[tuple[str, int], float], dict[tuple[str, int], list[float]]]:
+    """The one way CPU ops are measured (the executor's calibration and ``moesim-profile
+    storage``): ``rounds`` rounds of ``_interleaved_means`` (every job called once per pass,
+    round-robin, each call timed alone, >= ``reps`` passes and >= ``min_seconds`` per round).
+    Returns the mean seconds per call over all rounds (what a run's sum of calls sees, its
+    preempted calls included) and each round's mean (for a spread)."""
+    per: dict[tuple[str, int], list[float]] = {}
+    for _ in range(max(rounds, 1)):
+        for k, m in _interleaved_means(jobs, reps, min_seconds).items():
+            per.setdefault(k, []).append(m)
+    return {k: float(np.mean(v)) for k, v in per.items()}, per
+
+
+def expert_pool_slots(card: ModelCard, at_least: int = 2, max_bytes: int = 256 * 2**20) -> int:
+    """How many expert slots an op timing cycles through: one decode step's working set
+    (``cpu_ops.working_set_bytes``, at most ``max_bytes``), so expert weights are as cache-cold
+    as in a run; the calibration's and the profiler's pools are this size."""
+    from moesim.hw_profiles.cpu_ops import expert_stride, working_set_bytes
+
+    n = min(working_set_bytes(card), max_bytes) // expert_stride(card)
+    return int(max(at_least, min(n, card.routed_experts_total)))
+
+
 def _read_times(backend: StorageBackend, layout: ExpertLayout, engines: int, reads: int,
                 seed: int, busy: Callable[[int], None] | None = None) -> list[float]:
     """Per-read seconds with ``engines`` readers running at once, random experts; with
@@ -300,7 +351,7 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
     layout = ExpertLayout.of(card)
     work = Path(opts.work_dir) if opts.work_dir else default_work_dir()
     path = ensure_weights(work, card.name, layout, opts.weights_seed)
-    slots = max(opts.slots, opts.copy_engines)
+    slots = expert_pool_slots(card, max(opts.slots, opts.copy_engines))
     backend = StorageBackend(path, layout, slots, opts.direct_io)
     src = (f"sim.executor.calibrate on {platform.node()} at "
            f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
@@ -319,19 +370,10 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                             seed=opts.weights_seed + 1)
         nl = num_layers
         ref_ctx = opts.contexts[len(opts.contexts) // 2]
-        jobs: list[tuple[str, int, Callable[[int], None], int]] = []
-        for n in opts.tokens:
-            jobs.append(("expert", n, lambda i, n=n: comp.expert(backend.weights(i), n), slots))
-            jobs.append(("router", n, lambda i, n=n: comp.router(i, n), nl))
-            if card.shared_intermediate_size:
-                jobs.append(("shared", n, lambda i, n=n: comp.shared(i, n), nl))
-            if dense_layers:
-                jobs.append(("dense", n, lambda i, n=n: comp.dense_layer(i, n, ref_ctx),
-                             dense_layers))
-        for c in opts.contexts:
-            jobs.append(("attention", c, lambda i, c=c: comp.attention_only(i, 1, c), nl))
+        jobs = op_jobs(card, comp, [backend.weights(i) for i in range(slots)], nl,
+                       dense_layers, opts.tokens, opts.contexts, ref_ctx)
         with torch.inference_mode():
-            means = _interleaved_means(jobs, opts.reps, opts.min_seconds)
+            means, _ = time_ops(jobs, 1, opts.reps, opts.min_seconds)
             expert, attn, router, shared, dense = (
                 [(x, means[(k, x)]) for k2, x, _, _ in jobs if k2 == k]
                 for k in ("expert", "attention", "router", "shared", "dense"))

@@ -96,3 +96,30 @@ def test_paced_reads_beside_compute_are_measured(tmp_path: Path) -> None:
     calls: list[int] = []
     reads = measure_reads(card, opts, seed=1, pace_Bps=pace, busy=calls.append)
     assert reads.reads == 5 and reads.p10_s >= 1e-3 and calls  # the busy loop ran meanwhile
+
+
+def test_profiler_and_calibration_time_ops_with_one_function(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``moesim-profile storage`` and the executor's calibration both measure CPU ops through
+    ``calibrate.time_ops`` on the same jobs (``op_jobs``): a stand-in timer shows in both."""
+    import moesim.sim.executor.calibrate as cal
+    from moesim.hw_profiles.measure_storage import CpuComputeBench, executor_op_table
+
+    seen: list[set[str]] = []
+
+    def fake(jobs, rounds=1, reps=100, min_seconds=1.0):  # noqa: ANN001, ANN202
+        seen.append({j[0] for j in jobs})
+        means = {(k, x): 1e-3 * (1 + x) for k, x, _, _ in jobs}
+        return means, {k: [m] * max(rounds, 1) for k, m in means.items()}
+
+    monkeypatch.setattr(cal, "time_ops", fake)
+    card = small_card()
+    bench = CpuComputeBench(card, torch_threads=1, seed=0, rounds=2)
+    got = executor_op_table(bench, card, {"expert": [1, 2], "router": [1], "attention": [4]})
+    assert got[("expert", 2)] == (3e-3, [3e-3, 3e-3]) and got[("attention", 4)][0] == 5e-3
+    opts = CalibrationOptions(reads=4, reps=2, min_seconds=0.0, tokens=(1, 2), contexts=(1, 4),
+                              slots=2, handoff=False, contention=False, work_dir=str(tmp_path))
+    m = calibrate(card, card.num_moe_layers, 0, opts, log=lambda _m: None)
+    table = m["compute"]["measured"][card.name]
+    assert table["expert_s"]["value"] == [[1, 2e-3], [2, 3e-3]]
+    assert seen[0] == {"expert", "router", "attention"} <= seen[1]
