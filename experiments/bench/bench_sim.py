@@ -12,7 +12,12 @@ tables from it.
 - zero-latency LRU and Belady (unpinned) beside libCacheSim on the same access stream;
 - optionally (``--sweep``) the 16-run capacity sweep on 2 joblib workers (wall seconds).
 
+Every figure is also rendered as a ratio to libCacheSim's LRU replay of the same access stream
+measured in the same run, so that readers on other machines can compare. ``--only`` re-measures
+a few policies (beside that replay) and merges them into the existing file as a new run.
+
     python -m moesim.experiments.bench.bench_sim [--traces DIR] [--out FILE] [--reps N] [--sweep]
+    python -m moesim.experiments.bench.bench_sim --only "moe_infinity_priority,lru"
 """
 
 from __future__ import annotations
@@ -104,14 +109,20 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return math.isclose(a["stall_time_s"], b["stall_time_s"], rel_tol=1e-9)
 
 
-def engines(trace: Any, sub: Any, env: dict[str, Any], reps: int) -> list[dict[str, Any]]:
-    """Compiled on the whole trace; compiled and SimPy on the subset; interleaved."""
+def engines(trace: Any, sub: Any, env: dict[str, Any], reps: int,
+            policies: dict[str, dict[str, Any]] | None = None,
+            anchor: Any = None) -> list[dict[str, Any]]:
+    """Compiled on the whole trace; compiled and SimPy on the subset; interleaved (with
+    ``anchor()``, libCacheSim's LRU replay, once per repetition when given)."""
+    policies = POLICIES if policies is None else policies
     rows: dict[tuple[str, int], dict[str, Any]] = {}
-    for cfg in POLICIES.values():  # warm-up: compile / load every kernel once
+    for cfg in policies.values():  # warm-up: compile / load every kernel once
         simulate(sub.subset(2), cfg, **_kwargs(sub, cfg, 1, env))
     for rep in range(reps):
+        if anchor is not None:
+            anchor()
         for batch in (1, 8):
-            for label, cfg in POLICIES.items():
+            for label, cfg in policies.items():
                 row = rows.setdefault((label, batch), {
                     "policy": label, "batch": batch, "whole_cpu_s": math.inf,
                     "sub_compiled_cpu_s": math.inf, "sub_simpy_cpu_s": math.inf})
@@ -180,6 +191,12 @@ def whole_commands(traces: str, reps: int) -> list[dict[str, Any]]:
     return out
 
 
+def _stream(trace: Any) -> np.ndarray:
+    """The trace's access stream (every key of every layer-step, in order)."""
+    keys = build_workload(trace).keys
+    return keys[keys >= 0].astype(np.int64)
+
+
 def _lcs(stream: np.ndarray, capacity: int, algo: str, tmp: Path) -> tuple[float, float]:
     """libCacheSim's C replay of ``stream`` (oracleGeneral, with next-access for Belady):
     CPU seconds of ``process_trace`` and the hit ratio."""
@@ -207,8 +224,7 @@ def _lcs(stream: np.ndarray, capacity: int, algo: str, tmp: Path) -> tuple[float
 
 def zero_latency(trace: Any, cap: int, reps: int) -> list[dict[str, Any]]:
     """Zero-latency LRU and unpinned Belady vs libCacheSim's on the same access stream."""
-    keys = build_workload(trace).keys
-    stream = keys[keys >= 0].astype(np.int64)
+    stream = _stream(trace)
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for policy, algo in (("lru", "LRU"), ("belady", "Belady")):
@@ -277,6 +293,77 @@ def sweep(traces: str) -> dict[str, Any]:
                 "main_peak_rss_mb": main_kb / 1024, "worker_peak_rss_mb": worker_kb / 1024}
 
 
+def _conditions(load0: tuple[float, float, float]) -> dict[str, Any]:
+    """Where and when a run was measured (machine, load, versions)."""
+    import numba
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.strip()
+    return {
+        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit,
+        "cpus": os.cpu_count(), "load_avg_1m_before": load0[0],
+        "load_avg_1m_after": os.getloadavg()[0], "python": platform.python_version(),
+        "numba": numba.__version__, "machine": platform.machine(),
+        "processor": _processor(),
+    }
+
+
+def _processor() -> str:
+    """The CPU model (Linux: /proc/cpuinfo), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def runs_of(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """The measurement runs a result holds; each with its libCacheSim LRU replay (CPU-s of
+    the trace's whole access stream), the anchor of every ratio. A result written before runs
+    were recorded is one run: its conditions and its zero-latency LRU row."""
+    if "runs" in res:
+        return res["runs"]
+    lru = next(z for z in res["zero_latency"] if z["policy"] == "lru")
+    return [{"id": 0, **res["conditions"], "lcs_lru_cpu_s": lru["libcachesim_cpu_s"],
+             "accesses": lru["accesses"]}]
+
+
+def partial(args: argparse.Namespace, trace: Any, sub: Any, env: dict[str, Any],
+            load0: tuple[float, float, float]) -> None:
+    """Measure only ``--only``'s policies (both batches, whole trace and subset) beside
+    libCacheSim's LRU replay of the same stream, and put them into the existing result as a
+    new run: the rows they replace name it, so every ratio divides figures of one run."""
+    out = Path(args.out)
+    res = json.loads(out.read_text())
+    labels = [x.strip() for x in args.only.split(",") if x.strip()]
+    unknown = [x for x in labels if x not in POLICIES]
+    if unknown:
+        raise SystemExit(f"error: --only: unknown policy label(s) {unknown}; known: "
+                         f"{list(POLICIES)}")
+    stream = _stream(trace)
+    best = [math.inf]
+    with tempfile.TemporaryDirectory() as tmp:
+        _lcs(stream, env["cap"], "LRU", Path(tmp))  # warm-up
+
+        def anchor() -> None:
+            best[0] = min(best[0], _lcs(stream, env["cap"], "LRU", Path(tmp))[0])
+
+        rows = engines(trace, sub, env, args.reps, {x: POLICIES[x] for x in labels}, anchor)
+    runs = runs_of(res)
+    run = {"id": len(runs), **_conditions(load0), "lcs_lru_cpu_s": best[0],
+           "accesses": len(stream), "reps": args.reps, "policies": labels}
+    res["runs"] = [*runs, run]
+    for r in rows:
+        r["run"] = run["id"]
+    new = {(r["policy"], r["batch"]): r for r in rows}
+    res["engines"] = [new.pop((r["policy"], r["batch"]), r) for r in res["engines"]]
+    res["engines"] += list(new.values())
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"wrote {out} (run {run['id']}: {', '.join(labels)})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
@@ -284,6 +371,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--simpy-requests", type=int, default=40)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated policy labels: measure just "
+                    "these (and libCacheSim's LRU) and merge them into --out as a new run")
     args = ap.parse_args()
     load0 = os.getloadavg()
     src = Path(args.traces) / "deepseek_v2_lite_moe-beyond" / "training_data_eamc"
@@ -295,6 +384,9 @@ def main() -> None:
            "link": prof.expert_link(), "comp": prof.compute_model(card),
            "dense": dense_layers_before(trace.meta.moe_layers, 27)}
     sub = trace.subset(args.simpy_requests)
+    if args.only:
+        partial(args, trace, sub, env, load0)
+        return
     result: dict[str, Any] = {
         "trace": {"requests": len(trace), "tokens": trace.num_tokens,
                   "token_layers": trace.num_rows, "load_cpu_s": load_cpu,
@@ -308,16 +400,8 @@ def main() -> None:
     result["commands"] = whole_commands(args.traces, max(1, args.reps - 1))
     if args.sweep:
         result["sweep"] = sweep(args.traces)
-    import numba
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    result["conditions"] = {
-        "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "commit": commit,
-        "cpus": os.cpu_count(), "load_avg_1m_before": load0[0],
-        "load_avg_1m_after": os.getloadavg()[0], "python": platform.python_version(),
-        "numba": numba.__version__, "machine": platform.machine(),
-    }
+    result["conditions"] = _conditions(load0)
+    result["runs"] = runs_of({k: v for k, v in result.items() if k != "runs"})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
