@@ -234,3 +234,15 @@ def test_calibrate_false_without_a_measured_table_is_one_error_line(tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("error:") and "measured compute" in lines[0]
     assert "Traceback" not in out.stderr
     assert not list((tmp_path / "run").glob("*.parquet"))
+
+
+def test_paced_and_forecast_sweeps_compose_with_16_configs_and_5_repeats() -> None:
+    paced = _cfg(["experiment=validate_paced"])
+    forecast = _cfg(["experiment=validate_forecast"])
+    for c in (paced, forecast):
+        v = c.validate
+        assert len(v.policies) * len(v.capacities) * len(v.traces) >= 16 and v.repeats >= 5
+    assert paced.validate.pace_GBps > 0 and paced.validate.profile_once
+    assert forecast.validate.pace_GBps is None and not forecast.validate.calibrate
+    assert OmegaConf.to_container(forecast.validate.traces) == OmegaConf.to_container(
+        paced.validate.traces)
