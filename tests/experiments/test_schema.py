@@ -67,10 +67,10 @@ def test_section_given_as_a_scalar_is_one_line(override: str, why: str) -> None:
     assert _check("placement_params=null") == []
 
 
-def test_cache_size_is_exactly_one_of_three() -> None:
+def test_cache_size_is_exactly_one_of_four() -> None:
     errors = _check("cache.experts=10")
-    assert errors == ["cache size: give exactly one of cache.fraction, cache.experts, cache.bytes "
-                      "(given: cache.fraction=0.25, cache.experts=10)"]
+    assert errors == ["cache size: give exactly one of cache.fraction, cache.experts, cache.bytes, "
+                      "cache.mib (given: cache.fraction=0.25, cache.experts=10)"]
     assert _check("cache.experts=10", "cache.fraction=null") == []
 
 
