@@ -1,7 +1,8 @@
 """``policy=my_random``: evict a uniformly random evictable expert.
 
-Importing this module registers the class (moesim imports it through the ``moesim.policies``
-entry point in this package's pyproject.toml, in every process a run uses).
+Importing this module registers the class (moesim imports it through the
+``moesim.policies`` entry point in this package's pyproject.toml, in every
+process a run uses).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from moesim.policies.registry import register_eviction
 
 @register_eviction
 class RandomEviction(EvictionPolicy):
-    """Random eviction: a baseline with no notion of recency or frequency. Knows: nothing."""
+    """Random eviction: a baseline with no notion of recency or frequency.
+    Knows: nothing."""
 
     name = "my_random"
     knows = Knowledge.PAST
