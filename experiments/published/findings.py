@@ -13,15 +13,14 @@ issued at the pre-attention point (lookahead 1) or behind the demand copies (loo
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import pandas as pd
 
 from moesim.hw_profiles.runtime import load_runtime
-from moesim.sim import dense_layers_before, simulate
-from moesim.sim.hardware import host_side
 
 from .entries import load_entries
-from .predict import per_token_requests, prepare
+from .predict import prepare, run_prepared
 from .report import RESULTS
 
 CSV = RESULTS / "published_findings.csv"
@@ -38,30 +37,16 @@ VARIANTS: dict[str, dict] = {
 
 
 def run() -> pd.DataFrame:
-    from moesim.hw_profiles.runtime import apply_runtime
-
     entries = {e.id: e for e in load_entries()}
     rows = []
     for cell in CELLS:
-        p = prepare(entries[cell])
+        base = prepare(entries[cell])
+        no_cache = prepare(replace(entries[cell], cache={"none": True}))
         for rt_name in RUNTIMES:
             rt = load_runtime(rt_name)
             for label, policy in VARIANTS.items():
-                no_cache = label == "no cache"
-                trace = per_token_requests(p.trace) if no_cache else p.trace
-                link = p.profile.expert_link()
-                if p.link_scale != 1.0:
-                    link = link.scaled_to_peak(link.peak_bandwidth_Bps * p.link_scale)
-                link, comp = apply_runtime(rt, link, p.profile.compute_model(p.card), p.card)
-                capacity = p.capacity if not no_cache else (p.card.top_k + 1) * len(
-                    p.trace.meta.moe_layers)
-                res = simulate(trace, policy, capacity=capacity, link=link, compute=comp,
-                               partition="per_layer", reset_per_request=no_cache,
-                               dense_before=dense_layers_before(p.trace.meta.moe_layers,
-                                                                p.card.num_layers),
-                               host=host_side(p.profile, p.card),
-                               staging=rt.staging_buffers, seed=0)
-                s = res.summary
+                p = no_cache if label == "no cache" else base
+                s = run_prepared(p, rt, policy)
                 rows.append({"cell": cell, "hw": p.entry.hw, "runtime": rt_name,
                              "variant": label, "time_per_output_token_s":
                              s["time_per_output_token_s"], "stall_per_output_token_s":

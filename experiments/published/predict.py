@@ -212,8 +212,10 @@ def per_token_requests(trace: Trace) -> Trace:
     return Trace(trace.meta, out)
 
 
-def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
-    """Predicted seconds per output token of the prepared run under ``runtime``."""
+def run_prepared(p: Prepared, runtime: RuntimeProfile,
+                 policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The summary of the prepared run under ``runtime`` (``policy``: another policy on the
+    same setup, for what-if comparisons; default: the entry's own)."""
     link = p.profile.expert_link()
     compute = p.profile.compute_model(p.card)
     try:
@@ -226,13 +228,18 @@ def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
             pageable = pageable.scaled_to_peak(pageable.peak_bandwidth_Bps * p.link_scale)
     link, compute = apply_runtime(runtime, link, compute, p.card, pageable)
     result = simulate(
-        p.trace, policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
+        p.trace, policy or policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
         mode="timed", link=link, compute=compute, partition=p.partition,
         warmup_tokens=p.warmup, seed=0, reset_per_request=p.no_reuse,
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
         host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
     )
-    return float(result.summary["time_per_output_token_s"])
+    return result.summary
+
+
+def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
+    """Predicted seconds per output token of the prepared run under ``runtime``."""
+    return float(run_prepared(p, runtime)["time_per_output_token_s"])
 
 
 def as_metric(entry: Entry, s_per_token: float) -> float:
