@@ -153,8 +153,9 @@ def figure(pred: pd.DataFrame) -> None:
         ax.set_ylabel("moesim's prediction (s, log scale)")
         ax.legend(loc="upper left", fontsize=8)
         FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        for ext in (".png", ".pdf"):
-            savefig(fig, FIGURE.with_suffix(ext))
+        savefig(fig, FIGURE.with_suffix(".png"))
+        # no creation date: the same results give the same file
+        savefig(fig, FIGURE.with_suffix(".pdf"), metadata={"CreationDate": None})
         plt.close(fig)
 
 
