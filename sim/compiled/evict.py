@@ -176,23 +176,27 @@ def _prio_t(S, F):
 
 @fn
 def _prio_scan(p, lo, hi, skip_cand, S, F):
-    """The lowest ``T * D * F`` among evictable keys ``lo..hi-1`` (ties: lowest key), with the
-    arithmetic of ``MoEInfinityPriority._scores``; (key or -1, its score)."""
-    num_e = S[IV, I_NUME]
+    """The lowest ``T * D * F`` among evictable keys of layers ``lo..hi`` (ties: lowest key),
+    with the arithmetic of ``MoEInfinityPriority._scores``; (key or -1, its score). Only the
+    held keys are visited: the layer heaps hold every one that is not pinned (a pinned key is
+    no victim)."""
     total = float(S[P_CSUM, p])
     pstamp = S[IV, I_PSTAMP]
     best = -1
     best_s = INF
-    for k in range(lo, hi):
-        c = S[K_S1, k]
-        if c <= 0 or S[K_STATE, k] != RESIDENT or S[K_PIN, k] == pstamp:
-            continue
-        if skip_cand and _is_cand(k, S):
-            continue
-        sc = (F[F_TN, k // num_e] * F[F_DN, k]) * (c / total + 1e-6)
-        if sc < best_s:
-            best_s = sc
-            best = k
+    for i in range(lo, hi + 1):
+        off = S[P_HOFF, i]
+        for q in range(S[P_HSIZE, i]):
+            k = S[B_HKEY, off + q]
+            c = S[K_S1, k]
+            if c <= 0 or S[K_STATE, k] != RESIDENT or S[K_PIN, k] == pstamp:
+                continue
+            if skip_cand and _is_cand(k, S):
+                continue
+            sc = (F[F_TN, i] * F[F_DN, k]) * (c / total + 1e-6)
+            if sc < best_s or (sc == best_s and k < best):
+                best_s = sc
+                best = k
     return best, best_s
 
 
@@ -225,7 +229,7 @@ def _prio_layers(p, skip_cand, S, F):
         c = S[K_S1, k]
         sc = w * (c / total + 1e-6)
         if w * ((c + 1) / total + 1e-6) == sc:  # a more visited key could tie: scan the layer
-            k, sc = _prio_scan(p, i * num_e, (i + 1) * num_e, skip_cand, S, F)
+            k, sc = _prio_scan(p, i, i, skip_cand, S, F)
         if sc < best_s or (sc == best_s and k < best):
             best_s = sc
             best = k
@@ -237,13 +241,12 @@ def _prio_best(p, skip_cand, S, F):
     """``MoEInfinityPriority``: the lowest ``T * D * F`` among evictable keys (ties: lowest key),
     with the arithmetic of its numpy expression."""
     _prio_t(S, F)
-    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     if S[IV, I_NUMP] > 1:  # one partition per layer
-        k, _ = _prio_scan(p, p * num_e, (p + 1) * num_e, skip_cand, S, F)
+        k, _ = _prio_scan(p, p, p, skip_cand, S, F)
         return k
     if S[IV, I_DUNI]:
         return _prio_layers(p, skip_cand, S, F)
-    k, _ = _prio_scan(p, 0, num_l * num_e, skip_cand, S, F)
+    k, _ = _prio_scan(p, 0, S[IV, I_NUML] - 1, skip_cand, S, F)
     return k
 
 
