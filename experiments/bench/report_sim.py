@@ -56,7 +56,11 @@ def render(res: dict[str, Any]) -> str:
         """``rate`` (token-layers / CPU-s) over libCacheSim's on the same trace, same run."""
         return _x(rate / (tl / runs[run]["lcs_lru_cpu_s"]))
 
-    later = len(runs) > 1
+    mine: dict[int, list[str]] = {}  # the rows each later run measured (and still holds)
+    for r in res["engines"]:
+        if r.get("run", 0) and r["policy"] not in mine.setdefault(r["run"], []):
+            mine[r["run"]].append(r["policy"])
+    later = len(mine) > 0
     out = [
         f"DeepSeek-V2-Lite training trace ({tr['requests']} requests, {tr['tokens']:,} tokens, "
         f"{tl:,} token-layers; loading it: {tr['load_cpu_s']:.1f} CPU-s), {cfg['mode']}, "
@@ -69,8 +73,8 @@ def render(res: dict[str, Any]) -> str:
         "figure's token-layers per CPU-s over libCacheSim's; above 1 is faster), so that it can "
         "be compared across machines. Runs:",
         "",
-        *[f"- {_run_line(r)}" + (f"; re-measured here: {', '.join(r['policies'])}"
-                                 if r.get("policies") else "") for r in runs.values()],
+        *[f"- {_run_line(r)}" + (f"; its rows: {', '.join(mine[r['id']])}" if r["id"] else "")
+          for r in runs.values() if r["id"] == 0 or mine.get(r["id"])],
         "",
         "| policy | batch | engine | whole trace: CPU-s | token-layers / CPU-s | vs LCS | "
         f"first {tr['subset_requests']} requests: compiled / SimPy per CPU-s | vs LCS | "
