@@ -310,15 +310,33 @@ def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[
     c.base["hw.name"] = profile.name
     c.base["profile.expert_s"] = float(compute.expert_time(1))
     compute_io = None
-    if bool(v.calibrate) and _pace(v) is None:  # contention: compute timed beside a reader
+    if _pace(v) is None:  # contention: compute timed beside a busy reader (a paced one sleeps)
         from moesim.sim.executor.calibrate import under_io
 
-        io_map = under_io(mapping, c.card)
-        compute_io = profile_from_mapping(io_map, name=io_map["name"],
-                                          allow_bare=False).compute_model(c.card)
+        io_map = under_io(_with_io_factors(mapping, int(link.copy_engines)), c.card)
+        if io_map is not mapping:
+            compute_io = profile_from_mapping(io_map, name=io_map["name"],
+                                              allow_bare=False).compute_model(c.card)
     c.ctx = {"trace": c.trace, "policy": c.pcfg, "compute": compute, "common": c.common,
              "base": c.base, "expert_bytes": c.card.expert_bytes}
     c.ctx_io = {**c.ctx, "compute": compute_io or compute}
+
+
+def _with_io_factors(mapping: dict[str, Any], engines: int) -> dict[str, Any]:
+    """The mapping with ``machine.compute_under_io`` (what ``calibrate.under_io`` applies): the
+    calibration's own per-op factors, or else a ``moesim-profile storage`` profile's measured
+    ``contention.compute_slowdown_under_io`` at ``engines`` readers (the nearest measured
+    count), for every op. No factor measured: the mapping as is."""
+    if mapping.get("machine", {}).get("compute_under_io"):
+        return mapping
+    q = (mapping.get("contention") or {}).get("compute_slowdown_under_io") or {}
+    pts = q.get("value") if isinstance(q, dict) else None
+    if not pts:
+        return mapping
+    _, f = min(((int(x), float(y)) for x, y in pts), key=lambda p: (abs(p[0] - engines), p[0]))
+    ops = ("expert", "attention", "router", "shared", "dense")
+    return {**mapping, "machine": {**mapping.get("machine", {}),
+                                   "compute_under_io": {op: f for op in ops}}}
 
 
 def _write(outdir: Path, rows: list[dict[str, Any]], layers: list[pd.DataFrame], seed: int
@@ -372,6 +390,8 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
             if r == 0:
                 c.before = _predict(c.link, "paced" if pace else "before", 0, c.ctx, rows,
                                     layers)
+                if c.ctx_io["compute"] is not c.ctx["compute"]:  # + the profiled contention
+                    _predict(c.link, "before_io", 0, c.ctx_io, rows, layers)
             engines = int(c.link.copy_engines)
             bracket = brackets.setdefault(c.cid, _Bracket(c.card, v, seed=1000 * (c.cid + 1)))
             opts = ExecutorOptions(
@@ -425,9 +445,9 @@ def _err(pred: float, meas: float) -> float:
     return (pred - meas) / meas * 100 if meas and not math.isnan(meas) else math.nan
 
 
-KINDS = ("paced", "before", "bracketed", "bracketed_no_handoff", "bracketed_io",
+KINDS = ("paced", "before", "before_io", "bracketed", "bracketed_no_handoff", "bracketed_io",
          "paced_achieved", "inrun_link")
-HEADLINE = ("paced", "bracketed_io", "bracketed", "before")
+HEADLINE = ("paced", "bracketed_io", "bracketed", "before_io", "before")
 BOOTSTRAP = 2000
 
 
@@ -436,7 +456,7 @@ def noise_floor(times: np.ndarray) -> float:
     ``|run_i / median(the other runs) - 1|``, in %. No model can be judged below it: it is how
     far one run lands from what the others say (nan with fewer than 2 runs)."""
     t = np.asarray(times, dtype=float)
-    if len(t) < 2:
+    if len(t) < 2 or not (t > 0).all():  # e.g. a stall of 0: no relative noise to speak of
         return math.nan
     loo = [abs(t[i] / np.median(np.delete(t, i)) - 1) for i in range(len(t))]
     return float(np.median(loo) * 100)
@@ -447,7 +467,7 @@ def bootstrap_err(pred: float, times: np.ndarray, rng: np.random.Generator,
     """95 % percentile-bootstrap interval of ``pred / median(runs) - 1`` (in %), the runs
     resampled with replacement: how much of an error the real runs' own spread can make."""
     t = np.asarray(times, dtype=float)
-    if len(t) < 2 or not np.isfinite(pred):
+    if len(t) < 2 or not np.isfinite(pred) or not (t > 0).all():
         return math.nan, math.nan
     meds = np.median(t[rng.integers(0, len(t), size=(n, len(t)))], axis=1)
     errs = (pred / meds - 1) * 100
@@ -472,8 +492,10 @@ def validation_table(summary: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     Predictions (``tpot_err_<kind>_pct``), each the median of its per-run predictions:
     ``paced`` (a paced run: the link at the paced rate + the profiled per-copy latency,
     profiled once: the model's structural error); ``before`` (profiled before the config, or
-    the given profile: the forecast); ``bracketed_no_handoff`` (reads timed right before and
-    after each run, no per-copy latency); ``bracketed`` (+ the profiled per-copy latency);
+    the given profile: the forecast); ``before_io`` (+ the profile's compute slowdown beside a
+    busy reader, the contention term: the forecast's headline); ``bracketed_no_handoff``
+    (reads timed right before and after each run, no per-copy latency); ``bracketed`` (+ the
+    profiled per-copy latency);
     ``bracketed_io`` (+ compute timed beside a busy reader) - the headline is the first of
     ``HEADLINE`` computed; diagnostics, not predictions: ``paced_achieved`` (the rate the paced
     tier actually ran at) and ``inrun_link`` (the run's own mean copy time).
@@ -632,6 +654,8 @@ def render_noise_block(df: pd.DataFrame) -> str:
     lines += ["", "| validation | trace | policy | cache | sim ms/token | real ms/token | error "
               "(95 % bootstrap) | noise floor |", "|---|---|---|---|---|---|---|---|"]
     for run, g in df.groupby("run", sort=False):
+        if run not in ("validate_paced_ci_vm.csv", "validate_forecast_ci_vm.csv"):
+            continue  # the earlier paced runs: summary row only
         short = "paced" if run.startswith("validate_paced") else "forecast"
         for _, r in g.sort_values(["trace.name", "cache.fraction", "config_id"]).iterrows():
             lines.append(

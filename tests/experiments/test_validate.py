@@ -68,10 +68,10 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     # per config: one prediction before, and per real run one with the reads timed around it
     # plus the in-run-link diagnostic
     assert sims.groupby("config_id")["prediction"].value_counts().to_dict() == {
-        (c, k): n for c in (0, 1) for k, n in (("before", 1), ("bracketed", 2),
+        (c, k): n for c in (0, 1) for k, n in (("before", 1), ("before_io", 1), ("bracketed", 2),
                                                 ("bracketed_no_handoff", 2), ("bracketed_io", 2),
                                                 ("inrun_link", 2))}
-    assert len(summary) == 2 * (9 + 2)
+    assert len(summary) == 2 * (10 + 2)
     assert set(per_layer["source"]) == {"real", "sim"}
     assert len(per_layer) == len(summary) * 6
     real = summary[summary["source"] == "real"]
@@ -246,3 +246,15 @@ def test_paced_and_forecast_sweeps_compose_with_16_configs_and_5_repeats() -> No
     assert forecast.validate.pace_GBps is None and not forecast.validate.calibrate
     assert OmegaConf.to_container(forecast.validate.traces) == OmegaConf.to_container(
         paced.validate.traces)
+
+
+def test_noise_and_interval_of_zero_runs_are_nan_without_warnings() -> None:
+    import warnings
+
+    from moesim.experiments.validate import bootstrap_err, noise_floor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert math.isnan(noise_floor(np.array([0.0, 0.0, 1e-3])))
+        assert all(math.isnan(x) for x in bootstrap_err(1.0, np.zeros(3),
+                                                        np.random.default_rng(0)))
