@@ -147,6 +147,18 @@ def _validation_figure(df: pd.DataFrame) -> None:
         p.replace(p.with_name(f"validation_ci_vm{p.suffix}"))
 
 
+def _validation_noise() -> pd.DataFrame:
+    from moesim.experiments.validate import noise_results
+
+    return noise_results()
+
+
+def _render_validation_noise(df: pd.DataFrame) -> str:
+    from moesim.experiments.validate import render_noise_block
+
+    return render_noise_block(df)
+
+
 def _bench_sim() -> dict[str, Any]:
     from moesim.experiments.bench.report_sim import JSON
 
@@ -515,6 +527,8 @@ BLOCKS: dict[str, Block] = {
     "validation": (lambda: pd.read_csv(RESULTS / "validate_ci_vm.csv"), render_validation,
                    _validation_figure),
     "validation_runs": (_all_validation_runs, render_validation_runs, None),
+    # experiments/results/validate_{paced,forecast}_ci_vm.csv; experiments/validate.py renders
+    "validation_noise": (_validation_noise, _render_validation_noise, None),
     # experiments/bench/bench_sim.py writes it; experiments/bench/report_sim.py renders it
     "bench_sim": (_bench_sim, _render_bench_sim, None),
     # experiments/docs/results/<name>.csv, written by --collect <name> <sweep dir>

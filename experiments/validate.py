@@ -626,9 +626,12 @@ def noise_results() -> pd.DataFrame:
 
 
 def _met(run: str, med: float, mx: float, floor: float) -> str:
+    def word(ok: bool) -> str:
+        return "met" if ok else "not met"
+
     if run.startswith("validate_paced"):
-        return "met" if med <= 5 and mx <= 15 else "not met"
-    return "met" if med <= max(15.0, 2 * floor) else "not met"
+        return f"median {word(med <= 5)}, max {word(mx <= 15)}"
+    return f"{word(med <= max(15.0, 2 * floor))} (bound {max(15.0, 2 * floor):.1f} %)"
 
 
 def render_noise_block(df: pd.DataFrame) -> str:
