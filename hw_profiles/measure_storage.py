@@ -348,7 +348,9 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
                                         f"{spread.text('readers')}; {src}"),
         },
         "contention": {
-            "notes": (f"expert FFN at 1 token with the profile's torch threads; factor = time "
+            "notes": (f"expert FFN at 1 token among the executor's interleaved op calls "
+                      f"(sim.executor.calibrate.time_ops) with the profile's torch threads; "
+                      f"factor = time "
                       f"together / time alone, both timed in the same round; "
                       f"{spread.text('contention')}"),
             "compute_slowdown_under_io": _q([[k, _sig(c, 4)] for k, c, _ in cont], "1",
@@ -847,27 +849,47 @@ class CpuStorageBench(CpuComputeBench):
             return self._window_bandwidth(counts, lambda: time.sleep(self.window_s))
 
     def contention_samples(self, readers: int) -> list[tuple[float, float]]:
-        fn = self._op_fn(self.card, "expert", 1)
+        """Per round: (expert-FFN time beside ``readers`` busy readers over alone, read time
+        per byte beside compute over alone). Compute is timed as the executor's calibration
+        times it (``executor_op_table``'s jobs through ``time_ops``: the executor's calls
+        interleaved), so the slowdown is of the ops as a run calls them, not of one op in a
+        tight loop, which read a far smaller slowdown than the runs met."""
+        from moesim.sim.executor.calibrate import CalibrationOptions, time_ops
+
+        jobs = self._contention_jobs(CalibrationOptions())
         out = []
         with self.ops.torch_threads(self.threads), self.torch.inference_mode():
-            n = self._calls_per(fn, self.window_s)
+            time_ops(jobs, 1, reps=1, min_seconds=0.0)  # warm every job once
             for _ in range(self.rounds):
-                t0 = time.perf_counter()
-                for i in range(n):
-                    fn(i)
-                alone = (time.perf_counter() - t0) / n
+                alone, _ = time_ops(jobs, 1, reps=5, min_seconds=self.window_s)
+                got: dict[str, Any] = {}
+
+                def busy(box: dict[str, Any] = got) -> None:
+                    box["m"] = time_ops(jobs, 1, reps=5, min_seconds=self.window_s)[0]
+
                 with self._readers(readers) as counts:
                     bw_alone = self._window_bandwidth(counts, lambda: time.sleep(self.window_s))
-                    t0 = time.perf_counter()
-
-                    def loop() -> None:
-                        for i in range(n):
-                            fn(i)
-
-                    bw_busy = self._window_bandwidth(counts, loop)
-                    together = (time.perf_counter() - t0) / n
-                out.append((together / alone, bw_alone / max(bw_busy, 1.0)))
+                    bw_busy = self._window_bandwidth(counts, busy)
+                key = next(k for k in alone if k[0] == "expert")
+                out.append((got["m"][key] / alone[key], bw_alone / max(bw_busy, 1.0)))
         return out
+
+    def _contention_jobs(self, copts: Any) -> list[Any]:
+        """The calibration's op jobs (``op_jobs`` at its token counts and contexts) for the
+        bench's card, built once."""
+        if getattr(self, "_cjobs", None) is None:
+            from moesim.sim.executor.calibrate import expert_pool_slots, op_jobs
+            from moesim.sim.executor.compute import TorchCompute
+
+            card = self.card
+            dense = len(card.dense_layers) if card.dense_intermediate_size else 0
+            comp = TorchCompute(card, card.num_moe_layers, max(copts.contexts),
+                                max(copts.tokens), dense, seed=self.seed + 1)
+            experts = self._pool(card, "expert")[:expert_pool_slots(card)]
+            ref = copts.contexts[len(copts.contexts) // 2]
+            self._cjobs = op_jobs(card, comp, experts, card.num_moe_layers, dense,
+                                  copts.tokens, copts.contexts, ref)
+        return self._cjobs
 
 
 def _clone_layer(layer: Any) -> Any:
