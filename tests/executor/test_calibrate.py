@@ -107,7 +107,7 @@ def test_profiler_and_calibration_time_ops_with_one_function(
 
     seen: list[set[str]] = []
 
-    def fake(jobs, rounds=1, reps=100, min_seconds=1.0):  # noqa: ANN001, ANN202
+    def fake(jobs: list, rounds: int = 1, reps: int = 100, min_seconds: float = 1.0) -> tuple:
         seen.append({j[0] for j in jobs})
         means = {(k, x): 1e-3 * (1 + x) for k, x, _, _ in jobs}
         return means, {k: [m] * max(rounds, 1) for k, m in means.items()}
