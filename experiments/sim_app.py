@@ -124,7 +124,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         compute = profile.compute_model(card)
         if not placement.is_default:
             host = host_side(profile, card)
-        link, compute = apply_runtime(rt, link, compute, card, _pageable(profile))
+        link, compute = apply_runtime(rt, link, compute, card,
+                                      lambda: profile.host_link_model("pageable"))
         scale = float(cfg.get("compute_scale", 1.0))
         if scale != 1.0:  # what-if: slower compute than the profile's (framework overhead)
             from moesim.hw_profiles.compute import ScaledCompute
@@ -206,14 +207,6 @@ def run_runtime(cfg: DictConfig) -> RuntimeProfile:
         return load_runtime(node)
     data = OmegaConf.to_container(node, resolve=True)
     return runtime_from_mapping(data, where=f"runtime {data.get('name', '?')!r}")
-
-
-def _pageable(profile: Any) -> Any:
-    """The profile's pageable-memory host link, or None where it has none."""
-    try:
-        return profile.host_link_model("pageable")
-    except ProfileError:
-        return None
 
 
 def effective_values(cfg: DictConfig, trace: Any) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from those two objects, so the runtime is honoured by both without engine code o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -323,21 +323,25 @@ class RuntimeCompute:
 
 
 def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
-                  pageable_link: Any = None) -> tuple[Any, Any]:
+                  pageable: Callable[[], Any] | None = None) -> tuple[Any, Any]:
     """(link, compute) of a run under ``rt``; unchanged objects when the runtime adds nothing,
     so runs without a runtime (``runtime=none``) are bit-identical to before runtimes existed.
 
-    ``pageable_link`` is the hardware profile's pageable-memory link, used when the runtime
-    copies from pageable host memory."""
+    ``pageable`` builds the hardware profile's pageable-memory link (e.g.
+    ``lambda: profile.host_link_model("pageable")``); it is called only when the runtime copies
+    from pageable host memory, so other runs never build that link."""
     if rt is None or rt.is_none:
         return link, compute
     if link is not None:
         base = link
         if rt.host_memory == "pageable":
-            if pageable_link is None:
+            try:
+                base = pageable() if pageable is not None else None
+            except ProfileError:
+                base = None
+            if base is None:
                 raise ProfileError(f"runtime {rt.name!r} copies from pageable host memory, but "
                                    "the hardware profile has no host_link.pageable rate")
-            base = pageable_link
         tensors = int(rt.tensors_per_expert.value) if rt.tensors_per_expert.known else 1
         eff = float(rt.efficiency.value) if rt.efficiency.known else 1.0
         factor = card.num_experts / card.top_k if rt.whole_layer else 1.0

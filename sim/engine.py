@@ -347,12 +347,9 @@ class Simulation:
 
     def _borrow_staging(self) -> None:
         """Partitions short of a step's need borrow staging buffers as slots (CacheOptions)."""
-        total = self.shape.num_keys
         for p, layers in enumerate(self._layers_of_part):
             need = min(self._reserve_for(layers), len(layers) * self.shape.num_experts)
-            extra = min(self.copts.staging, max(0, need - self._caps[p]))
-            self._caps[p] += extra
-        self.staged_capacity = min(total, sum(self._caps))
+            self._caps[p] += min(self.copts.staging, max(0, need - self._caps[p]))
 
     def _setup(self, params: dict[str, Any], part: int | None) -> PolicySetup:
         layers = None if part is None else self._layers_of_part[part]

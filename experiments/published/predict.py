@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from moesim.hw_profiles import ProfileError, load_profile
+from moesim.hw_profiles import load_profile
 from moesim.hw_profiles.runtime import RuntimeProfile, apply_runtime, load_runtime
 from moesim.sim import capacity_slots, dense_layers_before, simulate
 from moesim.sim.hardware import host_side
@@ -151,14 +151,9 @@ def policy_of(entry: Entry, recall: float = 1.0) -> dict[str, Any]:
     smallest LRU a step runs in, see ``cache_setup``). A system's own speculative pre-loader
     finds the share ``recall`` of the next layer's experts (its runtime's ``prefetch.recall``;
     1: the oracle bound)."""
-    from moesim.policies.registry import EVICTION, discover
-
-    discover()
     eviction = "lru" if entry.policy == "none" else entry.policy
     if entry.policy == "moe_infinity":
         return {"name": "moe_infinity"}
-    if eviction not in EVICTION:
-        raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy")
     if entry.prefetch == "speculative" and recall < 1.0:
         return {"name": "speculative_prefetch", "eviction": eviction,
                 "point": "demand_issued", "lookahead": 1, "recall": recall}
@@ -187,7 +182,13 @@ def prepare(entry: Entry) -> Prepared:
 
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
-    policy_of(entry)  # an unknown policy is reported now, not at the first prediction
+    from moesim.policies.base import PolicyError
+    from moesim.policies.registry import resolve
+
+    try:  # an unknown policy is reported now, by the registry, not at the first prediction
+        resolve(policy_of(entry))
+    except PolicyError:
+        raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy") from None
     profile = load_profile(entry.hw)
     no_reuse = "none" in entry.cache
     if no_reuse:
@@ -216,17 +217,14 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
                  policy: dict[str, Any] | None = None) -> dict[str, Any]:
     """The summary of the prepared run under ``runtime`` (``policy``: another policy on the
     same setup, for what-if comparisons; default: the entry's own)."""
-    link = p.profile.expert_link()
-    compute = p.profile.compute_model(p.card)
-    try:
-        pageable = p.profile.host_link_model("pageable")
-    except ProfileError:  # a profile without a pageable rate
-        pageable = None
-    if p.link_scale != 1.0:
-        link = link.scaled_to_peak(link.peak_bandwidth_Bps * p.link_scale)
-        if pageable is not None:
-            pageable = pageable.scaled_to_peak(pageable.peak_bandwidth_Bps * p.link_scale)
-    link, compute = apply_runtime(runtime, link, compute, p.card, pageable)
+    def bus(link: Any) -> Any:  # the entry's PCIe generation (bus_scale)
+        if p.link_scale == 1.0:
+            return link
+        return link.scaled_to_peak(link.peak_bandwidth_Bps * p.link_scale)
+
+    link, compute = apply_runtime(runtime, bus(p.profile.expert_link()),
+                                  p.profile.compute_model(p.card), p.card,
+                                  lambda: bus(p.profile.host_link_model("pageable")))
     result = simulate(
         p.trace, policy or policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
         mode="timed", link=link, compute=compute, partition=p.partition,

@@ -110,7 +110,7 @@ def test_apply_runtime_reads_every_mechanism() -> None:
         "overhead": {"layer_s": _q(100, "us")}, "dequant": {"Bps": _q(100, "GB/s")},
     }, "t")
     pinned, pageable = FixedLink(bandwidth_Bps=25e9), FixedLink(bandwidth_Bps=10e9)
-    link, comp = apply_runtime(rt, pinned, FixedCompute(expert_s=1e-4), card, pageable)
+    link, comp = apply_runtime(rt, pinned, FixedCompute(expert_s=1e-4), card, lambda: pageable)
     assert link.base is pageable and link.swap_serial
     assert link.bytes_factor == card.num_experts / card.top_k
     assert link.tensors == 3 * 4  # every tensor of the whole block
@@ -134,7 +134,7 @@ def _run(engine: str, runtime: RuntimeProfile, **kw) -> dict:
     card = load_card("mixtral_8x7b")  # only its expert/top-k counts are read by the wrappers
     link, comp = apply_runtime(runtime, FixedLink(latency_s=5e-6, bandwidth_Bps=12e9),
                                FixedCompute(attention_s=2e-4, expert_s=1e-4), card,
-                               FixedLink(bandwidth_Bps=5e9))
+                               lambda: FixedLink(bandwidth_Bps=5e9))
     res = simulate(tr, kw.pop("policy", "lru"), capacity=kw.pop("capacity", 12), link=link,
                    compute=comp, engine=engine, staging=runtime.staging_buffers, **kw)
     return res.summary
