@@ -153,6 +153,7 @@ def build_result(sim: Simulation) -> RunResult:
         "sim_engine": getattr(sim, "engine_used", "python"),
     }
     summary.update(_placement_columns(sim, accesses))
+    summary.update(phase_times(sim.workload, c.step_times))
     per_request = per_request_table(sim.workload, c.step_times)
     summary.update(tpot_percentiles(per_request))
     view = getattr(sim, "predictions", None)
@@ -216,6 +217,36 @@ def _placement_columns(sim: Simulation, accesses: int) -> dict[str, Any]:
         "gate_mass_full": full,
         "gate_mass_low_precision": low,
         "gate_mass_skipped": skip,
+    }
+
+
+def phase_times(workload: Any, step_times: list[float] | None) -> dict[str, float]:
+    """Whole-request timing split by phase, so that a published tokens/s that includes the
+    prompt (or one of the prompt alone) is compared like for like.
+
+    A counted step that produces no output token is *prefill* (prompt chunks only); every
+    other counted step is *decode* (with continuous batching a step that also carries another
+    request's prompt chunk counts as decode: its time cannot be split). ``prefill_tokens`` are
+    the tokens the prefill steps process. Times are NaN without step durations (zero-latency
+    runs); with ``replay=decode`` there are no prefill steps and the decode figures equal
+    ``total_time_s`` and ``time_per_output_token_s``."""
+    w = workload
+    counted = np.asarray(w.counted, dtype=bool)
+    prefill = counted & (np.asarray(w.out_tokens) == 0)
+    decode = counted & ~prefill
+    out = int(np.asarray(w.out_tokens)[decode].sum())
+    p_tok = int(np.asarray(w.tokens)[prefill].sum())
+    if step_times is None or len(step_times) != w.num_steps:
+        p_t = d_t = math.nan
+    else:
+        t = np.asarray(step_times, dtype=np.float64)
+        p_t, d_t = float(t[prefill].sum()), float(t[decode].sum())
+    return {
+        "prefill_tokens": p_tok,
+        "prefill_time_s": p_t,
+        "prefill_tokens_per_s": _ratio(p_tok, p_t) if p_tok and p_t == p_t else math.nan,
+        "decode_time_s": d_t,
+        "decode_time_per_output_token_s": _ratio(d_t, out) if d_t == d_t else math.nan,
     }
 
 

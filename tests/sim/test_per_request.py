@@ -21,8 +21,8 @@ COMPUTE = FixedCompute(attention_s=1e-3, expert_s=3e-4)
 def _run(trace, **kw):
     cap = min(2 * trace.meta.top_k * kw.get("batch", 1) + 2,
               trace.meta.num_moe_layers * trace.meta.num_experts)
-    return simulate(trace, "lru", capacity=cap, link=LINK, compute=COMPUTE, engine="python",
-                    **kw)
+    kw.setdefault("engine", "python")
+    return simulate(trace, "lru", capacity=cap, link=LINK, compute=COMPUTE, **kw)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,3 +82,39 @@ def test_warmup_steps_are_not_charged() -> None:
     table = per_request_table(w, [10.0, 10.0, 1.0, 1.0, 1.0])
     assert table["output_tokens"].tolist() == [3]
     assert table["time_s"].tolist() == [3.0]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), tokens=st.integers(2, 6), batch=st.integers(1, 3),
+       prefill=st.integers(0, 3), chunk=st.integers(0, 2), seed=st.integers(0, 1000))
+def test_phase_split_adds_up_and_both_engines_agree(n, tokens, batch, prefill, chunk, seed):
+    """Whole-request timing: prefill and decode times add up to the run's time, prefill
+    tokens are the prompt tokens replayed in prompt-only steps, and the compiled engine gives
+    the same split (one function over both engines' step durations)."""
+    trace = random_trace(num_requests=n, tokens=tokens, layers=2, experts=6, top_k=2,
+                         seed=seed, prefill_tokens=min(prefill, tokens - 1))
+    runs = [_run(trace, batch=batch, replay="prefill", prefill_chunk=chunk, engine=e).summary
+            for e in ("python", "compiled")]
+    s = runs[0]
+    assert s["prefill_time_s"] + s["decode_time_s"] == pytest.approx(s["total_time_s"])
+    assert s["decode_time_per_output_token_s"] == pytest.approx(
+        s["decode_time_s"] / s["output_tokens"])
+    if batch == 1:  # no step mixes a prompt chunk with another request's decode token
+        assert s["prefill_tokens"] == n * min(prefill, tokens - 1)
+    for k in ("prefill_tokens", "prefill_time_s", "decode_time_s", "prefill_tokens_per_s",
+              "decode_time_per_output_token_s"):
+        assert runs[1][k] == pytest.approx(s[k], nan_ok=True), k
+
+
+def test_decode_replay_has_no_prefill_phase() -> None:
+    """``replay=decode`` (the default) replays no prompt step: the decode figures are the
+    run's own and the prefill ones are empty; zero-latency runs have no times at all."""
+    trace = random_trace(num_requests=2, tokens=5, layers=2, experts=6, top_k=2, seed=3,
+                         prefill_tokens=2)
+    s = _run(trace).summary
+    assert s["prefill_tokens"] == 0 and s["prefill_time_s"] == 0.0
+    assert math.isnan(s["prefill_tokens_per_s"])
+    assert s["decode_time_s"] == pytest.approx(s["total_time_s"])
+    assert s["decode_time_per_output_token_s"] == pytest.approx(s["time_per_output_token_s"])
+    z = simulate(trace, "lru", capacity=8, mode="zero_latency").summary
+    assert math.isnan(z["prefill_time_s"]) and math.isnan(z["decode_time_s"])
