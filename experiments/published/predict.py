@@ -44,6 +44,7 @@ MODEL_TRACES: dict[str, str] = {
 }
 MAX_TOKENS = 64  # decode tokens per request replayed (the trace's requests, up to this)
 MAX_REQUESTS = 4
+PROMPT_SEARCH = 64  # requests searched for recorded prompts (prefill entries)
 WARMUP = 8  # tokens per request that only warm a cache holding every expert
 RESERVE_GIB = 1.5  # CUDA context, activations and KV cache beside the weights (assumption)
 
@@ -89,12 +90,14 @@ class Prepared:
     warmup: int
     link_scale: float  # the entry's bus generation against the profile's (BUS_PINNED_BPS)
     no_reuse: bool = False  # cache: none -- nothing stays on the GPU from one token to the next
+    batch: int = 1  # requests decoded together (the entry's batch)
+    replay: str = "decode"  # "prefill": the entry times the prompt (phase prefill)
 
 
 @functools.cache
-def _trace(name: str) -> Trace:
-    """The named trace (its config group file, read without Hydra: this also runs inside
-    ``moesim-sim experiment=published``), first requests and tokens only."""
+def _read(name: str, requests: int) -> Trace:
+    """The named trace's first ``requests`` requests (its config group file, read without
+    Hydra: this also runs inside ``moesim-sim experiment=published``)."""
     from omegaconf import OmegaConf
 
     from moesim.experiments.configs import CONF_DIR
@@ -104,11 +107,39 @@ def _trace(name: str) -> Trace:
 
     node = OmegaConf.load(CONF_DIR / "trace" / f"{name}.yaml")
     try:
-        path = trace_file(str(node.path), node.get("format"))
-        trace = read(path, max_requests=MAX_REQUESTS)
+        return read(trace_file(str(node.path), node.get("format")), max_requests=requests)
     except TraceError as exc:
         raise NotPredictable(f"trace {name}: {exc}") from None
-    return trace.subset(MAX_REQUESTS, MAX_TOKENS + WARMUP)
+
+
+def _trace(name: str, requests: int = MAX_REQUESTS) -> Trace:
+    """The first ``requests`` requests of the named trace, their first tokens only."""
+    trace = _read(name, requests)
+    if len(trace.requests) < requests:
+        raise NotPredictable(f"batch {requests}: trace {name} has {len(trace.requests)} "
+                             "requests")
+    return trace.subset(requests, MAX_TOKENS + WARMUP)
+
+
+@functools.cache
+def _prompts(name: str, tokens: int) -> Trace:
+    """The trace's requests whose recorded prompt has at least ``tokens`` tokens, each cut to
+    its first ``tokens`` prompt tokens (at most ``MAX_REQUESTS`` of them, searched among the
+    first ``PROMPT_SEARCH`` requests): what a prefill entry with that input length replays."""
+    from moesim.traces.trace import PREFILL, RequestRouting
+
+    trace = _read(name, PROMPT_SEARCH)
+    out = []
+    for r in trace.requests:
+        if len(r.phase) >= tokens and (r.phase[:tokens] == PREFILL).all():
+            out.append(RequestRouting(len(out), r.experts[:tokens], r.phase[:tokens],
+                                      None if r.scores is None else r.scores[:tokens]))
+        if len(out) == MAX_REQUESTS:
+            break
+    if not out:
+        raise NotPredictable(f"no request of trace {name} has a recorded prompt of {tokens} "
+                             "tokens")
+    return Trace(trace.meta, out)
 
 
 def _non_expert_bytes(card: ModelCard) -> float:
@@ -169,13 +200,20 @@ def prepare(entry: Entry) -> Prepared:
     trace_name = MODEL_TRACES.get(entry.model)
     if trace_name is None:
         raise NotPredictable(f"no real routing trace of {entry.model} in this project")
-    if entry.phase != "decode":
-        raise NotPredictable(f"phase {entry.phase}: only decode is predicted so far")
-    if entry.batch != 1:
-        raise NotPredictable(f"batch {entry.batch}: only batch 1 is predicted so far")
+    if entry.phase == "request":
+        raise NotPredictable("phase request (prefill and decode in one figure): not predicted "
+                             "so far (the metrics have the split: prefill_time_s, "
+                             "decode_time_s)")
+    if entry.phase == "prefill" and entry.batch != 1:
+        raise NotPredictable(f"prefill at batch {entry.batch}: only batch 1 is predicted")
     if entry.placement != "fetch":
         raise NotPredictable(f"placement {entry.placement}: not predicted so far")
-    trace = _trace(trace_name)
+    if entry.phase == "prefill":
+        if not entry.input_tokens:
+            raise NotPredictable("prefill entry without an input length")
+        trace = _prompts(trace_name, int(entry.input_tokens))
+    else:
+        trace = _trace(trace_name, max(MAX_REQUESTS, entry.batch))
     card = load_card(entry.model).with_weights(
         entry.bits("experts"), entry.bits("attention"), entry.bits("shared"))
     from moesim.experiments.inputs import with_card_bytes
@@ -193,8 +231,9 @@ def prepare(entry: Entry) -> Prepared:
     no_reuse = "none" in entry.cache
     if no_reuse:
         trace = per_token_requests(trace)
+    replay = "prefill" if entry.phase == "prefill" else "decode"
     return Prepared(entry, trace, card, profile, capacity, partition, warmup,
-                    bus_scale(entry, profile), no_reuse)
+                    bus_scale(entry, profile), no_reuse, entry.batch, replay)
 
 
 def per_token_requests(trace: Trace) -> Trace:
@@ -222,13 +261,18 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
             return link
         return link.scaled_to_peak(link.peak_bandwidth_Bps * p.link_scale)
 
+    # A prompt is one step: a cache holding every expert (warm-up tokens elsewhere) starts
+    # full instead (a random fill of a cache with a slot for every expert is every expert).
+    prompt_only = p.replay == "prefill"
     link, compute = apply_runtime(runtime, bus(p.profile.expert_link()),
                                   p.profile.compute_model(p.card), p.card,
                                   lambda: bus(p.profile.host_link_model("pageable")))
     result = simulate(
         p.trace, policy or policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
         mode="timed", link=link, compute=compute, partition=p.partition,
-        warmup_tokens=p.warmup, seed=0, reset_per_request=p.no_reuse,
+        warmup_tokens=0 if prompt_only else p.warmup, seed=0, reset_per_request=p.no_reuse,
+        batch=p.batch, prefill="random" if prompt_only and p.warmup else "empty",
+        replay=p.replay,  # type: ignore[arg-type]
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
         host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
     )
@@ -236,8 +280,13 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
 
 
 def predict_s_per_token(p: Prepared, runtime: RuntimeProfile) -> float:
-    """Predicted seconds per output token of the prepared run under ``runtime``."""
-    return float(run_prepared(p, runtime)["time_per_output_token_s"])
+    """Predicted seconds per token of the prepared run under ``runtime``: per output token
+    (decode; with a batch, the step time over the batch's tokens, i.e. 1 / throughput), or
+    per prompt token (phase prefill: the prompt as one chunk)."""
+    s = run_prepared(p, runtime)
+    if p.replay == "prefill":
+        return 1.0 / float(s["prefill_tokens_per_s"])
+    return float(s["time_per_output_token_s"])
 
 
 def as_metric(entry: Entry, s_per_token: float) -> float:

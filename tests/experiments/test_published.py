@@ -180,3 +180,39 @@ def test_findings_depend_on_the_runtime_as_the_page_says() -> None:
     assert (none >= 2.0).all() and (hqq < none).all() and (hqq.between(1.4, 1.8)).all()
     assert (perfect.xs("none", level="runtime") < 1.10).all()
     assert (perfect.xs("hqq_offload", level="runtime").between(1.35, 1.65)).all()
+
+
+@pytest.mark.shared
+def test_prefill_entries_replay_recorded_prompts_only() -> None:
+    """A prefill entry replays the trace's recorded prompts cut to its input length, as one
+    step each, and is predicted from the prompt's time alone (prefill_tokens_per_s); a
+    batch larger than the trace's requests is refused, never padded with invented ones."""
+    from tests.traces.fixtures import require_shared
+
+    require_shared("mixtral8x7b_speculative-moe")
+    from dataclasses import replace
+
+    from moesim.experiments.published.predict import (
+        NotPredictable,
+        predict_s_per_token,
+        prepare,
+        run_prepared,
+    )
+    from moesim.traces.trace import PREFILL
+
+    entries = {e.id: e for e in load_entries(runtimes=list_runtimes())}
+    e = entries["lcpp1017_a100_prefill"]
+    p = prepare(e)
+    assert p.replay == "prefill"
+    assert all(len(r.phase) == e.input_tokens and (r.phase == PREFILL).all()
+               for r in p.trace.requests)
+    s = run_prepared(p, load_runtime("none"))
+    assert s["prefill_tokens"] == e.input_tokens * len(p.trace.requests)
+    assert s["steps"] == len(p.trace.requests) and s["output_tokens"] == 0
+    assert s["hit_rate"] == 1.0  # cache: all -- every expert resident from the start
+    assert predict_s_per_token(p, load_runtime("none")) == pytest.approx(
+        s["prefill_time_s"] / s["prefill_tokens"])
+    with pytest.raises(NotPredictable, match="recorded prompt of 100000 tokens"):
+        prepare(replace(e, input_tokens=100000))
+    with pytest.raises(NotPredictable, match="batch 64: trace mixtral_8x7b has"):
+        prepare(replace(entries["mo_t2_a100_2bit_full"], batch=64))
