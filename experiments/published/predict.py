@@ -15,9 +15,15 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
 - ``prefetch: speculative`` (a system's own next-layer guess) and ``oracle`` are the perfect
   next-layer prefetch issued right behind the layer's demand copies: an upper bound on what
   a speculative pre-loader achieves;
-- decode tokens of the trace's requests, at most ``MAX_TOKENS`` each; the predicted time per
-  output token is the run's ``time_per_output_token_s``; tokens/s is its inverse, a speed-up
-  the ratio of two entries' predictions.
+- decode tokens of the trace's requests, at most ``MAX_TOKENS`` each, ``max(MAX_REQUESTS,
+  batch)`` requests decoded ``batch`` at a time (an entry whose batch exceeds the trace's
+  requests is not predictable); the predicted time per output token is the run's
+  ``time_per_output_token_s`` (with a batch: step time over the batch's tokens), tokens/s its
+  inverse (a throughput), a speed-up the ratio of two entries' predictions;
+- ``phase: prefill``: the trace's recorded prompts of at least ``input_tokens`` tokens, cut to
+  that length, each one step (``replay=prefill``); tokens/s is the run's
+  ``prefill_tokens_per_s``. ``phase: request`` (prompt and generation in one figure) is not
+  predicted yet.
 """
 
 from __future__ import annotations
