@@ -14,6 +14,7 @@ from .link import LinkModel
 from .profile import HwProfile, load_profile
 from .schema import Quantity
 
+_URL = re.compile(r"https?://(?:www\.)?([^/\s;,)]+)")
 _SOURCE_ID = re.compile(r"\bS\d+\b")
 
 
@@ -103,9 +104,15 @@ def _gbps(q: Quantity) -> str:
 
 def _cite(q: Quantity) -> str:
     ids = sorted(set(_SOURCE_ID.findall(q.source)), key=lambda s: int(s[1:]))
-    where = ", ".join(ids) if ids else (
-        "moesim-profile" if q.source.startswith("moesim-profile") or "; moesim-profile" in q.source
-        else "notes")
+    url = _URL.search(q.source)
+    if ids:
+        where = ", ".join(ids)
+    elif q.source.startswith("moesim-profile") or "; moesim-profile" in q.source:
+        where = "moesim-profile"
+    elif url:  # a figure sourced straight from a page: its site, not a vague "notes"
+        where = url.group(1)
+    else:
+        where = "notes"
     return f"{q.kind}; {where}"
 
 

@@ -419,3 +419,15 @@ def test_table_cites_moesim_profile(tmp_path: Path) -> None:
 
     row = markdown_table([_storage(tmp_path)]).splitlines()[-1]
     assert "`fake_vm`" in row and "(measured; moesim-profile)" in row and "fakedisk" in row
+
+
+def test_table_cites_a_pages_site_not_notes() -> None:
+    """A figure sourced straight from a web page names its site; only a figure with neither a
+    source id, the profiler nor a URL is cited as the notes."""
+    from moesim.hw_profiles.report import _cite
+    from moesim.hw_profiles.schema import Quantity
+
+    assert _cite(Quantity(1, "spec", "NVIDIA datasheet, https://www.nvidia.com/x.pdf")) == (
+        "spec; nvidia.com")
+    assert _cite(Quantity(1, "spec", "S12 and https://a.org/b")) == "spec; S12"
+    assert _cite(Quantity(1, "estimate", "an educated guess")) == "estimate; notes"
