@@ -617,7 +617,10 @@ def _run(prep: _Prepared, outdir: Path | None, digest: str | None = None) -> pd.
         raise InputError(str(exc)) from None
     if prep.trace_name is not None:
         row["trace.name"] = prep.trace_name
-    if outdir is not None:
-        sim_app.write_outputs(result, row, outdir)
+    if outdir is not None:  # as moesim-sim writes: all outputs, or on a failure none of them
+        failed = sim_app.write_run(result, row, outdir)
+        if failed is not None:
+            write_status(outdir, "failed", failed)
+            raise InputError(failed)
         write_status(outdir, "done")
     return pd.DataFrame([{**row, **result.summary}])

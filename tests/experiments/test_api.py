@@ -133,6 +133,25 @@ def test_outdir_gets_the_apps_files(trace_file: Path, tmp_path: Path) -> None:
     assert '"done"' in (tmp_path / "run" / "status.json").read_text()
 
 
+def test_outdir_write_failure_leaves_no_table(trace_file: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that fails half-way (disk full) keeps none of the run's tables, as moesim-sim
+    does: an InputError naming the folder, status failed, nothing to mistake for a result."""
+    from moesim.experiments import sim_app
+
+    real = sim_app.write_outputs
+
+    def half(result, row, outdir):  # type: ignore[no-untyped-def]
+        real(result, row, outdir)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sim_app, "write_outputs", half)
+    with pytest.raises(moesim.InputError, match="No space left on device; none kept"):
+        moesim.simulate(trace_file, "lru", cache=0.2, outdir=tmp_path / "run", **FAST)
+    assert not list((tmp_path / "run").glob("*.parquet"))
+    assert '"failed"' in (tmp_path / "run" / "status.json").read_text()
+
+
 def test_sweep_is_the_grid_in_order(trace_file: Path) -> None:
     table = moesim.sweep(trace_file, ["lru", "belady"], cache=[0.1, 0.5], mode="zero_latency",
                          **FAST)
