@@ -18,10 +18,10 @@ import pandas as pd
 from moesim.predictors.baselines import fit_frequency, rank_frequency, rank_recency
 from moesim.predictors.data import PredictorError, TraceData, file_digest, load_data, split_requests
 from moesim.predictors.metrics import MetricSpec, evaluate
+from moesim.predictors.registry import Ranking, get_method, register_method
 from moesim.traces.predictions import PredictionWriter, trace_identity
 from moesim.traces.store import atomic_path
 
-METHODS = ("pre_attention", "speculation", "moe_beyond", "frequency", "recency")
 FEATURE_AVAILABLE_AT = {
     "pre_attn": "pre_attention:same_layer",  # layer l's input norm, before attention
     "router_in": "routed:same_layer",  # the router's own input: no lead time
@@ -299,52 +299,24 @@ def write_predictions(
 
 def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
     """Fit ``cfg.method`` on the train split and evaluate it on ``cfg.eval_parts``."""
-    if cfg.method not in METHODS:
-        raise PredictorError(f"unknown predictor {cfg.method!r} (known: {', '.join(METHODS)})")
+    method = get_method(cfg.method)
     if cfg.predict_requests not in ("all", "test"):
         raise PredictorError("predictions.requests must be 'all' or 'test'")
-    learned = cfg.method == "pre_attention"
-    torch_method = learned or cfg.method in ("speculation", "moe_beyond")
-    if learned and cfg.feature not in FEATURE_AVAILABLE_AT:
-        raise PredictorError(
-            f"feature {cfg.feature!r}: pre_attention supports {sorted(FEATURE_AVAILABLE_AT)}"
-        )
-    if not torch_method and (cfg.model or cfg.train):
+    if not method.takes_params and (cfg.model or cfg.train):
         raise PredictorError(f"{cfg.method} takes no model or train parameters")
-    feature = cfg.feature if learned else None
-    if cfg.method == "moe_beyond":
-        if not Path(cfg.trace).is_file():
-            raise PredictorError(f"trace file not found: {cfg.trace}")
-        vec = moe_beyond_vector(cfg)
-        feature = None if vec == "text" else vec
-    data = load_data(cfg.trace, feature)
+    if method.reads_trace_file and not Path(cfg.trace).is_file():
+        raise PredictorError(f"trace file not found: {cfg.trace}")
+    data = load_data(cfg.trace, method.feature(cfg) if method.feature else None)
     meta = data.trace.meta
     rows = data.rows
     if len(rows) == 0:
         raise PredictorError(f"{cfg.trace}: trace has no rows")
     split = split_requests([r.request_id for r in data.trace.requests], cfg.split, cfg.split_seed)
     train, val = rows.mask(split.train), rows.mask(split.val)
-    model_path = None
-    scored = np.ones(len(rows), dtype=bool)  # rows with a prediction (speculation: layer >= h)
-    t0 = time.perf_counter()
-    if cfg.method == "speculation":
-        ranked, scored, seconds, cached, model_path, available_at = _rank_speculation(
-            cfg, data, train, val, log
-        )
-    elif cfg.method == "moe_beyond":
-        ranked, seconds, cached, model_path, available_at = _rank_moe_beyond(
-            cfg, data, train, val, log
-        )
-    elif learned:
-        ranked, seconds, cached, model_path = _rank_pre_attention(cfg, data, train, val, log)
-        available_at = FEATURE_AVAILABLE_AT[cfg.feature]
-    else:
-        table = fit_frequency(rows, train, meta.num_moe_layers, meta.num_experts)
-        everything = np.ones(len(rows), dtype=bool)
-        rank = rank_frequency if cfg.method == "frequency" else rank_recency
-        ranked = rank(table, rows, everything)
-        seconds, cached = time.perf_counter() - t0, False
-        available_at = BASELINE_AVAILABLE_AT[cfg.method]
+    r = method.fn(cfg, data, train, val, log)
+    ranked, seconds, cached, model_path = r.ranked, r.seconds, r.cached, r.model_path
+    available_at = r.available_at
+    scored = r.scored if r.scored is not None else np.ones(len(rows), dtype=bool)
     spec = MetricSpec(meta.num_experts, meta.top_k, tuple(cfg.overprov))
     records = []
     for part in cfg.eval_parts:
@@ -377,3 +349,57 @@ def run(cfg: RunConfig, log: Callable[[str], None] = print) -> RunOutput:
         metrics, out_path, available_at, seconds, cached,
         {"train": split.train, "val": split.val, "test": split.test}, model_path,
     )
+
+
+# --- the shipped methods (plugins add theirs with the same decorator) -------------------------
+
+
+def _pre_attention_feature(cfg: RunConfig) -> str:
+    if cfg.feature not in FEATURE_AVAILABLE_AT:
+        raise PredictorError(
+            f"feature {cfg.feature!r}: pre_attention supports {sorted(FEATURE_AVAILABLE_AT)}")
+    return cfg.feature
+
+
+def _moe_beyond_feature(cfg: RunConfig) -> str | None:
+    vec = moe_beyond_vector(cfg)
+    return None if vec == "text" else vec
+
+
+@register_method("pre_attention", takes_params=True, feature=_pre_attention_feature)
+def _pre_attention(cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray,
+                   log: Callable[[str], None]) -> Ranking:
+    ranked, seconds, cached, path = _rank_pre_attention(cfg, data, train, val, log)
+    return Ranking(ranked, FEATURE_AVAILABLE_AT[cfg.feature], seconds, cached, path)
+
+
+@register_method("speculation", takes_params=True)
+def _speculation(cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray,
+                 log: Callable[[str], None]) -> Ranking:
+    ranked, scored, seconds, cached, path, available_at = _rank_speculation(
+        cfg, data, train, val, log)
+    return Ranking(ranked, available_at, seconds, cached, path, scored)
+
+
+@register_method("moe_beyond", takes_params=True, reads_trace_file=True,
+                 feature=_moe_beyond_feature)
+def _moe_beyond(cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray,
+                log: Callable[[str], None]) -> Ranking:
+    ranked, seconds, cached, path, available_at = _rank_moe_beyond(cfg, data, train, val, log)
+    return Ranking(ranked, available_at, seconds, cached, path)
+
+
+def _baseline(name: str) -> Callable[..., Ranking]:
+    def fn(cfg: RunConfig, data: TraceData, train: np.ndarray, val: np.ndarray,
+           log: Callable[[str], None]) -> Ranking:
+        t0 = time.perf_counter()
+        meta, rows = data.trace.meta, data.rows
+        table = fit_frequency(rows, train, meta.num_moe_layers, meta.num_experts)
+        rank = rank_frequency if name == "frequency" else rank_recency
+        ranked = rank(table, rows, np.ones(len(rows), dtype=bool))
+        return Ranking(ranked, BASELINE_AVAILABLE_AT[name], time.perf_counter() - t0)
+    return fn
+
+
+for _name in ("frequency", "recency"):
+    register_method(_name)(_baseline(_name))

@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from moesim.experiments.paths import register_resolvers, sweep_workers_die_with_parent
+from moesim.plugins import PluginError, load_plugins
 from moesim.predictors.data import PredictorError
 from moesim.predictors.metrics import format_table
 from moesim.predictors.pipeline import RunConfig, RunOutput, run
@@ -94,8 +95,9 @@ def report(out: RunOutput, name: str, part: str = "test") -> str:
 def _hydra_main(cfg: DictConfig) -> float | None:
     outdir = Path(HydraConfig.get().runtime.output_dir)
     try:
+        load_plugins(cfg.get("plugins") or ())  # methods a plugin registers (registry.py)
         out = run(run_config(cfg, outdir))
-    except (PredictorError, TraceError) as exc:
+    except (PredictorError, TraceError, PluginError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     outdir.mkdir(parents=True, exist_ok=True)

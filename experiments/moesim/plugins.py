@@ -15,8 +15,8 @@ policy through :func:`moesim.policies.registry.discover` and starts its run with
   A policy, placement or importer entry point names a module (or an object in one):
   loading it imports the module, whose ``@register_eviction`` / ``@register_prefetch`` /
   ``@register_placement`` / ``traces.importers.register`` decorators add its classes
-  (``moesim.predictors`` modules are imported as well, but predictors/pipeline.py has no
-  registry of training methods yet, so they can add policies, not methods). A
+  (a ``moesim.predictors`` module adds ``moesim-train`` methods with
+  ``moesim.predictors.registry.register_method``). A
   ``moesim.hw_profiles`` or ``moesim.runtimes`` entry point names a package: its folder's
   ``*.yaml`` files are profiles (``hw=<file stem>``, ``runtime=<file stem>``).
 - the run option ``plugins=[module, ...]`` (``moesim-sim plugins=[my_pkg.policies]``,

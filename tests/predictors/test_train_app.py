@@ -28,9 +28,9 @@ def test_every_predictor_config_composes(name, tmp_path):
     trace.write_bytes(b"")
     cfg = _cfg([f"predictor={name}", f"trace.path={trace}"])
     rc = run_config(cfg, tmp_path)
-    from moesim.predictors.pipeline import METHODS
+    from moesim.predictors.registry import methods
 
-    assert rc.method in METHODS
+    assert rc.method in methods()
     assert rc.predictions == tmp_path / "predictions.parquet"
     if name == "pre_attention_silu":
         assert rc.model["arch"] == "silu" and rc.model["hidden"] == 2048
@@ -77,3 +77,47 @@ def test_app_baseline_and_bad_input(tmp_path):
     bad = _app(f"trace.path={junk}", "predictor=frequency", f"hydra.run.dir={tmp_path / 'c'}")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "Traceback" not in bad.stderr
+
+
+PLUGIN_METHOD = '''
+import numpy as np
+
+from moesim.predictors.registry import Ranking, register_method
+
+
+@register_method("reverse_id")
+def reverse_id(cfg, data, train, val, log):
+    """Every row ranks the experts by descending id: a method the project does not ship."""
+    n, e = len(data.rows), data.trace.meta.num_experts
+    ranked = np.tile(np.arange(e - 1, -1, -1, dtype=np.int16), (n, 1))
+    return Ranking(ranked, "static:any_layer")
+'''
+
+
+def test_a_plugin_adds_a_training_method(tmp_path):
+    """A module given as ``plugins=[...]`` registers a method that ``moesim-train`` runs and
+    labels; an unknown method still names the known ones, the plugin's included."""
+    import os
+
+    from moesim.traces.collect.embedded import ensure_embedded_trace
+
+    (tmp_path / "my_methods.py").write_text(PLUGIN_METHOD)
+    trace = ensure_embedded_trace(limit=8)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+
+    def app(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "moesim.predictors.train_app", *args],
+                              capture_output=True, text=True, timeout=300, env=env,
+                              cwd=Path(__file__).parents[2])
+
+    out = tmp_path / "r"
+    res = app("predictor=frequency", "predictor.method=reverse_id", "plugins=[my_methods]",
+              f"trace.path={trace}", f"hydra.run.dir={out}")
+    assert res.returncode == 0, res.stderr
+    meta = read_predictions_meta(out / "predictions.parquet")
+    assert meta["predictor"] == "reverse_id" and meta["available_at"] == "static:any_layer"
+    bad = app("predictor=frequency", "predictor.method=nope", "plugins=[my_methods]",
+              f"trace.path={trace}", f"hydra.run.dir={tmp_path / 'b'}")
+    assert bad.returncode == 2
+    line, = bad.stderr.strip().splitlines()
+    assert "unknown predictor 'nope'" in line and "reverse_id" in line
