@@ -632,6 +632,23 @@ def iter_requests(
         raise TraceError(f"cannot read rows ({exc})", file=path) from None
 
 
+def iter_request_chunks(
+    path: str | Path, requests_per_chunk: int, *, batch_rows: int = DEFAULT_BATCH_ROWS,
+    max_requests: int | None = None,
+) -> Iterator[list[RequestRouting]]:
+    """The trace's requests in file order, ``requests_per_chunk`` at a time (the last chunk
+    may be shorter), so that a streamed replay (``sim.stream``) holds one chunk, never the
+    file; ``max_requests``: stop after that many."""
+    if requests_per_chunk < 1:
+        raise TraceError(f"requests per chunk must be >= 1, got {requests_per_chunk}",
+                         file=path)
+    reqs: Iterator[RequestRouting] = iter_requests(path, batch_rows=batch_rows)
+    if max_requests is not None:
+        reqs = islice(reqs, max(0, int(max_requests)))
+    while chunk := list(islice(reqs, int(requests_per_chunk))):
+        yield chunk
+
+
 def load_trace(path: str | Path, max_requests: int | None = None,
                requests: Iterable[int] | None = None) -> Trace:
     """Load a whole trace (or its first ``max_requests`` requests, of ``requests`` if given)
