@@ -27,6 +27,24 @@ scales the weight bytes by ``bits / (card dtype bits)``. The arithmetic is uncha
 dequantised to the compute type), so a compute-bound expert gains nothing. With a measured
 table (taken at the card's dtype) the part above the fixed overhead is scaled by the roofline's
 ratio ``roofline(bits) / roofline(card dtype)`` at that token count.
+
+Runtime CPU kernels (``cpu_kernels`` of a runtime profile, :class:`CpuKernels`): what a
+runtime's own expert kernel achieves per weight dtype on this host. The host section lists the
+CPU's instruction sets (``isa``: avx2, avx512f, avx512_bf16, avx512_vnni, amx, ...); the runtime
+gives, per dtype class (``int4`` up to 6.6 bits per weight: k-quants, Q4_0, GPTQ/AWQ groups;
+``int8`` up to 8.5; ``bf16`` (fp16 too) up to 16; ``fp32``), the kernel's arithmetic
+throughput as a factor of the host's effective FLOP/s (``<dtype>``, or ``<dtype>_on_<isa>``
+where the host has that ISA: bf16 with AVX512-BF16 or AMX, int8 with VNNI) and, where the
+kernel converts the weights to its compute type once per call (PyTorch's bf16 upconverted to
+fp32 on a CPU without AVX512-BF16), the conversion rate ``<dtype>_dequant_Bps`` of the packed
+bytes. One expert then takes::
+
+    overhead + max(packed bytes / bandwidth,
+                   packed bytes / dequant_Bps + 2 x tokens x params / (FLOP/s x factor))
+
+memory-bound at one token at the dtype's bytes, compute-bound with tokens at the kernel's rate
+(the crossover with fetching moves with it). Without runtime kernels the plain roofline above
+runs unchanged.
 """
 
 from __future__ import annotations
@@ -41,11 +59,75 @@ from .compute import MeasuredTable, _anchored, parse_measured_table
 from .schema import Ctx, Quantity, as_mapping, as_str, quantity, reject_unknown
 
 HOST_CPU_KEYS = frozenset({
-    "cpu", "cores", "parallel", "memory_bandwidth_Bps", "memory_bandwidth_measured_Bps",
+    "cpu", "isa", "cores", "parallel", "memory_bandwidth_Bps", "memory_bandwidth_measured_Bps",
     "memory_efficiency", "flops", "flops_measured", "flops_efficiency", "per_expert_overhead_s",
     "measured", "notes",
 })
 TABLE_KEYS = frozenset({"expert_s", "notes", "measured_at"})
+# Instruction sets a host may list (``host_cpu.isa``) and a runtime kernel may need.
+ISAS = ("sse4", "avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx", "neon", "sve")
+# Weight dtype classes of CPU kernels, by the most bits per weight each serves.
+DTYPE_CLASSES: tuple[tuple[str, float], ...] = (("int4", 6.6), ("int8", 8.5), ("bf16", 16.0),
+                                                ("fp32", 32.0))
+
+
+def dtype_class(bits: float) -> str:
+    """The CPU-kernel dtype class of weights stored at ``bits`` per weight."""
+    for name, top in DTYPE_CLASSES:
+        if bits <= top + 1e-9:
+            return name
+    raise ValueError(f"bits per weight must be in (0, 32], got {bits}")
+
+
+@dataclass(frozen=True)
+class Isa:
+    """The host CPU's instruction sets, with provenance (``host_cpu.isa``)."""
+
+    flags: tuple[str, ...] = ()
+    kind: str = "estimate"
+    source: str = ""
+
+
+@dataclass(frozen=True)
+class CpuKernels:
+    """A runtime's CPU expert kernels (``cpu_kernels`` of a runtime YAML): per dtype class a
+    throughput factor of the host's effective FLOP/s (``rates[dtype]``, or the fastest
+    ``rates[f"{dtype}_on_{isa}"]`` whose ``isa`` the host has) and an optional per-call
+    conversion rate (``rates[f"{dtype}_dequant_Bps"]``, bytes/s of packed weights).
+    ``needs``: the ISA every kernel here needs (a host without it is an error)."""
+
+    runtime: str
+    rates: Mapping[str, Quantity] = field(default_factory=dict)
+    needs: str | None = None
+
+    def select(self, bits: float, isa: tuple[str, ...]) -> tuple[float, float | None, str]:
+        """(FLOP/s factor, conversion bytes/s or None, label) of the kernel for ``bits`` per
+        weight on a host with ``isa``; a dtype the runtime gives no kernel for runs at the
+        host's own roofline (factor 1, no conversion)."""
+        cls = dtype_class(bits)
+        # the runtime's best path on this host: the fastest variant for an ISA it has
+        variants = [self.rates[f"{cls}_on_{i}"] for i in isa if f"{cls}_on_{i}" in self.rates]
+        variants = [v for v in variants if v.known]
+        q = (max(variants, key=lambda v: float(v.value)) if variants
+             else self.rates.get(cls))
+        deq = self.rates.get(f"{cls}_dequant_Bps")
+        deq_v = float(deq.value) if deq is not None and deq.known else None
+        if q is None or not q.known:
+            return 1.0, deq_v, f"{cls}: no {self.runtime} kernel, host roofline"
+        where = q.field.rsplit(".", 1)[-1]
+        text = f"{where} x{float(q.value):.3g} FLOP/s ({q.kind})"
+        if deq_v is not None:
+            text += f" + conversion at {deq_v / 1e9:.3g} GB/s ({deq.kind})"  # type: ignore[union-attr]
+        return float(q.value), deq_v, text
+
+    def check_host(self, isa: Isa, where: str) -> None:
+        """A host must list its ISA and have the one the kernels need."""
+        if not isa.flags:
+            raise ValueError(f"{where}: runtime {self.runtime!r} has CPU kernels, but the host "
+                             "lists no instruction sets (host_cpu.isa)")
+        if self.needs is not None and self.needs not in isa.flags:
+            raise ValueError(f"{where}: runtime {self.runtime!r}'s CPU kernels need "
+                             f"{self.needs}; the host lists {list(isa.flags)}")
 
 
 @dataclass(frozen=True)
@@ -73,6 +155,7 @@ class HostCpuSpec:
     measured: Mapping[str, MeasuredTable] = field(default_factory=dict, compare=False)
     notes: str = ""
     profile: str = field(default="", compare=False)
+    isa: Isa = field(default_factory=Isa)
 
     @property
     def effective_memory_bandwidth_Bps(self) -> float:
@@ -99,6 +182,7 @@ class HostCpuSpec:
             measured=used,
             source=self._source(card, used, skipped),
             skipped=skipped,
+            isa=self.isa.flags,
         )
 
     def _source(self, card: ModelCard, table: MeasuredTable | None, skipped: str) -> str:
@@ -138,6 +222,8 @@ class HostCpuModel:
     measured: MeasuredTable | None = None
     source: str = ""
     skipped: str = ""
+    isa: tuple[str, ...] = ()
+    kernels: CpuKernels | None = None  # a runtime's CPU kernels (``with_kernels``)
 
     def __post_init__(self) -> None:
         if not (self.memory_bandwidth_Bps > 0 and self.flops > 0):
@@ -157,6 +243,31 @@ class HostCpuModel:
         """Bytes of ``tokens`` hidden vectors in the card's dtype: what crosses the link each
         way when an expert runs on the host (weights stay put)."""
         return int(max(tokens, 0) * self.card.hidden_size * self.card.dtype_bytes)
+
+    def with_kernels(self, kernels: CpuKernels | None, where: str = "host_cpu"
+                     ) -> HostCpuModel:
+        """This host under a runtime's CPU kernels (``None``: unchanged). The kernels replace
+        the roofline and any measured table (taken without the runtime's kernels)."""
+        if kernels is None:
+            return self
+        from dataclasses import replace
+
+        kernels.check_host(Isa(self.isa), where)
+        _, _, label = kernels.select(self.card_bits, self.isa)
+        return replace(self, kernels=kernels, measured=None,
+                       source=f"{self.source}; {kernels.runtime} CPU kernels: {label}")
+
+    def kernel_time(self, tokens: float, bits: float) -> float:
+        """One execution under the runtime's kernels, without the overhead: memory-bound at
+        the dtype's packed bytes, compute-bound at the kernel's rate plus its conversion."""
+        assert self.kernels is not None
+        factor, deq, _ = self.kernels.select(bits, self.isa)
+        share = 1.0 / self.parallel
+        nbytes = self.card.expert_params * bits / 8
+        work = 2.0 * tokens * self.card.expert_params / (self.flops * factor * share)
+        if deq is not None:
+            work += nbytes / (deq * share)
+        return max(nbytes / (self.memory_bandwidth_Bps * share), work)
 
     def _bits(self, bits: int | None) -> float:
         if bits is None:
@@ -178,6 +289,8 @@ class HostCpuModel:
         """One routed expert's FFN over ``tokens`` tokens on the host, weights at ``bits``."""
         if tokens <= 0:
             return 0.0
+        if self.kernels is not None:
+            return self.overhead_s + self.kernel_time(tokens, self._bits(bits))
         low = self.roofline(tokens, bits)
         pts = self.measured.expert_s.value if self.measured is not None else None
         if pts is None:
@@ -248,12 +361,56 @@ def parse_host_cpu(ctx: Ctx, data: Mapping[str, Any], profile: str = "") -> Host
     if q["parallel"].value > q["cores"].value:
         raise ctx.sub("parallel").sub("value").error(
             f"cannot exceed cores ({q['cores'].value})", q["parallel"].value)
+    isa = parse_isa(ctx.sub("isa"), data.get("isa"))
     measured_raw = as_mapping(ctx.sub("measured"), data.get("measured")) or {}
     measured = {str(card): _table(ctx.sub("measured").sub(str(card)), str(card), table)
                 for card, table in measured_raw.items()}
     return HostCpuSpec(cpu=as_str(ctx.sub("cpu"), data.get("cpu"), required=True),
                        measured=measured, notes=as_str(ctx.sub("notes"), data.get("notes")),
-                       profile=profile, **q)
+                       profile=profile, isa=isa, **q)
 
 
-__all__ = ["HostCpuModel", "HostCpuSpec", "parse_host_cpu"]
+def parse_isa(ctx: Ctx, raw: Any) -> Isa:
+    """``isa: {value: [avx2, ...], kind, source}`` (absent: unknown, no runtime kernels)."""
+    if raw is None:
+        return Isa()
+    data = as_mapping(ctx, raw)
+    assert data is not None
+    reject_unknown(ctx, data, {"value", "kind", "source"})
+    flags = data.get("value")
+    if (not isinstance(flags, list) or not flags
+            or any(not isinstance(f, str) or f not in ISAS for f in flags)):
+        raise ctx.sub("value").error(f"must be a non-empty list of {list(ISAS)}", flags)
+    kind = as_str(ctx.sub("kind"), data.get("kind"), required=True)
+    return Isa(tuple(flags), kind, as_str(ctx.sub("source"), data.get("source"), required=True))
+
+
+CPU_KERNEL_DIMS = {"": "factor", "_dequant_Bps": "Bps"}
+
+
+def parse_cpu_kernels(ctx: Ctx, data: Mapping[str, Any], runtime: str) -> CpuKernels:
+    """A runtime's ``cpu_kernels`` mapping: ``needs`` (an ISA), and per dtype class
+    ``<dtype>`` / ``<dtype>_on_<isa>`` (factor of the host's FLOP/s) and
+    ``<dtype>_dequant_Bps``; anything else is an error naming the key."""
+    needs = data.get("needs")
+    if needs is not None and needs not in ISAS:
+        raise ctx.sub("needs").error(f"must be one of {list(ISAS)}", needs)
+    allowed: dict[str, str] = {}
+    for cls, _ in DTYPE_CLASSES:
+        allowed[cls] = "factor"
+        allowed[f"{cls}_dequant_Bps"] = "Bps"
+        allowed.update({f"{cls}_on_{i}": "factor" for i in ISAS})
+    rates: dict[str, Quantity] = {}
+    for key, raw in data.items():
+        if key in ("needs", "notes"):
+            continue
+        if key not in allowed:
+            raise ctx.sub(str(key)).error(
+                "unknown CPU kernel key (expected needs, notes, <dtype>, <dtype>_on_<isa> or "
+                f"<dtype>_dequant_Bps with dtype one of {[c for c, _ in DTYPE_CLASSES]})")
+        rates[key] = quantity(ctx.sub(key), raw, allowed[key], required=True)
+    return CpuKernels(runtime, rates, needs)
+
+
+__all__ = ["CpuKernels", "HostCpuModel", "HostCpuSpec", "Isa", "dtype_class",
+           "parse_cpu_kernels", "parse_host_cpu"]

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .host_cpu import CpuKernels, parse_cpu_kernels
 from .schema import (
     Ctx,
     ProfileError,
@@ -51,6 +52,11 @@ FITTABLE: dict[str, str] = {
     "copy.per_copy_s": "s",
     "copy.efficiency": "ratio",
     "prefetch.recall": "ratio",
+    # a CPU kernel's throughput per dtype class, x the host's FLOP/s (``cpu_kernels``)
+    "cpu_kernels.int4": "factor",
+    "cpu_kernels.int8": "factor",
+    "cpu_kernels.bf16": "factor",
+    "cpu_kernels.fp32": "factor",
 }
 _ATTR = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
          "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
@@ -86,6 +92,9 @@ class RuntimeProfile:
     recall: Quantity = field(default_factory=lambda: missing("prefetch.recall"))
     fit: tuple[str, ...] = ()
     notes: str = ""
+    # the runtime's host-CPU expert kernels per weight dtype (``host_cpu.CpuKernels``); they
+    # change only CPU-placed experts (``apply_runtime_cpu``), never the link or the GPU
+    cpu_kernels: CpuKernels | None = None
 
     @property
     def is_none(self) -> bool:
@@ -109,6 +118,9 @@ class RuntimeProfile:
         return float(self.recall.value) if self.recall.known else 1.0
 
     def quantity(self, name: str) -> Quantity:
+        if name.startswith("cpu_kernels.") and name in FITTABLE:
+            rates = self.cpu_kernels.rates if self.cpu_kernels is not None else {}
+            return rates.get(name.split(".", 1)[1]) or missing(name)
         attr = _ATTR.get(name)
         if attr is None:
             raise KeyError(name)
@@ -133,8 +145,10 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     if not isinstance(data, Mapping):
         raise ctx.error("a runtime profile must be a mapping", data)
     reject_unknown(ctx, data, {"name", "system", "description", "copy", "overhead", "dequant",
-                               "prefetch", "fit", "notes"})
+                               "prefetch", "fit", "notes", "cpu_kernels"})
     name = as_str(ctx.sub("name"), data.get("name"), required=True)
+    kraw = as_mapping(ctx.sub("cpu_kernels"), data.get("cpu_kernels"))
+    kernels = parse_cpu_kernels(ctx.sub("cpu_kernels"), kraw, name) if kraw else None
     copy = as_mapping(ctx.sub("copy"), data.get("copy")) or {}
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
@@ -192,6 +206,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         dequant_Bps=quantity(ctx.sub("dequant").sub("Bps"), deq.get("Bps"), "Bps"),
         fit=tuple(fit),
         notes=as_str(ctx.sub("notes"), data.get("notes")),
+        cpu_kernels=kernels,
     )
 
 
@@ -228,13 +243,20 @@ def with_values(rt: RuntimeProfile, values: Mapping[str, float], source: str) ->
     from dataclasses import replace
 
     attr = _ATTR
-    changes = {}
+    changes: dict[str, Any] = {}
+    rates = dict(rt.cpu_kernels.rates) if rt.cpu_kernels is not None else {}
     for key, v in values.items():
-        if key not in attr:
+        if key not in attr and not (key.startswith("cpu_kernels.") and key in FITTABLE):
             raise KeyError(key)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"{key} must be finite and >= 0, got {v}")
-        changes[attr[key]] = Quantity(float(v), "fitted", source, key)
+        if key in attr:
+            changes[attr[key]] = Quantity(float(v), "fitted", source, key)
+        else:
+            rates[key.split(".", 1)[1]] = Quantity(float(v), "fitted", source, key)
+    if rt.cpu_kernels is not None or rates:
+        kernels = rt.cpu_kernels or CpuKernels(rt.name)
+        changes["cpu_kernels"] = replace(kernels, rates=rates)
     return replace(rt, **changes)
 
 
@@ -358,3 +380,21 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
                                  rt.value("overhead.layer_s"), rt.value("overhead.expert_s"),
                                  deq_e, deq_s)
     return link, compute
+
+
+def apply_runtime_cpu(rt: RuntimeProfile | None, host: Any, where: str = "host_cpu") -> Any:
+    """The run's host side (``sim.hardware.HostSide``) under ``rt``'s CPU expert kernels: its
+    host CPU model with the runtime's per-dtype kernels (``HostCpuModel.with_kernels``);
+    unchanged without kernels or without a host CPU. The one place both engines' CPU expert
+    times get the runtime from (the engines take them from ``host.cpu``)."""
+    if rt is None or rt.cpu_kernels is None or host is None or host.cpu is None:
+        return host
+    from dataclasses import replace
+
+    if not hasattr(host.cpu, "with_kernels"):
+        raise ProfileError(f"runtime {rt.name!r} has CPU kernels, but the host CPU model "
+                           f"{type(host.cpu).__name__} cannot take them")
+    try:
+        return replace(host, cpu=host.cpu.with_kernels(rt.cpu_kernels, where))
+    except ValueError as exc:
+        raise ProfileError(str(exc)) from None
