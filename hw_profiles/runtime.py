@@ -16,7 +16,10 @@ calibration set (``moesim.experiments.published.fit``), and are never judged on 
 
 The model is applied in one place, :func:`apply_runtime`, which wraps the profile's
 ``TransferModel`` and ``ComputeTimes``: both engines (SimPy and compiled) take every duration
-from those two objects, so the runtime is honoured by both without engine code of its own.
+from those two objects. Two copy rules are not durations and are laid out by the engines
+(``sim.link.CopyRules``, read from :class:`RuntimeLink`): a swap copies an evicted expert back
+when an install evicts one, and copies on the compute stream pause while GPU kernels run (the
+engines take the host part of each compute time from :class:`RuntimeCompute`'s ``*_host``).
 """
 
 from __future__ import annotations
@@ -266,13 +269,22 @@ def with_values(rt: RuntimeProfile, values: Mapping[str, float], source: str) ->
 
 @dataclass(frozen=True)
 class RuntimeLink:
-    """Copy time of one copy under a runtime: ``tensors x per_copy_s`` call cost, the wire time
-    at the runtime's share of the link (``efficiency``), and the device-to-host copy of an
-    evicted expert when it runs on the same stream (``swap`` with ``stream: compute``).
+    """Copy time of one copy under a runtime: ``tensors x per_copy_s`` call cost and the wire
+    time at the runtime's share of the link (``efficiency``).
 
-    The swap doubles the wire time of every weight copy: in steady state every demand copy
-    evicts one expert (a cold cache evicts nothing, which this overstates for the first
-    tokens). With ``stream: own`` the device-to-host direction of the full-duplex link is free.
+    ``swap`` (mixtral-offloading's ``ExpertCache._swap``): an install that evicts a resident
+    expert first copies the evicted one back device -> host, on the same stream as the load.
+    It is an event of the link (``sim.link.HostLink``, mirrored by the compiled link), not a
+    blanket factor: a copy that evicts nothing (a cold cache, a per-token cache loading into
+    free slots or staging buffers) copies nothing back. :meth:`swap_time` is its cost. With
+    ``stream: compute`` the load waits behind it (both on the one stream); with ``stream: own``
+    it runs on the other direction of the full-duplex link, where nothing else is copied in
+    this model, and costs the load nothing (it is still counted).
+
+    ``stream: compute``: the copies are issued on the compute stream, so they cannot run while
+    a GPU kernel of that stream runs, only while the GPU waits on the host (the runtime's
+    ``overhead.*`` times, :class:`RuntimeCompute`'s ``*_host`` parts) or on the copy itself.
+    Both engines run such a link on a clock that stops during kernels (``sim.link``).
 
     ``bytes_factor`` (``copy.whole_layer``): a runtime that moves a whole MoE block whenever the
     layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
@@ -285,8 +297,13 @@ class RuntimeLink:
     tensors: int = 1
     per_copy_s: float = 0.0
     efficiency: float = 1.0
-    swap_serial: bool = False
+    swap: bool = False  # an eviction copies the evicted expert back (device -> host)
     bytes_factor: float = 1.0  # whole-layer runtimes: the layer's experts per routed expert
+    stream: str = "own"  # "compute": copies pause while the compute stream runs a kernel
+
+    @property
+    def compute_stream(self) -> bool:
+        return self.stream == "compute"
 
     @property
     def copy_engines(self) -> int:
@@ -298,9 +315,12 @@ class RuntimeLink:
         nbytes = int(nbytes * self.bytes_factor)
         per = max(1, int(nbytes) // self.tensors)
         wire = self.tensors * self.base.transfer_time(per) / self.efficiency
-        if self.swap_serial:
-            wire *= 2.0
         return self.tensors * self.per_copy_s + wire
+
+    def swap_time(self, nbytes: int) -> float:
+        """The device -> host copy of one evicted expert of ``nbytes`` (0 without ``swap``):
+        the same calls and wire rate as the load (PCIe is symmetric; pinned memory)."""
+        return self.transfer_time(nbytes) if self.swap else 0.0
 
 
 @dataclass(frozen=True)
@@ -322,6 +342,22 @@ class RuntimeCompute:
 
     def _fixed(self) -> float:
         return self.layer_s + self.step_s / max(1, self.layers)
+
+    # The host-side parts of the times below (the ``overhead.*`` costs: Python, launches,
+    # gather/scatter), during which the GPU's stream is idle: copies on the compute stream
+    # (``RuntimeLink.stream``) run then. The rest of each time is GPU kernel time
+    # (dequantisation included: HQQ's Triton kernels dequantise on the GPU).
+    def attention_host(self, batch: int) -> float:
+        return self._fixed() if batch > 0 else 0.0
+
+    def dense_layer_host(self, batch: int) -> float:
+        return self._fixed() if batch > 0 else 0.0
+
+    def expert_host(self, tokens: int) -> float:
+        return self.expert_s if tokens > 0 else 0.0
+
+    def shared_host(self, tokens: int) -> float:
+        return self.expert_s if self.base.shared_time(tokens) > 0 else 0.0
 
     def attention_time(self, batch: int, context: int) -> float:
         t = self.base.attention_time(batch, context)
@@ -368,8 +404,8 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
         eff = float(rt.efficiency.value) if rt.efficiency.known else 1.0
         factor = card.num_experts / card.top_k if rt.whole_layer else 1.0
         tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
-        link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff,
-                           rt.swap and rt.stream == "compute", factor)
+        link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff, rt.swap, factor,
+                           rt.stream)
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

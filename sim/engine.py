@@ -22,6 +22,13 @@ link's copies; the layer ends when both the GPU's experts and every CPU expert's
 done. A low-precision copy is a demand copy of ``expert_bytes * bits / dtype_bits`` bytes that
 the GPU computes when it lands (same compute time) and then drops.
 
+A runtime whose copies share the compute stream (``sim.link.CopyRules``: ``compute_stream``)
+lays every compute time out as its host part (the runtime's overheads: the GPU stream idle, the
+link's copies running) followed by its GPU kernel (the copies paused). The link then runs on
+*link time*, wall time less the kernel time so far (``Simulation.link_time``), and the GPU waits
+on link times: an awaited expert's host part is issued at once (copies are ``non_blocking``),
+its kernel starts once its copy has landed, and the wait in between is stall.
+
 Timed mode runs the GPU as a SimPy process (durations from the hardware profile; policies may
 schedule their own SimPy callbacks with ``ctx.after``). Zero-latency mode runs the same code with
 no time: every load completes at once, which is MoE-Beyond's evaluation protocol.
@@ -58,7 +65,7 @@ from moesim.sim.cache import (
     SimulationError,
 )
 from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
-from moesim.sim.link import ACTIVATION, HostLink
+from moesim.sim.link import ACTIVATION, NO_RULES, HostLink, copy_rules, host_time
 from moesim.sim.link import LOW_PRECISION as LOW_COPY
 from moesim.sim.metrics import HIT, LATE, MISS, PROMOTED, Counters, RunResult, build_result
 from moesim.sim.predictions import PredictionView
@@ -218,6 +225,13 @@ class Simulation:
             raise SimulationError("cache.reset_per_request needs batch size 1")
         self.link_model = link_model
         self.compute = compute
+        # Copy rules of a runtime (swap, compute stream); link time = wall time without them.
+        self.rules = copy_rules(link_model, workload.shape.expert_bytes) if self.timed else (
+            NO_RULES)
+        self._cs = self.rules.compute_stream
+        self._tau = 0.0  # link time at the GPU's last yield boundary (compute stream only)
+        self._pieces: list[tuple[float, float, float]] = [(0.0, 0.0, float("inf"))]
+        self.link_end: float | None = None  # link time at the end (compute stream only)
         self.labels = labels or {}
         self.dense_before = list(dense_before or [0] * self.shape.num_layers)
         self.clock = Clock()
@@ -240,6 +254,11 @@ class Simulation:
         self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
         self._check_capacity()
         self._init_placement(placement, host)
+        if self._cs and (self._place or run_opts.record_transfers or run_opts.timeline_steps):
+            raise SimulationError(
+                "a runtime whose copies share the compute stream (copy.stream: compute) runs "
+                "with the default fetch placement and without transfer records or timelines "
+                "(their times would be on the link's clock, which stops during GPU kernels)")
         self.cache = self._new_cache()
         self.prefetcher: PrefetchPolicy = spec.prefetch(self._setup(spec.prefetch_params, None))
         self.link: HostLink | None = None
@@ -442,11 +461,24 @@ class Simulation:
         def proc() -> Generator[simpy.Event, None, None]:
             yield env.timeout(delay)
             self.clock.now = env.now
-            self.link.advance(env.now)
+            self.link.advance(self.link_time(env.now))
             fn()
-            self.link.advance(env.now)
+            self.link.advance(self.link_time(env.now))
 
         env.process(proc())
+
+    def link_time(self, wall: float) -> float:
+        """The link's clock at GPU wall time ``wall`` (inside the GPU's current yield): wall
+        time itself, or on the compute stream the link time of the piece of the yield that
+        holds it (a piece: from wall ``w0`` and link time ``tau0`` the link runs ``free``
+        seconds, then waits out a GPU kernel until the next piece)."""
+        if not self._cs:
+            return wall
+        for w0, tau0, free in reversed(self._pieces):
+            if wall >= w0:
+                dt = wall - w0
+                return tau0 + (dt if dt < free else free)
+        return self._tau
 
     # -- the GPU ----------------------------------------------------------------------------
     @property
@@ -471,6 +503,17 @@ class Simulation:
             shared.append(sh)
         return attn, shared
 
+    def _host_times(self) -> tuple[list[float], list[float], list[float]]:
+        """Per-step host parts (``sim.link.host_time``) of the attention(+router) time, the
+        shared-expert time and one dense layer's time: on the compute stream only."""
+        w, comp = self.workload, self.compute
+        attn, shared, dense = [], [], []
+        for b in w.tokens.tolist():
+            attn.append(host_time(comp, "attention", b))
+            shared.append(host_time(comp, "shared", b))
+            dense.append(host_time(comp, "dense_layer", b))
+        return attn, shared, dense
+
     def _gpu(self) -> Generator[float, None, None]:
         w, clock, c, cache = self.workload, self.clock, self.c, self.cache
         num_l = self.shape.num_layers
@@ -480,6 +523,10 @@ class Simulation:
         hook_issued = _overrides(pf, PrefetchPolicy, "on_demand_issued")
         hook_end = _overrides(pf, PrefetchPolicy, "on_layer_end")
         attn_t, shared_t = self._layer_times()
+        cs = self._cs
+        if cs:
+            attn_h, shared_h, dense_h = self._host_times()
+            exp_host: dict[int, float] = {}
         dense_n = self.dense_before
         comp = self.compute
         dense_cost = {}
@@ -501,7 +548,7 @@ class Simulation:
             joined = w.joins.get(s)
             if joined and self.copts.reset_per_request:
                 if link is not None:
-                    link.advance(clock.now)
+                    link.advance(self._tau if cs else clock.now)
                 self._discard(cache)
                 self.cache = cache = self._new_cache()
                 if link is not None:
@@ -521,10 +568,10 @@ class Simulation:
                 clock.position = base = (s * num_l + j) * width
                 if hook_pre:
                     if link is not None:
-                        link.advance(clock.now)
+                        link.advance(self._tau if cs else clock.now)
                     pf.on_pre_attention(ctx, j)
                     if link is not None:
-                        link.advance(clock.now)
+                        link.advance(self._tau if cs else clock.now)
                 if timed:
                     d = attn_t[s]
                     if dense_n[j]:
@@ -533,9 +580,16 @@ class Simulation:
                             dense_cost[key] = comp.dense_layer_time(*key)
                         d += dense_n[j] * dense_cost[key]
                     t0 = clock.now
+                    if cs:  # host part first (the link runs), then the kernels (it waits)
+                        h = attn_h[s]
+                        if dense_n[j]:
+                            h += dense_n[j] * dense_h[s]
+                        self._pieces = [(t0, self._tau, h)]
                     if d > 0:
                         yield d
-                    link.advance(clock.now)
+                    if cs:
+                        self._tau += h
+                    link.advance(self._tau if cs else clock.now)
                     if s < tl_steps:
                         self.timeline.append(("compute", f"attention L{j}", t0, clock.now))
                 keys = [k for k in rows[j] if k >= 0]
@@ -544,7 +598,7 @@ class Simulation:
                 if hook_routed:
                     pf.on_routed(ctx, j, keys)
                     if link is not None:
-                        link.advance(clock.now)
+                        link.advance(self._tau if cs else clock.now)
                 if place:
                     self._layer_start(s, j, counts, gate, counting)
                 kinds = self._access(keys, j, counting)
@@ -555,9 +609,19 @@ class Simulation:
                     pf.on_demand_issued(ctx, j, keys)
                 if timed:
                     if link._queued:  # let queued prefetches take idle engines now
-                        link.advance(clock.now)
+                        link.advance(self._tau if cs else clock.now)
                     t = clock.now
-                    if counts is None and s >= tl_steps and not any(kinds):
+                    if cs:
+                        waiting = [i for i, k in enumerate(kinds) if k]
+                        ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
+                        end, tau_end, st_miss, st_late, self._pieces = _run_gpu_stream(
+                            t, self._tau, kinds, None if counts is None else counts[j], comp,
+                            exp_cost, exp_host, shared_t[s], shared_h[s], ready, waiting)
+                        if counting:
+                            c.stall_miss += st_miss
+                            c.stall_late += st_late
+                            c.layer_stall[j] += st_miss + st_late
+                    elif counts is None and s >= tl_steps and not any(kinds):
                         end = t + shared_t[s] + len(keys) * one_expert  # all resident
                     else:
                         end, st_miss, st_late, spans = _schedule(
@@ -578,10 +642,12 @@ class Simulation:
                             c.layer_stall[j] += st_miss + st_late
                     if end > t:
                         yield end - t
+                    if cs:
+                        self._tau = tau_end
                     # Completions are applied lazily at the next advance: until then only
                     # this layer's (pinned) experts can be in flight, unless prefetches are.
                     if hook_end or link._queued:
-                        link.advance(clock.now)
+                        link.advance(self._tau if cs else clock.now)
                 if pin:
                     cache.pinned.clear()
                 if hook_end:
@@ -638,6 +704,7 @@ class Simulation:
                     continue
                 promoted = key in queued and link.withdraw(key)
                 kind = PROMOTED if promoted else MISS
+                evictions = cache.evictions
                 if not cache.reserve(key, False):
                     raise SimulationError(
                         f"no evictable slot for a demand fetch of layer {layer}: every slot is "
@@ -646,7 +713,7 @@ class Simulation:
                 if link is None:
                     state[key] = RESIDENT
                 else:
-                    link.submit_demand(key)
+                    link.submit_demand(key, cache.evictions != evictions)
                 if counting:
                     c.demand_started += 1
             if counting:
@@ -757,6 +824,7 @@ class Simulation:
                 self.cache,
                 on_done=self._on_done_hook(),
                 record=self.ropts.record_transfers or self.ropts.timeline_steps > 0,
+                rules=self.rules,
             )
             self.env = env = simpy.Environment()
             clock = self.clock
@@ -768,6 +836,8 @@ class Simulation:
 
             env.process(gpu_process())
             env.run()
+            if self._cs:
+                self.link_end = self._tau
         self.c.unused_prefetches = self.cache.unused_prefetches()
         self.c.wasted_prefetches += self.cache.wasted_prefetches
         self.c.evictions += self.cache.evictions
@@ -853,6 +923,62 @@ def _run_gpu(
             spans.append((f"e{keys[i]}", now, now + d))
         now += d
     return now, st_miss, st_late, spans
+
+
+def _run_gpu_stream(
+    t: float,
+    tau: float,
+    kinds: list[int],
+    counts: list[int] | None,
+    comp: ComputeTimes,
+    cost: dict[int, float],
+    host: dict[int, float],
+    shared: float,
+    shared_host: float,
+    ready: list[float],
+    waiting: list[int],
+) -> tuple[float, float, float, float, list[tuple[float, float, float]]]:
+    """:func:`_run_gpu` with the copies on the compute stream (``CopyRules.compute_stream``):
+    the same order (shared experts, resident ones, then each awaited one by arrival), each
+    compute time laid out as its host part (the link runs: link time ``tau`` advances with
+    the wall clock ``t``) then its kernel (the link waits). An awaited expert's host part is
+    issued at once; its kernel starts when its copy has landed (``ready``, link times), and
+    the wait in between is stall. Returns the wall end, the link time at the end, the stalls
+    (miss, late) and the pieces of the layout (``Simulation.link_time``).
+    ``sim/compiled/kernel.py`` mirrors it line for line."""
+
+    def dur(n: int) -> tuple[float, float]:
+        if n not in cost:
+            cost[n] = comp.expert_time(n)
+        if n not in host:
+            host[n] = host_time(comp, "expert", n)
+        return cost[n], host[n]
+
+    pieces = [(t, tau, shared_host)]
+    now = t + shared
+    tau += shared_host
+    for i, k in enumerate(kinds):
+        if not k:
+            d, h = dur(1 if counts is None else counts[i])
+            pieces.append((now, tau, h))
+            now += d
+            tau += h
+    st_miss = st_late = 0.0
+    for r, i in sorted(zip(ready, waiting, strict=True)):
+        d, h = dur(1 if counts is None else counts[i])
+        w0, tau0 = now, tau
+        now += h
+        tau += h
+        if r > tau:
+            if kinds[i] == LATE:
+                st_late += r - tau
+            else:
+                st_miss += r - tau
+            now += r - tau
+            tau = r
+        pieces.append((w0, tau0, tau - tau0))
+        now += d - h
+    return now, tau, st_miss, st_late, pieces
 
 
 def _schedule_placed(

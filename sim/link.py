@@ -9,12 +9,28 @@ The link is an exact event-driven queue that the SimPy processes advance to the 
 (``advance``) before they act: transfers are discrete events without one SimPy event each,
 which keeps replays of millions of accesses fast. ``tests/sim/test_link_reference.py`` checks it
 against a plain SimPy ``PriorityResource`` model.
+
+A runtime profile (``hw_profiles.runtime.RuntimeLink``) adds two copy rules, read once per run
+by :func:`copy_rules` (both engines use it; the compiled link mirrors :meth:`CopyRules.load_time`):
+
+- ``swap``: an install (demand or prefetch) that evicts a resident expert copies the evicted one
+  back device -> host on the load's stream first. On the compute stream the load waits behind it
+  (its copy takes ``load + swap_s``); on its own stream the copy back runs on the other
+  direction of the full-duplex link and costs the load nothing. Either way it is counted
+  (``swap_copies``, ``swap_copy_s``); an install that evicts nothing copies nothing back.
+- ``compute_stream``: copies share the compute stream, so they cannot run while a GPU kernel
+  runs, only while the GPU waits on the host (runtime overheads) or on the copy. The engine
+  then advances the link on *link time*, a clock that stops during GPU kernels (wall time
+  minus the kernel time so far): every time the link holds (start, finish, ``t``, busy) is in
+  link time, and the engine maps it to the GPU's wall clock (``sim.engine``).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from moesim.sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
 
@@ -24,6 +40,48 @@ DEMAND, PREFETCH = 0, 1
 ACTIVATION, LOW_PRECISION = 2, 3
 COPY_KINDS = ("demand", "prefetch", "activation", "low_precision")
 INF = float("inf")
+
+
+@dataclass(frozen=True)
+class CopyRules:
+    """A run's copy rules beyond each copy's duration (see the module docstring)."""
+
+    swap: bool = False  # an eviction copies the evicted expert back device -> host
+    swap_s: float = 0.0  # that copy's time (``RuntimeLink.swap_time``)
+    compute_stream: bool = False  # copies pause while a GPU kernel runs
+
+    @property
+    def serial(self) -> bool:
+        """The copy back runs before the load on the same (compute) stream."""
+        return self.swap and self.compute_stream
+
+    def load_time(self, duration: float, evicted: bool) -> float:
+        """One install's time on the link: the load, behind the copy back of the expert it
+        evicted when both share the compute stream (``duration`` itself otherwise, so runs
+        without these rules keep their exact times)."""
+        return duration + self.swap_s if evicted and self.serial else duration
+
+
+NO_RULES = CopyRules()
+
+
+def copy_rules(link_model: Any, nbytes: int) -> CopyRules:
+    """The copy rules of a transfer model (a runtime's ``RuntimeLink``; none for a plain
+    hardware link), for copies of ``nbytes`` (one expert)."""
+    swap = bool(getattr(link_model, "swap", False))
+    stream = bool(getattr(link_model, "compute_stream", False))
+    if not swap and not stream:
+        return NO_RULES
+    swap_s = float(link_model.swap_time(nbytes)) if swap else 0.0
+    return CopyRules(swap, swap_s, stream)
+
+
+def host_time(comp: Any, part: str, n: int) -> float:
+    """The host-side share of a compute time (``RuntimeCompute.<part>_host``: ``attention``,
+    ``dense_layer``, ``expert``, ``shared``), during which the compute stream is idle; 0 for a
+    plain roofline, which is all GPU kernel time."""
+    fn = getattr(comp, f"{part}_host", None)
+    return float(fn(n)) if fn is not None else 0.0
 
 
 class PrefetchQueue:
@@ -86,6 +144,7 @@ class HostLink:
         cache: ExpertCache,
         on_done: Callable[[int, bool], None] | None = None,
         record: bool = False,
+        rules: CopyRules = NO_RULES,
     ) -> None:
         if engines < 1:
             raise SimulationError(f"copy_engines must be >= 1, got {engines}")
@@ -106,6 +165,9 @@ class HostLink:
         self.dropped = 0
         self.cancelled = 0
         self.busy = 0.0
+        self.rules = rules
+        self.swaps = 0  # copies back of evicted experts (counted steps only)
+        self.swap_time = 0.0  # their seconds
         self.records: list[tuple[int, int, float, float]] | None = [] if record else None
 
     @property
@@ -130,20 +192,31 @@ class HostLink:
         return len(self._queued)
 
     # -- submissions (the caller has advanced the link to the current time) --------------
-    def submit_demand(self, key: int) -> float:
-        """Schedule a demand fetch (its slot is already reserved); returns its arrival."""
+    def submit_demand(self, key: int, evicted: bool = False) -> float:
+        """Schedule a demand fetch (its slot is already reserved; ``evicted``: reserving it
+        evicted a resident expert); returns its arrival."""
         free = self._free
         e = free.index(min(free)) if self.engines > 1 else 0
         start = free[e] if free[e] > self.t else self.t
-        finish = start + self.duration
+        duration = self.duration
+        if evicted and self.rules.swap:
+            duration = self._swap(duration)
+        finish = start + duration
         free[e] = finish
         self._seq += 1
         heapq.heappush(self._running, (finish, self._seq, key, DEMAND, start))
         self._finish[key] = finish
-        self.busy += self.duration
+        self.busy += duration
         if self.counting:
             self.started[DEMAND] += 1
         return finish
+
+    def _swap(self, duration: float) -> float:
+        """The copy back of an evicted expert (``CopyRules``): counted, and the load's time."""
+        if self.counting:
+            self.swaps += 1
+            self.swap_time += self.rules.swap_s
+        return self.rules.load_time(duration, True)
 
     def submit_copy(self, duration: float, kind: int, not_before: float | None = None) -> float:
         """Book a copy that serves no cache slot (``ACTIVATION`` or ``LOW_PRECISION``) at
@@ -233,17 +306,22 @@ class HostLink:
 
     def _start_prefetch(self) -> None:
         key = self._queued.pop()
+        swap = self.rules.swap
+        evictions = self.cache.evictions if swap else 0
         if not self.cache.reserve(key, prefetch=True):
             self.dropped += 1
             return
+        duration = self.duration
+        if swap and self.cache.evictions != evictions:
+            duration = self._swap(duration)
         free = self._free
         e = free.index(min(free))
-        finish = self.t + self.duration
+        finish = self.t + duration
         free[e] = finish
         self._seq += 1
         heapq.heappush(self._running, (finish, self._seq, key, PREFETCH, self.t))
         self._finish[key] = finish
-        self.busy += self.duration
+        self.busy += duration
         if self.counting:
             self.started[PREFETCH] += 1
 

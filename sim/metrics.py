@@ -104,11 +104,16 @@ def build_result(sim: Simulation) -> RunResult:
     if timed:
         prefetch_started = link.started[1]
         end = sim.clock.now
-        busy = _ratio(link.busy_until(end), end * link.engines)
+        # copies on the compute stream keep link time (sim.link): clipped at its end
+        link_end = getattr(sim, "link_end", None)
+        busy = _ratio(link.busy_until(end if link_end is None else link_end),
+                      end * link.engines)
         dropped, cancelled = link.dropped, link.cancelled
+        swaps, swap_s = getattr(link, "swaps", 0), getattr(link, "swap_time", 0.0)
     else:
         prefetch_started, busy, cancelled = c.prefetch_started, math.nan, 0
         dropped = c.prefetch_dropped
+        swaps, swap_s = 0, 0.0
     stall = c.stall_miss + c.stall_late + c.stall_cpu
     nan = math.nan
     summary: dict[str, Any] = {
@@ -150,6 +155,8 @@ def build_result(sim: Simulation) -> RunResult:
         "wasted_prefetch_bytes": c.wasted_prefetches * nbytes,
         "unused_prefetch_bytes_at_end": c.unused_prefetches * nbytes,
         "evictions": c.evictions,
+        "swap_copies": swaps,
+        "swap_copy_s": swap_s,
         "sim_engine": getattr(sim, "engine_used", "python"),
     }
     summary.update(_placement_columns(sim, accesses))

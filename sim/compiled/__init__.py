@@ -34,6 +34,7 @@ from moesim.policies.speculative_prefetch import SpeculativePrefetch
 from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
 from moesim.sim.compiled.stamp import compile_notice, refresh_cache
+from moesim.sim.link import host_time
 
 # Before any kernel module is imported: kernels with a signature load their cached code at
 # import (the others at their first call), so a stale cache must be gone by then.
@@ -138,6 +139,26 @@ def _layer_arrays(sim: Simulation) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     return attn_u[inverse], shared_u[inverse], dense_u[inverse], cost
 
 
+def runtime_arrays(sim: Simulation, cost: np.ndarray, w: Any = None) -> tuple[np.ndarray, ...]:
+    """``kernel.replay``'s ``rt``: per-step host parts of the attention, shared-expert and
+    dense-layer times and the expert host-time table (``sim.link.host_time``, as the engine's
+    ``_host_times``), then [compute stream, swap mode, swap seconds] of the run's copy rules
+    (``sim.rules``); of ``w``, a streamed run's chunk, when given."""
+    w = sim.workload if w is None else w
+    rules = sim.rules
+    mode = 0 if not rules.swap else (2 if rules.serial else 1)
+    copyv = np.array([1.0 if rules.compute_stream else 0.0, float(mode), rules.swap_s])
+    if not rules.compute_stream:
+        z = np.zeros(w.num_steps)
+        return z, z, z, np.zeros(len(cost)), copyv
+    comp = sim.compute
+    tokens = w.tokens.tolist()
+    return (np.array([host_time(comp, "attention", b) for b in tokens]),
+            np.array([host_time(comp, "shared", b) for b in tokens]),
+            np.array([host_time(comp, "dense_layer", b) for b in tokens]),
+            np.array([host_time(comp, "expert", n) for n in range(len(cost))]), copyv)
+
+
 def _prefetch_args(sim: Simulation) -> tuple[int, int, np.ndarray, int, int, bool, bool,
                                               np.ndarray]:
     """(kernel, point, hooks, ahead, top, wrap, warm, table) of the run's prefetcher."""
@@ -239,6 +260,8 @@ class LinkStats:
         self.dropped = dropped
         self.cancelled = cancelled
         self.records = None
+        self.swaps = 0  # copies back of evicted experts (sim.link.CopyRules), counted steps
+        self.swap_time = 0.0
 
     def busy_until(self, end: float) -> float:
         return self.busy - self._clip
@@ -292,7 +315,7 @@ def run(sim: Simulation) -> None:
         np.asarray(sim._part_of_layer, dtype=np.int64), np.asarray(sim._caps, dtype=np.int64),
         sim.shape.num_experts, sim.timed, sim.copts.pin_layer, engines, duration, cost, ev_code,
         hot, touch, pf_code, point, hooks, ahead, top, wrap, warm, table, resets, inst_off,
-        inst_keys, nocc, cursor, mi,
+        inst_keys, nocc, cursor, mi, runtime_arrays(sim, cost),
     )
     if iv[K.I_ERROR] > 0:
         raise SimulationError(
@@ -331,3 +354,7 @@ def run(sim: Simulation) -> None:
         sim.link = LinkStats([int(iv[K.I_L_DEMAND]), int(iv[K.I_L_PREFETCH])],
                              float(fv[K.V_BUSY]), float(fv[K.V_CLIP]), engines,
                              int(iv[K.I_L_DROPPED]), int(iv[K.I_CANCELLED]))
+        sim.link.swaps = int(iv[K.I_SWAPS])
+        sim.link.swap_time = float(fv[K.V_SWAP_T])
+        if sim.rules.compute_stream:
+            sim.link_end = float(fv[K.V_TAU])

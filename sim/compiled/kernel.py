@@ -44,6 +44,7 @@ from moesim.sim.compiled.layout import (
     I_EAMCAP,
     I_ENGINES,
     I_ERROR,
+    I_EVICTIONS,
     I_FILLED,
     I_LAYER,
     I_NQ,
@@ -55,6 +56,7 @@ from moesim.sim.compiled.layout import (
     I_QCAP,
     I_RSIZE,
     I_SERVED,
+    I_SWAPMODE,
     I_TCUR,
     I_UNUSED,
     I_USEFUL,
@@ -99,6 +101,8 @@ from moesim.sim.compiled.layout import (
     V_NOW,
     V_STALL_LATE,
     V_STALL_MISS,
+    V_SWAP_D,
+    V_TAU,
     V_TIME,
     jit,
 )
@@ -119,12 +123,19 @@ def _out(S, F, layer_counts, layer_stall, step_t):
 @jit
 def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n, part, caps,
            num_e, timed, pin_layer, engines, duration, cost, ev, hot, touch, pf, point,
-           hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi):
+           hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi,
+           rt):
     """One run; returns (int scalars, float scalars, layer counts [4, L], layer stall [L],
     step times [S]: every step's duration). ``mi`` holds
-    MoE-Infinity's arrays (``sim.compiled.MIState``; tiny placeholders for other runs)."""
+    MoE-Infinity's arrays (``sim.compiled.MIState``; tiny placeholders for other runs).
+    ``rt``: the copy rules of a runtime (``sim.link.CopyRules``)
+    and the host parts of the compute times (``sim.link.host_time``): per-step attention,
+    shared-expert and dense-layer host time, the expert host-time table, and
+    [compute stream, swap mode, swap seconds]."""
     (eams, unit, access, ordr, lrid, leam, lsq, lrsum, ldots, req_off, req_ids, join_off,
      join_rid, cfg) = mi
+    attn_h, shared_h, dense_h, cost_h, copyv = rt
+    cs = copyv[0] != 0  # copies on the compute stream: the link runs on link time (V_TAU)
     num_s, num_l, width = keys.shape
     num_k = num_l * num_e
     num_p = caps.shape[0]
@@ -186,12 +197,14 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     position = 0
     for i in range(inst_off[0], inst_off[1]):  # the cache the engine built before the run
         _install(ev, inst_keys[i], position, S, F, nocc)
+    S[IV, I_SWAPMODE] = int(copyv[1])
+    F[FV, V_SWAP_D] = copyv[2]
     n_reset = 0
     now = 0.0
     for s in range(num_s):
         if resets[s]:  # cache.reset_per_request: a fresh cache for the joining request
             if timed:
-                _advance(now, duration, ev, position, S, F, nocc)
+                _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             _reset(num_k, num_p, S, F)
             n_reset += 1
             for i in range(inst_off[n_reset], inst_off[n_reset + 1]):
@@ -209,21 +222,28 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
             S[IV, I_LAYER] = j
             if hook_pre:
                 if timed:
-                    _advance(now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
                 if point == PT_PRE:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                     if n:
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
-                    _advance(now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             if timed:
                 d = attn[s]
                 if dense_n[j]:
                     d += dense_n[j] * dense_step[s]
+                h = 0.0
+                if cs:  # engine: host part first (the link runs), then the kernels
+                    h = attn_h[s]
+                    if dense_n[j]:
+                        h += dense_n[j] * dense_h[s]
                 if d > 0:
                     now = now + d
-                _advance(now, duration, ev, position, S, F, nocc)
+                if cs:
+                    F[FV, V_TAU] += h
+                _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             n_keys = 0
             pstamp = S[IV, I_PSTAMP]
             for r in range(width):
@@ -246,7 +266,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     if n:
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
-                    _advance(now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             any_wait = False
             for r in range(n_keys):  # Simulation._access
                 k = lkeys[r]
@@ -275,13 +295,16 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         if not _lru_demand(k, S):
                             S[IV, I_ERROR] = j + 1
                             return _out(S, F, layer_counts, layer_stall, step_t)
-                    elif not _reserve(ev, k, False, position, S, F, nocc):
-                        S[IV, I_ERROR] = j + 1
-                        return _out(S, F, layer_counts, layer_stall, step_t)
-                    elif timed:
-                        _submit_demand(k, duration, direct, S, F)
                     else:
-                        S[K_STATE, k] = RESIDENT
+                        evictions = S[IV, I_EVICTIONS]
+                        if not _reserve(ev, k, False, position, S, F, nocc):
+                            S[IV, I_ERROR] = j + 1
+                            return _out(S, F, layer_counts, layer_stall, step_t)
+                        if timed:
+                            _submit_demand(k, duration, S[IV, I_EVICTIONS] != evictions,
+                                           direct, S, F)
+                        else:
+                            S[K_STATE, k] = RESIDENT
                     if counting:
                         S[IV, I_DEMAND] += 1
                 if counting:
@@ -301,9 +324,58 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     _prefetch(n, timed, touch, ev, position, S, F, nocc)
             if timed:
                 if S[IV, I_NQ] > 0:
-                    _advance(now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
                 t = now
-                if not use_counts and not any_wait:
+                if cs:  # engine._run_gpu_stream
+                    tau = F[FV, V_TAU]
+                    cur_t = t + shared[s]
+                    tau += shared_h[s]
+                    nw = 0
+                    for r in range(n_keys):
+                        n = counts[s, j, r] if use_counts else 1
+                        if kinds[r] == HIT:
+                            cur_t += cost[n]
+                            tau += cost_h[n]
+                            continue
+                        k = lkeys[r]
+                        if S[K_INFL, k]:
+                            ready = F[F_FIN, k]
+                        elif S[K_STATE, k] == RESIDENT:
+                            ready = F[FV, V_LT]
+                        else:
+                            S[IV, I_ERROR] = -(j + 1)
+                            return _out(S, F, layer_counts, layer_stall, step_t)
+                        q = nw  # insertion sort by (ready, rank)
+                        while q > 0 and wait_r[q - 1] > ready:
+                            wait_r[q] = wait_r[q - 1]
+                            wait_i[q] = wait_i[q - 1]
+                            q -= 1
+                        wait_r[q] = ready
+                        wait_i[q] = r
+                        nw += 1
+                    st_miss = 0.0
+                    st_late = 0.0
+                    for q in range(nw):
+                        r = wait_i[q]
+                        ready = wait_r[q]
+                        n = counts[s, j, r] if use_counts else 1
+                        cur_t += cost_h[n]
+                        tau += cost_h[n]
+                        if ready > tau:
+                            if kinds[r] == LATE:
+                                st_late += ready - tau
+                            else:
+                                st_miss += ready - tau
+                            cur_t += ready - tau
+                            tau = ready
+                        cur_t += cost[n] - cost_h[n]
+                    end = cur_t
+                    F[FV, V_TAU] = tau
+                    if counting:
+                        F[FV, V_STALL_MISS] += st_miss
+                        F[FV, V_STALL_LATE] += st_late
+                        layer_stall[j] += st_miss + st_late
+                elif not use_counts and not any_wait:
                     end = t + shared[s] + n_keys * cost[1]
                 else:  # engine._schedule: resident experts first, then by arrival
                     nw = 0
@@ -348,7 +420,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if end > t:
                     now = now + (end - t)
                 if S[IV, I_NQ] > 0:
-                    _advance(now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             if pin_layer:
                 if heap:
                     for r in range(n_keys):
@@ -373,7 +445,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     clip = 0.0
     for i in range(S[IV, I_RSIZE]):
         f = F[F_RFIN, i]
-        s0 = max(now, F[F_RSTART, i])
+        s0 = max(F[FV, V_TAU] if cs else now, F[F_RSTART, i])
         if f - s0 > 0:
             clip += f - s0
     F[FV, V_CLIP] = clip

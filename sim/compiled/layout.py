@@ -67,10 +67,16 @@ I_NUME, I_NUML, I_NUMP, I_CANCELLED, I_FILLED, I_PERSIST, I_DSRC, I_EAMCAP = ran
 # moe_infinity_priority: D is the same for every key (no moe_infinity prefetcher); the layer
 # whose T is in F[F_TN] (-1: none yet).
 I_DUNI, I_TCUR = 40, 41
-NUM_IV = 42
+# Copy rules (sim.link.CopyRules): copies back of evicted experts counted; the swap mode
+# (0: no swap, 1: swap on its own stream, 2: swap before the load on the compute stream).
+I_SWAPS, I_SWAPMODE = 42, 43
+NUM_IV = 44
 # Columns of row FV of F.
 V_LT, V_BUSY, V_STALL_MISS, V_STALL_LATE, V_TIME, V_NOW, V_CLIP = range(7)
-NUM_FV = 7
+# The link time at the GPU's last step boundary (compute stream: wall time less kernel time),
+# one swap's seconds, and the counted swaps' seconds.
+V_TAU, V_SWAP_D, V_SWAP_T = 7, 8, 9
+NUM_FV = 10
 
 jit = numba.njit(cache=True, nogil=True)
 # Helpers allocate nothing: compiled without NRT, a call passes arrays without the atomic

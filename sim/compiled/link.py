@@ -1,6 +1,8 @@
 """The compiled host link (``sim/link.py``): engine free times, a heap of running copies
 and a FIFO ring of queued prefetches (every shipped prefetcher queues at the default
-priority, which is submission order), advanced in time order like ``HostLink.advance``."""
+priority, which is submission order), advanced in time order like ``HostLink.advance``.
+The copy rules of a runtime (``sim.link.CopyRules``) are mirrored by :func:`_swap`; on the
+compute stream the kernel advances the link on link time (``V_TAU``), as the engine does."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from moesim.sim.compiled.layout import (
     I_CANCELLED,
     I_COUNTING,
     I_ENGINES,
+    I_EVICTIONS,
     I_L_DEMAND,
     I_L_DROPPED,
     I_L_PREFETCH,
@@ -28,6 +31,8 @@ from moesim.sim.compiled.layout import (
     I_QHEAD,
     I_QTAIL,
     I_RSIZE,
+    I_SWAPMODE,
+    I_SWAPS,
     INF,
     IV,
     K_INFL,
@@ -37,6 +42,8 @@ from moesim.sim.compiled.layout import (
     SFN,
     V_BUSY,
     V_LT,
+    V_SWAP_D,
+    V_SWAP_T,
     fn,
     typed,
 )
@@ -104,7 +111,17 @@ def _argmin_free(S, F):
 
 
 @fn
-def _submit_demand(k, duration, direct, S, F):
+def _swap(duration, S, F):
+    """``HostLink._swap``: the copy back of an evicted expert is counted, and on the compute
+    stream the load waits behind it (``CopyRules.load_time``)."""
+    if S[IV, I_COUNTING]:
+        S[IV, I_SWAPS] += 1
+        F[FV, V_SWAP_T] += F[FV, V_SWAP_D]
+    return duration + F[FV, V_SWAP_D] if S[IV, I_SWAPMODE] == 2 else duration
+
+
+@fn
+def _submit_demand(k, duration, evicted, direct, S, F):
     """``HostLink.submit_demand``. ``direct``: a run without prefetches, where nothing can
     observe a copy in flight (the GPU waits for every copy of a layer before the next one,
     whose pinned keys are the only ones it touches), so the copy lands at once and only its
@@ -112,6 +129,8 @@ def _submit_demand(k, duration, direct, S, F):
     e = _argmin_free(S, F)
     free = F[F_FREE, e]
     start = free if free > F[FV, V_LT] else F[FV, V_LT]
+    if evicted and S[IV, I_SWAPMODE]:
+        duration = _swap(duration, S, F)
     finish = start + duration
     F[F_FREE, e] = finish
     if direct:
@@ -174,16 +193,20 @@ def _advance(until, duration, ev, position, S, F, nocc):
                     S[K_QSEQ, key] = 0
                     S[IV, I_NQ] -= 1
                     break
+            evictions = S[IV, I_EVICTIONS]
             if not _reserve(ev, key, True, position, S, F, nocc):
                 S[IV, I_L_DROPPED] += 1
                 continue
+            d = duration
+            if S[IV, I_SWAPMODE] and S[IV, I_EVICTIONS] != evictions:
+                d = _swap(d, S, F)
             e = _argmin_free(S, F)
-            finish = F[FV, V_LT] + duration
+            finish = F[FV, V_LT] + d
             F[F_FREE, e] = finish
             _rpush(finish, key, 1, F[FV, V_LT], S, F)
             F[F_FIN, key] = finish
             S[K_INFL, key] = 1
-            F[FV, V_BUSY] += duration
+            F[FV, V_BUSY] += d
             if S[IV, I_COUNTING]:
                 S[IV, I_L_PREFETCH] += 1
     if until > F[FV, V_LT]:

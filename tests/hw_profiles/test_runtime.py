@@ -91,14 +91,31 @@ def test_compute_overheads_closed_form() -> None:
 def test_link_closed_form(nbytes: int, tensors: int, per_copy: float, eff: float, swap: bool,
                           factor: float) -> None:
     base = FixedLink(latency_s=2e-6, bandwidth_Bps=10e9)
-    link = RuntimeLink(base, tensors, per_copy, eff, swap, factor)
+    link = RuntimeLink(base, tensors, per_copy, eff, swap, factor, "compute")
     n = int(nbytes * factor)
     per = max(1, n // tensors)
     wire = tensors * (2e-6 + per / 10e9) / eff
-    want = tensors * per_copy + wire * (2 if swap else 1)
+    want = tensors * per_copy + wire  # a swap is an event of the link, not part of a copy
     assert link.transfer_time(nbytes) == pytest.approx(want, rel=1e-12)
+    assert link.swap_time(nbytes) == (pytest.approx(want, rel=1e-12) if swap else 0.0)
     assert link.transfer_time(0) == 0.0
     assert link.copy_engines == 1
+    assert link.compute_stream
+
+
+def test_compute_host_parts() -> None:
+    """The host parts (the GPU stream idle) are the runtime's overheads; the rest is kernel
+    time (dequantisation included)."""
+    base = FixedCompute(attention_s=1e-4, router_s=2e-5, expert_s=3e-4, shared_s=5e-5,
+                        dense_s=7e-4)
+    comp = RuntimeCompute(base, layers=4, step_s=8e-3, layer_s=1e-3, expert_s=2e-4,
+                          expert_dequant_s=5e-5, shared_dequant_s=1e-5)
+    assert comp.attention_host(1) == pytest.approx(1e-3 + 8e-3 / 4)
+    assert comp.dense_layer_host(1) == pytest.approx(1e-3 + 8e-3 / 4)
+    assert comp.expert_host(3) == 2e-4 and comp.shared_host(3) == 2e-4
+    assert comp.expert_host(0) == 0.0 and comp.attention_host(0) == 0.0
+    no_shared = RuntimeCompute(FixedCompute(shared_s=0.0), layers=1, expert_s=2e-4)
+    assert no_shared.shared_host(1) == 0.0
 
 
 def test_apply_runtime_reads_every_mechanism() -> None:
@@ -111,7 +128,7 @@ def test_apply_runtime_reads_every_mechanism() -> None:
     }, "t")
     pinned, pageable = FixedLink(bandwidth_Bps=25e9), FixedLink(bandwidth_Bps=10e9)
     link, comp = apply_runtime(rt, pinned, FixedCompute(expert_s=1e-4), card, lambda: pageable)
-    assert link.base is pageable and link.swap_serial
+    assert link.base is pageable and link.swap and link.compute_stream
     assert link.bytes_factor == card.num_experts / card.top_k
     assert link.tensors == 3 * 4  # every tensor of the whole block
     assert comp.expert_time(1) == pytest.approx(1e-4 + card.expert_bytes / 100e9)

@@ -1,0 +1,215 @@
+"""Copy rules of runtime profiles (``sim.link.CopyRules``): copies on the compute stream pause
+while GPU kernels run, and a swap copies an evicted expert back only when an install evicts.
+
+Closed forms on one-layer fixtures, then both engines run for run under a runtime with
+``stream: compute`` and ``swap`` (with and without prefetch, with a cache and per request).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.hw_profiles.runtime import RuntimeCompute, RuntimeLink
+from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
+from moesim.sim.link import CopyRules, copy_rules
+from moesim.traces.trace import DECODE, RequestRouting, Trace, TraceMeta
+from tests.sim.test_compiled_engine import _assert_same, _config
+
+D = 4e-3  # one expert copy (latency only: bandwidth unbounded)
+A = 1e-3  # attention kernel
+H_A = 2e-3  # host time per layer (the runtime's overhead.layer_s)
+K_E = 5e-4  # expert kernel
+H_E = 1e-3  # host time per expert call (overhead.expert_s)
+
+
+def _trace(experts: list[int], num_experts: int = 4) -> Trace:
+    """One request, one MoE layer, one decode token per entry of ``experts`` (top-1)."""
+    ex = np.array(experts, dtype=np.int16).reshape(-1, 1, 1)
+    meta = TraceMeta(model="synthetic", moe_layers=(0,), num_experts=num_experts, top_k=1,
+                     expert_bytes=1000)
+    return Trace(meta, [RequestRouting(0, ex, np.full(len(experts), DECODE, np.uint8))])
+
+
+def _models(stream: str, swap: bool = False, host: bool = True) -> tuple[Any, Any]:
+    link = RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, swap, 1.0, stream)
+    comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E), layers=1,
+                          layer_s=H_A if host else 0.0, expert_s=H_E if host else 0.0)
+    return link, comp
+
+
+def _run(tr: Trace, policy: Any, stream: str, engine: str, swap: bool = False,
+         host: bool = True, **kw: Any) -> dict[str, Any]:
+    link, comp = _models(stream, swap, host)
+    kw.setdefault("capacity", 2)
+    return simulate(tr, policy, link=link, compute=comp, engine=engine, **kw).summary
+
+
+ENGINES = ["python", "compiled"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_one_miss_copy_runs_during_host_time_only(engine: str) -> None:
+    """Attention (host, then kernel), routing, one demand copy: on the compute stream the
+    copy starts at routing and runs during the expert call's host part, the kernel waits for
+    the rest; on its own stream the copy overlaps nothing of the layer after routing either,
+    but the expert's host part (``own``: laid out after the copy lands) does not overlap it."""
+    tr = _trace([0])
+    cs = _run(tr, "lru", "compute", engine)
+    stall = D - H_E
+    assert cs["stall_miss_s"] == pytest.approx(stall, rel=1e-12)
+    assert cs["total_time_s"] == pytest.approx(H_A + A + H_E + stall + K_E, rel=1e-12)
+    own = _run(tr, "lru", "own", engine)
+    assert own["stall_miss_s"] == pytest.approx(D, rel=1e-12)
+    assert own["total_time_s"] == pytest.approx(H_A + A + D + H_E + K_E, rel=1e-12)
+    # the copy engine was busy D of the run's wall time either way
+    assert cs["pcie_busy_fraction"] == pytest.approx(D / cs["total_time_s"], rel=1e-12)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_prefetch_pauses_during_the_attention_kernel(engine: str) -> None:
+    """An oracle prefetch of the layer's own expert issued at the pre-attention point (t=0):
+    on the compute stream it runs during attention's host part, waits out its kernel, runs
+    on during the expert's host part; on its own stream it runs through the kernel."""
+    tr = _trace([0])
+    pol = {"name": "oracle_prefetch", "eviction": "lru", "point": "pre_attention",
+           "lookahead": 0}
+    cs = _run(tr, pol, "compute", engine)
+    assert cs["late_hits"] == 1
+    wait = D - H_A - H_E
+    assert wait > 0
+    assert cs["stall_late_s"] == pytest.approx(wait, rel=1e-12)
+    assert cs["total_time_s"] == pytest.approx(H_A + A + H_E + wait + K_E, rel=1e-12)
+    own = _run(tr, pol, "own", engine)
+    assert own["stall_late_s"] == pytest.approx(D - H_A - A, rel=1e-12)
+    assert own["total_time_s"] == pytest.approx(D + H_E + K_E, rel=1e-12)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_without_host_time_copies_only_run_while_the_gpu_waits(engine: str) -> None:
+    """A plain roofline is all kernel time: a prefetch issued before attention does not move
+    during it, so the layer waits for the whole copy after attention."""
+    tr = _trace([0])
+    pol = {"name": "oracle_prefetch", "eviction": "lru", "point": "pre_attention",
+           "lookahead": 0}
+    cs = _run(tr, pol, "compute", engine, host=False)
+    assert cs["stall_late_s"] == pytest.approx(D, rel=1e-12)
+    assert cs["total_time_s"] == pytest.approx(A + D + K_E, rel=1e-12)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("stream", ["compute", "own"])
+def test_a_swap_is_one_copy_back_per_eviction(engine: str, stream: str) -> None:
+    """Capacity 2 (one routed expert + one copy engine), four tokens on distinct experts:
+    the first two fill free slots (no swap), the last two each evict one expert (one copy
+    back each). On the compute stream each such load waits behind its copy back (D more of
+    stall each); on its own stream the copy back costs nothing."""
+    tr = _trace([0, 1, 2, 3])
+    base = _run(tr, "lru", stream, engine, swap=False)
+    sw = _run(tr, "lru", stream, engine, swap=True)
+    assert base["evictions"] == sw["evictions"] == 2
+    assert base["swap_copies"] == 0 and base["swap_copy_s"] == 0.0
+    assert sw["swap_copies"] == 2
+    assert sw["swap_copy_s"] == pytest.approx(2 * D, rel=1e-12)
+    extra = 2 * D if stream == "compute" else 0.0
+    assert sw["total_time_s"] - base["total_time_s"] == pytest.approx(extra, rel=1e-9)
+    assert sw["stall_miss_s"] - base["stall_miss_s"] == pytest.approx(extra, rel=1e-9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_swap_without_eviction(engine: str) -> None:
+    """A per-token cache (``reset_per_request``, every token its own request) loads into free
+    slots: nothing is evicted, nothing is copied back, the swap costs nothing."""
+    meta = TraceMeta(model="synthetic", moe_layers=(0,), num_experts=4, top_k=1,
+                     expert_bytes=1000)
+    reqs = [RequestRouting(r, np.array([[[e]]], np.int16), np.full(1, DECODE, np.uint8))
+            for r, e in enumerate([0, 1, 2, 3])]
+    tr = Trace(meta, reqs)
+    a = _run(tr, "lru", "compute", engine, swap=True, reset_per_request=True)
+    b = _run(tr, "lru", "compute", engine, swap=False, reset_per_request=True)
+    assert a["swap_copies"] == 0 and a["evictions"] == 0
+    assert a["total_time_s"] == b["total_time_s"]
+
+
+def test_copy_rules_of_a_plain_link_are_none() -> None:
+    assert copy_rules(FixedLink(1e-5, 1e9), 1000) == CopyRules()
+    rules = copy_rules(RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, True, 1.0, "own"), 10)
+    assert rules.swap and not rules.serial and rules.swap_s == D
+    assert rules.load_time(D, True) == D  # own stream: the copy back costs the load nothing
+    serial = copy_rules(RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, True, 1.0,
+                                    "compute"), 10)
+    assert serial.load_time(D, True) == 2 * D and serial.load_time(D, False) == D
+
+
+def test_compute_stream_refuses_records() -> None:
+    link, comp = _models("compute")
+    with pytest.raises(SimulationError, match="compute stream"):
+        simulate(_trace([0]), "lru", capacity=2, link=link, compute=comp, record_transfers=True)
+
+
+# -- both engines, run for run --------------------------------------------------------------
+def _with_runtime(kw: dict[str, Any], rng: np.random.Generator, layers: int) -> None:
+    """Wrap the drawn link and compute in a runtime: compute stream (mostly), swap (mostly),
+    host overheads from none to larger than the copies."""
+    stream = "compute" if rng.random() < 0.8 else "own"
+    swap = bool(rng.random() < 0.8)
+    kw["link"] = RuntimeLink(kw["link"], int(rng.integers(1, 4)),
+                             float(rng.choice([0.0, 1e-5])), float(rng.choice([1.0, 0.5])),
+                             swap, 1.0, stream)
+    host = [0.0, 1e-5, 3e-4, 5e-3]
+    kw["compute"] = RuntimeCompute(kw["compute"], layers,
+                                   step_s=float(rng.choice(host)),
+                                   layer_s=float(rng.choice(host)),
+                                   expert_s=float(rng.choice(host)),
+                                   expert_dequant_s=float(rng.choice([0.0, 1e-4])))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31))
+def test_engines_equal_under_compute_stream_and_swap(seed: int) -> None:
+    trace, policy, kw = _config(seed)
+    kw["mode"] = "timed"
+    kw["pin_layer"] = True
+    rng = np.random.default_rng([seed, 5])
+    _with_runtime(kw, rng, len(trace.meta.moe_layers))
+    try:
+        ref = simulate(trace, policy, engine="python", **kw)
+    except SimulationError as err:
+        with pytest.raises(SimulationError, match=str(err).split(":")[0]):
+            simulate(trace, policy, engine="compiled", **kw)
+        return
+    fast = simulate(trace, policy, engine="compiled", **kw)
+    _assert_same(ref, fast)
+    s = ref.summary
+    assert s["swap_copies"] <= s["evictions"]
+    swap_s = kw["link"].swap_time(trace.meta.expert_bytes)
+    assert s["swap_copy_s"] == pytest.approx(s["swap_copies"] * swap_s, rel=1e-9, abs=1e-15)
+    if not kw["link"].swap:
+        assert s["swap_copies"] == 0
+
+
+@pytest.mark.parametrize("reset", [False, True])
+@pytest.mark.parametrize("policy", ["lru", {"name": "oracle_prefetch", "eviction": "lru",
+                                            "point": "routed", "lookahead": 1},
+                                    {"name": "next_layer_all", "eviction": "lru"}])
+def test_engines_equal_named_cases(policy: Any, reset: bool) -> None:
+    """The published predictor's shapes: per-layer LRU with staging, prefetch or not, a
+    cache kept across tokens or reset per request (cache none)."""
+    from tests.helpers import random_trace
+
+    tr = random_trace(num_requests=3, tokens=6, layers=3, experts=8, top_k=2, seed=11,
+                      expert_bytes=2_000_000)
+    link = RuntimeLink(FixedLink(5e-6, 12e9), 1, 1e-5, 1.0, True, 1.0, "compute")
+    comp = RuntimeCompute(FixedCompute(attention_s=2e-4, expert_s=1e-4), 3, layer_s=5e-4,
+                          expert_s=1e-4)
+    kw = dict(capacity=6, partition="per_layer", link=link, compute=comp, staging=2,
+              reset_per_request=reset, batch=1)
+    ref = simulate(tr, policy, engine="python", **kw)
+    _assert_same(ref, simulate(tr, policy, engine="compiled", **kw))
+    if not reset:
+        assert ref.summary["swap_copies"] > 0
