@@ -15,7 +15,10 @@ run again right before each config because the shared disk and CPU drift; else t
 simulated once with that profile and the scaled expert size and run ``validate.repeats`` times
 on the executor, the repeats interleaved (round r runs every config once). With
 ``validate.pace_GBps`` every expert read is paced to that rate (``sim.executor.storage``) and the
-prediction uses the pace plus the profiled per-copy latency (``paced``). Every config is checked
+prediction uses the pace plus the profiled per-copy latency (``paced``). Every prediction also
+charges the executor's own costs as a runtime profile (``validate.runtime``, default ``auto``:
+the profile's ``machine.executor_runtime``, i.e. the copy hand-off and the run loop's work per
+step, layer and expert call; ``sim.executor.overhead``). Every config is checked
 before the first real run and the tables are rewritten after every run. The end-to-end runs are
 never used to fit anything. Outputs in the run folder:
 
@@ -211,6 +214,17 @@ class _Config:
         self.ctx: dict[str, Any] = {}
         self.ctx_io: dict[str, Any] = {}
         self.before: dict[str, Any] = {}
+        self.runtime: Any = None  # the executor's runtime profile the prediction charges
+        self.link_bare: Any = None  # the profile's link and compute without the runtime
+        self.compute_bare: Any = None
+        self.ctx_bare: dict[str, Any] = {}
+
+    def rt_link(self, link: Any) -> Any:
+        """``link`` under the config's runtime (its per-copy hand-off): every prediction of
+        the config, diagnostics included, charges the same runtime."""
+        from moesim.hw_profiles.runtime import apply_runtime
+
+        return apply_runtime(self.runtime, link, None, self.card)[0]
 
 
 def _plan(cfg: DictConfig, v: DictConfig, log: Callable[[str], None]) -> list[_Config]:
@@ -282,6 +296,23 @@ def _paced(mapping: dict[str, Any], pace_Bps: float) -> dict[str, Any]:
     return {**mapping, "name": f"{mapping['name']}_paced", "storage": st}
 
 
+def executor_runtime(v: DictConfig, mapping: dict[str, Any]) -> Any:
+    """The runtime profile a prediction charges for the executor's own costs (copy hand-off,
+    run-loop work): ``validate.runtime`` ``auto`` (the default) takes the profile's
+    ``machine.executor_runtime`` (written by ``moesim-profile storage`` and by the calibration;
+    none there: no runtime), ``none`` none, else a shipped runtime name or a runtime YAML."""
+    from moesim.hw_profiles.runtime import load_runtime, runtime_from_mapping
+
+    choice = str(v.get("runtime") or "auto")
+    if choice == "auto":
+        node = (mapping.get("machine") or {}).get("executor_runtime")
+        if node is None:
+            return load_runtime("none")
+        return runtime_from_mapping(node, "the profile's machine.executor_runtime",
+                                    allow_bare=False)
+    return load_runtime(choice)
+
+
 def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[Any, Any],
                      log: Callable[[str], None], outdir: Path) -> None:
     """Profile the machine for ``c`` (once per trace with ``validate.profile_once`` or a pace,
@@ -306,6 +337,15 @@ def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[
                            f"{c.card.name} at scale {scale:g}: measure one (moesim-profile "
                            f"storage) or use validate.calibrate=true; a roofline guess is no "
                            "validation")
+    c.runtime = rt = executor_runtime(v, mapping)
+    c.base["runtime.name"] = rt.name
+    c.base["runtime.model"] = "none" if rt.is_none else rt.describe()
+    c.base["runtime.per_copy_s"] = rt.value("copy.per_copy_s")
+    c.base["runtime.step_s"] = rt.value("overhead.step_s")
+    c.base["runtime.layer_s"] = rt.value("overhead.layer_s")
+    c.base["runtime.expert_s"] = rt.value("overhead.expert_s")
+    c.link_bare, c.compute_bare = link, compute
+    link = c.rt_link(link)
     c.link = link
     c.base["hw.name"] = profile.name
     c.base["profile.expert_s"] = float(compute.expert_time(1))
@@ -317,9 +357,16 @@ def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[
         if io_map is not mapping:
             compute_io = profile_from_mapping(io_map, name=io_map["name"],
                                               allow_bare=False).compute_model(c.card)
+    from moesim.hw_profiles.runtime import apply_runtime
+
     c.ctx = {"trace": c.trace, "policy": c.pcfg, "compute": compute, "common": c.common,
              "base": c.base, "expert_bytes": c.card.expert_bytes}
     c.ctx_io = {**c.ctx, "compute": compute_io or compute}
+    # Without the runtime (the forecast before the executor's own costs were measured): a
+    # diagnostic beside the headline, never the headline itself.
+    c.ctx_bare = c.ctx_io
+    c.ctx = {**c.ctx, "compute": apply_runtime(rt, None, compute, c.card)[1]}
+    c.ctx_io = {**c.ctx_io, "compute": apply_runtime(rt, None, c.ctx_io["compute"], c.card)[1]}
 
 
 def _with_io_factors(mapping: dict[str, Any], engines: int) -> dict[str, Any]:
@@ -392,6 +439,8 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                                     layers)
                 if c.ctx_io["compute"] is not c.ctx["compute"]:  # + the profiled contention
                     _predict(c.link, "before_io", 0, c.ctx_io, rows, layers)
+                if not c.runtime.is_none:  # diagnostic: the same without the runtime's costs
+                    _predict(c.link_bare, "no_runtime", 0, c.ctx_bare, rows, layers)
             engines = int(c.link.copy_engines)
             bracket = brackets.setdefault(c.cid, _Bracket(c.card, v, seed=1000 * (c.cid + 1)))
             opts = ExecutorOptions(
@@ -413,23 +462,24 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
             if read_before == read_before:  # calibrating: reads timed around the run
                 assert c.mapping is not None
                 read_s = (read_before + read_after) / 2
-                _predict(_with_read_time(c.mapping, c.card, read_s), "bracketed", r, c.ctx,
-                         rows, layers)
+                _predict(c.rt_link(_with_read_time(c.mapping, c.card, read_s)), "bracketed", r,
+                         c.ctx, rows, layers)
                 _predict(_with_read_time(c.mapping, c.card, read_s, no_latency=True),
                          "bracketed_no_handoff", r, c.ctx, rows, layers)
-                _predict(_with_read_time(c.mapping, c.card, read_s), "bracketed_io", r,
-                         c.ctx_io, rows, layers)
-            lat = float(getattr(c.link, "latency_s", 0.0))
+                _predict(c.rt_link(_with_read_time(c.mapping, c.card, read_s)), "bracketed_io",
+                         r, c.ctx_io, rows, layers)
+            lat = float(getattr(c.link_bare, "latency_s", 0.0))
             achieved = float(real.summary.get("executor.pace_achieved_Bps", math.nan))
             if achieved == achieved:  # diagnostic: the rate the paced tier actually ran at
                 assert c.mapping is not None  # (it holds the lag: only the hand-off is added)
                 lag = float(c.mapping.get("machine", {}).get("paced_read_lag_s", 0.0))
-                _predict(FixedLink(c.card.expert_bytes / achieved + lat - lag, math.inf,
-                                   engines), "paced_achieved", r, c.ctx, rows, layers)
+                _predict(c.rt_link(FixedLink(c.card.expert_bytes / achieved + lat - lag,
+                                             math.inf, engines)),
+                         "paced_achieved", r, c.ctx, rows, layers)
             copy_s = float(real.summary["executor.copy_mean_s"])
             if copy_s == copy_s:  # diagnostic: the run's own copy time (not a prediction)
-                _predict(FixedLink(copy_s + lat, math.inf, engines), "inrun_link", r,
-                         c.ctx_io, rows, layers)
+                _predict(c.rt_link(FixedLink(copy_s + lat, math.inf, engines)), "inrun_link",
+                         r, c.ctx_io, rows, layers)
             table = _write(outdir, rows, layers, seed)
             log(f"  [{c.cid:2d}] run {r + 1}/{int(v.repeats)} {c.label:40s} cap "
                 f"{c.base['cache.fraction']:.2f}: time/token predicted "
@@ -446,7 +496,7 @@ def _err(pred: float, meas: float) -> float:
 
 
 KINDS = ("paced", "before", "before_io", "bracketed", "bracketed_no_handoff", "bracketed_io",
-         "paced_achieved", "inrun_link")
+         "paced_achieved", "inrun_link", "no_runtime")
 HEADLINE = ("paced", "bracketed_io", "bracketed", "before_io", "before")
 BOOTSTRAP = 2000
 
@@ -497,8 +547,10 @@ def validation_table(summary: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
     (reads timed right before and after each run, no per-copy latency); ``bracketed`` (+ the
     profiled per-copy latency);
     ``bracketed_io`` (+ compute timed beside a busy reader) - the headline is the first of
-    ``HEADLINE`` computed; diagnostics, not predictions: ``paced_achieved`` (the rate the paced
-    tier actually ran at) and ``inrun_link`` (the run's own mean copy time).
+    ``HEADLINE`` computed; each charges the executor's runtime profile (``executor_runtime``:
+    copy hand-off, run-loop work). Diagnostics, not predictions: ``paced_achieved`` (the rate
+    the paced tier actually ran at), ``inrun_link`` (the run's own mean copy time) and
+    ``no_runtime`` (the first prediction without the runtime's costs).
     """
     out = []
     keys = ["config_id", "trace.name", "policy.label", "cache.fraction", "cache.slots"]
@@ -533,6 +585,10 @@ def validation_table(summary: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                     row[f"{short}_err_{k}_pct"] = _err(float(by[k][metric].median()), med)
         row["tpot_real_spread_pct"] = (
             (row["tpot_real_max_s"] - row["tpot_real_min_s"]) / row["tpot_real_s"] * 100)
+        for k in ("runtime.name", "runtime.per_copy_s", "runtime.step_s", "runtime.layer_s",
+                  "runtime.expert_s"):
+            if k in first:
+                row[k] = first[k]
         row["profile_read_s"] = float(by[head]["profile.read_s"].median())
         row["profile_expert_s"] = float(first["profile.expert_s"])
         row["real_copy_mean_s"] = float(real["executor.copy_mean_s"].median())

@@ -17,7 +17,12 @@ Microbenchmarks only (never the executor's end-to-end runs):
   through a pool larger than the CPU caches: routed expert, shared expert and dense FFN at each
   batch, router at each batch, stand-in attention at batch 1 over each context;
 * contention: expert-FFN time while 1..n readers read, and the readers' bandwidth while the FFN
-  runs, as slowdown factors (``contention``; the simulator does not apply them yet).
+  runs, as slowdown factors (``contention``; the simulator does not apply them yet);
+* the executor's own costs (``sim.executor.overhead``): the copy hand-off through its copy
+  worker and queue, and its run loop's work per step, layer and expert call timed by running
+  that loop with zero-cost ops. They are software, not hardware: recorded with provenance in
+  ``machine.executor_runtime`` as a runtime profile (``--runtime-out`` writes it as a runtime
+  YAML for ``runtime=`` / ``validate.runtime``).
 
 Every point is timed in ``rounds`` rounds; the median is written and the round-to-round spread
 ((max - min) / median) is reported in each ``source`` and in the printed summary. The logic only
@@ -66,6 +71,7 @@ class StorageBench(Protocol):
     def readers_bandwidth(self, readers: int) -> float: ...  # one round: aggregate bytes/s
     def op_samples(self, card: ModelCard, op: str, x: int) -> Samples: ...  # s per call
     def contention_samples(self, readers: int) -> list[tuple[float, float]]: ...
+    # Optional: ``executor_runtime(card)`` -> the executor's runtime mapping (CpuStorageBench).
 
 
 @dataclass(frozen=True)
@@ -212,7 +218,7 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
     machine["command"] = opts.command
     src = f"moesim-profile storage {machine.get('date', '?')} (command in machine.command)"
     how = "O_DIRECT" if direct else "buffered + fadvise(DONTNEED), O_DIRECT unavailable"
-    steps = len(opts.sizes) + len(opts.readers) + 3 + sum(
+    steps = len(opts.sizes) + len(opts.readers) + 4 + sum(
         len(opts.contexts) + len(opts.batches) * (1 + len(_ffn_ops(c.card))) for c in cards)
     bar = tqdm(total=steps, desc="moesim-profile storage", unit="step",
                disable=not opts.progress, file=sys.stderr)
@@ -278,6 +284,12 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
                     series[op].append((x, spread.add(group, bench.op_samples(spec.card, op, x))))
                     bar.update(1)
             tables[spec.base.name] = series
+        bar.update(1)
+        executor_runtime = None
+        measure_rt = getattr(bench, "executor_runtime", None)
+        if measure_rt is not None:  # the executor's hand-off and loop work (sim.executor.overhead)
+            bar.set_postfix_str("executor hand-off and loop")
+            executor_runtime = measure_rt(card)
         bar.update(1)
     finally:
         bar.close()
@@ -372,6 +384,8 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
                          for c in cards},
         },
     }
+    if executor_runtime is not None:
+        mapping["machine"]["executor_runtime"] = executor_runtime
     return mapping, spread
 
 
@@ -441,6 +455,12 @@ def summary_lines(mapping: dict[str, Any], spread: Spread) -> list[str]:
                   f"  attention ms {table['attention_s']['value']}, router ms "
                   f"{table['router_s']['value']}"]
     lines.append(f"{spread.text('ffn')} (FFN); {spread.text('attention')} (attention)")
+    rt = mapping.get("machine", {}).get("executor_runtime")
+    if rt:
+        o = rt["overhead"]
+        lines.append(f"executor: copy hand-off {rt['copy']['per_copy_s']['value']} us per copy; "
+                     f"loop {o['step_s']['value']} us per step + {o['layer_s']['value']} us per "
+                     f"layer + {o['expert_s']['value']} us per expert call")
     return lines
 
 
@@ -699,11 +719,16 @@ class CpuStorageBench(CpuComputeBench):
     def __init__(self, card: ModelCard, file_dir: Path, *, file_bytes: int, torch_threads: int,
                  seed: int, rounds: int = 7, window_s: float = 0.3, op_round_s: float = 0.02,
                  max_pool_bytes: int = 256 * 2**20, max_context: int = 4096,
-                 want_direct: bool = True) -> None:
+                 want_direct: bool = True, work_dir: Path | None = None,
+                 loop_steps: int = 200, handoff_copies: int = 64) -> None:
         super().__init__(card, torch_threads=torch_threads, seed=seed, rounds=rounds,
                          op_round_s=op_round_s, max_pool_bytes=max_pool_bytes,
                          max_context=max_context)
         self.window_s = window_s
+        self.want_direct = want_direct
+        self.work_dir = work_dir  # the executor's weights files (None: its default folder)
+        self.loop_steps = loop_steps
+        self.handoff_copies = handoff_copies
         self.chunk = round_up(card.expert_bytes)
         self.file_bytes = round_up(max(file_bytes, 4 * self.chunk))
         file_dir.mkdir(parents=True, exist_ok=True)
@@ -731,6 +756,33 @@ class CpuStorageBench(CpuComputeBench):
             self._buf = None
         self.path.unlink(missing_ok=True)
         super().close()
+
+    def executor_runtime(self, card: ModelCard) -> dict[str, Any]:
+        """The executor's runtime profile on this machine (``sim.executor.overhead``): the copy
+        hand-off, timed ``rounds`` times through the executor's own cache, copy queue and
+        worker reading its weights file of ``card`` (``calibrate.measure_handoff``; mean of all
+        rounds), and its run loop's work per step, layer and expert call (zero-cost ops)."""
+        import numpy as np
+
+        from moesim.sim.executor.calibrate import CalibrationOptions, measure_handoff
+        from moesim.sim.executor.model import EXECUTOR_DTYPES
+        from moesim.sim.executor.overhead import measure_loop_overhead, runtime_mapping
+
+        loop = measure_loop_overhead(card, steps=self.loop_steps, rounds=3, seed=self.seed)
+        handoff = None
+        note = ""
+        if card.dtype in EXECUTOR_DTYPES and card.gated:
+            copts = CalibrationOptions(work_dir=str(self.work_dir) if self.work_dir else None,
+                                       direct_io=None if self.want_direct else False)
+            handoff = float(np.mean([measure_handoff(card, copts, seed=self.seed + r,
+                                                     copies=self.handoff_copies)
+                                     for r in range(self.rounds)]))
+        else:
+            note = (f"not measured: the executor does not run {card.dtype} "
+                    f"{'gated' if card.gated else 'ungated'} experts")
+        where = (f"moesim-profile storage ({self.rounds} rounds x {self.handoff_copies} copies "
+                 f"for the hand-off)")
+        return runtime_mapping(loop, handoff, card, where, note)
 
     def op_table(self, card: ModelCard, points: dict[str, list[int]]
                  ) -> dict[tuple[str, int], tuple[float, list[float]]]:
@@ -938,6 +990,30 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--buffered", action="store_true",
                    help="do not try O_DIRECT (for filesystems known not to support it)")
     s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.add_argument("--runtime-out", type=Path,
+                   help="also write the executor's runtime profile (copy hand-off, run-loop "
+                        "overhead; machine.executor_runtime of the profile) to this YAML")
+    s.add_argument("--work-dir", type=Path,
+                   help="the executor's weights files, read by the hand-off timing (default: "
+                        "the executor's own folder, $MOESIM_CACHE/executor)")
+
+
+def write_runtime(runtime: dict[str, Any], path: Path, command: str = "") -> Path:
+    """Validate (strictly, as ``load_runtime`` would) and write the executor's runtime YAML."""
+    import yaml
+
+    from .runtime import runtime_from_mapping
+
+    runtime_from_mapping(runtime, str(path), allow_bare=False)
+    header = ("# Runtime profile of moesim's executor, written by moesim-profile storage"
+              + (f":\n#   {command}\n" if command else ".\n"))
+    text = yaml.safe_dump(runtime, sort_keys=False, default_flow_style=None, width=4096,
+                          allow_unicode=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(header + text, encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def run_cli(args: argparse.Namespace, argv: Sequence[str],
@@ -969,6 +1045,9 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str],
     out: Path = args.out or Path(f"{_slug(platform.node() or 'this_machine')}_storage.yaml")
     if out.suffix not in (".yaml", ".yml"):
         raise ValueError(f"--out {out}: the profile must be a .yaml file")
+    rt_out: Path | None = getattr(args, "runtime_out", None)
+    if rt_out is not None and rt_out.suffix not in (".yaml", ".yml"):
+        raise ValueError(f"--runtime-out {rt_out}: the runtime profile must be a .yaml file")
     if _slug(out.stem) != out.stem:
         out = out.with_name(f"{_slug(out.stem)}{out.suffix}")
     opts = StorageOptions(
@@ -988,7 +1067,8 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str],
                                       torch_threads=args.torch_threads, seed=args.seed,
                                       rounds=args.rounds, window_s=args.window,
                                       max_context=max(opts.contexts),
-                                      want_direct=not args.buffered)
+                                      want_direct=not args.buffered,
+                                      work_dir=getattr(args, "work_dir", None))
     try:
         direct, why = bench.direct()
         if not direct:
@@ -1001,7 +1081,16 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str],
     if own is not None:
         mapping["machine"]["load_average_at_end"] = " ".join(
             _read_text("/proc/loadavg").split()[:3]) or "unknown"
+    rt_map = mapping["machine"].get("executor_runtime")
+    if rt_map is not None:  # checked before anything is written
+        from .runtime import runtime_from_mapping
+
+        runtime_from_mapping(rt_map, "machine.executor_runtime", allow_bare=False)
+    elif rt_out is not None:
+        raise ValueError("--runtime-out: this bench measured no executor runtime")
     print(f"wrote {write_profile(mapping, out)} in {time.perf_counter() - t0:.0f} s")
+    if rt_out is not None:
+        print(f"wrote {write_runtime(rt_map, rt_out, mapping['machine'].get('command', ''))}")
     for line in summary_lines(mapping, spread):
         print(line)
     return 0

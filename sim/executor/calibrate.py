@@ -50,6 +50,8 @@ class CalibrationOptions:
     handoff: bool = True  # profile the copy hand-off into the per-copy latency
     contention: bool = True  # also time compute while a reader thread keeps the link busy
     pace_Bps: float | None = None  # the executor's paced tier: profile its per-read lag
+    loop_overhead: bool = True  # time the run loop's own work (sim.executor.overhead)
+    loop_steps: int = 200  # decode steps per timed loop shape and round
 
 
 def _mean_call(fn: Callable[[int], None], reps: int, cycle: int) -> float:
@@ -363,6 +365,14 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
         handoff = measure_handoff(card, opts, opts.read_seed) if opts.handoff else None
         if handoff is not None:
             log(f"calibrate: per-copy latency beyond the read {handoff * 1e6:.1f} us")
+        loop = None
+        if opts.loop_overhead:
+            from moesim.sim.executor.overhead import measure_loop_overhead
+
+            loop = measure_loop_overhead(card, opts.loop_steps, 3, opts.read_seed)
+            log(f"calibrate: run loop {loop.step_s * 1e6:.1f} us per step + "
+                f"{loop.layer_s * 1e6:.2f} us per layer + {loop.expert_s * 1e6:.2f} us per "
+                f"expert call")
         for s in range(slots):
             backend.load(s % layout.num_keys, s)
         ctx_max = max(opts.contexts)
@@ -453,6 +463,13 @@ def _calibrate(card: ModelCard, num_layers: int, dense_layers: int,
                     "torch_threads": opts.threads, "direct_io": reads.direct_io,
                     "compute_under_io": io_factor},
     }, card, reads, handoff)
+    if loop is not None:
+        from moesim.sim.executor.overhead import runtime_mapping
+
+        mapping["machine"]["executor_runtime"] = runtime_mapping(
+            loop, None, card, "sim.executor.calibrate",
+            "0 here: sim.executor.calibrate puts the copy hand-off in the hardware profile's "
+            "storage.latency_s (measure_handoff)")
     if paced is not None and opts.pace_Bps:
         mapping = with_paced_reads(mapping, card, paced, opts.pace_Bps, handoff or 0.0)
         log(f"calibrate: paced read at {opts.pace_Bps / 1e9:.3g} GB/s beside compute: mean "

@@ -140,9 +140,12 @@ class Copier:
         return len(self._inflight)
 
     # -- submissions --------------------------------------------------------------------------
-    def submit_demand(self, key: int) -> None:
+    def submit_demand(self, key: int, evicted: bool = False) -> None:
         """Start a demand copy (at the next ``flush``/``dispatch``, which the caller makes right
-        after issuing the layer's demand); its slot is already reserved in the cache."""
+        after issuing the layer's demand); its slot is already reserved in the cache.
+        ``evicted`` (the reservation evicted a resident expert: the simulator's link copies it
+        back under a swapping runtime) changes nothing here: both backends keep every expert's
+        host copy, so an evicted slot is simply overwritten."""
         if key in self._inflight:
             raise SimulationError(f"expert key {key} is already being copied")
         self._inflight[key] = DEMAND

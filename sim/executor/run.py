@@ -177,6 +177,9 @@ class Executor:
         self.handoff_s = 0.0  # copy finished -> the waiting main thread runs again
         self.waits = 0
         self.step_times: list[float] = []
+        # (backend, compute) to run instead of the real ones: zero-cost stand-ins time the
+        # loop itself (sim.executor.overhead); None: the backend of ``opts`` and torch ops.
+        self.stand_ins: tuple[Any, Any] | None = None
 
     # -- timers (ctx.after) ------------------------------------------------------------------
     def after(self, delay: float, fn: Callable[[], None]) -> None:
@@ -243,12 +246,17 @@ class Executor:
         torch.set_num_threads(self.opts.threads)
         backend = copier = None
         try:  # everything opened is closed, and torch's thread count restored, on any error
-            self.backend = backend = self._make_backend()
-            dense_total = max(self.plan.dense_before) if any(self.plan.dense_before) else 0
-            self.compute = TorchCompute(
-                self.card, self.shape.num_layers, int(w.context.max()), int(w.tokens.max()),
-                dense_total, seed=self.opts.weights_seed + 1, device=backend.device,
-            )
+            if self.stand_ins is not None:
+                self.backend = backend = self.stand_ins[0]
+                self.compute = self.stand_ins[1]
+            else:
+                self.backend = backend = self._make_backend()
+                dense_total = max(self.plan.dense_before) if any(self.plan.dense_before) else 0
+                self.compute = TorchCompute(
+                    self.card, self.shape.num_layers, int(w.context.max()),
+                    int(w.tokens.max()), dense_total, seed=self.opts.weights_seed + 1,
+                    device=backend.device,
+                )
             self.copier = self.link = self.plan.link = copier = Copier(  # type: ignore[assignment]
                 backend.load, self.opts.copy_engines, self.cache, self.cache.pool.slot_of,
                 self.clock.elapsed, on_done=on_done, record=self.opts.record_transfers,

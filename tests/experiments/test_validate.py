@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -70,8 +71,8 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     assert sims.groupby("config_id")["prediction"].value_counts().to_dict() == {
         (c, k): n for c in (0, 1) for k, n in (("before", 1), ("before_io", 1), ("bracketed", 2),
                                                 ("bracketed_no_handoff", 2), ("bracketed_io", 2),
-                                                ("inrun_link", 2))}
-    assert len(summary) == 2 * (10 + 2)
+                                                ("inrun_link", 2), ("no_runtime", 1))}
+    assert len(summary) == 2 * (11 + 2)
     assert set(per_layer["source"]) == {"real", "sim"}
     assert len(per_layer) == len(summary) * 6
     real = summary[summary["source"] == "real"]
@@ -81,8 +82,14 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     assert (summary["expert_bytes"] == real["expert_bytes"].iloc[0]).all()
     assert len(table) == 2 and (out / "validation.parquet").is_file()
     assert (table["prediction"] == "bracketed_io").all()
-    for kind in ("before", "bracketed", "bracketed_no_handoff", "inrun_link"):
+    for kind in ("before", "bracketed", "bracketed_no_handoff", "inrun_link", "no_runtime"):
         assert table[f"tpot_err_{kind}_pct"].notna().all()
+    # the calibration's run-loop work is charged (runtime auto: the profile's own), the
+    # hand-off stays in the profile's storage latency (the runtime's per-copy cost is 0)
+    assert (table["runtime.name"] == "moesim_executor").all()
+    assert (table["runtime.layer_s"] + table["runtime.step_s"] > 0).all()
+    assert (table["runtime.per_copy_s"] == 0).all()
+    assert (table["tpot_sim_s"] > 0).all()
     profiles = sorted(p.name for p in out.glob("profile_*.yaml"))
     assert profiles == ["profile_00.yaml", "profile_01.yaml"]
     lru = table[table["policy.label"] == "lru"].iloc[0]
@@ -258,3 +265,53 @@ def test_noise_and_interval_of_zero_runs_are_nan_without_warnings() -> None:
         assert math.isnan(noise_floor(np.array([0.0, 0.0, 1e-3])))
         assert all(math.isnan(x) for x in bootstrap_err(1.0, np.zeros(3),
                                                         np.random.default_rng(0)))
+
+
+def test_forecast_charges_the_profiles_executor_runtime(tiny_trace: Path, tmp_path: Path) -> None:
+    """calibrate=false with a measured profile: ``validate.runtime=auto`` charges the profile's
+    machine.executor_runtime (the ``no_runtime`` diagnostic is the forecast without it, equal
+    to ``validate.runtime=none``'s); all terms 0 is exactly the forecast without a runtime."""
+    from moesim.sim.executor.calibrate import CalibrationOptions, calibrate
+    from moesim.sim.executor.model import scaled_card
+    from moesim.sim.executor.overhead import LoopOverhead, runtime_mapping
+    from moesim.traces.model_card import load_card
+
+    card = scaled_card(load_card("moesim_tiny_moe"), 0.5)
+    work = str(tmp_path / "work")
+    mapping = calibrate(card, card.num_moe_layers, 0,
+                        CalibrationOptions(reads=4, reps=3, min_seconds=0.02, slots=4,
+                                           work_dir=work, contention=False, loop_steps=10),
+                        log=lambda _m: None)
+    loop = LoopOverhead(50e-6, 20e-6, 5e-6, (), 1, 1, "t")
+
+    def forecast(runtime: dict | None, choice: str, name: str) -> pd.DataFrame:
+        m = {**mapping, "machine": {**mapping["machine"]}}
+        m["machine"].pop("executor_runtime")
+        if runtime is not None:
+            m["machine"]["executor_runtime"] = runtime
+        m["name"] = name
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(m, sort_keys=False))
+        cfg = _cfg(["experiment=validate_smoke", "validate.calibrate=false",
+                    f"validate.hw_path={path}", f"validate.runtime={choice}"])
+        OmegaConf.update(cfg, "validate.traces", [
+            {"trace": "file", "path": str(tiny_trace), "scale": 0.5, "label": "tiny"}],
+            merge=False)
+        OmegaConf.update(cfg, "validate.work_dir", work)
+        out = tmp_path / name
+        run_validation(cfg, out, log=lambda _msg: None)
+        s = pd.read_parquet(out / "summary.parquet")
+        return s[s["source"] == "sim"].set_index(["config_id", "prediction"])
+
+    measured = runtime_mapping(loop, 40e-6, card, "test")
+    charged = forecast(measured, "auto", "charged")
+    bare = forecast(measured, "none", "bare")
+    zero = forecast(runtime_mapping(LoopOverhead(0.0, 0.0, 0.0, (), 1, 1, "t"), 0.0, card,
+                                    "test"), "auto", "zero")
+    tpot = "time_per_output_token_s"
+    for cid in (0, 1):
+        assert charged.loc[(cid, "before"), tpot] > bare.loc[(cid, "before"), tpot]
+        assert charged.loc[(cid, "no_runtime"), tpot] == bare.loc[(cid, "before"), tpot]
+        assert zero.loc[(cid, "before"), tpot] == bare.loc[(cid, "before"), tpot]
+        assert (cid, "no_runtime") not in zero.index
+        assert charged.loc[(cid, "before"), "runtime.per_copy_s"] == pytest.approx(40e-6)

@@ -1,0 +1,220 @@
+"""The executor's own costs beyond its ops and reads, as a runtime profile.
+
+A profile of the machine (``moesim-profile storage``, ``sim.executor.calibrate``) times the ops
+and the reads; a run of the executor also pays
+
+* the **copy hand-off**: from the compute thread issuing a demand copy to it running again once
+  the copy worker reports it, beyond the read itself (``calibrate.measure_handoff``: the
+  executor's own cache, ``Copier`` queue and worker thread);
+* the **run loop's own work** per decode step, per layer and per expert call (policy hooks, the
+  cache's bookkeeping, the copier's queue checks, the timers it reads), outside the timed ops.
+  :func:`measure_loop_overhead` times it by running the executor's loop itself
+  (``sim.executor.run.Executor``) with zero-cost stand-ins for the ops and the reads
+  (:class:`NullCompute`, :class:`NullBackend`) on a synthetic routing of the card's shape.
+
+Both are software costs of this runtime, not of the machine's hardware, so they are written as a
+runtime profile (``hw_profiles/runtimes/``, the ``runtime`` axis): ``copy.per_copy_s`` and
+``overhead.step_s`` / ``layer_s`` / ``expert_s``. The simulator then charges them through its
+one cost model (``hw_profiles.runtime.apply_runtime``: both engines), with no engine code of its
+own. Microbenchmarks only: never an end-to-end run of the workload a validation predicts.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from moesim.traces.model_card import ModelCard
+
+RUNTIME_NAME = "moesim_executor"
+
+
+class NullBackend:
+    """The storage backend's interface with nothing behind it: a zero-cost read."""
+
+    name = "null"
+    device = "cpu"
+
+    def load(self, key: int, slot: int, engine: int = 0) -> None:
+        return None
+
+    def weights(self, slot: int) -> tuple[Any, Any, Any]:
+        return (None, None, None)
+
+    def sync(self) -> None:
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {}
+
+    def close(self) -> None:
+        return None
+
+
+class NullCompute:
+    """``TorchCompute``'s calls as the run loop makes them, each doing nothing."""
+
+    dense: list[Any] = []
+
+    def attention(self, layer: int, tokens: int, context: int) -> None:
+        return None
+
+    def dense_layer(self, index: int, tokens: int, context: int) -> None:
+        return None
+
+    def shared(self, layer: int, tokens: int) -> None:
+        return None
+
+    def expert(self, weights: tuple[Any, Any, Any], tokens: int) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class LoopOverhead:
+    """The run loop's cost per step = ``step_s + layers x layer_s + expert calls x expert_s``
+    (the simulator's runtime formula, ``RuntimeCompute``), fitted to the timed points."""
+
+    step_s: float
+    layer_s: float
+    expert_s: float
+    points: tuple[tuple[int, int, float], ...]  # (layers, expert calls per step, s per step)
+    steps: int  # counted steps timed per point and round
+    rounds: int
+    at: str
+
+    def per_step(self, layers: int, calls: int) -> float:
+        return self.step_s + layers * self.layer_s + calls * self.expert_s
+
+
+def _variant(card: ModelCard, layers: int, top_k: int) -> ModelCard:
+    """The card with ``layers`` MoE layers (no dense ones) and ``top_k`` experts per token: the
+    ops do nothing here, so only the loop's shape matters (float32: a dtype the executor takes)."""
+    return replace(card, name=f"{card.name}_loop", num_layers=layers,
+                   moe_layers=tuple(range(layers)), top_k=top_k, dtype="float32",
+                   experts_bits=None, attention_bits=None, shared_bits=None)
+
+
+def _routing_trace(card: ModelCard, tokens: int, seed: int) -> Any:
+    from moesim.traces.trace import DECODE, RequestRouting, Trace, TraceMeta
+
+    rng = np.random.default_rng(seed)
+    ex = np.empty((tokens, card.num_moe_layers, card.top_k), dtype=np.int16)
+    for t in range(tokens):
+        for j in range(card.num_moe_layers):
+            ex[t, j] = rng.choice(card.num_experts, size=card.top_k, replace=False)
+    meta = TraceMeta(model=card.name, moe_layers=tuple(card.moe_layers),
+                     num_experts=card.num_experts, top_k=card.top_k,
+                     num_shared_experts=card.num_shared_experts,
+                     expert_bytes=card.expert_bytes, source="sim.executor.overhead (synthetic)")
+    return Trace(meta, [RequestRouting(0, ex, np.full(tokens, DECODE, dtype=np.uint8))])
+
+
+def loop_step_time(card: ModelCard, layers: int, top_k: int, steps: int, seed: int = 0,
+                   policy: str = "lru") -> float:
+    """Mean seconds per counted decode step of the executor's run loop over a card of
+    ``layers`` MoE layers and ``top_k`` experts per token, every op and read a no-op and every
+    expert resident (a cache of all of them, filled before the clock: every access a hit, so
+    no copy and no hand-off is in it)."""
+    from moesim.sim.executor.run import prepare
+
+    v = _variant(card, layers, top_k)
+    trace = _routing_trace(v, steps + 2, seed)
+    ex = prepare(trace, policy, v, capacity=v.num_moe_layers * v.num_experts, prefill="random",
+                 warmup_tokens=2, seed=seed)
+    ex.stand_ins = (NullBackend(), NullCompute())
+    ex.run()
+    return ex.c.time / max(ex.c.steps, 1)
+
+
+def _shape_points(card: ModelCard) -> list[tuple[int, int]]:
+    """(layers, top_k) of the timed loops: the card's own and a smaller one in each, so the
+    step, layer and expert terms are told apart."""
+    big_l, big_k = card.num_moe_layers, card.top_k
+    small_l = max(1, big_l // 4) if big_l >= 4 else big_l + 3
+    ks = sorted({1, big_k}) if card.num_experts > 1 else [1]
+    if len(ks) == 1 and card.num_experts > 1:
+        ks.append(2)
+    return [(lay, k) for lay in (small_l, big_l) for k in ks]
+
+
+def fit_loop(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
+    """Non-negative least squares of ``t = step + layers x layer + calls x expert`` over the
+    timed points (a term the noise would make negative is dropped and the rest refitted)."""
+    from scipy.optimize import nnls
+
+    a = np.array([[1.0, float(lay), float(calls)] for lay, calls, _ in points])
+    b = np.array([t for _, _, t in points])
+    x, _ = nnls(a, b)
+    return float(x[0]), float(x[1]), float(x[2])
+
+
+def measure_loop_overhead(card: ModelCard, steps: int = 200, rounds: int = 3, seed: int = 0
+                          ) -> LoopOverhead:
+    """Time the executor's loop with zero-cost ops (:func:`loop_step_time`) at the shapes of
+    :func:`_shape_points`, ``rounds`` interleaved rounds (a burst of load hits every shape),
+    the mean per shape, and fit :class:`LoopOverhead`. Expert calls per step count a layer's
+    shared-expert call as the simulator's runtime model does (``RuntimeCompute.shared_time``
+    adds ``expert_s``)."""
+    shapes = _shape_points(card)
+    shared = 1 if card.shared_intermediate_size > 0 else 0
+    times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
+    for r in range(max(rounds, 1)):
+        for lay, k in shapes:
+            times[(lay, k)].append(loop_step_time(card, lay, k, steps, seed + r))
+    points = tuple((lay, lay * (k + shared), float(np.mean(times[(lay, k)])))
+                   for lay, k in shapes)
+    step_s, layer_s, expert_s = fit_loop(points)
+    return LoopOverhead(step_s, layer_s, expert_s, points, steps, max(rounds, 1),
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def _q(value: float, unit: str, source: str) -> dict[str, Any]:
+    scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
+    return {"value": float(f"{value * scale:.6g}"), "unit": unit, "kind": "measured",
+            "source": source}
+
+
+def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard,
+                    where: str, handoff_note: str = "") -> dict[str, Any]:
+    """The runtime profile of the executor (``hw_profiles.runtime.runtime_from_mapping``):
+    ``copy.per_copy_s`` = the copy hand-off (``handoff_s``; None: 0, with ``handoff_note``
+    saying where the profile already holds it), ``overhead.*`` = ``loop``'s fit."""
+    pts = "; ".join(f"{lay} layers x {calls} expert calls: {t * 1e6:.1f} us"
+                    for lay, calls, t in loop.points)
+    loop_src = (f"{where} at {loop.at} on {platform.node()}: sim.executor.overhead."
+                f"measure_loop_overhead, the executor's run loop (sim.executor.run) with "
+                f"zero-cost ops and reads, every expert resident, {loop.steps} decode steps x "
+                f"{loop.rounds} interleaved rounds per shape of {card.name}; mean s per step = "
+                f"step_s + layers x layer_s + expert calls x expert_s, non-negative least "
+                f"squares over ({pts})")
+    if handoff_s is None:
+        copy_q = {"value": 0, "unit": "us", "kind": "measured",
+                  "source": handoff_note or "not measured here"}
+    else:
+        copy_q = _q(handoff_s, "us",
+                    f"{where} at {loop.at}: sim.executor.calibrate.measure_handoff, mean time "
+                    f"from the compute thread issuing a demand copy to it running again once the "
+                    f"executor's copy worker reports it, minus the read itself (the executor's "
+                    f"cache, Copier queue and worker thread; O_DIRECT reads of {card.name})")
+    return {
+        "name": RUNTIME_NAME,
+        "system": "moesim's offloading executor (sim/executor/, backend storage)",
+        "description": ("the executor's copy hand-off and its run loop's Python work per step, "
+                        "layer and expert call, measured on this machine"),
+        "copy": {"per_copy_s": copy_q},
+        "overhead": {
+            "step_s": _q(loop.step_s, "us", loop_src),
+            "layer_s": _q(loop.layer_s, "us", loop_src),
+            "expert_s": _q(loop.expert_s, "us", loop_src),
+        },
+        "notes": ("Measured, never fitted to an end-to-end run. The simulator charges step_s "
+                  "spread over the card's layers and layer_s per layer, dense ones included "
+                  "(the executor's loop pays it per MoE layer: a card with dense layers is "
+                  "charged layer_s once more per dense layer); expert_s per routed and shared "
+                  "expert call; per_copy_s on every copy."),
+    }
