@@ -32,6 +32,10 @@ CALIBRATION: dict[str, tuple[str, ...]] = {
     "moe_infinity": ("mi_lat_moeinf_dsv2l",),
     # accelerate: the A100 naive-offloading cells of mixtral-offloading's Table 2.
     "accelerate": ("mo_t2_a100_2bit_naive", "mo_t2_a100_3bit_naive"),
+    # llama.cpp: its per-token cost beside the GPU roofline on the A100 cell of the
+    # llama-cpp-python issue, and its bf16 CPU kernel on MoE-Gen's Mixtral batch-1 cell (a
+    # host without AVX512-BF16); 2 of its predictable entries, every other one held out.
+    "llama_cpp": ("lcpp1017_a100_decode", "mg_t9_llamacpp_mixtral_b1"),
 }
 # Search range of each parameter (base units), log-spaced.
 RANGES: dict[str, tuple[float, float]] = {
@@ -42,6 +46,11 @@ RANGES: dict[str, tuple[float, float]] = {
     "copy.per_copy_s": (1e-7, 1e-3),
     "copy.efficiency": (0.05, 1.0),
     "prefetch.recall": (0.05, 1.0),
+    # CPU kernels' throughput, x the host's effective FLOP/s (``cpu_kernels``)
+    "cpu_kernels.int4": (1e-4, 10.0),
+    "cpu_kernels.int8": (1e-4, 10.0),
+    "cpu_kernels.bf16": (1e-4, 10.0),
+    "cpu_kernels.fp32": (1e-4, 10.0),
 }
 FIT_SOURCE = "fitted by moesim.experiments.published.fit on {ids}"
 

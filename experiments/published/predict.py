@@ -20,6 +20,10 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   requests is not predictable); the predicted time per output token is the run's
   ``time_per_output_token_s`` (with a batch: step time over the batch's tokens), tokens/s its
   inverse (a throughput), a speed-up the ratio of two entries' predictions;
+- ``placement``: ``fetch`` (the default), ``cpu_on_miss`` and ``fetch_or_cpu`` as the moesim
+  placements of those names; ``static_cpu`` (llama.cpp ``--n-cpu-moe`` / ``-ot exps=CPU``,
+  kTransformers) by its cache (:func:`placement_of`); CPU expert times come from the
+  profile's host CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``);
 - ``phase: prefill``: the trace's recorded prompts of at least ``input_tokens`` tokens, cut to
   that length, each one step (``replay=prefill``); tokens/s is the run's
   ``prefill_tokens_per_s``. ``phase: request`` (prompt and generation in one figure) is not
@@ -35,7 +39,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from moesim.hw_profiles import load_profile
-from moesim.hw_profiles.runtime import RuntimeProfile, apply_runtime, load_runtime
+from moesim.hw_profiles.runtime import (
+    RuntimeProfile,
+    apply_runtime,
+    apply_runtime_cpu,
+    load_runtime,
+)
 from moesim.sim import capacity_slots, dense_layers_before, simulate
 from moesim.sim.hardware import host_side
 from moesim.traces.model_card import ModelCard, load_card
@@ -47,7 +56,10 @@ from .entries import Entry
 MODEL_TRACES: dict[str, str] = {
     "mixtral_8x7b": "mixtral_8x7b",
     "deepseek_v2_lite": "deepseek_v2_lite",
+    # BigMoeOnEdge's one prompt (top-6 of the native 8: refused below for top-8 entries)
+    "qwen3_30b_a3b": "qwen3_30b_a3b_bmoe",
 }
+PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu")  # predicted so far
 MAX_TOKENS = 64  # decode tokens per request replayed (the trace's requests, up to this)
 MAX_REQUESTS = 4
 PROMPT_SEARCH = 64  # requests searched for recorded prompts (prefill entries)
@@ -98,6 +110,7 @@ class Prepared:
     no_reuse: bool = False  # cache: none -- nothing stays on the GPU from one token to the next
     batch: int = 1  # requests decoded together (the entry's batch)
     replay: str = "decode"  # "prefill": the entry times the prompt (phase prefill)
+    placement: Any = None  # the moesim placement ({"name": ...}; None: fetch)
 
 
 @functools.cache
@@ -212,7 +225,7 @@ def prepare(entry: Entry) -> Prepared:
                              "decode_time_s)")
     if entry.phase == "prefill" and entry.batch != 1:
         raise NotPredictable(f"prefill at batch {entry.batch}: only batch 1 is predicted")
-    if entry.placement != "fetch":
+    if entry.placement not in PLACEMENTS:
         raise NotPredictable(f"placement {entry.placement}: not predicted so far")
     if entry.phase == "prefill":
         if not entry.input_tokens:
@@ -224,8 +237,12 @@ def prepare(entry: Entry) -> Prepared:
         entry.bits("experts"), entry.bits("attention"), entry.bits("shared"))
     from moesim.experiments.inputs import with_card_bytes
 
+    if trace.meta.top_k < card.top_k:
+        raise NotPredictable(f"trace {trace_name} routes top-{trace.meta.top_k} of the model's "
+                             f"{card.top_k} experts per token (it would understate the work)")
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
+    placement = placement_of(entry, card)
     from moesim.policies.base import PolicyError
     from moesim.policies.registry import resolve
 
@@ -234,12 +251,29 @@ def prepare(entry: Entry) -> Prepared:
     except PolicyError:
         raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy") from None
     profile = load_profile(entry.hw)
-    no_reuse = "none" in entry.cache
+    no_reuse = "none" in entry.cache and placement is None
     if no_reuse:
         trace = per_token_requests(trace)
     replay = "prefill" if entry.phase == "prefill" else "decode"
     return Prepared(entry, trace, card, profile, capacity, partition, warmup,
-                    bus_scale(entry, profile), no_reuse, entry.batch, replay)
+                    bus_scale(entry, profile), no_reuse, entry.batch, replay, placement)
+
+
+def placement_of(entry: Entry, card: ModelCard) -> dict[str, Any] | None:
+    """The moesim placement of the entry (None: fetch). ``static_cpu`` follows the cache: no
+    cache puts every routed expert on the CPU (kTransformers, ``-ot exps=CPU``); ``per_layer:
+    N`` keeps the policy's N experts of each layer on the GPU and computes every other one on
+    the CPU (kTransformers' GPU experts); a global budget puts the routed experts of the first
+    layers on the CPU, as many as do not fit (llama.cpp's ``--n-cpu-moe``)."""
+    if entry.placement == "fetch":
+        return None
+    if entry.placement != "static_cpu":
+        return {"name": entry.placement}
+    if "none" in entry.cache:
+        return {"name": "static_cpu", "layers": card.num_moe_layers}
+    if "per_layer" in entry.cache:
+        return {"name": "cpu_on_miss"}
+    return {"name": "static_cpu", "layers": None}
 
 
 def per_token_requests(trace: Trace) -> Trace:
@@ -273,6 +307,9 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
     link, compute = apply_runtime(runtime, bus(p.profile.expert_link()),
                                   p.profile.compute_model(p.card), p.card,
                                   lambda: bus(p.profile.host_link_model("pageable")))
+    host = host_side(p.profile, p.card)
+    if p.placement is not None:  # experts on the host CPU: the runtime's kernels
+        host = apply_runtime_cpu(runtime, host, f"{p.profile.name} host_cpu")
     result = simulate(
         p.trace, policy or policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
         mode="timed", link=link, compute=compute, partition=p.partition,
@@ -280,7 +317,7 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
         batch=p.batch, prefill="random" if prompt_only and p.warmup else "empty",
         replay=p.replay,  # type: ignore[arg-type]
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
-        host=host_side(p.profile, p.card), staging=runtime.staging_buffers,
+        host=host, staging=runtime.staging_buffers, placement=p.placement,
     )
     return result.summary
 

@@ -1,0 +1,125 @@
+"""Published entries that compute experts on the host CPU (llama.cpp, kTransformers): how an
+entry's placement becomes a moesim placement, the runtime's CPU kernels reaching the run, the
+calibration discipline of the llama_cpp fit, and the CPU/fetch crossover rows of the page."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from moesim.experiments.published.docs import (
+    CROSSOVER_EFFECT,
+    CROSSOVER_SETUPS,
+    FIDDLER_LATENCY_CPU,
+    FIDDLER_LATENCY_GPU,
+    crossover_effects,
+)
+from moesim.experiments.published.entries import load_entries
+from moesim.experiments.published.fit import CALIBRATION, fit_runtime
+from moesim.experiments.published.predict import NotPredictable, placement_of, prepare
+from moesim.experiments.published.report import FIT_JSON
+from moesim.hw_profiles.runtime import list_runtimes, load_runtime, with_values
+from moesim.traces.model_card import load_card
+
+CARD = load_card("mixtral_8x7b")
+
+
+def _entries() -> dict:
+    return {e.id: e for e in load_entries(runtimes=list_runtimes())}
+
+
+def test_placement_of_follows_the_cache() -> None:
+    e = _entries()["mg_t9_llamacpp_mixtral_b1"]  # static_cpu beside a GPU memory budget
+    assert placement_of(e, CARD) == {"name": "static_cpu", "layers": None}  # --n-cpu-moe
+    every = replace(e, cache={"none": True})  # kTransformers / -ot exps=CPU
+    assert placement_of(every, CARD) == {"name": "static_cpu", "layers": CARD.num_moe_layers}
+    gpu_experts = replace(e, cache={"per_layer": 2})  # kTransformers' GPU experts
+    assert placement_of(gpu_experts, CARD) == {"name": "cpu_on_miss"}
+    assert placement_of(replace(e, placement="fetch_or_cpu"), CARD) == {"name": "fetch_or_cpu"}
+    assert placement_of(replace(e, placement="fetch"), CARD) is None
+
+
+def test_placements_without_a_mapping_are_reported() -> None:
+    e = _entries()["mg_t9_llamacpp_mixtral_b1"]
+    with pytest.raises(NotPredictable, match="placement low_precision_fetch"):
+        prepare(replace(e, placement="low_precision_fetch"))
+
+
+def test_llama_cpp_fit_never_sees_a_held_out_entry() -> None:
+    entries = list(_entries().values())
+    seen: set[str] = set()
+
+    def fake(entry, runtime):  # time grows with the per-token cost, falls with the kernel
+        seen.add(entry.id)
+        return entry.value * (1 + runtime.value("overhead.step_s")) * (
+            1 + 1e-3 / runtime.value("cpu_kernels.bf16"))
+
+    fit_runtime(load_runtime("llama_cpp"), entries, fake, rounds=1, points=3)
+    assert seen == set(CALIBRATION["llama_cpp"])
+
+
+def test_shipped_llama_cpp_kernels_are_the_committed_fit() -> None:
+    fits = {f["runtime"]: f for f in json.loads(FIT_JSON.read_text())}
+    rt = load_runtime("llama_cpp")
+    q = rt.quantity("cpu_kernels.bf16")
+    assert q.kind == "fitted"
+    assert q.value == pytest.approx(fits["llama_cpp"]["values"]["cpu_kernels.bf16"], rel=1e-5)
+    # the kernels not fitted keep their estimates and say so
+    assert rt.cpu_kernels is not None and rt.cpu_kernels.rates["int4"].kind == "estimate"
+
+
+def test_crossover_rows_against_fiddlers_constants() -> None:
+    df = crossover_effects()
+    assert set(df["effect"]) == {CROSSOVER_EFFECT}
+    assert (df["measured"] == FIDDLER_LATENCY_GPU / FIDDLER_LATENCY_CPU).all()
+    assert len(df) == 2 * len(CROSSOVER_SETUPS) and (df["role"] == "not_fitted").all()
+    for hw in CROSSOVER_SETUPS:
+        plain = df[df["setting"] == f"{hw}, roofline host"]["predicted"].iloc[0]
+        kern = df[df["setting"] == f"{hw}, fiddler CPU kernels"]["predicted"].iloc[0]
+        # bf16 kernels can only bring the crossover earlier than the host's fp32 roofline
+        assert 1 <= kern <= plain
+    ok = df.dropna()
+    assert (ok["error"] == ok["predicted"] / ok["measured"] - 1).all()
+
+
+@pytest.mark.shared
+def test_a_cpu_placement_entry_runs_the_runtimes_kernels() -> None:
+    from tests.traces.fixtures import require_shared
+
+    require_shared("mixtral8x7b_speculative-moe")
+    from moesim.experiments.published.predict import predict_s_per_token
+
+    e = _entries()["mg_t9_llamacpp_mixtral_b1"]
+    p = prepare(e)
+    assert p.placement == {"name": "static_cpu", "layers": None}
+    rt = load_runtime("llama_cpp")
+    slow = predict_s_per_token(p, with_values(rt, {"cpu_kernels.bf16": 1e-3}, "t"))
+    fast = predict_s_per_token(p, with_values(rt, {"cpu_kernels.bf16": 1.0}, "t"))
+    assert slow > 2 * fast  # the CPU layers' experts are compute-bound at the slow kernel
+    # the GPU-only llama.cpp cell does not depend on the CPU kernels at all
+    g = prepare(_entries()["lcpp1017_h100_decode"])
+    assert g.placement is None
+    assert math.isclose(predict_s_per_token(g, with_values(rt, {"cpu_kernels.bf16": 1e-3}, "t")),
+                        predict_s_per_token(g, rt))
+
+
+@pytest.mark.shared
+def test_llama_cpp_calibrates_on_at_most_a_third_of_its_predictable_entries() -> None:
+    from tests.traces.fixtures import require_shared
+
+    require_shared("mixtral8x7b_speculative-moe")
+    require_shared("deepseek_v2_lite_moe-beyond")
+    predictable = []
+    for e in _entries().values():
+        if e.runtime != "llama_cpp":
+            continue
+        try:
+            prepare(e)
+        except NotPredictable:
+            continue
+        predictable.append(e.id)
+    cal = CALIBRATION["llama_cpp"]
+    assert set(cal) <= set(predictable) and 3 * len(cal) <= len(predictable)
