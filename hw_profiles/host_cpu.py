@@ -193,7 +193,8 @@ class HostCpuSpec:
               else self.memory_bandwidth_Bps)
         fl = self.flops_measured if self.flops_measured.known else self.flops
         where = f"{self.profile} host_cpu" if self.profile else "host_cpu"
-        text = (f"{where} ({self.cpu}, parallel {int(self.parallel.value)}): roofline "
+        isa = f", isa {'/'.join(self.isa.flags)} ({self.isa.kind})" if self.isa.flags else ""
+        text = (f"{where} ({self.cpu}, parallel {int(self.parallel.value)}{isa}): roofline "
                 f"{self.effective_memory_bandwidth_Bps / 1e9:.3g} GB/s "
                 f"({kind(bw, self.memory_efficiency)}), "
                 f"{self.effective_flops / 1e12:.3g} TFLOP/s ({kind(fl, self.flops_efficiency)}) "
