@@ -710,8 +710,20 @@ def render_noise_block(df: pd.DataFrame) -> str:
             f"| {g['load_avg_1m'].min():.1f} to {g['load_avg_1m_max'].max():.1f} "
             f"| {steal.median():.2f} % | {target.get(run, '')}: "
             f"**{_met(run, e.median(), e.max(), floor)}** |")
+        bare = _no_runtime_err(g)
+        if bare is not None:  # the same real runs, the prediction without the runtime's costs
+            lo, hi = bootstrap_median_abs(bare, 0)
+            lines.append(
+                f"| the same runs predicted without the executor runtime (diagnostic "
+                f"no_runtime) | {len(g)} x {int(g['repeats'].min())} "
+                f"| {bare.median():.1f} % ({lo:.1f}-{hi:.1f}) | {bare.max():.1f} % "
+                f"| {floor:.1f} % | as above | | {target.get(run, '')}: "
+                f"**{_met(run, bare.median(), bare.max(), floor)}** |")
+    rt_lines = [_runtime_line(desc.get(run, run), g) for run, g in df.groupby("run", sort=False)]
+    lines += [x for x in rt_lines if x]
     lines += ["", "| validation | trace | policy | cache | sim ms/token | real ms/token | error "
-              "(95 % bootstrap) | noise floor |", "|---|---|---|---|---|---|---|---|"]
+              "(95 % bootstrap) | without the runtime | noise floor |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for run, g in df.groupby("run", sort=False):
         if run not in ("validate_paced_ci_vm.csv", "validate_forecast_ci_vm.csv"):
             continue  # the earlier paced runs: summary row only
@@ -722,5 +734,35 @@ def render_noise_block(df: pd.DataFrame) -> str:
                 f"| {r['cache.fraction']:.0%} | {r['tpot_sim_s'] * 1e3:.2f} "
                 f"| {r['tpot_real_s'] * 1e3:.2f} | {r['tpot_err_pct']:+.1f} % "
                 f"({r['tpot_err_lo_pct']:+.1f} to {r['tpot_err_hi_pct']:+.1f}) "
+                f"| {_fmt_pct(r.get('tpot_err_no_runtime_pct', math.nan))} "
                 f"| {r['tpot_noise_floor_pct']:.1f} % |")
     return "\n".join(lines)
+
+
+def _fmt_pct(x: Any) -> str:
+    x = float(x) if x is not None else math.nan
+    return f"{x:+.1f} %" if math.isfinite(x) else "-"
+
+
+def _no_runtime_err(g: pd.DataFrame) -> pd.Series | None:
+    """|error| of the ``no_runtime`` diagnostic per config, when every config has it."""
+    col = "tpot_err_no_runtime_pct"
+    if col not in g or not g[col].notna().all():
+        return None
+    return g[col].astype(float).abs()
+
+
+def _runtime_line(desc: str, g: pd.DataFrame) -> str:
+    """What the executor runtime charged in one validation (per trace: profiled per trace)."""
+    if "runtime.name" not in g or not (g["runtime.name"] == "moesim_executor").any():
+        return ""
+    parts = []
+    for trace, t in g.groupby("trace.name", sort=True):
+        r = t.iloc[0]
+        where = " (in the profile's storage latency instead)" if r["runtime.per_copy_s"] == 0 \
+            else ""
+        parts.append(f"{trace}: copy hand-off {r['runtime.per_copy_s'] * 1e6:.1f} us per copy"
+                     f"{where}, run loop {r['runtime.step_s'] * 1e6:.1f} us per step + "
+                     f"{r['runtime.layer_s'] * 1e6:.2f} us per layer + "
+                     f"{r['runtime.expert_s'] * 1e6:.2f} us per expert call")
+    return f"\nExecutor runtime charged in *{desc}*: " + "; ".join(parts) + "."

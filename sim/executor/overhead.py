@@ -7,10 +7,14 @@ and the reads; a run of the executor also pays
   the copy worker reports it, beyond the read itself (``calibrate.measure_handoff``: the
   executor's own cache, ``Copier`` queue and worker thread);
 * the **run loop's own work** per decode step, per layer and per expert call (policy hooks, the
-  cache's bookkeeping, the copier's queue checks, the timers it reads), outside the timed ops.
-  :func:`measure_loop_overhead` times it by running the executor's loop itself
-  (``sim.executor.run.Executor``) with zero-cost stand-ins for the ops and the reads
-  (:class:`NullCompute`, :class:`NullBackend`) on a synthetic routing of the card's shape.
+  cache's bookkeeping, the copier's queue checks, the timers it reads), outside the timed ops,
+  and per copy the main thread's work for a miss (the eviction, the reservation, submitting
+  and draining the copy) beyond the hand-off wait. :func:`measure_loop_overhead` times it by
+  running the executor's loop itself (``sim.executor.run.Executor``) with zero-cost stand-ins
+  for the ops and the reads (:class:`NullCompute`, :class:`NullBackend`; the copies go through
+  the real ``Copier`` and its worker thread) on a synthetic routing of the card's shape, once
+  with every expert resident and once with a cache that misses, the time blocked waiting for a
+  copy left out (that wait is the hand-off, measured with a real read).
 
 Both are software costs of this runtime, not of the machine's hardware, so they are written as a
 runtime profile (``hw_profiles/runtimes/``, the ``runtime`` axis): ``copy.per_copy_s`` and
@@ -87,6 +91,10 @@ class LoopOverhead:
     rounds: int
     at: str
 
+    copy_s: float = 0.0  # the main thread's work per demand copy, beyond the hand-off wait
+    copy_points: tuple[tuple[float, float], ...] = ()  # (copies per step, s per step beyond
+    #                                                    the all-resident loop)
+
     def per_step(self, layers: int, calls: int) -> float:
         return self.step_s + layers * self.layer_s + calls * self.expert_s
 
@@ -115,20 +123,25 @@ def _routing_trace(card: ModelCard, tokens: int, seed: int) -> Any:
 
 
 def loop_step_time(card: ModelCard, layers: int, top_k: int, steps: int, seed: int = 0,
-                   policy: str = "lru") -> float:
-    """Mean seconds per counted decode step of the executor's run loop over a card of
-    ``layers`` MoE layers and ``top_k`` experts per token, every op and read a no-op and every
-    expert resident (a cache of all of them, filled before the clock: every access a hit, so
-    no copy and no hand-off is in it)."""
+                   policy: str = "lru", capacity: int | None = None) -> tuple[float, float]:
+    """(mean seconds per counted decode step, demand copies per step) of the executor's run
+    loop over a card of ``layers`` MoE layers and ``top_k`` experts per token, every op and
+    read a no-op. ``capacity`` None: a cache of every expert, filled before the clock (every
+    access a hit: no copy); else that many slots, starting full, so accesses miss and copies go
+    through the real ``Copier``. The time blocked waiting for a copy is left out."""
     from moesim.sim.executor.run import prepare
 
     v = _variant(card, layers, top_k)
     trace = _routing_trace(v, steps + 2, seed)
-    ex = prepare(trace, policy, v, capacity=v.num_moe_layers * v.num_experts, prefill="random",
-                 warmup_tokens=2, seed=seed)
+    total = v.num_moe_layers * v.num_experts
+    ex = prepare(trace, policy, v, capacity=total if capacity is None else capacity,
+                 prefill="random", warmup_tokens=2, seed=seed)
     ex.stand_ins = (NullBackend(), NullCompute())
     ex.run()
-    return ex.c.time / max(ex.c.steps, 1)
+    c = ex.c
+    n = max(c.steps, 1)
+    assert ex.copier is not None
+    return (c.time - c.stall_miss - c.stall_late) / n, ex.copier.started[0] / n
 
 
 def _shape_points(card: ModelCard) -> list[tuple[int, int]]:
@@ -153,24 +166,43 @@ def fit_loop(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, fl
     return float(x[0]), float(x[1]), float(x[2])
 
 
+def miss_capacity(card: ModelCard) -> int:
+    """Slots of the missing loop: an eighth of the experts (a 10-25 % cache misses most of
+    the time under random routing), at least what one layer's experts need."""
+    return max(3 * card.top_k, card.num_moe_layers * card.num_experts // 8)
+
+
 def measure_loop_overhead(card: ModelCard, steps: int = 200, rounds: int = 3, seed: int = 0
                           ) -> LoopOverhead:
     """Time the executor's loop with zero-cost ops (:func:`loop_step_time`) at the shapes of
-    :func:`_shape_points`, ``rounds`` interleaved rounds (a burst of load hits every shape),
-    the mean per shape, and fit :class:`LoopOverhead`. Expert calls per step count a layer's
-    shared-expert call as the simulator's runtime model does (``RuntimeCompute.shared_time``
-    adds ``expert_s``)."""
+    :func:`_shape_points` with every expert resident, and at the card's own shape with a cache
+    that misses (:func:`miss_capacity`), ``rounds`` interleaved rounds (a burst of load hits
+    every point), the mean per point. The resident points fit the step, layer and expert terms
+    (expert calls per step count a layer's shared-expert call, as the simulator's runtime model
+    does: ``RuntimeCompute.shared_time`` adds ``expert_s``); the missing loop's time beyond the
+    resident loop of the same shape, per demand copy, is ``copy_s``."""
     shapes = _shape_points(card)
     shared = 1 if card.shared_intermediate_size > 0 else 0
+    own = (card.num_moe_layers, card.top_k)
     times: dict[tuple[int, int], list[float]] = {s: [] for s in shapes}
+    miss_t: list[float] = []
+    miss_n: list[float] = []
     for r in range(max(rounds, 1)):
         for lay, k in shapes:
-            times[(lay, k)].append(loop_step_time(card, lay, k, steps, seed + r))
+            times[(lay, k)].append(loop_step_time(card, lay, k, steps, seed + r)[0])
+        t, n = loop_step_time(card, *own, steps, seed + r, capacity=miss_capacity(card))
+        miss_t.append(t)
+        miss_n.append(n)
     points = tuple((lay, lay * (k + shared), float(np.mean(times[(lay, k)])))
                    for lay, k in shapes)
     step_s, layer_s, expert_s = fit_loop(points)
+    resident = float(np.mean(times[own]))  # the same shape, every expert resident
+    copies = float(np.mean(miss_n))
+    extra = float(np.mean(miss_t)) - resident
+    copy_s = max(extra / copies, 0.0) if copies > 0 else 0.0
     return LoopOverhead(step_s, layer_s, expert_s, points, steps, max(rounds, 1),
-                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                        time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), copy_s,
+                        ((copies, extra),))
 
 
 def _q(value: float, unit: str, source: str) -> dict[str, Any]:
@@ -182,8 +214,9 @@ def _q(value: float, unit: str, source: str) -> dict[str, Any]:
 def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard,
                     where: str, handoff_note: str = "") -> dict[str, Any]:
     """The runtime profile of the executor (``hw_profiles.runtime.runtime_from_mapping``):
-    ``copy.per_copy_s`` = the copy hand-off (``handoff_s``; None: 0, with ``handoff_note``
-    saying where the profile already holds it), ``overhead.*`` = ``loop``'s fit."""
+    ``copy.per_copy_s`` = the copy hand-off (``handoff_s``; None: left out, ``handoff_note``
+    saying where the profile already holds it) + the loop's main-thread work per copy
+    (``loop.copy_s``), ``overhead.*`` = ``loop``'s fit."""
     pts = "; ".join(f"{lay} layers x {calls} expert calls: {t * 1e6:.1f} us"
                     for lay, calls, t in loop.points)
     loop_src = (f"{where} at {loop.at} on {platform.node()}: sim.executor.overhead."
@@ -192,15 +225,23 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                 f"{loop.rounds} interleaved rounds per shape of {card.name}; mean s per step = "
                 f"step_s + layers x layer_s + expert calls x expert_s, non-negative least "
                 f"squares over ({pts})")
+    copies = "; ".join(f"{n:.1f} demand copies per step, {t * 1e6:.1f} us per step more"
+                       for n, t in loop.copy_points)
+    miss_src = (f"the loop's main-thread work per demand copy {loop.copy_s * 1e6:.2f} us "
+                f"(sim.executor.overhead.measure_loop_overhead: the same zero-cost loop with "
+                f"a cache that misses, {copies} than with every expert resident, time blocked "
+                f"on a copy left out)")
     if handoff_s is None:
-        copy_q = {"value": 0, "unit": "us", "kind": "measured",
-                  "source": handoff_note or "not measured here"}
+        copy_q = _q(loop.copy_s, "us", f"{where} at {loop.at}: {miss_src}; the copy hand-off "
+                    f"left out: {handoff_note or 'not measured here'}")
     else:
-        copy_q = _q(handoff_s, "us",
-                    f"{where} at {loop.at}: sim.executor.calibrate.measure_handoff, mean time "
+        copy_q = _q(handoff_s + loop.copy_s, "us",
+                    f"{where} at {loop.at}: copy hand-off {handoff_s * 1e6:.1f} us "
+                    f"(sim.executor.calibrate.measure_handoff, mean time "
                     f"from the compute thread issuing a demand copy to it running again once the "
-                    f"executor's copy worker reports it, minus the read itself (the executor's "
-                    f"cache, Copier queue and worker thread; O_DIRECT reads of {card.name})")
+                    f"executor's copy worker reports it, minus the read itself: the executor's "
+                    f"cache, Copier queue and worker thread, O_DIRECT reads of {card.name}) + "
+                    f"{miss_src}")
     return {
         "name": RUNTIME_NAME,
         "system": "moesim's offloading executor (sim/executor/, backend storage)",
@@ -216,5 +257,6 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                   "spread over the card's layers and layer_s per layer, dense ones included "
                   "(the executor's loop pays it per MoE layer: a card with dense layers is "
                   "charged layer_s once more per dense layer); expert_s per routed and shared "
-                  "expert call; per_copy_s on every copy."),
+                  "expert call; per_copy_s on every copy (prefetches too, whose main-thread "
+                  "work is smaller: no eviction decision at issue)."),
     }

@@ -5,6 +5,7 @@ through the runtime cost model (zero terms: the forecast as before)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,14 @@ def test_shape_points_vary_layers_and_top_k() -> None:
 
 def test_loop_overhead_is_measured_positive_and_finite() -> None:
     card = small_card(layers=4, top_k=2)
-    t = loop_step_time(card, 4, 2, steps=30)
-    assert math.isfinite(t) and t > 0
+    t, copies = loop_step_time(card, 4, 2, steps=30)
+    assert math.isfinite(t) and t > 0 and copies == 0  # every expert resident: no copy
+    t_miss, copies = loop_step_time(card, 4, 2, steps=30, capacity=6)
+    assert math.isfinite(t_miss) and t_miss > 0 and copies > 0  # misses copy, via the Copier
     lo = measure_loop_overhead(card, steps=30, rounds=2)
     terms = (lo.step_s, lo.layer_s, lo.expert_s)
     assert all(math.isfinite(x) and x >= 0 for x in terms) and sum(terms) > 0
+    assert math.isfinite(lo.copy_s) and lo.copy_s >= 0 and lo.copy_points[0][0] > 0
     assert len(lo.points) == 4 and all(p[2] > 0 for p in lo.points)
     # the fit charges a step of the card's own shape about what was timed there
     big = max(lo.points, key=lambda p: p[1])
@@ -70,6 +74,10 @@ def test_runtime_mapping_round_trips_with_provenance(tmp_path: Path) -> None:
     rt = runtime_from_mapping(data, "x", allow_bare=False)
     assert rt.name == RUNTIME_NAME
     assert rt.value("copy.per_copy_s") == pytest.approx(45e-6)
+    # the loop's main-thread work per copy adds to the hand-off
+    busy = replace(_loop(), copy_s=5e-6, copy_points=((10.0, 50e-6),))
+    both = runtime_from_mapping(runtime_mapping(busy, 45e-6, card, "t"), "x", allow_bare=False)
+    assert both.value("copy.per_copy_s") == pytest.approx(50e-6)
     assert rt.value("overhead.step_s") == pytest.approx(20e-6)
     assert rt.value("overhead.layer_s") == pytest.approx(6e-6)
     assert rt.value("overhead.expert_s") == pytest.approx(1e-6)
@@ -84,9 +92,10 @@ def test_runtime_mapping_round_trips_with_provenance(tmp_path: Path) -> None:
     again = load_runtime(path)
     assert again.value("copy.per_copy_s") == rt.value("copy.per_copy_s")
     # no hand-off measured here: 0, saying where the profile keeps it
-    none = runtime_from_mapping(runtime_mapping(_loop(), None, card, "t", "in latency_s"), "x",
+    none = runtime_from_mapping(runtime_mapping(busy, None, card, "t", "in latency_s"), "x",
                                 allow_bare=False)
-    assert none.value("copy.per_copy_s") == 0 and "latency_s" in none.per_copy_s.source
+    assert none.value("copy.per_copy_s") == pytest.approx(5e-6)
+    assert "latency_s" in none.per_copy_s.source
 
 
 def test_forecast_charges_the_terms_and_zero_terms_are_the_old_forecast() -> None:

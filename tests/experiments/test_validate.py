@@ -85,10 +85,13 @@ def test_smoke_pipeline_writes_both_sources_and_the_comparison(tiny_trace: Path,
     for kind in ("before", "bracketed", "bracketed_no_handoff", "inrun_link", "no_runtime"):
         assert table[f"tpot_err_{kind}_pct"].notna().all()
     # the calibration's run-loop work is charged (runtime auto: the profile's own), the
-    # hand-off stays in the profile's storage latency (the runtime's per-copy cost is 0)
+    # hand-off stays in the profile's storage latency (the runtime's per-copy cost is the
+    # loop's main-thread work per copy only)
     assert (table["runtime.name"] == "moesim_executor").all()
     assert (table["runtime.layer_s"] + table["runtime.step_s"] > 0).all()
-    assert (table["runtime.per_copy_s"] == 0).all()
+    assert (table["runtime.per_copy_s"] >= 0).all()
+    prof0 = yaml.safe_load((out / "profile_00.yaml").read_text())
+    assert "left out" in prof0["machine"]["executor_runtime"]["copy"]["per_copy_s"]["source"]
     assert (table["tpot_sim_s"] > 0).all()
     profiles = sorted(p.name for p in out.glob("profile_*.yaml"))
     assert profiles == ["profile_00.yaml", "profile_01.yaml"]
