@@ -123,3 +123,17 @@ def test_llama_cpp_calibrates_on_at_most_a_third_of_its_predictable_entries() ->
         predictable.append(e.id)
     cal = CALIBRATION["llama_cpp"]
     assert set(cal) <= set(predictable) and 3 * len(cal) <= len(predictable)
+
+
+@pytest.mark.shared
+def test_llama_cpp_refit_reproduces_the_shipped_values() -> None:
+    from tests.traces.fixtures import require_shared
+
+    require_shared("mixtral8x7b_speculative-moe")
+    from moesim.experiments.published.report import Predictions, fit_all
+
+    entries = load_entries(runtimes=list_runtimes())
+    fits = {f["runtime"]: f for f in json.loads(FIT_JSON.read_text())}
+    res, = fit_all(entries, Predictions(entries), only=["llama_cpp"])
+    for key, value in res.values.items():
+        assert math.isclose(value, fits["llama_cpp"]["values"][key], rel_tol=1e-6), key
