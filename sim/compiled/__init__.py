@@ -9,6 +9,7 @@ the SimPy engine fills, so ``sim.metrics.build_result`` builds the result unchan
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,12 +41,25 @@ from moesim.sim.link import host_time
 # import (the others at their first call), so a stale cache must be gone by then.
 refresh_cache()
 
-from moesim.sim.compiled import kernel  # noqa: E402
 from moesim.sim.compiled import layout as K  # noqa: E402
-from moesim.sim.compiled.sums import MAX_PAIRWISE  # noqa: E402
 
 if TYPE_CHECKING:
+    from types import ModuleType
+
     from moesim.sim.engine import Simulation
+
+
+def __getattr__(name: str) -> Any:
+    """``kernel`` loads on first use: loading the kernels' cached machine code costs ~0.5
+    CPU-s, which a process that only imports the simulator (a sweep's parent, a SimPy-only
+    run, a trace tool reading ``moesim.sim.workload``) need not pay."""
+    if name == "kernel":
+        return _kernel()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _kernel() -> ModuleType:
+    return import_module("moesim.sim.compiled.kernel")
 
 EVICTION: dict[type, int] = {
     LRU: K.EV_LRU, FIFO: K.EV_FIFO, Static: K.EV_STATIC, LeastStale: K.EV_STALE,
@@ -71,9 +85,12 @@ def why_not(sim: Simulation) -> str | None:
                                                                         MoEInfinityPriority):
         return ("moe_infinity with an eviction other than its own (no candidate protection) has "
                 "no compiled twin")
-    if sim.shape.num_keys > MAX_PAIRWISE and (sim.spec.eviction is MoEInfinityPriority
-                                               or type(sim.prefetcher) is MoEInfinity):
-        return f"more than {MAX_PAIRWISE} experts (numpy's summation order is not reproduced)"
+    if sim.spec.eviction is MoEInfinityPriority or type(sim.prefetcher) is MoEInfinity:
+        from moesim.sim.compiled.sums import MAX_PAIRWISE
+
+        if sim.shape.num_keys > MAX_PAIRWISE:
+            return (f"more than {MAX_PAIRWISE} experts (numpy's summation order is not "
+                    "reproduced)")
     if type(sim.prefetcher) is MoEInfinity and sim.shape.num_layers > 128:
         return "moe_infinity beyond 128 layers (the match sums one pairwise leaf per slot)"
     placement = getattr(sim, "placement_spec", None)
@@ -301,6 +318,7 @@ def run(sim: Simulation) -> None:
                 orders.append(_install_order(sim._new_cache()))
     inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
     inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
+    kernel = _kernel()
     compile_notice(kernel.replay)  # one stderr line when this call compiles (~40 s)
     if ev_code == K.EV_BELADY:
         nocc, cursor = kernel.next_occurrences(keys.reshape(-1), num_k)
