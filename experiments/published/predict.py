@@ -131,12 +131,13 @@ def _read(name: str, requests: int) -> Trace:
         raise NotPredictable(f"trace {name}: {exc}") from None
 
 
-def _trace(name: str, requests: int = MAX_REQUESTS) -> Trace:
-    """The first ``requests`` requests of the named trace, their first tokens only."""
+def _trace(name: str, batch: int = 1) -> Trace:
+    """The first ``max(MAX_REQUESTS, batch)`` requests of the named trace (fewer where it has
+    fewer, but at least ``batch``), their first tokens only."""
+    requests = max(MAX_REQUESTS, batch)
     trace = _read(name, requests)
-    if len(trace.requests) < requests:
-        raise NotPredictable(f"batch {requests}: trace {name} has {len(trace.requests)} "
-                             "requests")
+    if len(trace.requests) < batch:
+        raise NotPredictable(f"batch {batch}: trace {name} has {len(trace.requests)} requests")
     return trace.subset(requests, MAX_TOKENS + WARMUP)
 
 
@@ -232,7 +233,7 @@ def prepare(entry: Entry) -> Prepared:
             raise NotPredictable("prefill entry without an input length")
         trace = _prompts(trace_name, int(entry.input_tokens))
     else:
-        trace = _trace(trace_name, max(MAX_REQUESTS, entry.batch))
+        trace = _trace(trace_name, entry.batch)
     card = load_card(entry.model).with_weights(
         entry.bits("experts"), entry.bits("attention"), entry.bits("shared"))
     from moesim.experiments.inputs import with_card_bytes
