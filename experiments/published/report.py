@@ -83,6 +83,17 @@ def fit_all(entries: Sequence[Entry], preds: Predictions | None = None,
     return out
 
 
+def write_fit_json(results: Sequence[FitResult]) -> None:
+    """Record ``results`` in ``FIT_JSON``, keeping the other runtimes' committed fits (``fit
+    --write --only X`` refits X alone); runtimes in name order."""
+    old = json.loads(FIT_JSON.read_text()) if FIT_JSON.is_file() else []
+    fits = {f["runtime"]: f for f in old}
+    for r in results:
+        fits[r.runtime] = {"runtime": r.runtime, "values": r.values,
+                           "calibration": list(r.calibration), "loss": r.loss}
+    FIT_JSON.write_text(json.dumps([fits[k] for k in sorted(fits)], indent=1) + "\n")
+
+
 def write_fitted(result: FitResult) -> None:
     """Set the fitted values in the runtime's YAML (flow-style ``{value: ...}`` lines), with
     ``kind: fitted`` and the calibration set as the source."""
@@ -264,9 +275,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.write:
                 for r in results:
                     write_fitted(r)
-                FIT_JSON.write_text(json.dumps(
-                    [{"runtime": r.runtime, "values": r.values, "calibration": r.calibration,
-                      "loss": r.loss} for r in results], indent=1) + "\n")
+                write_fit_json(results)
             return 0
         s = run_all(args.out, lambda m: print(m, file=sys.stderr), args.data)
         print(json.dumps(s, indent=1))

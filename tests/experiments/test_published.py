@@ -216,3 +216,21 @@ def test_prefill_entries_replay_recorded_prompts_only() -> None:
         prepare(replace(e, input_tokens=100000))
     with pytest.raises(NotPredictable, match="batch 64: trace mixtral_8x7b has"):
         prepare(replace(entries["mo_t2_a100_2bit_full"], batch=64))
+
+
+def test_fit_json_keeps_other_runtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fit --write --only X`` replaces X's record and keeps every other runtime's."""
+    from moesim.experiments.published import report
+    from moesim.experiments.published.fit import FitResult
+
+    path = tmp_path / "fit.json"
+    path.write_text(json.dumps([{"runtime": "a", "values": {"k": 1.0}, "calibration": ["e1"],
+                                 "loss": 0.5},
+                                {"runtime": "b", "values": {"k": 2.0}, "calibration": ["e2"],
+                                 "loss": 0.1}]))
+    monkeypatch.setattr(report, "FIT_JSON", path)
+    report.write_fit_json([FitResult("b", {"k": 3.0}, ("e3",), 0.2, 10)])
+    got = {f["runtime"]: f for f in json.loads(path.read_text())}
+    assert got["a"]["values"] == {"k": 1.0}
+    assert got["b"] == {"runtime": "b", "values": {"k": 3.0}, "calibration": ["e3"],
+                        "loss": 0.2}
