@@ -285,11 +285,15 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
                     bar.update(1)
             tables[spec.base.name] = series
         bar.update(1)
-        executor_runtime = None
+        executor_runtime = after_copy = None
         measure_rt = getattr(bench, "executor_runtime", None)
         if measure_rt is not None:  # the executor's hand-off and loop work (sim.executor.overhead)
             bar.set_postfix_str("executor hand-off and loop")
             executor_runtime = measure_rt(card)
+        after_copy = None
+        measure_ac = getattr(bench, "expert_after_copy", None)
+        if measure_ac is not None:  # informational: compute right after a copy
+            after_copy = measure_ac(card)
         bar.update(1)
     finally:
         bar.close()
@@ -386,6 +390,8 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
     }
     if executor_runtime is not None:
         mapping["machine"]["executor_runtime"] = executor_runtime
+    if after_copy is not None:
+        mapping["machine"]["expert_after_copy_s"] = after_copy
     return mapping, spread
 
 
@@ -461,6 +467,9 @@ def summary_lines(mapping: dict[str, Any], spread: Spread) -> list[str]:
         lines.append(f"executor: copy hand-off {rt['copy']['per_copy_s']['value']} us per copy; "
                      f"loop {o['step_s']['value']} us per step + {o['layer_s']['value']} us per "
                      f"layer + {o['expert_s']['value']} us per expert call")
+    ac = mapping.get("machine", {}).get("expert_after_copy_s")
+    if ac:
+        lines.append(f"executor: expert FFN right after its copy {ac['value']} us (not charged)")
     return lines
 
 
@@ -783,6 +792,18 @@ class CpuStorageBench(CpuComputeBench):
         where = (f"moesim-profile storage ({self.rounds} rounds x {self.handoff_copies} copies "
                  f"for the hand-off)")
         return runtime_mapping(loop, handoff, card, where, note)
+
+    def expert_after_copy(self, card: ModelCard) -> dict[str, Any] | None:
+        """One expert FFN right after the executor's read path filled its slot, and repeated
+        (``sim.executor.overhead.measure_after_copy``): recorded in ``machine``, not charged."""
+        from moesim.sim.executor.model import EXECUTOR_DTYPES
+        from moesim.sim.executor.overhead import after_copy_quantity, measure_after_copy
+
+        if card.dtype not in EXECUTOR_DTYPES or not card.gated:
+            return None
+        m = measure_after_copy(card, self.work_dir, None if self.want_direct else False,
+                               self.threads, seed=self.seed)
+        return after_copy_quantity(m, card, "moesim-profile storage")
 
     def op_table(self, card: ModelCard, points: dict[str, list[int]]
                  ) -> dict[tuple[str, int], tuple[float, list[float]]]:

@@ -29,6 +29,7 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -260,3 +261,69 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                   "expert call; per_copy_s on every copy (prefetches too, whose main-thread "
                   "work is smaller: no eviction decision at issue)."),
     }
+
+
+@dataclass(frozen=True)
+class AfterCopy:
+    """One expert FFN timed right after its copy landed and once more at once (seconds)."""
+
+    after_copy_s: float
+    again_s: float
+    samples: int
+    at: str
+
+
+def measure_after_copy(card: ModelCard, work_dir: Any = None, direct_io: bool | None = None,
+                       threads: int = 1, samples: int = 200, seed: int = 0) -> AfterCopy:
+    """Mean time of one expert FFN at 1 token on a slot right after the executor's read path
+    (``StorageBackend.load``: O_DIRECT, so no CPU cache holds the new bytes) filled it, and of
+    the same call repeated at once (the weights now cached). A run computes most copied experts
+    right after their copy; the simulator has no term for the difference (recorded, not
+    charged)."""
+    import torch
+
+    from moesim.sim.executor.compute import TorchCompute
+    from moesim.sim.executor.model import ExpertLayout
+    from moesim.sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
+
+    layout = ExpertLayout.of(card)
+    path = ensure_weights(default_work_dir() if work_dir is None else Path(work_dir), card.name,
+                          layout, 0)
+    slots = 16
+    backend = StorageBackend(path, layout, slots, direct_io)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    cold: list[float] = []
+    warm: list[float] = []
+    perf = time.perf_counter
+    try:
+        comp = TorchCompute(card, 1, 1, 1, 0, seed=seed + 1)
+        with torch.inference_mode():
+            for s in range(slots):  # every slot and the op warmed up once
+                backend.load(s % layout.num_keys, s)
+                comp.expert(backend.weights(s), 1)
+            for r in range(samples):
+                s = r % slots
+                backend.load(int(rng.integers(layout.num_keys)), s)
+                t0 = perf()
+                comp.expert(backend.weights(s), 1)
+                t1 = perf()
+                comp.expert(backend.weights(s), 1)
+                cold.append(t1 - t0)
+                warm.append(perf() - t1)
+    finally:
+        torch.set_num_threads(old)
+        backend.close()
+    return AfterCopy(float(np.mean(cold)), float(np.mean(warm)), samples,
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def after_copy_quantity(m: AfterCopy, card: ModelCard, where: str) -> dict[str, Any]:
+    """``m`` as a ``{value, unit, kind, source}`` record (the warm time in its source)."""
+    return _q(m.after_copy_s, "us",
+              f"{where} at {m.at}: sim.executor.overhead.measure_after_copy, one expert FFN of "
+              f"{card.name} at 1 token right after StorageBackend.load (O_DIRECT) filled its "
+              f"slot, mean of {m.samples}; the same call repeated at once: "
+              f"{m.again_s * 1e6:.1f} us. Recorded, not charged: the simulator has no term for "
+              f"compute right after a copy")

@@ -128,6 +128,9 @@ def test_profiler_records_the_runtime_and_writes_it(tmp_path: Path) -> None:
         def executor_runtime(self, card: object) -> dict:
             return runtime_mapping(_loop(), 45e-6, small_card(), "fake bench")
 
+        def expert_after_copy(self, card: object) -> dict:
+            return {"value": 60.0, "unit": "us", "kind": "measured", "source": "fake"}
+
     out, rt_out = tmp_path / "fake_vm.yaml", tmp_path / "rt" / "fake_rt.yaml"
     args = ["storage", "--model", "deepseek_v2_lite", "--scale", "0.25", "--out", str(out),
             "--no-progress", "--max-bytes", str(2**20), "--file-bytes", str(2**21),
@@ -138,6 +141,7 @@ def test_profiler_records_the_runtime_and_writes_it(tmp_path: Path) -> None:
     rt = load_runtime(rt_out)
     assert rec == rt
     assert rt.value("copy.per_copy_s") == pytest.approx(45e-6)
+    assert prof.machine["expert_after_copy_s"]["value"] == 60.0
     # a bench without the measurement: no runtime, and --runtime-out is refused before writing
     bad = tmp_path / "other.yaml"
     args2 = [a if a != str(out) else str(bad) for a in args]
@@ -159,3 +163,15 @@ def test_real_bench_measures_the_hand_off_and_the_loop(tmp_path: Path) -> None:
     assert rt.per_copy_s.kind == "measured"
     loop = [rt.value(k) for k in ("overhead.step_s", "overhead.layer_s", "overhead.expert_s")]
     assert all(math.isfinite(x) and x >= 0 for x in loop) and sum(loop) > 0
+
+
+def test_compute_right_after_a_copy_is_measured(tmp_path: Path) -> None:
+    from moesim.sim.executor.overhead import after_copy_quantity, measure_after_copy
+
+    card = small_card()
+    m = measure_after_copy(card, tmp_path / "work", samples=20)
+    assert m.samples == 20
+    assert all(math.isfinite(x) and x > 0 for x in (m.after_copy_s, m.again_s))
+    q = after_copy_quantity(m, card, "test")
+    assert q["kind"] == "measured" and q["unit"] == "us" and "not charged" in q["source"]
+    assert q["value"] == pytest.approx(m.after_copy_s * 1e6, rel=1e-5)
