@@ -82,6 +82,31 @@ class HostCpuFit:
         return min(1.0, self.expert_flops / self.flops)
 
 
+# /proc/cpuinfo flag -> the ISA name of host_cpu.isa (hw_profiles.host_cpu.ISAS)
+_ISA_FLAGS = (("sse4_2", "sse4"), ("avx2", "avx2"), ("avx512f", "avx512f"),
+              ("avx512_vnni", "avx512_vnni"), ("avx512_bf16", "avx512_bf16"),
+              ("amx_tile", "amx"), ("asimd", "neon"), ("sve", "sve"))
+
+
+def _proc_cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+def cpu_isa(cpuinfo: str) -> tuple[list[str], str]:
+    """The instruction sets a runtime's CPU kernels may need (``host_cpu.isa``), read from the
+    first ``flags``/``Features`` line of /proc/cpuinfo, and how they were read."""
+    for line in cpuinfo.splitlines():
+        key, _, rest = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags = set(rest.split())
+            isa = [name for flag, name in _ISA_FLAGS if flag in flags]
+            return isa, f"flags of /proc/cpuinfo: {' '.join(isa) or 'none of interest'}"
+    return [], ""
+
+
 def fit_expert(sizes: Sequence[tuple[int, float]], table: Sequence[tuple[int, float]],
                params: int, nbytes: int) -> tuple[float, float, float]:
     """(overhead a >= 0, bandwidth B, FLOP/s F) from 1-token times by weight bytes and the
@@ -150,8 +175,11 @@ def run_host_cpu_measurement(bench: HostCpuBench, base: ModelCard, scale: float,
     fit_how = (f"least-relative-error line t = a + bytes/b through cpu_ops.expert_ffn at 1 "
                f"token for {base.name} at scale x{', x'.join(f'{scale * f:g}' for f in FIT_SCALES)}"
                f" ({sizes_txt}); {spread.text('fit')}")
+    isa, isa_how = cpu_isa(_proc_cpuinfo())
     mapping = {
         "cpu": machine.get("cpu", "this machine's CPU"),
+        "isa": _q(isa or None, None, "measured" if isa else None,
+                  f"{isa_how}; {src}" if isa else "no CPU flags readable on this OS"),
         "cores": _q(int(cores) if str(cores).isdigit() else 1, None, "measured",
                     f"logical CPUs reported by the OS (os.cpu_count); {src}"),
         "parallel": _q(1, None, "estimate",

@@ -198,3 +198,17 @@ def test_unwritable_out_is_refused_before_measuring(tmp_path: Path,
     assert _run(path, "--out", str(out), bench=_NoBench()) == 2
     err = capsys.readouterr().err
     assert f"--out {out}: cannot write into {tmp_path / 'file'}" in err and err.count("\n") == 1
+
+
+def test_isa_read_from_cpuinfo_flags() -> None:
+    """``host_cpu.isa`` comes from the CPU's flags: x86 (``flags``) and ARM (``Features``),
+    mapped to the names runtime kernels need; no flags line gives nothing, never a guess."""
+    from moesim.hw_profiles.host_cpu import ISAS
+    from moesim.hw_profiles.measure_host_cpu import cpu_isa
+
+    x86 = "processor: 0\nflags\t\t: fpu sse4_2 avx2 avx512f avx512_vnni amx_tile\n"
+    isa, how = cpu_isa(x86)
+    assert isa == ["sse4", "avx2", "avx512f", "avx512_vnni", "amx"] and "/proc/cpuinfo" in how
+    assert cpu_isa("Features\t: fp asimd sve\n")[0] == ["neon", "sve"]
+    assert cpu_isa("model name: x\n") == ([], "")
+    assert set(isa) <= set(ISAS)
