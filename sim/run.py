@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moesim.policies.registry import PlacementSpec, PolicySpec, resolve, resolve_placement
 from moesim.sim.cache import SimulationError
@@ -12,6 +12,9 @@ from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
 from moesim.sim.metrics import RunResult
 from moesim.sim.workload import Replay, build_workload
 from moesim.traces.trace import Trace
+
+if TYPE_CHECKING:
+    from moesim.sim.stream import StreamOptions
 
 
 def capacity_slots(
@@ -72,13 +75,19 @@ def simulate(
     placement: str | Mapping[str, Any] | PlacementSpec | None = None,
     host: HostSide | None = None,
     staging: int = 0,
+    stream: StreamOptions | None = None,
 ) -> RunResult:
     """Replay ``trace`` under ``policy`` with a cache of ``capacity`` expert slots.
 
     ``placement`` is a name, ``{"name": ..., **params}`` or a resolved spec (default
     ``fetch``); ``host`` gives CPU-executing and low-precision placements the host CPU model,
     activation size and weight width; ``staging`` device buffers outside the cache let a
-    runtime run caches smaller than a layer's experts (``CacheOptions.staging``)."""
+    runtime run caches smaller than a layer's experts (``CacheOptions.staging``).
+
+    ``stream`` (``run.stream``): replay the trace file in chunks of requests instead of
+    building the whole workload (``sim.stream``; ``trace`` is then a trace file or its
+    :class:`~moesim.sim.stream.TraceOutline`); options a streamed run cannot replay are refused
+    by name."""
     if isinstance(policy, PolicySpec):
         spec = policy
     else:
@@ -90,6 +99,17 @@ def simulate(
         place = resolve_placement(placement.get("name"), params)
     else:
         place = resolve_placement(placement)
+    if stream is not None and stream.enabled:
+        from moesim.sim.stream import simulate_streamed
+
+        return simulate_streamed(
+            trace, spec, stream, capacity=capacity, mode=mode, link=link, compute=compute,
+            partition=partition, pin_layer=pin_layer, prefill=prefill,
+            reset_per_request=reset_per_request, replay=replay, batch=batch,
+            prefill_chunk=prefill_chunk, warmup_tokens=warmup_tokens,
+            warmup_extra_row=warmup_extra_row, seed=seed, record_transfers=record_transfers,
+            timeline_steps=timeline_steps, dense_before=dense_before, predictions=predictions,
+            engine=engine, placement=place, host=host, staging=staging)
     workload = build_workload(
         trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
         warmup_tokens=warmup_tokens, warmup_extra_row=warmup_extra_row,

@@ -755,6 +755,41 @@ def scan_counts(path: str | Path) -> tuple[TraceSummary, dict[str, int]]:
     return TraceSummary(requests, tokens, rows), by_phase
 
 
+def request_lengths(path: str | Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> np.ndarray:
+    """Tokens of every request in file order (int64), from the key columns only: what a
+    streamed run needs to know of a trace before it replays it (8 B per request)."""
+    pf = _open(path)
+    lengths: list[np.ndarray] = []
+    last = (None, None)
+    carry = 0  # tokens of the request the previous batch ended in
+    for batch in pf.iter_batches(batch_size=max(1, int(batch_rows)),
+                                 columns=["request_id", "token_idx"]):
+        rid = batch.column(0).to_numpy().astype(np.int64)
+        tok = batch.column(1).to_numpy().astype(np.int64)
+        if not len(rid):
+            continue
+        new_req = np.ones(len(rid), dtype=bool)
+        new_req[1:] = rid[1:] != rid[:-1]
+        new_req[0] = rid[0] != last[0]
+        new_tok = new_req.copy()
+        new_tok[1:] |= tok[1:] != tok[:-1]
+        new_tok[0] |= tok[0] != last[1]
+        per_req = np.add.reduceat(new_tok.astype(np.int64), np.flatnonzero(new_req)) if (
+            new_req.any()) else np.zeros(0, np.int64)
+        if not new_req[0]:  # the batch continues the previous batch's last request
+            head = int(new_tok[:np.argmax(new_req) if new_req.any() else len(rid)].sum())
+            carry += head
+        if new_req.any():
+            if last[0] is not None:
+                lengths.append(np.array([carry], np.int64))
+            lengths.append(per_req[:-1])
+            carry = int(per_req[-1])
+        last = (int(rid[-1]), int(tok[-1]))
+    if last[0] is not None:
+        lengths.append(np.array([carry], np.int64))
+    return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+
+
 def validate_trace(path: str | Path) -> TraceSummary:
     """Re-check every rule of the format; raise :class:`TraceError` on the first violation."""
     header = read_header(path)

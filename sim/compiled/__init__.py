@@ -134,10 +134,12 @@ def _install_order(cache: Any) -> list[int]:
     return out
 
 
-def _layer_arrays(sim: Simulation) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _layer_arrays(sim: Simulation, w: Any = None,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Per-step attention(+router), shared and dense-layer times and the expert-time table,
-    computed once per distinct (tokens, context) as the engine does."""
-    w = sim.workload
+    computed once per distinct (tokens, context) as the engine does (of ``w``, a streamed
+    run's chunk, when given; else of the run's workload)."""
+    w = sim.workload if w is None else w
     steps = w.num_steps
     if not sim.timed:
         z = np.zeros(steps)
@@ -327,14 +329,33 @@ def run(sim: Simulation) -> None:
     mi = mi_arrays(sim) if mi_pf else mi_arrays(None)
     counts = w.counts if w.counts is not None else np.zeros((1, 1, 1), np.int32)
     touch = bool(sim.spec.eviction_params.get("prefetch_touch", True))
-    iv, fv, layer_counts, layer_stall, step_t = kernel.replay(
+    iv, fv, layer_counts, layer_stall, step_t, _, _ = kernel.replay(
         keys, counts, w.counts is not None, w.counted, attn, shared, dense_step,
         np.asarray(sim.dense_before, dtype=np.int64),
         np.asarray(sim._part_of_layer, dtype=np.int64), np.asarray(sim._caps, dtype=np.int64),
         sim.shape.num_experts, sim.timed, sim.copts.pin_layer, engines, duration, cost, ev_code,
         hot, touch, pf_code, point, hooks, ahead, top, wrap, warm, table, resets, inst_off,
-        inst_keys, nocc, cursor, mi, runtime_arrays(sim, cost),
+        inst_keys, nocc, cursor, mi, FRESH, runtime_arrays(sim, cost),
     )
+    store_counters(sim, iv, fv, layer_counts, layer_stall, engines)
+    # every step's duration (warm-up included), as the SimPy engine records it in timed runs
+    c = sim.c
+    c.step_times = step_t.tolist() if sim.timed else None
+    mask = w.counted
+    c.steps = int(mask.sum())
+    c.out_tokens = int(w.out_tokens[mask].sum())
+    c.tokens = int(w.tokens[mask].sum())
+    c.pairs = int(w.pairs[mask].sum())
+
+
+# ``kernel.replay``'s ``state`` for a fresh run (a streamed run passes its carried arrays)
+FRESH = (np.zeros((0, 0), np.int64), np.zeros((0, 0)), np.zeros((0, 0), np.int64), np.zeros(0))
+
+
+def store_counters(sim: Simulation, iv: np.ndarray, fv: np.ndarray, layer_counts: np.ndarray,
+                   layer_stall: np.ndarray, engines: int) -> None:
+    """The kernel's counters, clock and link statistics into ``sim`` (all but the per-step
+    sums, which the caller adds: a streamed run sums them chunk by chunk)."""
     if iv[K.I_ERROR] > 0:
         raise SimulationError(
             f"no evictable slot for a demand fetch of layer {iv[K.I_ERROR] - 1}: every slot is "
@@ -360,13 +381,6 @@ def run(sim: Simulation) -> None:
     c.unused_prefetches = int(iv[K.I_UNUSED])
     c.wasted_prefetches = int(iv[K.I_WASTED])
     c.evictions = int(iv[K.I_EVICTIONS])
-    # every step's duration (warm-up included), as the SimPy engine records it in timed runs
-    c.step_times = step_t.tolist() if sim.timed else None
-    mask = w.counted
-    c.steps = int(mask.sum())
-    c.out_tokens = int(w.out_tokens[mask].sum())
-    c.tokens = int(w.tokens[mask].sum())
-    c.pairs = int(w.pairs[mask].sum())
     sim.clock.now = float(fv[K.V_NOW])
     if sim.timed:
         sim.link = LinkStats([int(iv[K.I_L_DEMAND]), int(iv[K.I_L_PREFETCH])],

@@ -115,7 +115,9 @@ __all__ = ["next_occurrences", "replay"]
 
 @jit
 def _out(S, F, layer_counts, layer_stall, step_t):
-    return S[IV, :NUM_IV].copy(), F[FV, :NUM_FV].copy(), layer_counts, layer_stall, step_t
+    # S and F whole as well: a streamed run (sim.stream) resumes from them on its next chunk
+    return (S[IV, :NUM_IV].copy(), F[FV, :NUM_FV].copy(), layer_counts, layer_stall, step_t,
+            S, F)
 
 
 
@@ -124,11 +126,13 @@ def _out(S, F, layer_counts, layer_stall, step_t):
 def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n, part, caps,
            num_e, timed, pin_layer, engines, duration, cost, ev, hot, touch, pf, point,
            hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi,
-           rt):
+           state, rt):
     """One run; returns (int scalars, float scalars, layer counts [4, L], layer stall [L],
-    step times [S]: every step's duration). ``mi`` holds
+    step times [S]: every step's duration, the whole S and F). ``mi`` holds
     MoE-Infinity's arrays (``sim.compiled.MIState``; tiny placeholders for other runs).
-    ``rt``: the copy rules of a runtime (``sim.link.CopyRules``)
+    ``state``: (S, F, layer counts, layer stall) a previous call returned, to resume a run on
+    its next chunk of steps (``sim.stream``; positions then count from the chunk's start), or
+    empty arrays for a fresh run. ``rt``: the copy rules of a runtime (``sim.link.CopyRules``)
     and the host parts of the compute times (``sim.link.host_time``): per-step attention,
     shared-expert and dense-layer host time, the expert host-time table, and
     [compute stream, swap mode, swap seconds]."""
@@ -201,6 +205,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     F[FV, V_SWAP_D] = copyv[2]
     n_reset = 0
     now = 0.0
+    if state[0].shape[0]:  # resume a streamed run: the previous chunk's state, in place
+        S, F, layer_counts, layer_stall = state[0], state[1], state[2], state[3]
+        now = F[FV, V_NOW]
     for s in range(num_s):
         if resets[s]:  # cache.reset_per_request: a fresh cache for the joining request
             if timed:

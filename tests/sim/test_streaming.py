@@ -1,0 +1,235 @@
+"""Streamed replay (``sim.stream``) gives the in-memory run's result, every counter.
+
+The trace is read from its Parquet file in chunks of requests and the compiled kernel resumes
+on each chunk; Belady's next uses come from a backward pass over the chunks. Compared here:
+the whole summary, the per-layer and per-request tables, on the embedded trace, random small
+traces (hypothesis: lengths, partial rows, chunk sizes down to one request, row batches that
+split requests) and a real trace from ``../shared`` (skipped when absent).
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
+from moesim.sim.stream import simulate_stream
+from moesim.traces import load_trace, write_trace
+from moesim.traces.trace import DECODE, RequestRouting, Trace, TraceMeta
+from tests.traces.fixtures import require_shared
+
+LINK = FixedLink(latency_s=1e-4, bandwidth_Bps=2e9)
+COMPUTE = FixedCompute(attention_s=2e-5, router_s=1e-6, expert_s=3e-5, shared_s=1e-5)
+
+
+def _kwargs(mode: str, capacity: int, warmup: int = 0) -> dict:
+    kw: dict = dict(capacity=capacity, mode=mode, warmup_tokens=warmup)
+    if mode == "timed":
+        kw.update(link=LINK, compute=COMPUTE)
+    else:
+        kw["pin_layer"] = False
+    return kw
+
+
+def assert_same(a, b) -> None:
+    """Every summary value (NaN equal to NaN), the per-layer and per-request tables."""
+    assert list(a.summary) == list(b.summary)
+    for key, x in a.summary.items():
+        y = b.summary[key]
+        if isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y), key
+        else:
+            assert x == y, (key, x, y)
+    pd.testing.assert_frame_equal(a.per_layer, b.per_layer)
+    pd.testing.assert_frame_equal(a.per_request, b.per_request)
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Path:
+    from moesim.traces.collect.embedded import embedded_routing
+
+    return embedded_routing()
+
+
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+@pytest.mark.parametrize("mode", ["timed", "zero_latency"])
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_embedded_trace(embedded: Path, policy: str, mode: str, chunk: int) -> None:
+    trace = load_trace(embedded)
+    kw = _kwargs(mode, capacity=30, warmup=2)
+    ref = simulate(trace, policy, **kw)
+    assert ref.summary["sim_engine"] == "compiled"
+    assert_same(ref, simulate_stream(embedded, policy, chunk_requests=chunk, **kw))
+
+
+@pytest.mark.parametrize("policy", ["fifo", "lfu", "least_stale", "fate_arc",
+                                    "moe_infinity_lfu", "moe_infinity_priority"])
+def test_other_evictions(embedded: Path, policy: str) -> None:
+    trace = load_trace(embedded)
+    kw = _kwargs("timed", capacity=40)
+    if policy == "fate_arc":
+        kw.update(partition="per_layer", capacity=60)
+    assert_same(simulate(trace, policy, **kw),
+                simulate_stream(embedded, policy, chunk_requests=7, **kw))
+
+
+def test_max_requests_and_card_bytes(embedded: Path) -> None:
+    """``meta`` replaces the file's (the app passes the model card's expert bytes)."""
+    trace = load_trace(embedded, max_requests=9)
+    meta = replace(trace.meta, expert_bytes=trace.meta.expert_bytes * 3)
+    kw = _kwargs("timed", capacity=25)
+    ref = simulate(Trace(meta, trace.requests), "belady", **kw)
+    got = simulate_stream(embedded, "belady", chunk_requests=4, meta=meta, max_requests=9, **kw)
+    assert_same(ref, got)
+
+
+@pytest.mark.parametrize(("policy", "kw", "words"), [
+    ("oracle_prefetch", {}, "prefetches"),
+    ("lru", {"chunk_requests": 0}, "chunk_requests"),
+    ("static", {}, "oracle"),
+])
+def test_refused_options_name_themselves(embedded: Path, policy: str, kw: dict,
+                                         words: str) -> None:
+    with pytest.raises(SimulationError, match=f"run.stream: .*{words}"):
+        simulate_stream(embedded, policy, **{**_kwargs("timed", 30), **kw})
+
+
+def test_errors_match_in_memory(embedded: Path) -> None:
+    """A cache too small for a step stops both paths with the same message."""
+    trace = load_trace(embedded)
+    kw = _kwargs("timed", capacity=2)
+    with pytest.raises(SimulationError) as ref:
+        simulate(trace, "lru", **kw)
+    with pytest.raises(SimulationError) as got:
+        simulate_stream(embedded, "lru", chunk_requests=3, **kw)
+    assert str(got.value) == str(ref.value)
+
+
+def _random_trace(seed: int, n_req: int, layers: int, experts: int, top_k: int,
+                  partial: bool) -> Trace:
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for r in range(n_req):
+        n = int(rng.integers(1, 12))
+        ex = np.stack([np.stack([rng.choice(experts, top_k, replace=False)
+                                 for _ in range(layers)]) for _ in range(n)]).astype(np.int16)
+        if partial:  # whole rows unrecorded, at least one layer per token kept
+            drop = rng.random((n, layers)) < 0.3
+            drop[:, int(rng.integers(layers))] = False
+            ex[drop] = -1
+        reqs.append(RequestRouting(3 * r + 1, ex, np.full(n, DECODE, np.uint8)))
+    meta = TraceMeta("synthetic", tuple(range(layers)), experts, top_k, expert_bytes=1000,
+                     partial=partial)
+    return Trace(meta, reqs)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n_req=st.integers(1, 9), layers=st.integers(1, 4),
+       experts=st.integers(3, 8), top_k=st.integers(1, 3), partial=st.booleans(),
+       policy=st.sampled_from(["lru", "belady", "fifo", "lfu"]),
+       mode=st.sampled_from(["timed", "zero_latency"]), chunk=st.integers(1, 10),
+       batch_rows=st.sampled_from([1, 3, 1 << 18]), spare=st.integers(0, 6),
+       warmup=st.integers(0, 3))
+def test_property_streamed_equals_in_memory(seed: int, n_req: int, layers: int, experts: int,
+                                            top_k: int, partial: bool, policy: str, mode: str,
+                                            chunk: int, batch_rows: int, spare: int,
+                                            warmup: int) -> None:
+    top_k = min(top_k, experts)
+    trace = _random_trace(seed, n_req, layers, experts, top_k, partial)
+    # a cache of at least a step's need (widest layer + one copy engine), at most every key
+    capacity = min(top_k + 1 + spare, layers * experts)
+    kw = _kwargs(mode, capacity, warmup)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_trace_file(Path(tmp), trace)
+        try:
+            ref = simulate(trace, policy, **kw)
+        except SimulationError as err:  # e.g. a cache too small: the streamed run stops alike
+            with pytest.raises(SimulationError) as got_err:
+                simulate_stream(path, policy, chunk_requests=chunk, batch_rows=batch_rows, **kw)
+            assert str(got_err.value) == str(err)
+            return
+        got = simulate_stream(path, policy, chunk_requests=chunk, batch_rows=batch_rows, **kw)
+    assert_same(ref, got)
+
+
+def write_trace_file(folder: Path, trace: Trace) -> Path:
+    path = folder / "t.parquet"
+    write_trace(path, trace.meta, trace.requests, row_group_rows=5)
+    return path
+
+
+def test_real_trace(tmp_path: Path) -> None:
+    """MoE-Beyond's DeepSeek-V2-Lite test prompts (100 requests, 1,543 tokens), timed, LRU
+    and Belady at 10 % of the experts, chunks of 1 and 16 requests."""
+    from moesim.traces import import_trace
+
+    src = require_shared("deepseek_v2_lite_moe-beyond/formatted_csvs")
+    path = import_trace("moe-beyond-csv", src, tmp_path / "ds.parquet").out
+    trace = load_trace(path)
+    kw = _kwargs("timed", capacity=166)
+    for policy in ("lru", "belady"):
+        ref = simulate(trace, policy, **kw)
+        for chunk in (1, 16):
+            assert_same(ref, simulate_stream(path, policy, chunk_requests=chunk, **kw))
+
+
+def _app_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    from moesim.experiments.configs import CONF_DIR, register_configs
+    from moesim.experiments.schema import check
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["trace=embedded", "progress=false", *overrides])
+    assert check(cfg) == []
+    return cfg
+
+
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+def test_app_option_streams_and_says_so(policy: str) -> None:
+    """``run.stream=true`` gives the same tables; the row records that the run streamed."""
+    from moesim.experiments import sim_app
+
+    over = [f"policy={policy}", "warmup_tokens=1", "max_requests=20"]
+    ref, ref_row = sim_app.run(_app_cfg(*over))
+    got, row = sim_app.run(_app_cfg(*over, "run.stream=true", "run.chunk_requests=3"))
+    assert_same(ref, got)
+    assert (ref_row["run.stream"], row["run.stream"], row["run.chunk_requests"]) == (
+        False, True, 3)
+    for key in ("trace.requests", "trace.tokens", "cache.slots", "expert_bytes"):
+        assert row[key] == ref_row[key], key
+
+
+@pytest.mark.parametrize(("overrides", "words"), [
+    (["policy=oracle_prefetch"], "prefetches"),
+    (["batch=2"], "batch=2 is not streamed"),
+    (["max_tokens=3"], "max_tokens"),
+    (["cache.reset_per_request=true"], "cache.reset_per_request"),
+    (["engine=python"], "engine=python"),
+])
+def test_app_refuses_what_it_cannot_stream(overrides: list[str], words: str) -> None:
+    from moesim.experiments import sim_app
+
+    with pytest.raises(SimulationError, match=f"^run.stream: .*{words}"):
+        sim_app.run(_app_cfg("run.stream=true", *overrides))
+
+
+def test_request_lengths_across_row_batches(tmp_path: Path) -> None:
+    """The outline's request lengths (key columns only) match the decoded requests, also
+    when row groups split requests."""
+    from moesim.traces.store import request_lengths
+
+    trace = _random_trace(5, 7, 3, 6, 2, partial=True)
+    path = write_trace_file(tmp_path, trace)
+    want = [r.num_tokens for r in trace.requests]
+    for rows in (1, 2, 3, 7, 1 << 18):
+        assert request_lengths(path, batch_rows=rows).tolist() == want, rows
