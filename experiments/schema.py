@@ -74,6 +74,9 @@ OPTIONS: tuple[Opt, ...] = (
     Opt("engine", "choice", "auto: the compiled engine where the policy and options have a "
         "compiled twin, else SimPy; python: the SimPy engine always; compiled: the compiled "
         "engine or an error", choices=("auto", "python", "compiled")),
+    Opt("run.stream", "bool", "replay the trace file in chunks of requests, never loading it "
+        "whole (batch 1, replay=decode, eviction-only policies; same results)"),
+    Opt("run.chunk_requests", "int", "requests per chunk of a streamed run", lo=1),
     Opt("max_requests", "int", "replay only the first N requests", nullable=True, lo=1),
     Opt("max_tokens", "int", "and only the first N tokens of each", nullable=True, lo=1),
     Opt("requests", "choice", "which requests: all, held_out (the predictors' test split) or "

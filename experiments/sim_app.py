@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,15 +88,17 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     # Plugins first, in whatever process runs this (a joblib worker, a submitit job): entry
     # points and plugins=[...] modules register their policies, profiles, importers.
     load_plugins(cfg.get("plugins") or ())
-    trace = run_trace(cfg)
-    if not trace.requests:
+    stream = stream_options(cfg)
+    trace = stream_outline(cfg) if stream.enabled else run_trace(cfg)
+    if not len(trace):
         raise TraceError("the replay has no requests (check requests=, max_requests=)")
-    longest = max(len(r.experts) for r in trace.requests)
+    longest = trace.longest if stream.enabled else max(len(r.experts) for r in trace.requests)
     if why := check_warmup(int(cfg.warmup_tokens), longest):
         raise SimulationError(why)
     card = model_card(cfg, trace)
     card = card.with_weights(**_weights(cfg))
-    trace = with_card_bytes(trace, card)
+    trace = (dc_replace(trace, meta=dc_replace(trace.meta, expert_bytes=card.expert_bytes))
+             if stream.enabled else with_card_bytes(trace, card))
     meta = trace.meta
     total = meta.num_moe_layers * meta.num_experts
     c = cfg.cache
@@ -107,8 +110,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     timed = cfg.mode == "timed"
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     predictions = None
-    if resolve(policy).needs(Knowledge.PREDICTIONS):
-        predictions = load_run_predictions(cfg, trace)
+    if resolve(policy).needs(Knowledge.PREDICTIONS) and not stream.enabled:
+        predictions = load_run_predictions(cfg, trace)  # (streamed: the policy is refused)
     # Zero-latency runs may drop layer pinning (MoE-Beyond's protocol has none); a timed GPU
     # always keeps the computing layer's experts.
     pin_layer = bool(c.pin_layer) or timed
@@ -161,6 +164,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         placement=placement,
         host=host,
         staging=rt.staging_buffers if timed else 0,
+        stream=stream,
     )
     sim_cpu_s = time.process_time() - sim_cpu0
     row = flat_config(cfg)
@@ -178,7 +182,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         "trace.requests": len(trace),
         "trace.tokens": trace.num_tokens,
     })
-    row.update(effective_values(cfg, trace))
+    row.update(effective_values(cfg, trace, longest))
     if timed:
         row["link.expert_transfer_s"] = link.transfer_time(card.expert_bytes)
     if host is not None and host.cpu is not None:
@@ -209,12 +213,14 @@ def run_runtime(cfg: DictConfig) -> RuntimeProfile:
     return runtime_from_mapping(data, where=f"runtime {data.get('name', '?')!r}")
 
 
-def effective_values(cfg: DictConfig, trace: Any) -> dict[str, Any]:
+def effective_values(cfg: DictConfig, trace: Any, longest: int | None = None
+                     ) -> dict[str, Any]:
     """What ran where it differs from what was asked: a ``batch`` above the replayed requests
     decodes them all at once, ``max_requests``/``max_tokens`` above the trace's take what it
     has. The row records the effective value; the asked one stays beside it as
     ``<key>_requested`` (only then)."""
-    longest = max(len(r.experts) for r in trace.requests)
+    if longest is None:
+        longest = max(len(r.experts) for r in trace.requests)
     ran = {"batch": min(int(cfg.batch), len(trace)), "max_requests": len(trace),
            "max_tokens": longest}
     out: dict[str, Any] = {}
@@ -240,6 +246,31 @@ def run_trace(cfg: DictConfig) -> Any:
     key = (input_digest(cfg), str(cfg.get("requests") or "auto"), str(node.get("path")),
            cfg.get("max_requests"), cfg.get("max_tokens"))
     return LOADED_TRACES.get(key, lambda: load_run_trace(cfg))
+
+
+def stream_options(cfg: DictConfig) -> Any:
+    """``run.stream`` / ``run.chunk_requests`` as the typed ``sim.stream.StreamOptions``."""
+    from moesim.sim.stream import DEFAULT_CHUNK_REQUESTS, StreamOptions
+
+    node = cfg.get("run") or {}
+    return StreamOptions(bool(node.get("stream", False)),
+                         int(node.get("chunk_requests", DEFAULT_CHUNK_REQUESTS)))
+
+
+def stream_outline(cfg: DictConfig) -> Any:
+    """A streamed run's trace: its file's outline (``sim.stream.TraceOutline``), never its
+    routing; request selections a streamed run cannot make are refused by name."""
+    from moesim.sim import SimulationError
+    from moesim.sim.stream import TraceOutline
+
+    if cfg.get("max_tokens") is not None:
+        raise SimulationError("run.stream: max_tokens is not streamed (whole requests only)")
+    which = str(cfg.get("requests") or "auto")
+    node = cfg.get("predictions") or {}
+    if which == "held_out" or (which == "auto" and node.get("path") is not None):
+        raise SimulationError(f"run.stream: requests={which} with prediction tables is not "
+                              "streamed (every request of the file, or the first max_requests)")
+    return TraceOutline.read(run_trace_file(cfg), cfg.get("max_requests"))
 
 
 def _placement_params(cfg: DictConfig) -> dict[str, Any]:
