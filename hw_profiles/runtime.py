@@ -81,6 +81,9 @@ class RuntimeProfile:
     host_memory: str | None = None  # None: the hardware profile's own choice
     stream: str = "own"  # "compute": copies share the compute stream (see ``swap``)
     swap: bool = False  # an eviction copies the evicted expert back (device -> host)
+    # ``swap: always``: every load copies an expert back, evicting or not (the runtime's
+    # device slots are always full: moesim's empty or per-token caches are not)
+    swap_always: bool = False
     tensors_per_expert: Quantity = field(default_factory=lambda: missing("tensors_per_expert"))
     per_copy_s: Quantity = field(default_factory=lambda: _zero("copy.per_copy_s"))
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
@@ -137,7 +140,8 @@ class RuntimeProfile:
         if self.dequant_Bps.known:
             parts.append(f"dequant {float(self.dequant_Bps.value) / 1e9:.3g} GB/s")
         parts.append(f"copies {self.host_memory or 'profile'}-memory, {self.stream} stream"
-                     + (", swap" if self.swap else ""))
+                     + ((", swap always" if self.swap_always else ", swap") if self.swap
+                        else ""))
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -169,8 +173,8 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     if stream not in STREAMS:
         raise cctx.sub("stream").error(f"must be one of {list(STREAMS)}", stream)
     swap = copy.get("swap", False)
-    if not isinstance(swap, bool):
-        raise cctx.sub("swap").error("expected true or false", swap)
+    if not isinstance(swap, bool) and swap != "always":
+        raise cctx.sub("swap").error("expected true, false or always", swap)
     staging = copy.get("staging_buffers", 0)
     if isinstance(staging, Mapping):
         staging = staging.get("value", 0)
@@ -195,7 +199,8 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         description=as_str(ctx.sub("description"), data.get("description")),
         host_memory=host_memory,
         stream=stream,
-        swap=swap,
+        swap=bool(swap),
+        swap_always=swap == "always",
         tensors_per_expert=quantity(cctx.sub("tensors_per_expert"),
                                     copy.get("tensors_per_expert"), "count"),
         per_copy_s=q(cctx, copy, "per_copy_s", "s", False),
@@ -276,7 +281,11 @@ class RuntimeLink:
     expert first copies the evicted one back device -> host, on the same stream as the load.
     It is an event of the link (``sim.link.HostLink``, mirrored by the compiled link), not a
     blanket factor: a copy that evicts nothing (a cold cache, a per-token cache loading into
-    free slots or staging buffers) copies nothing back. :meth:`swap_time` is its cost. With
+    free slots or staging buffers) copies nothing back, unless ``swap_always`` (``swap:
+    always``): every load copies one back, as a runtime whose device slots are always full
+    does (mixtral-offloading fills its main modules when experts are registered, and
+    ``_swap`` always evicts one), whatever moesim's cache holds. :meth:`swap_time` is its
+    cost. With
     ``stream: compute`` the load waits behind it (both on the one stream); with ``stream: own``
     it runs on the other direction of the full-duplex link, where nothing else is copied in
     this model, and costs the load nothing (it is still counted).
@@ -300,6 +309,7 @@ class RuntimeLink:
     swap: bool = False  # an eviction copies the evicted expert back (device -> host)
     bytes_factor: float = 1.0  # whole-layer runtimes: the layer's experts per routed expert
     stream: str = "own"  # "compute": copies pause while the compute stream runs a kernel
+    swap_always: bool = False  # every load copies an expert back, evicting or not
 
     @property
     def compute_stream(self) -> bool:
@@ -405,7 +415,7 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
         factor = card.num_experts / card.top_k if rt.whole_layer else 1.0
         tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
         link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff, rt.swap, factor,
-                           rt.stream)
+                           rt.stream, rt.swap_always)
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

@@ -17,7 +17,9 @@ by :func:`copy_rules` (both engines use it; the compiled link mirrors :meth:`Cop
   back device -> host on the load's stream first. On the compute stream the load waits behind it
   (its copy takes ``load + swap_s``); on its own stream the copy back runs on the other
   direction of the full-duplex link and costs the load nothing. Either way it is counted
-  (``swap_copies``, ``swap_copy_s``); an install that evicts nothing copies nothing back.
+  (``swap_copies``, ``swap_copy_s``); an install that evicts nothing copies nothing back,
+  unless ``always`` (``swap: always``: a runtime whose device slots are always full copies one
+  back on every load).
 - ``compute_stream``: copies share the compute stream, so they cannot run while a GPU kernel
   runs, only while the GPU waits on the host (runtime overheads) or on the copy. The engine
   then advances the link on *link time*, a clock that stops during GPU kernels (wall time
@@ -49,6 +51,7 @@ class CopyRules:
     swap: bool = False  # an eviction copies the evicted expert back device -> host
     swap_s: float = 0.0  # that copy's time (``RuntimeLink.swap_time``)
     compute_stream: bool = False  # copies pause while a GPU kernel runs
+    always: bool = False  # every install copies one back, evicting or not (``swap: always``)
 
     @property
     def serial(self) -> bool:
@@ -73,7 +76,8 @@ def copy_rules(link_model: Any, nbytes: int) -> CopyRules:
     if not swap and not stream:
         return NO_RULES
     swap_s = float(link_model.swap_time(nbytes)) if swap else 0.0
-    return CopyRules(swap, swap_s, stream)
+    return CopyRules(swap, swap_s, stream, swap and bool(getattr(link_model, "swap_always",
+                                                                 False)))
 
 
 def host_time(comp: Any, part: str, n: int) -> float:
@@ -199,7 +203,7 @@ class HostLink:
         e = free.index(min(free)) if self.engines > 1 else 0
         start = free[e] if free[e] > self.t else self.t
         duration = self.duration
-        if evicted and self.rules.swap:
+        if self.rules.swap and (evicted or self.rules.always):
             duration = self._swap(duration)
         finish = start + duration
         free[e] = finish
@@ -312,7 +316,7 @@ class HostLink:
             self.dropped += 1
             return
         duration = self.duration
-        if swap and self.cache.evictions != evictions:
+        if swap and (self.rules.always or self.cache.evictions != evictions):
             duration = self._swap(duration)
         free = self._free
         e = free.index(min(free))

@@ -165,7 +165,7 @@ def runtime_arrays(sim: Simulation, cost: np.ndarray, w: Any = None) -> tuple[np
     (``sim.rules``); of ``w``, a streamed run's chunk, when given."""
     w = sim.workload if w is None else w
     rules = sim.rules
-    mode = 0 if not rules.swap else (2 if rules.serial else 1)
+    mode = 0 if not rules.swap else (2 if rules.serial else 1) + (2 if rules.always else 0)
     copyv = np.array([1.0 if rules.compute_stream else 0.0, float(mode), rules.swap_s])
     if not rules.compute_stream:
         z = np.zeros(w.num_steps)

@@ -68,7 +68,8 @@ I_NUME, I_NUML, I_NUMP, I_CANCELLED, I_FILLED, I_PERSIST, I_DSRC, I_EAMCAP = ran
 # whose T is in F[F_TN] (-1: none yet).
 I_DUNI, I_TCUR = 40, 41
 # Copy rules (sim.link.CopyRules): copies back of evicted experts counted; the swap mode
-# (0: no swap, 1: swap on its own stream, 2: swap before the load on the compute stream).
+# (0: no swap, 1: swap on its own stream, 2: swap before the load on the compute stream;
+# 3, 4: the same with ``swap: always``, every load copying one back).
 I_SWAPS, I_SWAPMODE = 42, 43
 NUM_IV = 44
 # Columns of row FV of F.

@@ -117,7 +117,7 @@ def _swap(duration, S, F):
     if S[IV, I_COUNTING]:
         S[IV, I_SWAPS] += 1
         F[FV, V_SWAP_T] += F[FV, V_SWAP_D]
-    return duration + F[FV, V_SWAP_D] if S[IV, I_SWAPMODE] == 2 else duration
+    return duration + F[FV, V_SWAP_D] if S[IV, I_SWAPMODE] % 2 == 0 else duration
 
 
 @fn
@@ -129,7 +129,7 @@ def _submit_demand(k, duration, evicted, direct, S, F):
     e = _argmin_free(S, F)
     free = F[F_FREE, e]
     start = free if free > F[FV, V_LT] else F[FV, V_LT]
-    if evicted and S[IV, I_SWAPMODE]:
+    if S[IV, I_SWAPMODE] and (evicted or S[IV, I_SWAPMODE] >= 3):
         duration = _swap(duration, S, F)
     finish = start + duration
     F[F_FREE, e] = finish
@@ -198,7 +198,8 @@ def _advance(until, duration, ev, position, S, F, nocc):
                 S[IV, I_L_DROPPED] += 1
                 continue
             d = duration
-            if S[IV, I_SWAPMODE] and S[IV, I_EVICTIONS] != evictions:
+            if S[IV, I_SWAPMODE] and (S[IV, I_SWAPMODE] >= 3
+                                      or S[IV, I_EVICTIONS] != evictions):
                 d = _swap(d, S, F)
             e = _argmin_free(S, F)
             finish = F[FV, V_LT] + d

@@ -103,6 +103,17 @@ def test_link_closed_form(nbytes: int, tensors: int, per_copy: float, eff: float
     assert link.compute_stream
 
 
+def test_swap_always_is_read_and_applied() -> None:
+    card = load_card("mixtral_8x7b")
+    rt = runtime_from_mapping({"name": "t", "copy": {"stream": "compute", "swap": "always"}},
+                              "t")
+    assert rt.swap and rt.swap_always and "swap always" in rt.describe()
+    link, _ = apply_runtime(rt, FixedLink(bandwidth_Bps=25e9), FixedCompute(), card)
+    assert link.swap and link.swap_always
+    with pytest.raises(ProfileError, match=r"copy\.swap.*true, false or always"):
+        runtime_from_mapping({"name": "t", "copy": {"swap": "sometimes"}}, "t")
+
+
 def test_compute_host_parts() -> None:
     """The host parts (the GPU stream idle) are the runtime's overheads; the rest is kernel
     time (dequantisation included)."""

@@ -36,16 +36,17 @@ def _trace(experts: list[int], num_experts: int = 4) -> Trace:
     return Trace(meta, [RequestRouting(0, ex, np.full(len(experts), DECODE, np.uint8))])
 
 
-def _models(stream: str, swap: bool = False, host: bool = True) -> tuple[Any, Any]:
-    link = RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, swap, 1.0, stream)
+def _models(stream: str, swap: bool = False, host: bool = True,
+            always: bool = False) -> tuple[Any, Any]:
+    link = RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, swap, 1.0, stream, always)
     comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E), layers=1,
                           layer_s=H_A if host else 0.0, expert_s=H_E if host else 0.0)
     return link, comp
 
 
 def _run(tr: Trace, policy: Any, stream: str, engine: str, swap: bool = False,
-         host: bool = True, **kw: Any) -> dict[str, Any]:
-    link, comp = _models(stream, swap, host)
+         host: bool = True, always: bool = False, **kw: Any) -> dict[str, Any]:
+    link, comp = _models(stream, swap, host, always)
     kw.setdefault("capacity", 2)
     return simulate(tr, policy, link=link, compute=comp, engine=engine, **kw).summary
 
@@ -121,19 +122,35 @@ def test_a_swap_is_one_copy_back_per_eviction(engine: str, stream: str) -> None:
     assert sw["stall_miss_s"] - base["stall_miss_s"] == pytest.approx(extra, rel=1e-9)
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_no_swap_without_eviction(engine: str) -> None:
-    """A per-token cache (``reset_per_request``, every token its own request) loads into free
-    slots: nothing is evicted, nothing is copied back, the swap costs nothing."""
+def _per_token() -> Trace:
     meta = TraceMeta(model="synthetic", moe_layers=(0,), num_experts=4, top_k=1,
                      expert_bytes=1000)
     reqs = [RequestRouting(r, np.array([[[e]]], np.int16), np.full(1, DECODE, np.uint8))
             for r, e in enumerate([0, 1, 2, 3])]
-    tr = Trace(meta, reqs)
+    return Trace(meta, reqs)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_swap_without_eviction(engine: str) -> None:
+    """A per-token cache (``reset_per_request``, every token its own request) loads into free
+    slots: nothing is evicted, nothing is copied back, the swap costs nothing."""
+    tr = _per_token()
     a = _run(tr, "lru", "compute", engine, swap=True, reset_per_request=True)
     b = _run(tr, "lru", "compute", engine, swap=False, reset_per_request=True)
     assert a["swap_copies"] == 0 and a["evictions"] == 0
     assert a["total_time_s"] == b["total_time_s"]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_swap_always_copies_back_on_every_load(engine: str) -> None:
+    """``swap: always`` (device slots always full): the same per-token run copies one expert
+    back per load, each before its load on the compute stream (D more stall per token)."""
+    tr = _per_token()
+    a = _run(tr, "lru", "compute", engine, swap=True, always=True, reset_per_request=True)
+    b = _run(tr, "lru", "compute", engine, swap=False, reset_per_request=True)
+    assert a["evictions"] == 0 and a["swap_copies"] == 4
+    assert a["swap_copy_s"] == pytest.approx(4 * D, rel=1e-12)
+    assert a["total_time_s"] - b["total_time_s"] == pytest.approx(4 * D, rel=1e-9)
 
 
 def test_copy_rules_of_a_plain_link_are_none() -> None:
@@ -160,7 +177,7 @@ def _with_runtime(kw: dict[str, Any], rng: np.random.Generator, layers: int) -> 
     swap = bool(rng.random() < 0.8)
     kw["link"] = RuntimeLink(kw["link"], int(rng.integers(1, 4)),
                              float(rng.choice([0.0, 1e-5])), float(rng.choice([1.0, 0.5])),
-                             swap, 1.0, stream)
+                             swap, 1.0, stream, bool(rng.random() < 0.3))
     host = [0.0, 1e-5, 3e-4, 5e-3]
     kw["compute"] = RuntimeCompute(kw["compute"], layers,
                                    step_s=float(rng.choice(host)),
@@ -186,7 +203,8 @@ def test_engines_equal_under_compute_stream_and_swap(seed: int) -> None:
     fast = simulate(trace, policy, engine="compiled", **kw)
     _assert_same(ref, fast)
     s = ref.summary
-    assert s["swap_copies"] <= s["evictions"]
+    if not kw["link"].swap_always:
+        assert s["swap_copies"] <= s["evictions"]
     swap_s = kw["link"].swap_time(trace.meta.expert_bytes)
     assert s["swap_copy_s"] == pytest.approx(s["swap_copies"] * swap_s, rel=1e-9, abs=1e-15)
     if not kw["link"].swap:
