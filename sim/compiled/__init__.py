@@ -260,10 +260,14 @@ def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
     horizon = -1 if pf._horizon is None else int(pf._horizon)
     cfg = np.array([int(eamc.mask), horizon, pf._width, cap, eamc.filled, eamc.persistent],
                    np.int64)
+    # per live request: row sums, then the step its suffix sums were taken at (-1: none);
+    # dot products [layer, slot], then the suffix sums (sim/compiled/eamc.py: _match)
+    lrsum = np.zeros((most, num_l + 1))
+    lrsum[:, num_l] = -1.0
     return (eamc.eams.reshape(cap, num_k).copy(), eamc.unit.reshape(cap, num_k).T.copy(),
             eamc.access.copy(), np.zeros((cap, num_k), np.int32), np.full(most, -1, np.int64),
-            np.zeros((most, num_k)), np.zeros((most, num_l)), np.zeros((most, num_l)),
-            np.zeros((most, num_l, cap)), np.asarray(w.req_offsets, np.int64),
+            np.zeros((most, num_k)), np.zeros((most, num_l)), lrsum,
+            np.zeros((most, 2 * num_l, cap)), np.asarray(w.req_offsets, np.int64),
             np.asarray(w.req_ids, np.int64), join_off, join_rid, cfg)
 
 
