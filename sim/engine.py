@@ -36,6 +36,7 @@ no time: every load completes at once, which is MoE-Beyond's evaluation protocol
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -254,11 +255,14 @@ class Simulation:
         self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
         self._check_capacity()
         self._init_placement(placement, host)
-        if self._cs and (self._place or run_opts.record_transfers or run_opts.timeline_steps):
+        if self._cs and self._place:
             raise SimulationError(
-                "a runtime whose copies share the compute stream (copy.stream: compute) runs "
-                "with the default fetch placement and without transfer records or timelines "
-                "(their times would be on the link's clock, which stops during GPU kernels)")
+                f"placement {self.placement_spec.name!r} with a runtime whose copies share the "
+                "compute stream (copy.stream: compute) is not modelled (only the default "
+                "fetch placement is)")
+        # every piece of the GPU's layout, to put recorded copies on the wall clock at the end
+        self._history: list[tuple[float, float, float]] | None = (
+            [] if self._cs and (run_opts.record_transfers or run_opts.timeline_steps) else None)
         self.cache = self._new_cache()
         self.prefetcher: PrefetchPolicy = spec.prefetch(self._setup(spec.prefetch_params, None))
         self.link: HostLink | None = None
@@ -480,6 +484,30 @@ class Simulation:
                 return tau0 + (dt if dt < free else free)
         return self._tau
 
+    def _records_to_wall(self) -> None:
+        """Recorded copies (and those still running) from link time to the GPU's wall clock:
+        a copy ends at the earliest wall time the layout reached its end's link time, and
+        starts at the latest wall time at its start's link time (when the link clock moved on
+        from there, e.g. after the kernel during which it was booked); after the run the GPU
+        is idle and both clocks run alike. Clipping at the end is then by wall time."""
+        hist = self._history
+        hist.append((self.clock.now, self._tau, float("inf")))
+        starts = [tau0 for _, tau0, _ in hist]
+        ends = [tau0 + free for _, tau0, free in hist]
+
+        def end(tau: float) -> float:
+            w0, tau0, _ = hist[bisect.bisect_left(ends, tau)]
+            return w0 + (tau - tau0 if tau > tau0 else 0.0)
+
+        def start(tau: float) -> float:
+            w0, tau0, _ = hist[max(0, bisect.bisect_right(starts, tau) - 1)]
+            return w0 + (tau - tau0 if tau > tau0 else 0.0)
+
+        link = self.link
+        link.records = [(k, kind, start(a), end(b)) for k, kind, a, b in link.records]
+        link._running = [(end(f), seq, k, kind, start(a)) for f, seq, k, kind, a in link._running]
+        self.link_end = None
+
     # -- the GPU ----------------------------------------------------------------------------
     @property
     def counting(self) -> bool:
@@ -585,6 +613,8 @@ class Simulation:
                         if dense_n[j]:
                             h += dense_n[j] * dense_h[s]
                         self._pieces = [(t0, self._tau, h)]
+                        if self._history is not None:
+                            self._history.extend(self._pieces)
                     if d > 0:
                         yield d
                     if cs:
@@ -614,9 +644,17 @@ class Simulation:
                     if cs:
                         waiting = [i for i, k in enumerate(kinds) if k]
                         ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
+                        spans = [] if s < tl_steps else None
                         end, tau_end, st_miss, st_late, self._pieces = _run_gpu_stream(
                             t, self._tau, kinds, None if counts is None else counts[j], comp,
-                            exp_cost, exp_host, shared_t[s], shared_h[s], ready, waiting)
+                            exp_cost, exp_host, shared_t[s], shared_h[s], ready, waiting,
+                            keys, spans)
+                        if spans:
+                            self.timeline.extend(
+                                ("compute", f"L{j} {n}", a, b) for n, a, b in spans
+                            )
+                        if self._history is not None:
+                            self._history.extend(self._pieces)
                         if counting:
                             c.stall_miss += st_miss
                             c.stall_late += st_late
@@ -838,6 +876,8 @@ class Simulation:
             env.run()
             if self._cs:
                 self.link_end = self._tau
+                if self._history is not None:
+                    self._records_to_wall()
         self.c.unused_prefetches = self.cache.unused_prefetches()
         self.c.wasted_prefetches += self.cache.wasted_prefetches
         self.c.evictions += self.cache.evictions
@@ -937,6 +977,8 @@ def _run_gpu_stream(
     shared_host: float,
     ready: list[float],
     waiting: list[int],
+    keys: list[int] | None = None,
+    spans: list[tuple[str, float, float]] | None = None,
 ) -> tuple[float, float, float, float, list[tuple[float, float, float]]]:
     """:func:`_run_gpu` with the copies on the compute stream (``CopyRules.compute_stream``):
     the same order (shared experts, resident ones, then each awaited one by arrival), each
@@ -944,7 +986,8 @@ def _run_gpu_stream(
     the wall clock ``t``) then its kernel (the link waits). An awaited expert's host part is
     issued at once; its kernel starts when its copy has landed (``ready``, link times), and
     the wait in between is stall. Returns the wall end, the link time at the end, the stalls
-    (miss, late) and the pieces of the layout (``Simulation.link_time``).
+    (miss, late) and the pieces of the layout (``Simulation.link_time``); ``spans`` (if
+    given) gets each expert's wall span, host part and kernel.
     ``sim/compiled/kernel.py`` mirrors it line for line."""
 
     def dur(n: int) -> tuple[float, float]:
@@ -957,10 +1000,14 @@ def _run_gpu_stream(
     pieces = [(t, tau, shared_host)]
     now = t + shared
     tau += shared_host
+    if spans is not None and shared > 0:
+        spans.append(("shared", t, now))
     for i, k in enumerate(kinds):
         if not k:
             d, h = dur(1 if counts is None else counts[i])
             pieces.append((now, tau, h))
+            if spans is not None and keys is not None:
+                spans.append((f"e{keys[i]}", now, now + d))
             now += d
             tau += h
     st_miss = st_late = 0.0
@@ -978,6 +1025,8 @@ def _run_gpu_stream(
             tau = r
         pieces.append((w0, tau0, tau - tau0))
         now += d - h
+        if spans is not None and keys is not None:
+            spans.append((f"e{keys[i]}", w0, now))
     return now, tau, st_miss, st_late, pieces
 
 

@@ -163,10 +163,35 @@ def test_copy_rules_of_a_plain_link_are_none() -> None:
     assert serial.load_time(D, True) == 2 * D and serial.load_time(D, False) == D
 
 
-def test_compute_stream_refuses_records() -> None:
+def test_records_on_the_wall_clock() -> None:
+    """Transfer records and the timeline of a compute-stream run are in wall time: the one
+    miss's copy is booked at routing (after the attention kernel) and lands where the expert's
+    kernel starts; the run's metrics are those of the run without records."""
+    link, comp = _models("compute")
+    tr = _trace([0])
+    res = simulate(tr, "lru", capacity=2, link=link, compute=comp, record_transfers=True,
+                   timeline_steps=1)
+    assert res.summary["sim_engine"] == "python"
+    (row,) = res.transfers.itertuples()
+    assert row.start_s == pytest.approx(H_A + A, rel=1e-12)
+    assert row.end_s == pytest.approx(H_A + A + H_E + (D - H_E), rel=1e-12)
+    spans = {e["name"]: (e["ts"] / 1e6, e["dur"] / 1e6) for e in res.timeline}
+    assert spans["L0 e0"][0] == pytest.approx(H_A + A, rel=1e-12)
+    assert sum(spans["L0 e0"]) == pytest.approx(res.summary["total_time_s"], rel=1e-12)
+    plain = simulate(tr, "lru", capacity=2, link=link, compute=comp).summary
+    assert {k: v for k, v in res.summary.items() if k != "sim_engine"} == {
+        k: v for k, v in plain.items() if k != "sim_engine"}
+
+
+def test_compute_stream_refuses_placements() -> None:
     link, comp = _models("compute")
     with pytest.raises(SimulationError, match="compute stream"):
-        simulate(_trace([0]), "lru", capacity=2, link=link, compute=comp, record_transfers=True)
+        tr = _trace([0])
+        req = tr.requests[0]
+        scored = Trace(tr.meta, [RequestRouting(0, req.experts, req.phase,
+                                                np.ones(req.experts.shape, np.float32))])
+        simulate(scored, "lru", capacity=2, link=link, compute=comp,
+                 placement="low_precision_fetch")
 
 
 # -- both engines, run for run --------------------------------------------------------------
