@@ -15,14 +15,21 @@ as one job whose override list carries each run's index and overrides, and unpac
 task. Hydra instantiates launchers only from its plugin registry (classes under
 ``hydra_plugins.``); :func:`register_launchers` adds these two there under
 ``hydra_plugins.moesim_packing.*``, the names the launcher YAMLs in
-``experiments/conf/hydra/launcher/`` use. Joblib needs none of this: its workers live for the
-whole sweep and each runs many configs (``hydra/launcher=joblib``).
+``experiments/conf/hydra/launcher/`` use.
+
+Joblib's workers live for the whole sweep, but Hydra's joblib launcher still sends every run
+as its own task, each pickled with Hydra's whole state (its config store and context, ~450 kB:
+~0.12 CPU-s to pickle and unpickle, as much as a zero-latency run on the embedded trace
+simulates). ``hydra/launcher=packed_joblib`` is that launcher with ``runs_per_task``
+(0, the default: as many as leave each worker about four tasks, so that the runs still
+spread evenly); each run is composed, run and written exactly as by ``hydra/launcher=joblib``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MARK = "moesim_run#"  # starts each run's overrides inside a pack (no override starts so)
@@ -113,9 +120,82 @@ else:
     CONFIGS = {"packed_local": PackedLocalConf, "packed_slurm": PackedSlurmConf}
 
 
+from hydra_plugins.hydra_joblib_launcher.config import (  # noqa: E402 (a base dependency)
+    JobLibLauncherConf,
+)
+from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher  # noqa: E402
+
+
+def execute_pack(packed: Sequence[str], hydra_context: Any, config: Any, task_function: Any,
+                 singleton_state: dict[Any, Any]) -> list[Any]:
+    """In a joblib worker: the runs of one pack, one after the other, each as Hydra's joblib
+    launcher runs a task (its own composed config, folder and return value)."""
+    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+
+    return [execute_job(num, overrides, hydra_context, config, task_function, singleton_state)
+            for num, overrides in unpack(packed)]
+
+
+def auto_runs_per_task(runs: int, n_jobs: int) -> int:
+    """Runs per task when ``runs_per_task=0``: about four tasks per worker."""
+    import math
+    import os
+
+    workers = n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+    return max(1, math.ceil(runs / (4 * workers)))
+
+
+class PackedJoblibLauncher(JoblibLauncher):
+    """Hydra's joblib launcher, ``runs_per_task`` runs per joblib task."""
+
+    def __init__(self, runs_per_task: int = 0, **params: Any) -> None:
+        self.runs_per_task = int(runs_per_task)
+        if self.runs_per_task < 0:
+            raise ValueError(
+                f"hydra.launcher.runs_per_task must be >= 0 (0: automatic), not {runs_per_task}")
+        super().__init__(**params)
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import configure_log, setup_globals
+        from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
+        from joblib import Parallel, delayed
+
+        k = self.runs_per_task or auto_runs_per_task(len(job_overrides),
+                                                     int(self.joblib.get("n_jobs") or -1))
+        if k == 1:
+            return list(super().launch(job_overrides, initial_job_idx))
+        # as hydra_joblib_launcher._core.launch, with one task per pack
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        joblib_cfg = self.joblib
+        joblib_cfg["backend"] = "loky"  # as the joblib launcher (threads cannot run Hydra)
+        process_joblib_cfg(joblib_cfg)
+        state = Singleton.get_state()
+        packs = pack(job_overrides, initial_job_idx, k)
+        results = Parallel(**joblib_cfg)(
+            delayed(execute_pack)(group, self.hydra_context, self.config, self.task_function,
+                                  state)
+            for group in packs)
+        return [ret for returns in results for ret in returns]
+
+
+@dataclass
+class PackedJoblibConf(JobLibLauncherConf):
+    _target_: str = field(default=PLUGIN_PREFIX + "PackedJoblibLauncher")
+    runs_per_task: int = 0  # consecutive runs per joblib task (0: about four tasks per worker)
+
+
+LAUNCHERS["PackedJoblibLauncher"] = PackedJoblibLauncher
+CONFIGS["packed_joblib"] = PackedJoblibConf
+
+
 def register_launchers() -> None:
     """Put the packed launchers into Hydra's plugin registry and their configs into the
-    ``hydra/launcher`` group (``packed_local``, ``packed_slurm``: the submitit plugin's
+    ``hydra/launcher`` group (``packed_joblib``: the joblib plugin's ``joblib`` plus
+    ``runs_per_task``; ``packed_local``, ``packed_slurm``: the submitit plugin's
     ``submitit_local`` and ``submitit_slurm`` plus ``runs_per_task``); idempotent. Every class
     here is a module attribute: a sweep's config store and launcher are pickled into its
     workers and tasks."""
