@@ -131,7 +131,8 @@ def simulate(
             ``batch=8``, ``max_requests=10``, ``progress=True``; nested as mappings,
             ``predictions={"path": ...}``, or dotted, ``**{"predictions.path": ...}``;
             ``placement={"name": ..., <param>: ...}`` is ``placement`` plus
-            ``placement_params``). ``progress`` defaults to False here. ``plugins=[module,
+            ``placement_params``; ``runtime="hqq_offload"`` a runtime profile by name, or a
+            mapping like a runtime YAML). ``progress`` defaults to False here. ``plugins=[module,
             ...]`` imports modules first (out-of-tree policies, ...), as ``moesim-sim
             plugins=[...]``; installed plugins load by entry point anyway.
 
@@ -470,6 +471,28 @@ def _hw_choice(hw: Any) -> tuple[list[str], Mapping[str, Any] | None]:
     return [], yaml.safe_load(path.read_text(encoding="utf-8"))
 
 
+def _runtime_choice(runtime: Any, overrides: list[str]) -> Mapping[str, Any] | None:
+    """``runtime=``: a runtime profile name (the config group, as ``moesim-sim
+    runtime=<name>``; appended to ``overrides``) or a mapping like a runtime YAML (checked
+    now, returned to replace the group's node)."""
+    from moesim.hw_profiles import ProfileError
+    from moesim.hw_profiles.runtime import list_runtimes, runtime_from_mapping
+
+    if runtime is None:
+        return None
+    if isinstance(runtime, Mapping):
+        try:
+            runtime_from_mapping(runtime, "runtime")
+        except ProfileError as exc:
+            raise InputError(str(exc)) from None
+        return dict(runtime)
+    if not isinstance(runtime, str):
+        raise InputError(f"runtime: expected a runtime profile name or mapping, got "
+                         f"{type(runtime).__name__}")
+    overrides.append(f"runtime={_known('runtime', runtime, list_runtimes())}")
+    return None
+
+
 def _cache_values(cache: Any) -> dict[str, Any]:
     if cache is None:
         return {}
@@ -546,6 +569,7 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
         values["model"] = dict(model)
     if predictor is not None:
         overrides.append(f"predictor={_known('predictor', predictor, _group('predictor'))}")
+    runtime_node = _runtime_choice(options.pop("runtime", None), overrides)
     place = options.get("placement")
     if isinstance(place, Mapping):  # {"name": ..., <param>: ...}, as policy and sim.simulate
         if place.get("name") is None:
@@ -581,6 +605,8 @@ def _prepare(trace: Any, policy: Any, hw: Any, cache: Any, options: dict[str, An
     with open_dict(cfg):
         if hw_node is not None:
             cfg.hw = OmegaConf.create(dict(hw_node))
+        if runtime_node is not None:
+            cfg.runtime = OmegaConf.create(dict(runtime_node))
         if isinstance(values.get("model"), dict):
             cfg.model = OmegaConf.create(values.pop("model"))
         for key, value in params.items():  # the registry rejects unknown ones (like the CLI)

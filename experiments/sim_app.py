@@ -44,6 +44,7 @@ from moesim.hw_profiles import ProfileError
 from moesim.hw_profiles.runtime import (
     RuntimeProfile,
     apply_runtime,
+    apply_runtime_cpu,
     load_runtime,
     runtime_from_mapping,
 )
@@ -125,8 +126,8 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         profile = hw_profile(cfg)
         link = profile.expert_link()
         compute = profile.compute_model(card)
-        if not placement.is_default:
-            host = host_side(profile, card)
+        if not placement.is_default:  # the runtime's CPU expert kernels, where it has some
+            host = apply_runtime_cpu(rt, host_side(profile, card), f"{profile.name} host_cpu")
         link, compute = apply_runtime(rt, link, compute, card,
                                       lambda: profile.host_link_model("pageable"))
         scale = float(cfg.get("compute_scale", 1.0))

@@ -245,3 +245,23 @@ def test_a_placement_parameter_left_null_hashes_as_its_default() -> None:
     plain = api._prepare(None, None, None, None, {}).cfg
     fetch = api._prepare(None, None, None, None, {"placement": "fetch"}).cfg
     assert config_hash(plain) == config_hash(fetch)
+
+
+def test_runtime_by_name_or_mapping_and_its_cpu_kernels(trace_file: Path) -> None:
+    """``runtime=`` is the config group (a name) or a runtime YAML's mapping; a CPU placement
+    runs under the runtime's CPU kernels (the run's host_cpu.source names them); an unknown
+    name lists the known ones."""
+    row = moesim.simulate(trace_file, "lru", hw="rtx4090", cache=0.2, runtime="llama_cpp",
+                          placement="cpu_on_miss", **FAST).loc[0]
+    assert row["runtime.name"] == "llama_cpp"
+    assert "llama_cpp CPU kernels" in row["host_cpu.source"]
+    mine = {"name": "mine", "overhead": {"step_s": {"value": 1, "unit": "ms",
+                                                    "kind": "estimate", "source": "a guess"}}}
+    base = moesim.simulate(trace_file, "lru", cache=0.2, **FAST).loc[0]
+    own = moesim.simulate(trace_file, "lru", cache=0.2, runtime=mine, **FAST).loc[0]
+    assert own["runtime.name"] == "mine"
+    assert own["total_time_s"] == pytest.approx(base["total_time_s"] + 1e-3 * own["steps"],
+                                                rel=1e-6)
+    with pytest.raises(moesim.InputError, match=r"runtime: unknown runtime 'nope'; known: .*"
+                                                r"hqq_offload"):
+        moesim.simulate(trace_file, "lru", runtime="nope", **FAST)
