@@ -18,6 +18,7 @@ a few policies (beside that replay) and merges them into the existing file as a 
 
     python -m moesim.experiments.bench.bench_sim [--traces DIR] [--out FILE] [--reps N] [--sweep]
     python -m moesim.experiments.bench.bench_sim --only "moe_infinity_priority,lru"
+    python -m moesim.experiments.bench.bench_sim --mi --reps 3
 """
 
 from __future__ import annotations
@@ -364,6 +365,47 @@ def partial(args: argparse.Namespace, trace: Any, sub: Any, env: dict[str, Any],
     print(f"wrote {out} (run {run['id']}: {', '.join(labels)})")
 
 
+# --mi: MoE-Infinity's policies beside the compiled LRU, batch 1, whole trace (issue target:
+# >= 1 M token-layers per CPU-s, i.e. no slower than 2x the compiled LRU)
+MI_POLICIES = ("lru", "moe_infinity_priority", "moe_infinity")
+
+
+def moe_infinity_speed(trace: Any, env: dict[str, Any], reps: int) -> dict[str, Any]:
+    """CPU seconds of the compiled LRU and MoE-Infinity's policies on the whole trace at batch
+    1 and of libCacheSim's LRU replay of the same access stream, interleaved, best of
+    ``reps``; token-layers per CPU-s and the ratios to both LRUs (CPU time / LRU's)."""
+    stream = _stream(trace)
+    best = dict.fromkeys(("libcachesim lru", *MI_POLICIES), math.inf)
+    rows: dict[str, dict[str, Any]] = {}
+    loads = [os.getloadavg()[0]]
+    with tempfile.TemporaryDirectory() as tmp:
+        _lcs(stream, env["cap"], "LRU", Path(tmp))  # warm-up
+        for label in MI_POLICIES:  # load or compile the kernels once
+            simulate(trace.subset(2), POLICIES[label], **_kwargs(trace, POLICIES[label], 1, env))
+        for _ in range(reps):
+            best["libcachesim lru"] = min(best["libcachesim lru"],
+                                          _lcs(stream, env["cap"], "LRU", Path(tmp))[0])
+            for label in MI_POLICIES:
+                cfg = POLICIES[label]
+                dt, res = _cpu(lambda c=cfg: simulate(trace, c, **_kwargs(trace, c, 1, env)))
+                best[label] = min(best[label], dt)
+                s = res.summary
+                rows[label] = {"policy": label, "engine": s["sim_engine"],
+                               "hit_rate": s["hit_rate"], "stall_time_s": s["stall_time_s"],
+                               "prefetch_transfers": s["prefetch_transfers"]}
+            loads.append(os.getloadavg()[0])
+    out = []
+    for label in MI_POLICIES:
+        cpu = best[label]
+        out.append({**rows[label], "cpu_s": round(cpu, 3),
+                    "m_token_layers_per_cpu_s": round(trace.num_rows / cpu / 1e6, 3),
+                    "vs_compiled_lru": round(cpu / best["lru"], 2),
+                    "vs_libcachesim_lru": round(cpu / best["libcachesim lru"], 2)})
+    return {"token_layers": trace.num_rows, "accesses": len(stream), "batch": 1,
+            "reps": reps, "libcachesim_lru_cpu_s": round(best["libcachesim lru"], 3),
+            "load_avg_1m": loads, "rows": out}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
@@ -371,6 +413,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--simpy-requests", type=int, default=40)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--mi", action="store_true", help="only MoE-Infinity's policies beside "
+                    "the compiled and libCacheSim LRU (batch 1, whole trace) into "
+                    "experiments/bench/results/bench_mi.json")
     ap.add_argument("--only", default="", help="comma-separated policy labels: measure just "
                     "these (and libCacheSim's LRU) and merge them into --out as a new run")
     args = ap.parse_args()
@@ -384,6 +429,13 @@ def main() -> None:
            "link": prof.expert_link(), "comp": prof.compute_model(card),
            "dense": dense_layers_before(trace.meta.moe_layers, 27)}
     sub = trace.subset(args.simpy_requests)
+    if args.mi:
+        res = {**moe_infinity_speed(trace, env, args.reps), "conditions": _conditions(load0)}
+        out = Path(args.out).with_name("bench_mi.json")
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps(res["rows"], indent=1))
+        print(f"wrote {out}")
+        return
     if args.only:
         partial(args, trace, sub, env, load0)
         return
