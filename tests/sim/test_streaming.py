@@ -81,6 +81,18 @@ def test_other_evictions(embedded: Path, policy: str) -> None:
                 simulate_stream(embedded, policy, chunk_requests=7, **kw))
 
 
+@pytest.mark.parametrize("policy", ["lru", "belady"])
+def test_random_prefill_per_layer_and_engines(embedded: Path, policy: str) -> None:
+    """A randomly prefilled cache (the run's seeded draws), per-layer partitions, two copy
+    engines: as in memory."""
+    trace = load_trace(embedded)
+    kw = {**_kwargs("timed", capacity=60), "prefill": "random", "seed": 3,
+          "partition": "per_layer", "link": FixedLink(latency_s=1e-4, bandwidth_Bps=2e9,
+                                                      copy_engines=2)}
+    assert_same(simulate(trace, policy, **kw),
+                simulate_stream(embedded, policy, chunk_requests=6, **kw))
+
+
 def test_max_requests_and_card_bytes(embedded: Path) -> None:
     """``meta`` replaces the file's (the app passes the model card's expert bytes)."""
     trace = load_trace(embedded, max_requests=9)
