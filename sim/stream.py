@@ -6,7 +6,8 @@ time (``traces.store.iter_request_chunks``), each chunk becomes a workload of it
 compiled kernel (``sim.compiled.kernel.replay``) resumes on it from the state (``S``, ``F``,
 layer counters) the previous chunk left: the kernel's rules are the in-memory run's, so every
 counter is identical (``tests/sim/test_streaming.py``). Memory is one chunk plus the per-step
-figures the result needs (step times: 8 B per step, 1/L of a token-layer).
+figures the exact totals need (a step's time, counted flag and token counts: 17 B per step,
+twice that while they are summed at the end; a step is L token-layers).
 
 Positions (the key slots that Belady ranks by next use) count from the chunk's start. Between
 chunks the carried positions move by the chunk's length: each key's next-use cursor is set to
