@@ -179,7 +179,7 @@ class PackedJoblibLauncher(JoblibLauncher):
             delayed(execute_pack)(group, self.hydra_context, self.config, self.task_function,
                                   state)
             for group in packs)
-        return [ret for returns in results for ret in returns]
+        return [ret for returns in results or () for ret in returns]
 
 
 @dataclass
