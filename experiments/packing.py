@@ -175,11 +175,11 @@ class PackedJoblibLauncher(JoblibLauncher):
         process_joblib_cfg(joblib_cfg)
         state = Singleton.get_state()
         packs = pack(job_overrides, initial_job_idx, k)
-        results = Parallel(**joblib_cfg)(
+        results: list[list[Any]] = list(Parallel(**joblib_cfg)(
             delayed(execute_pack)(group, self.hydra_context, self.config, self.task_function,
                                   state)
-            for group in packs)
-        return [ret for returns in results or () for ret in returns]
+            for group in packs) or [])
+        return [ret for returns in results for ret in returns]
 
 
 @dataclass
