@@ -48,6 +48,13 @@ def render_summary(pred: pd.DataFrame) -> str:
         f"| {_pct(h['within_2x'])} |",
         f"| calibration (fitted on) | {c['entries']} | {_pct(c['median_abs_error'])} "
         f"| {_pct(c['within_2x'])} |",
+    ]
+    held_rows = pred[pred["role"] == "held_out"]
+    for rt, g in held_rows.groupby("runtime"):  # where the error comes from
+        err = (g["ratio"] - 1).abs()
+        rows.append(f"| held out, runtime {rt} | {len(g)} | {_pct(float(err.median()))} "
+                    f"| {_pct(float(((g['ratio'] >= 0.5) & (g['ratio'] <= 2)).mean()))} |")
+    rows += [
         "",
         f"{len(pred)} entries from {pred['source'].nunique()} sources; "
         f"{s['not_predictable']} cannot be simulated here yet (reasons below). Calibration "
@@ -210,11 +217,12 @@ def _findings() -> pd.DataFrame:
 
 
 def _render_findings(df: pd.DataFrame) -> str:
-    from .findings import render
+    from .findings import render, summary
 
     return ("From `experiments/docs/results/published_findings.csv` "
             "(`python -m moesim.experiments.published.findings`): time per output token, "
-            "Mixtral-8x7B with 2-bit experts and 4 experts per layer.\n\n" + render(df))
+            "Mixtral-8x7B with 2-bit experts and 4 experts per layer.\n\n" + render(df)
+            + "\n\n" + summary(df))
 
 
 BLOCKS = {

@@ -54,6 +54,30 @@ def run() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def gains(df: pd.DataFrame) -> pd.DataFrame:
+    """Per setup and runtime: the cache's gain (no cache / LRU) and a perfect prediction's
+    (LRU / the better of its two issue points)."""
+    t = df.pivot_table(index=["hw", "runtime"], columns="variant",
+                       values="time_per_output_token_s", sort=False)
+    best = t[["perfect, pre-attention, d=1", "perfect, behind demand, d=0"]].min(axis=1)
+    return pd.DataFrame({"cache_gain": t["no cache"] / t["lru"], "perfect_gain": t["lru"] / best})
+
+
+def summary(df: pd.DataFrame) -> str:
+    """The finding in one generated sentence: the ranges per runtime."""
+    g = gains(df)
+
+    def span(col: str, rt: str) -> str:
+        v = g.xs(rt, level="runtime")[col]
+        return f"{v.min():.2f}-{v.max():.2f}x"
+
+    return (f"With the roofline alone (`runtime=none`) the LRU cache makes a token "
+            f"{span('cache_gain', 'none')} faster and a perfect prediction "
+            f"{span('perfect_gain', 'none')}; under the fitted `hqq_offload` runtime the cache "
+            f"gives {span('cache_gain', 'hqq_offload')} and a perfect prediction "
+            f"{span('perfect_gain', 'hqq_offload')}.")
+
+
 def render(df: pd.DataFrame) -> str:
     """Per setup and runtime: the cache's gain and how much a perfect prediction's timing
     moves the time per token."""

@@ -167,19 +167,17 @@ def test_refit_reproduces_the_shipped_values() -> None:
 
 
 def test_findings_depend_on_the_runtime_as_the_page_says() -> None:
-    from moesim.experiments.published.findings import CSV
+    """The page: with the roofline the cache about doubles the speed and a perfect prediction
+    saves under 10 %; under hqq_offload the cache is worth much less, and a perfect prediction
+    saves little on the A100 and the RTX 3080 Mobile but about a third on the T4."""
+    from moesim.experiments.published.findings import CSV, gains
 
-    df = pd.read_csv(CSV)
-    t = df.pivot_table(index=["hw", "runtime"], columns="variant",
-                       values="time_per_output_token_s")
-    cache_gain = t["no cache"] / t["lru"]
-    perfect = t["lru"] / t[["perfect, pre-attention, d=1", "perfect, behind demand, d=0"]].min(
-        axis=1)
-    none, hqq = cache_gain.xs("none", level="runtime"), cache_gain.xs("hqq_offload",
-                                                                      level="runtime")
-    assert (none >= 2.0).all() and (hqq < none).all() and (hqq.between(1.4, 1.8)).all()
-    assert (perfect.xs("none", level="runtime") < 1.10).all()
-    assert (perfect.xs("hqq_offload", level="runtime").between(1.35, 1.65)).all()
+    g = gains(pd.read_csv(CSV))
+    none, hqq = g.xs("none", level="runtime"), g.xs("hqq_offload", level="runtime")
+    assert (none["cache_gain"] >= 2.0).all() and (none["perfect_gain"] < 1.10).all()
+    assert (hqq["cache_gain"] < none["cache_gain"] - 0.5).all()
+    assert (hqq["perfect_gain"][["a100_sxm4", "rtx3080_mobile"]] < 1.10).all()
+    assert 1.25 <= hqq["perfect_gain"]["t4"] <= 1.45
 
 
 @pytest.mark.shared
