@@ -171,6 +171,18 @@ def _render_bench_sim(res: dict[str, Any]) -> str:
     return render(res)
 
 
+def _bench_stream() -> dict[str, Any]:
+    from moesim.experiments.bench.bench_stream import JSON
+
+    return json.loads(JSON.read_text())
+
+
+def _render_bench_stream(res: dict[str, Any]) -> str:
+    from moesim.experiments.bench.bench_stream import render
+
+    return render(res)
+
+
 # A block: (load the results, render them, draw the block's figure or None).
 Block = tuple[Callable[[], Any], Callable[[Any], str], Callable[[Any], None] | None]
 
@@ -531,6 +543,8 @@ BLOCKS: dict[str, Block] = {
     "validation_noise": (_validation_noise, _render_validation_noise, None),
     # experiments/bench/bench_sim.py writes it; experiments/bench/report_sim.py renders it
     "bench_sim": (_bench_sim, _render_bench_sim, None),
+    # experiments/bench/bench_stream.py writes and renders it
+    "bench_stream": (_bench_stream, _render_bench_stream, None),
     # experiments/docs/results/<name>.csv, written by --collect <name> <sweep dir>
     "capacity_deepseek_train": _sweep_block("capacity_deepseek_train", render_capacity),
     "hit_rate_vs_capacity": _sweep_block("hit_rate_vs_capacity", render_hit_rate_vs_capacity),
