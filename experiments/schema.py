@@ -349,6 +349,18 @@ def check_overrides(overrides: list[str], groups: set[str]) -> list[str]:
     return errors
 
 
+def check_unused_overrides(overrides: list[str], cfg: Any) -> list[str]:
+    """Options given on the command line that the composed run would not use: recorded, they
+    would say the run did something it did not (``run.chunk_requests`` without a streamed
+    run)."""
+    given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    run = cfg.get("run") or {}
+    if "run.chunk_requests" in given and not run.get("stream", False):
+        return ["run.chunk_requests: applies to a streamed run only (add run.stream=true); "
+                "nothing would be chunked"]
+    return []
+
+
 def check_warmup(warmup_tokens: int, longest_request: int) -> str | None:
     """Warm-up must leave something to count: some request longer than it."""
     if warmup_tokens and warmup_tokens >= longest_request:

@@ -37,7 +37,7 @@ from moesim.experiments.inputs import (
 from moesim.experiments.paths import resolve_path, sweep_workers_die_with_parent
 from moesim.experiments.provenance import package_version, provenance
 from moesim.experiments.schema import check as check_config
-from moesim.experiments.schema import check_overrides, check_warmup
+from moesim.experiments.schema import check_overrides, check_unused_overrides, check_warmup
 from moesim.experiments.sweep_summary import write_status
 from moesim.extras import MissingExtra, as_missing_extra
 from moesim.hw_profiles import ProfileError
@@ -554,6 +554,8 @@ def _run_checked(outdir: Path, cfg: DictConfig) -> float | None:
                              f"-m (moesim-sim -m experiment={name} ...), or pin each of them"])
     hc = HydraConfig.get()
     if errors := check_overrides(list(hc.overrides.task), set(hc.runtime.choices)):
+        raise _fail(outdir, errors)
+    if errors := check_unused_overrides(list(hc.overrides.task), cfg):
         raise _fail(outdir, errors)
     if errors := check_config(cfg):  # every bad value, one line each, before anything runs
         raise _fail(outdir, errors)

@@ -95,3 +95,16 @@ def test_overrides_that_run_what_they_say_pass() -> None:
     ok = ["+experiment=batch_dedup", "+cache.experts=3", "+policy.ahead=2", "+hw.x=1",
           "policy=belady", "hw=a100_sxm4", "seed=3", "label=mine"]
     assert check_overrides(ok, GROUPS) == []
+
+
+def test_chunking_without_streaming_is_refused() -> None:
+    """``run.chunk_requests`` chunks only a streamed run: given alone it would be recorded for
+    a run that loaded the whole trace."""
+    from moesim.experiments.schema import check_unused_overrides
+
+    errors = check_unused_overrides(["run.chunk_requests=5"], _with("run.chunk_requests=5"))
+    assert errors == ["run.chunk_requests: applies to a streamed run only (add run.stream=true)"
+                      "; nothing would be chunked"]
+    both = ["run.chunk_requests=5", "run.stream=true"]
+    assert check_unused_overrides(both, _with(*both)) == []
+    assert check_unused_overrides(["seed=3"], _with("seed=3")) == []
