@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moesim import hw_profiles
 from moesim.experiments.paths import TRACES_ENV, resolve_path, traces_dir
-from moesim.traces import TraceError, import_trace, load_predictions, load_trace
+from moesim.traces import TraceError
 from moesim.traces.cache import cache_root, entry_lock, sweep_temporaries
 from moesim.traces.model_card import ModelCard, card_from_mapping, load_card
 from moesim.traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
@@ -84,6 +84,8 @@ def trace_file(path: str, fmt: str, *, features: bool = False) -> Path:
             if not out.exists():
                 sweep_temporaries(out)  # of a killed import of this very entry
                 print(f"importing {src} ({fmt}) into {out} (once)")
+                from moesim.traces import import_trace  # the importers, only when importing
+
                 import_trace(fmt, src, out)
     return out
 
@@ -129,6 +131,7 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | Non
     if path is None:
         return None
     from moesim.predictors.data import file_digest
+    from moesim.traces import load_predictions
 
     node = cfg.get("predictions") or {}
     return load_predictions(
@@ -166,6 +169,8 @@ def load_run_trace(cfg: DictConfig) -> Trace:
     elif which == "auto":
         keep = _table_test_requests(cfg)
     # Only the requests the run replays are decoded (the first max_requests, or the kept ones).
+    from moesim.traces import load_trace
+
     trace = load_trace(path, max_requests=cfg.get("max_requests"), requests=keep)
     if cfg.get("max_requests") is not None or cfg.get("max_tokens") is not None:
         trace = trace.subset(cfg.get("max_requests"), cfg.get("max_tokens"))

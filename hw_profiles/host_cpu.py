@@ -49,7 +49,7 @@ runs unchanged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -379,7 +379,10 @@ def parse_isa(ctx: Ctx, raw: Any) -> Isa:
     assert data is not None
     reject_unknown(ctx, data, {"value", "kind", "source"})
     flags = data.get("value")
-    if (not isinstance(flags, list) or not flags
+    if flags is None:  # not known (a measurement on an OS without CPU flags): no kernels
+        return Isa()
+    # a YAML list, or Hydra's ListConfig when the profile comes through the hw config group
+    if (isinstance(flags, (str, bytes)) or not isinstance(flags, Sequence) or not flags
             or any(not isinstance(f, str) or f not in ISAS for f in flags)):
         raise ctx.sub("value").error(f"must be a non-empty list of {list(ISAS)}", flags)
     kind = as_str(ctx.sub("kind"), data.get("kind"), required=True)
