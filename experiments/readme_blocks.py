@@ -183,6 +183,42 @@ def _render_bench_stream(res: dict[str, Any]) -> str:
     return render(res)
 
 
+BENCH_DIR = Path(__file__).resolve().parent / "bench" / "results"
+
+
+def render_bench_sweep(res: dict[str, Any]) -> str:
+    """Every measured sweep: launcher, wall and CPU, the simulation's share, the load."""
+    lines = ["| sweep | runs | launcher | wall s | CPU s | simulation share of CPU | load "
+             "before -> after |", "|---|---|---|---|---|---|---|"]
+    for name, sw in res.items():
+        for r in sw["runs"]:
+            lines.append(f"| {name} | {r['runs']} | {r.get('launcher', 'joblib')} | "
+                         f"{r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['sim_share']:.0%} | "
+                         f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
+    dates = ", ".join(f"{name} {sw['date']}" for name, sw in res.items())
+    cpus = next(iter(res.values()))["cpus"]
+    return "\n".join([*lines, "", f"Measured on {cpus} CPUs ({dates}); the machine was shared "
+                       "(load beside each run)."])
+
+
+def render_bench_mi(res: dict[str, Any]) -> str:
+    """MoE-Infinity's compiled speed beside the compiled LRU and libCacheSim's LRU."""
+    lines = ["| policy | CPU s | M token-layers per CPU s | x compiled LRU | x libCacheSim LRU |",
+             "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['policy']} | {r['cpu_s']:.2f} | {r['m_token_layers_per_cpu_s']:.3f} "
+                     f"| {r['vs_compiled_lru']:.1f} | {r['vs_libcachesim_lru']:.1f} |")
+    c = res["conditions"]
+    return "\n".join([
+        *lines, "",
+        f"DeepSeek-V2-Lite training trace ({res['token_layers'] / 1e6:.2f} M token-layers), "
+        f"batch {res['batch']}, best of {res['reps']} interleaved; libCacheSim's LRU replay of "
+        f"the same stream {res['libcachesim_lru_cpu_s']:.2f} CPU-s. Measured {c['date_utc']} "
+        f"UTC at {c['commit']} on {c['cpus']} CPUs ({c['processor']}), load "
+        f"{c['load_avg_1m_before']:.1f} -> {c['load_avg_1m_after']:.1f}. Target: 1 M "
+        "token-layers per CPU s (or within 2x of the compiled LRU)."])
+
+
 # A block: (load the results, render them, draw the block's figure or None).
 Block = tuple[Callable[[], Any], Callable[[Any], str], Callable[[Any], None] | None]
 
@@ -545,6 +581,11 @@ BLOCKS: dict[str, Block] = {
     "bench_sim": (_bench_sim, _render_bench_sim, None),
     # experiments/bench/bench_stream.py writes and renders it
     "bench_stream": (_bench_stream, _render_bench_stream, None),
+    # experiments/bench/bench_sweep.py and bench_sim.py --mi write them
+    "bench_sweep": (lambda: json.loads((BENCH_DIR / "bench_sweep.json").read_text()),
+                    render_bench_sweep, None),
+    "bench_mi": (lambda: json.loads((BENCH_DIR / "bench_mi.json").read_text()),
+                 render_bench_mi, None),
     # experiments/docs/results/<name>.csv, written by --collect <name> <sweep dir>
     "capacity_deepseek_train": _sweep_block("capacity_deepseek_train", render_capacity),
     "hit_rate_vs_capacity": _sweep_block("hit_rate_vs_capacity", render_hit_rate_vs_capacity),
