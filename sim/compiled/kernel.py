@@ -123,6 +123,27 @@ def _out(S, F, layer_counts, layer_stall, step_t):
 
 # -- the run --------------------------------------------------------------------------------
 @jit
+def _await(k, r, nw, S, F, wait_r, wait_i):
+    """Add awaited key ``k`` (rank ``r`` in the layer) to the first ``nw`` waits, sorted by
+    (ready time, rank) as engine._schedule sorts them; -1 if it is neither in flight nor
+    resident (a broken invariant)."""
+    if S[K_INFL, k]:
+        ready = F[F_FIN, k]
+    elif S[K_STATE, k] == RESIDENT:
+        ready = F[FV, V_LT]
+    else:
+        return -1
+    q = nw  # insertion sort by (ready, rank)
+    while q > 0 and wait_r[q - 1] > ready:
+        wait_r[q] = wait_r[q - 1]
+        wait_i[q] = wait_i[q - 1]
+        q -= 1
+    wait_r[q] = ready
+    wait_i[q] = r
+    return nw + 1
+
+
+@jit
 def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n, part, caps,
            num_e, timed, pin_layer, engines, duration, cost, ev, hot, touch, pf, point,
            hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi,
@@ -344,22 +365,10 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                             cur_t += cost[n]
                             tau += cost_h[n]
                             continue
-                        k = lkeys[r]
-                        if S[K_INFL, k]:
-                            ready = F[F_FIN, k]
-                        elif S[K_STATE, k] == RESIDENT:
-                            ready = F[FV, V_LT]
-                        else:
+                        nw = _await(lkeys[r], r, nw, S, F, wait_r, wait_i)
+                        if nw < 0:
                             S[IV, I_ERROR] = -(j + 1)
                             return _out(S, F, layer_counts, layer_stall, step_t)
-                        q = nw  # insertion sort by (ready, rank)
-                        while q > 0 and wait_r[q - 1] > ready:
-                            wait_r[q] = wait_r[q - 1]
-                            wait_i[q] = wait_i[q - 1]
-                            q -= 1
-                        wait_r[q] = ready
-                        wait_i[q] = r
-                        nw += 1
                     st_miss = 0.0
                     st_late = 0.0
                     for q in range(nw):
@@ -391,22 +400,10 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         if kinds[r] == HIT:
                             cur_t += cost[counts[s, j, r]] if use_counts else cost[1]
                             continue
-                        k = lkeys[r]
-                        if S[K_INFL, k]:
-                            ready = F[F_FIN, k]
-                        elif S[K_STATE, k] == RESIDENT:
-                            ready = F[FV, V_LT]
-                        else:
+                        nw = _await(lkeys[r], r, nw, S, F, wait_r, wait_i)
+                        if nw < 0:
                             S[IV, I_ERROR] = -(j + 1)
                             return _out(S, F, layer_counts, layer_stall, step_t)
-                        q = nw  # insertion sort by (ready, rank)
-                        while q > 0 and wait_r[q - 1] > ready:
-                            wait_r[q] = wait_r[q - 1]
-                            wait_i[q] = wait_i[q - 1]
-                            q -= 1
-                        wait_r[q] = ready
-                        wait_i[q] = r
-                        nw += 1
                     st_miss = 0.0
                     st_late = 0.0
                     for q in range(nw):
