@@ -755,12 +755,7 @@ def scan_counts(path: str | Path) -> tuple[TraceSummary, dict[str, int]]:
         ph = batch.column(2).to_numpy().astype(np.int64)
         if not len(rid):
             continue
-        new_req = np.ones(len(rid), dtype=bool)
-        new_req[1:] = rid[1:] != rid[:-1]
-        new_req[0] = rid[0] != last[0]
-        new_tok = new_req.copy()
-        new_tok[1:] |= tok[1:] != tok[:-1]
-        new_tok[0] |= tok[0] != last[1]
+        new_req, new_tok = _starts(rid, tok, last)
         requests += int(new_req.sum())
         tokens += int(new_tok.sum())
         rows += len(rid)
@@ -768,6 +763,19 @@ def scan_counts(path: str | Path) -> tuple[TraceSummary, dict[str, int]]:
         last = (int(rid[-1]), int(tok[-1]))
     by_phase = {"prefill": int(phases[0]), "decode": int(phases[1])}
     return TraceSummary(requests, tokens, rows), by_phase
+
+
+def _starts(rid: np.ndarray, tok: np.ndarray, last: tuple[int | None, int | None]
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of a batch of (request, token) keys that start a new request / a new token, given
+    the key the previous batch ended with (a request or token may span batches)."""
+    new_req = np.ones(len(rid), dtype=bool)
+    new_req[1:] = rid[1:] != rid[:-1]
+    new_req[0] = rid[0] != last[0]
+    new_tok = new_req.copy()
+    new_tok[1:] |= tok[1:] != tok[:-1]
+    new_tok[0] |= tok[0] != last[1]
+    return new_req, new_tok
 
 
 def request_lengths(path: str | Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -> np.ndarray:
@@ -782,12 +790,7 @@ def request_lengths(path: str | Path, *, batch_rows: int = DEFAULT_BATCH_ROWS) -
         tok = batch.column(1).to_numpy().astype(np.int64)
         if not len(rid):
             continue
-        new_req = np.ones(len(rid), dtype=bool)
-        new_req[1:] = rid[1:] != rid[:-1]
-        new_req[0] = rid[0] != last[0]
-        new_tok = new_req.copy()
-        new_tok[1:] |= tok[1:] != tok[:-1]
-        new_tok[0] |= tok[0] != last[1]
+        new_req, new_tok = _starts(rid, tok, last)
         per_req = np.add.reduceat(new_tok.astype(np.int64), np.flatnonzero(new_req)) if (
             new_req.any()) else np.zeros(0, np.int64)
         if not new_req[0]:  # the batch continues the previous batch's last request
