@@ -65,21 +65,13 @@ class StreamOptions:
     chunk_requests: int = DEFAULT_CHUNK_REQUESTS
 
 
-@numba.njit(cache=True, nogil=True)
 def _chunk_links(flat: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``heaps.next_occurrences`` of one chunk's keys, seeded with ``after`` (each key's first
     position after the chunk, chunk-relative, NO_USE if none): the next position of every
     position's key, and each key's first position from the chunk's start on."""
-    nxt = np.empty(flat.shape[0], np.int64)
-    last = after.copy()
-    for pos in range(flat.shape[0] - 1, -1, -1):
-        k = flat[pos]
-        if k >= 0:
-            nxt[pos] = last[k]
-            last[k] = pos
-        else:
-            nxt[pos] = NO_USE
-    return nxt, last
+    from moesim.sim.compiled.heaps import next_occurrences_after
+
+    return next_occurrences_after(flat, after)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -317,12 +309,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
             sim.spec.eviction_params.get("order") == "max"):
         ev_code = K.EV_VISITS_MAX
     belady = ev_code == K.EV_BELADY
-    duration, engines = 0.0, 1
-    if sim.timed:
-        duration = float(sim.link_model.transfer_time(sim.shape.expert_bytes))
-        engines = int(sim.link_model.copy_engines)
-        if engines < 1:
-            raise SimulationError(f"copy_engines must be >= 1, got {engines}")
+    duration, engines = compiled.link_args(sim)
     pf_code, point, hooks, ahead, top, wrap, warm, table = compiled._prefetch_args(sim)
     hot = np.zeros(sim.shape.num_keys, np.bool_)
     for ev in sim.cache.evictors:

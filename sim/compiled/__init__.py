@@ -290,6 +290,17 @@ class LinkStats:
         return self.busy - self._clip
 
 
+def link_args(sim: Simulation) -> tuple[float, int]:
+    """(one expert copy's duration, copy engines) of a timed run; (0, 1) without a link."""
+    if not sim.timed:
+        return 0.0, 1
+    duration = float(sim.link_model.transfer_time(sim.shape.expert_bytes))
+    engines = int(sim.link_model.copy_engines)
+    if engines < 1:
+        raise SimulationError(f"copy_engines must be >= 1, got {engines}")
+    return duration, engines
+
+
 def run(sim: Simulation) -> None:
     """Fill ``sim``'s counters, clock and link statistics as :meth:`Simulation.run` would."""
     w = sim.workload
@@ -304,12 +315,7 @@ def run(sim: Simulation) -> None:
         elif order_max:
             ev_code = K.EV_VISITS_MAX
     attn, shared, dense_step, cost = _layer_arrays(sim)
-    duration, engines = 0.0, 1
-    if sim.timed:
-        duration = float(sim.link_model.transfer_time(sim.shape.expert_bytes))
-        engines = int(sim.link_model.copy_engines)
-        if engines < 1:
-            raise SimulationError(f"copy_engines must be >= 1, got {engines}")
+    duration, engines = link_args(sim)
     pf_code, point, hooks, ahead, top, wrap, warm, table = _prefetch_args(sim)
     hot = np.zeros(num_k, np.bool_)
     for ev in sim.cache.evictors:

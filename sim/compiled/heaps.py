@@ -30,8 +30,15 @@ def next_occurrences(flat: np.ndarray, num_keys: int) -> tuple[np.ndarray, np.nd
     """For each position of ``flat`` (the workload's keys, raveled: a position is the flat
     index), the next position of the same key, and each key's first position (NO_USE if none).
     One backward pass, no temporaries beyond the result."""
+    return next_occurrences_after(flat, np.full(num_keys, NO_USE, np.int64))
+
+
+@jit
+def next_occurrences_after(flat: np.ndarray, after: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`next_occurrences` seeded with ``after``, each key's next position beyond
+    ``flat`` (a streamed run's later chunks, relative to this one; NO_USE if none)."""
     nxt = np.empty(flat.shape[0], np.int64)
-    last = np.full(num_keys, NO_USE, np.int64)
+    last = after.copy()
     for pos in range(flat.shape[0] - 1, -1, -1):
         k = flat[pos]
         if k >= 0:
