@@ -196,10 +196,10 @@ def logo_table(entries: Sequence[Entry], runtime: str = "hqq_offload",
     gpus = pd.Series([e.hw for e in mine]).value_counts()
     for hw in sorted(gpus[gpus >= 4].index):  # GPUs with a row of the table, not a lone cell
         cal = tuple(e.id for e in mine if e.hw != hw)
-        # a coarser search than the shipped fit (two refinements of 5 points): 4 folds of
-        # ~18 entries each stay within a few minutes
+        # a coarser search than the shipped fit (a 3-point full grid, two refinements of 5
+        # points): 4 folds of ~18 entries each stay within a few minutes
         res = fit_runtime(rt, mine, preds.value, calibration={runtime: cal}, rounds=2,
-                          points=5)
+                          points=5, coarse=3)
         fitted = _with(rt, res)
         for e in mine:
             if e.hw == hw:
