@@ -491,6 +491,7 @@ class Simulation:
         from there, e.g. after the kernel during which it was booked); after the run the GPU
         is idle and both clocks run alike. Clipping at the end is then by wall time."""
         hist = self._history
+        assert hist is not None  # called only when the run records its layout
         hist.append((self.clock.now, self._tau, float("inf")))
         starts = [tau0 for _, tau0, _ in hist]
         ends = [tau0 + free for _, tau0, free in hist]
@@ -504,6 +505,7 @@ class Simulation:
             return w0 + (tau - tau0 if tau > tau0 else 0.0)
 
         link = self.link
+        assert link is not None and link.records is not None  # a timed run that records
         link.records = [(k, kind, start(a), end(b)) for k, kind, a, b in link.records]
         link._running = [(end(f), seq, k, kind, start(a)) for f, seq, k, kind, a in link._running]
         self.link_end = None
