@@ -32,6 +32,7 @@ sees a ``StorageBench``; tests drive it with a fake one and with the real one on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
@@ -1091,11 +1092,16 @@ def run_cli(args: argparse.Namespace, argv: Sequence[str],
                                       want_direct=not args.buffered,
                                       work_dir=getattr(args, "work_dir", None))
     try:
+        from moesim.sim.executor.storage import fallback_reported
+
         direct, why = bench.direct()
-        if not direct:
+        quiet = contextlib.nullcontext()
+        if not direct:  # said once here; the executor's backends then do not repeat it
             print(f"moesim-profile: {why}", file=sys.stderr)
-        mapping, spread = run_storage_measurement(bench, cards, args.torch_threads, out.stem,
-                                                  opts)
+            quiet = fallback_reported()
+        with quiet:
+            mapping, spread = run_storage_measurement(bench, cards, args.torch_threads,
+                                                      out.stem, opts)
     finally:
         if own is not None:
             own.close()

@@ -21,10 +21,13 @@ throttle: that is a token bucket with burst credit, so short reads run at native
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import mmap
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,22 @@ import numpy as np
 from moesim.sim.executor.model import PAGE, ExpertLayout
 
 LOG = logging.getLogger("moesim.executor")
+
+# Set (by fallback_reported) while a caller has already told the user, in its own one line,
+# that reads go through the page cache: its backends then do not say it again, once each.
+_FALLBACK_REPORTED: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "moesim_executor_fallback_reported", default=False)
+
+
+@contextlib.contextmanager
+def fallback_reported() -> Iterator[None]:
+    """Inside it, a backend that reads without O_DIRECT logs nothing: the caller (``moesim-
+    profile storage``) has reported the fallback once for the whole measurement."""
+    token = _FALLBACK_REPORTED.set(True)
+    try:
+        yield
+    finally:
+        _FALLBACK_REPORTED.reset(token)
 WEIGHT_STD = 0.02
 PACE_SPIN_S = 200e-6  # busy-wait this much of a paced read's tail (sleep wakes up late)
 
@@ -145,9 +164,10 @@ class StorageBackend:
             os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             if direct_io is False:
                 self.fallback_reason = "O_DIRECT disabled by option"
-            LOG.warning("executor: reading %s without O_DIRECT (%s); buffered reads with "
-                        "posix_fadvise(DONTNEED) after each one, so the page cache may still "
-                        "serve some", self.path, self.fallback_reason)
+            if not _FALLBACK_REPORTED.get():
+                LOG.warning("executor: reading %s without O_DIRECT (%s); buffered reads with "
+                            "posix_fadvise(DONTNEED) after each one, so the page cache may "
+                            "still serve some", self.path, self.fallback_reason)
 
     def _open_direct(self) -> None:
         flag = getattr(os, "O_DIRECT", None)
