@@ -25,6 +25,7 @@ own. Microbenchmarks only: never an end-to-end run of the workload a validation 
 
 from __future__ import annotations
 
+import itertools
 import platform
 import time
 from collections.abc import Sequence
@@ -158,13 +159,25 @@ def _shape_points(card: ModelCard) -> list[tuple[int, int]]:
 
 def fit_loop(points: Sequence[tuple[int, int, float]]) -> tuple[float, float, float]:
     """Non-negative least squares of ``t = step + layers x layer + calls x expert`` over the
-    timed points (a term the noise would make negative is dropped and the rest refitted)."""
-    from scipy.optimize import nnls
+    timed points (a term the noise would make negative is dropped and the rest refitted).
 
+    Exact by enumeration: the least-squares fit on every subset of the three terms, the best
+    one with no negative coefficient (the NNLS optimum is such a fit on its non-zero terms).
+    Three unknowns need no solver library (scipy is not a dependency of this project)."""
     a = np.array([[1.0, float(lay), float(calls)] for lay, calls, _ in points])
     b = np.array([t for _, _, t in points])
-    x, _ = nnls(a, b)
-    return float(x[0]), float(x[1]), float(x[2])
+    best, best_r = np.zeros(3), float(b @ b)  # the empty subset: every term 0
+    for cols in itertools.chain.from_iterable(
+            itertools.combinations(range(3), n) for n in (1, 2, 3)):
+        sub = a[:, cols]
+        coef, *_ = np.linalg.lstsq(sub, b, rcond=None)
+        if (coef < 0).any():
+            continue
+        r = float(np.sum((sub @ coef - b) ** 2))
+        if r < best_r - 1e-30:
+            best, best_r = np.zeros(3), r
+            best[list(cols)] = coef
+    return float(best[0]), float(best[1]), float(best[2])
 
 
 def miss_capacity(card: ModelCard) -> int:

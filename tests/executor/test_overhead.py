@@ -175,3 +175,25 @@ def test_compute_right_after_a_copy_is_measured(tmp_path: Path) -> None:
     q = after_copy_quantity(m, card, "test")
     assert q["kind"] == "measured" and q["unit"] == "us" and "not charged" in q["source"]
     assert q["value"] == pytest.approx(m.after_copy_s * 1e6, rel=1e-5)
+
+
+def test_fit_drops_a_term_the_noise_would_make_negative() -> None:
+    """Exact points of ``t = 2 us x layers`` with a negative intercept's worth of noise on the
+    small shapes: unconstrained least squares gives a negative step; the fit drops it (0) and
+    refits the rest, the best non-negative fit (checked against every single-term fit)."""
+    import numpy as np
+
+    from moesim.sim.executor.overhead import fit_loop
+
+    pts = [(4, 4, 8e-6 - 1e-6), (4, 8, 8e-6 - 1e-6), (26, 26, 52e-6), (26, 52, 52e-6)]
+    a = np.array([[1.0, lay, calls] for lay, calls, _ in pts])
+    b = np.array([t for *_, t in pts])
+    free, *_ = np.linalg.lstsq(a, b, rcond=None)
+    assert free[0] < 0  # the case this test is about
+    step, layer, expert = fit_loop(pts)
+    assert min(step, layer, expert) >= 0 and step == 0.0
+    res = float(np.sum((a @ np.array([step, layer, expert]) - b) ** 2))
+    for j in range(3):  # no one-term fit does better
+        col = a[:, j]
+        c = max(0.0, float(col @ b / (col @ col)))
+        assert res <= float(np.sum((col * c - b) ** 2)) + 1e-30
