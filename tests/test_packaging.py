@@ -156,3 +156,50 @@ def test_a_missing_extra_is_one_line_naming_it() -> None:
 
     with pytest.raises(MissingExtra, match=r"moesim\[collect\]"):
         require(("no_such_module_for_moesim",), "collect", "y")
+
+
+# Imported only inside a function that turns its absence into one clear error line.
+OPTIONAL_UNDECLARED = {"datasets": "traces/collect/prompts.py: hf prompt sets"}
+
+
+def test_every_imported_package_is_a_declared_dependency() -> None:
+    """Every third-party module the package imports, at module level or inside a function, is
+    a declared dependency or extra, not one that happens to be installed here or arrives only
+    through another package (a function-level ``import scipy`` once passed every test on this
+    machine and failed in a fresh environment from the lock)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    def norm(name: str) -> str:
+        return re.sub(r"[-_.]+", "-", name).lower()
+
+    project = _pyproject()["project"]
+    reqs = list(project.get("dependencies", [])) + [
+        r for extra in project.get("optional-dependencies", {}).values() for r in extra]
+    declared = {norm(re.split(r"[\s<>=!~\[;]", r, maxsplit=1)[0]) for r in reqs}
+    dists = packages_distributions()
+    found: dict[str, str] = {}
+    for folder in FOLDERS:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel.startswith(NOT_SHIPPED) and not rel.startswith("experiments/moesim/"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    mods = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    mods = [node.module]
+                else:
+                    continue
+                for mod in mods:
+                    found.setdefault(mod.split(".")[0], rel)
+    bad = []
+    for name, where in sorted(found.items()):
+        if name in sys.stdlib_module_names or name in ("moesim", "__future__"):
+            continue
+        if name in OPTIONAL_UNDECLARED:
+            continue
+        owners = dists.get(name) or []
+        if not any(norm(d) in declared for d in owners):
+            bad.append(f"{name} (first in {where}; installed from {owners or 'nothing'})")
+    assert bad == [], "imported but not declared in pyproject.toml: " + "; ".join(bad)
