@@ -17,9 +17,10 @@ Its names load on first use, so ``import moesim`` stays fast and never imports t
 
 from __future__ import annotations
 
-from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from moesim._lazy import lazy_names
 
 try:
     __version__ = version("moesim")
@@ -42,15 +43,8 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    """The API's names, imported on first access (PEP 562)."""
-    if name in _API:
-        return getattr(import_module("moesim.experiments.api"), name)
-    raise AttributeError(f"module 'moesim' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_API])
+# The API's names, imported on first access (PEP 562).
+__getattr__, __dir__ = lazy_names(__name__, dict.fromkeys(_API, "experiments.api"), globals())
 
 
 __all__ = [
