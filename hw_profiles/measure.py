@@ -270,6 +270,12 @@ def write_profile(mapping: dict[str, Any], path: Path) -> Path:
         "# Numbers are {value, unit, kind, source}. Fill in the datasheet (spec) values left\n"
         "# null before comparing against other profiles.\n"
     )
+    return write_yaml(mapping, path, header)
+
+
+def write_yaml(mapping: dict[str, Any], path: Path, header: str) -> Path:
+    """``header`` then ``mapping`` as block YAML (flow style for leaves), written whole or not
+    at all (a temporary file renamed over ``path``)."""
     text = yaml.safe_dump(mapping, sort_keys=False, default_flow_style=None, width=4096,
                           allow_unicode=True)
     path.parent.mkdir(parents=True, exist_ok=True)

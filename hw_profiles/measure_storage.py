@@ -54,7 +54,15 @@ from moesim.traces.model_card import ModelCard, load_card
 
 from .direct_io import BLOCK, DirectFile, aligned_buffer, open_direct, round_up, write_random_file
 from .link import LinkModel
-from .measure import _q, _sig, _slug, default_sizes, measure_curve, write_profile
+from .measure import (
+    _q,
+    _sig,
+    _slug,
+    default_sizes,
+    measure_curve,
+    write_profile,
+    write_yaml,
+)
 
 Samples = list[float]  # one value per round
 OPS = ("expert", "shared", "dense", "router", "attention")
@@ -1022,20 +1030,12 @@ def add_parser(sub: Any) -> None:
 
 def write_runtime(runtime: dict[str, Any], path: Path, command: str = "") -> Path:
     """Validate (strictly, as ``load_runtime`` would) and write the executor's runtime YAML."""
-    import yaml
-
     from .runtime import runtime_from_mapping
 
     runtime_from_mapping(runtime, str(path), allow_bare=False)
     header = ("# Runtime profile of moesim's executor, written by moesim-profile storage"
               + (f":\n#   {command}\n" if command else ".\n"))
-    text = yaml.safe_dump(runtime, sort_keys=False, default_flow_style=None, width=4096,
-                          allow_unicode=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(header + text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_yaml(runtime, path, header)
 
 
 def run_cli(args: argparse.Namespace, argv: Sequence[str],
