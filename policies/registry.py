@@ -125,6 +125,13 @@ def default_config(name: str) -> dict[str, Any]:
     return cfg
 
 
+def as_spec(policy: str | Mapping[str, Any] | PolicySpec) -> PolicySpec:
+    """A policy as the simulators take it (a name, ``{name, **params}`` or a resolved spec)."""
+    if isinstance(policy, PolicySpec):
+        return policy
+    return resolve({"name": policy} if isinstance(policy, str) else policy)
+
+
 def resolve(cfg: Mapping[str, Any]) -> PolicySpec:
     """Turn ``{name, [eviction], [prefetch], **params}`` into classes and checked parameters."""
     discover()

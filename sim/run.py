@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from moesim.policies.registry import PlacementSpec, PolicySpec, resolve, resolve_placement
+from moesim.policies.registry import PlacementSpec, PolicySpec, as_spec, resolve_placement
 from moesim.sim.cache import SimulationError
 from moesim.sim.engine import CacheOptions, Mode, RunOptions, Simulation
 from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
@@ -88,10 +88,7 @@ def simulate(
     building the whole workload (``sim.stream``; ``trace`` is then a trace file or its
     :class:`~moesim.sim.stream.TraceOutline`); options a streamed run cannot replay are refused
     by name."""
-    if isinstance(policy, PolicySpec):
-        spec = policy
-    else:
-        spec = resolve({"name": policy} if isinstance(policy, str) else policy)
+    spec = as_spec(policy)
     if isinstance(placement, PlacementSpec):
         place = placement
     elif isinstance(placement, Mapping):

@@ -37,7 +37,7 @@ import numpy as np
 from moesim.policies.base import Knowledge, NoPrefetch
 from moesim.policies.belady import Belady
 from moesim.policies.moe_infinity import MoEInfinityLFU
-from moesim.policies.registry import PolicySpec, resolve
+from moesim.policies.registry import PolicySpec, as_spec
 from moesim.sim.cache import SimulationError
 from moesim.sim.engine import CacheOptions, Mode, RunOptions, Simulation
 from moesim.sim.hardware import ComputeTimes, TransferModel
@@ -189,8 +189,7 @@ def simulate_stream(
 
     if chunk_requests < 1:
         raise _refuse(f"chunk_requests must be >= 1, got {chunk_requests}")
-    spec = policy if isinstance(policy, PolicySpec) else resolve(
-        {"name": policy} if isinstance(policy, str) else policy)
+    spec = as_spec(policy)
     if spec.prefetch is not NoPrefetch:
         raise _refuse(f"policy {spec.name!r} prefetches ({spec.prefetch.__qualname__}); a "
                       "streamed run replays eviction-only policies (prefetch none)")

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from moesim.policies.base import PolicySetup, PrefetchPolicy
-from moesim.policies.registry import PolicySpec, resolve
+from moesim.policies.registry import PolicySpec, as_spec
 from moesim.sim.cache import ABSENT, LOADING, RESIDENT, SimulationError
 from moesim.sim.engine import CacheOptions, RunOptions, Simulation
 from moesim.sim.executor.clock import WallClock
@@ -508,8 +508,7 @@ def prepare(
 ) -> Executor:
     """``execute`` up to the run: every check of the trace, card, policy and cache (no file
     opened, no thread started), so a sweep can refuse bad input before its first real run."""
-    spec = policy if isinstance(policy, PolicySpec) else resolve(
-        {"name": policy} if isinstance(policy, str) else policy)
+    spec = as_spec(policy)
     workload = build_workload(trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
                               warmup_tokens=warmup_tokens)
     ex = Executor(
