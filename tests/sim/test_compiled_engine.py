@@ -161,17 +161,23 @@ def _assert_same(ref: RunResult, fast: RunResult) -> None:
     check_parts(fast)
 
 
+def equal_on_both_engines(trace: Any, policy: Any, kw: dict[str, Any]) -> RunResult | None:
+    """Run on SimPy and on the compiled engine and assert the same results; a run SimPy
+    refuses (too small a cache, ...) the compiled engine must refuse alike (then None)."""
+    try:
+        ref = simulate(trace, policy, engine="python", **kw)
+    except SimulationError as err:
+        with pytest.raises(SimulationError, match=str(err).split(":")[0]):
+            simulate(trace, policy, engine="compiled", **kw)
+        return None
+    _assert_same(ref, simulate(trace, policy, engine="compiled", **kw))
+    return ref
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31))
 def test_compiled_engine_equals_simpy(seed: int) -> None:
-    trace, policy, kw = _config(seed)
-    try:
-        ref = simulate(trace, policy, engine="python", **kw)
-    except SimulationError as err:  # too small a cache: the compiled engine must say so too
-        with pytest.raises(SimulationError, match=str(err).split(":")[0]):
-            simulate(trace, policy, engine="compiled", **kw)
-        return
-    _assert_same(ref, simulate(trace, policy, engine="compiled", **kw))
+    equal_on_both_engines(*_config(seed))
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -179,14 +185,7 @@ def test_compiled_engine_equals_simpy(seed: int) -> None:
 def test_moe_infinity_equals_simpy(seed: int) -> None:
     """MoE-Infinity's prefetcher and evictors, whose compiled twins take shortcuts (the
     priority evictor's per-layer heaps, the prefetcher's merged list): same runs as SimPy."""
-    trace, policy, kw = _config(seed, mi_only=True)
-    try:
-        ref = simulate(trace, policy, engine="python", **kw)
-    except SimulationError as err:
-        with pytest.raises(SimulationError, match=str(err).split(":")[0]):
-            simulate(trace, policy, engine="compiled", **kw)
-        return
-    _assert_same(ref, simulate(trace, policy, engine="compiled", **kw))
+    equal_on_both_engines(*_config(seed, mi_only=True))
 
 
 @pytest.mark.parametrize("seed", range(12))
