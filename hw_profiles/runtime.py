@@ -53,6 +53,7 @@ FITTABLE: dict[str, str] = {
     "overhead.expert_s": "s",
     "dequant.Bps": "Bps",
     "copy.per_copy_s": "s",
+    "copy.host_s": "s",
     "copy.efficiency": "ratio",
     "prefetch.recall": "ratio",
     # a CPU kernel's throughput per dtype class, x the host's FLOP/s (``cpu_kernels``)
@@ -63,7 +64,8 @@ FITTABLE: dict[str, str] = {
 }
 _ATTR = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
          "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
-         "copy.per_copy_s": "per_copy_s", "copy.efficiency": "efficiency",
+         "copy.per_copy_s": "per_copy_s", "copy.host_s": "host_s",
+         "copy.efficiency": "efficiency",
          "prefetch.recall": "recall"}
 
 
@@ -86,6 +88,9 @@ class RuntimeProfile:
     swap_always: bool = False
     tensors_per_expert: Quantity = field(default_factory=lambda: missing("tensors_per_expert"))
     per_copy_s: Quantity = field(default_factory=lambda: _zero("copy.per_copy_s"))
+    # the compute thread's own work to issue one demand copy (not on the link: in series
+    # with the layer's host work; ``sim.link.CopyRules.issue_time``)
+    host_s: Quantity = field(default_factory=lambda: _zero("copy.host_s"))
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
     staging_buffers: int = 0
     whole_layer: bool = False  # every miss moves the whole MoE block (all experts of the layer)
@@ -112,7 +117,8 @@ class RuntimeProfile:
                 and tensors == 1 and eff == 1.0 and self.staging_buffers == 0
                 and not self.dequant_Bps.known
                 and all(self.value(k) == 0.0 for k in ("overhead.step_s", "overhead.layer_s",
-                                                        "overhead.expert_s", "copy.per_copy_s")))
+                                                        "overhead.expert_s", "copy.per_copy_s",
+                                                        "copy.host_s")))
 
     def value(self, name: str) -> float:
         """A parameter's value by its dotted YAML path (0 / None-as-0 for unknown numbers)."""
@@ -137,6 +143,8 @@ class RuntimeProfile:
         parts = [f"step {self.value('overhead.step_s') * 1e3:.3g} ms",
                  f"layer {self.value('overhead.layer_s') * 1e6:.3g} us",
                  f"expert {self.value('overhead.expert_s') * 1e6:.3g} us"]
+        if self.value("copy.host_s"):
+            parts.append(f"issue {self.value('copy.host_s') * 1e6:.3g} us per demand copy")
         if self.dequant_Bps.known:
             parts.append(f"dequant {float(self.dequant_Bps.value) / 1e9:.3g} GB/s")
         parts.append(f"copies {self.host_memory or 'profile'}-memory, {self.stream} stream"
@@ -159,7 +167,8 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     copy = as_mapping(ctx.sub("copy"), data.get("copy")) or {}
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
-                                "per_copy_s", "efficiency", "staging_buffers", "whole_layer"})
+                                "per_copy_s", "host_s", "efficiency", "staging_buffers",
+                                "whole_layer"})
     whole = copy.get("whole_layer", False)
     if not isinstance(whole, bool):
         raise cctx.sub("whole_layer").error("expected true or false", whole)
@@ -204,6 +213,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         tensors_per_expert=quantity(cctx.sub("tensors_per_expert"),
                                     copy.get("tensors_per_expert"), "count"),
         per_copy_s=q(cctx, copy, "per_copy_s", "s", False),
+        host_s=q(cctx, copy, "host_s", "s", False),
         efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
         staging_buffers=int(staging),
         whole_layer=whole,
@@ -295,6 +305,11 @@ class RuntimeLink:
     ``overhead.*`` times, :class:`RuntimeCompute`'s ``*_host`` parts) or on the copy itself.
     Both engines run such a link on a clock that stops during kernels (``sim.link``).
 
+    ``host_s`` (``copy.host_s``): the compute thread's own work to issue one demand copy
+    (a cache lookup, the eviction decision, the hand-off to a copy worker or the copy call),
+    paid on the host in series with the layer's other host work, never on the link: the
+    layer's demand copies cost ``n x host_s`` right after routing (``sim.link.CopyRules``).
+
     ``bytes_factor`` (``copy.whole_layer``): a runtime that moves a whole MoE block whenever the
     layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
     routed expert it misses; with no cache of its own every routed expert misses, so a layer
@@ -310,6 +325,7 @@ class RuntimeLink:
     bytes_factor: float = 1.0  # whole-layer runtimes: the layer's experts per routed expert
     stream: str = "own"  # "compute": copies pause while the compute stream runs a kernel
     swap_always: bool = False  # every load copies an expert back, evicting or not
+    host_s: float = 0.0  # the compute thread's work to issue one demand copy (``copy.host_s``)
 
     @property
     def compute_stream(self) -> bool:
@@ -415,7 +431,7 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
         factor = card.num_experts / card.top_k if rt.whole_layer else 1.0
         tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
         link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff, rt.swap, factor,
-                           rt.stream, rt.swap_always)
+                           rt.stream, rt.swap_always, rt.value("copy.host_s"))
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

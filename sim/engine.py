@@ -643,6 +643,7 @@ class Simulation:
                     if link._queued:  # let queued prefetches take idle engines now
                         link.advance(self._tau if cs else clock.now)
                     t = clock.now
+                    issue = self._issue_time(kinds) if self.rules.host_s else 0.0
                     if cs:
                         waiting = [i for i, k in enumerate(kinds) if k]
                         ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
@@ -650,7 +651,7 @@ class Simulation:
                         end, tau_end, st_miss, st_late, self._pieces = _run_gpu_stream(
                             t, self._tau, kinds, None if counts is None else counts[j], comp,
                             exp_cost, exp_host, shared_t[s], shared_h[s], ready, waiting,
-                            keys, spans)
+                            keys, spans, issue)
                         if spans:
                             self.timeline.extend(
                                 ("compute", f"L{j} {n}", a, b) for n, a, b in spans
@@ -666,11 +667,11 @@ class Simulation:
                     else:
                         end, st_miss, st_late, spans = _schedule(
                             t, keys, kinds, None if counts is None else counts[j], link, comp,
-                            exp_cost, shared_t[s], s < tl_steps,
+                            exp_cost, shared_t[s], s < tl_steps, issue,
                         ) if not (place and self._elsewhere) else _schedule_placed(
                             t, keys, kinds, None if counts is None else counts[j], link, comp,
                             exp_cost, shared_t[s], s < tl_steps, self._elsewhere, c,
-                            j if counting else -1,
+                            j if counting else -1, issue,
                         )
                         if spans:
                             self.timeline.extend(
@@ -705,6 +706,15 @@ class Simulation:
                 c.time += clock.now - step_start
             progress.update(1)
         progress.close()
+
+    def _issue_time(self, kinds: list[int]) -> float:
+        """The compute thread's time to issue this layer's demand copies (``copy.host_s``,
+        ``CopyRules.issue_time``): misses and promoted prefetches fetched whole, and
+        low-precision copies; a miss the placement serves on the CPU or skips copies nothing."""
+        place = self._elsewhere if self._place else {}
+        n = sum(1 for i, k in enumerate(kinds) if k >= PROMOTED
+                and (i not in place or place[i][0] == LOW_PRECISION))
+        return self.rules.issue_time(n)
 
     def _access(self, keys: list[int], layer: int, counting: bool) -> list[int] | None:
         """Classify and serve the layer's demand (``sim.metrics`` kinds): HIT resident, LATE a
@@ -908,6 +918,7 @@ def _schedule(
     cost: dict[int, float],
     shared: float,
     keep_spans: bool,
+    issue: float = 0.0,
 ) -> tuple[float, float, float, list[tuple[str, float, float]]]:
     """Experts run one after another on the GPU: resident ones first, then as they arrive.
 
@@ -916,7 +927,8 @@ def _schedule(
     """
     waiting = [i for i, k in enumerate(kinds) if k]
     ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
-    return _run_gpu(t, keys, kinds, counts, comp, cost, shared, keep_spans, ready, waiting)
+    return _run_gpu(t, keys, kinds, counts, comp, cost, shared, keep_spans, ready, waiting,
+                    issue)
 
 
 def _run_gpu(
@@ -930,11 +942,13 @@ def _run_gpu(
     keep_spans: bool,
     ready: list[float],
     waiting: list[int],
+    issue: float = 0.0,
 ) -> tuple[float, float, float, list[tuple[str, float, float]]]:
-    """The GPU's order within a layer, shared by both schedulers: the shared experts, the
-    resident ones, then each awaited one (index ``waiting[n]``, weights there at ``ready[n]``)
-    in arrival order; the wait before each is stall, on a started prefetch (LATE) or on a
-    demand copy."""
+    """The GPU's order within a layer, shared by both schedulers: the host issuing the
+    layer's demand copies (``issue``: ``CopyRules.issue_time``, 0 without ``copy.host_s``),
+    the shared experts, the resident ones, then each awaited one (index ``waiting[n]``,
+    weights there at ``ready[n]``) in arrival order; the wait before each is stall, on a
+    started prefetch (LATE) or on a demand copy."""
 
     def dur(i: int) -> float:
         n = 1 if counts is None else counts[i]
@@ -942,8 +956,12 @@ def _run_gpu(
             cost[n] = comp.expert_time(n)
         return cost[n]
 
-    now = t + shared
     spans: list[tuple[str, float, float]] = []
+    if issue:
+        if keep_spans:
+            spans.append(("issue copies", t, t + issue))
+        t = t + issue
+    now = t + shared
     if keep_spans and shared > 0:
         spans.append(("shared", t, now))
     for i, k in enumerate(kinds):
@@ -981,13 +999,16 @@ def _run_gpu_stream(
     waiting: list[int],
     keys: list[int] | None = None,
     spans: list[tuple[str, float, float]] | None = None,
+    issue: float = 0.0,
 ) -> tuple[float, float, float, float, list[tuple[float, float, float]]]:
     """:func:`_run_gpu` with the copies on the compute stream (``CopyRules.compute_stream``):
     the same order (shared experts, resident ones, then each awaited one by arrival), each
     compute time laid out as its host part (the link runs: link time ``tau`` advances with
     the wall clock ``t``) then its kernel (the link waits). An awaited expert's host part is
     issued at once; its kernel starts when its copy has landed (``ready``, link times), and
-    the wait in between is stall. Returns the wall end, the link time at the end, the stalls
+    the wait in between is stall. The host issuing the layer's demand copies (``issue``) comes
+    first, host time like the shared experts' host part. Returns the wall end, the link time
+    at the end, the stalls
     (miss, late) and the pieces of the layout (``Simulation.link_time``); ``spans`` (if
     given) gets each expert's wall span, host part and kernel.
     ``sim/compiled/kernel.py`` mirrors it line for line."""
@@ -999,11 +1020,13 @@ def _run_gpu_stream(
             host[n] = host_time(comp, "expert", n)
         return cost[n], host[n]
 
-    pieces = [(t, tau, shared_host)]
-    now = t + shared
-    tau += shared_host
+    pieces = [(t, tau, issue + shared_host)]
+    if issue and spans is not None:
+        spans.append(("issue copies", t, t + issue))
+    now = t + issue + shared
+    tau += issue + shared_host
     if spans is not None and shared > 0:
-        spans.append(("shared", t, now))
+        spans.append(("shared", t + issue, now))
     for i, k in enumerate(kinds):
         if not k:
             d, h = dur(1 if counts is None else counts[i])
@@ -1045,6 +1068,7 @@ def _schedule_placed(
     elsewhere: dict[int, tuple[int, float]],
     c: Counters,
     layer: int,
+    issue: float = 0.0,
 ) -> tuple[float, float, float, list[tuple[str, float, float]]]:
     """:func:`_schedule` for a layer where the placement served some misses otherwise: CPU
     experts and skipped ones take no GPU time, a low-precision copy is waited for like a demand
@@ -1055,7 +1079,7 @@ def _schedule_placed(
     low = [i for i, (a, _) in elsewhere.items() if a == LOW_PRECISION]
     ready += [elsewhere[i][1] for i in low]
     now, st_miss, st_late, spans = _run_gpu(t, keys, kinds, counts, comp, cost, shared,
-                                            keep_spans, ready, on_link + low)
+                                            keep_spans, ready, on_link + low, issue)
     cpu_done = max((r for a, r in elsewhere.values() if a == CPU), default=now)
     if cpu_done > now:
         if layer >= 0:

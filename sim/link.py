@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from moesim.sim.cache import ABSENT, RESIDENT, ExpertCache, SimulationError
 
 DEMAND, PREFETCH = 0, 1
@@ -52,6 +54,10 @@ class CopyRules:
     swap_s: float = 0.0  # that copy's time (``RuntimeLink.swap_time``)
     compute_stream: bool = False  # copies pause while a GPU kernel runs
     always: bool = False  # every install copies one back, evicting or not (``swap: always``)
+    host_s: float = 0.0  # the compute thread's work to issue one demand copy (``copy.host_s``)
+    # ``copy.order: fifo`` (compute stream only): the demand copies handed to the stream at
+    # the layer's start, before any of its kernels (0: kernels wait only on their own copy)
+    window: int = 0
 
     @property
     def serial(self) -> bool:
@@ -64,6 +70,25 @@ class CopyRules:
         without these rules keep their exact times)."""
         return duration + self.swap_s if evicted and self.serial else duration
 
+    def issue_time(self, copies: int) -> float:
+        """The compute thread's time to issue a layer's ``copies`` demand copies (host work
+        in series with the layer's, never on the link); exactly 0 without ``host_s``."""
+        return copies * self.host_s if copies and self.host_s else 0.0
+
+    @property
+    def fifo(self) -> bool:
+        """Kernels wait for every copy handed to the compute stream before them."""
+        return self.window > 0
+
+    def vector(self) -> np.ndarray:
+        """The rules as the compiled kernel reads them (``kernel.replay``'s ``copyv``):
+        [compute stream, swap mode, swap seconds, host_s, window]; the swap mode is 0 without
+        swap, 1 on its own stream, 2 before the load on the compute stream, +2 with
+        ``always``."""
+        mode = 0 if not self.swap else (2 if self.serial else 1) + (2 if self.always else 0)
+        return np.array([1.0 if self.compute_stream else 0.0, float(mode), self.swap_s,
+                         self.host_s, float(self.window)])
+
 
 NO_RULES = CopyRules()
 
@@ -73,11 +98,13 @@ def copy_rules(link_model: Any, nbytes: int) -> CopyRules:
     hardware link), for copies of ``nbytes`` (one expert)."""
     swap = bool(getattr(link_model, "swap", False))
     stream = bool(getattr(link_model, "compute_stream", False))
-    if not swap and not stream:
+    host_s = float(getattr(link_model, "host_s", 0.0))
+    window = int(getattr(link_model, "window", 0)) if stream else 0
+    if not swap and not stream and not host_s:
         return NO_RULES
     swap_s = float(link_model.swap_time(nbytes)) if swap else 0.0
     return CopyRules(swap, swap_s, stream, swap and bool(getattr(link_model, "swap_always",
-                                                                 False)))
+                                                                 False)), host_s, window)
 
 
 def host_time(comp: Any, part: str, n: int) -> float:
@@ -196,12 +223,16 @@ class HostLink:
         return len(self._queued)
 
     # -- submissions (the caller has advanced the link to the current time) --------------
-    def submit_demand(self, key: int, evicted: bool = False) -> float:
+    def submit_demand(self, key: int, evicted: bool = False,
+                      not_before: float | None = None) -> float:
         """Schedule a demand fetch (its slot is already reserved; ``evicted``: reserving it
-        evicted a resident expert); returns its arrival."""
+        evicted a resident expert), no earlier than ``not_before`` (default now: a copy the
+        runtime hands to the compute stream later, ``CopyRules.window``); returns its
+        arrival."""
         free = self._free
         e = free.index(min(free)) if self.engines > 1 else 0
-        start = free[e] if free[e] > self.t else self.t
+        at = self.t if not_before is None or not_before < self.t else not_before
+        start = free[e] if free[e] > at else at
         duration = self.duration
         if self.rules.swap and (evicted or self.rules.always):
             duration = self._swap(duration)

@@ -161,12 +161,11 @@ def _layer_arrays(sim: Simulation, w: Any = None,
 def runtime_arrays(sim: Simulation, cost: np.ndarray, w: Any = None) -> tuple[np.ndarray, ...]:
     """``kernel.replay``'s ``rt``: per-step host parts of the attention, shared-expert and
     dense-layer times and the expert host-time table (``sim.link.host_time``, as the engine's
-    ``_host_times``), then [compute stream, swap mode, swap seconds] of the run's copy rules
-    (``sim.rules``); of ``w``, a streamed run's chunk, when given."""
+    ``_host_times``), then the run's copy rules (``sim.rules``, ``CopyRules.vector``); of
+    ``w``, a streamed run's chunk, when given."""
     w = sim.workload if w is None else w
     rules = sim.rules
-    mode = 0 if not rules.swap else (2 if rules.serial else 1) + (2 if rules.always else 0)
-    copyv = np.array([1.0 if rules.compute_stream else 0.0, float(mode), rules.swap_s])
+    copyv = rules.vector()
     if not rules.compute_stream:
         z = np.zeros(w.num_steps)
         return z, z, z, np.zeros(len(cost)), copyv

@@ -156,11 +156,13 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     empty arrays for a fresh run. ``rt``: the copy rules of a runtime (``sim.link.CopyRules``)
     and the host parts of the compute times (``sim.link.host_time``): per-step attention,
     shared-expert and dense-layer host time, the expert host-time table, and
-    [compute stream, swap mode, swap seconds]."""
+    ``CopyRules.vector``: [compute stream, swap mode, swap seconds, host seconds per demand
+    copy, fifo window]."""
     (eams, unit, access, ordr, lrid, leam, lsq, lrsum, ldots, req_off, req_ids, join_off,
      join_rid, cfg) = mi
     attn_h, shared_h, dense_h, cost_h, copyv = rt
     cs = copyv[0] != 0  # copies on the compute stream: the link runs on link time (V_TAU)
+    host_s = copyv[3]  # the compute thread's work per demand copy (CopyRules.issue_time)
     num_s, num_l, width = keys.shape
     num_k = num_l * num_e
     num_p = caps.shape[0]
@@ -296,6 +298,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if timed:
                     _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             any_wait = False
+            n_dem = 0  # demand copies issued (misses and promoted prefetches)
             for r in range(n_keys):  # Simulation._access
                 k = lkeys[r]
                 position = base + r
@@ -335,6 +338,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                             S[K_STATE, k] = RESIDENT
                     if counting:
                         S[IV, I_DEMAND] += 1
+                    n_dem += 1
                 if counting:
                     layer_counts[kind, j] += 1
                 kinds[r] = kind
@@ -354,10 +358,11 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if S[IV, I_NQ] > 0:
                     _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
                 t = now
+                issue = n_dem * host_s if n_dem and host_s else 0.0  # CopyRules.issue_time
                 if cs:  # engine._run_gpu_stream
                     tau = F[FV, V_TAU]
-                    cur_t = t + shared[s]
-                    tau += shared_h[s]
+                    cur_t = t + issue + shared[s]
+                    tau += issue + shared_h[s]
                     nw = 0
                     for r in range(n_keys):
                         n = counts[s, j, r] if use_counts else 1
@@ -395,7 +400,10 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     end = t + shared[s] + n_keys * cost[1]
                 else:  # engine._schedule: resident experts first, then by arrival
                     nw = 0
-                    cur_t = t + shared[s]
+                    cur_t = t
+                    if issue:
+                        cur_t = t + issue
+                    cur_t = cur_t + shared[s]
                     for r in range(n_keys):
                         if kinds[r] == HIT:
                             cur_t += cost[counts[s, j, r]] if use_counts else cost[1]

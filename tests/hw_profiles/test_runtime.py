@@ -51,6 +51,8 @@ def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
     ({"name": "x", "copy": {"host_memory": "mmap"}}, "copy.host_memory"),
     ({"name": "x", "copy": {"staging_buffers": -1}}, "copy.staging_buffers"),
     ({"name": "x", "copy": {"swap": "yes"}}, "copy.swap"),
+    ({"name": "x", "copy": {"host_s": _q(-2, "us")}}, "copy.host_s"),
+    ({"name": "x", "copy": {"host_s": 3}}, "copy.host_s"),
     ({"name": "x", "overhead": {"layer_s": _q(-1)}}, "overhead.layer_s"),
     ({"name": "x", "overhead": {"launch_s": _q(1)}}, "overhead"),
     ({"name": "x", "prefetch": {"recall": _q(1.5)}}, "prefetch.recall"),
@@ -112,6 +114,20 @@ def test_swap_always_is_read_and_applied() -> None:
     assert link.swap and link.swap_always
     with pytest.raises(ProfileError, match=r"copy\.swap.*true, false or always"):
         runtime_from_mapping({"name": "t", "copy": {"swap": "sometimes"}}, "t")
+
+
+def test_host_s_is_read_and_applied() -> None:
+    """``copy.host_s``: the compute thread's work per demand copy, on the link model (the
+    engines read it through ``sim.link.copy_rules``), not in the copy's duration."""
+    card = load_card("mixtral_8x7b")
+    rt = runtime_from_mapping({"name": "t", "copy": {"host_s": _q(7.2, "us")}}, "t")
+    assert rt.value("copy.host_s") == pytest.approx(7.2e-6) and not rt.is_none
+    assert rt.quantity("copy.host_s").source == "test" and "issue 7.2 us" in rt.describe()
+    base = FixedLink(bandwidth_Bps=25e9)
+    link, _ = apply_runtime(rt, base, FixedCompute(), card)
+    assert link.host_s == pytest.approx(7.2e-6)
+    assert link.transfer_time(card.expert_bytes) == base.transfer_time(card.expert_bytes)
+    assert with_values(rt, {"copy.host_s": 1e-5}, "fit").quantity("copy.host_s").kind == "fitted"
 
 
 def test_compute_host_parts() -> None:

@@ -37,16 +37,18 @@ def _trace(experts: list[int], num_experts: int = 4) -> Trace:
 
 
 def _models(stream: str, swap: bool = False, host: bool = True,
-            always: bool = False) -> tuple[Any, Any]:
-    link = RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, swap, 1.0, stream, always)
+            always: bool = False, host_s: float = 0.0, copy_s: float = D) -> tuple[Any, Any]:
+    link = RuntimeLink(FixedLink(copy_s, math.inf), 1, 0.0, 1.0, swap, 1.0, stream, always,
+                       host_s)
     comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E), layers=1,
                           layer_s=H_A if host else 0.0, expert_s=H_E if host else 0.0)
     return link, comp
 
 
 def _run(tr: Trace, policy: Any, stream: str, engine: str, swap: bool = False,
-         host: bool = True, always: bool = False, **kw: Any) -> dict[str, Any]:
-    link, comp = _models(stream, swap, host, always)
+         host: bool = True, always: bool = False, host_s: float = 0.0, copy_s: float = D,
+         **kw: Any) -> dict[str, Any]:
+    link, comp = _models(stream, swap, host, always, host_s, copy_s)
     kw.setdefault("capacity", 2)
     return simulate(tr, policy, link=link, compute=comp, engine=engine, **kw).summary
 
@@ -153,6 +155,45 @@ def test_swap_always_copies_back_on_every_load(engine: str) -> None:
     assert a["total_time_s"] - b["total_time_s"] == pytest.approx(4 * D, rel=1e-9)
 
 
+H_C = 7e-5  # the compute thread's work to issue one demand copy (copy.host_s)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("stream", ["compute", "own"])
+def test_host_s_adds_exactly_its_copies(engine: str, stream: str) -> None:
+    """``copy.host_s`` is host time in series with the layer: with copies that take no link
+    time (nothing to overlap), a run takes exactly ``demand copies x host_s`` longer, and the
+    link's work is unchanged."""
+    tr = _trace([0, 1, 0, 2, 3, 3, 1, 0])
+    base = _run(tr, "lru", stream, engine, copy_s=0.0)
+    paid = _run(tr, "lru", stream, engine, copy_s=0.0, host_s=H_C)
+    n = paid["demand_fetches"]
+    assert n == base["demand_fetches"] and 0 < n < 8  # some hits, so it is per copy
+    assert paid["total_time_s"] - base["total_time_s"] == pytest.approx(n * H_C, rel=1e-9)
+    assert paid["stall_time_s"] == base["stall_time_s"] == 0.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_host_s_overlaps_the_copy_on_the_compute_stream(engine: str) -> None:
+    """One miss: issuing it is host time, so on the compute stream its copy runs meanwhile
+    (the stall shrinks by host_s, the layer takes no longer); on its own stream the issue
+    comes before the wait for the copy, which it shortens alike."""
+    tr = _trace([0])
+    for stream in ("compute", "own"):
+        base = _run(tr, "lru", stream, engine)
+        paid = _run(tr, "lru", stream, engine, host_s=H_C)
+        assert paid["total_time_s"] == pytest.approx(base["total_time_s"], rel=1e-12)
+        assert paid["stall_miss_s"] == pytest.approx(base["stall_miss_s"] - H_C, rel=1e-9)
+
+
+def test_host_s_is_read_from_a_runtime() -> None:
+    link = RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, False, 1.0, "own", False, H_C)
+    rules = copy_rules(link, 10)
+    assert rules != CopyRules() and rules.host_s == H_C and not rules.compute_stream
+    assert rules.issue_time(3) == 3 * H_C and rules.issue_time(0) == 0.0
+    assert CopyRules().issue_time(5) == 0.0
+
+
 def test_copy_rules_of_a_plain_link_are_none() -> None:
     assert copy_rules(FixedLink(1e-5, 1e9), 1000) == CopyRules()
     rules = copy_rules(RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, True, 1.0, "own"), 10)
@@ -202,7 +243,8 @@ def _with_runtime(kw: dict[str, Any], rng: np.random.Generator, layers: int) -> 
     swap = bool(rng.random() < 0.8)
     kw["link"] = RuntimeLink(kw["link"], int(rng.integers(1, 4)),
                              float(rng.choice([0.0, 1e-5])), float(rng.choice([1.0, 0.5])),
-                             swap, 1.0, stream, bool(rng.random() < 0.3))
+                             swap, 1.0, stream, bool(rng.random() < 0.3),
+                             float(rng.choice([0.0, 0.0, 2e-5, 1e-3])))
     host = [0.0, 1e-5, 3e-4, 5e-3]
     kw["compute"] = RuntimeCompute(kw["compute"], layers,
                                    step_s=float(rng.choice(host)),
