@@ -5,8 +5,8 @@ verbatim quote, and the setup it was measured in (model, weight format per compo
 host, runtime, batch, lengths, cache, policy); every fact the source does not state is an
 ``assumptions`` item with its reasoning. The format is the README of this folder. Loading
 refuses, with one line naming the file, entry and field: an entry without a source or quote,
-an unknown runtime, bits per weight outside (0, 32], a cache smaller than one expert per layer,
-duplicate ids, unknown keys.
+an unknown runtime or placement, bits per weight outside (0, 32], a cache smaller than one expert
+per layer, duplicate ids, unknown keys.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ METRICS = ("tokens_per_s", "s_per_token", "speedup")
 PHASES = ("decode", "prefill", "request")
 PREFETCHES = ("none", "speculative", "next_layer_all", "oracle")
 CACHE_KINDS = ("per_layer", "experts", "fraction", "gpu_memory_gib", "none", "all")
+# Where a system runs or gets a routed expert. The last two are setups a source shows that no
+# moesim placement is (whole layers on the CPU; accelerate's layer-order residency): named so an
+# entry says what ran, and reported as not predictable (predict.UNMODELLED_PLACEMENTS).
+PLACEMENTS = ("fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu", "low_precision_fetch",
+              "skip_low_weight", "cpu_layers", "layer_offload")
 ENTRY_KEYS = frozenset({
     "id", "quote", "metric", "value", "baseline", "model", "weights", "gpu", "hw", "host", "link",
     "runtime", "system", "version", "batch", "input_tokens", "output_tokens", "phase", "cache",
@@ -256,6 +261,9 @@ def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
         prefetch = merged.get("prefetch", "none")
         if prefetch not in PREFETCHES:
             raise _err(w, "prefetch", f"must be one of {list(PREFETCHES)}", prefetch)
+        placement = merged.get("placement", "fetch")
+        if placement not in PLACEMENTS:
+            raise _err(w, "placement", f"must be one of {list(PLACEMENTS)}", placement)
         out.append(Entry(
             id=eid, source=source,
             quote=_str(w, "quote", merged.get("quote")),
@@ -277,7 +285,7 @@ def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
             phase=phase,
             policy=_str(w, "policy", merged.get("policy", "lru")),
             prefetch=prefetch,
-            placement=_str(w, "placement", merged.get("placement", "fetch")),
+            placement=placement,
             notes=_str(w, "notes", merged.get("notes"), required=False),
             assumptions=tuple(a for a in assumptions if a.entries is None or eid in a.entries),
         ))

@@ -24,6 +24,9 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   placements of those names; ``static_cpu`` (llama.cpp ``--n-cpu-moe`` / ``-ot exps=CPU``,
   kTransformers) by its cache (:func:`placement_of`); CPU expert times come from the
   profile's host CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``);
+  ``cpu_layers`` (whole layers, attention included, on the CPU) and ``layer_offload``
+  (accelerate's layer-order residency, attention streamed) are reported as not predictable with
+  their reason (``UNMODELLED_PLACEMENTS``), never approximated by a placement that differs;
 - ``phase: prefill``: the trace's recorded prompts of at least ``input_tokens`` tokens, cut to
   that length, each one step (``replay=prefill``); tokens/s is the run's
   ``prefill_tokens_per_s``. ``phase: request`` (prompt and generation in one figure) is not
@@ -59,7 +62,19 @@ MODEL_TRACES: dict[str, str] = {
     # BigMoeOnEdge's one prompt (top-6 of the native 8: refused below for top-8 entries)
     "qwen3_30b_a3b": "qwen3_30b_a3b_bmoe",
 }
-PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu")  # predicted so far
+PREDICTED_PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu")  # so far
+# Placements an entry's source shows but moesim cannot simulate, with the reason reported for
+# them (every other placement of entries.PLACEMENTS outside PREDICTED_PLACEMENTS: "not predicted
+# so far").
+UNMODELLED_PLACEMENTS: dict[str, str] = {
+    "cpu_layers": "whole layers, attention and KV cache included, run on the host CPU "
+                  "(llama.cpp's -ngl / Ollama's num_gpu layer split): moesim computes only "
+                  "experts on the CPU, attention always on the GPU",
+    "layer_offload": "the first decoder layers resident on the GPU in module order, every "
+                     "module of the others (attention included) copied in at each call "
+                     "(accelerate device_map=\"auto\" with CPU offload): moesim keeps attention "
+                     "resident and has no layer-order residency",
+}
 MAX_TOKENS = 64  # decode tokens per request replayed (the trace's requests, up to this)
 MAX_REQUESTS = 4
 PROMPT_SEARCH = 64  # requests searched for recorded prompts (prefill entries)
@@ -226,7 +241,10 @@ def prepare(entry: Entry) -> Prepared:
                              "decode_time_s)")
     if entry.phase == "prefill" and entry.batch != 1:
         raise NotPredictable(f"prefill at batch {entry.batch}: only batch 1 is predicted")
-    if entry.placement not in PLACEMENTS:
+    if entry.placement in UNMODELLED_PLACEMENTS:
+        raise NotPredictable(f"placement {entry.placement}: "
+                             f"{UNMODELLED_PLACEMENTS[entry.placement]}")
+    if entry.placement not in PREDICTED_PLACEMENTS:
         raise NotPredictable(f"placement {entry.placement}: not predicted so far")
     if entry.phase == "prefill":
         if not entry.input_tokens:

@@ -76,6 +76,7 @@ def _bad(**change) -> dict:
     ({"entries__1__id": "a"}, "id also used"),
     ({"entries__0__colour": "red"}, "unknown key(s) ['colour']"),
     ({"entries__0__value": -2}, "field 'value': must be > 0"),
+    ({"entries__0__placement": "gpu_magic"}, "field 'placement': must be one of"),
 ])
 def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
                                                        words: str) -> None:
