@@ -27,10 +27,13 @@ spread evenly); each run is composed, run and written exactly as by ``hydra/laun
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from moesim.traces.cache import ProcessMemo
 
 MARK = "moesim_run#"  # starts each run's overrides inside a pack (no override starts so)
 PLUGIN_PREFIX = "hydra_plugins.moesim_packing."
@@ -126,14 +129,73 @@ from hydra_plugins.hydra_joblib_launcher.config import (  # noqa: E402 (a base d
 from hydra_plugins.hydra_joblib_launcher.joblib_launcher import JoblibLauncher  # noqa: E402
 
 
-def execute_pack(packed: Sequence[str], hydra_context: Any, config: Any, task_function: Any,
-                 singleton_state: dict[Any, Any]) -> list[Any]:
-    """In a joblib worker: the runs of one pack, one after the other, each as Hydra's joblib
-    launcher runs a task (its own composed config, folder and return value)."""
-    from hydra_plugins.hydra_joblib_launcher._core import execute_job
+class ComposingLoader:
+    """A sweep's config loader that keeps each run's config it composes, pickled.
 
-    return [execute_job(num, overrides, hydra_context, config, task_function, singleton_state)
-            for num, overrides in unpack(packed)]
+    Hydra's sweeper composes every run's config in the sweep's process to refuse a bad
+    override before anything runs, and its joblib launcher composes it again in the worker
+    (about 0.08 CPU-s each time here). The packed launcher puts this loader into the sweep's
+    Hydra context, so the sweeper's check keeps what it composed, and ships that config to the
+    worker, which runs it as it is: composed once, and the config that ran is the config
+    Hydra composed for it. At most ``limit`` configs are kept (a huge sweep's further runs are
+    composed in their worker, as before); the rest of the interface is the wrapped loader's."""
+
+    def __init__(self, loader: Any, limit: int = 4096) -> None:
+        self.loader = loader
+        self.limit = limit
+        self.kept: dict[tuple[str, ...], bytes] = {}
+
+    def load_sweep_config(self, master_config: Any, sweep_overrides: list[str]) -> Any:
+        cfg = self.loader.load_sweep_config(master_config, sweep_overrides)
+        if len(self.kept) < self.limit:
+            self.kept[tuple(sweep_overrides)] = pickle.dumps(cfg, pickle.HIGHEST_PROTOCOL)
+        return cfg
+
+    def take(self, overrides: Sequence[str]) -> bytes | None:
+        """The pickled config composed for these overrides (forgotten here), if kept."""
+        return self.kept.pop(tuple(overrides), None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.loader, name)
+
+
+# In a joblib worker: the sweep's Hydra state (context, master config, task function, config
+# store and other singletons) unpickled once per sweep rather than once per task, with the
+# sweep's input hashes (sim_app.inputs_hashed_once), by the token of the pickled state.
+_SWEEPS = ProcessMemo(size=1)
+
+
+def execute_pack(token: str, shared: bytes,
+                 runs: Sequence[tuple[int, Sequence[str], bytes | None]]) -> list[Any]:
+    """In a joblib worker: the runs of one pack, one after the other, each as Hydra's joblib
+    launcher runs a task (``hydra_joblib_launcher._core.execute_job``: the job's id and number
+    set in its config, then Hydra's ``run_job``: its own folder, saved config and return
+    value), with the config the sweep's process composed for it when it was kept."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import run_job, setup_globals
+    from omegaconf import open_dict
+
+    from moesim.experiments.sim_app import inputs_hashed_once
+
+    context, config, task_function, state, hashes = _SWEEPS.get(
+        token, lambda: (*pickle.loads(shared), {}))
+    setup_globals()
+    Singleton.set_state(state)
+    returns = []
+    with inputs_hashed_once(hashes):
+        for num, overrides, composed in runs:
+            cfg = (pickle.loads(composed) if composed is not None
+                   else context.config_loader.load_sweep_config(config, list(overrides)))
+            with open_dict(cfg):
+                cfg.hydra.job.id = f"{cfg.hydra.job.name}_{num}"
+                cfg.hydra.job.num = num
+            HydraConfig.instance().set_config(cfg)
+            returns.append(run_job(hydra_context=context, config=cfg,
+                                   task_function=task_function,
+                                   job_dir_key="hydra.sweep.dir",
+                                   job_subdir_key="hydra.sweep.subdir"))
+    return returns
 
 
 def auto_runs_per_task(runs: int, n_jobs: int) -> int:
@@ -146,7 +208,9 @@ def auto_runs_per_task(runs: int, n_jobs: int) -> int:
 
 
 class PackedJoblibLauncher(JoblibLauncher):
-    """Hydra's joblib launcher, ``runs_per_task`` runs per joblib task."""
+    """Hydra's joblib launcher, ``runs_per_task`` runs per joblib task, each run's config
+    composed once (in the sweep's process, :class:`ComposingLoader`) and Hydra's state
+    unpickled once per worker."""
 
     def __init__(self, runs_per_task: int = 0, **params: Any) -> None:
         self.runs_per_task = int(runs_per_task)
@@ -155,16 +219,24 @@ class PackedJoblibLauncher(JoblibLauncher):
                 f"hydra.launcher.runs_per_task must be >= 0 (0: automatic), not {runs_per_task}")
         super().__init__(**params)
 
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        # the sweeper shares this context: its check of every run's config composes through it
+        if not isinstance(hydra_context.config_loader, ComposingLoader):
+            hydra_context.config_loader = ComposingLoader(hydra_context.config_loader)
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+        import hashlib
+
         from hydra.core.singleton import Singleton
         from hydra.core.utils import configure_log, setup_globals
+        from hydra.types import HydraContext
         from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
         from joblib import Parallel, delayed
+        from joblib.externals.loky.backend.reduction import dumps
 
         k = self.runs_per_task or auto_runs_per_task(len(job_overrides),
                                                      int(self.joblib.get("n_jobs") or -1))
-        if k == 1:
-            return list(super().launch(job_overrides, initial_job_idx))
         # as hydra_joblib_launcher._core.launch, with one task per pack
         setup_globals()
         assert self.config is not None and self.hydra_context is not None
@@ -173,12 +245,23 @@ class PackedJoblibLauncher(JoblibLauncher):
         joblib_cfg = self.joblib
         joblib_cfg["backend"] = "loky"  # as the joblib launcher (threads cannot run Hydra)
         process_joblib_cfg(joblib_cfg)
-        state = Singleton.get_state()
-        packs = pack(job_overrides, initial_job_idx, k)
+        loader = self.hydra_context.config_loader
+        composed = loader if isinstance(loader, ComposingLoader) else None
+        plain = HydraContext(config_loader=composed.loader if composed else loader,
+                             callbacks=self.hydra_context.callbacks)
+        # with loky's pickler, which joblib sends tasks with (the task function is the
+        # undecorated app function: only cloudpickle can send it, by value)
+        shared = bytes(dumps((plain, self.config, self.task_function,
+                                   Singleton.get_state())))
+        token = hashlib.blake2b(shared, digest_size=16).hexdigest()
+        runs = [(initial_job_idx + i, list(overrides),
+                 composed.take(overrides) if composed else None)
+                for i, overrides in enumerate(job_overrides)]
+        if composed:
+            composed.kept.clear()  # (a config the sweeper composed but did not launch)
         results: list[list[Any]] = list(Parallel(**joblib_cfg)(
-            delayed(execute_pack)(group, self.hydra_context, self.config, self.task_function,
-                                  state)
-            for group in packs) or [])
+            delayed(execute_pack)(token, shared, runs[start:start + k])
+            for start in range(0, len(runs), k)) or [])
         return [ret for returns in results for ret in returns]
 
 

@@ -15,6 +15,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -417,7 +420,40 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
+# A packed sweep's worker (experiments/packing.py) hashes each input once per sweep, not two or
+# three times per run (a raw trace folder: a stat of each of its ~1000 files, ~20 ms): inside
+# inputs_hashed_once(hashes), input_digest keeps its results in the sweep's dict. A file changed
+# while that sweep runs is noticed by the next sweep, as a rerun notices it.
+_SWEEP_INPUT_HASHES: ContextVar[dict[tuple[str, ...], str] | None] = ContextVar(
+    "moesim_sweep_input_hashes", default=None)
+
+
+@contextmanager
+def inputs_hashed_once(hashes: dict[tuple[str, ...], str]) -> Iterator[None]:
+    """Within: :func:`input_digest` of a run whose inputs were hashed before in ``hashes``
+    returns that hash (the inputs are named by trace path and format, prediction table and
+    requests)."""
+    token = _SWEEP_INPUT_HASHES.set(hashes)
+    try:
+        yield
+    finally:
+        _SWEEP_INPUT_HASHES.reset(token)
+
+
 def input_digest(cfg: DictConfig) -> str:
+    """:func:`hash_inputs`, once per sweep inside :func:`inputs_hashed_once`."""
+    hashes = _SWEEP_INPUT_HASHES.get()
+    if hashes is None:
+        return hash_inputs(cfg)
+    node = cfg.get("predictions") or {}
+    key = (str(cfg.trace.get("path")), str(cfg.trace.get("format")), str(node.get("path")),
+           str(cfg.get("requests") or "auto"))
+    if key not in hashes:
+        hashes[key] = hash_inputs(cfg)
+    return hashes[key]
+
+
+def hash_inputs(cfg: DictConfig) -> str:
     """Content hash of the run's trace file and of a prediction table given as a file, so a
     trace rewritten at the same path is never mistaken for a finished run (a
     ``predictor:<name>`` table contributes its own key: predictor config, split, router
