@@ -46,6 +46,9 @@ from .schema import (
 RUNTIMES_DIR = Path(__file__).parent / "runtimes"
 HOST_MEMORY = ("pinned", "pageable")
 STREAMS = ("own", "compute")
+# How a compute stream orders its kernels among its copies: ``ready`` (a kernel waits only for
+# its own expert's copy) or ``fifo`` (for every copy handed to the stream before it).
+ORDERS = ("ready", "fifo")
 # The free parameters a fit may set (dotted paths into the YAML) and their dimension.
 FITTABLE: dict[str, str] = {
     "overhead.step_s": "s",
@@ -91,6 +94,11 @@ class RuntimeProfile:
     # the compute thread's own work to issue one demand copy (not on the link: in series
     # with the layer's host work; ``sim.link.CopyRules.issue_time``)
     host_s: Quantity = field(default_factory=lambda: _zero("copy.host_s"))
+    # ``copy.order``: ``fifo`` runs the compute stream in issue order (``sim.link.CopyRules``);
+    # ``window`` demand copies are handed to it when the layer routes (``copy.window``, else
+    # ``staging_buffers - 1``), the next one after each loaded expert's kernel
+    order: str = "ready"
+    window: Quantity = field(default_factory=lambda: missing("copy.window"))
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
     staging_buffers: int = 0
     whole_layer: bool = False  # every miss moves the whole MoE block (all experts of the layer)
@@ -126,6 +134,15 @@ class RuntimeProfile:
         return float(q.value) if q.known else 0.0
 
     @property
+    def fifo_window(self) -> int:
+        """Demand copies handed to the compute stream when a layer routes (0: not ``fifo``)."""
+        if self.order != "fifo":
+            return 0
+        if self.window.known:
+            return int(self.window.value)
+        return self.staging_buffers - 1
+
+    @property
     def prefetch_recall(self) -> float:
         return float(self.recall.value) if self.recall.known else 1.0
 
@@ -149,7 +166,8 @@ class RuntimeProfile:
             parts.append(f"dequant {float(self.dequant_Bps.value) / 1e9:.3g} GB/s")
         parts.append(f"copies {self.host_memory or 'profile'}-memory, {self.stream} stream"
                      + ((", swap always" if self.swap_always else ", swap") if self.swap
-                        else ""))
+                        else "")
+                     + (f", fifo window {self.fifo_window}" if self.order == "fifo" else ""))
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -168,7 +186,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
                                 "per_copy_s", "host_s", "efficiency", "staging_buffers",
-                                "whole_layer"})
+                                "whole_layer", "order", "window"})
     whole = copy.get("whole_layer", False)
     if not isinstance(whole, bool):
         raise cctx.sub("whole_layer").error("expected true or false", whole)
@@ -189,6 +207,25 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         staging = staging.get("value", 0)
     if isinstance(staging, bool) or not isinstance(staging, int) or staging < 0:
         raise cctx.sub("staging_buffers").error("must be a whole number >= 0", staging)
+    order = copy.get("order", "ready")
+    if order not in ORDERS:
+        raise cctx.sub("order").error(f"must be one of {list(ORDERS)}", order)
+    if order == "fifo" and stream != "compute":
+        raise cctx.sub("order").error("fifo orders the compute stream: it needs copy.stream: "
+                                      "compute", order)
+    window = quantity(cctx.sub("window"), copy.get("window"), "count")
+    if window.known and order != "fifo":
+        raise cctx.sub("window").error("is the fifo hand-off window: it needs copy.order: "
+                                       "fifo", copy.get("window"))
+    if order == "fifo":
+        w = window.value if window.known else staging - 1
+        if not window.known and staging < 2:
+            raise cctx.sub("order").error(
+                "fifo needs copy.window or copy.staging_buffers >= 2 (the window is "
+                f"staging_buffers - 1 = {w})", order)
+        if window.known and (w != int(w) or w < 1):
+            raise cctx.sub("window").error("must be a whole number >= 1",
+                                           copy.get("window"))
     over = as_mapping(ctx.sub("overhead"), data.get("overhead")) or {}
     octx = ctx.sub("overhead")
     reject_unknown(octx, over, {"step_s", "layer_s", "expert_s"})
@@ -214,6 +251,8 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
                                     copy.get("tensors_per_expert"), "count"),
         per_copy_s=q(cctx, copy, "per_copy_s", "s", False),
         host_s=q(cctx, copy, "host_s", "s", False),
+        order=order,
+        window=window,
         efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
         staging_buffers=int(staging),
         whole_layer=whole,
@@ -310,6 +349,12 @@ class RuntimeLink:
     paid on the host in series with the layer's other host work, never on the link: the
     layer's demand copies cost ``n x host_s`` right after routing (``sim.link.CopyRules``).
 
+    ``window`` (``copy.order: fifo``, compute stream only): the stream runs copies and kernels
+    in the order the host hands them over, so a kernel waits for every copy handed before it,
+    not only its own; a layer's first ``window`` demand copies are handed when it routes
+    (before any of its kernels), each further one after the kernel of the loaded expert
+    ``window`` places before it (mixtral-offloading's ``ExpertCache.load_experts``).
+
     ``bytes_factor`` (``copy.whole_layer``): a runtime that moves a whole MoE block whenever the
     layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
     routed expert it misses; with no cache of its own every routed expert misses, so a layer
@@ -326,6 +371,7 @@ class RuntimeLink:
     stream: str = "own"  # "compute": copies pause while the compute stream runs a kernel
     swap_always: bool = False  # every load copies an expert back, evicting or not
     host_s: float = 0.0  # the compute thread's work to issue one demand copy (``copy.host_s``)
+    window: int = 0  # ``copy.order: fifo``: demand copies handed at routing (0: ``ready``)
 
     @property
     def compute_stream(self) -> bool:
@@ -431,7 +477,7 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
         factor = card.num_experts / card.top_k if rt.whole_layer else 1.0
         tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
         link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff, rt.swap, factor,
-                           rt.stream, rt.swap_always, rt.value("copy.host_s"))
+                           rt.stream, rt.swap_always, rt.value("copy.host_s"), rt.fifo_window)
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

@@ -230,6 +230,10 @@ class Simulation:
         self.rules = copy_rules(link_model, workload.shape.expert_bytes) if self.timed else (
             NO_RULES)
         self._cs = self.rules.compute_stream
+        # copy.order: fifo: the layer's demand copies (key, evicted) in issue order, handed
+        # to the link by the GPU loop (a window at routing, the rest one per loaded expert)
+        self._fifo = self.rules.fifo
+        self._handoff: list[tuple[int, bool]] = []
         self._tau = 0.0  # link time at the GPU's last yield boundary (compute stream only)
         self._pieces: list[tuple[float, float, float]] = [(0.0, 0.0, float("inf"))]
         self.link_end: float | None = None  # link time at the end (compute stream only)
@@ -634,6 +638,10 @@ class Simulation:
                 if place:
                     self._layer_start(s, j, counts, gate, counting)
                 kinds = self._access(keys, j, counting)
+                if self._fifo:  # the window goes to the stream before any kernel of the layer
+                    handoff, self._handoff = self._handoff, []
+                    for key, evicted in handoff[:self.rules.window]:
+                        link.submit_demand(key, evicted)
                 if place and self._cpu_returns and timed:
                     self._book_cpu_returns()
                 clock.position = base + width - 1
@@ -645,13 +653,20 @@ class Simulation:
                     t = clock.now
                     issue = self._issue_time(kinds) if self.rules.host_s else 0.0
                     if cs:
-                        waiting = [i for i, k in enumerate(kinds) if k]
-                        ready = link.ready_times([keys[i] for i in waiting]) if waiting else []
                         spans = [] if s < tl_steps else None
-                        end, tau_end, st_miss, st_late, self._pieces = _run_gpu_stream(
-                            t, self._tau, kinds, None if counts is None else counts[j], comp,
-                            exp_cost, exp_host, shared_t[s], shared_h[s], ready, waiting,
-                            keys, spans, issue)
+                        if self._fifo:
+                            end, tau_end, st_miss, st_late, self._pieces = _run_gpu_fifo(
+                                t, self._tau, kinds, None if counts is None else counts[j],
+                                comp, exp_cost, exp_host, shared_t[s], shared_h[s], issue, link,
+                                handoff[self.rules.window:], keys, spans)
+                        else:
+                            waiting = [i for i, k in enumerate(kinds) if k]
+                            ready = (link.ready_times([keys[i] for i in waiting]) if waiting
+                                     else [])
+                            end, tau_end, st_miss, st_late, self._pieces = _run_gpu_stream(
+                                t, self._tau, kinds, None if counts is None else counts[j],
+                                comp, exp_cost, exp_host, shared_t[s], shared_h[s], ready,
+                                waiting, keys, spans, issue)
                         if spans:
                             self.timeline.extend(
                                 ("compute", f"L{j} {n}", a, b) for n, a, b in spans
@@ -763,7 +778,10 @@ class Simulation:
                 if link is None:
                     state[key] = RESIDENT
                 else:
-                    link.submit_demand(key, cache.evictions != evictions)
+                    if self._fifo:  # handed over by the GPU loop (CopyRules.window)
+                        self._handoff.append((key, cache.evictions != evictions))
+                    else:
+                        link.submit_demand(key, cache.evictions != evictions)
                 if counting:
                     c.demand_started += 1
             if counting:
@@ -1052,6 +1070,92 @@ def _run_gpu_stream(
         now += d - h
         if spans is not None and keys is not None:
             spans.append((f"e{keys[i]}", w0, now))
+    return now, tau, st_miss, st_late, pieces
+
+
+def _run_gpu_fifo(
+    t: float,
+    tau: float,
+    kinds: list[int],
+    counts: list[int] | None,
+    comp: ComputeTimes,
+    cost: dict[int, float],
+    host: dict[int, float],
+    shared: float,
+    shared_host: float,
+    issue: float,
+    link: HostLink,
+    deferred: list[tuple[int, bool]],
+    keys: list[int] | None = None,
+    spans: list[tuple[str, float, float]] | None = None,
+) -> tuple[float, float, float, float, list[tuple[float, float, float]]]:
+    """:func:`_run_gpu_stream` on a stream that runs in issue order (``copy.order: fifo``,
+    ``CopyRules.window``): a kernel starts only once every copy handed to the link before it
+    has landed (``gate``, link time: the latest finish booked on any copy engine; a prefetch
+    counts from when it starts on the link). The layer's first ``window`` demand copies were
+    handed when it routed, so the shared and resident experts' kernels wait for them and for
+    every copy already in flight; then come the started prefetches it uses (LATE) and its
+    demand copies in issue order, and after each demand expert's kernel the next of
+    ``deferred`` (key, evicted) is handed over, starting no earlier than that kernel's end
+    (the link time at its start: the link clock stops during kernels). Each expert is laid
+    out as its host part, the wait for ``gate``, its kernel. A wait is stall on demand copies
+    (a hit's or shared expert's wait when the layer has any demand copy) or on prefetches
+    (LATE; a hit's when it has none). ``sim/compiled/kernel.py`` mirrors it line for line."""
+
+    def dur(n: int) -> tuple[float, float]:
+        if n not in cost:
+            cost[n] = comp.expert_time(n)
+        if n not in host:
+            host[n] = host_time(comp, "expert", n)
+        return cost[n], host[n]
+
+    demand = [i for i, k in enumerate(kinds) if k >= PROMOTED]
+    order = ([i for i, k in enumerate(kinds) if k == HIT]
+             + [i for i, k in enumerate(kinds) if k == LATE] + demand)
+    gate = max(link._free)
+    st_miss = st_late = 0.0
+    # the host issues the demand copies, then the shared experts' host part and kernel
+    h = issue + shared_host
+    now = t + h
+    tau0 = tau
+    tau += h
+    if shared > 0 and gate > tau:
+        if demand:
+            st_miss += gate - tau
+        else:
+            st_late += gate - tau
+        now += gate - tau
+        tau = gate
+    pieces = [(t, tau0, tau - tau0)]
+    if spans is not None:
+        if issue:
+            spans.append(("issue copies", t, t + issue))
+        if shared > 0:
+            spans.append(("shared", t + issue, now + (shared - shared_host)))
+    now += shared - shared_host
+    nxt = 0
+    for i in order:
+        d, h = dur(1 if counts is None else counts[i])
+        w0, tau0 = now, tau
+        now += h
+        tau += h
+        if gate > tau:
+            if kinds[i] == LATE or (kinds[i] == HIT and not demand):
+                st_late += gate - tau
+            else:
+                st_miss += gate - tau
+            now += gate - tau
+            tau = gate
+        pieces.append((w0, tau0, tau - tau0))
+        now += d - h
+        if spans is not None and keys is not None:
+            spans.append((f"e{keys[i]}", w0, now))
+        if kinds[i] >= PROMOTED and nxt < len(deferred):  # the next copy, behind this kernel
+            key, evicted = deferred[nxt]
+            nxt += 1
+            ready = link.submit_demand(key, evicted, tau)
+            if ready > gate:
+                gate = ready
     return now, tau, st_miss, st_late, pieces
 
 

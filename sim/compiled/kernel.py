@@ -32,6 +32,7 @@ from moesim.sim.compiled.layout import (
     EV_VISITS_MIN,
     F_DN,
     F_FIN,
+    F_FREE,
     F_RFIN,
     F_RSTART,
     FV,
@@ -144,6 +145,19 @@ def _await(k, r, nw, S, F, wait_r, wait_i):
 
 
 @jit
+def _submit_after(k, duration, evicted, direct, at, S, F):
+    """``HostLink.submit_demand(k, evicted, not_before=at)``: the link's time raised to ``at``
+    for the one submission (a copy handed to the stream later, ``CopyRules.window``);
+    returns its arrival."""
+    lt = F[FV, V_LT]
+    if at > lt:
+        F[FV, V_LT] = at
+    _submit_demand(k, duration, evicted, direct, S, F)
+    F[FV, V_LT] = lt
+    return F[F_FIN, k]
+
+
+@jit
 def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n, part, caps,
            num_e, timed, pin_layer, engines, duration, cost, ev, hot, touch, pf, point,
            hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi,
@@ -163,6 +177,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     attn_h, shared_h, dense_h, cost_h, copyv = rt
     cs = copyv[0] != 0  # copies on the compute stream: the link runs on link time (V_TAU)
     host_s = copyv[3]  # the compute thread's work per demand copy (CopyRules.issue_time)
+    win = int(copyv[4])  # copy.order: fifo: demand copies handed at routing (0: not fifo)
+    fifo = cs and win > 0
     num_s, num_l, width = keys.shape
     num_k = num_l * num_e
     num_p = caps.shape[0]
@@ -216,6 +232,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     lkeys = np.zeros(width, np.int64)
     wait_r = np.zeros(width)
     wait_i = np.zeros(width, np.int64)
+    hand_k = np.zeros(width, np.int64)  # fifo: the layer's demand copies in issue order
+    hand_e = np.zeros(width, np.bool_)  # ... and whether reserving each evicted an expert
     hook_pre, hook_routed, hook_issued = hooks[0], hooks[1], hooks[2]
     direct = timed and pf == PF_NONE
     lru_zl = ev == EV_LRU and not timed  # zero-latency LRU misses: cache._lru_demand
@@ -299,6 +317,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
             any_wait = False
             n_dem = 0  # demand copies issued (misses and promoted prefetches)
+            n_hand = 0
             for r in range(n_keys):  # Simulation._access
                 k = lkeys[r]
                 position = base + r
@@ -331,7 +350,11 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         if not _reserve(ev, k, False, position, S, F, nocc):
                             S[IV, I_ERROR] = j + 1
                             return _out(S, F, layer_counts, layer_stall, step_t)
-                        if timed:
+                        if fifo:  # handed over below (engine: Simulation._handoff)
+                            hand_k[n_hand] = k
+                            hand_e[n_hand] = S[IV, I_EVICTIONS] != evictions
+                            n_hand += 1
+                        elif timed:
                             _submit_demand(k, duration, S[IV, I_EVICTIONS] != evictions,
                                            direct, S, F)
                         else:
@@ -344,6 +367,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 kinds[r] = kind
                 if kind != HIT:
                     any_wait = True
+            for q in range(min(win, n_hand) if fifo else 0):  # the window, before any kernel
+                _submit_demand(hand_k[q], duration, hand_e[q], direct, S, F)
             position = base + width - 1
             if hook_issued and point == PT_ISSUED:
                 if mi_pf:
@@ -359,7 +384,56 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
                 t = now
                 issue = n_dem * host_s if n_dem and host_s else 0.0  # CopyRules.issue_time
-                if cs:  # engine._run_gpu_stream
+                if fifo:  # engine._run_gpu_fifo
+                    gate = F[F_FREE, 0]
+                    for e in range(1, engines):
+                        if F[F_FREE, e] > gate:
+                            gate = F[F_FREE, e]
+                    st_miss = 0.0
+                    st_late = 0.0
+                    tau = F[FV, V_TAU]
+                    h = issue + shared_h[s]
+                    cur_t = t + h
+                    tau += h
+                    if shared[s] > 0 and gate > tau:
+                        if n_dem:
+                            st_miss += gate - tau
+                        else:
+                            st_late += gate - tau
+                        cur_t += gate - tau
+                        tau = gate
+                    cur_t += shared[s] - shared_h[s]
+                    nxt = min(win, n_hand)
+                    for phase in range(3):  # hits, started prefetches, demand copies
+                        for r in range(n_keys):
+                            kd = kinds[r]
+                            if (kd != HIT if phase == 0 else
+                                    (kd != LATE if phase == 1 else kd < PROMOTED)):
+                                continue
+                            n = counts[s, j, r] if use_counts else 1
+                            cur_t += cost_h[n]
+                            tau += cost_h[n]
+                            if gate > tau:
+                                if kd == LATE or (kd == HIT and n_dem == 0):
+                                    st_late += gate - tau
+                                else:
+                                    st_miss += gate - tau
+                                cur_t += gate - tau
+                                tau = gate
+                            cur_t += cost[n] - cost_h[n]
+                            if kd >= PROMOTED and nxt < n_hand:
+                                ready = _submit_after(hand_k[nxt], duration, hand_e[nxt],
+                                                      direct, tau, S, F)
+                                nxt += 1
+                                if ready > gate:
+                                    gate = ready
+                    end = cur_t
+                    F[FV, V_TAU] = tau
+                    if counting:
+                        F[FV, V_STALL_MISS] += st_miss
+                        F[FV, V_STALL_LATE] += st_late
+                        layer_stall[j] += st_miss + st_late
+                elif cs:  # engine._run_gpu_stream
                     tau = F[FV, V_TAU]
                     cur_t = t + issue + shared[s]
                     tau += issue + shared_h[s]

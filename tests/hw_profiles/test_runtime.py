@@ -53,6 +53,14 @@ def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
     ({"name": "x", "copy": {"swap": "yes"}}, "copy.swap"),
     ({"name": "x", "copy": {"host_s": _q(-2, "us")}}, "copy.host_s"),
     ({"name": "x", "copy": {"host_s": 3}}, "copy.host_s"),
+    ({"name": "x", "copy": {"stream": "compute", "order": "lifo"}}, "copy.order"),
+    ({"name": "x", "copy": {"order": "fifo", "staging_buffers": 4}}, "copy.order"),
+    ({"name": "x", "copy": {"stream": "compute", "order": "fifo"}}, "copy.order"),
+    ({"name": "x", "copy": {"stream": "compute", "order": "fifo", "window": _q(0)}},
+     "copy.window"),
+    ({"name": "x", "copy": {"stream": "compute", "order": "fifo", "window": _q(1.5)}},
+     "copy.window"),
+    ({"name": "x", "copy": {"stream": "compute", "window": _q(2)}}, "copy.window"),
     ({"name": "x", "overhead": {"layer_s": _q(-1)}}, "overhead.layer_s"),
     ({"name": "x", "overhead": {"launch_s": _q(1)}}, "overhead"),
     ({"name": "x", "prefetch": {"recall": _q(1.5)}}, "prefetch.recall"),
@@ -128,6 +136,29 @@ def test_host_s_is_read_and_applied() -> None:
     assert link.host_s == pytest.approx(7.2e-6)
     assert link.transfer_time(card.expert_bytes) == base.transfer_time(card.expert_bytes)
     assert with_values(rt, {"copy.host_s": 1e-5}, "fit").quantity("copy.host_s").kind == "fitted"
+
+
+def test_fifo_order_and_its_window() -> None:
+    """``copy.order: fifo``: the window is ``copy.window`` when given, else staging buffers
+    - 1 (mixtral-offloading's ``load_experts``); the default ``ready`` has none, and the
+    engines read it through the link model only on the compute stream."""
+    card = load_card("mixtral_8x7b")
+    fifo = {"stream": "compute", "order": "fifo"}
+    rt = runtime_from_mapping({"name": "t", "copy": {**fifo, "staging_buffers": 4}}, "t")
+    assert rt.order == "fifo" and rt.fifo_window == 3 and "fifo window 3" in rt.describe()
+    given = runtime_from_mapping({"name": "t", "copy": {**fifo, "window": _q(2)}}, "t")
+    assert given.fifo_window == 2 and given.window.source == "test"
+    plain = runtime_from_mapping({"name": "t", "copy": {"stream": "compute",
+                                                        "staging_buffers": 4}}, "t")
+    assert plain.order == "ready" and plain.fifo_window == 0
+    link, _ = apply_runtime(rt, FixedLink(bandwidth_Bps=25e9), FixedCompute(), card)
+    assert link.window == 3
+    from moesim.sim.link import copy_rules
+
+    assert copy_rules(link, 10).window == 3 and copy_rules(link, 10).fifo
+    hqq = load_runtime("hqq_offload")
+    assert hqq.order == "fifo" and hqq.fifo_window == hqq.staging_buffers - 1 == 3
+    assert hqq.window.kind == "measured" and "load_experts" in hqq.window.source
 
 
 def test_compute_host_parts() -> None:

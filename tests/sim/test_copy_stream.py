@@ -37,9 +37,10 @@ def _trace(experts: list[int], num_experts: int = 4) -> Trace:
 
 
 def _models(stream: str, swap: bool = False, host: bool = True,
-            always: bool = False, host_s: float = 0.0, copy_s: float = D) -> tuple[Any, Any]:
+            always: bool = False, host_s: float = 0.0, copy_s: float = D,
+            window: int = 0) -> tuple[Any, Any]:
     link = RuntimeLink(FixedLink(copy_s, math.inf), 1, 0.0, 1.0, swap, 1.0, stream, always,
-                       host_s)
+                       host_s, window)
     comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E), layers=1,
                           layer_s=H_A if host else 0.0, expert_s=H_E if host else 0.0)
     return link, comp
@@ -47,8 +48,8 @@ def _models(stream: str, swap: bool = False, host: bool = True,
 
 def _run(tr: Trace, policy: Any, stream: str, engine: str, swap: bool = False,
          host: bool = True, always: bool = False, host_s: float = 0.0, copy_s: float = D,
-         **kw: Any) -> dict[str, Any]:
-    link, comp = _models(stream, swap, host, always, host_s, copy_s)
+         window: int = 0, **kw: Any) -> dict[str, Any]:
+    link, comp = _models(stream, swap, host, always, host_s, copy_s, window)
     kw.setdefault("capacity", 2)
     return simulate(tr, policy, link=link, compute=comp, engine=engine, **kw).summary
 
@@ -194,6 +195,76 @@ def test_host_s_is_read_from_a_runtime() -> None:
     assert CopyRules().issue_time(5) == 0.0
 
 
+def _rows(rows: list[list[int]], num_experts: int = 8) -> Trace:
+    """One request, one MoE layer, one decode token per row (padded with -1 to the widest)."""
+    top = max(len(r) for r in rows)
+    ex = np.array([r + [-1] * (top - len(r)) for r in rows], dtype=np.int16).reshape(
+        len(rows), 1, top)
+    meta = TraceMeta(model="synthetic", moe_layers=(0,), num_experts=num_experts, top_k=top,
+                     expert_bytes=1000)
+    return Trace(meta, [RequestRouting(0, ex, np.full(len(rows), DECODE, np.uint8))])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("window", [0, 1, 2, 3, 5])
+def test_fifo_hit_kernel_waits_for_the_window(engine: str, window: int) -> None:
+    """``copy.order: fifo``. Token 0 loads expert 0; token 1 routes to 0 (a hit) and 1, 2, 3
+    (misses, one copy engine). In issue order the stream holds the first W = min(window, 3)
+    copies, the hit's kernel, the first loaded expert's kernel, the next copy, ... so the
+    hit's kernel waits for W copies, and each later copy starts only after the kernel before
+    it: the layer takes 3D + W x H_E + 4 K_E after routing (the window binds: a wider one
+    exposes more host time), against 3D + 4 K_E when kernels wait only on their own copy
+    (window 0, ``ready``)."""
+    tr = _rows([[0], [0, 1, 2, 3]])
+    got = _run(tr, "lru", "compute", engine, window=window, capacity=5)
+    w = min(window, 3)
+    token0 = H_A + A + D + K_E  # one miss: its host part runs beside its copy
+    token1 = H_A + A + 3 * D + w * H_E + 4 * K_E
+    assert got["total_time_s"] == pytest.approx(token0 + token1, rel=1e-12)
+    busy = 2 * (H_A + A) + 5 * (H_E + K_E)  # host parts and kernels; the rest is waiting
+    assert got["stall_miss_s"] == pytest.approx(token0 + token1 - busy, rel=1e-9)
+    assert got["stall_late_s"] == 0.0 and got["hits"] == 1 and got["misses"] == 4
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fifo_window_with_two_copy_engines(engine: str) -> None:
+    """Three misses, two copy engines, window 1 or 2 (golden numbers by hand): with window 1
+    every copy is handed behind the kernel before it, so they run one at a time (3D); with
+    window 2 the first two run together, but the third, handed after the first kernel, holds
+    the second kernel until it lands (2D + H_E); ``ready`` lets the second kernel run on its
+    own copy (2D)."""
+    tr = _rows([[1, 2, 3]])
+
+    def run(window: int) -> float:
+        link = RuntimeLink(FixedLink(D, math.inf, 2), 1, 0.0, 1.0, False, 1.0, "compute",
+                           False, 0.0, window)
+        comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E),
+                              layers=1, layer_s=H_A, expert_s=H_E)
+        return simulate(tr, "lru", link=link, compute=comp, engine=engine,
+                        capacity=5).summary["total_time_s"]
+
+    base = H_A + A + 3 * K_E
+    assert run(0) == pytest.approx(base + 2 * D, rel=1e-12)
+    assert run(1) == pytest.approx(base + 3 * D, rel=1e-12)
+    assert run(2) == pytest.approx(base + 2 * D + H_E, rel=1e-12)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fifo_hit_waits_for_a_started_prefetch(engine: str) -> None:
+    """A prefetch counts as handed to the stream once it has started on the link: an oracle
+    prefetch of the next token's expert, started at the end of token 0's layer, holds token
+    1's resident expert's kernel until it lands (stall on prefetches: the layer has no demand
+    copy), which ``ready`` does not."""
+    tr = _rows([[0], [0], [1]])
+    pol = {"name": "oracle_prefetch", "eviction": "lru", "point": "demand_issued",
+           "lookahead": 1}
+    ready = _run(tr, pol, "compute", engine, capacity=5)
+    fifo = _run(tr, pol, "compute", engine, capacity=5, window=1)
+    assert fifo["stall_late_s"] > ready["stall_late_s"]
+    assert fifo["total_time_s"] > ready["total_time_s"]
+    assert fifo["prefetch_transfers"] == ready["prefetch_transfers"] > 0
+
+
 def test_copy_rules_of_a_plain_link_are_none() -> None:
     assert copy_rules(FixedLink(1e-5, 1e9), 1000) == CopyRules()
     rules = copy_rules(RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, True, 1.0, "own"), 10)
@@ -244,7 +315,8 @@ def _with_runtime(kw: dict[str, Any], rng: np.random.Generator, layers: int) -> 
     kw["link"] = RuntimeLink(kw["link"], int(rng.integers(1, 4)),
                              float(rng.choice([0.0, 1e-5])), float(rng.choice([1.0, 0.5])),
                              swap, 1.0, stream, bool(rng.random() < 0.3),
-                             float(rng.choice([0.0, 0.0, 2e-5, 1e-3])))
+                             float(rng.choice([0.0, 0.0, 2e-5, 1e-3])),
+                             int(rng.choice([0, 0, 1, 2, 3])))
     host = [0.0, 1e-5, 3e-4, 5e-3]
     kw["compute"] = RuntimeCompute(kw["compute"], layers,
                                    step_s=float(rng.choice(host)),
