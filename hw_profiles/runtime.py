@@ -16,10 +16,13 @@ calibration set (``moesim.experiments.published.fit``), and are never judged on 
 
 The model is applied in one place, :func:`apply_runtime`, which wraps the profile's
 ``TransferModel`` and ``ComputeTimes``: both engines (SimPy and compiled) take every duration
-from those two objects. Two copy rules are not durations and are laid out by the engines
+from those two objects. Some copy rules are not durations and are laid out by the engines
 (``sim.link.CopyRules``, read from :class:`RuntimeLink`): a swap copies an evicted expert back
-when an install evicts one, and copies on the compute stream pause while GPU kernels run (the
-engines take the host part of each compute time from :class:`RuntimeCompute`'s ``*_host``).
+when an install evicts one; copies on the compute stream pause while GPU kernels run (the
+engines take the host part of each compute time from :class:`RuntimeCompute`'s ``*_host``);
+``copy.order: fifo`` makes that stream run in issue order (a kernel waits for every copy
+handed before it; ``copy.window`` demand copies are handed when a layer routes); and
+``copy.host_s`` is the host's work to issue each demand copy, in series with the layer.
 """
 
 from __future__ import annotations

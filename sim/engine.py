@@ -27,7 +27,13 @@ lays every compute time out as its host part (the runtime's overheads: the GPU s
 link's copies running) followed by its GPU kernel (the copies paused). The link then runs on
 *link time*, wall time less the kernel time so far (``Simulation.link_time``), and the GPU waits
 on link times: an awaited expert's host part is issued at once (copies are ``non_blocking``),
-its kernel starts once its copy has landed, and the wait in between is stall.
+its kernel starts once its copy has landed, and the wait in between is stall. With
+``copy.order: fifo`` (``CopyRules.window``) the stream runs in issue order: every kernel of the
+layer also waits for every copy handed to the stream before it (the layer's first ``window``
+demand copies, handed at routing, and the copies in flight), and each further demand copy is
+handed over after the kernel of the missed expert before it (``_run_gpu_fifo``). A runtime's
+``copy.host_s`` adds the host's work to issue the layer's demand copies right after routing
+(``CopyRules.issue_time``), in either layout.
 
 Timed mode runs the GPU as a SimPy process (durations from the hardware profile; policies may
 schedule their own SimPy callbacks with ``ctx.after``). Zero-latency mode runs the same code with

@@ -10,8 +10,9 @@ The link is an exact event-driven queue that the SimPy processes advance to the 
 which keeps replays of millions of accesses fast. ``tests/sim/test_link_reference.py`` checks it
 against a plain SimPy ``PriorityResource`` model.
 
-A runtime profile (``hw_profiles.runtime.RuntimeLink``) adds two copy rules, read once per run
-by :func:`copy_rules` (both engines use it; the compiled link mirrors :meth:`CopyRules.load_time`):
+A runtime profile (``hw_profiles.runtime.RuntimeLink``) adds these copy rules, read once per
+run by :func:`copy_rules` (both engines use it; the compiled link mirrors
+:meth:`CopyRules.load_time`, the compiled kernel :meth:`CopyRules.issue_time` and the window):
 
 - ``swap``: an install (demand or prefetch) that evicts a resident expert copies the evicted one
   back device -> host on the load's stream first. On the compute stream the load waits behind it
@@ -25,6 +26,15 @@ by :func:`copy_rules` (both engines use it; the compiled link mirrors :meth:`Cop
   then advances the link on *link time*, a clock that stops during GPU kernels (wall time
   minus the kernel time so far): every time the link holds (start, finish, ``t``, busy) is in
   link time, and the engine maps it to the GPU's wall clock (``sim.engine``).
+- ``window`` (``copy.order: fifo``, compute stream only): the stream runs copies and kernels
+  in the order they are handed to it, so a kernel waits for every copy handed before it (a
+  prefetch counts once it has started on the link). A layer hands its first ``window``
+  demand copies over when it routes, before any of its kernels, and each further one after
+  the kernel of the missed expert before it (``submit_demand(..., not_before)``: no earlier
+  than that kernel's end); ``sim.engine._run_gpu_fifo`` lays it out.
+- ``host_s`` (``copy.host_s``): the compute thread's work to issue one demand copy, host time
+  in series with the layer (:meth:`CopyRules.issue_time`: ``n x host_s`` right after
+  routing), never time on the link.
 """
 
 from __future__ import annotations
