@@ -337,10 +337,13 @@ def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[
                            f"{c.card.name} at scale {scale:g}: measure one (moesim-profile "
                            f"storage) or use validate.calibrate=true; a roofline guess is no "
                            "validation")
+    from moesim.sim.executor.overhead import host_s_supported
+
     c.runtime = rt = executor_runtime(v, mapping)
     c.base["runtime.name"] = rt.name
     c.base["runtime.model"] = "none" if rt.is_none else rt.describe()
     c.base["runtime.per_copy_s"] = rt.value("copy.per_copy_s")
+    c.base["runtime.host_s"] = rt.value("copy.host_s") if host_s_supported() else 0.0
     c.base["runtime.step_s"] = rt.value("overhead.step_s")
     c.base["runtime.layer_s"] = rt.value("overhead.layer_s")
     c.base["runtime.expert_s"] = rt.value("overhead.expert_s")
@@ -585,8 +588,8 @@ def validation_table(summary: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                     row[f"{short}_err_{k}_pct"] = _err(float(by[k][metric].median()), med)
         row["tpot_real_spread_pct"] = (
             (row["tpot_real_max_s"] - row["tpot_real_min_s"]) / row["tpot_real_s"] * 100)
-        for k in ("runtime.name", "runtime.per_copy_s", "runtime.step_s", "runtime.layer_s",
-                  "runtime.expert_s"):
+        for k in ("runtime.name", "runtime.per_copy_s", "runtime.host_s", "runtime.step_s",
+                  "runtime.layer_s", "runtime.expert_s"):
             if k in first:
                 row[k] = first[k]
         row["profile_read_s"] = float(by[head]["profile.read_s"].median())

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import math
 import os
 import platform
@@ -296,9 +297,15 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
         bar.update(1)
         executor_runtime = after_copy = None
         measure_rt = getattr(bench, "executor_runtime", None)
+        copies_rec = None
         if measure_rt is not None:  # the executor's hand-off and loop work (sim.executor.overhead)
-            bar.set_postfix_str("executor hand-off and loop")
-            executor_runtime = measure_rt(card)
+            bar.set_postfix_str("executor hand-off, loop and copies beside compute")
+            if "engines" in inspect.signature(measure_rt).parameters:
+                executor_runtime = measure_rt(card, engines=engines)
+                copies_of = getattr(bench, "executor_copies", None)
+                copies_rec = copies_of(card) if copies_of is not None else None
+            else:
+                executor_runtime = measure_rt(card)
         after_copy = None
         measure_ac = getattr(bench, "expert_after_copy", None)
         if measure_ac is not None:  # informational: compute right after a copy
@@ -399,6 +406,11 @@ def run_storage_measurement(bench: StorageBench, cards: Sequence[CardSpec], torc
     }
     if executor_runtime is not None:
         mapping["machine"]["executor_runtime"] = executor_runtime
+    if copies_rec is not None:
+        # Compute beside the executor's own copy workers (sim.executor.overhead.
+        # measure_copy_host), per op as a validation applies it (calibrate.under_io); the
+        # bare-reader factor above stays as measured.
+        mapping["machine"].update(copies_rec)
     if after_copy is not None:
         mapping["machine"]["expert_after_copy_s"] = after_copy
     return mapping, spread
@@ -476,6 +488,10 @@ def summary_lines(mapping: dict[str, Any], spread: Spread) -> list[str]:
         lines.append(f"executor: copy hand-off {rt['copy']['per_copy_s']['value']} us per copy; "
                      f"loop {o['step_s']['value']} us per step + {o['layer_s']['value']} us per "
                      f"layer + {o['expert_s']['value']} us per expert call")
+        if "host_s" in rt["copy"]:
+            lines.append(f"executor: compute thread {rt['copy']['host_s']['value']} us per copy "
+                         f"(copier calls), ops beside copies x"
+                         f"{mapping['machine']['executor_copies']['op_factor']['value']}")
     ac = mapping.get("machine", {}).get("expert_after_copy_s")
     if ac:
         lines.append(f"executor: expert FFN right after its copy {ac['value']} us (not charged)")
@@ -747,6 +763,7 @@ class CpuStorageBench(CpuComputeBench):
         self.work_dir = work_dir  # the executor's weights files (None: its default folder)
         self.loop_steps = loop_steps
         self.handoff_copies = handoff_copies
+        self.copies: Any = None  # sim.executor.overhead.CopyHost, set by executor_runtime
         self.chunk = round_up(card.expert_bytes)
         self.file_bytes = round_up(max(file_bytes, 4 * self.chunk))
         file_dir.mkdir(parents=True, exist_ok=True)
@@ -775,32 +792,53 @@ class CpuStorageBench(CpuComputeBench):
         self.path.unlink(missing_ok=True)
         super().close()
 
-    def executor_runtime(self, card: ModelCard) -> dict[str, Any]:
+    def executor_runtime(self, card: ModelCard, engines: int | None = None) -> dict[str, Any]:
         """The executor's runtime profile on this machine (``sim.executor.overhead``): the copy
         hand-off, timed ``rounds`` times through the executor's own cache, copy queue and
         worker reading its weights file of ``card`` (``calibrate.measure_handoff``; mean of all
-        rounds), and its run loop's work per step, layer and expert call (zero-cost ops)."""
+        rounds), and its run loop's work per step, layer and expert call (zero-cost ops). With
+        ``engines`` (the profile's copy_engines), also what copies cost the compute thread
+        (``measure_copy_host``: ``copy.host_s``; the whole record in ``self.copies``)."""
         import numpy as np
 
         from moesim.sim.executor.calibrate import CalibrationOptions, measure_handoff
         from moesim.sim.executor.model import EXECUTOR_DTYPES
-        from moesim.sim.executor.overhead import measure_loop_overhead, runtime_mapping
+        from moesim.sim.executor.overhead import (
+            measure_copy_host,
+            measure_loop_overhead,
+            runtime_mapping,
+        )
 
         loop = measure_loop_overhead(card, steps=self.loop_steps, rounds=3, seed=self.seed)
         handoff = None
         note = ""
+        self.copies = None
         if card.dtype in EXECUTOR_DTYPES and card.gated:
+            direct = None if self.want_direct else False
             copts = CalibrationOptions(work_dir=str(self.work_dir) if self.work_dir else None,
-                                       direct_io=None if self.want_direct else False)
+                                       direct_io=direct)
             handoff = float(np.mean([measure_handoff(card, copts, seed=self.seed + r,
                                                      copies=self.handoff_copies)
                                      for r in range(self.rounds)]))
+            if engines is not None:
+                self.copies = measure_copy_host(card, engines, self.threads, direct,
+                                                self.work_dir, seed=self.seed)
         else:
             note = (f"not measured: the executor does not run {card.dtype} "
                     f"{'gated' if card.gated else 'ungated'} experts")
         where = (f"moesim-profile storage ({self.rounds} rounds x {self.handoff_copies} copies "
                  f"for the hand-off)")
-        return runtime_mapping(loop, handoff, card, where, note)
+        return runtime_mapping(loop, handoff, card, where, note, self.copies)
+
+    def executor_copies(self, card: ModelCard) -> dict[str, Any] | None:
+        """``machine.executor_copies`` and ``machine.compute_under_io`` of the profile from the
+        copies ``executor_runtime`` measured (None: none measured)."""
+        from moesim.sim.executor.overhead import compute_under_copies, copies_record
+
+        if self.copies is None:
+            return None
+        return {"executor_copies": copies_record(self.copies, card, "moesim-profile storage"),
+                "compute_under_io": compute_under_copies(self.copies)}
 
     def expert_after_copy(self, card: ModelCard) -> dict[str, Any] | None:
         """One expert FFN right after the executor's read path filled its slot, and repeated

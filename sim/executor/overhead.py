@@ -225,12 +225,24 @@ def _q(value: float, unit: str, source: str) -> dict[str, Any]:
             "source": source}
 
 
+def host_s_supported() -> bool:
+    """Whether this simulator's runtime profiles take ``copy.host_s`` (the compute thread's
+    work per demand copy, charged in series with the layer: ``sim.link.CopyRules``)."""
+    from moesim.hw_profiles.runtime import FITTABLE
+
+    return "copy.host_s" in FITTABLE
+
+
 def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard,
-                    where: str, handoff_note: str = "") -> dict[str, Any]:
+                    where: str, handoff_note: str = "", copies: CopyHost | None = None
+                    ) -> dict[str, Any]:
     """The runtime profile of the executor (``hw_profiles.runtime.runtime_from_mapping``):
     ``copy.per_copy_s`` = the copy hand-off (``handoff_s``; None: left out, ``handoff_note``
     saying where the profile already holds it) + the loop's main-thread work per copy
-    (``loop.copy_s``), ``overhead.*`` = ``loop``'s fit."""
+    (``loop.copy_s``), ``overhead.*`` = ``loop``'s fit. With ``copies`` (``measure_copy_host``)
+    and a simulator that charges ``copy.host_s``: the compute thread's copier calls per copy
+    are ``copy.host_s`` (host work in series with the layer, not on the link), and
+    ``per_copy_s`` keeps the hand-off only (the loop's work per copy is in ``host_s``)."""
     pts = "; ".join(f"{lay} layers x {calls} expert calls: {t * 1e6:.1f} us"
                     for lay, calls, t in loop.points)
     loop_src = (f"{where} at {loop.at} on {platform.node()}: sim.executor.overhead."
@@ -239,11 +251,11 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                 f"{loop.rounds} interleaved rounds per shape of {card.name}; mean s per step = "
                 f"step_s + layers x layer_s + expert calls x expert_s, non-negative least "
                 f"squares over ({pts})")
-    copies = "; ".join(f"{n:.1f} demand copies per step, {t * 1e6:.1f} us per step more"
-                       for n, t in loop.copy_points)
+    copy_pts = "; ".join(f"{n:.1f} demand copies per step, {t * 1e6:.1f} us per step more"
+                         for n, t in loop.copy_points)
     miss_src = (f"the loop's main-thread work per demand copy {loop.copy_s * 1e6:.2f} us "
                 f"(sim.executor.overhead.measure_loop_overhead: the same zero-cost loop with "
-                f"a cache that misses, {copies} than with every expert resident, time blocked "
+                f"a cache that misses, {copy_pts} than with every expert resident, time blocked "
                 f"on a copy left out)")
     if handoff_s is None:
         copy_q = _q(loop.copy_s, "us", f"{where} at {loop.at}: {miss_src}; the copy hand-off "
@@ -256,12 +268,26 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                     f"executor's copy worker reports it, minus the read itself: the executor's "
                     f"cache, Copier queue and worker thread, O_DIRECT reads of {card.name}) + "
                     f"{miss_src}")
+    copy: dict[str, Any] = {"per_copy_s": copy_q}
+    if copies is not None and host_s_supported():
+        copy = {"per_copy_s": _q(handoff_s or 0.0, "us", (
+                    f"{where} at {loop.at}: copy hand-off {(handoff_s or 0.0) * 1e6:.1f} us "
+                    f"(sim.executor.calibrate.measure_handoff, mean time from the compute "
+                    f"thread issuing a demand copy to it running again once the executor's copy "
+                    f"worker reports it, minus the read itself)"
+                    if handoff_s is not None else
+                    f"{where}: 0, the copy hand-off left out: "
+                    f"{handoff_note or 'not measured here'}")
+                    + "; the loop's main-thread work per copy is copy.host_s here (the "
+                    f"zero-cost loop's {loop.copy_s * 1e6:.2f} us per demand copy not added)"),
+                "host_s": copy_host_quantity(copies, card, where)}
     return {
         "name": RUNTIME_NAME,
         "system": "moesim's offloading executor (sim/executor/, backend storage)",
-        "description": ("the executor's copy hand-off and its run loop's Python work per step, "
-                        "layer and expert call, measured on this machine"),
-        "copy": {"per_copy_s": copy_q},
+        "description": ("the executor's copy hand-off, the compute thread's work per copy and "
+                        "its run loop's Python work per step, layer and expert call, measured "
+                        "on this machine"),
+        "copy": copy,
         "overhead": {
             "step_s": _q(loop.step_s, "us", loop_src),
             "layer_s": _q(loop.layer_s, "us", loop_src),
@@ -272,7 +298,10 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                   "(the executor's loop pays it per MoE layer: a card with dense layers is "
                   "charged layer_s once more per dense layer); expert_s per routed and shared "
                   "expert call; per_copy_s on every copy (prefetches too, whose main-thread "
-                  "work is smaller: no eviction decision at issue)."),
+                  "work is smaller: no eviction decision at issue); host_s (when present) per "
+                  "demand copy on the compute thread, right after routing (the executor pays "
+                  "it for prefetches too, at the pump that starts and drains them: the "
+                  "simulator charges prefetches none)."),
     }
 
 
@@ -340,3 +369,224 @@ def after_copy_quantity(m: AfterCopy, card: ModelCard, where: str) -> dict[str, 
               f"slot, mean of {m.samples}; the same call repeated at once: "
               f"{m.again_s * 1e6:.1f} us. Recorded, not charged: the simulator has no term for "
               f"compute right after a copy")
+
+
+@dataclass(frozen=True)
+class CopyHost:
+    """What copies cost the compute thread while the ops run, and what the ops cost the copies
+    (seconds; :func:`measure_copy_host`)."""
+
+    issue_s: float  # the compute thread's copier calls per copy (drain, reserve, submit, wake)
+    op_factor: float  # op time with the copy workers kept busy / op time alone
+    host_s: float  # all extra compute-thread time per copy: (with copies - alone) / copies
+    alone_s: float  # mean seconds per pass of the ops, no copy running
+    with_copies_s: float  # the same passes with the copy workers kept busy (copier calls too)
+    copies_per_pass: float
+    copy_mean_s: float  # the copy workers' mean time per copy beside the ops
+    copy_idle_s: float  # ... with the compute thread idle (blocked until a copy lands)
+    read_s: float  # the same reads by ``engines`` plain threads (no copier), same moment
+    engines: int
+    passes: int  # passes per variant and round
+    rounds: int
+    at: str
+    load: float = float("nan")  # 1-minute load average at the end
+
+
+def measure_copy_host(card: ModelCard, engines: int = 2, threads: int = 1,
+                      direct_io: bool | None = None, work_dir: Any = None, rounds: int = 5,
+                      passes: int = 20, seed: int = 0) -> CopyHost:
+    """Copies beside compute, measured the way a run of the executor incurs them.
+
+    The compute thread runs every MoE layer's ops as the run loop calls them (``TorchCompute``:
+    stand-in attention and router, the shared experts, ``top_k`` routed experts at one token,
+    weights cycled over a step's working set), ``passes`` times per variant: (a) alone; (b)
+    while the executor's own copy path (``SlottedCache`` with LRU, ``Copier`` with ``engines``
+    worker threads, ``StorageBackend`` reads of the card's weights file) is kept busy: before
+    every op call the compute thread drains finished copies and submits new ones until every
+    worker has one, as the loop pumps the copier between experts; (c) the same copies with
+    the compute thread idle, blocked until a copy lands (a demand miss's wait). From (a) and
+    (b): the compute thread's copier calls per copy (``issue_s``, timed around them), its op
+    time with the workers busy over alone (``op_factor``: the workers' CPU, ``O_DIRECT`` page
+    pinning and their turns at the GIL run in series with compute on a machine with few
+    cores), and all its extra time per copy (``host_s``); from (b) and (c) the copy time
+    beside compute and beside an idle compute thread; (d) the same number of reads by
+    ``engines`` plain threads (``StorageBackend.load``, no copier: what a read profile times),
+    so (c) - (d) is the copy path's own time per copy. ``rounds`` interleaved rounds (a, b,
+    c, d), the means of all."""
+    import torch
+
+    from moesim.policies.base import ModelShape, PolicySetup
+    from moesim.policies.lru import LRU
+    from moesim.sim.cache import ABSENT
+    from moesim.sim.executor.calibrate import _read_times, expert_pool_slots
+    from moesim.sim.executor.clock import WallClock
+    from moesim.sim.executor.compute import TorchCompute
+    from moesim.sim.executor.copier import Copier
+    from moesim.sim.executor.model import ExpertLayout
+    from moesim.sim.executor.slots import SlottedCache
+    from moesim.sim.executor.storage import StorageBackend, default_work_dir, ensure_weights
+
+    layout = ExpertLayout.of(card)
+    path = ensure_weights(default_work_dir() if work_dir is None else Path(work_dir), card.name,
+                          layout, 0)
+    pool = expert_pool_slots(card)
+    cap = 2 * engines + 2
+    shape = ModelShape(card.num_moe_layers, card.num_experts, card.top_k, card.expert_bytes)
+    ev = LRU(PolicySetup(shape, cap, WallClock(), np.random.default_rng(seed)))
+    cache = SlottedCache(card.num_experts, [0] * card.num_moe_layers, [cap], [ev])
+    ops_backend = StorageBackend(path, layout, pool, direct_io)
+    backend = copier = None
+    rng = np.random.default_rng(seed)
+    keys = rng.integers(0, layout.num_keys, size=1 << 16).tolist()
+    ki = 0
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    nl = max(card.num_moe_layers, 1)
+    perf = time.perf_counter
+    alone: list[float] = []
+    busy: list[float] = []
+    issue: list[float] = []
+    copies: list[int] = []
+    beside: list[float] = []
+    idle: list[float] = []
+    plain: list[float] = []
+    try:
+        backend = StorageBackend(path, layout, cap, direct_io)
+        copier = Copier(backend.load, engines, cache, cache.pool.slot_of, perf, record=True)
+        records = copier.records
+        assert records is not None
+        for s in range(pool):
+            ops_backend.load(s % layout.num_keys, s)
+        weights = [ops_backend.weights(s) for s in range(pool)]
+        comp = TorchCompute(card, nl, 64, 1, 0, seed=seed + 1)
+        calls: list[Any] = []
+        for j in range(nl):
+            calls.append(lambda j=j: comp.attention(j, 1, 64))
+            if card.shared_intermediate_size:
+                calls.append(lambda j=j: comp.shared(j, 1))
+            for k in range(card.top_k):
+                w = weights[(j * card.top_k + k) % pool]
+                calls.append(lambda w=w: comp.expert(w, 1))
+
+        def fill() -> None:
+            nonlocal ki
+            while copier.in_flight < engines:
+                key = keys[ki % len(keys)]
+                ki += 1
+                if cache.state[key] == ABSENT and cache.reserve(key, prefetch=False):
+                    copier.submit_demand(key)
+            copier.flush()
+
+        def run(with_copies: bool) -> tuple[float, float]:
+            spent = 0.0
+            t0 = perf()
+            for _ in range(passes):
+                for call in calls:
+                    if with_copies:
+                        t1 = perf()
+                        copier.drain(0.0)
+                        fill()
+                        spent += perf() - t1
+                    call()
+            return perf() - t0, spent
+
+        def copy_times(since: int) -> list[float]:
+            return [e - s for _, _, s, e in records[since:]]
+
+        with torch.inference_mode():
+            run(False)  # warm-up: every op and the copy path once
+            run(True)
+            copier.wait_idle()
+            for _ in range(max(rounds, 1)):
+                alone.append(run(False)[0])
+                n0, r0 = copier.copies, len(records)
+                t, spent = run(True)
+                copier.wait_idle()
+                busy.append(t)
+                issue.append(spent)
+                copies.append(copier.copies - n0)
+                beside.extend(copy_times(r0))
+                r0 = len(records)
+                for _ in range(copies[-1]):  # (c): as many copies, the compute thread idle
+                    fill()
+                    copier.drain(None)
+                copier.wait_idle()
+                idle.extend(copy_times(r0))
+                for k in list(cache.pool.held()):  # (d) reads into the copier's slots
+                    cache.evict(k)
+                plain.extend(_read_times(backend, layout, engines,
+                                         max(copies[-1] // engines, 1), seed + len(plain)))
+    finally:
+        torch.set_num_threads(old)
+        if copier is not None:
+            copier.close()
+        if backend is not None:
+            backend.close()
+        ops_backend.close()
+    n = float(np.sum(copies))
+    total = passes * max(rounds, 1)
+    t_alone, t_busy, t_issue = float(np.sum(alone)), float(np.sum(busy)), float(np.sum(issue))
+    return CopyHost(
+        issue_s=t_issue / n if n else 0.0,
+        op_factor=(t_busy - t_issue) / t_alone if t_alone > 0 else 1.0,
+        host_s=max(t_busy - t_alone, 0.0) / n if n else 0.0,
+        alone_s=t_alone / total, with_copies_s=t_busy / total, copies_per_pass=n / total,
+        copy_mean_s=float(np.mean(beside)) if beside else float("nan"),
+        copy_idle_s=float(np.mean(idle)) if idle else float("nan"),
+        read_s=float(np.mean(plain)) if plain else float("nan"),
+        engines=engines, passes=passes, rounds=max(rounds, 1),
+        at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), load=_load())
+
+
+def _load() -> float:
+    import os
+
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return float("nan")
+
+
+def _copies_text(m: CopyHost, card: ModelCard, where: str) -> str:
+    return (f"{where} at {m.at}: sim.executor.overhead.measure_copy_host, {card.name}: every "
+            f"MoE layer's ops as the run loop calls them, {m.passes} passes x {m.rounds} "
+            f"interleaved rounds alone and with the executor's Copier ({m.engines} worker(s), "
+            f"StorageBackend reads, SlottedCache) kept busy, drained and refilled before every "
+            f"op call as the loop pumps it: {m.copies_per_pass:.1f} copies per pass, "
+            f"{m.alone_s * 1e3:.3f} ms per pass alone, {m.with_copies_s * 1e3:.3f} ms with "
+            f"copies; load average {m.load:.2f}")
+
+
+def copy_host_quantity(m: CopyHost, card: ModelCard, where: str) -> dict[str, Any]:
+    """``copy.host_s`` of the runtime: the compute thread's copier calls per copy."""
+    return _q(m.issue_s, "us",
+              f"{_copies_text(m, card, where)}; the compute thread's time in the copier's calls "
+              f"(drain, reserve with the eviction, submit, wake a worker) per copy "
+              f"{m.issue_s * 1e6:.1f} us (all its extra time per copy {m.host_s * 1e6:.1f} us, "
+              f"the rest its ops slowed x{m.op_factor:.3f}: machine.compute_under_io)")
+
+
+def copies_record(m: CopyHost, card: ModelCard, where: str) -> dict[str, Any]:
+    """The profile's ``machine.executor_copies``: every figure of ``m`` with its source."""
+    return {
+        "source": _copies_text(m, card, where),
+        "engines": m.engines,
+        "issue_s": _q(m.issue_s, "us", "the compute thread's copier calls per copy"),
+        "op_factor": {"value": float(f"{m.op_factor:.4g}"), "unit": "1", "kind": "measured",
+                      "source": "op time with the copy workers busy / alone (the copier's "
+                                "calls left out)"},
+        "host_s": _q(m.host_s, "us", "all extra compute-thread time per copy"),
+        "copy_beside_compute_s": _q(m.copy_mean_s, "us", "the workers' mean time per copy "
+                                    "beside the ops"),
+        "copy_idle_s": _q(m.copy_idle_s, "us", "the same with the compute thread blocked "
+                          "until a copy lands"),
+        "read_s": _q(m.read_s, "us", f"the same reads by {m.engines} plain threads "
+                     "(StorageBackend.load, no copier)"),
+    }
+
+
+def compute_under_copies(m: CopyHost) -> dict[str, float]:
+    """``machine.compute_under_io`` (``sim.executor.calibrate.under_io``: every op's time
+    multiplied) from ``m``: the ops slowed beside the executor's own copy workers."""
+    return {op: float(f"{m.op_factor:.4g}")
+            for op in ("expert", "attention", "router", "shared", "dense")}
