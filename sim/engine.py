@@ -29,8 +29,9 @@ link's copies running) followed by its GPU kernel (the copies paused). The link 
 on link times: an awaited expert's host part is issued at once (copies are ``non_blocking``),
 its kernel starts once its copy has landed, and the wait in between is stall. With
 ``copy.order: fifo`` (``CopyRules.window``) the stream runs in issue order: every kernel of the
-layer also waits for every copy handed to the stream before it (the layer's first ``window``
-demand copies, handed at routing, and the copies in flight), and each further demand copy is
+layer also waits for every copy handed to the stream before it (the attention kernel for the
+copies in flight when the layer starts; the expert kernels also for the layer's first
+``window`` demand copies, handed at routing), and each further demand copy is
 handed over after the kernel of the missed expert before it (``_run_gpu_fifo``). A runtime's
 ``copy.host_s`` adds the host's work to issue the layer's demand copies right after routing
 (``CopyRules.issue_time``), in either layout.
@@ -624,6 +625,16 @@ class Simulation:
                         h = attn_h[s]
                         if dense_n[j]:
                             h += dense_n[j] * dense_h[s]
+                        if self._fifo and d > h:  # its kernels wait for the copies in flight
+                            link.advance(self._tau)
+                            gate = max(link._free)
+                            if gate > self._tau + h:
+                                wait = gate - (self._tau + h)
+                                d += wait
+                                h += wait
+                                if counting:
+                                    c.stall_late += wait
+                                    c.layer_stall[j] += wait
                         self._pieces = [(t0, self._tau, h)]
                         if self._history is not None:
                             self._history.extend(self._pieces)

@@ -145,6 +145,16 @@ def _await(k, r, nw, S, F, wait_r, wait_i):
 
 
 @jit
+def _gate(engines, F):
+    """``max(HostLink._free)``: when every copy booked on the copy engines has landed."""
+    gate = F[F_FREE, 0]
+    for e in range(1, engines):
+        if F[F_FREE, e] > gate:
+            gate = F[F_FREE, e]
+    return gate
+
+
+@jit
 def _submit_after(k, duration, evicted, direct, at, S, F):
     """``HostLink.submit_demand(k, evicted, not_before=at)``: the link's time raised to ``at``
     for the one submission (a copy handed to the stream later, ``CopyRules.window``);
@@ -287,6 +297,16 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     h = attn_h[s]
                     if dense_n[j]:
                         h += dense_n[j] * dense_h[s]
+                    if fifo and d > h:  # its kernels wait for the copies in flight
+                        _advance(F[FV, V_TAU], duration, ev, position, S, F, nocc)
+                        gate = _gate(engines, F)
+                        if gate > F[FV, V_TAU] + h:
+                            wait = gate - (F[FV, V_TAU] + h)
+                            d += wait
+                            h += wait
+                            if counting:
+                                F[FV, V_STALL_LATE] += wait
+                                layer_stall[j] += wait
                 if d > 0:
                     now = now + d
                 if cs:
@@ -385,10 +405,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 t = now
                 issue = n_dem * host_s if n_dem and host_s else 0.0  # CopyRules.issue_time
                 if fifo:  # engine._run_gpu_fifo
-                    gate = F[F_FREE, 0]
-                    for e in range(1, engines):
-                        if F[F_FREE, e] > gate:
-                            gate = F[F_FREE, e]
+                    gate = _gate(engines, F)
                     st_miss = 0.0
                     st_late = 0.0
                     tau = F[FV, V_TAU]

@@ -265,6 +265,24 @@ def test_fifo_hit_waits_for_a_started_prefetch(engine: str) -> None:
     assert fifo["prefetch_transfers"] == ready["prefetch_transfers"] > 0
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fifo_attention_kernel_waits_for_a_prefetch_in_flight(engine: str) -> None:
+    """The pre-attention prefetch of the layer's own expert (started at t=0) was handed to the
+    stream before the attention kernel: in issue order that kernel waits for it (D - H_A of
+    stall on prefetches), after which the expert is resident (a hit); ``ready`` runs the
+    attention kernel at once and waits on the copy as a late hit instead (H_E less)."""
+    tr = _trace([0])
+    pol = {"name": "oracle_prefetch", "eviction": "lru", "point": "pre_attention",
+           "lookahead": 0}
+    fifo = _run(tr, pol, "compute", engine, window=1)
+    assert fifo["hits"] == 1 and fifo["late_hits"] == 0
+    assert fifo["stall_late_s"] == pytest.approx(D - H_A, rel=1e-12)
+    assert fifo["total_time_s"] == pytest.approx(D + A + H_E + K_E, rel=1e-12)
+    ready = _run(tr, pol, "compute", engine)
+    assert ready["late_hits"] == 1
+    assert ready["total_time_s"] == pytest.approx(D + A + K_E, rel=1e-12)
+
+
 def test_copy_rules_of_a_plain_link_are_none() -> None:
     assert copy_rules(FixedLink(1e-5, 1e9), 1000) == CopyRules()
     rules = copy_rules(RuntimeLink(FixedLink(D, math.inf), 1, 0.0, 1.0, True, 1.0, "own"), 10)
