@@ -106,6 +106,64 @@ def render_not_predictable(pred: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+AUDIT_MARKS = ("Revised in session", "Audited in session")
+
+
+def _first_sentence(text: str) -> str:
+    """The audit's own opening sentence (what prompted it), not its whole evidence."""
+    text = " ".join(text.split())
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "." and depth == 0 and (i + 1 == len(text) or text[i + 1] == " ") and i > 20:
+            return text[: i + 1]
+    return text
+
+
+def audit_rows() -> pd.DataFrame:
+    """Entries an audit looked at after their predictions were seen (an assumption whose reason
+    starts with "Revised in session N" or "Audited in session N"), with the decision: a
+    revision is listed so that no entry leaves the held-out set unseen."""
+    from moesim.hw_profiles.runtime import list_runtimes
+
+    from .entries import load_entries
+
+    pred = load_predictions().set_index("id")
+    rows = []
+    for e in load_entries(runtimes=list_runtimes()):
+        for a in e.assumptions:
+            why = " ".join(str(a.why).split())
+            if not why.startswith(AUDIT_MARKS) or (a.entries and e.id not in a.entries):
+                continue
+            role = pred["role"].get(e.id, "")
+            rows.append({"id": e.id, "source": e.source.id, "field": a.field,
+                         "decision": "revised" if why.startswith("Revised") else "kept",
+                         "value": str(a.value), "role": role,
+                         "reason": _first_sentence(why)})
+    return pd.DataFrame(rows, columns=["id", "source", "field", "decision", "value", "role",
+                                       "reason"])
+
+
+def render_audit(df: pd.DataFrame) -> str:
+    """One row per audit (an assumption naming its entries; a file-wide check is one row)."""
+    lines = ["| entries (role now) | field | decision | why it was audited |",
+             "|---|---|---|---|"]
+    keys = ["field", "decision", "value", "reason"]
+    for (field, decision, value, reason), g in df.groupby(keys, sort=False):
+        ids = ", ".join(f"`{r.id}` ({r.role.replace('_', ' ') or '-'})"
+                        for r in g.sort_values("id").itertuples())
+        lines.append(f"| {ids} | {field} | {decision}: {value} | {reason} |")
+    revised = df[df["decision"] == "revised"]["id"].nunique()
+    kept = df[df["decision"] == "kept"]["id"].nunique()
+    lines += ["", f"{revised} entries were revised and {kept} audited and kept after their "
+              "predictions were seen; every revision quotes its evidence in the entry's "
+              "assumptions. A revised entry that became not predictable no longer counts in "
+              "the held-out statistics above: what those statistics gain from that is a "
+              "smaller set, not a better prediction."]
+    return "\n".join(lines)
+
+
 def render_effects(eff: pd.DataFrame) -> str:
     lines = ["| effect | setting | published | predicted | error | role |",
              "|---|---|---|---|---|---|"]
@@ -230,6 +288,7 @@ BLOCKS = {
     "published_summary": (load_predictions, render_summary, figure),
     "published_table": (load_predictions, render_table, None),
     "published_not_predictable": (load_predictions, render_not_predictable, None),
+    "published_audit": (audit_rows, render_audit, None),
     "published_effects": (_effects, render_effects, None),
     "published_logo": (lambda: pd.read_csv(LOGO_CSV), render_logo, None),
 }
