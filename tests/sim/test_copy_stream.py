@@ -383,3 +383,28 @@ def test_engines_equal_named_cases(policy: Any, reset: bool) -> None:
     _assert_same(ref, simulate(tr, policy, engine="compiled", **kw))
     if not reset:
         assert ref.summary["swap_copies"] > 0
+
+
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_every_copy_rule_on_the_embedded_trace(window: int) -> None:
+    """The embedded trace (real routing, 4 layers, warm-up tokens) under a runtime with every
+    copy rule (compute stream in issue order or not, swap always, host_s): both engines give
+    the same results, and the window's waits only add time."""
+    from moesim.traces import load_trace
+    from moesim.traces.collect.embedded import embedded_routing
+
+    trace = load_trace(embedded_routing())
+
+    def kw(w: int) -> dict[str, Any]:
+        link = RuntimeLink(FixedLink(1e-4, 2e9), 1, 1e-5, 1.0, True, 1.0, "compute", True,
+                           H_C, w)
+        comp = RuntimeCompute(FixedCompute(attention_s=2e-5, router_s=1e-6, expert_s=3e-5,
+                                           shared_s=1e-5), 4, layer_s=1e-4, expert_s=2e-5)
+        return dict(capacity=30, link=link, compute=comp, warmup_tokens=2)
+
+    ref = equal_on_both_engines(trace, "lru", kw(window))
+    assert ref is not None and ref.summary["swap_copies"] > 0
+    if window:
+        ready = simulate(trace, "lru", **kw(0)).summary
+        assert ref.summary["total_time_s"] > ready["total_time_s"]
+        assert ref.summary["demand_fetches"] == ready["demand_fetches"]
