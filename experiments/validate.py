@@ -344,6 +344,7 @@ def _prepare_profile(cfg: DictConfig, v: DictConfig, c: _Config, profiles: dict[
     c.base["runtime.model"] = "none" if rt.is_none else rt.describe()
     c.base["runtime.per_copy_s"] = rt.value("copy.per_copy_s")
     c.base["runtime.host_s"] = rt.value("copy.host_s") if host_s_supported() else 0.0
+    c.base["runtime.copy_efficiency"] = rt.value("copy.efficiency") or 1.0
     c.base["runtime.step_s"] = rt.value("overhead.step_s")
     c.base["runtime.layer_s"] = rt.value("overhead.layer_s")
     c.base["runtime.expert_s"] = rt.value("overhead.expert_s")
@@ -484,8 +485,11 @@ def run_validation(cfg: DictConfig, outdir: Path, log: Callable[[str], None] = p
                          "paced_achieved", r, c.ctx, rows, layers)
             copy_s = float(real.summary["executor.copy_mean_s"])
             if copy_s == copy_s:  # diagnostic: the run's own copy time (not a prediction)
-                _predict(c.rt_link(FixedLink(copy_s + lat, math.inf, engines)), "inrun_link",
-                         r, c.ctx_io, rows, layers)
+                # as measured: the runtime's copy.efficiency (copies slowed beside compute,
+                # profiled) is already in it, so it is taken back out of the wire time
+                eff = c.runtime.value("copy.efficiency") or 1.0
+                _predict(c.rt_link(FixedLink(copy_s * eff + lat, math.inf, engines)),
+                         "inrun_link", r, c.ctx_io, rows, layers)
             table = _write(outdir, rows, layers, seed)
             log(f"  [{c.cid:2d}] run {r + 1}/{int(v.repeats)} {c.label:40s} cap "
                 f"{c.base['cache.fraction']:.2f}: time/token predicted "
@@ -591,8 +595,9 @@ def validation_table(summary: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
                     row[f"{short}_err_{k}_pct"] = _err(float(by[k][metric].median()), med)
         row["tpot_real_spread_pct"] = (
             (row["tpot_real_max_s"] - row["tpot_real_min_s"]) / row["tpot_real_s"] * 100)
-        for k in ("runtime.name", "runtime.per_copy_s", "runtime.host_s", "runtime.step_s",
-                  "runtime.layer_s", "runtime.expert_s"):
+        for k in ("runtime.name", "runtime.per_copy_s", "runtime.host_s",
+                  "runtime.copy_efficiency", "runtime.step_s", "runtime.layer_s",
+                  "runtime.expert_s"):
             if k in first:
                 row[k] = first[k]
         row["profile_read_s"] = float(by[head]["profile.read_s"].median())

@@ -26,6 +26,7 @@ own. Microbenchmarks only: never an end-to-end run of the workload a validation 
 from __future__ import annotations
 
 import itertools
+import math
 import platform
 import time
 from collections.abc import Sequence
@@ -241,8 +242,10 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
     saying where the profile already holds it) + the loop's main-thread work per copy
     (``loop.copy_s``), ``overhead.*`` = ``loop``'s fit. With ``copies`` (``measure_copy_host``)
     and a simulator that charges ``copy.host_s``: the compute thread's copier calls per copy
-    are ``copy.host_s`` (host work in series with the layer, not on the link), and
-    ``per_copy_s`` keeps the hand-off only (the loop's work per copy is in ``host_s``)."""
+    are ``copy.host_s`` (host work in series with the layer, not on the link), the copies'
+    slowdown beside the ops is ``copy.efficiency`` (plain read time / the copier's copy time
+    beside compute), and ``per_copy_s`` keeps the hand-off only (the loop's work per copy is
+    in ``host_s``)."""
     pts = "; ".join(f"{lay} layers x {calls} expert calls: {t * 1e6:.1f} us"
                     for lay, calls, t in loop.points)
     loop_src = (f"{where} at {loop.at} on {platform.node()}: sim.executor.overhead."
@@ -281,6 +284,16 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                     + "; the loop's main-thread work per copy is copy.host_s here (the "
                     f"zero-cost loop's {loop.copy_s * 1e6:.2f} us per demand copy not added)"),
                 "host_s": copy_host_quantity(copies, card, where)}
+        eff = copy_efficiency(copies)
+        if eff < 1.0:
+            copy["efficiency"] = {
+                "value": float(f"{eff:.4g}"), "unit": "1", "kind": "measured",
+                "source": (f"{_copies_text(copies, card, where)}; plain reads by "
+                           f"{copies.engines} thread(s) at the same moment "
+                           f"{copies.read_s * 1e6:.1f} us / the copier's copies beside the ops "
+                           f"{copies.copy_mean_s * 1e6:.1f} us (with the compute thread idle "
+                           f"{copies.copy_idle_s * 1e6:.1f} us): the executor's copies run at "
+                           f"this share of the read rate while it computes")}
     return {
         "name": RUNTIME_NAME,
         "system": "moesim's offloading executor (sim/executor/, backend storage)",
@@ -583,6 +596,15 @@ def copies_record(m: CopyHost, card: ModelCard, where: str) -> dict[str, Any]:
         "read_s": _q(m.read_s, "us", f"the same reads by {m.engines} plain threads "
                      "(StorageBackend.load, no copier)"),
     }
+
+
+def copy_efficiency(m: CopyHost) -> float:
+    """The runtime's ``copy.efficiency`` from ``m``: plain reads' time over the copier's copy
+    time beside the ops (1 when the copies were no slower, or either is unknown)."""
+    if not (m.read_s > 0 and m.copy_mean_s > 0 and math.isfinite(m.read_s)
+            and math.isfinite(m.copy_mean_s)):
+        return 1.0
+    return min(1.0, m.read_s / m.copy_mean_s)
 
 
 def compute_under_copies(m: CopyHost) -> dict[str, float]:

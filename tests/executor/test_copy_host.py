@@ -5,6 +5,7 @@ measurement, its record with provenance, and the profiler writing both."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,11 @@ def test_runtime_charges_the_copier_calls_as_host_s_and_the_hand_off_on_the_link
     # the loop's per-copy work moved into host_s: the link keeps the hand-off only
     assert rt.value("copy.per_copy_s") == pytest.approx(45e-6)
     assert rt.host_s.kind == "measured" and "measure_copy_host" in rt.host_s.source
+    # copies beside compute slower than plain reads: the link's share is their ratio
+    assert rt.value("copy.efficiency") == pytest.approx(290 / 400, rel=1e-3)
+    # copies no slower than plain reads: no efficiency term (never faster than the link)
+    fast = replace(_copies(), copy_mean_s=250e-6)
+    assert "efficiency" not in runtime_mapping(_loop(), 45e-6, card, "t", copies=fast)["copy"]
     # without the copies measured, the runtime is the one before (hand-off + loop per copy)
     old = runtime_from_mapping(runtime_mapping(_loop(), 45e-6, card, "test"), "x",
                                allow_bare=False)
