@@ -27,6 +27,7 @@ spread evenly); each run is composed, run and written exactly as by ``hydra/laun
 
 from __future__ import annotations
 
+import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -167,21 +168,32 @@ _SWEEPS = ProcessMemo(size=1)
 
 def execute_pack(token: str, shared: bytes,
                  runs: Sequence[tuple[int, Sequence[str], bytes | None]]) -> list[Any]:
-    """In a joblib worker: the runs of one pack, one after the other, each as Hydra's joblib
-    launcher runs a task (``hydra_joblib_launcher._core.execute_job``: the job's id and number
-    set in its config, then Hydra's ``run_job``: its own folder, saved config and return
-    value), with the config the sweep's process composed for it when it was kept."""
-    from hydra.core.hydra_config import HydraConfig
+    """In a joblib worker: the runs of one pack (:func:`run_pack`), with the sweep's Hydra
+    state unpickled once per worker."""
     from hydra.core.singleton import Singleton
-    from hydra.core.utils import run_job, setup_globals
-    from omegaconf import open_dict
-
-    from moesim.experiments.sim_app import inputs_hashed_once
+    from hydra.core.utils import setup_globals
 
     context, config, task_function, state, hashes = _SWEEPS.get(
         token, lambda: (*pickle.loads(shared), {}))
     setup_globals()
     Singleton.set_state(state)
+    return run_pack(context, config, task_function, runs, hashes)
+
+
+def run_pack(context: Any, config: Any, task_function: Any,
+             runs: Sequence[tuple[int, Sequence[str], bytes | None]],
+             hashes: dict[tuple[str, ...], str]) -> list[Any]:
+    """The runs of one pack, one after the other, each as Hydra's joblib launcher runs a
+    task (``hydra_joblib_launcher._core.execute_job``: the job's id and number set in its
+    config, then Hydra's ``run_job``: its own folder, saved config and return value), with
+    the config the sweep's process composed for it when it was kept and the sweep's input
+    hashes (``hashes``, see ``sim_app.inputs_hashed_once``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import run_job
+    from omegaconf import open_dict
+
+    from moesim.experiments.sim_app import inputs_hashed_once
+
     returns = []
     with inputs_hashed_once(hashes):
         for num, overrides, composed in runs:
@@ -265,6 +277,121 @@ class PackedJoblibLauncher(JoblibLauncher):
         return [ret for returns in results for ret in returns]
 
 
+def warm_up(composed: bytes | None, hashes: dict[tuple[str, ...], str]) -> None:
+    """In the sweep's process, before forking its workers: import the simulator and load the
+    first run's trace (as the run will: ``sim_app.run_trace``, kept by content), so that each
+    forked worker starts with both (shared copy-on-write) instead of importing and loading
+    them itself. A trace that cannot be loaded is left to its run, which reports it."""
+    import importlib
+
+    from moesim.experiments import sim_app
+
+    for name in ("moesim.sim.run", "moesim.sim.engine", "moesim.sim.compiled", "pandas"):
+        importlib.import_module(name)  # what a run imports: the kernels' modules, numba
+    from moesim.plugins import load_plugins
+
+    if composed is None:
+        return
+    cfg = pickle.loads(composed)
+    if (cfg.get("run") or {}).get("stream") or cfg.get("published") is not None \
+            or cfg.get("validate") is not None:
+        return  # streamed runs read no trace whole; those experiments load their own
+    try:
+        with sim_app.inputs_hashed_once(hashes):
+            load_plugins(cfg.get("plugins") or ())
+            sim_app.run_trace(cfg)
+    except Exception:  # the run meets the same error and reports it, in one line
+        return
+
+
+# In a forked worker: the sweep (Hydra context, master config, task function, packs, input
+# hashes), inherited from the sweep's process through the fork, never pickled.
+_FORKED: dict[str, Any] = {}
+
+
+def _forked_start(sweep: dict[str, Any]) -> None:
+    from moesim.experiments.paths import exit_with_parent
+
+    _FORKED.update(sweep)
+    exit_with_parent()  # a killed sweep does not leave its workers running
+
+
+def _forked_pack(index: int) -> list[Any]:
+    s = _FORKED
+    return run_pack(s["context"], s["config"], s["task_function"], s["packs"][index],
+                    s["hashes"])
+
+
+def _terminal_quiet() -> Any:
+    """While forking: the sweep's progress bar (a thread writing to stderr) holds still, so
+    that no worker starts with the terminal's lock taken."""
+    import contextlib
+    import sys
+
+    tqdm = sys.modules.get("tqdm")
+    return tqdm.tqdm.get_lock() if tqdm is not None else contextlib.nullcontext()
+
+
+class PackedForkLauncher(PackedJoblibLauncher):
+    """``n_jobs`` worker processes forked from the sweep's process once it has imported the
+    simulator and loaded the first run's trace; packs of ``runs_per_task`` runs handed out
+    as workers free up, each run composed once (in the sweep's process) and run as
+    :class:`PackedJoblibLauncher` runs it. Where ``fork`` does not exist (Windows), it is
+    :class:`PackedJoblibLauncher`."""
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
+        import multiprocessing
+        import sys
+
+        from hydra.core.utils import configure_log, setup_globals
+        from hydra.types import HydraContext
+
+        if "fork" not in multiprocessing.get_all_start_methods():
+            print("note: hydra/launcher=packed_fork: no fork here, running as packed_joblib",
+                  file=sys.stderr)
+            return super().launch(job_overrides, initial_job_idx)
+        n_jobs = int(self.joblib.get("n_jobs") or -1)
+        k = self.runs_per_task or auto_runs_per_task(len(job_overrides), n_jobs)
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+        loader = self.hydra_context.config_loader
+        composed = loader if isinstance(loader, ComposingLoader) else None
+        runs = [(initial_job_idx + i, list(overrides),
+                 composed.take(overrides) if composed else None)
+                for i, overrides in enumerate(job_overrides)]
+        if composed:
+            composed.kept.clear()
+        if not runs:
+            return []
+        packs = [runs[start:start + k] for start in range(0, len(runs), k)]
+        hashes: dict[tuple[str, ...], str] = {}
+        warm_up(runs[0][2], hashes)
+        sweep = {"context": HydraContext(config_loader=composed.loader if composed else loader,
+                                         callbacks=self.hydra_context.callbacks),
+                 "config": self.config, "task_function": self.task_function,
+                 "packs": packs, "hashes": hashes}
+        workers = n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+        with _terminal_quiet():
+            pool = multiprocessing.get_context("fork").Pool(
+                min(workers, len(packs)), initializer=_forked_start, initargs=(sweep,))
+        try:
+            results = list(pool.imap(_forked_pack, range(len(packs)), chunksize=1))
+            pool.close()
+        finally:
+            pool.terminate()  # (after close: the idle workers exit; else they are stopped)
+            pool.join()
+        return [ret for returns in results for ret in returns]
+
+
+@dataclass
+class PackedForkConf:
+    _target_: str = field(default=PLUGIN_PREFIX + "PackedForkLauncher")
+    n_jobs: int = -1  # worker processes (-1: every CPU)
+    runs_per_task: int = 0  # consecutive runs per task (0: about four tasks per worker)
+
+
 @dataclass
 class PackedJoblibConf(JobLibLauncherConf):
     _target_: str = field(default=PLUGIN_PREFIX + "PackedJoblibLauncher")
@@ -273,6 +400,8 @@ class PackedJoblibConf(JobLibLauncherConf):
 
 LAUNCHERS["PackedJoblibLauncher"] = PackedJoblibLauncher
 CONFIGS["packed_joblib"] = PackedJoblibConf
+LAUNCHERS["PackedForkLauncher"] = PackedForkLauncher
+CONFIGS["packed_fork"] = PackedForkConf
 
 
 def register_launchers() -> None:

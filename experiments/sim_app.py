@@ -285,12 +285,13 @@ def _placement_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _parallel_sweep() -> bool:
-    """Inside a sweep whose runs share the terminal (joblib workers): per-run progress bars
-    would overwrite each other, so each run prints its summary line instead."""
+    """Inside a sweep whose runs share the terminal (joblib or forked workers): per-run
+    progress bars would overwrite each other, so each run prints its summary line instead."""
     if not HydraConfig.initialized():
         return False
     hc = HydraConfig.get()
-    return hc.mode == RunMode.MULTIRUN and "joblib" in str(hc.launcher.get("_target_", ""))
+    target = str(hc.launcher.get("_target_", ""))
+    return hc.mode == RunMode.MULTIRUN and ("joblib" in target or "PackedFork" in target)
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:

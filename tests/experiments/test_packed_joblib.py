@@ -1,9 +1,12 @@
-"""``hydra/launcher=packed_joblib``: Hydra's joblib launcher with ``runs_per_task`` runs per
-joblib task (experiments/packing.py), so a sweep pickles Hydra's state once per pack instead of
-once per run; the runs themselves are the joblib launcher's, result for result."""
+"""``hydra/launcher=packed_joblib`` and ``packed_fork`` (experiments/packing.py): Hydra's joblib
+launcher with ``runs_per_task`` runs per joblib task, each run's config composed once (in the
+sweep's process) and Hydra's state unpickled once per worker; and the same packs run by workers
+forked from the sweep's process after it imported the simulator and loaded the trace. The runs
+themselves are the joblib launcher's, table for table and saved config for saved config."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -12,8 +15,9 @@ import pandas as pd
 import pytest
 from hydra.core.config_store import ConfigStore
 
+from moesim.experiments import sim_app
 from moesim.experiments.configs import register_configs
-from moesim.experiments.packing import PackedJoblibLauncher, auto_runs_per_task
+from moesim.experiments.packing import ComposingLoader, PackedJoblibLauncher, auto_runs_per_task
 from tests.helpers import write_deepseek_shaped
 
 
@@ -36,34 +40,97 @@ def test_the_launcher_config_is_registered() -> None:
     assert node._target_.endswith("PackedJoblibLauncher")
 
 
-def _summaries(sweep: Path) -> dict[str, pd.DataFrame]:
+def test_the_fork_launcher_config_is_registered() -> None:
+    register_configs()
+    node = ConfigStore.instance().load("hydra/launcher/packed_fork.yaml").node
+    assert node.runs_per_task == 0 and node.n_jobs == -1
+    assert node._target_.endswith("PackedForkLauncher")
+
+
+class _CountingLoader:
+    def __init__(self) -> None:
+        self.composed: list[list[str]] = []
+
+    def load_sweep_config(self, master_config: object, sweep_overrides: list[str]) -> dict:
+        self.composed.append(list(sweep_overrides))
+        return {"overrides": list(sweep_overrides)}
+
+    def other(self) -> str:
+        return "the wrapped loader's"
+
+
+def test_composing_loader_keeps_what_the_sweeper_composed_once() -> None:
+    inner = _CountingLoader()
+    loader = ComposingLoader(inner, limit=2)
+    for run in (["a=1"], ["a=2"], ["a=3"]):  # the sweeper's check of every run's config
+        assert loader.load_sweep_config(None, run) == {"overrides": run}
+    assert inner.composed == [["a=1"], ["a=2"], ["a=3"]]
+    assert pickle.loads(loader.take(["a=2"])) == {"overrides": ["a=2"]}
+    assert loader.take(["a=2"]) is None  # handed out once
+    assert loader.take(["a=3"]) is None  # over the limit: the worker composes it
+    assert loader.other() == "the wrapped loader's"
+    assert len(inner.composed) == 3  # taking never composes again
+
+
+def test_inputs_hashed_once_per_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from omegaconf import OmegaConf
+
+    calls: list[str] = []
+    monkeypatch.setattr(sim_app, "hash_inputs", lambda cfg: calls.append(cfg.trace.path) or
+                        f"h{len(calls)}")
+    a = OmegaConf.create({"trace": {"path": "a", "format": "parquet"}, "requests": "auto"})
+    b = OmegaConf.create({"trace": {"path": "b", "format": "parquet"}, "requests": "auto"})
+    assert [sim_app.input_digest(a), sim_app.input_digest(a)] == ["h1", "h2"]  # no sweep
+    hashes: dict = {}
+    with sim_app.inputs_hashed_once(hashes):
+        got = [sim_app.input_digest(c) for c in (a, b, a, b)]
+    assert got == ["h3", "h4", "h3", "h4"] and calls == ["a", "a", "a", "b"]
+    with sim_app.inputs_hashed_once(hashes):  # the next pack of the same sweep
+        assert sim_app.input_digest(a) == "h3" and len(calls) == 4
+    assert sim_app.input_digest(a) == "h5"  # outside: hashed again
+
+
+def _tables(sweep: Path) -> dict[str, pd.DataFrame]:
+    """Every run's tables (its ``run.*`` timing columns dropped) and saved config."""
     out = {}
-    for path in sorted(sweep.glob("*/summary.parquet")):
-        df = pd.read_parquet(path)
-        out[path.parent.name] = df.drop(columns=[c for c in df if c.startswith("run.")])
+    for run in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(run.glob("*.parquet")):
+            df = pd.read_parquet(path)
+            out[f"{run.name}/{path.name}"] = df.drop(
+                columns=[c for c in df if c.startswith("run.")])
+        for name in ("config.yaml", "overrides.yaml"):
+            out[f"{run.name}/{name}"] = (run / ".hydra" / name).read_text()
     return out
 
 
 @pytest.mark.slow
-def test_packed_joblib_sweep_equals_joblib_and_resumes(tmp_path: Path) -> None:
+def test_packed_sweeps_equal_joblib_and_resume(tmp_path: Path) -> None:
     trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=2, tokens=4, seed=4)
     base = [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace}",
             "policy=lru,belady", "cache.fraction=0.25,0.5", "mode=zero_latency",
             "hydra.launcher.n_jobs=2"]
     runs = {}
-    for launcher, extra in (("joblib", []), ("packed_joblib", ["hydra.launcher.runs_per_task=2"])):
+    for launcher, extra in (("joblib", []), ("packed_joblib", ["hydra.launcher.runs_per_task=2"]),
+                            ("packed_fork", ["hydra.launcher.runs_per_task=3"])):
         sweep = tmp_path / launcher
         cmd = [*base, f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={sweep}"]
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                               check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"sweep {sweep}: 4 done, 0 skipped, 0 failed" in proc.stdout
-        runs[launcher] = (_summaries(sweep), cmd)
-    plain, packed = runs["joblib"][0], runs["packed_joblib"][0]
-    assert sorted(plain) == sorted(packed) and len(packed) == 4  # same folders, one per run
-    for name, df in plain.items():
-        pd.testing.assert_frame_equal(df, packed[name])  # config hash included
-    again = subprocess.run(runs["packed_joblib"][1], cwd=tmp_path, capture_output=True,
-                           text=True, timeout=300, check=False)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"sweep {tmp_path / 'packed_joblib'}: 0 done, 4 skipped, 0 failed" in again.stdout
+        runs[launcher] = (_tables(sweep), cmd)
+    plain = runs["joblib"][0]
+    assert sum(k.endswith("/summary.parquet") for k in plain) == 4  # one folder per run
+    assert sum(k.endswith("/per_layer.parquet") for k in plain) == 4
+    for launcher in ("packed_joblib", "packed_fork"):
+        packed = runs[launcher][0]
+        assert sorted(plain) == sorted(packed)  # same folders, same tables
+        for name, table in plain.items():
+            if isinstance(table, str):
+                assert table == packed[name], name  # the saved config is the config that ran
+            else:
+                pd.testing.assert_frame_equal(table, packed[name])  # config hash included
+        again = subprocess.run(runs[launcher][1], cwd=tmp_path, capture_output=True,
+                               text=True, timeout=300, check=False)
+        assert again.returncode == 0, again.stderr[-3000:]
+        assert f"sweep {tmp_path / launcher}: 0 done, 4 skipped, 0 failed" in again.stdout
