@@ -336,8 +336,7 @@ class PackedForkLauncher(PackedJoblibLauncher):
     """``n_jobs`` worker processes forked from the sweep's process once it has imported the
     simulator and loaded the first run's trace; packs of ``runs_per_task`` runs handed out
     as workers free up, each run composed once (in the sweep's process) and run as
-    :class:`PackedJoblibLauncher` runs it. Where ``fork`` does not exist (Windows), it is
-    :class:`PackedJoblibLauncher`."""
+    :class:`PackedJoblibLauncher` runs it. Off Linux it is :class:`PackedJoblibLauncher`."""
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
         import multiprocessing
@@ -346,9 +345,9 @@ class PackedForkLauncher(PackedJoblibLauncher):
         from hydra.core.utils import configure_log, setup_globals
         from hydra.types import HydraContext
 
-        if "fork" not in multiprocessing.get_all_start_methods():
-            print("note: hydra/launcher=packed_fork: no fork here, running as packed_joblib",
-                  file=sys.stderr)
+        if not sys.platform.startswith("linux"):  # macOS: fork beside system threads is unsafe
+            print(f"note: hydra/launcher=packed_fork forks on Linux only; on {sys.platform} "
+                  "it runs as packed_joblib", file=sys.stderr)
             return super().launch(job_overrides, initial_job_idx)
         n_jobs = int(self.joblib.get("n_jobs") or -1)
         k = self.runs_per_task or auto_runs_per_task(len(job_overrides), n_jobs)
