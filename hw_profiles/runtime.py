@@ -52,6 +52,9 @@ STREAMS = ("own", "compute")
 # How a compute stream orders its kernels among its copies: ``ready`` (a kernel waits only for
 # its own expert's copy) or ``fifo`` (for every copy handed to the stream before it).
 ORDERS = ("ready", "fifo")
+# Where the host waits for the compute stream (fifo only): ``none`` (only where the engines
+# always wait: routing, an awaited copy) or ``expert`` (before each expert call's host work).
+SYNCS = ("none", "expert")
 # The free parameters a fit may set (dotted paths into the YAML) and their dimension.
 FITTABLE: dict[str, str] = {
     "overhead.step_s": "s",
@@ -102,6 +105,7 @@ class RuntimeProfile:
     # ``staging_buffers - 1``), the next one after each loaded expert's kernel
     order: str = "ready"
     window: Quantity = field(default_factory=lambda: missing("copy.window"))
+    sync: str = "none"  # ``copy.sync``: ``expert``: the host syncs before each expert call
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
     staging_buffers: int = 0
     whole_layer: bool = False  # every miss moves the whole MoE block (all experts of the layer)
@@ -170,7 +174,8 @@ class RuntimeProfile:
         parts.append(f"copies {self.host_memory or 'profile'}-memory, {self.stream} stream"
                      + ((", swap always" if self.swap_always else ", swap") if self.swap
                         else "")
-                     + (f", fifo window {self.fifo_window}" if self.order == "fifo" else ""))
+                     + (f", fifo window {self.fifo_window}" if self.order == "fifo" else "")
+                     + (", host syncs per expert" if self.sync == "expert" else ""))
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -189,7 +194,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
                                 "per_copy_s", "host_s", "efficiency", "staging_buffers",
-                                "whole_layer", "order", "window"})
+                                "whole_layer", "order", "window", "sync"})
     whole = copy.get("whole_layer", False)
     if not isinstance(whole, bool):
         raise cctx.sub("whole_layer").error("expected true or false", whole)
@@ -229,6 +234,12 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         if window.known and (w != int(w) or w < 1):
             raise cctx.sub("window").error("must be a whole number >= 1",
                                            copy.get("window"))
+    sync = copy.get("sync", "none")
+    if sync not in SYNCS:
+        raise cctx.sub("sync").error(f"must be one of {list(SYNCS)}", sync)
+    if sync != "none" and order != "fifo":
+        raise cctx.sub("sync").error("a host sync with the compute stream needs copy.order: "
+                                     "fifo", sync)
     over = as_mapping(ctx.sub("overhead"), data.get("overhead")) or {}
     octx = ctx.sub("overhead")
     reject_unknown(octx, over, {"step_s", "layer_s", "expert_s"})
@@ -256,6 +267,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         host_s=q(cctx, copy, "host_s", "s", False),
         order=order,
         window=window,
+        sync=sync,
         efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
         staging_buffers=int(staging),
         whole_layer=whole,
@@ -357,6 +369,9 @@ class RuntimeLink:
     not only its own; a layer's first ``window`` demand copies are handed when it routes
     (before any of its kernels), each further one after the kernel of the loaded expert
     ``window`` places before it (mixtral-offloading's ``ExpertCache.load_experts``).
+    ``sync`` (``copy.sync: expert``): the host waits for the stream before each expert call's
+    host work (mixtral-offloading's ``top_x.tolist()`` per expert), so that work cannot run
+    beside a copy handed before it.
 
     ``bytes_factor`` (``copy.whole_layer``): a runtime that moves a whole MoE block whenever the
     layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
@@ -375,6 +390,7 @@ class RuntimeLink:
     swap_always: bool = False  # every load copies an expert back, evicting or not
     host_s: float = 0.0  # the compute thread's work to issue one demand copy (``copy.host_s``)
     window: int = 0  # ``copy.order: fifo``: demand copies handed at routing (0: ``ready``)
+    sync: bool = False  # ``copy.sync: expert``: the host waits for the stream per expert call
 
     @property
     def compute_stream(self) -> bool:
@@ -480,7 +496,8 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
         factor = card.num_experts / card.top_k if rt.whole_layer else 1.0
         tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
         link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff, rt.swap, factor,
-                           rt.stream, rt.swap_always, rt.value("copy.host_s"), rt.fifo_window)
+                           rt.stream, rt.swap_always, rt.value("copy.host_s"), rt.fifo_window,
+                           rt.sync == "expert")
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

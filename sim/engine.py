@@ -32,7 +32,9 @@ its kernel starts once its copy has landed, and the wait in between is stall. Wi
 layer also waits for every copy handed to the stream before it (the attention kernel for the
 copies in flight when the layer starts; the expert kernels also for the layer's first
 ``window`` demand copies, handed at routing), and each further demand copy is
-handed over after the kernel of the missed expert before it (``_run_gpu_fifo``). A runtime's
+handed over after the kernel of the missed expert before it (``_run_gpu_fifo``); with
+``CopyRules.sync`` (``copy.sync: expert``) the host waits for the stream before each expert
+call's host part, which then never runs beside a copy handed before it. A runtime's
 ``copy.host_s`` adds the host's work to issue the layer's demand copies right after routing
 (``CopyRules.issue_time``), in either layout.
 
@@ -675,7 +677,7 @@ class Simulation:
                             end, tau_end, st_miss, st_late, self._pieces = _run_gpu_fifo(
                                 t, self._tau, kinds, None if counts is None else counts[j],
                                 comp, exp_cost, exp_host, shared_t[s], shared_h[s], issue, link,
-                                handoff[self.rules.window:], keys, spans)
+                                handoff[self.rules.window:], self.rules.sync, keys, spans)
                         else:
                             waiting = [i for i, k in enumerate(kinds) if k]
                             ready = (link.ready_times([keys[i] for i in waiting]) if waiting
@@ -1103,6 +1105,7 @@ def _run_gpu_fifo(
     issue: float,
     link: HostLink,
     deferred: list[tuple[int, bool]],
+    sync: bool = False,
     keys: list[int] | None = None,
     spans: list[tuple[str, float, float]] | None = None,
 ) -> tuple[float, float, float, float, list[tuple[float, float, float]]]:
@@ -1115,7 +1118,9 @@ def _run_gpu_fifo(
     demand copies in issue order, and after each demand expert's kernel the next of
     ``deferred`` (key, evicted) is handed over, starting no earlier than that kernel's end
     (the link time at its start: the link clock stops during kernels). Each expert is laid
-    out as its host part, the wait for ``gate``, its kernel. A wait is stall on demand copies
+    out as its host part, the wait for ``gate``, its kernel; with ``sync`` (``copy.sync:
+    expert``) the wait comes first, as the host waits for the stream before the expert's
+    host work (the shared experts' too). A wait is stall on demand copies
     (a hit's or shared expert's wait when the layer has any demand copy) or on prefetches
     (LATE; a hit's when it has none). ``sim/compiled/kernel.py`` mirrors it line for line."""
 
@@ -1133,8 +1138,16 @@ def _run_gpu_fifo(
     st_miss = st_late = 0.0
     # the host issues the demand copies, then the shared experts' host part and kernel
     h = issue + shared_host
-    now = t + h
+    now = t
     tau0 = tau
+    if sync and shared > 0 and gate > tau:
+        if demand:
+            st_miss += gate - tau
+        else:
+            st_late += gate - tau
+        now += gate - tau
+        tau = gate
+    now += h
     tau += h
     if shared > 0 and gate > tau:
         if demand:
@@ -1154,6 +1167,13 @@ def _run_gpu_fifo(
     for i in order:
         d, h = dur(1 if counts is None else counts[i])
         w0, tau0 = now, tau
+        if sync and gate > tau:
+            if kinds[i] == LATE or (kinds[i] == HIT and not demand):
+                st_late += gate - tau
+            else:
+                st_miss += gate - tau
+            now += gate - tau
+            tau = gate
         now += h
         tau += h
         if gate > tau:

@@ -31,7 +31,9 @@ run by :func:`copy_rules` (both engines use it; the compiled link mirrors
   prefetch counts once it has started on the link). A layer hands its first ``window``
   demand copies over when it routes, before any of its kernels, and each further one after
   the kernel of the missed expert before it (``submit_demand(..., not_before)``: no earlier
-  than that kernel's end); ``sim.engine._run_gpu_fifo`` lays it out.
+  than that kernel's end); ``sim.engine._run_gpu_fifo`` lays it out. With ``sync``
+  (``copy.sync: expert``) the host also waits for the stream before each expert call's host
+  work, so that work never overlaps a copy handed before it.
 - ``host_s`` (``copy.host_s``): the compute thread's work to issue one demand copy, host time
   in series with the layer (:meth:`CopyRules.issue_time`: ``n x host_s`` right after
   routing), never time on the link.
@@ -68,6 +70,9 @@ class CopyRules:
     # ``copy.order: fifo`` (compute stream only): the demand copies handed to the stream at
     # the layer's start, before any of its kernels (0: kernels wait only on their own copy)
     window: int = 0
+    # the host waits for the stream before each expert call's host work (``copy.sync:
+    # expert``; fifo only): an expert's host part never overlaps a copy handed before it
+    sync: bool = False
 
     @property
     def serial(self) -> bool:
@@ -92,12 +97,12 @@ class CopyRules:
 
     def vector(self) -> np.ndarray:
         """The rules as the compiled kernel reads them (``kernel.replay``'s ``copyv``):
-        [compute stream, swap mode, swap seconds, host_s, window]; the swap mode is 0 without
-        swap, 1 on its own stream, 2 before the load on the compute stream, +2 with
+        [compute stream, swap mode, swap seconds, host_s, window, sync]; the swap mode is 0
+        without swap, 1 on its own stream, 2 before the load on the compute stream, +2 with
         ``always``."""
         mode = 0 if not self.swap else (2 if self.serial else 1) + (2 if self.always else 0)
         return np.array([1.0 if self.compute_stream else 0.0, float(mode), self.swap_s,
-                         self.host_s, float(self.window)])
+                         self.host_s, float(self.window), 1.0 if self.sync else 0.0])
 
 
 NO_RULES = CopyRules()
@@ -110,11 +115,13 @@ def copy_rules(link_model: Any, nbytes: int) -> CopyRules:
     stream = bool(getattr(link_model, "compute_stream", False))
     host_s = float(getattr(link_model, "host_s", 0.0))
     window = int(getattr(link_model, "window", 0)) if stream else 0
+    sync = bool(getattr(link_model, "sync", False)) and window > 0
     if not swap and not stream and not host_s:
         return NO_RULES
     swap_s = float(link_model.swap_time(nbytes)) if swap else 0.0
     return CopyRules(swap, swap_s, stream, swap and bool(getattr(link_model, "swap_always",
-                                                                 False)), host_s, window)
+                                                                 False)), host_s, window,
+                     sync)
 
 
 def host_time(comp: Any, part: str, n: int) -> float:

@@ -181,7 +181,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     and the host parts of the compute times (``sim.link.host_time``): per-step attention,
     shared-expert and dense-layer host time, the expert host-time table, and
     ``CopyRules.vector``: [compute stream, swap mode, swap seconds, host seconds per demand
-    copy, fifo window]."""
+    copy, fifo window, host sync per expert]."""
     (eams, unit, access, ordr, lrid, leam, lsq, lrsum, ldots, req_off, req_ids, join_off,
      join_rid, cfg) = mi
     attn_h, shared_h, dense_h, cost_h, copyv = rt
@@ -189,6 +189,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     host_s = copyv[3]  # the compute thread's work per demand copy (CopyRules.issue_time)
     win = int(copyv[4])  # copy.order: fifo: demand copies handed at routing (0: not fifo)
     fifo = cs and win > 0
+    sync = fifo and copyv[5] != 0  # copy.sync: expert: wait for the stream, then host work
     num_s, num_l, width = keys.shape
     num_k = num_l * num_e
     num_p = caps.shape[0]
@@ -410,7 +411,15 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     st_late = 0.0
                     tau = F[FV, V_TAU]
                     h = issue + shared_h[s]
-                    cur_t = t + h
+                    cur_t = t
+                    if sync and shared[s] > 0 and gate > tau:
+                        if n_dem:
+                            st_miss += gate - tau
+                        else:
+                            st_late += gate - tau
+                        cur_t += gate - tau
+                        tau = gate
+                    cur_t += h
                     tau += h
                     if shared[s] > 0 and gate > tau:
                         if n_dem:
@@ -428,6 +437,13 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                                     (kd != LATE if phase == 1 else kd < PROMOTED)):
                                 continue
                             n = counts[s, j, r] if use_counts else 1
+                            if sync and gate > tau:
+                                if kd == LATE or (kd == HIT and n_dem == 0):
+                                    st_late += gate - tau
+                                else:
+                                    st_miss += gate - tau
+                                cur_t += gate - tau
+                                tau = gate
                             cur_t += cost_h[n]
                             tau += cost_h[n]
                             if gate > tau:

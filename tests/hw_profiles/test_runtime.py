@@ -61,6 +61,9 @@ def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
     ({"name": "x", "copy": {"stream": "compute", "order": "fifo", "window": _q(1.5)}},
      "copy.window"),
     ({"name": "x", "copy": {"stream": "compute", "window": _q(2)}}, "copy.window"),
+    ({"name": "x", "copy": {"stream": "compute", "sync": "expert"}}, "copy.sync"),
+    ({"name": "x", "copy": {"stream": "compute", "order": "fifo", "staging_buffers": 2,
+                            "sync": "layer"}}, "copy.sync"),
     ({"name": "x", "overhead": {"layer_s": _q(-1)}}, "overhead.layer_s"),
     ({"name": "x", "overhead": {"launch_s": _q(1)}}, "overhead"),
     ({"name": "x", "prefetch": {"recall": _q(1.5)}}, "prefetch.recall"),
@@ -156,6 +159,11 @@ def test_fifo_order_and_its_window() -> None:
     from moesim.sim.link import copy_rules
 
     assert copy_rules(link, 10).window == 3 and copy_rules(link, 10).fifo
+    assert not copy_rules(link, 10).sync
+    synced = runtime_from_mapping({"name": "t", "copy": {**fifo, "staging_buffers": 2,
+                                                         "sync": "expert"}}, "t")
+    link, _ = apply_runtime(synced, FixedLink(bandwidth_Bps=25e9), FixedCompute(), card)
+    assert copy_rules(link, 10).sync and "host syncs per expert" in synced.describe()
     hqq = load_runtime("hqq_offload")
     assert hqq.order == "fifo" and hqq.fifo_window == hqq.staging_buffers - 1 == 3
     assert hqq.window.kind == "measured" and "load_experts" in hqq.window.source

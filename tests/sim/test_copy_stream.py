@@ -38,9 +38,9 @@ def _trace(experts: list[int], num_experts: int = 4) -> Trace:
 
 def _models(stream: str, swap: bool = False, host: bool = True,
             always: bool = False, host_s: float = 0.0, copy_s: float = D,
-            window: int = 0) -> tuple[Any, Any]:
+            window: int = 0, sync: bool = False) -> tuple[Any, Any]:
     link = RuntimeLink(FixedLink(copy_s, math.inf), 1, 0.0, 1.0, swap, 1.0, stream, always,
-                       host_s, window)
+                       host_s, window, sync)
     comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E), layers=1,
                           layer_s=H_A if host else 0.0, expert_s=H_E if host else 0.0)
     return link, comp
@@ -48,8 +48,8 @@ def _models(stream: str, swap: bool = False, host: bool = True,
 
 def _run(tr: Trace, policy: Any, stream: str, engine: str, swap: bool = False,
          host: bool = True, always: bool = False, host_s: float = 0.0, copy_s: float = D,
-         window: int = 0, **kw: Any) -> dict[str, Any]:
-    link, comp = _models(stream, swap, host, always, host_s, copy_s, window)
+         window: int = 0, sync: bool = False, **kw: Any) -> dict[str, Any]:
+    link, comp = _models(stream, swap, host, always, host_s, copy_s, window, sync)
     kw.setdefault("capacity", 2)
     return simulate(tr, policy, link=link, compute=comp, engine=engine, **kw).summary
 
@@ -227,6 +227,23 @@ def test_fifo_hit_kernel_waits_for_the_window(engine: str, window: int) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("window", [1, 2, 3])
+def test_sync_per_expert_serialises_copies_and_host_work(engine: str, window: int) -> None:
+    """``copy.sync: expert`` (the host waits for the stream before each expert call's host
+    work): the fixture of the test above, where now only the attention's host part may run
+    beside a copy. Token 0: its one copy, then the expert's host part and kernel; token 1:
+    the hit waits for the window, and every later copy is handed behind a kernel and waited
+    for before the next host part, so the layer is 3D + 4 (H_E + K_E) after routing whatever
+    the window."""
+    tr = _rows([[0], [0, 1, 2, 3]])
+    got = _run(tr, "lru", "compute", engine, window=window, sync=True, capacity=5)
+    token0 = H_A + A + D + H_E + K_E
+    token1 = H_A + A + 3 * D + 4 * (H_E + K_E)
+    assert got["total_time_s"] == pytest.approx(token0 + token1, rel=1e-12)
+    assert got["stall_miss_s"] == pytest.approx(4 * D, rel=1e-9)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_fifo_window_with_two_copy_engines(engine: str) -> None:
     """Three misses, two copy engines, window 1 or 2 (golden numbers by hand): with window 1
     every copy is handed behind the kernel before it, so they run one at a time (3D); with
@@ -334,7 +351,7 @@ def _with_runtime(kw: dict[str, Any], rng: np.random.Generator, layers: int) -> 
                              float(rng.choice([0.0, 1e-5])), float(rng.choice([1.0, 0.5])),
                              swap, 1.0, stream, bool(rng.random() < 0.3),
                              float(rng.choice([0.0, 0.0, 2e-5, 1e-3])),
-                             int(rng.choice([0, 0, 1, 2, 3])))
+                             int(rng.choice([0, 0, 1, 2, 3])), bool(rng.random() < 0.5))
     host = [0.0, 1e-5, 3e-4, 5e-3]
     kw["compute"] = RuntimeCompute(kw["compute"], layers,
                                    step_s=float(rng.choice(host)),
@@ -397,7 +414,7 @@ def test_every_copy_rule_on_the_embedded_trace(window: int) -> None:
 
     def kw(w: int) -> dict[str, Any]:
         link = RuntimeLink(FixedLink(1e-4, 2e9), 1, 1e-5, 1.0, True, 1.0, "compute", True,
-                           H_C, w)
+                           H_C, w, w == 3)
         comp = RuntimeCompute(FixedCompute(attention_s=2e-5, router_s=1e-6, expert_s=3e-5,
                                            shared_s=1e-5), 4, layer_s=1e-4, expert_s=2e-5)
         return dict(capacity=30, link=link, compute=comp, warmup_tokens=2)
