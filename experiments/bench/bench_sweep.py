@@ -92,6 +92,8 @@ def main() -> None:
     ap.add_argument("--launcher", choices=[*LAUNCHERS, "both", "all"], default="joblib")
     ap.add_argument("--before", type=Path, help="a folder holding another checkout's moesim")
     ap.add_argument("--traces", default=str(ROOT.parent / "shared" / "traces"))
+    ap.add_argument("--commit", help="the commit the measured package is a copy of (default: "
+                    "this checkout's HEAD; give it when PYTHONPATH points at a copy)")
     ap.add_argument("--out", type=Path,
                     default=ROOT / "experiments/bench/results/bench_sweep.json")
     args = ap.parse_args()
@@ -123,7 +125,7 @@ def main() -> None:
         for r in results}
     record = {"sweep": args.sweep, "command": ["moesim-sim", "-m", *SWEEPS[args.sweep],
                                                *launcher_args(launchers[-1])],
-              "cpus": os.cpu_count(), "commit": _commit(),
+              "cpus": os.cpu_count(), "commit": args.commit or _commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "runs": results, "best_cpu": best, "discarded_compiling": discarded}
     data = json.loads(args.out.read_text()) if args.out.is_file() else {}
