@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -266,7 +266,10 @@ class Simulation:
         self.c = Counters(self.shape.num_layers)
         self._peers: dict[str, Any] = {}  # shared by all policy instances of this run
         self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
+        caps = list(self._caps)  # before staging buffers lend slots
         self._check_capacity()
+        if self._fifo and cache_opts.partition == "per_layer":  # load_experts' window bound
+            self.rules = replace(self.rules, groups=tuple(caps[p] for p in self._part_of_layer))
         self._init_placement(placement, host)
         if self._cs and self._place:
             raise SimulationError(
@@ -659,7 +662,8 @@ class Simulation:
                 kinds = self._access(keys, j, counting)
                 if self._fifo:  # the window goes to the stream before any kernel of the layer
                     handoff, self._handoff = self._handoff, []
-                    for key, evicted in handoff[:self.rules.window]:
+                    wj = self.rules.layer_window(j)
+                    for key, evicted in handoff[:wj]:
                         link.submit_demand(key, evicted)
                 if place and self._cpu_returns and timed:
                     self._book_cpu_returns()
@@ -677,7 +681,7 @@ class Simulation:
                             end, tau_end, st_miss, st_late, self._pieces = _run_gpu_fifo(
                                 t, self._tau, kinds, None if counts is None else counts[j],
                                 comp, exp_cost, exp_host, shared_t[s], shared_h[s], issue, link,
-                                handoff[self.rules.window:], self.rules.sync, keys, spans)
+                                handoff[wj:], self.rules.sync, keys, spans)
                         else:
                             waiting = [i for i, k in enumerate(kinds) if k]
                             ready = (link.ready_times([keys[i] for i in waiting]) if waiting

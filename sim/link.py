@@ -29,7 +29,8 @@ run by :func:`copy_rules` (both engines use it; the compiled link mirrors
 - ``window`` (``copy.order: fifo``, compute stream only): the stream runs copies and kernels
   in the order they are handed to it, so a kernel waits for every copy handed before it (a
   prefetch counts once it has started on the link). A layer hands its first ``window``
-  demand copies over when it routes, before any of its kernels, and each further one after
+  demand copies over when it routes (at most its group's device experts with a per-layer
+  cache: :meth:`CopyRules.layer_window`), before any of its kernels, and each further one after
   the kernel of the missed expert before it (``submit_demand(..., not_before)``: no earlier
   than that kernel's end); ``sim.engine._run_gpu_fifo`` lays it out. With ``sync``
   (``copy.sync: expert``) the host also waits for the stream before each expert call's host
@@ -73,6 +74,10 @@ class CopyRules:
     # the host waits for the stream before each expert call's host work (``copy.sync:
     # expert``; fifo only): an expert's host part never overlaps a copy handed before it
     sync: bool = False
+    # per layer, the experts the runtime keeps on the device for it (a per-layer cache's
+    # slots, staging buffers not included): ``load_experts`` hands over at most that many
+    # copies at routing; empty: no such bound (a global cache)
+    groups: tuple[int, ...] = ()
 
     @property
     def serial(self) -> bool:
@@ -95,14 +100,22 @@ class CopyRules:
         """Kernels wait for every copy handed to the compute stream before them."""
         return self.window > 0
 
+    def layer_window(self, layer: int) -> int:
+        """The demand copies handed over when ``layer`` routes: ``window``, at most the
+        experts its group keeps on the device (``groups``), at least one."""
+        if not self.groups:
+            return self.window
+        return max(1, min(self.window, self.groups[layer]))
+
     def vector(self) -> np.ndarray:
         """The rules as the compiled kernel reads them (``kernel.replay``'s ``copyv``):
-        [compute stream, swap mode, swap seconds, host_s, window, sync]; the swap mode is 0
-        without swap, 1 on its own stream, 2 before the load on the compute stream, +2 with
-        ``always``."""
+        [compute stream, swap mode, swap seconds, host_s, window, sync, then with ``groups``
+        each layer's :meth:`layer_window`]; the swap mode is 0 without swap, 1 on its own
+        stream, 2 before the load on the compute stream, +2 with ``always``."""
         mode = 0 if not self.swap else (2 if self.serial else 1) + (2 if self.always else 0)
         return np.array([1.0 if self.compute_stream else 0.0, float(mode), self.swap_s,
-                         self.host_s, float(self.window), 1.0 if self.sync else 0.0])
+                         self.host_s, float(self.window), 1.0 if self.sync else 0.0,
+                         *(float(self.layer_window(j)) for j in range(len(self.groups)))])
 
 
 NO_RULES = CopyRules()

@@ -388,7 +388,10 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 kinds[r] = kind
                 if kind != HIT:
                     any_wait = True
-            for q in range(min(win, n_hand) if fifo else 0):  # the window, before any kernel
+            wl = win
+            if fifo and copyv.shape[0] > 6:  # CopyRules.layer_window
+                wl = int(copyv[6 + j])
+            for q in range(min(wl, n_hand) if fifo else 0):  # the window, before any kernel
                 _submit_demand(hand_k[q], duration, hand_e[q], direct, S, F)
             position = base + width - 1
             if hook_issued and point == PT_ISSUED:
@@ -429,7 +432,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         cur_t += gate - tau
                         tau = gate
                     cur_t += shared[s] - shared_h[s]
-                    nxt = min(win, n_hand)
+                    nxt = min(wl, n_hand)
                     for phase in range(3):  # hits, started prefetches, demand copies
                         for r in range(n_keys):
                             kd = kinds[r]

@@ -244,6 +244,23 @@ def test_sync_per_expert_serialises_copies_and_host_work(engine: str, window: in
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("per_layer", [1, 2])
+def test_fifo_window_bound_by_the_layer_s_device_experts(engine: str, per_layer: int) -> None:
+    """``load_experts`` hands over at most as many copies as the layer keeps experts on the
+    device (``len(main_infos)``). A per-layer cache of ``per_layer`` slots (staging buffers
+    lend the rest of a step's need), token 1 = one hit and two misses, window 3: the hit's
+    kernel waits for W = min(3, per_layer, 2) copies, and the layer takes 2D + W x H_E + 3 K_E
+    after routing (the closed form of the test above with two misses)."""
+    tr = _rows([[0], [0, 1, 2]])
+    got = _run(tr, "lru", "compute", engine, window=3, capacity=per_layer,
+               partition="per_layer", staging=4)
+    token0 = H_A + A + D + K_E
+    token1 = H_A + A + 2 * D + per_layer * H_E + 3 * K_E
+    assert got["total_time_s"] == pytest.approx(token0 + token1, rel=1e-12)
+    assert got["hits"] == 1 and got["misses"] == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_fifo_window_with_two_copy_engines(engine: str) -> None:
     """Three misses, two copy engines, window 1 or 2 (golden numbers by hand): with window 1
     every copy is handed behind the kernel before it, so they run one at a time (3D); with
