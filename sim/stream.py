@@ -227,7 +227,8 @@ def simulate_stream(
         if reason is not None:
             raise _refuse(reason)
         if getattr(sim, "rules", None) not in (None, NO_RULES):
-            raise _refuse("a runtime's copy rules (swap, compute stream) are not streamed")
+            raise _refuse("a runtime's copy rules (swap, compute stream, host_s, fifo, sync) "
+                          "are not streamed")
         return _replay(sim, chunks(), after_file if belady else None, compile_notice, kernel)
 
 
