@@ -62,6 +62,7 @@ from moesim.sim.compiled.layout import (
     K_S2,
     K_STATE,
     L_HELD,
+    NO_USE,
     P_CSUM,
     P_HEAD,
     P_HOFF,
@@ -201,6 +202,19 @@ def _prio_scan(p, lo, hi, skip_cand, S, F):
 
 
 @fn
+def _evictable_top(h, skip_cand, S):
+    """Heap ``h``'s smallest entry if it may be evicted now (else -1: ``_heap_best`` sets the
+    entries aside), without the call; -1 too for an empty heap."""
+    if S[P_HSIZE, h] == 0:
+        return -1
+    k = S[B_HKEY, S[P_HOFF, h]]
+    if (S[K_STATE, k] == RESIDENT and S[K_PIN, k] != S[IV, I_PSTAMP]
+            and not (skip_cand and _is_cand(k, S))):
+        return k
+    return -1
+
+
+@fn
 def _prio_layers(p, skip_cand, S, F):
     """``_prio_scan`` over the whole partition when D is the same for every key, from the layer
     heaps (visits, then key): within a layer the score grows with the visits (T and D fixed,
@@ -208,31 +222,45 @@ def _prio_layers(p, skip_cand, S, F):
     one more visit would score the same (then that layer is scanned whole). Layers are taken
     in order of T (after the current layer: ascending; then the current and earlier ones,
     equal), and the walk stops once a layer's least possible score (one visit) is above the
-    best so far: every later layer's is at least as large."""
+    best so far: every later layer's is at least as large.
+
+    A later layer's weight ``T D`` is at least the best's, so once one more visit scores
+    strictly above the best (``w ((c + 1) / total + 1e-6) > best``), a layer whose heap top
+    has more visits than the best's ``c`` cannot win, not even on a tie: it is passed on
+    two integer loads, without its float score or its heap's walk."""
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     cur = S[IV, I_LAYER]
     total = float(S[P_CSUM, p])
     dn = F[F_DN, 0]
     best = -1
     best_s = INF
+    above = NO_USE  # visits above which a layer cannot win (NO_USE: no such bound yet)
+    one = 1 / total + 1e-6  # c / total + 1e-6 for one visit: the same float for every layer
     for q in range(num_l):
         i = cur + 1 + q if cur + 1 + q < num_l else q - (num_l - 1 - cur)
+        if S[P_HSIZE, i] == 0 or S[K_S1, S[B_HKEY, S[P_HOFF, i]]] > above:
+            continue  # empty (_heap_best: -1), or no key here beats the best
         w = F[F_TN, i] * dn
-        low = w * (1 / total + 1e-6)
+        low = w * one
         if low > best_s or (low == best_s and best < i * num_e):
             if low > best_s:
                 break
             continue
-        k = _heap_best(i, skip_cand, S)
+        k = _evictable_top(i, skip_cand, S)
         if k < 0:
-            continue
+            k = _heap_best(i, skip_cand, S)
+            if k < 0:
+                continue
         c = S[K_S1, k]
-        sc = w * (c / total + 1e-6)
-        if w * ((c + 1) / total + 1e-6) == sc:  # a more visited key could tie: scan the layer
+        sc = w * (one if c == 1 else c / total + 1e-6)
+        more = w * ((c + 1) / total + 1e-6)  # >= sc: every float step is monotone
+        tie = more == sc
+        if tie:  # a more visited key could tie: scan the layer
             k, sc = _prio_scan(p, i, i, skip_cand, S, F)
         if sc < best_s or (sc == best_s and k < best):
             best_s = sc
             best = k
+            above = NO_USE if tie else c
     return best
 
 
@@ -262,7 +290,13 @@ def _mi_best(ev, p, skip_cand, S, F):
     for j in range(lo, hi + 1):
         if skip_cand and whole and S[IV, I_CLO] <= j <= S[IV, I_CHI]:
             continue  # every key of this layer is a candidate
-        v = _heap_best(j, skip_cand, S)
+        if S[P_HSIZE, j] == 0:
+            continue
+        if best >= 0 and not _less(S[B_HKEY, S[P_HOFF, j]], best, S):
+            continue  # the heap's evictable best is no smaller than its top
+        v = _evictable_top(j, skip_cand, S)
+        if v < 0:
+            v = _heap_best(j, skip_cand, S)
         if v >= 0 and (best < 0 or _less(v, best, S)):
             best = v
     return best
