@@ -238,14 +238,14 @@ def _prio_layers(p, skip_cand, S, F):
     one = 1 / total + 1e-6  # c / total + 1e-6 for one visit: the same float for every layer
     for q in range(num_l):
         i = cur + 1 + q if cur + 1 + q < num_l else q - (num_l - 1 - cur)
-        if S[P_HSIZE, i] == 0 or S[K_S1, S[B_HKEY, S[P_HOFF, i]]] > above:
-            continue  # empty (_heap_best: -1), or no key here beats the best
         w = F[F_TN, i] * dn
         low = w * one
         if low > best_s or (low == best_s and best < i * num_e):
             if low > best_s:
                 break
             continue
+        if S[P_HSIZE, i] == 0 or S[K_S1, S[B_HKEY, S[P_HOFF, i]]] > above:
+            continue  # empty (_heap_best: -1), or no key here beats the best
         k = _evictable_top(i, skip_cand, S)
         if k < 0:
             k = _heap_best(i, skip_cand, S)
