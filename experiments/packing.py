@@ -157,6 +157,8 @@ class ComposingLoader:
         return self.kept.pop(tuple(overrides), None)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("loader", "limit", "kept"):
+            raise AttributeError(name)  # (unpickling: before __dict__ is filled)
         return getattr(self.loader, name)
 
 

@@ -73,6 +73,8 @@ def test_composing_loader_keeps_what_the_sweeper_composed_once() -> None:
     assert loader.take(["a=3"]) is None  # over the limit: the worker composes it
     assert loader.other() == "the wrapped loader's"
     assert len(inner.composed) == 3  # taking never composes again
+    again = pickle.loads(pickle.dumps(loader))  # a sweeper may pickle its context
+    assert again.other() == "the wrapped loader's" and again.kept == loader.kept
 
 
 def test_inputs_hashed_once_per_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
