@@ -22,7 +22,8 @@ when an install evicts one; copies on the compute stream pause while GPU kernels
 engines take the host part of each compute time from :class:`RuntimeCompute`'s ``*_host``);
 ``copy.order: fifo`` makes that stream run in issue order (a kernel waits for every copy
 handed before it; ``copy.window`` demand copies are handed when a layer routes); and
-``copy.host_s`` is the host's work to issue each demand copy, in series with the layer.
+``copy.host_s`` is the host's work to issue each demand copy, in series with the layer;
+``copy.prefetch_stream: own`` (fifo only) moves prefetch copies to a stream of their own.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ ORDERS = ("ready", "fifo")
 # Where the host waits for the compute stream (fifo only): ``none`` (only where the engines
 # always wait: routing, an awaited copy) or ``expert`` (before each expert call's host work).
 SYNCS = ("none", "expert")
+# Which stream a prefetch copy runs on (fifo only): ``compute`` (handed to the compute stream
+# once it starts on the link: it gates every later kernel and pauses while kernels run) or
+# ``own`` (a stream of its own: it gates no kernel and runs on wall time, ``sim.link``).
+PREFETCH_STREAMS = ("compute", "own")
 # The free parameters a fit may set (dotted paths into the YAML) and their dimension.
 FITTABLE: dict[str, str] = {
     "overhead.step_s": "s",
@@ -106,6 +111,8 @@ class RuntimeProfile:
     order: str = "ready"
     window: Quantity = field(default_factory=lambda: missing("copy.window"))
     sync: str = "none"  # ``copy.sync``: ``expert``: the host syncs before each expert call
+    # ``copy.prefetch_stream`` (fifo only): ``own``: prefetch copies on a stream of their own
+    prefetch_stream: str = "compute"
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
     staging_buffers: int = 0
     whole_layer: bool = False  # every miss moves the whole MoE block (all experts of the layer)
@@ -175,7 +182,9 @@ class RuntimeProfile:
                      + ((", swap always" if self.swap_always else ", swap") if self.swap
                         else "")
                      + (f", fifo window {self.fifo_window}" if self.order == "fifo" else "")
-                     + (", host syncs per expert" if self.sync == "expert" else ""))
+                     + (", host syncs per expert" if self.sync == "expert" else "")
+                     + (", prefetches on their own stream" if self.prefetch_stream == "own"
+                        else ""))
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -194,7 +203,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",
                                 "per_copy_s", "host_s", "efficiency", "staging_buffers",
-                                "whole_layer", "order", "window", "sync"})
+                                "whole_layer", "order", "window", "sync", "prefetch_stream"})
     whole = copy.get("whole_layer", False)
     if not isinstance(whole, bool):
         raise cctx.sub("whole_layer").error("expected true or false", whole)
@@ -240,6 +249,14 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     if sync != "none" and order != "fifo":
         raise cctx.sub("sync").error("a host sync with the compute stream needs copy.order: "
                                      "fifo", sync)
+    pstream = copy.get("prefetch_stream", "compute")
+    if pstream not in PREFETCH_STREAMS:
+        raise cctx.sub("prefetch_stream").error(f"must be one of {list(PREFETCH_STREAMS)}",
+                                                pstream)
+    if pstream == "own" and order != "fifo":
+        raise cctx.sub("prefetch_stream").error(
+            "own separates prefetches from the compute stream's issue order: it needs "
+            "copy.order: fifo", pstream)
     over = as_mapping(ctx.sub("overhead"), data.get("overhead")) or {}
     octx = ctx.sub("overhead")
     reject_unknown(octx, over, {"step_s", "layer_s", "expert_s"})
@@ -268,6 +285,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         order=order,
         window=window,
         sync=sync,
+        prefetch_stream=pstream,
         efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
         staging_buffers=int(staging),
         whole_layer=whole,
@@ -371,7 +389,12 @@ class RuntimeLink:
     ``window`` places before it (mixtral-offloading's ``ExpertCache.load_experts``).
     ``sync`` (``copy.sync: expert``): the host waits for the stream before each expert call's
     host work (mixtral-offloading's ``top_x.tolist()`` per expert), so that work cannot run
-    beside a copy handed before it.
+    beside a copy handed before it. ``prefetch_stream`` (``copy.prefetch_stream: own``, fifo
+    only): prefetch copies run on a stream of their own, so they hold no kernel of the
+    compute stream and are not paused by its kernels; they still queue on the copy engines
+    with the demand copies, and an expert whose prefetch is in flight waits for it
+    (``sim.link.CopyRules.own_prefetch``). It needs fifo because only there is it exact to
+    run the link on wall time: no demand copy overlaps a kernel in issue order.
 
     ``bytes_factor`` (``copy.whole_layer``): a runtime that moves a whole MoE block whenever the
     layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
@@ -391,6 +414,7 @@ class RuntimeLink:
     host_s: float = 0.0  # the compute thread's work to issue one demand copy (``copy.host_s``)
     window: int = 0  # ``copy.order: fifo``: demand copies handed at routing (0: ``ready``)
     sync: bool = False  # ``copy.sync: expert``: the host waits for the stream per expert call
+    prefetch_stream: str = "compute"  # ``own``: prefetch copies on their own stream (fifo)
 
     @property
     def compute_stream(self) -> bool:
@@ -497,7 +521,7 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
         tensors = max(1, round(tensors * factor))  # a whole block: every tensor of it
         link = RuntimeLink(base, tensors, rt.value("copy.per_copy_s"), eff, rt.swap, factor,
                            rt.stream, rt.swap_always, rt.value("copy.host_s"), rt.fifo_window,
-                           rt.sync == "expert")
+                           rt.sync == "expert", rt.prefetch_stream)
     if compute is not None:
         deq_e = deq_s = 0.0
         if rt.dequant_Bps.known:

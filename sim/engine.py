@@ -34,7 +34,11 @@ copies in flight when the layer starts; the expert kernels also for the layer's 
 ``window`` demand copies, handed at routing), and each further demand copy is
 handed over after the kernel of the missed expert before it (``_run_gpu_fifo``); with
 ``CopyRules.sync`` (``copy.sync: expert``) the host waits for the stream before each expert
-call's host part, which then never runs beside a copy handed before it. A runtime's
+call's host part, which then never runs beside a copy handed before it; with
+``CopyRules.own_prefetch`` (``copy.prefetch_stream: own``) prefetches run on a stream of their
+own: only demand copies hold kernels, an expert whose prefetch is in flight waits for that
+copy, and the link runs on wall time (exact for demand copies: in issue order none is in
+flight during a kernel). A runtime's
 ``copy.host_s`` adds the host's work to issue the layer's demand copies right after routing
 (``CopyRules.issue_time``), in either layout.
 
@@ -239,6 +243,10 @@ class Simulation:
         self.rules = copy_rules(link_model, workload.shape.expert_bytes) if self.timed else (
             NO_RULES)
         self._cs = self.rules.compute_stream
+        # the link runs on link time (copies on the compute stream), else on wall time
+        # (``CopyRules.link_clock``: also with prefetches on their own stream)
+        self._lt = self.rules.link_clock
+        self._own = self.rules.own_prefetch
         # copy.order: fifo: the layer's demand copies (key, evicted) in issue order, handed
         # to the link by the GPU loop (a window at routing, the rest one per loaded expert)
         self._fifo = self.rules.fifo
@@ -278,7 +286,7 @@ class Simulation:
                 "fetch placement is)")
         # every piece of the GPU's layout, to put recorded copies on the wall clock at the end
         self._history: list[tuple[float, float, float]] | None = (
-            [] if self._cs and (run_opts.record_transfers or run_opts.timeline_steps) else None)
+            [] if self._lt and (run_opts.record_transfers or run_opts.timeline_steps) else None)
         self.cache = self._new_cache()
         self.prefetcher: PrefetchPolicy = spec.prefetch(self._setup(spec.prefetch_params, None))
         self.link: HostLink | None = None
@@ -492,7 +500,7 @@ class Simulation:
         time itself, or on the compute stream the link time of the piece of the yield that
         holds it (a piece: from wall ``w0`` and link time ``tau0`` the link runs ``free``
         seconds, then waits out a GPU kernel until the next piece)."""
-        if not self._cs:
+        if not self._lt:
             return wall
         for w0, tau0, free in reversed(self._pieces):
             if wall >= w0:
@@ -570,6 +578,8 @@ class Simulation:
         hook_end = _overrides(pf, PrefetchPolicy, "on_layer_end")
         attn_t, shared_t = self._layer_times()
         cs = self._cs
+        lt = self._lt  # the link on link time (else on wall time)
+        own = self._own  # prefetches on their own stream: they hold no kernel
         if cs:
             attn_h, shared_h, dense_h = self._host_times()
             exp_host: dict[int, float] = {}
@@ -594,7 +604,7 @@ class Simulation:
             joined = w.joins.get(s)
             if joined and self.copts.reset_per_request:
                 if link is not None:
-                    link.advance(self._tau if cs else clock.now)
+                    link.advance(self._tau if lt else clock.now)
                 self._discard(cache)
                 self.cache = cache = self._new_cache()
                 if link is not None:
@@ -614,10 +624,10 @@ class Simulation:
                 clock.position = base = (s * num_l + j) * width
                 if hook_pre:
                     if link is not None:
-                        link.advance(self._tau if cs else clock.now)
+                        link.advance(self._tau if lt else clock.now)
                     pf.on_pre_attention(ctx, j)
                     if link is not None:
-                        link.advance(self._tau if cs else clock.now)
+                        link.advance(self._tau if lt else clock.now)
                 if timed:
                     d = attn_t[s]
                     if dense_n[j]:
@@ -630,7 +640,9 @@ class Simulation:
                         h = attn_h[s]
                         if dense_n[j]:
                             h += dense_n[j] * dense_h[s]
-                        if self._fifo and d > h:  # its kernels wait for the copies in flight
+                        # its kernels wait for the copies in flight (with prefetches on their
+                        # own stream none does: no demand copy outlives its layer under fifo)
+                        if self._fifo and not own and d > h:
                             link.advance(self._tau)
                             gate = max(link._free)
                             if gate > self._tau + h:
@@ -645,9 +657,9 @@ class Simulation:
                             self._history.extend(self._pieces)
                     if d > 0:
                         yield d
-                    if cs:
+                    if lt:
                         self._tau += h
-                    link.advance(self._tau if cs else clock.now)
+                    link.advance(self._tau if lt else clock.now)
                     if s < tl_steps:
                         self.timeline.append(("compute", f"attention L{j}", t0, clock.now))
                 keys = [k for k in rows[j] if k >= 0]
@@ -656,15 +668,18 @@ class Simulation:
                 if hook_routed:
                     pf.on_routed(ctx, j, keys)
                     if link is not None:
-                        link.advance(self._tau if cs else clock.now)
+                        link.advance(self._tau if lt else clock.now)
                 if place:
                     self._layer_start(s, j, counts, gate, counting)
                 kinds = self._access(keys, j, counting)
                 if self._fifo:  # the window goes to the stream before any kernel of the layer
                     handoff, self._handoff = self._handoff, []
                     wj = self.rules.layer_window(j)
+                    wgate = 0.0  # when the window's copies have landed
                     for key, evicted in handoff[:wj]:
-                        link.submit_demand(key, evicted)
+                        ready = link.submit_demand(key, evicted)
+                        if ready > wgate:
+                            wgate = ready
                 if place and self._cpu_returns and timed:
                     self._book_cpu_returns()
                 clock.position = base + width - 1
@@ -672,16 +687,18 @@ class Simulation:
                     pf.on_demand_issued(ctx, j, keys)
                 if timed:
                     if link._queued:  # let queued prefetches take idle engines now
-                        link.advance(self._tau if cs else clock.now)
+                        link.advance(self._tau if lt else clock.now)
                     t = clock.now
                     issue = self._issue_time(kinds) if self.rules.host_s else 0.0
                     if cs:
                         spans = [] if s < tl_steps else None
                         if self._fifo:
                             end, tau_end, st_miss, st_late, self._pieces = _run_gpu_fifo(
-                                t, self._tau, kinds, None if counts is None else counts[j],
+                                t, self._tau if lt else t, kinds,
+                                None if counts is None else counts[j],
                                 comp, exp_cost, exp_host, shared_t[s], shared_h[s], issue, link,
-                                handoff[wj:], self.rules.sync, keys, spans)
+                                handoff[wj:], self.rules.sync, keys, spans,
+                                wgate if own else None)
                         else:
                             waiting = [i for i, k in enumerate(kinds) if k]
                             ready = (link.ready_times([keys[i] for i in waiting]) if waiting
@@ -721,12 +738,12 @@ class Simulation:
                             c.layer_stall[j] += st_miss + st_late
                     if end > t:
                         yield end - t
-                    if cs:
+                    if lt:
                         self._tau = tau_end
                     # Completions are applied lazily at the next advance: until then only
                     # this layer's (pinned) experts can be in flight, unless prefetches are.
                     if hook_end or link._queued:
-                        link.advance(self._tau if cs else clock.now)
+                        link.advance(self._tau if lt else clock.now)
                 if pin:
                     cache.pinned.clear()
                 if hook_end:
@@ -927,7 +944,7 @@ class Simulation:
 
             env.process(gpu_process())
             env.run()
-            if self._cs:
+            if self._lt:
                 self.link_end = self._tau
                 if self._history is not None:
                     self._records_to_wall()
@@ -1112,6 +1129,7 @@ def _run_gpu_fifo(
     sync: bool = False,
     keys: list[int] | None = None,
     spans: list[tuple[str, float, float]] | None = None,
+    gate: float | None = None,
 ) -> tuple[float, float, float, float, list[tuple[float, float, float]]]:
     """:func:`_run_gpu_stream` on a stream that runs in issue order (``copy.order: fifo``,
     ``CopyRules.window``): a kernel starts only once every copy handed to the link before it
@@ -1126,7 +1144,16 @@ def _run_gpu_fifo(
     expert``) the wait comes first, as the host waits for the stream before the expert's
     host work (the shared experts' too). A wait is stall on demand copies
     (a hit's or shared expert's wait when the layer has any demand copy) or on prefetches
-    (LATE; a hit's when it has none). ``sim/compiled/kernel.py`` mirrors it line for line."""
+    (LATE; a hit's when it has none).
+
+    ``gate`` given: prefetches run on a stream of their own (``CopyRules.own_prefetch``), so
+    only demand copies hold kernels: ``gate`` is when the window's copies land (no earlier
+    demand copy is in flight: each was waited for by a kernel of its layer), and ``tau`` is
+    wall time (``t``), which also runs during kernels. An expert whose prefetch is in flight
+    (LATE) then waits after its host part for that copy too (``max(gate, its arrival)``,
+    stall on prefetches); before each later demand copy is handed over, the link is advanced
+    to that moment, so a queued prefetch that could start earlier on a free engine has (the
+    demand copy then queues behind it). ``sim/compiled/kernel.py`` mirrors it line for line."""
 
     def dur(n: int) -> tuple[float, float]:
         if n not in cost:
@@ -1138,7 +1165,9 @@ def _run_gpu_fifo(
     demand = [i for i, k in enumerate(kinds) if k >= PROMOTED]
     order = ([i for i, k in enumerate(kinds) if k == HIT]
              + [i for i, k in enumerate(kinds) if k == LATE] + demand)
-    gate = max(link._free)
+    own = gate is not None
+    if gate is None:
+        gate = max(link._free)
     st_miss = st_late = 0.0
     # the host issues the demand copies, then the shared experts' host part and kernel
     h = issue + shared_host
@@ -1167,6 +1196,8 @@ def _run_gpu_fifo(
         if shared > 0:
             spans.append(("shared", t + issue, now + (shared - shared_host)))
     now += shared - shared_host
+    if own:  # the link's clock is the wall clock: it runs during kernels
+        tau += shared - shared_host
     nxt = 0
     for i in order:
         d, h = dur(1 if counts is None else counts[i])
@@ -1187,13 +1218,24 @@ def _run_gpu_fifo(
                 st_miss += gate - tau
             now += gate - tau
             tau = gate
+        if own and kinds[i] == LATE:  # its own copy, on the prefetch stream
+            assert keys is not None  # the engine passes the layer's keys
+            r = link.ready_times([keys[i]])[0]
+            if r > tau:
+                st_late += r - tau
+                now += r - tau
+                tau = r
         pieces.append((w0, tau0, tau - tau0))
         now += d - h
+        if own:
+            tau += d - h
         if spans is not None and keys is not None:
             spans.append((f"e{keys[i]}", w0, now))
         if kinds[i] >= PROMOTED and nxt < len(deferred):  # the next copy, behind this kernel
             key, evicted = deferred[nxt]
             nxt += 1
+            if own and link._queued:  # prefetches that start first on a free engine
+                link.advance(tau)
             ready = link.submit_demand(key, evicted, tau)
             if ready > gate:
                 gate = ready

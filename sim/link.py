@@ -35,6 +35,16 @@ run by :func:`copy_rules` (both engines use it; the compiled link mirrors
   than that kernel's end); ``sim.engine._run_gpu_fifo`` lays it out. With ``sync``
   (``copy.sync: expert``) the host also waits for the stream before each expert call's host
   work, so that work never overlaps a copy handed before it.
+- ``own_prefetch`` (``copy.prefetch_stream: own``, fifo only): prefetch copies run on a stream
+  of their own. They never gate a compute-stream kernel (only demand copies do), are not
+  paused by kernels, and still share the copy engines with demand copies (one non-preemptive
+  queue, demand first); an expert whose prefetch is still in flight waits for that copy
+  before its kernel (a late hit), and a queued prefetch promoted to demand is a demand copy.
+  The whole link then runs on wall time (:attr:`CopyRules.link_clock`): that leaves every
+  demand copy's timing as it was, because under fifo a demand copy never overlaps a kernel
+  (the layer's first ``window`` copies are handed after the attention kernel and every
+  kernel waits for them; a later one is handed after a kernel and the next kernel waits for
+  it), so pausing the link during kernels only ever paused prefetches.
 - ``host_s`` (``copy.host_s``): the compute thread's work to issue one demand copy, host time
   in series with the layer (:meth:`CopyRules.issue_time`: ``n x host_s`` right after
   routing), never time on the link.
@@ -78,6 +88,9 @@ class CopyRules:
     # slots, staging buffers not included): ``load_experts`` hands over at most that many
     # copies at routing; empty: no such bound (a global cache)
     groups: tuple[int, ...] = ()
+    # prefetches on their own stream (``copy.prefetch_stream: own``; fifo only): they gate no
+    # kernel and progress on wall time, which the whole link then runs on
+    own_prefetch: bool = False
 
     @property
     def serial(self) -> bool:
@@ -100,6 +113,12 @@ class CopyRules:
         """Kernels wait for every copy handed to the compute stream before them."""
         return self.window > 0
 
+    @property
+    def link_clock(self) -> bool:
+        """The link runs on link time (wall time less the kernel time so far): copies on the
+        compute stream, unless prefetches have their own stream (then on wall time)."""
+        return self.compute_stream and not self.own_prefetch
+
     def layer_window(self, layer: int) -> int:
         """The demand copies handed over when ``layer`` routes: ``window``, at most the
         experts its group keeps on the device (``groups``), at least one."""
@@ -109,12 +128,14 @@ class CopyRules:
 
     def vector(self) -> np.ndarray:
         """The rules as the compiled kernel reads them (``kernel.replay``'s ``copyv``):
-        [compute stream, swap mode, swap seconds, host_s, window, sync, then with ``groups``
-        each layer's :meth:`layer_window`]; the swap mode is 0 without swap, 1 on its own
-        stream, 2 before the load on the compute stream, +2 with ``always``."""
+        [compute stream, swap mode, swap seconds, host_s, window, sync, own prefetch stream,
+        then with ``groups`` each layer's :meth:`layer_window`]; the swap mode is 0 without
+        swap, 1 on its own stream, 2 before the load on the compute stream, +2 with
+        ``always``."""
         mode = 0 if not self.swap else (2 if self.serial else 1) + (2 if self.always else 0)
         return np.array([1.0 if self.compute_stream else 0.0, float(mode), self.swap_s,
                          self.host_s, float(self.window), 1.0 if self.sync else 0.0,
+                         1.0 if self.own_prefetch else 0.0,
                          *(float(self.layer_window(j)) for j in range(len(self.groups)))])
 
 
@@ -129,12 +150,13 @@ def copy_rules(link_model: Any, nbytes: int) -> CopyRules:
     host_s = float(getattr(link_model, "host_s", 0.0))
     window = int(getattr(link_model, "window", 0)) if stream else 0
     sync = bool(getattr(link_model, "sync", False)) and window > 0
+    own = getattr(link_model, "prefetch_stream", "compute") == "own" and window > 0
     if not swap and not stream and not host_s:
         return NO_RULES
     swap_s = float(link_model.swap_time(nbytes)) if swap else 0.0
     return CopyRules(swap, swap_s, stream, swap and bool(getattr(link_model, "swap_always",
                                                                  False)), host_s, window,
-                     sync)
+                     sync, own_prefetch=own)
 
 
 def host_time(comp: Any, part: str, n: int) -> float:

@@ -397,5 +397,5 @@ def store_counters(sim: Simulation, iv: np.ndarray, fv: np.ndarray, layer_counts
                              int(iv[K.I_L_DROPPED]), int(iv[K.I_CANCELLED]))
         sim.link.swaps = int(iv[K.I_SWAPS])
         sim.link.swap_time = float(fv[K.V_SWAP_T])
-        if sim.rules.compute_stream:
+        if sim.rules.link_clock:
             sim.link_end = float(fv[K.V_TAU])

@@ -181,7 +181,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     and the host parts of the compute times (``sim.link.host_time``): per-step attention,
     shared-expert and dense-layer host time, the expert host-time table, and
     ``CopyRules.vector``: [compute stream, swap mode, swap seconds, host seconds per demand
-    copy, fifo window, host sync per expert]."""
+    copy, fifo window, host sync per expert, own prefetch stream, per-layer windows]."""
     (eams, unit, access, ordr, lrid, leam, lsq, lrsum, ldots, req_off, req_ids, join_off,
      join_rid, cfg) = mi
     attn_h, shared_h, dense_h, cost_h, copyv = rt
@@ -190,6 +190,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     win = int(copyv[4])  # copy.order: fifo: demand copies handed at routing (0: not fifo)
     fifo = cs and win > 0
     sync = fifo and copyv[5] != 0  # copy.sync: expert: wait for the stream, then host work
+    own = fifo and copyv[6] != 0  # copy.prefetch_stream: own: prefetches gate no kernel
+    lcs = cs and not own  # the link on link time (CopyRules.link_clock), else on wall time
     num_s, num_l, width = keys.shape
     num_k = num_l * num_e
     num_p = caps.shape[0]
@@ -263,7 +265,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     for s in range(num_s):
         if resets[s]:  # cache.reset_per_request: a fresh cache for the joining request
             if timed:
-                _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             _reset(num_k, num_p, S, F)
             n_reset += 1
             for i in range(inst_off[n_reset], inst_off[n_reset + 1]):
@@ -281,14 +283,14 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
             S[IV, I_LAYER] = j
             if hook_pre:
                 if timed:
-                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
                 if point == PT_PRE:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                     if n:
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
-                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             if timed:
                 d = attn[s]
                 if dense_n[j]:
@@ -298,7 +300,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     h = attn_h[s]
                     if dense_n[j]:
                         h += dense_n[j] * dense_h[s]
-                    if fifo and d > h:  # its kernels wait for the copies in flight
+                    if fifo and not own and d > h:  # its kernels wait for the copies in flight
                         _advance(F[FV, V_TAU], duration, ev, position, S, F, nocc)
                         gate = _gate(engines, F)
                         if gate > F[FV, V_TAU] + h:
@@ -310,9 +312,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                                 layer_stall[j] += wait
                 if d > 0:
                     now = now + d
-                if cs:
+                if lcs:
                     F[FV, V_TAU] += h
-                _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             n_keys = 0
             pstamp = S[IV, I_PSTAMP]
             for r in range(width):
@@ -335,7 +337,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     if n:
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
-                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             any_wait = False
             n_dem = 0  # demand copies issued (misses and promoted prefetches)
             n_hand = 0
@@ -389,10 +391,13 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if kind != HIT:
                     any_wait = True
             wl = win
-            if fifo and copyv.shape[0] > 6:  # CopyRules.layer_window
-                wl = int(copyv[6 + j])
+            if fifo and copyv.shape[0] > 7:  # CopyRules.layer_window
+                wl = int(copyv[7 + j])
+            wgate = 0.0  # when the window's copies have landed
             for q in range(min(wl, n_hand) if fifo else 0):  # the window, before any kernel
                 _submit_demand(hand_k[q], duration, hand_e[q], direct, S, F)
+                if F[F_FIN, hand_k[q]] > wgate:
+                    wgate = F[F_FIN, hand_k[q]]
             position = base + width - 1
             if hook_issued and point == PT_ISSUED:
                 if mi_pf:
@@ -405,14 +410,14 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     _prefetch(n, timed, touch, ev, position, S, F, nocc)
             if timed:
                 if S[IV, I_NQ] > 0:
-                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
                 t = now
                 issue = n_dem * host_s if n_dem and host_s else 0.0  # CopyRules.issue_time
                 if fifo:  # engine._run_gpu_fifo
-                    gate = _gate(engines, F)
+                    gate = wgate if own else _gate(engines, F)
                     st_miss = 0.0
                     st_late = 0.0
-                    tau = F[FV, V_TAU]
+                    tau = t if own else F[FV, V_TAU]
                     h = issue + shared_h[s]
                     cur_t = t
                     if sync and shared[s] > 0 and gate > tau:
@@ -432,6 +437,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         cur_t += gate - tau
                         tau = gate
                     cur_t += shared[s] - shared_h[s]
+                    if own:  # the link's clock is the wall clock: it runs during kernels
+                        tau += shared[s] - shared_h[s]
                     nxt = min(wl, n_hand)
                     for phase in range(3):  # hits, started prefetches, demand copies
                         for r in range(n_keys):
@@ -456,15 +463,33 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                                     st_miss += gate - tau
                                 cur_t += gate - tau
                                 tau = gate
+                            if own and kd == LATE:  # its own copy, on the prefetch stream
+                                kp = lkeys[r]
+                                if S[K_INFL, kp]:
+                                    rdy = F[F_FIN, kp]
+                                elif S[K_STATE, kp] == RESIDENT:
+                                    rdy = F[FV, V_LT]
+                                else:
+                                    S[IV, I_ERROR] = -(j + 1)
+                                    return _out(S, F, layer_counts, layer_stall, step_t)
+                                if rdy > tau:
+                                    st_late += rdy - tau
+                                    cur_t += rdy - tau
+                                    tau = rdy
                             cur_t += cost[n] - cost_h[n]
+                            if own:
+                                tau += cost[n] - cost_h[n]
                             if kd >= PROMOTED and nxt < n_hand:
+                                if own and S[IV, I_NQ] > 0:  # prefetches that start first
+                                    _advance(tau, duration, ev, position, S, F, nocc)
                                 ready = _submit_after(hand_k[nxt], duration, hand_e[nxt],
                                                       direct, tau, S, F)
                                 nxt += 1
                                 if ready > gate:
                                     gate = ready
                     end = cur_t
-                    F[FV, V_TAU] = tau
+                    if lcs:
+                        F[FV, V_TAU] = tau
                     if counting:
                         F[FV, V_STALL_MISS] += st_miss
                         F[FV, V_STALL_LATE] += st_late
@@ -542,7 +567,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if end > t:
                     now = now + (end - t)
                 if S[IV, I_NQ] > 0:
-                    _advance(F[FV, V_TAU] if cs else now, duration, ev, position, S, F, nocc)
+                    _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             if pin_layer:
                 if heap:
                     for r in range(n_keys):
@@ -567,7 +592,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     clip = 0.0
     for i in range(S[IV, I_RSIZE]):
         f = F[F_RFIN, i]
-        s0 = max(F[FV, V_TAU] if cs else now, F[F_RSTART, i])
+        s0 = max(F[FV, V_TAU] if lcs else now, F[F_RSTART, i])
         if f - s0 > 0:
             clip += f - s0
     F[FV, V_CLIP] = clip

@@ -64,6 +64,11 @@ def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
     ({"name": "x", "copy": {"stream": "compute", "sync": "expert"}}, "copy.sync"),
     ({"name": "x", "copy": {"stream": "compute", "order": "fifo", "staging_buffers": 2,
                             "sync": "layer"}}, "copy.sync"),
+    ({"name": "x", "copy": {"stream": "compute", "order": "fifo", "staging_buffers": 2,
+                            "prefetch_stream": "copy"}}, "copy.prefetch_stream"),
+    ({"name": "x", "copy": {"stream": "compute", "prefetch_stream": "own"}},
+     "copy.prefetch_stream"),
+    ({"name": "x", "copy": {"prefetch_stream": "own"}}, "copy.prefetch_stream"),
     ({"name": "x", "overhead": {"layer_s": _q(-1)}}, "overhead.layer_s"),
     ({"name": "x", "overhead": {"launch_s": _q(1)}}, "overhead"),
     ({"name": "x", "prefetch": {"recall": _q(1.5)}}, "prefetch.recall"),
@@ -167,6 +172,25 @@ def test_fifo_order_and_its_window() -> None:
     hqq = load_runtime("hqq_offload")
     assert hqq.order == "fifo" and hqq.fifo_window == hqq.staging_buffers - 1 == 3
     assert hqq.window.kind == "measured" and "load_experts" in hqq.window.source
+    assert synced.prefetch_stream == "compute" and not copy_rules(link, 10).own_prefetch
+
+
+def test_prefetch_stream_own_reaches_the_copy_rules() -> None:
+    """``copy.prefetch_stream: own`` (fifo only) is parsed, described, and reaches
+    ``CopyRules.own_prefetch``; hqq_offload sets it (an assumption: its pre-loader is not
+    public)."""
+    from moesim.sim.link import copy_rules
+
+    card = load_card("mixtral_8x7b")
+    rt = runtime_from_mapping({"name": "t", "copy": {"stream": "compute", "order": "fifo",
+                                                     "staging_buffers": 2,
+                                                     "prefetch_stream": "own"}}, "t")
+    assert rt.prefetch_stream == "own" and "own stream" in rt.describe()
+    link, _ = apply_runtime(rt, FixedLink(bandwidth_Bps=25e9), FixedCompute(), card)
+    rules = copy_rules(link, 10)
+    assert rules.own_prefetch and rules.compute_stream and not rules.link_clock
+    hqq = load_runtime("hqq_offload")
+    assert hqq.prefetch_stream == "own"
 
 
 def test_compute_host_parts() -> None:

@@ -361,14 +361,16 @@ def test_compute_stream_refuses_placements() -> None:
 # -- both engines, run for run --------------------------------------------------------------
 def _with_runtime(kw: dict[str, Any], rng: np.random.Generator, layers: int) -> None:
     """Wrap the drawn link and compute in a runtime: compute stream (mostly), swap (mostly),
-    host overheads from none to larger than the copies."""
+    host overheads from none to larger than the copies, fifo or not, prefetches on the
+    compute stream or on their own (``copy.prefetch_stream``, fifo only)."""
     stream = "compute" if rng.random() < 0.8 else "own"
     swap = bool(rng.random() < 0.8)
     kw["link"] = RuntimeLink(kw["link"], int(rng.integers(1, 4)),
                              float(rng.choice([0.0, 1e-5])), float(rng.choice([1.0, 0.5])),
                              swap, 1.0, stream, bool(rng.random() < 0.3),
                              float(rng.choice([0.0, 0.0, 2e-5, 1e-3])),
-                             int(rng.choice([0, 0, 1, 2, 3])), bool(rng.random() < 0.5))
+                             int(rng.choice([0, 0, 1, 2, 3])), bool(rng.random() < 0.5),
+                             "own" if rng.random() < 0.4 else "compute")
     host = [0.0, 1e-5, 3e-4, 5e-3]
     kw["compute"] = RuntimeCompute(kw["compute"], layers,
                                    step_s=float(rng.choice(host)),
