@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim.hw_profiles.runtime import RuntimeCompute, RuntimeLink
-from moesim.sim import FixedCompute, FixedLink, simulate
+from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
 from moesim.sim.link import CopyRules, copy_rules
 from moesim.traces.trace import DECODE, RequestRouting, Trace, TraceMeta
 from tests.sim.test_compiled_engine import _config, equal_on_both_engines
@@ -212,3 +212,55 @@ def test_engines_equal_with_prefetches_on_their_own_stream(seed: int) -> None:
                                    layer_s=float(rng.choice(host)),
                                    expert_s=float(rng.choice(host)))
     equal_on_both_engines(trace, policy, kw)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**31))
+def test_without_prefetches_own_equals_compute_property(seed: int) -> None:
+    """The identity above on random traces, caches (global or per layer, reset per request),
+    batches, copy engines, windows, sync, swaps and host times: with no prefetcher, ``own``
+    and ``compute`` give the same counts and the same times up to float rounding."""
+    trace, policy, kw = _config(seed)
+    name = policy.get("eviction", policy["name"])
+    policy = {k: v for k, v in policy.items() if k in ("prefetch_touch", "order")}
+    policy["name"] = name
+    kw["mode"] = "timed"
+    kw["pin_layer"] = True
+    rng = np.random.default_rng([seed, 9])
+    args = (1, float(rng.choice([0.0, 1e-5])), 1.0, bool(rng.random() < 0.5), 1.0, "compute",
+            bool(rng.random() < 0.3), float(rng.choice([0.0, 2e-5])), int(rng.choice([1, 2, 3])),
+            bool(rng.random() < 0.5))
+    host = [0.0, 1e-5, 3e-4, 5e-3]
+    kw["compute"] = RuntimeCompute(kw["compute"], len(trace.meta.moe_layers),
+                                   layer_s=float(rng.choice(host)),
+                                   expert_s=float(rng.choice(host)))
+    base = kw["link"]
+    try:
+        cs = simulate(trace, policy, engine="python",
+                      **{**kw, "link": RuntimeLink(base, *args, "compute")}).summary
+    except SimulationError:
+        return
+    own = simulate(trace, policy, engine="python",
+                   **{**kw, "link": RuntimeLink(base, *args, "own")}).summary
+    for key, value in cs.items():
+        if isinstance(value, float):
+            assert own[key] == pytest.approx(value, rel=1e-9, abs=1e-12, nan_ok=True), key
+        else:
+            assert own[key] == value, key
+
+
+def test_records_of_an_own_stream_prefetch_are_on_the_wall_clock() -> None:
+    """The late-expert fixture with transfer records: the pre-load runs from 0 to C on the
+    wall clock (not paused by the attention kernel), and recording changes no metric."""
+    c = 6e-3
+    link = _link("own", copy_s=c)
+    comp = RuntimeCompute(FixedCompute(attention_s=A, router_s=0.0, expert_s=K_E), layers=1,
+                          layer_s=H_A, expert_s=H_E)
+    tr = _trace([0])
+    res = simulate(tr, PRE, capacity=2, link=link, compute=comp, record_transfers=True,
+                   timeline_steps=1)
+    (row,) = res.transfers.itertuples()
+    assert row.start_s == 0.0 and row.end_s == pytest.approx(c, rel=1e-12)
+    plain = simulate(tr, PRE, capacity=2, link=link, compute=comp).summary
+    assert {k: v for k, v in res.summary.items() if k != "sim_engine"} == {
+        k: v for k, v in plain.items() if k != "sim_engine"}
