@@ -32,6 +32,7 @@ from moesim.sim.compiled.layout import (
     EV_VISITS_MIN,
     F_DN,
     F_TN,
+    F_TTAB,
     I_CHI,
     I_CLO,
     I_CSTAMP,
@@ -161,18 +162,36 @@ def _heap_best(h, skip_cand, S):
 
 
 @fn
+def _t_of(cur, num_l, num_e, F, row, off):
+    """``MoEInfinityPriority``'s T per layer while layer ``cur`` is computed, into
+    ``F[row, off:off + num_l]``, with the arithmetic of its numpy expression."""
+    for i in range(num_l):
+        F[row, off + i] = 1.0 if i <= cur else i / (num_l + 1)
+    tsum = pairwise(F, row, off, num_l)
+    for i in range(num_l):
+        F[row, off + i] = F[row, off + i] / (tsum * num_e) + 1e-6
+
+
+@fn
 def _prio_t(S, F):
-    """T per layer in ``F[F_TN]`` for the current layer (recomputed when the layer changed)."""
+    """T per layer in ``F[F_TN]`` for the current layer (when the layer changed): copied from a
+    table of every current layer's T (``F_TTAB``, computed at the first use; its last cell
+    says it is), or computed if the table does not fit in a row."""
     cur = S[IV, I_LAYER]
     if S[IV, I_TCUR] == cur:
         return
     S[IV, I_TCUR] = cur
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    tab = num_l * num_l
+    if tab + 1 > F.shape[1]:
+        _t_of(cur, num_l, num_e, F, F_TN, 0)
+        return
+    if F[F_TTAB, tab] != 1.0:
+        for c in range(num_l):
+            _t_of(c, num_l, num_e, F, F_TTAB, c * num_l)
+        F[F_TTAB, tab] = 1.0
     for i in range(num_l):
-        F[F_TN, i] = 1.0 if i <= cur else i / (num_l + 1)
-    tsum = pairwise(F, F_TN, 0, num_l)
-    for i in range(num_l):
-        F[F_TN, i] = F[F_TN, i] / (tsum * num_e) + 1e-6
+        F[F_TN, i] = F[F_TTAB, cur * num_l + i]
 
 
 @fn

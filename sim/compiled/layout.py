@@ -54,7 +54,8 @@ IV = 0  # row of S holding the int scalars
 F_FIN, F_RFIN, F_RSTART, F_FREE, F_ARCP = range(5)
 FV = 5  # row of F holding the float scalars
 F_DN, F_TN = 6, 7  # moe_infinity_priority: D (normalised) per key, T per layer
-NUM_FROWS = 8
+F_TTAB = 8  # moe_infinity_priority: T per layer for every current layer (L x L, then 1.0)
+NUM_FROWS = 9
 # Columns of row IV of S (int scalars and counters).
 I_PSTAMP, _I_FREE, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
 I_DEMAND, I_ISSUED, I_PF_STARTED, I_PF_DROPPED, I_SERVED, I_USEFUL = range(9, 15)

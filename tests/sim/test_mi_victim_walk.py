@@ -21,6 +21,7 @@ from moesim.sim.compiled.layout import (
     B_HKEY,
     EV_MI_MIN,
     F_DN,
+    F_TN,
     I_CHI,
     I_CLO,
     I_CSTAMP,
@@ -48,6 +49,25 @@ from moesim.sim.compiled.layout import (
     P_HSIZE,
     RESIDENT,
 )
+
+
+@settings(max_examples=40, deadline=None)
+@given(num_l=st.integers(1, 40), num_e=st.integers(1, 70), narrow=st.booleans())
+def test_priority_t_equals_the_reference(num_l: int, num_e: int, narrow: bool) -> None:
+    """T per layer, from the table of every current layer (or computed when the table does
+    not fit in a row), is the float ``MoEInfinityPriority._scores`` computes, layer after
+    layer and back to layer 0."""
+    S = np.zeros((NUM_ROWS, NUM_IV + 1), np.int64)
+    width = num_l if narrow else num_l * num_l + 1
+    F = np.zeros((NUM_FROWS, width))
+    S[IV, I_NUML], S[IV, I_NUME], S[IV, I_TCUR] = num_l, num_e, -1
+    for cur in [*range(num_l), 0]:
+        S[IV, I_LAYER] = cur
+        _prio_t(S, F)
+        t = np.arange(num_l, dtype=float) / (num_l + 1)
+        t[: cur + 1] = 1.0
+        t = t / (t.sum() * num_e) + 1e-6
+        assert np.array_equal(F[F_TN, :num_l], t), (cur, F[F_TN, :num_l] - t)
 
 
 def _cache(seed: int, prio: bool) -> tuple[np.ndarray, np.ndarray, list[int]]:
