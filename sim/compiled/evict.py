@@ -233,6 +233,10 @@ def _evictable_top(h, skip_cand, S):
     return -1
 
 
+# Below this total of visits one more visit always scores strictly more (_prio_layers).
+TIE_TOTAL = float(2**40)
+
+
 @fn
 def _prio_layers(p, skip_cand, S, F):
     """``_prio_scan`` over the whole partition when D is the same for every key, from the layer
@@ -271,9 +275,11 @@ def _prio_layers(p, skip_cand, S, F):
             if k < 0:
                 continue
         c = S[K_S1, k]
-        sc = w * (one if c == 1 else c / total + 1e-6)
-        more = w * ((c + 1) / total + 1e-6)  # >= sc: every float step is monotone
-        tie = more == sc
+        sc = w * one if c == 1 else w * (c / total + 1e-6)
+        # one more visit scores the same only for a huge total: below 2**40 the two quotients
+        # differ by 1/total, far more than the rounding of the sums and products (each step
+        # rounds by at most 2**-53 relative, the values are at most 1 + 1e-6)
+        tie = total >= TIE_TOTAL and w * ((c + 1) / total + 1e-6) == sc
         if tie:  # a more visited key could tie: scan the layer
             k, sc = _prio_scan(p, i, i, skip_cand, S, F)
         if sc < best_s or (sc == best_s and k < best):
