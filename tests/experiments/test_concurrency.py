@@ -89,6 +89,30 @@ def _alive(pid: int) -> bool:
     return fields[0] != "Z"  # a zombie has exited; only its parent's reaping is left
 
 
+def workers_left_after_killing(proc: subprocess.Popen, sweep: Path) -> list[tuple[int, bytes]]:
+    """SIGKILL a sweep's process once two workers exist and one is inside a run; return the
+    workers still alive 20 s later (pid, cmdline), after killing them too so that they do not
+    outlive the test."""
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        workers = {p for p in _descendants(proc.pid) if _alive(p)}
+        started = list(sweep.glob("*/.hydra"))  # a worker is inside a job
+        if len(workers) >= 2 and started:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None and workers, "sweep ended before its workers could be seen"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.2)
+    left = [(p, Path(f"/proc/{p}/cmdline").read_bytes()[:200]) for p in workers if _alive(p)]
+    for p, _ in left:  # don't leave them to the rest of the suite either
+        os.kill(p, signal.SIGKILL)
+    return left
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
     path = write_deepseek_shaped(tmp_path / "big.parquet", 30, 40, 9)
@@ -99,25 +123,8 @@ def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
              f"hydra.sweep.dir={tmp_path}/sweep"),
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    workers: set[int] = set()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        workers = {p for p in _descendants(proc.pid) if _alive(p)}
-        started = list(tmp_path.glob("sweep/*/.hydra"))  # a worker is inside a job
-        if len(workers) >= 2 and started:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None and workers, "sweep ended before its workers could be seen"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.2)
-    left = [p for p in workers if _alive(p)]
-    cmds = [Path(f"/proc/{p}/cmdline").read_bytes()[:200] for p in left]
-    for p in left:  # don't leave them to the rest of the suite either
-        os.kill(p, signal.SIGKILL)
-    assert not left, f"workers outlived the killed sweep: {left} {cmds}"
+    left = workers_left_after_killing(proc, tmp_path / "sweep")
+    assert not left, f"workers outlived the killed sweep: {left}"
 
 
 def test_a_bad_run_fails_alone_and_the_sweep_says_so(trace_file: Path, tmp_path: Path) -> None:

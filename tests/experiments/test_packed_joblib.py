@@ -6,12 +6,9 @@ themselves are the joblib launcher's, table for table and saved config for saved
 
 from __future__ import annotations
 
-import os
 import pickle
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -143,7 +140,7 @@ def test_packed_sweeps_equal_joblib_and_resume(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_killing_a_packed_fork_sweep_leaves_no_workers(tmp_path: Path) -> None:
-    from tests.experiments.test_concurrency import _alive, _descendants
+    from tests.experiments.test_concurrency import workers_left_after_killing
 
     path = write_deepseek_shaped(tmp_path / "big.parquet", 30, 40, 9)
     proc = subprocess.Popen(
@@ -152,20 +149,5 @@ def test_killing_a_packed_fork_sweep_leaves_no_workers(tmp_path: Path) -> None:
          "progress=false", "hydra/launcher=packed_fork", "hydra.launcher.n_jobs=2",
          f"hydra.sweep.dir={tmp_path}/sweep"],
         cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    workers: set[int] = set()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        workers = {p for p in _descendants(proc.pid) if _alive(p)}
-        if len(workers) >= 2 and list(tmp_path.glob("sweep/*/.hydra")):  # inside a run
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None and workers, "sweep ended before its workers could be seen"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and any(_alive(p) for p in workers):
-        time.sleep(0.2)
-    left = [p for p in workers if _alive(p)]
-    for p in left:  # don't leave them to the rest of the suite either
-        os.kill(p, signal.SIGKILL)
+    left = workers_left_after_killing(proc, tmp_path / "sweep")
     assert not left, f"forked workers outlived the killed sweep: {left}"

@@ -80,7 +80,8 @@ def test_unmodelled_placements_are_named_refused_and_documented() -> None:
                        and name in str(a.value) for a in e.assumptions), e.id
     # the session-7 audit: llama.cpp / Ollama with whole layers on the CPU, accelerate offload
     layers = {"mg_t9_llamacpp_dsv2l_b1", "mg_t9_llamacpp_dsv2l_b32",
-              "mg_t9_llamacpp_mixtral_b1", "mg_t9_llamacpp_mixtral_b32", "mi_lat_ollama_mixtral", "mi_tput_ollama_mixtral"}
+              "mg_t9_llamacpp_mixtral_b1", "mg_t9_llamacpp_mixtral_b32",
+              "mi_lat_ollama_mixtral", "mi_tput_ollama_mixtral"}
     assert {e.id for e in entries.values() if e.placement == "cpu_layers"} == layers
     assert entries["mi_lat_accel_dsv2l"].placement == "layer_offload"
 
