@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -210,3 +213,30 @@ def hw_profile(cfg: DictConfig) -> hw_profiles.HwProfile:
     if isinstance(node, dict) and BROKEN in node:  # its file is not YAML (configs.py)
         raise hw_profiles.ProfileError(str(node[BROKEN]))
     return hw_profiles.profile_from_mapping(node, name=str(node.get("name", "hw")))
+
+
+# A packed sweep's worker (experiments/packing.py) hashes each input once per sweep, not two or
+# three times per run (a raw trace folder: a stat of each of its ~1000 files, ~20 ms): inside
+# inputs_hashed_once(hashes), sim_app.input_digest keeps its results in the sweep's dict. A file
+# changed while that sweep runs is noticed by the next sweep, as a rerun notices it. (Here, not
+# in sim_app: run as ``python -m``, sim_app is ``__main__``, whose functions joblib's pickler
+# sends by value with the globals they use, and a ContextVar cannot be pickled.)
+_SWEEP_INPUT_HASHES: ContextVar[dict[tuple[str, ...], str] | None] = ContextVar(
+    "moesim_sweep_input_hashes", default=None)
+
+
+@contextmanager
+def inputs_hashed_once(hashes: dict[tuple[str, ...], str]) -> Iterator[None]:
+    """Within: ``sim_app.input_digest`` of a run whose inputs were hashed before in ``hashes``
+    returns that hash (the inputs are named by trace path and format, prediction table and
+    requests)."""
+    token = _SWEEP_INPUT_HASHES.set(hashes)
+    try:
+        yield
+    finally:
+        _SWEEP_INPUT_HASHES.reset(token)
+
+
+def sweep_input_hashes() -> dict[tuple[str, ...], str] | None:
+    """The current packed sweep's input hashes (None outside :func:`inputs_hashed_once`)."""
+    return _SWEEP_INPUT_HASHES.get()

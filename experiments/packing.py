@@ -164,7 +164,7 @@ class ComposingLoader:
 
 # In a joblib worker: the sweep's Hydra state (context, master config, task function, config
 # store and other singletons) unpickled once per sweep rather than once per task, with the
-# sweep's input hashes (sim_app.inputs_hashed_once), by the token of the pickled state.
+# sweep's input hashes (inputs.inputs_hashed_once), by the token of the pickled state.
 _SWEEPS = ProcessMemo(size=1)
 
 
@@ -189,12 +189,12 @@ def run_pack(context: Any, config: Any, task_function: Any,
     task (``hydra_joblib_launcher._core.execute_job``: the job's id and number set in its
     config, then Hydra's ``run_job``: its own folder, saved config and return value), with
     the config the sweep's process composed for it when it was kept and the sweep's input
-    hashes (``hashes``, see ``sim_app.inputs_hashed_once``)."""
+    hashes (``hashes``, see ``inputs.inputs_hashed_once``)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import run_job
     from omegaconf import open_dict
 
-    from moesim.experiments.sim_app import inputs_hashed_once
+    from moesim.experiments.inputs import inputs_hashed_once
 
     returns = []
     with inputs_hashed_once(hashes):
@@ -286,7 +286,7 @@ def warm_up(composed: bytes | None, hashes: dict[tuple[str, ...], str]) -> None:
     them itself. A trace that cannot be loaded is left to its run, which reports it."""
     import importlib
 
-    from moesim.experiments import sim_app
+    from moesim.experiments import inputs, sim_app
 
     for name in ("moesim.sim.run", "moesim.sim.engine", "moesim.sim.compiled", "pandas"):
         importlib.import_module(name)  # what a run imports: the kernels' modules, numba
@@ -299,7 +299,7 @@ def warm_up(composed: bytes | None, hashes: dict[tuple[str, ...], str]) -> None:
             or cfg.get("validate") is not None:
         return  # streamed runs read no trace whole; those experiments load their own
     try:
-        with sim_app.inputs_hashed_once(hashes):
+        with inputs.inputs_hashed_once(hashes):
             load_plugins(cfg.get("plugins") or ())
             sim_app.run_trace(cfg)
     except Exception:  # the run meets the same error and reports it, in one line

@@ -15,9 +15,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import replace as dc_replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +32,7 @@ from moesim.experiments.inputs import (
     load_run_trace,
     model_card,
     run_trace_file,
+    sweep_input_hashes,
     with_card_bytes,
 )
 from moesim.experiments.paths import resolve_path, sweep_workers_die_with_parent
@@ -421,29 +419,9 @@ def config_hash(cfg: DictConfig, data_digest: str = "") -> str:
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
-# A packed sweep's worker (experiments/packing.py) hashes each input once per sweep, not two or
-# three times per run (a raw trace folder: a stat of each of its ~1000 files, ~20 ms): inside
-# inputs_hashed_once(hashes), input_digest keeps its results in the sweep's dict. A file changed
-# while that sweep runs is noticed by the next sweep, as a rerun notices it.
-_SWEEP_INPUT_HASHES: ContextVar[dict[tuple[str, ...], str] | None] = ContextVar(
-    "moesim_sweep_input_hashes", default=None)
-
-
-@contextmanager
-def inputs_hashed_once(hashes: dict[tuple[str, ...], str]) -> Iterator[None]:
-    """Within: :func:`input_digest` of a run whose inputs were hashed before in ``hashes``
-    returns that hash (the inputs are named by trace path and format, prediction table and
-    requests)."""
-    token = _SWEEP_INPUT_HASHES.set(hashes)
-    try:
-        yield
-    finally:
-        _SWEEP_INPUT_HASHES.reset(token)
-
-
 def input_digest(cfg: DictConfig) -> str:
     """:func:`hash_inputs`, once per sweep inside :func:`inputs_hashed_once`."""
-    hashes = _SWEEP_INPUT_HASHES.get()
+    hashes = sweep_input_hashes()
     if hashes is None:
         return hash_inputs(cfg)
     node = cfg.get("predictions") or {}

@@ -77,6 +77,8 @@ def test_composing_loader_keeps_what_the_sweeper_composed_once() -> None:
 def test_inputs_hashed_once_per_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from omegaconf import OmegaConf
 
+    from moesim.experiments.inputs import inputs_hashed_once
+
     calls: list[str] = []
     monkeypatch.setattr(sim_app, "hash_inputs", lambda cfg: calls.append(cfg.trace.path) or
                         f"h{len(calls)}")
@@ -84,10 +86,10 @@ def test_inputs_hashed_once_per_sweep(tmp_path: Path, monkeypatch: pytest.Monkey
     b = OmegaConf.create({"trace": {"path": "b", "format": "parquet"}, "requests": "auto"})
     assert [sim_app.input_digest(a), sim_app.input_digest(a)] == ["h1", "h2"]  # no sweep
     hashes: dict = {}
-    with sim_app.inputs_hashed_once(hashes):
+    with inputs_hashed_once(hashes):
         got = [sim_app.input_digest(c) for c in (a, b, a, b)]
     assert got == ["h3", "h4", "h3", "h4"] and calls == ["a", "a", "a", "b"]
-    with sim_app.inputs_hashed_once(hashes):  # the next pack of the same sweep
+    with inputs_hashed_once(hashes):  # the next pack of the same sweep
         assert sim_app.input_digest(a) == "h3" and len(calls) == 4
     assert sim_app.input_digest(a) == "h5"  # outside: hashed again
 
