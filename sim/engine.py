@@ -39,8 +39,9 @@ call's host part, which then never runs beside a copy handed before it; with
 own: only demand copies hold kernels, an expert whose prefetch is in flight waits for that
 copy, and the link runs on wall time (exact for demand copies: in issue order none is in
 flight during a kernel). A runtime's
-``copy.host_s`` adds the host's work to issue the layer's demand copies right after routing
-(``CopyRules.issue_time``), in either layout.
+``copy.host_s`` adds the host's work to issue the layer's demand copies, and the prefetch
+copies started since the previous routing, right after routing (``CopyRules.issue_time``), in
+either layout.
 
 Timed mode runs the GPU as a SimPy process (durations from the hardware profile; policies may
 schedule their own SimPy callbacks with ``ctx.after``). Zero-latency mode runs the same code with
@@ -718,7 +719,8 @@ class Simulation:
                             c.stall_late += st_late
                             c.layer_stall[j] += st_miss + st_late
                     elif counts is None and s >= tl_steps and not any(kinds):
-                        end = t + shared_t[s] + len(keys) * one_expert  # all resident
+                        # all resident (``issue``: prefetches started since the last routing)
+                        end = t + issue + shared_t[s] + len(keys) * one_expert
                     else:
                         end, st_miss, st_late, spans = _schedule(
                             t, keys, kinds, None if counts is None else counts[j], link, comp,
@@ -763,12 +765,19 @@ class Simulation:
         progress.close()
 
     def _issue_time(self, kinds: list[int]) -> float:
-        """The compute thread's time to issue this layer's demand copies (``copy.host_s``,
-        ``CopyRules.issue_time``): misses and promoted prefetches fetched whole, and
-        low-precision copies; a miss the placement serves on the CPU or skips copies nothing."""
+        """The compute thread's time to issue copies at this layer's routing (``copy.host_s``,
+        ``CopyRules.issue_time``): the layer's demand copies (misses and promoted prefetches
+        fetched whole, and low-precision copies; a miss the placement serves on the CPU or
+        skips copies nothing) plus every prefetch copy that started on the link since the
+        previous charge (``HostLink.uncharged_prefetches``, taken here: the link has been
+        advanced to now). Prefetches are charged at the next routing because the executor's
+        compute thread does their copier work in its loop's pumps, not on the link."""
         place = self._elsewhere if self._place else {}
         n = sum(1 for i, k in enumerate(kinds) if k >= PROMOTED
                 and (i not in place or place[i][0] == LOW_PRECISION))
+        link = self.link
+        n += link.uncharged_prefetches
+        link.uncharged_prefetches = 0
         return self.rules.issue_time(n)
 
     def _access(self, keys: list[int], layer: int, counting: bool) -> list[int] | None:

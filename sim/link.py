@@ -45,9 +45,17 @@ run by :func:`copy_rules` (both engines use it; the compiled link mirrors
   (the layer's first ``window`` copies are handed after the attention kernel and every
   kernel waits for them; a later one is handed after a kernel and the next kernel waits for
   it), so pausing the link during kernels only ever paused prefetches.
-- ``host_s`` (``copy.host_s``): the compute thread's work to issue one demand copy, host time
-  in series with the layer (:meth:`CopyRules.issue_time`: ``n x host_s`` right after
-  routing), never time on the link.
+- ``host_s`` (``copy.host_s``): the compute thread's work to issue one copy, host time in
+  series with the layer (:meth:`CopyRules.issue_time`: ``n x host_s`` right after routing),
+  never time on the link. ``n`` is the layer's demand copies plus every prefetch copy that
+  started on the link since the previous layer's charge, up to this routing
+  (``HostLink.uncharged_prefetches``; a queued prefetch cancelled, promoted or dropped before
+  it started costs nothing). Why there: the executor's compute thread does a prefetch's
+  copier work (reserve its slot, hand it to a worker, later drain it) in the pumps of its
+  run loop, the nearest after the copy can start; the routing is the one point where both
+  engines already charge host work, and a prefetch started during a layer's experts is
+  charged at the next layer's routing (those started after the run's last routing are never
+  charged).
 """
 
 from __future__ import annotations
@@ -77,7 +85,7 @@ class CopyRules:
     swap_s: float = 0.0  # that copy's time (``RuntimeLink.swap_time``)
     compute_stream: bool = False  # copies pause while a GPU kernel runs
     always: bool = False  # every install copies one back, evicting or not (``swap: always``)
-    host_s: float = 0.0  # the compute thread's work to issue one demand copy (``copy.host_s``)
+    host_s: float = 0.0  # the compute thread's work to issue one copy (``copy.host_s``)
     # ``copy.order: fifo`` (compute stream only): the demand copies handed to the stream at
     # the layer's start, before any of its kernels (0: kernels wait only on their own copy)
     window: int = 0
@@ -104,8 +112,9 @@ class CopyRules:
         return duration + self.swap_s if evicted and self.serial else duration
 
     def issue_time(self, copies: int) -> float:
-        """The compute thread's time to issue a layer's ``copies`` demand copies (host work
-        in series with the layer's, never on the link); exactly 0 without ``host_s``."""
+        """The compute thread's time to issue ``copies`` copies at a layer's routing (its
+        demand copies and the prefetches started since the last charge: host work in series
+        with the layer's, never on the link); exactly 0 without ``host_s``."""
         return copies * self.host_s if copies and self.host_s else 0.0
 
     @property
@@ -245,6 +254,9 @@ class HostLink:
         self._finish: dict[int, float] = {}
         self._seq = 0
         self.started = [0, 0]  # per kind, counted steps only
+        # prefetch copies started (counted or not) that the engine has not yet charged
+        # ``copy.host_s`` for (``Simulation._issue_time`` takes and zeroes it at routing)
+        self.uncharged_prefetches = 0
         self.dropped = 0
         self.cancelled = 0
         self.busy = 0.0
@@ -409,6 +421,7 @@ class HostLink:
         heapq.heappush(self._running, (finish, self._seq, key, PREFETCH, self.t))
         self._finish[key] = finish
         self.busy += duration
+        self.uncharged_prefetches += 1
         if self.counting:
             self.started[PREFETCH] += 1
 

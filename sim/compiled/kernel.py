@@ -107,7 +107,7 @@ from moesim.sim.compiled.layout import (
     V_TIME,
     jit,
 )
-from moesim.sim.compiled.link import _advance, _submit_demand
+from moesim.sim.compiled.link import I_PF_HOST, _advance, _submit_demand
 from moesim.sim.compiled.lists import _merge_current
 from moesim.sim.compiled.prefetch import _issue_keys, _prefetch
 
@@ -180,8 +180,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     empty arrays for a fresh run. ``rt``: the copy rules of a runtime (``sim.link.CopyRules``)
     and the host parts of the compute times (``sim.link.host_time``): per-step attention,
     shared-expert and dense-layer host time, the expert host-time table, and
-    ``CopyRules.vector``: [compute stream, swap mode, swap seconds, host seconds per demand
-    copy, fifo window, host sync per expert, own prefetch stream, per-layer windows]."""
+    ``CopyRules.vector``: [compute stream, swap mode, swap seconds, host seconds per copy
+    (demand copies and started prefetches: I_PF_HOST), fifo window, host sync per expert, own
+    prefetch stream, per-layer windows]."""
     (eams, unit, access, ordr, lrid, leam, lsq, lrsum, ldots, req_off, req_ids, join_off,
      join_rid, cfg) = mi
     attn_h, shared_h, dense_h, cost_h, copyv = rt
@@ -412,7 +413,11 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if S[IV, I_NQ] > 0:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
                 t = now
-                issue = n_dem * host_s if n_dem and host_s else 0.0  # CopyRules.issue_time
+                # CopyRules.issue_time: the demand copies and the prefetches started since the
+                # last routing (engine.Simulation._issue_time)
+                n_iss = n_dem + S[IV, I_PF_HOST] if host_s else 0
+                S[IV, I_PF_HOST] = 0
+                issue = n_iss * host_s if n_iss and host_s else 0.0
                 if fifo:  # engine._run_gpu_fifo
                     gate = wgate if own else _gate(engines, F)
                     st_miss = 0.0
@@ -532,7 +537,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         F[FV, V_STALL_LATE] += st_late
                         layer_stall[j] += st_miss + st_late
                 elif not use_counts and not any_wait:
-                    end = t + shared[s] + n_keys * cost[1]
+                    end = t + issue + shared[s] + n_keys * cost[1]  # issue: started prefetches
                 else:  # engine._schedule: resident experts first, then by arrival
                     nw = 0
                     cur_t = t

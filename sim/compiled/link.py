@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moesim.sim.compiled.cache import _reserve
 from moesim.sim.compiled.layout import (
+    _I_FREE,
     B_QKEY,
     B_QSEQ,
     B_RKEY,
@@ -47,6 +48,11 @@ from moesim.sim.compiled.layout import (
     fn,
     typed,
 )
+
+# Prefetch copies started (counted or not) whose ``copy.host_s`` the kernel has not charged
+# yet (``HostLink.uncharged_prefetches``; the kernel takes and zeroes it at each routing):
+# layout.py's spare int column, so it travels with the state between streamed chunks.
+I_PF_HOST = _I_FREE
 
 
 # -- the host link (sim/link.py) ------------------------------------------------------------
@@ -208,6 +214,7 @@ def _advance(until, duration, ev, position, S, F, nocc):
             F[F_FIN, key] = finish
             S[K_INFL, key] = 1
             F[FV, V_BUSY] += d
+            S[IV, I_PF_HOST] += 1
             if S[IV, I_COUNTING]:
                 S[IV, I_L_PREFETCH] += 1
     if until > F[FV, V_LT]:
