@@ -22,7 +22,8 @@ when an install evicts one; copies on the compute stream pause while GPU kernels
 engines take the host part of each compute time from :class:`RuntimeCompute`'s ``*_host``);
 ``copy.order: fifo`` makes that stream run in issue order (a kernel waits for every copy
 handed before it; ``copy.window`` demand copies are handed when a layer routes); and
-``copy.host_s`` is the host's work to issue each demand copy, in series with the layer;
+``copy.host_s`` is the host's work to issue each demand copy and each prefetch copy that
+starts, in series with the layer;
 ``copy.prefetch_stream: own`` (fifo only) moves prefetch copies to a stream of their own.
 """
 
@@ -175,7 +176,7 @@ class RuntimeProfile:
                  f"layer {self.value('overhead.layer_s') * 1e6:.3g} us",
                  f"expert {self.value('overhead.expert_s') * 1e6:.3g} us"]
         if self.value("copy.host_s"):
-            parts.append(f"issue {self.value('copy.host_s') * 1e6:.3g} us per demand copy")
+            parts.append(f"issue {self.value('copy.host_s') * 1e6:.3g} us per copy started")
         if self.dequant_Bps.known:
             parts.append(f"dequant {float(self.dequant_Bps.value) / 1e9:.3g} GB/s")
         parts.append(f"copies {self.host_memory or 'profile'}-memory, {self.stream} stream"
@@ -380,7 +381,8 @@ class RuntimeLink:
     ``host_s`` (``copy.host_s``): the compute thread's own work to issue one demand copy
     (a cache lookup, the eviction decision, the hand-off to a copy worker or the copy call),
     paid on the host in series with the layer's other host work, never on the link: the
-    layer's demand copies cost ``n x host_s`` right after routing (``sim.link.CopyRules``).
+    layer's demand copies, and the prefetch copies started on the link since the previous
+    layer's routing, cost ``n x host_s`` right after routing (``sim.link.CopyRules``).
 
     ``window`` (``copy.order: fifo``, compute stream only): the stream runs copies and kernels
     in the order the host hands them over, so a kernel waits for every copy handed before it,
