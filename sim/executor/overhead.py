@@ -312,9 +312,9 @@ def runtime_mapping(loop: LoopOverhead, handoff_s: float | None, card: ModelCard
                   "charged layer_s once more per dense layer); expert_s per routed and shared "
                   "expert call; per_copy_s on every copy (prefetches too, whose main-thread "
                   "work is smaller: no eviction decision at issue); host_s (when present) per "
-                  "demand copy on the compute thread, right after routing (the executor pays "
-                  "it for prefetches too, at the pump that starts and drains them: the "
-                  "simulator charges prefetches none)."),
+                  "demand copy on the compute thread, right after routing, and per prefetch "
+                  "copy started since the previous routing, at the next routing (the executor "
+                  "pays it for prefetches at the pump that starts and drains them)."),
     }
 
 
