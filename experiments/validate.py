@@ -704,13 +704,17 @@ NOISE_RUNS = (  # committed result file, what it validates, target of its median
     ("validate_forecast_ci_vm_s7b_rerun.csv", "with the prefetch copies' host work: the same "
      "code and command run once more right after, while the CI job's docs checks ran",
      "median <= max(15 %, 2 x noise floor)"),
+    ("validate_forecast_ci_vm_s7c.csv", "with the prefetch copies' host work: the same code "
+     "and command with nothing else running (the runs' own load only)",
+     "median <= max(15 %, 2 x noise floor)"),
 )
-# The forecast whose every config is shown (the newest code's first committed run).
-FORECAST_SHOWN = ("validate_forecast_ci_vm_s7b.csv", "validate_forecast_ci_vm_s7.csv",
-                  "validate_forecast_ci_vm.csv")
+# The forecast whose every config is shown (the first file here that is committed).
+FORECAST_SHOWN = ("validate_forecast_ci_vm_s7c.csv", "validate_forecast_ci_vm_s7b.csv",
+                  "validate_forecast_ci_vm_s7.csv", "validate_forecast_ci_vm.csv")
 # Runs whose simulator charged copy.host_s for started prefetch copies too (earlier ones: per
 # demand copy only).
-PREFETCH_HOST_RUNS = frozenset({"validate_forecast_ci_vm_s7b.csv",
+PREFETCH_HOST_RUNS = frozenset({"validate_forecast_ci_vm_s7c.csv",
+                                "validate_forecast_ci_vm_s7b.csv",
                                 "validate_forecast_ci_vm_s7b_rerun.csv"})
 
 
