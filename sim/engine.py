@@ -1122,6 +1122,22 @@ def _run_gpu_stream(
     return now, tau, st_miss, st_late, pieces
 
 
+def _wait_for_gate(gate: float, now: float, tau: float, late: bool, st_miss: float,
+                   st_late: float) -> tuple[float, float, float, float]:
+    """A kernel (or, with ``copy.sync``, a host part) that cannot start before ``gate`` (link
+    time): (wall, link time, miss stall, late stall) after waiting for it, the wait counted
+    as stall on prefetches (``late``) or on demand copies. ``sim/compiled/kernel.py``'s
+    ``_wait_for_gate`` is the same arithmetic."""
+    if gate > tau:
+        if late:
+            st_late += gate - tau
+        else:
+            st_miss += gate - tau
+        now += gate - tau
+        tau = gate
+    return now, tau, st_miss, st_late
+
+
 def _run_gpu_fifo(
     t: float,
     tau: float,
@@ -1182,22 +1198,12 @@ def _run_gpu_fifo(
     h = issue + shared_host
     now = t
     tau0 = tau
-    if sync and shared > 0 and gate > tau:
-        if demand:
-            st_miss += gate - tau
-        else:
-            st_late += gate - tau
-        now += gate - tau
-        tau = gate
+    if sync and shared > 0:
+        now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, not demand, st_miss, st_late)
     now += h
     tau += h
-    if shared > 0 and gate > tau:
-        if demand:
-            st_miss += gate - tau
-        else:
-            st_late += gate - tau
-        now += gate - tau
-        tau = gate
+    if shared > 0:
+        now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, not demand, st_miss, st_late)
     pieces = [(t, tau0, tau - tau0)]
     if spans is not None:
         if issue:
@@ -1211,22 +1217,12 @@ def _run_gpu_fifo(
     for i in order:
         d, h = dur(1 if counts is None else counts[i])
         w0, tau0 = now, tau
-        if sync and gate > tau:
-            if kinds[i] == LATE or (kinds[i] == HIT and not demand):
-                st_late += gate - tau
-            else:
-                st_miss += gate - tau
-            now += gate - tau
-            tau = gate
+        late = kinds[i] == LATE or (kinds[i] == HIT and not demand)
+        if sync:
+            now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, late, st_miss, st_late)
         now += h
         tau += h
-        if gate > tau:
-            if kinds[i] == LATE or (kinds[i] == HIT and not demand):
-                st_late += gate - tau
-            else:
-                st_miss += gate - tau
-            now += gate - tau
-            tau = gate
+        now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, late, st_miss, st_late)
         if own and kinds[i] == LATE:  # its own copy, on the prefetch stream
             assert keys is not None  # the engine passes the layer's keys
             r = link.ready_times([keys[i]])[0]

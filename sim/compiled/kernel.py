@@ -155,6 +155,20 @@ def _gate(engines, F):
 
 
 @jit
+def _wait_for_gate(gate, now, tau, late, st_miss, st_late):
+    """``engine._wait_for_gate``: the wait for ``gate`` (link time), as stall on prefetches
+    (``late``) or on demand copies; returns (wall, link time, miss stall, late stall)."""
+    if gate > tau:
+        if late:
+            st_late += gate - tau
+        else:
+            st_miss += gate - tau
+        now += gate - tau
+        tau = gate
+    return now, tau, st_miss, st_late
+
+
+@jit
 def _submit_after(k, duration, evicted, direct, at, S, F):
     """``HostLink.submit_demand(k, evicted, not_before=at)``: the link's time raised to ``at``
     for the one submission (a copy handed to the stream later, ``CopyRules.window``);
@@ -425,22 +439,14 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     tau = t if own else F[FV, V_TAU]
                     h = issue + shared_h[s]
                     cur_t = t
-                    if sync and shared[s] > 0 and gate > tau:
-                        if n_dem:
-                            st_miss += gate - tau
-                        else:
-                            st_late += gate - tau
-                        cur_t += gate - tau
-                        tau = gate
+                    if sync and shared[s] > 0:
+                        cur_t, tau, st_miss, st_late = _wait_for_gate(
+                            gate, cur_t, tau, n_dem == 0, st_miss, st_late)
                     cur_t += h
                     tau += h
-                    if shared[s] > 0 and gate > tau:
-                        if n_dem:
-                            st_miss += gate - tau
-                        else:
-                            st_late += gate - tau
-                        cur_t += gate - tau
-                        tau = gate
+                    if shared[s] > 0:
+                        cur_t, tau, st_miss, st_late = _wait_for_gate(
+                            gate, cur_t, tau, n_dem == 0, st_miss, st_late)
                     cur_t += shared[s] - shared_h[s]
                     if own:  # the link's clock is the wall clock: it runs during kernels
                         tau += shared[s] - shared_h[s]
@@ -452,22 +458,14 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                                     (kd != LATE if phase == 1 else kd < PROMOTED)):
                                 continue
                             n = counts[s, j, r] if use_counts else 1
-                            if sync and gate > tau:
-                                if kd == LATE or (kd == HIT and n_dem == 0):
-                                    st_late += gate - tau
-                                else:
-                                    st_miss += gate - tau
-                                cur_t += gate - tau
-                                tau = gate
+                            late = kd == LATE or (kd == HIT and n_dem == 0)
+                            if sync:
+                                cur_t, tau, st_miss, st_late = _wait_for_gate(
+                                    gate, cur_t, tau, late, st_miss, st_late)
                             cur_t += cost_h[n]
                             tau += cost_h[n]
-                            if gate > tau:
-                                if kd == LATE or (kd == HIT and n_dem == 0):
-                                    st_late += gate - tau
-                                else:
-                                    st_miss += gate - tau
-                                cur_t += gate - tau
-                                tau = gate
+                            cur_t, tau, st_miss, st_late = _wait_for_gate(
+                                gate, cur_t, tau, late, st_miss, st_late)
                             if own and kd == LATE:  # its own copy, on the prefetch stream
                                 kp = lkeys[r]
                                 if S[K_INFL, kp]:
