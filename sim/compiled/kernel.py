@@ -53,6 +53,7 @@ from moesim.sim.compiled.layout import (
     I_NUML,
     I_NUMP,
     I_PERSIST,
+    I_PF_HOST,
     I_PSTAMP,
     I_QCAP,
     I_RSIZE,
@@ -107,7 +108,7 @@ from moesim.sim.compiled.layout import (
     V_TIME,
     jit,
 )
-from moesim.sim.compiled.link import I_PF_HOST, _advance, _submit_demand
+from moesim.sim.compiled.link import _advance, _submit_demand
 from moesim.sim.compiled.lists import _merge_current
 from moesim.sim.compiled.prefetch import _issue_keys, _prefetch
 

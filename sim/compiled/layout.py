@@ -56,8 +56,10 @@ FV = 5  # row of F holding the float scalars
 F_DN, F_TN = 6, 7  # moe_infinity_priority: D (normalised) per key, T per layer
 F_TTAB = 8  # moe_infinity_priority: T per layer for every current layer (L x L, then 1.0)
 NUM_FROWS = 9
-# Columns of row IV of S (int scalars and counters).
-I_PSTAMP, _I_FREE, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
+# Columns of row IV of S (int scalars and counters). I_PF_HOST: prefetch copies started
+# whose ``copy.host_s`` is not charged yet (``HostLink.uncharged_prefetches``; the kernel takes
+# and zeroes it at each routing; in S, so it travels between streamed chunks).
+I_PSTAMP, I_PF_HOST, I_SEQ, I_LSEQ, I_NQ, I_QHEAD, I_QTAIL, I_RSIZE, I_COUNTING = range(9)
 I_DEMAND, I_ISSUED, I_PF_STARTED, I_PF_DROPPED, I_SERVED, I_USEFUL = range(9, 15)
 I_WASTED, I_EVICTIONS, I_L_DEMAND, I_L_PREFETCH, I_L_DROPPED, I_ERROR, I_UNUSED = range(15, 22)
 I_ENGINES, I_QCAP, I_TSTAMP = 22, 23, 24

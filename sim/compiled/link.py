@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from moesim.sim.compiled.cache import _reserve
 from moesim.sim.compiled.layout import (
-    _I_FREE,
     B_QKEY,
     B_QSEQ,
     B_RKEY,
@@ -28,6 +27,7 @@ from moesim.sim.compiled.layout import (
     I_L_PREFETCH,
     I_LSEQ,
     I_NQ,
+    I_PF_HOST,
     I_QCAP,
     I_QHEAD,
     I_QTAIL,
@@ -48,11 +48,6 @@ from moesim.sim.compiled.layout import (
     fn,
     typed,
 )
-
-# Prefetch copies started (counted or not) whose ``copy.host_s`` the kernel has not charged
-# yet (``HostLink.uncharged_prefetches``; the kernel takes and zeroes it at each routing):
-# layout.py's spare int column, so it travels with the state between streamed chunks.
-I_PF_HOST = _I_FREE
 
 
 # -- the host link (sim/link.py) ------------------------------------------------------------
