@@ -77,6 +77,11 @@ FITTABLE: dict[str, str] = {
     "cpu_kernels.bf16": "factor",
     "cpu_kernels.fp32": "factor",
 }
+# The discrete (structural) choices a fit may select among, per dotted YAML key: a runtime's
+# published entries may not say which of a system's rules held in the measured runs (its code
+# may differ from the measured build), so the fit compares the declared alternatives on the
+# calibration set alone (``moesim.experiments.published.fit.STRUCTURES``).
+STRUCTURAL: dict[str, tuple[str, ...]] = {"copy.swap": ("false", "true", "always")}
 _ATTR = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
          "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
          "copy.per_copy_s": "per_copy_s", "copy.host_s": "host_s",
@@ -348,6 +353,30 @@ def with_values(rt: RuntimeProfile, values: Mapping[str, float], source: str) ->
     if rt.cpu_kernels is not None or rates:
         kernels = rt.cpu_kernels or CpuKernels(rt.name)
         changes["cpu_kernels"] = replace(kernels, rates=rates)
+    return replace(rt, **changes)
+
+
+def structure_value(rt: RuntimeProfile, key: str) -> str:
+    """A structural choice of ``rt`` as its YAML spells it (see :data:`STRUCTURAL`)."""
+    if key == "copy.swap":
+        return "always" if rt.swap_always else ("true" if rt.swap else "false")
+    raise KeyError(key)
+
+
+def with_structure(rt: RuntimeProfile, choice: Mapping[str, str]) -> RuntimeProfile:
+    """``rt`` with structural choices replaced (what a fit's alternative evaluates)."""
+    from dataclasses import replace
+
+    changes: dict[str, Any] = {}
+    for key, v in choice.items():
+        allowed = STRUCTURAL.get(key)
+        if allowed is None:
+            raise KeyError(key)
+        if v not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}, got {v!r}")
+        if key == "copy.swap":
+            changes["swap"] = v != "false"
+            changes["swap_always"] = v == "always"
     return replace(rt, **changes)
 
 

@@ -25,7 +25,7 @@ from moesim.hw_profiles import ProfileError
 from moesim.hw_profiles.runtime import RuntimeProfile, list_runtimes, load_runtime, runtime_path
 
 from .entries import DATA_DIR, Entry, load_entries
-from .fit import CALIBRATION, FitResult, fit_runtime
+from .fit import CALIBRATION, FitResult, fit_runtime, structure_of
 from .predict import NotPredictable, Prepared, as_metric, predict_s_per_token, prepare
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -91,6 +91,10 @@ def write_fit_json(results: Sequence[FitResult]) -> None:
     for r in results:
         fits[r.runtime] = {"runtime": r.runtime, "values": r.values,
                            "calibration": list(r.calibration), "loss": r.loss}
+        if r.structure:  # the declared alternatives, each with its own fit and loss
+            fits[r.runtime]["structure"] = r.structure
+            fits[r.runtime]["alternatives"] = [
+                {"structure": c, "values": v, "loss": loss} for c, v, loss in r.alternatives]
     FIT_JSON.write_text(json.dumps([fits[k] for k in sorted(fits)], indent=1) + "\n")
 
 
@@ -112,6 +116,14 @@ def write_fitted(result: FitResult) -> None:
             raise ProfileError(f"{path}: no line for {key} to write the fitted value into")
         line = f"{{value: {value:.6g}, kind: fitted, source: \"{source}\"}}"
         text = text[:m.start()] + m.group(1) + line + text[m.end():]
+    for key, choice in result.structure.items():  # e.g. copy.swap: its plain YAML line
+        section, leaf = key.split(".")
+        start = re.search(rf"^{re.escape(section)}:\s*$", text, re.M)
+        m = re.compile(rf"^(\s+{re.escape(leaf)}: )\S+$", re.M).search(
+            text, start.end()) if start is not None else None
+        if m is None:
+            raise ProfileError(f"{path}: no line for {key} to write the fitted choice into")
+        text = text[:m.start()] + m.group(1) + choice + text[m.end():]
     path.write_text(text)
 
 
@@ -206,14 +218,15 @@ def logo_table(entries: Sequence[Entry], runtime: str = "hqq_offload",
                 p = preds.value(e, fitted)
                 rows.append({"left_out": hw, "id": e.id, "measured": e.value, "predicted": p,
                              "ratio": p / e.value,
-                             **{f"fit.{k}": v for k, v in res.values.items()}})
+                             **{f"fit.{k}": v for k, v in res.values.items()},
+                             **{f"fit.{k}": c for k, c in res.structure.items()}})
     return pd.DataFrame(rows)
 
 
 def _with(rt: RuntimeProfile, res: FitResult) -> RuntimeProfile:
     from moesim.hw_profiles.runtime import with_values
 
-    return with_values(rt, res.values, "leave-one-GPU-out fit")
+    return with_values(structure_of(rt, res), res.values, "leave-one-GPU-out fit")
 
 
 def summary(pred: pd.DataFrame) -> dict[str, Any]:
@@ -270,8 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = fit_all(entries, only=args.only)
             for r in results:
                 print(f"{r.runtime}: " + ", ".join(f"{k}={v:.4g}" for k, v in r.values.items())
+                      + "".join(f", {k}={c}" for k, c in r.structure.items())
                       + f"  (loss {r.loss:.4f} on {len(r.calibration)} entries, "
                       f"{r.evaluations} evaluations)")
+                for c, _, loss in r.alternatives[1:]:
+                    print("  not kept: " + ", ".join(f"{k}={v}" for k, v in c.items())
+                          + f" (loss {loss:.4f})")
             if args.write:
                 for r in results:
                     write_fitted(r)

@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from moesim.experiments.published.entries import PublishedError, load_entries
-from moesim.experiments.published.fit import CALIBRATION, RANGES, fit_runtime
+from moesim.experiments.published.fit import (
+    CALIBRATION,
+    RANGES,
+    STRUCTURES,
+    fit_runtime,
+    shipped_structure,
+)
 from moesim.experiments.published.predict import bus_generation
 from moesim.experiments.published.report import FIT_JSON, PREDICTIONS_CSV, effects_table
 from moesim.hw_profiles.runtime import list_runtimes, load_runtime
@@ -121,12 +127,69 @@ def test_a_fit_never_sees_a_held_out_entry() -> None:
                                                            rel=1e-6)
 
 
+def test_a_structural_choice_is_fitted_on_the_calibration_set_only() -> None:
+    """Declared alternatives (copy.swap for hqq_offload) are each fitted on the same
+    calibration entries; the lowest loss is kept and every alternative is recorded."""
+    entries = load_entries(runtimes=list_runtimes())
+    seen: set[str] = set()
+
+    def fake(entry, runtime):  # the copy-back makes every prediction 30 % slow
+        seen.add(entry.id)
+        slow = 1.3 if runtime.swap_always else 1.0
+        return entry.value * slow * (1 + runtime.value("overhead.layer_s"))
+
+    res = fit_runtime(load_runtime("hqq_offload"), entries, fake)
+    assert seen == set(CALIBRATION["hqq_offload"])
+    assert res.structure == {"copy.swap": "false"}
+    assert [c for c, _, _ in res.alternatives] == [{"copy.swap": "false"},
+                                                   {"copy.swap": "always"}]
+    assert res.alternatives[0][2] == res.loss < res.alternatives[1][2]
+    none = fit_runtime(load_runtime("hqq_offload"), entries, fake, structures={})
+    assert none.structure == {} and none.alternatives == ()
+
+
+def test_with_structure_refuses_an_undeclared_choice() -> None:
+    from moesim.hw_profiles.runtime import structure_value, with_structure
+
+    rt = load_runtime("hqq_offload")
+    assert structure_value(with_structure(rt, {"copy.swap": "always"}), "copy.swap") == "always"
+    off = with_structure(rt, {"copy.swap": "false"})
+    assert not off.swap and not off.swap_always
+    with pytest.raises(ValueError, match=r"copy\.swap must be one of false, true, always"):
+        with_structure(rt, {"copy.swap": "sometimes"})
+    with pytest.raises(KeyError):
+        with_structure(rt, {"copy.stream": "own"})
+
+
+def test_write_fitted_sets_the_structural_line(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from moesim.experiments.published import report
+    from moesim.experiments.published.fit import FitResult
+    from moesim.hw_profiles.runtime import runtime_path
+
+    yaml = tmp_path / "hqq_offload.yaml"
+    yaml.write_text(runtime_path("hqq_offload").read_text())
+    monkeypatch.setattr(report, "runtime_path", lambda name: yaml)
+    for choice in ("always", "false"):
+        report.write_fitted(FitResult("hqq_offload", {"overhead.layer_s": 1e-3},
+                                      CALIBRATION["hqq_offload"], 0.1, 1,
+                                      {"copy.swap": choice}))
+        rt = load_runtime(yaml)
+        assert shipped_structure(rt) == {"copy.swap": choice}
+        assert rt.value("overhead.layer_s") == pytest.approx(1e-3)
+
+
 def test_committed_fit_is_what_the_runtime_profiles_ship() -> None:
     fits = json.loads(FIT_JSON.read_text())
     assert {f["runtime"] for f in fits} == set(CALIBRATION)
     for f in fits:
         rt = load_runtime(f["runtime"])
         assert tuple(f["calibration"]) == CALIBRATION[f["runtime"]]
+        # the structure the YAML ships is the fitted one: the lowest loss of its alternatives
+        assert shipped_structure(rt) == f.get("structure", {})
+        if f["runtime"] in STRUCTURES:
+            losses = [a["loss"] for a in f["alternatives"]]
+            assert f["loss"] == min(losses) and len(losses) > 1
         for key, value in f["values"].items():
             q = rt.quantity(key)
             assert q.kind == "fitted" and q.value == pytest.approx(value, rel=1e-5), key
