@@ -258,14 +258,18 @@ class HostCpuModel:
         return replace(self, kernels=kernels, measured=None,
                        source=f"{self.source}; {kernels.runtime} CPU kernels: {label}")
 
-    def kernel_time(self, tokens: float, bits: float) -> float:
+    def kernel_time(self, tokens: float, bits: float, params: float | None = None,
+                    share: float | None = None) -> float:
         """One execution under the runtime's kernels, without the overhead: memory-bound at
-        the dtype's packed bytes, compute-bound at the kernel's rate plus its conversion."""
+        the dtype's packed bytes, compute-bound at the kernel's rate plus its conversion
+        (``params`` weights, default one routed expert's; ``share`` of the host, default
+        one of the ``parallel`` lanes)."""
         assert self.kernels is not None
         factor, deq, _ = self.kernels.select(bits, self.isa)
-        share = 1.0 / self.parallel
-        nbytes = self.card.expert_params * bits / 8
-        work = 2.0 * tokens * self.card.expert_params / (self.flops * factor * share)
+        share = 1.0 / self.parallel if share is None else share
+        params = self.card.expert_params if params is None else params
+        nbytes = params * bits / 8
+        work = 2.0 * tokens * params / (self.flops * factor * share)
         if deq is not None:
             work += nbytes / (deq * share)
         return max(nbytes / (self.memory_bandwidth_Bps * share), work)
@@ -304,6 +308,65 @@ class HostCpuModel:
         if bits is None or float(bits) == self.card_bits:
             return full
         return self.overhead_s + max(0.0, full - self.overhead_s) * low / self.roofline(tokens)
+
+    # -- whole layers on the host (placement ``cpu_layers``: llama.cpp's -ngl) ---------------
+    # A layer that runs whole on the host has the whole CPU (every lane): its ops run one
+    # after another, each parallelised inside (ggml's thread pool), so they take share 1.
+
+    def _weights_time(self, tokens: float, params: float, bits: float) -> float:
+        """One matmul group of ``params`` weights at ``bits`` per weight over ``tokens``
+        tokens with the whole host: the runtime's kernel for that dtype where it has one,
+        else the host roofline (the weights read once; 2 FLOPs per weight and token)."""
+        if tokens <= 0 or params <= 0:
+            return 0.0
+        if self.kernels is not None:
+            return self.kernel_time(tokens, bits, params, 1.0)
+        return max(params * bits / 8 / self.memory_bandwidth_Bps,
+                   2.0 * tokens * params / self.flops)
+
+    def attention_time(self, batch: int, context: int) -> float:
+        """One layer's attention and router on the host for ``batch`` tokens, each attending
+        to ``context`` earlier tokens: the Q/K/V/O projections and the router read at the
+        attention weights' bits (the runtime's kernel for that dtype, as for experts), plus
+        the layer's KV cache read at the card's dtype and the score and value products
+        (4 x context x query width FLOPs per token) at the host's FLOP/s (the roofline
+        ``compute.ComputeModel.roofline_attention`` uses on the GPU, MLA as MHA), plus one
+        ``overhead_s`` (the layer's thread-pool dispatch)."""
+        if batch <= 0:
+            return 0.0
+        c = self.card
+        h = c.hidden_size
+        q = c.num_attention_heads * c.head_dim or h
+        kv = (c.num_kv_heads or c.num_attention_heads) * c.head_dim or h
+        proj = 2 * h * q + 2 * h * kv + h * c.num_experts  # projections + router
+        ctx = max(context, 0)
+        kv_bytes = batch * ctx * 2 * kv * c.dtype_bytes
+        kv_flops = 4.0 * batch * ctx * q
+        weights = self._weights_time(batch, proj, c.attention_weight_bytes * 8)
+        cache = max(kv_bytes / self.memory_bandwidth_Bps, kv_flops / self.flops)
+        return self.overhead_s + weights + cache
+
+    def shared_time(self, tokens: int) -> float:
+        """Every shared expert of one layer on the host (0 if the model has none): one FFN
+        of the shared intermediate size at the shared experts' bits, plus ``overhead_s``."""
+        c = self.card
+        if tokens <= 0 or c.shared_intermediate_size <= 0:
+            return 0.0
+        params = c.matrices_per_expert * c.hidden_size * c.shared_intermediate_size
+        return self.overhead_s + self._weights_time(tokens, params, c.shared_weight_bytes * 8)
+
+    def dense_layer_time(self, batch: int, context: int) -> float:
+        """A whole dense (non-MoE) decoder layer on the host: its attention and its dense FFN
+        (at the attention weights' bits, as ``compute.ComputeModel`` takes it)."""
+        if batch <= 0:
+            return 0.0
+        c = self.card
+        params = c.matrices_per_expert * c.hidden_size * c.dense_intermediate_size
+        ffn = 0.0
+        if params > 0:
+            ffn = self.overhead_s + self._weights_time(batch, params,
+                                                       c.attention_weight_bytes * 8)
+        return self.attention_time(batch, context) + ffn
 
     def calibration(self) -> str:
         """Where the times come from (the one-line ``source``)."""

@@ -310,6 +310,9 @@ class PlacementPolicy:
     uses_cpu: ClassVar[bool] = False  # needs a host CPU model in timed mode
     timed_only: ClassVar[bool] = False  # decides from costs, which zero-latency runs lack
     approximates: ClassVar[bool] = False  # may skip or reduce precision (gate mass < 1)
+    # ``cpu_layers`` run whole on the host (attention, router, shared experts too; placement
+    # ``cpu_layers``), not only their routed experts; the engine times them, never ``decide``
+    whole_layers: ClassVar[bool] = False
 
     def __init__(self, setup: PolicySetup) -> None:
         self.setup = setup

@@ -79,6 +79,7 @@ from moesim.sim.cache import (
     ExpertCache,
     SimulationError,
 )
+from moesim.sim.cpu_layers import CpuLayerTimes, cpu_layer_times
 from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
 from moesim.sim.link import ACTIVATION, NO_RULES, HostLink, copy_rules, host_time
 from moesim.sim.link import LOW_PRECISION as LOW_COPY
@@ -312,9 +313,12 @@ class Simulation:
             raise SimulationError(f"placement {name!r} computes experts on the host CPU, but "
                                   f"{self.host.why_no_cpu}")
         # Its own generator: the run's stream (random prefill, policies) stays as it was.
+        params = dict(spec.params)
+        if cls.whole_layers:  # the decoder layout, to count layers as the runtime does
+            params["_dense_before"] = list(self.dense_before)
         setup = PolicySetup(
             shape=self.shape, capacity=self.copts.capacity, clock=self.clock,
-            rng=np.random.default_rng([self.ropts.seed, 17]), params=dict(spec.params))
+            rng=np.random.default_rng([self.ropts.seed, 17]), params=params)
         self.placement = cls(setup)
         self._place = not spec.is_default
         self._track_gate = cls.approximates  # gate mass is all full precision otherwise
@@ -325,6 +329,15 @@ class Simulation:
             self._never = bytearray(self.shape.num_keys)
             for j in cpu_layers:
                 self._never[j * num_e:(j + 1) * num_e] = b"\x01" * num_e
+        # whole layers on the host (placement cpu_layers): their costs, one function for
+        # both engines (sim.cpu_layers)
+        self.cpu_times: CpuLayerTimes | None = None
+        if cls.whole_layers and cpu_layers:
+            self.cpu_times = cpu_layer_times(
+                self.workload, cpu_layers, self.placement.cpu_dense_layers(),
+                self.host.cpu if self.timed else None,
+                self.link_model.transfer_time if self.timed else None,
+                self.compute if self.timed else None, self.host.activation_bytes)
         self.pctx = _PlaceContext(self)
         parallel = int(self.host.cpu.parallel) if self.host.cpu is not None else 1
         if parallel < 1:
@@ -597,6 +610,8 @@ class Simulation:
         place = self._place
         gate = (w.gate_mass, w.gate_max) if place and w.gate_mass is not None else None
         step_times = self.c.step_times = [] if timed else None
+        ct = self.cpu_times
+        on_cpu = ct.on_cpu.tolist() if ct is not None else [False] * num_l
         pf.on_start(ctx)
         self.started = True
         progress = _progress(w.num_steps, self.ropts.progress)
@@ -629,6 +644,9 @@ class Simulation:
                     pf.on_pre_attention(ctx, j)
                     if link is not None:
                         link.advance(self._tau if lt else clock.now)
+                if on_cpu[j]:  # the whole layer on the host (placement cpu_layers)
+                    yield from self._cpu_layer(s, j, rows[j], base + width - 1, counting)
+                    continue
                 if timed:
                     d = attn_t[s]
                     if dense_n[j]:
@@ -755,6 +773,10 @@ class Simulation:
                 ev.on_step_end()
             if step_times is not None:
                 step_times.append(clock.now - step_start)
+            if ct is not None:  # CPU layers' host work (cpu_busy: the whole run)
+                c.cpu_busy += float(ct.busy[s])
+                if counting:
+                    c.cpu_execs += int(ct.execs[s])
             if counting:
                 c.steps += 1
                 c.out_tokens += int(w.out_tokens[s])
@@ -763,6 +785,52 @@ class Simulation:
                 c.time += clock.now - step_start
             progress.update(1)
         progress.close()
+
+    def _cpu_layer(self, s: int, j: int, row: list[int], last: int, counting: bool
+                   ) -> Generator[float, None, None]:
+        """MoE layer ``j`` of step ``s`` run whole on the host (placement ``cpu_layers``):
+        its time before routing (the hidden state host-ward at the first CPU layer, CPU dense
+        layers, attention and router), the routing hooks, then its shared and routed experts
+        (``sim.cpu_layers.cpu_layer_times``). Every routed expert is a miss computed on the
+        host: no access reaches the cache and nothing is copied or pinned. Prefetch hooks run
+        as on a GPU layer (prefetches of CPU-layer experts are dropped by ``prefetch``);
+        ``copy.host_s`` for prefetches started meanwhile is charged at the next GPU layer.
+        ``sim/compiled/kernel.py`` mirrors it line for line."""
+        ct, clock, link, pf, ctx = self.cpu_times, self.clock, self.link, self.prefetcher, self.ctx
+        assert ct is not None
+        keep = s < self.ropts.timeline_steps
+        if self.timed:
+            t0 = clock.now
+            d = float(ct.before[s, j])
+            if d > 0:
+                yield d
+            link.advance(clock.now)
+            if keep:
+                self.timeline.append(("cpu", f"attention L{j} (cpu)", t0, clock.now))
+        keys = [k for k in row if k >= 0]
+        if _overrides(pf, PrefetchPolicy, "on_routed"):
+            pf.on_routed(ctx, j, keys)
+            if link is not None:
+                link.advance(clock.now)
+        if counting:
+            self.c.layer_counts[MISS][j] += len(keys)
+        clock.position = last
+        if _overrides(pf, PrefetchPolicy, "on_demand_issued"):
+            pf.on_demand_issued(ctx, j, keys)
+        hook_end = _overrides(pf, PrefetchPolicy, "on_layer_end")
+        if self.timed:
+            if link._queued:
+                link.advance(clock.now)
+            t0 = clock.now
+            d = float(ct.experts[s, j])
+            if d > 0:
+                yield d
+            if keep:
+                self.timeline.append(("cpu", f"L{j} experts (cpu)", t0, clock.now))
+            if hook_end or link._queued:
+                link.advance(clock.now)
+        if hook_end:
+            pf.on_layer_end(ctx, j)
 
     def _issue_time(self, kinds: list[int]) -> float:
         """The compute thread's time to issue copies at this layer's routing (``copy.host_s``,

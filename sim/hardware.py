@@ -84,18 +84,44 @@ class HostCpuTimes(Protocol):
         """Seconds for one routed expert on ``tokens`` tokens (``bits`` None: the card's)."""
         ...
 
+    # A layer run whole on the host (placement ``cpu_layers``), with the whole CPU:
+    def attention_time(self, batch: int, context: int) -> float:
+        """One layer's attention and router on the host."""
+        ...
+
+    def shared_time(self, tokens: int) -> float:
+        """All shared experts of one layer on the host (0 without any)."""
+        ...
+
+    def dense_layer_time(self, batch: int, context: int) -> float:
+        """A whole dense decoder layer (attention + dense FFN) on the host."""
+        ...
+
 
 @dataclass(frozen=True)
 class FixedHostCpu:
-    """``call_s + tokens * per_token_s`` per expert (closed-form tests)."""
+    """``call_s + tokens * per_token_s`` per expert, constant whole-layer parts (closed-form
+    tests)."""
 
     call_s: float = 0.0
     per_token_s: float = 0.0
     parallel: int = 1
     source: str = "fixed"
+    attention_s: float = 0.0
+    shared_s: float = 0.0
+    dense_s: float = 0.0
 
     def expert_time(self, tokens: int, bits: int | None = None) -> float:
         return self.call_s + tokens * self.per_token_s if tokens > 0 else 0.0
+
+    def attention_time(self, batch: int, context: int) -> float:
+        return self.attention_s if batch > 0 else 0.0
+
+    def shared_time(self, tokens: int) -> float:
+        return self.shared_s if tokens > 0 else 0.0
+
+    def dense_layer_time(self, batch: int, context: int) -> float:
+        return self.dense_s if batch > 0 else 0.0
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import numpy as np
 
 from moesim.policies.base import NoPrefetch, PrefetchPolicy
 from moesim.policies.belady import Belady
+from moesim.policies.cpu_layers import CpuLayers
 from moesim.policies.fate_arc import FateARC
 from moesim.policies.fifo import FIFO
 from moesim.policies.least_stale import LeastStale
@@ -94,8 +95,10 @@ def why_not(sim: Simulation) -> str | None:
     if type(sim.prefetcher) is MoEInfinity and sim.shape.num_layers > 128:
         return "moe_infinity beyond 128 layers (the match sums one pairwise leaf per slot)"
     placement = getattr(sim, "placement_spec", None)
-    if placement is not None and not getattr(placement, "is_default", True):
-        return f"placement {placement.name!r} has no compiled twin (only the default 'fetch')"
+    if (placement is not None and not getattr(placement, "is_default", True)
+            and getattr(placement, "cls", None) is not CpuLayers):
+        return (f"placement {placement.name!r} has no compiled twin (only the default 'fetch' "
+                "and cpu_layers)")
     if type(sim.cache) is not ExpertCache:
         return f"cache {type(sim.cache).__qualname__} is not the simulator's ExpertCache"
     if sim.ropts.record_transfers or sim.ropts.timeline_steps:
@@ -161,20 +164,29 @@ def _layer_arrays(sim: Simulation, w: Any = None,
 def runtime_arrays(sim: Simulation, cost: np.ndarray, w: Any = None) -> tuple[np.ndarray, ...]:
     """``kernel.replay``'s ``rt``: per-step host parts of the attention, shared-expert and
     dense-layer times and the expert host-time table (``sim.link.host_time``, as the engine's
-    ``_host_times``), then the run's copy rules (``sim.rules``, ``CopyRules.vector``); of
-    ``w``, a streamed run's chunk, when given."""
+    ``_host_times``), then the run's copy rules (``sim.rules``, ``CopyRules.vector``), then
+    the layers run whole on the host (placement ``cpu_layers``: ``sim.cpu_times``, one flag
+    per layer and the seconds before and after each CPU layer's routing, computed by
+    ``sim.cpu_layers.cpu_layer_times`` for both engines; all False without CPU layers); of
+    ``w``, a streamed run's chunk, when given (streamed runs have no CPU layers)."""
+    chunk = w is not None and w is not sim.workload
     w = sim.workload if w is None else w
     rules = sim.rules
     copyv = rules.vector()
+    ct = None if chunk else getattr(sim, "cpu_times", None)
+    if ct is None:
+        cpu = (np.zeros(sim.shape.num_layers, np.bool_), np.zeros((1, 1)), np.zeros((1, 1)))
+    else:
+        cpu = (ct.on_cpu, ct.before, ct.experts)
     if not rules.compute_stream:
         z = np.zeros(w.num_steps)
-        return z, z, z, np.zeros(len(cost)), copyv
+        return (z, z, z, np.zeros(len(cost)), copyv, *cpu)
     comp = sim.compute
     tokens = w.tokens.tolist()
     return (np.array([host_time(comp, "attention", b) for b in tokens]),
             np.array([host_time(comp, "shared", b) for b in tokens]),
             np.array([host_time(comp, "dense_layer", b) for b in tokens]),
-            np.array([host_time(comp, "expert", n) for n in range(len(cost))]), copyv)
+            np.array([host_time(comp, "expert", n) for n in range(len(cost))]), copyv, *cpu)
 
 
 def _prefetch_args(sim: Simulation) -> tuple[int, int, np.ndarray, int, int, bool, bool,
@@ -352,6 +364,12 @@ def run(sim: Simulation) -> None:
     c.step_times = step_t.tolist() if sim.timed else None
     mask = w.counted
     c.steps = int(mask.sum())
+    ct = getattr(sim, "cpu_times", None)
+    if ct is not None:  # CPU layers' host work, summed step by step as the SimPy engine does
+        for s, busy in enumerate(ct.busy.tolist()):
+            c.cpu_busy += busy
+            if mask[s]:
+                c.cpu_execs += int(ct.execs[s])
     c.out_tokens = int(w.out_tokens[mask].sum())
     c.tokens = int(w.tokens[mask].sum())
     c.pairs = int(w.pairs[mask].sum())

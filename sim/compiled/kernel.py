@@ -20,6 +20,7 @@ from moesim.sim.compiled.layout import (
     A_B2,
     A_T1,
     ABSENT,
+    B_PKEYS,
     COUNTED,
     EV_BELADY,
     EV_LFU,
@@ -183,6 +184,19 @@ def _submit_after(k, duration, evicted, direct, at, S, F):
 
 
 @jit
+def _drop_cpu(n, cpu_on, num_e, S):
+    """The first ``n`` prefetch keys (``S[B_PKEYS]``) without those of CPU layers, in order
+    (``Simulation.prefetch`` drops them: they never take a slot); returns how many remain."""
+    m = 0
+    for i in range(n):
+        k = S[B_PKEYS, i]
+        if not cpu_on[k // num_e]:
+            S[B_PKEYS, m] = k
+            m += 1
+    return m
+
+
+@jit
 def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n, part, caps,
            num_e, timed, pin_layer, engines, duration, cost, ev, hot, touch, pf, point,
            hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi,
@@ -200,7 +214,11 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     prefetch stream, per-layer windows]."""
     (eams, unit, access, ordr, lrid, leam, lsq, lrsum, ldots, req_off, req_ids, join_off,
      join_rid, cfg) = mi
-    attn_h, shared_h, dense_h, cost_h, copyv = rt
+    attn_h, shared_h, dense_h, cost_h, copyv, cpu_on, cpu_before, cpu_experts = rt
+    any_cpu = False  # layers run whole on the host (placement cpu_layers)
+    for j in range(cpu_on.shape[0]):
+        if cpu_on[j]:
+            any_cpu = True
     cs = copyv[0] != 0  # copies on the compute stream: the link runs on link time (V_TAU)
     host_s = copyv[3]  # the compute thread's work per demand copy (CopyRules.issue_time)
     win = int(copyv[4])  # copy.order: fifo: demand copies handed at routing (0: not fifo)
@@ -303,10 +321,59 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if point == PT_PRE:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
+                    if any_cpu:
+                        n = _drop_cpu(n, cpu_on, num_e, S)
                     if n:
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
+            if any_cpu and cpu_on[j]:  # engine.Simulation._cpu_layer: the layer on the host
+                if timed:
+                    d = cpu_before[s, j]
+                    if d > 0:
+                        now = now + d
+                    _advance(now, duration, ev, position, S, F, nocc)
+                n_keys = 0
+                for r in range(width):
+                    k = keys[s, j, r]
+                    if k >= 0:
+                        lkeys[n_keys] = k
+                        n_keys += 1
+                if hook_routed:
+                    if mi_pf:
+                        routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam,
+                               lsq, lrsum, ldots, ebuf, buf, S, F)
+                    if point == PT_ROUTED:
+                        n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                                        counting, table, S)
+                        n = _drop_cpu(n, cpu_on, num_e, S)
+                        if n:
+                            _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                    if timed:
+                        _advance(now, duration, ev, position, S, F, nocc)
+                if counting:
+                    layer_counts[MISS, j] += n_keys
+                position = base + width - 1
+                if hook_issued and point == PT_ISSUED:
+                    if mi_pf:
+                        n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids,
+                                          eams, access, ordr, lrid, leam, lsq, lrsum, ldots,
+                                          ebuf, buf, S, F)
+                    else:
+                        n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                                        counting, table, S)
+                    n = _drop_cpu(n, cpu_on, num_e, S)
+                    if n:
+                        _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                if timed:
+                    if S[IV, I_NQ] > 0:
+                        _advance(now, duration, ev, position, S, F, nocc)
+                    d = cpu_experts[s, j]
+                    if d > 0:
+                        now = now + d
+                    if S[IV, I_NQ] > 0:
+                        _advance(now, duration, ev, position, S, F, nocc)
+                continue
             if timed:
                 d = attn[s]
                 if dense_n[j]:
@@ -350,6 +417,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if point == PT_ROUTED:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
+                    if any_cpu:
+                        n = _drop_cpu(n, cpu_on, num_e, S)
                     if n:
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
@@ -422,6 +491,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 else:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
+                if any_cpu:
+                    n = _drop_cpu(n, cpu_on, num_e, S)
                 if n:
                     _prefetch(n, timed, touch, ev, position, S, F, nocc)
             if timed:

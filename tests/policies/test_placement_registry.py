@@ -9,8 +9,8 @@ from moesim.policies.registry import PLACEMENT, placement_names, resolve_placeme
 
 
 def test_shipped_placements() -> None:
-    assert placement_names() == ["cpu_on_miss", "fetch", "fetch_or_cpu", "low_precision_fetch",
-                                 "skip_low_weight", "static_cpu"]
+    assert placement_names() == ["cpu_layers", "cpu_on_miss", "fetch", "fetch_or_cpu",
+                                 "low_precision_fetch", "skip_low_weight", "static_cpu"]
     assert resolve_placement(None).is_default and resolve_placement("fetch").is_default
     assert not resolve_placement("cpu_on_miss").is_default
     for name in placement_names():
@@ -20,7 +20,8 @@ def test_shipped_placements() -> None:
 
 
 @pytest.mark.parametrize(("name", "params", "message"), [
-    ("nearest", {}, "placement 'nearest' is not registered; known: cpu_on_miss, fetch"),
+    ("nearest", {}, "placement 'nearest' is not registered; known: cpu_layers, cpu_on_miss, "
+     "fetch"),
     ("cpu_on_miss", {"threshold": 0.3},
      "placement 'cpu_on_miss' does not take ['threshold'] (it takes: no parameters)"),
     ("skip_low_weight", {"bits": 4},
@@ -67,3 +68,34 @@ def test_static_cpu_layers(layers, capacity, cpu) -> None:
     assert pol.cpu_layers() == cpu
     for key in range(32):
         assert pol.decide(None, key, 1.0, 1) == (CPU if key // 8 in cpu else FETCH)
+
+
+@pytest.mark.parametrize(("gpu_layers", "dense_before", "cpu", "dense"), [
+    (2, None, [2, 3], [0, 0, 0, 0]),  # -ngl 2 of 4 MoE layers
+    (0, None, [0, 1, 2, 3], [0, 0, 0, 0]),  # everything on the host
+    (4, None, [], [0, 0, 0, 0]),
+    (99, None, [], [0, 0, 0, 0]),  # >= the layers: everything on the GPU
+    (2, [1, 0, 0, 0], [1, 2, 3], [0, 0, 0, 0]),  # dense layer 0 is one of the -ngl layers
+    (0, [1, 0, 0, 0], [0, 1, 2, 3], [1, 0, 0, 0]),
+    (3, [0, 2, 0, 0], [1, 2, 3], [0, 0, 0, 0]),  # decoder layers 0 (MoE), 1, 2 (dense) on GPU
+    (2, [0, 2, 0, 0], [1, 2, 3], [0, 1, 0, 0]),  # the second dense layer on the host
+])
+def test_cpu_layers_split(gpu_layers, dense_before, cpu, dense) -> None:
+    """``gpu_layers`` counts decoder layers, dense ones included, as llama.cpp's -ngl does."""
+    params = {"gpu_layers": gpu_layers}
+    if dense_before is not None:
+        params["_dense_before"] = dense_before
+    spec = resolve_placement("cpu_layers", {"gpu_layers": gpu_layers})
+    pol = spec.cls(PolicySetup(shape=ModelShape(4, 8, 2, 1000), capacity=8, clock=None,
+                               rng=None, params=params))
+    assert pol.cpu_layers() == cpu and pol.cpu_dense_layers() == dense
+    assert pol.whole_layers and pol.uses_cpu
+
+
+@pytest.mark.parametrize("bad", [None, -1, 1.5, True, "16"])
+def test_cpu_layers_bad_gpu_layers_is_one_clear_error(bad) -> None:
+    with pytest.raises(ValueError) as err:
+        PLACEMENT["cpu_layers"](PolicySetup(shape=ModelShape(4, 8, 2, 1000), capacity=8,
+                                            clock=None, rng=None, params={"gpu_layers": bad}))
+    assert str(err.value) == ("cpu_layers: gpu_layers must be a whole number >= 0 (decoder "
+                              f"layers on the GPU, as llama.cpp's -ngl), got {bad!r}")

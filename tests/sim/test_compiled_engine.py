@@ -22,7 +22,16 @@ from hypothesis import strategies as st
 from moesim.policies.base import EvictionPolicy, NoPrefetch
 from moesim.policies.lru import LRU
 from moesim.policies.registry import PolicySpec, resolve
-from moesim.sim import FixedCompute, FixedLink, SimulationError, build_workload, compiled, simulate
+from moesim.sim import (
+    FixedCompute,
+    FixedHostCpu,
+    FixedLink,
+    HostSide,
+    SimulationError,
+    build_workload,
+    compiled,
+    simulate,
+)
 from moesim.sim.compiled.sums import pairwise
 from moesim.sim.engine import CacheOptions, RunOptions, Simulation
 from moesim.sim.metrics import RunResult
@@ -122,6 +131,13 @@ def _config(seed: int, mi_only: bool = False) -> tuple[Any, dict[str, Any], dict
                                       float(rng.choice([0.0, 0.3, 1.0])),
                                       int(rng.integers(1, 5))),
     )
+    if not mi_only and rng.random() < 0.3:  # the last layers whole on the host CPU
+        kw["placement"] = {"name": "cpu_layers", "gpu_layers": int(rng.integers(0, layers + 2))}
+        kw["host"] = HostSide(
+            FixedHostCpu(call_s=float(rng.choice([0.0, 2e-4])), per_token_s=5e-5,
+                         parallel=int(rng.integers(1, 3)), attention_s=2e-3,
+                         shared_s=float(rng.choice([0.0, 3e-4])), dense_s=4e-3),
+            activation_bytes=int(rng.choice([0, 64, 4096])), dtype_bits=16)
     return trace, policy, kw
 
 
@@ -254,7 +270,8 @@ def test_auto_picks_compiled_only_for_covered_runs() -> None:
 
 
 def test_placements_other_than_fetch_have_no_twin() -> None:
-    """Only the default placement (``fetch``) is compiled; any other runs on SimPy."""
+    """Only the default placement (``fetch``) and ``cpu_layers`` are compiled; any other runs
+    on SimPy."""
     sim = Simulation(build_workload(random_trace(seed=3)), resolve({"name": "lru"}),
                      CacheOptions(12), RunOptions(mode="zero_latency"))
     assert compiled.why_not(sim) is None
