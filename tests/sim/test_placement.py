@@ -22,7 +22,7 @@ HOST = HostSide(FixedHostCpu(call_s=2e-4, per_token_s=5e-5, parallel=1), activat
 LINK = FixedLink(1e-5, 1e6, 1)  # 1 ms per expert copy
 COMPUTE = FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4, shared_s=1e-4)
 PLACEMENTS = ["fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu", "low_precision_fetch",
-              "skip_low_weight"]
+              "skip_low_weight", "cpu_layers"]
 SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FEW = settings(SETTINGS, max_examples=12)  # the tests that run three or four simulations
 
@@ -96,6 +96,8 @@ def test_counts_and_gate_mass_add_up(trace, placement, mode, batch, warmup, pf, 
         spec["threshold"] = threshold
     if placement == "static_cpu":
         spec["layers"] = int(threshold * trace.meta.num_moe_layers)
+    if placement == "cpu_layers":
+        spec["gpu_layers"] = int(threshold * trace.meta.num_moe_layers)
     policy = {"name": "lru", "prefetch": pf}
     res = _run(trace, spec, mode, policy=policy, batch=batch, warmup_tokens=warmup)
     s = res.summary
@@ -107,7 +109,7 @@ def test_counts_and_gate_mass_add_up(trace, placement, mode, batch, warmup, pf, 
         assert math.isclose(res.per_layer["stall_time_s"].sum(), s["stall_time_s"],
                             abs_tol=1e-12)
         assert s["total_time_s"] >= s["stall_time_s"] - 1e-12
-    assert s["sim_engine"] == ("compiled" if placement == "fetch" else "python")
+    assert s["sim_engine"] == ("compiled" if placement in ("fetch", "cpu_layers") else "python")
 
 
 @SETTINGS
