@@ -1,0 +1,108 @@
+"""Published entries with whole layers on the host CPU (llama.cpp ``-ngl``, Ollama ``num_gpu``):
+placement ``cpu_layers`` with each entry's ``gpu_layers`` assumption."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+
+from moesim.experiments.published.entries import load_entries
+from moesim.experiments.published.predict import (
+    PREDICTED_PLACEMENTS,
+    RESERVE_GIB,
+    UNMODELLED_PLACEMENTS,
+    NotPredictable,
+    gpu_layers_of,
+    placement_of,
+    prepare,
+)
+from moesim.hw_profiles.runtime import list_runtimes
+from moesim.traces.model_card import load_card
+
+IDS = {"mg_t9_llamacpp_dsv2l_b1", "mg_t9_llamacpp_dsv2l_b32", "mg_t9_llamacpp_mixtral_b1",
+       "mg_t9_llamacpp_mixtral_b32", "mi_lat_ollama_mixtral", "mi_tput_ollama_mixtral"}
+
+
+def _entries():
+    return {e.id: e for e in load_entries(runtimes=list_runtimes())}
+
+
+def test_cpu_layers_entries_are_predicted_with_their_gpu_layers() -> None:
+    assert "cpu_layers" in PREDICTED_PLACEMENTS and "cpu_layers" not in UNMODELLED_PLACEMENTS
+    entries = _entries()
+    assert {e.id for e in entries.values() if e.placement == "cpu_layers"} == IDS
+    for i in IDS:
+        e = entries[i]
+        n = gpu_layers_of(e)
+        card = load_card(e.model)
+        assert 0 < n < card.num_layers  # some layers on each side
+        assert placement_of(e, card) == {"name": "cpu_layers", "gpu_layers": n}
+
+
+def test_an_entry_without_gpu_layers_is_not_predictable() -> None:
+    e = _entries()["mg_t9_llamacpp_mixtral_b1"]
+    bare = replace(e, assumptions=tuple(a for a in e.assumptions if a.field != "gpu_layers"))
+    with pytest.raises(NotPredictable, match="placement cpu_layers: the entry has no "
+                                             "gpu_layers assumption"):
+        prepare(bare)
+    from moesim.experiments.published.entries import Assumption
+
+    bad = replace(e, assumptions=(Assumption("gpu_layers", -2, "x"),))
+    with pytest.raises(NotPredictable, match="gpu_layers assumption -2 is not a whole number"):
+        prepare(bad)
+
+
+def _fit(card, gib: float, tokens: int) -> int:
+    """The most decoder layers, in order, whose weights and KV cache (``tokens`` tokens, the
+    card's K and V widths in its dtype) fit ``gib`` beside the reserve: the reasoning of the
+    MoE-Gen entries' assumption, worked from the card's dimensions independently of moesim's
+    cost code."""
+    h = card.hidden_size
+    q = card.num_attention_heads * card.head_dim
+    kv = (card.num_kv_heads or card.num_attention_heads) * card.head_dim
+    attn = (2 * h * q + 2 * h * kv) * card.attention_weight_bytes
+    moe = (attn + h * card.num_experts * card.attention_weight_bytes
+           + card.num_experts * card.expert_bytes + card.shared_bytes_per_layer)
+    dense = attn + 3 * h * card.dense_intermediate_size * card.attention_weight_bytes
+    cache = tokens * 2 * kv * card.dtype_bytes
+    room, n = (gib - RESERVE_GIB) * 2**30, 0
+    for layer in range(card.num_layers):
+        room -= (moe if layer in card.moe_layers else dense) + cache
+        if room < 0:
+            break
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize(("eid", "model", "tokens"), [
+    ("mg_t9_llamacpp_mixtral_b1", "mixtral_8x7b", 544),
+    ("mg_t9_llamacpp_mixtral_b32", "mixtral_8x7b", 32 * 544),
+    ("mg_t9_llamacpp_dsv2l_b1", "deepseek_v2_lite", 544),
+    ("mg_t9_llamacpp_dsv2l_b32", "deepseek_v2_lite", 32 * 544),
+])
+def test_moe_gen_gpu_layers_follow_their_stated_reasoning(eid, model, tokens) -> None:
+    e = _entries()[eid]
+    card = load_card(model).with_weights(16, 16, 16 if card_has_shared(model) else None)
+    assert gpu_layers_of(e) == _fit(card, 24, tokens)
+
+
+def card_has_shared(model: str) -> bool:
+    return load_card(model).shared_intermediate_size > 0
+
+
+@pytest.mark.shared
+def test_a_cpu_layers_entry_runs_its_layers_on_the_host() -> None:
+    from tests.traces.fixtures import require_shared
+
+    require_shared("mixtral8x7b_speculative-moe")
+    from moesim.experiments.published.predict import run_prepared, runtime_of
+
+    e = _entries()["mi_lat_ollama_mixtral"]
+    p = prepare(e)
+    s = run_prepared(p, runtime_of(e))
+    assert s["sim_engine"] == "compiled" and s["placement"] == "cpu_layers"
+    per_layer_tokens = s["cpu_expert_execs"] / (32 - gpu_layers_of(e))
+    assert per_layer_tokens == s["output_tokens"] * 2  # top-2 of every CPU layer, every token
+    assert math.isfinite(s["time_per_output_token_s"]) and s["demand_fetches"] == 0
