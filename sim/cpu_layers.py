@@ -76,38 +76,45 @@ def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequ
     lanes = max(1, int(cpu.parallel))
     tokens = w.tokens.tolist()  # type: ignore[attr-defined]
     context = w.context.tolist()  # type: ignore[attr-defined]
-    counts = w.counts  # type: ignore[attr-defined]
-    one: dict[int, float] = {}
-    whole: dict[tuple[int, int], tuple[float, float, float, float, float]] = {}
+    # per step: host attention, dense layer, shared experts, the runtime's per-layer host
+    # costs and the hidden state's copy (computed once per distinct batch and context)
+    whole: dict[tuple[int, int], tuple[float, ...]] = {}
+    parts = np.zeros((num_s, 6))
     for s in range(num_s):
         b, ctx = int(tokens[s]), int(context[s])
         if (b, ctx) not in whole:
             whole[(b, ctx)] = (cpu.attention_time(b, ctx), cpu.dense_layer_time(b, ctx),
                                cpu.shared_time(b), host_time(compute, "attention", b),
-                               host_time(compute, "dense_layer", b))
-        attn, dense, shared, attn_h, dense_h = whole[(b, ctx)]
-        total_busy = 0.0
-        for j in layers:
-            t = attn + attn_h
-            if dense_cpu[j]:
-                t += dense_cpu[j] * (dense + dense_h)
-            if j == first:
-                t += d2h(b * activation_bytes)
-            before[s, j] = t
+                               host_time(compute, "dense_layer", b), d2h(b * activation_bytes))
+        parts[s] = whole[(b, ctx)]
+    attn, dense, shared, attn_h, dense_h, copy = parts.T
+    n_dense = np.asarray(dense_cpu, dtype=np.float64)[layers]
+    before[:, layers] = (attn + attn_h)[:, None] + n_dense[None, :] * (dense + dense_h)[:, None]
+    before[:, first] += copy
+    # routed experts: one execution per routed expert on the lane free first, in access order
+    counts = w.counts  # type: ignore[attr-defined]
+    n = np.ones(valid.shape, np.int64) if counts is None else counts[:, layers, :].astype(
+        np.int64)
+    n = np.where(valid, n, 0)
+    top = int(n.max()) if n.size else 0
+    table = np.array([cpu.expert_time(i) if i > 0 else 0.0 for i in range(top + 1)])
+    each = table[n]  # [S, CPU layers, width]; 0 where no expert
+    spent = each.sum(axis=2)
+    if lanes == 1:
+        makespan = spent
+    else:
+        makespan = np.zeros_like(spent)
+        for s, c in np.ndindex(*spent.shape):
             free = [0.0] * lanes
-            spent = 0.0
             for r in range(width):
-                if keys[s, j, r] < 0:
-                    continue
-                n = 1 if counts is None else int(counts[s, j, r])
-                if n not in one:
-                    one[n] = cpu.expert_time(n)
-                lane = free.index(min(free))
-                free[lane] += one[n]
-                spent += one[n]
-            experts[s, j] = shared + max(free)
-            total_busy += lanes * (attn + dense_cpu[j] * dense + shared) + spent
-        busy[s] = total_busy
+                if valid[s, c, r]:
+                    lane = free.index(min(free))
+                    free[lane] += float(each[s, c, r])
+            makespan[s, c] = max(free)
+    experts[:, layers] = shared[:, None] + makespan
+    # the host's busy seconds: whole-layer ops hold every lane, each expert its own
+    busy[:] = (lanes * (len(layers) * (attn + shared) + n_dense.sum() * dense)
+               + spent.sum(axis=1))
     return CpuLayerTimes(on, before, experts, execs, busy)
 
 
