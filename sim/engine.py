@@ -281,11 +281,11 @@ class Simulation:
         if self._fifo and cache_opts.partition == "per_layer":  # load_experts' window bound
             self.rules = replace(self.rules, groups=tuple(caps[p] for p in self._part_of_layer))
         self._init_placement(placement, host)
-        if self._cs and self._place:
+        if self._cs and self._place and not self.placement_spec.cls.whole_layers:
             raise SimulationError(
                 f"placement {self.placement_spec.name!r} with a runtime whose copies share the "
                 "compute stream (copy.stream: compute) is not modelled (only the default "
-                "fetch placement is)")
+                "fetch placement and cpu_layers are)")
         # every piece of the GPU's layout, to put recorded copies on the wall clock at the end
         self._history: list[tuple[float, float, float]] | None = (
             [] if self._lt and (run_opts.record_transfers or run_opts.timeline_steps) else None)
@@ -608,7 +608,7 @@ class Simulation:
         width = w.keys.shape[2]
         one_expert = comp.expert_time(1) if timed else 0.0
         place = self._place
-        gate = (w.gate_mass, w.gate_max) if place and w.gate_mass is not None else None
+        weights = (w.gate_mass, w.gate_max) if place and w.gate_mass is not None else None
         step_times = self.c.step_times = [] if timed else None
         ct = self.cpu_times
         on_cpu = ct.on_cpu.tolist() if ct is not None else [False] * num_l
@@ -689,7 +689,7 @@ class Simulation:
                     if link is not None:
                         link.advance(self._tau if lt else clock.now)
                 if place:
-                    self._layer_start(s, j, counts, gate, counting)
+                    self._layer_start(s, j, counts, weights, counting)
                 kinds = self._access(keys, j, counting)
                 if self._fifo:  # the window goes to the stream before any kernel of the layer
                     handoff, self._handoff = self._handoff, []
@@ -795,23 +795,35 @@ class Simulation:
         host: no access reaches the cache and nothing is copied or pinned. Prefetch hooks run
         as on a GPU layer (prefetches of CPU-layer experts are dropped by ``prefetch``);
         ``copy.host_s`` for prefetches started meanwhile is charged at the next GPU layer.
+        With copies on the compute stream the whole layer is host time: no kernel of the
+        stream runs, so the link's clock runs with the wall clock.
         ``sim/compiled/kernel.py`` mirrors it line for line."""
         ct, clock, link, pf, ctx = self.cpu_times, self.clock, self.link, self.prefetcher, self.ctx
         assert ct is not None
         keep = s < self.ropts.timeline_steps
-        if self.timed:
-            t0 = clock.now
-            d = float(ct.before[s, j])
+        lt = self._lt  # the link on link time (copies on the compute stream)
+
+        def host(d: float) -> Generator[float, None, None]:
+            if lt:  # host time: the link's clock runs
+                self._pieces = [(clock.now, self._tau, d)]
+                if self._history is not None:
+                    self._history.extend(self._pieces)
             if d > 0:
                 yield d
-            link.advance(clock.now)
+            if lt:
+                self._tau += d
+
+        if self.timed:
+            t0 = clock.now
+            yield from host(float(ct.before[s, j]))
+            link.advance(self._tau if lt else clock.now)
             if keep:
                 self.timeline.append(("cpu", f"attention L{j} (cpu)", t0, clock.now))
         keys = [k for k in row if k >= 0]
         if _overrides(pf, PrefetchPolicy, "on_routed"):
             pf.on_routed(ctx, j, keys)
             if link is not None:
-                link.advance(clock.now)
+                link.advance(self._tau if lt else clock.now)
         if counting:
             self.c.layer_counts[MISS][j] += len(keys)
         clock.position = last
@@ -820,15 +832,13 @@ class Simulation:
         hook_end = _overrides(pf, PrefetchPolicy, "on_layer_end")
         if self.timed:
             if link._queued:
-                link.advance(clock.now)
+                link.advance(self._tau if lt else clock.now)
             t0 = clock.now
-            d = float(ct.experts[s, j])
-            if d > 0:
-                yield d
+            yield from host(float(ct.experts[s, j]))
             if keep:
                 self.timeline.append(("cpu", f"L{j} experts (cpu)", t0, clock.now))
             if hook_end or link._queued:
-                link.advance(clock.now)
+                link.advance(self._tau if lt else clock.now)
         if hook_end:
             pf.on_layer_end(ctx, j)
 

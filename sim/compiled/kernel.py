@@ -328,11 +328,13 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if timed:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             if any_cpu and cpu_on[j]:  # engine.Simulation._cpu_layer: the layer on the host
-                if timed:
+                if timed:  # host time: on the compute stream the link's clock runs too
                     d = cpu_before[s, j]
                     if d > 0:
                         now = now + d
-                    _advance(now, duration, ev, position, S, F, nocc)
+                    if lcs:
+                        F[FV, V_TAU] += d
+                    _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
                 n_keys = 0
                 for r in range(width):
                     k = keys[s, j, r]
@@ -350,7 +352,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         if n:
                             _prefetch(n, timed, touch, ev, position, S, F, nocc)
                     if timed:
-                        _advance(now, duration, ev, position, S, F, nocc)
+                        _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F,
+                                 nocc)
                 if counting:
                     layer_counts[MISS, j] += n_keys
                 position = base + width - 1
@@ -367,12 +370,16 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         _prefetch(n, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     if S[IV, I_NQ] > 0:
-                        _advance(now, duration, ev, position, S, F, nocc)
+                        _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F,
+                                 nocc)
                     d = cpu_experts[s, j]
                     if d > 0:
                         now = now + d
+                    if lcs:
+                        F[FV, V_TAU] += d
                     if S[IV, I_NQ] > 0:
-                        _advance(now, duration, ev, position, S, F, nocc)
+                        _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F,
+                                 nocc)
                 continue
             if timed:
                 d = attn[s]

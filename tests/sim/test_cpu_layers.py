@@ -164,3 +164,29 @@ def test_bad_input_is_one_clear_error() -> None:
                                               "CPU model was given"):
         simulate(_tiny(), "lru", capacity=4, link=LINK, compute=COMPUTE,
                  placement={"name": "cpu_layers", "gpu_layers": 1})
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_compute_stream_copies_run_during_cpu_layers(engine) -> None:
+    """With copies on the compute stream (a runtime's ``copy.stream: compute``) a CPU layer is
+    host time: the link runs through it. Token 0: layer 0 misses experts 0 and 1 (1 ms copies,
+    the link paused during kernels: 1.1 ms attention + 0.1 ms shared + 2 x (1 ms wait + 0.3
+    ms) = 3.8 ms, 2 ms of it stall); the CPU layer (3 ms attention + 64 us hidden state, then
+    two 1.05 ms experts) prefetches layer 0's experts 2 and 3 at its routing (next_layer_all,
+    wrapping), and both copies land during its 2.1 ms of experts: token 1's layer 0 hits
+    both (1.8 ms), its CPU layer takes 5.164 ms again."""
+    from moesim.hw_profiles.runtime import RuntimeCompute, RuntimeLink
+
+    link = RuntimeLink(FixedLink(0.0, 1e6, 1), stream="compute")  # 1 ms per expert
+    comp = RuntimeCompute(COMPUTE, 2)
+    trace = trace_from_lists([[[[0, 1], [2, 3]], [[2, 3], [0, 1]]]], experts=4)
+    host = HostSide(FixedHostCpu(call_s=1e-3, per_token_s=5e-5, attention_s=3e-3), ACT, 16)
+    s = simulate(trace, {"name": "next_layer_all", "eviction": "lru"}, capacity=4, link=link,
+                 compute=comp, host=host, placement={"name": "cpu_layers", "gpu_layers": 1},
+                 engine=engine).summary
+    assert s["sim_engine"] == engine
+    assert s["prefetch_transfers"] == 2 and s["hits"] == 2 and s["late_hits"] == 0
+    assert s["misses"] == 6 and s["cpu_expert_execs"] == 4
+    assert s["stall_miss_s"] == pytest.approx(2e-3, rel=1e-12) and s["stall_late_s"] == 0
+    cpu = 3e-3 + ACT / 1e6 + 2 * 1.05e-3
+    assert s["total_time_s"] == pytest.approx(3.8e-3 + 1.8e-3 + 2 * cpu, rel=1e-12)
