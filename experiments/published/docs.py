@@ -221,10 +221,40 @@ def render_logo(logo: pd.DataFrame) -> str:
              "|---|---|---|---|---|---|"]
     fit_cols = [c for c in logo.columns if c.startswith("fit.")]
     for hw, g in logo.groupby("left_out", sort=True):
-        fitted = ", ".join(f"{c[4:]} = {g[c].iloc[0]:.3g}" for c in fit_cols)
+        fitted = ", ".join(f"{c[4:]} = {_num(v) if isinstance(v, float) else v}"
+                           for c in fit_cols for v in [g[c].iloc[0]])
         lines.append(f"| {hw} | {len(g)} | {g['ratio'].median():.2f} | {g['ratio'].min():.2f} "
                      f"| {g['ratio'].max():.2f} | {fitted} |")
     return "\n".join(lines)
+
+
+def structure_rows() -> pd.DataFrame:
+    """Every declared structural alternative of the committed fits: its fitted values and its
+    calibration loss, the kept one first (``published_fit.json``)."""
+    import json
+
+    from .report import FIT_JSON
+
+    rows = []
+    for f in json.loads(FIT_JSON.read_text()):
+        for i, alt in enumerate(f.get("alternatives", [])):
+            rows.append({"runtime": f["runtime"],
+                         "choice": ", ".join(f"{k}: {v}" for k, v in alt["structure"].items()),
+                         "values": ", ".join(f"{k} = {_num(v)}"
+                                             for k, v in alt["values"].items()),
+                         "loss": alt["loss"], "kept": i == 0,
+                         "entries": len(f["calibration"])})
+    return pd.DataFrame(rows)
+
+
+def render_structures(df: pd.DataFrame) -> str:
+    lines = ["| runtime | structure | fitted values | calibration loss | |",
+             "|---|---|---|---|---|"]
+    for r in df.itertuples():
+        lines.append(f"| {r.runtime} | {r.choice} | {r.values} | {r.loss:.4f} "
+                     f"({r.entries} entries) | {'kept' if r.kept else 'not kept'} |")
+    return "\n".join(lines) + ("\n\nThe loss is the sum over the calibration entries of the "
+                               "squared log of predicted / published.")
 
 
 def figure(pred: pd.DataFrame) -> None:
@@ -291,4 +321,5 @@ BLOCKS = {
     "published_audit": (audit_rows, render_audit, None),
     "published_effects": (_effects, render_effects, None),
     "published_logo": (lambda: pd.read_csv(LOGO_CSV), render_logo, None),
+    "published_structures": (structure_rows, render_structures, None),
 }
