@@ -232,9 +232,10 @@ def test_refit_reproduces_the_shipped_values() -> None:
 
 def test_findings_depend_on_the_runtime_as_the_page_says() -> None:
     """The page: with the roofline the cache about doubles the speed and a perfect prediction
-    saves under 10 % wherever it is issued; under hqq_offload the cache is worth much less, a
-    perfect prediction before attention is worth at least 1.3x, and issued behind the demand
-    fetches it saves (almost) nothing: the prediction point decides the gain."""
+    saves under 10 % wherever it is issued; under hqq_offload the cache is worth far less, a
+    perfect prediction before attention is worth about as much as the cache (at least 1.15x),
+    and issued behind the demand fetches it saves (almost) nothing: the prediction point
+    decides the gain."""
     from moesim.experiments.published.findings import CSV, gains
 
     df = pd.read_csv(CSV)
@@ -242,11 +243,12 @@ def test_findings_depend_on_the_runtime_as_the_page_says() -> None:
     none, hqq = g.xs("none", level="runtime"), g.xs("hqq_offload", level="runtime")
     assert (none["cache_gain"] >= 2.0).all() and (none["perfect_gain"] < 1.10).all()
     assert (hqq["cache_gain"] < none["cache_gain"] - 0.4).all()
-    assert (hqq["perfect_gain"] >= 1.3).all()
+    assert (hqq["perfect_gain"] >= 1.15).all()
+    assert ((hqq["perfect_gain"] / hqq["cache_gain"] - 1).abs() < 0.1).all()
     t = df[df["runtime"] == "hqq_offload"].pivot_table(
         index="hw", columns="variant", values="time_per_output_token_s")
     point = t["perfect, behind demand, d=0"] / t["perfect, pre-attention, d=1"]
-    assert (point >= 1.3).all()
+    assert (point >= 1.15).all()
     behind = t["lru"] / t["perfect, behind demand, d=0"]
     assert (behind < 1.05).all()
 
