@@ -216,13 +216,20 @@ def _effects() -> pd.DataFrame:
     return pd.concat([pd.read_csv(EFFECTS_CSV), crossover_effects()], ignore_index=True)
 
 
+def _fit_value(v: object) -> str:
+    """A fitted value as the YAML says it: a number, or a structural choice (pandas reads
+    ``false`` back as a bool)."""
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v)).lower()
+    return _num(float(v)) if isinstance(v, (int, float, np.number)) else str(v)
+
+
 def render_logo(logo: pd.DataFrame) -> str:
     lines = ["| GPU left out | entries | median ratio | min | max | fitted on the others |",
              "|---|---|---|---|---|---|"]
     fit_cols = [c for c in logo.columns if c.startswith("fit.")]
     for hw, g in logo.groupby("left_out", sort=True):
-        fitted = ", ".join(f"{c[4:]} = {_num(v) if isinstance(v, float) else v}"
-                           for c in fit_cols for v in [g[c].iloc[0]])
+        fitted = ", ".join(f"{c[4:]} = {_fit_value(g[c].iloc[0])}" for c in fit_cols)
         lines.append(f"| {hw} | {len(g)} | {g['ratio'].median():.2f} | {g['ratio'].min():.2f} "
                      f"| {g['ratio'].max():.2f} | {fitted} |")
     return "\n".join(lines)
