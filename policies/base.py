@@ -310,9 +310,11 @@ class PlacementPolicy:
     uses_cpu: ClassVar[bool] = False  # needs a host CPU model in timed mode
     timed_only: ClassVar[bool] = False  # decides from costs, which zero-latency runs lack
     approximates: ClassVar[bool] = False  # may skip or reduce precision (gate mass < 1)
-    # ``cpu_layers`` run whole on the host (attention, router, shared experts too; placement
-    # ``cpu_layers``), not only their routed experts; the engine times them, never ``decide``
-    whole_layers: ClassVar[bool] = False
+    # ``cpu_layers`` are whole layers the engine times itself (``sim.cpu_layers``), never
+    # asking ``decide`` and never caching their experts: "cpu" run on the host (attention,
+    # router, shared experts too: placement ``cpu_layers``), "copied" run on the GPU with every
+    # weight copied in at each call (placement ``layer_offload``); "" none
+    whole_layers: ClassVar[str] = ""
 
     def __init__(self, setup: PolicySetup) -> None:
         self.setup = setup

@@ -47,21 +47,22 @@ class CpuLayers(PlacementPolicy):
 
     name = "cpu_layers"
     uses_cpu = True
-    whole_layers = True
+    whole_layers = "cpu"
     params = {"gpu_layers": None}
+    counted_as = "as llama.cpp's -ngl"  # how the error message says the layers are counted
 
     def __init__(self, setup):
         super().__init__(setup)
         n = setup.params.get("gpu_layers")
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise PolicyError(f"cpu_layers: gpu_layers must be a whole number >= 0 (decoder "
-                              f"layers on the GPU, as llama.cpp's -ngl), got {n!r}")
+            raise PolicyError(f"{self.name}: gpu_layers must be a whole number >= 0 (decoder "
+                              f"layers on the GPU, {self.counted_as}), got {n!r}")
         self.gpu_layers = n
         num_l = setup.shape.num_layers
         dense_before = setup.params.get("_dense_before") or [0] * num_l
         if len(dense_before) != num_l:
-            raise PolicyError(f"cpu_layers: dense layout of {len(dense_before)} MoE layers for "
-                              f"a model of {num_l}")
+            raise PolicyError(f"{self.name}: dense layout of {len(dense_before)} MoE layers "
+                              f"for a model of {num_l}")
         self._cpu, self._dense = layer_split(n, dense_before)
         self._first = self._cpu[0] if self._cpu else num_l
         self._num_e = setup.shape.num_experts

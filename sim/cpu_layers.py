@@ -1,6 +1,8 @@
-"""What a layer run whole on the host CPU costs (placement ``cpu_layers``, llama.cpp's ``-ngl``):
-one function, :func:`cpu_layer_times`, whose arrays both engines read (``sim.engine`` yields
-them, ``sim.compiled.kernel.replay`` adds them), so the two cannot differ in a cost.
+"""What a layer the engine times whole costs: placement ``cpu_layers`` (llama.cpp's ``-ngl``:
+the layer on the host CPU) and ``layer_offload`` (accelerate: the layer on the GPU, its weights
+copied in at every call). One function per placement, :func:`cpu_layer_times` and
+:func:`offload_layer_times`, whose arrays both engines read (``sim.engine`` yields them,
+``sim.compiled.kernel.replay`` adds them), so the two cannot differ in a cost.
 
 A CPU layer ``j`` of step ``s`` takes, in the layer timeline every policy sees:
 
@@ -19,7 +21,21 @@ A CPU layer ``j`` of step ``s`` takes, in the layer timeline every policy sees:
 Nothing of a CPU layer is copied to the GPU and nothing is cached. The GPU layers after the
 CPU layers of a step (none: CPU layers are the last ones) would need the hidden state back; the
 next step starts from the token's embedding, which llama.cpp computes on the host whatever the
-split, so no copy back is charged. In zero-latency runs every time is 0.
+split, so no copy back is charged. A CPU layer is host time: on a runtime whose copies share
+the compute stream the link runs through it (``mode`` 1).
+
+An offloaded layer (``layer_offload``) takes, one after another (a copy from host memory waits
+for the stream, and the host for the copy): before its routing, its attention and router
+weights' copy (``HostSide.attention_bytes``) and the GPU's attention and router time, and
+for each dense layer just before it that is offloaded too its weights' copy
+(``HostSide.dense_bytes``) and its GPU time; after its routing, its shared experts' copy and
+GPU time, then each routed expert's copy (``shape.expert_bytes``, the link's own
+``transfer_time``: a runtime's ``copy.whole_layer`` factor applies) and GPU time. The other
+parts are one copy each at their bytes (the link's per-copy cost and efficiency, not its
+whole-layer factor). These copies are not on the simulated link: on a runtime with its own
+copy stream, prefetches of resident layers do not queue behind them; on the compute stream
+the link's clock stops during an offloaded layer (``mode`` 2), as during kernels. In
+zero-latency runs every time is 0.
 """
 
 from __future__ import annotations
@@ -32,18 +48,22 @@ import numpy as np
 from moesim.sim.hardware import HostCpuTimes
 from moesim.sim.link import host_time
 
+HOST, COPIED = 1, 2  # CpuLayerTimes.on_cpu: a layer on the host, a layer copied in per call
+
 
 @dataclass(frozen=True)
 class CpuLayerTimes:
-    """Per step and MoE layer: seconds before and after the routing of a CPU layer (0 for a
-    GPU layer); per step: routed experts run on the host and the host's busy seconds (all
-    lanes: a whole-layer op holds every lane)."""
+    """Per step and MoE layer: seconds before and after the routing of a layer the engine
+    times whole (0 for any other layer); per step: routed experts run on the host, the host's
+    busy seconds (all lanes: a whole-layer op holds every lane) and routed experts copied in
+    (``layer_offload``: demand copies outside the simulated link)."""
 
-    on_cpu: np.ndarray  # bool [L]
+    on_cpu: np.ndarray  # int64 [L]: 0, HOST or COPIED
     before: np.ndarray  # [S, L]
     experts: np.ndarray  # [S, L]
     execs: np.ndarray  # int64 [S]
     busy: np.ndarray  # [S]
+    copied: np.ndarray  # int64 [S]
 
 
 def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequence[int],
@@ -57,21 +77,22 @@ def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequ
     w = workload
     keys = w.keys  # type: ignore[attr-defined]
     num_s, num_l, width = keys.shape
-    on = np.zeros(num_l, np.bool_)
-    on[list(cpu_layers)] = True
+    on = np.zeros(num_l, np.int64)
+    on[list(cpu_layers)] = HOST
     before = np.zeros((num_s, num_l))
     experts = np.zeros((num_s, num_l))
     execs = np.zeros(num_s, np.int64)
     busy = np.zeros(num_s)
+    none = np.zeros(num_s, np.int64)
     if not on.any():
-        return CpuLayerTimes(on, before, experts, execs, busy)
+        return CpuLayerTimes(on, before, experts, execs, busy, none)
     layers = np.flatnonzero(on).tolist()
     first = layers[0]
     valid = keys[:, layers, :] >= 0
     execs[:] = valid.reshape(num_s, -1).sum(axis=1)
     timed = cpu is not None
     if not timed:
-        return CpuLayerTimes(on, before, experts, execs, busy)
+        return CpuLayerTimes(on, before, experts, execs, busy, none)
     assert d2h is not None
     lanes = max(1, int(cpu.parallel))
     tokens = w.tokens.tolist()  # type: ignore[attr-defined]
@@ -115,7 +136,72 @@ def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequ
     # the host's busy seconds: whole-layer ops hold every lane, each expert its own
     busy[:] = (lanes * (len(layers) * (attn + shared) + n_dense.sum() * dense)
                + spent.sum(axis=1))
-    return CpuLayerTimes(on, before, experts, execs, busy)
+    return CpuLayerTimes(on, before, experts, execs, busy, none)
 
 
-__all__ = ["CpuLayerTimes", "cpu_layer_times"]
+def _module_copy(link: object, nbytes: int) -> float:
+    """One copy of a module's weights: the link's per-copy cost and rate, without a runtime's
+    whole-layer factor (which scales routed-expert copies only)."""
+    if nbytes <= 0:
+        return 0.0
+    factor = float(getattr(link, "bytes_factor", 1.0))
+    return float(link.transfer_time(round(nbytes / factor)))  # type: ignore[attr-defined]
+
+
+def offload_layer_times(workload: object, layers: Sequence[int], dense_off: Sequence[int],
+                        link: object | None, compute: object | None, expert_bytes: int,
+                        attention_bytes: int, shared_bytes: int, dense_bytes: int
+                        ) -> CpuLayerTimes:
+    """The cost arrays of ``workload`` with MoE layers ``layers`` offloaded (their weights
+    copied in at each call) and ``dense_off[j]`` offloaded dense layers before MoE layer ``j``;
+    ``link`` and ``compute`` None: a zero-latency run (every time 0)."""
+    w = workload
+    keys = w.keys  # type: ignore[attr-defined]
+    num_s, num_l, _ = keys.shape
+    on = np.zeros(num_l, np.int64)
+    on[list(layers)] = COPIED
+    before = np.zeros((num_s, num_l))
+    experts = np.zeros((num_s, num_l))
+    zero = np.zeros(num_s, np.int64)
+    copied = np.zeros(num_s, np.int64)
+    if not on.any():
+        return CpuLayerTimes(on, before, experts, zero, np.zeros(num_s), copied)
+    cols = np.flatnonzero(on).tolist()
+    valid = keys[:, cols, :] >= 0
+    copied[:] = valid.reshape(num_s, -1).sum(axis=1)
+    if link is None or compute is None:
+        return CpuLayerTimes(on, before, experts, zero, np.zeros(num_s), copied)
+    c = compute
+    attn_copy = _module_copy(link, attention_bytes)
+    dense_copy = _module_copy(link, dense_bytes)
+    shared_copy = _module_copy(link, shared_bytes)
+    expert_copy = float(link.transfer_time(expert_bytes))  # type: ignore[attr-defined]
+    tokens = w.tokens.tolist()  # type: ignore[attr-defined]
+    context = w.context.tolist()  # type: ignore[attr-defined]
+    whole: dict[tuple[int, int], tuple[float, ...]] = {}
+    parts = np.zeros((num_s, 3))
+    for s in range(num_s):
+        b, ctx = int(tokens[s]), int(context[s])
+        if (b, ctx) not in whole:
+            sh = float(c.shared_time(b))  # type: ignore[attr-defined]
+            whole[(b, ctx)] = (
+                attn_copy + float(c.attention_time(b, ctx))  # type: ignore[attr-defined]
+                + float(c.router_time(b)),  # type: ignore[attr-defined]
+                dense_copy + float(c.dense_layer_time(b, ctx)),  # type: ignore[attr-defined]
+                shared_copy + sh if sh > 0 else 0.0)
+        parts[s] = whole[(b, ctx)]
+    attn, dense, shared = parts.T
+    n_dense = np.asarray(dense_off, dtype=np.float64)[cols]
+    before[:, cols] = attn[:, None] + n_dense[None, :] * dense[:, None]
+    counts = w.counts  # type: ignore[attr-defined]
+    n = np.ones(valid.shape, np.int64) if counts is None else counts[:, cols, :].astype(
+        np.int64)
+    n = np.where(valid, n, 0)
+    top = int(n.max()) if n.size else 0
+    table = np.array([expert_copy + float(c.expert_time(i)) if i > 0 else 0.0  # type: ignore[attr-defined]
+                      for i in range(top + 1)])
+    experts[:, cols] = shared[:, None] + table[n].sum(axis=2)
+    return CpuLayerTimes(on, before, experts, zero, np.zeros(num_s), copied)
+
+
+__all__ = ["COPIED", "HOST", "CpuLayerTimes", "cpu_layer_times", "offload_layer_times"]

@@ -79,7 +79,7 @@ from moesim.sim.cache import (
     ExpertCache,
     SimulationError,
 )
-from moesim.sim.cpu_layers import CpuLayerTimes, cpu_layer_times
+from moesim.sim.cpu_layers import HOST, CpuLayerTimes, cpu_layer_times, offload_layer_times
 from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
 from moesim.sim.link import ACTIVATION, NO_RULES, HostLink, copy_rules, host_time
 from moesim.sim.link import LOW_PRECISION as LOW_COPY
@@ -332,12 +332,23 @@ class Simulation:
         # whole layers on the host (placement cpu_layers): their costs, one function for
         # both engines (sim.cpu_layers)
         self.cpu_times: CpuLayerTimes | None = None
-        if cls.whole_layers and cpu_layers:
+        if cls.whole_layers == "cpu" and cpu_layers:
             self.cpu_times = cpu_layer_times(
                 self.workload, cpu_layers, self.placement.cpu_dense_layers(),
                 self.host.cpu if self.timed else None,
                 self.link_model.transfer_time if self.timed else None,
                 self.compute if self.timed else None, self.host.activation_bytes)
+        elif cls.whole_layers == "copied" and cpu_layers:
+            if self.timed and self.host.attention_bytes <= 0:
+                raise SimulationError(
+                    f"placement {name!r} copies each offloaded layer's attention weights, but "
+                    "the host side gives no attention_bytes (HostSide; sim.hardware.host_side "
+                    "fills it from the model card)")
+            self.cpu_times = offload_layer_times(
+                self.workload, cpu_layers, self.placement.cpu_dense_layers(),
+                self.link_model if self.timed else None, self.compute if self.timed else None,
+                self.shape.expert_bytes, self.host.attention_bytes, self.host.shared_bytes,
+                self.host.dense_bytes)
         self.pctx = _PlaceContext(self)
         parallel = int(self.host.cpu.parallel) if self.host.cpu is not None else 1
         if parallel < 1:
@@ -777,6 +788,7 @@ class Simulation:
                 c.cpu_busy += float(ct.busy[s])
                 if counting:
                     c.cpu_execs += int(ct.execs[s])
+                    c.demand_started += int(ct.copied[s])  # offloaded layers' expert copies
             if counting:
                 c.steps += 1
                 c.out_tokens += int(w.out_tokens[s])
@@ -788,7 +800,8 @@ class Simulation:
 
     def _cpu_layer(self, s: int, j: int, row: list[int], last: int, counting: bool
                    ) -> Generator[float, None, None]:
-        """MoE layer ``j`` of step ``s`` run whole on the host (placement ``cpu_layers``):
+        """MoE layer ``j`` of step ``s`` run whole on the host (placement ``cpu_layers``; with
+        ``layer_offload`` the same walk over an offloaded layer's copy-and-compute times):
         its time before routing (the hidden state host-ward at the first CPU layer, CPU dense
         layers, attention and router), the routing hooks, then its shared and routed experts
         (``sim.cpu_layers.cpu_layer_times``). Every routed expert is a miss computed on the
@@ -802,15 +815,16 @@ class Simulation:
         assert ct is not None
         keep = s < self.ropts.timeline_steps
         lt = self._lt  # the link on link time (copies on the compute stream)
+        runs = ct.on_cpu[j] == HOST  # host time; an offloaded layer's copies hold the stream
 
         def host(d: float) -> Generator[float, None, None]:
             if lt:  # host time: the link's clock runs
-                self._pieces = [(clock.now, self._tau, d)]
+                self._pieces = [(clock.now, self._tau, d if runs else 0.0)]
                 if self._history is not None:
                     self._history.extend(self._pieces)
             if d > 0:
                 yield d
-            if lt:
+            if lt and runs:
                 self._tau += d
 
         if self.timed:

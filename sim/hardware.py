@@ -131,12 +131,18 @@ class HostSide:
     ``cpu`` is None where the profile has no host CPU section (CPU placements then refuse a
     timed run); ``activation_bytes`` is one token's hidden state (hidden_size x dtype bytes),
     copied host-ward before a CPU expert and its output back after; ``dtype_bits`` is the
-    weights' width, against which a low-precision copy is scaled."""
+    weights' width, against which a low-precision copy is scaled. The weights of one layer's
+    parts (``attention_bytes``: attention projections and router; ``shared_bytes``: its
+    shared experts; ``dense_bytes``: one dense decoder layer) are what placement
+    ``layer_offload`` copies in at every call."""
 
     cpu: HostCpuTimes | None = None
     activation_bytes: int = 0
     dtype_bits: float = 16  # the routed experts' bits per weight (fractional when quantised)
     why_no_cpu: str = "no host CPU model was given"  # the error when ``cpu`` is None
+    attention_bytes: int = 0
+    shared_bytes: int = 0
+    dense_bytes: int = 0
 
 
 def host_side(profile: object | None, card: object) -> HostSide:
@@ -155,8 +161,18 @@ def host_side(profile: object | None, card: object) -> HostSide:
         cpu, why = spec.model(card), ""
     dtype_bytes = float(card.dtype_bytes)  # type: ignore[attr-defined]
     weight_bits = float(getattr(card, "expert_weight_bytes", dtype_bytes)) * 8
-    return HostSide(cpu, int(card.hidden_size * dtype_bytes),  # type: ignore[attr-defined]
-                    weight_bits, why)
+    h = int(card.hidden_size)  # type: ignore[attr-defined]
+    heads, head_dim = getattr(card, "num_attention_heads", 0), getattr(card, "head_dim", 0)
+    q = heads * head_dim or h
+    kv = (getattr(card, "num_kv_heads", 0) or heads) * head_dim or h
+    wb = float(getattr(card, "attention_weight_bytes", dtype_bytes))
+    proj = 2 * h * q + 2 * h * kv
+    ffn = getattr(card, "matrices_per_expert", 3) * h * getattr(card, "dense_intermediate_size",
+                                                                0)
+    return HostSide(cpu, int(h * dtype_bytes), weight_bits, why,
+                    attention_bytes=int((proj + h * getattr(card, "num_experts", 0)) * wb),
+                    shared_bytes=int(getattr(card, "shared_bytes_per_layer", 0)),
+                    dense_bytes=int((proj + ffn) * wb))
 
 
 def cpu_crossover_tokens(link: TransferModel, compute: ComputeTimes, cpu: HostCpuTimes,

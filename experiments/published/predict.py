@@ -23,13 +23,14 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
 - ``placement``: ``fetch`` (the default), ``cpu_on_miss`` and ``fetch_or_cpu`` as the moesim
   placements of those names; ``static_cpu`` (llama.cpp ``--n-cpu-moe`` / ``-ot exps=CPU``,
   kTransformers) by its cache (:func:`placement_of`); ``cpu_layers`` (llama.cpp ``-ngl`` /
-  Ollama ``num_gpu``: whole layers, attention included, on the CPU) as the moesim placement
-  of that name with the entry's ``gpu_layers`` assumption (:func:`gpu_layers_of`), every
-  expert of its GPU layers resident (a cache of every expert, warmed); CPU times come from the
-  profile's host CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``);
-  ``layer_offload`` (accelerate's layer-order residency, attention streamed) is reported as not
-  predictable with its reason (``UNMODELLED_PLACEMENTS``), never approximated by a placement
-  that differs;
+  Ollama ``num_gpu``: whole layers, attention included, on the CPU) and ``layer_offload``
+  (accelerate's layer-order residency, every offloaded layer's weights copied in at each call)
+  as the moesim placements of those names with the entry's ``gpu_layers`` assumption
+  (:func:`gpu_layers_of`; without one the entry is not predictable), every expert of its GPU
+  layers resident (a cache of every expert, warmed); CPU times come from the profile's host
+  CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``); a placement moesim cannot
+  simulate would be reported as not predictable with its reason (``UNMODELLED_PLACEMENTS``),
+  never approximated by a placement that differs;
 - ``phase: prefill``: the trace's recorded prompts of at least ``input_tokens`` tokens, cut to
   that length, each one step (``replay=prefill``); tokens/s is the run's
   ``prefill_tokens_per_s``. ``phase: request`` (prompt and generation in one figure) is not
@@ -65,16 +66,14 @@ MODEL_TRACES: dict[str, str] = {
     # BigMoeOnEdge's one prompt (top-6 of the native 8: refused below for top-8 entries)
     "qwen3_30b_a3b": "qwen3_30b_a3b_bmoe",
 }
-PREDICTED_PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu", "cpu_layers")
+PREDICTED_PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu", "cpu_layers",
+                        "layer_offload")
+# Placements that split the model by decoder layers (the entry's gpu_layers assumption).
+LAYER_SPLITS = ("cpu_layers", "layer_offload")
 # Placements an entry's source shows but moesim cannot simulate, with the reason reported for
 # them (every other placement of entries.PLACEMENTS outside PREDICTED_PLACEMENTS: "not predicted
 # so far").
-UNMODELLED_PLACEMENTS: dict[str, str] = {
-    "layer_offload": "the first decoder layers resident on the GPU in module order, every "
-                     "module of the others (attention included) copied in at each call "
-                     "(accelerate device_map=\"auto\" with CPU offload): moesim keeps attention "
-                     "resident and has no layer-order residency",
-}
+UNMODELLED_PLACEMENTS: dict[str, str] = {}  # none at present
 MAX_TOKENS = 64  # decode tokens per request replayed (the trace's requests, up to this)
 MAX_REQUESTS = 4
 PROMPT_SEARCH = 64  # requests searched for recorded prompts (prefill entries)
@@ -246,7 +245,7 @@ def prepare(entry: Entry) -> Prepared:
                              f"{UNMODELLED_PLACEMENTS[entry.placement]}")
     if entry.placement not in PREDICTED_PLACEMENTS:
         raise NotPredictable(f"placement {entry.placement}: not predicted so far")
-    if entry.placement == "cpu_layers":
+    if entry.placement in LAYER_SPLITS:
         gpu_layers_of(entry)  # refused before any trace is read
     if entry.phase == "prefill":
         if not entry.input_tokens:
@@ -263,7 +262,7 @@ def prepare(entry: Entry) -> Prepared:
                              f"{card.top_k} experts per token (it would understate the work)")
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
-    if entry.placement == "cpu_layers":  # a GPU layer's experts all stay resident
+    if entry.placement in LAYER_SPLITS:  # a GPU layer's experts all stay resident
         capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
     placement = placement_of(entry, card)
     from moesim.policies.base import PolicyError
@@ -290,8 +289,8 @@ def placement_of(entry: Entry, card: ModelCard) -> dict[str, Any] | None:
     layers on the CPU, as many as do not fit (llama.cpp's ``--n-cpu-moe``)."""
     if entry.placement == "fetch":
         return None
-    if entry.placement == "cpu_layers":
-        return {"name": "cpu_layers", "gpu_layers": gpu_layers_of(entry)}
+    if entry.placement in LAYER_SPLITS:
+        return {"name": entry.placement, "gpu_layers": gpu_layers_of(entry)}
     if entry.placement != "static_cpu":
         return {"name": entry.placement}
     if "none" in entry.cache:
@@ -302,18 +301,19 @@ def placement_of(entry: Entry, card: ModelCard) -> dict[str, Any] | None:
 
 
 def gpu_layers_of(entry: Entry) -> int:
-    """The decoder layers on the GPU of a ``cpu_layers`` entry (llama.cpp's ``-ngl``): its
-    ``gpu_layers`` assumption (stated by the source or reasoned from it; no source states it
-    so far), never derived from the measurement."""
+    """The decoder layers on the GPU of a ``cpu_layers`` or ``layer_offload`` entry
+    (llama.cpp's ``-ngl``, accelerate's device map): its ``gpu_layers`` assumption (stated by
+    the source or reasoned from it; no source states it so far), never derived from the
+    measurement."""
     for a in entry.assumptions:
         if a.field == "gpu_layers" and (a.entries is None or entry.id in a.entries):
             v = a.value
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise NotPredictable(f"placement cpu_layers: gpu_layers assumption {v!r} is "
-                                     "not a whole number >= 0")
+                raise NotPredictable(f"placement {entry.placement}: gpu_layers assumption "
+                                     f"{v!r} is not a whole number >= 0")
             return v
-    raise NotPredictable("placement cpu_layers: the entry has no gpu_layers assumption (how "
-                         "many decoder layers ran on the GPU)")
+    raise NotPredictable(f"placement {entry.placement}: the entry has no gpu_layers assumption "
+                         "(how many decoder layers ran on the GPU)")
 
 
 def per_token_requests(trace: Trace) -> Trace:

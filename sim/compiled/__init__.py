@@ -19,6 +19,7 @@ from moesim.policies.belady import Belady
 from moesim.policies.cpu_layers import CpuLayers
 from moesim.policies.fate_arc import FateARC
 from moesim.policies.fifo import FIFO
+from moesim.policies.layer_offload import LayerOffload
 from moesim.policies.least_stale import LeastStale
 from moesim.policies.lfu import LFU
 from moesim.policies.lru import LRU
@@ -96,9 +97,9 @@ def why_not(sim: Simulation) -> str | None:
         return "moe_infinity beyond 128 layers (the match sums one pairwise leaf per slot)"
     placement = getattr(sim, "placement_spec", None)
     if (placement is not None and not getattr(placement, "is_default", True)
-            and getattr(placement, "cls", None) is not CpuLayers):
-        return (f"placement {placement.name!r} has no compiled twin (only the default 'fetch' "
-                "and cpu_layers)")
+            and getattr(placement, "cls", None) not in (CpuLayers, LayerOffload)):
+        return (f"placement {placement.name!r} has no compiled twin (only the default 'fetch', "
+                "cpu_layers and layer_offload)")
     if type(sim.cache) is not ExpertCache:
         return f"cache {type(sim.cache).__qualname__} is not the simulator's ExpertCache"
     if sim.ropts.record_transfers or sim.ropts.timeline_steps:
@@ -165,9 +166,10 @@ def runtime_arrays(sim: Simulation, cost: np.ndarray, w: Any = None) -> tuple[np
     """``kernel.replay``'s ``rt``: per-step host parts of the attention, shared-expert and
     dense-layer times and the expert host-time table (``sim.link.host_time``, as the engine's
     ``_host_times``), then the run's copy rules (``sim.rules``, ``CopyRules.vector``), then
-    the layers run whole on the host (placement ``cpu_layers``: ``sim.cpu_times``, one flag
-    per layer and the seconds before and after each CPU layer's routing, computed by
-    ``sim.cpu_layers.cpu_layer_times`` for both engines; all False without CPU layers); of
+    the layers the engine times whole (placements ``cpu_layers``, ``layer_offload``:
+    ``sim.cpu_times``, per layer 0 or its mode (``sim.cpu_layers.HOST``, ``COPIED``) and the
+    seconds before and after each such layer's routing, computed by ``sim.cpu_layers`` for
+    both engines; all 0 without such layers); of
     ``w``, a streamed run's chunk, when given (streamed runs have no CPU layers)."""
     chunk = w is not None and w is not sim.workload
     w = sim.workload if w is None else w
@@ -175,7 +177,7 @@ def runtime_arrays(sim: Simulation, cost: np.ndarray, w: Any = None) -> tuple[np
     copyv = rules.vector()
     ct = None if chunk else getattr(sim, "cpu_times", None)
     if ct is None:
-        cpu = (np.zeros(sim.shape.num_layers, np.bool_), np.zeros((1, 1)), np.zeros((1, 1)))
+        cpu = (np.zeros(sim.shape.num_layers, np.int64), np.zeros((1, 1)), np.zeros((1, 1)))
     else:
         cpu = (ct.on_cpu, ct.before, ct.experts)
     if not rules.compute_stream:
@@ -370,6 +372,7 @@ def run(sim: Simulation) -> None:
             c.cpu_busy += busy
             if mask[s]:
                 c.cpu_execs += int(ct.execs[s])
+                c.demand_started += int(ct.copied[s])  # offloaded layers' expert copies
     c.out_tokens = int(w.out_tokens[mask].sum())
     c.tokens = int(w.tokens[mask].sum())
     c.pairs = int(w.pairs[mask].sum())

@@ -332,7 +332,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     d = cpu_before[s, j]
                     if d > 0:
                         now = now + d
-                    if lcs:
+                    if lcs and cpu_on[j] == 1:  # host time (not an offloaded layer's copies)
                         F[FV, V_TAU] += d
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
                 n_keys = 0
@@ -375,7 +375,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     d = cpu_experts[s, j]
                     if d > 0:
                         now = now + d
-                    if lcs:
+                    if lcs and cpu_on[j] == 1:  # host time (not an offloaded layer's copies)
                         F[FV, V_TAU] += d
                     if S[IV, I_NQ] > 0:
                         _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F,

@@ -106,3 +106,20 @@ def test_a_cpu_layers_entry_runs_its_layers_on_the_host() -> None:
     per_layer_tokens = s["cpu_expert_execs"] / (32 - gpu_layers_of(e))
     assert per_layer_tokens == s["output_tokens"] * 2  # top-2 of every CPU layer, every token
     assert math.isfinite(s["time_per_output_token_s"]) and s["demand_fetches"] == 0
+
+
+def test_layer_offload_entries_map_to_the_placement_with_their_gpu_layers() -> None:
+    """accelerate's layer-order offload: predictable once the entry has a gpu_layers
+    assumption, refused with that reason without one (before any trace is read)."""
+    from moesim.experiments.published.entries import Assumption
+
+    assert "layer_offload" in PREDICTED_PLACEMENTS and not UNMODELLED_PLACEMENTS
+    e = _entries()["mi_lat_accel_mixtral"]
+    assert e.placement == "layer_offload" and e.runtime == "accelerate"
+    bare = replace(e, assumptions=tuple(a for a in e.assumptions if a.field != "gpu_layers"))
+    with pytest.raises(NotPredictable, match="placement layer_offload: the entry has no "
+                                             "gpu_layers assumption"):
+        prepare(bare)
+    given = replace(bare, assumptions=(*bare.assumptions, Assumption("gpu_layers", 7, "t")))
+    assert placement_of(given, load_card("mixtral_8x7b")) == {"name": "layer_offload",
+                                                               "gpu_layers": 7}

@@ -10,7 +10,8 @@ from moesim.policies.registry import PLACEMENT, placement_names, resolve_placeme
 
 def test_shipped_placements() -> None:
     assert placement_names() == ["cpu_layers", "cpu_on_miss", "fetch", "fetch_or_cpu",
-                                 "low_precision_fetch", "skip_low_weight", "static_cpu"]
+                                 "layer_offload", "low_precision_fetch", "skip_low_weight",
+                                 "static_cpu"]
     assert resolve_placement(None).is_default and resolve_placement("fetch").is_default
     assert not resolve_placement("cpu_on_miss").is_default
     for name in placement_names():
@@ -89,7 +90,12 @@ def test_cpu_layers_split(gpu_layers, dense_before, cpu, dense) -> None:
     pol = spec.cls(PolicySetup(shape=ModelShape(4, 8, 2, 1000), capacity=8, clock=None,
                                rng=None, params=params))
     assert pol.cpu_layers() == cpu and pol.cpu_dense_layers() == dense
-    assert pol.whole_layers and pol.uses_cpu
+    assert pol.whole_layers == "cpu" and pol.uses_cpu
+    offload = PLACEMENT["layer_offload"](PolicySetup(shape=ModelShape(4, 8, 2, 1000),
+                                                     capacity=8, clock=None, rng=None,
+                                                     params=params))
+    assert offload.cpu_layers() == cpu and offload.cpu_dense_layers() == dense
+    assert offload.whole_layers == "copied" and not offload.uses_cpu
 
 
 @pytest.mark.parametrize("bad", [None, -1, 1.5, True, "16"])

@@ -131,13 +131,16 @@ def _config(seed: int, mi_only: bool = False) -> tuple[Any, dict[str, Any], dict
                                       float(rng.choice([0.0, 0.3, 1.0])),
                                       int(rng.integers(1, 5))),
     )
-    if not mi_only and rng.random() < 0.3:  # the last layers whole on the host CPU
-        kw["placement"] = {"name": "cpu_layers", "gpu_layers": int(rng.integers(0, layers + 2))}
+    if not mi_only and rng.random() < 0.3:  # the last layers on the host CPU, or copied in
+        name = str(rng.choice(["cpu_layers", "layer_offload"]))
+        kw["placement"] = {"name": name, "gpu_layers": int(rng.integers(0, layers + 2))}
         kw["host"] = HostSide(
             FixedHostCpu(call_s=float(rng.choice([0.0, 2e-4])), per_token_s=5e-5,
                          parallel=int(rng.integers(1, 3)), attention_s=2e-3,
                          shared_s=float(rng.choice([0.0, 3e-4])), dense_s=4e-3),
-            activation_bytes=int(rng.choice([0, 64, 4096])), dtype_bits=16)
+            activation_bytes=int(rng.choice([0, 64, 4096])), dtype_bits=16,
+            attention_bytes=int(rng.choice([1, 500, 4000])),
+            shared_bytes=int(rng.choice([0, 300])), dense_bytes=800)
     return trace, policy, kw
 
 

@@ -190,3 +190,82 @@ def test_compute_stream_copies_run_during_cpu_layers(engine) -> None:
     assert s["stall_miss_s"] == pytest.approx(2e-3, rel=1e-12) and s["stall_late_s"] == 0
     cpu = 3e-3 + ACT / 1e6 + 2 * 1.05e-3
     assert s["total_time_s"] == pytest.approx(3.8e-3 + 1.8e-3 + 2 * cpu, rel=1e-12)
+
+
+# -- layer_offload (accelerate's layer-order offload): the same walk, copies instead of a host --
+OFF_HOST = HostSide(activation_bytes=ACT, dtype_bits=16, attention_bytes=500, shared_bytes=300,
+                    dense_bytes=800)
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_golden_layer_offload(engine) -> None:
+    """gpu_layers=1 of 2: a token is the resident GPU layer + the offloaded layer's attention
+    weights copied (10 us + 500 B at 1 MB/s) and run, its shared experts copied and run, then
+    each routed expert copied (1 ms) and run, one after another; its routed experts count as
+    demand copies, none is cached."""
+    res = simulate(_tiny(), "lru", capacity=4, link=LINK, compute=COMPUTE, host=OFF_HOST,
+                   placement={"name": "layer_offload", "gpu_layers": 1}, prefill="random",
+                   engine=engine)
+    s = res.summary
+    gpu = 1e-3 + 1e-4 + 1e-4 + 2 * 3e-4
+    off = (1e-5 + 500 / 1e6 + 1e-3 + 1e-4) + (1e-5 + 300 / 1e6 + 1e-4) + 2 * (1.01e-3 + 3e-4)
+    assert s["total_time_s"] == pytest.approx(3 * (gpu + off), rel=1e-12)
+    assert s["sim_engine"] == engine
+    assert s["hits"] == 6 and s["misses"] == 6 and s["demand_fetches"] == 6
+    assert s["cpu_expert_execs"] == 0 and s["prefetch_transfers"] == 0
+    assert res.per_layer["hits"].tolist() == [6, 0]
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_layer_offload_dense_layer_and_whole_layer_runtime(engine) -> None:
+    """A dense layer before MoE layer 1, offloaded with it (gpu_layers=1), copies its 800 B;
+    under a runtime whose routed-expert copies move the whole MoE block (``copy.whole_layer``:
+    4 experts / top-2 = 2 x the bytes) only the routed experts' copies double."""
+    from moesim.hw_profiles.runtime import RuntimeLink
+
+    link = RuntimeLink(LINK, bytes_factor=2.0)
+    res = simulate(_tiny(2), "lru", capacity=4, link=link, compute=COMPUTE, host=OFF_HOST,
+                   placement={"name": "layer_offload", "gpu_layers": 1}, dense_before=[0, 1],
+                   prefill="random", engine=engine)
+    gpu = 1e-3 + 1e-4 + 1e-4 + 2 * 3e-4
+    dense = 1e-5 + 800 / 1e6 + 0.0  # FixedCompute: dense_s 0
+    off = (dense + (1e-5 + 500 / 1e6 + 1e-3 + 1e-4) + (1e-5 + 300 / 1e6 + 1e-4)
+           + 2 * (1e-5 + 2000 / 1e6 + 3e-4))
+    assert res.summary["total_time_s"] == pytest.approx(2 * (gpu + off), rel=1e-12)
+
+
+@SETTINGS
+@given(trace=traces, mode=st.sampled_from(["timed", "zero_latency"]),
+       pf=st.sampled_from(["none", "next_layer_all"]), gpu=st.integers(0, 5))
+def test_layer_offload_invariants(trace, mode, pf, gpu) -> None:
+    """Offloaded layers never hit and every one of their experts is a demand copy; with every
+    layer resident it is the plain fetch run, on both engines."""
+    timing = {"link": LINK, "compute": COMPUTE} if mode == "timed" else {}
+    policy = {"name": "lru", "prefetch": pf}
+    res = simulate(trace, policy, capacity=_cap(trace), mode=mode, host=OFF_HOST,
+                   placement={"name": "layer_offload", "gpu_layers": gpu}, **timing)
+    check_parts(res)
+    pl = res.per_layer
+    off = pl[pl["layer"] >= gpu]
+    assert (off["hits"] + off["late_hits"] + off["promoted"]).sum() == 0
+    assert res.summary["sim_engine"] == "compiled"
+    if gpu >= trace.meta.num_moe_layers:
+        for engine in ("python", "compiled"):
+            base = simulate(trace, policy, capacity=_cap(trace), mode=mode, engine=engine,
+                            **timing).summary
+            got = simulate(trace, policy, capacity=_cap(trace), mode=mode, engine=engine,
+                           host=OFF_HOST, placement={"name": "layer_offload",
+                                                     "gpu_layers": gpu}, **timing).summary
+            assert [k for k, v in base.items() if k != "placement" and v != got[k]
+                    and not (isinstance(v, float) and math.isnan(v))] == []
+
+
+def test_layer_offload_bad_input() -> None:
+    with pytest.raises(PolicyError, match=r"^layer_offload: gpu_layers must be a whole number "
+                                          r">= 0 \(decoder layers on the GPU, in module order"):
+        simulate(_tiny(), "lru", capacity=4, mode="zero_latency", placement="layer_offload")
+    with pytest.raises(SimulationError, match="copies each offloaded layer's attention "
+                                              "weights, but the host side gives no "
+                                              "attention_bytes"):
+        simulate(_tiny(), "lru", capacity=4, link=LINK, compute=COMPUTE,
+                 placement={"name": "layer_offload", "gpu_layers": 1})
