@@ -226,10 +226,12 @@ POINT_NAMES: dict[str, str] = {"pre_attention": "pre-attention", "routed": "rout
 MODE_NAMES: dict[str, str] = {"timed": "timed", "zero_latency": "zero-latency"}
 # Placements: the default first, then the CPU ones, then the approximate ones.
 PLACEMENT_ORDER: tuple[str, ...] = ("fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu",
-                                    "low_precision_fetch", "skip_low_weight")
+                                    "cpu_layers", "layer_offload", "low_precision_fetch",
+                                    "skip_low_weight")
 PLACEMENT_NAMES: dict[str, str] = {
     "fetch": "fetch", "cpu_on_miss": "CPU on miss", "fetch_or_cpu": "fetch or CPU",
-    "static_cpu": "first layers on CPU", "low_precision_fetch": "low-precision fetch",
+    "static_cpu": "first layers on CPU", "cpu_layers": "last layers whole on CPU",
+    "layer_offload": "last layers copied in", "low_precision_fetch": "low-precision fetch",
     "skip_low_weight": "skip low-weight experts",
 }
 LEVEL_ORDER: dict[str, tuple[str, ...]] = {"policy.name": POLICY_ORDER, "label": PREDICTOR_ORDER,

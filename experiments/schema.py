@@ -86,7 +86,7 @@ OPTIONS: tuple[Opt, ...] = (
         lo=0.0, lo_open=True),
     Opt("placement", "str", "a routed expert not resident when its layer routes: fetch (copy "
         "and cache it), cpu_on_miss, fetch_or_cpu, static_cpu, low_precision_fetch, "
-        "skip_low_weight (policies/; docs: Policies, Placement)"),
+        "skip_low_weight, cpu_layers, layer_offload (policies/; docs: Policies, Placement)"),
     Opt("placement_params.threshold", "float", "low_precision_fetch, skip_low_weight: "
         "normalised gate weight below which a missed expert is fetched in low precision / "
         "skipped (null: 0.1)", nullable=True, lo=0.0, hi=1.0),
@@ -94,6 +94,10 @@ OPTIONS: tuple[Opt, ...] = (
         "low-precision copy, 2, 3, 4 or 8 (null: 4)", nullable=True, lo=2, hi=8),
     Opt("placement_params.layers", "int", "static_cpu: the first N MoE layers' routed experts "
         "run on the host CPU (null: the fewest that let the other layers fit in the cache)",
+        nullable=True, lo=0),
+    Opt("placement_params.gpu_layers", "int", "cpu_layers, layer_offload: the first N decoder "
+        "layers on the GPU, dense ones included (llama.cpp's -ngl); every later layer runs "
+        "whole on the host CPU (cpu_layers) or is copied in at each use (layer_offload)",
         nullable=True, lo=0),
     Opt("weights.experts_bits", "float", "bits per routed-expert weight of a quantised "
         "deployment, scales included (e.g. 2.6, 4.5); null: the model card's", nullable=True,

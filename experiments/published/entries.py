@@ -25,9 +25,10 @@ METRICS = ("tokens_per_s", "s_per_token", "speedup")
 PHASES = ("decode", "prefill", "request")
 PREFETCHES = ("none", "speculative", "next_layer_all", "oracle")
 CACHE_KINDS = ("per_layer", "experts", "fraction", "gpu_memory_gib", "none", "all")
-# Where a system runs or gets a routed expert. The last two are setups a source shows that no
-# moesim placement is (whole layers on the CPU; accelerate's layer-order residency): named so an
-# entry says what ran, and reported as not predictable (predict.UNMODELLED_PLACEMENTS).
+# Where a system runs or gets a routed expert (each a moesim placement; the last two whole
+# layers on the CPU, llama.cpp's -ngl, and accelerate's layer-order offload, both with the
+# entry's gpu_layers assumption). A placement no moesim placement is would be named here and
+# reported as not predictable with its reason (predict.UNMODELLED_PLACEMENTS).
 PLACEMENTS = ("fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu", "low_precision_fetch",
               "skip_low_weight", "cpu_layers", "layer_offload")
 ENTRY_KEYS = frozenset({

@@ -56,7 +56,7 @@ def test_bad_value_is_one_line(override: str, why: str) -> None:
 
 @pytest.mark.parametrize(("override", "why"), [
     ("placement_params=3", "placement_params=3: must be a mapping (keys: threshold, bits, "
-     "layers)"),
+     "layers, gpu_layers)"),
     ("output=3", "output=3: must be a mapping (keys: transfers, timeline_steps)"),
     ("output=null", "output=null: must be a mapping (keys: transfers, timeline_steps)"),
 ])
