@@ -123,3 +123,57 @@ def test_layer_offload_entries_map_to_the_placement_with_their_gpu_layers() -> N
     given = replace(bare, assumptions=(*bare.assumptions, Assumption("gpu_layers", 7, "t")))
     assert placement_of(given, load_card("mixtral_8x7b")) == {"name": "layer_offload",
                                                                "gpu_layers": 7}
+
+
+def _accelerate_fit(card, free: float, attention_weights: int, rotary_elements: int) -> int:
+    """The decoder layers accelerate's ``infer_auto_device_map`` puts on one GPU as transformers'
+    ``device_map="auto"`` calls it (the reasoning of the MoE-Infinity accelerate entries'
+    assumption): 0.9 of the free memory (``get_balanced_memory``), less the largest decoder layer
+    (kept for an offloaded one), filled in module order, ``embed_tokens`` first, until a layer
+    does not fit. Every weight and buffer element at 2 B (bf16); worked from the card's
+    dimensions independently of moesim's cost code."""
+    h, b = card.hidden_size, 2
+    common = (attention_weights + 2 * h + rotary_elements) * b  # + 2 norms, rotary buffers
+    moe = (common + h * card.num_experts * b + card.num_experts * card.expert_bytes
+           + card.shared_bytes_per_layer)
+    dense = common + 3 * h * card.dense_intermediate_size * b
+    sizes = [moe if i in card.moe_layers else dense for i in range(card.num_layers)]
+    room, n = 0.9 * free - max(sizes) - card.vocab_size * h * b, 0
+    for s in sizes:
+        if s > room:
+            break
+        room, n = room - s, n + 1
+    return n
+
+
+A5000_TOTAL = 24138 * 2**20  # torch's total_memory of an RTX A5000 (the assumption's source)
+MIXTRAL_ATTN = 4096 * (2 * 4096 + 2 * 1024)
+MIXTRAL_ROTARY = 2 * 32768 * 128 + 64  # cos/sin cache [max_position_embeddings, head_dim]
+MLA_ATTN = 2048 * 3072 + 2048 * 576 + 512 + 512 * 4096 + 2048 * 2048  # DeepSeek-V2-Lite
+DSV2L_ROTARY = 2 * 163840 * 64 + 32
+
+
+@pytest.mark.parametrize(("eid", "model", "attn", "rotary"), [
+    ("mi_lat_accel_mixtral", "mixtral_8x7b", MIXTRAL_ATTN, MIXTRAL_ROTARY),
+    ("mi_tput_accel_mixtral", "mixtral_8x7b", MIXTRAL_ATTN, MIXTRAL_ROTARY),
+    ("mi_lat_accel_dsv2l", "deepseek_v2_lite", MLA_ATTN, DSV2L_ROTARY),
+])
+def test_accelerate_gpu_layers_follow_their_stated_reasoning(eid, model, attn, rotary) -> None:
+    e = _entries()[eid]
+    assert e.placement == "layer_offload" and e.runtime == "accelerate"
+    card = load_card(model).with_weights(16, 16, 16 if card_has_shared(model) else None)
+    assert gpu_layers_of(e) == _accelerate_fit(card, A5000_TOTAL - 400e6, attn, rotary)
+
+
+def test_accelerate_gpu_layers_sensitivity_is_as_stated() -> None:
+    """Mixtral: 6 for any free memory from 21.4 to 24.4 GiB; DeepSeek-V2-Lite: 18 only with
+    under 0.36 GiB in use (a 287 MB context), 17 with the card's attention stand-in."""
+    mix = load_card("mixtral_8x7b").with_weights(16, 16, None)
+    for gib in (21.45, 22.5, 23.5, 24.4):
+        assert _accelerate_fit(mix, gib * 2**30, MIXTRAL_ATTN, MIXTRAL_ROTARY) == 6
+    assert _accelerate_fit(mix, 21.3 * 2**30, MIXTRAL_ATTN, MIXTRAL_ROTARY) == 5
+    ds = load_card("deepseek_v2_lite").with_weights(16, 16, 16)
+    assert _accelerate_fit(ds, A5000_TOTAL - 287_047_680, MLA_ATTN, DSV2L_ROTARY) == 18
+    assert _accelerate_fit(ds, A5000_TOTAL - 0.37 * 2**30, MLA_ATTN, DSV2L_ROTARY) == 17
+    stand_in = 4 * 2048 * ds.num_attention_heads * ds.head_dim
+    assert _accelerate_fit(ds, A5000_TOTAL - 287_047_680, stand_in, DSV2L_ROTARY) == 17
