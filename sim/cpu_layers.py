@@ -51,6 +51,22 @@ from moesim.sim.link import host_time
 HOST, COPIED = 1, 2  # CpuLayerTimes.on_cpu: a layer on the host, a layer copied in per call
 
 
+def _per_step(workload: object, n: int,
+              parts_of: Callable[[int, int], tuple[float, ...]]) -> np.ndarray:
+    """``[steps, n]``: ``parts_of(batch, context)`` of every step, computed once per distinct
+    (batch, context) pair (a decode step's costs depend on nothing else)."""
+    tokens = workload.tokens.tolist()  # type: ignore[attr-defined]
+    context = workload.context.tolist()  # type: ignore[attr-defined]
+    memo: dict[tuple[int, int], tuple[float, ...]] = {}
+    out = np.zeros((len(tokens), n))
+    for s, (b, ctx) in enumerate(zip(tokens, context, strict=True)):
+        key = (int(b), int(ctx))
+        if key not in memo:
+            memo[key] = parts_of(*key)
+        out[s] = memo[key]
+    return out
+
+
 @dataclass(frozen=True)
 class CpuLayerTimes:
     """Per step and MoE layer: seconds before and after the routing of a layer the engine
@@ -95,19 +111,12 @@ def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequ
         return CpuLayerTimes(on, before, experts, execs, busy, none)
     assert d2h is not None
     lanes = max(1, int(cpu.parallel))
-    tokens = w.tokens.tolist()  # type: ignore[attr-defined]
-    context = w.context.tolist()  # type: ignore[attr-defined]
     # per step: host attention, dense layer, shared experts, the runtime's per-layer host
-    # costs and the hidden state's copy (computed once per distinct batch and context)
-    whole: dict[tuple[int, int], tuple[float, ...]] = {}
-    parts = np.zeros((num_s, 6))
-    for s in range(num_s):
-        b, ctx = int(tokens[s]), int(context[s])
-        if (b, ctx) not in whole:
-            whole[(b, ctx)] = (cpu.attention_time(b, ctx), cpu.dense_layer_time(b, ctx),
-                               cpu.shared_time(b), host_time(compute, "attention", b),
-                               host_time(compute, "dense_layer", b), d2h(b * activation_bytes))
-        parts[s] = whole[(b, ctx)]
+    # costs and the hidden state's copy
+    parts = _per_step(w, 6, lambda b, ctx: (
+        cpu.attention_time(b, ctx), cpu.dense_layer_time(b, ctx), cpu.shared_time(b),
+        host_time(compute, "attention", b), host_time(compute, "dense_layer", b),
+        d2h(b * activation_bytes)))
     attn, dense, shared, attn_h, dense_h, copy = parts.T
     n_dense = np.asarray(dense_cpu, dtype=np.float64)[layers]
     before[:, layers] = (attn + attn_h)[:, None] + n_dense[None, :] * (dense + dense_h)[:, None]
@@ -176,20 +185,14 @@ def offload_layer_times(workload: object, layers: Sequence[int], dense_off: Sequ
     dense_copy = _module_copy(link, dense_bytes)
     shared_copy = _module_copy(link, shared_bytes)
     expert_copy = float(link.transfer_time(expert_bytes))  # type: ignore[attr-defined]
-    tokens = w.tokens.tolist()  # type: ignore[attr-defined]
-    context = w.context.tolist()  # type: ignore[attr-defined]
-    whole: dict[tuple[int, int], tuple[float, ...]] = {}
-    parts = np.zeros((num_s, 3))
-    for s in range(num_s):
-        b, ctx = int(tokens[s]), int(context[s])
-        if (b, ctx) not in whole:
-            sh = float(c.shared_time(b))  # type: ignore[attr-defined]
-            whole[(b, ctx)] = (
-                attn_copy + float(c.attention_time(b, ctx))  # type: ignore[attr-defined]
+    def offloaded(b: int, ctx: int) -> tuple[float, ...]:
+        sh = float(c.shared_time(b))  # type: ignore[attr-defined]
+        return (attn_copy + float(c.attention_time(b, ctx))  # type: ignore[attr-defined]
                 + float(c.router_time(b)),  # type: ignore[attr-defined]
                 dense_copy + float(c.dense_layer_time(b, ctx)),  # type: ignore[attr-defined]
                 shared_copy + sh if sh > 0 else 0.0)
-        parts[s] = whole[(b, ctx)]
+
+    parts = _per_step(w, 3, offloaded)
     attn, dense, shared = parts.T
     n_dense = np.asarray(dense_off, dtype=np.float64)[cols]
     before[:, cols] = attn[:, None] + n_dense[None, :] * dense[:, None]
