@@ -10,7 +10,12 @@ so matches, priorities and the queued lists are the same.
 The list itself is never sorted whole: per stored EAM each layer's experts are kept sorted by
 count once (when the slot is written), and a prediction merges the layers' heads by score,
 stopping once every partition's room (``prefetch_room() + E`` absent keys) is used up; held
-keys in the list are no-ops for these evictors, so only absent keys are queued.
+keys in the list are no-ops for these evictors, so only absent keys are queued, and each
+layer's head skips the held ones (the order of the absent keys is the whole list's).
+Where the time goes (whole DeepSeek-V2-Lite training trace, batch 1, ``perf``): the merge and
+the queue it feeds, the per-layer update of every stored slot's dot product (memory-bound:
+the layer's experts' unit rows are read three per pass over the slots) and the match; the
+priority evictor's D is recomputed only when its request's EAM changed (at routing).
 """
 
 from __future__ import annotations
@@ -194,6 +199,30 @@ def _set_dn(li, leam, lrsum, S, F):
 
 
 @fn
+def _column_sums(unit, b, ebuf, m, n, out):
+    """``out[c]`` = the stored unit rows ``b + ebuf[t]`` of slot ``c`` summed one by one
+    (``0.0 + u_0 + u_1 + ...``, numpy's order for the columns of several slots), three rows
+    per pass over the slots (the same additions in the same order per slot; one read and
+    write of ``out`` per three rows: the pass is bound by reading the rows)."""
+    u = unit[b + ebuf[0]]
+    for c in range(n):
+        out[c] = 0.0 + u[c]
+    t = 1
+    while t + 2 < m:
+        ua = unit[b + ebuf[t]]
+        ub = unit[b + ebuf[t + 1]]
+        uc = unit[b + ebuf[t + 2]]
+        for c in range(n):
+            out[c] = ((out[c] + ua[c]) + ub[c]) + uc[c]
+        t += 3
+    while t < m:
+        ua = unit[b + ebuf[t]]
+        for c in range(n):
+            out[c] += ua[c]
+        t += 1
+
+
+@fn
 def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, lrsum, ldots,
            ebuf, buf, S, F):
     """``MoEInfinity.on_routed``: the demand phase starts; every running request's EAM and dot
@@ -222,13 +251,8 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, l
         for t in range(m):
             buf[0, t] = unit[b + ebuf[t], 0]
         buf[2, 0] = pairwise(buf, 0, 0, m)
-    else:
-        for c in range(n):
-            buf[2, c] = 0.0
-        for t in range(m):
-            row = b + ebuf[t]
-            for c in range(n):
-                buf[2, c] += unit[row, c]
+    elif n > 1:
+        _column_sums(unit, b, ebuf, m, n, buf[2])
     for r in range(req_off[s], req_off[s + 1]):
         li = _live_of(req_ids[r], lrid, leam, lsq, lrsum, ldots)
         add = 0.0
@@ -238,8 +262,10 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, l
         for t in range(m):
             leam[li, b + ebuf[t]] += 1.0
         lrsum[li, j] += m
+        dots = ldots[li, j]
+        col = buf[2]
         for c in range(n):
-            ldots[li, j, c] += buf[2, c]
+            dots[c] += col[c]
         if prio and li == S[IV, I_DSRC]:
             _set_dn(li, leam, lrsum, S, F)
 
@@ -264,8 +290,11 @@ def _suffixes(li, lo, n, ldots, buf, S):
         ldots[li, top, c] = 0.0
     for t in range(num_l - 2, lo - 2, -1):
         w = buf[1, t + 1]
+        out = ldots[li, num_l + t]  # views: the loop over slots runs on contiguous rows
+        after = ldots[li, num_l + t + 1]
+        cos = ldots[li, t + 1]
         for c in range(n):
-            ldots[li, num_l + t, c] = ldots[li, num_l + t + 1, c] + ldots[li, t + 1, c] * w
+            out[c] = after[c] + cos[c] * w
 
 
 @fn
@@ -333,14 +362,14 @@ def _match(s, li, j, lsq, lrsum, ldots, access, mask, buf, S):
         if lrsum[li, num_l] != s:
             _suffixes(li, lo, n, ldots, buf, S)
             lrsum[li, num_l] = s
-        row = num_l + j
-        top = ldots[li, row, 0]
+        suf = ldots[li, num_l + j]
+        top = suf[0]
         for c in range(1, n):
-            if ldots[li, row, c] > top:
-                top = ldots[li, row, c]
+            if suf[c] > top:
+                top = suf[c]
         floor = top - PRUNE_TOL
         for c in range(n):
-            if ldots[li, row, c] >= floor:
+            if suf[c] >= floor:
                 d = 1.0 - (masked + _exact(li, c, lo, m, ldots, buf)) / num_l
                 if d < best_d:
                     best_d = d
@@ -416,6 +445,22 @@ def _recount(S):
 
 
 @fn
+def _head(idx, i, lenw, ibuf, eams, ordr, buf, S):
+    """Move layer ``i``'s head (``ibuf[i]``) past the keys held in the cache and put its
+    score, ``priority``'s ``(count + 1e-8) * decay``, in ``buf[1, i]`` (-1 when used up)."""
+    num_e = S[IV, I_NUME]
+    b = i * num_e
+    q = ibuf[i]
+    while q < lenw and S[K_STATE, b + ordr[idx, b + q]] != ABSENT:
+        q += 1
+    ibuf[i] = q
+    if q < lenw:
+        buf[1, i] = (eams[idx, b + ordr[idx, b + q]] + 1e-8) * buf[3, i]
+    else:
+        buf[1, i] = -1.0
+
+
+@fn
 def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, access, ordr,
                   lrid, leam, lsq, lrsum, ldots, ibuf, buf, S, F):
     """``MoEInfinity.on_demand_issued``: match every running request, flush the link's queue,
@@ -426,9 +471,9 @@ def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, acce
     if r1 == r0:
         return 0
     last = _live_of(req_ids[r1 - 1], lrid, leam, lsq, lrsum, ldots)
-    S[IV, I_DSRC] = last
-    if prio:
+    if prio and last != S[IV, I_DSRC]:  # the same request's D is current: routed redid it
         _set_dn(last, leam, lrsum, S, F)
+    S[IV, I_DSRC] = last
     if S[IV, I_FILLED] == 0:
         return 0
     idx = 0
@@ -453,31 +498,36 @@ def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, acce
     single = S[IV, I_NUMP] == 1
     for p in range(S[IV, I_NUMP]):
         S[B_SKIP, p] = S[P_CAP, p] - S[P_USED, p] + S[P_NC, p] + num_e
-    for i in range(j, chi + 1):  # heads of the layers' sorted lists and their scores
+    # The list is the layers' sorted lists merged by score, the lower layer first on ties;
+    # only its absent keys are queued. Each layer's head skips the keys held in the cache
+    # (resident or loading: they take no room), its score is in buf[1] (-1 once the layer is
+    # used up or, with several partitions, out of room: every real score is > 0), its decay
+    # in buf[3] (computed once per call, as ``priority`` computes it).
+    for i in range(j, chi + 1):
         ibuf[i] = 0
-        decay = 1.0 - (i - j) / (num_l + 1)
-        buf[1, i] = (eams[idx, i * num_e + ordr[idx, i * num_e]] + 1e-8) * decay
+        buf[3, i] = 1.0 - (i - j) / (num_l + 1)
+        _head(idx, i, lenw, ibuf, eams, ordr, buf, S)
+        if not single and S[B_SKIP, i] <= 0:
+            buf[1, i] = -1.0
     n = 0
     while True:
-        bi = -1
-        for i in range(j, chi + 1):  # highest score; the lower layer first on ties
-            if ibuf[i] < lenw and (single or S[B_SKIP, i] > 0) and (
-                    bi < 0 or buf[1, i] > buf[1, bi]):
+        bi = j  # highest score; the lower layer first on ties
+        for i in range(j + 1, chi + 1):
+            if buf[1, i] > buf[1, bi]:
                 bi = i
-        if bi < 0:
+        if buf[1, bi] < 0.0:
             break
-        k = bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]
+        k = bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]  # absent: the head skips held keys
         ibuf[bi] += 1
-        if ibuf[bi] < lenw:
-            decay = 1.0 - (bi - j) / (num_l + 1)
-            buf[1, bi] = (eams[idx, bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]]
-                          + 1e-8) * decay
-        if S[K_STATE, k] == ABSENT:
-            p = S[K_PART, k]
-            if S[B_SKIP, p] > 0:
-                S[B_PKEYS, n] = k
-                n += 1
-                S[B_SKIP, p] -= 1
-                if single and S[B_SKIP, 0] == 0:
+        _head(idx, bi, lenw, ibuf, eams, ordr, buf, S)
+        p = S[K_PART, k]
+        if S[B_SKIP, p] > 0:
+            S[B_PKEYS, n] = k
+            n += 1
+            S[B_SKIP, p] -= 1
+            if single:
+                if S[B_SKIP, 0] == 0:
                     break
+            elif S[B_SKIP, p] == 0 and j <= p <= chi:
+                buf[1, p] = -1.0  # layer p is out of the running (B_SKIP is read by layer)
     return n
