@@ -58,8 +58,8 @@ def test_every_named_placement_is_predicted_or_refused_with_its_reason(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A placement an entry names is predicted, or refused by ``prepare`` with its reason
     before any trace is read (no placement has such a reason at present: the refusal is
-    checked on a stand-in); the audited whole-layer entries carry the placement assumption that records
-    the evidence."""
+    checked on a stand-in); the audited whole-layer entries carry the placement assumption
+    that records the evidence."""
     from moesim.experiments.published import predict
     from moesim.experiments.published.entries import PLACEMENTS
 
