@@ -84,12 +84,15 @@ class CpuLayerTimes:
 
 def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequence[int],
                     cpu: HostCpuTimes | None, d2h: Callable[[int], float] | None,
-                    compute: object | None, activation_bytes: int = 0) -> CpuLayerTimes:
+                    compute: object | None, activation_bytes: int = 0,
+                    dense_gpu: Sequence[int] = ()) -> CpuLayerTimes:
     """The cost arrays of ``workload`` (``sim.workload.Workload``) with MoE layers
     ``cpu_layers`` on the host and ``dense_cpu[j]`` dense layers before MoE layer ``j`` on the
-    host; ``activation_bytes``: one token's hidden state. ``cpu`` None, ``d2h`` None (seconds
-    to copy ``n`` bytes device-to-host) and ``compute`` None: a zero-latency run (every time
-    0)."""
+    host; ``activation_bytes``: one token's hidden state; ``dense_gpu[j]``: dense layers just
+    before MoE layer ``j`` still on the GPU (the split falls after them: charged at the GPU's
+    ``dense_layer_time`` before the layer's host part, as part of its time before routing).
+    ``cpu`` None, ``d2h`` None (seconds to copy ``n`` bytes device-to-host) and ``compute``
+    None: a zero-latency run (every time 0)."""
     w = workload
     keys = w.keys  # type: ignore[attr-defined]
     num_s, num_l, width = keys.shape
@@ -113,13 +116,14 @@ def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequ
     lanes = max(1, int(cpu.parallel))
     # per step: host attention, dense layer, shared experts, the runtime's per-layer host
     # costs and the hidden state's copy
-    parts = _per_step(w, 6, lambda b, ctx: (
+    parts = _per_step(w, 7, lambda b, ctx: (
         cpu.attention_time(b, ctx), cpu.dense_layer_time(b, ctx), cpu.shared_time(b),
         host_time(compute, "attention", b), host_time(compute, "dense_layer", b),
-        d2h(b * activation_bytes)))
-    attn, dense, shared, attn_h, dense_h, copy = parts.T
+        d2h(b * activation_bytes), _gpu_dense(compute, b, ctx)))
+    attn, dense, shared, attn_h, dense_h, copy, gpu_dense = parts.T
     n_dense = np.asarray(dense_cpu, dtype=np.float64)[layers]
     before[:, layers] = (attn + attn_h)[:, None] + n_dense[None, :] * (dense + dense_h)[:, None]
+    before[:, layers] += _on_gpu(dense_gpu, layers)[None, :] * gpu_dense[:, None]
     before[:, first] += copy
     # routed experts: one execution per routed expert on the lane free first, in access order
     counts = w.counts  # type: ignore[attr-defined]
@@ -148,6 +152,18 @@ def cpu_layer_times(workload: object, cpu_layers: Sequence[int], dense_cpu: Sequ
     return CpuLayerTimes(on, before, experts, execs, busy, none)
 
 
+def _gpu_dense(compute: object, b: int, ctx: int) -> float:
+    """One dense decoder layer on the GPU (the GPU path's ``dense_layer_time``)."""
+    return float(compute.dense_layer_time(b, ctx))  # type: ignore[attr-defined]
+
+
+def _on_gpu(dense_gpu: Sequence[int], cols: Sequence[int]) -> np.ndarray:
+    """Per listed MoE layer, the dense layers just before it that stay on the GPU."""
+    if not len(dense_gpu):
+        return np.zeros(len(cols))
+    return np.asarray(dense_gpu, dtype=np.float64)[list(cols)]
+
+
 def _module_copy(link: object, nbytes: int) -> float:
     """One copy of a module's weights: the link's per-copy cost and rate, without a runtime's
     whole-layer factor (which scales routed-expert copies only)."""
@@ -159,11 +175,12 @@ def _module_copy(link: object, nbytes: int) -> float:
 
 def offload_layer_times(workload: object, layers: Sequence[int], dense_off: Sequence[int],
                         link: object | None, compute: object | None, expert_bytes: int,
-                        attention_bytes: int, shared_bytes: int, dense_bytes: int
-                        ) -> CpuLayerTimes:
+                        attention_bytes: int, shared_bytes: int, dense_bytes: int,
+                        dense_gpu: Sequence[int] = ()) -> CpuLayerTimes:
     """The cost arrays of ``workload`` with MoE layers ``layers`` offloaded (their weights
-    copied in at each call) and ``dense_off[j]`` offloaded dense layers before MoE layer ``j``;
-    ``link`` and ``compute`` None: a zero-latency run (every time 0)."""
+    copied in at each call), ``dense_off[j]`` offloaded dense layers before MoE layer ``j``
+    and ``dense_gpu[j]`` resident ones (no copy); ``link`` and ``compute`` None: a
+    zero-latency run (every time 0)."""
     w = workload
     keys = w.keys  # type: ignore[attr-defined]
     num_s, num_l, _ = keys.shape
@@ -192,10 +209,11 @@ def offload_layer_times(workload: object, layers: Sequence[int], dense_off: Sequ
                 dense_copy + float(c.dense_layer_time(b, ctx)),  # type: ignore[attr-defined]
                 shared_copy + sh if sh > 0 else 0.0)
 
-    parts = _per_step(w, 3, offloaded)
-    attn, dense, shared = parts.T
+    parts = _per_step(w, 4, lambda b, ctx: (*offloaded(b, ctx), _gpu_dense(c, b, ctx)))
+    attn, dense, shared, gpu_dense = parts.T
     n_dense = np.asarray(dense_off, dtype=np.float64)[cols]
     before[:, cols] = attn[:, None] + n_dense[None, :] * dense[:, None]
+    before[:, cols] += _on_gpu(dense_gpu, cols)[None, :] * gpu_dense[:, None]
     counts = w.counts  # type: ignore[attr-defined]
     n = np.ones(valid.shape, np.int64) if counts is None else counts[:, cols, :].astype(
         np.int64)

@@ -275,6 +275,14 @@ class Simulation:
         self.env: simpy.Environment | None = None
         self.c = Counters(self.shape.num_layers)
         self._peers: dict[str, Any] = {}  # shared by all policy instances of this run
+        if (placement is not None and placement.cls.whole_layers
+                and cache_opts.partition == "per_layer"):
+            # the host / offloaded layers would hold partitions no expert ever uses, sized
+            # and checked like the others: the budget is the GPU layers' (one global cache)
+            raise SimulationError(
+                f"placement {placement.name!r} with cache.partition=per_layer: its layers on "
+                "the host or copied in take no cache slot, so their partitions would waste "
+                "the budget; use cache.partition=global")
         self._layers_of_part, self._part_of_layer, self._caps = self._partitions()
         caps = list(self._caps)  # before staging buffers lend slots
         self._check_capacity()
@@ -332,12 +340,17 @@ class Simulation:
         # whole layers on the host (placement cpu_layers): their costs, one function for
         # both engines (sim.cpu_layers)
         self.cpu_times: CpuLayerTimes | None = None
+        if cls.whole_layers and cpu_layers:
+            # the dense layers before a host / offloaded MoE layer that the split leaves on
+            # the GPU (it falls between them and the MoE layer): charged with that layer
+            dense_gpu = [int(n) - int(c) for n, c in zip(
+                self.dense_before, self.placement.cpu_dense_layers(), strict=True)]
         if cls.whole_layers == "cpu" and cpu_layers:
             self.cpu_times = cpu_layer_times(
                 self.workload, cpu_layers, self.placement.cpu_dense_layers(),
                 self.host.cpu if self.timed else None,
                 self.link_model.transfer_time if self.timed else None,
-                self.compute if self.timed else None, self.host.activation_bytes)
+                self.compute if self.timed else None, self.host.activation_bytes, dense_gpu)
         elif cls.whole_layers == "copied" and cpu_layers:
             if self.timed and self.host.attention_bytes <= 0:
                 raise SimulationError(
@@ -348,7 +361,7 @@ class Simulation:
                 self.workload, cpu_layers, self.placement.cpu_dense_layers(),
                 self.link_model if self.timed else None, self.compute if self.timed else None,
                 self.shape.expert_bytes, self.host.attention_bytes, self.host.shared_bytes,
-                self.host.dense_bytes)
+                self.host.dense_bytes, dense_gpu)
         self.pctx = _PlaceContext(self)
         parallel = int(self.host.cpu.parallel) if self.host.cpu is not None else 1
         if parallel < 1:

@@ -134,6 +134,7 @@ def _config(seed: int, mi_only: bool = False) -> tuple[Any, dict[str, Any], dict
     if not mi_only and rng.random() < 0.3:  # the last layers on the host CPU, or copied in
         name = str(rng.choice(["cpu_layers", "layer_offload"]))
         kw["placement"] = {"name": name, "gpu_layers": int(rng.integers(0, layers + 2))}
+        kw["partition"] = "global"  # per_layer is refused with whole-layer placements
         kw["host"] = HostSide(
             FixedHostCpu(call_s=float(rng.choice([0.0, 2e-4])), per_token_s=5e-5,
                          parallel=int(rng.integers(1, 3)), attention_s=2e-3,

@@ -71,6 +71,31 @@ def test_golden_dense_layer_and_batch(engine) -> None:
     assert res.summary["total_time_s"] == pytest.approx(2 * (gpu + d2h + cpu), rel=1e-12)
 
 
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_a_gpu_dense_layer_before_the_split_is_charged(engine) -> None:
+    """Decoder [dense, MoE, MoE] (DeepSeek-V2-Lite's shape) with only the dense layer on the
+    GPU: it costs the GPU's dense time per token, where every layer on the host costs the
+    host's, and an offloaded layer after it copies no dense weights (the split falls between
+    the dense layer and the first MoE layer; both used to drop the dense layer's time)."""
+    gpu_dense, cpu_dense, tokens = 5e-3, 4e-3, 3
+    compute = FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4, shared_s=1e-4,
+                           dense_s=gpu_dense)
+
+    def total(name: str, gpu_layers: int, host: HostSide) -> float:
+        r = simulate(_tiny(tokens), "lru", capacity=4, link=LINK, compute=compute, host=host,
+                     placement={"name": name, "gpu_layers": gpu_layers}, dense_before=[1, 0],
+                     prefill="random", engine=engine)
+        return float(r.summary["total_time_s"])
+
+    host = _host(dense_s=cpu_dense)
+    assert total("cpu_layers", 1, host) - total("cpu_layers", 0, host) == pytest.approx(
+        tokens * (gpu_dense - cpu_dense), abs=1e-12)
+    dense_bytes = 1000  # 1 ms at LINK's rate, plus its 10 us per copy
+    off = HostSide(None, ACT, 16, attention_bytes=1000, dense_bytes=dense_bytes)
+    assert total("layer_offload", 0, off) - total("layer_offload", 1, off) == pytest.approx(
+        tokens * (1e-5 + dense_bytes / 1e6), abs=1e-12)
+
+
 def test_everything_on_the_host_copies_nothing() -> None:
     """gpu_layers=0: every routed expert is computed on the host, nothing crosses the link but
     the hidden state (not an expert copy: no demand or prefetch bytes)."""
@@ -164,6 +189,12 @@ def test_bad_input_is_one_clear_error() -> None:
                                               "CPU model was given"):
         simulate(_tiny(), "lru", capacity=4, link=LINK, compute=COMPUTE,
                  placement={"name": "cpu_layers", "gpu_layers": 1})
+    for name in ("cpu_layers", "layer_offload"):  # host layers would waste partitions
+        with pytest.raises(SimulationError, match=rf"^placement '{name}' with "
+                                                  r"cache\.partition=per_layer: .*use "
+                                                  r"cache\.partition=global$"):
+            simulate(_tiny(), "lru", capacity=6, mode="zero_latency", partition="per_layer",
+                     placement={"name": name, "gpu_layers": 1})
 
 
 @pytest.mark.parametrize("engine", ["python", "compiled"])
