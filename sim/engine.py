@@ -81,7 +81,14 @@ from moesim.sim.cache import (
 )
 from moesim.sim.cpu_layers import HOST, CpuLayerTimes, cpu_layer_times, offload_layer_times
 from moesim.sim.hardware import ComputeTimes, HostSide, TransferModel
-from moesim.sim.link import ACTIVATION, NO_RULES, HostLink, copy_rules, host_time
+from moesim.sim.link import (
+    ACTIVATION,
+    NO_RULES,
+    HostLink,
+    copy_rules,
+    host_time,
+    wait_for_gate,
+)
 from moesim.sim.link import LOW_PRECISION as LOW_COPY
 from moesim.sim.metrics import HIT, LATE, MISS, PROMOTED, Counters, RunResult, build_result
 from moesim.sim.predictions import PredictionView
@@ -1227,22 +1234,6 @@ def _run_gpu_stream(
     return now, tau, st_miss, st_late, pieces
 
 
-def _wait_for_gate(gate: float, now: float, tau: float, late: bool, st_miss: float,
-                   st_late: float) -> tuple[float, float, float, float]:
-    """A kernel (or, with ``copy.sync``, a host part) that cannot start before ``gate`` (link
-    time): (wall, link time, miss stall, late stall) after waiting for it, the wait counted
-    as stall on prefetches (``late``) or on demand copies. ``sim/compiled/kernel.py``'s
-    ``_wait_for_gate`` is the same arithmetic."""
-    if gate > tau:
-        if late:
-            st_late += gate - tau
-        else:
-            st_miss += gate - tau
-        now += gate - tau
-        tau = gate
-    return now, tau, st_miss, st_late
-
-
 def _run_gpu_fifo(
     t: float,
     tau: float,
@@ -1304,11 +1295,11 @@ def _run_gpu_fifo(
     now = t
     tau0 = tau
     if sync and shared > 0:
-        now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, not demand, st_miss, st_late)
+        now, tau, st_miss, st_late = wait_for_gate(gate, now, tau, not demand, st_miss, st_late)
     now += h
     tau += h
     if shared > 0:
-        now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, not demand, st_miss, st_late)
+        now, tau, st_miss, st_late = wait_for_gate(gate, now, tau, not demand, st_miss, st_late)
     pieces = [(t, tau0, tau - tau0)]
     if spans is not None:
         if issue:
@@ -1324,10 +1315,10 @@ def _run_gpu_fifo(
         w0, tau0 = now, tau
         late = kinds[i] == LATE or (kinds[i] == HIT and not demand)
         if sync:
-            now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, late, st_miss, st_late)
+            now, tau, st_miss, st_late = wait_for_gate(gate, now, tau, late, st_miss, st_late)
         now += h
         tau += h
-        now, tau, st_miss, st_late = _wait_for_gate(gate, now, tau, late, st_miss, st_late)
+        now, tau, st_miss, st_late = wait_for_gate(gate, now, tau, late, st_miss, st_late)
         if own and kinds[i] == LATE:  # its own copy, on the prefetch stream
             assert keys is not None  # the engine passes the layer's keys
             r = link.ready_times([keys[i]])[0]

@@ -176,6 +176,22 @@ def host_time(comp: Any, part: str, n: int) -> float:
     return float(fn(n)) if fn is not None else 0.0
 
 
+def wait_for_gate(gate: float, now: float, tau: float, late: bool, st_miss: float,
+                  st_late: float) -> tuple[float, float, float, float]:
+    """A kernel (or, with ``copy.sync``, a host part) that cannot start before ``gate`` (link
+    time): (wall, link time, miss stall, late stall) after waiting for it, the wait counted
+    as stall on prefetches (``late``) or on demand copies. Plain arithmetic, so that the
+    SimPy engine calls it and the compiled kernel compiles this same function."""
+    if gate > tau:
+        if late:
+            st_late += gate - tau
+        else:
+            st_miss += gate - tau
+        now += gate - tau
+        tau = gate
+    return now, tau, st_miss, st_late
+
+
 class PrefetchQueue:
     """Queued prefetches: lowest priority first, then submission order (``seq``); a withdrawn
     or cancelled entry stays in the heap and is skipped when it surfaces. One rule for the

@@ -112,6 +112,7 @@ from moesim.sim.compiled.layout import (
 from moesim.sim.compiled.link import _advance, _submit_demand
 from moesim.sim.compiled.lists import _merge_current
 from moesim.sim.compiled.prefetch import _issue_keys, _prefetch
+from moesim.sim.link import wait_for_gate
 
 __all__ = ["next_occurrences", "replay"]
 
@@ -156,18 +157,8 @@ def _gate(engines, F):
     return gate
 
 
-@jit
-def _wait_for_gate(gate, now, tau, late, st_miss, st_late):
-    """``engine._wait_for_gate``: the wait for ``gate`` (link time), as stall on prefetches
-    (``late``) or on demand copies; returns (wall, link time, miss stall, late stall)."""
-    if gate > tau:
-        if late:
-            st_late += gate - tau
-        else:
-            st_miss += gate - tau
-        now += gate - tau
-        tau = gate
-    return now, tau, st_miss, st_late
+# the SimPy engine's own function, compiled: one definition of the wait for both engines
+_wait_for_gate = jit(wait_for_gate)
 
 
 @jit
