@@ -100,31 +100,30 @@ def write_fit_json(results: Sequence[FitResult]) -> None:
 
 def write_fitted(result: FitResult) -> None:
     """Set the fitted values in the runtime's YAML (flow-style ``{value: ...}`` lines), with
-    ``kind: fitted`` and the calibration set as the source."""
+    ``kind: fitted`` and the calibration set as the source, and its fitted structural
+    choices (plain lines such as ``swap: false``)."""
     path = runtime_path(result.runtime)
     text = path.read_text()
     source = f"fitted by moesim.experiments.published.fit on {', '.join(result.calibration)}"
     for key, value in result.values.items():
-        section, leaf = key.split(".")
-        pattern = re.compile(rf"^(\s+{re.escape(leaf)}: )\{{.*\}}$", re.M)
-        # only the leaf under its section: find the section's block first
-        start = re.search(rf"^{re.escape(section)}:\s*$", text, re.M)
-        if start is None:
-            raise ProfileError(f"{path}: no section {section!r} to write {key} into")
-        m = pattern.search(text, start.end())
-        if m is None:
-            raise ProfileError(f"{path}: no line for {key} to write the fitted value into")
         line = f"{{value: {value:.6g}, kind: fitted, source: \"{source}\"}}"
-        text = text[:m.start()] + m.group(1) + line + text[m.end():]
-    for key, choice in result.structure.items():  # e.g. copy.swap: its plain YAML line
-        section, leaf = key.split(".")
-        start = re.search(rf"^{re.escape(section)}:\s*$", text, re.M)
-        m = re.compile(rf"^(\s+{re.escape(leaf)}: )\S+$", re.M).search(
-            text, start.end()) if start is not None else None
-        if m is None:
-            raise ProfileError(f"{path}: no line for {key} to write the fitted choice into")
-        text = text[:m.start()] + m.group(1) + choice + text[m.end():]
+        text = _set_leaf(text, path, key, r"\{.*\}", line, "fitted value")
+    for key, choice in result.structure.items():
+        text = _set_leaf(text, path, key, r"\S+", choice, "fitted choice")
     path.write_text(text)
+
+
+def _set_leaf(text: str, path: Path, key: str, old: str, new: str, what: str) -> str:
+    """``text`` with the value (matching ``old``) of the first ``leaf:`` line after the
+    ``section:`` line of ``key`` (``section.leaf``) replaced by ``new``."""
+    section, leaf = key.split(".")
+    start = re.search(rf"^{re.escape(section)}:\s*$", text, re.M)
+    if start is None:
+        raise ProfileError(f"{path}: no section {section!r} to write {key} into")
+    m = re.compile(rf"^(\s+{re.escape(leaf)}: ){old}$", re.M).search(text, start.end())
+    if m is None:
+        raise ProfileError(f"{path}: no line for {key} to write the {what} into")
+    return text[:m.start()] + m.group(1) + new + text[m.end():]
 
 
 def _row(entry: Entry, preds: Predictions) -> dict[str, Any]:
