@@ -131,11 +131,6 @@ def fit_runtime(rt: RuntimeProfile, entries: Sequence[Entry], predict: Predictor
                    alternatives=tuple((c, r.values, r.loss) for c, r in fits))
 
 
-def structure_of(rt: RuntimeProfile, res: FitResult) -> RuntimeProfile:
-    """``rt`` with the structure a fit kept (unchanged when it declared none)."""
-    return with_structure(rt, res.structure) if res.structure else rt
-
-
 def shipped_structure(rt: RuntimeProfile) -> dict[str, str]:
     """The structural choices ``rt``'s YAML makes among its declared alternatives."""
     return {k: structure_value(rt, k) for k in (STRUCTURES.get(rt.name) or {})}

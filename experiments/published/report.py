@@ -25,7 +25,7 @@ from moesim.hw_profiles import ProfileError
 from moesim.hw_profiles.runtime import RuntimeProfile, list_runtimes, load_runtime, runtime_path
 
 from .entries import DATA_DIR, Entry, load_entries
-from .fit import CALIBRATION, FitResult, fit_runtime, structure_of
+from .fit import CALIBRATION, FitResult, fit_runtime
 from .predict import NotPredictable, Prepared, as_metric, predict_s_per_token, prepare
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
@@ -223,9 +223,9 @@ def logo_table(entries: Sequence[Entry], runtime: str = "hqq_offload",
 
 
 def _with(rt: RuntimeProfile, res: FitResult) -> RuntimeProfile:
-    from moesim.hw_profiles.runtime import with_values
+    from moesim.hw_profiles.runtime import with_structure, with_values
 
-    return with_values(structure_of(rt, res), res.values, "leave-one-GPU-out fit")
+    return with_values(with_structure(rt, res.structure), res.values, "leave-one-GPU-out fit")
 
 
 def summary(pred: pd.DataFrame) -> dict[str, Any]:
