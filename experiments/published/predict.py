@@ -9,8 +9,8 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
 - the cache: ``per_layer: N`` is an equal per-layer partition of N slots each (the runtime's
   staging buffers lend slots where N is below a layer's need), ``experts``/``fraction`` a
   global cache, ``gpu_memory_gib`` the experts that fit beside the non-expert weights and a
-  fixed reserve (``RESERVE_GIB``), ``all`` every expert resident (the first ``WARMUP`` tokens of
-  each request only warm it), ``none`` the smallest cache a step can run in, emptied before
+  fixed reserve (``RESERVE_GIB``), ``all`` every expert resident from the start (the cache
+  starts full; the first ``WARMUP`` tokens of each request are still not measured), ``none`` the smallest cache a step can run in, emptied before
   every token (nothing is reused: ``per_token_requests``);
 - ``prefetch: speculative`` (a system's own next-layer guess) and ``oracle`` are the perfect
   next-layer prefetch issued right behind the layer's demand copies: an upper bound on what
@@ -27,7 +27,7 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   (accelerate's layer-order residency, every offloaded layer's weights copied in at each call)
   as the moesim placements of those names with the entry's ``gpu_layers`` assumption
   (:func:`gpu_layers_of`; without one the entry is not predictable), every expert of its GPU
-  layers resident (a cache of every expert, warmed); CPU times come from the profile's host
+  layers resident (a cache of every expert, full from the start); CPU times come from the profile's host
   CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``); a placement moesim cannot
   simulate would be reported as not predictable with its reason (``UNMODELLED_PLACEMENTS``),
   never approximated by a placement that differs;
@@ -341,8 +341,10 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
             return link
         return link.scaled_to_peak(link.peak_bandwidth_Bps * p.link_scale)
 
-    # A prompt is one step: a cache holding every expert (warm-up tokens elsewhere) starts
-    # full instead (a random fill of a cache with a slot for every expert is every expert).
+    # A cache with a slot for every expert (``p.warmup``: cache ``all`` and the layer splits'
+    # GPU layers) starts full: a random fill of it is every expert. Warm-up tokens alone left
+    # the experts they never routed to as demand copies later (5 of them in MoE-Gen's batch-32
+    # DeepSeek-V2-Lite cell), though such a system loads every expert before it serves.
     prompt_only = p.replay == "prefill"
     link, compute = apply_runtime(runtime, bus(p.profile.expert_link()),
                                   p.profile.compute_model(p.card), p.card,
@@ -354,7 +356,7 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
         p.trace, policy or policy_of(p.entry, runtime.prefetch_recall), capacity=p.capacity,
         mode="timed", link=link, compute=compute, partition=p.partition,
         warmup_tokens=0 if prompt_only else p.warmup, seed=0, reset_per_request=p.no_reuse,
-        batch=p.batch, prefill="random" if prompt_only and p.warmup else "empty",
+        batch=p.batch, prefill="random" if p.warmup else "empty",
         replay=p.replay,  # type: ignore[arg-type]
         dense_before=dense_layers_before(p.trace.meta.moe_layers, p.card.num_layers),
         host=host, staging=runtime.staging_buffers, placement=p.placement,
