@@ -10,9 +10,19 @@ folder, config hash, ``status.json`` and return value; one run's failure does no
 others. A task killed or preempted is resubmitted whole (submitit's checkpointing) or by
 rerunning the command, and its finished runs are skipped by config hash, as every sweep's are.
 
+Each run's config is composed once, in the sweep's process: Hydra's sweeper composes every
+run's config there anyway (to refuse a bad override before anything is submitted), and
+:class:`ComposingLoader` keeps what it composed. The launcher writes each pack's configs,
+with the sweep's input hashes, into one file under ``<sweep dir>/.packs/`` (the cluster reads
+the sweep folder already: the runs write there), and the task runs those configs as they are:
+the config that ran is the config Hydra composed for it. Each input (trace file or raw
+folder, prediction table) is hashed once per sweep, in the sweep's process; a task uses that
+hash only while the input's files still have the size and modification time they had then
+(a queued task may start hours later), else it hashes the input itself.
+
 The launchers are Hydra's own (``LocalLauncher``, ``SlurmLauncher``): a pack is handed to them
-as one job whose override list carries each run's index and overrides, and unpacked in the
-task. Hydra instantiates launchers only from its plugin registry (classes under
+as one job whose override list names its file and, for Hydra's log, each run's index and
+overrides. Hydra instantiates launchers only from its plugin registry (classes under
 ``hydra_plugins.``); :func:`register_launchers` adds these two there under
 ``hydra_plugins.moesim_packing.*``, the names the launcher YAMLs in
 ``experiments/conf/hydra/launcher/`` use.
@@ -27,6 +37,7 @@ spread evenly); each run is composed, run and written exactly as by ``hydra/laun
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 from collections.abc import Sequence
@@ -66,8 +77,13 @@ def unpack(packed: Sequence[str]) -> list[tuple[int, list[str]]]:
     return runs
 
 
+PACK_FILE = "moesim_pack@"  # a submitted pack's first override: its file (see _Packed)
+PACKS_DIR = ".packs"  # under the sweep folder: one folder of pack files per launch
+
+
 class _Packed:
-    """Mixed into a submitit launcher: ``runs_per_task`` runs per submitted task."""
+    """Mixed into a submitit launcher: ``runs_per_task`` runs per submitted task, each run's
+    config composed once (in the sweep's process) and each input hashed once per sweep."""
 
     def __init__(self, runs_per_task: int = 1, **params: Any) -> None:
         self.runs_per_task = int(runs_per_task)
@@ -76,21 +92,173 @@ class _Packed:
                 f"hydra.launcher.runs_per_task must be >= 1, not {runs_per_task}")
         super().__init__(**params)
 
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        # the sweeper shares this context: its check of every run's config composes through it
+        if not isinstance(hydra_context.config_loader, ComposingLoader):
+            hydra_context.config_loader = ComposingLoader(hydra_context.config_loader)
+        super().setup(hydra_context=hydra_context, task_function=task_function,  # type: ignore[misc]
+                      config=config)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """submitit pickles the launcher into every task: with the plain config loader, never
+        the configs the sweep keeps (each run's config travels in its pack's file only)."""
+        from hydra.types import HydraContext
+
+        state = dict(self.__dict__)
+        context = state.get("hydra_context")
+        if context is not None and isinstance(context.config_loader, ComposingLoader):
+            state["hydra_context"] = HydraContext(config_loader=context.config_loader.loader,
+                                                  callbacks=context.callbacks)
+        return state
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
-        if self.runs_per_task == 1:
-            return list(super().launch(job_overrides, initial_job_idx))
-        packs = pack(job_overrides, initial_job_idx, self.runs_per_task)
-        results = super().launch(packs, initial_job_idx)  # one list of returns per pack
+        import shutil
+        import uuid
+
+        assert self.config is not None and self.hydra_context is not None  # type: ignore[attr-defined]
+        loader = self.hydra_context.config_loader  # type: ignore[attr-defined]
+        composed = loader if isinstance(loader, ComposingLoader) else None
+        runs = [(initial_job_idx + i, list(overrides),
+                 composed.take(overrides) if composed else None)
+                for i, overrides in enumerate(job_overrides)]
+        if composed:
+            composed.kept.clear()  # (a config the sweeper composed but did not launch)
+        if not runs:
+            return []
+        hashes = hash_inputs_once([c for _, _, c in runs])
+        k = self.runs_per_task
+        folder = (Path(str(self.config.hydra.sweep.dir)).resolve()  # type: ignore[attr-defined]
+                  / PACKS_DIR / uuid.uuid4().hex[:12])
+        packs = []
+        for start in range(0, len(runs), k):
+            group = runs[start:start + k]
+            path = write_pack(folder / f"{start // k}.pkl", group, hashes)
+            packs.append([f"{PACK_FILE}{path}",
+                          *pack([o for _, o, _ in group], group[0][0], len(group))[0]])
+        results = super().launch(packs, initial_job_idx)  # type: ignore[misc]
+        # every task has returned: no resubmission reads the files again (a sweep that stops
+        # on a failed task leaves them, for its tasks still queued)
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # (if no other launch's packs are there)
         return [ret for returns in results for ret in returns]
 
     def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int,
                  job_id: str, singleton_state: dict[Any, Any]) -> Any:
-        if not (sweep_overrides and sweep_overrides[0].startswith(MARK)):
-            return super().__call__(sweep_overrides, job_dir_key, job_num, job_id,
-                                    singleton_state)
-        return [super(_Packed, self).__call__(overrides, job_dir_key, num, job_id,
-                                              singleton_state)
-                for num, overrides in unpack(sweep_overrides)]
+        if not (sweep_overrides and sweep_overrides[0].startswith(PACK_FILE)):
+            return super().__call__(sweep_overrides, job_dir_key,  # type: ignore[misc]
+                                    job_num, job_id, singleton_state)
+        import submitit
+        from hydra.core.singleton import Singleton
+        from hydra.core.utils import setup_globals
+
+        Singleton.set_state(singleton_state)
+        setup_globals()
+        runs, shipped = read_pack(Path(sweep_overrides[0][len(PACK_FILE):]))
+        return run_pack(self.hydra_context, self.config,  # type: ignore[attr-defined]
+                        self.task_function, runs, current_hashes(shipped),  # type: ignore[attr-defined]
+                        job_id=submitit.JobEnvironment().job_id)
+
+
+# An input hashed in the sweep's process, shipped to its tasks: (hash, the files it was read
+# from, their (name, size, modification time) then), by sim_app.input_digest's key.
+Shipped = dict[tuple[str, ...], tuple[str, list[str], tuple[tuple[str, int, int], ...]]]
+
+
+def input_files(cfg: Any) -> list[str]:
+    """What a run's input hash is read from (its trace file, the raw source it was imported
+    from, a prediction table given as a file); [] when its hash depends on more (a
+    ``predictor:<name>`` table: the predictor's config and weights), which a task then
+    hashes itself."""
+    from moesim.experiments.inputs import run_trace_file
+    from moesim.experiments.paths import resolve_path
+    from moesim.predictors.tables import parse_spec
+
+    given = (cfg.get("predictions") or {}).get("path")
+    if parse_spec(given):
+        return []
+    paths = [run_trace_file(cfg)]
+    if str(cfg.trace.get("format")) != "embedded":
+        paths.append(resolve_path(cfg.trace.path))
+    if given and resolve_path(given).is_file():
+        paths.append(resolve_path(given))
+    return sorted({str(p) for p in paths})
+
+
+def file_stamps(paths: Sequence[str]) -> tuple[tuple[str, int, int], ...]:
+    """(name, size, modification time) of every file at or below ``paths``; a missing one
+    has size -1."""
+    out = []
+    for root in map(Path, paths):
+        files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                out.append((str(f), -1, 0))
+            else:
+                out.append((str(f), st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
+def hash_inputs_once(configs: Sequence[bytes | None]) -> Shipped:
+    """In the sweep's process: each distinct input of these (pickled) run configs hashed once
+    (``sim_app.input_digest``; a raw source is imported into the cache first, once), with the
+    stamps of the files it was read from. A config whose inputs fail is left to its run,
+    which reports the error in one line."""
+    from moesim.experiments import sim_app
+    from moesim.experiments.inputs import inputs_hashed_once
+
+    hashes: dict[tuple[str, ...], str] = {}
+    shipped: Shipped = {}
+    with inputs_hashed_once(hashes):
+        for composed in configs:
+            if composed is None:
+                continue
+            cfg = pickle.loads(composed)
+            if cfg.get("published") is not None or cfg.get("validate") is not None:
+                continue  # those experiments hash nothing
+            known = set(hashes)
+            try:
+                digest = sim_app.input_digest(cfg)
+                new = set(hashes) - known
+                if len(new) != 1:
+                    continue  # an input hashed for an earlier config
+                files = input_files(cfg)
+                stamps = file_stamps(files)
+                # hashed again (from the file hash's memo, by size and modification time):
+                # the stamps describe the very content that was hashed
+                if files and sim_app.hash_inputs(cfg) == digest:
+                    shipped[new.pop()] = (digest, files, stamps)
+            except Exception:  # the run meets the same error and reports it
+                continue
+    return shipped
+
+
+def current_hashes(shipped: Shipped) -> dict[tuple[str, ...], str]:
+    """In a task: the sweep's input hashes whose files are unchanged since they were hashed
+    (the others are hashed again by the task's first run that reads them)."""
+    return {key: digest for key, (digest, files, stamps) in shipped.items()
+            if file_stamps(files) == stamps}
+
+
+def write_pack(path: Path, runs: Sequence[tuple[int, list[str], bytes | None]],
+               hashes: Shipped) -> Path:
+    """One task's runs (number, overrides, pickled composed config) and the sweep's input
+    hashes, written whole or not at all; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("wb") as fh:
+        pickle.dump((list(runs), hashes), fh, pickle.HIGHEST_PROTOCOL)
+    os.replace(tmp, path)
+    return path
+
+
+def read_pack(path: Path) -> tuple[list[tuple[int, list[str], bytes | None]], Shipped]:
+    """:func:`write_pack`'s runs and hashes."""
+    with path.open("rb") as fh:
+        runs, hashes = pickle.load(fh)
+    return runs, hashes
 
 
 try:  # Hydra's submitit plugin: the cluster extra (moesim[cluster])
@@ -184,12 +352,13 @@ def execute_pack(token: str, shared: bytes,
 
 def run_pack(context: Any, config: Any, task_function: Any,
              runs: Sequence[tuple[int, Sequence[str], bytes | None]],
-             hashes: dict[tuple[str, ...], str]) -> list[Any]:
+             hashes: dict[tuple[str, ...], str], job_id: str | None = None) -> list[Any]:
     """The runs of one pack, one after the other, each as Hydra's joblib launcher runs a
     task (``hydra_joblib_launcher._core.execute_job``: the job's id and number set in its
     config, then Hydra's ``run_job``: its own folder, saved config and return value), with
     the config the sweep's process composed for it when it was kept and the sweep's input
-    hashes (``hashes``, see ``inputs.inputs_hashed_once``)."""
+    hashes (``hashes``, see ``inputs.inputs_hashed_once``). The job id is joblib's
+    ``<name>_<number>``, or ``job_id`` (a submitit task's id, as its launcher sets it)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import run_job
     from omegaconf import open_dict
@@ -202,7 +371,7 @@ def run_pack(context: Any, config: Any, task_function: Any,
             cfg = (pickle.loads(composed) if composed is not None
                    else context.config_loader.load_sweep_config(config, list(overrides)))
             with open_dict(cfg):
-                cfg.hydra.job.id = f"{cfg.hydra.job.name}_{num}"
+                cfg.hydra.job.id = job_id or f"{cfg.hydra.job.name}_{num}"
                 cfg.hydra.job.num = num
             HydraConfig.instance().set_config(cfg)
             returns.append(run_job(hydra_context=context, config=cfg,

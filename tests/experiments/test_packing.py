@@ -4,10 +4,13 @@ store is not copied per composition, and packed launchers run many runs per task
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
 
 from moesim.experiments import sim_app
 from moesim.experiments.api import simulate
@@ -63,3 +66,195 @@ def test_a_trace_is_loaded_once_per_process_by_content(tmp_path: Path) -> None:
     write_deepseek_shaped(path, requests=2, tokens=4, seed=2)
     d = simulate(str(path), "lru", mode="zero_latency")
     assert d["trace.requests"].iloc[0] == 2 and d["hits"].iloc[0] != a["hits"].iloc[0]
+
+
+# ---- hydra/launcher=packed_local and packed_slurm: configs composed once, inputs hashed once --
+
+SUBMITIT = "hydra_plugins.hydra_submitit_launcher"  # the cluster extra
+
+_RAN: list[tuple[str, str]] = []  # (policy, input hash) of each run the stand-in task ran
+
+
+def _record_run(cfg: DictConfig) -> str:
+    """A stand-in for the app's task function: what ran, with the input hash it saw."""
+    _RAN.append((str(cfg.policy.name), sim_app.input_digest(cfg)))
+    if cfg.policy.name == "fifo":
+        raise RuntimeError("this run fails")
+    return str(cfg.policy.name)
+
+
+class _NeverComposes:
+    def load_sweep_config(self, master_config: object, sweep_overrides: list[str]) -> None:
+        raise AssertionError(f"composed in the task: {sweep_overrides}")
+
+
+def _composed(sweep: Path, trace: Path, policies: list[str]) -> tuple[object, list[bytes]]:
+    """The sweep's master config and each run's config as Hydra's sweeper composes them."""
+    import pickle
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from moesim.experiments.configs import CONF_DIR
+
+    register_configs()
+    common = ["trace=file", f"trace.path={trace}", "mode=zero_latency", "progress=false",
+              f"hydra.sweep.dir={sweep}", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        master = compose("config", overrides=common, return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+        runs = [pickle.dumps(loader.load_configuration(
+            "config", [*common, f"policy={p}"], run_mode=RunMode.RUN)) for p in policies]
+    GlobalHydra.instance().clear()
+    return master, runs
+
+
+def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The task never composes (its loader refuses), reads each input's hash from the sweep
+    unless the input's files changed since (then hashes it once for the whole pack), and runs
+    every run of its pack even when one fails."""
+    pytest.importorskip(SUBMITIT)
+    import pickle
+    from types import SimpleNamespace
+
+    import submitit
+    from hydra._internal.callbacks import Callbacks
+    from hydra.core.singleton import Singleton
+    from hydra.core.utils import JobStatus
+    from hydra.types import HydraContext
+
+    from moesim.experiments import packing
+    from moesim.predictors.data import _digest_of
+
+    trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=2, tokens=4, seed=3)
+    sweep = tmp_path / "sweep"
+    master, configs = _composed(sweep, trace, ["lru", "fifo", "belady"])
+    hashed: list[str] = []
+    real = sim_app.hash_inputs
+    monkeypatch.setattr(sim_app, "hash_inputs",
+                        lambda cfg: hashed.append(cfg.policy.name) or real(cfg))
+    reads = _digest_of.cache_info().misses
+    shipped = packing.hash_inputs_once(configs)
+    assert _digest_of.cache_info().misses == reads + 1  # the trace file read once per sweep
+    assert hashed == ["lru", "lru"]  # the first config's, checked once; the rest: known
+    ((digest, files, _stamps),) = shipped.values()
+    assert files == [str(trace)] and digest == real(pickle.loads(configs[0]))
+
+    launcher = packing.PackedLocalLauncher(runs_per_task=3, submitit_folder=str(tmp_path))
+    context = HydraContext(config_loader=_NeverComposes(), callbacks=Callbacks())
+    launcher.setup(hydra_context=context, task_function=_record_run, config=master)
+    assert isinstance(context.config_loader, packing.ComposingLoader)  # the sweeper's keeps
+    task = pickle.loads(pickle.dumps(launcher))  # as submitit ships it: the plain loader
+    assert isinstance(task.hydra_context.config_loader, _NeverComposes)
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="77_0"))
+    runs = [(i, [f"policy={p}"], configs[i]) for i, p in enumerate(["lru", "fifo", "belady"])]
+    path = packing.write_pack(sweep / ".packs" / "x" / "0.pkl", runs, shipped)
+
+    def run_task() -> list:
+        _RAN.clear()
+        hashed.clear()
+        return task([f"{packing.PACK_FILE}{path}"], "hydra.sweep.dir", 0, "job_id_for_0",
+                    Singleton.get_state())
+
+    returns = run_task()
+    assert [r.status for r in returns] == [JobStatus.COMPLETED, JobStatus.FAILED,
+                                           JobStatus.COMPLETED]
+    assert [r.return_value for r in returns if r.status == JobStatus.COMPLETED] == \
+        ["lru", "belady"]
+    assert [p for p, _ in _RAN] == ["lru", "fifo", "belady"]
+    assert {h for _, h in _RAN} == {digest} and hashed == []
+    folders = {Path(r.hydra_cfg.hydra.runtime.output_dir) for r in returns}
+    assert len(folders) == 3 and all(f.parent == sweep for f in folders)
+    for i, r in enumerate(returns):  # each run its own folder, number, saved config
+        assert r.hydra_cfg.hydra.job.num == i and r.hydra_cfg.hydra.job.id == "77_0"
+        saved = Path(r.hydra_cfg.hydra.runtime.output_dir) / ".hydra" / "config.yaml"
+        assert f"name: {_RAN[i][0]}" in saved.read_text()
+
+    write_deepseek_shaped(trace, requests=3, tokens=4, seed=5)  # rewritten after the sweep
+    run_task()
+    assert hashed == ["lru"]  # its hash is stale: hashed again, once for the pack
+    assert {h for _, h in _RAN} == {real(pickle.loads(configs[0]))} != {digest}
+
+
+def test_input_files_and_stamps_name_what_a_hash_reads(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from moesim.experiments.packing import file_stamps, input_files
+
+    raw = tmp_path / "raw"
+    (raw / "sub").mkdir(parents=True)
+    (raw / "a.csv").write_text("1")
+    (raw / "sub" / "b.csv").write_text("22")
+    stamps = file_stamps([str(raw)])
+    assert [(Path(n).name, size) for n, size, _ in stamps] == [("a.csv", 1), ("b.csv", 2)]
+    (raw / "c.csv").write_text("")
+    assert file_stamps([str(raw)]) != stamps  # a file added to a raw folder is a change
+    assert file_stamps([str(tmp_path / "gone")])[0][1] == -1
+    trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=1, tokens=2, seed=1)
+    table = tmp_path / "p.parquet"
+    table.write_bytes(b"x")
+    cfg = OmegaConf.create({"trace": {"path": str(trace), "format": "parquet"},
+                            "predictions": {"path": str(table)}})
+    assert input_files(cfg) == sorted([str(trace), str(table)])
+    cfg.predictions.path = "predictor:freq"  # its hash covers more than files: not shipped
+    assert input_files(cfg) == []
+
+
+def _run_tables(sweep: Path) -> dict[str, object]:
+    """Every run's tables (``run.*`` timing columns dropped), saved config and status."""
+    import json
+
+    import pandas as pd
+
+    out: dict[str, object] = {}
+    for run in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(run.glob("*.parquet")):
+            df = pd.read_parquet(path)
+            out[f"{run.name}/{path.name}"] = df.drop(
+                columns=[c for c in df if c.startswith("run.")])
+        for name in ("config.yaml", "overrides.yaml"):
+            out[f"{run.name}/{name}"] = (run / ".hydra" / name).read_text()
+        out[f"{run.name}/status"] = json.loads((run / "status.json").read_text())["status"]
+    return out
+
+
+@pytest.mark.slow
+def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) -> None:
+    """The same sweep through ``submitit_local`` (every run composed in its own task) and
+    ``packed_local`` (composed once, in the sweep's process): the same folders, saved configs,
+    config hashes and tables; a failing run fails alone; a rerun skips the finished runs."""
+    pytest.importorskip(SUBMITIT)
+    import pandas as pd
+
+    trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=2, tokens=4, seed=4)
+    base = [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace}",
+            "policy=lru,belady", "cache.fraction=0.5,-1", "mode=zero_latency",
+            "hydra.launcher.timeout_min=5"]
+    found = {}
+    for launcher, extra in (("submitit_local", []),
+                            ("packed_local", ["hydra.launcher.runs_per_task=3"])):
+        sweep = tmp_path / launcher
+        cmd = [*base, f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={sweep}"]
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                              check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]  # a sweep with failed runs
+        assert f"sweep {sweep}: 2 done, 0 skipped, 2 failed" in proc.stdout, proc.stdout
+        found[launcher] = (_run_tables(sweep), cmd)
+    plain, packed = found["submitit_local"][0], found["packed_local"][0]
+    assert sorted(plain) == sorted(packed)
+    assert sum(k.endswith("/summary.parquet") for k in plain) == 2
+    for name, value in plain.items():
+        if isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(value, packed[name])  # config hash included
+        else:
+            assert value == packed[name], name  # the config that ran is Hydra's composition
+    sweep = tmp_path / "packed_local"
+    assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # 4 runs, 2 tasks
+    assert not (sweep / ".packs").exists()  # pack files removed once every task returned
+    again = subprocess.run(found["packed_local"][1], cwd=tmp_path, capture_output=True,
+                           text=True, timeout=300, check=False)
+    assert again.returncode == 2, again.stderr[-3000:]
+    assert f"sweep {sweep}: 0 done, 2 skipped, 2 failed" in again.stdout
