@@ -139,6 +139,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
                 compute = ScaledCompute(compute, scale)
             except ValueError as exc:
                 raise ProfileError(f"compute_scale: {exc}") from None
+    engine = _engine(cfg, trace, stream.enabled)
     sim_cpu0 = time.process_time()  # run.sim_cpu_s: the simulation alone (a sweep's overhead
     result = simulate(                # is run.cpu_s minus this, and the rest of the process)
         trace,
@@ -162,7 +163,7 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
         progress=bool(cfg.progress) and not _parallel_sweep(),
         dense_before=dense_layers_before(meta.moe_layers, card.num_layers),
         predictions=predictions,
-        engine=cfg.get("engine", "auto"),
+        engine=engine,
         placement=placement,
         host=host,
         staging=rt.staging_buffers if timed else 0,
@@ -280,6 +281,23 @@ def _placement_params(cfg: DictConfig) -> dict[str, Any]:
     if node is None:
         return {}
     return dict(OmegaConf.to_container(node, resolve=True))
+
+
+def _engine(cfg: DictConfig, trace: Any, streamed: bool) -> str:
+    """The configured engine, except for a small single run while the kernels are not compiled
+    yet: SimPy (the same results) and a background compile (``sim.compiled.warm``), so that a
+    first run does not wait ~40 s for the compiler. ``sim_engine`` records what ran."""
+    engine = str(cfg.get("engine", "auto"))
+    if streamed or engine != "auto":
+        return engine
+    from moesim.sim.compiled import warm
+
+    single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN  # moesim-sim
+    accesses = trace.num_tokens * trace.meta.num_moe_layers * trace.meta.top_k
+    chosen = warm.cold_start_engine(engine, accesses, single)
+    if chosen != engine and warm.start():
+        print(warm.NOTICE, file=sys.stderr, flush=True)
+    return chosen
 
 
 def _parallel_sweep() -> bool:

@@ -36,7 +36,7 @@ from moesim.policies.prediction_prefetch import PredictionPrefetch
 from moesim.policies.speculative_prefetch import SpeculativePrefetch
 from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
-from moesim.sim.compiled.stamp import compile_notice, refresh_cache
+from moesim.sim.compiled.stamp import compile_lock, compile_notice, kernels_cached, refresh_cache
 from moesim.sim.link import host_time
 
 # Before any kernel module is imported: kernels with a signature load their cached code at
@@ -315,7 +315,18 @@ def link_args(sim: Simulation) -> tuple[float, int]:
 
 
 def run(sim: Simulation) -> None:
-    """Fill ``sim``'s counters, clock and link statistics as :meth:`Simulation.run` would."""
+    """Fill ``sim``'s counters, clock and link statistics as :meth:`Simulation.run` would.
+    With the kernels not yet in numba's cache, under the compile lock: a process compiling
+    them beside this one (a sweep's other worker, a background compile) finishes first, and
+    this run then loads what it compiled."""
+    if kernels_cached():
+        _run(sim)
+        return
+    with compile_lock():
+        _run(sim)
+
+
+def _run(sim: Simulation) -> None:
     w = sim.workload
     keys = w.keys
     num_k = sim.shape.num_keys

@@ -9,17 +9,24 @@ when it differs, the cache files of this package are removed and numba compiles 
 
 Compiling takes ~40 CPU-s and happens at the kernel's first call in a process whose cache is
 cold (a fresh install or clone, or any edit under ``sim/compiled/``). numba does it silently, so
-:func:`compile_notice` says so on stderr first; a warm run prints nothing.
+:func:`compile_notice` says so on stderr first; a warm run prints nothing. Processes that would
+compile at the same time (a sweep's workers, a background compile, see
+:mod:`moesim.sim.compiled.warm`) take :func:`compile_lock` first: one compiles, the others wait
+and then load its cache instead of compiling the same code again beside it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 _NAME = "moesim_compiled.digest"
+_LOCK = "moesim_compile.lock"
+WAITING = "waiting for another process that is compiling the simulator's kernels"
 NOTICE = "compiling the simulator's kernels once (~40 s); later runs reuse them"
 
 
@@ -94,3 +101,48 @@ def compile_notice(dispatcher: Any, stream: TextIO | None = None) -> bool:
     out = stream if stream is not None else sys.stderr
     print(NOTICE, file=out, flush=True)
     return True
+
+
+def kernels_cached(cache: Path | None = None) -> bool:
+    """True when numba's cache holds the replay kernel (its index file): a run then loads the
+    kernels in about a second instead of compiling them. Judged from the files alone, without
+    importing (and so compiling) anything; :func:`refresh_cache` has already dropped a stale
+    cache when this package was imported."""
+    cache = cache or cache_folder()
+    return cache is not None and any(cache.glob("kernel.replay-*.nbi"))
+
+
+@contextmanager
+def compile_lock(cache: Path | None = None, blocking: bool = True,
+                 stream: TextIO | None = None) -> Iterator[bool]:
+    """Hold the kernels' compile lock (an exclusive ``flock`` on a file in the cache folder)
+    for the block; yields whether it is held. Blocking, it says once on ``stream`` (default
+    stderr) that it waits when another process holds it. Where no lock can be taken (no
+    ``fcntl``, an unwritable cache folder) the block runs unlocked and gets False, as numba
+    would run it anyway."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: numba compiles without the lock
+        yield False
+        return
+    cache = cache or cache_folder()
+    try:
+        assert cache is not None
+        cache.mkdir(parents=True, exist_ok=True)
+        handle = open(cache / _LOCK, "a")  # noqa: SIM115 (held across the yield)
+    except (AssertionError, OSError):
+        yield False
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            if not blocking:
+                yield False
+                return
+            print(WAITING, file=stream if stream is not None else sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
