@@ -15,6 +15,11 @@ import pytest
 
 # The user's own settings, before the session replaced them (tests that prove hermeticity).
 USER_CACHE_ENV = os.environ.get("MOESIM_CACHE")
+# A small command-line run with cold kernels would run on SimPy and compile them in the
+# background (sim.compiled.warm): off for the whole session, set before any test module builds
+# a subprocess environment from os.environ, so which engine a test's run uses never depends on
+# numba's cache (tests/sim/test_cold_start.py turns it on where it tests it).
+os.environ["MOESIM_BACKGROUND_COMPILE"] = "0"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -23,10 +28,6 @@ def session_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     root = tmp_path_factory.mktemp("moesim_cache")
     mp = pytest.MonkeyPatch()
     mp.setenv("MOESIM_CACHE", str(root))
-    # A small command-line run with cold kernels would run on SimPy and compile them in the
-    # background (sim.compiled.warm): off, so which engine a test's run uses never depends on
-    # numba's cache (tests/sim/test_cold_start.py turns it on where it tests it).
-    mp.setenv("MOESIM_BACKGROUND_COMPILE", "0")
     try:
         yield root
     finally:
