@@ -18,25 +18,38 @@ each key (one row of ``num_keys`` integers per chunk, in a temporary file), a ba
 over those rows gives each chunk the first position of each key after it, and the replay pass
 links a chunk's positions from its own keys and that row: exact, never a look-ahead window.
 
-Supported: batch 1, ``replay=decode``, the compiled engine's evictions without a prefetch
-policy (``lru`` and ``belady`` among them), timed or zero-latency. Anything else is refused with
-one error naming the option (never an in-memory fallback).
+Batches (``batch`` > 1) and ``replay=prefill``: the steps are scheduled as
+``sim.workload`` schedules them (continuous batching: a request joins when one finishes), by a
+scheduler that carries the running requests across chunks (:func:`_batched_chunks`); a chunk of
+steps ends where the requests read so far have all joined, its keys are padded to the whole
+run's widest step (found by the first pass) so that positions are the in-memory run's, and the
+per-request table is summed once a request has finished (its rows in step order, as in
+memory). Prefetchers that know only the past (``next_layer_all``; ``moe_infinity``, whose
+EAMC and live requests' EAMs are arrays the kernel updates in place, handed on from chunk to
+chunk) and ``cache.reset_per_request`` (a fresh cache drawn per joining request, in the run's
+order) are streamed too.
+
+Refused with one error naming the option (never an in-memory fallback): prefetchers that read
+the future or a prediction table (oracle, speculative, prediction replay), placements other
+than ``fetch``, a runtime's copy rules, transfer records and timelines, the SimPy engine.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numba
 import numpy as np
+import pandas as pd
 
-from moesim.policies.base import Knowledge, NoPrefetch
+from moesim.policies.base import Knowledge, ModelShape
 from moesim.policies.belady import Belady
-from moesim.policies.moe_infinity import MoEInfinityLFU
+from moesim.policies.moe_infinity import MoEInfinity
 from moesim.policies.registry import PolicySpec, as_spec
 from moesim.sim.cache import SimulationError
 from moesim.sim.engine import CacheOptions, Mode, RunOptions, Simulation
@@ -49,9 +62,9 @@ from moesim.sim.metrics import (
     phase_times,
     tpot_percentiles,
 )
-from moesim.sim.workload import Workload, build_workload
+from moesim.sim.workload import Replay, Workload, WorkloadError, build_workload
 from moesim.traces.store import iter_request_chunks, read_meta
-from moesim.traces.trace import Trace, TraceMeta
+from moesim.traces.trace import RequestRouting, Trace, TraceMeta
 
 DEFAULT_CHUNK_REQUESTS = 256
 NO_USE = 1 << 62  # as sim.compiled.layout.NO_USE
@@ -97,22 +110,39 @@ def _rebase(S: np.ndarray, row_s1: int, row_cursor: int, first: np.ndarray,
             S[row_s1, k] += delta
 
 
+@numba.njit(cache=True, nogil=True)
+def _recode(pos: np.ndarray, step_from: int, width_from: int, step_to: int, width_to: int,
+            num_l: int) -> None:
+    """Positions ``((s - step_from) * L + j) * width_from + r`` rewritten in place as
+    ``((s - step_to) * L + j) * width_to + r`` (NO_USE kept): between a chunk's own keys
+    array and the first pass's whole-run numbering (width = the number of experts, an upper
+    bound of any step's width, before the run's widest step is known). The order of
+    positions is kept, so Belady's choices are."""
+    for i in range(pos.shape[0]):
+        p = pos[i]
+        if p != NO_USE:
+            row = p // width_from
+            r = p - row * width_from
+            s = row // num_l
+            j = row - s * num_l
+            pos[i] = ((s + step_from - step_to) * num_l + j) * width_to + r
+
+
 def _refuse(why: str) -> SimulationError:
     return SimulationError(f"run.stream: {why}")
 
 
-def _facade(meta: TraceMeta, widths: np.ndarray) -> Workload:
+def _facade(meta: TraceMeta, widths: np.ndarray, first_step_requests: int) -> Workload:
     """A workload of no steps for :class:`Simulation`'s construction: the run's shape and the
-    widest step per layer (cache sizing) of the whole trace, nothing per step."""
-    from moesim.policies.base import ModelShape
-
+    widest step per layer (cache sizing) of the whole trace, and how many requests its first
+    step runs (the check of ``cache.reset_per_request``), nothing per step."""
     shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     z = np.zeros(0, np.int32)
     return Workload(
         shape=shape, keys=np.zeros((0, shape.num_layers, shape.top_k), np.int32), counts=None,
         pairs=np.zeros((0, shape.num_layers), np.int32), tokens=z, out_tokens=z, context=z,
-        counted=np.zeros(0, bool), req_offsets=np.zeros(1, np.int64), req_ids=z, joins={},
-        token_start=z, token_end=z, _max_width=widths,
+        counted=np.zeros(0, bool), req_offsets=np.array([0, first_step_requests], np.int64),
+        req_ids=z, joins={}, token_start=z, token_end=z, _max_width=widths,
     )
 
 
@@ -158,6 +188,184 @@ class _Steps:
         self.num_steps = len(counted)
 
 
+class _Rows:
+    """Request rows (one per request and step) as the one-step-per-row workload that
+    ``metrics.per_request_table`` reads."""
+
+    def __init__(self, req_ids: np.ndarray, req_out: np.ndarray, counted: np.ndarray) -> None:
+        self.req_ids = req_ids
+        self.req_out = req_out
+        self.counted = counted
+        self.num_steps = len(req_ids)
+        self.req_offsets = np.arange(len(req_ids) + 1, dtype=np.int64)
+
+
+class _RequestTable:
+    """The per-request table, chunk by chunk: a request's rows are summed (``groupby``, in
+    step order as in memory, so every float is the same) once it has finished; the rows of
+    the requests still running at a chunk's end wait for the next chunk."""
+
+    def __init__(self) -> None:
+        z = np.zeros(0)
+        self._carry: tuple[np.ndarray, ...] = (z.astype(np.int32), z.astype(bool),
+                                               z.astype(bool), z)
+        self._tables: list[pd.DataFrame] = []
+
+    def add(self, w: Workload, step_t: np.ndarray | None, running: np.ndarray) -> None:
+        step_of = np.repeat(np.arange(w.num_steps), np.diff(w.req_offsets))
+        out = w.req_out if w.req_out is not None else np.ones(len(w.req_ids), bool)
+        times = step_t[step_of] if step_t is not None else np.full(len(step_of), np.nan)
+        rows = [np.concatenate([a, b]) for a, b in zip(
+            self._carry, (w.req_ids, out, np.asarray(w.counted, bool)[step_of], times),
+            strict=True)]
+        wait = np.isin(rows[0], running)
+        done = ~wait
+        self._carry = tuple(r[wait] for r in rows)
+        self._tables.append(per_request_table(
+            _Rows(rows[0][done], rows[1][done], rows[2][done]),
+            rows[3][done] if step_t is not None else None))
+
+    def table(self) -> pd.DataFrame:
+        table = pd.concat(self._tables, ignore_index=True)
+        return table.sort_values("request_id", kind="stable").reset_index(drop=True)
+
+
+def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, replay: Replay,
+                    batch: int, prefill_chunk: int, warmup: int, width: int = 0,
+                    ) -> Iterator[tuple[Workload, np.ndarray]]:
+    """``sim.workload``'s batched schedule (``_batched_steps``: continuous batching, a request
+    joining as soon as one finishes, its units by ``_units``) over requests read chunk by
+    chunk, the running requests carried from one chunk to the next: the steps of the whole
+    run, cut into workloads where the requests read so far have all joined. Each comes with
+    the ids of the requests still running after it. ``width``: pad the keys to the run's
+    widest step (so that positions number as in memory)."""
+    from moesim.sim.compiled.steps import union_steps
+    from moesim.sim.workload import _units
+
+    source = iter(chunks)
+    pending: deque[RequestRouting] = deque()
+    running: list[list[Any]] = []  # [request, units, next unit, its row 0 in this chunk]
+    exhausted = False
+    steps = _StepLists()
+    while True:
+        joined = []
+        while len(running) < batch:
+            if not pending:
+                if exhausted:
+                    break
+                if steps.num_steps:  # every request read so far has joined: cut here
+                    yield (steps.workload(shape, union_steps, width),
+                           np.array([e[0].request_id for e in running], np.int64))
+                    steps = _StepLists()
+                    for e in running:
+                        e[3] = -1
+                got = next(source, None)
+                if got is None:
+                    exhausted = True
+                    break
+                pending.extend(got)
+                continue
+            req = pending.popleft()
+            running.append([req, _units(req.phase, replay, prefill_chunk), 0, -1])
+            joined.append(req.request_id)
+        if not running:
+            break
+        if joined:
+            steps.joins[steps.num_steps] = joined
+        n_tok, n_out, ctx, past_warmup = 0, 0, 0, False
+        nxt = []
+        for e in running:
+            req, units, i = e[0], e[1], e[2]
+            t0, t1, is_out = units[i]
+            if e[3] < 0:  # its rows from this unit on join this chunk's experts
+                steps.parts.append(req.experts[t0:])
+                e[3] = steps.rows - t0
+                steps.rows += req.num_tokens - t0
+            steps.tok_idx.extend(range(e[3] + t0, e[3] + t1))
+            n_tok += t1 - t0
+            n_out += int(is_out)
+            ctx = max(ctx, t1)
+            past_warmup |= t0 >= warmup
+            steps.req_ids.append(req.request_id)
+            steps.t_start.append(t0)
+            steps.t_end.append(t1)
+            steps.is_output.append(is_out)
+            if i + 1 < len(units):
+                e[2] = i + 1
+                nxt.append(e)
+        running = nxt
+        steps.end_step(n_tok, n_out, ctx, past_warmup)
+    if steps.num_steps:
+        yield steps.workload(shape, union_steps, width), np.zeros(0, np.int64)
+
+
+class _StepLists:
+    """One chunk's steps as ``sim.workload._batched_steps`` lists them."""
+
+    def __init__(self) -> None:
+        self.parts: list[np.ndarray] = []
+        self.rows = 0
+        self.tok_idx: list[int] = []
+        self.step_off = [0]
+        self.tokens: list[int] = []
+        self.out_tokens: list[int] = []
+        self.context: list[int] = []
+        self.counted: list[bool] = []
+        self.req_ids: list[int] = []
+        self.req_off = [0]
+        self.t_start: list[int] = []
+        self.t_end: list[int] = []
+        self.is_output: list[bool] = []
+        self.joins: dict[int, list[int]] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.tokens)
+
+    def end_step(self, n_tok: int, n_out: int, ctx: int, counted: bool) -> None:
+        self.step_off.append(len(self.tok_idx))
+        self.tokens.append(n_tok)
+        self.out_tokens.append(n_out)
+        self.context.append(ctx)
+        self.counted.append(counted)
+        self.req_off.append(len(self.req_ids))
+
+    def workload(self, shape: ModelShape, union_steps: Any, width: int) -> Workload:
+        experts = np.concatenate(self.parts)
+        keys, counts, pairs = union_steps(experts, np.asarray(self.tok_idx, np.int64),
+                                          np.asarray(self.step_off, np.int64),
+                                          shape.num_experts)
+        if width > keys.shape[2]:
+            pad = ((0, 0), (0, 0), (0, width - keys.shape[2]))
+            keys = np.pad(keys, pad, constant_values=-1)
+            counts = np.pad(counts, pad)
+        return Workload(
+            shape=shape, keys=keys, counts=counts, pairs=pairs,
+            tokens=np.asarray(self.tokens, np.int32),
+            out_tokens=np.asarray(self.out_tokens, np.int32),
+            context=np.asarray(self.context, np.int32),
+            counted=np.asarray(self.counted, bool),
+            req_offsets=np.asarray(self.req_off, np.int64),
+            req_ids=np.asarray(self.req_ids, np.int32), joins=self.joins,
+            token_start=np.asarray(self.t_start, np.int32),
+            token_end=np.asarray(self.t_end, np.int32),
+            req_out=np.asarray(self.is_output, bool),
+        )
+
+
+def _check_prefetch(spec: PolicySpec) -> None:
+    """Prefetchers that need the future or a prediction table cannot be streamed: refused."""
+    pf = spec.prefetch
+    if pf.knows is Knowledge.ORACLE:
+        raise _refuse(f"policy {spec.name!r} prefetches from the future routing "
+                      f"({pf.__qualname__}, knows: oracle); a streamed run replays "
+                      "prefetchers that know only the past (next_layer_all, moe_infinity)")
+    if pf.knows is Knowledge.PREDICTIONS:
+        raise _refuse(f"policy {spec.name!r} prefetches from a prediction table "
+                      f"({pf.__qualname__}, knows: predictions); a streamed run replays "
+                      "prefetchers that know only the past (next_layer_all, moe_infinity)")
+
+
 def simulate_stream(
     path: str | Path,
     policy: str | Mapping[str, Any] | PolicySpec,
@@ -172,53 +380,72 @@ def simulate_stream(
     partition: str = "global",
     pin_layer: bool = True,
     prefill: str = "empty",
+    reset_per_request: bool = False,
+    replay: Replay = "decode",
+    batch: int = 1,
+    prefill_chunk: int = 0,
     warmup_tokens: int = 0,
+    warmup_extra_row: bool = False,
     seed: int = 0,
     dense_before: Sequence[int] | None = None,
     batch_rows: int | None = None,
 ) -> RunResult:
-    """:func:`sim.run.simulate` of the trace file ``path`` (batch 1, decode replay), read and
-    replayed ``chunk_requests`` requests at a time; the same result, every counter.
+    """:func:`sim.run.simulate` of the trace file ``path``, read and replayed
+    ``chunk_requests`` requests at a time; the same result, every counter.
 
     ``meta``: the trace's metadata to use (e.g. with the model card's expert bytes), default
     the file's; ``max_requests``: only the first that many requests."""
     from moesim.sim import compiled
     from moesim.sim.compiled import kernel
     from moesim.sim.compiled import layout as K
-    from moesim.sim.compiled.stamp import compile_notice
 
     if chunk_requests < 1:
         raise _refuse(f"chunk_requests must be >= 1, got {chunk_requests}")
     spec = as_spec(policy)
-    if spec.prefetch is not NoPrefetch:
-        raise _refuse(f"policy {spec.name!r} prefetches ({spec.prefetch.__qualname__}); a "
-                      "streamed run replays eviction-only policies (prefetch none)")
+    _check_prefetch(spec)
     if spec.eviction not in compiled.EVICTION:
         raise _refuse(f"eviction {spec.eviction.__qualname__} has no compiled twin")
     if spec.needs(Knowledge.ORACLE) and spec.eviction is not Belady:
         raise _refuse(f"eviction {spec.eviction.name!r} reads the whole run's routing up front "
                       "(oracle); of the oracle policies a streamed run replays belady")
+    # build_workload's checks, with its words
+    if batch < 1:
+        raise WorkloadError(f"batch must be >= 1, got {batch}")
+    if warmup_tokens < 0:
+        raise WorkloadError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
+    if replay not in ("decode", "prefill"):
+        raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
+    batched = not (batch == 1 and replay == "decode")
+    if warmup_extra_row and batched:
+        raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "
+                            "replay=decode")
     meta = meta or read_meta(path)
+    shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     chunk_kw: dict[str, Any] = {"max_requests": max_requests}
     if batch_rows is not None:
         chunk_kw["batch_rows"] = batch_rows
 
-    def chunks() -> Iterator[Workload]:
-        for reqs in iter_request_chunks(path, chunk_requests, **chunk_kw):
-            yield build_workload(Trace(meta, reqs), warmup_tokens=warmup_tokens)
+    def chunks(width: int = 0) -> Iterator[tuple[Workload, np.ndarray]]:
+        reqs = iter_request_chunks(path, chunk_requests, **chunk_kw)
+        if batched:
+            yield from _batched_chunks(reqs, shape, replay, batch, prefill_chunk,
+                                       warmup_tokens, width)
+            return
+        none = np.zeros(0, np.int64)
+        for got in reqs:
+            yield build_workload(Trace(meta, got), warmup_tokens=warmup_tokens,
+                                 warmup_extra_row=warmup_extra_row), none
 
     belady = compiled.EVICTION[spec.eviction] == K.EV_BELADY
-    num_l, num_e, width = meta.num_moe_layers, meta.num_experts, meta.top_k
-    num_k = num_l * num_e
-    widths = np.full(num_l, width, np.int64)
+    outline = _Outline(np.full(shape.num_layers, shape.top_k, np.int64), 0, 1, 1)
     with tempfile.TemporaryFile(prefix="moesim-stream-") as after_file:
-        if belady or meta.partial:  # the first pass: widths, each chunk's first positions
-            widths, n_chunks = _first_pass(chunks(), num_k, after_file)
+        if belady or meta.partial or batched:  # the first pass: widths, first positions
+            outline = _first_pass(chunks(), shape, after_file if belady else None)
             if belady:
-                _backward(after_file, n_chunks, num_k)
+                _backward(after_file, outline.chunks, shape.num_keys)
         sim = Simulation(
-            _facade(meta, widths), spec,
-            CacheOptions(capacity, partition, pin_layer, prefill, False, 0),
+            _facade(meta, outline.widths, outline.first_step_requests), spec,
+            CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request, 0),
             RunOptions(mode, seed, False, 0, False, "compiled"),
             link_model=link, compute=compute, labels={"layer_ids": list(meta.moe_layers)},
             dense_before=dense_before,
@@ -229,30 +456,26 @@ def simulate_stream(
         if getattr(sim, "rules", None) not in (None, NO_RULES):
             raise _refuse("a runtime's copy rules (swap, compute stream, host_s, fifo, sync) "
                           "are not streamed")
-        return _replay(sim, chunks(), after_file if belady else None, compile_notice, kernel)
+        width = max(1, int(outline.widths.max())) if batched else 0
+        return _replay(sim, chunks(width), after_file if belady else None, outline, kernel)
 
 
 def simulate_streamed(trace: str | Path | TraceOutline, spec: PolicySpec,
-                      stream: StreamOptions, *, replay: str = "decode", batch: int = 1,
-                      prefill_chunk: int = 0, reset_per_request: bool = False,
-                      warmup_extra_row: bool = False, record_transfers: bool = False,
+                      stream: StreamOptions, *, record_transfers: bool = False,
                       timeline_steps: int = 0, predictions: Any = None, engine: str = "auto",
                       placement: Any = None, host: Any = None, staging: int = 0,
                       **kwargs: Any) -> RunResult:
     """``simulate(..., stream=...)``: the options of :func:`simulate` that a streamed run
     replays go to :func:`simulate_stream`; any other one set is refused by name."""
     asked = {
-        "replay": (replay, "decode"), "batch": (batch, 1),
-        "cache.reset_per_request": (reset_per_request, False),
-        "warmup_extra_row": (warmup_extra_row, False),
         "output.transfers": (record_transfers, False),
         "output.timeline_steps": (timeline_steps, 0), "predictions": (predictions, None),
         "runtime staging buffers": (staging, 0),
     }
     for name, (value, default) in asked.items():
         if value != default:
-            raise _refuse(f"{name}={value!r} is not streamed (streamed runs replay batch 1, "
-                          f"replay=decode, {name}={default!r})")
+            raise _refuse(f"{name}={value!r} is not streamed (streamed runs replay "
+                          f"{name}={default!r})")
     if engine == "python":
         raise _refuse("engine=python: a streamed run is the compiled engine's")
     if placement is not None and not getattr(placement, "is_default", True):
@@ -265,25 +488,42 @@ def simulate_streamed(trace: str | Path | TraceOutline, spec: PolicySpec,
                            meta=trace.meta, max_requests=trace.max_requests, **kwargs)
 
 
-def _first_pass(chunks: Iterator[Workload], num_k: int,
-                out: Any) -> tuple[np.ndarray, int]:
-    """Write each chunk's start and first position of every key (global positions) as one
-    row; return the widest step per layer over the whole trace and the number of chunks."""
+@dataclass(frozen=True)
+class _Outline:
+    """What the first pass finds: the widest step per layer, the number of chunks, the most
+    requests in one step (MoE-Infinity's live-request buffers) and in the first step."""
+
+    widths: np.ndarray
+    chunks: int
+    most_requests: int
+    first_step_requests: int
+
+
+def _first_pass(chunks: Iterator[tuple[Workload, np.ndarray]], shape: ModelShape,
+                out: Any) -> _Outline:
+    """Walk the chunks once; with ``out`` (Belady) write each chunk's first position of
+    every key (whole-run positions, numbered with the number of experts as width) as one
+    row."""
     widths: np.ndarray | None = None
-    start = 0
-    n = 0
-    for w in chunks:
-        flat = w.keys.reshape(-1)
-        first = _first_positions(flat, num_k)
-        first[first != NO_USE] += start
-        out.write(first.tobytes())
-        start += flat.shape[0]
+    step0 = n = 0
+    most = first = 1
+    for w, _ in chunks:
+        keys = w.keys
+        if out is not None:
+            pos = _first_positions(keys.reshape(-1), shape.num_keys)
+            _recode(pos, step0, keys.shape[2], 0, shape.num_experts, shape.num_layers)
+            out.write(pos.tobytes())
+        per_step = np.diff(w.req_offsets)
+        if n == 0:
+            first = int(per_step[0])
+        most = max(most, int(per_step.max()))
+        step0 += w.num_steps
         mw = w.max_width()
         widths = mw if widths is None else np.maximum(widths, mw)
         n += 1
     if widths is None:
         raise _refuse("the trace has no requests")
-    return widths.astype(np.int64), n
+    return _Outline(widths.astype(np.int64), n, most, first)
 
 
 def _backward(f: Any, n_chunks: int, num_k: int) -> None:
@@ -299,15 +539,77 @@ def _backward(f: Any, n_chunks: int, num_k: int) -> None:
         seen = np.where(first != NO_USE, first, seen)
 
 
-def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
-            compile_notice: Any, kernel: Any) -> RunResult:
+def _mi_steps(w: Workload) -> tuple[np.ndarray, ...]:
+    """MoE-Infinity's per-step arrays of one chunk, as ``compiled.mi_arrays`` builds them for
+    a whole workload: the step->request map and the requests joining at each step."""
+    joins = sorted(w.joins)
+    join_off = np.zeros(w.num_steps + 1, np.int64)
+    for s in joins:
+        join_off[s + 1] = len(w.joins[s])
+    join_rid = np.array([r for s in joins for r in w.joins[s]] or [0], np.int64)
+    return (np.asarray(w.req_offsets, np.int64), np.asarray(w.req_ids, np.int64),
+            np.cumsum(join_off), join_rid)
+
+
+def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]:
+    """``compiled.mi_arrays`` of the run's prefetcher (its EAMC, a warm one included) with
+    live-request buffers for ``most`` requests (the whole run's most in one step, an upper
+    bound of the requests live at once), built on the first chunk; the kernel updates them in
+    place, so later chunks hand them on."""
+    from moesim.sim import compiled
+
+    facade, sim.workload = sim.workload, w
+    try:
+        mi = list(compiled.mi_arrays(sim))
+    finally:
+        sim.workload = facade
+    if mi[4].shape[0] < most:  # lrid, leam, lsq, lrsum, ldots: fresh rows as mi_arrays'
+        cap = mi[0].shape[0]
+        num_l, num_k = sim.shape.num_layers, sim.shape.num_keys
+        lrsum = np.zeros((most, num_l + 1))
+        lrsum[:, num_l] = -1.0
+        mi[4:9] = (np.full(most, -1, np.int64), np.zeros((most, num_k)),
+                   np.zeros((most, num_l)), lrsum, np.zeros((most, 2 * num_l, cap)))
+    return tuple(mi)
+
+
+def _reset_orders(sim: Simulation, w: Workload, first: bool) -> tuple[np.ndarray, ...]:
+    """``resets``, ``inst_off`` and ``inst_keys`` of one chunk, as ``compiled.run`` builds
+    them for a whole workload: the initial cache's install order (first chunk only: a later
+    chunk resumes), then a fresh cache per joining request with ``cache.reset_per_request``,
+    drawn in the run's order."""
+    from moesim.policies.base import EvictionPolicy
+    from moesim.sim import compiled
+
+    resets = np.zeros(w.num_steps, np.bool_)
+    orders = [compiled._install_order(sim.cache) if first else []]
+    if sim.copts.reset_per_request:
+        starts_empty = sim.copts.prefill == "empty" and all(
+            type(ev).initial_contents is EvictionPolicy.initial_contents
+            for ev in sim.cache.evictors)
+        for s in sorted(w.joins):
+            if w.joins[s]:
+                resets[s] = True
+                orders.append([] if starts_empty else compiled._install_order(sim._new_cache()))
+    inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
+    inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
+    return resets, inst_off, inst_keys
+
+
+def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], after_file: Any,
+            outline: _Outline, kernel: Any) -> RunResult:
     from moesim.sim import compiled
     from moesim.sim.compiled import layout as K
+    from moesim.sim.compiled.stamp import compile_notice
 
     ev_code = compiled.EVICTION[sim.spec.eviction]
-    if ev_code == K.EV_VISITS_MIN and sim.spec.eviction is MoEInfinityLFU and (
-            sim.spec.eviction_params.get("order") == "max"):
-        ev_code = K.EV_VISITS_MAX
+    mi_pf = type(sim.prefetcher) is MoEInfinity
+    if ev_code == K.EV_VISITS_MIN:  # as compiled.run
+        order_max = sim.spec.eviction_params.get("order") == "max"
+        if mi_pf:
+            ev_code = K.EV_MI_MAX if order_max else K.EV_MI_MIN
+        elif order_max:
+            ev_code = K.EV_VISITS_MAX
     belady = ev_code == K.EV_BELADY
     duration, engines = compiled.link_args(sim)
     pf_code, point, hooks, ahead, top, wrap, warm, table = compiled._prefetch_args(sim)
@@ -315,15 +617,12 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
     for ev in sim.cache.evictors:
         for k in getattr(ev, "_hot", ()):
             hot[k] = True
-    order = compiled._install_order(sim.cache)
-    inst_off = np.array([0, len(order)], np.int64)
-    inst_keys = np.array(order, dtype=np.int64)
     mi = compiled.mi_arrays(None)
     touch = bool(sim.spec.eviction_params.get("prefetch_touch", True))
     dense_n = np.asarray(sim.dense_before, dtype=np.int64)
     part = np.asarray(sim._part_of_layer, dtype=np.int64)
     caps = np.asarray(sim._caps, dtype=np.int64)
-    num_k = sim.shape.num_keys
+    num_k, num_l, num_e = sim.shape.num_keys, sim.shape.num_layers, sim.shape.num_experts
     dummy_counts = np.zeros((1, 1, 1), np.int32)
     state = compiled.FRESH
     out = None
@@ -332,26 +631,34 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
     out_parts: list[np.ndarray] = []
     tok_parts: list[np.ndarray] = []
     time_parts: list[np.ndarray] = []
-    per_request = []
+    requests = _RequestTable()
     compile_notice(kernel.replay)
-    start = prev_len = 0  # the chunk's first position in the whole run; the last one's length
-    for c, w in enumerate(chunks):
+    step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
+    for c, (w, running) in enumerate(chunks):
         keys = w.keys
         flat = keys.reshape(-1)
         if belady:
             after_file.seek(c * num_k * 8)
             after = np.frombuffer(after_file.read(num_k * 8), np.int64).copy()
-            after[after != NO_USE] -= start
+            _recode(after, 0, num_e, step0, keys.shape[2], num_l)
             nocc, cursor = _chunk_links(flat, after)
             if state is not compiled.FRESH:
                 _rebase(state[0], K.K_S1, K.K_CURSOR, cursor, prev_len)
         else:
             nocc = cursor = np.zeros(1, np.int64)
+        if mi_pf:
+            if state is compiled.FRESH:
+                mi = _mi_state(sim, w, outline.most_requests)
+                cfg = mi[13].copy()
+                cfg[4] = 0  # a resumed chunk's EAMC order is already sorted (sort_all: no-op)
+            else:
+                mi = (*mi[:9], *_mi_steps(w), cfg)
         attn, shared, dense_step, cost = compiled._layer_arrays(sim, w)
-        resets = np.zeros(w.num_steps, np.bool_)
+        resets, inst_off, inst_keys = _reset_orders(sim, w, state is compiled.FRESH)
+        counts = w.counts if w.counts is not None else dummy_counts
         iv, fv, layer_counts, layer_stall, step_t, S, F = kernel.replay(
-            keys, dummy_counts, False, w.counted, attn, shared, dense_step, dense_n, part, caps,
-            sim.shape.num_experts, sim.timed, sim.copts.pin_layer, engines, duration, cost,
+            keys, counts, w.counts is not None, w.counted, attn, shared, dense_step, dense_n,
+            part, caps, num_e, sim.timed, sim.copts.pin_layer, engines, duration, cost,
             ev_code, hot, touch, pf_code, point, hooks, ahead, top, wrap, warm, table, resets,
             inst_off, inst_keys, nocc, cursor, mi, state,
             compiled.runtime_arrays(sim, cost, w),
@@ -361,7 +668,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
         state = (S, F, layer_counts, layer_stall)
         out = (iv, fv, layer_counts, layer_stall)
         prev_len = flat.shape[0]
-        start += prev_len
+        step0 += w.num_steps
         mask = w.counted
         steps += int(mask.sum())
         out_tokens += int(w.out_tokens[mask].sum())
@@ -372,7 +679,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
         tok_parts.append(w.tokens)
         if sim.timed:
             time_parts.append(step_t)
-        per_request.append(per_request_table(w, step_t if sim.timed else None))
+        requests.add(w, step_t if sim.timed else None, running)
         del w, keys, flat, nocc
     if out is None:
         raise _refuse("the trace has no requests")
@@ -387,9 +694,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
                    np.concatenate(tok_parts))
     times = np.concatenate(time_parts) if sim.timed else None
     result.summary.update(phase_times(whole, times))
-    import pandas as pd
-
-    table = pd.concat(per_request, ignore_index=True)
+    table = requests.table()
     result.summary.update(tpot_percentiles(table))
     result.per_request = table
     return result

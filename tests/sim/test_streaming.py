@@ -1,10 +1,12 @@
 """Streamed replay (``sim.stream``) gives the in-memory run's result, every counter.
 
 The trace is read from its Parquet file in chunks of requests and the compiled kernel resumes
-on each chunk; Belady's next uses come from a backward pass over the chunks. Compared here:
-the whole summary, the per-layer and per-request tables, on the embedded trace, random small
-traces (hypothesis: lengths, partial rows, chunk sizes down to one request, row batches that
-split requests) and a real trace from ``../shared`` (skipped when absent).
+on each chunk; Belady's next uses come from a backward pass over the chunks; batches carry
+their running requests across chunks; MoE-Infinity's EAMC and the cache resets carry too.
+Compared here: the whole summary, the per-layer and per-request tables, on the embedded trace,
+random small traces (hypothesis: lengths, prompts, partial rows, batches, prefill replay,
+prefetchers, resets, chunk sizes down to one request, row batches that split requests) and a
+real trace from ``../shared`` (skipped when absent).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from hypothesis import strategies as st
 from moesim.sim import FixedCompute, FixedLink, SimulationError, simulate
 from moesim.sim.stream import simulate_stream
 from moesim.traces import load_trace, write_trace
-from moesim.traces.trace import DECODE, RequestRouting, Trace, TraceMeta
+from moesim.traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
 from tests.traces.fixtures import require_shared
 
 LINK = FixedLink(latency_s=1e-4, bandwidth_Bps=2e9)
@@ -104,7 +106,10 @@ def test_max_requests_and_card_bytes(embedded: Path) -> None:
 
 
 @pytest.mark.parametrize(("policy", "kw", "words"), [
-    ("oracle_prefetch", {}, "prefetches"),
+    ("oracle_prefetch", {}, "prefetches from the future routing"),
+    ("speculative_prefetch", {}, "prefetches from the future routing"),
+    ("prediction_prefetch", {}, "prefetches from a prediction table"),
+    ("moe_beyond_replay", {}, "prefetches from a prediction table"),
     ("lru", {"chunk_requests": 0}, "chunk_requests"),
     ("static", {}, "oracle"),
 ])
@@ -126,7 +131,9 @@ def test_errors_match_in_memory(embedded: Path) -> None:
 
 
 def _random_trace(seed: int, n_req: int, layers: int, experts: int, top_k: int,
-                  partial: bool) -> Trace:
+                  partial: bool, prompts: bool = False) -> Trace:
+    """Random routing; ``prompts``: each request opens with a prompt of 0 to all its tokens
+    (phase PREFILL), the rest decode."""
     rng = np.random.default_rng(seed)
     reqs = []
     for r in range(n_req):
@@ -137,7 +144,10 @@ def _random_trace(seed: int, n_req: int, layers: int, experts: int, top_k: int,
             drop = rng.random((n, layers)) < 0.3
             drop[:, int(rng.integers(layers))] = False
             ex[drop] = -1
-        reqs.append(RequestRouting(3 * r + 1, ex, np.full(n, DECODE, np.uint8)))
+        phase = np.full(n, DECODE, np.uint8)
+        if prompts:
+            phase[:int(rng.integers(n + 1))] = PREFILL
+        reqs.append(RequestRouting(3 * r + 1, ex, phase))
     meta = TraceMeta("synthetic", tuple(range(layers)), experts, top_k, expert_bytes=1000,
                      partial=partial)
     return Trace(meta, reqs)
@@ -172,6 +182,140 @@ def test_property_streamed_equals_in_memory(seed: int, n_req: int, layers: int, 
     assert_same(ref, got)
 
 
+POLICIES = ["lru", "belady", "fifo", "lfu", "next_layer_all", "moe_infinity",
+            {"name": "moe_infinity", "eviction": "moe_infinity_priority"},
+            {"name": "next_layer_all", "eviction": "belady"}]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n_req=st.integers(1, 9), layers=st.integers(1, 4),
+       experts=st.integers(3, 8), top_k=st.integers(1, 3), partial=st.booleans(),
+       policy=st.sampled_from(POLICIES), mode=st.sampled_from(["timed", "zero_latency"]),
+       chunk=st.integers(1, 6), batch=st.integers(1, 4),
+       replay=st.sampled_from(["decode", "prefill"]), prefill_chunk=st.integers(0, 3),
+       reset=st.booleans(), prefill=st.sampled_from(["empty", "random"]),
+       spare=st.integers(0, 8), warmup=st.integers(0, 3), extra_row=st.booleans())
+def test_property_batches_prefetchers_resets(
+        seed: int, n_req: int, layers: int, experts: int, top_k: int, partial: bool,
+        policy: str | dict, mode: str, chunk: int, batch: int, replay: str, prefill_chunk: int,
+        reset: bool, prefill: str, spare: int, warmup: int, extra_row: bool) -> None:
+    """Batches (continuous batching across chunk boundaries), prefill replay with prompts,
+    the prefetchers that know only the past, per-request resets, random prefill, MoE-Beyond's
+    warm-up row: streamed == in memory, or the same error (resets at batch 1 only: at batch
+    > 1 both refuse them, ``test_reset_needs_batch_one_as_in_memory``)."""
+    top_k = min(top_k, experts)
+    trace = _random_trace(seed, n_req, layers, experts, top_k, partial, prompts=True)
+    capacity = min(min(batch, n_req) * top_k + 1 + spare, layers * experts)
+    kw = {**_kwargs(mode, capacity, warmup), "batch": batch, "replay": replay,
+          "prefill_chunk": prefill_chunk, "reset_per_request": reset and batch == 1,
+          "prefill": prefill,
+          "seed": seed, "warmup_extra_row": extra_row and batch == 1 and replay == "decode"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_trace_file(Path(tmp), trace)
+        try:
+            ref = simulate(trace, policy, **kw)
+        except SimulationError as err:  # e.g. a cache too small: the streamed run stops alike
+            with pytest.raises(SimulationError) as got_err:
+                simulate_stream(path, policy, chunk_requests=chunk, batch_rows=3, **kw)
+            assert str(got_err.value) == str(err)
+            return
+        assert ref.summary["sim_engine"] == "compiled"
+        got = simulate_stream(path, policy, chunk_requests=chunk, batch_rows=3, **kw)
+    assert_same(ref, got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), n_req=st.integers(1, 12), batch=st.integers(1, 5),
+       replay=st.sampled_from(["decode", "prefill"]), prefill_chunk=st.integers(0, 3),
+       warmup=st.integers(0, 3), chunk=st.integers(1, 5), pad=st.integers(0, 2))
+def test_batched_chunks_are_the_in_memory_schedule(seed: int, n_req: int, batch: int,
+                                                   replay: str, prefill_chunk: int,
+                                                   warmup: int, chunk: int, pad: int) -> None:
+    """The streamed scheduler's chunks, put end to end, are ``build_workload``'s steps: keys
+    (padded to the given width), counts, pairs, tokens, contexts, counted flags, the
+    step->request map, units and joins (step numbers shifted by the chunk's start); after each
+    chunk, the requests still running are those of its last step that have units left."""
+    from moesim.sim.stream import _batched_chunks
+    from moesim.sim.workload import build_workload
+
+    if replay == "decode":  # batch 1 decode is build_workload's one-token path, not this
+        batch = max(batch, 2)
+    trace = _random_trace(seed, n_req, 3, 6, 2, partial=True, prompts=True)
+    ref = build_workload(trace, replay=replay, batch=batch, prefill_chunk=prefill_chunk,
+                         warmup_tokens=warmup)
+    width = ref.keys.shape[2] + pad
+    parts = [trace.requests[i:i + chunk] for i in range(0, n_req, chunk)]
+    got = list(_batched_chunks(parts, ref.shape, replay, batch, prefill_chunk, warmup, width))
+    ws = [w for w, _ in got]
+    cat = {name: np.concatenate([getattr(w, name) for w in ws]) for name in (
+        "keys", "counts", "pairs", "tokens", "out_tokens", "context", "counted", "req_ids",
+        "token_start", "token_end", "req_out")}
+    padded = np.full((*ref.keys.shape[:2], width), -1, np.int32)
+    padded[:, :, :ref.keys.shape[2]] = ref.keys
+    np.testing.assert_array_equal(cat["keys"], padded)
+    np.testing.assert_array_equal(cat["counts"][:, :, :ref.keys.shape[2]], ref.counts)
+    assert not cat["counts"][:, :, ref.keys.shape[2]:].any()
+    for name in ("pairs", "tokens", "out_tokens", "context", "counted", "req_ids",
+                 "token_start", "token_end", "req_out"):
+        np.testing.assert_array_equal(cat[name], getattr(ref, name), err_msg=name)
+    assert np.concatenate([np.diff(w.req_offsets) for w in ws]).tolist() == np.diff(
+        ref.req_offsets).tolist()
+    joins, start = {}, 0
+    for w, running in got:
+        joins.update({start + s: r for s, r in w.joins.items()})
+        last = w.req_ids[w.req_offsets[-2]:].tolist()
+        after = set(ref.requests_of(start + w.num_steps)) if start + w.num_steps < (
+            ref.num_steps) else set()
+        assert set(running.tolist()) >= set(last) & after
+        start += w.num_steps
+    assert joins == ref.joins
+
+
+@pytest.mark.parametrize("policy", ["lru", "belady", "next_layer_all", "moe_infinity"])
+@pytest.mark.parametrize(("batch", "replay"), [(4, "decode"), (8, "decode"), (1, "prefill"),
+                                               (3, "prefill")])
+def test_embedded_batches_and_prefill(embedded: Path, policy: str, batch: int,
+                                      replay: str) -> None:
+    """The embedded trace (64 requests with prompts) in batches and with prefill replay,
+    timed, chunks of 1 and 5 requests."""
+    trace = load_trace(embedded)
+    kw = {**_kwargs("timed", capacity=60, warmup=2), "batch": batch, "replay": replay,
+          "prefill_chunk": 16}
+    ref = simulate(trace, policy, **kw)
+    assert ref.summary["sim_engine"] == "compiled"
+    for chunk in (1, 5):
+        assert_same(ref, simulate_stream(embedded, policy, chunk_requests=chunk, **kw))
+
+
+@pytest.mark.parametrize("policy", [
+    "next_layer_all", "moe_infinity",
+    {"name": "moe_infinity", "eviction": "moe_infinity_priority"},
+    {"name": "moe_infinity", "order": "max", "horizon": 2,
+     "prefetch_width": 3, "eamc_capacity": 5}])
+@pytest.mark.parametrize("extra", [{}, {"reset_per_request": True},
+                                   {"warmup_extra_row": True, "warmup_tokens": 3},
+                                   {"mode": "zero_latency", "pin_layer": False}])
+def test_embedded_prefetchers_and_resets(embedded: Path, policy: str | dict,
+                                         extra: dict) -> None:
+    """Prefetchers that know only the past at batch 1, with per-request resets and
+    MoE-Beyond's warm-up row (MoE-Infinity's EAMC fills and evicts across chunks: 5 slots)."""
+    trace = load_trace(embedded)
+    kw = {**_kwargs(extra.get("mode", "timed"), capacity=50), **extra}
+    ref = simulate(trace, policy, **kw)
+    assert ref.summary["sim_engine"] == "compiled"
+    assert_same(ref, simulate_stream(embedded, policy, chunk_requests=3, **kw))
+
+
+def test_reset_needs_batch_one_as_in_memory(embedded: Path) -> None:
+    trace = load_trace(embedded, max_requests=5)
+    kw = {**_kwargs("timed", 60), "batch": 2, "reset_per_request": True}
+    with pytest.raises(SimulationError) as ref:
+        simulate(trace, "lru", **kw)
+    with pytest.raises(SimulationError) as got:
+        simulate_stream(embedded, "lru", chunk_requests=2, max_requests=5, **kw)
+    assert str(got.value) == str(ref.value) == "cache.reset_per_request needs batch size 1"
+
+
 def write_trace_file(folder: Path, trace: Trace) -> Path:
     path = folder / "t.parquet"
     write_trace(path, trace.meta, trace.requests, row_group_rows=5)
@@ -180,7 +324,8 @@ def write_trace_file(folder: Path, trace: Trace) -> Path:
 
 def test_real_trace(tmp_path: Path) -> None:
     """MoE-Beyond's DeepSeek-V2-Lite test prompts (100 requests, 1,543 tokens), timed, LRU
-    and Belady at 10 % of the experts, chunks of 1 and 16 requests."""
+    and Belady at 10 % of the experts, chunks of 1 and 16 requests; batch 8 with Belady and
+    MoE-Infinity, chunks of 5."""
     from moesim.traces import import_trace
 
     src = require_shared("deepseek_v2_lite_moe-beyond/formatted_csvs")
@@ -191,6 +336,11 @@ def test_real_trace(tmp_path: Path) -> None:
         ref = simulate(trace, policy, **kw)
         for chunk in (1, 16):
             assert_same(ref, simulate_stream(path, policy, chunk_requests=chunk, **kw))
+    # batches of 8 (requests running across chunks) with Belady and MoE-Infinity's prefetcher
+    kw["batch"] = 8
+    for policy in ("belady", "moe_infinity"):
+        ref = simulate(trace, policy, **kw)
+        assert_same(ref, simulate_stream(path, policy, chunk_requests=5, **kw))
 
 
 def _app_cfg(*overrides: str):
@@ -221,11 +371,22 @@ def test_app_option_streams_and_says_so(policy: str) -> None:
         assert row[key] == ref_row[key], key
 
 
+@pytest.mark.parametrize("policy", ["moe_infinity", "belady"])
+def test_app_streams_batches(policy: str) -> None:
+    """``batch=4`` with a prefetcher (and Belady), streamed through the app: the same tables."""
+    from moesim.experiments import sim_app
+
+    over = [f"policy={policy}", "batch=4", "warmup_tokens=1", "max_requests=20"]
+    ref, _ = sim_app.run(_app_cfg(*over))
+    got, row = sim_app.run(_app_cfg(*over, "run.stream=true", "run.chunk_requests=3"))
+    assert_same(ref, got)
+    assert (row["run.stream"], row["batch"]) == (True, 4)
+
+
 @pytest.mark.parametrize(("overrides", "words"), [
-    (["policy=oracle_prefetch"], "prefetches"),
-    (["batch=2"], "batch=2 is not streamed"),
+    (["policy=oracle_prefetch"], "prefetches from the future routing"),
     (["max_tokens=3"], "max_tokens"),
-    (["cache.reset_per_request=true"], "cache.reset_per_request"),
+    (["output.transfers=true"], "output.transfers=True is not streamed"),
     (["engine=python"], "engine=python"),
 ])
 def test_app_refuses_what_it_cannot_stream(overrides: list[str], words: str) -> None:
