@@ -10,14 +10,16 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   staging buffers lend slots where N is below a layer's need), ``experts``/``fraction`` a
   global cache, ``gpu_memory_gib`` the experts that fit beside the non-expert weights and a
   fixed reserve (``RESERVE_GIB``), ``all`` every expert resident from the start (the cache
-  starts full; the first ``WARMUP`` tokens of each request are still not measured), ``none`` the smallest cache a step can run in, emptied before
-  every token (nothing is reused: ``per_token_requests``);
+  starts full; the first ``WARMUP`` tokens of each request are still not measured), ``none``
+  the smallest cache a step can run in, emptied before every token (nothing is reused:
+  ``per_token_requests``);
 - ``prefetch: speculative`` (a system's own next-layer guess) and ``oracle`` are the perfect
   next-layer prefetch issued right behind the layer's demand copies: an upper bound on what
   a speculative pre-loader achieves;
 - decode tokens of the trace's requests, at most ``MAX_TOKENS`` each, ``max(MAX_REQUESTS,
-  batch)`` requests decoded ``batch`` at a time (an entry whose batch exceeds the trace's
-  requests is not predictable); the predicted time per output token is the run's
+  batch)`` requests decoded ``batch`` at a time (where the batch exceeds the trace's requests,
+  ``batch`` consecutive segments of its decode tokens, :func:`batch_segments`); the predicted
+  time per output token is the run's
   ``time_per_output_token_s`` (with a batch: step time over the batch's tokens), tokens/s its
   inverse (a throughput), a speed-up the ratio of two entries' predictions;
 - ``placement``: ``fetch`` (the default), ``cpu_on_miss`` and ``fetch_or_cpu`` as the moesim
@@ -27,10 +29,10 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   (accelerate's layer-order residency, every offloaded layer's weights copied in at each call)
   as the moesim placements of those names with the entry's ``gpu_layers`` assumption
   (:func:`gpu_layers_of`; without one the entry is not predictable), every expert of its GPU
-  layers resident (a cache of every expert, full from the start); CPU times come from the profile's host
-  CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``); a placement moesim cannot
-  simulate would be reported as not predictable with its reason (``UNMODELLED_PLACEMENTS``),
-  never approximated by a placement that differs;
+  layers resident (a cache of every expert, full from the start); CPU times come from the
+  profile's host CPU under the runtime's ``cpu_kernels`` (``apply_runtime_cpu``); a placement
+  moesim cannot simulate would be reported as not predictable with its reason
+  (``UNMODELLED_PLACEMENTS``), never approximated by a placement that differs;
 - ``phase: prefill``: the trace's recorded prompts of at least ``input_tokens`` tokens, cut to
   that length, each one step (``replay=prefill``); tokens/s is the run's
   ``prefill_tokens_per_s``. ``phase: request`` (prompt and generation in one figure) is not
@@ -44,6 +46,8 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from moesim.hw_profiles import load_profile
 from moesim.hw_profiles.runtime import (
@@ -146,13 +150,47 @@ def _read(name: str, requests: int) -> Trace:
 
 
 def _trace(name: str, batch: int = 1) -> Trace:
-    """The first ``max(MAX_REQUESTS, batch)`` requests of the named trace (fewer where it has
-    fewer, but at least ``batch``), their first tokens only."""
+    """The first ``max(MAX_REQUESTS, batch)`` requests of the named trace, their first tokens
+    only; a trace with fewer requests than ``batch`` gives ``batch`` segments of its decode
+    tokens instead (:func:`batch_segments`)."""
     requests = max(MAX_REQUESTS, batch)
     trace = _read(name, requests)
     if len(trace.requests) < batch:
-        raise NotPredictable(f"batch {batch}: trace {name} has {len(trace.requests)} requests")
+        try:
+            trace = batch_segments(trace, batch)
+        except ValueError as exc:
+            raise NotPredictable(f"batch {batch}: trace {name}: {exc}") from None
     return trace.subset(requests, MAX_TOKENS + WARMUP)
+
+
+def batch_segments(trace: Trace, batch: int) -> Trace:
+    """``batch`` concurrent sequences from a trace with fewer requests (Mixtral's has 5; MoE-
+    Infinity's and MoE-Gen's throughput cells run 16 or 32): each request's decode tokens are
+    cut into consecutive segments of one length, the longest that gives at least ``batch`` of
+    them, taken round-robin over the requests (every request's first segment, then every
+    second one, ...). Each segment is real decode routing in its real order, but its context
+    starts at the segment (attention's KV read is understated, as in
+    :func:`per_token_requests`) and segments of one request share its prompt, so the batch's
+    sequences are more alike than independent requests would be (an assumption: the entries
+    that use it name it)."""
+    from moesim.traces.trace import DECODE, RequestRouting
+
+    decode = [np.flatnonzero(r.phase == DECODE) for r in trace.requests]
+    lengths = [len(d) for d in decode]
+    length = next((n for n in range(max(lengths, default=0), 0, -1)
+                   if sum(x // n for x in lengths) >= batch), 0)
+    if length == 0:
+        raise ValueError(f"{sum(lengths)} decode tokens cannot make {batch} sequences")
+    pieces = [x // length for x in lengths]
+    order = [(i, s) for s in range(max(pieces)) for i in range(len(pieces))
+             if s < pieces[i]][:batch]
+    out = []
+    for n, (i, s) in enumerate(order):
+        r, idx = trace.requests[i], decode[i][s * length:(s + 1) * length]
+        out.append(RequestRouting(
+            n, r.experts[idx], r.phase[idx], None if r.scores is None else r.scores[idx],
+            None if r.tokens is None else [r.tokens[j] for j in idx], r.label))
+    return Trace(trace.meta, out)
 
 
 @functools.cache

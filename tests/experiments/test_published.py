@@ -20,7 +20,7 @@ from moesim.experiments.published.fit import (
     fit_runtime,
     shipped_structure,
 )
-from moesim.experiments.published.predict import bus_generation
+from moesim.experiments.published.predict import batch_segments, bus_generation
 from moesim.experiments.published.report import FIT_JSON, PREDICTIONS_CSV, effects_table
 from moesim.hw_profiles.runtime import list_runtimes, load_runtime
 
@@ -256,8 +256,10 @@ def test_findings_depend_on_the_runtime_as_the_page_says() -> None:
 @pytest.mark.shared
 def test_prefill_entries_replay_recorded_prompts_only() -> None:
     """A prefill entry replays the trace's recorded prompts cut to its input length, as one
-    step each, and is predicted from the prompt's time alone (prefill_tokens_per_s); a
-    batch larger than the trace's requests is refused, never padded with invented ones."""
+    step each, and is predicted from the prompt's time alone (prefill_tokens_per_s). A decode
+    batch larger than the trace's requests is made of segments of its recorded decode tokens
+    (batch_segments), and refused when even one-token segments are too few: never padded with
+    invented routing."""
     from tests.traces.fixtures import require_shared
 
     require_shared("mixtral8x7b_speculative-moe")
@@ -285,8 +287,12 @@ def test_prefill_entries_replay_recorded_prompts_only() -> None:
         s["prefill_time_s"] / s["prefill_tokens"])
     with pytest.raises(NotPredictable, match="recorded prompt of 100000 tokens"):
         prepare(replace(e, input_tokens=100000))
-    with pytest.raises(NotPredictable, match="batch 64: trace mixtral_8x7b has"):
-        prepare(replace(entries["mo_t2_a100_2bit_full"], batch=64))
+    wide = prepare(replace(entries["mo_t2_a100_2bit_full"], batch=64))
+    assert len(wide.trace.requests) == 64
+    assert len({r.num_tokens for r in wide.trace.requests}) == 1
+    with pytest.raises(NotPredictable, match="batch 5000: trace mixtral_8x7b: .* decode tokens "
+                                             "cannot make 5000 sequences"):
+        prepare(replace(entries["mo_t2_a100_2bit_full"], batch=5000))
 
 
 def test_fit_json_keeps_other_runtimes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,3 +311,37 @@ def test_fit_json_keeps_other_runtimes(tmp_path: Path, monkeypatch: pytest.Monke
     assert got["a"]["values"] == {"k": 1.0}
     assert got["b"] == {"runtime": "b", "values": {"k": 3.0}, "calibration": ["e3"],
                         "loss": 0.2}
+
+
+def _routing_trace(decode_lengths: list[int], prefill: int = 1):
+    """Requests whose token t at layer 0 routes expert 100 * request + t (prefill tokens -1)."""
+    import numpy as np
+
+    from moesim.traces.trace import DECODE, PREFILL, RequestRouting, Trace, TraceMeta
+
+    meta = TraceMeta(model="x", moe_layers=(0,), num_experts=1000, top_k=1)
+    reqs = []
+    for r, n in enumerate(decode_lengths):
+        ex = np.array([-1] * prefill + [100 * r + t for t in range(n)], np.int16)[:, None, None]
+        phase = np.array([PREFILL] * prefill + [DECODE] * n, np.uint8)
+        reqs.append(RequestRouting(r, ex, phase))
+    return Trace(meta, reqs)
+
+
+def test_batch_segments_cut_decode_tokens_round_robin() -> None:
+    """Lengths 6 and 4, batch 4: the longest segment giving 4 is 2 tokens (3 + 2 segments; 3
+    tokens give only 2 + 1), taken request 0, 1, 0, 1; prefill tokens never appear."""
+    out = batch_segments(_routing_trace([6, 4]), 4)
+    got = [r.experts[:, 0, 0].tolist() for r in out.requests]
+    assert got == [[0, 1], [100, 101], [2, 3], [102, 103]]
+    assert [r.request_id for r in out.requests] == [0, 1, 2, 3]
+    assert all(r.phase.tolist() == [1, 1] for r in out.requests)
+    # a batch the requests already fill keeps whole requests' decode tokens as one segment each
+    whole = batch_segments(_routing_trace([5, 5]), 2)
+    assert [r.experts[:, 0, 0].tolist() for r in whole.requests] == [
+        [0, 1, 2, 3, 4], [100, 101, 102, 103, 104]]
+
+
+def test_batch_segments_refuse_too_few_tokens() -> None:
+    with pytest.raises(ValueError, match="3 decode tokens cannot make 4 sequences"):
+        batch_segments(_routing_trace([2, 1]), 4)
