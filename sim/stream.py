@@ -7,7 +7,8 @@ compiled kernel (``sim.compiled.kernel.replay``) resumes on it from the state (`
 layer counters) the previous chunk left: the kernel's rules are the in-memory run's, so every
 counter is identical (``tests/sim/test_streaming.py``). Memory is one chunk plus the per-step
 figures the exact totals need (a step's time, counted flag and token counts: 17 B per step,
-twice that while they are summed at the end; a step is L token-layers).
+twice that while they are summed at the end; a step is L token-layers) and the request rows
+of the per-request table (below).
 
 Positions (the key slots that Belady ranks by next use) count from the chunk's start. Between
 chunks the carried positions move by the chunk's length: each key's next-use cursor is set to
@@ -22,9 +23,13 @@ Batches (``batch`` > 1) and ``replay=prefill``: the steps are scheduled as
 ``sim.workload`` schedules them (continuous batching: a request joins when one finishes), by a
 scheduler that carries the running requests across chunks (:func:`_batched_chunks`); a chunk of
 steps ends where the requests read so far have all joined, its keys are padded to the whole
-run's widest step (found by the first pass) so that positions are the in-memory run's, and the
-per-request table is summed once a request has finished (its rows in step order, as in
-memory). Prefetchers that know only the past (``next_layer_all``; ``moe_infinity``, whose
+run's widest step for Belady (found by the first pass) so that positions are the in-memory
+run's. The per-request table is built at the end from the counted request rows (13 B per
+request and step: pandas' grouped sums depend on the whole frame, so they are not summed per
+chunk). The first pass (a second read of the file) runs only where it is needed: Belady,
+Fate's per-layer split (each layer's widest step), MoE-Infinity beyond batch 64 (its
+live-request buffers), and a cache-size check that fails with a bound on the widest step.
+Prefetchers that know only the past (``next_layer_all``; ``moe_infinity``, whose
 EAMC and live requests' EAMs are arrays the kernel updates in place, handed on from chunk to
 chunk) and ``cache.reset_per_request`` (a fresh cache drawn per joining request, in the run's
 order) are streamed too.
@@ -200,45 +205,40 @@ class _Rows:
         self.req_offsets = np.arange(len(req_ids) + 1, dtype=np.int64)
 
 
-class _RequestTable:
-    """The per-request table, chunk by chunk: a request's rows are summed (``groupby``, in
-    step order as in memory, so every float is the same) once it has finished; the rows of
-    the requests still running at a chunk's end wait for the next chunk."""
+class _RequestRows:
+    """The counted request rows (one per request and step: 13 B each) of the whole run, for
+    one ``metrics.per_request_table`` at the end: pandas' grouped sum of a request's times
+    depends on the other rows of the frame (its last bits), so the table is built from the
+    very rows, in the very order, of the in-memory run, never summed per chunk."""
 
     def __init__(self) -> None:
-        z = np.zeros(0)
-        self._carry: tuple[np.ndarray, ...] = (z.astype(np.int32), z.astype(bool),
-                                               z.astype(bool), z)
-        self._tables: list[pd.DataFrame] = []
+        self._ids: list[np.ndarray] = []
+        self._out: list[np.ndarray] = []
+        self._times: list[np.ndarray] = []
 
-    def add(self, w: Workload, step_t: np.ndarray | None, running: np.ndarray) -> None:
+    def add(self, w: Workload, step_t: np.ndarray | None) -> None:
         step_of = np.repeat(np.arange(w.num_steps), np.diff(w.req_offsets))
+        keep = np.asarray(w.counted, bool)[step_of]
         out = w.req_out if w.req_out is not None else np.ones(len(w.req_ids), bool)
-        times = step_t[step_of] if step_t is not None else np.full(len(step_of), np.nan)
-        rows = [np.concatenate([a, b]) for a, b in zip(
-            self._carry, (w.req_ids, out, np.asarray(w.counted, bool)[step_of], times),
-            strict=True)]
-        wait = np.isin(rows[0], running)
-        done = ~wait
-        self._carry = tuple(r[wait] for r in rows)
-        self._tables.append(per_request_table(
-            _Rows(rows[0][done], rows[1][done], rows[2][done]),
-            rows[3][done] if step_t is not None else None))
+        self._ids.append(np.asarray(w.req_ids)[keep])
+        self._out.append(np.asarray(out)[keep])
+        if step_t is not None:
+            self._times.append(step_t[step_of[keep]])
 
     def table(self) -> pd.DataFrame:
-        table = pd.concat(self._tables, ignore_index=True)
-        return table.sort_values("request_id", kind="stable").reset_index(drop=True)
+        ids = np.concatenate(self._ids)
+        rows = _Rows(ids, np.concatenate(self._out), np.ones(len(ids), bool))
+        return per_request_table(rows, np.concatenate(self._times) if self._times else None)
 
 
 def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, replay: Replay,
                     batch: int, prefill_chunk: int, warmup: int, width: int = 0,
-                    ) -> Iterator[tuple[Workload, np.ndarray]]:
+                    ) -> Iterator[Workload]:
     """``sim.workload``'s batched schedule (``_batched_steps``: continuous batching, a request
     joining as soon as one finishes, its units by ``_units``) over requests read chunk by
     chunk, the running requests carried from one chunk to the next: the steps of the whole
-    run, cut into workloads where the requests read so far have all joined. Each comes with
-    the ids of the requests still running after it. ``width``: pad the keys to the run's
-    widest step (so that positions number as in memory)."""
+    run, cut into workloads where the requests read so far have all joined. ``width``: pad
+    the keys to the run's widest step (so that positions number as in memory)."""
     from moesim.sim.compiled.steps import union_steps
     from moesim.sim.workload import _units
 
@@ -254,8 +254,7 @@ def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, r
                 if exhausted:
                     break
                 if steps.num_steps:  # every request read so far has joined: cut here
-                    yield (steps.workload(shape, union_steps, width),
-                           np.array([e[0].request_id for e in running], np.int64))
+                    yield steps.workload(shape, union_steps, width)
                     steps = _StepLists()
                     for e in running:
                         e[3] = -1
@@ -296,7 +295,7 @@ def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, r
         running = nxt
         steps.end_step(n_tok, n_out, ctx, past_warmup)
     if steps.num_steps:
-        yield steps.workload(shape, union_steps, width), np.zeros(0, np.int64)
+        yield steps.workload(shape, union_steps, width)
 
 
 class _StepLists:
@@ -425,39 +424,77 @@ def simulate_stream(
     if batch_rows is not None:
         chunk_kw["batch_rows"] = batch_rows
 
-    def chunks(width: int = 0) -> Iterator[tuple[Workload, np.ndarray]]:
+    def chunks(width: int = 0) -> Iterator[Workload]:
         reqs = iter_request_chunks(path, chunk_requests, **chunk_kw)
         if batched:
             yield from _batched_chunks(reqs, shape, replay, batch, prefill_chunk,
                                        warmup_tokens, width)
             return
-        none = np.zeros(0, np.int64)
         for got in reqs:
             yield build_workload(Trace(meta, got), warmup_tokens=warmup_tokens,
-                                 warmup_extra_row=warmup_extra_row), none
+                                 warmup_extra_row=warmup_extra_row)
 
     belady = compiled.EVICTION[spec.eviction] == K.EV_BELADY
-    outline = _Outline(np.full(shape.num_layers, shape.top_k, np.int64), 0, 1, 1)
-    with tempfile.TemporaryFile(prefix="moesim-stream-") as after_file:
-        if belady or meta.partial or batched:  # the first pass: widths, first positions
-            outline = _first_pass(chunks(), shape, after_file if belady else None)
-            if belady:
-                _backward(after_file, outline.chunks, shape.num_keys)
-        sim = Simulation(
+
+    def build(outline: _Outline) -> Simulation:
+        return Simulation(
             _facade(meta, outline.widths, outline.first_step_requests), spec,
             CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request, 0),
             RunOptions(mode, seed, False, 0, False, "compiled"),
             link_model=link, compute=compute, labels={"layer_ids": list(meta.moe_layers)},
             dense_before=dense_before,
         )
+
+    # The first pass reads the whole file once more. Belady needs it (next uses), so do
+    # Fate's per-layer split (each layer's widest step) and MoE-Infinity at a large batch
+    # (its live-request buffers, sized by the most requests in one step). Otherwise the
+    # widest step matters only to the cache-size check, which a bound on it (top-k experts
+    # per token of a step) passes whenever the exact widths do; when it fails with the
+    # bound, the first pass finds the exact widths and the check decides with them.
+    first_pass = (belady or getattr(spec.eviction, "layer_capacities", None) is not None
+                  or (spec.prefetch is MoEInfinity and batch > _MI_LIVE_BOUND))
+    sim = outline = None
+    if not first_pass:
+        first_step = 1 if batch == 1 or not reset_per_request else min(batch, len(next(
+            iter_request_chunks(path, 2, **chunk_kw), [])))
+        bound = _width_bound(shape, batch, replay, prefill_chunk)
+        try:
+            sim = build(_Outline(np.full(shape.num_layers, bound, np.int64), 0, batch,
+                                 first_step))
+        except SimulationError as err:
+            if not str(err).startswith("cache too small"):
+                raise
+            first_pass = True
+    with tempfile.TemporaryFile(prefix="moesim-stream-") as after_file:
+        if first_pass:  # widths, the most requests in a step, Belady's first positions
+            outline = _first_pass(chunks(), shape, after_file if belady else None)
+            if belady:
+                _backward(after_file, outline.chunks, shape.num_keys)
+            sim = build(outline)
+        assert sim is not None
+        most = outline.most_requests if outline is not None else batch
         reason = compiled.why_not(sim)
         if reason is not None:
             raise _refuse(reason)
         if getattr(sim, "rules", None) not in (None, NO_RULES):
             raise _refuse("a runtime's copy rules (swap, compute stream, host_s, fifo, sync) "
                           "are not streamed")
-        width = max(1, int(outline.widths.max())) if batched else 0
-        return _replay(sim, chunks(width), after_file if belady else None, outline, kernel)
+        # Belady's positions number each chunk's keys with the whole run's width
+        width = (max(1, int(outline.widths.max())) if batched and belady
+                 and outline is not None else 0)
+        return _replay(sim, chunks(width), after_file if belady else None, most, kernel)
+
+
+_MI_LIVE_BOUND = 64  # up to this batch, MoE-Infinity's live buffers are sized by the batch
+
+
+def _width_bound(shape: ModelShape, batch: int, replay: Replay, prefill_chunk: int) -> int:
+    """The most experts one step can demand at one layer: top-k per token of the step (a
+    prompt replayed whole has no bound but the number of experts)."""
+    if replay == "prefill" and prefill_chunk <= 0:
+        return shape.num_experts
+    tokens = batch * (prefill_chunk if replay == "prefill" else 1)
+    return min(shape.num_experts, tokens * shape.top_k)
 
 
 def simulate_streamed(trace: str | Path | TraceOutline, spec: PolicySpec,
@@ -499,7 +536,7 @@ class _Outline:
     first_step_requests: int
 
 
-def _first_pass(chunks: Iterator[tuple[Workload, np.ndarray]], shape: ModelShape,
+def _first_pass(chunks: Iterator[Workload], shape: ModelShape,
                 out: Any) -> _Outline:
     """Walk the chunks once; with ``out`` (Belady) write each chunk's first position of
     every key (whole-run positions, numbered with the number of experts as width) as one
@@ -507,7 +544,7 @@ def _first_pass(chunks: Iterator[tuple[Workload, np.ndarray]], shape: ModelShape
     widths: np.ndarray | None = None
     step0 = n = 0
     most = first = 1
-    for w, _ in chunks:
+    for w in chunks:
         keys = w.keys
         if out is not None:
             pos = _first_positions(keys.reshape(-1), shape.num_keys)
@@ -596,8 +633,10 @@ def _reset_orders(sim: Simulation, w: Workload, first: bool) -> tuple[np.ndarray
     return resets, inst_off, inst_keys
 
 
-def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], after_file: Any,
-            outline: _Outline, kernel: Any) -> RunResult:
+def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
+            most: int, kernel: Any) -> RunResult:
+    """Replay the chunks, each resuming from the state the previous one left; ``most``: the
+    most requests live at once (MoE-Infinity's buffers)."""
     from moesim.sim import compiled
     from moesim.sim.compiled import layout as K
     from moesim.sim.compiled.stamp import compile_notice
@@ -631,10 +670,10 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
     out_parts: list[np.ndarray] = []
     tok_parts: list[np.ndarray] = []
     time_parts: list[np.ndarray] = []
-    requests = _RequestTable()
+    requests = _RequestRows()
     compile_notice(kernel.replay)
     step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
-    for c, (w, running) in enumerate(chunks):
+    for c, w in enumerate(chunks):
         keys = w.keys
         flat = keys.reshape(-1)
         if belady:
@@ -648,7 +687,7 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
             nocc = cursor = np.zeros(1, np.int64)
         if mi_pf:
             if state is compiled.FRESH:
-                mi = _mi_state(sim, w, outline.most_requests)
+                mi = _mi_state(sim, w, most)
                 cfg = mi[13].copy()
                 cfg[4] = 0  # a resumed chunk's EAMC order is already sorted (sort_all: no-op)
             else:
@@ -679,7 +718,7 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
         tok_parts.append(w.tokens)
         if sim.timed:
             time_parts.append(step_t)
-        requests.add(w, step_t if sim.timed else None, running)
+        requests.add(w, step_t if sim.timed else None)
         del w, keys, flat, nocc
     if out is None:
         raise _refuse("the trace has no requests")
