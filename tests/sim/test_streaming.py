@@ -300,6 +300,22 @@ def test_embedded_prefetchers_and_resets(embedded: Path, policy: str | dict,
     assert_same(ref, simulate_stream(embedded, policy, chunk_requests=3, **kw))
 
 
+def test_warm_eamc_and_batches(embedded: Path) -> None:
+    """MoE-Infinity with a warm EAMC (the paper's offline collection: persistent slots) at
+    batch 3, 8 slots so that finished requests replace the non-persistent ones, and Belady at
+    the same batch: as in memory."""
+    trace = load_trace(embedded)
+    warm = Trace(trace.meta, trace.requests[-5:])
+    with tempfile.TemporaryDirectory() as tmp:
+        warm_path = write_trace_file(Path(tmp), warm)
+        policy = {"name": "moe_infinity", "warm_eamc_path": str(warm_path),
+                  "eamc_capacity": 8}
+        kw = {**_kwargs("timed", capacity=60), "batch": 3}
+        ref = simulate(trace, policy, **kw)
+        assert ref.summary["sim_engine"] == "compiled"
+        assert_same(ref, simulate_stream(embedded, policy, chunk_requests=4, **kw))
+
+
 def test_reset_needs_batch_one_as_in_memory(embedded: Path) -> None:
     trace = load_trace(embedded, max_requests=5)
     kw = {**_kwargs("timed", 60), "batch": 2, "reset_per_request": True}
