@@ -6,14 +6,16 @@ streaming trace writer (``traces.store.write_trace`` from a generator: never in 
 ``--scratch`` (never committed). Each run is a child process: CPU seconds (user + system, by
 ``os.wait4``) and peak RSS (the child's own VmHWM, read at its exit) of the whole command:
 imports, reading the Parquet file, building each chunk, the replay. Timed, v100_pcie, 10 %
-cache, batch 1, LRU and Belady, as ``bench_sim``. At 1x the in-memory path runs too, and every
-summary value of the streamed run must equal it.
+cache, batch 1 (``--batch``), LRU and Belady, as ``bench_sim``. At 1x the in-memory path runs
+too, and every summary value of the streamed run must equal it.
 
 The anchor of every ratio is libCacheSim's LRU replay of the same access stream (the N-x
 stream is the 1x stream N times), measured in this run as ``bench_sim`` measures it.
 
     python -m moesim.experiments.bench.bench_stream [--scales 1,8,64] [--lcs-scales 1,8]
     python -m moesim.experiments.bench.bench_stream --report   # the table from the JSON
+    python -m moesim.experiments.bench.bench_stream --batch 8 --scales 1,8 --lcs-scales 1
+        # batches of 8: results/bench_stream_b8.json (the batch-1 file is the docs' figures)
 """
 
 from __future__ import annotations
@@ -36,11 +38,12 @@ from moesim.experiments.bench.bench_sim import _conditions, _cpu, _stream
 ROOT = Path(__file__).resolve().parents[2]
 JSON = ROOT / "experiments/bench/results/bench_stream.json"
 
-# One run in a child: argv = out.json trace.parquet policy chunk (0: in memory). It writes the
+# One run in a child: argv = out.json trace.parquet policy chunk (0: in memory) batch. It writes the
 # summary and its own peak RSS (VmHWM: a child's ru_maxrss on Linux may carry the parent's).
 _CHILD = """
 import json, math, re, sys
 out, path, policy, chunk = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+batch = int(sys.argv[5])
 from dataclasses import replace
 from moesim.hw_profiles import load_profile
 from moesim.sim import capacity_slots, dense_layers_before, simulate
@@ -53,7 +56,7 @@ meta = replace(read_meta(path), expert_bytes=card.expert_bytes)
 kw = dict(capacity=capacity_slots(meta.num_moe_layers * meta.num_experts, card.expert_bytes,
                                   fraction=0.1),
           mode="timed", link=prof.expert_link(), compute=prof.compute_model(card),
-          dense_before=dense_layers_before(meta.moe_layers, card.num_layers))
+          dense_before=dense_layers_before(meta.moe_layers, card.num_layers), batch=batch)
 if chunk:
     res = simulate_stream(path, policy, chunk_requests=chunk, meta=meta, **kw)
 else:
@@ -93,11 +96,11 @@ def build_scaled(src: Path, scale: int, out: Path) -> float:
     return dt
 
 
-def measure(path: Path, policy: str, chunk: int, tmp: Path) -> dict[str, Any]:
+def measure(path: Path, policy: str, chunk: int, tmp: Path, batch: int = 1) -> dict[str, Any]:
     """One child run: CPU seconds, peak RSS, its summary."""
     out = tmp / "child.json"
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(out), str(path), policy,
-                             str(chunk)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             str(chunk), str(batch)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)
     err = proc.stderr.read().decode() if proc.stderr else ""
@@ -174,11 +177,16 @@ def main() -> None:
     ap.add_argument("--policies", default="lru,belady")
     ap.add_argument("--chunk", type=int, default=256)
     ap.add_argument("--lcs-reps", type=int, default=2)
-    ap.add_argument("--out", default=str(JSON))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--out", default=None, help="default: results/bench_stream.json at batch "
+                    "1, results/bench_stream_b<batch>.json otherwise")
     ap.add_argument("--report", action="store_true", help="print the table of --out")
     ap.add_argument("--lcs-only", action="store_true", help="measure libCacheSim's LRU at "
                     "--lcs-scales only and add those rows to --out (with their own date)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(JSON if args.batch == 1 else
+                       JSON.with_name(f"bench_stream_b{args.batch}.json"))
     if args.report:
         print(render(json.loads(Path(args.out).read_text())))
         return
@@ -205,7 +213,7 @@ def main() -> None:
         "trace": {"source": "deepseek_v2_lite_moe-beyond/training_data_eamc",
                   "token_layers_1x": token_layers, "accesses_1x": len(stream)},
         "config": {"hw": "v100_pcie", "cache_fraction": 0.1, "capacity": cap, "mode": "timed",
-                   "batch": 1, "chunk_requests": args.chunk},
+                   "batch": args.batch, "chunk_requests": args.chunk},
         "builds": [], "runs": [], "libcachesim_lru": []}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
@@ -222,7 +230,7 @@ def main() -> None:
                                          "file_mb": path.stat().st_size / 2**20})
             for policy in policies:
                 for chunk in ([args.chunk, 0] if scale == 1 else [args.chunk]):
-                    m = measure(path, policy, chunk, tmp)
+                    m = measure(path, policy, chunk, tmp, args.batch)
                     row = {"scale": scale, "policy": policy,
                            "path": "streamed" if chunk else "in_memory",
                            "token_layers": token_layers * scale, "cpu_s": m["cpu_s"],
