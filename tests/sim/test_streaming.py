@@ -316,6 +316,36 @@ def test_warm_eamc_and_batches(embedded: Path) -> None:
         assert_same(ref, simulate_stream(embedded, policy, chunk_requests=4, **kw))
 
 
+def test_exact_widths_when_the_bound_is_too_wide(tmp_path: Path) -> None:
+    """Every token routes to experts 0 and 1: a step demands 2 experts per layer, while the
+    bound (top-k per token of a batch of 4) says 6. A cache of 3 slots fails the size check
+    with the bound, so the first pass finds the exact widths and the run goes on; 2 slots fail
+    with the in-memory run's words."""
+    reqs = [RequestRouting(r, np.tile(np.array([[0, 1], [1, 0]], np.int16), (5 + r, 1, 1)),
+                           np.full(5 + r, DECODE, np.uint8)) for r in range(6)]
+    trace = Trace(TraceMeta("synthetic", (0, 1), 6, 2, expert_bytes=1000), reqs)
+    path = write_trace_file(tmp_path, trace)
+    kw = {**_kwargs("timed", capacity=3), "batch": 4}
+    assert_same(simulate(trace, "lru", **kw),
+                simulate_stream(path, "lru", chunk_requests=2, **kw))
+    kw["capacity"] = 2
+    with pytest.raises(SimulationError) as ref:
+        simulate(trace, "lru", **kw)
+    with pytest.raises(SimulationError) as got:
+        simulate_stream(path, "lru", chunk_requests=2, **kw)
+    assert str(got.value) == str(ref.value)
+
+
+def test_moe_infinity_beyond_batch_64(embedded: Path) -> None:
+    """At batch 80 MoE-Infinity's live buffers are sized by the first pass (the most
+    requests in one step: the embedded trace's 64)."""
+    trace = load_trace(embedded)
+    kw = {**_kwargs("timed", capacity=60), "batch": 80}
+    ref = simulate(trace, "moe_infinity", **kw)
+    assert ref.summary["sim_engine"] == "compiled"
+    assert_same(ref, simulate_stream(embedded, "moe_infinity", chunk_requests=9, **kw))
+
+
 def test_reset_needs_batch_one_as_in_memory(embedded: Path) -> None:
     trace = load_trace(embedded, max_requests=5)
     kw = {**_kwargs("timed", 60), "batch": 2, "reset_per_request": True}
