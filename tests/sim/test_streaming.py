@@ -168,16 +168,23 @@ def test_property_streamed_equals_in_memory(seed: int, n_req: int, layers: int, 
     trace = _random_trace(seed, n_req, layers, experts, top_k, partial)
     # a cache of at least a step's need (widest layer + one copy engine), at most every key
     capacity = min(top_k + 1 + spare, layers * experts)
-    kw = _kwargs(mode, capacity, warmup)
+    same_or_same_error(trace, policy, chunk, batch_rows, _kwargs(mode, capacity, warmup))
+
+
+def same_or_same_error(trace: Trace, policy: str | dict, chunk: int, batch_rows: int,
+                       kw: dict) -> None:
+    """The trace written to a file and streamed: the in-memory result, or the same error
+    (e.g. a cache too small: the streamed run stops alike)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = write_trace_file(Path(tmp), trace)
         try:
             ref = simulate(trace, policy, **kw)
-        except SimulationError as err:  # e.g. a cache too small: the streamed run stops alike
+        except SimulationError as err:
             with pytest.raises(SimulationError) as got_err:
                 simulate_stream(path, policy, chunk_requests=chunk, batch_rows=batch_rows, **kw)
             assert str(got_err.value) == str(err)
             return
+        assert ref.summary["sim_engine"] == "compiled"
         got = simulate_stream(path, policy, chunk_requests=chunk, batch_rows=batch_rows, **kw)
     assert_same(ref, got)
 
@@ -210,18 +217,7 @@ def test_property_batches_prefetchers_resets(
           "prefill_chunk": prefill_chunk, "reset_per_request": reset and batch == 1,
           "prefill": prefill,
           "seed": seed, "warmup_extra_row": extra_row and batch == 1 and replay == "decode"}
-    with tempfile.TemporaryDirectory() as tmp:
-        path = write_trace_file(Path(tmp), trace)
-        try:
-            ref = simulate(trace, policy, **kw)
-        except SimulationError as err:  # e.g. a cache too small: the streamed run stops alike
-            with pytest.raises(SimulationError) as got_err:
-                simulate_stream(path, policy, chunk_requests=chunk, batch_rows=3, **kw)
-            assert str(got_err.value) == str(err)
-            return
-        assert ref.summary["sim_engine"] == "compiled"
-        got = simulate_stream(path, policy, chunk_requests=chunk, batch_rows=3, **kw)
-    assert_same(ref, got)
+    same_or_same_error(trace, policy, chunk, 3, kw)
 
 
 @settings(max_examples=60, deadline=None)
