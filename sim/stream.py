@@ -19,20 +19,19 @@ each key (one row of ``num_keys`` integers per chunk, in a temporary file), a ba
 over those rows gives each chunk the first position of each key after it, and the replay pass
 links a chunk's positions from its own keys and that row: exact, never a look-ahead window.
 
-Batches (``batch`` > 1) and ``replay=prefill``: the steps are scheduled as
-``sim.workload`` schedules them (continuous batching: a request joins when one finishes), by a
-scheduler that carries the running requests across chunks (:func:`_batched_chunks`); a chunk of
-steps ends where the requests read so far have all joined, its keys are padded to the whole
-run's widest step for Belady (found by the first pass) so that positions are the in-memory
-run's. The per-request table is built at the end from the counted request rows (13 B per
-request and step: pandas' grouped sums depend on the whole frame, so they are not summed per
-chunk). The first pass (a second read of the file) runs only where it is needed: Belady,
-Fate's per-layer split (each layer's widest step), MoE-Infinity beyond batch 64 (its
-live-request buffers), and a cache-size check that fails with a bound on the widest step.
-Prefetchers that know only the past (``next_layer_all``; ``moe_infinity``, whose
-EAMC and live requests' EAMs are arrays the kernel updates in place, handed on from chunk to
-chunk) and ``cache.reset_per_request`` (a fresh cache drawn per joining request, in the run's
-order) are streamed too.
+Batches (``batch`` > 1) and ``replay=prefill``: the steps are scheduled as ``sim.workload``
+schedules them (continuous batching: a request joins when one finishes), by a scheduler that
+carries the running requests across chunks (:func:`_batched_chunks`); a chunk of steps ends
+where the requests read so far have all joined, its keys are padded to the whole run's widest
+step for Belady (found by the first pass) so that positions are the in-memory run's. With
+batches the per-request table is built at the end from the counted request rows (13 B per
+request and step; :class:`_RequestRows` says why). The first pass (a second read of the file)
+runs only where it is needed: Belady, Fate's per-layer split (each layer's widest step),
+MoE-Infinity beyond batch 64 (its live-request buffers), and a cache-size check that fails
+with a bound on the widest step. Prefetchers that know only the past (``next_layer_all``;
+``moe_infinity``, whose EAMC and live requests' EAMs are arrays the kernel updates in place,
+handed on from chunk to chunk) and ``cache.reset_per_request`` (a fresh cache drawn per
+joining request, in the run's order) are streamed too.
 
 Refused with one error naming the option (never an in-memory fallback): prefetchers that read
 the future or a prediction table (oracle, speculative, prediction replay), placements other
@@ -206,17 +205,26 @@ class _Rows:
 
 
 class _RequestRows:
-    """The counted request rows (one per request and step: 13 B each) of the whole run, for
-    one ``metrics.per_request_table`` at the end: pandas' grouped sum of a request's times
-    depends on the other rows of the frame (its last bits), so the table is built from the
-    very rows, in the very order, of the in-memory run, never summed per chunk."""
+    """The per-request table of a streamed run, exactly the in-memory one.
 
-    def __init__(self) -> None:
+    pandas sums a request's times with ``np.add.reduceat`` when the frame's request ids never
+    decrease (and no time is NaN), else with its compensated sum, row by row: per request
+    either way, but the frame decides which. At batch 1 every chunk holds whole requests in
+    file order (ascending ids), as the whole run's frame does, so each chunk's table is built
+    as it ends. With batches a request's rows interleave with others' and span chunks, so the
+    counted rows (13 B per request and step) are kept and the table built once at the end."""
+
+    def __init__(self, per_chunk: bool) -> None:
+        self._per_chunk = per_chunk
+        self._tables: list[pd.DataFrame] = []
         self._ids: list[np.ndarray] = []
         self._out: list[np.ndarray] = []
         self._times: list[np.ndarray] = []
 
     def add(self, w: Workload, step_t: np.ndarray | None) -> None:
+        if self._per_chunk:
+            self._tables.append(per_request_table(w, step_t))
+            return
         step_of = np.repeat(np.arange(w.num_steps), np.diff(w.req_offsets))
         keep = np.asarray(w.counted, bool)[step_of]
         out = w.req_out if w.req_out is not None else np.ones(len(w.req_ids), bool)
@@ -226,6 +234,8 @@ class _RequestRows:
             self._times.append(step_t[step_of[keep]])
 
     def table(self) -> pd.DataFrame:
+        if self._per_chunk:
+            return pd.concat(self._tables, ignore_index=True)
         ids = np.concatenate(self._ids)
         rows = _Rows(ids, np.concatenate(self._out), np.ones(len(ids), bool))
         return per_request_table(rows, np.concatenate(self._times) if self._times else None)
@@ -482,7 +492,8 @@ def simulate_stream(
         # Belady's positions number each chunk's keys with the whole run's width
         width = (max(1, int(outline.widths.max())) if batched and belady
                  and outline is not None else 0)
-        return _replay(sim, chunks(width), after_file if belady else None, most, kernel)
+        return _replay(sim, chunks(width), after_file if belady else None, most, batch,
+                       kernel)
 
 
 _MI_LIVE_BOUND = 64  # up to this batch, MoE-Infinity's live buffers are sized by the batch
@@ -634,7 +645,7 @@ def _reset_orders(sim: Simulation, w: Workload, first: bool) -> tuple[np.ndarray
 
 
 def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
-            most: int, kernel: Any) -> RunResult:
+            most: int, batch: int, kernel: Any) -> RunResult:
     """Replay the chunks, each resuming from the state the previous one left; ``most``: the
     most requests live at once (MoE-Infinity's buffers)."""
     from moesim.sim import compiled
@@ -670,7 +681,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
     out_parts: list[np.ndarray] = []
     tok_parts: list[np.ndarray] = []
     time_parts: list[np.ndarray] = []
-    requests = _RequestRows()
+    requests = _RequestRows(per_chunk=batch == 1)
     compile_notice(kernel.replay)
     step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
     for c, w in enumerate(chunks):

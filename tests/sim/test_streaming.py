@@ -296,6 +296,15 @@ def test_embedded_prefetchers_and_resets(embedded: Path, policy: str | dict,
     assert_same(ref, simulate_stream(embedded, policy, chunk_requests=3, **kw))
 
 
+def test_per_request_times_across_chunks_with_batches() -> None:
+    """A request whose rows a chunk holds alone: summed per chunk, pandas took
+    ``np.add.reduceat`` there (ids never decrease) and its compensated sum in memory (requests
+    interleave), one bit apart in its time per output token; the table is now built once."""
+    trace = _random_trace(2, 4, 4, 6, 1, partial=False, prompts=True)
+    kw = {**_kwargs("timed", 6), "batch": 4, "replay": "prefill", "prefill_chunk": 2}
+    same_or_same_error(trace, "lru", 1, 3, kw)
+
+
 def test_warm_eamc_and_batches(embedded: Path) -> None:
     """MoE-Infinity with a warm EAMC (the paper's offline collection: persistent slots) at
     batch 3, 8 slots so that finished requests replace the non-persistent ones, and Belady at
