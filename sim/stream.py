@@ -205,50 +205,79 @@ class _Rows:
 
 
 class _RequestRows:
-    """The per-request table of a streamed run, exactly the in-memory one.
+    """The per-request table of a streamed run, exactly the in-memory one, in memory bounded
+    by the requests (not their rows).
 
     pandas sums a request's times with ``np.add.reduceat`` when the frame's request ids never
-    decrease (and no time is NaN), else with its compensated sum, row by row: per request
-    either way, but the frame decides which. At batch 1 every chunk holds whole requests in
-    file order (ascending ids), as the whole run's frame does, so each chunk's table is built
-    as it ends. With batches a request's rows interleave with others' and span chunks, so the
-    counted rows (13 B per request and step) are kept and the table built once at the end."""
+    decrease and no time is NaN, else with its compensated sum, row by row: per request either
+    way, but the whole frame decides which. At batch 1 every chunk holds whole requests in file
+    order (ascending ids), as the whole run's frame does, so each chunk's table is built as it
+    ends. With batches a request's rows interleave with others' and may span chunks: the rows
+    of the requests still running wait for the next chunk, and each finished request is summed
+    both ways (its rows alone in ascending order, and behind a decreasing id), the whole run's
+    order choosing one at the end."""
 
     def __init__(self, per_chunk: bool) -> None:
         self._per_chunk = per_chunk
-        self._tables: list[pd.DataFrame] = []
-        self._ids: list[np.ndarray] = []
-        self._out: list[np.ndarray] = []
-        self._times: list[np.ndarray] = []
+        z = np.zeros(0)
+        self._carry: tuple[np.ndarray, ...] = (z.astype(np.int32), z.astype(bool), z)
+        self._ascending: list[pd.DataFrame] = []  # finished requests, summed by reduceat
+        self._mixed: list[pd.DataFrame] = []  # the same, by the compensated sum
+        self._monotonic = True  # the whole run's counted rows never decrease in id
+        self._last = -1
 
-    def add(self, w: Workload, step_t: np.ndarray | None) -> None:
+    def add(self, w: Workload, step_t: np.ndarray | None, running: np.ndarray) -> None:
         if self._per_chunk:
-            self._tables.append(per_request_table(w, step_t))
+            self._ascending.append(per_request_table(w, step_t))
             return
         step_of = np.repeat(np.arange(w.num_steps), np.diff(w.req_offsets))
         keep = np.asarray(w.counted, bool)[step_of]
         out = w.req_out if w.req_out is not None else np.ones(len(w.req_ids), bool)
-        self._ids.append(np.asarray(w.req_ids)[keep])
-        self._out.append(np.asarray(out)[keep])
-        if step_t is not None:
-            self._times.append(step_t[step_of[keep]])
+        new = (np.asarray(w.req_ids)[keep], np.asarray(out)[keep],
+               step_t[step_of[keep]] if step_t is not None else np.full(int(keep.sum()), np.nan))
+        ids = new[0]
+        if len(ids):
+            if ids[0] < self._last or (np.diff(ids) < 0).any():
+                self._monotonic = False
+            self._last = int(ids[-1])
+        rows = [np.concatenate(pair) for pair in zip(self._carry, new, strict=True)]
+        wait = np.isin(rows[0], running)
+        self._carry = tuple(r[wait] for r in rows)
+        ids, out, times = (r[~wait] for r in rows)
+        if not len(ids):
+            return
+        order = np.argsort(ids, kind="stable")  # each request's rows together, in step order
+        ids, out, times = ids[order], out[order], times[order]
+        timed = step_t is not None
+        self._ascending.append(per_request_table(
+            _Rows(ids, out, np.ones(len(ids), bool)), times if timed else None))
+        top = int(ids.max()) + 1  # a first row of a larger id: the ids decrease after it
+        mixed = per_request_table(
+            _Rows(np.concatenate([[top], ids]).astype(np.int64), np.concatenate([[False], out]),
+                  np.ones(len(ids) + 1, bool)),
+            np.concatenate([[0.0], times]) if timed else None)
+        self._mixed.append(mixed[mixed["request_id"] != top])
 
     def table(self) -> pd.DataFrame:
+        parts = self._ascending if self._monotonic else self._mixed
+        if not parts:  # no counted row at all
+            z = np.zeros(0, np.int32)
+            parts = [per_request_table(_Rows(z, z.astype(bool), z.astype(bool)), None)]
+        table = pd.concat(parts, ignore_index=True)
         if self._per_chunk:
-            return pd.concat(self._tables, ignore_index=True)
-        ids = np.concatenate(self._ids)
-        rows = _Rows(ids, np.concatenate(self._out), np.ones(len(ids), bool))
-        return per_request_table(rows, np.concatenate(self._times) if self._times else None)
+            return table
+        return table.sort_values("request_id", kind="stable").reset_index(drop=True)
 
 
 def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, replay: Replay,
                     batch: int, prefill_chunk: int, warmup: int, width: int = 0,
-                    ) -> Iterator[Workload]:
+                    ) -> Iterator[tuple[Workload, np.ndarray]]:
     """``sim.workload``'s batched schedule (``_batched_steps``: continuous batching, a request
     joining as soon as one finishes, its units by ``_units``) over requests read chunk by
     chunk, the running requests carried from one chunk to the next: the steps of the whole
-    run, cut into workloads where the requests read so far have all joined. ``width``: pad
-    the keys to the run's widest step (so that positions number as in memory)."""
+    run, cut into workloads where the requests read so far have all joined, each with the ids
+    of the requests still running after it. ``width``: pad the keys to the run's widest step
+    (so that positions number as in memory)."""
     from moesim.sim.compiled.steps import union_steps
     from moesim.sim.workload import _units
 
@@ -264,7 +293,8 @@ def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, r
                 if exhausted:
                     break
                 if steps.num_steps:  # every request read so far has joined: cut here
-                    yield steps.workload(shape, union_steps, width)
+                    yield (steps.workload(shape, union_steps, width),
+                           np.array([e[0].request_id for e in running], np.int64))
                     steps = _StepLists()
                     for e in running:
                         e[3] = -1
@@ -305,7 +335,7 @@ def _batched_chunks(chunks: Iterable[list[RequestRouting]], shape: ModelShape, r
         running = nxt
         steps.end_step(n_tok, n_out, ctx, past_warmup)
     if steps.num_steps:
-        yield steps.workload(shape, union_steps, width)
+        yield steps.workload(shape, union_steps, width), np.zeros(0, np.int64)
 
 
 class _StepLists:
@@ -434,15 +464,16 @@ def simulate_stream(
     if batch_rows is not None:
         chunk_kw["batch_rows"] = batch_rows
 
-    def chunks(width: int = 0) -> Iterator[Workload]:
+    def chunks(width: int = 0) -> Iterator[tuple[Workload, np.ndarray]]:
         reqs = iter_request_chunks(path, chunk_requests, **chunk_kw)
         if batched:
             yield from _batched_chunks(reqs, shape, replay, batch, prefill_chunk,
                                        warmup_tokens, width)
             return
+        none = np.zeros(0, np.int64)  # whole requests: none runs on into the next chunk
         for got in reqs:
             yield build_workload(Trace(meta, got), warmup_tokens=warmup_tokens,
-                                 warmup_extra_row=warmup_extra_row)
+                                 warmup_extra_row=warmup_extra_row), none
 
     belady = compiled.EVICTION[spec.eviction] == K.EV_BELADY
 
@@ -547,7 +578,7 @@ class _Outline:
     first_step_requests: int
 
 
-def _first_pass(chunks: Iterator[Workload], shape: ModelShape,
+def _first_pass(chunks: Iterator[tuple[Workload, np.ndarray]], shape: ModelShape,
                 out: Any) -> _Outline:
     """Walk the chunks once; with ``out`` (Belady) write each chunk's first position of
     every key (whole-run positions, numbered with the number of experts as width) as one
@@ -555,7 +586,7 @@ def _first_pass(chunks: Iterator[Workload], shape: ModelShape,
     widths: np.ndarray | None = None
     step0 = n = 0
     most = first = 1
-    for w in chunks:
+    for w, _ in chunks:
         keys = w.keys
         if out is not None:
             pos = _first_positions(keys.reshape(-1), shape.num_keys)
@@ -644,7 +675,7 @@ def _reset_orders(sim: Simulation, w: Workload, first: bool) -> tuple[np.ndarray
     return resets, inst_off, inst_keys
 
 
-def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
+def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], after_file: Any,
             most: int, batch: int, kernel: Any) -> RunResult:
     """Replay the chunks, each resuming from the state the previous one left; ``most``: the
     most requests live at once (MoE-Infinity's buffers)."""
@@ -684,7 +715,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
     requests = _RequestRows(per_chunk=batch == 1)
     compile_notice(kernel.replay)
     step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
-    for c, w in enumerate(chunks):
+    for c, (w, running) in enumerate(chunks):
         keys = w.keys
         flat = keys.reshape(-1)
         if belady:
@@ -703,6 +734,9 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
                 cfg[4] = 0  # a resumed chunk's EAMC order is already sorted (sort_all: no-op)
             else:
                 mi = (*mi[:9], *_mi_steps(w), cfg)
+                # lrsum[:, L]: the step each live request's suffix sums were taken at, which
+                # counts from its chunk's start: none yet in this chunk (eamc._match)
+                mi[7][:, num_l] = -1.0
         attn, shared, dense_step, cost = compiled._layer_arrays(sim, w)
         resets, inst_off, inst_keys = _reset_orders(sim, w, state is compiled.FRESH)
         counts = w.counts if w.counts is not None else dummy_counts
@@ -729,7 +763,7 @@ def _replay(sim: Simulation, chunks: Iterator[Workload], after_file: Any,
         tok_parts.append(w.tokens)
         if sim.timed:
             time_parts.append(step_t)
-        requests.add(w, step_t if sim.timed else None)
+        requests.add(w, step_t if sim.timed else None, running)
         del w, keys, flat, nocc
     if out is None:
         raise _refuse("the trace has no requests")

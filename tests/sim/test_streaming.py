@@ -42,7 +42,8 @@ def _kwargs(mode: str, capacity: int, warmup: int = 0) -> dict:
 
 
 def assert_same(a, b) -> None:
-    """Every summary value (NaN equal to NaN), the per-layer and per-request tables."""
+    """Every summary value (NaN equal to NaN), the per-layer and per-request tables, every
+    float to the bit (``check_exact``: pandas compares floats to 1e-5 by default)."""
     assert list(a.summary) == list(b.summary)
     for key, x in a.summary.items():
         y = b.summary[key]
@@ -50,8 +51,8 @@ def assert_same(a, b) -> None:
             assert isinstance(y, float) and math.isnan(y), key
         else:
             assert x == y, (key, x, y)
-    pd.testing.assert_frame_equal(a.per_layer, b.per_layer)
-    pd.testing.assert_frame_equal(a.per_request, b.per_request)
+    pd.testing.assert_frame_equal(a.per_layer, b.per_layer, check_exact=True)
+    pd.testing.assert_frame_equal(a.per_request, b.per_request, check_exact=True)
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +221,28 @@ def test_property_batches_prefetchers_resets(
     same_or_same_error(trace, policy, chunk, 3, kw)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**16), n_req=st.integers(2, 10), layers=st.integers(1, 4),
+       experts=st.integers(3, 8), top_k=st.integers(1, 3),
+       policy=st.sampled_from(POLICIES[5:7]), chunk=st.integers(1, 4), batch=st.integers(1, 4),
+       replay=st.sampled_from(["decode", "prefill"]), spare=st.integers(0, 8),
+       warmup=st.integers(0, 3), slots=st.sampled_from([2, 1000]))
+def test_property_moe_infinity(seed: int, n_req: int, layers: int, experts: int, top_k: int,
+                               policy: str | dict, chunk: int, batch: int, replay: str,
+                               spare: int, warmup: int, slots: int) -> None:
+    """MoE-Infinity's state across chunks (EAMC, live EAMs and their dot products, suffix
+    sums, candidates), timed, with requests running on from chunk to chunk; an EAMC of 2
+    slots replaces its entries."""
+    top_k = min(top_k, experts)
+    trace = _random_trace(seed, n_req, layers, experts, top_k, True, prompts=True)
+    capacity = min(min(batch, n_req) * top_k + 1 + spare, layers * experts)
+    pol = {"name": policy, "eamc_capacity": slots} if isinstance(policy, str) else {
+        **policy, "eamc_capacity": slots}
+    kw = {**_kwargs("timed", capacity, warmup), "batch": batch, "replay": replay,
+          "prefill_chunk": 2, "seed": seed}
+    same_or_same_error(trace, pol, chunk, 3, kw)
+
+
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), n_req=st.integers(1, 12), batch=st.integers(1, 5),
        replay=st.sampled_from(["decode", "prefill"]), prefill_chunk=st.integers(0, 3),
@@ -229,7 +252,8 @@ def test_batched_chunks_are_the_in_memory_schedule(seed: int, n_req: int, batch:
                                                    warmup: int, chunk: int, pad: int) -> None:
     """The streamed scheduler's chunks, put end to end, are ``build_workload``'s steps: keys
     (padded to the given width), counts, pairs, tokens, contexts, counted flags, the
-    step->request map, units and joins (step numbers shifted by the chunk's start)."""
+    step->request map, units and joins (step numbers shifted by the chunk's start); the
+    requests running on from one chunk into the next are named."""
     from moesim.sim.stream import _batched_chunks
     from moesim.sim.workload import build_workload
 
@@ -240,7 +264,8 @@ def test_batched_chunks_are_the_in_memory_schedule(seed: int, n_req: int, batch:
                          warmup_tokens=warmup)
     width = ref.keys.shape[2] + pad
     parts = [trace.requests[i:i + chunk] for i in range(0, n_req, chunk)]
-    ws = list(_batched_chunks(parts, ref.shape, replay, batch, prefill_chunk, warmup, width))
+    got = list(_batched_chunks(parts, ref.shape, replay, batch, prefill_chunk, warmup, width))
+    ws = [w for w, _ in got]
     cat = {name: np.concatenate([getattr(w, name) for w in ws]) for name in (
         "keys", "counts", "pairs", "tokens", "out_tokens", "context", "counted", "req_ids",
         "token_start", "token_end", "req_out")}
@@ -255,9 +280,14 @@ def test_batched_chunks_are_the_in_memory_schedule(seed: int, n_req: int, batch:
     assert np.concatenate([np.diff(w.req_offsets) for w in ws]).tolist() == np.diff(
         ref.req_offsets).tolist()
     joins, start = {}, 0
-    for w in ws:
+    for w, running in got:  # the requests of a chunk's last step that run on are carried
         joins.update({start + s: r for s, r in w.joins.items()})
         start += w.num_steps
+        if start < ref.num_steps:
+            on = set(w.requests_of(w.num_steps - 1)) & set(ref.requests_of(start))
+            assert on <= set(running.tolist())
+        else:
+            assert not len(running)
     assert joins == ref.joins
 
 
@@ -297,12 +327,65 @@ def test_embedded_prefetchers_and_resets(embedded: Path, policy: str | dict,
 
 
 def test_per_request_times_across_chunks_with_batches() -> None:
-    """A request whose rows a chunk holds alone: summed per chunk, pandas took
-    ``np.add.reduceat`` there (ids never decrease) and its compensated sum in memory (requests
-    interleave), one bit apart in its time per output token; the table is now built once."""
+    """A request whose rows a chunk's finished requests hold alone: summed as that frame
+    comes, pandas took ``np.add.reduceat`` there (ids never decrease) and its compensated sum
+    in memory (requests interleave), one bit apart in its time per output token."""
     trace = _random_trace(2, 4, 4, 6, 1, partial=False, prompts=True)
     kw = {**_kwargs("timed", 6), "batch": 4, "replay": "prefill", "prefill_chunk": 2}
     same_or_same_error(trace, "lru", 1, 3, kw)
+
+
+@pytest.mark.parametrize("steps", [
+    [[1], [10], [10]],  # ids never decrease: pandas sums by np.add.reduceat (...995)
+    [[1, 10], [1, 10]],  # ids decrease: its compensated sum, row by row (...996)
+])
+def test_request_rows_sum_as_the_whole_frame(steps: list[list[int]]) -> None:
+    """``_RequestRows`` at batch > 1: request 10 runs on from the first chunk into the second
+    (two more steps); its four times sum to 0.006544499999999995 by ``np.add.reduceat`` and
+    to ...996 by pandas' compensated sum, and the table must be the whole frame's."""
+    from types import SimpleNamespace
+
+    from moesim.sim.metrics import per_request_table
+    from moesim.sim.stream import _RequestRows
+
+    v = [0.0021134999999999995, 0.0015104999999999997, 0.0015104999999999984,
+         0.001409999999999998]
+    chunks = [steps, [[10], [10]]]
+    times = iter([1e-3, *v] if len(steps) == 3 else [1e-3, v[0], 2e-3, v[1], v[2], v[3]])
+
+    def chunk(ids: list[list[int]]) -> tuple[SimpleNamespace, np.ndarray]:
+        per = np.array([len(r) for r in ids])
+        w = SimpleNamespace(num_steps=len(ids), req_offsets=np.concatenate([[0], per.cumsum()]),
+                            req_ids=np.array([i for r in ids for i in r], np.int32),
+                            req_out=np.ones(int(per.sum()), bool),
+                            counted=np.ones(len(ids), bool))
+        return w, np.array([next(times) for _ in range(int(per.sum()))])
+
+    rows = _RequestRows(per_chunk=False)
+    whole_ids, whole_t = [], []
+    for c, ids in enumerate(chunks):
+        w, t = chunk([[i] for r in ids for i in r])  # one row per step: times per row
+        rows.add(w, t, np.array([10] if c == 0 else [], np.int64))
+        whole_ids.append(w.req_ids)
+        whole_t.append(t)
+    ids = np.concatenate(whole_ids)
+    n = len(ids)
+    whole = SimpleNamespace(num_steps=n, req_offsets=np.arange(n + 1), req_ids=ids,
+                            req_out=np.ones(n, bool), counted=np.ones(n, bool))
+    want = per_request_table(whole, np.concatenate(whole_t))
+    pd.testing.assert_frame_equal(rows.table(), want, check_exact=True)
+    assert want["time_s"].iloc[-1] == (0.006544499999999995 if len(steps) == 3 else
+                                       0.006544499999999996)
+
+
+def test_moe_infinity_suffix_sums_across_chunks() -> None:
+    """MoE-Infinity keeps, per live request, the step its suffix sums were taken at; steps
+    count from a chunk's start, so a request running on into a chunk whose step of the same
+    number came next reused stale sums (7 hits for 8) until the stream marked them stale."""
+    trace = _random_trace(29080, 7, 3, 7, 1, partial=True, prompts=True)
+    kw = {**_kwargs("timed", 7, 3), "batch": 4, "replay": "prefill", "seed": 29080}
+    for chunk in (2, 3):
+        same_or_same_error(trace, "moe_infinity", chunk, 3, kw)
 
 
 def test_warm_eamc_and_batches(embedded: Path) -> None:
