@@ -7,8 +7,8 @@ compiled kernel (``sim.compiled.kernel.replay``) resumes on it from the state (`
 layer counters) the previous chunk left: the kernel's rules are the in-memory run's, so every
 counter is identical (``tests/sim/test_streaming.py``). Memory is one chunk plus the per-step
 figures the exact totals need (a step's time, counted flag and token counts: 17 B per step,
-twice that while they are summed at the end; a step is L token-layers) and the request rows
-of the per-request table (below).
+twice that while they are summed at the end; a step is L token-layers) and the per-request
+table (a row per request).
 
 Positions (the key slots that Belady ranks by next use) count from the chunk's start. Between
 chunks the carried positions move by the chunk's length: each key's next-use cursor is set to
@@ -23,14 +23,14 @@ Batches (``batch`` > 1) and ``replay=prefill``: the steps are scheduled as ``sim
 schedules them (continuous batching: a request joins when one finishes), by a scheduler that
 carries the running requests across chunks (:func:`_batched_chunks`); a chunk of steps ends
 where the requests read so far have all joined, its keys are padded to the whole run's widest
-step for Belady (found by the first pass) so that positions are the in-memory run's. With
-batches the per-request table is built at the end from the counted request rows (13 B per
-request and step; :class:`_RequestRows` says why). The first pass (a second read of the file)
-runs only where it is needed: Belady, Fate's per-layer split (each layer's widest step),
-MoE-Infinity beyond batch 64 (its live-request buffers), and a cache-size check that fails
-with a bound on the widest step. Prefetchers that know only the past (``next_layer_all``;
-``moe_infinity``, whose EAMC and live requests' EAMs are arrays the kernel updates in place,
-handed on from chunk to chunk) and ``cache.reset_per_request`` (a fresh cache drawn per
+step for Belady (found by the first pass) so that positions are the in-memory run's; a
+request's row of the per-request table is summed when it finishes (:class:`_RequestRows`).
+The first pass (a second read of the file) runs only where it is needed: Belady, Fate's
+per-layer split (each layer's widest step), MoE-Infinity beyond batch 64 (its live-request
+buffers), and a cache-size check that fails with a bound on the widest step. Prefetchers that
+know only the past (``next_layer_all``; ``moe_infinity``, whose EAMC and live requests' EAMs
+are arrays the kernel updates in place, handed on from chunk to chunk, the step its suffix
+sums were taken at marked stale) and ``cache.reset_per_request`` (a fresh cache drawn per
 joining request, in the run's order) are streamed too.
 
 Refused with one error naming the option (never an in-memory fallback): prefetchers that read
