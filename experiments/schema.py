@@ -75,7 +75,8 @@ OPTIONS: tuple[Opt, ...] = (
         "compiled twin, else SimPy; python: the SimPy engine always; compiled: the compiled "
         "engine or an error", choices=("auto", "python", "compiled")),
     Opt("run.stream", "bool", "replay the trace file in chunks of requests, never loading it "
-        "whole (batch 1, replay=decode, eviction-only policies; same results)"),
+        "whole (the compiled engine's evictions, next_layer_all and moe_infinity; not policies "
+        "that read the future or a prediction table; same results)"),
     Opt("run.chunk_requests", "int", "requests per chunk of a streamed run", lo=1),
     Opt("max_requests", "int", "replay only the first N requests", nullable=True, lo=1),
     Opt("max_tokens", "int", "and only the first N tokens of each", nullable=True, lo=1),

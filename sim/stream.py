@@ -618,18 +618,6 @@ def _backward(f: Any, n_chunks: int, num_k: int) -> None:
         seen = np.where(first != NO_USE, first, seen)
 
 
-def _mi_steps(w: Workload) -> tuple[np.ndarray, ...]:
-    """MoE-Infinity's per-step arrays of one chunk, as ``compiled.mi_arrays`` builds them for
-    a whole workload: the step->request map and the requests joining at each step."""
-    joins = sorted(w.joins)
-    join_off = np.zeros(w.num_steps + 1, np.int64)
-    for s in joins:
-        join_off[s + 1] = len(w.joins[s])
-    join_rid = np.array([r for s in joins for r in w.joins[s]] or [0], np.int64)
-    return (np.asarray(w.req_offsets, np.int64), np.asarray(w.req_ids, np.int64),
-            np.cumsum(join_off), join_rid)
-
-
 def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]:
     """``compiled.mi_arrays`` of the run's prefetcher (its EAMC, a warm one included) with
     live-request buffers for ``most`` requests (the whole run's most in one step, an upper
@@ -650,29 +638,6 @@ def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]
         mi[4:9] = (np.full(most, -1, np.int64), np.zeros((most, num_k)),
                    np.zeros((most, num_l)), lrsum, np.zeros((most, 2 * num_l, cap)))
     return tuple(mi)
-
-
-def _reset_orders(sim: Simulation, w: Workload, first: bool) -> tuple[np.ndarray, ...]:
-    """``resets``, ``inst_off`` and ``inst_keys`` of one chunk, as ``compiled.run`` builds
-    them for a whole workload: the initial cache's install order (first chunk only: a later
-    chunk resumes), then a fresh cache per joining request with ``cache.reset_per_request``,
-    drawn in the run's order."""
-    from moesim.policies.base import EvictionPolicy
-    from moesim.sim import compiled
-
-    resets = np.zeros(w.num_steps, np.bool_)
-    orders = [compiled._install_order(sim.cache) if first else []]
-    if sim.copts.reset_per_request:
-        starts_empty = sim.copts.prefill == "empty" and all(
-            type(ev).initial_contents is EvictionPolicy.initial_contents
-            for ev in sim.cache.evictors)
-        for s in sorted(w.joins):
-            if w.joins[s]:
-                resets[s] = True
-                orders.append([] if starts_empty else compiled._install_order(sim._new_cache()))
-    inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
-    inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
-    return resets, inst_off, inst_keys
 
 
 def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], after_file: Any,
@@ -733,12 +698,13 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
                 cfg = mi[13].copy()
                 cfg[4] = 0  # a resumed chunk's EAMC order is already sorted (sort_all: no-op)
             else:
-                mi = (*mi[:9], *_mi_steps(w), cfg)
+                mi = (*mi[:9], *compiled.mi_steps(w), cfg)
                 # lrsum[:, L]: the step each live request's suffix sums were taken at, which
                 # counts from its chunk's start: none yet in this chunk (eamc._match)
                 mi[7][:, num_l] = -1.0
         attn, shared, dense_step, cost = compiled._layer_arrays(sim, w)
-        resets, inst_off, inst_keys = _reset_orders(sim, w, state is compiled.FRESH)
+        resets, inst_off, inst_keys = compiled.reset_orders(
+            sim, w, state is compiled.FRESH)
         counts = w.counts if w.counts is not None else dummy_counts
         iv, fv, layer_counts, layer_stall, step_t, S, F = kernel.replay(
             keys, counts, w.counts is not None, w.counted, attn, shared, dense_step, dense_n,

@@ -264,12 +264,6 @@ def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
     num_l, num_e = sim.shape.num_layers, sim.shape.num_experts
     cap, num_k = eamc.capacity, num_l * num_e
     most = _max_live(w)
-    joins = sorted(w.joins)
-    join_off = np.zeros(w.num_steps + 1, np.int64)
-    for s in joins:
-        join_off[s + 1] = len(w.joins[s])
-    join_off = np.cumsum(join_off)
-    join_rid = np.array([r for s in joins for r in w.joins[s]] or [0], np.int64)
     horizon = -1 if pf._horizon is None else int(pf._horizon)
     cfg = np.array([int(eamc.mask), horizon, pf._width, cap, eamc.filled, eamc.persistent],
                    np.int64)
@@ -280,8 +274,7 @@ def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
     return (eamc.eams.reshape(cap, num_k).copy(), eamc.unit.reshape(cap, num_k).T.copy(),
             eamc.access.copy(), np.zeros((cap, num_k), np.int32), np.full(most, -1, np.int64),
             np.zeros((most, num_k)), np.zeros((most, num_l)), lrsum,
-            np.zeros((most, 2 * num_l, cap)), np.asarray(w.req_offsets, np.int64),
-            np.asarray(w.req_ids, np.int64), join_off, join_rid, cfg)
+            np.zeros((most, 2 * num_l, cap)), *mi_steps(w), cfg)
 
 
 class LinkStats:
@@ -326,6 +319,43 @@ def run(sim: Simulation) -> None:
         _run(sim)
 
 
+def reset_orders(sim: Simulation, w: Any, first: bool = True) -> tuple[np.ndarray, ...]:
+    """``resets``, ``inst_off`` and ``inst_keys`` of workload ``w`` (a whole run, or one chunk
+    of a streamed one, ``sim.stream``): the initial cache's install order (``first``: a later
+    chunk resumes the cache instead), then a fresh cache per joining request with
+    ``cache.reset_per_request``, drawn in the run's order."""
+    resets = np.zeros(w.num_steps, np.bool_)
+    orders = [_install_order(sim.cache) if first else []]
+    if sim.copts.reset_per_request:
+        # A fresh cache installs nothing when it is not filled at random and its policy places
+        # nothing before the run: then its (empty) order is known without building one per
+        # request (which costs ~20 us per partition: a per-token reset of a 32-layer cache
+        # built 32 policies per token). The SimPy engine builds them; nothing here draws from
+        # the run's generator afterwards, so both engines still see the same caches.
+        starts_empty = sim.copts.prefill == "empty" and all(
+            type(ev).initial_contents is EvictionPolicy.initial_contents
+            for ev in sim.cache.evictors)
+        for s in sorted(w.joins):
+            if w.joins[s]:
+                resets[s] = True
+                orders.append([] if starts_empty else _install_order(sim._new_cache()))
+    inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
+    inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
+    return resets, inst_off, inst_keys
+
+
+def mi_steps(w: Any) -> tuple[np.ndarray, ...]:
+    """MoE-Infinity's per-step arrays of workload ``w`` (a whole run or one streamed chunk):
+    the step->request map and the requests joining at each step."""
+    joins = sorted(w.joins)
+    join_off = np.zeros(w.num_steps + 1, np.int64)
+    for s in joins:
+        join_off[s + 1] = len(w.joins[s])
+    join_rid = np.array([r for s in joins for r in w.joins[s]] or [0], np.int64)
+    return (np.asarray(w.req_offsets, np.int64), np.asarray(w.req_ids, np.int64),
+            np.cumsum(join_off), join_rid)
+
+
 def _run(sim: Simulation) -> None:
     w = sim.workload
     keys = w.keys
@@ -345,23 +375,7 @@ def _run(sim: Simulation) -> None:
     for ev in sim.cache.evictors:
         for k in getattr(ev, "_hot", ()):
             hot[k] = True
-    resets = np.zeros(w.num_steps, np.bool_)
-    orders = [_install_order(sim.cache)]
-    if sim.copts.reset_per_request:
-        # A fresh cache installs nothing when it is not filled at random and its policy places
-        # nothing before the run: then its (empty) order is known without building one per
-        # request (which costs ~20 us per partition: a per-token reset of a 32-layer cache
-        # built 32 policies per token). The SimPy engine builds them; nothing here draws from
-        # the run's generator afterwards, so both engines still see the same caches.
-        starts_empty = sim.copts.prefill == "empty" and all(
-            type(ev).initial_contents is EvictionPolicy.initial_contents
-            for ev in sim.cache.evictors)
-        for s in sorted(w.joins):
-            if w.joins[s]:
-                resets[s] = True
-                orders.append([] if starts_empty else _install_order(sim._new_cache()))
-    inst_off = np.cumsum([0] + [len(o) for o in orders]).astype(np.int64)
-    inst_keys = np.array([k for o in orders for k in o], dtype=np.int64)
+    resets, inst_off, inst_keys = reset_orders(sim, w)
     kernel = _kernel()
     compile_notice(kernel.replay)  # one stderr line when this call compiles (~40 s)
     if ev_code == K.EV_BELADY:
