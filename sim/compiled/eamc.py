@@ -160,9 +160,10 @@ def _running(rid, s, req_off, req_ids):
 
 @fn
 def request_start(s, rid, req_off, req_ids, eams, unit, access, ordr, lrid, leam, lsq, lrsum,
-                  ldots, buf, S):
+                  ldots, buf, mc, S):
     """``MoEInfinity.on_request_start``: requests no longer running are finished (their EAMs
-    join the EAMC, lowest id first), then ``rid`` gets a live slot."""
+    join the EAMC, lowest id first), then ``rid`` gets a live slot. A rewritten slot's merged
+    lists (``mc``, see ``_cached_list``) are forgotten."""
     while True:
         gone = -1
         for i in range(lrid.shape[0]):
@@ -176,6 +177,9 @@ def request_start(s, rid, req_off, req_ids, eams, unit, access, ordr, lrid, leam
         lrid[gone] = -1
         idx = _add(gone, leam, eams, unit, access, ordr, S)
         if idx >= 0:
+            for i in range(mc.shape[0]):
+                if mc[i, 0] == idx:
+                    mc[i, 0] = -1
             for i in range(lrid.shape[0]):
                 if lrid[i] >= 0:
                     _refresh(i, idx, leam, unit, ldots, buf, S)
@@ -461,11 +465,139 @@ def _head(idx, i, lenw, ibuf, eams, ordr, buf, S):
 
 
 @fn
+def _merge_list(idx, j, chi, lenw, ibuf, eams, ordr, buf, S):
+    """The list as the merge of the layers' sorted lists by score (the lower layer first on
+    ties), from the start: its first absent keys, per partition up to ``S[B_SKIP]``, into
+    ``S[B_PKEYS]``; returns how many. Each layer's head skips the keys held in the cache
+    (resident or loading: they take no room), its score is in buf[1] (-1 once the layer is used
+    up or, with several partitions, out of room: every real score is > 0), its decay in buf[3]
+    (computed once per call, as ``priority`` computes it)."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    single = S[IV, I_NUMP] == 1
+    for i in range(j, chi + 1):
+        ibuf[i] = 0
+        buf[3, i] = 1.0 - (i - j) / (num_l + 1)
+        _head(idx, i, lenw, ibuf, eams, ordr, buf, S)
+        if not single and S[B_SKIP, i] <= 0:
+            buf[1, i] = -1.0
+    n = 0
+    while True:
+        bi = j  # highest score; the lower layer first on ties
+        for i in range(j + 1, chi + 1):
+            if buf[1, i] > buf[1, bi]:
+                bi = i
+        if buf[1, bi] < 0.0:
+            break
+        k = bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]  # absent: the head skips held keys
+        ibuf[bi] += 1
+        _head(idx, bi, lenw, ibuf, eams, ordr, buf, S)
+        p = S[K_PART, k]
+        if S[B_SKIP, p] > 0:
+            S[B_PKEYS, n] = k
+            n += 1
+            S[B_SKIP, p] -= 1
+            if single:
+                if S[B_SKIP, 0] == 0:
+                    break
+            elif S[B_SKIP, p] == 0 and j <= p <= chi:
+                buf[1, p] = -1.0  # layer p is out of the running (B_SKIP is read by layer)
+    return n
+
+
+# mc[j] (one cache partition): [slot, length, head of each layer (L cells), keys...]
+MC_HEADS = 2
+
+
+@fn
+def _extend(idx, j, chi, lenw, need, eams, ordr, buf, mc, S):
+    """Slot ``idx``'s whole list at layer ``j`` (held keys included) merged on in ``mc[j]``
+    until it holds ``need`` keys (or the list or ``mc``'s width ends): the merge of
+    ``_merge_list`` (scores, decays and ties computed alike) without the cache's state,
+    resumed from the layers' heads kept in ``mc[j]``; a layer keeps the lead while its next
+    score beats the runner-up's, so most keys cost no scan of the layers."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    off = MC_HEADS + num_l
+    for i in range(j, chi + 1):
+        buf[3, i] = 1.0 - (i - j) / (num_l + 1)
+        b = i * num_e
+        q = mc[j, MC_HEADS + i]
+        buf[1, i] = (eams[idx, b + ordr[idx, b + q]] + 1e-8) * buf[3, i] if q < lenw else -1.0
+    stop = min(need, mc.shape[1] - off)
+    t = mc[j, 1]
+    while t < stop:
+        bi = j  # highest score, the lower layer first on ties; ri: the runner-up
+        ri = -1
+        for i in range(j + 1, chi + 1):
+            if buf[1, i] > buf[1, bi]:
+                ri = bi
+                bi = i
+            elif ri < 0 or buf[1, i] > buf[1, ri]:
+                ri = i
+        top = buf[1, bi]
+        if top < 0.0:
+            break
+        second = buf[1, ri] if ri >= 0 else -1.0
+        b = bi * num_e
+        q = mc[j, MC_HEADS + bi]
+        # layer bi leads while its score beats the runner-up's (or ties it from a lower layer);
+        # -1 once it is used up (every real score is > 0)
+        while t < stop and top > 0.0 and (top > second or (top == second and bi < ri)):
+            mc[j, off + t] = b + ordr[idx, b + q]
+            t += 1
+            q += 1
+            top = (eams[idx, b + ordr[idx, b + q]] + 1e-8) * buf[3, bi] if q < lenw else -1.0
+        mc[j, MC_HEADS + bi] = q
+        buf[1, bi] = top
+    mc[j, 1] = t
+
+
+@fn
+def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S):
+    """``_merge_list`` for one cache partition, walking slot ``idx``'s whole list at layer
+    ``j`` kept in ``mc[j]`` (begun afresh when the matched slot changed: the same slot is
+    matched again at the same layer for most steps; merged on as far as a walk needs): its
+    absent keys in order, up to ``S[B_SKIP, 0]``. Returns how many keys, or -1 when ``mc``
+    is too narrow for this walk (then the list is merged afresh; never with ``mc`` holding
+    cap + E keys: the walk reads the listed keys, at most room = cap - used + NC + E, and
+    the held candidates it passes, at most used - NC)."""
+    num_l = S[IV, I_NUML]
+    off = MC_HEADS + num_l
+    if mc[j, 0] != idx:
+        mc[j, 0] = idx
+        mc[j, 1] = 0
+        for i in range(j, chi + 1):
+            mc[j, MC_HEADS + i] = 0
+    total = (chi - j + 1) * lenw
+    skip = S[B_SKIP, 0]
+    n = 0
+    t = 0
+    while skip > 0:
+        if t == mc[j, 1]:
+            if t == total:
+                break  # the whole list is walked
+            if t == mc.shape[1] - off:
+                return -1
+            _extend(idx, j, chi, lenw, t + skip, eams, ordr, buf, mc, S)
+        stop = mc[j, 1]
+        while t < stop and skip > 0:  # without branches: every key is written, absent ones kept
+            k = mc[j, off + t]
+            t += 1
+            S[B_PKEYS, n] = k
+            a = 1 if S[K_STATE, k] == ABSENT else 0
+            n += a
+            skip -= a
+    S[B_SKIP, 0] = skip
+    return n
+
+
+@fn
 def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, access, ordr,
-                  lrid, leam, lsq, lrsum, ldots, ibuf, buf, S, F):
+                  lrid, leam, lsq, lrsum, ldots, ibuf, buf, mc, S, F):
     """``MoEInfinity.on_demand_issued``: match every running request, flush the link's queue,
     make the last match's list the candidate set and put its first absent keys (per partition
-    ``prefetch_room() + E``, as ``_queueable``) in ``S[B_PKEYS]``; returns how many."""
+    ``prefetch_room() + E``, as ``_queueable``) in ``S[B_PKEYS]``; returns how many. With one
+    partition the list is walked from the matched slot's whole list kept per layer in ``mc``
+    (``_cached_list``; ``mc`` with no room for keys: merged at every call)."""
     S[IV, I_DEMPH] = 0
     r0, r1 = req_off[s], req_off[s + 1]
     if r1 == r0:
@@ -495,39 +627,14 @@ def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, acce
             for r in range(lenw):
                 S[K_CAND, i * num_e + ordr[idx, i * num_e + r]] = S[IV, I_CSTAMP]
     _recount(S)
-    single = S[IV, I_NUMP] == 1
     for p in range(S[IV, I_NUMP]):
         S[B_SKIP, p] = S[P_CAP, p] - S[P_USED, p] + S[P_NC, p] + num_e
     # The list is the layers' sorted lists merged by score, the lower layer first on ties;
-    # only its absent keys are queued. Each layer's head skips the keys held in the cache
-    # (resident or loading: they take no room), its score is in buf[1] (-1 once the layer is
-    # used up or, with several partitions, out of room: every real score is > 0), its decay
-    # in buf[3] (computed once per call, as ``priority`` computes it).
-    for i in range(j, chi + 1):
-        ibuf[i] = 0
-        buf[3, i] = 1.0 - (i - j) / (num_l + 1)
-        _head(idx, i, lenw, ibuf, eams, ordr, buf, S)
-        if not single and S[B_SKIP, i] <= 0:
-            buf[1, i] = -1.0
-    n = 0
-    while True:
-        bi = j  # highest score; the lower layer first on ties
-        for i in range(j + 1, chi + 1):
-            if buf[1, i] > buf[1, bi]:
-                bi = i
-        if buf[1, bi] < 0.0:
-            break
-        k = bi * num_e + ordr[idx, bi * num_e + ibuf[bi]]  # absent: the head skips held keys
-        ibuf[bi] += 1
-        _head(idx, bi, lenw, ibuf, eams, ordr, buf, S)
-        p = S[K_PART, k]
-        if S[B_SKIP, p] > 0:
-            S[B_PKEYS, n] = k
-            n += 1
-            S[B_SKIP, p] -= 1
-            if single:
-                if S[B_SKIP, 0] == 0:
-                    break
-            elif S[B_SKIP, p] == 0 and j <= p <= chi:
-                buf[1, p] = -1.0  # layer p is out of the running (B_SKIP is read by layer)
-    return n
+    # only its absent keys are queued.
+    if S[IV, I_NUMP] == 1 and mc.shape[1] > MC_HEADS + num_l:
+        room = S[B_SKIP, 0]
+        n = _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S)
+        if n >= 0:
+            return n
+        S[B_SKIP, 0] = room
+    return _merge_list(idx, j, chi, lenw, ibuf, eams, ordr, buf, S)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.sim.compiled.cache import _install, _lru_demand, _reserve, _reset
-from moesim.sim.compiled.eamc import demand_issued, request_start, routed, sort_all
+from moesim.sim.compiled.eamc import MC_HEADS, demand_issued, request_start, routed, sort_all
 from moesim.sim.compiled.evict import _on_access
 from moesim.sim.compiled.heaps import _hpush, _hremove, _to_tail, next_occurrences
 from moesim.sim.compiled.layout import (
@@ -262,6 +262,11 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
         F[F_DN, k] = 1.0 / num_k + 1e-6
     if mi_pf:
         sort_all(eams, ordr, cfg[4], num_l, num_e)
+    # MoE-Infinity with one cache partition: per layer, the matched slot's whole list (held
+    # keys included) up to cap + E keys, [slot, length, layer heads, keys...]
+    # (eamc._cached_list); no room for keys: merged at every call
+    mcw = num_l + min(caps[0] + num_e, num_k) if mi_pf and num_p == 1 else 0
+    mc = np.full((num_l, MC_HEADS + mcw), -1, np.int64)
     ebuf = np.zeros(max(width, num_l) + 1, np.int64)
     buf = np.zeros((10, max(num_e, num_l, width, eams.shape[0]) + 1))  # eamc's scratch
     S[IV, I_ENGINES] = engines
@@ -300,7 +305,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
         if mi_pf:
             for t in range(join_off[s], join_off[s + 1]):
                 request_start(s, join_rid[t], req_off, req_ids, eams, unit, access, ordr, lrid,
-                              leam, lsq, lrsum, ldots, buf, S)
+                              leam, lsq, lrsum, ldots, buf, mc, S)
         step_start = now
         for j in range(num_l):
             base = (s * num_l + j) * width
@@ -352,7 +357,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     if mi_pf:
                         n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids,
                                           eams, access, ordr, lrid, leam, lsq, lrsum, ldots,
-                                          ebuf, buf, S, F)
+                                          ebuf, buf, mc, S, F)
                     else:
                         n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
@@ -485,7 +490,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
             if hook_issued and point == PT_ISSUED:
                 if mi_pf:
                     n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams,
-                                      access, ordr, lrid, leam, lsq, lrsum, ldots, ebuf, buf, S, F)
+                                      access, ordr, lrid, leam, lsq, lrsum, ldots, ebuf, buf, mc,
+                                      S, F)
                 else:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)

@@ -13,6 +13,7 @@ from moesim.sim.compiled.layout import (
     B_RKEY,
     B_RKIND,
     B_RSEQ,
+    EV_MI_MIN,
     F_FIN,
     F_FREE,
     F_RFIN,
@@ -27,8 +28,8 @@ from moesim.sim.compiled.layout import (
     I_L_PREFETCH,
     I_LSEQ,
     I_NQ,
+    I_NUMP,
     I_PF_HOST,
-    I_QCAP,
     I_QHEAD,
     I_QTAIL,
     I_RSIZE,
@@ -147,22 +148,35 @@ def _submit_demand(k, duration, evicted, direct, S, F):
 
 
 @fn
-def _queue_push(k, S):
-    if S[IV, I_QTAIL] == S[IV, I_QCAP]:  # compact: drop withdrawn entries, keep the order
-        n = 0
-        for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
-            if S[K_QSEQ, S[B_QKEY, i]] == S[B_QSEQ, i]:
-                S[B_QKEY, n] = S[B_QKEY, i]
-                S[B_QSEQ, n] = S[B_QSEQ, i]
-                n += 1
-        S[IV, I_QHEAD] = 0
-        S[IV, I_QTAIL] = n
-    S[IV, I_LSEQ] += 1
-    S[K_QSEQ, k] = S[IV, I_LSEQ]
-    S[B_QKEY, S[IV, I_QTAIL]] = k
-    S[B_QSEQ, S[IV, I_QTAIL]] = S[IV, I_LSEQ]
-    S[IV, I_QTAIL] += 1
-    S[IV, I_NQ] += 1
+def _queue_compact(S):
+    """Drop the ring's withdrawn entries, keep the live ones' order, from position 0."""
+    n = 0
+    for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
+        if S[K_QSEQ, S[B_QKEY, i]] == S[B_QSEQ, i]:
+            S[B_QKEY, n] = S[B_QKEY, i]
+            S[B_QSEQ, n] = S[B_QSEQ, i]
+            n += 1
+    S[IV, I_QHEAD] = 0
+    S[IV, I_QTAIL] = n
+
+
+@fn
+def _drop_queued(S):
+    """Every live queued prefetch dropped at once, as ``_advance`` drops them one by one
+    after a first drop with MoE-Infinity's evictors and one cache partition: the next starts
+    are at the same time (a drop takes no engine and no completion comes first: the next one
+    was already later), a failed reservation changes nothing, and whether it fails depends on
+    the partition only (``_mi_victim``), which is the same for every key."""
+    n = 0
+    for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
+        k = S[B_QKEY, i]
+        if S[K_QSEQ, k] == S[B_QSEQ, i]:
+            S[K_QSEQ, k] = 0
+            n += 1
+    S[IV, I_L_DROPPED] += n
+    S[IV, I_NQ] = 0
+    S[IV, I_QHEAD] = 0
+    S[IV, I_QTAIL] = 0
 
 
 @typed(f"void(f8, f8, i8, i8, {SFN})")
@@ -197,6 +211,8 @@ def _advance(until, duration, ev, position, S, F, nocc):
             evictions = S[IV, I_EVICTIONS]
             if not _reserve(ev, key, True, position, S, F, nocc):
                 S[IV, I_L_DROPPED] += 1
+                if ev >= EV_MI_MIN and S[IV, I_NUMP] == 1:
+                    _drop_queued(S)
                 continue
             d = duration
             if S[IV, I_SWAPMODE] and (S[IV, I_SWAPMODE] >= 3

@@ -9,13 +9,19 @@ from moesim.sim.compiled.heaps import _to_tail
 from moesim.sim.compiled.layout import (
     ABSENT,
     B_PKEYS,
+    B_QKEY,
+    B_QSEQ,
     B_TODO,
     EV_LRU,
     EV_STATIC,
     I_COUNTING,
     I_ISSUED,
+    I_LSEQ,
+    I_NQ,
     I_PF_DROPPED,
     I_PF_STARTED,
+    I_QCAP,
+    I_QTAIL,
     I_TSTAMP,
     IV,
     K_HOT,
@@ -33,7 +39,7 @@ from moesim.sim.compiled.layout import (
     fn,
     typed,
 )
-from moesim.sim.compiled.link import _queue_push
+from moesim.sim.compiled.link import _queue_compact
 
 
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
@@ -42,24 +48,39 @@ def _prefetch(n, timed, touch, ev, position, S, F, nocc):
     """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once."""
     m = 0
     S[IV, I_TSTAMP] += 1
+    counting = S[IV, I_COUNTING]
+    if timed:  # onto the link's FIFO ring, its scalars kept in locals for the call
+        if S[IV, I_QTAIL] + n > S[IV, I_QCAP]:  # room for every key (a live key is queued
+            _queue_compact(S)  # once, so at most num_k live): the same live entries, in order
+        tail = S[IV, I_QTAIL]
+        seq = S[IV, I_LSEQ]
+        for i in range(n):
+            k = S[B_PKEYS, i]
+            if S[K_STATE, k] != ABSENT:
+                if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
+                    _to_tail(S[K_PART, k], k, S)
+            elif S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
+                seq += 1
+                S[K_QSEQ, k] = seq
+                S[B_QKEY, tail] = k
+                S[B_QSEQ, tail] = seq
+                tail += 1
+                m += 1
+        S[IV, I_QTAIL] = tail
+        S[IV, I_LSEQ] = seq
+        S[IV, I_NQ] += m
+        if counting:
+            S[IV, I_ISSUED] += m
+        return
     for i in range(n):
         k = S[B_PKEYS, i]
         if S[K_STATE, k] != ABSENT:
             if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
                 _to_tail(S[K_PART, k], k, S)
-        elif timed:
-            if S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
-                _queue_push(k, S)
-                m += 1
         elif S[K_TODO, k] != S[IV, I_TSTAMP]:  # listed once per call
             S[K_TODO, k] = S[IV, I_TSTAMP]
             S[B_TODO, m] = k
             m += 1
-    counting = S[IV, I_COUNTING]
-    if timed:
-        if counting:
-            S[IV, I_ISSUED] += m
-        return
     done = 0
     for q in range(m):
         k = S[B_TODO, q]
