@@ -367,12 +367,22 @@ def _match(s, li, j, lsq, lrsum, ldots, access, mask, buf, S):
             _suffixes(li, lo, n, ldots, buf, S)
             lrsum[li, num_l] = s
         suf = ldots[li, num_l + j]
+        # one pass: the best suffix, and the slots within PRUNE_TOL of the best so far (a
+        # superset of those within it of the best, in order; kept as floats in buf[2])
+        near = buf[2]
         top = suf[0]
+        near[0] = 0.0
+        cnt = 1
         for c in range(1, n):
-            if suf[c] > top:
-                top = suf[c]
+            v = suf[c]
+            if v > top:
+                top = v
+            if v >= top - PRUNE_TOL:
+                near[cnt] = c
+                cnt += 1
         floor = top - PRUNE_TOL
-        for c in range(n):
+        for q in range(cnt):
+            c = int(near[q])
             if suf[c] >= floor:
                 d = 1.0 - (masked + _exact(li, c, lo, m, ldots, buf)) / num_l
                 if d < best_d:
