@@ -188,6 +188,16 @@ def _drop_cpu(n, cpu_on, num_e, S):
 
 
 @jit
+def _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc):
+    """Prefetch the ``n`` keys a prediction point issued (``S[B_PKEYS]``), those of CPU layers
+    dropped first (``Simulation.prefetch``): one place for every point, GPU or CPU layer."""
+    if any_cpu:
+        n = _drop_cpu(n, cpu_on, num_e, S)
+    if n:
+        _prefetch(n, timed, touch, ev, position, S, F, nocc)
+
+
+@jit
 def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n, part, caps,
            num_e, timed, pin_layer, engines, duration, cost, ev, hot, touch, pf, point,
            hooks, ahead, top, wrap, warm, table, resets, inst_off, inst_keys, nocc, cursor, mi,
@@ -317,10 +327,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if point == PT_PRE:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
-                    if any_cpu:
-                        n = _drop_cpu(n, cpu_on, num_e, S)
-                    if n:
-                        _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                    _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             if any_cpu and cpu_on[j]:  # engine.Simulation._cpu_layer: the layer on the host
@@ -344,9 +351,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     if point == PT_ROUTED:
                         n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
-                        n = _drop_cpu(n, cpu_on, num_e, S)
-                        if n:
-                            _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                        _queue(n, True, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                     if timed:
                         _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F,
                                  nocc)
@@ -361,9 +366,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     else:
                         n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
-                    n = _drop_cpu(n, cpu_on, num_e, S)
-                    if n:
-                        _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                    _queue(n, True, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     if S[IV, I_NQ] > 0:
                         _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F,
@@ -420,10 +423,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if point == PT_ROUTED:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
-                    if any_cpu:
-                        n = _drop_cpu(n, cpu_on, num_e, S)
-                    if n:
-                        _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                    _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                 if timed:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
             any_wait = False
@@ -495,10 +495,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 else:
                     n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
-                if any_cpu:
-                    n = _drop_cpu(n, cpu_on, num_e, S)
-                if n:
-                    _prefetch(n, timed, touch, ev, position, S, F, nocc)
+                _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
             if timed:
                 if S[IV, I_NQ] > 0:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
