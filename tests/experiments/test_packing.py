@@ -125,10 +125,15 @@ def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
     from hydra.core.singleton import Singleton
     from hydra.core.utils import JobStatus
     from hydra.types import HydraContext
+    from omegaconf.basecontainer import BaseContainer
 
     from moesim.experiments import packing
     from moesim.predictors.data import _digest_of
 
+    # The task installs the shipped Hydra state (Singleton.set_state: a HydraConfig that is
+    # set): this process's own comes back after the test, as it would in a real task's exit.
+    monkeypatch.setattr(Singleton, "_instances", Singleton._instances)
+    monkeypatch.setattr(BaseContainer, "_resolvers", BaseContainer._resolvers)
     trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=2, tokens=4, seed=3)
     sweep = tmp_path / "sweep"
     master, configs = _composed(sweep, trace, ["lru", "fifo", "belady"])
