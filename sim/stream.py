@@ -435,7 +435,6 @@ def simulate_stream(
     ``meta``: the trace's metadata to use (e.g. with the model card's expert bytes), default
     the file's; ``max_requests``: only the first that many requests."""
     from moesim.sim import compiled
-    from moesim.sim.compiled import kernel
     from moesim.sim.compiled import layout as K
 
     if chunk_requests < 1:
@@ -523,8 +522,9 @@ def simulate_stream(
         # Belady's positions number each chunk's keys with the whole run's width
         width = (max(1, int(outline.widths.max())) if batched and belady
                  and outline is not None else 0)
+        # every check passed: now the kernels (compiled under the lock where not cached)
         return _replay(sim, chunks(width), after_file if belady else None, most, batch,
-                       kernel)
+                       compiled.ensure_compiled())
 
 
 _MI_LIVE_BOUND = 64  # up to this batch, MoE-Infinity's live buffers are sized by the batch
@@ -646,8 +646,6 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
     most requests live at once (MoE-Infinity's buffers)."""
     from moesim.sim import compiled
     from moesim.sim.compiled import layout as K
-    from moesim.sim.compiled.stamp import compile_notice
-
     ev_code = compiled.EVICTION[sim.spec.eviction]
     mi_pf = type(sim.prefetcher) is MoEInfinity
     if ev_code == K.EV_VISITS_MIN:  # as compiled.run
@@ -678,7 +676,6 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
     tok_parts: list[np.ndarray] = []
     time_parts: list[np.ndarray] = []
     requests = _RequestRows(per_chunk=batch == 1)
-    compile_notice(kernel.replay)
     step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
     for c, (w, running) in enumerate(chunks):
         keys = w.keys

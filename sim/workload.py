@@ -340,7 +340,8 @@ class WorkloadFuture:
         return row[row >= 0].tolist()
 
     def _links(self) -> array:
-        from moesim.sim.compiled.kernel import next_occurrences
+        # (heaps, not kernel: importing the kernel module compiles its typed helpers)
+        from moesim.sim.compiled.heaps import next_occurrences
 
         nxt, first = next_occurrences(self._w.keys.reshape(-1), self._w.shape.num_keys)
         links = array("q")

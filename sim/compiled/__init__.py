@@ -9,6 +9,7 @@ the SimPy engine fills, so ``sim.metrics.build_result`` builds the result unchan
 
 from __future__ import annotations
 
+import sys
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +37,7 @@ from moesim.policies.prediction_prefetch import PredictionPrefetch
 from moesim.policies.speculative_prefetch import SpeculativePrefetch
 from moesim.policies.static import Static
 from moesim.sim.cache import ExpertCache, SimulationError
-from moesim.sim.compiled.stamp import compile_lock, compile_notice, kernels_cached, refresh_cache
+from moesim.sim.compiled.stamp import compile_lock, compile_notice, lock_held_here, refresh_cache
 from moesim.sim.link import host_time
 
 # Before any kernel module is imported: kernels with a signature load their cached code at
@@ -307,16 +308,29 @@ def link_args(sim: Simulation) -> tuple[float, int]:
     return duration, engines
 
 
-def run(sim: Simulation) -> None:
-    """Fill ``sim``'s counters, clock and link statistics as :meth:`Simulation.run` would.
-    With the kernels not yet in numba's cache, under the compile lock: a process compiling
-    them beside this one (a sweep's other worker, a background compile) finishes first, and
-    this run then loads what it compiled."""
-    if kernels_cached():
-        _run(sim)
-        return
+def ensure_compiled() -> ModuleType:
+    """The kernel module, its replay kernel compiled or loaded. The first call in a process
+    takes the compile lock (uncontended: microseconds): a process compiling the kernels beside
+    this one (a sweep's other worker, a background compile) finishes first, and this one then
+    loads its cache. Where nothing is cached yet, the compile runs here, under the lock, on
+    tiny runs (:func:`moesim.sim.compiled.warm.compile_kernels`), so that the lock is held for
+    the compile only, never for a simulation."""
+    loaded = sys.modules.get("moesim.sim.compiled.kernel")
+    if (loaded is not None and getattr(loaded.replay, "signatures", True)) or lock_held_here():
+        return _kernel()  # loaded already, or this process's own compile (its tiny runs)
     with compile_lock():
-        _run(sim)
+        kernel = _kernel()
+        if compile_notice(kernel.replay):  # one stderr line: ~40 s, once
+            from moesim.sim.compiled import warm
+
+            warm.compile_kernels()
+    return kernel
+
+
+def run(sim: Simulation) -> None:
+    """Fill ``sim``'s counters, clock and link statistics as :meth:`Simulation.run` would."""
+    ensure_compiled()
+    _run(sim)
 
 
 def reset_orders(sim: Simulation, w: Any, first: bool = True) -> tuple[np.ndarray, ...]:
@@ -377,7 +391,6 @@ def _run(sim: Simulation) -> None:
             hot[k] = True
     resets, inst_off, inst_keys = reset_orders(sim, w)
     kernel = _kernel()
-    compile_notice(kernel.replay)  # one stderr line when this call compiles (~40 s)
     if ev_code == K.EV_BELADY:
         nocc, cursor = kernel.next_occurrences(keys.reshape(-1), num_k)
     else:

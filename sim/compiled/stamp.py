@@ -11,12 +11,14 @@ Compiling takes ~40 CPU-s and happens at the kernel's first call in a process wh
 cold (a fresh install or clone, or any edit under ``sim/compiled/``). numba does it silently, so
 :func:`compile_notice` says so on stderr first; a warm run prints nothing. Processes that would
 compile at the same time (a sweep's workers, a background compile, see
-:mod:`moesim.sim.compiled.warm`) take :func:`compile_lock` first: one compiles, the others wait
-and then load its cache instead of compiling the same code again beside it.
+:mod:`moesim.sim.compiled.warm`) take :func:`compile_lock` first: one compiles, on tiny runs
+(``compiled.ensure_compiled``), the others wait for that compile only and then load its cache
+instead of compiling the same code again beside it.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import sys
 from collections.abc import Iterator
@@ -104,45 +106,83 @@ def compile_notice(dispatcher: Any, stream: TextIO | None = None) -> bool:
 
 
 def kernels_cached(cache: Path | None = None) -> bool:
-    """True when numba's cache holds the replay kernel (its index file): a run then loads the
-    kernels in about a second instead of compiling them. Judged from the files alone, without
-    importing (and so compiling) anything; :func:`refresh_cache` has already dropped a stale
-    cache when this package was imported."""
+    """True when numba's cache holds the replay kernel for this Python (its index file): a run
+    then loads the kernels in about a second instead of compiling them. Judged from the files
+    alone, without importing (and so compiling) anything; :func:`refresh_cache` has already
+    dropped a stale cache when this package was imported. (A cache filled on another CPU
+    model passes this test and still compiles: numba decides that at load time.)"""
     cache = cache or cache_folder()
-    return cache is not None and any(cache.glob("kernel.replay-*.nbi"))
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return cache is not None and any(cache.glob(f"kernel.replay-*.{tag}.nbi"))
+
+
+# The lock files this process holds: a flock belongs to one open file, so taking it again in
+# the same process (the tiny runs of a compile call the engine, which takes it) would wait for
+# itself; a nested take sees it here and goes on. Process-wide by nature, as the lock is.
+_HELD: set[Path] = set()
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
+def lock_held_here(cache: Path | None = None) -> bool:
+    """True while this process holds the compile lock (a compile of its own is running)."""
+    cache = cache or cache_folder()
+    return cache is not None and cache / _LOCK in _HELD
 
 
 @contextmanager
 def compile_lock(cache: Path | None = None, blocking: bool = True,
-                 stream: TextIO | None = None) -> Iterator[bool]:
+                 stream: TextIO | None = None) -> Iterator[str]:
     """Hold the kernels' compile lock (an exclusive ``flock`` on a file in the cache folder)
-    for the block; yields whether it is held. Blocking, it says once on ``stream`` (default
-    stderr) that it waits when another process holds it. Where no lock can be taken (no
-    ``fcntl``, an unwritable cache folder) the block runs unlocked and gets False, as numba
-    would run it anyway."""
+    for the block. Yields ``"held"``; ``"busy"`` when not ``blocking`` and another process
+    holds it; ``"none"`` where no lock can be taken (no ``fcntl``, an unwritable cache folder,
+    a file system without ``flock`` such as Lustre mounted without it), where the block runs
+    unlocked, as numba would run it anyway. Blocking, it says once on ``stream`` (default
+    stderr) that it waits for another process. Taken again inside the block by the same
+    process, it yields ``"held"`` at once."""
     try:
         import fcntl
     except ImportError:  # not a POSIX system: numba compiles without the lock
-        yield False
+        yield "none"
         return
     cache = cache or cache_folder()
+    path = None if cache is None else cache / _LOCK
+    if path is not None and path in _HELD:
+        yield "held"
+        return
     try:
-        assert cache is not None
+        assert cache is not None and path is not None
         cache.mkdir(parents=True, exist_ok=True)
-        handle = open(cache / _LOCK, "a")  # noqa: SIM115 (held across the yield)
+        handle = open(path, "a")  # noqa: SIM115 (held across the yield)
     except (AssertionError, OSError):
-        yield False
+        yield "none"
         return
     with handle:
+        state = _take(fcntl, handle, blocking, stream)
+        if state != "held":
+            yield state
+            return
+        _HELD.add(path)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            if not blocking:
-                yield False
-                return
-            print(WAITING, file=stream if stream is not None else sys.stderr, flush=True)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield True
+            yield "held"
         finally:
+            _HELD.discard(path)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _take(fcntl: Any, handle: Any, blocking: bool, stream: TextIO | None) -> str:
+    """Take the flock: ``"held"``, ``"busy"`` (another process has it, not blocking) or
+    ``"none"`` (this file system cannot lock)."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return "held"
+    except OSError as exc:
+        if exc.errno not in _BUSY:
+            return "none"
+    if not blocking:
+        return "busy"
+    print(WAITING, file=stream if stream is not None else sys.stderr, flush=True)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    except OSError:
+        return "none"
+    return "held"

@@ -87,13 +87,12 @@ def compile_kernels() -> None:
 
 def main() -> int:
     """Compile the kernels unless they are cached or another process is compiling them."""
-    with compile_lock(blocking=False) as held:
-        if not held or kernels_cached():
+    with compile_lock(blocking=False) as state:
+        if state == "busy" or kernels_cached():
             return 0
-    # Released: the compiled engine takes the lock itself around its first run (a flock is per
-    # open file, so holding it here would block that run). A process that takes it in between
-    # compiles the same code, and this one then loads it.
-    compile_kernels()
+        # held (the tiny runs' own take of the lock sees it held here), or no lock can be
+        # taken on this system: compile all the same
+        compile_kernels()
     return 0
 
 

@@ -29,10 +29,12 @@ def _trace(tokens: int, layers: int = 2, k: int = 2) -> Trace:
 
 
 def test_kernels_cached_reads_the_replay_index(tmp_path: Path) -> None:
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
     assert not stamp.kernels_cached(tmp_path)
-    (tmp_path / "kernel._other-3.py311.nbi").write_bytes(b"")
+    (tmp_path / f"kernel._other-3.{tag}.nbi").write_bytes(b"")
+    (tmp_path / "kernel.replay-120.py29.nbi").write_bytes(b"")  # another Python's
     assert not stamp.kernels_cached(tmp_path)
-    (tmp_path / "kernel.replay-120.py311.nbi").write_bytes(b"")
+    (tmp_path / f"kernel.replay-120.{tag}.nbi").write_bytes(b"")
     assert stamp.kernels_cached(tmp_path)
 
 
@@ -40,37 +42,61 @@ def _try_lock(folder: Path, blocking: bool) -> subprocess.CompletedProcess[str]:
     code = textwrap.dedent(f"""
         from pathlib import Path
         from moesim.sim.compiled.stamp import compile_lock
-        with compile_lock(Path({str(folder)!r}), blocking={blocking}) as held:
-            print(held)
+        with compile_lock(Path({str(folder)!r}), blocking={blocking}) as state:
+            print(state)
     """)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=True)
 
 
 def test_compile_lock_excludes_another_process(tmp_path: Path) -> None:
-    with stamp.compile_lock(tmp_path) as held:
-        assert held
-        assert _try_lock(tmp_path, blocking=False).stdout.strip() == "False"
+    with stamp.compile_lock(tmp_path) as state:
+        assert state == "held" and stamp.lock_held_here(tmp_path)
+        assert _try_lock(tmp_path, blocking=False).stdout.strip() == "busy"
+        with stamp.compile_lock(tmp_path) as again:  # this process's own compile: no wait
+            assert again == "held"
+        assert stamp.lock_held_here(tmp_path)
+    assert not stamp.lock_held_here(tmp_path)
     after = _try_lock(tmp_path, blocking=False)
-    assert after.stdout.strip() == "True" and stamp.WAITING not in after.stderr
+    assert after.stdout.strip() == "held" and stamp.WAITING not in after.stderr
 
 
 def test_compile_lock_waits_and_says_so(tmp_path: Path) -> None:
+    """The waiter says it waits, and gets the lock once the holder lets go (the holder keeps
+    it until the waiter has said so: no race with a slow start)."""
     code = textwrap.dedent(f"""
-        import time
         from pathlib import Path
         from moesim.sim.compiled.stamp import compile_lock
-        with compile_lock(Path({str(tmp_path)!r})) as held:
-            print("held", flush=True)
-            time.sleep(2)
+        with compile_lock(Path({str(tmp_path)!r}), blocking=True) as state:
+            print(state, flush=True)
     """)
-    with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
-                          text=True) as holder:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        waited = _try_lock(tmp_path, blocking=True)
-        holder.wait(timeout=60)
-    assert waited.stdout.strip() == "True"
-    assert waited.stderr.strip() == stamp.WAITING
+    lock = stamp.compile_lock(tmp_path)
+    assert lock.__enter__() == "held"
+    waiter = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert waiter.stderr is not None
+        assert waiter.stderr.readline().strip() == stamp.WAITING
+    finally:
+        lock.__exit__(None, None, None)
+        out, _ = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0 and out.strip() == "held"
+
+
+def test_compile_lock_without_flock_runs_unlocked(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system that cannot lock (Lustre without flock, NFS without locking) is not a
+    lock held by someone else: the block runs unlocked, never waits, never raises."""
+    import errno
+    import fcntl
+
+    def no_flock(handle: object, op: int) -> None:
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    for blocking in (True, False):
+        with stamp.compile_lock(tmp_path, blocking=blocking) as state:
+            assert state == "none"
 
 
 @pytest.mark.parametrize(("engine", "accesses", "single", "cached", "env", "want"), [
@@ -117,10 +143,22 @@ def test_background_compile_steps_aside(monkeypatch: pytest.MonkeyPatch, tmp_pat
     calls: list[int] = []
     monkeypatch.setattr(stamp, "cache_folder", lambda func=None: tmp_path)
     monkeypatch.setattr(warm, "compile_kernels", lambda: calls.append(1))
-    with stamp.compile_lock(tmp_path) as held:  # another process compiling
-        assert held
+    held = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from moesim.sim.compiled.stamp import compile_lock
+        with compile_lock(Path({str(tmp_path)!r})) as state:
+            print(state, flush=True)
+            sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    with held:  # another process compiling
+        assert held.stdout is not None and held.stdin is not None
+        assert held.stdout.readline().strip() == "held"
         assert warm.main() == 0 and calls == []
-    (tmp_path / "kernel.replay-1.py311.nbi").write_bytes(b"")  # compiled meanwhile
+        held.stdin.write("\n")
+        held.stdin.flush()
+    tag = f"py{sys.version_info.major}{sys.version_info.minor}"
+    (tmp_path / f"kernel.replay-1.{tag}.nbi").write_bytes(b"")  # compiled meanwhile
     assert warm.main() == 0 and calls == []
-    (tmp_path / "kernel.replay-1.py311.nbi").unlink()
+    (tmp_path / f"kernel.replay-1.{tag}.nbi").unlink()
     assert warm.main() == 0 and calls == [1]
