@@ -66,7 +66,13 @@ from moesim.sim.metrics import (
     phase_times,
     tpot_percentiles,
 )
-from moesim.sim.workload import Replay, Workload, WorkloadError, build_workload
+from moesim.sim.workload import (
+    Replay,
+    Workload,
+    WorkloadError,
+    build_workload,
+    check_replay_options,
+)
 from moesim.traces.store import iter_request_chunks, read_meta
 from moesim.traces.trace import RequestRouting, Trace, TraceMeta
 
@@ -446,13 +452,7 @@ def simulate_stream(
     if spec.needs(Knowledge.ORACLE) and spec.eviction is not Belady:
         raise _refuse(f"eviction {spec.eviction.name!r} reads the whole run's routing up front "
                       "(oracle); of the oracle policies a streamed run replays belady")
-    # build_workload's checks, with its words
-    if batch < 1:
-        raise WorkloadError(f"batch must be >= 1, got {batch}")
-    if warmup_tokens < 0:
-        raise WorkloadError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
-    if replay not in ("decode", "prefill"):
-        raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
+    check_replay_options(batch, warmup_tokens, replay)  # build_workload's checks
     batched = not (batch == 1 and replay == "decode")
     if warmup_extra_row and batched:
         raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "

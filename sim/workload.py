@@ -80,6 +80,17 @@ def _units(phase: np.ndarray, replay: Replay, chunk: int) -> list[tuple[int, int
     return units
 
 
+def check_replay_options(batch: int, warmup_tokens: int, replay: str) -> None:
+    """The replay options a workload is built from, refused with one error each (the
+    in-memory and the streamed replay say the same)."""
+    if batch < 1:
+        raise WorkloadError(f"batch must be >= 1, got {batch}")
+    if warmup_tokens < 0:
+        raise WorkloadError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
+    if replay not in ("decode", "prefill"):
+        raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
+
+
 def build_workload(
     trace: Trace,
     *,
@@ -106,12 +117,7 @@ def build_workload(
     ``gate_weights`` (the name of what needs them, for the error) fills ``gate_mass`` and
     ``gate_max`` from the trace's router weights; a trace without them is refused.
     """
-    if batch < 1:
-        raise WorkloadError(f"batch must be >= 1, got {batch}")
-    if warmup_tokens < 0:
-        raise WorkloadError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
-    if replay not in ("decode", "prefill"):
-        raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
+    check_replay_options(batch, warmup_tokens, replay)
     meta = trace.meta
     shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     if not trace.requests:

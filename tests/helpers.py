@@ -89,3 +89,24 @@ def noisy_predictions(trace: Trace, rng: np.random.Generator, wrong: float, widt
                 pred[i, j] = ids[:width]
         out[r.request_id] = pred
     return out
+
+
+def sweep_tables(sweep: Path, status: bool = False) -> dict[str, object]:
+    """Every run's tables of a sweep folder (their ``run.*`` timing columns dropped) and saved
+    config and overrides, with ``status`` each run's status too: what two launchers of the
+    same sweep must agree on."""
+    import json
+
+    import pandas as pd
+
+    out: dict[str, object] = {}
+    for run in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for path in sorted(run.glob("*.parquet")):
+            df = pd.read_parquet(path)
+            out[f"{run.name}/{path.name}"] = df.drop(
+                columns=[c for c in df if c.startswith("run.")])
+        for name in ("config.yaml", "overrides.yaml"):
+            out[f"{run.name}/{name}"] = (run / ".hydra" / name).read_text()
+        if status:
+            out[f"{run.name}/status"] = json.loads((run / "status.json").read_text())["status"]
+    return out

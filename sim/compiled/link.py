@@ -167,16 +167,23 @@ def _drop_queued(S):
     are at the same time (a drop takes no engine and no completion comes first: the next one
     was already later), a failed reservation changes nothing, and whether it fails depends on
     the partition only (``_mi_victim``), which is the same for every key."""
+    S[IV, I_L_DROPPED] += _clear_queue(S)
+
+
+@fn
+def _clear_queue(S):
+    """Empty the queue of prefetches; returns how many live ones it held (a key's queue
+    entry is live while its sequence number matches)."""
     n = 0
     for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
         k = S[B_QKEY, i]
         if S[K_QSEQ, k] == S[B_QSEQ, i]:
             S[K_QSEQ, k] = 0
             n += 1
-    S[IV, I_L_DROPPED] += n
     S[IV, I_NQ] = 0
     S[IV, I_QHEAD] = 0
     S[IV, I_QTAIL] = 0
+    return n
 
 
 @typed(f"void(f8, f8, i8, i8, {SFN})")
@@ -237,13 +244,4 @@ def _advance(until, duration, ev, position, S, F, nocc):
 def _cancel_all(S):
     """``HostLink.cancel()``: every queued prefetch is dropped (counted whether or not the step
     counts, as the link does)."""
-    n = 0
-    for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
-        k = S[B_QKEY, i]
-        if S[K_QSEQ, k] == S[B_QSEQ, i]:
-            S[K_QSEQ, k] = 0
-            n += 1
-    S[IV, I_CANCELLED] += n
-    S[IV, I_NQ] = 0
-    S[IV, I_QHEAD] = 0
-    S[IV, I_QTAIL] = 0
+    S[IV, I_CANCELLED] += _clear_queue(S)

@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from moesim.experiments import sim_app
 from moesim.experiments.configs import register_configs
 from moesim.experiments.packing import ComposingLoader, PackedJoblibLauncher, auto_runs_per_task
-from tests.helpers import write_deepseek_shaped
+from tests.helpers import sweep_tables, write_deepseek_shaped
 
 
 def test_auto_runs_per_task_leaves_about_four_tasks_per_worker() -> None:
@@ -94,19 +94,6 @@ def test_inputs_hashed_once_per_sweep(tmp_path: Path, monkeypatch: pytest.Monkey
     assert sim_app.input_digest(a) == "h5"  # outside: hashed again
 
 
-def _tables(sweep: Path) -> dict[str, pd.DataFrame]:
-    """Every run's tables (its ``run.*`` timing columns dropped) and saved config."""
-    out = {}
-    for run in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(run.glob("*.parquet")):
-            df = pd.read_parquet(path)
-            out[f"{run.name}/{path.name}"] = df.drop(
-                columns=[c for c in df if c.startswith("run.")])
-        for name in ("config.yaml", "overrides.yaml"):
-            out[f"{run.name}/{name}"] = (run / ".hydra" / name).read_text()
-    return out
-
-
 @pytest.mark.slow
 def test_packed_sweeps_equal_joblib_and_resume(tmp_path: Path) -> None:
     trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=2, tokens=4, seed=4)
@@ -122,7 +109,7 @@ def test_packed_sweeps_equal_joblib_and_resume(tmp_path: Path) -> None:
                               check=False)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert f"sweep {sweep}: 4 done, 0 skipped, 0 failed" in proc.stdout
-        runs[launcher] = (_tables(sweep), cmd)
+        runs[launcher] = (sweep_tables(sweep), cmd)
     plain = runs["joblib"][0]
     assert sum(k.endswith("/summary.parquet") for k in plain) == 4  # one folder per run
     assert sum(k.endswith("/per_layer.parquet") for k in plain) == 4

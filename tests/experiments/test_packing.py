@@ -16,7 +16,7 @@ from moesim.experiments import sim_app
 from moesim.experiments.api import simulate
 from moesim.experiments.configs import register_configs
 from moesim.traces.cache import ProcessMemo
-from tests.helpers import write_deepseek_shaped
+from tests.helpers import sweep_tables, write_deepseek_shaped
 
 
 def test_process_memo_keeps_the_most_recent_and_not_failures() -> None:
@@ -208,24 +208,6 @@ def test_input_files_and_stamps_name_what_a_hash_reads(tmp_path: Path) -> None:
     assert input_files(cfg) == []
 
 
-def _run_tables(sweep: Path) -> dict[str, object]:
-    """Every run's tables (``run.*`` timing columns dropped), saved config and status."""
-    import json
-
-    import pandas as pd
-
-    out: dict[str, object] = {}
-    for run in sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for path in sorted(run.glob("*.parquet")):
-            df = pd.read_parquet(path)
-            out[f"{run.name}/{path.name}"] = df.drop(
-                columns=[c for c in df if c.startswith("run.")])
-        for name in ("config.yaml", "overrides.yaml"):
-            out[f"{run.name}/{name}"] = (run / ".hydra" / name).read_text()
-        out[f"{run.name}/status"] = json.loads((run / "status.json").read_text())["status"]
-    return out
-
-
 @pytest.mark.slow
 def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) -> None:
     """The same sweep through ``submitit_local`` (every run composed in its own task) and
@@ -247,7 +229,7 @@ def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) 
                               check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]  # a sweep with failed runs
         assert f"sweep {sweep}: 2 done, 0 skipped, 2 failed" in proc.stdout, proc.stdout
-        found[launcher] = (_run_tables(sweep), cmd)
+        found[launcher] = (sweep_tables(sweep, status=True), cmd)
     plain, packed = found["submitit_local"][0], found["packed_local"][0]
     assert sorted(plain) == sorted(packed)
     assert sum(k.endswith("/summary.parquet") for k in plain) == 2
