@@ -81,7 +81,44 @@ PACK_FILE = "moesim_pack@"  # a submitted pack's first override: its file (see _
 PACKS_DIR = ".packs"  # under the sweep folder: one folder of pack files per launch
 
 
-class _Packed:
+class _ComposesOnce:
+    """Mixed into a packed launcher: the sweep's config loader becomes a
+    :class:`ComposingLoader`, so the configs the sweeper composes are the ones that run."""
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        # the sweeper shares this context: its check of every run's config composes through it
+        if not isinstance(hydra_context.config_loader, ComposingLoader):
+            hydra_context.config_loader = ComposingLoader(hydra_context.config_loader)
+        super().setup(hydra_context=hydra_context, task_function=task_function,  # type: ignore[misc]
+                      config=config)
+
+
+def composed_runs(context: Any, job_overrides: Sequence[Sequence[str]],
+                  initial_job_idx: int) -> list[tuple[int, list[str], bytes | None]]:
+    """(number, overrides, the pickled config the sweep's process composed for it, or None)
+    of each run to launch; a config composed but not launched is forgotten."""
+    loader = context.config_loader
+    composed = loader if isinstance(loader, ComposingLoader) else None
+    runs = [(initial_job_idx + i, list(overrides),
+             composed.take(overrides) if composed else None)
+            for i, overrides in enumerate(job_overrides)]
+    if composed:
+        composed.kept.clear()
+    return runs
+
+
+def plain_context(context: Any) -> Any:
+    """The sweep's Hydra context with its own config loader, never a
+    :class:`ComposingLoader` and the configs it keeps: what travels to workers and tasks."""
+    from hydra.types import HydraContext
+
+    loader = context.config_loader
+    if not isinstance(loader, ComposingLoader):
+        return context
+    return HydraContext(config_loader=loader.loader, callbacks=context.callbacks)
+
+
+class _Packed(_ComposesOnce):
     """Mixed into a submitit launcher: ``runs_per_task`` runs per submitted task, each run's
     config composed once (in the sweep's process) and each input hashed once per sweep."""
 
@@ -92,23 +129,12 @@ class _Packed:
                 f"hydra.launcher.runs_per_task must be >= 1, not {runs_per_task}")
         super().__init__(**params)
 
-    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
-        # the sweeper shares this context: its check of every run's config composes through it
-        if not isinstance(hydra_context.config_loader, ComposingLoader):
-            hydra_context.config_loader = ComposingLoader(hydra_context.config_loader)
-        super().setup(hydra_context=hydra_context, task_function=task_function,  # type: ignore[misc]
-                      config=config)
-
     def __getstate__(self) -> dict[str, Any]:
         """submitit pickles the launcher into every task: with the plain config loader, never
         the configs the sweep keeps (each run's config travels in its pack's file only)."""
-        from hydra.types import HydraContext
-
         state = dict(self.__dict__)
-        context = state.get("hydra_context")
-        if context is not None and isinstance(context.config_loader, ComposingLoader):
-            state["hydra_context"] = HydraContext(config_loader=context.config_loader.loader,
-                                                  callbacks=context.callbacks)
+        if state.get("hydra_context") is not None:
+            state["hydra_context"] = plain_context(state["hydra_context"])
         return state
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
@@ -116,13 +142,8 @@ class _Packed:
         import uuid
 
         assert self.config is not None and self.hydra_context is not None  # type: ignore[attr-defined]
-        loader = self.hydra_context.config_loader  # type: ignore[attr-defined]
-        composed = loader if isinstance(loader, ComposingLoader) else None
-        runs = [(initial_job_idx + i, list(overrides),
-                 composed.take(overrides) if composed else None)
-                for i, overrides in enumerate(job_overrides)]
-        if composed:
-            composed.kept.clear()  # (a config the sweeper composed but did not launch)
+        runs = composed_runs(self.hydra_context, job_overrides,  # type: ignore[attr-defined]
+                             initial_job_idx)
         if not runs:
             return []
         hashes = hash_inputs_once([c for _, _, c in runs])
@@ -390,7 +411,7 @@ def auto_runs_per_task(runs: int, n_jobs: int) -> int:
     return max(1, math.ceil(runs / (4 * workers)))
 
 
-class PackedJoblibLauncher(JoblibLauncher):
+class PackedJoblibLauncher(_ComposesOnce, JoblibLauncher):
     """Hydra's joblib launcher, ``runs_per_task`` runs per joblib task, each run's config
     composed once (in the sweep's process, :class:`ComposingLoader`) and Hydra's state
     unpickled once per worker."""
@@ -402,18 +423,11 @@ class PackedJoblibLauncher(JoblibLauncher):
                 f"hydra.launcher.runs_per_task must be >= 0 (0: automatic), not {runs_per_task}")
         super().__init__(**params)
 
-    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
-        # the sweeper shares this context: its check of every run's config composes through it
-        if not isinstance(hydra_context.config_loader, ComposingLoader):
-            hydra_context.config_loader = ComposingLoader(hydra_context.config_loader)
-        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[Any]:
         import hashlib
 
         from hydra.core.singleton import Singleton
         from hydra.core.utils import configure_log, setup_globals
-        from hydra.types import HydraContext
         from hydra_plugins.hydra_joblib_launcher._core import process_joblib_cfg
         from joblib import Parallel, delayed
         from joblib.externals.loky.backend.reduction import dumps
@@ -428,20 +442,13 @@ class PackedJoblibLauncher(JoblibLauncher):
         joblib_cfg = self.joblib
         joblib_cfg["backend"] = "loky"  # as the joblib launcher (threads cannot run Hydra)
         process_joblib_cfg(joblib_cfg)
-        loader = self.hydra_context.config_loader
-        composed = loader if isinstance(loader, ComposingLoader) else None
-        plain = HydraContext(config_loader=composed.loader if composed else loader,
-                             callbacks=self.hydra_context.callbacks)
+        plain = plain_context(self.hydra_context)
         # with loky's pickler, which joblib sends tasks with (the task function is the
         # undecorated app function: only cloudpickle can send it, by value)
         shared = bytes(dumps((plain, self.config, self.task_function,
                                    Singleton.get_state())))
         token = hashlib.blake2b(shared, digest_size=16).hexdigest()
-        runs = [(initial_job_idx + i, list(overrides),
-                 composed.take(overrides) if composed else None)
-                for i, overrides in enumerate(job_overrides)]
-        if composed:
-            composed.kept.clear()  # (a config the sweeper composed but did not launch)
+        runs = composed_runs(self.hydra_context, job_overrides, initial_job_idx)
         results: list[list[Any]] = list(Parallel(**joblib_cfg)(
             delayed(execute_pack)(token, shared, runs[start:start + k])
             for start in range(0, len(runs), k)) or [])
@@ -514,7 +521,6 @@ class PackedForkLauncher(PackedJoblibLauncher):
         import sys
 
         from hydra.core.utils import configure_log, setup_globals
-        from hydra.types import HydraContext
 
         if not sys.platform.startswith("linux"):  # macOS: fork beside system threads is unsafe
             print(f"note: hydra/launcher=packed_fork forks on Linux only; on {sys.platform} "
@@ -526,20 +532,13 @@ class PackedForkLauncher(PackedJoblibLauncher):
         assert self.config is not None and self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        loader = self.hydra_context.config_loader
-        composed = loader if isinstance(loader, ComposingLoader) else None
-        runs = [(initial_job_idx + i, list(overrides),
-                 composed.take(overrides) if composed else None)
-                for i, overrides in enumerate(job_overrides)]
-        if composed:
-            composed.kept.clear()
+        runs = composed_runs(self.hydra_context, job_overrides, initial_job_idx)
         if not runs:
             return []
         packs = [runs[start:start + k] for start in range(0, len(runs), k)]
         hashes: dict[tuple[str, ...], str] = {}
         warm_up(runs[0][2], hashes)
-        sweep = {"context": HydraContext(config_loader=composed.loader if composed else loader,
-                                         callbacks=self.hydra_context.callbacks),
+        sweep = {"context": plain_context(self.hydra_context),
                  "config": self.config, "task_function": self.task_function,
                  "packs": packs, "hashes": hashes}
         workers = n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
