@@ -348,27 +348,29 @@ class Simulation:
         # both engines (sim.cpu_layers)
         self.cpu_times: CpuLayerTimes | None = None
         if cls.whole_layers and cpu_layers:
+            cpu_dense = self.placement.cpu_dense_layers()
             # the dense layers before a host / offloaded MoE layer that the split leaves on
             # the GPU (it falls between them and the MoE layer): charged with that layer
-            dense_gpu = [int(n) - int(c) for n, c in zip(
-                self.dense_before, self.placement.cpu_dense_layers(), strict=True)]
-        if cls.whole_layers == "cpu" and cpu_layers:
-            self.cpu_times = cpu_layer_times(
-                self.workload, cpu_layers, self.placement.cpu_dense_layers(),
-                self.host.cpu if self.timed else None,
-                self.link_model.transfer_time if self.timed else None,
-                self.compute if self.timed else None, self.host.activation_bytes, dense_gpu)
-        elif cls.whole_layers == "copied" and cpu_layers:
-            if self.timed and self.host.attention_bytes <= 0:
-                raise SimulationError(
-                    f"placement {name!r} copies each offloaded layer's attention weights, but "
-                    "the host side gives no attention_bytes (HostSide; sim.hardware.host_side "
-                    "fills it from the model card)")
-            self.cpu_times = offload_layer_times(
-                self.workload, cpu_layers, self.placement.cpu_dense_layers(),
-                self.link_model if self.timed else None, self.compute if self.timed else None,
-                self.shape.expert_bytes, self.host.attention_bytes, self.host.shared_bytes,
-                self.host.dense_bytes, dense_gpu)
+            dense_gpu = [int(n) - int(c) for n, c in zip(self.dense_before, cpu_dense,
+                                                         strict=True)]
+            if cls.whole_layers == "cpu":
+                self.cpu_times = cpu_layer_times(
+                    self.workload, cpu_layers, cpu_dense, self.host.cpu if self.timed else None,
+                    self.link_model.transfer_time if self.timed else None,
+                    self.compute if self.timed else None, self.host.activation_bytes,
+                    dense_gpu)
+            elif cls.whole_layers == "copied":
+                if self.timed and self.host.attention_bytes <= 0:
+                    raise SimulationError(
+                        f"placement {name!r} copies each offloaded layer's attention weights, "
+                        "but the host side gives no attention_bytes (HostSide; "
+                        "sim.hardware.host_side fills it from the model card)")
+                self.cpu_times = offload_layer_times(
+                    self.workload, cpu_layers, cpu_dense,
+                    self.link_model if self.timed else None,
+                    self.compute if self.timed else None, self.shape.expert_bytes,
+                    self.host.attention_bytes, self.host.shared_bytes, self.host.dense_bytes,
+                    dense_gpu)
         self.pctx = _PlaceContext(self)
         parallel = int(self.host.cpu.parallel) if self.host.cpu is not None else 1
         if parallel < 1:

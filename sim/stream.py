@@ -69,7 +69,6 @@ from moesim.sim.metrics import (
 from moesim.sim.workload import (
     Replay,
     Workload,
-    WorkloadError,
     build_workload,
     check_replay_options,
 )
@@ -142,11 +141,10 @@ def _refuse(why: str) -> SimulationError:
     return SimulationError(f"run.stream: {why}")
 
 
-def _facade(meta: TraceMeta, widths: np.ndarray, first_step_requests: int) -> Workload:
+def _facade(shape: ModelShape, widths: np.ndarray, first_step_requests: int) -> Workload:
     """A workload of no steps for :class:`Simulation`'s construction: the run's shape and the
     widest step per layer (cache sizing) of the whole trace, and how many requests its first
     step runs (the check of ``cache.reset_per_request``), nothing per step."""
-    shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     z = np.zeros(0, np.int32)
     return Workload(
         shape=shape, keys=np.zeros((0, shape.num_layers, shape.top_k), np.int32), counts=None,
@@ -452,11 +450,8 @@ def simulate_stream(
     if spec.needs(Knowledge.ORACLE) and spec.eviction is not Belady:
         raise _refuse(f"eviction {spec.eviction.name!r} reads the whole run's routing up front "
                       "(oracle); of the oracle policies a streamed run replays belady")
-    check_replay_options(batch, warmup_tokens, replay)  # build_workload's checks
+    check_replay_options(batch, warmup_tokens, replay, warmup_extra_row)  # as build_workload
     batched = not (batch == 1 and replay == "decode")
-    if warmup_extra_row and batched:
-        raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "
-                            "replay=decode")
     meta = meta or read_meta(path)
     shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     chunk_kw: dict[str, Any] = {"max_requests": max_requests}
@@ -478,7 +473,7 @@ def simulate_stream(
 
     def build(outline: _Outline) -> Simulation:
         return Simulation(
-            _facade(meta, outline.widths, outline.first_step_requests), spec,
+            _facade(shape, outline.widths, outline.first_step_requests), spec,
             CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request, 0),
             RunOptions(mode, seed, False, 0, False, "compiled"),
             link_model=link, compute=compute, labels={"layer_ids": list(meta.moe_layers)},

@@ -80,7 +80,8 @@ def _units(phase: np.ndarray, replay: Replay, chunk: int) -> list[tuple[int, int
     return units
 
 
-def check_replay_options(batch: int, warmup_tokens: int, replay: str) -> None:
+def check_replay_options(batch: int, warmup_tokens: int, replay: str,
+                         warmup_extra_row: bool = False) -> None:
     """The replay options a workload is built from, refused with one error each (the
     in-memory and the streamed replay say the same)."""
     if batch < 1:
@@ -89,6 +90,9 @@ def check_replay_options(batch: int, warmup_tokens: int, replay: str) -> None:
         raise WorkloadError(f"warmup_tokens must be >= 0, got {warmup_tokens}")
     if replay not in ("decode", "prefill"):
         raise WorkloadError(f"replay must be 'decode' or 'prefill', got {replay!r}")
+    if warmup_extra_row and not (batch == 1 and replay == "decode"):
+        raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "
+                            "replay=decode")
 
 
 def build_workload(
@@ -117,7 +121,7 @@ def build_workload(
     ``gate_weights`` (the name of what needs them, for the error) fills ``gate_mass`` and
     ``gate_max`` from the trace's router weights; a trace without them is refused.
     """
-    check_replay_options(batch, warmup_tokens, replay)
+    check_replay_options(batch, warmup_tokens, replay, warmup_extra_row)
     meta = trace.meta
     shape = ModelShape(meta.num_moe_layers, meta.num_experts, meta.top_k, meta.expert_bytes)
     if not trace.requests:
@@ -127,9 +131,6 @@ def build_workload(
         weights = [normalised_gate_weights(r, gate_weights) for r in trace.requests]
     if batch == 1 and replay == "decode":
         return _single_token_steps(trace, shape, warmup_tokens, warmup_extra_row, weights)
-    if warmup_extra_row:
-        raise WorkloadError("warmup_extra_row (MoE-Beyond's warm-up quirk) needs batch=1 and "
-                            "replay=decode")
     return _batched_steps(trace, shape, replay, batch, prefill_chunk, warmup_tokens, weights)
 
 

@@ -145,15 +145,17 @@ def compile_lock(cache: Path | None = None, blocking: bool = True,
         yield "none"
         return
     cache = cache or cache_folder()
-    path = None if cache is None else cache / _LOCK
-    if path is not None and path in _HELD:
+    if cache is None:  # numba's cache locator moved: no folder to lock in
+        yield "none"
+        return
+    path = cache / _LOCK
+    if path in _HELD:
         yield "held"
         return
     try:
-        assert cache is not None and path is not None
         cache.mkdir(parents=True, exist_ok=True)
         handle = open(path, "a")  # noqa: SIM115 (held across the yield)
-    except (AssertionError, OSError):
+    except OSError:
         yield "none"
         return
     with handle:
