@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,8 +149,15 @@ class _Packed(_ComposesOnce):
             return []
         hashes = hash_inputs_once([c for _, _, c in runs])
         k = self.runs_per_task
-        folder = (Path(str(self.config.hydra.sweep.dir)).resolve()  # type: ignore[attr-defined]
-                  / PACKS_DIR / uuid.uuid4().hex[:12])
+        packs_dir = (Path(str(self.config.hydra.sweep.dir)).resolve()  # type: ignore[attr-defined]
+                     / PACKS_DIR)
+        left = tidy_packs(packs_dir)
+        if left:
+            print(f"note: {left.files} pack file(s) of earlier launches ({left.mb:.1f} MB) are "
+                  f"left in {packs_dir}: their tasks were killed, or are still queued (a task "
+                  "removes its file when its runs return); remove them once none is queued",
+                  file=sys.stderr, flush=True)
+        folder = packs_dir / uuid.uuid4().hex[:12]
         packs = []
         for start in range(0, len(runs), k):
             group = runs[start:start + k]
@@ -175,10 +183,55 @@ class _Packed(_ComposesOnce):
 
         Singleton.set_state(singleton_state)
         setup_globals()
-        runs, shipped = read_pack(Path(sweep_overrides[0][len(PACK_FILE):]))
-        return run_pack(self.hydra_context, self.config,  # type: ignore[attr-defined]
-                        self.task_function, runs, current_hashes(shipped),  # type: ignore[attr-defined]
-                        job_id=submitit.JobEnvironment().job_id)
+        path = Path(sweep_overrides[0][len(PACK_FILE):])
+        try:
+            runs, shipped = read_pack(path)
+        except FileNotFoundError:
+            raise RuntimeError(f"pack file {path} is gone: its runs were run by an earlier "
+                               "task, or the file was removed; rerun the sweep (finished runs "
+                               "are skipped by config hash)") from None
+        returns = run_pack(self.hydra_context, self.config,  # type: ignore[attr-defined]
+                           self.task_function, runs, current_hashes(shipped),  # type: ignore[attr-defined]
+                           job_id=submitit.JobEnvironment().job_id)
+        # Every run of the pack has returned (a failed run too: run_job records it), so no
+        # requeue reads the file again; a preempted task never gets here, and its requeued
+        # copy still finds it. A launcher killed before its tasks returned thus leaves only
+        # the files of tasks that never finished (see tidy_packs).
+        path.unlink(missing_ok=True)
+        return returns
+
+
+@dataclass(frozen=True)
+class PacksLeft:
+    """Pack files of earlier launches still under a sweep's ``.packs`` folder."""
+
+    files: int = 0
+    mb: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.files > 0
+
+
+def tidy_packs(packs_dir: Path) -> PacksLeft:
+    """Remove the empty pack folders of earlier launches (their tasks all returned, but the
+    launcher that would have removed the folder was killed) and count the files left: those
+    of tasks killed before their runs returned, or still queued, which only the user can
+    tell apart (a SLURM queue is not this process's to read), so they are reported, not
+    removed."""
+    if not packs_dir.is_dir():
+        return PacksLeft()
+    files, size = 0, 0
+    for folder in sorted(packs_dir.iterdir()):
+        if not folder.is_dir():
+            continue
+        pkls = list(folder.glob("*.pkl"))
+        if not pkls:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            continue
+        files += len(pkls)
+        size += sum(f.stat().st_size for f in pkls)
+    return PacksLeft(files, size / 1e6)
 
 
 # An input hashed in the sweep's process, shipped to its tasks: (hash, the files it was read

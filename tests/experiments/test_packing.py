@@ -156,15 +156,20 @@ def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
     assert isinstance(task.hydra_context.config_loader, _NeverComposes)
     monkeypatch.setattr(submitit, "JobEnvironment", lambda: SimpleNamespace(job_id="77_0"))
     runs = [(i, [f"policy={p}"], configs[i]) for i, p in enumerate(["lru", "fifo", "belady"])]
-    path = packing.write_pack(sweep / ".packs" / "x" / "0.pkl", runs, shipped)
+    path = sweep / ".packs" / "x" / "0.pkl"
 
     def run_task() -> list:
         _RAN.clear()
         hashed.clear()
+        packing.write_pack(path, runs, shipped)
         return task([f"{packing.PACK_FILE}{path}"], "hydra.sweep.dir", 0, "job_id_for_0",
                     Singleton.get_state())
 
     returns = run_task()
+    assert not path.exists()  # its runs returned (a failed one too): the task removed it
+    with pytest.raises(RuntimeError, match=r"pack file .*0\.pkl is gone"):
+        task([f"{packing.PACK_FILE}{path}"], "hydra.sweep.dir", 0, "job_id_for_0",
+             Singleton.get_state())
     assert [r.status for r in returns] == [JobStatus.COMPLETED, JobStatus.FAILED,
                                            JobStatus.COMPLETED]
     assert [r.return_value for r in returns if r.status == JobStatus.COMPLETED] == \
@@ -182,6 +187,24 @@ def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
     run_task()
     assert hashed == ["lru"]  # its hash is stale: hashed again, once for the pack
     assert {h for _, h in _RAN} == {real(pickle.loads(configs[0]))} != {digest}
+
+
+def test_tidy_packs_removes_empty_folders_and_counts_the_files_left(tmp_path: Path) -> None:
+    """A launcher killed before its tasks returned: the folders whose tasks all removed their
+    files go, the files of tasks that never finished (or are still queued) are counted."""
+    from moesim.experiments import packing
+
+    packs = tmp_path / ".packs"
+    assert not packing.tidy_packs(packs)  # no folder: nothing left
+    (packs / "done").mkdir(parents=True)
+    packing.write_pack(packs / "killed" / "0.pkl", [(0, ["policy=lru"], None)], {})
+    packing.write_pack(packs / "killed" / "3.pkl", [(3, ["policy=fifo"], None)], {})
+    (packs / "stray.txt").write_text("not a launch's folder")
+    left = packing.tidy_packs(packs)
+    assert not (packs / "done").exists() and (packs / "killed").is_dir()
+    assert left.files == 2 and left
+    size = sum(f.stat().st_size for f in (packs / "killed").glob("*.pkl"))
+    assert left.mb == pytest.approx(size / 1e6)
 
 
 def test_input_files_and_stamps_name_what_a_hash_reads(tmp_path: Path) -> None:
@@ -241,7 +264,14 @@ def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) 
     sweep = tmp_path / "packed_local"
     assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # 4 runs, 2 tasks
     assert not (sweep / ".packs").exists()  # pack files removed once every task returned
+    from moesim.experiments import packing
+
+    # a launcher killed earlier: one folder its tasks emptied, one task that never finished
+    (sweep / ".packs" / "emptied").mkdir(parents=True)
+    packing.write_pack(sweep / ".packs" / "killed" / "1.pkl", [(1, ["policy=lru"], None)], {})
     again = subprocess.run(found["packed_local"][1], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300, check=False)
     assert again.returncode == 2, again.stderr[-3000:]
+    assert "note: 1 pack file(s) of earlier launches" in again.stderr, again.stderr[-3000:]
+    assert sorted(p.name for p in (sweep / ".packs").iterdir()) == ["killed"]
     assert f"sweep {sweep}: 0 done, 2 skipped, 2 failed" in again.stdout
