@@ -61,6 +61,12 @@ SYNCS = ("none", "expert")
 # once it starts on the link: it gates every later kernel and pauses while kernels run) or
 # ``own`` (a stream of its own: it gates no kernel and runs on wall time, ``sim.link``).
 PREFETCH_STREAMS = ("compute", "own")
+# How a step's routed-expert kernels take its tokens (``compute.expert_calls``): ``batched``
+# (one kernel per expert over all the tokens routed to it) or ``per_token`` (one single-token
+# kernel per token and expert, as llama.cpp's CUDA backend ran MoE prompts from its first
+# Mixtral support, PR #4406 of 2023-12-13, until PR #4538 of 2023-12-20: a multi-token step
+# then costs each expert what that many one-token steps would).
+EXPERT_CALLS = ("batched", "per_token")
 # The free parameters a fit may set (dotted paths into the YAML) and their dimension.
 FITTABLE: dict[str, str] = {
     "overhead.step_s": "s",
@@ -81,7 +87,10 @@ FITTABLE: dict[str, str] = {
 # published entries may not say which of a system's rules held in the measured runs (its code
 # may differ from the measured build), so the fit compares the declared alternatives on the
 # calibration set alone (``moesim.experiments.published.fit.STRUCTURES``).
-STRUCTURAL: dict[str, tuple[str, ...]] = {"copy.swap": ("false", "true", "always")}
+# A published entry may also name the choice its system's version makes (``runtime_options``:
+# a fact read from that version's code, never fitted).
+STRUCTURAL: dict[str, tuple[str, ...]] = {"copy.swap": ("false", "true", "always"),
+                                          "compute.expert_calls": EXPERT_CALLS}
 _ATTR = {"overhead.step_s": "step_s", "overhead.layer_s": "layer_s",
          "overhead.expert_s": "expert_s", "dequant.Bps": "dequant_Bps",
          "copy.per_copy_s": "per_copy_s", "copy.host_s": "host_s",
@@ -122,6 +131,7 @@ class RuntimeProfile:
     efficiency: Quantity = field(default_factory=lambda: missing("copy.efficiency"))
     staging_buffers: int = 0
     whole_layer: bool = False  # every miss moves the whole MoE block (all experts of the layer)
+    expert_calls: str = "batched"  # ``compute.expert_calls`` (see EXPERT_CALLS)
     step_s: Quantity = field(default_factory=lambda: _zero("overhead.step_s"))
     layer_s: Quantity = field(default_factory=lambda: _zero("overhead.layer_s"))
     expert_s: Quantity = field(default_factory=lambda: _zero("overhead.expert_s"))
@@ -141,7 +151,7 @@ class RuntimeProfile:
         tensors = int(self.tensors_per_expert.value) if self.tensors_per_expert.known else 1
         eff = float(self.efficiency.value) if self.efficiency.known else 1.0
         return (self.host_memory is None and not self.swap and self.stream == "own"
-                and not self.whole_layer
+                and not self.whole_layer and self.expert_calls == "batched"
                 and tensors == 1 and eff == 1.0 and self.staging_buffers == 0
                 and not self.dequant_Bps.known
                 and all(self.value(k) == 0.0 for k in ("overhead.step_s", "overhead.layer_s",
@@ -191,6 +201,8 @@ class RuntimeProfile:
                      + (", host syncs per expert" if self.sync == "expert" else "")
                      + (", prefetches on their own stream" if self.prefetch_stream == "own"
                         else ""))
+        if self.expert_calls == "per_token":
+            parts.append("one expert kernel per token")
         return f"{self.name}: " + ", ".join(parts)
 
 
@@ -201,7 +213,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
     if not isinstance(data, Mapping):
         raise ctx.error("a runtime profile must be a mapping", data)
     reject_unknown(ctx, data, {"name", "system", "description", "copy", "overhead", "dequant",
-                               "prefetch", "fit", "notes", "cpu_kernels"})
+                               "prefetch", "fit", "notes", "cpu_kernels", "compute"})
     name = as_str(ctx.sub("name"), data.get("name"), required=True)
     kraw = as_mapping(ctx.sub("cpu_kernels"), data.get("cpu_kernels"))
     kernels = parse_cpu_kernels(ctx.sub("cpu_kernels"), kraw, name) if kraw else None
@@ -263,6 +275,12 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         raise cctx.sub("prefetch_stream").error(
             "own separates prefetches from the compute stream's issue order: it needs "
             "copy.order: fifo", pstream)
+    comp = as_mapping(ctx.sub("compute"), data.get("compute")) or {}
+    reject_unknown(ctx.sub("compute"), comp, {"expert_calls"})
+    calls = comp.get("expert_calls", "batched")
+    if calls not in EXPERT_CALLS:
+        raise ctx.sub("compute").sub("expert_calls").error(
+            f"must be one of {list(EXPERT_CALLS)}", calls)
     over = as_mapping(ctx.sub("overhead"), data.get("overhead")) or {}
     octx = ctx.sub("overhead")
     reject_unknown(octx, over, {"step_s", "layer_s", "expert_s"})
@@ -295,6 +313,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
         efficiency=quantity(cctx.sub("efficiency"), copy.get("efficiency"), "ratio"),
         staging_buffers=int(staging),
         whole_layer=whole,
+        expert_calls=calls,
         recall=quantity(ctx.sub("prefetch").sub("recall"), pre.get("recall"), "ratio"),
         step_s=q(octx, over, "step_s", "s", False),
         layer_s=q(octx, over, "layer_s", "s", False),
@@ -360,6 +379,8 @@ def structure_value(rt: RuntimeProfile, key: str) -> str:
     """A structural choice of ``rt`` as its YAML spells it (see :data:`STRUCTURAL`)."""
     if key == "copy.swap":
         return "always" if rt.swap_always else ("true" if rt.swap else "false")
+    if key == "compute.expert_calls":
+        return rt.expert_calls
     raise KeyError(key)
 
 
@@ -377,6 +398,8 @@ def with_structure(rt: RuntimeProfile, choice: Mapping[str, str]) -> RuntimeProf
         if key == "copy.swap":
             changes["swap"] = v != "false"
             changes["swap_always"] = v == "always"
+        elif key == "compute.expert_calls":
+            changes["expert_calls"] = v
     return replace(rt, **changes)
 
 
@@ -476,7 +499,9 @@ class RuntimeCompute:
     ``step_s`` (embedding, LM head, sampling, the Python loop) is spread evenly over the step's
     layers (the engine times layers, not steps; the step's total is exact). Each routed or
     shared expert call adds ``expert_s`` and, with a dequantising runtime, reading its packed
-    weights once more at ``dequant_Bps``."""
+    weights once more at ``dequant_Bps``. With ``per_token`` (``compute.expert_calls``) a
+    routed expert with ``n`` tokens is ``n`` single-token calls: ``n`` times one token's time,
+    host part included (each call reads the expert's weights again)."""
 
     base: Any  # ComputeTimes
     layers: int
@@ -485,6 +510,7 @@ class RuntimeCompute:
     expert_s: float = 0.0
     expert_dequant_s: float = 0.0
     shared_dequant_s: float = 0.0
+    per_token: bool = False
 
     def _fixed(self) -> float:
         return self.layer_s + self.step_s / max(1, self.layers)
@@ -500,7 +526,9 @@ class RuntimeCompute:
         return self._fixed() if batch > 0 else 0.0
 
     def expert_host(self, tokens: int) -> float:
-        return self.expert_s if tokens > 0 else 0.0
+        if tokens <= 0:
+            return 0.0
+        return self.expert_s * tokens if self.per_token else self.expert_s
 
     def shared_host(self, tokens: int) -> float:
         return self.expert_s if self.base.shared_time(tokens) > 0 else 0.0
@@ -515,6 +543,8 @@ class RuntimeCompute:
     def expert_time(self, tokens: int) -> float:
         if tokens <= 0:
             return 0.0
+        if self.per_token:
+            return tokens * (self.base.expert_time(1) + self.expert_s + self.expert_dequant_s)
         return self.base.expert_time(tokens) + self.expert_s + self.expert_dequant_s
 
     def shared_time(self, tokens: int) -> float:
@@ -561,7 +591,7 @@ def apply_runtime(rt: RuntimeProfile | None, link: Any, compute: Any, card: Any,
             deq_s = card.shared_bytes_per_layer / bps
         compute = RuntimeCompute(compute, max(1, int(card.num_layers)), rt.value("overhead.step_s"),
                                  rt.value("overhead.layer_s"), rt.value("overhead.expert_s"),
-                                 deq_e, deq_s)
+                                 deq_e, deq_s, rt.expert_calls == "per_token")
     return link, compute
 
 

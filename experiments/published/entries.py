@@ -34,7 +34,7 @@ PLACEMENTS = ("fetch", "cpu_on_miss", "fetch_or_cpu", "static_cpu", "low_precisi
 ENTRY_KEYS = frozenset({
     "id", "quote", "metric", "value", "baseline", "model", "weights", "gpu", "hw", "host", "link",
     "runtime", "system", "version", "batch", "input_tokens", "output_tokens", "phase", "cache",
-    "policy", "prefetch", "placement", "notes",
+    "policy", "prefetch", "placement", "notes", "runtime_options",
 })
 WEIGHT_KEYS = frozenset({"experts_bits", "attention_bits", "shared_bits", "format"})
 _ID = re.compile(r"^[a-z0-9_]+$")
@@ -89,6 +89,9 @@ class Entry:
     prefetch: str = "none"
     placement: str = "fetch"
     notes: str = ""
+    # structural choices of the runtime that the measured version makes, read from its code
+    # (``hw_profiles.runtime.STRUCTURAL`` keys, e.g. ``compute.expert_calls: per_token``)
+    runtime_options: Mapping[str, str] = field(default_factory=dict)
     assumptions: tuple[Assumption, ...] = ()
 
     @property
@@ -199,6 +202,28 @@ def _assumptions(where: str, raw: Any, ids: set[str]) -> tuple[Assumption, ...]:
     return tuple(out)
 
 
+def _runtime_options(where: str, raw: Any) -> dict[str, str]:
+    """An entry's ``runtime_options``: structural keys and one of each key's choices."""
+    from moesim.hw_profiles.runtime import STRUCTURAL
+
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise _err(where, "runtime_options", "expected a mapping of structural choices", raw)
+    out: dict[str, str] = {}
+    for key, value in raw.items():
+        allowed = STRUCTURAL.get(str(key))
+        if allowed is None:
+            raise _err(where, f"runtime_options.{key}",
+                       f"unknown; structural choices: {sorted(STRUCTURAL)}")
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if text not in allowed:
+            raise _err(where, f"runtime_options.{key}", f"must be one of {list(allowed)}",
+                       value)
+        out[str(key)] = text
+    return out
+
+
 def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
     """Every entry of one source file, defaults merged, validated."""
     where = path.name
@@ -288,6 +313,7 @@ def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
             prefetch=prefetch,
             placement=placement,
             notes=_str(w, "notes", merged.get("notes"), required=False),
+            runtime_options=_runtime_options(w, merged.get("runtime_options")),
             assumptions=tuple(a for a in assumptions if a.entries is None or eid in a.entries),
         ))
     return out

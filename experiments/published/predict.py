@@ -55,6 +55,7 @@ from moesim.hw_profiles.runtime import (
     apply_runtime,
     apply_runtime_cpu,
     load_runtime,
+    with_structure,
 )
 from moesim.sim import capacity_slots, dense_layers_before, simulate
 from moesim.sim.hardware import host_side
@@ -384,6 +385,8 @@ def run_prepared(p: Prepared, runtime: RuntimeProfile,
     # the experts they never routed to as demand copies later (5 of them in MoE-Gen's batch-32
     # DeepSeek-V2-Lite cell), though such a system loads every expert before it serves.
     prompt_only = p.replay == "prefill"
+    if p.entry.runtime_options:  # the measured version's own rules (read from its code)
+        runtime = with_structure(runtime, p.entry.runtime_options)
     link, compute = apply_runtime(runtime, bus(p.profile.expert_link()),
                                   p.profile.compute_model(p.card), p.card,
                                   lambda: bus(p.profile.host_link_model("pageable")))

@@ -83,6 +83,11 @@ def _bad(**change) -> dict:
     ({"entries__0__colour": "red"}, "unknown key(s) ['colour']"),
     ({"entries__0__value": -2}, "field 'value': must be > 0"),
     ({"entries__0__placement": "gpu_magic"}, "field 'placement': must be one of"),
+    ({"entries__0__runtime_options": {"copy.speed": "fast"}},
+     "field 'runtime_options.copy.speed': unknown"),
+    ({"entries__0__runtime_options": {"compute.expert_calls": "per_row"}},
+     "field 'runtime_options.compute.expert_calls': must be one of"),
+    ({"entries__0__runtime_options": ["per_token"]}, "field 'runtime_options': expected"),
 ])
 def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
                                                        words: str) -> None:
@@ -285,6 +290,12 @@ def test_prefill_entries_replay_recorded_prompts_only() -> None:
     assert s["hit_rate"] == 1.0  # cache: all -- every expert resident from the start
     assert predict_s_per_token(p, load_runtime("none")) == pytest.approx(
         s["prefill_time_s"] / s["prefill_tokens"])
+    # the entry's llama.cpp build ran a prompt's experts one token at a time (runtime_options):
+    # its prompt costs more than the same prompt with one kernel per expert
+    assert e.runtime_options == {"compute.expert_calls": "per_token"}
+    batched = prepare(replace(e, runtime_options={}))
+    assert predict_s_per_token(p, load_runtime("none")) > predict_s_per_token(
+        batched, load_runtime("none"))
     with pytest.raises(NotPredictable, match="recorded prompt of 100000 tokens"):
         prepare(replace(e, input_tokens=100000))
     wide = prepare(replace(entries["mo_t2_a100_2bit_full"], batch=64))

@@ -73,6 +73,8 @@ def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
     ({"name": "x", "overhead": {"launch_s": _q(1)}}, "overhead"),
     ({"name": "x", "prefetch": {"recall": _q(1.5)}}, "prefetch.recall"),
     ({"name": "x", "fit": ["overhead.nope"]}, "fit"),
+    ({"name": "x", "compute": {"expert_calls": "per_row"}}, "compute.expert_calls"),
+    ({"name": "x", "compute": {"launches": 2}}, "compute"),
     ({"copy": {}}, "name"),
     ({"name": "x", "bogus": 1}, "<top level>"),
 ])
@@ -193,6 +195,34 @@ def test_prefetch_stream_own_reaches_the_copy_rules() -> None:
     assert hqq.prefetch_stream == "own"
 
 
+@given(tokens=st.integers(0, 64), expert_s=st.floats(0, 1e-3), deq=st.floats(0, 1e-3))
+@settings(max_examples=100, deadline=None)
+def test_per_token_expert_calls_closed_form(tokens: int, expert_s: float, deq: float) -> None:
+    """``compute.expert_calls: per_token``: an expert with n tokens costs n one-token calls
+    (kernel, host part and dequantisation each time); ``batched`` one call over all n."""
+    base = FixedCompute(expert_s=3e-4, shared_s=5e-5)
+    kw = dict(layers=4, expert_s=expert_s, expert_dequant_s=deq)
+    per, once = RuntimeCompute(base, per_token=True, **kw), RuntimeCompute(base, **kw)
+    assert per.expert_time(tokens) == pytest.approx(tokens * once.expert_time(1), abs=0.0)
+    assert per.expert_host(tokens) == pytest.approx(tokens * expert_s)
+    assert per.expert_time(1) == once.expert_time(1)  # a decode step is unchanged
+    assert per.shared_time(tokens) == once.shared_time(tokens)  # shared experts: batched
+
+
+def test_expert_calls_is_read_and_is_a_structural_choice() -> None:
+    from moesim.hw_profiles.runtime import structure_value, with_structure
+
+    rt = runtime_from_mapping({"name": "t", "compute": {"expert_calls": "per_token"}}, "t")
+    assert rt.expert_calls == "per_token" and not rt.is_none
+    assert "one expert kernel per token" in rt.describe()
+    _link, comp = apply_runtime(rt, None, FixedCompute(expert_s=1e-4), load_card("mixtral_8x7b"))
+    assert comp.expert_time(5) == pytest.approx(5e-4)
+    none = load_runtime("none")
+    assert structure_value(none, "compute.expert_calls") == "batched"
+    back = with_structure(rt, {"compute.expert_calls": "batched"})
+    assert back.expert_calls == "batched" and back.is_none
+
+
 def test_compute_host_parts() -> None:
     """The host parts (the GPU stream idle) are the runtime's overheads; the rest is kernel
     time (dequantisation included)."""
@@ -249,14 +279,24 @@ def _run(engine: str, runtime: RuntimeProfile, **kw) -> dict:
 
 @pytest.mark.parametrize("policy", ["lru", {"name": "oracle_prefetch", "point": "routed"},
                                     {"name": "speculative_prefetch", "recall": 0.5}])
-def test_both_engines_equal_under_a_runtime(policy) -> None:
+@pytest.mark.parametrize("calls", ["batched", "per_token"])
+def test_both_engines_equal_under_a_runtime(policy, calls: str) -> None:
     rt = runtime_from_mapping({
         "name": "t", "copy": {"stream": "compute", "swap": True, "tensors_per_expert": _q(3),
                               "per_copy_s": _q(10, "us"), "staging_buffers": 1},
         "overhead": {"layer_s": _q(300, "us"), "expert_s": _q(50, "us"), "step_s": _q(1, "ms")},
+        "compute": {"expert_calls": calls},
     }, "t")
-    a = _run("python", rt, policy=policy, partition="per_layer", capacity=8)
-    b = _run("compiled", rt, policy=policy, partition="per_layer", capacity=8)
+    # per_token: batched steps (several tokens per expert), a cache that fits their width
+    kw = {"batch": 3, "capacity": 24} if calls == "per_token" else {"capacity": 8}
+    a = _run("python", rt, policy=policy, partition="per_layer", **kw)
+    b = _run("compiled", rt, policy=policy, partition="per_layer", **kw)
+    if calls == "per_token":  # the mechanism is exercised: slower than one call per expert
+        from moesim.hw_profiles.runtime import with_structure
+
+        batched = with_structure(rt, {"compute.expert_calls": "batched"})
+        assert a["total_time_s"] > _run("python", batched, policy=policy,
+                                        partition="per_layer", **kw)["total_time_s"]
     assert b["sim_engine"] == "compiled"
     for key, value in a.items():
         if key == "sim_engine":
