@@ -33,9 +33,20 @@ are arrays the kernel updates in place, handed on from chunk to chunk, the step 
 sums were taken at marked stale) and ``cache.reset_per_request`` (a fresh cache drawn per
 joining request, in the run's order) are streamed too.
 
+The prefetchers that read the future routing (``oracle_prefetch``, ``speculative_prefetch``)
+look a bounded distance ahead: at layer j of step s, layer-step ``s * L + j + lookahead``,
+at most ``(L - 1 + lookahead) // L`` steps on. Each chunk is replayed with a table of its own
+steps' keys and that many steps after it (:func:`_oracle_tables`: the following chunks are
+read ahead, as many as the window spans, and held until replayed); the window stops short
+only where the run ends, and the kernel asks for nothing past the table's last row, as the
+in-memory run does past its last step. ``speculative_prefetch`` thins each chunk's keys with
+its own generator's draws in the in-memory table's order (:class:`_Thinned`).
+
 Refused with one error naming the option (never an in-memory fallback): prefetchers that read
-the future or a prediction table (oracle, speculative, prediction replay), placements other
-than ``fetch``, a runtime's copy rules, transfer records and timelines, the SimPy engine.
+a prediction table (prediction replay, MoE-Beyond: the table is keyed by request id and
+loaded whole, and its coverage is checked over the whole run before the first step),
+placements other than ``fetch``, a runtime's copy rules, transfer records and timelines, the
+SimPy engine.
 """
 
 from __future__ import annotations
@@ -54,7 +65,9 @@ import pandas as pd
 from moesim.policies.base import Knowledge, ModelShape
 from moesim.policies.belady import Belady
 from moesim.policies.moe_infinity import MoEInfinity
+from moesim.policies.oracle_prefetch import OraclePrefetch
 from moesim.policies.registry import PolicySpec, as_spec
+from moesim.policies.speculative_prefetch import SpeculativePrefetch
 from moesim.sim.cache import SimulationError
 from moesim.sim.engine import CacheOptions, Mode, RunOptions, Simulation
 from moesim.sim.hardware import ComputeTimes, TransferModel
@@ -397,16 +410,89 @@ class _StepLists:
 
 
 def _check_prefetch(spec: PolicySpec) -> None:
-    """Prefetchers that need the future or a prediction table cannot be streamed: refused."""
+    """Prediction-table prefetchers cannot be streamed: refused (the oracle ones are, with a
+    look-ahead window: :func:`_oracle_tables`)."""
     pf = spec.prefetch
-    if pf.knows is Knowledge.ORACLE:
-        raise _refuse(f"policy {spec.name!r} prefetches from the future routing "
-                      f"({pf.__qualname__}, knows: oracle); a streamed run replays "
-                      "prefetchers that know only the past (next_layer_all, moe_infinity)")
     if pf.knows is Knowledge.PREDICTIONS:
         raise _refuse(f"policy {spec.name!r} prefetches from a prediction table "
-                      f"({pf.__qualname__}, knows: predictions); a streamed run replays "
-                      "prefetchers that know only the past (next_layer_all, moe_infinity)")
+                      f"({pf.__qualname__}, knows: predictions): the table is keyed by request "
+                      "id and loaded whole, and its coverage is checked over the whole run "
+                      "before the first step; a streamed run replays the prefetchers that know "
+                      "the past or the future routing (next_layer_all, moe_infinity, "
+                      "oracle_prefetch, speculative_prefetch)")
+    if pf.knows is Knowledge.ORACLE and not issubclass(pf, OraclePrefetch):
+        raise _refuse(f"policy {spec.name!r} prefetches from the future routing "
+                      f"({pf.__qualname__}, knows: oracle) in a way a streamed run does not "
+                      "replay (only oracle_prefetch and speculative_prefetch: a look-ahead "
+                      "window of steps)")
+
+
+def _window_steps(num_l: int, ahead: int) -> int:
+    """How many steps after the one it runs in the oracle reads: at layer j of step s it asks
+    for layer-step ``s * L + j + ahead``, at most ``(L - 1 + ahead) // L`` steps on."""
+    return (num_l - 1 + ahead) // num_l
+
+
+def _oracle_tables(chunks: Iterable[tuple[Workload, np.ndarray]], window: int,
+                   thin: Any = None) -> Iterator[tuple[Workload, np.ndarray, np.ndarray]]:
+    """Each chunk with the oracle's table for it: its own steps' keys and those of the next
+    ``window`` steps (fewer only where the run ends), read ahead from as many following
+    chunks as they span and held until replayed. ``thin(keys)``: the keys the prefetcher
+    asks for (``speculative_prefetch``'s kept experts), applied once per chunk, in step
+    order (its draws follow the run's steps as the in-memory table's do)."""
+    source = iter(chunks)
+    held: deque[tuple[Workload, np.ndarray, np.ndarray]] = deque()
+    ahead = 0  # steps held after the first held chunk
+    done = False
+    while True:
+        while not done and (not held or ahead < window):
+            got = next(source, None)
+            if got is None:
+                done = True
+                break
+            w, running = got
+            if held:
+                ahead += w.num_steps
+            held.append((w, running, thin(w.keys) if thin is not None else w.keys))
+        if not held:
+            return
+        w, running, own = held.popleft()
+        rows = [own]
+        need = window
+        for _, _, nxt in held:
+            if need <= 0:
+                break
+            rows.append(nxt[:need])
+            need -= rows[-1].shape[0]
+        if held:
+            ahead -= held[0][0].num_steps
+        width = max(r.shape[2] for r in rows)
+        if len(rows) == 1:
+            table = own
+        else:
+            table = np.full((sum(r.shape[0] for r in rows), own.shape[1], width), -1, np.int32)
+            s = 0
+            for r in rows:
+                table[s:s + r.shape[0], :, :r.shape[2]] = r
+                s += r.shape[0]
+        yield w, running, table
+
+
+class _Thinned:
+    """``speculative_prefetch``'s table, chunk by chunk: each step's experts kept with
+    probability ``recall``, drawn from the prefetcher's own generator in the in-memory
+    table's order (``rng.random`` over ``[steps, layers, width]``, the run's widest step as
+    the width: the draws of a step do not depend on where the chunks are cut). ``width``
+    None: every chunk is the run's width (batch 1 decode)."""
+
+    def __init__(self, rng: np.random.Generator, recall: float, width: int | None) -> None:
+        self.rng, self.recall, self.width = rng, recall, width
+
+    def __call__(self, keys: np.ndarray) -> np.ndarray:
+        width = keys.shape[2] if self.width is None else self.width
+        assert keys.shape[2] <= width, "a chunk wider than the run's widest step"
+        drop = self.rng.random((keys.shape[0], keys.shape[1], width)) >= self.recall
+        return np.where(drop[:, :, :keys.shape[2]], np.int32(-1), keys).astype(keys.dtype)
 
 
 def simulate_stream(
@@ -447,7 +533,7 @@ def simulate_stream(
     _check_prefetch(spec)
     if spec.eviction not in compiled.EVICTION:
         raise _refuse(f"eviction {spec.eviction.__qualname__} has no compiled twin")
-    if spec.needs(Knowledge.ORACLE) and spec.eviction is not Belady:
+    if spec.eviction.knows is Knowledge.ORACLE and spec.eviction is not Belady:
         raise _refuse(f"eviction {spec.eviction.name!r} reads the whole run's routing up front "
                       "(oracle); of the oracle policies a streamed run replays belady")
     check_replay_options(batch, warmup_tokens, replay, warmup_extra_row)  # as build_workload
@@ -486,8 +572,11 @@ def simulate_stream(
     # widest step matters only to the cache-size check, which a bound on it (top-k experts
     # per token of a step) passes whenever the exact widths do; when it fails with the
     # bound, the first pass finds the exact widths and the check decides with them.
+    # And speculative_prefetch in batches: its draws per step span the run's widest step.
+    speculative = issubclass(spec.prefetch, SpeculativePrefetch)
     first_pass = (belady or getattr(spec.eviction, "layer_capacities", None) is not None
-                  or (spec.prefetch is MoEInfinity and batch > _MI_LIVE_BOUND))
+                  or (spec.prefetch is MoEInfinity and batch > _MI_LIVE_BOUND)
+                  or (speculative and batched))
     sim = outline = None
     if not first_pass:
         first_step = 1 if batch == 1 or not reset_per_request else min(batch, len(next(
@@ -517,8 +606,21 @@ def simulate_stream(
         # Belady's positions number each chunk's keys with the whole run's width
         width = (max(1, int(outline.widths.max())) if batched and belady
                  and outline is not None else 0)
+        steps: Iterator[tuple[Workload, np.ndarray, np.ndarray | None]] = (
+            (w, running, None) for w, running in chunks(width))
+        if isinstance(sim.prefetcher, OraclePrefetch):  # its table: chunk + look-ahead
+            pf = sim.prefetcher
+            thin = None
+            if isinstance(pf, SpeculativePrefetch):
+                # batch 1 decode: every chunk is as wide as the whole run (a token's k columns)
+                widest = (max(1, int(outline.widths.max())) if batched and outline is not None
+                          else None)
+                recall = float(pf.setup.params.get("recall", type(pf).params["recall"]))
+                thin = _Thinned(pf.setup.rng, recall, widest)
+            steps = _oracle_tables(chunks(width), _window_steps(shape.num_layers, pf._ahead),
+                                   thin)
         # every check passed: now the kernels (compiled under the lock where not cached)
-        return _replay(sim, chunks(width), after_file if belady else None, most, batch,
+        return _replay(sim, steps, after_file if belady else None, most, batch,
                        compiled.ensure_compiled())
 
 
@@ -635,10 +737,12 @@ def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]
     return tuple(mi)
 
 
-def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], after_file: Any,
+def _replay(sim: Simulation,
+            chunks: Iterator[tuple[Workload, np.ndarray, np.ndarray | None]], after_file: Any,
             most: int, batch: int, kernel: Any) -> RunResult:
-    """Replay the chunks, each resuming from the state the previous one left; ``most``: the
-    most requests live at once (MoE-Infinity's buffers)."""
+    """Replay the chunks, each resuming from the state the previous one left, with its
+    oracle table when it has one; ``most``: the most requests live at once (MoE-Infinity's
+    buffers)."""
     from moesim.sim import compiled
     from moesim.sim.compiled import layout as K
     ev_code = compiled.EVICTION[sim.spec.eviction]
@@ -672,7 +776,7 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
     time_parts: list[np.ndarray] = []
     requests = _RequestRows(per_chunk=batch == 1)
     step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
-    for c, (w, running) in enumerate(chunks):
+    for c, (w, running, oracle) in enumerate(chunks):
         keys = w.keys
         flat = keys.reshape(-1)
         if belady:
@@ -701,7 +805,8 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
         iv, fv, layer_counts, layer_stall, step_t, S, F = kernel.replay(
             keys, counts, w.counts is not None, w.counted, attn, shared, dense_step, dense_n,
             part, caps, num_e, sim.timed, sim.copts.pin_layer, engines, duration, cost,
-            ev_code, hot, touch, pf_code, point, hooks, ahead, top, wrap, warm, table, resets,
+            ev_code, hot, touch, pf_code, point, hooks, ahead, top, wrap, warm,
+            table if oracle is None else oracle, resets,
             inst_off, inst_keys, nocc, cursor, mi, state,
             compiled.runtime_arrays(sim, cost, w),
         )
@@ -722,7 +827,7 @@ def _replay(sim: Simulation, chunks: Iterator[tuple[Workload, np.ndarray]], afte
         if sim.timed:
             time_parts.append(step_t)
         requests.add(w, step_t if sim.timed else None, running)
-        del w, keys, flat, nocc
+        del w, keys, flat, nocc, oracle
     if out is None:
         raise _refuse("the trace has no requests")
     iv, fv, layer_counts, layer_stall = out

@@ -325,7 +325,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if timed:
                     _advance(F[FV, V_TAU] if lcs else now, duration, ev, position, S, F, nocc)
                 if point == PT_PRE:
-                    n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                    n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                     _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                 if timed:
@@ -349,7 +349,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam,
                                lsq, lrsum, ldots, ebuf, buf, S, F)
                     if point == PT_ROUTED:
-                        n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                        n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
                         _queue(n, True, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                     if timed:
@@ -364,7 +364,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                                           eams, access, ordr, lrid, leam, lsq, lrsum, ldots,
                                           ebuf, buf, mc, S, F)
                     else:
-                        n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                        n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
                     _queue(n, True, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                 if timed:
@@ -421,7 +421,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                     routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq,
                            lrsum, ldots, ebuf, buf, S, F)
                 if point == PT_ROUTED:
-                    n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                    n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                     _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
                 if timed:
@@ -493,7 +493,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                                       access, ordr, lrid, leam, lsq, lrsum, ldots, ebuf, buf, mc,
                                       S, F)
                 else:
-                    n = _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm,
+                    n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
                 _queue(n, any_cpu, cpu_on, num_e, timed, touch, ev, position, S, F, nocc)
             if timed:

@@ -45,42 +45,41 @@ from moesim.sim.compiled.link import _queue_compact
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
 @typed(f"void(i8, b1, b1, i8, i8, {SFN})")
 def _prefetch(n, timed, touch, ev, position, S, F, nocc):
-    """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once."""
+    """Prefetch the ``n`` keys in ``S[B_PKEYS]``: queue them (timed) or load them at once.
+    One pass over the keys for both: a key already held is touched the same way in either
+    mode (``prefetch_touch``), an absent one is queued (timed) or listed once (untimed)."""
     m = 0
     S[IV, I_TSTAMP] += 1
+    stamp = S[IV, I_TSTAMP]
     counting = S[IV, I_COUNTING]
-    if timed:  # onto the link's FIFO ring, its scalars kept in locals for the call
-        if S[IV, I_QTAIL] + n > S[IV, I_QCAP]:  # room for every key (a live key is queued
-            _queue_compact(S)  # once, so at most num_k live): the same live entries, in order
-        tail = S[IV, I_QTAIL]
-        seq = S[IV, I_LSEQ]
-        for i in range(n):
-            k = S[B_PKEYS, i]
-            if S[K_STATE, k] != ABSENT:
-                if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
-                    _to_tail(S[K_PART, k], k, S)
-            elif S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
+    if timed and S[IV, I_QTAIL] + n > S[IV, I_QCAP]:  # room on the link's FIFO ring for
+        _queue_compact(S)  # every key (a live key is queued once, so at most num_k live)
+    tail = S[IV, I_QTAIL]  # the ring's scalars kept in locals for the call
+    seq = S[IV, I_LSEQ]
+    for i in range(n):
+        k = S[B_PKEYS, i]
+        if S[K_STATE, k] != ABSENT:  # held: LRU-like evictions count the ask as a use
+            if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
+                _to_tail(S[K_PART, k], k, S)
+        elif timed:
+            if S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
                 seq += 1
                 S[K_QSEQ, k] = seq
                 S[B_QKEY, tail] = k
                 S[B_QSEQ, tail] = seq
                 tail += 1
                 m += 1
+        elif S[K_TODO, k] != stamp:  # listed once per call
+            S[K_TODO, k] = stamp
+            S[B_TODO, m] = k
+            m += 1
+    if timed:
         S[IV, I_QTAIL] = tail
         S[IV, I_LSEQ] = seq
         S[IV, I_NQ] += m
         if counting:
             S[IV, I_ISSUED] += m
         return
-    for i in range(n):
-        k = S[B_PKEYS, i]
-        if S[K_STATE, k] != ABSENT:
-            if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
-                _to_tail(S[K_PART, k], k, S)
-        elif S[K_TODO, k] != S[IV, I_TSTAMP]:  # listed once per call
-            S[K_TODO, k] = S[IV, I_TSTAMP]
-            S[B_TODO, m] = k
-            m += 1
     done = 0
     for q in range(m):
         k = S[B_TODO, q]
@@ -96,16 +95,19 @@ def _prefetch(n, timed, touch, ev, position, S, F, nocc):
 
 
 @fn
-def _issue_keys(pf, s, j, num_s, num_l, num_e, ahead, top, wrap, warm, counting, table, S):
+def _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm, counting, table, S):
     """The keys the prefetcher asks for at its point of layer j (in ``S[B_PKEYS]``), and how
     many (policies/oracle_prefetch.py, next_layer_all.py, prediction_prefetch.py,
-    moe_beyond_replay.py)."""
+    moe_beyond_replay.py). The oracle's table has a row per step it may read: the run's
+    steps in memory; a streamed chunk's steps and the look-ahead window after them
+    (``sim.stream``), which stops short only where the run ends. Past its last row the
+    oracle asks for nothing, as ``WorkloadFuture.keys_at`` past the run's end."""
     n = 0
     if pf == PF_ORACLE:
         g = s * num_l + j + ahead
         s2 = g // num_l
         t2 = g - s2 * num_l
-        if s2 >= num_s:
+        if s2 >= table.shape[0]:
             return 0
         for r in range(table.shape[2]):
             k = table[s2, t2, r]

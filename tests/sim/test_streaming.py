@@ -6,7 +6,8 @@ their running requests across chunks; MoE-Infinity's EAMC and the cache resets c
 Compared here: the whole summary, the per-layer and per-request tables, on the embedded trace,
 random small traces (hypothesis: lengths, prompts, partial rows, batches, prefill replay,
 prefetchers, resets, chunk sizes down to one request, row batches that split requests) and a
-real trace from ``../shared`` (skipped when absent).
+real trace from ``../shared`` (skipped when absent). The prefetchers that read the future
+routing: ``test_streaming_oracle.py``.
 """
 
 from __future__ import annotations
@@ -107,8 +108,6 @@ def test_max_requests_and_card_bytes(embedded: Path) -> None:
 
 
 @pytest.mark.parametrize(("policy", "kw", "words"), [
-    ("oracle_prefetch", {}, "prefetches from the future routing"),
-    ("speculative_prefetch", {}, "prefetches from the future routing"),
     ("prediction_prefetch", {}, "prefetches from a prediction table"),
     ("moe_beyond_replay", {}, "prefetches from a prediction table"),
     ("lru", {"chunk_requests": 0}, "chunk_requests"),
@@ -484,7 +483,7 @@ def _app_cfg(*overrides: str):
     return cfg
 
 
-@pytest.mark.parametrize("policy", ["lru", "belady"])
+@pytest.mark.parametrize("policy", ["lru", "belady", "oracle_prefetch"])
 def test_app_option_streams_and_says_so(policy: str) -> None:
     """``run.stream=true`` gives the same tables; the row records that the run streamed."""
     from moesim.experiments import sim_app
@@ -512,7 +511,7 @@ def test_app_streams_batches(policy: str) -> None:
 
 
 @pytest.mark.parametrize(("overrides", "words"), [
-    (["policy=oracle_prefetch"], "prefetches from the future routing"),
+    (["policy=prediction_prefetch"], "prefetches from a prediction table"),
     (["max_tokens=3"], "max_tokens"),
     (["output.transfers=true"], "output.transfers=True is not streamed"),
     (["engine=python"], "engine=python"),
