@@ -411,7 +411,8 @@ class _StepLists:
 
 def _check_prefetch(spec: PolicySpec) -> None:
     """Prediction-table prefetchers cannot be streamed: refused (the oracle ones are, with a
-    look-ahead window: :func:`_oracle_tables`)."""
+    look-ahead window: :func:`_oracle_tables`; a prefetcher without a compiled twin is
+    refused by ``compiled.why_not``)."""
     pf = spec.prefetch
     if pf.knows is Knowledge.PREDICTIONS:
         raise _refuse(f"policy {spec.name!r} prefetches from a prediction table "
@@ -420,11 +421,6 @@ def _check_prefetch(spec: PolicySpec) -> None:
                       "before the first step; a streamed run replays the prefetchers that know "
                       "the past or the future routing (next_layer_all, moe_infinity, "
                       "oracle_prefetch, speculative_prefetch)")
-    if pf.knows is Knowledge.ORACLE and not issubclass(pf, OraclePrefetch):
-        raise _refuse(f"policy {spec.name!r} prefetches from the future routing "
-                      f"({pf.__qualname__}, knows: oracle) in a way a streamed run does not "
-                      "replay (only oracle_prefetch and speculative_prefetch: a look-ahead "
-                      "window of steps)")
 
 
 def _window_steps(num_l: int, ahead: int) -> int:
@@ -606,8 +602,7 @@ def simulate_stream(
         # Belady's positions number each chunk's keys with the whole run's width
         width = (max(1, int(outline.widths.max())) if batched and belady
                  and outline is not None else 0)
-        steps: Iterator[tuple[Workload, np.ndarray, np.ndarray | None]] = (
-            (w, running, None) for w, running in chunks(width))
+        steps: Iterator[tuple[Workload, np.ndarray, np.ndarray | None]]
         if isinstance(sim.prefetcher, OraclePrefetch):  # its table: chunk + look-ahead
             pf = sim.prefetcher
             thin = None
@@ -619,6 +614,8 @@ def simulate_stream(
                 thin = _Thinned(pf.setup.rng, recall, widest)
             steps = _oracle_tables(chunks(width), _window_steps(shape.num_layers, pf._ahead),
                                    thin)
+        else:
+            steps = ((w, running, None) for w, running in chunks(width))
         # every check passed: now the kernels (compiled under the lock where not cached)
         return _replay(sim, steps, after_file if belady else None, most, batch,
                        compiled.ensure_compiled())
