@@ -531,7 +531,8 @@ def simulate_stream(
         raise _refuse(f"eviction {spec.eviction.__qualname__} has no compiled twin")
     if spec.eviction.knows is Knowledge.ORACLE and spec.eviction is not Belady:
         raise _refuse(f"eviction {spec.eviction.name!r} reads the whole run's routing up front "
-                      "(oracle); of the oracle policies a streamed run replays belady")
+                      "(oracle); of the oracle evictions a streamed run replays belady (and "
+                      "the oracle prefetchers oracle_prefetch, speculative_prefetch)")
     check_replay_options(batch, warmup_tokens, replay, warmup_extra_row)  # as build_workload
     batched = not (batch == 1 and replay == "decode")
     meta = meta or read_meta(path)
