@@ -70,6 +70,9 @@ MODEL_TRACES: dict[str, str] = {
     "deepseek_v2_lite": "deepseek_v2_lite",
     # BigMoeOnEdge's one prompt (top-6 of the native 8: refused below for top-8 entries)
     "qwen3_30b_a3b": "qwen3_30b_a3b_bmoe",
+    # moe_ocs_learning's MLX capture: one prompt (36 prefill + 128 decode tokens), all 40 layers,
+    # 256 experts top-8 (the native k)
+    "qwen36_35b_a3b": "qwen36_35b_a3b",
 }
 PREDICTED_PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu", "cpu_layers",
                         "layer_offload")
