@@ -356,3 +356,33 @@ def test_batch_segments_cut_decode_tokens_round_robin() -> None:
 def test_batch_segments_refuse_too_few_tokens() -> None:
     with pytest.raises(ValueError, match="3 decode tokens cannot make 4 sequences"):
         batch_segments(_routing_trace([2, 1]), 4)
+
+
+@pytest.mark.shared
+def test_qwen36_entries_replay_its_full_top8_trace() -> None:
+    """Qwen3.6-35B-A3B entries replay the model's own trace (MODEL_TRACES): every layer, the
+    native top-8 of 256 experts (a top-k below the card's would be refused), its one recorded
+    prompt of 36 tokens cut to a prefill entry's input length and refused beyond it; a
+    ``--n-cpu-moe 18`` entry keeps the other 22 layers' experts on the GPU (static_cpu)."""
+    from tests.traces.fixtures import require_shared
+
+    require_shared("qwen36_qwen15_moe-ocs-learning")
+    from dataclasses import replace
+
+    from moesim.experiments.published.predict import MODEL_TRACES, NotPredictable, prepare
+    from moesim.traces.trace import PREFILL
+
+    assert MODEL_TRACES["qwen36_35b_a3b"] == "qwen36_35b_a3b"
+    entries = {e.id: e for e in load_entries(runtimes=list_runtimes())}
+    pre = prepare(entries["atsinfer_rtx3060_q36_ncmoe18_prefill"])
+    meta = pre.trace.meta
+    assert (meta.top_k, meta.num_experts) == (pre.card.top_k, pre.card.num_experts) == (8, 256)
+    assert len(meta.moe_layers) == pre.card.num_moe_layers == 40
+    assert pre.replay == "prefill"
+    assert all(len(r.phase) == 20 and (r.phase == PREFILL).all() for r in pre.trace.requests)
+    prepare(replace(pre.entry, input_tokens=36))
+    with pytest.raises(NotPredictable, match="recorded prompt of 37 tokens"):
+        prepare(replace(pre.entry, input_tokens=37))
+    dec = prepare(entries["atsinfer_rtx3060_q36_ncmoe18_decode"])
+    assert dec.placement == {"name": "static_cpu", "layers": None}
+    assert (dec.capacity, dec.partition) == ((40 - 18) * 256, "global")
