@@ -432,6 +432,7 @@ def main() -> None:
     if args.mi:
         res = {**moe_infinity_speed(trace, env, args.reps), "conditions": _conditions(load0)}
         out = Path(args.out).with_name("bench_mi.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
         print(json.dumps(res["rows"], indent=1))
         print(f"wrote {out}")

@@ -252,13 +252,17 @@ def _max_live(w: Any) -> int:
     return most
 
 
-def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
+def mi_arrays(sim: Simulation | None) -> tuple[Any, ...]:
     """MoE-Infinity's state for the kernel: the EAMC as the run's prefetcher holds it (a warm
-    EAMC included), live-request buffers, the step->request map and the options; tiny
-    placeholders of the same types when ``sim`` is None (any other run)."""
+    EAMC included), the matcher's tables (``_matcher_tables``), live-request buffers, the
+    step->request map and the options; tiny placeholders of the same types when ``sim`` is
+    None (any other run)."""
     if sim is None:
         z2, z1 = np.zeros((1, 1)), np.zeros(2, np.int64)
-        return (z2, z2, np.zeros(1), np.zeros((1, 1), np.int32), np.full(1, -1, np.int64), z2,
+        mt = (z2, z2, np.zeros((1, 1), np.int32), z2, np.zeros((1, 1), np.int16),
+              np.zeros((1, 1), np.int16), np.zeros(4, np.int64), np.zeros((1, 1, 1)),
+              np.zeros((1, 1, 1), np.int64), np.zeros((1, 2), np.int64), np.zeros((1, 1, 1)))
+        return (z2, mt, np.zeros(1), np.zeros((1, 1), np.int32), np.full(1, -1, np.int64), z2,
                 z2, z2, np.zeros((1, 1, 1)), z1, z1, z1, z1, np.zeros(6, np.int64))
     pf: MoEInfinity = sim.prefetcher  # type: ignore[assignment]
     w, eamc = sim.workload, pf.eamc
@@ -272,10 +276,39 @@ def mi_arrays(sim: Simulation | None) -> tuple[np.ndarray, ...]:
     # dot products [layer, slot], then the suffix sums (sim/compiled/eamc.py: _match)
     lrsum = np.zeros((most, num_l + 1))
     lrsum[:, num_l] = -1.0
-    return (eamc.eams.reshape(cap, num_k).copy(), eamc.unit.reshape(cap, num_k).T.copy(),
+    return (eamc.eams.reshape(cap, num_k).copy(), _matcher_tables(eamc, w, most),
             eamc.access.copy(), np.zeros((cap, num_k), np.int32), np.full(most, -1, np.int64),
             np.zeros((most, num_k)), np.zeros((most, num_l)), lrsum,
             np.zeros((most, 2 * num_l, cap)), *mi_steps(w), cfg)
+
+
+# Bytes the lazy match's ring of routed experts may take (sim/compiled/eamc.py: _catch_up):
+# it keeps as many steps as the longest request runs, at most this allows; a request running
+# longer has all its float dot products brought up to date once per ring of steps.
+RING_BYTES = 64 << 20
+
+
+def _matcher_tables(eamc: Any, w: Any, most: int) -> tuple[np.ndarray, ...]:
+    """The tables of ``sim/compiled/eamc.py``'s matcher (``mt``): the stored unit rows
+    ``[L E, slots]`` (the eager per-layer update) and ``[slots, L E]`` (the lazy replay of one
+    slot), the counts ``[L E, slots]`` and inverse row norms ``[L, slots]`` (the lazy ranking),
+    the ring of routed experts per step and layer (as many steps as the longest request runs,
+    as ``RING_BYTES`` allows), the run's scalars (eamc.G_*: lazy when masked) and per live
+    request the integer dot products, markers, eamc.M_* fields and float dot products."""
+    cap, num_l, num_e = eamc.capacity, eamc.num_l, eamc.num_e
+    num_k = num_l * num_e
+    counts = eamc.eams.reshape(cap, num_k)
+    ss = (eamc.eams ** 2).sum(axis=2)  # integer counts: exact
+    inv = np.divide(1.0, np.sqrt(ss), out=np.zeros_like(ss), where=ss > 0)
+    ids = np.asarray(w.req_ids, np.int64)
+    longest = int(np.unique(ids, return_counts=True)[1].max()) if ids.size else 1
+    ring = max(2, min(longest + 2, RING_BYTES // (2 * (num_k + num_l))))
+    unit = eamc.unit.reshape(cap, num_k)
+    run = np.array([0, 0, int(eamc.mask), -1], np.int64)
+    return (unit.T.copy(), unit.copy(), np.ascontiguousarray(counts.T, np.int32), inv.T.copy(),
+            np.zeros((ring, num_k), np.int16), np.zeros((ring, num_l), np.int16), run,
+            np.zeros((most, num_l, cap)), np.zeros((most, cap, num_l), np.int64),
+            np.zeros((most, 2), np.int64), np.zeros((most, cap, num_l)))
 
 
 class LinkStats:

@@ -103,8 +103,10 @@ def _live_of(rid, lrid, leam, lsq, lrsum, ldots):
 
 
 @fn
-def _add(li, leam, eams, unit, access, ordr, S):
-    """``EAMC.add`` of live request ``li``'s EAM; returns its slot or -1."""
+def _add(li, leam, eams, mt, access, ordr, S):
+    """``EAMC.add`` of live request ``li``'s EAM; returns its slot or -1. The slot's unit
+    rows are written in both layouts, its counts and inverse row norms for the lazy match."""
+    unit, unit_s, cnt, inv = mt[0], mt[1], mt[2], mt[3]
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     nonzero = False
     for t in range(num_l * num_e):
@@ -133,7 +135,11 @@ def _add(li, leam, eams, unit, access, ordr, S):
             ss += x * x  # integer counts: exact in any order
         nrm = math.sqrt(ss)
         for e in range(num_e):
-            unit[b + e, idx] = eams[idx, b + e] / nrm if nrm > 0 else 0.0
+            x = eams[idx, b + e] / nrm if nrm > 0 else 0.0
+            unit[b + e, idx] = x
+            unit_s[idx, b + e] = x
+            cnt[b + e, idx] = int(eams[idx, b + e])
+        inv[i, idx] = 1.0 / nrm if nrm > 0 else 0.0
     access[idx] = 1.0
     _sort_layers(eams, ordr, idx, num_l, num_e)
     return idx
@@ -158,12 +164,267 @@ def _running(rid, s, req_off, req_ids):
     return r < req_off[s + 1]
 
 
+# The lazy match (mask_observed, the default). A match only looks at the layers after the
+# current one, whose rows no routing of this step has touched yet; it ranks every slot by its
+# integer dot products ``C[c, i] . eam[i]`` (exact in any order: counts are integers) scaled
+# by the row norms, and sums exactly only the slots within a tolerance of the best. Their float
+# dot products are brought up to date then (``_catch_up``), replaying the routings of the rows
+# they lack from a ring of the run's last steps, with the same additions in the same order as
+# ``EAMC.observe`` made them: so most slots' float dot products are never computed.
+# mt (sim.compiled.mi_arrays): unit rows [L E, slots] and [slots, L E], counts [L E, slots]
+# (int32), inverse row norms [L, slots], the ring of routed experts [R, L E] and how many per
+# layer [R, L], run scalars (G_*), and per live request: integer dot products [L, slots], the
+# step each float dot product is exact up to (exclusive) [slots, L], M_MIN / M_LAST, and the
+# float dot products [slots, L] (one slot's contiguous: a match sums a few slots whole).
+G_OFF, G_NS, G_LAZY, G_STEP = 0, 1, 2, 3  # step offset of this call, its steps, lazy?, ring row
+M_MIN, M_LAST = 0, 1  # no marker below M_MIN; the last step the request was routed in
+
+
 @fn
-def request_start(s, rid, req_off, req_ids, eams, unit, access, ordr, lrid, leam, lsq, lrsum,
+def begin(mt, num_s):
+    """A replay call starts (the run, or a streamed chunk whose steps count from 0 again): its
+    steps are numbered on from the previous call's."""
+    gst = mt[6]
+    gst[G_OFF] += gst[G_NS]
+    gst[G_NS] = num_s
+
+
+@fn
+def _lazy(mt, lrid, ldots, S):
+    """Whether the lazy match runs: masked, and its per-request tables sized for every live
+    request (a streamed run that re-sizes the live buffers runs eagerly)."""
+    return (mt[6][G_LAZY] != 0 and mt[7].shape[0] >= lrid.shape[0]
+            and ldots.shape[1] >= 2 * S[IV, I_NUML])
+
+
+@fn
+def _live(rid, g, upto, lazy, lrid, leam, lsq, lrsum, ldots, mt, S):
+    """``_live_of``; a new live request's float dot products are exact (all zero) up to step
+    ``g`` (``g + 1`` for layers before ``upto``, which this step routed without it)."""
+    for i in range(lrid.shape[0]):
+        if lrid[i] == rid:
+            return i
+    li = _live_of(rid, lrid, leam, lsq, lrsum, ldots)
+    if li >= 0 and lazy:
+        lip, lmk, ldx = mt[7], mt[8], mt[10]
+        for i in range(lip.shape[1]):
+            for c in range(lip.shape[2]):
+                lip[li, i, c] = 0.0
+        for c in range(lmk.shape[1]):
+            for i in range(lmk.shape[2]):
+                lmk[li, c, i] = g + 1 if i < upto else g
+                ldx[li, c, i] = 0.0
+        mt[9][li, M_MIN] = g
+        mt[9][li, M_LAST] = g - 1
+    return li
+
+
+@fn
+def _lazy_refresh(li, idx, g, leam, ldots, mt, S):
+    """Live request ``li`` after slot ``idx`` was rewritten (``_refresh`` recomputed its float
+    dot products from the whole EAM): those and its integer ones, exact as of step ``g``."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    cnt, lip, lmk, ldx = mt[2], mt[7], mt[8], mt[10]
+    for i in range(num_l):
+        b = i * num_e
+        v = 0.0
+        for e in range(num_e):
+            v += cnt[b + e, idx] * leam[li, b + e]
+        lip[li, i, idx] = v
+        lmk[li, idx, i] = g
+        ldx[li, idx, i] = ldots[li, i, idx]
+
+
+@fn
+def _catch_up(li, c, i, g_to, mt, num_e):
+    """Request ``li``'s float dot product with slot ``c`` in layer ``i`` brought up to step
+    ``g_to`` (exclusive): each routing it lacks added as ``EAMC.observe`` adds it (the layer's
+    experts' unit values from ``0.0``, one by one, then onto the dot product)."""
+    lmk = mt[8]
+    g = lmk[li, c, i]
+    if g >= g_to:
+        return
+    unit_s, ring, ringm, ldx = mt[1], mt[4], mt[5], mt[10]
+    r = ring.shape[0]
+    b = i * num_e
+    d = ldx[li, c, i]
+    while g < g_to:
+        p = g % r
+        m = ringm[p, i]
+        if m > 0:
+            col = 0.0 + unit_s[c, b + ring[p, b]]
+            for t in range(1, m):
+                col += unit_s[c, b + ring[p, b + t]]
+            d += col
+        g += 1
+    ldx[li, c, i] = d
+    lmk[li, c, i] = g_to
+
+
+@fn
+def _flush(li, g_to, mt, S):
+    """Every filled slot's float dot products of request ``li`` up to step ``g_to``."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    for c in range(S[IV, I_FILLED]):
+        for i in range(num_l):
+            _catch_up(li, c, i, g_to, mt, num_e)
+
+
+@fn
+def _mark(li, g, mt, S):
+    """Request ``li`` was not routed in the steps before ``g`` since its markers (flushed up
+    to its last step): nothing to replay there."""
+    lmk = mt[8]
+    for c in range(S[IV, I_FILLED]):
+        for i in range(lmk.shape[2]):
+            lmk[li, c, i] = g
+    mt[9][li, M_MIN] = g
+
+
+@fn
+def _step_start(g, mt, lrid, S):
+    """Step ``g``'s first routing: its ring row is cleared (layers without routed experts
+    stay empty) after every live request that might still replay the step it overwrites was
+    flushed up to its last routed step."""
+    ring, ringm, lmeta = mt[4], mt[5], mt[9]
+    r = ring.shape[0]
+    p = g % r
+    for i in range(ringm.shape[1]):
+        ringm[p, i] = 0
+    for li in range(lrid.shape[0]):
+        if lrid[li] >= 0 and g - lmeta[li, M_MIN] >= r:
+            _flush(li, lmeta[li, M_LAST] + 1, mt, S)
+            lmeta[li, M_MIN] = g
+    mt[6][G_STEP] = g
+
+
+@fn
+def _count_sums(cnt, b, ebuf, m, n, out):
+    """``out[c] +=`` slot ``c``'s counts summed over the experts ``b + ebuf[:m]`` (integers, as
+    floats: exact in any order)."""
+    t = 0
+    while t + 2 < m:
+        ua = cnt[b + ebuf[t]]
+        ub = cnt[b + ebuf[t + 1]]
+        uc = cnt[b + ebuf[t + 2]]
+        for c in range(n):
+            out[c] += ua[c] + ub[c] + uc[c]
+        t += 3
+    while t < m:
+        ua = cnt[b + ebuf[t]]
+        for c in range(n):
+            out[c] += ua[c]
+        t += 1
+
+
+@fn
+def _approx_suffixes(li, lo, n, mt, ldots, buf, S):
+    """``_suffixes`` from the integer dot products: ``sum_{i > t} C.eam[i] / |C[i]| * w_i``
+    per slot into ``ldots[li, L + t]``, within ``_match_lazy``'s tolerance of the float sum."""
+    num_l = S[IV, I_NUML]
+    inv, lip = mt[3], mt[7]
+    top = num_l + num_l - 1
+    for c in range(n):
+        ldots[li, top, c] = 0.0
+    for t in range(num_l - 2, lo - 2, -1):
+        w = buf[1, t + 1]
+        out = ldots[li, num_l + t]
+        after = ldots[li, num_l + t + 1]
+        ip = lip[li, t + 1]
+        iv = inv[t + 1]
+        for c in range(n):
+            out[c] = after[c] + ip[c] * (iv[c] * w)
+
+
+@fn
+def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
+    """``EAMC.match`` (masked) from the integer dot products: every slot whose approximate
+    sum is within ``tol`` of the best is brought up to date and summed exactly, in numpy's
+    order, and the first least distance among them wins, as over all slots.
+
+    Why ``tol`` suffices: a float dot product is a sum of at most ``lrsum`` (+ a row's
+    experts) positive terms, each within a relative ``u = 2**-53`` of the real one, so it is
+    within ``(lrsum + E) u`` of ``C.eam / |C|`` relatively; the norms, products and the sum
+    over at most L cosines (each <= 1) add ``(E + L + 8) u``: both the approximate and the
+    exact sum lie within ``L (lrsum + E + 64) 1.2e-16`` of the real one, and ``tol`` is four
+    times that (plus 1e-12): a slot left out is below the best by more than the rounding of
+    ``1 - (masked + sum) / L`` can hide."""
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
+    most = 0.0
+    later = False  # a later layer routed: the sums can differ (else every slot's is 0)
+    for i in range(num_l):
+        nrm = math.sqrt(lsq[li, i])
+        buf[1, i] = 1.0 / nrm if nrm > 0 else 0.0
+        if lrsum[li, i] > most:
+            most = lrsum[li, i]
+        if i > j and nrm > 0:
+            later = True
+    if not later:  # the last layer, or a request's first step: every distance ties
+        access[0] += 1.0
+        return 0
+    for i in range(j + 1):
+        buf[0, i] = lrsum[li, i] * buf[1, i]
+    masked = pairwise(buf, 0, 0, j + 1) / math.sqrt(num_e)
+    lo = j + 1
+    m = num_l - lo
+    n = S[IV, I_FILLED]
+    if lrsum[li, num_l] != s:
+        _approx_suffixes(li, lo, n, mt, ldots, buf, S)
+        lrsum[li, num_l] = s
+    suf = ldots[li, num_l + j]
+    floor = _top(suf, n) - (1e-12 + 4.8e-16 * num_l * (most + num_e + 64))
+    best = -1
+    best_d = INF
+    for b0 in range(0, n, SCAN):  # blocks without a slot above the floor cost one count
+        b1 = min(b0 + SCAN, n)
+        k = 0
+        for c in range(b0, b1):
+            k += suf[c] >= floor
+        if k == 0:
+            continue
+        for c in range(b0, b1):
+            if suf[c] >= floor:
+                for i in range(lo, num_l):
+                    _catch_up(li, c, i, g, mt, num_e)
+                d = 1.0 - (masked + _exact_s(mt[10][li, c], lo, m, buf)) / num_l
+                if d < best_d:
+                    best_d = d
+                    best = c
+    access[best] += 1.0
+    return best
+
+
+SCAN = 32
+
+
+@fn
+def _top(x, n):
+    """``max(x[:n])`` (n >= 1), four running maxima (no NaN here: the order is immaterial)."""
+    a0 = a1 = a2 = a3 = x[0]
+    c = 0
+    while c + 3 < n:
+        a0 = x[c] if x[c] > a0 else a0
+        a1 = x[c + 1] if x[c + 1] > a1 else a1
+        a2 = x[c + 2] if x[c + 2] > a2 else a2
+        a3 = x[c + 3] if x[c + 3] > a3 else a3
+        c += 4
+    while c < n:
+        a0 = x[c] if x[c] > a0 else a0
+        c += 1
+    a0 = a1 if a1 > a0 else a0
+    a2 = a3 if a3 > a2 else a2
+    return a2 if a2 > a0 else a0
+
+
+@fn
+def request_start(s, rid, req_off, req_ids, eams, mt, access, ordr, lrid, leam, lsq, lrsum,
                   ldots, buf, mc, S):
     """``MoEInfinity.on_request_start``: requests no longer running are finished (their EAMs
     join the EAMC, lowest id first), then ``rid`` gets a live slot. A rewritten slot's merged
-    lists (``mc``, see ``_cached_list``) are forgotten."""
+    lists (``mc``, see ``_cached_list``) are forgotten; the live requests' dot products with
+    it are recomputed (exact as of this step: the lazy match's markers say so)."""
+    lazy = _lazy(mt, lrid, ldots, S)
+    g = mt[6][G_OFF] + s
     while True:
         gone = -1
         for i in range(lrid.shape[0]):
@@ -175,15 +436,17 @@ def request_start(s, rid, req_off, req_ids, eams, unit, access, ordr, lrid, leam
         if S[IV, I_DSRC] == gone:  # D keeps the finished request's EAM (already in F_DN)
             S[IV, I_DSRC] = -1
         lrid[gone] = -1
-        idx = _add(gone, leam, eams, unit, access, ordr, S)
+        idx = _add(gone, leam, eams, mt, access, ordr, S)
         if idx >= 0:
             for i in range(mc.shape[0]):
                 if mc[i, 0] == idx:
                     mc[i, 0] = -1
             for i in range(lrid.shape[0]):
                 if lrid[i] >= 0:
-                    _refresh(i, idx, leam, unit, ldots, buf, S)
-    if _live_of(rid, lrid, leam, lsq, lrsum, ldots) < 0:
+                    _refresh(i, idx, leam, mt[0], ldots, buf, S)
+                    if lazy:
+                        _lazy_refresh(i, idx, g, leam, ldots, mt, S)
+    if _live(rid, g, 0, lazy, lrid, leam, lsq, lrsum, ldots, mt, S) < 0:
         S[IV, I_ERROR] = -1_000_000
 
 
@@ -227,14 +490,20 @@ def _column_sums(unit, b, ebuf, m, n, out):
 
 
 @fn
-def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, lrsum, ldots,
+def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, mt, lrid, leam, lsq, lrsum, ldots,
            ebuf, buf, S, F):
     """``MoEInfinity.on_routed``: the demand phase starts; every running request's EAM and dot
-    products take the layer's experts (``EAMC.observe``)."""
+    products take the layer's experts (``EAMC.observe``). Lazily (``_lazy``): the experts go
+    into the step ring and only the integer dot products are updated (the float ones when a
+    match needs them, ``_catch_up``)."""
     S[IV, I_DEMPH] = 1
+    num_e = S[IV, I_NUME]
+    lazy = _lazy(mt, lrid, ldots, S)
+    g = mt[6][G_OFF] + s
+    if lazy and mt[6][G_STEP] != g:
+        _step_start(g, mt, lrid, S)
     if n_keys == 0:
         return
-    num_e = S[IV, I_NUME]
     m = 0
     for r in range(n_keys):  # np.unique: sorted, without repeats
         e = lkeys[r] - j * num_e
@@ -249,16 +518,31 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, l
         m += 1
     b = j * num_e
     n = S[IV, I_FILLED]
+    unit = mt[0]
     # the stored unit rows' sums over the layer's experts (every running request gets the same
     # experts): one stored row is summed pairwise by numpy, the columns of several one by one
     if n == 1:
         for t in range(m):
             buf[0, t] = unit[b + ebuf[t], 0]
         buf[2, 0] = pairwise(buf, 0, 0, m)
-    elif n > 1:
+    elif n > 1 and not lazy:
         _column_sums(unit, b, ebuf, m, n, buf[2])
+    if lazy:
+        ring, ringm = mt[4], mt[5]
+        p = g % ring.shape[0]
+        for t in range(m):
+            ring[p, b + t] = ebuf[t]
+        ringm[p, j] = m
+        one = req_off[s + 1] - req_off[s] == 1  # the integer sums go straight to its row
+        if n > 0 and not one:
+            for c in range(n):
+                buf[3, c] = 0.0
+            _count_sums(mt[2], b, ebuf, m, n, buf[3])
     for r in range(req_off[s], req_off[s + 1]):
-        li = _live_of(req_ids[r], lrid, leam, lsq, lrsum, ldots)
+        li = _live(req_ids[r], g, j, lazy, lrid, leam, lsq, lrsum, ldots, mt, S)
+        if lazy and mt[9][li, M_LAST] < g - 1:  # not routed in the steps between: none to replay
+            _flush(li, mt[9][li, M_LAST] + 1, mt, S)
+            _mark(li, g, mt, S)
         add = 0.0
         for t in range(m):
             add += 2.0 * leam[li, b + ebuf[t]] + 1.0
@@ -266,10 +550,23 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq, l
         for t in range(m):
             leam[li, b + ebuf[t]] += 1.0
         lrsum[li, j] += m
-        dots = ldots[li, j]
-        col = buf[2]
-        for c in range(n):
-            dots[c] += col[c]
+        if lazy:
+            ip = mt[7][li, j]
+            if one:
+                _count_sums(mt[2], b, ebuf, m, n, ip)
+            else:
+                col = buf[3]
+                for c in range(n):
+                    ip[c] += col[c]
+            if n == 1:  # numpy's pairwise order: applied now, the replay sums in another
+                mt[10][li, 0, j] += buf[2, 0]
+                mt[8][li, 0, j] = g + 1
+            mt[9][li, M_LAST] = g
+        else:
+            dots = ldots[li, j]
+            col = buf[2]
+            for c in range(n):
+                dots[c] += col[c]
         if prio and li == S[IV, I_DSRC]:
             _set_dn(li, leam, lrsum, S, F)
 
@@ -334,6 +631,42 @@ def _exact(li, c, lo, m, ldots, buf):
     tot = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
     while i < m:
         tot += ldots[li, lo + i, c] * buf[1, lo + i]
+        i += 1
+    return tot
+
+
+@fn
+def _exact_s(dots, lo, m, buf):
+    """``_exact`` for one slot's float dot products held contiguously (the lazy match's)."""
+    if m < 8:
+        tot = -0.0
+        for t in range(m):
+            tot += dots[lo + t] * buf[1, lo + t]
+        return tot
+    a0 = dots[lo] * buf[1, lo]
+    a1 = dots[lo + 1] * buf[1, lo + 1]
+    a2 = dots[lo + 2] * buf[1, lo + 2]
+    a3 = dots[lo + 3] * buf[1, lo + 3]
+    a4 = dots[lo + 4] * buf[1, lo + 4]
+    a5 = dots[lo + 5] * buf[1, lo + 5]
+    a6 = dots[lo + 6] * buf[1, lo + 6]
+    a7 = dots[lo + 7] * buf[1, lo + 7]
+    i = 8
+    stop = m - m % 8
+    while i < stop:
+        b = lo + i
+        a0 += dots[b] * buf[1, b]
+        a1 += dots[b + 1] * buf[1, b + 1]
+        a2 += dots[b + 2] * buf[1, b + 2]
+        a3 += dots[b + 3] * buf[1, b + 3]
+        a4 += dots[b + 4] * buf[1, b + 4]
+        a5 += dots[b + 5] * buf[1, b + 5]
+        a6 += dots[b + 6] * buf[1, b + 6]
+        a7 += dots[b + 7] * buf[1, b + 7]
+        i += 8
+    tot = ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+    while i < m:
+        tot += dots[lo + i] * buf[1, lo + i]
         i += 1
     return tot
 
@@ -601,7 +934,7 @@ def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S):
 
 
 @fn
-def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, access, ordr,
+def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, mt, access, ordr,
                   lrid, leam, lsq, lrsum, ldots, ibuf, buf, mc, S, F):
     """``MoEInfinity.on_demand_issued``: match every running request, flush the link's queue,
     make the last match's list the candidate set and put its first absent keys (per partition
@@ -612,7 +945,9 @@ def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, acce
     r0, r1 = req_off[s], req_off[s + 1]
     if r1 == r0:
         return 0
-    last = _live_of(req_ids[r1 - 1], lrid, leam, lsq, lrsum, ldots)
+    lazy = _lazy(mt, lrid, ldots, S)
+    g = mt[6][G_OFF] + s
+    last = _live(req_ids[r1 - 1], g, j + 1, lazy, lrid, leam, lsq, lrsum, ldots, mt, S)
     if prio and last != S[IV, I_DSRC]:  # the same request's D is current: routed redid it
         _set_dn(last, leam, lrsum, S, F)
     S[IV, I_DSRC] = last
@@ -620,8 +955,11 @@ def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, acce
         return 0
     idx = 0
     for r in range(r0, r1):
-        li = _live_of(req_ids[r], lrid, leam, lsq, lrsum, ldots)
-        idx = _match(s, li, j, lsq, lrsum, ldots, access, mask, buf, S)
+        li = _live(req_ids[r], g, j + 1, lazy, lrid, leam, lsq, lrsum, ldots, mt, S)
+        if lazy:
+            idx = _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S)
+        else:
+            idx = _match(s, li, j, lsq, lrsum, ldots, access, mask, buf, S)
     if timed:
         _cancel_all(S)
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]

@@ -13,7 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 from moesim.sim.compiled.cache import _install, _lru_demand, _reserve, _reset
-from moesim.sim.compiled.eamc import MC_HEADS, demand_issued, request_start, routed, sort_all
+from moesim.sim.compiled.eamc import (
+    MC_HEADS,
+    begin,
+    demand_issued,
+    request_start,
+    routed,
+    sort_all,
+)
 from moesim.sim.compiled.evict import _on_access
 from moesim.sim.compiled.heaps import _hpush, _hremove, _to_tail, next_occurrences
 from moesim.sim.compiled.layout import (
@@ -272,6 +279,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
         F[F_DN, k] = 1.0 / num_k + 1e-6
     if mi_pf:
         sort_all(eams, ordr, cfg[4], num_l, num_e)
+        begin(unit, num_s)
     # MoE-Infinity with one cache partition: per layer, the matched slot's whole list (held
     # keys included) up to cap + E keys, [slot, length, layer heads, keys...]
     # (eamc._cached_list); no room for keys: merged at every call
@@ -361,8 +369,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 if hook_issued and point == PT_ISSUED:
                     if mi_pf:
                         n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids,
-                                          eams, access, ordr, lrid, leam, lsq, lrsum, ldots,
-                                          ebuf, buf, mc, S, F)
+                                          eams, unit, access, ordr, lrid, leam, lsq, lrsum,
+                                          ldots, ebuf, buf, mc, S, F)
                     else:
                         n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
@@ -490,8 +498,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
             if hook_issued and point == PT_ISSUED:
                 if mi_pf:
                     n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams,
-                                      access, ordr, lrid, leam, lsq, lrsum, ldots, ebuf, buf, mc,
-                                      S, F)
+                                      unit, access, ordr, lrid, leam, lsq, lrsum, ldots, ebuf,
+                                      buf, mc, S, F)
                 else:
                     n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
