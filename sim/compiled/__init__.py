@@ -261,7 +261,8 @@ def mi_arrays(sim: Simulation | None) -> tuple[Any, ...]:
         z2, z1 = np.zeros((1, 1)), np.zeros(2, np.int64)
         mt = (z2, z2, np.zeros((1, 1), np.int32), z2, np.zeros((1, 1), np.int16),
               np.zeros((1, 1), np.int16), np.zeros(4, np.int64), np.zeros((1, 1, 1)),
-              np.zeros((1, 1, 1), np.int64), np.zeros((1, 2), np.int64), np.zeros((1, 1, 1)))
+              np.zeros((1, 1, 1), np.int64), np.zeros((1, 2), np.int64), np.zeros((1, 1, 1)),
+              np.zeros((1, 1, 1)))
         return (z2, mt, np.zeros(1), np.zeros((1, 1), np.int32), np.full(1, -1, np.int64), z2,
                 z2, z2, np.zeros((1, 1, 1)), z1, z1, z1, z1, np.zeros(6, np.int64))
     pf: MoEInfinity = sim.prefetcher  # type: ignore[assignment]
@@ -294,7 +295,8 @@ def _matcher_tables(eamc: Any, w: Any, most: int) -> tuple[np.ndarray, ...]:
     slot), the counts ``[L E, slots]`` and inverse row norms ``[L, slots]`` (the lazy ranking),
     the ring of routed experts per step and layer (as many steps as the longest request runs,
     as ``RING_BYTES`` allows), the run's scalars (eamc.G_*: lazy when masked) and per live
-    request the integer dot products, markers, eamc.M_* fields and float dot products."""
+    request the integer dot products, markers, eamc.M_* fields, float dot products and the
+    maxima of the approximate suffix sums (per row, then per block of eamc.SCAN = 32 slots)."""
     cap, num_l, num_e = eamc.capacity, eamc.num_l, eamc.num_e
     num_k = num_l * num_e
     counts = eamc.eams.reshape(cap, num_k)
@@ -308,7 +310,8 @@ def _matcher_tables(eamc: Any, w: Any, most: int) -> tuple[np.ndarray, ...]:
     return (unit.T.copy(), unit.copy(), np.ascontiguousarray(counts.T, np.int32), inv.T.copy(),
             np.zeros((ring, num_k), np.int16), np.zeros((ring, num_l), np.int16), run,
             np.zeros((most, num_l, cap)), np.zeros((most, cap, num_l), np.int64),
-            np.zeros((most, 2), np.int64), np.zeros((most, cap, num_l)))
+            np.zeros((most, 2), np.int64), np.zeros((most, cap, num_l)),
+            np.zeros((most, num_l, (cap + 31) // 32 + 1)))
 
 
 class LinkStats:

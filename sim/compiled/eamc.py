@@ -320,9 +320,11 @@ def _count_sums(cnt, b, ebuf, m, n, out):
 @fn
 def _approx_suffixes(li, lo, n, mt, ldots, buf, S):
     """``_suffixes`` from the integer dot products: ``sum_{i > t} C.eam[i] / |C[i]| * w_i``
-    per slot into ``ldots[li, L + t]``, within ``_match_lazy``'s tolerance of the float sum."""
+    per slot into ``ldots[li, L + t]``, within ``_match_lazy``'s tolerance of the float sum;
+    with each row's maximum and its blocks' of ``SCAN`` slots (``mt[11][li, t]``: the row's,
+    then the blocks'), so that a match scans only the blocks that reach its floor."""
     num_l = S[IV, I_NUML]
-    inv, lip = mt[3], mt[7]
+    inv, lip, lbm = mt[3], mt[7], mt[11]
     top = num_l + num_l - 1
     for c in range(n):
         ldots[li, top, c] = 0.0
@@ -334,6 +336,14 @@ def _approx_suffixes(li, lo, n, mt, ldots, buf, S):
         iv = inv[t + 1]
         for c in range(n):
             out[c] = after[c] + ip[c] * (iv[c] * w)
+        bm = lbm[li, t]
+        row = out[0]
+        for q in range((n + SCAN - 1) // SCAN):
+            c0 = q * SCAN
+            hi = _top(out, c0, min(c0 + SCAN, n))
+            bm[q + 1] = hi
+            row = hi if hi > row else row
+        bm[0] = row
 
 
 @fn
@@ -372,17 +382,14 @@ def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
         _approx_suffixes(li, lo, n, mt, ldots, buf, S)
         lrsum[li, num_l] = s
     suf = ldots[li, num_l + j]
-    floor = _top(suf, n) - (1e-12 + 4.8e-16 * num_l * (most + num_e + 64))
+    bm = mt[11][li, j]
+    floor = bm[0] - (1e-12 + 4.8e-16 * num_l * (most + num_e + 64))
     best = -1
     best_d = INF
-    for b0 in range(0, n, SCAN):  # blocks without a slot above the floor cost one count
-        b1 = min(b0 + SCAN, n)
-        k = 0
-        for c in range(b0, b1):
-            k += suf[c] >= floor
-        if k == 0:
+    for q in range((n + SCAN - 1) // SCAN):  # only the blocks that reach the floor
+        if bm[q + 1] < floor:
             continue
-        for c in range(b0, b1):
+        for c in range(q * SCAN, min(q * SCAN + SCAN, n)):
             if suf[c] >= floor:
                 for i in range(lo, num_l):
                     _catch_up(li, c, i, g, mt, num_e)
@@ -394,21 +401,22 @@ def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
     return best
 
 
-SCAN = 32
+SCAN = 32  # slots per block of a match's scan
 
 
 @fn
-def _top(x, n):
-    """``max(x[:n])`` (n >= 1), four running maxima (no NaN here: the order is immaterial)."""
-    a0 = a1 = a2 = a3 = x[0]
-    c = 0
-    while c + 3 < n:
+def _top(x, c0, c1):
+    """``max(x[c0:c1])`` (c1 > c0), four running maxima (no NaN here: the order is
+    immaterial)."""
+    a0 = a1 = a2 = a3 = x[c0]
+    c = c0
+    while c + 3 < c1:
         a0 = x[c] if x[c] > a0 else a0
         a1 = x[c + 1] if x[c + 1] > a1 else a1
         a2 = x[c + 2] if x[c + 2] > a2 else a2
         a3 = x[c + 3] if x[c + 3] > a3 else a3
         c += 4
-    while c < n:
+    while c < c1:
         a0 = x[c] if x[c] > a0 else a0
         c += 1
     a0 = a1 if a1 > a0 else a0
