@@ -12,6 +12,7 @@ from moesim.traces.model_card import load_card
 # the GPUs of published MoE-offloading measurements (mixtral-offloading, MoE-Infinity, Fiddler, ...)
 PUBLISHED_GPUS = {
     "t4", "rtx3060", "rtx3080_mobile", "rtx3090", "rtx_a5000", "rtx_a6000", "quadro_rtx6000", "l4",
+    "quadro_rtx5000",
 }
 SHIPPED = {
     "v100_pcie", "v100_sxm2", "jetson_agx_orin", "jetson_orin_nano", "a100_sxm4", "a100_pcie",
