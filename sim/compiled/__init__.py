@@ -260,7 +260,7 @@ def mi_arrays(sim: Simulation | None) -> tuple[Any, ...]:
     if sim is None:
         z2, z1 = np.zeros((1, 1)), np.zeros(2, np.int64)
         mt = (z2, z2, np.zeros((1, 1), np.int32), z2, np.zeros((1, 1), np.int16),
-              np.zeros((1, 1), np.int16), np.zeros(4, np.int64), np.zeros((1, 1, 1)),
+              np.zeros((1, 1), np.int16), np.zeros(4, np.int64), np.zeros((1, 1, 1), np.int64),
               np.zeros((1, 1, 1), np.int64), np.zeros((1, 2), np.int64), np.zeros((1, 1, 1)),
               np.zeros((1, 1, 1)))
         return (z2, mt, np.zeros(1), np.zeros((1, 1), np.int32), np.full(1, -1, np.int64), z2,
@@ -309,7 +309,7 @@ def _matcher_tables(eamc: Any, w: Any, most: int) -> tuple[np.ndarray, ...]:
     run = np.array([0, 0, int(eamc.mask), -1], np.int64)
     return (unit.T.copy(), unit.copy(), np.ascontiguousarray(counts.T, np.int32), inv.T.copy(),
             np.zeros((ring, num_k), np.int16), np.zeros((ring, num_l), np.int16), run,
-            np.zeros((most, num_l, cap)), np.zeros((most, cap, num_l), np.int64),
+            np.zeros((most, num_l, cap), np.int64), np.zeros((most, cap, num_l), np.int64),
             np.zeros((most, 2), np.int64), np.zeros((most, cap, num_l)),
             np.zeros((most, num_l, (cap + 31) // 32 + 1)))
 

@@ -173,9 +173,10 @@ def _running(rid, s, req_off, req_ids):
 # ``EAMC.observe`` made them: so most slots' float dot products are never computed.
 # mt (sim.compiled.mi_arrays): unit rows [L E, slots] and [slots, L E], counts [L E, slots]
 # (int32), inverse row norms [L, slots], the ring of routed experts [R, L E] and how many per
-# layer [R, L], run scalars (G_*), and per live request: integer dot products [L, slots], the
-# step each float dot product is exact up to (exclusive) [slots, L], M_MIN / M_LAST, and the
-# float dot products [slots, L] (one slot's contiguous: a match sums a few slots whole).
+# layer [R, L], run scalars (G_*), and per live request: integer dot products [L, slots]
+# (int64), the step each float dot product is exact up to (exclusive) [slots, L], M_MIN /
+# M_LAST, the float dot products [slots, L] (one slot's contiguous: a match sums a few slots
+# whole), and the maxima of the approximate suffix sums (``_approx_suffixes``).
 G_OFF, G_NS, G_LAZY, G_STEP = 0, 1, 2, 3  # step offset of this call, its steps, lazy?, ring row
 M_MIN, M_LAST = 0, 1  # no marker below M_MIN; the last step the request was routed in
 
@@ -209,7 +210,7 @@ def _live(rid, g, upto, lazy, lrid, leam, lsq, lrsum, ldots, mt, S):
         lip, lmk, ldx = mt[7], mt[8], mt[10]
         for i in range(lip.shape[1]):
             for c in range(lip.shape[2]):
-                lip[li, i, c] = 0.0
+                lip[li, i, c] = 0
         for c in range(lmk.shape[1]):
             for i in range(lmk.shape[2]):
                 lmk[li, c, i] = g + 1 if i < upto else g
@@ -227,9 +228,9 @@ def _lazy_refresh(li, idx, g, leam, ldots, mt, S):
     cnt, lip, lmk, ldx = mt[2], mt[7], mt[8], mt[10]
     for i in range(num_l):
         b = i * num_e
-        v = 0.0
+        v = 0
         for e in range(num_e):
-            v += cnt[b + e, idx] * leam[li, b + e]
+            v += cnt[b + e, idx] * int(leam[li, b + e])
         lip[li, i, idx] = v
         lmk[li, idx, i] = g
         ldx[li, idx, i] = ldots[li, i, idx]
@@ -300,8 +301,8 @@ def _step_start(g, mt, lrid, S):
 
 @fn
 def _count_sums(cnt, b, ebuf, m, n, out):
-    """``out[c] +=`` slot ``c``'s counts summed over the experts ``b + ebuf[:m]`` (integers, as
-    floats: exact in any order)."""
+    """``out[c] +=`` slot ``c``'s counts summed over the experts ``b + ebuf[:m]`` (integers:
+    exact in any order; ``out`` holds integers, as int64 or as floats)."""
     t = 0
     while t + 2 < m:
         ua = cnt[b + ebuf[t]]
@@ -334,13 +335,14 @@ def _approx_suffixes(li, lo, n, mt, ldots, buf, S):
         after = ldots[li, num_l + t + 1]
         ip = lip[li, t + 1]
         iv = inv[t + 1]
-        for c in range(n):
-            out[c] = after[c] + ip[c] * (iv[c] * w)
         bm = lbm[li, t]
-        row = out[0]
-        for q in range((n + SCAN - 1) // SCAN):
+        row = -INF
+        for q in range((n + SCAN - 1) // SCAN):  # the sums and their block's maximum
             c0 = q * SCAN
-            hi = _top(out, c0, min(c0 + SCAN, n))
+            c1 = min(c0 + SCAN, n)
+            for c in range(c0, c1):
+                out[c] = after[c] + ip[c] * (iv[c] * w)
+            hi = _top(out, c0, c1)
             bm[q + 1] = hi
             row = hi if hi > row else row
         bm[0] = row
@@ -565,7 +567,7 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, mt, lrid, leam, lsq, lrs
             else:
                 col = buf[3]
                 for c in range(n):
-                    ip[c] += col[c]
+                    ip[c] += int(col[c])
             if n == 1:  # numpy's pairwise order: applied now, the replay sums in another
                 mt[10][li, 0, j] += buf[2, 0]
                 mt[8][li, 0, j] = g + 1
