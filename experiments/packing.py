@@ -80,6 +80,9 @@ def unpack(packed: Sequence[str]) -> list[tuple[int, list[str]]]:
 
 PACK_FILE = "moesim_pack@"  # a submitted pack's first override: its file (see _Packed)
 PACKS_DIR = ".packs"  # under the sweep folder: one folder of pack files per launch
+# A pack folder or temporary file untouched this long belongs to no launch still writing it
+# (a pack file is written in milliseconds).
+SETTLED_S = 60.0
 
 
 class _ComposesOnce:
@@ -186,16 +189,22 @@ class _Packed(_ComposesOnce):
         path = Path(sweep_overrides[0][len(PACK_FILE):])
         try:
             runs, shipped = read_pack(path)
+            hashes = current_hashes(shipped)
         except FileNotFoundError:
-            raise RuntimeError(f"pack file {path} is gone: its runs were run by an earlier "
-                               "task, or the file was removed; rerun the sweep (finished runs "
-                               "are skipped by config hash)") from None
+            # Removed by an earlier copy of this task (a requeue signalled between the removal
+            # below and submitit's result file) or by hand: the overrides travel beside the
+            # file, so each run is composed here instead (and its finished runs are skipped
+            # by config hash, as in any rerun).
+            print(f"note: pack file {path} is gone; composing its runs from their overrides",
+                  file=sys.stderr, flush=True)
+            runs = [(num, overrides, None) for num, overrides in unpack(sweep_overrides[1:])]
+            hashes = {}
         returns = run_pack(self.hydra_context, self.config,  # type: ignore[attr-defined]
-                           self.task_function, runs, current_hashes(shipped),  # type: ignore[attr-defined]
+                           self.task_function, runs, hashes,  # type: ignore[attr-defined]
                            job_id=submitit.JobEnvironment().job_id)
-        # Every run of the pack has returned (a failed run too: run_job records it), so no
-        # requeue reads the file again; a preempted task never gets here, and its requeued
-        # copy still finds it. A launcher killed before its tasks returned thus leaves only
+        # Every run of the pack has returned (a failed run too: run_job records it), so a
+        # requeue has nothing left to run; a task preempted before this point keeps the file
+        # for its requeued copy. A launcher killed before its tasks returned thus leaves only
         # the files of tasks that never finished (see tidy_packs).
         path.unlink(missing_ok=True)
         return returns
@@ -218,19 +227,29 @@ def tidy_packs(packs_dir: Path) -> PacksLeft:
     of tasks killed before their runs returned, or still queued, which only the user can
     tell apart (a SLURM queue is not this process's to read), so they are reported, not
     removed."""
+    import time
+
     if not packs_dir.is_dir():
         return PacksLeft()
     files, size = 0, 0
+    settled = time.time() - SETTLED_S
     for folder in sorted(packs_dir.iterdir()):
-        if not folder.is_dir():
-            continue
-        pkls = list(folder.glob("*.pkl"))
-        if not pkls:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-            continue
-        files += len(pkls)
-        size += sum(f.stat().st_size for f in pkls)
+        with contextlib.suppress(FileNotFoundError):  # (its last task just removed it)
+            if not folder.is_dir() or folder.stat().st_mtime > settled:
+                continue  # a concurrent launch may be writing it right now
+            for tmp in folder.glob(".*.tmp"):  # write_pack cut short: never handed to a task
+                with contextlib.suppress(FileNotFoundError):
+                    if tmp.stat().st_mtime <= settled:
+                        tmp.unlink()
+            left = 0
+            for f in folder.glob("*.pkl"):
+                with contextlib.suppress(FileNotFoundError):  # its task is removing it
+                    size += f.stat().st_size
+                    left += 1
+            if not left:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+            files += left
     return PacksLeft(files, size / 1e6)
 
 

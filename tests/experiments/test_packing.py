@@ -112,7 +112,7 @@ def _composed(sweep: Path, trace: Path, policies: list[str]) -> tuple[object, li
 
 
 def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
     """The task never composes (its loader refuses), reads each input's hash from the sweep
     unless the input's files changed since (then hashes it once for the whole pack), and runs
     every run of its pack even when one fails."""
@@ -167,9 +167,6 @@ def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
 
     returns = run_task()
     assert not path.exists()  # its runs returned (a failed one too): the task removed it
-    with pytest.raises(RuntimeError, match=r"pack file .*0\.pkl is gone"):
-        task([f"{packing.PACK_FILE}{path}"], "hydra.sweep.dir", 0, "job_id_for_0",
-             Singleton.get_state())
     assert [r.status for r in returns] == [JobStatus.COMPLETED, JobStatus.FAILED,
                                            JobStatus.COMPLETED]
     assert [r.return_value for r in returns if r.status == JobStatus.COMPLETED] == \
@@ -188,6 +185,34 @@ def test_a_submitit_pack_runs_the_configs_the_sweep_composed(
     assert hashed == ["lru"]  # its hash is stale: hashed again, once for the pack
     assert {h for _, h in _RAN} == {real(pickle.loads(configs[0]))} != {digest}
 
+    # The file gone (a requeued copy after the task removed it, or removed by hand): the runs
+    # are composed in the task from the overrides that travel beside the file.
+    assert not path.exists()
+    by_policy = dict(zip(["policy=lru", "policy=fifo", "policy=belady"], configs, strict=True))
+
+    class _ComposesKnown:
+        def load_sweep_config(self, master_config: object, sweep_overrides: list[str]) -> object:
+            return pickle.loads(by_policy[sweep_overrides[0]])
+
+    task.hydra_context = HydraContext(config_loader=_ComposesKnown(), callbacks=Callbacks())
+    _RAN.clear()
+    listed = packing.pack([[o] for o in by_policy], 0, 3)[0]
+    again = task([f"{packing.PACK_FILE}{path}", *listed], "hydra.sweep.dir", 0, "job_id_for_0",
+                 Singleton.get_state())
+    assert [p for p, _ in _RAN] == ["lru", "fifo", "belady"] and len(again) == 3
+    assert "composing its runs from their overrides" in capsys.readouterr().err
+
+
+def _age(*paths: Path) -> None:
+    """As if written before ``packing.SETTLED_S``: a launch long gone, not one writing now."""
+    import os
+
+    from moesim.experiments import packing
+
+    for p in paths:
+        old = p.stat().st_mtime - 2 * packing.SETTLED_S
+        os.utime(p, (old, old))
+
 
 def test_tidy_packs_removes_empty_folders_and_counts_the_files_left(tmp_path: Path) -> None:
     """A launcher killed before its tasks returned: the folders whose tasks all removed their
@@ -197,11 +222,17 @@ def test_tidy_packs_removes_empty_folders_and_counts_the_files_left(tmp_path: Pa
     packs = tmp_path / ".packs"
     assert not packing.tidy_packs(packs)  # no folder: nothing left
     (packs / "done").mkdir(parents=True)
+    (packs / "writing").mkdir()  # a concurrent launch between its mkdir and its first file
     packing.write_pack(packs / "killed" / "0.pkl", [(0, ["policy=lru"], None)], {})
     packing.write_pack(packs / "killed" / "3.pkl", [(3, ["policy=fifo"], None)], {})
+    (packs / "cut" / ".0.pkl.tmp").parent.mkdir()
+    (packs / "cut" / ".0.pkl.tmp").write_bytes(b"half a pickle")  # a launcher killed mid-write
     (packs / "stray.txt").write_text("not a launch's folder")
+    _age(packs / "cut" / ".0.pkl.tmp", packs / "done", packs / "killed", packs / "cut")
     left = packing.tidy_packs(packs)
     assert not (packs / "done").exists() and (packs / "killed").is_dir()
+    assert (packs / "writing").is_dir()  # too fresh to be anyone's leftover
+    assert not (packs / "cut").exists()
     assert left.files == 2 and left
     size = sum(f.stat().st_size for f in (packs / "killed").glob("*.pkl"))
     assert left.mb == pytest.approx(size / 1e6)
@@ -269,6 +300,7 @@ def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) 
     # a launcher killed earlier: one folder its tasks emptied, one task that never finished
     (sweep / ".packs" / "emptied").mkdir(parents=True)
     packing.write_pack(sweep / ".packs" / "killed" / "1.pkl", [(1, ["policy=lru"], None)], {})
+    _age(sweep / ".packs" / "emptied", sweep / ".packs" / "killed")
     again = subprocess.run(found["packed_local"][1], cwd=tmp_path, capture_output=True,
                            text=True, timeout=300, check=False)
     assert again.returncode == 2, again.stderr[-3000:]
