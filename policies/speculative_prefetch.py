@@ -32,9 +32,21 @@ class SpeculativePrefetch(OraclePrefetch):
         recall = float(setup.params.get("recall", 0.8))
         if not 0.0 <= recall <= 1.0:
             raise PolicyError(f"speculative_prefetch: recall must be in [0, 1], got {recall}")
-        keys = setup.future.keys
-        drop = setup.rng.random(keys.shape) >= recall
-        self.table: np.ndarray = np.where(drop, np.int32(-1), keys).astype(keys.dtype)
+        self.recall = recall
+        self.table: np.ndarray = self.thin(setup.rng, recall, setup.future.keys)
+
+    @staticmethod
+    def thin(rng: np.random.Generator, recall: float, keys: np.ndarray,
+             width: int | None = None) -> np.ndarray:
+        """``keys`` (``[steps, layers, k]``, -1 padded) with each kept with probability
+        ``recall``: one draw per slot of ``[steps, layers, width]`` in order, ``width`` the
+        run's widest step (default: ``keys``' own). A streamed run thins chunk by chunk with
+        the run's width, so its draws are the in-memory table's wherever the chunks are cut."""
+        width = keys.shape[2] if width is None else width
+        if keys.shape[2] > width:
+            raise ValueError(f"keys {keys.shape[2]} wide, beyond the run's widest step {width}")
+        drop = rng.random((keys.shape[0], keys.shape[1], width)) >= recall
+        return np.where(drop[:, :, :keys.shape[2]], np.int32(-1), keys).astype(keys.dtype)
 
     def issue(self, ctx, layer: int) -> None:
         num_layers = ctx.shape.num_layers

@@ -40,7 +40,7 @@ steps' keys and that many steps after it (:func:`_oracle_tables`: the following 
 read ahead, as many as the window spans, and held until replayed); the window stops short
 only where the run ends, and the kernel asks for nothing past the table's last row, as the
 in-memory run does past its last step. ``speculative_prefetch`` thins each chunk's keys with
-its own generator's draws in the in-memory table's order (:class:`_Thinned`).
+its own generator's draws in the in-memory table's order (``SpeculativePrefetch.thin``).
 
 Refused with one error naming the option (never an in-memory fallback): prefetchers that read
 a prediction table (prediction replay, MoE-Beyond: the table is keyed by request id and
@@ -51,9 +51,10 @@ SimPy engine.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -430,7 +431,8 @@ def _window_steps(num_l: int, ahead: int) -> int:
 
 
 def _oracle_tables(chunks: Iterable[tuple[Workload, np.ndarray]], window: int,
-                   thin: Any = None) -> Iterator[tuple[Workload, np.ndarray, np.ndarray]]:
+                   thin: Callable[[np.ndarray], np.ndarray] | None = None,
+                   ) -> Iterator[tuple[Workload, np.ndarray, np.ndarray]]:
     """Each chunk with the oracle's table for it: its own steps' keys and those of the next
     ``window`` steps (fewer only where the run ends), read ahead from as many following
     chunks as they span and held until replayed. ``thin(keys)``: the keys the prefetcher
@@ -472,23 +474,6 @@ def _oracle_tables(chunks: Iterable[tuple[Workload, np.ndarray]], window: int,
                 table[s:s + r.shape[0], :, :r.shape[2]] = r
                 s += r.shape[0]
         yield w, running, table
-
-
-class _Thinned:
-    """``speculative_prefetch``'s table, chunk by chunk: each step's experts kept with
-    probability ``recall``, drawn from the prefetcher's own generator in the in-memory
-    table's order (``rng.random`` over ``[steps, layers, width]``, the run's widest step as
-    the width: the draws of a step do not depend on where the chunks are cut). ``width``
-    None: every chunk is the run's width (batch 1 decode)."""
-
-    def __init__(self, rng: np.random.Generator, recall: float, width: int | None) -> None:
-        self.rng, self.recall, self.width = rng, recall, width
-
-    def __call__(self, keys: np.ndarray) -> np.ndarray:
-        width = keys.shape[2] if self.width is None else self.width
-        assert keys.shape[2] <= width, "a chunk wider than the run's widest step"
-        drop = self.rng.random((keys.shape[0], keys.shape[1], width)) >= self.recall
-        return np.where(drop[:, :, :keys.shape[2]], np.int32(-1), keys).astype(keys.dtype)
 
 
 def simulate_stream(
@@ -611,8 +596,8 @@ def simulate_stream(
                 # batch 1 decode: every chunk is as wide as the whole run (a token's k columns)
                 widest = (max(1, int(outline.widths.max())) if batched and outline is not None
                           else None)
-                recall = float(pf.setup.params.get("recall", type(pf).params["recall"]))
-                thin = _Thinned(pf.setup.rng, recall, widest)
+                thin = functools.partial(SpeculativePrefetch.thin, pf.setup.rng, pf.recall,
+                                         width=widest)
             steps = _oracle_tables(chunks(width), _window_steps(shape.num_layers, pf._ahead),
                                    thin)
         else:

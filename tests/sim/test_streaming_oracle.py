@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from moesim.policies.speculative_prefetch import SpeculativePrefetch
 from moesim.sim import SimulationError, build_workload, simulate
-from moesim.sim.stream import _oracle_tables, _Thinned, _window_steps, simulate_stream
+from moesim.sim.stream import _oracle_tables, _window_steps, simulate_stream
 from moesim.traces import load_trace
 from moesim.traces.trace import RequestRouting, Trace
 from tests.sim.test_streaming import (
@@ -174,7 +175,10 @@ def test_thinned_chunks_draw_as_the_whole_table(seed: int, n: int, cuts: list[in
     keys = np.where(valid, rng.integers(0, 9, (n, 2, width)), -1).astype(np.int32)
     drop = np.random.default_rng(seed + 1).random(keys.shape) >= recall
     want = np.where(drop, np.int32(-1), keys)
-    thin = _Thinned(np.random.default_rng(seed + 1), recall, width)
+    chunk_rng = np.random.default_rng(seed + 1)
+
+    def thin(part: np.ndarray) -> np.ndarray:
+        return SpeculativePrefetch.thin(chunk_rng, recall, part, width=width)
     got, s = [], 0
     for cut in [*cuts, n]:
         part = keys[s:s + cut]
