@@ -501,7 +501,8 @@ class RuntimeCompute:
     shared expert call adds ``expert_s`` and, with a dequantising runtime, reading its packed
     weights once more at ``dequant_Bps``. With ``per_token`` (``compute.expert_calls``) a
     routed expert with ``n`` tokens is ``n`` single-token calls: ``n`` times one token's time,
-    host part included (each call reads the expert's weights again)."""
+    host part included (each call reads the expert's weights again). GPU experts only: a
+    CPU-placed expert's time is the host side's (``apply_runtime_cpu``)."""
 
     base: Any  # ComputeTimes
     layers: int

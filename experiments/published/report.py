@@ -130,7 +130,10 @@ def _row(entry: Entry, preds: Predictions) -> dict[str, Any]:
     role = "calibration" if entry.id in CALIBRATION.get(entry.runtime, ()) else "held_out"
     row: dict[str, Any] = {
         "id": entry.id, "source": entry.source.id, "model": entry.model, "gpu": entry.gpu,
-        "hw": entry.hw, "runtime": entry.runtime, "metric": entry.metric,
+        "hw": entry.hw, "runtime": entry.runtime,
+        # the entry's own structural rules on top of the runtime (what ran, beside its name)
+        "runtime_options": ";".join(f"{k}={v}" for k, v in sorted(entry.runtime_options.items())),
+        "metric": entry.metric,
         "cache": ",".join(f"{k}={v}" for k, v in entry.cache.items()),
         "prefetch": entry.prefetch, "bits": entry.bits("experts"), "measured": entry.value,
         "predicted": math.nan, "ratio": math.nan, "role": role, "not_predictable": "",
