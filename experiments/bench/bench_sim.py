@@ -18,7 +18,7 @@ a few policies (beside that replay) and merges them into the existing file as a 
 
     python -m moesim.experiments.bench.bench_sim [--traces DIR] [--out FILE] [--reps N] [--sweep]
     python -m moesim.experiments.bench.bench_sim --only "moe_infinity_priority,lru"
-    python -m moesim.experiments.bench.bench_sim --mi --reps 3
+    python -m moesim.experiments.bench.bench_sim --mi --reps 3 [--before DIR --before-label C]
 """
 
 from __future__ import annotations
@@ -370,14 +370,59 @@ def partial(args: argparse.Namespace, trace: Any, sub: Any, env: dict[str, Any],
 MI_POLICIES = ("lru", "moe_infinity_priority", "moe_infinity")
 
 
-def moe_infinity_speed(trace: Any, env: dict[str, Any], reps: int) -> dict[str, Any]:
+# --mi --before DIR: the same moe_infinity run by another version of the package (DIR holds
+# a ``moesim`` folder laid out as installed, e.g. a copy of an older commit), in a child that
+# keeps the trace loaded and times one run per line it reads, interleaved with the others
+_BEFORE_CHILD = r"""
+import json, sys, time
+from moesim.experiments.inputs import trace_file
+from moesim.hw_profiles import load_profile
+from moesim.sim import dense_layers_before, simulate
+from moesim.traces import load_trace
+from moesim.traces.model_card import load_card
+src, cap = sys.argv[1], int(sys.argv[2])
+trace = load_trace(trace_file(src, "moe-beyond-csv"))
+card, prof = load_card("deepseek_v2_lite"), load_profile("v100_pcie")
+kw = dict(capacity=cap, mode="timed", link=prof.expert_link(), compute=prof.compute_model(card),
+          dense_before=dense_layers_before(trace.meta.moe_layers, 27), batch=1)
+simulate(trace.subset(2), "moe_infinity", **kw)
+print("ready", flush=True)
+for _ in sys.stdin:
+    t = time.process_time()
+    s = simulate(trace, "moe_infinity", **kw).summary
+    print(json.dumps({"cpu_s": time.process_time() - t, "engine": s["sim_engine"],
+                      "hit_rate": s["hit_rate"], "stall_time_s": s["stall_time_s"],
+                      "prefetch_transfers": s["prefetch_transfers"]}), flush=True)
+"""
+
+
+def _before_child(before: str, src: str, cap: int) -> subprocess.Popen[str]:
+    """The child timing ``moe_infinity`` with the package in ``before`` (its own numba cache
+    folder, so that the two versions' kernels do not replace each other's)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(before).resolve()),
+           "NUMBA_CACHE_DIR": str(Path(before).resolve() / ".numba_cache")}
+    proc = subprocess.Popen([sys.executable, "-c", _BEFORE_CHILD, src, str(cap)], env=env,
+                            cwd=tempfile.gettempdir(), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    if proc.stdout.readline().strip() != "ready":
+        raise RuntimeError(f"--before {before}: the child did not start")
+    return proc
+
+
+def moe_infinity_speed(trace: Any, env: dict[str, Any], reps: int, before: str = "",
+                       before_label: str = "", src: str = "") -> dict[str, Any]:
     """CPU seconds of the compiled LRU and MoE-Infinity's policies on the whole trace at batch
     1 and of libCacheSim's LRU replay of the same access stream, interleaved, best of
-    ``reps``; token-layers per CPU-s and the ratios to both LRUs (CPU time / LRU's)."""
+    ``reps``; token-layers per CPU-s and the ratios to both LRUs (CPU time / LRU's). With
+    ``before``, also ``moe_infinity`` by that version of the package (``_before_child``),
+    whose metrics must equal this one's."""
     stream = _stream(trace)
     best = dict.fromkeys(("libcachesim lru", *MI_POLICIES), math.inf)
     rows: dict[str, dict[str, Any]] = {}
     loads = [os.getloadavg()[0]]
+    child = _before_child(before, src, env["cap"]) if before else None
+    old = f"moe_infinity (before: {before_label or before})"
     with tempfile.TemporaryDirectory() as tmp:
         _lcs(stream, env["cap"], "LRU", Path(tmp))  # warm-up
         for label in MI_POLICIES:  # load or compile the kernels once
@@ -385,6 +430,13 @@ def moe_infinity_speed(trace: Any, env: dict[str, Any], reps: int) -> dict[str, 
         for _ in range(reps):
             best["libcachesim lru"] = min(best["libcachesim lru"],
                                           _lcs(stream, env["cap"], "LRU", Path(tmp))[0])
+            if child is not None:
+                assert child.stdin is not None and child.stdout is not None
+                child.stdin.write("go\n")
+                child.stdin.flush()
+                got = json.loads(child.stdout.readline())
+                best[old] = min(best.get(old, math.inf), got.pop("cpu_s"))
+                rows[old] = {"policy": old, **got}
             for label in MI_POLICIES:
                 cfg = POLICIES[label]
                 dt, res = _cpu(lambda c=cfg: simulate(trace, c, **_kwargs(trace, c, 1, env)))
@@ -394,8 +446,14 @@ def moe_infinity_speed(trace: Any, env: dict[str, Any], reps: int) -> dict[str, 
                                "hit_rate": s["hit_rate"], "stall_time_s": s["stall_time_s"],
                                "prefetch_transfers": s["prefetch_transfers"]}
             loads.append(os.getloadavg()[0])
+    if child is not None:
+        child.communicate("")
+        keys = ("hit_rate", "stall_time_s", "prefetch_transfers")
+        if any(rows[old][k] != rows["moe_infinity"][k] for k in keys):
+            raise RuntimeError(f"--before: {old} and moe_infinity differ: {rows[old]} vs "
+                               f"{rows['moe_infinity']}")
     out = []
-    for label in MI_POLICIES:
+    for label in (*MI_POLICIES, *([old] if child is not None else [])):
         cpu = best[label]
         out.append({**rows[label], "cpu_s": round(cpu, 3),
                     "m_token_layers_per_cpu_s": round(trace.num_rows / cpu / 1e6, 3),
@@ -416,6 +474,10 @@ def main() -> None:
     ap.add_argument("--mi", action="store_true", help="only MoE-Infinity's policies beside "
                     "the compiled and libCacheSim LRU (batch 1, whole trace) into "
                     "experiments/bench/results/bench_mi.json")
+    ap.add_argument("--before", default="", help="with --mi: also time moe_infinity by the "
+                    "package in this folder (holding a `moesim` folder laid out as installed, "
+                    "e.g. a copy of an older commit), interleaved; its metrics must be the same")
+    ap.add_argument("--before-label", default="", help="what --before is (e.g. its commit)")
     ap.add_argument("--only", default="", help="comma-separated policy labels: measure just "
                     "these (and libCacheSim's LRU) and merge them into --out as a new run")
     args = ap.parse_args()
@@ -430,7 +492,8 @@ def main() -> None:
            "dense": dense_layers_before(trace.meta.moe_layers, 27)}
     sub = trace.subset(args.simpy_requests)
     if args.mi:
-        res = {**moe_infinity_speed(trace, env, args.reps), "conditions": _conditions(load0)}
+        res = {**moe_infinity_speed(trace, env, args.reps, args.before, args.before_label,
+                                    str(src)), "conditions": _conditions(load0)}
         out = Path(args.out).with_name("bench_mi.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(res, indent=1) + "\n")
