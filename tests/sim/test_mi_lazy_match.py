@@ -94,3 +94,26 @@ def test_long_requests_and_many_slots(monkeypatch: pytest.MonkeyPatch) -> None:
         policy = {"name": "moe_infinity", "eviction": eviction}
         ref, acc, _ = _both(monkeypatch, trace, policy, _kw("timed", 1, 30))
         assert np.array_equal(ref, acc[: ref.shape[0]])
+
+
+def test_eager_masked_fallback_gives_the_same_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without per-request lazy tables for every live request (a streamed run that re-sizes
+    its live buffers) the masked match runs eagerly, on the same matcher tables."""
+    orig = compiled.mi_arrays
+
+    def eager(sim: Any) -> tuple[Any, ...]:
+        out = orig(sim)
+        if sim is None:
+            return out
+        mt = list(out[1])
+        mt[7] = mt[7][:0]  # sized for no live request: _lazy is false
+        return (out[0], tuple(mt), *out[2:])
+
+    monkeypatch.setattr(compiled, "mi_arrays", eager)
+    trace = random_trace(num_requests=8, tokens=8, layers=4, experts=8, top_k=2, seed=11)
+    for batch in (1, 2):
+        for cap in (3, 50):
+            policy = {"name": "moe_infinity", "eamc_capacity": cap}
+            ref, acc, mt = _both(monkeypatch, trace, policy, _kw("timed", batch, 12))
+            assert mt[7].shape[0] == 0
+            assert np.array_equal(ref, acc[: ref.shape[0]]), (batch, cap)
