@@ -355,12 +355,13 @@ def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
     order, and the first least distance among them wins, as over all slots.
 
     Why ``tol`` suffices: a float dot product is a sum of at most ``lrsum`` (+ a row's
-    experts) positive terms, each within a relative ``u = 2**-53`` of the real one, so it is
-    within ``(lrsum + E) u`` of ``C.eam / |C|`` relatively; the norms, products and the sum
-    over at most L cosines (each <= 1) add ``(E + L + 8) u``: both the approximate and the
-    exact sum lie within ``L (lrsum + E + 64) 1.2e-16`` of the real one, and ``tol`` is four
-    times that (plus 1e-12): a slot left out is below the best by more than the rounding of
-    ``1 - (masked + sum) / L`` can hide."""
+    experts) positive terms, each within a relative ``2u`` (``u = 2**-53``: a square root and
+    a division) of the real one, so it is within ``(lrsum + E + 2) u`` of ``C.eam / |C|``
+    relatively (in any order of the additions); the norms, products and the sum
+    over at most L cosines (each <= 1) add ``(L + 10) u``: both the approximate and the
+    exact sum lie within ``L (lrsum + E + L + 64) 1.2e-16`` of the real one, and ``tol`` is
+    four times that (plus 1e-12): a slot left out is below the best by more than the rounding
+    of ``1 - (masked + sum) / L`` can hide."""
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     most = 0.0
     later = False  # a later layer routed: the sums can differ (else every slot's is 0)
@@ -385,7 +386,7 @@ def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
         lrsum[li, num_l] = s
     suf = ldots[li, num_l + j]
     bm = mt[11][li, j]
-    floor = bm[0] - (1e-12 + 4.8e-16 * num_l * (most + num_e + 64))
+    floor = bm[0] - (1e-12 + 4.8e-16 * num_l * (most + num_e + num_l + 64))
     best = -1
     best_d = INF
     for q in range((n + SCAN - 1) // SCAN):  # only the blocks that reach the floor
