@@ -183,6 +183,12 @@ def _render_bench_stream(res: dict[str, Any]) -> str:
     return render(res)
 
 
+def _bench_stream_oracle() -> dict[str, Any]:
+    from moesim.experiments.bench.bench_stream import ORACLE_JSON
+
+    return json.loads(ORACLE_JSON.read_text())
+
+
 BENCH_DIR = Path(__file__).resolve().parent / "bench" / "results"
 
 
@@ -581,6 +587,8 @@ BLOCKS: dict[str, Block] = {
     "bench_sim": (_bench_sim, _render_bench_sim, None),
     # experiments/bench/bench_stream.py writes and renders it
     "bench_stream": (_bench_stream, _render_bench_stream, None),
+    # the same benchmark for the oracle prefetcher (bench_stream --policies oracle_prefetch)
+    "bench_stream_oracle": (_bench_stream_oracle, _render_bench_stream, None),
     # experiments/bench/bench_sweep.py and bench_sim.py --mi write them
     "bench_sweep": (lambda: json.loads((BENCH_DIR / "bench_sweep.json").read_text()),
                     render_bench_sweep, None),

@@ -16,6 +16,9 @@ stream is the 1x stream N times), measured in this run as ``bench_sim`` measures
     python -m moesim.experiments.bench.bench_stream --report   # the table from the JSON
     python -m moesim.experiments.bench.bench_stream --batch 8 --scales 1,8 --lcs-scales 1
         # batches of 8: results/bench_stream_b8.json (the batch-1 file is the docs' figures)
+    python -m moesim.experiments.bench.bench_stream --policies oracle_prefetch --scales 1,8 \
+        --lcs-scales 1,8 --out experiments/bench/results/bench_stream_oracle.json
+        # the oracle prefetcher, streamed with its look-ahead window
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from moesim.experiments.bench.bench_sim import _conditions, _cpu, _stream
 
 ROOT = Path(__file__).resolve().parents[2]
 JSON = ROOT / "experiments/bench/results/bench_stream.json"
+# the oracle prefetcher's rows (--policies oracle_prefetch --out <this>): its own file, measured
+# in its own run beside its own libCacheSim anchor
+ORACLE_JSON = JSON.with_name("bench_stream_oracle.json")
 
 # One run in a child: argv = out.json trace.parquet policy chunk (0: in memory) batch. It writes the
 # summary and its own peak RSS (VmHWM: a child's ru_maxrss on Linux may carry the parent's).
