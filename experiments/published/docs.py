@@ -102,8 +102,8 @@ def render_table(pred: pd.DataFrame) -> str:
                   "| role |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in g.itertuples():
-            opts = getattr(r, "runtime_options", "")
-            runtime = f"{r.runtime} ({opts})" if isinstance(opts, str) and opts else r.runtime
+            opts = r.runtime_options  # NaN where the entry has none (an empty CSV cell)
+            runtime = f"{r.runtime} ({opts})" if isinstance(opts, str) else r.runtime
             lines.append(f"| `{r.id}` | {r.hw} | {runtime} | {r.metric} | {_num(r.measured)} "
                          f"| {_num(r.predicted)} | {r.ratio:.2f} | {r.role.replace('_', ' ')} |")
         lines.append("")
