@@ -52,6 +52,13 @@ CALIBRATION: dict[str, tuple[str, ...]] = {
     # ran whole layers, attention included, on the CPU there: placement cpu_layers, not
     # predictable, so the bf16 factor is an estimate again.)
     "llama_cpp": ("lcpp1017_a100_decode",),
+    # DeepSpeed ZeRO-Inference: the MoE-Infinity README's batch-1 latency table, its two
+    # DeepSpeed cells with a routing trace (Mixtral-8x7B, DeepSeek-V2-Lite), as moe_infinity is
+    # calibrated on that same table. Rule: one source, one table, batch 1; 2 of the runtime's 7
+    # predictable entries (MoE-Gen's four Table 9 cells and the README's batch-32 Mixtral
+    # throughput are held out; switch/NLLB have no trace, MoE-Lightning's are whole requests).
+    # Declared in session 11 before any DeepSpeed entry was predicted.
+    "deepspeed": ("mi_lat_ds_mixtral", "mi_lat_ds_dsv2l"),
 }
 # Declared structural alternatives (runtime -> YAML key -> choices), fitted like parameters.
 STRUCTURES: dict[str, dict[str, tuple[str, ...]]] = {
