@@ -224,6 +224,32 @@ def _runtime_options(where: str, raw: Any) -> dict[str, str]:
     return out
 
 
+# llama.cpp's build eras for MoE decode on CUDA (the runtime profiles' headers give the code
+# evidence): up to about b5159 every MoE matmul copied the routing ids to the host and MoE
+# graphs were never captured (``llama_cpp``); from PR #13014 (2025-04-22, about b5160) a
+# batch-1 step has no host sync and runs as one CUDA graph (``llama_cpp_graphs``). The boundary
+# is interpolated from dated releases (+-60 builds), so builds near it are refused as unsure.
+LLAMA_CPP_ERAS: dict[str, tuple[int, int]] = {"llama_cpp": (0, 5100),
+                                              "llama_cpp_graphs": (5220, 10**6)}
+_BUILD = re.compile(r"\b(?:b|build )(\d{3,6})\b")
+
+
+def _check_build(where: str, runtime: str, version: str) -> None:
+    """A llama.cpp entry whose version states its build must use that build's era profile:
+    the two eras' per-token costs differ several-fold, so a wrong one is not a small error."""
+    era = LLAMA_CPP_ERAS.get(runtime)
+    found = _BUILD.search(version) if era is not None else None
+    if era is None or found is None:
+        return
+    build = int(found.group(1))
+    if era[0] <= build <= era[1]:
+        return
+    fits = [rt for rt, (lo, hi) in LLAMA_CPP_ERAS.items() if lo <= build <= hi]
+    hint = f"use runtime {fits[0]}" if fits else "the build is too near an era boundary to tell"
+    raise _err(where, "runtime", f"{runtime} models llama.cpp builds b{era[0]}-b{era[1]}; "
+                                 f"the version states build {build}: {hint}", runtime)
+
+
 def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
     """Every entry of one source file, defaults merged, validated."""
     where = path.name
@@ -281,6 +307,7 @@ def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
         runtime = _str(w, "runtime", merged.get("runtime"))
         if runtimes is not None and runtime not in runtimes:
             raise _err(w, "runtime", f"unknown runtime; shipped: {', '.join(runtimes)}", runtime)
+        _check_build(w, runtime, str(merged.get("version") or ""))
         phase = merged.get("phase", "decode")
         if phase not in PHASES:
             raise _err(w, "phase", f"must be one of {list(PHASES)}", phase)
