@@ -52,6 +52,11 @@ CALIBRATION: dict[str, tuple[str, ...]] = {
     # ran whole layers, attention included, on the CPU there: placement cpu_layers, not
     # predictable, so the bf16 factor is an estimate again.)
     "llama_cpp": ("lcpp1017_a100_decode",),
+    # llama.cpp's graph era (about b5160 on, ``entries.LLAMA_CPP_ERAS``): its per-token cost
+    # with the whole model on one GPU, on the one such run among its entries (club-3090's RTX
+    # 3090 narrative prompt, build b9603); every run with CPU experts, on other GPUs and hosts,
+    # is held out. Declared in session 11 after those runs had been predicted with llama_cpp.
+    "llama_cpp_graphs": ("club3090_rtx3090_q36_cerebellum_decode_narr",),
     # DeepSpeed ZeRO-Inference: the MoE-Infinity README's batch-1 latency table, its two
     # DeepSpeed cells with a routing trace (Mixtral-8x7B, DeepSeek-V2-Lite), as moe_infinity is
     # calibrated on that same table. Rule: one source, one table, batch 1; 2 of the runtime's 7
