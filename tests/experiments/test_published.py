@@ -88,6 +88,14 @@ def _bad(**change) -> dict:
     ({"entries__0__runtime_options": {"compute.expert_calls": "per_row"}},
      "field 'runtime_options.compute.expert_calls': must be one of"),
     ({"entries__0__runtime_options": ["per_token"]}, "field 'runtime_options': expected"),
+    # a llama.cpp build outside its runtime's era (the build number read from the version)
+    ({"entries__0__runtime": "llama_cpp", "entries__0__version": "llama.cpp b9603"},
+     "field 'runtime': llama_cpp models llama.cpp builds b0-b5100; the version states build "
+     "9603: use runtime llama_cpp_graphs"),
+    ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "build 1629"},
+     "use runtime llama_cpp;"),
+    ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "b5160"},
+     "too near an era boundary to tell"),
 ])
 def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
                                                        words: str) -> None:
@@ -95,6 +103,17 @@ def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: d
         load_entries(_write(tmp_path, _bad(**change)), runtimes=list_runtimes())
     msg = str(err.value)
     assert msg.startswith("src.yaml") and words in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("runtime, version", [
+    ("llama_cpp", "llama.cpp of mid-December 2023; commit not stated"),  # no build: no check
+    ("llama_cpp", "b1629"), ("llama_cpp_graphs", "llama.cpp 5266f24 (build 10809)"),
+    ("hqq_offload", "b9603"),  # only llama.cpp runtimes have eras
+])
+def test_a_build_inside_its_era_loads(tmp_path: Path, runtime: str, version: str) -> None:
+    data = _bad(entries__0__runtime=runtime, entries__0__version=version)
+    a = load_entries(_write(tmp_path, data), runtimes=list_runtimes())[0]
+    assert a.runtime == runtime
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
