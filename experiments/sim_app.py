@@ -373,9 +373,11 @@ def format_summary(row: dict[str, Any], s: dict[str, Any]) -> str:
     def ms(x: float) -> str:
         return "n/a" if x != x else f"{x * 1e3:.3f} ms"
 
+    runtime = row.get("runtime.name")
     lines = [
         f"policy {row.get('policy.name')}  mode {row.get('mode')}  hw {row.get('hw.name')}  "
-        f"cache {row['cache.slots']} experts ({row['cache.capacity_fraction']:.1%})",
+        + (f"runtime {runtime}  " if runtime not in (None, "none") else "")
+        + f"cache {row['cache.slots']} experts ({row['cache.capacity_fraction']:.1%})",
         f"  accesses {s['accesses']:,}  hits {s['hits']:,}  late {s['late_hits']:,}  "
         f"promoted {s['promoted']:,}  misses {s['misses']:,}",
         f"  hit_rate {s['hit_rate']:.4f}  (incl. late {s['hit_rate_incl_late']:.4f})",

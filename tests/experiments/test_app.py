@@ -167,3 +167,14 @@ def test_joblib_sweep_and_plot(tiny_trace, tmp_path):
     best = agg.groupby("cache.capacity_fraction")["hit_rate"].max()
     assert (agg[agg["policy.name"] == "belady"].set_index("cache.capacity_fraction")["hit_rate"]
             == best).all()
+
+
+def test_console_summary_names_the_runtime_that_ran(tiny_trace):
+    """The printed header names a runtime profile when one ran (none: the roofline alone)."""
+    from moesim.experiments.sim_app import format_summary
+
+    base = ["trace=file", f"trace.path={tiny_trace}", "progress=false", "cache.fraction=0.25"]
+    for runtime, shown in (("llama_cpp_graphs", True), ("none", False)):
+        result, row = run(_cfg([*base, f"runtime={runtime}"]))
+        head = format_summary(row, result.summary).splitlines()[0]
+        assert ("runtime llama_cpp_graphs" in head) is shown and "runtime none" not in head
