@@ -405,3 +405,53 @@ def test_qwen36_entries_replay_its_full_top8_trace() -> None:
     dec = prepare(entries["atsinfer_rtx3060_q36_ncmoe18_decode"])
     assert dec.placement == {"name": "static_cpu", "layers": None}
     assert (dec.capacity, dec.partition) == ((40 - 18) * 256, "global")
+
+
+def test_deepspeed_entries_follow_zero3_structure() -> None:
+    """DeepSpeed ZeRO-Inference entries (hw_profiles/runtimes/deepspeed.yaml, read from
+    DeepSpeed v0.14.3): no decoder layer resident (layer_offload, gpu_layers 0), nothing
+    prefetched, no expert cache; routed experts only, one copy per tensor, pageable memory."""
+    from moesim.experiments.published.predict import gpu_layers_of
+
+    ds = [e for e in load_entries(runtimes=list_runtimes()) if e.runtime == "deepspeed"]
+    assert len(ds) == 15
+    for e in ds:
+        assert (e.placement, e.prefetch, e.cache) == ("layer_offload", "none", {"none": True})
+        assert gpu_layers_of(e) == 0
+    rt = load_runtime("deepspeed")
+    assert rt.host_memory == "pageable" and not rt.whole_layer and not rt.swap
+    assert int(rt.tensors_per_expert.value) == 3 and set(rt.fit) == {"copy.per_copy_s",
+                                                                      "copy.efficiency"}
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_deepspeed_layer_cost_closed_form(engine: str) -> None:
+    """A token under the shipped deepspeed runtime with every layer offloaded: per layer its
+    attention, shared-expert and each routed expert's weights copied (3 tensor copies each:
+    3 x per_copy_s + 3 x the link's time for a third of the bytes / efficiency), each followed
+    by its kernels, in series."""
+    from types import SimpleNamespace
+
+    from moesim.hw_profiles.runtime import apply_runtime
+    from moesim.sim import FixedCompute, FixedLink, HostSide, simulate
+    from tests.helpers import trace_from_lists
+
+    base = FixedLink(1e-5, 1e6, 1)
+    comp = FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4, shared_s=1e-4)
+    card = SimpleNamespace(num_experts=4, top_k=2, expert_bytes=1200, shared_bytes_per_layer=0,
+                           num_layers=2)
+    rt = load_runtime("deepspeed")
+    link, compute = apply_runtime(rt, base, comp, card, lambda: base)
+    host = HostSide(activation_bytes=64, dtype_bits=16, attention_bytes=600, shared_bytes=300)
+    res = simulate(trace_from_lists([[[[0, 1], [2, 3]]] * 3], experts=4, expert_bytes=1200),
+                   "lru", capacity=8, link=link, compute=compute, host=host,
+                   placement={"name": "layer_offload", "gpu_layers": 0}, prefill="random",
+                   engine=engine)
+    pc, eff = rt.value("copy.per_copy_s"), rt.value("copy.efficiency")
+
+    def copy(n: int) -> float:
+        return 3 * pc + 3 * (1e-5 + (n // 3) / 1e6) / eff
+
+    layer = (copy(600) + 1e-3 + 1e-4) + (copy(300) + 1e-4) + 2 * (copy(1200) + 3e-4)
+    assert res.summary["total_time_s"] == pytest.approx(3 * 2 * layer, rel=1e-9)
+    assert res.summary["demand_fetches"] == 12 and res.summary["prefetch_transfers"] == 0
