@@ -64,6 +64,10 @@ CALIBRATION: dict[str, tuple[str, ...]] = {
     # throughput are held out; switch/NLLB have no trace, MoE-Lightning's are whole requests).
     # Declared in session 11 before any DeepSpeed entry was predicted.
     "deepspeed": ("mi_lat_ds_mixtral", "mi_lat_ds_dsv2l"),
+    # vLLM --cpu-offload-gb: by the same rule, the MoE-Infinity README's batch-1 vLLM latencies
+    # (Mixtral-8x7B, DeepSeek-V2-Lite): 2 of its 6 predictable entries; MoE-Gen's four Table 9
+    # cells are held out. Declared in session 11 before any vLLM entry was predicted.
+    "vllm": ("mi_lat_vllm_mixtral", "mi_lat_vllm_dsv2l"),
 }
 # Declared structural alternatives (runtime -> YAML key -> choices), fitted like parameters.
 STRUCTURES: dict[str, dict[str, tuple[str, ...]]] = {
