@@ -702,7 +702,9 @@ def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]
     """``compiled.mi_arrays`` of the run's prefetcher (its EAMC, a warm one included) with
     live-request buffers for ``most`` requests (the whole run's most in one step, an upper
     bound of the requests live at once), built on the first chunk; the kernel updates them in
-    place, so later chunks hand them on."""
+    place, so later chunks hand them on. The lazy match's per-request tables (``mt``) get
+    as many rows as the live buffers: with fewer, the kernel falls back to the eager match
+    for the whole run (the same decisions, slower; ``sim/compiled/eamc.py``: ``_lazy``)."""
     from moesim.sim import compiled
 
     facade, sim.workload = sim.workload, w
@@ -717,6 +719,7 @@ def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]
         lrsum[:, num_l] = -1.0
         mi[4:9] = (np.full(most, -1, np.int64), np.zeros((most, num_k)),
                    np.zeros((most, num_l)), lrsum, np.zeros((most, 2 * num_l, cap)))
+        mi[1] = compiled._matcher_tables(sim.prefetcher.eamc, w, most)
     return tuple(mi)
 
 
