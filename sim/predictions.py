@@ -16,12 +16,16 @@ silently prefetches nothing.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from moesim.sim.cache import SimulationError
 from moesim.sim.workload import Workload
+from moesim.traces.errors import TraceError
+from moesim.traces.trace import TraceMeta
 
 DEFAULT_MIN_COVERAGE = 0.99
 
@@ -50,29 +54,12 @@ class PredictionView:
         for rid, pred in per_request.items():
             self._check(int(rid), pred, num_l, num_e)
         self.num_steps = workload.num_steps
-        self.table, missing, per_layer_total, per_layer_covered = _union(
-            workload, per_request, num_e)
+        (self.table, missing, self.per_layer_total, self.per_layer_covered,
+         self.first_uncovered) = _union(workload, per_request, num_e)
         self.missing_units = missing
-        # Coverage is per MoE layer: a table holding one layer of 26 covered every (request,
-        # token) pair. Layers a table cannot predict by construction (the first h of a table
-        # made h layers ahead) are left out; the run's coverage is its worst layer's.
-        skip = unpredictable_layers(available_at)
-        ratios = [(c / t, j) for j, (c, t) in enumerate(zip(per_layer_covered.tolist(),
-                                                             per_layer_total.tolist(),
-                                                             strict=True)) if t and j >= skip]
-        self.coverage, self.worst_layer = min(ratios, default=(float("nan"), -1))
-        self.replayed_tokens = int(per_layer_total[self.worst_layer]) if ratios else 0
-        self.covered_tokens = int(per_layer_covered[self.worst_layer]) if ratios else 0
-        if ratios and self.coverage < float(min_coverage):
-            table_name, trace_name = self._names
-            raise SimulationError(
-                f"{table_name} covers {self.covered_tokens:,} of the {self.replayed_tokens:,} "
-                f"(request, token) pairs replayed from {trace_name} at MoE layer index "
-                f"{self.worst_layer}, its worst layer ({self.coverage:.1%} < "
-                f"predictions.min_coverage={float(min_coverage):g}): it was made for other "
-                "requests, another trace or only some layers (lower predictions.min_coverage "
-                "to replay it anyway)"
-            )
+        self.coverage, self.worst_layer, self.replayed_tokens, self.covered_tokens = (
+            check_coverage(self.per_layer_total, self.per_layer_covered, self.first_uncovered,
+                           available_at, float(min_coverage), self._names))
 
     def _check(self, rid: int, pred: np.ndarray, num_l: int, num_e: int) -> None:
         """Shape [T, L, w] with ids in [-1, E) per layer."""
@@ -99,6 +86,37 @@ class PredictionView:
         return row[row >= 0].tolist()
 
 
+def check_coverage(total: np.ndarray, covered: np.ndarray, first_uncovered: np.ndarray,
+                   available_at: str | None, min_coverage: float, names: tuple[str, str],
+                   ) -> tuple[float, int, int, int]:
+    """The run's coverage from its per-layer counts of replayed and covered (request, token)
+    pairs: (coverage, worst layer, its replayed and covered pairs); below ``min_coverage``
+    the error naming the table, the trace, the layer and its first replayed request without
+    a prediction row there (``first_uncovered``, -1: none). One function for the in-memory
+    view and the streamed run, which sums the counts chunk by chunk."""
+    # Coverage is per MoE layer: a table holding one layer of 26 covered every (request,
+    # token) pair. Layers a table cannot predict by construction (the first h of a table
+    # made h layers ahead) are left out; the run's coverage is its worst layer's.
+    skip = unpredictable_layers(available_at)
+    ratios = [(c / t, j) for j, (c, t) in enumerate(zip(covered.tolist(), total.tolist(),
+                                                         strict=True)) if t and j >= skip]
+    coverage, worst = min(ratios, default=(float("nan"), -1))
+    replayed = int(total[worst]) if ratios else 0
+    got = int(covered[worst]) if ratios else 0
+    if ratios and coverage < float(min_coverage):
+        table_name, trace_name = names
+        first = int(first_uncovered[worst])
+        raise SimulationError(
+            f"{table_name} covers {got:,} of the {replayed:,} (request, token) pairs replayed "
+            f"from {trace_name} at MoE layer index {worst}, its worst layer ({coverage:.1%} < "
+            f"predictions.min_coverage={float(min_coverage):g}; the first replayed request "
+            f"without a prediction row there: {first}): it was made for other requests, "
+            "another trace or only some layers (lower predictions.min_coverage to replay it "
+            "anyway)"
+        )
+    return coverage, worst, replayed, got
+
+
 def unpredictable_layers(available_at: str | None) -> int:
     """Leading MoE layers a table cannot predict by construction: a prediction made ``h``
     layers ahead (``routed:prev_layer``: 1, ``routed:minus{h}_layer``: h) has nothing to be
@@ -111,13 +129,18 @@ def unpredictable_layers(available_at: str | None) -> int:
 
 
 def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
-           ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+           ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray, np.ndarray]:
     """Per step and layer, the union of its tokens' predicted keys in first-predicted order
     (``int32 [steps, layers, width]``, -1 padded; one compiled pass, as batched workloads are
     built), the replayed units without predictions, and per MoE layer the replayed tokens
-    whose step routes at that layer and how many of them have a prediction row there."""
+    whose step routes at that layer, how many of them have a prediction row there, and the
+    first request (in step order) with a replayed token lacking one (-1: none)."""
     from moesim.sim.compiled.steps import union_steps
 
+    num_l = workload.shape.num_layers
+    if workload.num_steps == 0:  # a streamed run's facade: its chunks have their own views
+        z = np.zeros(num_l, np.int64)
+        return np.full((0, num_l, 1), -1, np.int32), 0, z, z.copy(), np.full(num_l, -1)
     first: dict[int, tuple[int, int]] = {}  # request -> (its first row when stacked, rows)
     arrays: list[np.ndarray] = []
     rows = missing = 0
@@ -154,5 +177,193 @@ def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
     tok_step = np.repeat(np.arange(workload.num_steps), np.diff(step_off))
     has = (stacked[idx] >= 0).any(axis=2) & routed[tok_step]
     covered = has.sum(axis=0).astype(np.int64)
+    first = np.full(workload.shape.num_layers, -1, np.int64)
+    if (covered < total).any():  # per unit: its routed tokens less its covered ones
+        per_unit = np.asarray(unit_len, dtype=np.int64)[:, None] * routed[unit_step]
+        done = np.concatenate([np.zeros((1, has.shape[1]), np.int64),
+                               np.cumsum(has, axis=0, dtype=np.int64)])
+        ends = np.asarray(unit_end, dtype=np.int64)
+        lacking = per_unit > done[ends[1:]] - done[ends[:-1]]
+        for j in np.flatnonzero(lacking.any(axis=0)).tolist():
+            first[j] = int(workload.req_ids[int(np.argmax(lacking[:, j]))])
     keys, _, _ = union_steps(stacked, idx, step_off, num_e)
-    return keys, missing, total, covered
+    return keys, missing, total, covered, first
+
+
+_COLUMNS = ["request_id", "token_idx", "layer", "predicted"]
+SCAN_ROWS = 1 << 16  # rows decoded at once (Arrow's buffers: a row group whole takes ~4x)
+
+
+class PredictionFile:
+    """A prediction table file read request by request, for a streamed run (``sim.stream``),
+    in memory bounded by the requests asked for (and the row groups holding them), never the
+    whole table: :meth:`rows` gives a chunk's requests as ``traces.load_predictions`` gives
+    them, the same arrays.
+
+    Opening it checks what ``load_predictions`` checks before a run: the recorded trace
+    identity, the column types, and in one pass over the row groups (one at a time) the width
+    (one, in 1..E), request ids and token indices >= 0, expert ids in [0, E) and distinct
+    within a row, and layers among the trace's MoE layers, naming the same file row; that
+    pass also indexes each request id's row groups. A (request, token, layer) given twice is
+    found when its request is read (``load_predictions`` finds it at load, in any request)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        layer_ids: Sequence[int],
+        *,
+        trace_meta: TraceMeta | None = None,
+        num_experts: int | None = None,
+        trace_path: str | Path | None = None,
+        trace_digest: str | None = None,
+        min_coverage: float = DEFAULT_MIN_COVERAGE,
+    ) -> None:
+        import pyarrow.parquet as pq
+
+        from moesim.traces.predictions import (
+            _check_schema,
+            check_identity,
+            read_predictions_meta,
+        )
+
+        if not 0.0 <= float(min_coverage) <= 1.0:
+            raise TraceError(f"predictions.min_coverage must be in [0, 1], got {min_coverage}")
+        meta = read_predictions_meta(path)
+        if trace_meta is not None:
+            check_identity(meta, trace_meta, path=path, trace_path=trace_path,
+                           trace_digest=trace_digest)
+            num_experts = trace_meta.num_experts if num_experts is None else num_experts
+        _check_schema(path)
+        self.path = Path(path)
+        self.meta = meta
+        self.available_at: str | None = meta.get("available_at")
+        self.trace_path = None if trace_path is None else Path(trace_path)
+        self.min_coverage = float(min_coverage)
+        self._layer_ids = [int(x) for x in layer_ids]
+        self._lut = np.full(max(self._layer_ids, default=0) + 1, -1, np.int64)
+        self._lut[self._layer_ids] = np.arange(len(self._layer_ids))
+        self._num_e = num_experts
+        self._file = pq.ParquetFile(str(path))
+        self._starts = [0]  # each row group's first row in the file
+        self._groups: dict[int, list[int]] = {}  # request id -> the row groups holding its rows
+        self._cache: dict[int, tuple[np.ndarray, ...]] = {}
+        self.width = 0
+        at = 0  # the scan reads a row group in slices of SCAN_ROWS rows (less decoded at once)
+        for g in range(self._file.num_row_groups):
+            for part in self._file.iter_batches(batch_size=SCAN_ROWS, row_groups=[g],
+                                                columns=_COLUMNS, use_threads=False):
+                rid, tok, layer, values = self._decode(part)
+                self._check(rid, tok, layer, values, at)
+                at += len(rid)
+                for r in np.unique(rid).tolist():
+                    held = self._groups.setdefault(int(r), [])
+                    if not held or held[-1] != g:
+                        held.append(g)
+            self._starts.append(at)
+
+    def _decode(self, part: Any) -> tuple[np.ndarray, ...]:
+        """Rows (a row group, or a slice of one) as (request ids, token indices, layers,
+        values ``[n, w]``); the width is the file's first row's, every row's checked."""
+        rid = np.asarray(part.column("request_id")).astype(np.int64)
+        tok = np.asarray(part.column("token_idx")).astype(np.int64)
+        layer = np.asarray(part.column("layer")).astype(np.int64)
+        if not len(rid):
+            return rid, tok, layer, np.zeros((0, max(self.width, 1)), np.int16)
+        arr = part.column("predicted")
+        if hasattr(arr, "combine_chunks"):
+            arr = arr.combine_chunks()
+        offs = arr.offsets.to_numpy().astype(np.int64)
+        widths = np.diff(offs)
+        if self.width == 0:
+            self.width = int(widths[0])
+        w = self.width
+        if (widths != w).any():
+            raise TraceError("predicted lists differ in width", file=self.path,
+                             field="predicted")
+        if w < 1:
+            raise TraceError("predicted lists are empty", file=self.path, field="predicted")
+        values = arr.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]].reshape(-1, w)
+        return rid, tok, layer, values
+
+    def _check(self, rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: np.ndarray,
+               at: int) -> None:
+        """``load_predictions``' checks of rows ``at``.. of the file, naming the same row."""
+        from moesim.traces.predictions import _check_ids
+
+        path = self.path
+        if (tok < 0).any() or (rid < 0).any():
+            bad = int(np.flatnonzero((tok < 0) | (rid < 0))[0])
+            raise TraceError("negative request_id or token_idx", file=path, row=at + bad)
+        if self._num_e is not None:
+            try:
+                _check_ids(values, layer, int(self._num_e), path)
+            except TraceError as exc:  # the row in the file, not in this slice
+                raise TraceError(exc.reason, file=path, row=None if exc.row is None
+                                 else at + exc.row, field=exc.field) from None
+        known = (layer >= 0) & (layer < len(self._lut))
+        known[known] = self._lut[layer[known]] >= 0
+        if not known.all():
+            raise TraceError(
+                f"layer {int(layer[~known][0])} not in the trace's MoE layers "
+                f"{self._layer_ids}", file=path, field="layer")
+
+    def _read(self, g: int) -> tuple[np.ndarray, ...]:
+        """Row group ``g`` (checked by the scan) with layer indices for layer ids."""
+        parts = [self._decode(part) for part in self._file.iter_batches(
+            batch_size=SCAN_ROWS, row_groups=[g], columns=_COLUMNS, use_threads=False)]
+        if not parts:
+            z = np.zeros(0, np.int64)
+            return z, z, z, np.zeros((0, max(self.width, 1)), np.int16)
+        rid, tok, layer, values = (np.concatenate(x) for x in zip(*parts, strict=True))
+        return rid, tok, self._lut[layer], values
+
+    def rows(self, request_ids: Iterable[int]) -> Any:
+        """The predictions of ``request_ids`` (those the table has) as a ``PredictionTable``
+        (``int16 [T, L, w]`` per request, -1 = no row) with this file's attributes; the row
+        groups read stay cached until a call needs none of them."""
+        from moesim.traces.predictions import PredictionTable
+
+        want = np.unique(np.fromiter((int(r) for r in request_ids), np.int64))
+        need = sorted({g for r in want.tolist() for g in self._groups.get(r, ())})
+        self._cache = {g: self._cache[g] if g in self._cache else self._read(g) for g in need}
+        out = PredictionTable()
+        out.path, out.meta, out.available_at = self.path, self.meta, self.available_at
+        out.trace_path, out.min_coverage = self.trace_path, self.min_coverage
+        if not need:
+            return out
+        parts, at = [], []
+        for g in need:
+            rid, tok, layer, values = self._cache[g]
+            keep = np.isin(rid, want)
+            parts.append((rid[keep], tok[keep], layer[keep], values[keep]))
+            at.append(self._starts[g] + np.flatnonzero(keep))
+        rid, tok, lidx, values = (np.concatenate(x) for x in zip(*parts, strict=True))
+        rid, tok, lidx, values = _in_order(rid, tok, lidx, values, np.concatenate(at),
+                                           self._layer_ids, self.path)
+        starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
+        ends = np.r_[starts[1:], len(rid)]
+        num_l, w = len(self._layer_ids), values.shape[1]
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            dense = np.full((int(tok[a:b].max()) + 1, num_l, w), -1, dtype=np.int16)
+            dense[tok[a:b], lidx[a:b]] = values[a:b]
+            out[int(rid[a])] = dense
+        return out
+
+
+def _in_order(rid: np.ndarray, tok: np.ndarray, lidx: np.ndarray, values: np.ndarray,
+              rows: np.ndarray, layer_ids: Sequence[int], path: Path) -> tuple[np.ndarray, ...]:
+    """Some requests' rows in the trace's order (request, token, layer), each (request,
+    token, layer) once, as ``traces.predictions._sorted_unique`` orders the whole table;
+    ``rows``: each row's place in the file, for the error naming a repeated key's two rows.
+    (Layer indices sort as the layer ids: the trace's MoE layers ascend.)"""
+    order = np.lexsort((lidx, tok, rid))  # stable: the file's order where already right
+    rid, tok, lidx, values, rows = rid[order], tok[order], lidx[order], values[order], rows[order]
+    same = (rid[1:] == rid[:-1]) & (tok[1:] == tok[:-1]) & (lidx[1:] == lidx[:-1])
+    if same.any():
+        i = int(np.flatnonzero(same)[0])
+        first, second = sorted((int(rows[i]), int(rows[i + 1])))
+        raise TraceError(
+            f"(request_id, token_idx, layer) = ({int(rid[i])}, {int(tok[i])}, "
+            f"{int(layer_ids[int(lidx[i])])}) appears twice (rows {first} and {second}); each "
+            "may have one row", file=path, row=second, field="layer")
+    return rid, tok, lidx, values

@@ -42,11 +42,22 @@ only where the run ends, and the kernel asks for nothing past the table's last r
 in-memory run does past its last step. ``speculative_prefetch`` thins each chunk's keys with
 its own generator's draws in the in-memory table's order (``SpeculativePrefetch.thin``).
 
-Refused with one error naming the option (never an in-memory fallback): prefetchers that read
-a prediction table (prediction replay, MoE-Beyond: the table is keyed by request id and
-loaded whole, and its coverage is checked over the whole run before the first step),
-placements other than ``fetch``, a runtime's copy rules, transfer records and timelines, the
-SimPy engine.
+The prefetchers that read a prediction table (``prediction_prefetch``, ``moe_beyond_replay``)
+replay each chunk with its own prediction view (:class:`_PredictionChunks`): the union over
+each step's tokens of their predicted experts, as in memory (a step's row never reads another
+step's), from the chunk's requests' rows, read from the table file row group by row group
+(``sim.predictions.PredictionFile``: memory bounded by the chunk's requests and the row groups
+holding them) or taken from an in-memory table. The coverage counts per layer are summed over
+the chunks: below ``predictions.min_coverage`` the in-memory error (the same function,
+``sim.predictions.check_coverage``) once the last chunk is read; a run that cannot reach it
+whatever its later chunks cover (at some layer, more pairs lack a prediction than the
+threshold allows of an upper bound of the run's pairs: its tokens) stops before replaying
+further, with an error naming the table, the trace and the first request lacking one.
+
+Refused with one error naming the option (never an in-memory fallback): a prediction-table
+prefetcher without a table handed on (``moesim-sim`` does not open one for a streamed run
+yet), placements other than ``fetch``, a runtime's copy rules, transfer records and
+timelines, the SimPy engine.
 """
 
 from __future__ import annotations
@@ -410,18 +421,96 @@ class _StepLists:
         )
 
 
-def _check_prefetch(spec: PolicySpec) -> None:
-    """Prediction-table prefetchers cannot be streamed: refused (the oracle ones are, with a
-    look-ahead window: :func:`_oracle_tables`; a prefetcher without a compiled twin is
-    refused by ``compiled.why_not``)."""
-    pf = spec.prefetch
-    if pf.knows is Knowledge.PREDICTIONS:
-        raise _refuse(f"policy {spec.name!r} prefetches from a prediction table "
-                      f"({pf.__qualname__}, knows: predictions): the table is keyed by request "
-                      "id and loaded whole, and its coverage is checked over the whole run "
-                      "before the first step; a streamed run replays the prefetchers that know "
-                      "the past or the future routing (next_layer_all, moe_infinity, "
-                      "oracle_prefetch, speculative_prefetch)")
+class _PredictionChunks:
+    """Each chunk with its prediction view's table (``sim.predictions.PredictionView`` of the
+    chunk's steps and its requests' rows, read from ``source``: a ``PredictionFile`` reads
+    them from the file, an in-memory table gives them), its coverage counts summed over the
+    run. A table indexed by the chunk's steps is the in-memory view's rows of those steps (a
+    step's prediction is the union over its own tokens', never another step's).
+
+    Coverage is checked as the in-memory view checks it, on the whole run's counts
+    (``sim.predictions.check_coverage``, the same error) once the last chunk is read, before
+    the result is built; and before each chunk is replayed, a run that can no longer reach
+    ``min_coverage`` whatever the rest covers stops there: at some layer, more pairs lack a
+    prediction than ``1 - min_coverage`` of an upper bound of the run's replayed pairs
+    (``bound``: its tokens, plus one per request for MoE-Beyond's warm-up row)."""
+
+    def __init__(self, source: Any, view: Any, num_l: int, bound: int) -> None:
+        self.source = source
+        self.view = view  # the run's (the facade's) view: its coverage is the run's, at the end
+        self.bound = bound
+        self.total = np.zeros(num_l, np.int64)
+        self.covered = np.zeros(num_l, np.int64)
+        self.first = np.full(num_l, -1, np.int64)
+
+    def tables(self, chunks: Iterable[tuple[Workload, np.ndarray]],
+               ) -> Iterator[tuple[Workload, np.ndarray, np.ndarray]]:
+        from moesim.sim.predictions import PredictionView, check_coverage
+
+        view = self.view
+        min_cov = float(getattr(self.source, "min_coverage", 1.0))
+        source = iter(chunks)
+        got = next(source, None)
+        while got is not None:
+            w, running = got
+            rows = self.source.rows(np.unique(w.req_ids).tolist())
+            part = PredictionView(w, rows, view.available_at, min_coverage=0.0)
+            self.total += part.per_layer_total
+            self.covered += part.per_layer_covered
+            self.first = np.where(self.first >= 0, self.first, part.first_uncovered)
+            if self._certain_failure(min_cov):  # the last chunk: the in-memory error
+                got = next(source, None)
+                if got is not None:
+                    self._early_error(min_cov)
+                break
+            yield w, running, part.table
+            del part, rows, w, running
+            got = next(source, None)
+        view.coverage, view.worst_layer, view.replayed_tokens, view.covered_tokens = (
+            check_coverage(self.total, self.covered, self.first, view.available_at, min_cov,
+                           view._names))
+
+    def _lacking(self) -> tuple[int, int]:
+        """The layer with the most pairs lacking a prediction so far (of those coverage
+        counts), and how many."""
+        from moesim.sim.predictions import unpredictable_layers
+
+        lacking = self.total - self.covered
+        lacking[:unpredictable_layers(self.view.available_at)] = 0
+        j = int(np.argmax(lacking))
+        return j, int(lacking[j])
+
+    def _certain_failure(self, min_cov: float) -> bool:
+        _, n = self._lacking()
+        return n > 0 and (self.bound - n) / max(self.bound, 1) < min_cov - 1e-12
+
+    def _early_error(self, min_cov: float) -> None:
+        j, n = self._lacking()
+        most = (self.bound - n) / max(self.bound, 1)
+        table_name, trace_name = self.view._names
+        raise SimulationError(
+            f"{table_name} cannot cover predictions.min_coverage={min_cov:g} of the "
+            f"(request, token) pairs replayed from {trace_name}: at MoE layer index {j}, "
+            f"{n:,} of at most {self.bound:,} have no prediction row (at most {most:.1%} "
+            f"covered; the first replayed request without one: {int(self.first[j])}); the "
+            "streamed run stopped before replaying past it (lower predictions.min_coverage "
+            "to replay it anyway)")
+
+
+class _InMemoryRows:
+    """An in-memory prediction table (``traces.PredictionTable`` or any mapping of request
+    id to ``[T, L, w]``) as a streamed run reads one: the rows of some requests."""
+
+    def __init__(self, table: Mapping[int, np.ndarray]) -> None:
+        self.table = table
+        self.min_coverage = getattr(table, "min_coverage", None)
+        if self.min_coverage is None:
+            from moesim.sim.predictions import DEFAULT_MIN_COVERAGE
+
+            self.min_coverage = DEFAULT_MIN_COVERAGE
+
+    def rows(self, request_ids: Iterable[int]) -> dict[int, np.ndarray]:
+        return {r: self.table[r] for r in request_ids if r in self.table}
 
 
 def _window_steps(num_l: int, ahead: int) -> int:
@@ -499,19 +588,24 @@ def simulate_stream(
     seed: int = 0,
     dense_before: Sequence[int] | None = None,
     batch_rows: int | None = None,
+    predictions: Any = None,
+    trace_outline: TraceOutline | None = None,
 ) -> RunResult:
     """:func:`sim.run.simulate` of the trace file ``path``, read and replayed
     ``chunk_requests`` requests at a time; the same result, every counter.
 
     ``meta``: the trace's metadata to use (e.g. with the model card's expert bytes), default
-    the file's; ``max_requests``: only the first that many requests."""
+    the file's; ``max_requests``: only the first that many requests. ``predictions``: the
+    prediction table of a prefetcher that reads one, a ``sim.predictions.PredictionFile``
+    (read chunk by chunk) or an in-memory table (``traces.load_predictions``);
+    ``trace_outline``: the file's :class:`TraceOutline` when the caller has it (a prediction
+    table's early coverage check bounds the run's tokens with it; read here otherwise)."""
     from moesim.sim import compiled
     from moesim.sim.compiled import layout as K
 
     if chunk_requests < 1:
         raise _refuse(f"chunk_requests must be >= 1, got {chunk_requests}")
     spec = as_spec(policy)
-    _check_prefetch(spec)
     if spec.eviction not in compiled.EVICTION:
         raise _refuse(f"eviction {spec.eviction.__qualname__} has no compiled twin")
     if spec.eviction.knows is Knowledge.ORACLE and spec.eviction is not Belady:
@@ -539,13 +633,23 @@ def simulate_stream(
 
     belady = compiled.EVICTION[spec.eviction] == K.EV_BELADY
 
+    source = None  # where each chunk's prediction rows come from
+    facade_table = None  # the facade's: no rows (a file), or the whole table (checked whole)
+    if spec.needs(Knowledge.PREDICTIONS) and predictions is not None:
+        from moesim.sim.predictions import PredictionFile
+
+        if isinstance(predictions, PredictionFile):
+            source, facade_table = predictions, predictions.rows(())
+        else:
+            source, facade_table = _InMemoryRows(predictions), predictions
+
     def build(outline: _Outline) -> Simulation:
         return Simulation(
             _facade(shape, outline.widths, outline.first_step_requests), spec,
             CacheOptions(capacity, partition, pin_layer, prefill, reset_per_request, 0),
             RunOptions(mode, seed, False, 0, False, "compiled"),
             link_model=link, compute=compute, labels={"layer_ids": list(meta.moe_layers)},
-            dense_before=dense_before,
+            dense_before=dense_before, predictions=facade_table,
         )
 
     # The first pass reads the whole file once more. Belady needs it (next uses), so do
@@ -600,6 +704,13 @@ def simulate_stream(
                                          width=widest)
             steps = _oracle_tables(chunks(width), _window_steps(shape.num_layers, pf._ahead),
                                    thin)
+        elif source is not None:  # its prediction view's table, chunk by chunk
+            lengths = trace_outline
+            if lengths is None or lengths.path != Path(path):
+                lengths = TraceOutline.read(path, max_requests)
+            bound = lengths.num_tokens + (len(lengths) if warmup_extra_row else 0)
+            steps = _PredictionChunks(source, sim.predictions, shape.num_layers,
+                                      bound).tables(chunks(width))
         else:
             steps = ((w, running, None) for w, running in chunks(width))
         # every check passed: now the kernels (compiled under the lock where not cached)
@@ -628,8 +739,7 @@ def simulate_streamed(trace: str | Path | TraceOutline, spec: PolicySpec,
     replays go to :func:`simulate_stream`; any other one set is refused by name."""
     asked = {
         "output.transfers": (record_transfers, False),
-        "output.timeline_steps": (timeline_steps, 0), "predictions": (predictions, None),
-        "runtime staging buffers": (staging, 0),
+        "output.timeline_steps": (timeline_steps, 0), "runtime staging buffers": (staging, 0),
     }
     for name, (value, default) in asked.items():
         if value != default:
@@ -643,8 +753,14 @@ def simulate_streamed(trace: str | Path | TraceOutline, spec: PolicySpec,
         if isinstance(trace, Trace):
             raise _refuse("the trace is already in memory; stream it from its file")
         trace = TraceOutline.read(trace)
+    if predictions is None and spec.needs(Knowledge.PREDICTIONS):
+        raise _refuse(f"policy {spec.name!r} prefetches from a prediction table, and none was "
+                      "handed to the streamed run (moesim-sim does not open predictions.path "
+                      "for a streamed run yet; through the API, pass predictions="
+                      "sim.predictions.PredictionFile(path, layer_ids, ...))")
     return simulate_stream(trace.path, spec, chunk_requests=stream.chunk_requests,
-                           meta=trace.meta, max_requests=trace.max_requests, **kwargs)
+                           meta=trace.meta, max_requests=trace.max_requests,
+                           predictions=predictions, trace_outline=trace, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -727,7 +843,8 @@ def _replay(sim: Simulation,
             chunks: Iterator[tuple[Workload, np.ndarray, np.ndarray | None]], after_file: Any,
             most: int, batch: int, kernel: Any) -> RunResult:
     """Replay the chunks, each resuming from the state the previous one left, with its
-    oracle table when it has one; ``most``: the most requests live at once (MoE-Infinity's
+    prefetcher's table for it when it has one (the oracle's, or the chunk's prediction
+    view's); ``most``: the most requests live at once (MoE-Infinity's
     buffers)."""
     from moesim.sim import compiled
     from moesim.sim.compiled import layout as K
@@ -762,7 +879,7 @@ def _replay(sim: Simulation,
     time_parts: list[np.ndarray] = []
     requests = _RequestRows(per_chunk=batch == 1)
     step0 = prev_len = 0  # the chunk's first step in the whole run; the last one's length
-    for c, (w, running, oracle) in enumerate(chunks):
+    for c, (w, running, own) in enumerate(chunks):
         keys = w.keys
         flat = keys.reshape(-1)
         if belady:
@@ -792,7 +909,7 @@ def _replay(sim: Simulation,
             keys, counts, w.counts is not None, w.counted, attn, shared, dense_step, dense_n,
             part, caps, num_e, sim.timed, sim.copts.pin_layer, engines, duration, cost,
             ev_code, hot, touch, pf_code, point, hooks, ahead, top, wrap, warm,
-            table if oracle is None else oracle, resets,
+            table if own is None else own, resets,
             inst_off, inst_keys, nocc, cursor, mi, state,
             compiled.runtime_arrays(sim, cost, w),
         )
@@ -813,7 +930,7 @@ def _replay(sim: Simulation,
         if sim.timed:
             time_parts.append(step_t)
         requests.add(w, step_t if sim.timed else None, running)
-        del w, keys, flat, nocc, oracle
+        del w, keys, flat, nocc, own
     if out is None:
         raise _refuse("the trace has no requests")
     iv, fv, layer_counts, layer_stall = out

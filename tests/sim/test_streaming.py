@@ -7,7 +7,8 @@ Compared here: the whole summary, the per-layer and per-request tables, on the e
 random small traces (hypothesis: lengths, prompts, partial rows, batches, prefill replay,
 prefetchers, resets, chunk sizes down to one request, row batches that split requests) and a
 real trace from ``../shared`` (skipped when absent). The prefetchers that read the future
-routing: ``test_streaming_oracle.py``.
+routing: ``test_streaming_oracle.py``; those that read a prediction table:
+``test_streaming_tables.py``.
 """
 
 from __future__ import annotations
@@ -108,8 +109,6 @@ def test_max_requests_and_card_bytes(embedded: Path) -> None:
 
 
 @pytest.mark.parametrize(("policy", "kw", "words"), [
-    ("prediction_prefetch", {}, "prefetches from a prediction table"),
-    ("moe_beyond_replay", {}, "prefetches from a prediction table"),
     ("lru", {"chunk_requests": 0}, "chunk_requests"),
     ("static", {}, "oracle"),
 ])

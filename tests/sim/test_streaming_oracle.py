@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moesim.policies.speculative_prefetch import SpeculativePrefetch
-from moesim.sim import SimulationError, build_workload, simulate
+from moesim.sim import build_workload, simulate
 from moesim.sim.stream import _oracle_tables, _window_steps, simulate_stream
 from moesim.traces import load_trace
 from moesim.traces.trace import RequestRouting, Trace
@@ -189,13 +189,6 @@ def test_thinned_chunks_draw_as_the_whole_table(seed: int, n: int, cuts: list[in
         if s >= n:
             break
     np.testing.assert_array_equal(np.concatenate(got), want)
-
-
-@pytest.mark.parametrize("policy", ["prediction_prefetch", "moe_beyond_replay"])
-def test_prediction_tables_stay_refused_with_why(embedded: Path, policy: str) -> None:
-    with pytest.raises(SimulationError,
-                       match=r"run.stream: .*prediction table .*loaded whole"):
-        simulate_stream(embedded, policy, **_kwargs("timed", 30))
 
 
 def test_real_trace_oracle(tmp_path: Path) -> None:
