@@ -455,3 +455,50 @@ def test_deepspeed_layer_cost_closed_form(engine: str) -> None:
     layer = (copy(600) + 1e-3 + 1e-4) + (copy(300) + 1e-4) + 2 * (copy(1200) + 3e-4)
     assert res.summary["total_time_s"] == pytest.approx(3 * 2 * layer, rel=1e-9)
     assert res.summary["demand_fetches"] == 12 and res.summary["prefetch_transfers"] == 0
+
+
+def test_vllm_entries_copy_whole_offloaded_layers() -> None:
+    """vLLM --cpu-offload-gb entries (hw_profiles/runtimes/vllm.yaml, read from vLLM's V0
+    maybe_offload_to_cpu): layer_offload with a stated number of resident layers, the whole
+    layer copied (fused experts: copy.whole_layer) from pinned memory on the compute stream."""
+    from moesim.experiments.published.predict import gpu_layers_of
+
+    vl = [e for e in load_entries(runtimes=list_runtimes()) if e.runtime == "vllm"]
+    assert len(vl) == 6
+    for e in vl:
+        assert e.placement == "layer_offload" and e.prefetch == "none"
+        assert gpu_layers_of(e) == {"mixtral_8x7b": 6, "deepseek_v2_lite": 17}[e.model]
+    rt = load_runtime("vllm")
+    assert rt.whole_layer and rt.host_memory == "pinned" and rt.stream == "compute"
+
+
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_vllm_layer_cost_closed_form_at_batch_1(engine: str) -> None:
+    """At batch 1 an offloaded layer under the shipped vllm runtime copies its attention and
+    its whole MoE block (top_k routed experts x num_experts / top_k = every expert's bytes)
+    before their kernels; the step's fixed cost is spread over the layers."""
+    from types import SimpleNamespace
+
+    from moesim.hw_profiles.runtime import apply_runtime
+    from moesim.sim import FixedCompute, FixedLink, HostSide, simulate
+    from tests.helpers import trace_from_lists
+
+    base = FixedLink(1e-5, 1e6, 1)
+    comp = FixedCompute(attention_s=1e-3, router_s=1e-4, expert_s=3e-4, shared_s=0.0)
+    card = SimpleNamespace(num_experts=4, top_k=2, expert_bytes=1200, shared_bytes_per_layer=0,
+                           num_layers=2)
+    rt = load_runtime("vllm")
+    link, compute = apply_runtime(rt, base, comp, card)
+    host = HostSide(activation_bytes=64, dtype_bits=16, attention_bytes=600)
+    res = simulate(trace_from_lists([[[[0, 1], [2, 3]]] * 3], experts=4, expert_bytes=1200),
+                   "lru", capacity=8, link=link, compute=compute, host=host,
+                   placement={"name": "layer_offload", "gpu_layers": 0}, prefill="random",
+                   engine=engine)
+    pc, eff, step = (rt.value("copy.per_copy_s"), rt.value("copy.efficiency"),
+                     rt.value("overhead.step_s"))
+
+    def copy(n: int) -> float:  # 2 copies (1 tensor x the 4 / 2 whole-layer factor)
+        return 2 * pc + 2 * (1e-5 + (n // 2) / 1e6) / eff
+
+    layer = (copy(600) + 1e-3 + step / 2 + 1e-4) + 2 * (copy(2 * 1200) + 3e-4)
+    assert res.summary["total_time_s"] == pytest.approx(3 * 2 * layer, rel=1e-9)
