@@ -201,11 +201,12 @@ class PredictionFile:
     them, the same arrays.
 
     Opening it checks what ``load_predictions`` checks before a run: the recorded trace
-    identity, the column types, and in one pass over the row groups (one at a time) the width
-    (one, in 1..E), request ids and token indices >= 0, expert ids in [0, E) and distinct
-    within a row, and layers among the trace's MoE layers, naming the same file row; that
-    pass also indexes each request id's row groups. A (request, token, layer) given twice is
-    found when its request is read (``load_predictions`` finds it at load, in any request)."""
+    identity, the column types, and in one pass over the file (``SCAN_ROWS`` rows at a time)
+    the width (one, in 1..E), request ids and token indices >= 0, expert ids in [0, E) and
+    distinct within a row, and layers among the trace's MoE layers, naming the same file row;
+    that pass also indexes the row groups holding each request's rows (16 B per request and
+    row group it is in). A (request, token, layer) given twice is found when its request is
+    read (``load_predictions`` finds it at load, in any request)."""
 
     def __init__(
         self,
@@ -245,21 +246,26 @@ class PredictionFile:
         self._num_e = num_experts
         self._file = pq.ParquetFile(str(path))
         self._starts = [0]  # each row group's first row in the file
-        self._groups: dict[int, list[int]] = {}  # request id -> the row groups holding its rows
         self._cache: dict[int, tuple[np.ndarray, ...]] = {}
         self.width = 0
+        pairs: list[np.ndarray] = []  # (request id, row group) of every request in a group
         at = 0  # the scan reads a row group in slices of SCAN_ROWS rows (less decoded at once)
         for g in range(self._file.num_row_groups):
+            ids = []
             for part in self._file.iter_batches(batch_size=SCAN_ROWS, row_groups=[g],
                                                 columns=_COLUMNS, use_threads=False):
                 rid, tok, layer, values = self._decode(part)
                 self._check(rid, tok, layer, values, at)
                 at += len(rid)
-                for r in np.unique(rid).tolist():
-                    held = self._groups.setdefault(int(r), [])
-                    if not held or held[-1] != g:
-                        held.append(g)
+                ids.append(np.unique(rid))
             self._starts.append(at)
+            if ids:
+                got = np.unique(np.concatenate(ids))
+                pairs.append(np.stack([got, np.full(len(got), g, np.int64)], axis=1))
+        # the index, 16 B per (request, row group) pair: sorted by request, then group
+        both = np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+        order = np.lexsort((both[:, 1], both[:, 0]))
+        self._index_ids, self._index_groups = both[order, 0], both[order, 1]
 
     def _decode(self, part: Any) -> tuple[np.ndarray, ...]:
         """Rows (a row group, or a slice of one) as (request ids, token indices, layers,
@@ -324,7 +330,10 @@ class PredictionFile:
         from moesim.traces.predictions import PredictionTable
 
         want = np.unique(np.fromiter((int(r) for r in request_ids), np.int64))
-        need = sorted({g for r in want.tolist() for g in self._groups.get(r, ())})
+        lo = np.searchsorted(self._index_ids, want, "left")
+        hi = np.searchsorted(self._index_ids, want, "right")
+        need = sorted({int(g) for a, b in zip(lo.tolist(), hi.tolist(), strict=True)
+                       for g in self._index_groups[a:b]})
         self._cache = {g: self._cache[g] if g in self._cache else self._read(g) for g in need}
         out = PredictionTable()
         out.path, out.meta, out.available_at = self.path, self.meta, self.available_at
