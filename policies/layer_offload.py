@@ -9,9 +9,10 @@ memory waits for the stream and the host waits for it). Nothing of an offloaded 
 cached, and no expert cache serves it: the cache budget and the eviction/prefetch policy serve
 the resident layers (``policy=static`` with a cache that holds them is accelerate's).
 
-Copy times are the run's link's (a runtime's per-copy cost, efficiency and
-``copy.whole_layer``: a runtime that moves a whole MoE block per routed expert keeps doing so
-here); the attention, shared-expert and dense-layer weights are one copy each at their bytes.
+Copy times are the run's link's (a runtime's per-copy cost and efficiency; under
+``copy.whole_layer`` an offloaded layer's whole MoE block is copied once per step, whatever
+its batch routes); the attention, shared-expert and dense-layer weights are one copy each at
+their bytes.
 Kernel times are the run's compute times. ``gpu_layers`` counts decoder layers, dense ones
 included, as :mod:`moesim.policies.cpu_layers` does. The costs are
 ``sim.cpu_layers.offload_layer_times``, which both engines read.

@@ -176,11 +176,18 @@ def _module_copy(link: object, nbytes: int) -> float:
 def offload_layer_times(workload: object, layers: Sequence[int], dense_off: Sequence[int],
                         link: object | None, compute: object | None, expert_bytes: int,
                         attention_bytes: int, shared_bytes: int, dense_bytes: int,
-                        dense_gpu: Sequence[int] = ()) -> CpuLayerTimes:
+                        dense_gpu: Sequence[int] = (), top_k: int = 0) -> CpuLayerTimes:
     """The cost arrays of ``workload`` with MoE layers ``layers`` offloaded (their weights
     copied in at each call), ``dense_off[j]`` offloaded dense layers before MoE layer ``j``
     and ``dense_gpu[j]`` resident ones (no copy); ``link`` and ``compute`` None: a
-    zero-latency run (every time 0)."""
+    zero-latency run (every time 0).
+
+    A whole-layer runtime (``copy.whole_layer``: the link's ``bytes_factor`` is num_experts /
+    top_k) moves an offloaded layer's whole MoE block once per step, whatever its batch
+    routes: ``top_k`` of its per-expert copies (the block's bytes and tensors), then each
+    routed expert's kernel. Charging that copy per routed expert, as a cached layer's miss
+    is, would move the block once per top_k distinct experts: exact at batch 1, up to
+    num_experts / top_k blocks per layer at a large batch."""
     w = workload
     keys = w.keys  # type: ignore[attr-defined]
     num_s, num_l, _ = keys.shape
@@ -219,9 +226,15 @@ def offload_layer_times(workload: object, layers: Sequence[int], dense_off: Sequ
         np.int64)
     n = np.where(valid, n, 0)
     top = int(n.max()) if n.size else 0
-    table = np.array([expert_copy + float(c.expert_time(i)) if i > 0 else 0.0  # type: ignore[attr-defined]
+    whole = float(getattr(link, "bytes_factor", 1.0)) != 1.0
+    if whole and top_k < 1:
+        raise ValueError("offload_layer_times: a whole-layer link needs the model's top_k")
+    per_expert = 0.0 if whole else expert_copy
+    table = np.array([per_expert + float(c.expert_time(i)) if i > 0 else 0.0  # type: ignore[attr-defined]
                       for i in range(top + 1)])
     experts[:, cols] = shared[:, None] + table[n].sum(axis=2)
+    if whole:  # the block, once per offloaded layer and step that routes to it
+        experts[:, cols] += np.where(valid.any(axis=2), top_k * expert_copy, 0.0)
     return CpuLayerTimes(on, before, experts, zero, np.zeros(num_s), copied)
 
 

@@ -370,7 +370,7 @@ class Simulation:
                     self.link_model if self.timed else None,
                     self.compute if self.timed else None, self.shape.expert_bytes,
                     self.host.attention_bytes, self.host.shared_bytes, self.host.dense_bytes,
-                    dense_gpu)
+                    dense_gpu, self.shape.top_k)
         self.pctx = _PlaceContext(self)
         parallel = int(self.host.cpu.parallel) if self.host.cpu is not None else 1
         if parallel < 1:

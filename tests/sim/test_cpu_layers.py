@@ -265,6 +265,26 @@ def test_layer_offload_dense_layer_and_whole_layer_runtime(engine) -> None:
     assert res.summary["total_time_s"] == pytest.approx(2 * (gpu + off), rel=1e-12)
 
 
+@pytest.mark.parametrize("engine", ["python", "compiled"])
+def test_whole_layer_runtime_moves_the_block_once_per_step(engine) -> None:
+    """Batch 2 whose tokens route four distinct experts of the offloaded layer (top-2 of 4):
+    a whole-layer runtime copies the layer's block once per step (top_k copies of 2x an
+    expert's bytes), not once per routed expert (which would be two blocks); each routed
+    expert still runs its kernel."""
+    from moesim.hw_profiles.runtime import RuntimeLink
+
+    link = RuntimeLink(LINK, bytes_factor=2.0)
+    trace = trace_from_lists([[[[0, 1], [2, 3]]] * 2, [[[0, 1], [0, 1]]] * 2], experts=4)
+    res = simulate(trace, "lru", capacity=5, link=link, compute=COMPUTE, host=OFF_HOST,
+                   placement={"name": "layer_offload", "gpu_layers": 1}, prefill="random",
+                   batch=2, engine=engine)
+    gpu = 1e-3 + 1e-4 + 1e-4 + 2 * 3e-4
+    block = 2 * (1e-5 + 2000 / 1e6)
+    off = ((1e-5 + 500 / 1e6 + 1e-3 + 1e-4) + (1e-5 + 300 / 1e6 + 1e-4) + block
+           + 4 * 3e-4)
+    assert res.summary["total_time_s"] == pytest.approx(2 * (gpu + off), rel=1e-12)
+
+
 @SETTINGS
 @given(trace=traces, mode=st.sampled_from(["timed", "zero_latency"]),
        pf=st.sampled_from(["none", "next_layer_all"]), gpu=st.integers(0, 5))
