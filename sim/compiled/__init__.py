@@ -274,12 +274,13 @@ def mi_arrays(sim: Simulation | None) -> tuple[Any, ...]:
     cfg = np.array([int(eamc.mask), horizon, pf._width, cap, eamc.filled, eamc.persistent],
                    np.int64)
     # per live request: row sums, then the step its suffix sums were taken at (-1: none);
+    # squared row norms, then their inverses (eamc.routed keeps both);
     # dot products [layer, slot], then the suffix sums (sim/compiled/eamc.py: _match)
     lrsum = np.zeros((most, num_l + 1))
     lrsum[:, num_l] = -1.0
     return (eamc.eams.reshape(cap, num_k).copy(), _matcher_tables(eamc, w, most),
             eamc.access.copy(), np.zeros((cap, num_k), np.int32), np.full(most, -1, np.int64),
-            np.zeros((most, num_k)), np.zeros((most, num_l)), lrsum,
+            np.zeros((most, num_k)), np.zeros((most, 2 * num_l)), lrsum,
             np.zeros((most, 2 * num_l, cap)), *mi_steps(w), cfg)
 
 

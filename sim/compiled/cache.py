@@ -34,6 +34,7 @@ from moesim.sim.compiled.layout import (
     K_S1,
     K_STATE,
     L_HELD,
+    L_TOPV,
     LOADING,
     P_CAP,
     P_CSUM,
@@ -47,6 +48,7 @@ from moesim.sim.compiled.layout import (
     PA_TAIL,
     RESIDENT,
     SFN,
+    TOP_NONE,
     WARMUP,
     fn,
     typed,
@@ -120,6 +122,7 @@ def _reset(num_k, num_p, S, F):
     for h in range(max(num_p, S[IV, I_NUML])):  # heaps per partition or per layer
         S[P_HSIZE, h] = 0
         S[L_HELD, h] = 0
+        S[L_TOPV, h] = TOP_NONE
     for p in range(num_p):
         F[F_ARCP, p] = 0.0
         for lst in range(A_T1, A_B2 + 1):

@@ -52,7 +52,7 @@ from moesim.sim.compiled.layout import (
     P_USED,
     fn,
 )
-from moesim.sim.compiled.link import _cancel_all
+from moesim.sim.compiled.link import _cancel_all, _queue_listed
 from moesim.sim.compiled.sums import pairwise
 
 
@@ -92,13 +92,14 @@ def _live_of(rid, lrid, leam, lsq, lrsum, ldots):
     lrid[free] = rid
     for t in range(leam.shape[1]):
         leam[free, t] = 0.0
-    for i in range(lsq.shape[1]):
+    for i in range(lsq.shape[1]):  # squared norms (and their inverses, when kept)
         lsq[free, i] = 0.0
+    num_l = min(lsq.shape[1], lrsum.shape[1] - 1)  # L (lrsum: L row sums, then a step)
+    for i in range(num_l):
         lrsum[free, i] = 0.0
         for c in range(ldots.shape[2]):
             ldots[free, i, c] = 0.0
-    if lrsum.shape[1] > lsq.shape[1]:
-        lrsum[free, lsq.shape[1]] = -1.0  # no suffix sums yet (see _suffixes)
+    lrsum[free, num_l] = -1.0  # no suffix sums yet (see _suffixes)
     return free
 
 
@@ -302,8 +303,19 @@ def _step_start(g, mt, lrid, S):
 @fn
 def _count_sums(cnt, b, ebuf, m, n, out):
     """``out[c] +=`` slot ``c``'s counts summed over the experts ``b + ebuf[:m]`` (integers:
-    exact in any order; ``out`` holds integers, as int64 or as floats)."""
+    exact in any order; ``out`` holds integers, as int64 or as floats). Six rows per pass
+    over the slots, then three, then one: ``out`` is read and written once per pass."""
     t = 0
+    while t + 5 < m:
+        ua = cnt[b + ebuf[t]]
+        ub = cnt[b + ebuf[t + 1]]
+        uc = cnt[b + ebuf[t + 2]]
+        ud = cnt[b + ebuf[t + 3]]
+        ue = cnt[b + ebuf[t + 4]]
+        uf = cnt[b + ebuf[t + 5]]
+        for c in range(n):
+            out[c] += ((ua[c] + ub[c]) + (uc[c] + ud[c])) + (ue[c] + uf[c])
+        t += 6
     while t + 2 < m:
         ua = cnt[b + ebuf[t]]
         ub = cnt[b + ebuf[t + 1]]
@@ -365,12 +377,16 @@ def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     most = 0.0
     later = False  # a later layer routed: the sums can differ (else every slot's is 0)
+    kept = lsq.shape[1] >= 2 * num_l  # the inverse row norms kept by routed
     for i in range(num_l):
-        nrm = math.sqrt(lsq[li, i])
-        buf[1, i] = 1.0 / nrm if nrm > 0 else 0.0
+        if kept:
+            buf[1, i] = lsq[li, num_l + i]
+        else:
+            nrm = math.sqrt(lsq[li, i])
+            buf[1, i] = 1.0 / nrm if nrm > 0 else 0.0
         if lrsum[li, i] > most:
             most = lrsum[li, i]
-        if i > j and nrm > 0:
+        if i > j and lsq[li, i] > 0:
             later = True
     if not later:  # the last layer, or a request's first step: every distance ties
         access[0] += 1.0
@@ -508,7 +524,7 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, mt, lrid, leam, lsq, lrs
     into the step ring and only the integer dot products are updated (the float ones when a
     match needs them, ``_catch_up``)."""
     S[IV, I_DEMPH] = 1
-    num_e = S[IV, I_NUME]
+    num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     lazy = _lazy(mt, lrid, ldots, S)
     g = mt[6][G_OFF] + s
     if lazy and mt[6][G_STEP] != g:
@@ -558,6 +574,9 @@ def routed(s, j, lkeys, n_keys, prio, req_off, req_ids, mt, lrid, leam, lsq, lrs
         for t in range(m):
             add += 2.0 * leam[li, b + ebuf[t]] + 1.0
         lsq[li, j] += add
+        if lsq.shape[1] >= 2 * num_l:  # the inverse norm, for _match_lazy's every call
+            nrm = math.sqrt(lsq[li, j])
+            lsq[li, num_l + j] = 1.0 / nrm if nrm > 0 else 0.0
         for t in range(m):
             leam[li, b + ebuf[t]] += 1.0
         lrsum[li, j] += m
@@ -863,19 +882,27 @@ MC_HEADS = 2
 
 
 @fn
-def _extend(idx, j, chi, lenw, need, eams, ordr, buf, mc, S):
+def _head_score(idx, i, j, q, lenw, eams, ordr, num_l, num_e):
+    """``priority``'s score of layer ``i``'s ``q``-th key of slot ``idx`` at layer ``j``
+    (-1 once the layer is used up); ``_merge_list``'s expression."""
+    if q >= lenw:
+        return -1.0
+    b = i * num_e
+    return (eams[idx, b + ordr[idx, b + q]] + 1e-8) * (1.0 - (i - j) / (num_l + 1))
+
+
+@fn
+def _extend(idx, j, chi, lenw, need, eams, ordr, buf, mc, mcs, S):
     """Slot ``idx``'s whole list at layer ``j`` (held keys included) merged on in ``mc[j]``
     until it holds ``need`` keys (or the list or ``mc``'s width ends): the merge of
     ``_merge_list`` (scores, decays and ties computed alike) without the cache's state,
-    resumed from the layers' heads kept in ``mc[j]``; a layer keeps the lead while its next
-    score beats the runner-up's, so most keys cost no scan of the layers."""
+    resumed from the layers' heads kept in ``mc[j]`` and their scores in ``mcs[j]`` (no
+    reads of the slot's rows to resume); a layer keeps the lead while its next score beats
+    the runner-up's, so most keys cost no scan of the layers."""
     num_l, num_e = S[IV, I_NUML], S[IV, I_NUME]
     off = MC_HEADS + num_l
     for i in range(j, chi + 1):
-        buf[3, i] = 1.0 - (i - j) / (num_l + 1)
-        b = i * num_e
-        q = mc[j, MC_HEADS + i]
-        buf[1, i] = (eams[idx, b + ordr[idx, b + q]] + 1e-8) * buf[3, i] if q < lenw else -1.0
+        buf[1, i] = mcs[j, i]
     stop = min(need, mc.shape[1] - off)
     t = mc[j, 1]
     while t < stop:
@@ -899,14 +926,15 @@ def _extend(idx, j, chi, lenw, need, eams, ordr, buf, mc, S):
             mc[j, off + t] = b + ordr[idx, b + q]
             t += 1
             q += 1
-            top = (eams[idx, b + ordr[idx, b + q]] + 1e-8) * buf[3, bi] if q < lenw else -1.0
+            top = _head_score(idx, bi, j, q, lenw, eams, ordr, num_l, num_e)
         mc[j, MC_HEADS + bi] = q
         buf[1, bi] = top
+        mcs[j, bi] = top
     mc[j, 1] = t
 
 
 @fn
-def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S):
+def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, mcs, S):
     """``_merge_list`` for one cache partition, walking slot ``idx``'s whole list at layer
     ``j`` kept in ``mc[j]`` (begun afresh when the matched slot changed: the same slot is
     matched again at the same layer for most steps; merged on as far as a walk needs): its
@@ -921,6 +949,7 @@ def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S):
         mc[j, 1] = 0
         for i in range(j, chi + 1):
             mc[j, MC_HEADS + i] = 0
+            mcs[j, i] = _head_score(idx, i, j, 0, lenw, eams, ordr, num_l, S[IV, I_NUME])
     total = (chi - j + 1) * lenw
     skip = S[B_SKIP, 0]
     n = 0
@@ -931,7 +960,7 @@ def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S):
                 break  # the whole list is walked
             if t == mc.shape[1] - off:
                 return -1
-            _extend(idx, j, chi, lenw, t + skip, eams, ordr, buf, mc, S)
+            _extend(idx, j, chi, lenw, t + skip, eams, ordr, buf, mc, mcs, S)
         stop = mc[j, 1]
         while t < stop and skip > 0:  # without branches: every key is written, absent ones kept
             k = mc[j, off + t]
@@ -945,8 +974,8 @@ def _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S):
 
 
 @fn
-def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, mt, access, ordr,
-                  lrid, leam, lsq, lrsum, ldots, ibuf, buf, mc, S, F):
+def demand_issued(s, j, timed, fuse, prio, horizon, mask, req_off, req_ids, eams, mt, access,
+                  ordr, lrid, leam, lsq, lrsum, ldots, ibuf, buf, mc, mcs, S, F):
     """``MoEInfinity.on_demand_issued``: match every running request, flush the link's queue,
     make the last match's list the candidate set and put its first absent keys (per partition
     ``prefetch_room() + E``, as ``_queueable``) in ``S[B_PKEYS]``; returns how many. With one
@@ -992,7 +1021,10 @@ def demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams, mt, 
     # only its absent keys are queued.
     if S[IV, I_NUMP] == 1 and mc.shape[1] > MC_HEADS + num_l:
         room = S[B_SKIP, 0]
-        n = _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S)
+        n = _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, mcs, S)
+        if n >= 0 and fuse and timed:  # queued here: nothing left for the kernel to queue
+            _queue_listed(n, S)
+            return 0
         if n >= 0:
             return n
         S[B_SKIP, 0] = room

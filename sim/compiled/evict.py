@@ -48,6 +48,7 @@ from moesim.sim.compiled.layout import (
     I_PSTAMP,
     I_SEQ,
     I_TCUR,
+    I_TOPOK,
     I_WASTED,
     INF,
     IV,
@@ -63,6 +64,7 @@ from moesim.sim.compiled.layout import (
     K_S2,
     K_STATE,
     L_HELD,
+    L_TOPV,
     NO_USE,
     P_CSUM,
     P_HEAD,
@@ -73,6 +75,9 @@ from moesim.sim.compiled.layout import (
     RESIDENT,
     SF,
     SFN,
+    TOP_NONE,
+    TOP_OFF,
+    TOP_SHIFT,
     fn,
     typed,
 )
@@ -114,6 +119,22 @@ def _hpush_unless_pinned(h, k, S):
 
 
 @fn
+def _settop(h, S):
+    """``L_TOPV[h]``: layer heap ``h``'s top packed as one int64 that orders as ``_less``
+    does (TOP_NONE when empty); a count or number outside the packing turns the packed scan
+    off for the rest of the run (``I_TOPOK``)."""
+    if S[P_HSIZE, h] == 0:
+        S[L_TOPV, h] = TOP_NONE
+        return
+    k = S[B_HKEY, S[P_HOFF, h]]
+    a = S[K_S1, k] + TOP_OFF
+    b = S[K_S2, k]
+    if a < 0 or a >= 2 * TOP_OFF or b < 0 or b >= (1 << TOP_SHIFT):
+        S[IV, I_TOPOK] = 0
+    S[L_TOPV, h] = (a << TOP_SHIFT) | b
+
+
+@fn
 def _mi_insert(ev, p, k, S):
     """``_VisitCounts.on_insert``: one visit, a new insertion number, one more non-candidate
     unless protected."""
@@ -126,6 +147,8 @@ def _mi_insert(ev, p, k, S):
     if ev == EV_MI_PRIO:
         S[P_CSUM, p] += 1
     _hpush_unless_pinned(S[K_HEAP, k], k, S)
+    if ev != EV_MI_PRIO:
+        _settop(S[K_HEAP, k], S)
 
 
 @fn
@@ -137,6 +160,8 @@ def _mi_evict(ev, p, k, S):
         S[P_CSUM, p] -= S[K_S1, k]
         S[K_S1, k] = 0
     _hremove(S[K_HEAP, k], k, S)
+    if ev != EV_MI_PRIO:
+        _settop(S[K_HEAP, k], S)
 
 
 @typed("i8(i8, b1, i8[:, ::1])")
@@ -304,6 +329,29 @@ def _prio_best(p, skip_cand, S, F):
 
 
 @fn
+def _least_top(lo, hi, skip_whole, S):
+    """The layer in ``lo..hi`` (without the candidates' layers ``CLO..CHI`` if
+    ``skip_whole``) whose heap top is least (``L_TOPV``), or -1 if their heaps are empty.
+    Its top, if it may be evicted, is ``_mi_best``'s victim: every other layer's best is
+    at least its own top, which is greater (the insertion numbers are distinct)."""
+    a1, b0 = hi, hi + 1  # the two ranges lo..a1 and b0..hi
+    if skip_whole:
+        a1 = min(hi, S[IV, I_CLO] - 1)
+        b0 = max(lo, S[IV, I_CHI] + 1)
+    best = -1
+    bv = TOP_NONE
+    for j in range(lo, a1 + 1):
+        if S[L_TOPV, j] < bv:
+            bv = S[L_TOPV, j]
+            best = j
+    for j in range(b0, hi + 1):
+        if S[L_TOPV, j] < bv:
+            bv = S[L_TOPV, j]
+            best = j
+    return best
+
+
+@fn
 def _mi_best(ev, p, skip_cand, S, F):
     if ev == EV_MI_PRIO:
         return _prio_best(p, skip_cand, S, F)
@@ -311,6 +359,13 @@ def _mi_best(ev, p, skip_cand, S, F):
     if S[IV, I_NUMP] > 1:
         lo, hi = p, p
     whole = S[IV, I_HASCAND] and S[IV, I_CWIDTH] == 0
+    if S[IV, I_TOPOK]:  # the least packed top; its key, if it may be evicted
+        v = _least_top(lo, hi, skip_cand and whole, S)
+        if v < 0:
+            return -1  # every heap in range is empty
+        v = _evictable_top(v, skip_cand, S)
+        if v >= 0:
+            return v
     best = -1
     for j in range(lo, hi + 1):
         if skip_cand and whole and S[IV, I_CLO] <= j <= S[IV, I_CHI]:
@@ -337,7 +392,7 @@ def _mi_victim(ev, p, S, F):
     demand = S[IV, I_DEMPH] != 0
     if protect and S[P_NC, p] == 0 and not demand:
         return -1
-    if protect:
+    if protect and S[P_NC, p] > 0:  # else no key may be evicted but a candidate
         v = _mi_best(ev, p, True, S, F)
         if v >= 0 or not demand:
             return v
@@ -403,6 +458,8 @@ def _on_access(ev, p, k, position, S, F, nocc):
         S[K_S1, k] += -1 if ev in (EV_VISITS_MAX, EV_MI_MAX) else 1
         if not S[K_OUT, k]:
             _hupdate(S[K_HEAP, k], k, S)
+            if ev >= EV_MI_MIN:
+                _settop(S[K_HEAP, k], S)
 
 
 @typed(f"i8(i8, i8, {SF})")

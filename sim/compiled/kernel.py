@@ -21,7 +21,7 @@ from moesim.sim.compiled.eamc import (
     routed,
     sort_all,
 )
-from moesim.sim.compiled.evict import _on_access
+from moesim.sim.compiled.evict import _on_access, _settop
 from moesim.sim.compiled.heaps import _hpush, _hremove, _to_tail, next_occurrences
 from moesim.sim.compiled.layout import (
     A_B2,
@@ -63,11 +63,13 @@ from moesim.sim.compiled.layout import (
     I_PERSIST,
     I_PF_HOST,
     I_PSTAMP,
+    I_QBASE,
     I_QCAP,
     I_RSIZE,
     I_SERVED,
     I_SWAPMODE,
     I_TCUR,
+    I_TOPOK,
     I_UNUSED,
     I_USEFUL,
     IV,
@@ -86,6 +88,7 @@ from moesim.sim.compiled.layout import (
     K_QSEQ,
     K_STATE,
     K_TODO,
+    L_TOPV,
     LATE,
     MISS,
     NO_USE,
@@ -106,6 +109,7 @@ from moesim.sim.compiled.layout import (
     PT_PRE,
     PT_ROUTED,
     RESIDENT,
+    TOP_NONE,
     V_CLIP,
     V_LT,
     V_NOW,
@@ -262,6 +266,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     if layer_heaps:
         for j in range(num_l):
             S[P_HOFF, j] = j * num_e
+            S[L_TOPV, j] = TOP_NONE
+    tops = ev == EV_MI_MIN or ev == EV_MI_MAX  # L_TOPV kept (evict._settop)
+    S[IV, I_TOPOK] = 1 if tops else 0
     S[IV, I_NUME] = num_e
     S[IV, I_NUML] = num_l
     S[IV, I_NUMP] = num_p
@@ -285,6 +292,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
     # (eamc._cached_list); no room for keys: merged at every call
     mcw = num_l + min(caps[0] + num_e, num_k) if mi_pf and num_p == 1 else 0
     mc = np.full((num_l, MC_HEADS + mcw), -1, np.int64)
+    mcs = np.zeros((num_l, num_l))  # the head scores of mc's merges (eamc._extend)
     ebuf = np.zeros(max(width, num_l) + 1, np.int64)
     buf = np.zeros((10, max(num_e, num_l, width, eams.shape[0]) + 1))  # eamc's scratch
     S[IV, I_ENGINES] = engines
@@ -368,9 +376,9 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                 position = base + width - 1
                 if hook_issued and point == PT_ISSUED:
                     if mi_pf:
-                        n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids,
-                                          eams, unit, access, ordr, lrid, leam, lsq, lrsum,
-                                          ldots, ebuf, buf, mc, S, F)
+                        n = demand_issued(s, j, timed, False, prio, horizon, mask, req_off,
+                                          req_ids, eams, unit, access, ordr, lrid, leam, lsq,
+                                          lrsum, ldots, ebuf, buf, mc, mcs, S, F)
                     else:
                         n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                         counting, table, S)
@@ -424,6 +432,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                         if heap and S[K_HPOS, k] >= 0:
                             _hremove(S[K_HEAP, k], k, S)
                             S[K_OUT, k] = 1
+                            if tops:
+                                _settop(S[K_HEAP, k], S)
             if hook_routed:
                 if mi_pf:
                     routed(s, j, lkeys, n_keys, prio, req_off, req_ids, unit, lrid, leam, lsq,
@@ -456,7 +466,7 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                             S[IV, I_SERVED] += 1
                 else:
                     kind = MISS
-                    if S[K_QSEQ, k] != 0:  # a queued prefetch, withdrawn and promoted
+                    if S[K_QSEQ, k] > S[IV, I_QBASE]:  # a queued prefetch, withdrawn, promoted
                         S[K_QSEQ, k] = 0
                         S[IV, I_NQ] -= 1
                         kind = PROMOTED
@@ -497,9 +507,10 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
             position = base + width - 1
             if hook_issued and point == PT_ISSUED:
                 if mi_pf:
-                    n = demand_issued(s, j, timed, prio, horizon, mask, req_off, req_ids, eams,
-                                      unit, access, ordr, lrid, leam, lsq, lrsum, ldots, ebuf,
-                                      buf, mc, S, F)
+                    # without CPU layers the walk queues its keys itself (_queue: no drops)
+                    n = demand_issued(s, j, timed, not any_cpu, prio, horizon, mask, req_off,
+                                      req_ids, eams, unit, access, ordr, lrid, leam, lsq,
+                                      lrsum, ldots, ebuf, buf, mc, mcs, S, F)
                 else:
                     n = _issue_keys(pf, s, j, num_l, num_e, ahead, top, wrap, warm,
                                     counting, table, S)
@@ -660,6 +671,8 @@ def replay(keys, counts, use_counts, counted, attn, shared, dense_step, dense_n,
                             S[K_OUT, k] = 0
                             if S[K_STATE, k] != ABSENT:
                                 _hpush(S[K_HEAP, k], k, S)
+                                if tops:
+                                    _settop(S[K_HEAP, k], S)
                 S[IV, I_PSTAMP] += 1
         if ev == EV_STALE:  # a new forward pass: every current key is stale again
             for p in range(num_p):

@@ -49,7 +49,14 @@ PA_HEAD, PA_TAIL, PA_LEN = 35, 40, 45  # + list id (1..5)
 # MoE-Infinity: candidate stamp per key (prefetch_width > 0), held non-candidates and visit
 # sum per partition, keys holding a slot per layer, the heap a key lives in.
 K_CAND, P_NC, P_CSUM, L_HELD, K_HEAP = 51, 52, 53, 54, 55
-NUM_ROWS = 56
+# moe_infinity_lfu's layer heaps (EV_MI_MIN / EV_MI_MAX): each heap's top as one int64,
+# ``(S1 + TOP_OFF) << TOP_SHIFT | S2`` (TOP_NONE when empty), so that the least top of a range
+# of layers is a scan of one contiguous row (sim.compiled.evict._mi_best)
+L_TOPV = 56
+NUM_ROWS = 57
+TOP_SHIFT = 40
+TOP_OFF = 1 << 21
+TOP_NONE = (1 << 63) - 1
 IV = 0  # row of S holding the int scalars
 F_FIN, F_RFIN, F_RSTART, F_FREE, F_ARCP = range(5)
 FV = 5  # row of F holding the float scalars
@@ -74,7 +81,13 @@ I_DUNI, I_TCUR = 40, 41
 # (0: no swap, 1: swap on its own stream, 2: swap before the load on the compute stream;
 # 3, 4: the same with ``swap: always``, every load copying one back).
 I_SWAPS, I_SWAPMODE = 42, 43
-NUM_IV = 44
+# The prefetch queue's base: a key is queued while its K_QSEQ is above it (emptying the queue
+# raises it to the last sequence number issued instead of visiting every entry).
+I_QBASE = 44
+# 1 while L_TOPV holds every layer heap's top (a moe_infinity_lfu run whose visit counts and
+# insertion numbers fit the packing; else 0: the plain scan)
+I_TOPOK = 45
+NUM_IV = 46
 # Columns of row FV of F.
 V_LT, V_BUSY, V_STALL_MISS, V_STALL_LATE, V_TIME, V_NOW, V_CLIP = range(7)
 # The link time at the GPU's last step boundary (compute stream: wall time less kernel time),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from moesim.sim.compiled.cache import _reserve
 from moesim.sim.compiled.layout import (
+    B_PKEYS,
     B_QKEY,
     B_QSEQ,
     B_RKEY,
@@ -23,6 +24,7 @@ from moesim.sim.compiled.layout import (
     I_COUNTING,
     I_ENGINES,
     I_EVICTIONS,
+    I_ISSUED,
     I_L_DEMAND,
     I_L_DROPPED,
     I_L_PREFETCH,
@@ -30,11 +32,13 @@ from moesim.sim.compiled.layout import (
     I_NQ,
     I_NUMP,
     I_PF_HOST,
+    I_QBASE,
     I_QHEAD,
     I_QTAIL,
     I_RSIZE,
     I_SWAPMODE,
     I_SWAPS,
+    I_TSTAMP,
     INF,
     IV,
     K_INFL,
@@ -161,6 +165,34 @@ def _queue_compact(S):
 
 
 @fn
+def _queue_listed(n, S):
+    """``Simulation.prefetch`` of the ``n`` keys in ``S[B_PKEYS]`` right after the queue was
+    emptied (``_cancel_all``), for a list of distinct absent keys (MoE-Infinity's walk): each
+    is queued unless in flight, as ``prefetch._prefetch`` queues it, without its checks that
+    cannot fail here (held, already queued) or the ring's compaction (the ring starts at 0 and
+    holds ``4 L E`` entries)."""
+    if n == 0:
+        return
+    S[IV, I_TSTAMP] += 1
+    tail = S[IV, I_QTAIL]
+    seq = S[IV, I_LSEQ]
+    for i in range(n):
+        k = S[B_PKEYS, i]
+        if not S[K_INFL, k]:
+            seq += 1
+            S[K_QSEQ, k] = seq
+            S[B_QKEY, tail] = k
+            S[B_QSEQ, tail] = seq
+            tail += 1
+    m = tail - S[IV, I_QTAIL]
+    S[IV, I_QTAIL] = tail
+    S[IV, I_LSEQ] = seq
+    S[IV, I_NQ] += m
+    if S[IV, I_COUNTING]:
+        S[IV, I_ISSUED] += m
+
+
+@fn
 def _drop_queued(S):
     """Every live queued prefetch dropped at once, as ``_advance`` drops them one by one
     after a first drop with MoE-Infinity's evictors and one cache partition: the next starts
@@ -172,14 +204,13 @@ def _drop_queued(S):
 
 @fn
 def _clear_queue(S):
-    """Empty the queue of prefetches; returns how many live ones it held (a key's queue
-    entry is live while its sequence number matches)."""
-    n = 0
-    for i in range(S[IV, I_QHEAD], S[IV, I_QTAIL]):
-        k = S[B_QKEY, i]
-        if S[K_QSEQ, k] == S[B_QSEQ, i]:
-            S[K_QSEQ, k] = 0
-            n += 1
+    """Empty the queue of prefetches; returns how many live ones it held. Without visiting
+    them: ``I_NQ`` counts the live entries (a key's entry is live while its sequence number
+    matches, and a key has at most one), and raising ``I_QBASE`` to the last sequence number
+    issued makes every key's number stale at once (a key is queued while its ``K_QSEQ`` is
+    above the base; numbers only grow)."""
+    n = S[IV, I_NQ]
+    S[IV, I_QBASE] = S[IV, I_LSEQ]
     S[IV, I_NQ] = 0
     S[IV, I_QHEAD] = 0
     S[IV, I_QTAIL] = 0

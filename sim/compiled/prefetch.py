@@ -20,6 +20,7 @@ from moesim.sim.compiled.layout import (
     I_NQ,
     I_PF_DROPPED,
     I_PF_STARTED,
+    I_QBASE,
     I_QCAP,
     I_QTAIL,
     I_TSTAMP,
@@ -56,13 +57,14 @@ def _prefetch(n, timed, touch, ev, position, S, F, nocc):
         _queue_compact(S)  # every key (a live key is queued once, so at most num_k live)
     tail = S[IV, I_QTAIL]  # the ring's scalars kept in locals for the call
     seq = S[IV, I_LSEQ]
+    base = S[IV, I_QBASE]  # queued: K_QSEQ above it
     for i in range(n):
         k = S[B_PKEYS, i]
         if S[K_STATE, k] != ABSENT:  # held: LRU-like evictions count the ask as a use
             if touch and (ev == EV_LRU or (ev == EV_STATIC and not S[K_HOT, k])):
                 _to_tail(S[K_PART, k], k, S)
         elif timed:
-            if S[K_QSEQ, k] == 0 and not S[K_INFL, k]:
+            if S[K_QSEQ, k] <= base and not S[K_INFL, k]:
                 seq += 1
                 S[K_QSEQ, k] = seq
                 S[B_QKEY, tail] = k

@@ -48,8 +48,15 @@ def _state(rng: np.random.Generator, num_l: int, num_e: int, held: float) -> np.
     return S
 
 
+def _kept(num_l: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fresh ``mc`` of ``width`` columns and its head scores (``_cached_list``'s ``mcs``),
+    as the kernel keeps them."""
+    return np.full((num_l, width), -1, np.int64), np.zeros((num_l, num_l))
+
+
 def _lists(S: np.ndarray, idx: int, j: int, chi: int, lenw: int, room: int,
-           eams: np.ndarray, ordr: np.ndarray, mc: np.ndarray, held_bound: int) -> None:
+           eams: np.ndarray, ordr: np.ndarray, kept: tuple[np.ndarray, np.ndarray],
+           held_bound: int) -> None:
     """Both lists from the same state, and the list by a plain sort."""
     num_l = int(S[IV, I_NUML])
     buf = np.zeros((10, 2 * num_l + 8))
@@ -58,7 +65,8 @@ def _lists(S: np.ndarray, idx: int, j: int, chi: int, lenw: int, room: int,
     n_ref = _merge_list(idx, j, chi, lenw, ibuf, eams, ordr, buf, S)
     want = S[B_PKEYS, :n_ref].copy()
     S[B_SKIP, 0] = room
-    n = _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, S)
+    mc, mcs = kept
+    n = _cached_list(idx, j, chi, lenw, eams, ordr, buf, mc, mcs, S)
     if mc.shape[1] - MC_HEADS - num_l >= room + held_bound:  # wide enough: never -1
         assert n >= 0
     if n >= 0:
@@ -89,8 +97,8 @@ def test_cached_list_equals_the_merge(seed: int) -> None:
     sort_all(eams, ordr, slots, num_l, num_e)
     cap = int(rng.integers(1, num_l * num_e + 1))
     width = num_l + min(cap + num_e, num_l * num_e)
-    mc = np.full((num_l, MC_HEADS + width), -1, np.int64)
-    narrow = np.full((num_l, MC_HEADS + num_l + 1), -1, np.int64)
+    mc = _kept(num_l, MC_HEADS + width)
+    narrow = _kept(num_l, MC_HEADS + num_l + 1)
     for _ in range(30):
         S = _state(rng, num_l, num_e, float(rng.random()))
         j = int(rng.integers(0, num_l))
@@ -105,13 +113,13 @@ def test_cached_list_equals_the_merge(seed: int) -> None:
         # mc is kept across the draws of the whole list (horizon and width are a run's
         # constants): same slot and layer (kept, extended) or not (begun afresh)
         if lenw != num_e or horizon >= 0:
-            fresh = np.full_like(mc, -1)
+            fresh = _kept(num_l, MC_HEADS + width)
             _lists(S, idx, j, chi, lenw, room, eams, ordr, fresh, held)
         else:
             if rng.random() < 0.3:
-                mc[:, 0] = -1
+                mc[0][:, 0] = -1
             _lists(S, idx, j, chi, lenw, room, eams, ordr, mc, held)
-        narrow[:, 0] = -1
+        narrow[0][:, 0] = -1
         _lists(S, idx, j, chi, lenw, room, eams, ordr, narrow, held)
 
 
@@ -123,10 +131,10 @@ def test_a_kept_list_follows_the_cache() -> None:
     eams = rng.integers(0, 6, (2, num_l * num_e)).astype(float)
     ordr = np.zeros((2, num_l * num_e), np.int64)
     sort_all(eams, ordr, 2, num_l, num_e)
-    mc = np.full((num_l, MC_HEADS + num_l + num_l * num_e), -1, np.int64)
+    mc, mcs = _kept(num_l, MC_HEADS + num_l + num_l * num_e)
     for held, room in ((0.0, 3), (0.5, 9), (0.9, 20), (0.0, 32), (0.3, 5)):
         S = _state(rng, num_l, num_e, held)
-        _lists(S, 1, 1, num_l - 1, num_e, room, eams, ordr, mc, num_l * num_e)
+        _lists(S, 1, 1, num_l - 1, num_e, room, eams, ordr, (mc, mcs), num_l * num_e)
     assert mc[1, 0] == 1 and mc[1, 1] == (num_l - 1) * num_e  # kept, extended to the end
 
 
