@@ -264,36 +264,57 @@ def test_input_files_and_stamps_name_what_a_hash_reads(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) -> None:
-    """The same sweep through ``submitit_local`` (every run composed in its own task) and
-    ``packed_local`` (composed once, in the sweep's process): the same folders, saved configs,
-    config hashes and tables; a failing run fails alone; a rerun skips the finished runs."""
+    """The same sweep through ``submitit_local`` (every run its own task and process, composed
+    there) and ``packed_local`` (composed once, in the sweep's process, several runs one after
+    the other in one task): the same folders, saved configs, config hashes and tables; a failing
+    run fails alone; both draw the sweep's progress bar from the sweep's own process (counting
+    the status files the tasks write); a rerun skips the finished runs.
+
+    (Also what tests/experiments/test_submitit.py's two sweeps checked: a plain submitit_local
+    sweep and a packed_local one with two runs per task.)"""
     pytest.importorskip(SUBMITIT)
+    import os
+    import re
+
     import pandas as pd
 
     trace = write_deepseek_shaped(tmp_path / "t.parquet", requests=2, tokens=4, seed=4)
     base = [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace}",
-            "policy=lru,belady", "cache.fraction=0.5,-1", "mode=zero_latency",
+            "policy=lru,belady", "cache.fraction=0.5,-1", "mode=zero_latency", "progress=true",
             "hydra.launcher.timeout_min=5"]
+    env = {**os.environ, "COLUMNS": "120"}
     found = {}
     for launcher, extra in (("submitit_local", []),
                             ("packed_local", ["hydra.launcher.runs_per_task=3"])):
         sweep = tmp_path / launcher
         cmd = [*base, f"hydra/launcher={launcher}", *extra, f"hydra.sweep.dir={sweep}"]
-        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                              check=False)
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
         assert proc.returncode == 2, proc.stderr[-3000:]  # a sweep with failed runs
         assert f"sweep {sweep}: 2 done, 0 skipped, 2 failed" in proc.stdout, proc.stdout
+        # the bar counts every finished run, failed ones included
+        assert re.search(r"sweep: 100%\|[^\n\r]*\| 4/4 ", proc.stderr), proc.stderr[-2000:]
         found[launcher] = (sweep_tables(sweep, status=True), cmd)
     plain, packed = found["submitit_local"][0], found["packed_local"][0]
     assert sorted(plain) == sorted(packed)
     assert sum(k.endswith("/summary.parquet") for k in plain) == 2
+    rows = pd.concat([v for k, v in plain.items() if k.endswith("/summary.parquet")])
+    assert sorted(rows["policy.name"]) == ["belady", "lru"]
+    assert (rows["trace.requests"] == 2).all() and rows["config_hash"].nunique() == 2
     for name, value in plain.items():
         if isinstance(value, pd.DataFrame):
             pd.testing.assert_frame_equal(value, packed[name])  # config hash included
         else:
             assert value == packed[name], name  # the config that ran is Hydra's composition
+    # submitit ran every run of the plain sweep as its own task, not Hydra in-process
+    assert len(list((tmp_path / "submitit_local").glob(".submitit/*/*_result.pkl"))) == 4
     sweep = tmp_path / "packed_local"
-    assert len(list(sweep.glob(".submitit/*/*_result.pkl"))) == 2  # 4 runs, 2 tasks
+    tasks = sorted(p.parent for p in sweep.glob(".submitit/*/*_result.pkl"))
+    assert len(tasks) == 2  # 4 runs, 2 tasks
+    # the first task ran lru@0.5, lru@-1 (failed) and belady@0.5 one after the other in its
+    # one process: both good runs' results; the second task only belady@-1, which failed
+    results = sorted(next(t.glob("*_log.out")).read_text().count("  results: ") for t in tasks)
+    assert results == [0, 2], results
     assert not (sweep / ".packs").exists()  # pack files removed once every task returned
     from moesim.experiments import packing
 
@@ -301,7 +322,7 @@ def test_packed_local_runs_what_submitit_local_runs_and_resumes(tmp_path: Path) 
     (sweep / ".packs" / "emptied").mkdir(parents=True)
     packing.write_pack(sweep / ".packs" / "killed" / "1.pkl", [(1, ["policy=lru"], None)], {})
     _age(sweep / ".packs" / "emptied", sweep / ".packs" / "killed")
-    again = subprocess.run(found["packed_local"][1], cwd=tmp_path, capture_output=True,
+    again = subprocess.run(found["packed_local"][1], cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=300, check=False)
     assert again.returncode == 2, again.stderr[-3000:]
     assert "note: 1 pack file(s) of earlier launches" in again.stderr, again.stderr[-3000:]

@@ -1,7 +1,13 @@
-"""A sweep through Hydra's submitit launcher, for real: ``hydra/launcher=submitit_local`` runs
-every job as its own process through submitit, as ``hydra/launcher=slurm`` does on a cluster
-(experiments/conf/hydra/launcher/slurm.yaml, the same plugin). Also the sweep's progress bar,
-which counts finished runs from the sweep's own process."""
+"""Hydra's submitit launcher and the packed launchers built on it: packing runs into tasks, the
+sweep's size, and the sweep's progress bar, which counts finished runs from the sweep's own
+process.
+
+The sweeps themselves, for real (``hydra/launcher=submitit_local`` runs every job as its own
+process through submitit, as ``hydra/launcher=slurm`` does on a cluster, the same plugin;
+``packed_local`` several runs per task; the bar drawn over both; a rerun skipping the finished
+runs), run in one test, tests/experiments/test_packing.py::
+test_packed_local_runs_what_submitit_local_runs_and_resumes, which compares the two launchers
+table for table (two sweeps here checked the same, at ~40 s of the suite)."""
 
 from __future__ import annotations
 
@@ -10,13 +16,9 @@ import functools
 import io
 import json
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import hypothesis.strategies as st
-import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -32,58 +34,6 @@ from moesim.experiments.sweep_summary import (
     runs_finished,
     sweep_size,
 )
-from tests.helpers import write_deepseek_shaped
-
-
-@pytest.fixture(scope="module")
-def trace_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_deepseek_shaped(tmp_path_factory.mktemp("submitit") / "t.parquet",
-                                 requests=2, tokens=4, seed=4)
-
-
-@pytest.mark.slow
-def test_submitit_local_sweep_runs_every_job(trace_file: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    proc = subprocess.run(
-        [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace_file}",
-         "policy=lru,belady", "progress=true", "hydra/launcher=submitit_local",
-         "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env={**os.environ, "COLUMNS": "120"}, capture_output=True, text=True,
-        timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/summary.parquet"))])
-    assert sorted(rows["policy.name"]) == ["belady", "lru"]
-    assert (rows["trace.requests"] == 2).all() and rows["config_hash"].nunique() == 2
-    assert list(sweep.glob(".submitit/*/*_result.pkl"))  # submitit ran them, not Hydra in-process
-    assert f"sweep {sweep}: 2 done, 0 skipped, 0 failed" in proc.stdout
-    assert re.search(r"sweep: 100%\|[^\n\r]*\| 2/2 ", proc.stderr), proc.stderr[-2000:]
-
-
-@pytest.mark.slow
-def test_packed_local_sweep_runs_two_runs_per_task_and_resumes(trace_file: Path,
-                                                               tmp_path: Path) -> None:
-    """``hydra/launcher=packed_local runs_per_task=2``: 4 runs in 2 submitit tasks (processes),
-    every run its own folder and config hash; the same command again skips all 4."""
-    sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "moesim", "sim", "-m", "trace=file", f"trace.path={trace_file}",
-           "policy=lru,belady", "cache.fraction=0.25,0.5", "hydra/launcher=packed_local",
-           "hydra.launcher.runs_per_task=2", "hydra.launcher.timeout_min=5",
-           f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = pd.concat([pd.read_parquet(p) for p in sorted(sweep.glob("*/summary.parquet"))])
-    assert len(rows) == 4 and rows["config_hash"].nunique() == 4
-    tasks = sorted(p.parent for p in sweep.glob(".submitit/*/*_result.pkl"))
-    assert len(tasks) == 2  # two tasks, not four
-    for task in tasks:  # each ran two runs, one after the other, in its one process
-        log = next(task.glob("*_log.out")).read_text()
-        assert log.count("  results: ") == 2, log[-2000:]
-    assert f"sweep {sweep}: 4 done, 0 skipped, 0 failed" in proc.stdout
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                           check=False)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"sweep {sweep}: 0 done, 4 skipped, 0 failed" in again.stdout
 
 
 def test_pack_and_unpack_keep_every_run_and_its_number() -> None:
