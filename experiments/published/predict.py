@@ -44,6 +44,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,6 +85,7 @@ LAYER_SPLITS = ("cpu_layers", "layer_offload")
 UNMODELLED_PLACEMENTS: dict[str, str] = {}  # none at present
 MAX_TOKENS = 64  # decode tokens per request replayed (the trace's requests, up to this)
 MAX_REQUESTS = 4
+BATCH_SEARCH = 256  # requests searched for a batch whose sequences all last the replay
 PROMPT_SEARCH = 64  # requests searched for recorded prompts (prefill entries)
 WARMUP = 8  # tokens per request that only warm a cache holding every expert
 RESERVE_GIB = 1.5  # CUDA context, activations and KV cache beside the weights (assumption)
@@ -155,16 +157,39 @@ def _read(name: str, requests: int) -> Trace:
 
 def _trace(name: str, batch: int = 1) -> Trace:
     """The first ``max(MAX_REQUESTS, batch)`` requests of the named trace, their first tokens
-    only; a trace with fewer requests than ``batch`` gives ``batch`` segments of its decode
-    tokens instead (:func:`batch_segments`)."""
+    only. A batch above 1 is :func:`full_batch`: ``batch`` sequences that all last the
+    replay."""
     requests = max(MAX_REQUESTS, batch)
     trace = _read(name, requests)
-    if len(trace.requests) < batch:
+    if batch > 1:
         try:
-            trace = batch_segments(trace, batch)
+            trace = full_batch(trace, batch, lambda: _read(name, BATCH_SEARCH))
         except ValueError as exc:
             raise NotPredictable(f"batch {batch}: trace {name}: {exc}") from None
     return trace.subset(requests, MAX_TOKENS + WARMUP)
+
+
+def full_batch(trace: Trace, batch: int, wider: Callable[[], Trace]) -> Trace:
+    """``batch`` sequences that each last the whole replay (``MAX_TOKENS + WARMUP`` tokens).
+    A published throughput cell keeps its batch full while it is timed (MoE-Gen pads every
+    request to one length and decodes each for the same number of tokens); replaying the
+    trace's first requests as they are would let the short ones finish, and the batch shrink
+    under the cell (DeepSeek-V2-Lite's prompts are 4 to 496 tokens: 32 fell to 9). So: the
+    first ``batch`` requests with enough tokens, in the trace's order, searched among the
+    first :data:`BATCH_SEARCH` (``wider``); a trace with too few such requests gives
+    :func:`batch_segments` of its tokens."""
+    from moesim.traces.trace import RequestRouting
+
+    need = MAX_TOKENS + WARMUP
+    if len(trace.requests) >= batch and all(len(r.phase) >= need
+                                            for r in trace.requests[:batch]):
+        return trace
+    wide = wider()
+    long = [r for r in wide.requests if len(r.phase) >= need][:batch]
+    if len(long) < batch:
+        return batch_segments(wide, batch)
+    return Trace(wide.meta, [RequestRouting(n, r.experts, r.phase, r.scores, r.tokens, r.label)
+                             for n, r in enumerate(long)])
 
 
 def batch_segments(trace: Trace, batch: int) -> Trace:

@@ -20,7 +20,13 @@ from moesim.experiments.published.fit import (
     fit_runtime,
     shipped_structure,
 )
-from moesim.experiments.published.predict import batch_segments, bus_generation
+from moesim.experiments.published.predict import (
+    MAX_TOKENS,
+    WARMUP,
+    batch_segments,
+    bus_generation,
+    full_batch,
+)
 from moesim.experiments.published.report import FIT_JSON, PREDICTIONS_CSV, effects_table
 from moesim.hw_profiles.runtime import list_runtimes, load_runtime
 
@@ -370,6 +376,27 @@ def test_batch_segments_cut_decode_tokens_round_robin() -> None:
     whole = batch_segments(_routing_trace([5, 5]), 2)
     assert [r.experts[:, 0, 0].tolist() for r in whole.requests] == [
         [0, 1, 2, 3, 4], [100, 101, 102, 103, 104]]
+
+
+def test_a_batch_keeps_every_sequence_for_the_whole_replay() -> None:
+    """Batch 2 over requests of 80, 3, 90 and 75 decode tokens (the replay needs MAX_TOKENS +
+    WARMUP): the first two long enough, in order (requests 0 and 2), renumbered; a batch the
+    first requests already fill is kept; too few long requests: batch_segments."""
+    n = MAX_TOKENS + WARMUP
+    wide = _routing_trace([n + 8, 3, n + 18, n + 3])
+    from moesim.traces.trace import Trace
+
+    first = Trace(wide.meta, wide.requests[:2])
+    out = full_batch(first, 2, lambda: wide)
+    assert [r.experts[1, 0, 0] for r in out.requests] == [0, 200]
+    assert [r.request_id for r in out.requests] == [0, 1]
+    filled = _routing_trace([n, n])
+    assert full_batch(filled, 2, lambda: wide) is filled
+    short = _routing_trace([n + 8, 3, 4])
+    got = full_batch(short, 3, lambda: short)
+    assert len(got.requests) == 3
+    assert [len(r.phase) for r in got.requests] == [len(r.phase) for r in
+                                                    batch_segments(short, 3).requests]
 
 
 def test_batch_segments_refuse_too_few_tokens() -> None:
