@@ -174,28 +174,6 @@ def test_cli_bad_input_is_one_clear_line(tmp_path):
     assert not list(tmp_path.rglob("summary.parquet"))
 
 
-def test_joblib_sweep_and_plot(tiny_trace, tmp_path):
-    proc = _cli("-m", "trace=file", f"trace.path={tiny_trace}", "policy=lru,belady",
-                "cache.fraction=0.1,0.5", "progress=false", "hydra/launcher=joblib",
-                "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(list((tmp_path / "sweep").rglob("summary.parquet"))) == 4
-    assert plot_main([str(tmp_path / "sweep")]) == 0
-    agg = pd.read_parquet(tmp_path / "sweep" / "aggregate.parquet")
-    assert len(agg) == 4
-    assert (tmp_path / "sweep" / "capacity.png").exists()
-    # Rerunning the same sweep skips every finished run and rewrites nothing.
-    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("summary.parquet")}
-    again = _cli("-m", "trace=file", f"trace.path={tiny_trace}", "policy=lru,belady",
-                 "cache.fraction=0.1,0.5", "progress=false", f"hydra.sweep.dir={tmp_path}/sweep",
-                 cwd=tmp_path)
-    assert again.returncode == 0 and again.stdout.count("already done") == 4
-    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
-    best = agg.groupby("cache.capacity_fraction")["hit_rate"].max()
-    assert (agg[agg["policy.name"] == "belady"].set_index("cache.capacity_fraction")["hit_rate"]
-            == best).all()
-
-
 def test_console_summary_names_the_runtime_that_ran(tiny_trace):
     """The printed header names a runtime profile when one ran (none: the roofline alone)."""
     from moesim.experiments.sim_app import format_summary

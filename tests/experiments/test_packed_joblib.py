@@ -2,7 +2,9 @@
 launcher with ``runs_per_task`` runs per joblib task, each run's config composed once (in the
 sweep's process) and Hydra's state unpickled once per worker; and the same packs run by workers
 forked from the sweep's process after it imported the simulator and loaded the trace. The runs
-themselves are the joblib launcher's, table for table and saved config for saved config."""
+themselves are the joblib launcher's, table for table and saved config for saved config; and
+moesim-plot draws the joblib sweep's folder (tests/experiments/test_app.py's own joblib sweep
+checked that, in ~7 s of the suite)."""
 
 from __future__ import annotations
 
@@ -113,6 +115,16 @@ def test_packed_sweeps_equal_joblib_and_resume(tmp_path: Path) -> None:
     plain = runs["joblib"][0]
     assert sum(k.endswith("/summary.parquet") for k in plain) == 4  # one folder per run
     assert sum(k.endswith("/per_layer.parquet") for k in plain) == 4
+    # moesim-plot on the joblib sweep's folder: its aggregate table and capacity figure, in
+    # which Belady has the best hit rate at every capacity
+    from moesim.experiments.plot import main as plot_main
+
+    assert plot_main([str(tmp_path / "joblib")]) == 0
+    agg = pd.read_parquet(tmp_path / "joblib" / "aggregate.parquet")
+    assert len(agg) == 4 and (tmp_path / "joblib" / "capacity.png").exists()
+    best = agg.groupby("cache.capacity_fraction")["hit_rate"].max()
+    assert (agg[agg["policy.name"] == "belady"].set_index("cache.capacity_fraction")["hit_rate"]
+            == best).all()
     for launcher in ("packed_joblib", "packed_fork"):
         packed = runs[launcher][0]
         assert sorted(plain) == sorted(packed)  # same folders, same tables
