@@ -26,7 +26,7 @@ from moesim.traces.cache import cache_root, entry_lock, sweep_temporaries
 from moesim.traces.model_card import ModelCard, card_from_mapping, load_card
 from moesim.traces.predictions import DEFAULT_MIN_COVERAGE, PredictionTable, read_predictions_meta
 from moesim.traces.store import read_request_ids
-from moesim.traces.trace import Trace
+from moesim.traces.trace import Trace, TraceMeta
 
 # Part of an imported trace's cache key: bump when importers write different files for the
 # same source (v2: prediction tables record the identity of the trace they belong to).
@@ -144,6 +144,24 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | Non
     )
 
 
+def open_run_predictions(cfg: DictConfig, meta: TraceMeta) -> Any:
+    """A streamed run's prediction table: opened, checked as :func:`load_run_predictions`
+    checks it, and read chunk by chunk (``sim.predictions.PredictionFile``)."""
+    trace_path = run_trace_file(cfg)
+    path = prediction_file(cfg, trace_path)
+    if path is None:
+        return None
+    from moesim.predictors.data import file_digest
+    from moesim.sim.predictions import PredictionFile
+
+    node = cfg.get("predictions") or {}
+    return PredictionFile(
+        path, meta.moe_layers, trace_meta=meta, trace_path=trace_path,
+        trace_digest=file_digest(trace_path),
+        min_coverage=float(node.get("min_coverage", DEFAULT_MIN_COVERAGE)),
+    )
+
+
 def _table_test_requests(cfg: DictConfig) -> set[int] | None:
     """The held-out requests a ``moesim-train`` table names in its notes (None: not one)."""
     given = (cfg.get("predictions") or {}).get("path")
@@ -152,6 +170,13 @@ def _table_test_requests(cfg: DictConfig) -> set[int] | None:
     notes = read_predictions_meta(resolve_path(given)).get("notes") or {}
     ids = str(notes.get("test_requests") or "") if isinstance(notes, dict) else ""
     return {int(x) for x in ids.split(",") if x.strip()} or None
+
+
+def replays_held_out(cfg: DictConfig) -> bool:
+    """Whether ``requests=auto`` replays a predictor's held-out requests only (a
+    ``predictor:<name>`` table, or a table whose notes name its test requests), as
+    :func:`load_run_trace` does: a subset a streamed run cannot select."""
+    return _predictor_spec(cfg) is not None or bool(_table_test_requests(cfg))
 
 
 def load_run_trace(cfg: DictConfig) -> Trace:

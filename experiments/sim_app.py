@@ -31,6 +31,8 @@ from moesim.experiments.inputs import (
     load_run_predictions,
     load_run_trace,
     model_card,
+    open_run_predictions,
+    replays_held_out,
     run_trace_file,
     sweep_input_hashes,
     with_card_bytes,
@@ -112,8 +114,9 @@ def run(cfg: DictConfig) -> tuple[RunResult, dict[str, Any]]:
     timed = cfg.mode == "timed"
     policy = OmegaConf.to_container(cfg.policy, resolve=True)
     predictions = None
-    if resolve(policy).needs(Knowledge.PREDICTIONS) and not stream.enabled:
-        predictions = load_run_predictions(cfg, trace)  # (streamed: the policy is refused)
+    if resolve(policy).needs(Knowledge.PREDICTIONS):
+        predictions = (open_run_predictions(cfg, meta) if stream.enabled
+                       else load_run_predictions(cfg, trace))
     # Zero-latency runs may drop layer pinning (MoE-Beyond's protocol has none); a timed GPU
     # always keeps the computing layer's experts.
     pin_layer = bool(c.pin_layer) or timed
@@ -269,10 +272,11 @@ def stream_outline(cfg: DictConfig) -> Any:
     if cfg.get("max_tokens") is not None:
         raise SimulationError("run.stream: max_tokens is not streamed (whole requests only)")
     which = str(cfg.get("requests") or "auto")
-    node = cfg.get("predictions") or {}
-    if which == "held_out" or (which == "auto" and node.get("path") is not None):
-        raise SimulationError(f"run.stream: requests={which} with prediction tables is not "
-                              "streamed (every request of the file, or the first max_requests)")
+    if which == "held_out" or (which == "auto" and replays_held_out(cfg)):
+        raise SimulationError(f"run.stream: requests={which} replays a subset of the "
+                              "requests (a predictor's held-out ones), which is not streamed "
+                              "(every request of the file, or the first max_requests: "
+                              "requests=all)")
     return TraceOutline.read(run_trace_file(cfg), cfg.get("max_requests"))
 
 

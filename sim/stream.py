@@ -55,8 +55,8 @@ threshold allows of an upper bound of the run's pairs: its tokens) stops before 
 further, with an error naming the table, the trace and the first request lacking one.
 
 Refused with one error naming the option (never an in-memory fallback): a prediction-table
-prefetcher without a table handed on (``moesim-sim`` does not open one for a streamed run
-yet), placements other than ``fetch``, a runtime's copy rules, transfer records and
+prefetcher without a table handed on (``moesim-sim`` opens ``predictions.path`` as a
+:class:`~moesim.sim.predictions.PredictionFile`), placements other than ``fetch``, a runtime's copy rules, transfer records and
 timelines, the SimPy engine.
 """
 
@@ -755,8 +755,7 @@ def simulate_streamed(trace: str | Path | TraceOutline, spec: PolicySpec,
         trace = TraceOutline.read(trace)
     if predictions is None and spec.needs(Knowledge.PREDICTIONS):
         raise _refuse(f"policy {spec.name!r} prefetches from a prediction table, and none was "
-                      "handed to the streamed run (moesim-sim does not open predictions.path "
-                      "for a streamed run yet; through the API, pass predictions="
+                      "handed to the streamed run (through the API, pass predictions="
                       "sim.predictions.PredictionFile(path, layer_ids, ...))")
     return simulate_stream(trace.path, spec, chunk_requests=stream.chunk_requests,
                            meta=trace.meta, max_requests=trace.max_requests,

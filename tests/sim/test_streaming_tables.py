@@ -130,11 +130,36 @@ def test_run_stream_option_hands_the_table_on(embedded: tuple[Path, Trace, Path]
         got = simulate(str(path), "moe_beyond_replay", predictions=source,
                        stream=StreamOptions(True, 6), **kw)
         assert_same(ref, got)
-    # none handed on (what moesim-sim does yet): refused by name
+    # none handed on: refused by name
     with pytest.raises(SimulationError, match=r"^run\.stream: policy 'moe_beyond_replay' "
                        r"prefetches from a prediction table, and none was handed"):
         simulate(str(path), "moe_beyond_replay", stream=StreamOptions(True, 6),
                  **_kwargs("timed", capacity=50))
+
+
+def test_moesim_sim_streams_its_table(embedded: tuple[Path, Trace, Path]) -> None:
+    """``moesim-sim run.stream=true`` with ``predictions.path``: the app opens the table as a
+    ``PredictionFile`` and the run equals the in-memory one; a predictor's held-out subset
+    (``requests=held_out``) stays refused by name."""
+    from hydra import compose, initialize_config_dir
+
+    from moesim.experiments.configs import CONF_DIR, register_configs
+    from moesim.experiments.sim_app import run
+
+    register_configs()
+    path, _, table = embedded
+    base = ["trace=file", f"trace.path={path}", "policy=moe_beyond_replay", "progress=false",
+            f"predictions.path={table}", "predictions.min_coverage=0.5", "max_requests=12"]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfgs = [compose("config", overrides=[*base, *extra]) for extra in
+                ([], ["run.stream=true", "run.chunk_requests=5"],
+                 ["run.stream=true", "requests=held_out"])]
+    (ref, ref_row), (streamed, row) = run(cfgs[0]), run(cfgs[1])
+    assert not ref_row["run.stream"] and row["run.stream"] and row["run.chunk_requests"] == 5
+    assert_same(ref, streamed)
+    assert streamed.summary["prefetch_transfers"] > 0
+    with pytest.raises(SimulationError, match=r"run\.stream: requests=held_out replays a subset"):
+        run(cfgs[2])
 
 
 def _partial_table(trace: Trace, seed: int, keep: float) -> dict:
