@@ -56,8 +56,8 @@ further, with an error naming the table, the trace and the first request lacking
 
 Refused with one error naming the option (never an in-memory fallback): a prediction-table
 prefetcher without a table handed on (``moesim-sim`` opens ``predictions.path`` as a
-:class:`~moesim.sim.predictions.PredictionFile`), placements other than ``fetch``, a runtime's copy rules, transfer records and
-timelines, the SimPy engine.
+:class:`~moesim.sim.predictions.PredictionFile`), placements other than ``fetch``, a
+runtime's copy rules, transfer records and timelines, the SimPy engine.
 """
 
 from __future__ import annotations
