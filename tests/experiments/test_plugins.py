@@ -1,7 +1,7 @@
 """Plugins: the worked example package (experiments/docs/examples/moesim_example_plugin),
 installed for real (pip, into a folder put on PYTHONPATH, so this environment is untouched),
-runs through its entry point in a joblib sweep and a submitit_local sweep; a module given as
-``plugins=[...]`` registers its policy in every worker; a policy defined in a notebook runs in
+runs through its entry points (a policy, a hardware profile) in a joblib sweep; a module given
+as ``plugins=[...]`` registers its policy in every worker; a policy defined in a notebook runs in
 ``moesim.sweep(n_jobs=2)``; and a plugin that fails is one error line."""
 
 from __future__ import annotations
@@ -65,35 +65,29 @@ def _rows(sweep: Path) -> pd.DataFrame:
     return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
 
 
-def test_entry_point_and_plugins_option_run_in_a_joblib_sweep(plugin_path: str,
-                                                              tmp_path: Path) -> None:
+def test_entry_points_and_plugins_option_run_in_a_joblib_sweep(plugin_path: str,
+                                                               tmp_path: Path) -> None:
+    """The example's policy (a moesim.policies entry point) and a ``plugins=[...]`` module's,
+    timed on the example's hardware profile (a moesim.hw_profiles entry point), in joblib's
+    worker processes, each of which composes its run and loads the plugins itself.
+
+    (This sweep used to run twice, once more through ``submitit_local`` with the profile: the
+    plugins load in ``sim_app.run``, whatever process a launcher runs it in, and submitit's own
+    processes are tested in tests/experiments/test_packing.py; ~13 s of the suite.)"""
     sweep = tmp_path / "joblib"
     proc = _sim(["-m", "policy=my_random,module_fifo", "cache.fraction=0.2,0.4",
-                 "plugins=[my_plugin_mod]", *SMALL, "hydra/launcher=joblib",
-                 "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={sweep}"], tmp_path, plugin_path)
+                 "plugins=[my_plugin_mod]", "hw=example_v100", "mode=timed", "max_requests=2",
+                 "progress=false", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                 f"hydra.sweep.dir={sweep}"], tmp_path, plugin_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"sweep {sweep}: 4 done, 0 skipped, 0 failed" in proc.stdout
     rows = _rows(sweep)
     assert sorted(rows["policy.name"]) == ["module_fifo", "module_fifo", "my_random", "my_random"]
     assert (rows["plugins"] == "['my_plugin_mod']").all()  # the row says what was imported
     assert rows["config_hash"].nunique() == 4 and (rows["hit_rate"] > 0).all()
-
-
-@pytest.mark.slow
-def test_entry_point_policy_and_profile_run_in_a_submitit_sweep(plugin_path: str,
-                                                                tmp_path: Path) -> None:
-    """Timed runs on the plugin's hardware profile (a moesim.hw_profiles entry point)."""
-    sweep = tmp_path / "submitit"
-    proc = _sim(["-m", "policy=my_random", "cache.fraction=0.2,0.4", "hw=example_v100",
-                 "max_requests=2", "progress=false", "hydra/launcher=submitit_local",
-                 "hydra.launcher.timeout_min=5", f"hydra.sweep.dir={sweep}"], tmp_path,
-                plugin_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = _rows(sweep)
-    assert list(rows["policy.name"]) == ["my_random", "my_random"]
-    assert list(rows["hw.name"]) == ["example_v100"] * 2 and (rows["mode"] == "timed").all()
-    assert "plugins" not in rows  # an entry point needs no option
-    assert list(sweep.glob(".submitit/*/*_result.pkl"))  # separate submitit jobs ran them
+    # timed on the plugin's profile; the entry point needed no option (my_random is not in it)
+    assert (rows["hw.name"] == "example_v100").all() and (rows["mode"] == "timed").all()
+    assert (rows["time_per_output_token_s"] > 0).all()
 
 
 def test_without_the_plugin_the_policy_is_one_error_line(tmp_path: Path) -> None:
@@ -124,6 +118,7 @@ def test_a_notebook_policy_runs_in_a_parallel_api_sweep(tmp_path: Path) -> None:
         assert list(table["policy.name"]) == ["notebook_fifo"] * 2 + ["fifo"] * 2
         # the subclass changes nothing: the same hit rates as the shipped FIFO
         assert list(table["hit_rate"][:2]) == list(table["hit_rate"][2:])
+        assert "plugins" not in table  # the column appears only when plugins=[...] was given
         statuses = [json.loads(p.read_text())["status"] for p in sorted(out.glob("*/status.json"))]
         assert statuses == ["done"] * 4
         again = moesim.sweep(policy=["notebook_fifo", "fifo"], cache=[0.2, 0.4],
