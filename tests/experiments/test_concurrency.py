@@ -34,20 +34,6 @@ def test_safe_dirname() -> None:
     assert len(long) == MAX_NAME and long != safe_dirname("x" * 499)
 
 
-def test_override_values_stay_inside_the_sweep_folder(trace_file: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "a" / "b" / "sweep"
-    proc = subprocess.run(
-        _cmd("-m", "trace=file", f"trace.path={trace_file}", "label=../../../x",
-             "cache.fraction=0.25", "progress=false", f"hydra.sweep.dir={sweep}"),
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    found = list(tmp_path.rglob("summary.parquet"))
-    assert len(found) == 1
-    # One folder level below the sweep: neither ../ nor the absolute trace path nested it.
-    assert found[0].parent.parent == sweep, found
-
-
 def test_two_identical_sweeps_into_one_folder(trace_file: Path, tmp_path: Path) -> None:
     """Each run folder is locked: the second sweep waits for a run, then skips it."""
     args = _cmd("-m", "trace=file", f"trace.path={trace_file}", "policy=lru,belady",
@@ -128,13 +114,19 @@ def test_killing_a_joblib_sweep_leaves_no_workers(tmp_path: Path) -> None:
 
 
 def test_a_bad_run_fails_alone_and_the_sweep_says_so(trace_file: Path, tmp_path: Path) -> None:
+    """Also: override values that would escape the sweep folder (``label=../../../x``, the
+    absolute trace path) stay inside it, one folder level below it (was a sweep of its own)."""
+    sweep = tmp_path / "a" / "b" / "sweep"
     args = _cmd("-m", "trace=file", f"trace.path={trace_file}", "cache.fraction=0.1,2,0.3",
-                "progress=false", f"hydra.sweep.dir={tmp_path}/sweep")
+                "label=../../../x", "progress=false", f"hydra.sweep.dir={sweep}")
     proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert f"sweep {tmp_path}/sweep: 2 done, 0 skipped, 1 failed" in proc.stdout
+    assert f"sweep {sweep}: 2 done, 0 skipped, 1 failed" in proc.stdout
     assert "error: cache.fraction=2: must be <= 1" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert len(list((tmp_path / "sweep").rglob("summary.parquet"))) == 2
+    found = list(tmp_path.rglob("summary.parquet"))
+    assert len(found) == 2
+    # One folder level below the sweep: neither ../ nor the absolute trace path nested it.
+    assert all(f.parent.parent == sweep for f in found), found
     again = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "0 done, 2 skipped, 1 failed" in again.stdout
