@@ -833,7 +833,7 @@ def _mi_state(sim: Simulation, w: Workload, most: int) -> tuple[np.ndarray, ...]
         lrsum = np.zeros((most, num_l + 1))
         lrsum[:, num_l] = -1.0
         mi[4:9] = (np.full(most, -1, np.int64), np.zeros((most, num_k)),
-                   np.zeros((most, num_l)), lrsum, np.zeros((most, 2 * num_l, cap)))
+                   np.zeros((most, 2 * num_l)), lrsum, np.zeros((most, 2 * num_l, cap)))
         mi[1] = compiled._matcher_tables(sim.prefetcher.eamc, w, most)
     return tuple(mi)
 

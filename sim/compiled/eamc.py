@@ -194,7 +194,7 @@ def begin(mt, num_s):
 @fn
 def _lazy(mt, lrid, ldots, S):
     """Whether the lazy match runs: masked, and its per-request tables sized for every live
-    request (a streamed run that re-sizes the live buffers runs eagerly)."""
+    request (``sim.stream._mi_state`` sizes them with the live buffers it re-sizes)."""
     return (mt[6][G_LAZY] != 0 and mt[7].shape[0] >= lrid.shape[0]
             and ldots.shape[1] >= 2 * S[IV, I_NUML])
 
