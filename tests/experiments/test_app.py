@@ -108,15 +108,30 @@ def test_every_model_card_composes(model):
     assert _cfg([f"model={model}"]).model.name == model
 
 
-@pytest.mark.parametrize("mode", ["timed", "zero_latency"])
-@pytest.mark.parametrize("policy", policy_names())
-def test_every_policy_runs(policy, mode, tiny_trace, tmp_path):
+@pytest.fixture(scope="module")
+def policy_cfgs(tiny_trace):
+    """Each policy's run config, composed once (0.15 s a composition) for both modes: ``mode``
+    is a plain top-level key, set per test."""
     from moesim.policies.registry import resolve
 
-    layout = resolve({"name": policy}).eviction.partition_required or "global"
-    cfg = _cfg(["trace=file", f"trace.path={tiny_trace}", f"policy={policy}", f"mode={mode}",
-                "progress=false", "cache.fraction=0.25", f"cache.partition={layout}"])
+    cfgs = {}
+    for policy in policy_names():
+        layout = resolve({"name": policy}).eviction.partition_required or "global"
+        cfgs[policy] = _cfg(["trace=file", f"trace.path={tiny_trace}", f"policy={policy}",
+                             "progress=false", "cache.fraction=0.25",
+                             f"cache.partition={layout}"])
+    return cfgs
+
+
+@pytest.mark.parametrize("mode", ["timed", "zero_latency"])
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_policy_runs(policy, mode, policy_cfgs, tmp_path):
+    import copy
+
+    cfg = copy.deepcopy(policy_cfgs[policy])
+    cfg.mode = mode
     result, row = run(cfg)
+    assert row["mode"] == mode
     s = result.summary
     assert s["accesses"] == 3 * 6 * 26 * 6
     assert row["policy.name"] == policy and row["cache.slots"] == 416
