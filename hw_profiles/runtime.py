@@ -454,7 +454,10 @@ class RuntimeLink:
     layer runs (HF accelerate's module offloading) copies num_experts / top_k experts' bytes per
     routed expert it misses; with no cache of its own every routed expert misses, so a layer
     costs its whole block (an expert reused from the minimal cache saves its share: understated
-    by that reuse).
+    by that reuse). That holds at batch 1; a batch that misses more than top_k distinct experts
+    of a layer pays more than one block here, as the ``fetch`` placement charges each miss.
+    ``layer_offload`` charges an offloaded layer's block once per step instead
+    (``sim.cpu_layers.offload_layer_times``).
     """
 
     base: Any  # TransferModel

@@ -231,17 +231,26 @@ def _runtime_options(where: str, raw: Any) -> dict[str, str]:
 # is interpolated from dated releases (+-60 builds), so builds near it are refused as unsure.
 LLAMA_CPP_ERAS: dict[str, tuple[int, int]] = {"llama_cpp": (0, 5100),
                                               "llama_cpp_graphs": (5220, 10**6)}
-_BUILD = re.compile(r"\b(?:b|build )(\d{3,6})\b")
+# A build as versions name it: ``b9603``, ``build 10809``, or llama-bench's ``build: 9db77a0
+# (8820)``; four or five digits, not part of a date, a version number or a word (``b200``,
+# ``build 2025-04-22`` and ``build 550.54`` are not builds).
+_BUILD = re.compile(r"(?<![\w.-])(?:b|build )(\d{4,5})(?![\w-])(?!\.\d)"
+                    r"|\bbuild:\s*[0-9a-f]{6,40}\s*\((\d{4,5})\)")
 
 
 def _check_build(where: str, runtime: str, version: str) -> None:
     """A llama.cpp entry whose version states its build must use that build's era profile:
     the two eras' per-token costs differ several-fold, so a wrong one is not a small error."""
     era = LLAMA_CPP_ERAS.get(runtime)
-    found = _BUILD.search(version) if era is not None else None
-    if era is None or found is None:
+    if era is None:
         return
-    build = int(found.group(1))
+    builds = {int(a or b) for a, b in _BUILD.findall(version)}
+    if not builds:
+        return
+    if len(builds) > 1:
+        raise _err(where, "version", f"names more than one llama.cpp build {sorted(builds)}; "
+                                     "name the measured one", version)
+    build = builds.pop()
     if era[0] <= build <= era[1]:
         return
     fits = [rt for rt, (lo, hi) in LLAMA_CPP_ERAS.items() if lo <= build <= hi]

@@ -17,8 +17,9 @@ What an entry maps to (every mapping a modelling choice, stated here and on the 
   next-layer prefetch issued right behind the layer's demand copies: an upper bound on what
   a speculative pre-loader achieves;
 - decode tokens of the trace's requests, at most ``MAX_TOKENS`` each, ``max(MAX_REQUESTS,
-  batch)`` requests decoded ``batch`` at a time (where the batch exceeds the trace's requests,
-  ``batch`` consecutive segments of its decode tokens, :func:`batch_segments`); the predicted
+  batch)`` requests decoded ``batch`` at a time; a batch above 1 takes requests that last the
+  whole replay (:func:`full_batch`; where the trace has too few, ``batch`` consecutive segments
+  of its decode tokens, :func:`batch_segments`); the predicted
   time per output token is the run's
   ``time_per_output_token_s`` (with a batch: step time over the batch's tokens), tokens/s its
   inverse (a throughput), a speed-up the ratio of two entries' predictions;
@@ -177,15 +178,17 @@ def full_batch(trace: Trace, batch: int, wider: Callable[[], Trace]) -> Trace:
     under the cell (DeepSeek-V2-Lite's prompts are 4 to 496 tokens: 32 fell to 9). So: the
     first ``batch`` requests with enough tokens, in the trace's order, searched among the
     first :data:`BATCH_SEARCH` (``wider``); a trace with too few such requests gives
-    :func:`batch_segments` of its tokens."""
+    :func:`batch_segments` of its decode tokens (a trace of prompts only, as DeepSeek-V2-Lite's,
+    has none to cut: ValueError). As many requests as the batch-1 replay's
+    (``max(MAX_REQUESTS, batch)``) where the trace has them."""
     from moesim.traces.trace import RequestRouting
 
-    need = MAX_TOKENS + WARMUP
-    if len(trace.requests) >= batch and all(len(r.phase) >= need
-                                            for r in trace.requests[:batch]):
+    need, keep = MAX_TOKENS + WARMUP, max(MAX_REQUESTS, batch)
+    if len(trace.requests) >= keep and all(len(r.phase) >= need
+                                           for r in trace.requests[:keep]):
         return trace
     wide = wider()
-    long = [r for r in wide.requests if len(r.phase) >= need][:batch]
+    long = [r for r in wide.requests if len(r.phase) >= need][:keep]
     if len(long) < batch:
         return batch_segments(wide, batch)
     return Trace(wide.meta, [RequestRouting(n, r.experts, r.phase, r.scores, r.tokens, r.label)

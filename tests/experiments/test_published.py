@@ -102,6 +102,10 @@ def _bad(**change) -> dict:
      "use runtime llama_cpp;"),
     ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "b5160"},
      "too near an era boundary to tell"),
+    ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "build: 9db77a0 (1629)"},
+     "the version states build 1629: use runtime llama_cpp;"),
+    ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "since b7821; b10809"},
+     "field 'version': names more than one llama.cpp build [7821, 10809]"),
 ])
 def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
                                                        words: str) -> None:
@@ -115,6 +119,8 @@ def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: d
     ("llama_cpp", "llama.cpp of mid-December 2023; commit not stated"),  # no build: no check
     ("llama_cpp", "b1629"), ("llama_cpp_graphs", "llama.cpp 5266f24 (build 10809)"),
     ("hqq_offload", "b9603"),  # only llama.cpp runtimes have eras
+    # not builds: a date, a driver version, a GPU name
+    ("llama_cpp_graphs", "built 2025-04-22 (build 2025-04-22), driver 550.54, on b200 nodes"),
 ])
 def test_a_build_inside_its_era_loads(tmp_path: Path, runtime: str, version: str) -> None:
     data = _bad(entries__0__runtime=runtime, entries__0__version=version)
@@ -379,22 +385,23 @@ def test_batch_segments_cut_decode_tokens_round_robin() -> None:
 
 
 def test_a_batch_keeps_every_sequence_for_the_whole_replay() -> None:
-    """Batch 2 over requests of 80, 3, 90 and 75 decode tokens (the replay needs MAX_TOKENS +
-    WARMUP): the first two long enough, in order (requests 0 and 2), renumbered; a batch the
-    first requests already fill is kept; too few long requests: batch_segments."""
-    n = MAX_TOKENS + WARMUP
-    wide = _routing_trace([n + 8, 3, n + 18, n + 3])
+    """Batch 2 over requests of 80, 3, 90, 75 and 77 decode tokens (the replay needs MAX_TOKENS
+    + WARMUP): the requests long enough, in order, as many as a batch-1 replay takes
+    (MAX_REQUESTS), renumbered; a trace whose first requests are all long is kept; too few long
+    requests for the batch: batch_segments."""
+    from moesim.experiments.published.predict import MAX_REQUESTS
     from moesim.traces.trace import Trace
 
+    n = MAX_TOKENS + WARMUP
+    wide = _routing_trace([n + 8, 3, n + 18, n + 3, n + 5])
     first = Trace(wide.meta, wide.requests[:2])
     out = full_batch(first, 2, lambda: wide)
-    assert [r.experts[1, 0, 0] for r in out.requests] == [0, 200]
-    assert [r.request_id for r in out.requests] == [0, 1]
-    filled = _routing_trace([n, n])
+    assert [r.experts[1, 0, 0] for r in out.requests] == [0, 200, 300, 400][:MAX_REQUESTS]
+    assert [r.request_id for r in out.requests] == list(range(len(out.requests)))
+    filled = _routing_trace([n] * MAX_REQUESTS)
     assert full_batch(filled, 2, lambda: wide) is filled
     short = _routing_trace([n + 8, 3, 4])
     got = full_batch(short, 3, lambda: short)
-    assert len(got.requests) == 3
     assert [len(r.phase) for r in got.requests] == [len(r.phase) for r in
                                                     batch_segments(short, 3).requests]
 
