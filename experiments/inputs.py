@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import replace
@@ -129,37 +129,32 @@ def load_run_predictions(cfg: DictConfig, trace: Trace) -> PredictionTable | Non
     """The run's prediction table, checked against the trace it is replayed on (identity,
     layers, ids, width, dtypes; its coverage of the replayed requests is checked when the
     simulation builds its view, against ``predictions.min_coverage``)."""
-    trace_path = run_trace_file(cfg)
-    path = prediction_file(cfg, trace_path)
-    if path is None:
-        return None
-    from moesim.predictors.data import file_digest
     from moesim.traces import load_predictions
 
-    node = cfg.get("predictions") or {}
-    return load_predictions(
-        path, trace.meta.moe_layers, trace_meta=trace.meta, trace_path=trace_path,
-        trace_digest=file_digest(trace_path),
-        min_coverage=float(node.get("min_coverage", DEFAULT_MIN_COVERAGE)),
-    )
+    return _run_table(cfg, trace.meta, load_predictions)
 
 
 def open_run_predictions(cfg: DictConfig, meta: TraceMeta) -> Any:
     """A streamed run's prediction table: opened, checked as :func:`load_run_predictions`
     checks it, and read chunk by chunk (``sim.predictions.PredictionFile``)."""
+    from moesim.sim.predictions import PredictionFile
+
+    return _run_table(cfg, meta, PredictionFile)
+
+
+def _run_table(cfg: DictConfig, meta: TraceMeta, reader: Callable[..., Any]) -> Any:
+    """``reader`` (the whole table, or a streamed run's file) on the run's prediction file,
+    with its trace's identity, digest and the run's coverage threshold; None without one."""
     trace_path = run_trace_file(cfg)
     path = prediction_file(cfg, trace_path)
     if path is None:
         return None
     from moesim.predictors.data import file_digest
-    from moesim.sim.predictions import PredictionFile
 
     node = cfg.get("predictions") or {}
-    return PredictionFile(
-        path, meta.moe_layers, trace_meta=meta, trace_path=trace_path,
-        trace_digest=file_digest(trace_path),
-        min_coverage=float(node.get("min_coverage", DEFAULT_MIN_COVERAGE)),
-    )
+    return reader(path, meta.moe_layers, trace_meta=meta, trace_path=trace_path,
+                  trace_digest=file_digest(trace_path),
+                  min_coverage=float(node.get("min_coverage", DEFAULT_MIN_COVERAGE)))
 
 
 def _table_test_requests(cfg: DictConfig) -> set[int] | None:

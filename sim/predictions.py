@@ -221,20 +221,11 @@ class PredictionFile:
     ) -> None:
         import pyarrow.parquet as pq
 
-        from moesim.traces.predictions import (
-            _check_schema,
-            check_identity,
-            read_predictions_meta,
-        )
+        from moesim.traces.predictions import open_checked
 
-        if not 0.0 <= float(min_coverage) <= 1.0:
-            raise TraceError(f"predictions.min_coverage must be in [0, 1], got {min_coverage}")
-        meta = read_predictions_meta(path)
-        if trace_meta is not None:
-            check_identity(meta, trace_meta, path=path, trace_path=trace_path,
-                           trace_digest=trace_digest)
-            num_experts = trace_meta.num_experts if num_experts is None else num_experts
-        _check_schema(path)
+        meta, num_experts = open_checked(path, num_experts=num_experts, trace_meta=trace_meta,
+                                         trace_path=trace_path, trace_digest=trace_digest,
+                                         min_coverage=min_coverage)
         self.path = Path(path)
         self.meta = meta
         self.available_at: str | None = meta.get("available_at")

@@ -233,6 +233,24 @@ def check_identity(
             )
 
 
+def open_checked(path: str | Path, *, num_experts: int | None, trace_meta: TraceMeta | None,
+                 trace_path: str | Path | None, trace_digest: str | None,
+                 min_coverage: float) -> tuple[dict[str, Any], int | None]:
+    """What every reader of a prediction table checks before reading its rows (the whole table
+    here, a streamed run's chunks in ``sim.predictions.PredictionFile``): the coverage
+    threshold, the recorded trace identity and the column types. Returns the file's metadata
+    and the number of experts to check expert ids against (the trace's, unless given)."""
+    if not 0.0 <= float(min_coverage) <= 1.0:
+        raise TraceError(f"predictions.min_coverage must be in [0, 1], got {min_coverage}")
+    meta = read_predictions_meta(path)
+    if trace_meta is not None:
+        check_identity(meta, trace_meta, path=path, trace_path=trace_path,
+                       trace_digest=trace_digest)
+        num_experts = trace_meta.num_experts if num_experts is None else num_experts
+    _check_schema(path)
+    return meta, num_experts
+
+
 def load_predictions(
     path: str | Path,
     layer_ids: tuple[int, ...],
@@ -251,14 +269,9 @@ def load_predictions(
     (:func:`check_identity`), column types, one width in 1..E, expert ids in [0, E) and distinct
     within a row. Every violation is a :class:`TraceError` naming the file.
     """
-    if not 0.0 <= float(min_coverage) <= 1.0:
-        raise TraceError(f"predictions.min_coverage must be in [0, 1], got {min_coverage}")
-    meta = read_predictions_meta(path)
-    if trace_meta is not None:
-        check_identity(meta, trace_meta, path=path, trace_path=trace_path,
-                       trace_digest=trace_digest)
-        num_experts = trace_meta.num_experts if num_experts is None else num_experts
-    _check_schema(path)
+    meta, num_experts = open_checked(path, num_experts=num_experts, trace_meta=trace_meta,
+                                     trace_path=trace_path, trace_digest=trace_digest,
+                                     min_coverage=min_coverage)
     out = PredictionTable()
     out.path = Path(path)
     out.meta = meta
