@@ -24,7 +24,6 @@ import numpy as np
 
 from moesim.sim.cache import SimulationError
 from moesim.sim.workload import Workload
-from moesim.traces.errors import TraceError
 from moesim.traces.trace import TraceMeta
 
 DEFAULT_MIN_COVERAGE = 0.99
@@ -190,7 +189,6 @@ def _union(workload: Workload, per_request: Mapping[int, np.ndarray], num_e: int
     return keys, missing, total, covered, first
 
 
-_COLUMNS = ["request_id", "token_idx", "layer", "predicted"]
 SCAN_ROWS = 1 << 16  # rows decoded at once (Arrow's buffers: a row group whole takes ~4x)
 
 
@@ -221,7 +219,13 @@ class PredictionFile:
     ) -> None:
         import pyarrow.parquet as pq
 
-        from moesim.traces.predictions import open_checked
+        from moesim.traces.predictions import (
+            COLUMNS,
+            check_rows,
+            decode_rows,
+            layer_index,
+            open_checked,
+        )
 
         meta, num_experts = open_checked(path, num_experts=num_experts, trace_meta=trace_meta,
                                          trace_path=trace_path, trace_digest=trace_digest,
@@ -232,8 +236,6 @@ class PredictionFile:
         self.trace_path = None if trace_path is None else Path(trace_path)
         self.min_coverage = float(min_coverage)
         self._layer_ids = [int(x) for x in layer_ids]
-        self._lut = np.full(max(self._layer_ids, default=0) + 1, -1, np.int64)
-        self._lut[self._layer_ids] = np.arange(len(self._layer_ids))
         self._num_e = num_experts
         self._file = pq.ParquetFile(str(path))
         self._starts = [0]  # each row group's first row in the file
@@ -244,9 +246,11 @@ class PredictionFile:
         for g in range(self._file.num_row_groups):
             ids = []
             for part in self._file.iter_batches(batch_size=SCAN_ROWS, row_groups=[g],
-                                                columns=_COLUMNS, use_threads=False):
-                rid, tok, layer, values = self._decode(part)
-                self._check(rid, tok, layer, values, at)
+                                                columns=COLUMNS, use_threads=False):
+                rid, tok, layer, values = decode_rows(part, self.path, self.width)
+                self.width = self.width or values.shape[1]
+                check_rows(rid, tok, layer, values, self._num_e, self.path, at)
+                layer_index(layer, self._layer_ids, self.path)
                 at += len(rid)
                 ids.append(np.unique(rid))
             self._starts.append(at)
@@ -258,67 +262,27 @@ class PredictionFile:
         order = np.lexsort((both[:, 1], both[:, 0]))
         self._index_ids, self._index_groups = both[order, 0], both[order, 1]
 
-    def _decode(self, part: Any) -> tuple[np.ndarray, ...]:
-        """Rows (a row group, or a slice of one) as (request ids, token indices, layers,
-        values ``[n, w]``); the width is the file's first row's, every row's checked."""
-        rid = np.asarray(part.column("request_id")).astype(np.int64)
-        tok = np.asarray(part.column("token_idx")).astype(np.int64)
-        layer = np.asarray(part.column("layer")).astype(np.int64)
-        if not len(rid):
-            return rid, tok, layer, np.zeros((0, max(self.width, 1)), np.int16)
-        arr = part.column("predicted")
-        if hasattr(arr, "combine_chunks"):
-            arr = arr.combine_chunks()
-        offs = arr.offsets.to_numpy().astype(np.int64)
-        widths = np.diff(offs)
-        if self.width == 0:
-            self.width = int(widths[0])
-        w = self.width
-        if (widths != w).any():
-            raise TraceError("predicted lists differ in width", file=self.path,
-                             field="predicted")
-        if w < 1:
-            raise TraceError("predicted lists are empty", file=self.path, field="predicted")
-        values = arr.values.to_numpy(zero_copy_only=False)[offs[0]:offs[-1]].reshape(-1, w)
-        return rid, tok, layer, values
-
-    def _check(self, rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: np.ndarray,
-               at: int) -> None:
-        """``load_predictions``' checks of rows ``at``.. of the file, naming the same row."""
-        from moesim.traces.predictions import _check_ids
-
-        path = self.path
-        if (tok < 0).any() or (rid < 0).any():
-            bad = int(np.flatnonzero((tok < 0) | (rid < 0))[0])
-            raise TraceError("negative request_id or token_idx", file=path, row=at + bad)
-        if self._num_e is not None:
-            try:
-                _check_ids(values, layer, int(self._num_e), path)
-            except TraceError as exc:  # the row in the file, not in this slice
-                raise TraceError(exc.reason, file=path, row=None if exc.row is None
-                                 else at + exc.row, field=exc.field) from None
-        known = (layer >= 0) & (layer < len(self._lut))
-        known[known] = self._lut[layer[known]] >= 0
-        if not known.all():
-            raise TraceError(
-                f"layer {int(layer[~known][0])} not in the trace's MoE layers "
-                f"{self._layer_ids}", file=path, field="layer")
-
     def _read(self, g: int) -> tuple[np.ndarray, ...]:
-        """Row group ``g`` (checked by the scan) with layer indices for layer ids."""
-        parts = [self._decode(part) for part in self._file.iter_batches(
-            batch_size=SCAN_ROWS, row_groups=[g], columns=_COLUMNS, use_threads=False)]
+        """Row group ``g`` (checked by the scan)."""
+        from moesim.traces.predictions import COLUMNS, decode_rows
+
+        parts = [decode_rows(part, self.path, self.width) for part in self._file.iter_batches(
+            batch_size=SCAN_ROWS, row_groups=[g], columns=COLUMNS, use_threads=False)]
         if not parts:
             z = np.zeros(0, np.int64)
             return z, z, z, np.zeros((0, max(self.width, 1)), np.int16)
-        rid, tok, layer, values = (np.concatenate(x) for x in zip(*parts, strict=True))
-        return rid, tok, self._lut[layer], values
+        return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
 
     def rows(self, request_ids: Iterable[int]) -> Any:
         """The predictions of ``request_ids`` (those the table has) as a ``PredictionTable``
         (``int16 [T, L, w]`` per request, -1 = no row) with this file's attributes; the row
         groups read stay cached until a call needs none of them."""
-        from moesim.traces.predictions import PredictionTable
+        from moesim.traces.predictions import (
+            PredictionTable,
+            fill_dense,
+            layer_index,
+            sorted_unique,
+        )
 
         want = np.unique(np.fromiter((int(r) for r in request_ids), np.int64))
         lo = np.searchsorted(self._index_ids, want, "left")
@@ -337,33 +301,9 @@ class PredictionFile:
             keep = np.isin(rid, want)
             parts.append((rid[keep], tok[keep], layer[keep], values[keep]))
             at.append(self._starts[g] + np.flatnonzero(keep))
-        rid, tok, lidx, values = (np.concatenate(x) for x in zip(*parts, strict=True))
-        rid, tok, lidx, values = _in_order(rid, tok, lidx, values, np.concatenate(at),
-                                           self._layer_ids, self.path)
-        starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
-        ends = np.r_[starts[1:], len(rid)]
-        num_l, w = len(self._layer_ids), values.shape[1]
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            dense = np.full((int(tok[a:b].max()) + 1, num_l, w), -1, dtype=np.int16)
-            dense[tok[a:b], lidx[a:b]] = values[a:b]
-            out[int(rid[a])] = dense
+        rid, tok, layer, values = (np.concatenate(x) for x in zip(*parts, strict=True))
+        rid, tok, layer, values = sorted_unique(rid, tok, layer, values, self.path,
+                                                rows=np.concatenate(at))
+        fill_dense(out, rid, tok, layer_index(layer, self._layer_ids, self.path), values,
+                   len(self._layer_ids))
         return out
-
-
-def _in_order(rid: np.ndarray, tok: np.ndarray, lidx: np.ndarray, values: np.ndarray,
-              rows: np.ndarray, layer_ids: Sequence[int], path: Path) -> tuple[np.ndarray, ...]:
-    """Some requests' rows in the trace's order (request, token, layer), each (request,
-    token, layer) once, as ``traces.predictions._sorted_unique`` orders the whole table;
-    ``rows``: each row's place in the file, for the error naming a repeated key's two rows.
-    (Layer indices sort as the layer ids: the trace's MoE layers ascend.)"""
-    order = np.lexsort((lidx, tok, rid))  # stable: the file's order where already right
-    rid, tok, lidx, values, rows = rid[order], tok[order], lidx[order], values[order], rows[order]
-    same = (rid[1:] == rid[:-1]) & (tok[1:] == tok[:-1]) & (lidx[1:] == lidx[:-1])
-    if same.any():
-        i = int(np.flatnonzero(same)[0])
-        first, second = sorted((int(rows[i]), int(rows[i + 1])))
-        raise TraceError(
-            f"(request_id, token_idx, layer) = ({int(rid[i])}, {int(tok[i])}, "
-            f"{int(layer_ids[int(lidx[i])])}) appears twice (rows {first} and {second}); each "
-            "may have one row", file=path, row=second, field="layer")
-    return rid, tok, lidx, values

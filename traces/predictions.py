@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,53 +278,93 @@ def load_predictions(
     out.available_at = meta.get("available_at")
     out.trace_path = None if trace_path is None else Path(trace_path)
     out.min_coverage = float(min_coverage)
-    table = pq.read_table(str(path), columns=["request_id", "token_idx", "layer", "predicted"])
+    table = pq.read_table(str(path), columns=COLUMNS)
     if table.num_rows == 0:
         return out
-    rid = table.column("request_id").to_numpy().astype(np.int64)
-    tok = table.column("token_idx").to_numpy().astype(np.int64)
-    layer = table.column("layer").to_numpy().astype(np.int64)
-    arr = table.column("predicted").combine_chunks()
+    rid, tok, layer, values = decode_rows(table, path)
+    check_rows(rid, tok, layer, values, num_experts, path)
+    rid, tok, layer, values = sorted_unique(rid, tok, layer, values, path)
+    fill_dense(out, rid, tok, layer_index(layer, layer_ids, path), values, len(layer_ids))
+    return out
+
+
+COLUMNS = ["request_id", "token_idx", "layer", "predicted"]
+
+
+def decode_rows(part: Any, path: str | Path, width: int = 0) -> tuple[np.ndarray, ...]:
+    """Rows of a table (the whole table, a row group or a slice of one) as request ids, token
+    indices, layer ids and the predicted lists ``[n, w]``; every list must have ``width``
+    entries (0: the first row's). One decoder for ``load_predictions`` and a streamed run's
+    ``sim.predictions.PredictionFile``."""
+    rid = np.asarray(part.column("request_id")).astype(np.int64)
+    tok = np.asarray(part.column("token_idx")).astype(np.int64)
+    layer = np.asarray(part.column("layer")).astype(np.int64)
+    if not len(rid):
+        return rid, tok, layer, np.zeros((0, max(width, 1)), np.int16)
+    arr = part.column("predicted")
+    if hasattr(arr, "combine_chunks"):  # a table's column is chunked, a batch's is not
+        arr = arr.combine_chunks()
     offs = arr.offsets.to_numpy().astype(np.int64)
     widths = np.diff(offs)
-    w = int(widths[0])
+    w = width or int(widths[0])
     if (widths != w).any():
         raise TraceError("predicted lists differ in width", file=path, field="predicted")
     if w < 1:
         raise TraceError("predicted lists are empty", file=path, field="predicted")
     values = arr.values.to_numpy(zero_copy_only=False)[offs[0] : offs[-1]].reshape(-1, w)
+    return rid, tok, layer, values
+
+
+def check_rows(rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: np.ndarray,
+               num_experts: int | None, path: str | Path, at: int = 0) -> None:
+    """Request ids and token indices >= 0, and (with ``num_experts``) :func:`_check_ids`;
+    the first bad row is named as row ``at`` + its index (rows read from ``at`` on)."""
     if (tok < 0).any() or (rid < 0).any():
         bad = int(np.flatnonzero((tok < 0) | (rid < 0))[0])
-        raise TraceError("negative request_id or token_idx", file=path, row=bad)
+        raise TraceError("negative request_id or token_idx", file=path, row=at + bad)
     if num_experts is not None:
-        _check_ids(values, layer, int(num_experts), path)
-    rid, tok, layer, values = _sorted_unique(rid, tok, layer, values, path)
-    lut = {lid: j for j, lid in enumerate(layer_ids)}
-    try:
-        lidx = np.fromiter((lut[x] for x in layer.tolist()), dtype=np.int64, count=len(layer))
-    except KeyError as exc:
-        raise TraceError(
-            f"layer {exc.args[0]} not in the trace's MoE layers {list(layer_ids)}",
-            file=path, field="layer",
-        ) from None
+        _check_ids(values, layer, int(num_experts), path, at)
+
+
+def layer_index(layer: np.ndarray, layer_ids: Sequence[int], path: str | Path) -> np.ndarray:
+    """Each row's layer id as its index among the trace's MoE layers ``layer_ids``; a layer
+    that is not one of them is an error naming the first such row's."""
+    ids = [int(x) for x in layer_ids]
+    lut = np.full(max(ids, default=0) + 1, -1, np.int64)
+    lut[ids] = np.arange(len(ids))
+    known = (layer >= 0) & (layer < len(lut))
+    known[known] = lut[layer[known]] >= 0
+    if not known.all():
+        raise TraceError(f"layer {int(layer[~known][0])} not in the trace's MoE layers {ids}",
+                         file=path, field="layer")
+    return lut[layer]
+
+
+def fill_dense(out: dict[int, np.ndarray], rid: np.ndarray, tok: np.ndarray, lidx: np.ndarray,
+               values: np.ndarray, num_layers: int) -> None:
+    """Rows sorted by request (:func:`sorted_unique`) into ``out``: per request ``int16 [T, L,
+    w]``, T its largest token index + 1, -1 where it has no row."""
+    if not len(rid):
+        return
     starts = np.flatnonzero(np.r_[True, rid[1:] != rid[:-1]])
     ends = np.r_[starts[1:], len(rid)]
-    for a, b in zip(starts, ends, strict=True):
-        dense = np.full((int(tok[a:b].max()) + 1, len(layer_ids), w), -1, dtype=np.int16)
+    for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+        dense = np.full((int(tok[a:b].max()) + 1, num_layers, values.shape[1]), -1,
+                        dtype=np.int16)
         dense[tok[a:b], lidx[a:b]] = values[a:b]
         out[int(rid[a])] = dense
-    return out
 
 
-def _sorted_unique(rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: np.ndarray,
-                   path: str | Path) -> tuple[np.ndarray, ...]:
+def sorted_unique(rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: np.ndarray,
+                  path: str | Path, rows: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
     """Rows in the trace's order (request, token, layer), each (request, token, layer) once.
 
     The table is read request by request, so rows written in another order (layer first, or
     one request's row moved to the end) used to split a request into pieces that overwrote
     each other, and a repeated row silently replaced the first: both ran with a wrong hit
     rate and 100 % coverage. Rows are sorted here (a stable sort: the file's order is kept
-    where it is already right) and a repeated key is an error naming both rows."""
+    where it is already right) and a repeated key is an error naming both rows (``rows``:
+    each row's place in the file, where these are some of its rows; else their order)."""
     same_rid, same_tok = rid[1:] == rid[:-1], tok[1:] == tok[:-1]
     ordered = bool(np.all((rid[1:] > rid[:-1]) | (same_rid & (
         (tok[1:] > tok[:-1]) | (same_tok & (layer[1:] >= layer[:-1]))))))
@@ -333,7 +373,8 @@ def _sorted_unique(rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: 
     same = (rid[1:] == rid[:-1]) & (tok[1:] == tok[:-1]) & (layer[1:] == layer[:-1])
     if same.any():
         i = int(np.flatnonzero(same)[0])
-        first, second = sorted((int(order[i]), int(order[i + 1])))
+        at = order if rows is None else rows[order]
+        first, second = sorted((int(at[i]), int(at[i + 1])))
         raise TraceError(
             f"(request_id, token_idx, layer) = ({int(rid[i])}, {int(tok[i])}, {int(layer[i])}) "
             f"appears twice (rows {first} and {second}); each may have one row",
@@ -342,8 +383,10 @@ def _sorted_unique(rid: np.ndarray, tok: np.ndarray, layer: np.ndarray, values: 
     return rid, tok, layer, values
 
 
-def _check_ids(values: np.ndarray, layer: np.ndarray, num_experts: int, path: str | Path) -> None:
-    """Expert ids in [0, E) and distinct within each row; the first bad row is named."""
+def _check_ids(values: np.ndarray, layer: np.ndarray, num_experts: int, path: str | Path,
+               at: int = 0) -> None:
+    """Expert ids in [0, E) and distinct within each row; the first bad row is named (as row
+    ``at`` + its index: rows read from ``at`` on)."""
     w = values.shape[1]
     if w > num_experts:
         raise TraceError(f"width {w} exceeds the trace's {num_experts} experts per layer",
@@ -354,7 +397,7 @@ def _check_ids(values: np.ndarray, layer: np.ndarray, num_experts: int, path: st
         val = int(values[row][bad[row]][0])
         raise TraceError(
             f"expert id {val} at layer {int(layer[row])} is outside [0, {num_experts}) "
-            "(the trace's experts per layer)", file=path, row=row, field="predicted",
+            "(the trace's experts per layer)", file=path, row=at + row, field="predicted",
         )
     if w > 1:
         srt = np.sort(values, axis=1)
@@ -362,4 +405,4 @@ def _check_ids(values: np.ndarray, layer: np.ndarray, num_experts: int, path: st
         if dup.any():
             row = int(np.flatnonzero(dup)[0])
             raise TraceError(f"predicted ids repeat within a row: {values[row].tolist()}",
-                             file=path, row=row, field="predicted")
+                             file=path, row=at + row, field="predicted")
