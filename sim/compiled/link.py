@@ -165,6 +165,27 @@ def _queue_compact(S):
 
 
 @fn
+def _enqueue(k, tail, seq, S):
+    """Key ``k`` queued at ring slot ``tail`` with sequence number ``seq`` (its entry is live
+    while the key's ``K_QSEQ`` matches; the callers keep ``tail`` and ``seq`` in locals and
+    publish them with :func:`_queue_commit`)."""
+    S[K_QSEQ, k] = seq
+    S[B_QKEY, tail] = k
+    S[B_QSEQ, tail] = seq
+
+
+@fn
+def _queue_commit(tail, seq, m, S):
+    """The ring's tail and last sequence number after ``m`` keys were queued
+    (:func:`_enqueue`), and the queued and (while counting) issued totals."""
+    S[IV, I_QTAIL] = tail
+    S[IV, I_LSEQ] = seq
+    S[IV, I_NQ] += m
+    if S[IV, I_COUNTING]:
+        S[IV, I_ISSUED] += m
+
+
+@fn
 def _queue_listed(n, S):
     """``Simulation.prefetch`` of the ``n`` keys in ``S[B_PKEYS]`` right after the queue was
     emptied (``_cancel_all``), for a list of distinct absent keys (MoE-Infinity's walk): each
@@ -180,16 +201,9 @@ def _queue_listed(n, S):
         k = S[B_PKEYS, i]
         if not S[K_INFL, k]:
             seq += 1
-            S[K_QSEQ, k] = seq
-            S[B_QKEY, tail] = k
-            S[B_QSEQ, tail] = seq
+            _enqueue(k, tail, seq, S)
             tail += 1
-    m = tail - S[IV, I_QTAIL]
-    S[IV, I_QTAIL] = tail
-    S[IV, I_LSEQ] = seq
-    S[IV, I_NQ] += m
-    if S[IV, I_COUNTING]:
-        S[IV, I_ISSUED] += m
+    _queue_commit(tail, seq, tail - S[IV, I_QTAIL], S)
 
 
 @fn

@@ -9,15 +9,12 @@ from moesim.sim.compiled.heaps import _to_tail
 from moesim.sim.compiled.layout import (
     ABSENT,
     B_PKEYS,
-    B_QKEY,
-    B_QSEQ,
     B_TODO,
     EV_LRU,
     EV_STATIC,
     I_COUNTING,
     I_ISSUED,
     I_LSEQ,
-    I_NQ,
     I_PF_DROPPED,
     I_PF_STARTED,
     I_QBASE,
@@ -40,7 +37,7 @@ from moesim.sim.compiled.layout import (
     fn,
     typed,
 )
-from moesim.sim.compiled.link import _queue_compact
+from moesim.sim.compiled.link import _enqueue, _queue_commit, _queue_compact
 
 
 # -- prefetch issue (Simulation.prefetch) ---------------------------------------------------
@@ -66,9 +63,7 @@ def _prefetch(n, timed, touch, ev, position, S, F, nocc):
         elif timed:
             if S[K_QSEQ, k] <= base and not S[K_INFL, k]:
                 seq += 1
-                S[K_QSEQ, k] = seq
-                S[B_QKEY, tail] = k
-                S[B_QSEQ, tail] = seq
+                _enqueue(k, tail, seq, S)
                 tail += 1
                 m += 1
         elif S[K_TODO, k] != stamp:  # listed once per call
@@ -76,11 +71,7 @@ def _prefetch(n, timed, touch, ev, position, S, F, nocc):
             S[B_TODO, m] = k
             m += 1
     if timed:
-        S[IV, I_QTAIL] = tail
-        S[IV, I_LSEQ] = seq
-        S[IV, I_NQ] += m
-        if counting:
-            S[IV, I_ISSUED] += m
+        _queue_commit(tail, seq, m, S)
         return
     done = 0
     for q in range(m):
