@@ -206,6 +206,34 @@ class RuntimeProfile:
         return f"{self.name}: " + ", ".join(parts)
 
 
+def _cpu_kernels(ctx: Ctx, raw: Mapping[str, Any] | None, name: str,
+                 fit: Any) -> CpuKernels | None:
+    """A runtime's ``cpu_kernels``: its own, or ``{same_as: <runtime>}``, the kernels of
+    another shipped runtime running the same CPU code (llama.cpp's build eras share ggml's),
+    so that their factors and sources live in one YAML. Shared factors are that runtime's to
+    fit, never this one's."""
+    if not raw:
+        return None
+    if "same_as" not in raw:
+        return parse_cpu_kernels(ctx, raw, name)
+    reject_unknown(ctx, raw, {"same_as"})
+    other = as_str(ctx.sub("same_as"), raw.get("same_as"), required=True)
+    if other == name:
+        raise ctx.sub("same_as").error("names this runtime itself", other)
+    if isinstance(fit, list) and any(str(f).startswith("cpu_kernels.") for f in fit):
+        raise ctx.sub("same_as").error(f"shared kernels are fitted in {other}'s profile, "
+                                       "not in fit here", other)
+    try:
+        shared = load_runtime(other).cpu_kernels
+    except ProfileError as exc:
+        raise ctx.sub("same_as").error(str(exc), other) from None
+    if shared is None:
+        raise ctx.sub("same_as").error(f"runtime {other!r} has no CPU kernels", other)
+    from dataclasses import replace
+
+    return replace(shared, runtime=name)
+
+
 def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
                          allow_bare: bool = True) -> RuntimeProfile:
     """Validate a runtime YAML (or a Hydra node) into a profile; one clear error on bad input."""
@@ -216,7 +244,7 @@ def runtime_from_mapping(data: Mapping[str, Any], where: str = "<runtime>",
                                "prefetch", "fit", "notes", "cpu_kernels", "compute"})
     name = as_str(ctx.sub("name"), data.get("name"), required=True)
     kraw = as_mapping(ctx.sub("cpu_kernels"), data.get("cpu_kernels"))
-    kernels = parse_cpu_kernels(ctx.sub("cpu_kernels"), kraw, name) if kraw else None
+    kernels = _cpu_kernels(ctx.sub("cpu_kernels"), kraw, name, data.get("fit") or [])
     copy = as_mapping(ctx.sub("copy"), data.get("copy")) or {}
     cctx = ctx.sub("copy")
     reject_unknown(cctx, copy, {"host_memory", "stream", "swap", "tensors_per_expert",

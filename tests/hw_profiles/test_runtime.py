@@ -77,12 +77,29 @@ def test_every_shipped_runtime_loads_and_none_adds_nothing() -> None:
     ({"name": "x", "compute": {"launches": 2}}, "compute"),
     ({"copy": {}}, "name"),
     ({"name": "x", "bogus": 1}, "<top level>"),
+    # CPU kernels shared with another runtime (``same_as``)
+    ({"name": "x", "cpu_kernels": {"same_as": "nope"}}, "cpu_kernels.same_as"),
+    ({"name": "x", "cpu_kernels": {"same_as": "x"}}, "cpu_kernels.same_as"),
+    ({"name": "x", "cpu_kernels": {"same_as": "hqq_offload"}}, "cpu_kernels.same_as"),
+    ({"name": "x", "cpu_kernels": {"same_as": "llama_cpp", "int4": _q(1)}}, "cpu_kernels"),
+    ({"name": "x", "cpu_kernels": {"same_as": "llama_cpp"}, "fit": ["cpu_kernels.int4"]},
+     "cpu_kernels.same_as"),
 ])
 def test_bad_runtime_is_one_error_naming_the_field(data: dict, field: str) -> None:
     with pytest.raises(ProfileError) as err:
         runtime_from_mapping(data, "rt.yaml", allow_bare=False)
     msg = str(err.value)
     assert msg.startswith("rt.yaml: field ") and field in msg and "\n" not in msg
+
+
+def test_shared_cpu_kernels_are_the_other_runtimes() -> None:
+    """llama.cpp's build eras run the same ggml CPU kernels: the graph era's profile takes
+    llama_cpp's factors (``cpu_kernels: {same_as: llama_cpp}``) under its own name."""
+    own = load_runtime("llama_cpp").cpu_kernels
+    shared = load_runtime("llama_cpp_graphs").cpu_kernels
+    assert own is not None and shared is not None
+    assert shared.rates == own.rates and shared.needs == own.needs == "avx2"
+    assert shared.runtime == "llama_cpp_graphs"
 
 
 def test_unknown_runtime_names_the_shipped_ones() -> None:
