@@ -238,7 +238,14 @@ _BUILD = re.compile(r"(?<![\w.-])(?:b|build )(\d{4,5})(?![\w-])(?!\.\d)"
                     r"|\bbuild:\s*[0-9a-f]{6,40}\s*\((\d{4,5})\)")
 
 
-def _check_build(where: str, runtime: str, version: str) -> None:
+# Turing and Volta GPUs (these hardware profiles) run llama.cpp's graphs only from PR #25749
+# (2026-07-16, about b10040; +-60 builds as above): a graph-era build before it runs their MoE
+# decode without graphs and without the host syncs, which neither profile models.
+GRAPHS_LATE_HW = frozenset({"t4", "quadro_rtx5000", "quadro_rtx6000", "v100_pcie", "v100_sxm2"})
+GRAPHS_LATE_FROM = 10100
+
+
+def _check_build(where: str, runtime: str, version: str, hw: str) -> None:
     """A llama.cpp entry whose version states its build must use that build's era profile:
     the two eras' per-token costs differ several-fold, so a wrong one is not a small error."""
     era = LLAMA_CPP_ERAS.get(runtime)
@@ -252,6 +259,11 @@ def _check_build(where: str, runtime: str, version: str) -> None:
                                      "name the measured one", version)
     build = builds.pop()
     if era[0] <= build <= era[1]:
+        if runtime == "llama_cpp_graphs" and hw in GRAPHS_LATE_HW and build < GRAPHS_LATE_FROM:
+            raise _err(where, "runtime", f"{hw} is a Turing/Volta GPU, which llama.cpp runs "
+                                         f"with CUDA graphs only from about b{GRAPHS_LATE_FROM}"
+                                         f"; build {build} is neither llama.cpp profile",
+                       runtime)
         return
     fits = [rt for rt, (lo, hi) in LLAMA_CPP_ERAS.items() if lo <= build <= hi]
     hint = f"use runtime {fits[0]}" if fits else "the build is too near an era boundary to tell"
@@ -316,7 +328,7 @@ def load_file(path: Path, runtimes: Sequence[str] | None = None) -> list[Entry]:
         runtime = _str(w, "runtime", merged.get("runtime"))
         if runtimes is not None and runtime not in runtimes:
             raise _err(w, "runtime", f"unknown runtime; shipped: {', '.join(runtimes)}", runtime)
-        _check_build(w, runtime, str(merged.get("version") or ""))
+        _check_build(w, runtime, str(merged.get("version") or ""), str(merged.get("hw") or ""))
         phase = merged.get("phase", "decode")
         if phase not in PHASES:
             raise _err(w, "phase", f"must be one of {list(PHASES)}", phase)

@@ -106,6 +106,10 @@ def _bad(**change) -> dict:
      "the version states build 1629: use runtime llama_cpp;"),
     ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "since b7821; b10809"},
      "field 'version': names more than one llama.cpp build [7821, 10809]"),
+    # a graph-era build on a Turing GPU (GOOD's T4) before Turing's graphs
+    ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "b9603"},
+     "field 'runtime': t4 is a Turing/Volta GPU, which llama.cpp runs with CUDA graphs only "
+     "from about b10100; build 9603 is neither llama.cpp profile"),
 ])
 def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
                                                        words: str) -> None:
@@ -126,6 +130,12 @@ def test_a_build_inside_its_era_loads(tmp_path: Path, runtime: str, version: str
     data = _bad(entries__0__runtime=runtime, entries__0__version=version)
     a = load_entries(_write(tmp_path, data), runtimes=list_runtimes())[0]
     assert a.runtime == runtime
+
+
+def test_a_graph_era_build_before_turing_graphs_loads_on_an_ampere_gpu(tmp_path: Path) -> None:
+    data = _bad(entries__0__runtime="llama_cpp_graphs", entries__0__version="b9603",
+                entries__0__hw="rtx3090")
+    assert load_entries(_write(tmp_path, data), runtimes=list_runtimes())[0].hw == "rtx3090"
 
 
 def test_cli_bad_input_exits_2_with_one_line(tmp_path: Path) -> None:
