@@ -46,7 +46,7 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -59,6 +59,7 @@ from moesim.hw_profiles.runtime import (
     load_runtime,
     with_structure,
 )
+from moesim.hw_profiles.schema import ProfileError
 from moesim.sim import capacity_slots, dense_layers_before, simulate
 from moesim.sim.hardware import host_side
 from moesim.traces.model_card import ModelCard, load_card
@@ -75,6 +76,10 @@ MODEL_TRACES: dict[str, str] = {
     # moe_ocs_learning's MLX capture: one prompt (36 prefill + 128 decode tokens), all 40 layers,
     # 256 experts top-8 (the native k)
     "qwen36_35b_a3b": "qwen36_35b_a3b",
+    # BigMoeOnEdge's prompts, top-6 of the native 8 and top-2 of the native 4: only entries
+    # whose time does not depend on which experts are routed (``routing_independent``)
+    "gemma4_26b_a4b": "gemma4_26b_a4b_bmoe",
+    "gpt_oss_120b": "gpt_oss_120b_bmoe",
 }
 PREDICTED_PLACEMENTS = ("fetch", "static_cpu", "cpu_on_miss", "fetch_or_cpu", "cpu_layers",
                         "layer_offload")
@@ -136,6 +141,7 @@ class Prepared:
     batch: int = 1  # requests decoded together (the entry's batch)
     replay: str = "decode"  # "prefill": the entry times the prompt (phase prefill)
     placement: Any = None  # the moesim placement ({"name": ...}; None: fetch)
+    routing: str = ""  # the routing replayed: the trace's name, and how it was completed
 
 
 @functools.cache
@@ -327,14 +333,25 @@ def prepare(entry: Entry) -> Prepared:
         entry.bits("experts"), entry.bits("attention"), entry.bits("shared"))
     from moesim.experiments.inputs import with_card_bytes
 
+    routing = trace_name
     if trace.meta.top_k < card.top_k:
-        raise NotPredictable(f"trace {trace_name} routes top-{trace.meta.top_k} of the model's "
-                             f"{card.top_k} experts per token (it would understate the work)")
+        if not routing_independent(entry):
+            raise NotPredictable(f"trace {trace_name} routes top-{trace.meta.top_k} of the "
+                                 f"model's {card.top_k} experts per token (it would understate "
+                                 "the work of a setup whose time depends on the routing)")
+        trace = complete_routing(trace, card.top_k, seed=0)
+        routing = f"{trace_name}, completed to top-{card.top_k} (routing-independent entry)"
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
     if entry.placement in LAYER_SPLITS:  # a GPU layer's experts all stay resident
         capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
     placement = placement_of(entry, card)
+    if placement == {"name": "static_cpu", "layers": None}:
+        # --n-cpu-moe: whole layers' experts on the CPU, every other layer's on the GPU from
+        # load (llama.cpp loads them before it serves), never fetched in the timed replay
+        cpu = max(card.num_moe_layers - capacity // card.num_experts, 0)  # as static_cpu does
+        placement = {"name": "static_cpu", "layers": cpu}
+        capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
     from moesim.policies.base import PolicyError
     from moesim.policies.registry import resolve
 
@@ -342,13 +359,70 @@ def prepare(entry: Entry) -> Prepared:
         resolve(policy_of(entry))
     except PolicyError:
         raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy") from None
-    profile = load_profile(entry.hw)
+    try:
+        profile = load_profile(entry.hw)
+    except ProfileError as exc:  # a GPU no profile describes yet (the entry names it)
+        raise NotPredictable(str(exc)) from None
     no_reuse = "none" in entry.cache and placement is None
     if no_reuse:
         trace = per_token_requests(trace)
     replay = "prefill" if entry.phase == "prefill" else "decode"
     return Prepared(entry, trace, card, profile, capacity, partition, warmup,
-                    bus_scale(entry, profile), no_reuse, entry.batch, replay, placement)
+                    bus_scale(entry, profile), no_reuse, entry.batch, replay, placement,
+                    routing)
+
+
+def routing_independent(entry: Entry) -> bool:
+    """True when the entry's predicted time cannot depend on which experts the tokens route
+    to, only on how many: one sequence decoding (each step reads exactly top-k experts per
+    MoE layer, all of one size) where every expert sits in a place fixed before the run --
+    all on the GPU (cache ``all``), whole layers' experts on the host CPU (``static_cpu``
+    with a global budget or none: ``--n-cpu-moe``, ``-ot exps=CPU``), or whole decoder
+    layers on the CPU (``cpu_layers``). A cache that evicts, a per-layer GPU share, a
+    prefetcher or a batch make the time depend on the routing. Such an entry of a model
+    whose trace records fewer than its native top-k is replayed on the trace completed to
+    top-k (:func:`complete_routing`); the engines' equality of the two is tested on models
+    whose traces have the native k."""
+    if entry.batch != 1 or entry.phase != "decode" or entry.prefetch != "none":
+        return False
+    if entry.placement == "fetch":
+        return "all" in entry.cache
+    if entry.placement == "static_cpu":
+        return "per_layer" not in entry.cache
+    return entry.placement == "cpu_layers"
+
+
+def complete_routing(trace: Trace, top_k: int, seed: int) -> Trace:
+    """``trace`` with every token's experts at every layer completed to ``top_k`` distinct
+    ones: the recorded experts first, then experts drawn without replacement from the rest
+    (``seed``). A layer the trace did not record for a token (a prompt's last layer, which
+    llama.cpp computes for the prompt's last token only) is drawn whole, as the decode replay
+    makes every token a step that routes at every layer. Scores are dropped (the added experts
+    have none). Only for entries whose time does not depend on the routing
+    (:func:`routing_independent`)."""
+    from moesim.traces.trace import RequestRouting
+
+    e, k = trace.meta.num_experts, trace.meta.top_k
+    if top_k < k or top_k > e:
+        raise ValueError(f"cannot complete top-{k} routing to top-{top_k} of {e} experts")
+    rng = np.random.default_rng(seed)
+    out = []
+    for req in trace.requests:
+        t, layers, _ = req.experts.shape
+        full = np.empty((t, layers, top_k), np.int16)
+        for i in range(t):
+            for j in range(layers):
+                have = req.experts[i, j]
+                have = have[have >= 0]
+                if len(have) not in (0, k) or len(np.unique(have)) != len(have):
+                    raise ValueError(f"request {req.request_id}, token {i}, layer {j}: "
+                                     f"neither {k} distinct recorded experts nor none")
+                full[i, j, :len(have)] = have
+                full[i, j, len(have):] = rng.choice(np.setdiff1d(np.arange(e), have),
+                                                    top_k - len(have), replace=False)
+        out.append(RequestRouting(req.request_id, full, req.phase, None, req.tokens,
+                                  req.label))
+    return Trace(replace(trace.meta, top_k=top_k), out)
 
 
 def placement_of(entry: Entry, card: ModelCard) -> dict[str, Any] | None:

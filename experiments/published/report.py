@@ -137,11 +137,13 @@ def _row(entry: Entry, preds: Predictions) -> dict[str, Any]:
         "cache": ",".join(f"{k}={v}" for k, v in entry.cache.items()),
         "prefetch": entry.prefetch, "bits": entry.bits("experts"), "measured": entry.value,
         "predicted": math.nan, "ratio": math.nan, "role": role, "not_predictable": "",
+        "routing": "",
     }
     try:
         runtime = load_runtime(entry.runtime)
         row["predicted"] = preds.value(entry, runtime)
         row["ratio"] = row["predicted"] / entry.value
+        row["routing"] = preds.prepared(entry).routing  # the trace replayed, as it was
     except NotPredictable as exc:
         row["role"] = "not_predictable"
         row["not_predictable"] = str(exc)

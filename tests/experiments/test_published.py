@@ -426,7 +426,8 @@ def test_qwen36_entries_replay_its_full_top8_trace() -> None:
     """Qwen3.6-35B-A3B entries replay the model's own trace (MODEL_TRACES): every layer, the
     native top-8 of 256 experts (a top-k below the card's would be refused), its one recorded
     prompt of 36 tokens cut to a prefill entry's input length and refused beyond it; a
-    ``--n-cpu-moe 18`` entry keeps the other 22 layers' experts on the GPU (static_cpu)."""
+    ``--n-cpu-moe 18`` entry keeps the other 22 layers' experts on the GPU from the start
+    (static_cpu with 18 layers and every other expert resident)."""
     from tests.traces.fixtures import require_shared
 
     require_shared("qwen36_qwen15_moe-ocs-learning")
@@ -447,8 +448,9 @@ def test_qwen36_entries_replay_its_full_top8_trace() -> None:
     with pytest.raises(NotPredictable, match="recorded prompt of 37 tokens"):
         prepare(replace(pre.entry, input_tokens=37))
     dec = prepare(entries["atsinfer_rtx3060_q36_ncmoe18_decode"])
-    assert dec.placement == {"name": "static_cpu", "layers": None}
-    assert (dec.capacity, dec.partition) == ((40 - 18) * 256, "global")
+    assert dec.placement == {"name": "static_cpu", "layers": 18}
+    # the other 22 layers' experts resident from the start (cold fetches are not llama.cpp's)
+    assert (dec.capacity, dec.partition, dec.warmup) == (40 * 256, "global", WARMUP)
 
 
 def test_deepspeed_entries_follow_zero3_structure() -> None:
@@ -546,3 +548,89 @@ def test_vllm_layer_cost_closed_form_at_batch_1(engine: str) -> None:
 
     layer = (copy(600) + 1e-3 + step / 2 + 1e-4) + 2 * (copy(2 * 1200) + 3e-4)
     assert res.summary["total_time_s"] == pytest.approx(3 * 2 * layer, rel=1e-9)
+
+
+def _top_k_trace(rows: list[list[list[int]]], num_experts: int = 8):
+    """One request of decode tokens: ``rows[t][layer]`` its recorded experts (-1: none)."""
+    import numpy as np
+
+    from moesim.traces.trace import DECODE, RequestRouting, Trace, TraceMeta
+
+    ex = np.array(rows, np.int16)
+    meta = TraceMeta(model="x", moe_layers=tuple(range(ex.shape[1])), num_experts=num_experts,
+                     top_k=ex.shape[2])
+    return Trace(meta, [RequestRouting(0, ex, np.full(ex.shape[0], DECODE, np.uint8))])
+
+
+def test_complete_routing_keeps_the_recorded_experts_and_draws_the_rest() -> None:
+    """Completed routing: the recorded experts first, the rest distinct and drawn by the seed;
+    an unrecorded layer drawn whole; half-recorded rows and a smaller k refused."""
+    import numpy as np
+
+    from moesim.experiments.published.predict import complete_routing
+
+    trace = _top_k_trace([[[1, 2], [-1, -1]], [[7, 0], [3, 4]]] * 20)
+    out = complete_routing(trace, 4, seed=0)
+    ex = out.requests[0].experts
+    assert out.meta.top_k == 4 and ex.shape == (40, 2, 4)
+    assert (ex[:, :, :2][trace.requests[0].experts >= 0]
+            == trace.requests[0].experts[trace.requests[0].experts >= 0]).all()
+    assert all(len(set(row.tolist())) == 4 and row.min() >= 0 and row.max() < 8
+               for row in ex.reshape(-1, 4))
+    assert np.array_equal(ex, complete_routing(trace, 4, seed=0).requests[0].experts)
+    assert not np.array_equal(ex, complete_routing(trace, 4, seed=1).requests[0].experts)
+    with pytest.raises(ValueError, match="neither 2 distinct recorded experts nor none"):
+        complete_routing(_top_k_trace([[[1, -1]]]), 4, seed=0)
+    with pytest.raises(ValueError, match="cannot complete top-2 routing to top-1"):
+        complete_routing(trace, 1, seed=0)
+
+
+@pytest.mark.shared
+def test_routing_independent_entries_predict_the_same_on_any_routing() -> None:
+    """What lets a model whose trace records fewer than its native top-k experts be predicted:
+    for a batch-1 decode entry with every expert in a fixed place (all on the GPU, whole
+    layers' experts on the CPU), the prediction on the model's real top-8 trace equals the
+    prediction on that trace cut to top-6 and completed to top-8 at random
+    (``complete_routing``), in both engines' default; an entry with an evicting cache differs
+    (the check can fail), and its cut trace is refused."""
+    from tests.traces.fixtures import require_shared
+
+    require_shared("qwen36_qwen15_moe-ocs-learning")
+    from dataclasses import replace
+
+    from moesim.experiments.published.predict import (
+        NotPredictable,
+        complete_routing,
+        predict_s_per_token,
+        prepare,
+        routing_independent,
+    )
+    from moesim.traces.trace import RequestRouting, Trace
+
+    def cut_and_completed(p):
+        t = p.trace
+        cut = Trace(replace(t.meta, top_k=6),
+                    [RequestRouting(r.request_id, r.experts[:, :, :6].copy(), r.phase)
+                     for r in t.requests])
+        return replace(p, trace=complete_routing(cut, 8, seed=3))
+
+    entries = {e.id: e for e in load_entries(runtimes=list_runtimes())}
+    for eid in ("club3090_rtx3090_q36_cerebellum_decode_code",  # whole model on the GPU
+                "atsinfer_rtx3060_q36_ncmoe18_decode",  # --n-cpu-moe 18
+                "homelab_rtx5000_q36_ncmoe24_tg128"):
+        e = entries[eid]
+        assert routing_independent(e), eid
+        p = prepare(e)
+        rt = load_runtime(e.runtime)
+        assert predict_s_per_token(cut_and_completed(p), rt) == pytest.approx(
+            predict_s_per_token(p, rt), rel=1e-12), eid
+    # an evicting cache of 4 experts per layer (mixtral-offloading's setup on Qwen3.6)
+    e = replace(entries["club3090_rtx3090_q36_cerebellum_decode_code"], cache={"per_layer": 64},
+                policy="lru")
+    assert not routing_independent(e)
+    p = prepare(e)
+    rt = load_runtime(e.runtime)
+    assert predict_s_per_token(cut_and_completed(p), rt) != pytest.approx(
+        predict_s_per_token(p, rt), rel=1e-3)
+    with pytest.raises(NotPredictable, match="time depends on the routing"):
+        prepare(replace(e, model="gpt_oss_120b"))

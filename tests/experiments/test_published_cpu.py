@@ -132,7 +132,9 @@ def test_a_cpu_placement_entry_runs_the_runtimes_kernels() -> None:
     from moesim.experiments.published.predict import predict_s_per_token
 
     p = prepare(_static_cpu_entry())
-    assert p.placement == {"name": "static_cpu", "layers": None}
+    # the budget's layer split, every GPU layer's expert resident from the start
+    assert p.placement["name"] == "static_cpu" and 0 < p.placement["layers"] < 32
+    assert p.capacity == 32 * 8 and p.warmup > 0
     rt = load_runtime("llama_cpp")
     slow = predict_s_per_token(p, with_values(rt, {"cpu_kernels.bf16": 1e-3}, "t"))
     fast = predict_s_per_token(p, with_values(rt, {"cpu_kernels.bf16": 1.0}, "t"))
