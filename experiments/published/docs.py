@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .fit import CALIBRATION
+from .fit import BLIND_SOURCES, CALIBRATION, NEAR_CALIBRATION
 from .report import EFFECTS_CSV, LOGO_CSV, PREDICTIONS_CSV, summary
 
 FIGURE = Path(__file__).resolve().parents[1] / "figures" / "published_predicted_vs_measured"
@@ -62,6 +62,13 @@ def render_summary(pred: pd.DataFrame) -> str:
     revised = set(audits.loc[audits["decision"] == "revised", "id"])
     rows.append(row("held out, never revised after their prediction was seen",
                     held_rows[~held_rows["id"].isin(revised)]))
+    # written down before any prediction of them, and the model not changed since they were seen
+    blind = held_rows["source"].isin(BLIND_SOURCES) & ~held_rows["id"].isin(revised)
+    rows.append(row("held out, blind: sources written down before any prediction of them "
+                    "(`fit.BLIND_SOURCES`), never revised", held_rows[blind]))
+    rows.append(row("held out, without repeats of a calibration setup "
+                    "(`fit.NEAR_CALIBRATION`)",
+                    held_rows[~held_rows["id"].isin(NEAR_CALIBRATION)]))
     for rt, g in held_rows.groupby("runtime"):  # where the error comes from
         rows.append(row(f"held out, runtime {rt}", g))
     rows += [

@@ -69,6 +69,32 @@ CALIBRATION: dict[str, tuple[str, ...]] = {
     # cells are held out. Declared in session 11 before any vLLM entry was predicted.
     "vllm": ("mi_lat_vllm_mixtral", "mi_lat_vllm_dsv2l"),
 }
+# Sources written down whole before any prediction of them was made or seen (blind tests of a
+# runtime committed earlier): source id -> the session and the commit that recorded them, which
+# precedes the first prediction of them. Their entries are held out like any other; the page
+# reports them on their own row, as the purest test of the model.
+BLIND_SOURCES: dict[str, str] = {
+    "jiegec_kb_rtx4090": "session 11, 1d0e442",
+    "local_llm_loop_qwable": "session 11, 1d0e442",
+    "llama_cpp_pr_16630": "session 11, 1d0e442",
+    "llama_cpp_pr_16834": "session 12, aed93ad",
+    "winc_cpp_gemma4_tiers": "session 12, 34fdef2",
+}
+# Held-out entries that repeat a calibration entry's setup (the same system, GPU and model, from
+# the same run or the same authors' group), with the reason: predictions of them say little
+# beyond the fit, so the page also reports the held-out set without them.
+NEAR_CALIBRATION: dict[str, str] = {
+    "club3090_rtx3090_q36_cerebellum_decode_code":
+        "the calibration run's RTX 3090, file and build, another prompt",
+    "mg_t9_deepspeed_mixtral_b1": "MoE-Infinity's authors' DeepSpeed on the A5000 at batch 1, "
+                                  "as the calibration cell mi_lat_ds_mixtral",
+    "mg_t9_deepspeed_dsv2l_b1": "MoE-Infinity's authors' DeepSpeed on the A5000 at batch 1, "
+                                "as the calibration cell mi_lat_ds_dsv2l",
+    "mg_t9_vllm_mixtral_b1": "MoE-Infinity's authors' vLLM on the A5000 at batch 1, as the "
+                             "calibration cell mi_lat_vllm_mixtral",
+    "mg_t9_vllm_dsv2l_b1": "MoE-Infinity's authors' vLLM on the A5000 at batch 1, as the "
+                           "calibration cell mi_lat_vllm_dsv2l",
+}
 # Declared structural alternatives (runtime -> YAML key -> choices), fitted like parameters.
 STRUCTURES: dict[str, dict[str, tuple[str, ...]]] = {
     # mixtral-offloading's public ExpertCache._swap copies every evicted expert back

@@ -159,6 +159,21 @@ def test_calibration_sets_are_declared_small_and_of_their_runtime() -> None:
             assert key in RANGES
 
 
+def test_blind_and_near_calibration_declarations_name_held_out_entries() -> None:
+    """``BLIND_SOURCES`` names shipped sources none of whose entries calibrates a runtime;
+    ``NEAR_CALIBRATION`` names held-out entries of a runtime with a calibration set."""
+    from moesim.experiments.published.fit import BLIND_SOURCES, NEAR_CALIBRATION
+
+    entries = load_entries(runtimes=list_runtimes())
+    calibration = {i for ids in CALIBRATION.values() for i in ids}
+    sources = {e.source.id for e in entries}
+    assert set(BLIND_SOURCES) <= sources
+    assert not any(e.id in calibration for e in entries if e.source.id in BLIND_SOURCES)
+    by_id = {e.id: e for e in entries}
+    for eid, why in NEAR_CALIBRATION.items():
+        assert eid not in calibration and by_id[eid].runtime in CALIBRATION and why
+
+
 def test_a_fit_never_sees_a_held_out_entry() -> None:
     entries = load_entries(runtimes=list_runtimes())
     seen: set[str] = set()
