@@ -79,6 +79,7 @@ BLIND_SOURCES: dict[str, str] = {
     "llama_cpp_pr_16630": "session 11, 1d0e442",
     "llama_cpp_pr_16834": "session 12, aed93ad",
     "winc_cpp_gemma4_tiers": "session 12, 34fdef2",
+    "insiderllm_bench_records": "session 12, c5a2ac1 to a4d0cb3",
 }
 # Held-out entries that repeat a calibration entry's setup (the same system, GPU and model, from
 # the same run or the same authors' group), with the reason: predictions of them say little
