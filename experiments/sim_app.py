@@ -288,19 +288,26 @@ def _placement_params(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _engine(cfg: DictConfig, trace: Any, streamed: bool) -> str:
-    """The configured engine, except for a small single run while the kernels are not compiled
-    yet: SimPy (the same results) and a background compile (``sim.compiled.warm``), so that a
-    first run does not wait ~40 s for the compiler. ``sim_engine`` records what ran."""
+    """The configured engine, except for a small run (alone or in a sweep) while the kernels are
+    not compiled yet: SimPy (the same results) and one background compile
+    (``sim.compiled.warm``), so that a first run or sweep does not wait ~40 s for the compiler.
+    ``sim_engine`` records what ran."""
     engine = str(cfg.get("engine", "auto"))
-    if streamed or engine != "auto":
-        return engine
+    if streamed or engine != "auto" or not HydraConfig.initialized():
+        return engine  # a library call compiles in its process
     from moesim.sim.compiled import warm
 
-    single = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN  # moesim-sim
+    kind: warm.RunKind = "run" if HydraConfig.get().mode == RunMode.RUN else "sweep"
     accesses = trace.num_tokens * trace.meta.num_moe_layers * trace.meta.top_k
-    chosen = warm.cold_start_engine(engine, accesses, single)
-    if chosen != engine and warm.start():
-        print(warm.NOTICE, file=sys.stderr, flush=True)
+    chosen = warm.cold_start_engine(engine, accesses, kind)
+    if chosen == engine:
+        return engine
+    state = warm.start(once=kind == "sweep")
+    if state in ("ready", "unlocked"):
+        return engine  # compiled meanwhile; or a sweep that cannot start one compile only
+    if state == "started" or (state == "busy" and kind == "run"):
+        # a sweep's runs: only the run that started the compile says so (once per sweep)
+        print(warm.NOTICE if kind == "run" else warm.SWEEP_NOTICE, file=sys.stderr, flush=True)
     return chosen
 
 

@@ -1,27 +1,44 @@
-"""A first run that does not wait for the compiler.
+"""A first run, or a first sweep, that does not wait for the compiler.
 
-Compiling the kernels costs ~40 CPU-s once (a fresh install, or any edit under
+Compiling the kernels costs ~40-70 CPU-s once (a fresh install, or any edit under
 ``sim/compiled/``), while a small run, such as the README's first command on the embedded trace
 (~80 k expert accesses), takes the SimPy engine about a second: the same results, run for run
-(the engine-equality tests). So a single command-line run with ``engine=auto``, cold kernels and
-at most :data:`SMALL_RUN_ACCESSES` accesses runs on SimPy (``summary.parquet``'s ``sim_engine``
-says so) and starts a compile of the kernels in the background (``python -m
-moesim.sim.compiled.warm``, detached, under :func:`~moesim.sim.compiled.stamp.compile_lock`),
-so the next larger run or sweep finds them compiled, or waits for that compile to finish
-instead of compiling beside it. Sweeps and library calls (:func:`moesim.simulate`) keep
-compiling in the process: their runs add up to more than the compile.
-``MOESIM_BACKGROUND_COMPILE=0`` turns the rule off (the test suite does, so that which engine ran
-never depends on the state of numba's cache).
+(the engine-equality tests). So a ``moesim-sim`` run with ``engine=auto`` and at most
+:data:`SMALL_RUN_ACCESSES` accesses, while the kernels are not ready (not cached, or being
+compiled by another process), runs on SimPy (``summary.parquet``'s ``sim_engine`` says so) and a
+compile of the kernels starts in the background (``python -m moesim.sim.compiled.warm``,
+detached, under :func:`~moesim.sim.compiled.stamp.compile_lock`), so that later runs find them
+compiled instead of compiling beside it.
+
+The rule covers a sweep's runs too (``-m``, every launcher: Hydra's in-process one, joblib, the
+packed and forked ones), although they may add up to more than the compile: a run that starts
+while the kernels compile costs SimPy about a second (a few for the slowest policies), time it
+would otherwise have spent waiting for the compile, so a sweep waits at most for the compile
+(plus one small run), as before, and usually much less; every run that starts after the compile
+has finished (the kernels cached, the lock free) runs compiled. The compile starts once per
+sweep, not once per run: a run takes the compile lock without waiting *before* it starts the
+compile and hands the lock to the compile process (:func:`start`), so every other run, in this
+process or another worker, finds the lock taken and only runs on SimPy, and only the run that
+started the compile prints the notice (:data:`SWEEP_NOTICE`, one line per sweep). Where no lock
+can be taken (no ``flock`` on the cache folder's file system), a sweep's runs compile in their
+own process as before: starting one compile per run would run them side by side. Library calls
+(:func:`moesim.simulate`) keep compiling in the process. ``MOESIM_BACKGROUND_COMPILE=0`` turns
+the rule off (the test suite does, so that which engine ran never depends on the state of
+numba's cache).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
 
+from moesim.sim.compiled import stamp
 from moesim.sim.compiled.stamp import compile_lock, kernels_cached
 
 # Largest run (expert accesses: tokens x MoE layers x top-k) worth its SimPy time while the
@@ -32,28 +49,86 @@ SMALL_RUN_ACCESSES = 100_000
 ENV = "MOESIM_BACKGROUND_COMPILE"
 NOTICE = ("the simulator's kernels are not compiled yet: this small run uses the SimPy engine "
           "(the same results); they compile in the background for later runs (~40 s, once)")
+SWEEP_NOTICE = ("the simulator's kernels are not compiled yet: this sweep's small runs use the "
+                "SimPy engine (the same results) until they are; they compile in the "
+                "background (~40 s, once)")
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+RunKind = Literal["run", "sweep"]
+Started = Literal["started", "busy", "ready", "unlocked", "failed"]
 
 
-def cold_start_engine(engine: str, accesses: int, single_run: bool) -> str:
-    """The engine a command-line run should ask for: ``python`` for a small single run with
-    ``engine=auto`` while the kernels are not compiled (and the rule is on), else ``engine``."""
-    if (engine != "auto" or not single_run or accesses > SMALL_RUN_ACCESSES
-            or os.environ.get(ENV, "1") == "0" or kernels_cached()):
+def compiling() -> bool:
+    """True while another process holds the compile lock: it is compiling the kernels (the
+    lock is held for a compile only), and a run that wanted them would wait for it."""
+    with compile_lock(blocking=False) as state:
+        return state == "busy"
+
+
+def cold_start_engine(engine: str, accesses: int, kind: RunKind | None) -> str:
+    """The engine a ``moesim-sim`` run (``kind``: ``"run"`` alone, ``"sweep"`` one of a
+    sweep's; None: a library call) should ask for: ``python`` for a small run with
+    ``engine=auto`` while the kernels are not ready (not cached, or being compiled) and the rule
+    is on, else ``engine``."""
+    if (engine != "auto" or kind is None or accesses > SMALL_RUN_ACCESSES
+            or os.environ.get(ENV, "1") == "0"):
+        return engine
+    if kernels_cached() and not compiling():
         return engine
     return "python"
 
 
-def start() -> bool:
-    """Start the background compile, detached from this process and its terminal; True if
-    started. It exits at once when another process holds the compile lock."""
+def start(once: bool = False) -> Started:
+    """Start the background compile, detached from this process and its terminal.
+
+    The compile lock is taken here without waiting and handed to the compile process (an
+    inherited descriptor of the same lock), so that no other run starts one meanwhile.
+    Returns ``"started"``; ``"busy"`` when another process holds the lock (compiling: nothing
+    started); ``"ready"`` when the lock was free and the kernels are cached after all (a compile
+    has just finished); ``"failed"`` when the process could not be started. Where no lock can
+    be taken (no ``fcntl``, an unwritable cache folder, a file system without ``flock``) the
+    compile is started unlocked (``"started"``), or with ``once`` (a sweep, whose every run
+    calls this) nothing is started and ``"unlocked"`` returned."""
+    try:
+        import fcntl
+    except ImportError:
+        return "unlocked" if once else _spawn(None)
+    folder = stamp.cache_folder()
+    try:
+        if folder is None:
+            raise OSError("numba's cache locator moved")
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / stamp._LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError:
+        return "unlocked" if once else _spawn(None)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _BUSY:
+                return "busy"
+            return "unlocked" if once else _spawn(None)
+        if kernels_cached():
+            return "ready"
+        return _spawn(fd)  # the child holds the lock now; closing here leaves it so
+    finally:
+        os.close(fd)
+
+
+def _spawn(lock_fd: int | None) -> Started:
+    """``python -m moesim.sim.compiled.warm [--lock-fd N]``, detached (its own session, no
+    terminal), ``lock_fd`` (holding the compile lock) inherited as the same descriptor."""
+    args = [sys.executable, "-m", "moesim.sim.compiled.warm"]
+    if lock_fd is not None:
+        args += ["--lock-fd", str(lock_fd)]
     try:
         subprocess.Popen(
-            [sys.executable, "-m", "moesim.sim.compiled.warm"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True)
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+            pass_fds=() if lock_fd is None else (lock_fd,))
     except OSError:
-        return False
-    return True
+        return "failed"
+    return "started"
 
 
 def compile_kernels() -> None:
@@ -85,8 +160,28 @@ def compile_kernels() -> None:
                      seed=0, engine="compiled")
 
 
-def main() -> int:
-    """Compile the kernels unless they are cached or another process is compiling them."""
+def _let_go(lock_fd: int) -> None:
+    """Release the compile lock handed over by :func:`start`, once this process has imported
+    what the compile needs: :func:`main` takes it again at once, in the way the engine's own
+    takes of it recognise (a process can not take a ``flock`` twice through two descriptors).
+    Between the two, a process waiting for the lock may take it and compile instead of this one
+    (then this one steps aside): either way one compile."""
+    import fcntl
+    from importlib import import_module
+
+    for name in ("moesim.hw_profiles", "moesim.sim", "moesim.traces.model_card"):
+        import_module(name)  # what compile_kernels imports: the lock is free for microseconds
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+    finally:
+        os.close(lock_fd)
+
+
+def main(args: Sequence[str] = ()) -> int:
+    """Compile the kernels unless they are cached or another process is compiling them
+    (``--lock-fd N``: :func:`start` handed this process the compile lock as descriptor N)."""
+    if list(args[:1]) == ["--lock-fd"] and len(args) == 2:
+        _let_go(int(args[1]))
     with compile_lock(blocking=False) as state:
         if state == "busy" or kernels_cached():
             return 0
@@ -97,4 +192,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
