@@ -66,6 +66,12 @@ def render_summary(pred: pd.DataFrame) -> str:
     blind = held_rows["source"].isin(BLIND_SOURCES) & ~held_rows["id"].isin(revised)
     rows.append(row("held out, blind: sources written down before any prediction of them "
                     "(`fit.BLIND_SOURCES`), never revised", held_rows[blind]))
+    # the headline without the latest session's blind sources (what they moved, and how)
+    session = {src: int(when.split(",")[0].split()[1]) for src, when in BLIND_SOURCES.items()}
+    latest = max(session.values())
+    new = [src for src, n in session.items() if n == latest]
+    rows.append(row(f"held out, without the sources added in session {latest}",
+                    held_rows[~held_rows["source"].isin(new)]))
     rows.append(row("held out, without repeats of a calibration setup "
                     "(`fit.NEAR_CALIBRATION`)",
                     held_rows[~held_rows["id"].isin(NEAR_CALIBRATION)]))
@@ -284,7 +290,8 @@ def render_structures(df: pd.DataFrame) -> str:
 
 
 def figure(pred: pd.DataFrame) -> None:
-    """Log-log predicted vs published (y = x, +-25 % band), calibration and held-out marked."""
+    """Log-log predicted vs published (y = x, +-25 % band), calibration, held-out and blind
+    held-out entries marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -304,12 +311,19 @@ def figure(pred: pd.DataFrame) -> None:
         xs = np.geomspace(lo, hi, 50)
         ax.fill_between(xs, xs / 1.25, xs * 1.25, color="0.85", label="±25 %")
         ax.plot(xs, xs, color="0.3", lw=1, label="y = x")
-        markers = {"calibration": ("s", "#0072B2"), "held_out": ("o", "#D55E00")}
-        for role, (m, colour) in markers.items():
+        # blind: held out, its source written down before any prediction, never revised
+        audits = audit_rows()
+        revised = set(audits.loc[audits["decision"] == "revised", "id"])
+        blind = ((ok["role"] == "held_out") & ok["source"].isin(BLIND_SOURCES)
+                 & ~ok["id"].isin(revised))
+        ok.loc[blind, "role"] = "held_out_blind"
+        markers = {"calibration": ("s", "#0072B2", "calibration"),
+                   "held_out": ("o", "#D55E00", "held out"),
+                   "held_out_blind": ("D", "#009E73", "held out, blind")}
+        for role, (m, colour, label) in markers.items():
             g = ok[ok["role"] == role]
             ax.scatter(g["published_s"], g["predicted_s"], marker=m, s=28, color=colour,
-                       edgecolor="black", linewidth=0.4,
-                       label=f"{role.replace('_', ' ')} ({len(g)})", zorder=3)
+                       edgecolor="black", linewidth=0.4, label=f"{label} ({len(g)})", zorder=3)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,7 @@ def test_blind_and_near_calibration_declarations_name_held_out_entries() -> None
     calibration = {i for ids in CALIBRATION.values() for i in ids}
     sources = {e.source.id for e in entries}
     assert set(BLIND_SOURCES) <= sources
+    assert all(re.fullmatch(r"session \d+, \S.*", when) for when in BLIND_SOURCES.values())
     assert not any(e.id in calibration for e in entries if e.source.id in BLIND_SOURCES)
     by_id = {e.id: e for e in entries}
     for eid, why in NEAR_CALIBRATION.items():
