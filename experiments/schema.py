@@ -72,10 +72,11 @@ OPTIONS: tuple[Opt, ...] = (
         "first MoE layer is also accessed once during warm-up (batch 1, decode replay)"),
     Opt("seed", "int", "seed of every random choice (random prefill, tie-breaks)", lo=0),
     Opt("engine", "choice", "auto: the compiled engine where the policy and options have a "
-        "compiled twin, else SimPy (and SimPy for a small single run while the kernels are "
-        "not compiled yet: they compile in the background; MOESIM_BACKGROUND_COMPILE=0 turns "
-        "that off); python: the SimPy engine always; compiled: the compiled engine or an "
-        "error; sim_engine in summary.parquet names the one that ran",
+        "compiled twin, else SimPy (and SimPy for a small run, alone or one of a sweep's, while "
+        "the kernels are not compiled yet or being compiled: they compile in the background, "
+        "once; MOESIM_BACKGROUND_COMPILE=0 turns that off); python: the SimPy engine always; "
+        "compiled: the compiled engine or an error; sim_engine in summary.parquet names the "
+        "one that ran",
         choices=("auto", "python", "compiled")),
     Opt("run.stream", "bool", "replay the trace file in chunks of requests, never loading it "
         "whole (the compiled engine's evictions, next_layer_all and moe_infinity; not policies "

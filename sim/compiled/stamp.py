@@ -123,6 +123,13 @@ _HELD: set[Path] = set()
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
+def lock_path(cache: Path | None = None) -> Path | None:
+    """The compile lock's file (in numba's cache folder; None where no folder is found), for
+    a process that takes the lock itself and hands it to the compile (``warm.start``)."""
+    cache = cache or cache_folder()
+    return None if cache is None else cache / _LOCK
+
+
 def lock_held_here(cache: Path | None = None) -> bool:
     """True while this process holds the compile lock (a compile of its own is running)."""
     cache = cache or cache_folder()

@@ -93,12 +93,12 @@ def start(once: bool = False) -> Started:
         import fcntl
     except ImportError:
         return "unlocked" if once else _spawn(None)
-    folder = stamp.cache_folder()
+    path = stamp.lock_path()
     try:
-        if folder is None:
+        if path is None:
             raise OSError("numba's cache locator moved")
-        folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / stamp._LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
     except OSError:
         return "unlocked" if once else _spawn(None)
     try:
