@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from moesim.sim.compiled.layout import (
     ABSENT,
     B_PKEYS,
@@ -342,22 +344,34 @@ def _approx_suffixes(li, lo, n, mt, ldots, buf, S):
     for c in range(n):
         ldots[li, top, c] = 0.0
     for t in range(num_l - 2, lo - 2, -1):
-        w = buf[1, t + 1]
-        out = ldots[li, num_l + t]
-        after = ldots[li, num_l + t + 1]
-        ip = lip[li, t + 1]
-        iv = inv[t + 1]
-        bm = lbm[li, t]
-        row = -INF
-        for q in range((n + SCAN - 1) // SCAN):  # the sums and their block's maximum
-            c0 = q * SCAN
-            c1 = min(c0 + SCAN, n)
-            for c in range(c0, c1):
-                out[c] = after[c] + ip[c] * (iv[c] * w)
-            hi = _top(out, c0, c1)
-            bm[q + 1] = hi
-            row = hi if hi > row else row
-        bm[0] = row
+        _suffix_row(ldots[li, num_l + t], ldots[li, num_l + t + 1], lip[li, t + 1],
+                    inv[t + 1], buf[1, t + 1], n, lbm[li, t])
+
+
+@fn
+def _suffix_row(out, after, ip, iv, w, n, bm):
+    """``out[c] = after[c] + ip[c] * (iv[c] * w)`` for the first ``n`` slots; the maximum of
+    each block of ``SCAN`` slots into ``bm[q + 1]`` and the row's into ``bm[0]``.
+
+    The maxima are taken over the sums' bit patterns as integers: every sum is a float >= 0
+    (products of counts and inverse norms, no NaN), and for those the order of the bit
+    patterns is the order of the values; an integer maximum vectorises (a float one does not
+    without fast-math flags), and the sums' loop runs whole before it."""
+    for c in range(n):
+        out[c] = after[c] + ip[c] * (iv[c] * w)
+    ob = out.view(np.int64)
+    bb = bm.view(np.int64)
+    row = 0
+    for q in range((n + SCAN - 1) // SCAN):
+        c0 = q * SCAN
+        c1 = min(c0 + SCAN, n)
+        hi = 0
+        for c in range(c0, c1):
+            x = ob[c]
+            hi = x if x > hi else hi
+        bb[q + 1] = hi
+        row = hi if hi > row else row
+    bb[0] = row
 
 
 @fn
@@ -421,26 +435,6 @@ def _match_lazy(s, g, li, j, mt, lsq, lrsum, ldots, access, buf, S):
 
 
 SCAN = 32  # slots per block of a match's scan
-
-
-@fn
-def _top(x, c0, c1):
-    """``max(x[c0:c1])`` (c1 > c0), four running maxima (no NaN here: the order is
-    immaterial)."""
-    a0 = a1 = a2 = a3 = x[c0]
-    c = c0
-    while c + 3 < c1:
-        a0 = x[c] if x[c] > a0 else a0
-        a1 = x[c + 1] if x[c + 1] > a1 else a1
-        a2 = x[c + 2] if x[c + 2] > a2 else a2
-        a3 = x[c + 3] if x[c + 3] > a3 else a3
-        c += 4
-    while c < c1:
-        a0 = x[c] if x[c] > a0 else a0
-        c += 1
-    a0 = a1 if a1 > a0 else a0
-    a2 = a3 if a3 > a2 else a2
-    return a2 if a2 > a0 else a0
 
 
 @fn

@@ -3,6 +3,9 @@ reference's floats and lists exactly.
 
 - ``_column_sums`` (the stored unit rows of a layer's experts summed per slot, three rows per
   pass) equals ``EAMC.observe``'s numpy expression bit for bit, for every number of experts;
+- ``_suffix_row`` (one row of the lazy match's approximate suffix sums, with its blocks'
+  maxima taken over the sums' bit patterns as integers) gives the row's floats and the float
+  maxima of every block, ties, zeros and partial blocks included;
 - the merged priority list, whose layer heads skip the keys held in the cache, and the
   priority evictor's D, recomputed only when its request's EAM changed, give SimPy's runs on
   small caches, one cache or one partition per layer, with horizons and per-layer widths
@@ -17,7 +20,7 @@ import numpy as np
 import pytest
 
 from moesim.sim import FixedCompute, FixedLink
-from moesim.sim.compiled.eamc import _column_sums
+from moesim.sim.compiled.eamc import SCAN, _column_sums, _suffix_row
 from tests.helpers import random_trace
 from tests.sim.test_compiled_engine import equal_on_both_engines
 
@@ -38,6 +41,27 @@ def test_column_sums_are_numpys(seed: int) -> None:
             want = unit[:n, layer][:, experts].sum(axis=1)  # EAMC.observe's sum
             _column_sums(unit_t, layer * num_e, experts.astype(np.int64), m, n, out)
             assert out[:n].tobytes() == want.tobytes(), (m, n)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_suffix_row_sums_and_block_maxima(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    cap = 5 * SCAN + 7
+    for n in (1, SCAN - 1, SCAN, SCAN + 1, 3 * SCAN, cap):
+        after = rng.random(cap) * 10
+        after[rng.random(cap) < 0.3] = 0.0  # zero sums and exact ties
+        ip = rng.integers(0, 4, cap).astype(np.int64)
+        iv = rng.choice([0.0, 0.5, 0.25, 1 / 3], cap)
+        w = float(rng.choice([0.0, 0.7, 1.0]))
+        out = np.full(cap, -1.0)
+        bm = np.full((cap + SCAN - 1) // SCAN + 1, -1.0)
+        _suffix_row(out, after, ip, iv, w, n, bm)
+        want = after[:n] + ip[:n] * (iv[:n] * w)
+        assert out[:n].tobytes() == want.tobytes()
+        assert (out[n:] == -1.0).all()
+        blocks = [want[c:c + SCAN].max() for c in range(0, n, SCAN)]
+        assert bm[1:len(blocks) + 1].tolist() == blocks
+        assert bm[0] == want.max()
 
 
 @pytest.mark.parametrize("seed", range(4))
