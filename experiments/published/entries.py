@@ -258,12 +258,12 @@ def _check_build(where: str, runtime: str, version: str, hw: str) -> None:
         raise _err(where, "version", f"names more than one llama.cpp build {sorted(builds)}; "
                                      "name the measured one", version)
     build = builds.pop()
+    graphs = LLAMA_CPP_ERAS["llama_cpp_graphs"]
+    if hw in GRAPHS_LATE_HW and graphs[0] <= build < GRAPHS_LATE_FROM:
+        raise _err(where, "runtime", f"{hw} is a Turing/Volta GPU, which llama.cpp runs "
+                                     f"with CUDA graphs only from about b{GRAPHS_LATE_FROM}; "
+                                     f"build {build} is neither llama.cpp profile", runtime)
     if era[0] <= build <= era[1]:
-        if runtime == "llama_cpp_graphs" and hw in GRAPHS_LATE_HW and build < GRAPHS_LATE_FROM:
-            raise _err(where, "runtime", f"{hw} is a Turing/Volta GPU, which llama.cpp runs "
-                                         f"with CUDA graphs only from about b{GRAPHS_LATE_FROM}"
-                                         f"; build {build} is neither llama.cpp profile",
-                       runtime)
         return
     fits = [rt for rt, (lo, hi) in LLAMA_CPP_ERAS.items() if lo <= build <= hi]
     hint = f"use runtime {fits[0]}" if fits else "the build is too near an era boundary to tell"

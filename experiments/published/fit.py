@@ -82,11 +82,13 @@ BLIND_SOURCES: dict[str, str] = {
     "insiderllm_bench_records": "session 12, c5a2ac1 to a4d0cb3",
 }
 # Held-out entries that repeat a calibration entry's setup (the same system, GPU and model, from
-# the same run or the same authors' group), with the reason: predictions of them say little
-# beyond the fit, so the page also reports the held-out set without them.
+# the same run, in any phase, or the same authors' group), with the reason: predictions of them
+# say little beyond the fit, so the page also reports the held-out set without them.
 NEAR_CALIBRATION: dict[str, str] = {
     "club3090_rtx3090_q36_cerebellum_decode_code":
         "the calibration run's RTX 3090, file and build, another prompt",
+    "lcpp1017_a100_prefill": "the calibration run's A100, file and build (lcpp1017_a100_decode), "
+                             "its prompt phase",
     "mg_t9_deepspeed_mixtral_b1": "MoE-Infinity's authors' DeepSpeed on the A5000 at batch 1, "
                                   "as the calibration cell mi_lat_ds_mixtral",
     "mg_t9_deepspeed_dsv2l_b1": "MoE-Infinity's authors' DeepSpeed on the A5000 at batch 1, "

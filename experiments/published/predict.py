@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from moesim.hw_profiles import load_profile
+from moesim.hw_profiles import list_profiles, load_profile
 from moesim.hw_profiles.runtime import (
     RuntimeProfile,
     apply_runtime,
@@ -59,7 +59,6 @@ from moesim.hw_profiles.runtime import (
     load_runtime,
     with_structure,
 )
-from moesim.hw_profiles.schema import ProfileError
 from moesim.sim import capacity_slots, dense_layers_before, simulate
 from moesim.sim.hardware import host_side
 from moesim.traces.model_card import ModelCard, load_card
@@ -71,7 +70,7 @@ from .entries import Entry
 MODEL_TRACES: dict[str, str] = {
     "mixtral_8x7b": "mixtral_8x7b",
     "deepseek_v2_lite": "deepseek_v2_lite",
-    # BigMoeOnEdge's one prompt (top-6 of the native 8: refused below for top-8 entries)
+    # BigMoeOnEdge's one prompt (top-6 of the native 8: only routing-independent entries)
     "qwen3_30b_a3b": "qwen3_30b_a3b_bmoe",
     # moe_ocs_learning's MLX capture: one prompt (36 prefill + 128 decode tokens), all 40 layers,
     # 256 experts top-8 (the native k)
@@ -339,16 +338,20 @@ def prepare(entry: Entry) -> Prepared:
             raise NotPredictable(f"trace {trace_name} routes top-{trace.meta.top_k} of the "
                                  f"model's {card.top_k} experts per token (it would understate "
                                  "the work of a setup whose time depends on the routing)")
-        trace = complete_routing(trace, card.top_k, seed=0)
+        try:
+            trace = complete_routing(trace, card.top_k, seed=0)
+        except ValueError as exc:
+            raise NotPredictable(f"trace {trace_name}: {exc}") from None
         routing = f"{trace_name}, completed to top-{card.top_k} (routing-independent entry)"
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
     if entry.placement in LAYER_SPLITS:  # a GPU layer's experts all stay resident
         capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
     placement = placement_of(entry, card)
-    if placement == {"name": "static_cpu", "layers": None}:
+    if placement == {"name": "static_cpu", "layers": None} and entry.policy == "static":
         # --n-cpu-moe: whole layers' experts on the CPU, every other layer's on the GPU from
-        # load (llama.cpp loads them before it serves), never fetched in the timed replay
+        # load (llama.cpp loads them before it serves), never fetched in the timed replay; a
+        # system that caches the GPU share dynamically (HybriMoE's policy) starts empty
         cpu = max(card.num_moe_layers - capacity // card.num_experts, 0)  # as static_cpu does
         placement = {"name": "static_cpu", "layers": cpu}
         capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
@@ -359,10 +362,9 @@ def prepare(entry: Entry) -> Prepared:
         resolve(policy_of(entry))
     except PolicyError:
         raise NotPredictable(f"policy {entry.policy!r} has no moesim eviction policy") from None
-    try:
-        profile = load_profile(entry.hw)
-    except ProfileError as exc:  # a GPU no profile describes yet (the entry names it)
-        raise NotPredictable(str(exc)) from None
+    if entry.hw not in list_profiles():  # a GPU no profile describes yet (the entry names it)
+        raise NotPredictable(f"no hardware profile {entry.hw!r} yet")
+    profile = load_profile(entry.hw)  # a shipped profile that fails to load is an error
     no_reuse = "none" in entry.cache and placement is None
     if no_reuse:
         trace = per_token_requests(trace)
@@ -377,9 +379,10 @@ def routing_independent(entry: Entry) -> bool:
     to, only on how many: one sequence decoding (each step reads exactly top-k experts per
     MoE layer, all of one size) where every expert sits in a place fixed before the run --
     all on the GPU (cache ``all``), whole layers' experts on the host CPU (``static_cpu``
-    with a global budget or none: ``--n-cpu-moe``, ``-ot exps=CPU``), or whole decoder
-    layers on the CPU (``cpu_layers``). A cache that evicts, a per-layer GPU share, a
-    prefetcher or a batch make the time depend on the routing. Such an entry of a model
+    with no cache, ``-ot exps=CPU``, or a static split of a global budget, ``--n-cpu-moe``),
+    or whole decoder layers on the CPU (``cpu_layers``). A cache that evicts (a dynamic
+    policy beside the CPU layers), a per-layer GPU share, a prefetcher or a batch make the time
+    depend on the routing. Such an entry of a model
     whose trace records fewer than its native top-k is replayed on the trace completed to
     top-k (:func:`complete_routing`); the engines' equality of the two is tested on models
     whose traces have the native k."""
@@ -387,8 +390,9 @@ def routing_independent(entry: Entry) -> bool:
         return False
     if entry.placement == "fetch":
         return "all" in entry.cache
-    if entry.placement == "static_cpu":
-        return "per_layer" not in entry.cache
+    if entry.placement == "static_cpu":  # all experts on the CPU, or a static layer split
+        return "none" in entry.cache or ("per_layer" not in entry.cache
+                                         and entry.policy == "static")
     return entry.placement == "cpu_layers"
 
 

@@ -47,6 +47,11 @@ from moesim.sim.compiled.stamp import compile_lock, kernels_cached
 # most a few seconds for most policies and ~6 s for the slowest, against ~40 s of compiling.
 SMALL_RUN_ACCESSES = 100_000
 ENV = "MOESIM_BACKGROUND_COMPILE"
+# Set inside a SLURM job: the scheduler ends every process of a job step with it (its cgroup),
+# detached or not, so a background compile started by a short array task would die unfinished
+# and the next task would start another. A job's runs compile in their own process, as library
+# calls do; the first task's compile fills the shared cache for the others.
+BATCH_JOB = "SLURM_JOB_ID"
 NOTICE = ("the simulator's kernels are not compiled yet: this small run uses the SimPy engine "
           "(the same results); they compile in the background for later runs (~40 s, once)")
 SWEEP_NOTICE = ("the simulator's kernels are not compiled yet: this sweep's small runs use the "
@@ -71,7 +76,7 @@ def cold_start_engine(engine: str, accesses: int, kind: RunKind | None) -> str:
     ``engine=auto`` while the kernels are not ready (not cached, or being compiled) and the rule
     is on, else ``engine``."""
     if (engine != "auto" or kind is None or accesses > SMALL_RUN_ACCESSES
-            or os.environ.get(ENV, "1") == "0"):
+            or os.environ.get(ENV, "1") == "0" or os.environ.get(BATCH_JOB)):
         return engine
     if kernels_cached() and not compiling():
         return engine

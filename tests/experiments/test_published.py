@@ -96,7 +96,8 @@ def _bad(**change) -> dict:
      "field 'runtime_options.compute.expert_calls': must be one of"),
     ({"entries__0__runtime_options": ["per_token"]}, "field 'runtime_options': expected"),
     # a llama.cpp build outside its runtime's era (the build number read from the version)
-    ({"entries__0__runtime": "llama_cpp", "entries__0__version": "llama.cpp b9603"},
+    ({"entries__0__runtime": "llama_cpp", "entries__0__version": "llama.cpp b9603",
+      "entries__0__hw": "rtx3090"},
      "field 'runtime': llama_cpp models llama.cpp builds b0-b5100; the version states build "
      "9603: use runtime llama_cpp_graphs"),
     ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "build 1629"},
@@ -111,6 +112,8 @@ def _bad(**change) -> dict:
     ({"entries__0__runtime": "llama_cpp_graphs", "entries__0__version": "b9603"},
      "field 'runtime': t4 is a Turing/Volta GPU, which llama.cpp runs with CUDA graphs only "
      "from about b10100; build 9603 is neither llama.cpp profile"),
+    ({"entries__0__runtime": "llama_cpp", "entries__0__version": "b9603"},  # T4: no wrong hint
+     "build 9603 is neither llama.cpp profile"),
 ])
 def test_bad_input_is_one_line_naming_file_entry_field(tmp_path: Path, change: dict,
                                                        words: str) -> None:
@@ -605,14 +608,16 @@ def test_complete_routing_keeps_the_recorded_experts_and_draws_the_rest() -> Non
 @pytest.mark.shared
 def test_routing_independent_entries_predict_the_same_on_any_routing() -> None:
     """What lets a model whose trace records fewer than its native top-k experts be predicted:
-    for a batch-1 decode entry with every expert in a fixed place (all on the GPU, whole
-    layers' experts on the CPU), the prediction on the model's real top-8 trace equals the
-    prediction on that trace cut to top-6 and completed to top-8 at random
-    (``complete_routing``), in both engines' default; an entry with an evicting cache differs
-    (the check can fail), and its cut trace is refused."""
+    for a batch-1 decode entry with every expert in a fixed place (all on the GPU; whole
+    layers' experts on the CPU, all of them or a static --n-cpu-moe split; whole layers on the
+    CPU), the prediction on the model's real trace equals the prediction on that trace cut to
+    fewer experts and completed at random (``complete_routing``); an entry with an evicting
+    cache differs (the check can fail), and its cut trace is refused; a dynamic policy beside
+    the CPU layers is not routing-independent."""
     from tests.traces.fixtures import require_shared
 
     require_shared("qwen36_qwen15_moe-ocs-learning")
+    require_shared("mixtral8x7b_speculative-moe")
     from dataclasses import replace
 
     from moesim.experiments.published.predict import (
@@ -624,30 +629,36 @@ def test_routing_independent_entries_predict_the_same_on_any_routing() -> None:
     )
     from moesim.traces.trace import RequestRouting, Trace
 
-    def cut_and_completed(p):
-        t = p.trace
-        cut = Trace(replace(t.meta, top_k=6),
-                    [RequestRouting(r.request_id, r.experts[:, :, :6].copy(), r.phase)
+    def cut_and_completed(p, keep: int):
+        t, k = p.trace, p.card.top_k
+        cut = Trace(replace(t.meta, top_k=keep),
+                    [RequestRouting(r.request_id, r.experts[:, :, :keep].copy(), r.phase)
                      for r in t.requests])
-        return replace(p, trace=complete_routing(cut, 8, seed=3))
+        return replace(p, trace=complete_routing(cut, k, seed=3))
 
     entries = {e.id: e for e in load_entries(runtimes=list_runtimes())}
-    for eid in ("club3090_rtx3090_q36_cerebellum_decode_code",  # whole model on the GPU
-                "atsinfer_rtx3060_q36_ncmoe18_decode",  # --n-cpu-moe 18
-                "homelab_rtx5000_q36_ncmoe24_tg128"):
+    for eid, keep in (("club3090_rtx3090_q36_cerebellum_decode_code", 6),  # whole on the GPU
+                      ("atsinfer_rtx3060_q36_ncmoe18_decode", 6),  # --n-cpu-moe 18 (a budget)
+                      ("homelab_rtx5000_q36_ncmoe24_tg128", 6),
+                      ("insiderllm_rushuna_rtx3060_q36_ncmoe40_tg128", 6),  # every layer's
+                      ("mi_lat_ollama_mixtral", 1)):  # whole layers on the CPU (cpu_layers)
         e = entries[eid]
         assert routing_independent(e), eid
         p = prepare(e)
         rt = load_runtime(e.runtime)
-        assert predict_s_per_token(cut_and_completed(p), rt) == pytest.approx(
+        assert predict_s_per_token(cut_and_completed(p, keep), rt) == pytest.approx(
             predict_s_per_token(p, rt), rel=1e-12), eid
-    # an evicting cache of 4 experts per layer (mixtral-offloading's setup on Qwen3.6)
+    # an evicting cache of 64 experts per layer on Qwen3.6
     e = replace(entries["club3090_rtx3090_q36_cerebellum_decode_code"], cache={"per_layer": 64},
                 policy="lru")
     assert not routing_independent(e)
     p = prepare(e)
     rt = load_runtime(e.runtime)
-    assert predict_s_per_token(cut_and_completed(p), rt) != pytest.approx(
+    assert predict_s_per_token(cut_and_completed(p, 6), rt) != pytest.approx(
         predict_s_per_token(p, rt), rel=1e-3)
     with pytest.raises(NotPredictable, match="time depends on the routing"):
         prepare(replace(e, model="gpt_oss_120b"))
+    # a GPU share cached by a dynamic policy beside the CPU layers (HybriMoE) starts empty
+    dyn = replace(entries["atsinfer_rtx3060_q36_ncmoe18_decode"], policy="lru")
+    assert not routing_independent(dyn)
+    assert prepare(dyn).placement == {"name": "static_cpu", "layers": None}

@@ -120,9 +120,21 @@ def test_cold_start_engine(monkeypatch: pytest.MonkeyPatch, engine: str, accesse
                            kind: warm.RunKind | None, cached: bool, busy: bool, env: str,
                            want: str) -> None:
     monkeypatch.setenv(warm.ENV, env)
+    monkeypatch.delenv(warm.BATCH_JOB, raising=False)
     monkeypatch.setattr(warm, "kernels_cached", lambda: cached)
     monkeypatch.setattr(warm, "compiling", lambda: busy)
     assert warm.cold_start_engine(engine, accesses, kind) == want
+
+
+@pytest.mark.parametrize("kind", ["run", "sweep"])
+def test_a_slurm_job_compiles_in_its_own_process(monkeypatch: pytest.MonkeyPatch,
+                                                 kind: warm.RunKind) -> None:
+    """Inside a SLURM job the scheduler would kill a detached compile with the task."""
+    monkeypatch.setenv(warm.ENV, "1")
+    monkeypatch.setenv(warm.BATCH_JOB, "12345")
+    monkeypatch.setattr(warm, "kernels_cached", lambda: False)
+    monkeypatch.setattr(warm, "compiling", lambda: False)
+    assert warm.cold_start_engine("auto", 80_000, kind) == "auto"
 
 
 def _hydra_mode(monkeypatch: pytest.MonkeyPatch, mode: str | None) -> None:
