@@ -51,8 +51,8 @@ class Predictions:
                         f"runtime {entry.runtime}: no calibrated profile (no published entry "
                         "calibrates its overheads; a roofline prediction would say nothing)")
                 got = prepare(entry)
-            except (NotPredictable, ProfileError) as exc:
-                got = exc if isinstance(exc, NotPredictable) else NotPredictable(str(exc))
+            except NotPredictable as exc:  # a broken shipped profile is an error, not a row
+                got = exc
             self._prepared[entry.id] = got
         if isinstance(got, NotPredictable):
             raise got
