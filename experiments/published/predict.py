@@ -382,10 +382,10 @@ def routing_independent(entry: Entry) -> bool:
     with no cache, ``-ot exps=CPU``, or a static split of a global budget, ``--n-cpu-moe``),
     or whole decoder layers on the CPU (``cpu_layers``). A cache that evicts (a dynamic
     policy beside the CPU layers), a per-layer GPU share, a prefetcher or a batch make the time
-    depend on the routing. Such an entry of a model
-    whose trace records fewer than its native top-k is replayed on the trace completed to
-    top-k (:func:`complete_routing`); the engines' equality of the two is tested on models
-    whose traces have the native k."""
+    depend on the routing. Such an entry of a model whose trace records fewer than its native
+    top-k is replayed on the trace completed to top-k (:func:`complete_routing`); that the
+    prediction does not move when a full trace is cut and completed is tested on models whose
+    traces have the native k."""
     if entry.batch != 1 or entry.phase != "decode" or entry.prefetch != "none":
         return False
     if entry.placement == "fetch":
