@@ -80,6 +80,9 @@ BLIND_SOURCES: dict[str, str] = {
     "llama_cpp_pr_16834": "session 12, aed93ad",
     "winc_cpp_gemma4_tiers": "session 12, 34fdef2",
     "insiderllm_bench_records": "session 12, c5a2ac1 to a4d0cb3",
+    "a5000_claude_code_guide_gemma4": "session 12, 4663da0 (second set)",
+    "reddit_rtx3060_qwen35_q6k_ncmoe28": "session 12, a7e4333 (second set)",
+    "llama_cpp_discussion_15396_gptoss": "session 12, 16cf89a (second set)",
 }
 # Held-out entries that repeat a calibration entry's setup (the same system, GPU and model, from
 # the same run, in any phase, or the same authors' group), with the reason: predictions of them
