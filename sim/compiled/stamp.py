@@ -22,7 +22,7 @@ import errno
 import hashlib
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -121,6 +121,49 @@ def kernels_cached(cache: Path | None = None) -> bool:
 # itself; a nested take sees it here and goes on. Process-wide by nature, as the lock is.
 _HELD: set[Path] = set()
 _BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
+_FAILED = "moesim_compile.failed"
+
+
+def _digest(cache: Path) -> str | None:
+    try:
+        return (cache / _NAME).read_text()
+    except OSError:
+        return None
+
+
+def mark_compile_failed(cache: Path | None = None) -> None:
+    """Record that a background compile of the current sources failed (the sources' digest),
+    so that later runs stop starting one and compile in their own process, where the error
+    is reported; an edit of the sources (a new digest) clears it. Best effort."""
+    cache = cache or cache_folder()
+    digest = None if cache is None else _digest(cache)
+    if cache is None or digest is None:
+        return
+    with suppress(OSError):
+        (cache / _FAILED).write_text(digest)
+
+
+def clear_compile_failed(cache: Path | None = None) -> None:
+    """Forget a failed background compile (a later compile succeeded)."""
+    cache = cache or cache_folder()
+    if cache is not None:
+        with suppress(OSError):
+            (cache / _FAILED).unlink(missing_ok=True)
+
+
+def compile_failed(cache: Path | None = None) -> bool:
+    """True when a background compile of the current sources has failed
+    (:func:`mark_compile_failed`)."""
+    cache = cache or cache_folder()
+    if cache is None:
+        return False
+    digest = _digest(cache)
+    try:
+        return digest is not None and (cache / _FAILED).read_text() == digest
+    except OSError:
+        return False
 
 
 def lock_path(cache: Path | None = None) -> Path | None:

@@ -21,7 +21,10 @@ compile and hands the lock to the compile process (:func:`start`), so every othe
 process or another worker, finds the lock taken and only runs on SimPy, and only the run that
 started the compile prints the notice (:data:`SWEEP_NOTICE`, one line per sweep). Where no lock
 can be taken (no ``flock`` on the cache folder's file system), a sweep's runs compile in their
-own process as before: starting one compile per run would run them side by side. Library calls
+own process as before: starting one compile per run would run them side by side. A background
+compile that fails marks the sources' digest (:func:`~moesim.sim.compiled.stamp.compile_failed`):
+later runs compile in their own process, where the error is reported, until the sources change,
+instead of each starting another compile that fails. Library calls
 (:func:`moesim.simulate`) keep compiling in the process. ``MOESIM_BACKGROUND_COMPILE=0`` turns
 the rule off (the test suite does, so that which engine ran never depends on the state of
 numba's cache).
@@ -76,7 +79,8 @@ def cold_start_engine(engine: str, accesses: int, kind: RunKind | None) -> str:
     ``engine=auto`` while the kernels are not ready (not cached, or being compiled) and the rule
     is on, else ``engine``."""
     if (engine != "auto" or kind is None or accesses > SMALL_RUN_ACCESSES
-            or os.environ.get(ENV, "1") == "0" or os.environ.get(BATCH_JOB)):
+            or os.environ.get(ENV, "1") == "0" or os.environ.get(BATCH_JOB)
+            or stamp.compile_failed()):  # compile here: the run reports what went wrong
         return engine
     if kernels_cached() and not compiling():
         return engine
@@ -192,7 +196,12 @@ def main(args: Sequence[str] = ()) -> int:
             return 0
         # held (the tiny runs' own take of the lock sees it held here), or no lock can be
         # taken on this system: compile all the same
-        compile_kernels()
+        try:
+            compile_kernels()
+        except BaseException:
+            stamp.mark_compile_failed()  # later runs compile in their process and say why
+            raise
+        stamp.clear_compile_failed()
     return 0
 
 

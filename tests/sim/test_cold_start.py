@@ -350,3 +350,34 @@ def test_background_compile_takes_over_the_handed_lock(monkeypatch: pytest.Monke
     assert warm.main(["--lock-fd", str(fd)]) == 0
     assert during == [(True, "busy")]
     assert _try_lock(tmp_path, blocking=False).stdout.strip() == "held"
+
+
+def test_a_failed_background_compile_is_not_started_again(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    """A background compile that fails marks the current sources: later small runs compile in
+    their own process (which reports the error) instead of each starting another that fails;
+    an edit of the sources (a new digest) or a compile that succeeds clears the mark."""
+    monkeypatch.setattr(stamp, "cache_folder", lambda func=None: tmp_path)
+    monkeypatch.setenv(warm.ENV, "1")
+    monkeypatch.delenv(warm.BATCH_JOB, raising=False)
+    monkeypatch.setattr(warm, "kernels_cached", lambda: False)
+    monkeypatch.setattr(warm, "compiling", lambda: False)
+    (tmp_path / stamp._NAME).write_text("digest-1")
+
+    def boom() -> None:
+        raise RuntimeError("numba failed")
+
+    monkeypatch.setattr(warm, "compile_kernels", boom)
+    assert warm.cold_start_engine("auto", 80_000, "sweep") == "python"
+    with pytest.raises(RuntimeError, match="numba failed"):
+        warm.main()
+    assert stamp.compile_failed(tmp_path)
+    assert warm.cold_start_engine("auto", 80_000, "sweep") == "auto"
+    assert warm.cold_start_engine("auto", 80_000, "run") == "auto"
+    (tmp_path / stamp._NAME).write_text("digest-2")  # the sources changed: try again
+    assert not stamp.compile_failed(tmp_path)
+    assert warm.cold_start_engine("auto", 80_000, "sweep") == "python"
+    with pytest.raises(RuntimeError):
+        warm.main()
+    monkeypatch.setattr(warm, "compile_kernels", lambda: None)
+    assert warm.main() == 0 and not stamp.compile_failed(tmp_path)
