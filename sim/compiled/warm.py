@@ -198,7 +198,7 @@ def main(args: Sequence[str] = ()) -> int:
         # taken on this system: compile all the same
         try:
             compile_kernels()
-        except BaseException:
+        except Exception:  # an interrupted compile (a signal, ^C) is not a failed one
             stamp.mark_compile_failed()  # later runs compile in their process and say why
             raise
         stamp.clear_compile_failed()
