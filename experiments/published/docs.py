@@ -135,10 +135,17 @@ def render_summary(pred: pd.DataFrame) -> str:
     return "\n".join(rows)
 
 
+COMPLETED = "completed to top-"  # in the routing column: replayed on a completed trace
+
+
 def render_table(pred: pd.DataFrame) -> str:
-    """One row per predictable entry, grouped by source."""
+    """One row per predictable entry, grouped by source; a mark on entries replayed on a trace
+    completed to the model's top-k (``predict.routing_independent``)."""
     ok = pred[pred["role"] != "not_predictable"]
-    lines = []
+    completed = ok["routing"].fillna("").str.contains(COMPLETED, regex=False)
+    lines = ["Entries marked (c) are replayed on their model's trace completed to its native "
+             "top-k (routing-independent entries; the CSV's `routing` column names the trace).",
+             ""] if completed.any() else []
     for src, g in ok.groupby("source", sort=True):
         lines += [f"**{src}**", "",
                   "| entry | GPU (profile) | runtime | metric | published | predicted | ratio "
@@ -147,7 +154,9 @@ def render_table(pred: pd.DataFrame) -> str:
         for r in g.itertuples():
             opts = r.runtime_options  # NaN where the entry has none (an empty CSV cell)
             runtime = f"{r.runtime} ({opts})" if isinstance(opts, str) else r.runtime
-            lines.append(f"| `{r.id}` | {r.hw} | {runtime} | {r.metric} | {_num(r.measured)} "
+            mark = " (c)" if COMPLETED in str(r.routing) else ""
+            lines.append(f"| `{r.id}`{mark} | {r.hw} | {runtime} | {r.metric} "
+                         f"| {_num(r.measured)} "
                          f"| {_num(r.predicted)} | {r.ratio:.2f} | {r.role.replace('_', ' ')} |")
         lines.append("")
     return "\n".join(lines)

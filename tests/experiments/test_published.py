@@ -662,3 +662,16 @@ def test_routing_independent_entries_predict_the_same_on_any_routing() -> None:
     dyn = replace(entries["atsinfer_rtx3060_q36_ncmoe18_decode"], policy="lru")
     assert not routing_independent(dyn)
     assert prepare(dyn).placement == {"name": "static_cpu", "layers": None}
+
+
+def test_the_table_marks_entries_replayed_on_a_completed_trace() -> None:
+    from moesim.experiments.published.docs import render_table
+
+    row = {"source": "s", "hw": "rtx4090", "runtime": "llama_cpp_graphs",
+           "runtime_options": math.nan, "metric": "tokens_per_s", "measured": 100.0,
+           "predicted": 90.0, "ratio": 0.9, "role": "held_out"}
+    pred = pd.DataFrame([{**row, "id": "a", "routing": "qwen36_35b_a3b"},
+                         {**row, "id": "b", "routing": "x_bmoe, completed to top-8 (...)"}])
+    text = render_table(pred)
+    assert "| `b` (c) |" in text and "| `a` |" in text and "Entries marked (c)" in text
+    assert "Entries marked (c)" not in render_table(pred.iloc[:1])
