@@ -42,20 +42,30 @@ def _within(g: pd.DataFrame) -> int:
     return int(((g["ratio"] >= 0.5) & (g["ratio"] <= 2)).sum())
 
 
+def _revised() -> set[str]:
+    """Entries revised after their prediction was seen (the audit table's decisions)."""
+    audits = audit_rows()
+    return set(audits.loc[audits["decision"] == "revised", "id"])
+
+
+def _blind(pred: pd.DataFrame, revised: set[str]) -> pd.Series:
+    """Held-out entries of a blind source (``fit.BLIND_SOURCES``) never revised since."""
+    return ((pred["role"] == "held_out") & pred["source"].isin(BLIND_SOURCES)
+            & ~pred["id"].isin(revised))
+
+
 def render_blind(pred: pd.DataFrame) -> str:
     """The blind sources one by one: how many entries, how many distinct setups (distinct
     predictions: cells of one setup at other lengths or builds predict alike), how many share
     their GPU profile, model card and runtime with a calibration entry, and how they land."""
     cal = pred[pred["role"] == "calibration"]
     cal_keys = set(zip(cal["hw"], cal["model"], cal["runtime"], strict=True))
-    audits = audit_rows()
-    revised = set(audits.loc[audits["decision"] == "revised", "id"])
+    blind = _blind(pred, _revised())
     lines = ["| source | recorded | entries | distinct predictions | same GPU, model and "
              "runtime as a calibration entry | median \\|error\\| | within 2x |",
              "|---|---|---|---|---|---|---|"]
     for src, when in BLIND_SOURCES.items():
-        g = pred[(pred["source"] == src) & (pred["role"] == "held_out")
-                 & ~pred["id"].isin(revised)]
+        g = pred[blind & (pred["source"] == src)]
         if g.empty:
             lines.append(f"| `{src}` | {when} | 0 (all revised since) | | | | |")
             continue
@@ -83,18 +93,16 @@ def render_summary(pred: pd.DataFrame) -> str:
     def row(label: str, g: pd.DataFrame) -> str:
         err = (g["ratio"] - 1).abs()
         return (f"| {label} | {len(g)} | {_pct(float(err.median()))} "
-                f"| {_pct(float(((g['ratio'] >= 0.5) & (g['ratio'] <= 2)).mean()))} |")
+                f"| {_pct(_within(g) / len(g))} |")
 
     # the predictions made blind: no entry revised after its prediction was seen (the audit
     # table below lists the revisions, each with its evidence)
-    audits = audit_rows()
-    revised = set(audits.loc[audits["decision"] == "revised", "id"])
+    revised = _revised()
     rows.append(row("held out, never revised after their prediction was seen",
                     held_rows[~held_rows["id"].isin(revised)]))
     # written down before any prediction of them, and the model not changed since they were seen
-    blind = held_rows["source"].isin(BLIND_SOURCES) & ~held_rows["id"].isin(revised)
     rows.append(row("held out, blind: sources written down before any prediction of them "
-                    "(`fit.BLIND_SOURCES`), never revised", held_rows[blind]))
+                    "(`fit.BLIND_SOURCES`), never revised", held_rows[_blind(held_rows, revised)]))
     # the headline without the latest session's blind sources (what they moved, and how)
     session = {src: int(when.split(",")[0].split()[1]) for src, when in BLIND_SOURCES.items()}
     latest = max(session.values())
@@ -351,11 +359,7 @@ def figure(pred: pd.DataFrame) -> None:
         ax.fill_between(xs, xs / 1.25, xs * 1.25, color="0.85", label="±25 %")
         ax.plot(xs, xs, color="0.3", lw=1, label="y = x")
         # blind: held out, its source written down before any prediction, never revised
-        audits = audit_rows()
-        revised = set(audits.loc[audits["decision"] == "revised", "id"])
-        blind = ((ok["role"] == "held_out") & ok["source"].isin(BLIND_SOURCES)
-                 & ~ok["id"].isin(revised))
-        ok.loc[blind, "role"] = "held_out_blind"
+        ok.loc[_blind(ok, _revised()), "role"] = "held_out_blind"
         markers = {"calibration": ("s", "#0072B2", "calibration"),
                    "held_out": ("o", "#D55E00", "held out"),
                    "held_out_blind": ("D", "#009E73", "held out, blind")}
