@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -166,11 +167,28 @@ def compile_failed(cache: Path | None = None) -> bool:
         return False
 
 
-def lock_path(cache: Path | None = None) -> Path | None:
-    """The compile lock's file (in numba's cache folder; None where no folder is found), for
-    a process that takes the lock itself and hands it to the compile (``warm.start``)."""
+def take_lock_fd(cache: Path | None = None) -> tuple[str, int | None]:
+    """Take the compile lock without waiting on a descriptor of its own, for a process that
+    hands it to the compile (``warm.start``): ``("held", fd)`` (the caller closes ``fd``;
+    a child that inherited it keeps the lock), ``("busy", None)`` (another process holds it)
+    or ``("none", None)`` (no lock can be taken here, as for :func:`compile_lock`)."""
+    try:
+        import fcntl
+    except ImportError:
+        return "none", None
     cache = cache or cache_folder()
-    return None if cache is None else cache / _LOCK
+    if cache is None:
+        return "none", None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd = os.open(cache / _LOCK, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    except OSError:
+        return "none", None
+    state = _take(fcntl, fd, False, None)
+    if state != "held":
+        os.close(fd)
+        return state, None
+    return state, fd
 
 
 def lock_held_here(cache: Path | None = None) -> bool:

@@ -32,7 +32,6 @@ numba's cache).
 
 from __future__ import annotations
 
-import errno
 import os
 import subprocess
 import sys
@@ -60,7 +59,6 @@ NOTICE = ("the simulator's kernels are not compiled yet: this small run uses the
 SWEEP_NOTICE = ("the simulator's kernels are not compiled yet: this sweep's small runs use the "
                 "SimPy engine (the same results) until they are; they compile in the "
                 "background (~40 s, once)")
-_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 RunKind = Literal["run", "sweep"]
 Started = Literal["started", "busy", "ready", "unlocked", "failed"]
@@ -98,25 +96,12 @@ def start(once: bool = False) -> Started:
     be taken (no ``fcntl``, an unwritable cache folder, a file system without ``flock``) the
     compile is started unlocked (``"started"``), or with ``once`` (a sweep, whose every run
     calls this) nothing is started and ``"unlocked"`` returned."""
-    try:
-        import fcntl
-    except ImportError:
-        return "unlocked" if once else _spawn(None)
-    path = stamp.lock_path()
-    try:
-        if path is None:
-            raise OSError("numba's cache locator moved")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
-    except OSError:
+    state, fd = stamp.take_lock_fd()
+    if state == "busy":
+        return "busy"
+    if fd is None:
         return "unlocked" if once else _spawn(None)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in _BUSY:
-                return "busy"
-            return "unlocked" if once else _spawn(None)
         if kernels_cached():
             return "ready"
         return _spawn(fd)  # the child holds the lock now; closing here leaves it so
