@@ -345,15 +345,15 @@ def prepare(entry: Entry) -> Prepared:
         routing = f"{trace_name}, completed to top-{card.top_k} (routing-independent entry)"
     trace = with_card_bytes(trace, card)
     capacity, partition, warmup = cache_setup(entry, card)
-    if entry.placement in LAYER_SPLITS:  # a GPU layer's experts all stay resident
-        capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
     placement = placement_of(entry, card)
-    if placement == {"name": "static_cpu", "layers": None} and entry.policy == "static":
-        # --n-cpu-moe: whole layers' experts on the CPU, every other layer's on the GPU from
-        # load (llama.cpp loads them before it serves), never fetched in the timed replay; a
-        # system that caches the GPU share dynamically (HybriMoE's policy) starts empty
+    # --n-cpu-moe: whole layers' experts on the CPU, every other layer's on the GPU from load
+    # (llama.cpp loads them before it serves), never fetched in the timed replay; a system that
+    # caches the GPU share dynamically (HybriMoE's policy) starts empty
+    static_split = placement == {"name": "static_cpu", "layers": None} and entry.policy == "static"
+    if static_split:
         cpu = max(card.num_moe_layers - capacity // card.num_experts, 0)  # as static_cpu does
         placement = {"name": "static_cpu", "layers": cpu}
+    if entry.placement in LAYER_SPLITS or static_split:  # a GPU layer's experts stay resident
         capacity, partition, warmup = card.num_moe_layers * card.num_experts, "global", WARMUP
     from moesim.policies.base import PolicyError
     from moesim.policies.registry import resolve
